@@ -1,0 +1,40 @@
+"""lightning-inspect: look inside Lightning models while they train.
+
+Example:
+    >>> from lightning_inspect import ActivationMonitor, GradientMonitor
+    >>> callbacks = [ActivationMonitor(modules="encoder.*", every_n_steps=50), GradientMonitor()]
+"""
+
+from lightning_inspect.callbacks import (
+    ActivationMonitor,
+    GradientMonitor,
+    GraphMonitor,
+    ModuleMonitor,
+    WeightMonitor,
+)
+from lightning_inspect.errors import BackendError, ConfigError, InspectError, NonFiniteError, SelectionError
+from lightning_inspect.selection import normalise_name, select_modules
+from lightning_inspect.sinks import MemorySink, Sink
+from lightning_inspect.stats import ALL_STATS, DEFAULT_STATS, tensor_stats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ALL_STATS",
+    "DEFAULT_STATS",
+    "ActivationMonitor",
+    "BackendError",
+    "ConfigError",
+    "GradientMonitor",
+    "GraphMonitor",
+    "InspectError",
+    "MemorySink",
+    "ModuleMonitor",
+    "NonFiniteError",
+    "SelectionError",
+    "Sink",
+    "WeightMonitor",
+    "normalise_name",
+    "select_modules",
+    "tensor_stats",
+]

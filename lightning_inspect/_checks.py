@@ -1,0 +1,95 @@
+"""Argument checks shared by the public constructors.
+
+Every check raises :class:`~lightning_inspect.errors.ConfigError` with a message that names the
+argument, repeats the value received and says what is allowed, e.g.::
+
+    >>> check_positive_int("ActivationMonitor", "every_n_steps", 0)
+    Traceback (most recent call last):
+    ...
+    lightning_inspect.errors.ConfigError: ActivationMonitor(every_n_steps=0): expected an integer >= 1.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from lightning_inspect.errors import ConfigError
+
+
+def closest(value: str, candidates: Iterable[str], n: int = 5) -> list[str]:
+    """The candidates most similar to ``value``, best first (possibly empty)."""
+    return difflib.get_close_matches(value, list(candidates), n=n, cutoff=0.5)
+
+
+def suggestion(value: str, candidates: Iterable[str]) -> str:
+    """A ``" Did you mean ...?"`` sentence, or ``""`` when nothing is close."""
+    near = closest(value, candidates, n=3)
+    return f" Did you mean {', '.join(repr(c) for c in near)}?" if near else ""
+
+
+def check_positive_int(owner: str, name: str, value: Any, minimum: int = 1) -> int:
+    """``value`` as an int if it is an integer ``>= minimum``; otherwise a ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{owner}({name}={value!r}): expected an integer >= {minimum}.")
+    return value
+
+
+def check_optional_int(owner: str, name: str, value: Any, minimum: int = 0) -> int | None:
+    """Like :func:`check_positive_int` but ``None`` passes through."""
+    return None if value is None else check_positive_int(owner, name, value, minimum)
+
+
+def check_bool(owner: str, name: str, value: Any) -> bool:
+    """``value`` if it is a bool; otherwise a ConfigError."""
+    if not isinstance(value, bool):
+        raise ConfigError(f"{owner}({name}={value!r}): expected true or false.")
+    return value
+
+
+def check_choice(owner: str, name: str, value: Any, allowed: Sequence[str]) -> str:
+    """``value`` if it is one of ``allowed``; otherwise a ConfigError listing them."""
+    if not isinstance(value, str) or value not in allowed:
+        hint = suggestion(value, allowed) if isinstance(value, str) else ""
+        raise ConfigError(
+            f"{owner}({name}={value!r}): expected one of {', '.join(map(repr, allowed))}.{hint}"
+        )
+    return value
+
+
+def check_choices(
+    owner: str, name: str, values: Any, allowed: Sequence[str], default: Sequence[str]
+) -> tuple[str, ...]:
+    """A tuple of distinct allowed strings; ``None`` gives ``default``; a string is one choice."""
+    if values is None:
+        return tuple(default)
+    if isinstance(values, str):
+        values = [values]
+    if not isinstance(values, Iterable):
+        raise ConfigError(f"{owner}({name}={values!r}): expected a list of names from {list(allowed)}.")
+    out: list[str] = []
+    for value in values:
+        check_choice(owner, name, value, allowed)
+        if value not in out:
+            out.append(value)
+    if not out:
+        raise ConfigError(f"{owner}({name}={values!r}): expected at least one of {list(allowed)}.")
+    return tuple(out)
+
+
+def as_str_list(owner: str, name: str, value: Any) -> list[str]:
+    """A pattern argument (None, one string, or a sequence of strings) as a list of strings."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Iterable):
+        items = list(value)
+        bad = [v for v in items if not isinstance(v, str) or not v]
+        if not bad:
+            return items
+    raise ConfigError(
+        f"{owner}({name}={value!r}): expected a non-empty string or a list of non-empty strings "
+        "(shell-style globs such as 'encoder.*', or regular expressions prefixed 're:')."
+    )

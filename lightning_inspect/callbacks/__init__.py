@@ -1,0 +1,9 @@
+"""Lightning callbacks: thin glue between the Trainer and the inspection machinery."""
+
+from lightning_inspect.callbacks.activations import ActivationMonitor
+from lightning_inspect.callbacks.base import ModuleMonitor
+from lightning_inspect.callbacks.gradients import GradientMonitor
+from lightning_inspect.callbacks.graph import GraphMonitor
+from lightning_inspect.callbacks.weights import WeightMonitor
+
+__all__ = ["ActivationMonitor", "GradientMonitor", "GraphMonitor", "ModuleMonitor", "WeightMonitor"]

@@ -1,0 +1,40 @@
+"""ActivationMonitor: statistics and histograms of what selected modules output."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+
+from lightning_inspect.callbacks._module_hooks import OutputHook
+from lightning_inspect.callbacks.base import ModuleMonitor
+from lightning_inspect.keys import metric_key
+from lightning_inspect.stats import reduce_tensor
+
+
+class ActivationMonitor(ModuleMonitor):
+    """Log statistics and histograms of the outputs of selected modules.
+
+    Takes every argument of :class:`~lightning_inspect.callbacks.base.ModuleMonitor`. Outputs
+    of any structure are walked (tuples, dicts, dataclasses...); each tensor is reduced on its
+    device while the forward runs and is not kept.
+
+    Logged metrics:
+        ``activations/<module>[/<output path>]/<stat>`` for each statistic in ``stats``, and the
+        histogram ``activations/<module>[/<output path>]``, at each logged optimizer step.
+
+    Example::
+
+        trainer = L.Trainer(logger=TensorBoardLogger("tb"),
+                            callbacks=[ActivationMonitor(modules=["encoder.*", "head"], every_n_steps=50)])
+    """
+
+    kind = "activations"
+
+    def _attach(self, pl_module: pl.LightningModule) -> None:
+        if len(self._hooks):
+            return
+        for name, module in self.selected.items():
+            self._hooks.add(module.register_forward_hook(OutputHook(self, name)))
+
+    def _on_output(self, name: str, path: str, tensor: torch.Tensor) -> None:
+        self._add_row(metric_key("activations", name, path), reduce_tensor(tensor, self.bins))

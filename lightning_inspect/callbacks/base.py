@@ -1,0 +1,292 @@
+"""What every module monitor shares: arguments, selection, schedule, hook lifetime, publishing.
+
+A monitor's life in a fit:
+
+``setup``
+    resolve the module selection (a pattern that matches nothing raises here, before the first
+    step), the backends, and join the Trainer's :class:`~lightning_inspect.recorder.StepCoordinator`.
+``on_train_batch_start``
+    on a logged step only, attach hooks (``_attach``); other steps pay one integer test.
+``on_before_optimizer_step``
+    read what exists once per optimizer step: parameter gradients (after AMP unscaling and
+    gradient accumulation), weights.
+``on_train_batch_end``
+    remove the hooks; once the optimizer step happened, hand the step's record to the coordinator,
+    which moves the values of all monitors to the host in one transfer and publishes them.
+``on_exception`` / ``teardown``
+    remove hooks, publish what was collected, flush the backends.
+
+Hooks therefore exist only inside the training batches of logged steps: validation, sanity
+checks and prediction are never recorded, and ``torch.save`` / ``deepcopy`` of the model see no
+hook outside those batches (and an inert one inside, see :mod:`lightning_inspect.hooks`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_inspect._checks import as_str_list, check_bool, check_choice, check_choices, check_positive_int
+from lightning_inspect.errors import NonFiniteError
+from lightning_inspect.hooks import HookSet
+from lightning_inspect.keys import metric_key
+from lightning_inspect.recorder import HostRecord, StepCoordinator, StepRecord
+from lightning_inspect.schedule import Schedule
+from lightning_inspect.selection import select_modules
+from lightning_inspect.sinks import Sink, check_backends, resolve_sinks
+from lightning_inspect.stats import ALL_STATS, DEFAULT_STATS, FIELDS, histogram, summarise
+
+NONFINITE_ACTIONS = ("ignore", "warn", "raise")
+_MAX_LISTED = 12
+
+
+class ModuleMonitor(Callback):
+    """Base class of :class:`ActivationMonitor`, :class:`GradientMonitor` and :class:`WeightMonitor`.
+
+    Args:
+        modules: pattern or list of patterns over qualified module names: shell-style globs
+            (``"encoder.*"``, ``"*.attn"``) or regexes prefixed ``"re:"``. ``None``: every module
+            that owns parameters. Names are normalised (``_orig_mod.``, a leading ``module.``,
+            ``_fsdp_wrapped_module.``, ``_checkpoint_wrapped_module.`` removed).
+        exclude: patterns removed from the selection.
+        every_n_steps: log every this many optimizer steps (``trainer.global_step``).
+        start_step: first optimizer step logged.
+        stop_step: no logging from this optimizer step on (``None``: never stop).
+        stats: statistics to log, from :data:`lightning_inspect.stats.ALL_STATS`;
+            ``None``: :data:`~lightning_inspect.stats.DEFAULT_STATS`.
+        histograms: also log histograms.
+        bins: histogram bins.
+        backends: ``"tensorboard"``, ``"mlflow"``, a list of them (or Sink objects); ``None``:
+            every supported logger attached to the Trainer.
+        on_nonfinite: when a NaN/Inf is seen: ``"ignore"``, ``"warn"`` (once per key, naming the
+            first module in execution order) or ``"raise"`` (:class:`NonFiniteError`, which stops
+            fit cleanly).
+        enabled: ``False`` attaches the callback but inspects nothing (costs nothing).
+    """
+
+    #: The kind of the keys this monitor writes, for messages.
+    kind = "module"
+
+    def __init__(
+        self,
+        modules: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        every_n_steps: int = 50,
+        start_step: int = 0,
+        stop_step: int | None = None,
+        stats: Sequence[str] | None = None,
+        histograms: bool = True,
+        bins: int = 64,
+        backends: str | Sequence[str | Sink] | None = None,
+        on_nonfinite: str = "warn",
+        enabled: bool = True,
+    ) -> None:
+        owner = type(self).__name__
+        self._owner = owner
+        self.modules = as_str_list(owner, "modules", modules)
+        self.exclude = as_str_list(owner, "exclude", exclude)
+        self.schedule = Schedule.checked(owner, every_n_steps, start_step, stop_step)
+        self.stats = check_choices(owner, "stats", stats, ALL_STATS, DEFAULT_STATS)
+        self.histograms = check_bool(owner, "histograms", histograms)
+        self.bins = check_positive_int(owner, "bins", bins, minimum=2) if self.histograms else 0
+        self.backends = check_backends(owner, backends)
+        self.on_nonfinite = check_choice(owner, "on_nonfinite", on_nonfinite, NONFINITE_ACTIONS)
+        self.enabled = check_bool(owner, "enabled", enabled)
+
+        self.selected: dict[str, torch.nn.Module] = {}
+        self.sinks: list[Sink] = []
+        self.last_logged_step: int | None = None
+        self._hooks = HookSet()
+        self._record: StepRecord | None = None
+        self._coordinator: StepCoordinator | None = None
+        self._active = False
+        self._warned_nonfinite: set[str] = set()
+        self._hook_fault_warned = False
+
+    # -- Lightning glue ---------------------------------------------------------------------
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            modules=self.modules, exclude=self.exclude, every_n_steps=self.schedule.every_n_steps
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_logged_step": self.last_logged_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_logged_step = state_dict.get("last_logged_step")
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or not self.enabled:
+            return
+        self._active = True
+        self.selected = select_modules(pl_module, self.modules, self.exclude, owner=self._owner)
+        self._after_selection(pl_module)
+        self.sinks = resolve_sinks(trainer, self.backends, owner=self._owner)
+        self._coordinator = StepCoordinator.for_trainer(trainer)
+        self._coordinator.join(self)
+        self._announce()
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._active:
+            return
+        step = trainer.global_step
+        if self._record is None:
+            if not self.schedule.should_log(step) or step == self.last_logged_step:
+                return
+            self._record = StepRecord(step)
+        if self._record.step == step:
+            self._attach(pl_module)
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._active and self._record is not None:
+            self._guarded(self._before_optimizer_step, pl_module)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._active:
+            return
+        self._hooks.remove()
+        record = self._record
+        if record is not None and trainer.global_step > record.step:
+            self._guarded(self._after_optimizer_step, pl_module)
+            self._finish_step()
+        if self._coordinator is not None:
+            self._coordinator.batch_end(self)  # may raise NonFiniteError (on_nonfinite="raise")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._close()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._close()
+        if self._coordinator is not None:
+            self._coordinator.leave(self)
+            self._coordinator = None
+        self._active = False
+
+    # -- subclass interface -----------------------------------------------------------------
+
+    def _after_selection(self, pl_module: pl.LightningModule) -> None:
+        """Derive what the subclass needs from ``self.selected`` (e.g. parameters)."""
+
+    def _attach(self, pl_module: pl.LightningModule) -> None:
+        """Install the hooks of a logged training batch into ``self._hooks``."""
+
+    def _before_optimizer_step(self, pl_module: pl.LightningModule) -> None:
+        """Record what is read once per optimizer step, before it is taken."""
+
+    def _after_optimizer_step(self, pl_module: pl.LightningModule) -> None:
+        """Record what needs the updated weights."""
+
+    def _selection_summary(self) -> tuple[str, list[str]]:
+        return "modules", list(self.selected)
+
+    # -- shared machinery -------------------------------------------------------------------
+
+    def _add_row(self, key: str, row: torch.Tensor) -> None:
+        if self._record is not None:
+            self._record.add_row(key, row)
+
+    def _add_scalar(self, key: str, value: torch.Tensor) -> None:
+        if self._record is not None:
+            self._record.add_scalar(key, value)
+
+    def _hook_fault(self, where: str, exc: BaseException) -> None:
+        """Contain an exception raised inside one of our hooks: warn once, keep training."""
+        if not self._hook_fault_warned:
+            self._hook_fault_warned = True
+            warnings.warn(
+                f"{self._owner}: inspecting {where} failed ({type(exc).__name__}: {exc}); "
+                "training is not affected and inspection goes on for the other values.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def _guarded(self, fn: Any, *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception as exc:  # inspection must never stop training
+            self._hook_fault(getattr(fn, "__name__", "a step"), exc)
+
+    def _finish_step(self) -> None:
+        record, self._record = self._record, None
+        if record is None:
+            return
+        self.last_logged_step = record.step
+        if self._coordinator is not None:
+            self._coordinator.submit(record, self._publish)
+
+    def _publish(self, record: StepRecord, values: HostRecord) -> None:
+        rows, scalars = values
+        step = record.step
+        out: dict[str, float] = {}
+        hists = {}
+        for key, row in rows.items():
+            for stat, value in summarise(row, self.stats).items():
+                out[metric_key(key, stat)] = value
+            if self.histograms:
+                h = histogram(row)
+                if h is not None:
+                    hists[key] = h
+        out.update(scalars)
+        for sink in self.sinks:
+            sink.log_scalars(out, step)
+            if hists:
+                sink.log_histograms(hists, step)
+        self._check_nonfinite(rows, step)
+
+    def _check_nonfinite(self, rows: dict[str, Any], step: int) -> None:
+        if self.on_nonfinite == "ignore":
+            return
+        nan_at, inf_at = FIELDS.index("nan"), FIELDS.index("inf")
+        bad = [(k, r) for k, r in rows.items() if r[nan_at] + r[inf_at] > 0]
+        if not bad:
+            return
+        key, row = bad[0]
+        message = (
+            f"{self._owner}: non-finite values at step {step}: first in execution order is {key!r} "
+            f"({int(row[nan_at])} NaN, {int(row[inf_at])} Inf of {int(row[0])} values)"
+            + (f"; also in {len(bad) - 1} later key(s): {', '.join(k for k, _ in bad[1:4])}" if len(bad) > 1 else "")
+            + "."
+        )
+        if self.on_nonfinite == "raise":
+            raise NonFiniteError(message)
+        elif key not in self._warned_nonfinite:
+            self._warned_nonfinite.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+    def _announce(self) -> None:
+        what, names = self._selection_summary()
+        shown = ", ".join(names[:_MAX_LISTED]) + (f", ... ({len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else "")
+        backends = ", ".join(s.name for s in self.sinks) or "no backend"
+        rank_zero_info(
+            f"{self._owner}: {len(names)} {what} selected, every {self.schedule.every_n_steps} steps "
+            f"-> {backends}: {shown}"
+        )
+
+    def _close(self) -> None:
+        self._hooks.remove()
+        if self._record is not None:  # a logged step interrupted before its optimizer step
+            self._finish_step()
+        if self._coordinator is not None:
+            try:
+                self._coordinator.flush()
+            except NonFiniteError:
+                pass  # already being handled, or fit is over: the values were logged
+        for sink in self.sinks:
+            sink.flush()

@@ -1,0 +1,185 @@
+"""GraphMonitor: the computational graph (TensorBoard) and a readable model structure (both)."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from lightning_inspect._checks import check_bool
+from lightning_inspect.hooks import HookSet, InertWhenCopied, suspended
+from lightning_inspect.outputs import iter_tensors
+from lightning_inspect.selection import normalise_name
+from lightning_inspect.sinks import Sink, check_backends, resolve_sinks
+from lightning_inspect.sinks.tensorboard import TensorBoardSink
+
+STRUCTURE_KEY = "model/structure"
+
+
+class _CaptureHook(InertWhenCopied):
+    """Forward hook recording the first call's inputs and every module's output shapes."""
+
+    __slots__ = ("owner", "name")
+
+    def __init__(self, owner: GraphMonitor, name: str) -> None:
+        self.owner = owner
+        self.name = name
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+        if self.owner._inputs is None and self.name in self.owner._entry_names:
+            self.owner._inputs = (module, self.name, args, kwargs)
+        shapes = [f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for _, t in iter_tensors(output)]
+        self.owner._shapes.setdefault(self.name, "; ".join(shapes[:4]) + (" ..." if len(shapes) > 4 else ""))
+
+
+class GraphMonitor(Callback):
+    """Log the model's computational graph and structure once, from the first training batch.
+
+    The graph is traced (``torch.jit.trace`` through ``SummaryWriter.add_graph``, in eval mode,
+    without gradients, with the random state saved and restored, so training is unchanged) with
+    the inputs the model really received on its first training batch: no
+    ``example_input_array`` is needed. The traced module is the LightningModule when
+    ``training_step`` calls ``self(...)``, otherwise the first direct child it called. Where
+    tracing cannot work (keyword or dict inputs, data-dependent control flow) a warning says why
+    and training goes on.
+
+    The structure is a markdown table of every module: qualified name, type, output shapes seen
+    on the first batch, parameters (total and trainable). It goes to TensorBoard's Text tab and to
+    MLflow as ``lightning_inspect/model/structure.md``.
+
+    Args:
+        graph: log the graph (TensorBoard only).
+        structure: log the structure table.
+        backends: as for the other monitors.
+        enabled: ``False`` does nothing.
+
+    Example::
+
+        L.Trainer(logger=TensorBoardLogger("tb"), callbacks=[GraphMonitor()])
+    """
+
+    def __init__(
+        self,
+        graph: bool = True,
+        structure: bool = True,
+        backends: str | Sequence[str | Sink] | None = None,
+        enabled: bool = True,
+    ) -> None:
+        owner = type(self).__name__
+        self.graph = check_bool(owner, "graph", graph)
+        self.structure = check_bool(owner, "structure", structure)
+        self.backends = check_backends(owner, backends)
+        self.enabled = check_bool(owner, "enabled", enabled)
+        self.sinks: list[Sink] = []
+        self.done = False
+        self._hooks = HookSet()
+        self._inputs: tuple[nn.Module, str, tuple[Any, ...], dict[str, Any]] | None = None
+        self._shapes: dict[str, str] = {}
+        self._entry_names: set[str] = set()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"done": self.done}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.done = bool(state_dict.get("done", False))
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or not self.enabled:
+            return
+        self.sinks = resolve_sinks(trainer, self.backends, owner=type(self).__name__)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.done or not self.enabled or not trainer.is_global_zero:
+            return
+        self._entry_names = {""} | {name for name, _ in pl_module.named_children()}
+        for raw, module in pl_module.named_modules():
+            self._hooks.add(module.register_forward_hook(_CaptureHook(self, raw), with_kwargs=True))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.done or not self.enabled or not trainer.is_global_zero:
+            return
+        self._hooks.remove()
+        self.done = True
+        step = trainer.global_step
+        if self.structure:
+            text = structure_table(pl_module, self._shapes)
+            for sink in self.sinks:
+                sink.log_text(STRUCTURE_KEY, text, step)
+        if self.graph:
+            self._log_graph()
+        for sink in self.sinks:
+            sink.flush()
+        self._inputs = None
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._hooks.remove()
+        self._inputs = None
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._hooks.remove()
+        self._inputs = None
+
+    def _log_graph(self) -> None:
+        writers = [s.inner.writer for s in self.sinks if isinstance(getattr(s, "inner", s), TensorBoardSink)]
+        if not writers:
+            return
+        if self._inputs is None:
+            warnings.warn("GraphMonitor: the model was not called during the first training batch; no graph is logged.", RuntimeWarning, stacklevel=2)
+            return
+        module, name, args, kwargs = self._inputs
+        where = f"the module {normalise_name(name)!r}" if name else "the LightningModule"
+        if kwargs:
+            self._warn(where, f"it was called with keyword arguments {sorted(kwargs)}; tracing takes positional tensors only")
+            return
+        if not all(isinstance(a, torch.Tensor) for a in args):
+            kinds = [type(a).__name__ for a in args]
+            self._warn(where, f"its inputs are {kinds}; tracing takes tensors only (dict or list inputs cannot be traced)")
+            return
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        try:
+            with suspended(), torch.random.fork_rng(devices=devices), torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the tracer's own warnings are noise here
+                writers[0].add_graph(module, tuple(a.detach() for a in args))
+        except Exception as exc:
+            self._warn(where, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+
+    @staticmethod
+    def _warn(where: str, why: str) -> None:
+        warnings.warn(
+            f"GraphMonitor: could not trace the graph of {where}: {why}. Training continues; the "
+            "model structure is still logged.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def structure_table(model: nn.Module, shapes: dict[str, str] | None = None) -> str:
+    """A markdown table of every module: name, type, output shape, parameters (trainable).
+
+    >>> print(structure_table(nn.Sequential(nn.Linear(2, 3))).splitlines()[4])
+    | 0 | Linear |  | 9 | 9 |
+    """
+    shapes = shapes or {}
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lines = [
+        f"**{type(model).__name__}**: {total:,} parameters ({trainable:,} trainable, {total - trainable:,} frozen)",
+        "",
+        "| module | type | output shape | parameters | trainable |",
+        "|---|---|---|---:|---:|",
+    ]
+    body = []
+    for raw, module in model.named_modules():
+        name = normalise_name(raw)
+        if not name:
+            continue
+        n = sum(p.numel() for p in module.parameters())
+        t = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        depth = name.count(".")
+        body.append(f"| {'&nbsp;' * 2 * depth}{name} | {type(module).__name__} | {shapes.get(raw, '')} | {n:,} | {t:,} |")
+    return "\n".join(lines + body)

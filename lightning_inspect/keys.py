@@ -1,0 +1,63 @@
+"""The metric-key scheme, the same in TensorBoard and MLflow.
+
+A key is ``<kind>/<name>[/<output path>]/<stat>``:
+
+========================  ====================================  ==============================
+kind                      name                                  written by
+========================  ====================================  ==============================
+``activations``           module, e.g. ``encoder.0``            :class:`ActivationMonitor`
+``activation_grads``      module (gradient of its output)       :class:`GradientMonitor`
+``param_grads``           parameter, e.g. ``encoder.0.weight``  :class:`GradientMonitor`
+``weights``               parameter                             :class:`WeightMonitor`
+========================  ====================================  ==============================
+
+A module with several output tensors adds the path of each (``attn/0``, ``head/logits``; see
+:mod:`lightning_inspect.outputs`). Histograms use the key without the statistic
+(``activations/encoder.0``). Extra scalars: ``param_grads/global_norm`` and
+``weights/<param>/update_ratio``.
+
+MLflow accepts only letters, digits, ``_ - . / `` and space, and 250 characters:
+:class:`MlflowKeys` replaces anything else with ``_`` and, where two different keys would then
+collide (or a key is too long), appends a short hash of the original so no two keys merge.
+
+Example:
+    >>> metric_key("activations", "encoder.0", "mean")
+    'activations/encoder.0/mean'
+    >>> keys = MlflowKeys()
+    >>> keys("activations/blocks[0]/mean"), keys("activations/blocks(0)/mean")
+    ('activations/blocks_0_/mean', 'activations/blocks_0_/mean-91ac2049')
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+KINDS = ("activations", "activation_grads", "param_grads", "weights")
+MLFLOW_MAX_KEY_LENGTH = 250
+_MLFLOW_INVALID = re.compile(r"[^\w\-./ ]")
+
+
+def metric_key(*parts: str) -> str:
+    """Join non-empty key parts with ``/``."""
+    return "/".join(p for p in parts if p)
+
+
+class MlflowKeys:
+    """Sanitise keys for MLflow, stable for a run and without collisions."""
+
+    def __init__(self) -> None:
+        self._by_original: dict[str, str] = {}
+        self._taken: set[str] = set()
+
+    def __call__(self, key: str) -> str:
+        known = self._by_original.get(key)
+        if known is not None:
+            return known
+        clean = _MLFLOW_INVALID.sub("_", key)
+        if len(clean) > MLFLOW_MAX_KEY_LENGTH or clean in self._taken:
+            digest = hashlib.sha1(key.encode()).hexdigest()[:8]
+            clean = f"{clean[: MLFLOW_MAX_KEY_LENGTH - 9]}-{digest}"
+        self._by_original[key] = clean
+        self._taken.add(clean)
+        return clean

@@ -1,0 +1,170 @@
+"""Module selection: name patterns over a model -> ``{qualified_name: module}``.
+
+Names are normalised first, so patterns written against the user's own model work under
+``torch.compile`` (``_orig_mod.``), DDP (a leading ``module.``), FSDP (``_fsdp_wrapped_module.``)
+and activation checkpointing (``_checkpoint_wrapped_module.``).
+
+Patterns are shell-style globs matched against the whole normalised name (``*`` also crosses
+dots, so ``encoder.*`` selects everything below ``encoder``), or regular expressions when prefixed
+with ``re:`` (matched with :func:`re.fullmatch`).
+
+Example:
+    >>> import torch.nn as nn
+    >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    >>> list(select_modules(net, ["0", "re:[12]"]))
+    ['0', '1', '2']
+    >>> list(select_modules(net))  # default: modules that own parameters
+    ['0', '2']
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Sequence
+
+from torch import nn
+
+from lightning_inspect._checks import closest
+from lightning_inspect.errors import ConfigError, SelectionError
+
+#: Name components inserted by wrappers; removed wherever they appear.
+WRAPPER_COMPONENTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+#: Name components removed only at the start of a name (DDP's ``module.``).
+LEADING_WRAPPER_COMPONENTS = ("module",)
+
+
+def normalise_name(name: str) -> str:
+    """Strip wrapper components from a qualified module or parameter name.
+
+    >>> normalise_name("model._orig_mod.encoder._checkpoint_wrapped_module.0")
+    'model.encoder.0'
+    >>> normalise_name("module.head.module")
+    'head.module'
+    """
+    parts = [p for p in name.split(".") if p and p not in WRAPPER_COMPONENTS]
+    while parts and parts[0] in LEADING_WRAPPER_COMPONENTS:
+        parts.pop(0)
+    return ".".join(parts)
+
+
+class Pattern:
+    """One compiled selection pattern: a glob, or a regex when written ``re:<regex>``."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        if text.startswith("re:"):
+            try:
+                self._regex = re.compile(text[3:])
+            except re.error as exc:
+                raise ConfigError(f"module pattern {text!r} is not a valid regular expression: {exc}") from exc
+        else:
+            self._regex = re.compile(fnmatch.translate(text))
+
+    def matches(self, name: str) -> bool:
+        """Whether the whole ``name`` matches."""
+        return self._regex.fullmatch(name) is not None
+
+    @property
+    def literal_part(self) -> str:
+        """The pattern without glob/regex syntax, used to suggest close names."""
+        body = self.text[3:] if self.text.startswith("re:") else self.text
+        return re.sub(r"[*?\[\]^$()+{}|\\]", "", body).strip(".")
+
+
+def named_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every submodule (the root excluded) by normalised qualified name, first name wins.
+
+    A module registered under several names (a shared module) appears once, under the name
+    ``named_modules`` gives it first. Wrapper modules whose normalised name equals their child's
+    are dropped in favour of the child.
+    """
+    out: dict[str, nn.Module] = {}
+    for raw, module in model.named_modules():
+        name = normalise_name(raw)
+        if not name:
+            continue
+        out[name] = module  # a wrapper comes before its child: the child overwrites it
+    return out
+
+
+def owns_parameters(module: nn.Module) -> bool:
+    """Whether ``module`` holds parameters directly (not only through its children)."""
+    return any(True for _ in module.parameters(recurse=False))
+
+
+def _patterns(texts: Iterable[str]) -> list[Pattern]:
+    return [Pattern(t) for t in texts]
+
+
+def select_modules(
+    model: nn.Module,
+    modules: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    *,
+    owner: str = "select_modules",
+) -> dict[str, nn.Module]:
+    """Resolve patterns to ``{normalised_name: module}`` in the model's registration order.
+
+    Args:
+        model: the model (a LightningModule or any ``nn.Module``).
+        modules: patterns to include; ``None`` or empty selects every module that owns
+            parameters directly (all leaf layers with weights, plus containers with their own
+            parameters such as ``nn.MultiheadAttention``).
+        exclude: patterns removed from the selection.
+        owner: used in error messages (the callback's name).
+
+    Raises:
+        SelectionError: a pattern in ``modules`` matched nothing; the message lists the closest
+            module names.
+    """
+    candidates = named_modules(model)
+    if modules:
+        chosen: dict[str, nn.Module] = {}
+        for pattern in _patterns(modules):
+            hits = [n for n in candidates if pattern.matches(n)]
+            if not hits:
+                raise SelectionError(_no_match_message(owner, pattern, candidates))
+            for name in hits:
+                chosen[name] = candidates[name]
+        selected = {n: m for n, m in candidates.items() if n in chosen}
+    else:
+        selected = {n: m for n, m in candidates.items() if owns_parameters(m)}
+    if exclude:
+        excluded = _patterns(exclude)
+        selected = {n: m for n, m in selected.items() if not any(p.matches(n) for p in excluded)}
+    return selected
+
+
+def select_parameters(modules: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
+    """All parameters of the selected modules (recursively), by normalised qualified name.
+
+    A parameter reachable from several selected modules (nested selections, shared weights)
+    appears once.
+    """
+    out: dict[str, nn.Parameter] = {}
+    seen: set[int] = set()
+    for prefix, module in modules.items():
+        for raw, param in module.named_parameters():
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            out[normalise_name(f"{prefix}.{raw}")] = param
+    return out
+
+
+def _no_match_message(owner: str, pattern: Pattern, candidates: dict[str, nn.Module]) -> str:
+    names = list(candidates)
+    near = closest(pattern.literal_part, names) if pattern.literal_part else []
+    if not near:
+        near = names[:8]
+        listing = "Some module names: "
+    else:
+        listing = "Closest module names: "
+    hint = "" if pattern.text.startswith("re:") or "*" in pattern.text else (
+        " Patterns are whole-name globs: use '*' to match a prefix or suffix."
+    )
+    return (
+        f"{owner}: module pattern {pattern.text!r} matches no module of the model "
+        f"({len(names)} modules). {listing}{', '.join(near) or '(the model has no submodules)'}.{hint}"
+    )

@@ -1,0 +1,86 @@
+"""Backends: TensorBoard, MLflow and an in-memory sink, behind one small protocol.
+
+:func:`resolve_sinks` finds the backends a monitor writes to from the Trainer's own loggers.
+
+Example:
+    >>> import lightning as L
+    >>> resolve_sinks(L.Trainer(logger=False), None, owner="ActivationMonitor")
+    []
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from lightning_inspect._checks import suggestion
+from lightning_inspect.errors import BackendError, ConfigError
+from lightning_inspect.sinks.base import GuardedSink, Sink
+from lightning_inspect.sinks.memory import MemorySink
+from lightning_inspect.sinks.mlflow import MlflowSink
+from lightning_inspect.sinks.tensorboard import TensorBoardSink
+
+BACKENDS = ("tensorboard", "mlflow")
+
+__all__ = ["BACKENDS", "GuardedSink", "MemorySink", "MlflowSink", "Sink", "TensorBoardSink", "resolve_sinks", "check_backends"]
+
+
+def check_backends(owner: str, backends: Any) -> tuple[str | Sink, ...] | None:
+    """Validate a ``backends`` argument: None, a name, or a list of names and Sink objects."""
+    if backends is None:
+        return None
+    items = [backends] if isinstance(backends, (str, Sink)) else list(backends)
+    for item in items:
+        if isinstance(item, str):
+            if item not in BACKENDS:
+                raise ConfigError(
+                    f"{owner}(backends={backends!r}): unknown backend {item!r}; expected one of "
+                    f"{', '.join(map(repr, BACKENDS))}.{suggestion(item, BACKENDS)}"
+                )
+        elif not isinstance(item, Sink):
+            raise ConfigError(
+                f"{owner}(backends={backends!r}): expected backend names {list(BACKENDS)} or Sink objects, got {item!r}."
+            )
+    return tuple(items)
+
+
+def available_sinks(trainer: Any, owner: str) -> dict[str, Sink]:
+    """One sink per supported logger attached to the Trainer, by backend name (first wins)."""
+    from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
+
+    found: dict[str, Sink] = {}
+    for logger in trainer.loggers:
+        if isinstance(logger, TensorBoardLogger) and "tensorboard" not in found:
+            found["tensorboard"] = TensorBoardSink(logger.experiment)
+        elif isinstance(logger, MLFlowLogger) and "mlflow" not in found:
+            found["mlflow"] = MlflowSink(logger.experiment, logger.run_id, owner=owner)
+    return found
+
+
+def resolve_sinks(trainer: Any, backends: Sequence[str | Sink] | None, owner: str) -> list[Sink]:
+    """The guarded sinks a monitor writes to.
+
+    ``None`` means every supported logger attached to the Trainer. A requested backend name with
+    no matching logger raises :class:`~lightning_inspect.errors.BackendError`. Sink objects are
+    used as given.
+    """
+    if not trainer.is_global_zero:
+        return []
+    found = available_sinks(trainer, owner)
+    if backends is None:
+        chosen: list[Sink] = list(found.values())
+    else:
+        chosen = []
+        for item in backends:
+            if isinstance(item, str):
+                if item not in found:
+                    attached = [type(lg).__name__ for lg in trainer.loggers] or ["no logger"]
+                    wanted = {"tensorboard": "TensorBoardLogger", "mlflow": "MLFlowLogger"}[item]
+                    raise BackendError(
+                        f"{owner}(backends={list(backends)!r}): backend {item!r} needs a {wanted} in "
+                        f"Trainer(logger=...), but the Trainer has: {', '.join(attached)}."
+                    )
+                chosen.append(found[item])
+            else:
+                chosen.append(item)
+    return [GuardedSink(s) for s in chosen]

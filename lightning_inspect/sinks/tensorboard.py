@@ -1,0 +1,52 @@
+"""TensorBoard through the Trainer's ``TensorBoardLogger`` (its ``SummaryWriter``).
+
+Histograms are written with ``add_histogram_raw`` from counts binned on the device, so nothing
+is re-binned with NumPy and NaN/Inf/bf16 tensors cannot break the writer.
+
+Example:
+    >>> import tempfile
+    >>> from torch.utils.tensorboard import SummaryWriter
+    >>> sink = TensorBoardSink(SummaryWriter(tempfile.mkdtemp()))
+    >>> sink.log_scalars({"activations/fc/mean": 0.5}, step=0)
+    >>> sink.flush()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from lightning_inspect.stats import Histogram
+
+
+class TensorBoardSink:
+    """Writes scalars, histograms and text to a ``SummaryWriter``."""
+
+    name = "tensorboard"
+
+    def __init__(self, writer: Any) -> None:
+        self.writer = writer
+
+    def log_scalars(self, values: Mapping[str, float], step: int) -> None:
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, global_step=step)
+
+    def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None:
+        for key, h in histograms.items():
+            self.writer.add_histogram_raw(
+                key,
+                min=h.min,
+                max=h.max,
+                num=int(h.num),
+                sum=h.sum,
+                sum_squares=h.sum_squares,
+                bucket_limits=h.edges[1:].tolist(),
+                bucket_counts=h.counts.tolist(),
+                global_step=step,
+            )
+
+    def log_text(self, key: str, text: str, step: int) -> None:
+        self.writer.add_text(key, text, global_step=step)
+
+    def flush(self) -> None:
+        self.writer.flush()

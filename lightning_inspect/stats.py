@@ -1,0 +1,262 @@
+"""Pure reductions: tensor -> one row of sufficient statistics and histogram counts.
+
+The work is split in two halves so that a logging step costs one device-to-host transfer:
+
+* on the device, :func:`reduce_tensor` turns any tensor into one float64 *row*: eleven sufficient
+  statistics (see :data:`FIELDS`) followed by ``bins`` histogram counts over the tensor's finite
+  values, with the histogram range taken from the same reduction (no ``.item()``, no sync);
+* on the host, after the rows of a whole step were moved at once, :func:`merge_rows` combines the
+  rows of one key (a module called several times, gradient accumulation, several ranks) and
+  :func:`summarise` / :func:`histogram` turn a row into the statistics users see.
+
+Statistics are computed in float32 over the finite values (NaN and Inf are counted, not used),
+except ``zero_fraction`` which is over all elements. ``std`` is the population standard deviation
+(``ddof=0``), computed from centred sums so it stays exact when ``|mean| >> std``.
+
+Example:
+    >>> import torch
+    >>> row = reduce_tensor(torch.tensor([1.0, 2.0, 3.0, float("nan")]), bins=4)
+    >>> s = summarise(row.numpy())
+    >>> s["mean"], s["max"], s["nan_count"]
+    (2.0, 3.0, 1.0)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+#: The sufficient statistics at the start of every row, in order.
+FIELDS = ("count", "finite", "sum", "m2", "sumsq", "abs_sum", "min", "max", "zeros", "nan", "inf")
+N_FIELDS = len(FIELDS)
+_F = {name: i for i, name in enumerate(FIELDS)}
+
+#: Every statistic a monitor can log.
+ALL_STATS = (
+    "mean",
+    "std",
+    "min",
+    "max",
+    "abs_mean",
+    "rms",
+    "l2_norm",
+    "zero_fraction",
+    "nan_count",
+    "inf_count",
+)
+#: What monitors log when ``stats`` is not given.
+DEFAULT_STATS = (
+    "mean",
+    "std",
+    "min",
+    "max",
+    "abs_mean",
+    "l2_norm",
+    "zero_fraction",
+    "nan_count",
+    "inf_count",
+)
+
+
+def row_length(bins: int) -> int:
+    """Length of a row with ``bins`` histogram counts."""
+    return N_FIELDS + bins
+
+
+def _as_float32_vector(x: torch.Tensor) -> torch.Tensor:
+    x = x.detach()
+    if x.is_complex():
+        x = torch.view_as_real(x)
+    if x.dtype != torch.float32:
+        x = x.to(torch.float32)
+    return x.reshape(-1)
+
+
+def empty_row(bins: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The row of a tensor with no elements."""
+    row = torch.zeros(row_length(bins), dtype=torch.float64, device=device)
+    row[_F["min"]] = math.inf
+    row[_F["max"]] = -math.inf
+    return row
+
+
+@torch.no_grad()
+def reduce_tensor(x: torch.Tensor, bins: int = 64) -> torch.Tensor:
+    """Reduce ``x`` to one float64 row on its own device, without synchronising.
+
+    Works for any dtype (bf16, fp16, integers, bool are read as float32; complex as its real and
+    imaginary parts), any shape, empty tensors and tensors holding NaN or Inf.
+
+    Args:
+        x: the tensor; it is never modified.
+        bins: number of histogram bins; 0 for no histogram.
+
+    Returns:
+        ``[count, finite, sum, m2, sumsq, abs_sum, min, max, zeros, nan, inf, *counts]`` where
+        ``m2`` is the sum of squared deviations from the mean of the finite values, ``sumsq`` the
+        sum of their squares, and ``counts`` are the
+        numbers of finite values in ``bins`` equal-width bins spanning ``[min, max]``.
+    """
+    v = _as_float32_vector(x)
+    n = v.numel()
+    if n == 0:
+        return empty_row(bins, v.device)
+    finite = torch.isfinite(v)
+    n_finite = torch.count_nonzero(finite)
+    n_nan = torch.count_nonzero(torch.isnan(v))
+    zeros_only = torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
+    total = zeros_only.sum()
+    sumsq = torch.dot(zeros_only, zeros_only)
+    abs_sum = zeros_only.abs().sum()
+    mean = total / n_finite.clamp(min=1)
+    # Non-finite entries replaced by the mean: they then drop out of the centred sum of squares
+    # and cannot stretch min/max, since the mean lies within the finite range.
+    mean_filled = torch.where(finite, v, mean)
+    lo, hi = torch.aminmax(mean_filled)
+    centred = mean_filled - mean
+    m2 = torch.dot(centred, centred)
+    zeros = n - torch.count_nonzero(v)
+    head = torch.stack(
+        [
+            torch.tensor(float(n), dtype=torch.float64, device=v.device),
+            n_finite.to(torch.float64),
+            total.to(torch.float64),
+            m2.to(torch.float64),
+            sumsq.to(torch.float64),
+            abs_sum.to(torch.float64),
+            lo.to(torch.float64),
+            hi.to(torch.float64),
+            torch.as_tensor(zeros).to(torch.float64),
+            n_nan.to(torch.float64),
+            (n - n_finite - n_nan).to(torch.float64),
+        ]
+    )
+    if bins <= 0:
+        return head
+    counts = _histogram_counts(mean_filled, finite, lo, hi, bins)
+    return torch.cat([head, counts.to(torch.float64)])
+
+
+def _histogram_counts(
+    v: torch.Tensor, finite: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int
+) -> torch.Tensor:
+    """Counts of finite values of ``v`` in ``bins`` equal bins over ``[lo, hi]``, on the device."""
+    fraction = (v - lo) / (hi - lo).clamp(min=torch.finfo(torch.float32).tiny)  # in [0, 1]
+    index = fraction.mul_(bins).floor_().clamp_(0, bins - 1)
+    index = torch.where(finite, index, float(bins)).to(torch.int32)  # non-finite -> overflow bin
+    return torch.bincount(index, minlength=bins + 1)[:bins]
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side: rows (NumPy) -> merged rows -> statistics and histograms.
+# ---------------------------------------------------------------------------------------------
+
+
+def merge_rows(rows: np.ndarray) -> np.ndarray:
+    """Combine rows of the same quantity (several calls, micro-batches or ranks) into one row.
+
+    Counts and sums add, ``m2`` combines with Chan's parallel formula, min/max take the extremes,
+    and histograms are re-binned onto the combined range by bin centre (exact when all rows share
+    one range; otherwise each count moves at most one source bin width).
+    """
+    rows = np.asarray(rows, dtype=np.float64)
+    if rows.ndim == 1:
+        return rows.copy()
+    if len(rows) == 1:
+        return rows[0].copy()
+    out = np.zeros(rows.shape[1], dtype=np.float64)
+    for name in ("count", "finite", "sum", "sumsq", "abs_sum", "zeros", "nan", "inf"):
+        out[_F[name]] = rows[:, _F[name]].sum()
+    n_i = rows[:, _F["finite"]]
+    n = out[_F["finite"]]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_i = np.where(n_i > 0, rows[:, _F["sum"]] / np.maximum(n_i, 1), 0.0)
+        mean = out[_F["sum"]] / n if n > 0 else 0.0
+    out[_F["m2"]] = rows[:, _F["m2"]].sum() + float(np.sum(n_i * (mean_i - mean) ** 2))
+    has = n_i > 0
+    out[_F["min"]] = rows[has, _F["min"]].min() if has.any() else math.inf
+    out[_F["max"]] = rows[has, _F["max"]].max() if has.any() else -math.inf
+    bins = rows.shape[1] - N_FIELDS
+    if bins > 0 and has.any():
+        out[N_FIELDS:] = _rebin(rows[has], out[_F["min"]], out[_F["max"]], bins)
+    return out
+
+
+def _rebin(rows: np.ndarray, lo: float, hi: float, bins: int) -> np.ndarray:
+    counts = np.zeros(bins, dtype=np.float64)
+    width = max(hi - lo, np.finfo(np.float32).tiny)
+    for row in rows:
+        r_lo, r_hi = row[_F["min"]], row[_F["max"]]
+        centres = r_lo + (np.arange(bins) + 0.5) * (r_hi - r_lo) / bins
+        index = np.clip(np.floor((centres - lo) / width * bins), 0, bins - 1).astype(np.int64)
+        np.add.at(counts, index, row[N_FIELDS:])
+    return counts
+
+
+def summarise(row: np.ndarray, stats: tuple[str, ...] = ALL_STATS) -> dict[str, float]:
+    """The named statistics of one (host) row; NaN where a statistic has no finite value."""
+    count, finite, total, m2, sumsq, abs_sum = (
+        float(row[_F[k]]) for k in ("count", "finite", "sum", "m2", "sumsq", "abs_sum")
+    )
+    nan = math.nan
+    mean = total / finite if finite else nan
+    values = {
+        "mean": mean,
+        "std": math.sqrt(max(m2, 0.0) / finite) if finite else nan,
+        "min": float(row[_F["min"]]) if finite else nan,
+        "max": float(row[_F["max"]]) if finite else nan,
+        "abs_mean": abs_sum / finite if finite else nan,
+        "rms": math.sqrt(sumsq / finite) if finite else nan,
+        "l2_norm": math.sqrt(sumsq),
+        "zero_fraction": float(row[_F["zeros"]]) / count if count else nan,
+        "nan_count": float(row[_F["nan"]]),
+        "inf_count": float(row[_F["inf"]]),
+    }
+    return {name: values[name] for name in stats}
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """Histogram of the finite values of one tensor: ``counts[i]`` values in ``[edges[i], edges[i+1])``.
+
+    The last bin is closed. ``sum`` and ``sum_squares`` are over the finite values.
+    """
+
+    edges: np.ndarray
+    counts: np.ndarray
+    min: float
+    max: float
+    num: float
+    sum: float
+    sum_squares: float
+
+
+def histogram(row: np.ndarray) -> Histogram | None:
+    """The histogram of a host row, or ``None`` when it has no bins or no finite value."""
+    bins = len(row) - N_FIELDS
+    finite = float(row[_F["finite"]])
+    if bins <= 0 or finite <= 0:
+        return None
+    lo, hi = float(row[_F["min"]]), float(row[_F["max"]])
+    total = float(row[_F["sum"]])
+    return Histogram(
+        edges=np.linspace(lo, hi, bins + 1),
+        counts=np.asarray(row[N_FIELDS:], dtype=np.float64),
+        min=lo,
+        max=hi,
+        num=finite,
+        sum=total,
+        sum_squares=float(row[_F["sumsq"]]),
+    )
+
+
+def tensor_stats(x: torch.Tensor, stats: tuple[str, ...] = ALL_STATS) -> dict[str, float]:
+    """Convenience for one tensor: reduce, move to the host, summarise (synchronises).
+
+    >>> tensor_stats(torch.tensor([0.0, 3.0, 4.0]), ("l2_norm", "zero_fraction"))
+    {'l2_norm': 5.0, 'zero_fraction': 0.3333333333333333}
+    """
+    return summarise(reduce_tensor(x, bins=0).cpu().numpy(), stats)
