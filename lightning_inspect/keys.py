@@ -34,6 +34,15 @@ import hashlib
 import re
 
 KINDS = ("activations", "activation_grads", "param_grads", "weights")
+#: Kinds whose values differ between data-parallel ranks (each rank sees its own batch) and are
+#: combined across ranks; the others (parameters and their gradients after the all-reduce) are
+#: the same on every rank and are taken from rank 0.
+PER_RANK_KINDS = ("activations", "activation_grads")
+
+
+def is_per_rank(key: str) -> bool:
+    """Whether the values under ``key`` are combined across data-parallel ranks."""
+    return key.split("/", 1)[0] in PER_RANK_KINDS
 MLFLOW_MAX_KEY_LENGTH = 250
 _MLFLOW_INVALID = re.compile(r"[^\w\-./ ]")
 

@@ -1,5 +1,8 @@
 """Collect the reduced values of one logging step on the device; move them to the host at once.
 
+Under data-parallel training the rows of activations and their gradients are then combined
+across ranks (:func:`combine_across_ranks`) and rank 0 writes them.
+
 A :class:`StepRecord` gathers, in execution order, *rows* (see :mod:`lightning_inspect.stats`)
 and scalars as device tensors. :func:`to_host` concatenates everything into one flat tensor per
 device and copies it in a single transfer (one per device; models on one device: exactly one),
@@ -30,6 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from lightning_inspect.keys import is_per_rank
 from lightning_inspect.stats import merge_rows
 
 
@@ -86,6 +90,36 @@ def to_host(records: Sequence[StepRecord]) -> list[HostRecord]:
     return out
 
 
+def distributed_world_size() -> int:
+    """The number of processes in the default process group (1 when not distributed)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def combine_across_ranks(host: list[HostRecord]) -> list[HostRecord]:
+    """Merge the per-rank rows of every record over all ranks (a collective: all ranks call it).
+
+    Rows of :data:`~lightning_inspect.keys.PER_RANK_KINDS` (activations and their gradients) are
+    gathered from every rank and merged like the calls of one module; a key that exists on some
+    ranks only (a module unused on a rank) is merged over the ranks that have it. Other rows and
+    the scalars are the same on every rank and stay as they are. One ``all_gather_object`` per
+    logging step carries everything.
+    """
+    payload = [{k: v for k, v in rows.items() if is_per_rank(k)} for rows, _ in host]
+    gathered: list[list[dict[str, np.ndarray]] | None] = [None] * distributed_world_size()
+    torch.distributed.all_gather_object(gathered, payload)
+    combined: list[HostRecord] = []
+    for i, (rows, scalars) in enumerate(host):
+        per_rank = [g[i] for g in gathered if g is not None and i < len(g)]
+        merged = dict(rows)
+        for key in dict.fromkeys(k for part in per_rank for k in part):  # ordered union
+            merged[key] = merge_rows(np.stack([part[key] for part in per_rank if key in part]))
+        combined.append((merged, scalars))
+    return combined
+
+
 Publisher = Callable[[StepRecord, HostRecord], None]
 
 
@@ -123,9 +157,9 @@ class StepCoordinator:
             self._members.remove(id(member))
 
     def submit(self, record: StepRecord, publish: Publisher) -> None:
-        """Queue a finished record; ``publish`` receives it with its host values."""
-        if record:
-            self._pending.append((record, publish))
+        """Queue a finished record (even an empty one: under DDP every rank must take part in the
+        step's collective); ``publish`` receives it with its host values."""
+        self._pending.append((record, publish))
 
     def batch_end(self, member: object) -> None:
         """Called by each monitor at the end of a batch; the last one flushes."""
@@ -138,6 +172,8 @@ class StepCoordinator:
         if not pending:
             return
         host = to_host([record for record, _ in pending])
+        if distributed_world_size() > 1:
+            host = combine_across_ranks(host)
         first_error: Exception | None = None
         for (record, publish), values in zip(pending, host):
             try:

@@ -32,6 +32,8 @@ def in_backward_pass() -> bool:
 
 
 class OutputConsumer(Protocol):
+    _recording: bool
+
     def _on_output(self, name: str, path: str, tensor: torch.Tensor) -> None: ...
 
     def _hook_fault(self, where: str, exc: BaseException) -> None: ...
@@ -47,14 +49,23 @@ class OutputHook(InertWhenCopied):
         self.name = name
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
-        if is_suspended() or in_backward_pass():
+        # The first test is all a compiled graph sees of this hook when not recording.
+        if not self.consumer._recording:
             return None
-        try:
-            for path, tensor in iter_tensors(output):
-                self.consumer._on_output(self.name, path, tensor)
-        except Exception as exc:  # never let inspection break the forward pass
-            self.consumer._hook_fault(f"the output of {self.name!r}", exc)
+        _record_output(self, output)
         return None
+
+
+@torch.compiler.disable
+def _record_output(hook: OutputHook, output: Any) -> None:
+    """The work of :class:`OutputHook`, always run eagerly (outside any compiled graph)."""
+    if is_suspended() or in_backward_pass():
+        return
+    try:
+        for path, tensor in iter_tensors(output):
+            hook.consumer._on_output(hook.name, path, tensor)
+    except Exception as exc:  # never let inspection break the forward pass
+        hook.consumer._hook_fault(f"the output of {hook.name!r}", exc)
 
 
 class GradientConsumer(Protocol):

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import lightning.pytorch as pl
 import torch
 
-from lightning_inspect.callbacks._module_hooks import OutputHook
 from lightning_inspect.callbacks.base import ModuleMonitor
 from lightning_inspect.keys import metric_key
 from lightning_inspect.stats import reduce_tensor
@@ -30,11 +28,8 @@ class ActivationMonitor(ModuleMonitor):
 
     kind = "activations"
 
-    def _attach(self, pl_module: pl.LightningModule) -> None:
-        if len(self._hooks):
-            return
-        for name, module in self.selected.items():
-            self._hooks.add(module.register_forward_hook(OutputHook(self, name)))
+    def _wants_output_hooks(self) -> bool:
+        return True
 
     def _on_output(self, name: str, path: str, tensor: torch.Tensor) -> None:
         self._add_row(metric_key("activations", name, path), reduce_tensor(tensor, self.bins))

@@ -6,7 +6,8 @@ A monitor's life in a fit:
     resolve the module selection (a pattern that matches nothing raises here, before the first
     step), the backends, and join the Trainer's :class:`~lightning_inspect.recorder.StepCoordinator`.
 ``on_train_batch_start``
-    on a logged step only, attach hooks (``_attach``); other steps pay one integer test.
+    on a logged step only, attach the output hooks and start recording; other steps pay one
+    integer test.
 ``on_before_optimizer_step``
     read what exists once per optimizer step: parameter gradients (after AMP unscaling and
     gradient accumulation), weights.
@@ -19,6 +20,12 @@ A monitor's life in a fit:
 Hooks therefore exist only inside the training batches of logged steps: validation, sanity
 checks and prediction are never recorded, and ``torch.save`` / ``deepcopy`` of the model see no
 hook outside those batches (and an inert one inside, see :mod:`lightning_inspect.hooks`).
+
+Compiled models are the exception: ``torch.compile`` ignores hooks added after it compiled a
+module, so when the model holds a compiled module the hooks are attached once, in ``setup``
+(before the first forward compiles anything), and stay until ``teardown``; they return at once
+unless the current batch is recorded. The compiler then keeps two variants of the graph (recording
+or not) and recompiles no further; recording batches run the hooks eagerly (a graph break per hook).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_inspect._checks import as_str_list, check_bool, check_choice, check_choices, check_positive_int
+from lightning_inspect.callbacks._module_hooks import OutputHook
 from lightning_inspect.errors import NonFiniteError
 from lightning_inspect.hooks import HookSet
 from lightning_inspect.keys import metric_key
@@ -43,6 +51,13 @@ from lightning_inspect.sinks import Sink, check_backends, resolve_sinks
 from lightning_inspect.stats import ALL_STATS, DEFAULT_STATS, FIELDS, histogram, summarise
 
 NONFINITE_ACTIONS = ("ignore", "warn", "raise")
+
+
+def holds_compiled_module(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is, or contains, a module compiled with ``torch.compile``."""
+    if getattr(model, "_compiler_ctx", None):
+        return True
+    return any(type(m).__name__ == "OptimizedModule" for m in model.modules())
 _MAX_LISTED = 12
 
 
@@ -103,6 +118,8 @@ class ModuleMonitor(Callback):
         self.sinks: list[Sink] = []
         self.last_logged_step: int | None = None
         self._hooks = HookSet()
+        self._recording = False  # read first by every hook; True only inside recorded batches
+        self._persistent_hooks = False
         self._record: StepRecord | None = None
         self._coordinator: StepCoordinator | None = None
         self._active = False
@@ -132,6 +149,9 @@ class ModuleMonitor(Callback):
         self.sinks = resolve_sinks(trainer, self.backends, owner=self._owner)
         self._coordinator = StepCoordinator.for_trainer(trainer)
         self._coordinator.join(self)
+        self._persistent_hooks = holds_compiled_module(pl_module)
+        if self._persistent_hooks:
+            self._install_hooks()
         self._announce()
 
     def on_train_batch_start(
@@ -145,7 +165,9 @@ class ModuleMonitor(Callback):
                 return
             self._record = StepRecord(step)
         if self._record.step == step:
-            self._attach(pl_module)
+            if not self._persistent_hooks and not len(self._hooks):
+                self._install_hooks()
+            self._recording = True
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -158,7 +180,9 @@ class ModuleMonitor(Callback):
     ) -> None:
         if not self._active:
             return
-        self._hooks.remove()
+        self._recording = False
+        if not self._persistent_hooks:
+            self._hooks.remove()
         record = self._record
         if record is not None and trainer.global_step > record.step:
             self._guarded(self._after_optimizer_step, pl_module)
@@ -184,8 +208,12 @@ class ModuleMonitor(Callback):
     def _after_selection(self, pl_module: pl.LightningModule) -> None:
         """Derive what the subclass needs from ``self.selected`` (e.g. parameters)."""
 
-    def _attach(self, pl_module: pl.LightningModule) -> None:
-        """Install the hooks of a logged training batch into ``self._hooks``."""
+    def _wants_output_hooks(self) -> bool:
+        """Whether the monitor reads module outputs (forward hooks on the selected modules)."""
+        return False
+
+    def _on_output(self, name: str, path: str, tensor: torch.Tensor) -> None:
+        """Receive one output tensor of a selected module (``path`` inside its output)."""
 
     def _before_optimizer_step(self, pl_module: pl.LightningModule) -> None:
         """Record what is read once per optimizer step, before it is taken."""
@@ -197,6 +225,11 @@ class ModuleMonitor(Callback):
         return "modules", list(self.selected)
 
     # -- shared machinery -------------------------------------------------------------------
+
+    def _install_hooks(self) -> None:
+        if self._wants_output_hooks():
+            for name, module in self.selected.items():
+                self._hooks.add(module.register_forward_hook(OutputHook(self, name)))
 
     def _add_row(self, key: str, row: torch.Tensor) -> None:
         if self._record is not None:
@@ -244,6 +277,8 @@ class ModuleMonitor(Callback):
                 if h is not None:
                     hists[key] = h
         out.update(scalars)
+        if not out:
+            return
         for sink in self.sinks:
             sink.log_scalars(out, step)
             if hists:
@@ -280,6 +315,7 @@ class ModuleMonitor(Callback):
         )
 
     def _close(self) -> None:
+        self._recording = False
         self._hooks.remove()
         if self._record is not None:  # a logged step interrupted before its optimizer step
             self._finish_step()

@@ -8,7 +8,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_inspect._checks import check_bool
-from lightning_inspect.callbacks._module_hooks import OutputGradHook, OutputHook
+from lightning_inspect.callbacks._module_hooks import OutputGradHook
 from lightning_inspect.callbacks.base import ModuleMonitor
 from lightning_inspect.keys import metric_key
 from lightning_inspect.selection import select_parameters
@@ -71,13 +71,8 @@ class GradientMonitor(ModuleMonitor):
         self.selected_parameters = {n: p for n, p in params.items() if p.requires_grad}
         self._all_parameters = [p for p in pl_module.parameters() if p.requires_grad]
 
-    def _selection_summary(self) -> tuple[str, list[str]]:
-        return "modules", list(self.selected)
-
-    def _attach(self, pl_module: pl.LightningModule) -> None:
-        if self.outputs and not len(self._hooks):
-            for name, module in self.selected.items():
-                self._hooks.add(module.register_forward_hook(OutputHook(self, name)))
+    def _wants_output_hooks(self) -> bool:
+        return self.outputs
 
     def _on_output(self, name: str, path: str, tensor: torch.Tensor) -> None:
         if tensor.requires_grad and torch.is_grad_enabled() and tensor.is_floating_point():

@@ -66,13 +66,15 @@ class ProbeSwitch(Callback):
             f"on_error={on_error!r}, output_dir={output_dir!r}, validation={validation!r})"
         )
         self.tags = _check_patterns(call, "tags", tags)
-        if isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1:
+        if type(every_n_steps) is not int or every_n_steps < 1:
             raise ConfigError(f"{call}: every_n_steps must be an int >= 1; got {every_n_steps!r}.")
         self.every_n_steps = every_n_steps
         self.ranks = _check_choice(call, "ranks", ranks, RANKS)
         self.on_error = _check_choice(call, "on_error", on_error, ON_ERROR)
         if output_dir is not None and not isinstance(output_dir, (str, os.PathLike)):
-            raise ConfigError(f"{call}: output_dir must be None, a str or a path; got {output_dir!r}.")
+            raise ConfigError(
+                f"{call}: output_dir must be None, a str or a path; got {output_dir!r}."
+            )
         self.output_dir = output_dir
         if not isinstance(validation, bool):
             raise ConfigError(f"{call}: validation must be True or False; got {validation!r}.")
@@ -127,6 +129,12 @@ class ProbeSwitch(Callback):
 
     def _open(self, trainer: Trainer) -> None:
         self._close()  # re-entry of fit, or a teardown that never came
+        switches = [cb for cb in trainer.callbacks if isinstance(cb, ProbeSwitch)]
+        if len(switches) > 1:
+            raise ConfigError(
+                f"Trainer(callbacks=[...]) holds {len(switches)} ProbeSwitch callbacks "
+                f"(tags {[list(s.tags) for s in switches]}); use one ProbeSwitch with all the tags."
+            )
         self._switch = _Switch(
             self.tags,
             output_dir=self._output_dir(trainer),
