@@ -61,6 +61,7 @@ __all__ = [
     "probe",
     "probing",
     "reload_env",
+    "tag_matches",
 ]
 
 R = TypeVar("R")
@@ -104,8 +105,8 @@ def _check_patterns(call: str, argument: str, values: object) -> tuple[str, ...]
         values = values.split(",")
     if not isinstance(values, Iterable):
         raise ConfigError(
-            f"{call}: {argument} must be a list of tag patterns such as ['attention', 'encoder.*']; "
-            f"got {values!r} ({type(values).__name__})."
+            f"{call}: {argument} must be a list of tag patterns such as "
+            f"['attention', 'encoder.*']; got {values!r} ({type(values).__name__})."
         )
     patterns: list[str] = []
     for value in values:
@@ -178,7 +179,7 @@ def _check_step(call: str, step: object) -> int | None:
 
 def _safe(text: str) -> str:
     """A file-name-safe version of ``text`` (letters, digits, ``_ . -``)."""
-    cleaned = _UNSAFE.sub("_", text).strip("._")
+    cleaned = _UNSAFE.sub("_", text).strip(".")
     return cleaned or "probe"
 
 
@@ -193,8 +194,10 @@ def tag_matches(pattern: str, tag: str) -> bool:
     Example:
         >>> tag_matches("model", "model.attention"), tag_matches("model.*", "model.attention")
         (True, True)
-        >>> tag_matches("*", "anything"), tag_matches("model.*", "model"), tag_matches("mod", "model")
-        (True, False, False)
+        >>> tag_matches("*", "any.tag"), tag_matches("model.*", "model")
+        (True, False)
+        >>> tag_matches("mod", "model")
+        False
     """
     return fnmatchcase(tag, pattern) or fnmatchcase(tag, pattern + ".*")
 
@@ -239,7 +242,8 @@ class _Journal:
             while True:
                 name = f"{base}_{k}{suffix}" if k else f"{base}{suffix}"
                 key = f"{namespace}:{directory}/{name}"
-                if key not in self.issued and (directory is None or not (directory / name).exists()):
+                on_disk = directory is not None and (directory / name).exists()
+                if key not in self.issued and not on_disk:
                     self.issued.add(key)
                     return name
                 k += 1
@@ -260,15 +264,21 @@ def _hydra_output_dir() -> Path | None:
     return Path(output_dir) / "probes" if output_dir else None
 
 
-def _environment_rank() -> int:
-    """The global rank from torch.distributed when initialised, else from the usual env vars."""
+def _distributed_rank() -> int | None:
+    """The rank from torch.distributed when it is imported and initialised, else None."""
     dist = sys.modules.get("torch.distributed")
-    if dist is not None:
-        try:
-            if dist.is_available() and dist.is_initialized():
-                return int(dist.get_rank())
-        except Exception:
-            pass
+    if dist is None:
+        return None
+    try:
+        if dist.is_available() and dist.is_initialized():
+            return int(dist.get_rank())
+    except Exception:
+        pass
+    return None
+
+
+def _environment_rank() -> int:
+    """The global rank from the usual launcher variables (RANK, LOCAL_RANK, ...), else 0."""
     for name in _RANK_ENV_VARS:
         value = os.environ.get(name)
         if value is not None:
@@ -290,13 +300,15 @@ class _Run:
     on_error: str = "disable"
     step: int | None = None  # None: the trainer's global_step, else 0
     journal: _Journal = field(default_factory=_Journal)
+    env_rank: int = field(default_factory=_environment_rank)  # read once, when the run starts
 
     def current_rank(self) -> int:
         if self.rank is not None:
             return self.rank
         if self.trainer is not None:
             return int(self.trainer.global_rank)
-        return _environment_rank()
+        rank = _distributed_rank()
+        return self.env_rank if rank is None else rank
 
     def rank_allowed(self) -> bool:
         return self.ranks == "all" or self.current_rank() == 0
@@ -335,6 +347,7 @@ class _State:
     switched: _Switched
     active: bool
     run: _Run
+    owner: object = None  # the _Switch that set this state (None: the environment default)
 
 
 def _parse_env(value: str) -> tuple[str, ...]:
@@ -380,7 +393,8 @@ class _Switch:
     """Switches tag patterns on in the current context until :meth:`close` (used by switches).
 
     The patterns are added to whatever is on when the switch opens. ``set_gate(False)`` keeps the
-    switch but lets no probe run (used for steps that are not due).
+    switch but lets no probe run (steps that are not due). Switches closed out of order are
+    skipped when the one above them closes, so nothing stays on after every switch is closed.
     """
 
     def __init__(
@@ -405,16 +419,18 @@ class _Switch:
         self._initial_gate = gate
         self._gate = gate
         self._token: contextvars.Token[_State] | None = None
-        self._previous: _State | None = None
+        self._outer: _State | None = None  # the ContextVar's value before open (None: unset)
+        self._closed = True
         self._on: _State | None = None
         self._off: _State | None = None
 
     @property
     def is_open(self) -> bool:
-        return self._token is not None
+        return not self._closed
 
     def open(self) -> _State:
-        outer = _current_state()
+        self._outer = _STATE.get(None)
+        outer = self._outer if self._outer is not None else _default_state
         inherited = outer.switched.patterns if outer.active else frozenset()
         outer_run = outer.run
         run = _Run(
@@ -426,34 +442,49 @@ class _Switch:
             step=self.step,
         )
         switched = _Switched(inherited | frozenset(self.patterns))
-        known_rank_blocks = self.rank is not None and self.ranks == "zero" and self.rank != 0
-        may_run = bool(switched.patterns) and not known_rank_blocks
-        self._on = _State(switched, active=may_run, run=run)
-        self._off = _State(switched, active=False, run=run)
-        self._previous = outer
+        rank_blocks = self.rank is not None and self.ranks == "zero" and self.rank != 0
+        may_run = bool(switched.patterns) and not rank_blocks
+        self._on = _State(switched, active=may_run, run=run, owner=self)
+        self._off = _State(switched, active=False, run=run, owner=self)
+        self._closed = False
         state = self._on if self._gate else self._off
         self._token = _STATE.set(state)
         return state
 
+    def _on_top(self) -> bool:
+        current = _STATE.get(None)
+        return current is not None and current.owner is self
+
     def set_gate(self, gate: bool) -> None:
-        if self._token is None or gate == self._gate:
-            self._gate = gate
+        """Let probes run (True) or not (False); ignored while a nested switch is open above."""
+        if gate == self._gate:
             return
         self._gate = gate
-        assert self._on is not None and self._off is not None
-        _STATE.set(self._on if gate else self._off)
+        if not self._closed and self._on_top():
+            assert self._on is not None and self._off is not None
+            _STATE.set(self._on if gate else self._off)
 
     def close(self) -> None:
-        token, self._token = self._token, None
-        if token is None:
+        if self._closed:
             return
-        try:
-            _STATE.reset(token)
-        except (ValueError, RuntimeError):  # closed from another context: restore by value
-            if self._previous is not None:
-                _STATE.set(self._previous)
-        self._previous = self._on = self._off = None
+        self._closed = True
         self._gate = self._initial_gate
+        if not self._on_top():
+            return  # a switch opened later is still open: it restores past this one on close
+        bottom = self  # walk down over switches below that were closed out of order
+        while bottom._outer is not None and isinstance(bottom._outer.owner, _Switch):
+            below = bottom._outer.owner
+            if not below._closed:
+                break
+            bottom = below
+        token, target = bottom._token, bottom._outer
+        if token is not None:
+            try:
+                _STATE.reset(token)
+                return
+            except (ValueError, RuntimeError):  # token made in another context, or used
+                pass
+        _STATE.set(target if target is not None else _default_state)
 
 
 # --------------------------------------------------------------------------------------------
@@ -470,7 +501,7 @@ class ProbeContext:
 
     Example:
         >>> import tempfile
-        >>> ctx = ProbeContext(probe="attn", tag="attention", step=12, output_dir=tempfile.mkdtemp())
+        >>> ctx = ProbeContext(probe="attn", tag="attn", step=12, output_dir=tempfile.mkdtemp())
         >>> ctx.path(".npy").name, ctx.path(".npy").name
         ('attn_00000012_rank0.npy', 'attn_00000012_rank0_1.npy')
     """
@@ -497,7 +528,7 @@ class ProbeContext:
         self.epoch = epoch
         self.rank = rank
         self.trainer = trainer
-        self._dir = Path(output_dir)
+        self._dir = output_dir if isinstance(output_dir, Path) else Path(output_dir)
         self._journal = _journal if _journal is not None else _Journal()
 
     def __repr__(self) -> str:
@@ -590,7 +621,7 @@ class ProbeContext:
         Example:
             >>> import tempfile
             >>> ctx = ProbeContext(probe="p", tag="t", output_dir=tempfile.mkdtemp())
-            >>> ctx.log_text("note", "hello")  # no logger attached: writes p_00000000_rank0_note.txt
+            >>> ctx.log_text("note", "hello")  # no logger: writes p_00000000_rank0_note.txt
         """
         tb, ml = self.tensorboard, self.mlflow
         if tb is not None:
@@ -683,7 +714,8 @@ def _to_hwc_uint8(image: Any, dataformats: str | None) -> np.ndarray:
     import numpy as np
 
     if hasattr(image, "detach"):  # torch.Tensor without importing torch
-        image = image.detach().float().cpu().numpy() if image.is_floating_point() else image.cpu().numpy()
+        image = image.detach()
+        image = (image.float() if image.is_floating_point() else image).cpu().numpy()
     array = np.asarray(image)
     if array.ndim == 2:
         array = array[:, :, None]
@@ -781,7 +813,7 @@ def _wants_ctx(call: str, func: Callable[..., Any]) -> bool:
         return False
     if parameter is None:
         return False
-    if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+    if parameter.kind not in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY):
         raise ConfigError(
             f"{call}: the probe's ctx parameter is {parameter.kind.description}; declare it as "
             f"keyword-only, e.g. def show(weights, *, ctx): ..."
@@ -789,7 +821,9 @@ def _wants_ctx(call: str, func: Callable[..., Any]) -> bool:
     return True
 
 
-def _run_probe(info: _ProbeInfo, state: _State, tag: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def _run_probe(
+    info: _ProbeInfo, state: _State, tag: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
     """The on path: rank policy, disabled check, context injection, error containment."""
     run = state.run
     journal = run.journal
@@ -826,7 +860,9 @@ def _run_probe(info: _ProbeInfo, state: _State, tag: str, args: tuple[Any, ...],
         return None
 
 
-def probe(*tags: str, name: str | None = None) -> Callable[[Callable[..., R]], Callable[..., R | None]]:
+def probe(
+    *tags: str, name: str | None = None
+) -> Callable[[Callable[..., R]], Callable[..., R | None]]:
     """Decorate an inspection function so that it runs only while one of ``tags`` is on.
 
     The call site stays a plain call and returns None while off. A parameter named ``ctx``
@@ -840,7 +876,8 @@ def probe(*tags: str, name: str | None = None) -> Callable[[Callable[..., R]], C
         >>> show_attention([0.1, 0.9]) is None  # nothing switched on
         True
     """
-    call = "probe(" + ", ".join(repr(t) for t in tags) + (f", name={name!r}" if name is not None else "") + ")"
+    shown = [repr(t) for t in tags] + ([f"name={name!r}"] if name is not None else [])
+    call = "probe(" + ", ".join(shown) + ")"
     checked = _check_tag_names(call, tags)
     if name is not None and (not isinstance(name, str) or not _safe(name) == name):
         raise ConfigError(
@@ -879,7 +916,6 @@ def probe(*tags: str, name: str | None = None) -> Callable[[Callable[..., R]], C
                 return None
             return _run_probe(info, state, seen[1], args, kwargs)  # type: ignore[no-any-return]
 
-        wrapper.__probe_tags__ = checked  # type: ignore[attr-defined]
         return wrapper
 
     return decorate
