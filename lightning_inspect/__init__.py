@@ -12,7 +12,9 @@ from lightning_inspect.callbacks import (
     ModuleMonitor,
     WeightMonitor,
 )
+from lightning_inspect.callbacks.probes import ProbeSwitch
 from lightning_inspect.errors import BackendError, ConfigError, InspectError, NonFiniteError, SelectionError
+from lightning_inspect.probes import ProbeContext, current_context, enabled, probe, probing
 from lightning_inspect.selection import normalise_name, select_modules
 from lightning_inspect.sinks import MemorySink, Sink
 from lightning_inspect.stats import ALL_STATS, DEFAULT_STATS, tensor_stats
@@ -31,10 +33,16 @@ __all__ = [
     "MemorySink",
     "ModuleMonitor",
     "NonFiniteError",
+    "ProbeContext",
+    "ProbeSwitch",
     "SelectionError",
     "Sink",
     "WeightMonitor",
+    "current_context",
+    "enabled",
     "normalise_name",
+    "probe",
+    "probing",
     "select_modules",
     "tensor_stats",
 ]

@@ -47,7 +47,7 @@ from lightning_inspect.keys import metric_key
 from lightning_inspect.recorder import HostRecord, StepCoordinator, StepRecord
 from lightning_inspect.schedule import Schedule
 from lightning_inspect.selection import select_modules
-from lightning_inspect.sinks import Sink, check_backends, resolve_sinks
+from lightning_inspect.sinks import Sink, check_backends, close_sinks, resolve_sinks
 from lightning_inspect.stats import ALL_STATS, DEFAULT_STATS, FIELDS, histogram, summarise
 
 NONFINITE_ACTIONS = ("ignore", "warn", "raise")
@@ -194,14 +194,10 @@ class ModuleMonitor(Callback):
         self._close()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._close()
+        self._shutdown()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._close()
-        if self._coordinator is not None:
-            self._coordinator.leave(self)
-            self._coordinator = None
-        self._active = False
+        self._shutdown()
 
     # -- subclass interface -----------------------------------------------------------------
 
@@ -313,6 +309,18 @@ class ModuleMonitor(Callback):
             f"{self._owner}: {len(names)} {what} selected, every {self.schedule.every_n_steps} steps "
             f"-> {backends}: {shown}"
         )
+
+    def _shutdown(self) -> None:
+        """End of fit (normal or not): publish, flush, stop the backends' workers, forget the Trainer."""
+        if not self._active:
+            return
+        self._close()
+        close_sinks(self.sinks)
+        self.sinks = []
+        if self._coordinator is not None:
+            self._coordinator.leave(self)
+            self._coordinator = None
+        self._active = False
 
     def _close(self) -> None:
         self._recording = False

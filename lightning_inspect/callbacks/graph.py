@@ -15,7 +15,7 @@ from lightning_inspect._checks import check_bool
 from lightning_inspect.hooks import HookSet, InertWhenCopied, suspended
 from lightning_inspect.outputs import iter_tensors
 from lightning_inspect.selection import normalise_name
-from lightning_inspect.sinks import Sink, check_backends, resolve_sinks
+from lightning_inspect.sinks import Sink, check_backends, close_sinks, resolve_sinks
 from lightning_inspect.sinks.tensorboard import TensorBoardSink
 
 STRUCTURE_KEY = "model/structure"
@@ -117,12 +117,13 @@ class GraphMonitor(Callback):
         self._inputs = None
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._hooks.remove()
-        self._inputs = None
+        self.teardown(trainer, pl_module, "fit")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._hooks.remove()
         self._inputs = None
+        close_sinks(self.sinks)
+        self.sinks = []
 
     def _log_graph(self) -> None:
         writers = [s.inner.writer for s in self.sinks if isinstance(getattr(s, "inner", s), TensorBoardSink)]

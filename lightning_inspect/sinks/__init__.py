@@ -15,6 +15,7 @@ from typing import Any
 
 from lightning_inspect._checks import suggestion
 from lightning_inspect.errors import BackendError, ConfigError
+from lightning_inspect.sinks.background import BackgroundSink
 from lightning_inspect.sinks.base import GuardedSink, Sink
 from lightning_inspect.sinks.memory import MemorySink
 from lightning_inspect.sinks.mlflow import MlflowSink
@@ -22,7 +23,15 @@ from lightning_inspect.sinks.tensorboard import TensorBoardSink
 
 BACKENDS = ("tensorboard", "mlflow")
 
-__all__ = ["BACKENDS", "GuardedSink", "MemorySink", "MlflowSink", "Sink", "TensorBoardSink", "resolve_sinks", "check_backends"]
+__all__ = ["BACKENDS", "BackgroundSink", "GuardedSink", "MemorySink", "MlflowSink", "Sink", "TensorBoardSink", "check_backends", "close_sinks", "resolve_sinks"]
+
+
+def close_sinks(sinks: Sequence[Any]) -> None:
+    """Stop the background workers of ``sinks`` (after what they queued)."""
+    for sink in sinks:
+        close = getattr(sink, "close", None)
+        if close is not None:
+            close()
 
 
 def check_backends(owner: str, backends: Any) -> tuple[str | Sink, ...] | None:
@@ -58,7 +67,7 @@ def available_sinks(trainer: Any, owner: str) -> dict[str, Sink]:
 
 
 def resolve_sinks(trainer: Any, backends: Sequence[str | Sink] | None, owner: str) -> list[Sink]:
-    """The guarded sinks a monitor writes to.
+    """The guarded sinks a monitor writes to (MLflow's on a background thread).
 
     ``None`` means every supported logger attached to the Trainer. A requested backend name with
     no matching logger raises :class:`~lightning_inspect.errors.BackendError`. Sink objects are
@@ -83,4 +92,4 @@ def resolve_sinks(trainer: Any, backends: Sequence[str | Sink] | None, owner: st
                 chosen.append(found[item])
             else:
                 chosen.append(item)
-    return [GuardedSink(s) for s in chosen]
+    return [BackgroundSink(s) if isinstance(s, MlflowSink) else GuardedSink(s) for s in chosen]

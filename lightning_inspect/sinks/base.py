@@ -11,6 +11,7 @@ Example:
 from __future__ import annotations
 
 import json
+from collections import deque
 import math
 import os
 import tempfile
@@ -45,14 +46,18 @@ class GuardedSink:
     """Wraps a sink so that a failing backend warns once and never stops training.
 
     What the backend refused is appended, as JSON lines, to a fallback file whose path the
-    warning names; later calls try the backend again.
+    warning names, and kept (the last ``max_retained`` calls) to be sent again, in order, as soon
+    as the backend accepts a call again.
     """
 
-    def __init__(self, inner: Sink, fallback_dir: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self, inner: Sink, fallback_dir: str | os.PathLike[str] | None = None, max_retained: int = 10_000
+    ) -> None:
         self.inner = inner
         self.name = inner.name
         self._fallback_dir = Path(fallback_dir) if fallback_dir else Path(tempfile.gettempdir())
         self._warned = False
+        self._retained: deque[tuple[str, tuple[Any, ...]]] = deque(maxlen=max_retained)
         self.failures = 0
 
     @property
@@ -66,15 +71,29 @@ class GuardedSink:
         except Exception as exc:  # a backend fault must never reach the training loop
             self.failures += 1
             self._save(method, payload)
+            if method != "flush":
+                self._retained.append((method, args))
             if not self._warned:
                 self._warned = True
                 warnings.warn(
                     f"lightning-inspect: the {self.name} backend failed ({type(exc).__name__}: {exc}). "
                     f"Training continues; values it refused are written to {self.fallback_path} "
-                    "and later values are still offered to it.",
+                    "and sent again once it accepts values again.",
                     RuntimeWarning,
                     stacklevel=3,
                 )
+            return
+        self._resend()
+
+    def _resend(self) -> None:
+        """Send the retained calls again, oldest first, until one fails."""
+        while self._retained:
+            method, args = self._retained[0]
+            try:
+                getattr(self.inner, method)(*args)
+            except Exception:
+                return
+            self._retained.popleft()
 
     def _save(self, method: str, payload: dict[str, Any]) -> None:
         try:

@@ -1,0 +1,142 @@
+"""A real MLflow server that dies mid-run: one warning, training goes on, nothing is lost."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import warnings
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+
+from lightning_inspect import ActivationMonitor
+
+KILL_AT_STEP = 3
+RESTART_AT_STEP = 6
+STEPS = 9
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class MlflowServer:
+    """``mlflow server`` on loopback, started and stopped by the test."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        mlflow = str(Path(sys.executable).with_name("mlflow"))
+        self.proc = subprocess.Popen(
+            [mlflow, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.root}/server.db",
+             "--artifacts-destination", str(self.root / "artifacts")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        self.stop()
+        raise RuntimeError("mlflow server did not start within 90 s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+        self.proc = None
+
+
+class ServerOutage(Callback):
+    """Kills the server before step KILL_AT_STEP and brings it back before RESTART_AT_STEP."""
+
+    def __init__(self, server: MlflowServer) -> None:
+        self.server = server
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == KILL_AT_STEP and self.server.proc is not None:
+            self.server.stop()
+        if trainer.global_step == RESTART_AT_STEP and self.server.proc is None:
+            self.server.start()
+
+
+class Net(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def training_step(self, batch, batch_idx):
+        return self.fc(batch[0]).square().mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+@pytest.mark.slow
+def test_mlflow_server_outage_warns_once_and_loses_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Users of a remote tracking server set these; here they keep a dead server from stalling the test.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    server = MlflowServer(tmp_path)
+    server.start()
+    try:
+        mlflow_logger = MLFlowLogger(tracking_uri=server.url, experiment_name="outage")
+        trainer = L.Trainer(
+            max_steps=STEPS, accelerator="cpu", log_every_n_steps=1000,
+            logger=[TensorBoardLogger(tmp_path / "tb", name="", version=""), mlflow_logger],
+            callbacks=[ServerOutage(server), ActivationMonitor(every_n_steps=1, stats=["mean"])],
+            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        )
+        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 4)), batch_size=4)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(Net(), data)
+        ours = [w for w in caught if "lightning-inspect: the mlflow backend failed" in str(w.message)]
+        assert len(ours) == 1, [str(w.message) for w in caught]
+        fallback = Path(str(ours[0].message).split("written to ")[1].split(" and sent again")[0])
+        assert fallback.exists()
+
+        # TensorBoard received every step, outage or not.
+        events = glob.glob(str(tmp_path / "tb" / "events.out.tfevents.*"))
+        acc = EventAccumulator(events[0], size_guidance={"scalars": 0})
+        acc.Reload()
+        assert [e.step for e in acc.Scalars("activations/fc/mean")] == list(range(STEPS))
+
+        # The fallback file names what the outage refused; once the server was back, it was re-sent:
+        # the server holds every step.
+        from mlflow.tracking import MlflowClient
+
+        refused = set()
+        for line in fallback.read_text().splitlines():
+            record = json.loads(line)
+            if record["call"] == "log_scalars" and "activations/fc/mean" in record["values"]:
+                refused.add(record["step"])
+        assert refused, "the outage must have refused some steps"
+        history = MlflowClient(server.url).get_metric_history(mlflow_logger.run_id, "activations/fc/mean")
+        assert sorted(m.step for m in history) == list(range(STEPS))
+    finally:
+        server.stop()
