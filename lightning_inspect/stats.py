@@ -9,7 +9,7 @@ The work is split in two halves so that a logging step costs one device-to-host 
   rows of one key (a module called several times, gradient accumulation, several ranks) and
   :func:`summarise` / :func:`histogram` turn a row into the statistics users see.
 
-Statistics are computed in float32 over the finite values (NaN and Inf are counted, not used),
+Statistics are computed in float32 (float64 tensors in float64) over the finite values (NaN and Inf are counted, not used),
 except ``zero_fraction`` which is over all elements. ``std`` is the population standard deviation
 (``ddof=0``), computed from centred sums so it stays exact when ``|mean| >> std``.
 
@@ -66,11 +66,12 @@ def row_length(bins: int) -> int:
     return N_FIELDS + bins
 
 
-def _as_float32_vector(x: torch.Tensor) -> torch.Tensor:
+def _as_float_vector(x: torch.Tensor) -> torch.Tensor:
+    """``x`` flattened as float32 (float64 stays float64, so its range and precision are kept)."""
     x = x.detach()
     if x.is_complex():
         x = torch.view_as_real(x)
-    if x.dtype != torch.float32:
+    if x.dtype not in (torch.float32, torch.float64):
         x = x.to(torch.float32)
     return x.reshape(-1)
 
@@ -85,10 +86,13 @@ def empty_row(bins: int, device: torch.device | str = "cpu") -> torch.Tensor:
 
 @torch.no_grad()
 def reduce_tensor(x: torch.Tensor, bins: int = 64) -> torch.Tensor:
-    """Reduce ``x`` to one float64 row on its own device, without synchronising.
+    """Reduce ``x`` to one float64 row on its own device, without synchronising an accelerator.
 
     Works for any dtype (bf16, fp16, integers, bool are read as float32; complex as its real and
     imaginary parts), any shape, empty tensors and tensors holding NaN or Inf.
+
+    On the CPU, where reading a value costs no transfer, a tensor whose sum is finite (so every
+    element is) takes a shorter path without masks; everywhere else the reduction is branch-free.
 
     Args:
         x: the tensor; it is never modified.
@@ -97,55 +101,100 @@ def reduce_tensor(x: torch.Tensor, bins: int = 64) -> torch.Tensor:
     Returns:
         ``[count, finite, sum, m2, sumsq, abs_sum, min, max, zeros, nan, inf, *counts]`` where
         ``m2`` is the sum of squared deviations from the mean of the finite values, ``sumsq`` the
-        sum of their squares, and ``counts`` are the
-        numbers of finite values in ``bins`` equal-width bins spanning ``[min, max]``.
+        sum of their squares, and ``counts`` are the numbers of finite values in ``bins``
+        equal-width bins spanning ``[min, max]``.
     """
-    v = _as_float32_vector(x)
+    v = _as_float_vector(x)
     n = v.numel()
     if n == 0:
         return empty_row(bins, v.device)
+    if v.device.type == "cpu":
+        total = v.sum()
+        if math.isfinite(total.item()):
+            return _reduce_finite_on_cpu(v, total, bins)
+    return _reduce_any(v, bins)
+
+
+# Second moments are summed over values divided by the largest magnitude, then scaled back in
+# float64: squares of large (~1e30) or tiny (~1e-25) float32 values neither overflow nor vanish.
+
+
+def _reduce_finite_on_cpu(v: torch.Tensor, total: torch.Tensor, bins: int) -> torch.Tensor:
+    """The row of a CPU vector known to hold finite values only."""
+    n = v.numel()
+    lo, hi = torch.aminmax(v)
+    lo_f, hi_f = lo.item(), hi.item()
+    scale = max(abs(lo_f), abs(hi_f)) or 1.0
+    scaled = v / scale
+    centred = scaled - scaled.sum() / n
+    head = [
+        float(n),
+        float(n),
+        total.item(),
+        torch.dot(centred, centred).item() * scale * scale,
+        torch.dot(scaled, scaled).item() * scale * scale,
+        v.abs().sum().item(),
+        lo_f,
+        hi_f,
+        float(n - torch.count_nonzero(v).item()),
+        0.0,
+        0.0,
+    ]
+    row = torch.tensor(head, dtype=torch.float64)
+    if bins <= 0:
+        return row
+    counts = _histogram_counts(scaled, None, lo / scale, hi / scale, bins)
+    return torch.cat([row, counts.to(torch.float64)])
+
+
+def _reduce_any(v: torch.Tensor, bins: int) -> torch.Tensor:
+    """The row of any vector, on its device, without a host round trip."""
+    f64 = torch.float64
+    n = v.numel()
     finite = torch.isfinite(v)
     n_finite = torch.count_nonzero(finite)
     n_nan = torch.count_nonzero(torch.isnan(v))
     zeros_only = torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
-    total = zeros_only.sum()
-    sumsq = torch.dot(zeros_only, zeros_only)
-    abs_sum = zeros_only.abs().sum()
-    mean = total / n_finite.clamp(min=1)
-    # Non-finite entries replaced by the mean: they then drop out of the centred sum of squares
-    # and cannot stretch min/max, since the mean lies within the finite range.
-    mean_filled = torch.where(finite, v, mean)
-    lo, hi = torch.aminmax(mean_filled)
-    centred = mean_filled - mean
-    m2 = torch.dot(centred, centred)
-    zeros = n - torch.count_nonzero(v)
+    lo = torch.nan_to_num(v, nan=math.inf, neginf=math.inf).amin()  # +inf when nothing is finite
+    hi = torch.nan_to_num(v, nan=-math.inf, posinf=-math.inf).amax()
+    scale = torch.maximum(lo.abs(), hi.abs())
+    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
+    scaled = zeros_only / scale
+    mean_scaled = scaled.sum() / n_finite.clamp(min=1)
+    centred = torch.where(finite, scaled - mean_scaled, 0.0)
+    scale2 = scale.to(f64) ** 2
     head = torch.stack(
         [
-            torch.tensor(float(n), dtype=torch.float64, device=v.device),
-            n_finite.to(torch.float64),
-            total.to(torch.float64),
-            m2.to(torch.float64),
-            sumsq.to(torch.float64),
-            abs_sum.to(torch.float64),
-            lo.to(torch.float64),
-            hi.to(torch.float64),
-            torch.as_tensor(zeros).to(torch.float64),
-            n_nan.to(torch.float64),
-            (n - n_finite - n_nan).to(torch.float64),
+            torch.tensor(float(n), dtype=f64, device=v.device),
+            n_finite.to(f64),
+            zeros_only.sum(dtype=f64),
+            torch.dot(centred, centred).to(f64) * scale2,
+            torch.dot(scaled, scaled).to(f64) * scale2,
+            zeros_only.abs().sum(dtype=f64),
+            lo.to(f64),
+            hi.to(f64),
+            (n - torch.count_nonzero(v)).to(f64),
+            n_nan.to(f64),
+            (n - n_finite - n_nan).to(f64),
         ]
     )
     if bins <= 0:
         return head
-    counts = _histogram_counts(mean_filled, finite, lo, hi, bins)
-    return torch.cat([head, counts.to(torch.float64)])
+    counts = _histogram_counts(scaled, finite, lo / scale, hi / scale, bins)
+    return torch.cat([head, counts.to(f64)])
 
 
 def _histogram_counts(
-    v: torch.Tensor, finite: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int
+    v: torch.Tensor, finite: torch.Tensor | None, lo: torch.Tensor, hi: torch.Tensor, bins: int
 ) -> torch.Tensor:
-    """Counts of finite values of ``v`` in ``bins`` equal bins over ``[lo, hi]``, on the device."""
-    fraction = (v - lo) / (hi - lo).clamp(min=torch.finfo(torch.float32).tiny)  # in [0, 1]
+    """Counts of the (finite) values of ``v`` in ``bins`` equal bins over ``[lo, hi]``, on the device.
+
+    ``finite`` masks the entries to count (``None``: all of them).
+    """
+    fraction = (v - lo) / (hi - lo).clamp(min=torch.finfo(v.dtype).tiny)  # in [0, 1]
     index = fraction.mul_(bins).floor_().clamp_(0, bins - 1)
+    if finite is None:
+        return torch.bincount(index.to(torch.int32), minlength=bins)
     index = torch.where(finite, index, float(bins)).to(torch.int32)  # non-finite -> overflow bin
     return torch.bincount(index, minlength=bins + 1)[:bins]
 
