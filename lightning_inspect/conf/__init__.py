@@ -1,0 +1,1 @@
+"""Hydra configs shipped with lightning-inspect: the ``inspect`` group (``pkg://lightning_inspect.conf``)."""
