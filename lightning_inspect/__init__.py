@@ -12,7 +12,11 @@ from lightning_inspect.callbacks import (
     ModuleMonitor,
     WeightMonitor,
 )
+from lightning_inspect.callbacks.health import HealthMonitor
 from lightning_inspect.callbacks.probes import ProbeSwitch
+from lightning_inspect.callbacks.shapes import ShapeTracer
+from lightning_inspect.diagnostics import Finding, HealthReport, HealthRules, HealthThresholds
+from lightning_inspect.health_nonfinite import FirstNonFiniteError, NonFiniteOrigin
 from lightning_inspect.errors import BackendError, ConfigError, InspectError, NonFiniteError, SelectionError
 from lightning_inspect.probes import ProbeContext, current_context, enabled, probe, probing
 from lightning_inspect.selection import normalise_name, select_modules
@@ -23,19 +27,27 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ALL_STATS",
-    "DEFAULT_STATS",
     "ActivationMonitor",
     "BackendError",
     "ConfigError",
+    "DEFAULT_STATS",
+    "Finding",
+    "FirstNonFiniteError",
     "GradientMonitor",
     "GraphMonitor",
+    "HealthMonitor",
+    "HealthReport",
+    "HealthRules",
+    "HealthThresholds",
     "InspectError",
     "MemorySink",
     "ModuleMonitor",
     "NonFiniteError",
+    "NonFiniteOrigin",
     "ProbeContext",
     "ProbeSwitch",
     "SelectionError",
+    "ShapeTracer",
     "Sink",
     "WeightMonitor",
     "current_context",

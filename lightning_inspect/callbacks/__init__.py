@@ -4,6 +4,18 @@ from lightning_inspect.callbacks.activations import ActivationMonitor
 from lightning_inspect.callbacks.base import ModuleMonitor
 from lightning_inspect.callbacks.gradients import GradientMonitor
 from lightning_inspect.callbacks.graph import GraphMonitor
+from lightning_inspect.callbacks.health import HealthMonitor
+from lightning_inspect.callbacks.probes import ProbeSwitch
+from lightning_inspect.callbacks.shapes import ShapeTracer
 from lightning_inspect.callbacks.weights import WeightMonitor
 
-__all__ = ["ActivationMonitor", "GradientMonitor", "GraphMonitor", "ModuleMonitor", "WeightMonitor"]
+__all__ = [
+    "ActivationMonitor",
+    "GradientMonitor",
+    "GraphMonitor",
+    "HealthMonitor",
+    "ModuleMonitor",
+    "ProbeSwitch",
+    "ShapeTracer",
+    "WeightMonitor",
+]
