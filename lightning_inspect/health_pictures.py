@@ -103,8 +103,8 @@ def publish_image(sinks: Sequence[Any], key: str, image: np.ndarray, step: int, 
         inner = unwrap_sink(sink)
         name = getattr(inner, "name", type(inner).__name__)
         try:
-            if hasattr(inner, "log_image"):
-                inner.log_image(key, image, step)
+            if hasattr(sink, "log_image"):  # the library's sinks: guarded, MLflow off the training thread
+                sink.log_image(key, image, step)
             elif isinstance(inner, TensorBoardSink):
                 inner.writer.add_image(key, image, global_step=step, dataformats="HWC")
             elif isinstance(inner, MlflowSink):

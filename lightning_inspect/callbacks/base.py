@@ -41,7 +41,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_inspect._checks import as_str_list, check_bool, check_choice, check_choices, check_positive_int
 from lightning_inspect.callbacks._module_hooks import OutputHook
-from lightning_inspect.errors import NonFiniteError
+from lightning_inspect.errors import InspectError, NonFiniteError
 from lightning_inspect.hooks import HookSet
 from lightning_inspect.keys import metric_key
 from lightning_inspect.recorder import HostRecord, StepCoordinator, StepRecord
@@ -249,6 +249,8 @@ class ModuleMonitor(Callback):
     def _guarded(self, fn: Any, *args: Any) -> None:
         try:
             fn(*args)
+        except InspectError:
+            raise  # the library's own decisions (e.g. stop at a NaN) go through
         except Exception as exc:  # inspection must never stop training
             self._hook_fault(getattr(fn, "__name__", "a step"), exc)
 

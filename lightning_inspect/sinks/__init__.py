@@ -50,7 +50,7 @@ def check_backends(owner: str, backends: Any) -> tuple[str | Sink, ...] | None:
             raise ConfigError(
                 f"{owner}(backends={backends!r}): expected backend names {list(BACKENDS)} or Sink objects, got {item!r}."
             )
-    return tuple(items)
+    return tuple(dict.fromkeys(items))  # a backend named twice is written once
 
 
 def available_sinks(trainer: Any, owner: str) -> dict[str, Sink]:

@@ -24,6 +24,8 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from lightning_inspect.sinks.base import GuardedSink, Sink
 from lightning_inspect.stats import Histogram
 
@@ -75,6 +77,9 @@ class BackgroundSink:
 
     def log_text(self, key: str, text: str, step: int) -> None:
         self._put("log_text", key, text, step)
+
+    def log_image(self, key: str, image: np.ndarray, step: int) -> None:
+        self._put("log_image", key, image, step)
 
     def flush(self) -> None:
         """Send everything queued and the backend's own flush; wait at most ``flush_timeout_s``."""

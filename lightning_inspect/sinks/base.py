@@ -20,12 +20,18 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
+
 from lightning_inspect.stats import Histogram
 
 
 @runtime_checkable
 class Sink(Protocol):
-    """Where reduced values go. Implementations must be cheap to call once per logging step."""
+    """Where reduced values go. Implementations must be cheap to call once per logging step.
+
+    A sink may also have ``log_image(key, image, step)`` (height x width x 3 uint8 pictures);
+    sinks without it are skipped for pictures.
+    """
 
     name: str
 
@@ -113,8 +119,13 @@ class GuardedSink:
     def log_text(self, key: str, text: str, step: int) -> None:
         self._call("log_text", {"step": step, "key": key, "text": text}, key, text, step)
 
+    def log_image(self, key: str, image: np.ndarray, step: int) -> None:
+        if not hasattr(self.inner, "log_image"):
+            return
+        self._call("log_image", {"step": step, "key": key, "shape": list(image.shape)}, key, image, step)
+
     def flush(self) -> None:
-        self._call("flush", {}, )
+        self._call("flush", {})
 
 
 def _histogram_json(h: Histogram) -> dict[str, Any]:

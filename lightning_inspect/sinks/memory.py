@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
+
 from lightning_inspect.stats import Histogram
 
 
@@ -23,6 +25,7 @@ class MemorySink:
         self.scalars: dict[str, list[tuple[int, float]]] = {}
         self.histograms: dict[str, list[tuple[int, Histogram]]] = {}
         self.texts: dict[str, list[tuple[int, str]]] = {}
+        self.images: dict[str, list[tuple[int, np.ndarray]]] = {}
         self.flushes = 0
 
     def log_scalars(self, values: Mapping[str, float], step: int) -> None:
@@ -35,6 +38,9 @@ class MemorySink:
 
     def log_text(self, key: str, text: str, step: int) -> None:
         self.texts.setdefault(key, []).append((step, text))
+
+    def log_image(self, key: str, image: np.ndarray, step: int) -> None:
+        self.images.setdefault(key, []).append((step, image))
 
     def flush(self) -> None:
         self.flushes += 1

@@ -65,6 +65,10 @@ class MlflowSink:
     def log_text(self, key: str, text: str, step: int) -> None:
         self.client.log_text(self.run_id, text, f"{ARTIFACT_ROOT}/{self.keys(key)}.md")
 
+    def log_image(self, key: str, image: np.ndarray, step: int) -> None:
+        """The picture as ``lightning_inspect/<key>.png`` (a later picture of the key replaces it)."""
+        self.client.log_image(self.run_id, image, artifact_file=f"{ARTIFACT_ROOT}/{self.keys(key)}.png")
+
     def flush(self) -> None:
         if not self._dirty:
             return

@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from lightning_inspect.stats import Histogram
 
 
@@ -47,6 +49,9 @@ class TensorBoardSink:
 
     def log_text(self, key: str, text: str, step: int) -> None:
         self.writer.add_text(key, text, global_step=step)
+
+    def log_image(self, key: str, image: np.ndarray, step: int) -> None:
+        self.writer.add_image(key, image, global_step=step, dataformats="HWC")
 
     def flush(self) -> None:
         self.writer.flush()
