@@ -6,6 +6,7 @@ from lightning_inspect.callbacks.gradients import GradientMonitor
 from lightning_inspect.callbacks.graph import GraphMonitor
 from lightning_inspect.callbacks.health import HealthMonitor
 from lightning_inspect.callbacks.probes import ProbeSwitch
+from lightning_inspect.callbacks.run_record import RunRecord
 from lightning_inspect.callbacks.shapes import ShapeTracer
 from lightning_inspect.callbacks.weights import WeightMonitor
 
@@ -16,6 +17,7 @@ __all__ = [
     "HealthMonitor",
     "ModuleMonitor",
     "ProbeSwitch",
+    "RunRecord",
     "ShapeTracer",
     "WeightMonitor",
 ]
