@@ -9,18 +9,18 @@ from lightning_inspect.callbacks import (
     ActivationMonitor,
     GradientMonitor,
     GraphMonitor,
+    HealthMonitor,
     ModuleMonitor,
+    ProbeSwitch,
+    RunRecord,
+    ShapeTracer,
     WeightMonitor,
 )
-from lightning_inspect.callbacks.health import HealthMonitor
-from lightning_inspect.callbacks.probes import ProbeSwitch
-from lightning_inspect.callbacks.run_record import RunRecord
-from lightning_inspect.callbacks.shapes import ShapeTracer
 from lightning_inspect.diagnostics import Finding, HealthReport, HealthRules, HealthThresholds
-from lightning_inspect.health_nonfinite import FirstNonFiniteError, NonFiniteOrigin
 from lightning_inspect.errors import BackendError, ConfigError, InspectError, NonFiniteError, SelectionError
-from lightning_inspect.run_record import RecordInit, construction_record, record_init
+from lightning_inspect.health_nonfinite import FirstNonFiniteError, NonFiniteOrigin
 from lightning_inspect.probes import ProbeContext, current_context, enabled, probe, probing
+from lightning_inspect.run_record import RecordInit, construction_record, record_init
 from lightning_inspect.selection import normalise_name, select_modules
 from lightning_inspect.sinks import MemorySink, Sink
 from lightning_inspect.stats import ALL_STATS, DEFAULT_STATS, tensor_stats
