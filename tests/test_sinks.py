@@ -1,0 +1,304 @@
+"""Sinks: TensorBoard and MLflow read back from their stores; the guard and background wrappers."""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import threading
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PlainMLP, loader, make_trainer, mlflow_history, read_tb
+from lightning_inspect import ActivationMonitor, BackendError, ConfigError, MemorySink, WeightMonitor
+from lightning_inspect.sinks import (
+    BackgroundSink,
+    GuardedSink,
+    MlflowSink,
+    Sink,
+    TensorBoardSink,
+    check_backends,
+    resolve_sinks,
+)
+from lightning_inspect.stats import Histogram, histogram, reduce_tensor
+
+
+def make_histogram(x: torch.Tensor, bins: int = 8) -> Histogram:
+    h = histogram(reduce_tensor(x, bins=bins).numpy())
+    assert h is not None
+    return h
+
+
+class FailingSink:
+    name = "flaky"
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def _fail(self, *args: Any) -> None:
+        self.calls += 1
+        raise ConnectionError("backend unreachable")
+
+    log_scalars = log_histograms = log_text = flush = _fail
+
+
+def _runtime_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+# ------------------------------------------------------------------------------------------
+# GuardedSink
+# ------------------------------------------------------------------------------------------
+
+
+def test_guarded_sink_warns_once_and_saves_what_was_refused(tmp_path: Path) -> None:
+    inner = FailingSink()
+    sink = GuardedSink(inner, fallback_dir=tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sink.log_scalars({"weights/w/mean": 0.5, "weights/w/nan_count": math.nan}, step=3)
+        sink.log_histograms({"weights/w": make_histogram(torch.arange(4.0), bins=4)}, step=3)
+        sink.log_text("model/structure", "| a | b |", step=0)
+        sink.flush()
+        sink.log_scalars({"weights/w/mean": 0.25}, step=4)
+    messages = _runtime_warnings(caught)
+    assert len(messages) == 1
+    assert str(sink.fallback_path) in messages[0] and "ConnectionError" in messages[0]
+    assert sink.fallback_path.parent == tmp_path
+    assert inner.calls == 5 and sink.failures == 5  # every call still offered to the backend
+    lines = [json.loads(line) for line in sink.fallback_path.read_text().splitlines()]
+    assert [line["call"] for line in lines] == ["log_scalars", "log_histograms", "log_text", "flush", "log_scalars"]
+    assert lines[0]["step"] == 3 and lines[0]["values"]["weights/w/mean"] == 0.5
+    assert math.isnan(lines[0]["values"]["weights/w/nan_count"])
+    assert lines[1]["histograms"]["weights/w"]["counts"] == [1.0, 1.0, 1.0, 1.0]
+    assert lines[2]["text"] == "| a | b |"
+    assert lines[4] == {"call": "log_scalars", "step": 4, "values": {"weights/w/mean": 0.25}}
+
+
+def test_guarded_sink_passes_through() -> None:
+    inner = MemorySink()
+    sink = GuardedSink(inner)
+    sink.log_scalars({"a": 1.0}, 0)
+    sink.log_text("t", "x", 1)
+    sink.flush()
+    assert inner.scalars == {"a": [(0, 1.0)]} and inner.texts == {"t": [(1, "x")]} and inner.flushes == 1
+    assert sink.failures == 0
+
+
+def test_failing_backend_during_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    flaky = FailingSink()
+    monitor = ActivationMonitor(modules=["net.0"], every_n_steps=1, backends=[flaky], histograms=False)
+    trainer = make_trainer(3, callbacks=[monitor])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(PlainMLP(), loader())
+    assert trainer.global_step == 3
+    messages = _runtime_warnings(caught)
+    assert len(messages) == 1, messages
+    [path] = list(tmp_path.glob("lightning_inspect_unsent_flaky_*.jsonl"))
+    assert str(path) in messages[0]
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    steps = [line["step"] for line in lines if line["call"] == "log_scalars"]
+    assert steps == [0, 1, 2]
+    assert all("activations/net.0/mean" in line["values"] for line in lines if line["call"] == "log_scalars")
+
+
+# ------------------------------------------------------------------------------------------
+# MemorySink, TensorBoardSink
+# ------------------------------------------------------------------------------------------
+
+
+def test_memory_sink() -> None:
+    sink = MemorySink()
+    assert isinstance(sink, Sink)
+    sink.log_scalars({"a": 1, "b": 2.0}, step=0)
+    sink.log_scalars({"a": 3.0}, step=5)
+    h = make_histogram(torch.ones(3))
+    sink.log_histograms({"h": h}, step=5)
+    assert sink.steps("a") == [0, 5] and sink.last("a") == 3.0 and sink.scalars["b"] == [(0, 2.0)]
+    assert sink.histograms["h"] == [(5, h)]
+
+
+def test_tensorboard_sink_round_trip(tmp_path: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path))
+    sink = TensorBoardSink(writer)
+    x = torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0, math.nan, math.inf], dtype=torch.bfloat16)
+    h = make_histogram(x, bins=4)
+    sink.log_scalars({"activations/fc/mean": 0.125, "activations/fc/nan_count": 1.0}, step=7)
+    sink.log_histograms({"activations/fc": h}, step=7)
+    sink.log_text("model/structure", "**Net**", step=0)
+    sink.flush()
+    writer.close()
+    tb = read_tb(tmp_path)
+    assert tb.scalars("activations/fc/mean") == [(7, 0.125)]
+    [event] = tb.histograms("activations/fc")
+    v = event.histogram_value
+    assert event.step == 7
+    assert (v.min, v.max, v.num, v.sum, v.sum_squares) == (0.0, 4.0, 5.0, 10.0, 30.0)
+    assert list(v.bucket_limit) == [1.0, 2.0, 3.0, 4.0]
+    assert list(v.bucket) == [1.0, 1.0, 1.0, 2.0]
+    [text] = tb.acc.Tensors("model/structure/text_summary")
+    assert text.tensor_proto.string_val[0].decode() == "**Net**"
+
+
+# ------------------------------------------------------------------------------------------
+# MlflowSink and BackgroundSink
+# ------------------------------------------------------------------------------------------
+
+
+def test_mlflow_sink_metrics_histograms_and_text(mlflow_logger, mlflow_client, tmp_path: Path) -> None:
+    run_id = mlflow_logger.run_id
+    sink = MlflowSink(mlflow_client, run_id, owner="TestMonitor")
+    many = {f"weights/p{i}/mean": float(i) for i in range(1203)}  # more than one log_batch
+    many["activations/blocks[0]/mean"] = -1.0
+    many["activations/nan/mean"] = math.nan
+    sink.log_scalars(many, step=2)
+    sink.log_scalars({"weights/p0/mean": 10.0}, step=4)
+    g = torch.Generator().manual_seed(0)
+    for step in (2, 4):
+        sink.log_histograms({"activations/fc": make_histogram(torch.randn(50, generator=g) + step)}, step=step)
+    sink.log_text("model/structure", "**Net**", step=0)
+    sink.flush()
+
+    assert mlflow_history(mlflow_client, run_id, "weights/p0/mean") == [(2, 0.0), (4, 10.0)]
+    assert mlflow_history(mlflow_client, run_id, "weights/p1202/mean") == [(2, 1202.0)]
+    assert mlflow_history(mlflow_client, run_id, "activations/blocks_0_/mean") == [(2, -1.0)]
+    assert math.isnan(mlflow_history(mlflow_client, run_id, "activations/nan/mean")[0][1])
+    run = mlflow_client.get_run(run_id)
+    assert len([k for k in run.data.metrics if k.startswith("weights/p")]) == 1203
+
+    out = tmp_path / "dl"
+    out.mkdir()
+    spool = mlflow_client.download_artifacts(run_id, "lightning_inspect/histograms/TestMonitor.jsonl", str(out))
+    lines = [json.loads(line) for line in Path(spool).read_text().splitlines()]
+    assert [(d["key"], d["step"], sum(d["counts"])) for d in lines] == [("activations/fc", 2, 50), ("activations/fc", 4, 50)]
+    png = mlflow_client.download_artifacts(run_id, "lightning_inspect/histograms/activations/fc.png", str(out))
+    assert Path(png).read_bytes()[:4] == b"\x89PNG"
+    md = mlflow_client.download_artifacts(run_id, "lightning_inspect/model/structure.md", str(out))
+    assert Path(md).read_text() == "**Net**"
+
+
+class SlowRecordingSink(MemorySink):
+    name = "slow"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: set[str] = set()
+
+    def log_scalars(self, values: Mapping[str, float], step: int) -> None:
+        self.threads.add(threading.current_thread().name)
+        super().log_scalars(values, step)
+
+
+def test_background_sink_keeps_order_and_flush_waits() -> None:
+    inner = SlowRecordingSink()
+    sink = BackgroundSink(inner)
+    for step in range(200):
+        sink.log_scalars({"k": float(step)}, step)
+    sink.flush()
+    assert inner.steps("k") == list(range(200))
+    assert inner.flushes == 1
+    assert threading.current_thread().name not in inner.threads
+    sink.close()
+    assert not sink._worker.is_alive()
+
+
+def test_background_sink_over_failing_backend(tmp_path: Path) -> None:
+    sink = BackgroundSink(GuardedSink(FailingSink(), fallback_dir=tmp_path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sink.log_scalars({"k": 1.0}, 0)
+        sink.log_scalars({"k": 2.0}, 1)
+        sink.flush()
+        sink.close()
+    assert len(_runtime_warnings(caught)) == 1
+    lines = [json.loads(line) for line in sink.guarded.fallback_path.read_text().splitlines()]
+    assert [line.get("step") for line in lines if line["call"] == "log_scalars"] == [0, 1]
+
+
+# ------------------------------------------------------------------------------------------
+# Backend selection
+# ------------------------------------------------------------------------------------------
+
+
+def test_check_backends() -> None:
+    assert check_backends("X", None) is None
+    assert check_backends("X", "mlflow") == ("mlflow",)
+    mem = MemorySink()
+    assert check_backends("X", ["tensorboard", mem]) == ("tensorboard", mem)
+    with pytest.raises(ConfigError, match=r"X\(backends=\['tensorbord'\]\): unknown backend 'tensorbord'.*Did you mean 'tensorboard'"):
+        check_backends("X", ["tensorbord"])
+    with pytest.raises(ConfigError, match=r"X\(backends=\[3\]\)"):
+        check_backends("X", [3])
+
+
+def test_resolve_sinks_from_the_trainers_loggers(tb_logger, mlflow_logger) -> None:
+    trainer = make_trainer(1, logger=[tb_logger, mlflow_logger])
+    sinks = resolve_sinks(trainer, None, owner="WeightMonitor")
+    try:
+        assert [s.name for s in sinks] == ["tensorboard", "mlflow"]
+        assert isinstance(sinks[0], GuardedSink) and isinstance(sinks[1], BackgroundSink)
+        only = resolve_sinks(trainer, ("mlflow",), owner="WeightMonitor")
+        assert [s.name for s in only] == ["mlflow"]
+        mem = MemorySink()
+        [given] = resolve_sinks(trainer, (mem,), owner="WeightMonitor")
+        assert given.name == "memory" and isinstance(given, GuardedSink) and given.inner is mem
+    finally:
+        for s in sinks + only:
+            getattr(s, "close", lambda: None)()
+    with pytest.raises(BackendError, match=r"WeightMonitor\(backends=\['mlflow'\]\): backend 'mlflow' needs a MLFlowLogger"):
+        resolve_sinks(make_trainer(1, logger=tb_logger), ("mlflow",), owner="WeightMonitor")
+    assert resolve_sinks(make_trainer(1, logger=False), None, owner="X") == []
+
+
+def test_memory_sink_as_backend_in_training() -> None:
+    sink = MemorySink()
+    make_trainer(2, callbacks=[WeightMonitor(every_n_steps=1, backends=[sink], stats=["mean"])]).fit(PlainMLP(), loader())
+    assert sink.steps("weights/net.0.weight/mean") == [0, 1]
+    assert sink.steps("weights/net.0.weight/update_ratio") == [0, 1]
+    assert sink.histograms["weights/net.0.weight"][0][1].num == 30
+    assert sink.flushes >= 1
+
+
+class RecoveringSink(MemorySink):
+    """Refuses its first ``failures`` calls, then accepts everything."""
+
+    name = "recovering"
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.left = failures
+
+    def log_scalars(self, values: Mapping[str, float], step: int) -> None:
+        if self.left > 0:
+            self.left -= 1
+            raise TimeoutError("server busy")
+        super().log_scalars(values, step)
+
+
+def test_guarded_sink_resends_refused_values_after_recovery(tmp_path: Path) -> None:
+    inner = RecoveringSink(failures=2)
+    sink = GuardedSink(inner, fallback_dir=tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(4):
+            sink.log_scalars({"k": float(step)}, step)
+    assert len(_runtime_warnings(caught)) == 1
+    assert sorted(inner.scalars["k"]) == [(s, float(s)) for s in range(4)]  # each value exactly once
+    lines = [json.loads(line) for line in sink.fallback_path.read_text().splitlines()]
+    assert [line["step"] for line in lines] == [0, 1]  # what was refused is also on disk
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: a backend named twice in backends= gets two sinks, so every value is logged twice")
+def test_backend_named_twice_logs_once(tb_logger) -> None:
+    trainer = make_trainer(1, logger=tb_logger)
+    assert len(resolve_sinks(trainer, check_backends("X", ["tensorboard", "tensorboard"]), owner="X")) == 1
