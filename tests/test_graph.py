@@ -155,8 +155,8 @@ def test_structure_goes_to_mlflow_too(mlflow_logger, mlflow_client, tmp_path: Pa
     make_trainer(1, logger=mlflow_logger, callbacks=[GraphMonitor()]).fit(TinyMLP(), loader())
     path = mlflow_client.download_artifacts(mlflow_logger.run_id, "lightning_inspect/model/structure.md", str(tmp_path))
     text = Path(path).read_text()
-    assert text.startswith("**TinyMLP**") and "| net.1 | BatchNorm1d |" not in text  # indented
-    assert "BatchNorm1d" in text
+    assert text.startswith("**TinyMLP**")
+    assert "| &nbsp;&nbsp;net.1 | BatchNorm1d | (8, 8) float32 | 16 | 16 |" in text  # indented by depth
 
 
 def test_graph_off_structure_only(tb_logger) -> None:

@@ -184,7 +184,7 @@ def test_shared_module_appears_once() -> None:
     assert sum(1 for mod in sel.values() if mod is m.head) == 1
 
 
-def test_shared_module_only_reachable_by_second_name_is_still_selectable() -> None:
+def test_shared_module_is_known_by_its_first_name_only() -> None:
     m = Model()
     m.alias = m.head
     with pytest.raises(SelectionError, match="'alias'"):
