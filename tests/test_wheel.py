@@ -8,6 +8,7 @@ unrelated Hydra app written into a temporary folder then switches inspection on 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -71,12 +72,15 @@ if __name__ == "__main__":
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dist")
-    try:
-        import build  # noqa: F401
-
-        command = [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(ROOT)]
-    except ImportError:  # the `test` extra installs build; pip can build the wheel too
-        command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(out), str(ROOT)]
+    # With the build backend (hatchling) installed here, build without an isolated environment
+    # (no download); otherwise let the build frontend make one.
+    local_backend = importlib.util.find_spec("hatchling") is not None
+    if importlib.util.find_spec("build"):  # the `test` extra installs it
+        flags = ["--no-isolation"] if local_backend else []
+        command = [sys.executable, "-m", "build", "--wheel", *flags, "--outdir", str(out), str(ROOT)]
+    else:
+        flags = ["--no-build-isolation"] if local_backend else []
+        command = [sys.executable, "-m", "pip", "wheel", "--no-deps", *flags, "-w", str(out), str(ROOT)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (path,) = out.glob("lightning_inspect-*.whl")
