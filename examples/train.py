@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger
 from omegaconf import DictConfig
 
-from lightning_inspect.config import instantiate_callbacks
+from lightning_inspect import instantiate_callbacks
 
 
 @hydra.main(config_path="../conf", config_name="config", version_base="1.3")

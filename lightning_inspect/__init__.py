@@ -16,6 +16,7 @@ from lightning_inspect.callbacks import (
     ShapeTracer,
     WeightMonitor,
 )
+from lightning_inspect.config import instantiate_callbacks, validate_callback_config
 from lightning_inspect.diagnostics import Finding, HealthReport, HealthRules, HealthThresholds
 from lightning_inspect.errors import BackendError, ConfigError, InspectError, NonFiniteError, SelectionError
 from lightning_inspect.health_nonfinite import FirstNonFiniteError, NonFiniteOrigin
@@ -57,10 +58,12 @@ __all__ = [
     "construction_record",
     "current_context",
     "enabled",
+    "instantiate_callbacks",
     "normalise_name",
     "probe",
     "probing",
     "record_init",
     "select_modules",
     "tensor_stats",
+    "validate_callback_config",
 ]

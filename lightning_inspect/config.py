@@ -50,10 +50,19 @@ _DEFAULT_KEY = "inspect"
 #: The callbacks the shipped options name, for "did you mean" hints.
 KNOWN_TARGETS = tuple(
     f"lightning_inspect.{name}"
-    for name in ("ActivationMonitor", "GradientMonitor", "WeightMonitor", "GraphMonitor", "ProbeSwitch")
+    for name in (
+        "ActivationMonitor",
+        "GradientMonitor",
+        "WeightMonitor",
+        "GraphMonitor",
+        "ProbeSwitch",
+        "HealthMonitor",
+        "ShapeTracer",
+        "RunRecord",
+    )
 )
 #: The entry names the shipped options use.
-KNOWN_ENTRIES = ("activations", "gradients", "weights", "graph", "probes")
+KNOWN_ENTRIES = ("activations", "gradients", "weights", "graph", "probes", "health", "shapes", "record")
 
 
 def instantiate_callbacks(cfg: Any, key: str | None = None) -> list[Callback]:

@@ -64,9 +64,14 @@ class MlflowKeys:
         if known is not None:
             return known
         clean = _MLFLOW_INVALID.sub("_", key)
-        if len(clean) > MLFLOW_MAX_KEY_LENGTH or clean in self._taken:
-            digest = hashlib.sha1(key.encode()).hexdigest()[:8]
-            clean = f"{clean[: MLFLOW_MAX_KEY_LENGTH - 9]}-{digest}"
+        # MLflow also rejects empty, "." and ".." path segments and a leading "/".
+        clean = "/".join(s if s not in ("", ".", "..") else "_" for s in clean.split("/")) if clean else "_"
+        candidate, attempt = clean, 0
+        while len(candidate) > MLFLOW_MAX_KEY_LENGTH or candidate in self._taken:
+            digest = hashlib.sha1(f"{key}#{attempt}".encode() if attempt else key.encode()).hexdigest()[:8]
+            candidate = f"{clean[: MLFLOW_MAX_KEY_LENGTH - 9]}-{digest}"
+            attempt += 1
+        clean = candidate
         self._by_original[key] = clean
         self._taken.add(clean)
         return clean

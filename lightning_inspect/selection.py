@@ -30,22 +30,27 @@ from lightning_inspect.errors import ConfigError, SelectionError
 
 #: Name components inserted by wrappers; removed wherever they appear.
 WRAPPER_COMPONENTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
-#: Name components removed only at the start of a name (DDP's ``module.``).
-LEADING_WRAPPER_COMPONENTS = ("module",)
-
-
-def normalise_name(name: str) -> str:
+def normalise_name(name: str, data_parallel_root: bool = False) -> str:
     """Strip wrapper components from a qualified module or parameter name.
+
+    ``data_parallel_root``: the name comes from a ``DistributedDataParallel`` / ``DataParallel``
+    wrapper, whose leading ``module.`` is removed too (a user's own submodule called ``module``
+    is kept otherwise).
 
     >>> normalise_name("model._orig_mod.encoder._checkpoint_wrapped_module.0")
     'model.encoder.0'
-    >>> normalise_name("module.head.module")
+    >>> normalise_name("module.head.module", data_parallel_root=True)
     'head.module'
     """
     parts = [p for p in name.split(".") if p and p not in WRAPPER_COMPONENTS]
-    while parts and parts[0] in LEADING_WRAPPER_COMPONENTS:
+    if data_parallel_root and parts and parts[0] == "module":
         parts.pop(0)
     return ".".join(parts)
+
+
+def is_data_parallel(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``DistributedDataParallel`` or ``DataParallel`` wrapper."""
+    return isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel))
 
 
 class Pattern:
@@ -80,8 +85,9 @@ def named_modules(model: nn.Module) -> dict[str, nn.Module]:
     are dropped in favour of the child.
     """
     out: dict[str, nn.Module] = {}
+    wrapped = is_data_parallel(model)
     for raw, module in model.named_modules():
-        name = normalise_name(raw)
+        name = normalise_name(raw, wrapped)
         if not name:
             continue
         out[name] = module  # a wrapper comes before its child: the child overwrites it
@@ -97,10 +103,19 @@ def _patterns(texts: Iterable[str]) -> list[Pattern]:
     return [Pattern(t) for t in texts]
 
 
+def check_patterns(owner: str, name: str, texts: Sequence[str]) -> None:
+    """Compile every pattern now, so a bad regex fails in the constructor that received it."""
+    for text in texts:
+        try:
+            Pattern(text)
+        except ConfigError as exc:
+            raise ConfigError(f"{owner}({name}={list(texts)!r}): {exc}") from None
+
+
 def select_modules(
     model: nn.Module,
-    modules: Sequence[str] | None = None,
-    exclude: Sequence[str] | None = None,
+    modules: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
     *,
     owner: str = "select_modules",
 ) -> dict[str, nn.Module]:
@@ -118,6 +133,8 @@ def select_modules(
         SelectionError: a pattern in ``modules`` matched nothing; the message lists the closest
             module names.
     """
+    modules = [modules] if isinstance(modules, str) else modules
+    exclude = [exclude] if isinstance(exclude, str) else exclude
     candidates = named_modules(model)
     if modules:
         chosen: dict[str, nn.Module] = {}

@@ -109,7 +109,7 @@ def reduce_tensor(x: torch.Tensor, bins: int = 64) -> torch.Tensor:
     if n == 0:
         return empty_row(bins, v.device)
     if v.device.type == "cpu":
-        total = v.sum()
+        total = v.sum(dtype=torch.float64)
         if math.isfinite(total.item()):
             return _reduce_finite_on_cpu(v, total, bins)
     return _reduce_any(v, bins)
@@ -133,7 +133,7 @@ def _reduce_finite_on_cpu(v: torch.Tensor, total: torch.Tensor, bins: int) -> to
         total.item(),
         torch.dot(centred, centred).item() * scale * scale,
         torch.dot(scaled, scaled).item() * scale * scale,
-        v.abs().sum().item(),
+        v.abs().sum(dtype=torch.float64).item(),
         lo_f,
         hi_f,
         float(n - torch.count_nonzero(v).item()),

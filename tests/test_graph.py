@@ -63,7 +63,6 @@ def test_graph_and_structure_of_a_tensor_input_model(tb_logger) -> None:
     assert len(tb.acc.Tensors(STRUCTURE_TAG)) == 1  # logged once (at the step after the first batch)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: GraphMonitor traces the first direct child to finish (forward hooks fire inner-first), not the LightningModule")
 def test_graph_covers_the_whole_forward_of_a_module_with_several_children(tb_logger) -> None:
     make_trainer(1, logger=tb_logger, callbacks=[GraphMonitor()]).fit(Flat(), loader())
     ops = graph_ops(read_tb(tb_logger.log_dir))
@@ -143,7 +142,6 @@ class FrozenNorm(TinyMLP):
 
 
 @pytest.mark.filterwarnings("ignore:.*module\\(s\\) in eval mode.*")
-@pytest.mark.xfail(strict=True, reason="BUG: tracing restores train mode with model.train(), switching a user's frozen (eval) submodule back to training")
 def test_tracing_keeps_each_submodules_training_mode(tb_logger) -> None:
     model = FrozenNorm()
     make_trainer(3, logger=tb_logger, callbacks=[GraphMonitor()]).fit(model, loader())

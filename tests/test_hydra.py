@@ -28,8 +28,17 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_inspect import ActivationMonitor, GradientMonitor, GraphMonitor, WeightMonitor
-from lightning_inspect.config import instantiate_callbacks, validate_callback_config
+from lightning_inspect import (
+    ActivationMonitor,
+    GradientMonitor,
+    GraphMonitor,
+    HealthMonitor,
+    RunRecord,
+    ShapeTracer,
+    WeightMonitor,
+    instantiate_callbacks,
+    validate_callback_config,
+)
 from lightning_inspect.errors import ConfigError, NonFiniteError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +151,7 @@ def test_plugin_and_composing_import_neither_torch_nor_lightning(tmp_path: Path)
     assert result["after_import"] == []
     assert result["after_compose"] == []
     assert result["still"] == []
-    assert result["entries"] == ["activations", "gradients", "graph", "weights"]
+    assert result["entries"] == ["activations", "gradients", "graph", "record", "weights"]
 
 
 # -- the YAML files -------------------------------------------------------------------------------
@@ -216,9 +225,9 @@ def test_every_shipped_option_composes_into_callbacks(compose_app: Any, path: Pa
 
 
 def test_monitor_defaults(compose_app: Any) -> None:
-    act, grad, weights, graph = instantiate_callbacks(compose_app("+inspect=all").inspect)
-    assert (type(act), type(grad), type(weights), type(graph)) == (
-        ActivationMonitor, GradientMonitor, WeightMonitor, GraphMonitor,
+    act, grad, weights, graph, record = instantiate_callbacks(compose_app("+inspect=all").inspect)
+    assert (type(act), type(grad), type(weights), type(graph), type(record)) == (
+        ActivationMonitor, GradientMonitor, WeightMonitor, GraphMonitor, RunRecord,
     )
     for monitor in (act, grad, weights):
         assert monitor.modules == [] and monitor.exclude == []
@@ -231,12 +240,12 @@ def test_monitor_defaults(compose_app: Any) -> None:
     assert graph.graph and graph.structure and graph.enabled
 
 
-def test_all_gives_the_four_monitors(compose_app: Any) -> None:
+def test_all_gives_the_four_monitors_and_the_run_record(compose_app: Any) -> None:
     cfg = compose_app("+inspect=all")
-    assert sorted(cfg.inspect) == ["activations", "gradients", "graph", "weights"]
+    assert sorted(cfg.inspect) == ["activations", "gradients", "graph", "record", "weights"]
     assert "defaults" not in cfg.inspect
     types = {type(cb) for cb in instantiate_callbacks(cfg.inspect)}
-    assert types == {ActivationMonitor, GradientMonitor, WeightMonitor, GraphMonitor}
+    assert types == {ActivationMonitor, GradientMonitor, WeightMonitor, GraphMonitor, RunRecord}
 
 
 def test_options_compose_as_a_list(compose_app: Any) -> None:
@@ -247,13 +256,15 @@ def test_options_compose_as_a_list(compose_app: Any) -> None:
 
 def test_debug_is_every_module_every_step_and_raises(compose_app: Any) -> None:
     cfg = compose_app("+inspect=debug")
-    assert sorted(cfg.inspect) == ["activations", "gradients"]
-    act, grad = instantiate_callbacks(cfg.inspect)
-    assert (type(act), type(grad)) == (ActivationMonitor, GradientMonitor)
-    for monitor in (act, grad):
+    assert sorted(cfg.inspect) == ["activations", "gradients", "health", "shapes"]
+    act, grad, health, shapes = instantiate_callbacks(cfg.inspect)
+    assert (type(act), type(grad), type(health), type(shapes)) == (
+        ActivationMonitor, GradientMonitor, HealthMonitor, ShapeTracer,
+    )
+    for monitor in (act, grad, health):
         assert monitor.modules == ["*"]
         assert monitor.schedule.every_n_steps == 1
-        assert monitor.on_nonfinite == "raise"
+    assert health.on_nonfinite == "raise"  # the health monitor stops at the first NaN/Inf
 
 
 def test_overrides(compose_app: Any) -> None:
@@ -278,7 +289,7 @@ def test_overrides(compose_app: Any) -> None:
 def test_null_and_disabled_entries(compose_app: Any) -> None:
     cfg = compose_app("+inspect=all", "inspect.gradients=null", "inspect.graph._target_=null", "inspect.weights.enabled=false")
     callbacks = instantiate_callbacks(cfg.inspect)
-    assert [type(cb) for cb in callbacks] == [ActivationMonitor, WeightMonitor]
+    assert [type(cb) for cb in callbacks] == [ActivationMonitor, WeightMonitor, RunRecord]
     assert callbacks[1].enabled is False
 
 
@@ -412,7 +423,7 @@ def test_debug_stops_training_at_the_first_nan_naming_the_module(compose_app: An
         max_steps=4, logger=False, callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
         enable_checkpointing=False, default_root_dir=tmp_path, accelerator="cpu",
     )
-    with pytest.raises(NonFiniteError, match=r"step 0: first in execution order is 'activations/poison'"):
+    with pytest.raises(NonFiniteError, match=r"step 0.*module 'poison' \(Linear\)"):
         trainer.fit(_NaNAfterFirstLayer(), data)
     assert trainer.global_step <= 1
 

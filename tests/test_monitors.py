@@ -544,13 +544,11 @@ def test_selection_matching_nothing_fails_before_the_first_step() -> None:
     assert module_hook_counts(model) == {}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an invalid 're:' pattern is only reported at fit start, not by the constructor")
 def test_invalid_regex_fails_in_the_constructor() -> None:
     with pytest.raises(ConfigError, match=r"modules"):
         ActivationMonitor(modules=["re:("])
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: last_logged_step survives into the next fit, so a reused monitor skips that step in a new run")
 def test_monitor_reused_for_a_second_fit_logs_its_first_step(tmp_path: Path) -> None:
     from lightning.pytorch.loggers import TensorBoardLogger
 

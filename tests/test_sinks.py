@@ -321,7 +321,6 @@ class FlakyArtifacts:
         self._client.log_artifact(*args, **kwargs)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: MlflowSink.flush clears its dirty flag before uploading, so histogram artifacts refused once are never uploaded")
 def test_histogram_artifacts_are_uploaded_after_a_failed_flush(mlflow_logger, mlflow_client, tmp_path: Path) -> None:
     run_id = mlflow_logger.run_id
     sink = GuardedSink(MlflowSink(FlakyArtifacts(mlflow_client), run_id, owner="Flaky", render=False), fallback_dir=tmp_path)

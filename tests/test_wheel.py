@@ -34,7 +34,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_inspect
-from lightning_inspect.config import instantiate_callbacks
+from lightning_inspect import instantiate_callbacks
 
 
 class Regressor(L.LightningModule):

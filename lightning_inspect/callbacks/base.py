@@ -46,7 +46,7 @@ from lightning_inspect.hooks import HookSet
 from lightning_inspect.keys import metric_key
 from lightning_inspect.recorder import HostRecord, StepCoordinator, StepRecord
 from lightning_inspect.schedule import Schedule
-from lightning_inspect.selection import select_modules
+from lightning_inspect.selection import check_patterns, select_modules
 from lightning_inspect.sinks import Sink, check_backends, close_sinks, resolve_sinks
 from lightning_inspect.stats import ALL_STATS, DEFAULT_STATS, FIELDS, histogram, summarise
 
@@ -106,6 +106,8 @@ class ModuleMonitor(Callback):
         self._owner = owner
         self.modules = as_str_list(owner, "modules", modules)
         self.exclude = as_str_list(owner, "exclude", exclude)
+        check_patterns(owner, "modules", self.modules)
+        check_patterns(owner, "exclude", self.exclude)
         self.schedule = Schedule.checked(owner, every_n_steps, start_step, stop_step)
         self.stats = check_choices(owner, "stats", stats, ALL_STATS, DEFAULT_STATS)
         self.histograms = check_bool(owner, "histograms", histograms)
@@ -144,6 +146,7 @@ class ModuleMonitor(Callback):
         if stage != "fit" or not self.enabled:
             return
         self._active = True
+        self.last_logged_step = None  # a new fit; resuming restores it from the checkpoint after setup
         self.selected = select_modules(pl_module, self.modules, self.exclude, owner=self._owner)
         self._after_selection(pl_module)
         self.sinks = resolve_sinks(trainer, self.backends, owner=self._owner)

@@ -21,8 +21,12 @@ from lightning_inspect.sinks.tensorboard import TensorBoardSink
 STRUCTURE_KEY = "model/structure"
 
 
-class _CaptureHook(InertWhenCopied):
-    """Forward hook recording the first call's inputs and every module's output shapes."""
+class _InputCaptureHook(InertWhenCopied):
+    """Forward pre-hook recording the inputs of the first (outermost) entry module called.
+
+    Pre-hooks fire outermost first, so when ``training_step`` calls ``self(x)`` the
+    LightningModule is captured, not the first of its children to run.
+    """
 
     __slots__ = ("owner", "name")
 
@@ -30,9 +34,21 @@ class _CaptureHook(InertWhenCopied):
         self.owner = owner
         self.name = name
 
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-        if self.owner._inputs is None and self.name in self.owner._entry_names:
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self.owner._inputs is None:
             self.owner._inputs = (module, self.name, args, kwargs)
+
+
+class _ShapeHook(InertWhenCopied):
+    """Forward hook recording every module's output shapes on the first batch."""
+
+    __slots__ = ("owner", "name")
+
+    def __init__(self, owner: GraphMonitor, name: str) -> None:
+        self.owner = owner
+        self.name = name
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         shapes = [f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for _, t in iter_tensors(output)]
         self.owner._shapes.setdefault(self.name, "; ".join(shapes[:4]) + (" ..." if len(shapes) > 4 else ""))
 
@@ -80,7 +96,7 @@ class GraphMonitor(Callback):
         self._hooks = HookSet()
         self._inputs: tuple[nn.Module, str, tuple[Any, ...], dict[str, Any]] | None = None
         self._shapes: dict[str, str] = {}
-        self._entry_names: set[str] = set()
+        self._step = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {"done": self.done}
@@ -96,16 +112,19 @@ class GraphMonitor(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.done or not self.enabled or not trainer.is_global_zero:
             return
-        self._entry_names = {""} | {name for name, _ in pl_module.named_children()}
+        self._step = trainer.global_step
+        entries = [("", pl_module), *pl_module.named_children()]
+        for name, module in entries:
+            self._hooks.add(module.register_forward_pre_hook(_InputCaptureHook(self, name), with_kwargs=True))
         for raw, module in pl_module.named_modules():
-            self._hooks.add(module.register_forward_hook(_CaptureHook(self, raw), with_kwargs=True))
+            self._hooks.add(module.register_forward_hook(_ShapeHook(self, raw)))
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.done or not self.enabled or not trainer.is_global_zero:
             return
         self._hooks.remove()
         self.done = True
-        step = trainer.global_step
+        step = self._step
         if self.structure:
             text = structure_table(pl_module, self._shapes)
             for sink in self.sinks:
@@ -142,12 +161,16 @@ class GraphMonitor(Callback):
             self._warn(where, f"its inputs are {kinds}; tracing takes tensors only (dict or list inputs cannot be traced)")
             return
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        modes = {m: m.training for m in module.modules()}  # tracing runs in eval mode
         try:
             with suspended(), torch.random.fork_rng(devices=devices), torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the tracer's own warnings are noise here
                 writers[0].add_graph(module, tuple(a.detach() for a in args))
         except Exception as exc:
             self._warn(where, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        finally:
+            for m, training in modes.items():  # each module back to its own mode (frozen parts stay eval)
+                m.training = training
 
     @staticmethod
     def _warn(where: str, why: str) -> None:

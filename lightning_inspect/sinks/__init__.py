@@ -29,7 +29,7 @@ __all__ = ["BACKENDS", "BackgroundSink", "GuardedSink", "MemorySink", "MlflowSin
 def close_sinks(sinks: Sequence[Any]) -> None:
     """Stop the background workers of ``sinks`` (after what they queued)."""
     for sink in sinks:
-        close = getattr(sink, "close", None)
+        close = getattr(sink, "close", None)  # background workers, local spools
         if close is not None:
             close()
 

@@ -98,6 +98,7 @@ class BackgroundSink:
     def close(self) -> None:
         """Stop the worker after what is queued."""
         self._put("flush")
+        self._put("close")
         try:
             self._queue.put(_STOP, timeout=1.0)
         except queue.Full:

@@ -77,7 +77,7 @@ class GuardedSink:
         except Exception as exc:  # a backend fault must never reach the training loop
             self.failures += 1
             self._save(method, payload)
-            if method != "flush":
+            if method not in ("flush", "close"):
                 self._retained.append((method, args))
             if not self._warned:
                 self._warned = True
@@ -126,6 +126,12 @@ class GuardedSink:
 
     def flush(self) -> None:
         self._call("flush", {})
+
+    def close(self) -> None:
+        """Release the backend's local resources, if it has any."""
+        close = getattr(self.inner, "close", None)
+        if close is not None:
+            self._call("close", {})
 
 
 def _histogram_json(h: Histogram) -> dict[str, Any]:

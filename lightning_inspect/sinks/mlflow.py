@@ -15,6 +15,7 @@ Keys are sanitised with :class:`lightning_inspect.keys.MlflowKeys`.
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from collections.abc import Mapping
@@ -72,13 +73,17 @@ class MlflowSink:
     def flush(self) -> None:
         if not self._dirty:
             return
-        self._dirty = False
         target = f"{ARTIFACT_ROOT}/histograms"
         self.client.log_artifact(self.run_id, str(self._histogram_file), artifact_path=target)
         if self.render:
             pictures = self._spool / "pictures"
             render_histogram_pictures(self._histogram_file, pictures, self.keys)
             self.client.log_artifacts(self.run_id, str(pictures), artifact_path=target)
+        self._dirty = False  # only once uploaded: a refused flush is tried again by the next one
+
+    def close(self) -> None:
+        """Remove the local spool (after a final flush)."""
+        shutil.rmtree(self._spool, ignore_errors=True)
 
 
 def load_histogram_spool(path: Path) -> dict[str, list[tuple[int, float, float, np.ndarray]]]:
