@@ -27,6 +27,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset, random_split
 
+from lightning_inspect import ProbeContext, enabled, probe
+
 N_CLASSES = 10
 
 
@@ -147,6 +149,32 @@ class DigitsCNN(DigitsClassifier):
         return self.classifier(self.features(x))
 
 
+@probe("attention")
+def show_attention(weights: torch.Tensor, *, ctx: ProbeContext) -> None:
+    """Picture of the first encoder layer's attention for the first image of the batch.
+
+    Rows (queries) by rows (keys) of the 8x8 digit, averaged over heads, brightest = most
+    attended. Runs only with ``+inspect=probes 'inspect.probes.tags=[attention]'``.
+    """
+    grid = weights[0] / weights[0].max().clamp(min=1e-12)  # (8, 8) in [0, 1]
+    ctx.log_image("layer0", grid.repeat_interleave(16, 0).repeat_interleave(16, 1).cpu().numpy())
+
+
+def attention_weights(attn: nn.MultiheadAttention, tokens: torch.Tensor) -> torch.Tensor:
+    """Head-averaged attention weights of ``attn`` on ``tokens`` (batch, queries, keys).
+
+    Computed from the module's own projections without dropout or randomness, so calling it
+    changes nothing in training.
+    """
+    batch, length, width = tokens.shape
+    heads = attn.num_heads
+    q, k, _ = nn.functional.linear(tokens, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+    q = q.view(batch, length, heads, width // heads).transpose(1, 2)
+    k = k.view(batch, length, heads, width // heads).transpose(1, 2)
+    scores = q @ k.transpose(-1, -2) / (width // heads) ** 0.5
+    return scores.softmax(dim=-1).mean(dim=1)
+
+
 class DigitsTransformer(DigitsClassifier):
     """A transformer encoder over the 8 image rows as tokens (8 pixels each), mean-pooled.
 
@@ -184,4 +212,7 @@ class DigitsTransformer(DigitsClassifier):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.embed(x.flatten(1, 2)) + self.position  # (batch, 8 rows, d_model)
+        if enabled("attention"):  # the probe's preparation runs only when someone will look
+            with torch.no_grad():
+                show_attention(attention_weights(self.encoder.layers[0].self_attn, tokens))
         return self.head(self.norm(self.encoder(tokens)).mean(dim=1))

@@ -116,3 +116,19 @@ def test_a_mistyped_key_stops_before_training(tmp_path: Path) -> None:
     assert "Did you mean 'every_n_steps'?" in result.stderr
     assert not (tmp_path / "run" / "tensorboard").exists()  # nothing was built, no step was taken
     assert "Epoch" not in result.stdout + result.stderr
+
+
+def test_attention_probe_of_the_transformer_is_switched_on_from_the_command_line(tmp_path: Path) -> None:
+    result = run_example(
+        tmp_path, "model=transformer", "+inspect=probes", "inspect.probes.tags=[attention]",
+        "inspect.probes.every_n_steps=3", "trainer.max_steps=7",
+    )
+    _ok(result)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("probes/show_attention/layer0")] == [0, 3, 6]
+    picture = events.Images("probes/show_attention/layer0")[0]
+    assert (picture.width, picture.height) == (128, 128)  # the 8x8 attention map, scaled up
+
