@@ -22,8 +22,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_inspect._checks import as_str_list, check_bool, check_choices, check_positive_int
-from lightning_inspect.errors import BackendError, ConfigError
+from lightning_inspect.errors import ConfigError
 from lightning_inspect.keys import MlflowKeys
+from lightning_inspect.sinks import attached_loggers, missing_backend_error
 from lightning_inspect.run_record import (
     ConfigRecord,
     ConstructionRecord,
@@ -523,24 +524,17 @@ class RunRecord(Callback):
     # ---------------------------------------------------------------- set-up helpers
 
     def _writers(self, trainer: pl.Trainer) -> list[_Writer]:
-        from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
-
         found: dict[str, _Writer] = {}
-        for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger) and "tensorboard" not in found:
-                found["tensorboard"] = _TensorBoardWriter(logger)
-            elif isinstance(logger, MLFlowLogger) and "mlflow" not in found:
-                found["mlflow"] = _MlflowWriter(logger.experiment, str(logger.run_id))
+        for name, logger in attached_loggers(trainer).items():
+            if name == "tensorboard":
+                found[name] = _TensorBoardWriter(logger)
+            else:
+                found[name] = _MlflowWriter(logger.experiment, str(logger.run_id))
         if self.backends is None:
             return list(found.values())
         for name in self.backends:
             if name not in found:
-                attached = [type(lg).__name__ for lg in trainer.loggers] or ["no logger"]
-                wanted = {"tensorboard": "TensorBoardLogger", "mlflow": "MLFlowLogger"}[name]
-                raise BackendError(
-                    f"RunRecord(backends={list(self.backends)!r}): backend {name!r} needs a {wanted} in "
-                    f"Trainer(logger=...), but the Trainer has: {', '.join(attached)}."
-                )
+                raise missing_backend_error("RunRecord", self.backends, name, trainer)
         return [found[name] for name in self.backends]
 
     def _model_key(self, config: ConfigRecord, pl_module: pl.LightningModule) -> str | None:

@@ -23,7 +23,8 @@ from lightning_inspect.sinks.tensorboard import TensorBoardSink
 
 BACKENDS = ("tensorboard", "mlflow")
 
-__all__ = ["BACKENDS", "BackgroundSink", "GuardedSink", "MemorySink", "MlflowSink", "Sink", "TensorBoardSink", "check_backends", "close_sinks", "resolve_sinks"]
+__all__ = ["BACKENDS", "BackgroundSink", "GuardedSink", "MemorySink", "MlflowSink", "Sink", "TensorBoardSink", "attached_loggers", "check_backends", "close_sinks",
+           "missing_backend_error", "resolve_sinks"]
 
 
 def close_sinks(sinks: Sequence[Any]) -> None:
@@ -53,16 +54,37 @@ def check_backends(owner: str, backends: Any) -> tuple[str | Sink, ...] | None:
     return tuple(dict.fromkeys(items))  # a backend named twice is written once
 
 
-def available_sinks(trainer: Any, owner: str) -> dict[str, Sink]:
-    """One sink per supported logger attached to the Trainer, by backend name (first wins)."""
+def attached_loggers(trainer: Any) -> dict[str, Any]:
+    """The Trainer's first ``TensorBoardLogger`` and ``MLFlowLogger``, by backend name."""
     from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
 
-    found: dict[str, Sink] = {}
+    found: dict[str, Any] = {}
     for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger) and "tensorboard" not in found:
-            found["tensorboard"] = TensorBoardSink(logger.experiment)
-        elif isinstance(logger, MLFlowLogger) and "mlflow" not in found:
-            found["mlflow"] = MlflowSink(logger.experiment, logger.run_id, owner=owner)
+        if isinstance(logger, TensorBoardLogger):
+            found.setdefault("tensorboard", logger)
+        elif isinstance(logger, MLFlowLogger):
+            found.setdefault("mlflow", logger)
+    return found
+
+
+def missing_backend_error(owner: str, backends: Sequence[Any], name: str, trainer: Any) -> BackendError:
+    """The error for a requested backend whose logger is not attached to the Trainer."""
+    attached = [type(lg).__name__ for lg in trainer.loggers] or ["no logger"]
+    wanted = {"tensorboard": "TensorBoardLogger", "mlflow": "MLFlowLogger"}[name]
+    return BackendError(
+        f"{owner}(backends={list(backends)!r}): backend {name!r} needs a {wanted} in "
+        f"Trainer(logger=...), but the Trainer has: {', '.join(attached)}."
+    )
+
+
+def available_sinks(trainer: Any, owner: str) -> dict[str, Sink]:
+    """One sink per supported logger attached to the Trainer, by backend name (first wins)."""
+    found: dict[str, Sink] = {}
+    for name, logger in attached_loggers(trainer).items():
+        if name == "tensorboard":
+            found[name] = TensorBoardSink(logger.experiment)
+        else:
+            found[name] = MlflowSink(logger.experiment, logger.run_id, owner=owner)
     return found
 
 
@@ -83,12 +105,7 @@ def resolve_sinks(trainer: Any, backends: Sequence[str | Sink] | None, owner: st
         for item in backends:
             if isinstance(item, str):
                 if item not in found:
-                    attached = [type(lg).__name__ for lg in trainer.loggers] or ["no logger"]
-                    wanted = {"tensorboard": "TensorBoardLogger", "mlflow": "MLFlowLogger"}[item]
-                    raise BackendError(
-                        f"{owner}(backends={list(backends)!r}): backend {item!r} needs a {wanted} in "
-                        f"Trainer(logger=...), but the Trainer has: {', '.join(attached)}."
-                    )
+                    raise missing_backend_error(owner, backends, item, trainer)
                 chosen.append(found[item])
             else:
                 chosen.append(item)
