@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import io
-import math
 import warnings
 from pathlib import Path
 from typing import Any
