@@ -165,7 +165,7 @@ def _reduce_any(v: torch.Tensor, bins: int) -> torch.Tensor:
     scale2 = scale.to(f64) ** 2
     head = torch.stack(
         [
-            torch.tensor(float(n), dtype=f64, device=v.device),
+            torch.full((), float(n), dtype=f64, device=v.device),  # a fill, not a host copy
             n_finite.to(f64),
             zeros_only.sum(dtype=f64),
             torch.dot(centred, centred).to(f64) * scale2,
@@ -193,10 +193,15 @@ def _histogram_counts(
     """
     fraction = (v - lo) / (hi - lo).clamp(min=torch.finfo(v.dtype).tiny)  # in [0, 1]
     index = fraction.mul_(bins).floor_().clamp_(0, bins - 1)
-    if finite is None:
-        return torch.bincount(index.to(torch.int32), minlength=bins)
-    index = torch.where(finite, index, float(bins)).to(torch.int32)  # non-finite -> overflow bin
-    return torch.bincount(index, minlength=bins + 1)[:bins]
+    if finite is not None:
+        index = torch.where(finite, index, float(bins))  # non-finite -> an overflow bin, dropped
+    if v.device.type == "cpu":
+        return torch.bincount(index.to(torch.int32), minlength=bins + 1)[:bins]
+    # On accelerators bincount reads the largest index back to size its output (a sync):
+    # scatter into a fixed-size buffer instead (deterministic for integer counts).
+    index = index.to(torch.int64)
+    counts = torch.zeros(bins + 1, dtype=torch.int64, device=v.device)
+    return counts.scatter_add_(0, index, torch.ones_like(index))[:bins]
 
 
 # ---------------------------------------------------------------------------------------------
