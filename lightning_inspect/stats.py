@@ -250,6 +250,16 @@ def _rebin(rows: np.ndarray, lo: float, hi: float, bins: int) -> np.ndarray:
     return counts
 
 
+def scale_row(row: np.ndarray, factor: float) -> np.ndarray:
+    """The row of ``x * factor`` (``factor > 0``) from the row of ``x``; histogram counts unchanged."""
+    out = np.array(row, dtype=np.float64)
+    for name in ("sum", "abs_sum", "min", "max"):
+        out[_F[name]] *= factor
+    for name in ("m2", "sumsq"):
+        out[_F[name]] *= factor * factor
+    return out
+
+
 def summarise(row: np.ndarray, stats: tuple[str, ...] = ALL_STATS) -> dict[str, float]:
     """The named statistics of one (host) row; NaN where a statistic has no finite value."""
     count, finite, total, m2, sumsq, abs_sum = (

@@ -270,10 +270,6 @@ sink.close()   # ... and at teardown; then the process exits
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: BackgroundSink.flush/close give up after flush_timeout_s and the queued calls die with the "
-    "daemon thread at exit: neither sent nor written to the fallback file (the warning says they are "
-    "'still being sent in the background')"))
 def test_values_a_slow_backend_did_not_take_by_exit_are_in_the_fallback_file(tmp_path: Path) -> None:
     import json
     import subprocess

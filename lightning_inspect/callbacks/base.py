@@ -3,8 +3,10 @@
 A monitor's life in a fit:
 
 ``setup``
-    resolve the module selection (a pattern that matches nothing raises here, before the first
-    step), the backends, and join the Trainer's :class:`~lightning_inspect.recorder.StepCoordinator`.
+    resolve the backends and join the Trainer's :class:`~lightning_inspect.recorder.StepCoordinator`.
+``on_fit_start``
+    resolve the module selection (after ``configure_model``; a pattern that matches nothing
+    raises here, before the sanity check and the first step).
 ``on_train_batch_start``
     on a logged step only, attach the output hooks and start recording; other steps pay one
     integer test.
@@ -147,11 +149,17 @@ class ModuleMonitor(Callback):
             return
         self._active = True
         self.last_logged_step = None  # a new fit; resuming restores it from the checkpoint after setup
-        self.selected = select_modules(pl_module, self.modules, self.exclude, owner=self._owner)
-        self._after_selection(pl_module)
         self.sinks = resolve_sinks(trainer, self.backends, owner=self._owner)
         self._coordinator = StepCoordinator.for_trainer(trainer)
         self._coordinator.join(self)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Selected here, not in setup: layers built in configure_model (and by sharding strategies)
+        # exist only now. Still before the sanity check and the first training step.
+        if not self._active:
+            return
+        self.selected = select_modules(pl_module, self.modules, self.exclude, owner=self._owner)
+        self._after_selection(pl_module)
         self._persistent_hooks = holds_compiled_module(pl_module)
         if self._persistent_hooks:
             self._install_hooks()

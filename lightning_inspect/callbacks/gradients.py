@@ -13,7 +13,8 @@ from lightning_inspect.callbacks.base import ModuleMonitor
 from lightning_inspect.keys import metric_key
 from lightning_inspect.selection import select_parameters
 from lightning_inspect.sinks import Sink
-from lightning_inspect.stats import reduce_tensor
+from lightning_inspect.recorder import HostRecord, StepRecord
+from lightning_inspect.stats import reduce_tensor, scale_row
 
 
 class GradientMonitor(ModuleMonitor):
@@ -82,6 +83,9 @@ class GradientMonitor(ModuleMonitor):
         self._add_row(key, reduce_tensor(grad, self.bins))
 
     def _before_optimizer_step(self, pl_module: pl.LightningModule) -> None:
+        scale = _loss_scale(pl_module)
+        if scale is not None and self.outputs:  # output gradients were read before unscaling
+            self._add_scalar(_LOSS_SCALE_KEY, scale)
         if self.parameters:
             for name, param in self.selected_parameters.items():
                 if param.grad is not None:
@@ -95,8 +99,31 @@ class GradientMonitor(ModuleMonitor):
                 self._add_scalar("param_grads/global_norm", total)
 
 
+    def _publish(self, record: StepRecord, values: HostRecord) -> None:
+        rows, scalars = values
+        scale = scalars.pop(_LOSS_SCALE_KEY, None)
+        if scale:  # output gradients carried the loss scale of mixed precision: divide it out
+            rows = {k: scale_row(r, 1.0 / scale) if k.startswith("activation_grads/") else r for k, r in rows.items()}
+        super()._publish(record, (rows, scalars))
+
+
+#: Internal scalar carrying the GradScaler's scale to the host with the step's values.
+_LOSS_SCALE_KEY = "__loss_scale__"
+
+
+def _loss_scale(pl_module: pl.LightningModule) -> torch.Tensor | None:
+    """The loss scale of the step's backward (a device tensor), or None without a GradScaler."""
+    trainer = pl_module._trainer
+    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None) if trainer is not None else None
+    if scaler is None or not scaler.is_enabled():
+        return None
+    scale = getattr(scaler, "_scale", None)  # the tensor behind get_scale(), read without a sync
+    return scale.detach().reshape(()).clone() if isinstance(scale, torch.Tensor) else None
+
+
 def _dense(grad: torch.Tensor) -> torch.Tensor:
-    return grad.coalesce().values() if grad.is_sparse else grad
+    grad = grad.coalesce().values() if grad.is_sparse else grad
+    return grad.to_local() if hasattr(grad, "to_local") else grad  # a sharded (DTensor) gradient: this rank's shard
 
 
 

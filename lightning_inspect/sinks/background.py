@@ -32,6 +32,17 @@ from lightning_inspect.stats import Histogram
 _STOP = object()
 
 
+def _payload(method: str, args: tuple[Any, ...]) -> dict[str, Any]:
+    """What the fallback file keeps of one call (the same layout as the guard's own records)."""
+    if method == "log_scalars":
+        return {"values": dict(args[0]), "step": args[1]}
+    if method == "log_histograms":
+        return {"histograms": {k: {"lo": h.min, "hi": h.max, "counts": h.counts.tolist()} for k, h in args[0].items()}, "step": args[1]}
+    if method == "log_text":
+        return {"key": args[0], "text": args[1], "step": args[2]}
+    return {"key": args[0] if args else None, "step": args[-1] if args else None}
+
+
 class BackgroundSink:
     """A sink whose calls run on a daemon worker thread."""
 
@@ -59,7 +70,7 @@ class BackgroundSink:
         try:
             self._queue.put_nowait((method, args))
         except queue.Full:
-            self.guarded._save(method, {"args": repr(args)[:10_000]})
+            self.guarded._save(method, _payload(method, args))
             if not self._overflow_warned:
                 self._overflow_warned = True
                 warnings.warn(
@@ -88,12 +99,31 @@ class BackgroundSink:
         waiter = threading.Thread(target=lambda: (self._queue.join(), done.set()), daemon=True)
         waiter.start()
         if not done.wait(self.flush_timeout_s):
+            saved = self._spill()
             warnings.warn(
                 f"lightning-inspect: the {self.name} backend did not take the queued values within "
-                f"{self.flush_timeout_s:.0f} s; they are still being sent in the background.",
+                f"{self.flush_timeout_s:g} s; {saved} queued call(s) were written to "
+                f"{self.guarded.fallback_path} instead.",
                 RuntimeWarning,
                 stacklevel=2,
             )
+
+    def _spill(self) -> int:
+        """Move every call still queued into the fallback file; returns how many."""
+        saved = 0
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return saved
+            try:
+                if item is not _STOP:
+                    method, args = item
+                    if method not in ("flush", "close"):
+                        self.guarded._save(method, _payload(method, args))
+                        saved += 1
+            finally:
+                self._queue.task_done()
 
     def close(self) -> None:
         """Stop the worker after what is queued."""
@@ -104,3 +134,5 @@ class BackgroundSink:
         except queue.Full:
             return
         self._worker.join(timeout=self.flush_timeout_s)
+        if self._worker.is_alive():  # the backend is stuck: keep what it never took
+            self._spill()
