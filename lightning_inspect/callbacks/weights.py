@@ -71,8 +71,8 @@ class WeightMonitor(ModuleMonitor):
         if self._before is not None:  # several optimizers: the first call of the step counts
             return
         with torch.no_grad():
-            params = list(self.selected_parameters.values())
-            for name, param in self.selected_parameters.items():
+            params = [_local(p) for p in self.selected_parameters.values()]
+            for name, param in zip(self.selected_parameters, params):
                 self._add_row(metric_key("weights", name), reduce_tensor(param, self.bins))
             self._before = [p.detach().clone() for p in params] if self.update_ratio else []
 
@@ -81,10 +81,15 @@ class WeightMonitor(ModuleMonitor):
         if not before:
             return
         with torch.no_grad():
-            after = [p.detach() for p in self.selected_parameters.values()]
+            after = [_local(p).detach() for p in self.selected_parameters.values()]
             updates = torch._foreach_norm(torch._foreach_sub(after, before))
             norms = torch._foreach_norm(before)
             tiny = torch.finfo(torch.float32).tiny
             for name, upd, norm in zip(self.selected_parameters, updates, norms):
                 ratio = upd.to(torch.float32) / norm.to(torch.float32).clamp(min=tiny)
                 self._add_scalar(metric_key("weights", name, "update_ratio"), ratio)
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    """A sharded (DTensor) parameter's local shard; any other tensor as it is."""
+    return param.to_local() if hasattr(param, "to_local") else param
