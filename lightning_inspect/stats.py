@@ -109,42 +109,59 @@ def reduce_tensor(x: torch.Tensor, bins: int = 64) -> torch.Tensor:
     if n == 0:
         return empty_row(bins, v.device)
     if v.device.type == "cpu":
-        total = v.sum(dtype=torch.float64)
-        if math.isfinite(total.item()):
-            return _reduce_finite_on_cpu(v, total, bins)
+        abs_sum = v.abs().sum()
+        if math.isfinite(abs_sum.item()):  # then every element is finite
+            return _reduce_finite_on_cpu(v, abs_sum.item(), bins)
     return _reduce_any(v, bins)
 
 
-# Second moments are summed over values divided by the largest magnitude, then scaled back in
-# float64: squares of large (~1e30) or tiny (~1e-25) float32 values neither overflow nor vanish.
+def _reduce_finite_on_cpu(v: torch.Tensor, abs_sum: float, bins: int) -> torch.Tensor:
+    """The row of a CPU vector known to hold finite values only, in as few passes as it allows.
 
-
-def _reduce_finite_on_cpu(v: torch.Tensor, total: torch.Tensor, bins: int) -> torch.Tensor:
-    """The row of a CPU vector known to hold finite values only."""
+    Second moments come from one dot product; the slower forms run only where needed: centred
+    (when the mean dominates, so ``sumsq - n * mean**2`` would cancel) or scaled by the largest
+    magnitude (when squares overflow or vanish in float32).
+    """
     n = v.numel()
-    lo, hi = torch.aminmax(v)
-    lo_f, hi_f = lo.item(), hi.item()
-    scale = max(abs(lo_f), abs(hi_f)) or 1.0
-    scaled = v / scale
-    centred = scaled - scaled.sum() / n
-    head = [
-        float(n),
-        float(n),
-        total.item(),
-        torch.dot(centred, centred).item() * scale * scale,
-        torch.dot(scaled, scaled).item() * scale * scale,
-        v.abs().sum(dtype=torch.float64).item(),
-        lo_f,
-        hi_f,
-        float(n - torch.count_nonzero(v).item()),
-        0.0,
-        0.0,
-    ]
+    total = v.sum().item()
+    lo_t, hi_t = torch.aminmax(v)
+    lo, hi = lo_t.item(), hi_t.item()
+    sumsq = torch.dot(v, v).item()
+    scale = max(abs(lo), abs(hi))
+    if not math.isfinite(sumsq) or (sumsq == 0.0 and scale > 0.0):
+        scaled = v / scale
+        sumsq = torch.dot(scaled, scaled).item() * scale * scale
+        centred = scaled - total / n / scale
+        m2 = _centred_m2(centred, n) * scale * scale
+    else:
+        m2 = sumsq - total * total / n
+        if m2 < 0.5 * sumsq:  # |mean| comparable to the spread: take the centred, exact form
+            m2 = _centred_m2(v - total / n, n)
+    zeros = n - torch.count_nonzero(v).item()
+    head = [float(n), float(n), total, m2, sumsq, abs_sum, lo, hi, float(zeros), 0.0, 0.0]
     row = torch.tensor(head, dtype=torch.float64)
     if bins <= 0:
         return row
-    counts = _histogram_counts(scaled, None, lo / scale, hi / scale, bins)
+    factor = bins / (hi - lo) if hi > lo else math.inf
+    if factor < 1e30:
+        index = (v - lo).mul_(factor).clamp_(0, bins - 1).to(torch.int32)  # truncation = floor here
+        counts = torch.bincount(index, minlength=bins)
+    elif hi > lo:  # a range so narrow (subnormals) that its inverse overflows: bin scaled values
+        counts = _histogram_counts(v / scale, None, lo_t / scale, hi_t / scale, bins)
+    else:
+        counts = torch.zeros(bins, dtype=torch.int64)
+        counts[0] = n
     return torch.cat([row, counts.to(torch.float64)])
+
+
+def _centred_m2(centred: torch.Tensor, n: int) -> float:
+    """Sum of squares about the mean, given values minus an approximate mean.
+
+    The float32 mean is off by a rounding error that the subtraction keeps; removing the residual
+    mean (``sum**2 / n``) makes the result exact to float precision even for ``1e4 + 1e-3 * noise``.
+    """
+    residual = centred.sum().item()
+    return max(torch.dot(centred, centred).item() - residual * residual / n, 0.0)
 
 
 def _reduce_any(v: torch.Tensor, bins: int) -> torch.Tensor:
@@ -168,7 +185,8 @@ def _reduce_any(v: torch.Tensor, bins: int) -> torch.Tensor:
             torch.full((), float(n), dtype=f64, device=v.device),  # a fill, not a host copy
             n_finite.to(f64),
             zeros_only.sum(dtype=f64),
-            torch.dot(centred, centred).to(f64) * scale2,
+            (torch.dot(centred, centred).to(f64) - centred.sum().to(f64) ** 2 / n_finite.clamp(min=1).to(f64))
+            .clamp(min=0) * scale2,
             torch.dot(scaled, scaled).to(f64) * scale2,
             zeros_only.abs().sum(dtype=f64),
             lo.to(f64),

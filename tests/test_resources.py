@@ -168,17 +168,18 @@ def test_long_run_keeps_tensors_hooks_and_objects_flat() -> None:
 # ---------------------------------------------------------------------------------------------
 # TensorBoard bytes per logged step.
 #
-# One TFRecord (8-byte length, two 4-byte CRCs) around one Event (wall time, step, a Summary with
-# one tagged value) per scalar and per histogram. The histogram value holds five doubles and two
-# packed double arrays of ``bins`` entries each. Measured on this stack (steps below 128; a larger
-# step adds one byte per 7 bits): a scalar event is 37 + len(tag) bytes, a histogram event
-# 88 + len(tag) + 16 * bins bytes (a few bytes less when a double field is 0). The bound keeps
-# headroom for large step numbers and small format changes:
+# Each monitor writes two events per logged step: one Summary holding all its scalars, one holding
+# all its histograms. An event costs a TFRecord frame (8-byte length, two 4-byte CRCs) plus wall
+# time and step; each value inside costs its tag plus a float (scalar) or five doubles and two
+# packed double arrays of ``bins`` entries (histogram). The bound keeps a little headroom for large
+# step numbers and small format changes:
 # ---------------------------------------------------------------------------------------------
 
-SCALAR_EVENT_BYTES = 48  # + len(tag)
-HISTOGRAM_EVENT_BYTES = 96  # + len(tag) + 16 * bins
+EVENT_BYTES = 40  # per event: 2 per monitor and logged step
+SCALAR_VALUE_BYTES = 12  # + len(tag)
+HISTOGRAM_VALUE_BYTES = 64  # + len(tag) + 16 * bins
 BYTES_PER_BIN = 16  # two float64 per bin: bucket limit and count
+MONITORS = 3
 
 
 class EventSize(Callback):
@@ -223,8 +224,8 @@ def test_tensorboard_bytes_per_logged_step_scale_with_keys_and_bins_not_tensor_s
     scalars, hists = acc.Tags()["scalars"], acc.Tags()["histograms"]
     # 3 modules' outputs and their gradients, their 6 parameters' gradients, all 8 parameters.
     assert len(hists) == 3 + 3 + 6 + 8
-    bound = sum(SCALAR_EVENT_BYTES + len(t) for t in scalars) + sum(
-        HISTOGRAM_EVENT_BYTES + len(t) + BYTES_PER_BIN * bins for t in hists
+    bound = 2 * MONITORS * EVENT_BYTES + sum(SCALAR_VALUE_BYTES + len(t) for t in scalars) + sum(
+        HISTOGRAM_VALUE_BYTES + len(t) + BYTES_PER_BIN * bins for t in hists
     )
     assert base <= bound, (base, bound)
     assert base >= 0.8 * bound, "the bound is meant to be tight; re-derive it if the format changed"

@@ -82,8 +82,9 @@ class WeightMonitor(ModuleMonitor):
             return
         with torch.no_grad():
             after = [_local(p).detach() for p in self.selected_parameters.values()]
-            updates = torch._foreach_norm(torch._foreach_sub(after, before))
             norms = torch._foreach_norm(before)
+            torch._foreach_sub_(before, after)  # in place: the copy becomes -(update), no third copy
+            updates = torch._foreach_norm(before)
             tiny = torch.finfo(torch.float32).tiny
             for name, upd, norm in zip(self.selected_parameters, updates, norms):
                 ratio = upd.to(torch.float32) / norm.to(torch.float32).clamp(min=tiny)
