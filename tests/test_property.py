@@ -303,3 +303,27 @@ def test_layers_built_in_configure_model_are_inspected_like_layers_built_in_init
     eager, lazy = _logged(TwoLayer(lazy=False)), _logged(TwoLayer(lazy=True))
     assert sorted(lazy) == sorted(eager)
     assert all(_same(eager[k], lazy[k]) for k in eager)
+
+
+def test_steps_the_grad_scaler_skips_are_marked_and_not_warned_about() -> None:
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    torch.manual_seed(0)
+    sink = MemorySink()
+    # A scale of 2**24 overflows fp16 gradients: the scaler skips steps and halves its scale
+    # until the gradients fit. Those are not exploding gradients.
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**24))
+    data = DataLoader(TensorDataset(torch.randn(48, 8, generator=torch.Generator().manual_seed(3))), batch_size=8)
+    trainer = L.Trainer(max_steps=12, logger=False, accelerator="cpu", plugins=[plugin], enable_progress_bar=False,
+                        callbacks=[GradientMonitor(every_n_steps=1, backends=[sink])],
+                        enable_model_summary=False, enable_checkpointing=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(TwoLayer(), data)
+    skipped = dict(sink.scalars["param_grads/skipped_by_scaler"])
+    assert skipped[0] == 1.0  # the first step overflowed
+    assert any(v == 0.0 for v in skipped.values())  # and the scale came down until steps ran
+    infs = dict(sink.scalars["param_grads/a.weight/inf_count"])
+    nans = dict(sink.scalars["param_grads/a.weight/nan_count"])
+    assert all((infs[s] + nans[s] > 0) == bool(skipped[s]) for s in skipped)
+    assert not [w for w in caught if "non-finite values" in str(w.message)]

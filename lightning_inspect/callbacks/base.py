@@ -125,6 +125,7 @@ class ModuleMonitor(Callback):
         self._recording = False  # read first by every hook; True only inside recorded batches
         self._persistent_hooks = False
         self._record: StepRecord | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
         self._coordinator: StepCoordinator | None = None
         self._active = False
         self._warned_nonfinite: set[str] = set()
@@ -184,6 +185,7 @@ class ModuleMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         if self._active and self._record is not None:
+            self._optimizer = optimizer
             self._guarded(self._before_optimizer_step, pl_module)
 
     def on_train_batch_end(
@@ -230,6 +232,10 @@ class ModuleMonitor(Callback):
 
     def _selection_summary(self) -> tuple[str, list[str]]:
         return "modules", list(self.selected)
+
+    def _expected_nonfinite(self, key: str) -> bool:
+        """Whether non-finite values under ``key`` are expected this step (not worth a warning)."""
+        return False
 
     # -- shared machinery -------------------------------------------------------------------
 
@@ -298,7 +304,7 @@ class ModuleMonitor(Callback):
         if self.on_nonfinite == "ignore":
             return
         nan_at, inf_at = FIELDS.index("nan"), FIELDS.index("inf")
-        bad = [(k, r) for k, r in rows.items() if r[nan_at] + r[inf_at] > 0]
+        bad = [(k, r) for k, r in rows.items() if r[nan_at] + r[inf_at] > 0 and not self._expected_nonfinite(k)]
         if not bad:
             return
         key, row = bad[0]

@@ -66,6 +66,7 @@ class GradientMonitor(ModuleMonitor):
         self.global_norm = check_bool(self._owner, "global_norm", global_norm)
         self.selected_parameters: dict[str, torch.nn.Parameter] = {}
         self._all_parameters: list[torch.nn.Parameter] = []
+        self._scaler_skipped = False
 
     def _after_selection(self, pl_module: pl.LightningModule) -> None:
         params = select_parameters(self.selected)
@@ -86,6 +87,9 @@ class GradientMonitor(ModuleMonitor):
         scale = _loss_scale(pl_module)
         if scale is not None and self.outputs:  # output gradients were read before unscaling
             self._add_scalar(_LOSS_SCALE_KEY, scale)
+        skipped = _scaler_found_inf(pl_module, self._optimizer)
+        if skipped is not None:  # the GradScaler will skip this step: its Inf/NaN are expected
+            self._add_scalar(SKIPPED_KEY, skipped)
         if self.parameters:
             for name, param in self.selected_parameters.items():
                 if param.grad is not None:
@@ -101,14 +105,38 @@ class GradientMonitor(ModuleMonitor):
 
     def _publish(self, record: StepRecord, values: HostRecord) -> None:
         rows, scalars = values
+        self._scaler_skipped = bool(scalars.get(SKIPPED_KEY))
         scale = scalars.pop(_LOSS_SCALE_KEY, None)
         if scale:  # output gradients carried the loss scale of mixed precision: divide it out
             rows = {k: scale_row(r, 1.0 / scale) if k.startswith("activation_grads/") else r for k, r in rows.items()}
         super()._publish(record, (rows, scalars))
 
 
+    def _expected_nonfinite(self, key: str) -> bool:
+        # Overflowing gradients are how a GradScaler finds its scale: the step is skipped, not broken.
+        return self._scaler_skipped and not key.startswith("activations/")
+
+
 #: Internal scalar carrying the GradScaler's scale to the host with the step's values.
 _LOSS_SCALE_KEY = "__loss_scale__"
+#: 1 when the GradScaler found Inf/NaN gradients and skips the optimizer step, else 0.
+SKIPPED_KEY = "param_grads/skipped_by_scaler"
+
+
+def _scaler_found_inf(pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer | None) -> torch.Tensor | None:
+    """1.0 (device tensor) when the GradScaler found Inf/NaN gradients for this step; None without one."""
+    trainer = pl_module._trainer
+    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None) if trainer is not None else None
+    if scaler is None or optimizer is None or not scaler.is_enabled():
+        return None
+    try:
+        found = list(scaler._found_inf_per_device(optimizer).values())  # set by unscale_, no sync
+    except (KeyError, RuntimeError, AttributeError):
+        return None
+    if not found:
+        return None
+    device = found[0].device
+    return (torch.stack([f.to(device, torch.float32).reshape(()) for f in found]).sum() > 0).to(torch.float32)
 
 
 def _loss_scale(pl_module: pl.LightningModule) -> torch.Tensor | None:
