@@ -50,3 +50,22 @@ def test_statistics_are_combined_over_ranks_and_an_unused_module_does_not_hang(t
     # Parameters and their gradients are identical on all ranks after the all-reduce: not added up.
     assert sorted(_values(acc, "param_grads/global_norm")) == [0, 1, 2]
     assert acc.Histograms("weights/body.weight")[0].histogram_value.num == 16
+
+
+@pytest.mark.slow
+def test_fsdp2_sharded_parameters_are_read_through_their_local_shard(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "scripts" / "fsdp2_train.py"), str(tmp_path)],
+        capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    acc = EventAccumulator(glob.glob(str(tmp_path / "events.out.tfevents.*"))[0],
+                           size_guidance={"scalars": 0, "histograms": 0})
+    acc.Reload()
+    # Layers are selected after configure_model sharded them: the optimizer's parameters are seen.
+    assert all(v > 0 for v in _values(acc, "weights/body.0.weight/update_ratio").values())
+    assert sorted(_values(acc, "param_grads/body.0.weight/l2_norm")) == [0, 1]
+    # Parameters: rank 0's shard (half of body.0.weight's 6 x 4); activations: both ranks' batches.
+    assert acc.Histograms("weights/body.0.weight")[0].histogram_value.num == 12
+    assert acc.Histograms("activations/body.0")[0].histogram_value.num == 2 * 3 * 6
