@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -123,11 +124,17 @@ _LOSS_SCALE_KEY = "__loss_scale__"
 SKIPPED_KEY = "param_grads/skipped_by_scaler"
 
 
-def _scaler_found_inf(pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer | None) -> torch.Tensor | None:
-    """1.0 (device tensor) when the GradScaler found Inf/NaN gradients for this step; None without one."""
+def _grad_scaler(pl_module: pl.LightningModule) -> Any:
+    """The Trainer's enabled GradScaler (mixed precision), or None."""
     trainer = pl_module._trainer
     scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None) if trainer is not None else None
-    if scaler is None or optimizer is None or not scaler.is_enabled():
+    return scaler if scaler is not None and scaler.is_enabled() else None
+
+
+def _scaler_found_inf(pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer | None) -> torch.Tensor | None:
+    """1.0 (device tensor) when the GradScaler found Inf/NaN gradients for this step; None without one."""
+    scaler = _grad_scaler(pl_module)
+    if scaler is None or optimizer is None:
         return None
     try:
         found = list(scaler._found_inf_per_device(optimizer).values())  # set by unscale_, no sync
@@ -141,9 +148,8 @@ def _scaler_found_inf(pl_module: pl.LightningModule, optimizer: torch.optim.Opti
 
 def _loss_scale(pl_module: pl.LightningModule) -> torch.Tensor | None:
     """The loss scale of the step's backward (a device tensor), or None without a GradScaler."""
-    trainer = pl_module._trainer
-    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None) if trainer is not None else None
-    if scaler is None or not scaler.is_enabled():
+    scaler = _grad_scaler(pl_module)
+    if scaler is None:
         return None
     scale = getattr(scaler, "_scale", None)  # the tensor behind get_scale(), read without a sync
     return scale.detach().reshape(()).clone() if isinstance(scale, torch.Tensor) else None
