@@ -185,8 +185,11 @@ class ModuleMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         if self._active and self._record is not None:
-            self._optimizer = optimizer
-            self._guarded(self._before_optimizer_step, pl_module)
+            self._optimizer = optimizer  # for the duration of this call only
+            try:
+                self._guarded(self._before_optimizer_step, pl_module)
+            finally:
+                self._optimizer = None
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
