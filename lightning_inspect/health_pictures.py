@@ -90,27 +90,19 @@ def unwrap_sink(sink: Any) -> Any:
 def publish_image(sinks: Sequence[Any], key: str, image: np.ndarray, step: int, owner: str, warned: set[str]) -> list[str]:
     """Send ``image`` to every sink that can take pictures; returns the names of those written.
 
-    TensorBoard: ``add_image(key, image, step, dataformats="HWC")``. MLflow: the artifact
-    ``lightning_inspect/<key>.png`` (replaced by later pictures), uploaded from the calling
-    thread. A sink with its own ``log_image(key, image, step)`` method is used as it is. A
-    failing backend warns once (the names in ``warned``) and never stops training.
+    Each sink's own ``log_image(key, image, step)`` does the work: TensorBoard's Images tab, and
+    for MLflow the artifact ``lightning_inspect/<key>.png`` (replaced by later pictures), sent from
+    its background thread. Sinks without ``log_image`` are skipped. A failing backend warns once
+    (the names in ``warned``) and never stops training.
     """
-    from lightning_inspect.sinks.mlflow import ARTIFACT_ROOT, MlflowSink
-    from lightning_inspect.sinks.tensorboard import TensorBoardSink
-
     written = []
     for sink in sinks:
+        if not hasattr(sink, "log_image"):
+            continue
         inner = unwrap_sink(sink)
         name = getattr(inner, "name", type(inner).__name__)
         try:
-            if hasattr(sink, "log_image"):  # the library's sinks: guarded, MLflow off the training thread
-                sink.log_image(key, image, step)
-            elif isinstance(inner, TensorBoardSink):
-                inner.writer.add_image(key, image, global_step=step, dataformats="HWC")
-            elif isinstance(inner, MlflowSink):
-                inner.client.log_image(inner.run_id, image, artifact_file=f"{ARTIFACT_ROOT}/{inner.keys(key)}.png")
-            else:
-                continue
+            sink.log_image(key, image, step)
             written.append(name)
         except Exception as exc:  # a picture must never stop training
             if name not in warned:
