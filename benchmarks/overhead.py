@@ -530,19 +530,12 @@ class Run:
     peak_increase_mb: float
 
 
-def fit_once(
-    model_name: str, scenario: str, warmup: int, steps: int, tmp: str, repeat: int, memory: PeakRSS
-) -> Run:
-    model = make_model(model_name)
-    ours = scenario not in ("plain", "handwritten", "wandb_watch")
-    parts = _Attribution() if ours else None
-    timer = StepTimer(parts)
-    callbacks = [timer, *scenario_callbacks(scenario, tmp)]
-    logger = TensorBoardLogger(save_dir=tmp, name=f"{model_name}-{scenario}", version=repeat)
-    trainer = pl.Trainer(
+def bench_trainer(max_steps: int, logger: TensorBoardLogger, callbacks: list[Callback]) -> pl.Trainer:
+    """The Trainer every scenario runs in: CPU, no validation, no progress bar, summary or checkpoints."""
+    return pl.Trainer(
         accelerator="cpu",
         devices=1,
-        max_steps=warmup + steps + 1,
+        max_steps=max_steps,
         logger=logger,
         callbacks=callbacks,
         enable_progress_bar=False,
@@ -552,6 +545,18 @@ def fit_once(
         limit_val_batches=0,
         log_every_n_steps=LOGGED_EVERY,
     )
+
+
+def fit_once(
+    model_name: str, scenario: str, warmup: int, steps: int, tmp: str, repeat: int, memory: PeakRSS
+) -> Run:
+    model = make_model(model_name)
+    ours = scenario not in ("plain", "handwritten", "wandb_watch")
+    parts = _Attribution() if ours else None
+    timer = StepTimer(parts)
+    callbacks = [timer, *scenario_callbacks(scenario, tmp)]
+    logger = TensorBoardLogger(save_dir=tmp, name=f"{model_name}-{scenario}", version=repeat)
+    trainer = bench_trainer(warmup + steps + 1, logger, callbacks)
     _release_memory()
     memory.start()
     with parts if parts is not None else contextlib.nullcontext():
@@ -869,18 +874,10 @@ def profile_every_step(model_name: str, steps: int, top: int) -> None:
 
         model = make_model(model_name)
         window = _ProfileWindow(warmup=warmup, steps=steps)
-        trainer = pl.Trainer(
-            accelerator="cpu",
-            devices=1,
-            max_steps=warmup + steps + 1,
-            logger=TensorBoardLogger(save_dir=tmp, name="profile"),
-            callbacks=[window, *scenario_callbacks("every_step", tmp)],
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            enable_checkpointing=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-            log_every_n_steps=LOGGED_EVERY,
+        trainer = bench_trainer(
+            warmup + steps + 1,
+            TensorBoardLogger(save_dir=tmp, name="profile"),
+            [window, *scenario_callbacks("every_step", tmp)],
         )
         trainer.fit(model)
         print(
