@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lightning_inspect.cpu_reduction import reduce_finite
+
 #: The sufficient statistics at the start of every row, in order.
 FIELDS = ("count", "finite", "sum", "m2", "sumsq", "abs_sum", "min", "max", "zeros", "nan", "inf")
 N_FIELDS = len(FIELDS)
@@ -91,8 +93,9 @@ def reduce_tensor(x: torch.Tensor, bins: int = 64) -> torch.Tensor:
     Works for any dtype (bf16, fp16, integers, bool are read as float32; complex as its real and
     imaginary parts), any shape, empty tensors and tensors holding NaN or Inf.
 
-    On the CPU, where reading a value costs no transfer, a tensor whose sum is finite (so every
-    element is) takes a shorter path without masks; everywhere else the reduction is branch-free.
+    On the CPU, where reading a value costs no transfer, a tensor of finite values takes a shorter
+    path without masks or fresh temporaries (:mod:`lightning_inspect.cpu_reduction`); everywhere
+    else the reduction is branch-free.
 
     Args:
         x: the tensor; it is never modified.
@@ -109,59 +112,10 @@ def reduce_tensor(x: torch.Tensor, bins: int = 64) -> torch.Tensor:
     if n == 0:
         return empty_row(bins, v.device)
     if v.device.type == "cpu":
-        abs_sum = v.abs().sum()
-        if math.isfinite(abs_sum.item()):  # then every element is finite
-            return _reduce_finite_on_cpu(v, abs_sum.item(), bins)
+        row = reduce_finite(v, bins)  # None when a value is not finite
+        if row is not None:
+            return row
     return _reduce_any(v, bins)
-
-
-def _reduce_finite_on_cpu(v: torch.Tensor, abs_sum: float, bins: int) -> torch.Tensor:
-    """The row of a CPU vector known to hold finite values only, in as few passes as it allows.
-
-    Second moments come from one dot product; the slower forms run only where needed: centred
-    (when the mean dominates, so ``sumsq - n * mean**2`` would cancel) or scaled by the largest
-    magnitude (when squares overflow or vanish in float32).
-    """
-    n = v.numel()
-    total = v.sum().item()
-    lo_t, hi_t = torch.aminmax(v)
-    lo, hi = lo_t.item(), hi_t.item()
-    sumsq = torch.dot(v, v).item()
-    scale = max(abs(lo), abs(hi))
-    if not math.isfinite(sumsq) or (sumsq == 0.0 and scale > 0.0):
-        scaled = v / scale
-        sumsq = torch.dot(scaled, scaled).item() * scale * scale
-        centred = scaled - total / n / scale
-        m2 = _centred_m2(centred, n) * scale * scale
-    else:
-        m2 = sumsq - total * total / n
-        if m2 < 0.5 * sumsq:  # |mean| comparable to the spread: take the centred, exact form
-            m2 = _centred_m2(v - total / n, n)
-    zeros = n - torch.count_nonzero(v).item()
-    head = [float(n), float(n), total, m2, sumsq, abs_sum, lo, hi, float(zeros), 0.0, 0.0]
-    row = torch.tensor(head, dtype=torch.float64)
-    if bins <= 0:
-        return row
-    factor = bins / (hi - lo) if hi > lo else math.inf
-    if factor < 1e30:
-        index = (v - lo).mul_(factor).clamp_(0, bins - 1).to(torch.int32)  # truncation = floor here
-        counts = torch.bincount(index, minlength=bins)
-    elif hi > lo:  # a range so narrow (subnormals) that its inverse overflows: bin scaled values
-        counts = _histogram_counts(v / scale, None, lo_t / scale, hi_t / scale, bins)
-    else:
-        counts = torch.zeros(bins, dtype=torch.int64)
-        counts[0] = n
-    return torch.cat([row, counts.to(torch.float64)])
-
-
-def _centred_m2(centred: torch.Tensor, n: int) -> float:
-    """Sum of squares about the mean, given values minus an approximate mean.
-
-    The float32 mean is off by a rounding error that the subtraction keeps; removing the residual
-    mean (``sum**2 / n``) makes the result exact to float precision even for ``1e4 + 1e-3 * noise``.
-    """
-    residual = centred.sum().item()
-    return max(torch.dot(centred, centred).item() - residual * residual / n, 0.0)
 
 
 def _reduce_any(v: torch.Tensor, bins: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from lightning_inspect.cpu_reduction import CHUNK, SMALL, _scratch
 from lightning_inspect.stats import (
     ALL_STATS,
     DEFAULT_STATS,
@@ -214,6 +215,65 @@ def test_complex_is_read_as_real_and_imaginary_parts() -> None:
     assert s["zero_fraction"] == pytest.approx(2 / 6)
     nt = torch.randn(4, 3, dtype=torch.complex64).t()
     check_tensor(nt)
+
+
+# ------------------------------------------------------------------------------------------
+# The CPU fast paths: NumPy for small tensors, chunks through a reused scratch buffer above
+# ------------------------------------------------------------------------------------------
+
+_PATH_SIZES = [SMALL, SMALL + 1, CHUNK, CHUNK + 1, 2 * CHUNK + 777]
+
+
+def _distribution(name: str, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g, dtype=torch.float64)
+    if name == "relu":  # half exact zeros, at random places
+        x = x.clamp(min=0)
+    elif name == "sparse-grad":  # mostly zeros, as behind a ReLU in backward
+        x = torch.where(torch.rand(n, generator=g, dtype=torch.float64) < 0.8, 0.0, x)
+    elif name == "offset":  # |mean| >> std: the centred pass
+        x = 1e4 + 1e-3 * x
+    elif name == "positive":  # softmax-like: all positive, mean comparable to the spread
+        x = torch.rand(n, generator=g, dtype=torch.float64) / n
+    elif name == "constant":
+        x = torch.full((n,), 0.1, dtype=torch.float64)
+    elif name == "integers":  # many values exactly on bin edges
+        x = torch.randint(-32, 33, (n,), generator=g).to(torch.float64)
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("n", _PATH_SIZES)
+@pytest.mark.parametrize("name", ["randn", "relu", "sparse-grad", "offset", "positive", "constant", "integers"])
+def test_cpu_paths_match_numpy(n: int, name: str) -> None:
+    x = _distribution(name, n)
+    row = check_tensor(x, bins=64)
+    np.testing.assert_array_equal(row[:N_FIELDS], reduce_tensor(x, bins=0).numpy())
+    if name == "offset":  # the exact std, not one lost to cancellation
+        assert summarise(row)["std"] == pytest.approx(as_reference_array(x).std(), rel=1e-3)
+
+
+@pytest.mark.parametrize("n", [SMALL + 1, 2 * CHUNK + 777])
+def test_cpu_paths_float64_and_strided(n: int) -> None:
+    check_tensor(_distribution("relu", n, torch.float64), bins=64)
+    check_tensor(_distribution("offset", 2 * n)[::2], bins=64)  # a strided 1-D view
+
+
+@pytest.mark.parametrize("n", [SMALL + 1, CHUNK + 1])
+@pytest.mark.parametrize(
+    "values",
+    [[3e38, 3e38], [1e-25, -2e-25, 3e-25], [1e-45, 3e-45, -1e-44, 0.0], [1.0, math.nan], [2.0, -math.inf]],
+    ids=["sum-overflows", "squares-underflow", "subnormal", "nan", "inf"],
+)
+def test_cpu_paths_hand_extremes_to_the_general_path(n: int, values: list[float]) -> None:
+    x = torch.tensor(values, dtype=torch.float32).repeat(n // len(values) + 1)[:n]
+    check_tensor(x, bins=16, var_rtol=1e-3)
+
+
+def test_scratch_buffer_is_bounded_and_reused() -> None:
+    reduce_tensor(torch.randn(3 * CHUNK), bins=64)
+    first = _scratch.buffers[torch.float32]
+    reduce_tensor(torch.randn(2 * CHUNK + 5), bins=64)
+    assert _scratch.buffers[torch.float32] is first and first.numel() == CHUNK
 
 
 # ------------------------------------------------------------------------------------------
