@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -147,6 +148,29 @@ def test_tensorboard_sink_round_trip(tmp_path: Path) -> None:
     assert list(v.bucket) == [1.0, 1.0, 1.0, 2.0]
     [text] = tb.acc.Tensors("model/structure/text_summary")
     assert text.tensor_proto.string_val[0].decode() == "**Net**"
+
+
+def test_fast_tensorboard_checksum_is_tensorboards_own(tmp_path: Path) -> None:
+    """The C checksum swapped into TensorBoard's writer gives its pure-Python values, byte for byte."""
+    pytest.importorskip("google_crc32c")
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+    from tensorboard.summary.writer import record_writer
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_inspect.sinks.tensorboard import use_fast_crc
+
+    assert use_fast_crc() and use_fast_crc()  # idempotent
+    fast = record_writer.masked_crc32c
+    assert fast is not masked_crc32c
+    rng = np.random.default_rng(0)
+    for size in (0, 1, 3, 8, 255, 4097, 65536):
+        data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+        assert fast(data) == masked_crc32c(data), size
+    # and a file written with it reads back through TensorBoard's reader, which checks every CRC
+    writer = SummaryWriter(str(tmp_path))
+    TensorBoardSink(writer).log_scalars({f"k{i}": float(i) for i in range(300)}, step=3)
+    writer.close()
+    assert read_tb(tmp_path).scalars("k299") == [(3, 299.0)]
 
 
 # ------------------------------------------------------------------------------------------
