@@ -9,7 +9,8 @@ The work is split in two halves so that a logging step costs one device-to-host 
   rows of one key (a module called several times, gradient accumulation, several ranks) and
   :func:`summarise` / :func:`histogram` turn a row into the statistics users see.
 
-Statistics are computed in float32 (float64 tensors in float64) over the finite values (NaN and Inf are counted, not used),
+Statistics are computed at least in float32 (float64 tensors in float64; on the CPU see
+:mod:`lightning_inspect.cpu_reduction`) over the finite values (NaN and Inf are counted, not used),
 except ``zero_fraction`` which is over all elements. ``std`` is the population standard deviation
 (``ddof=0``), computed from centred sums so it stays exact when ``|mean| >> std``.
 
