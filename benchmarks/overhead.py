@@ -29,6 +29,11 @@ Usage:
     python benchmarks/overhead.py --quick         # ~1 min smoke test (numbers indicative only)
     python benchmarks/overhead.py --steps 100 --repeats 5 --models mlp,cnn --json out.json
     python benchmarks/overhead.py --profile mlp   # where every_step's time goes
+    python benchmarks/overhead.py --accelerator gpu   # the same on one CUDA device
+
+On a GPU (``--accelerator gpu``) step boundaries synchronise the device before reading the clock,
+the floor's timings synchronise too, and the table adds each scenario's peak GPU memory
+(``torch.cuda.max_memory_allocated``, reset before every run).
 """
 
 from __future__ import annotations
@@ -71,6 +76,13 @@ from lightning_inspect import (
 from lightning_inspect.stats import reduce_tensor
 
 LOGGED_EVERY = 50  # every_50's period; measured windows should be multiples of it
+ACCELERATOR = "cpu"  # or "gpu": set from --accelerator in main()
+
+
+def _sync() -> None:
+    """Wait for the device, so that the clock measures the work and not its queueing."""
+    if ACCELERATOR == "gpu":
+        torch.cuda.synchronize()
 
 # ------------------------------------------------------------------------------------------------
 # Models and data
@@ -423,6 +435,7 @@ class StepTimer(Callback):
         return total
 
     def on_train_batch_start(self, *args: Any) -> None:
+        _sync()
         self.inside.append(self._parts.total() if self._parts is not None else 0.0)
         self.cpu.append(self._cpu())
         self.starts.append(time.perf_counter())
@@ -528,12 +541,13 @@ class Run:
     inside_s: float  # wall time per step spent inside lightning_inspect's code (our scenarios only)
     peak_rss_mb: float
     peak_increase_mb: float
+    peak_gpu_mb: float = 0.0  # torch.cuda.max_memory_allocated, --accelerator gpu only
 
 
 def bench_trainer(max_steps: int, logger: TensorBoardLogger, callbacks: list[Callback]) -> pl.Trainer:
-    """The Trainer every scenario runs in: CPU, no validation, no progress bar, summary or checkpoints."""
+    """The Trainer every scenario runs in: one device, no validation, progress bar, summary or checkpoints."""
     return pl.Trainer(
-        accelerator="cpu",
+        accelerator=ACCELERATOR,
         devices=1,
         max_steps=max_steps,
         logger=logger,
@@ -558,10 +572,14 @@ def fit_once(
     logger = TensorBoardLogger(save_dir=tmp, name=f"{model_name}-{scenario}", version=repeat)
     trainer = bench_trainer(warmup + steps + 1, logger, callbacks)
     _release_memory()
+    if ACCELERATOR == "gpu":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     memory.start()
     with parts if parts is not None else contextlib.nullcontext():
         trainer.fit(model)
     peak = memory.stop()
+    peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if ACCELERATOR == "gpu" else 0.0
     gaps = [b - a for a, b in zip(timer.starts, timer.starts[1:])][warmup : warmup + steps]
     if len(gaps) != steps:
         raise RuntimeError(f"{model_name}/{scenario}: measured {len(gaps)} steps, expected {steps}")
@@ -577,6 +595,7 @@ def fit_once(
         inside,
         peak / 2**20,
         (peak - memory.start_bytes) / 2**20,
+        peak_gpu,
     )
 
 
@@ -662,8 +681,10 @@ def _median_time(fn: Callable[[], Any], repeats: int) -> float:
     fn()
     times = []
     for _ in range(repeats):
+        _sync()
         t0 = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -1092,6 +1113,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "and our monitors reading only what wandb.watch reads)",
     )
     p.add_argument("--no-wandb", action="store_true", help="skip the wandb.watch baseline")
+    p.add_argument(
+        "--accelerator",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="where the models train (gpu: one CUDA device; default cpu)",
+    )
     p.add_argument("--json", type=Path, help="write every measurement and the summary here")
     p.add_argument(
         "--profile", metavar="MODEL", help="profile plain and every_step for MODEL instead"
@@ -1119,6 +1146,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    global ACCELERATOR
+    if args.accelerator == "gpu" and not torch.cuda.is_available():
+        print("--accelerator gpu: torch sees no CUDA device here; run on a GPU machine or use --accelerator cpu")
+        return 2
+    ACCELERATOR = args.accelerator
     _quiet()
     torch.set_num_threads(args.threads)
     gc.collect()
@@ -1196,6 +1228,15 @@ def main(argv: list[str] | None = None) -> int:
     print("peak +MB: median peak RSS increase over the run's start; peak MB: highest absolute RSS.")
     print()
     print_table(summaries)
+    if ACCELERATOR == "gpu":
+        print("\npeak GPU memory (max_memory_allocated, median over repetitions), MB:")
+        for model in args.models:
+            cells = []
+            for scenario in scenarios:
+                peaks = [r.peak_gpu_mb for r in runs if r.model == model and r.scenario == scenario and r.repeat >= 0]
+                if peaks:
+                    cells.append(f"{scenario} {statistics.median(peaks):.0f}")
+            print(f"  {model:<12}" + ", ".join(cells))
 
     by = {(s.model, s.scenario): s for s in summaries}
     if any(("every_step" == sc) for _, sc in by) and any(sc == "every_50" for _, sc in by):
@@ -1242,7 +1283,7 @@ def main(argv: list[str] | None = None) -> int:
 
     targets = check_targets(summaries)
     print(
-        "\nTargets (CPU-only machine; medians of per-repetition ratios) judged on: "
+        f"\nTargets ({'one CUDA device' if ACCELERATOR == 'gpu' else 'CPU-only machine'}; medians of per-repetition ratios) judged on: "
         "wall clock | CPU time | time inside lightning_inspect"
     )
     for t in targets:
@@ -1269,6 +1310,8 @@ def main(argv: list[str] | None = None) -> int:
                         "lightning": pl.__version__,
                         "threads": torch.get_num_threads(),
                         "cpus": os.cpu_count(),
+                        "accelerator": ACCELERATOR,
+                        "gpu": torch.cuda.get_device_name(0) if ACCELERATOR == "gpu" else None,
                         "memory_method": memory.method,
                     },
                     "notes": notes,

@@ -27,3 +27,20 @@ def test_overhead_benchmark_quick_run(tmp_path: Path) -> None:
     assert {"plain", "off", "every_step", "every_50", "handwritten"} <= scenarios
     assert "Targets" in proc.stdout and "Floor" in proc.stdout
     assert result["probes"]["probe_off_ns"] > 0
+
+
+def _overhead(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), *args],
+        capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+
+
+def test_overhead_benchmark_gpu_variant_refuses_without_cuda() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: tests/test_gpu.py runs the GPU variant")
+    proc = _overhead("--accelerator", "gpu", "--quick", timeout=120)
+    assert proc.returncode == 2
+    assert "--accelerator gpu" in proc.stdout and "no CUDA device" in proc.stdout

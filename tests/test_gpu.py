@@ -107,3 +107,28 @@ def test_fp16_amp_gradients_are_unscaled() -> None:
     trainer.fit(Net(), data)
     logged = [v for _, v in sink.scalars["param_grads/global_norm"]]
     assert logged == pytest.approx(reference, rel=1e-4)  # the scaler's factor (65536) is not in them
+
+
+@pytest.mark.slow
+def test_overhead_benchmark_gpu_variant(tmp_path) -> None:
+    """The benchmark's CUDA variant runs and reports every scenario with its peak GPU memory."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "overhead.py"), "--accelerator", "gpu", "--quick",
+         "--models", "cnn", "--no-wandb", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["environment"]["accelerator"] == "gpu"
+    runs = [r for r in result["runs"] if r["model"] == "cnn" and r["repeat"] >= 0]
+    assert {r["scenario"] for r in runs} >= {"plain", "every_step", "every_50"}
+    assert all(r["peak_gpu_mb"] > 0 for r in runs)
+    assert "peak GPU memory" in proc.stdout
