@@ -53,7 +53,12 @@ RULES = (
     "saturation",
     "update_ratio_high",
     "update_ratio_low",
+    "grad_scaler_stalled",
 )
+
+#: Logged steps in a row that a GradScaler must skip before ``grad_scaler_stalled`` fires: the
+#: scale halves at each skip, so a healthy fp16 run needs a few at its start and then none.
+SCALER_STALL_STEPS = 8
 
 #: Rules whose worst value is the smallest one (the others: the largest).
 _LOWER_IS_WORSE = frozenset({"vanishing_gradient", "update_ratio_low"})
@@ -224,6 +229,24 @@ class Finding:
             f"{self.severity}: {self.rule} in {self.module!r} at step {self.step}: "
             f"{self.statistic} = {format_value(self.value)} ({self.hint})"
         )
+
+
+def scaler_stalled(skipped_in_a_row: int, scale: float, step: int) -> Finding | None:
+    """The finding for a GradScaler that skipped ``skipped_in_a_row`` logged steps in a row, if enough.
+
+    >>> scaler_stalled(8, 2.0**-3, 40).rule
+    'grad_scaler_stalled'
+    """
+    if skipped_in_a_row != SCALER_STALL_STEPS:
+        return None
+    return Finding(
+        "grad_scaler_stalled", "error", "", "skipped_by_scaler", float(skipped_in_a_row), step,
+        f"the GradScaler skipped the last {skipped_in_a_row} logged steps (scale now "
+        f"{format_value(scale)}): gradients are NaN/Inf even unscaled, so nothing is learning; "
+        "look for a NaN made in backward (HealthMonitor(on_nonfinite='raise') with a float32 "
+        "run names the module) or lower the learning rate",
+        float(SCALER_STALL_STEPS),
+    )
 
 
 def format_value(value: float) -> str:

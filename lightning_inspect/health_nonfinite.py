@@ -346,6 +346,10 @@ class NonFiniteLocator:
         self._hit_step: int | None = None
         self._warned: set[str] = set()
         self._last_module: str | None = None
+        #: Set when a GradScaler scales the gradients (fp16): a non-finite gradient may then be an
+        #: overflow that the scaler answers by skipping the step, so gradient checks wait for
+        #: :meth:`check`, which is told whether the scaler found one.
+        self.gradients_may_overflow = False
 
     # -- setting up -----------------------------------------------------------------------
 
@@ -460,7 +464,7 @@ class NonFiniteLocator:
             row = reduce_tensor(grad, 0)
             site.grad_row = row
             site.grad_shape = tuple(grad.shape)
-            if self.check_mode == "module":
+            if self.check_mode == "module" and not self.gradients_may_overflow:
                 if bool(row[_NAN] + row[_INF] > 0):
                     self._act(self._backward_origin(site, _host_row(row), tuple(grad.shape)), gradient=grad)
             else:
@@ -472,15 +476,25 @@ class NonFiniteLocator:
 
     # -- end of backward --------------------------------------------------------------------
 
-    def check(self, parameters: Mapping[str, Sequence[tuple[str, nn.Parameter]]] | None = None) -> NonFiniteOrigin | None:
+    def check(
+        self,
+        parameters: Mapping[str, Sequence[tuple[str, nn.Parameter]]] | None = None,
+        gradients_overflowed: bool = False,
+    ) -> NonFiniteOrigin | None:
         """Test what is pending (``"step"`` mode) and the parameter gradients, in one transfer.
 
         Call after backward, before the optimizer step. ``parameters``: ``{module: [(name,
-        parameter), ...]}`` in execution order. Returns the origin found (after acting on it).
+        parameter), ...]}`` in execution order. ``gradients_overflowed``: a GradScaler found
+        Inf/NaN gradients and skips this step, so non-finite gradients are its business, not an
+        origin (forward and loss values are still checked). Returns the origin found (after
+        acting on it).
         """
         events, self._events = self._events, []
         if self.hit_this_step:
             return None
+        if gradients_overflowed:
+            events = [e for e in events if e.phase != "backward"]
+            parameters = None
         flags: list[torch.Tensor] = [e.row[_NAN] + e.row[_INF] for e in events]
         owners: list[tuple[str, str, nn.Parameter]] = []
         for module, params in (parameters or {}).items():

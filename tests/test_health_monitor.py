@@ -452,3 +452,57 @@ def test_hooks_are_inert_in_copies_and_absent_outside_logged_steps(tmp_path: Pat
     trainer(tmp_path, [monitor, Copier()], max_steps=3).fit(model, data(4))
     assert no_hooks_left(model) and math.isfinite(copies[-1](torch.zeros(1, 4)).item())
     assert monitor.last_logged_step == 2
+
+
+@pytest.mark.parametrize("check", ["module", "step"])
+def test_steps_the_grad_scaler_skips_are_neither_errors_nor_stops(tmp_path: Path, check: str) -> None:
+    """fp16 with a GradScaler: overflowing gradients are how the scaler finds its scale.
+
+    The scaler skips those steps and lowers its scale; they must not stop training in ``raise``
+    mode nor be reported as non-finite or exploding gradients or as a too-small update.
+    """
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    torch.manual_seed(0)
+    sink = MemorySink()
+    monitor = quiet_monitor(every_n_steps=1, backends=[sink], on_nonfinite="raise", nonfinite_check=check, pictures=False)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**24))
+    fit = L.Trainer(
+        default_root_dir=tmp_path, max_steps=12, logger=False, callbacks=[monitor], plugins=[plugin],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, accelerator="cpu", devices=1,
+    )
+    model = Regression(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)))
+    fit.fit(model, data(4, n=96))
+    assert fit.global_step == 12  # not stopped
+    skipped = dict(sink.scalars["health/skipped_by_scaler"])
+    assert skipped[0] == 1.0 and any(v == 0.0 for v in skipped.values())  # it did overflow, then recover
+    rules = {f.rule for f in monitor.report.findings() if f.step in {s for s, v in skipped.items() if v}}
+    assert not rules & {"nonfinite", "exploding_gradient", "vanishing_gradient", "update_ratio_low"}, rules
+    assert not [f for f in monitor.report.findings() if f.rule == "nonfinite"]
+    # steps that ran are still checked and logged
+    ran = [s for s, v in skipped.items() if not v]
+    assert all(math.isfinite(v) for s, v in sink.scalars["health/net.0/grad_norm"] if s in ran)
+
+
+def test_a_grad_scaler_that_skips_every_step_is_reported_as_stalled(tmp_path: Path) -> None:
+    """A NaN made in backward under fp16: the scaler skips every step and nothing learns."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from lightning_inspect.diagnostics import SCALER_STALL_STEPS
+
+    torch.manual_seed(0)
+    monitor = quiet_monitor(every_n_steps=1, on_nonfinite="raise", pictures=False)
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    fit = L.Trainer(
+        default_root_dir=tmp_path, max_steps=SCALER_STALL_STEPS + 2, logger=False, callbacks=[monitor],
+        plugins=[plugin], enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu", devices=1,
+    )
+    model = Regression(nn.Sequential(nn.Linear(4, 8), NanBackward(), nn.Linear(8, 1)))
+    before = [p.detach().clone() for p in model.parameters()]
+    fit.fit(model, data(4, n=16 * (SCALER_STALL_STEPS + 2)))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # every step skipped
+    [stalled] = [f for f in monitor.report.findings() if f.rule == "grad_scaler_stalled"]
+    assert (stalled.severity, stalled.step, stalled.value) == ("error", SCALER_STALL_STEPS - 1, SCALER_STALL_STEPS)
+    assert "skipped the last 8 logged steps" in stalled.hint

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_inspect._checks import check_bool
+from lightning_inspect.callbacks._grad_scaler import loss_scale, scaler_found_inf
 from lightning_inspect.callbacks._module_hooks import OutputGradHook
 from lightning_inspect.callbacks.base import ModuleMonitor
 from lightning_inspect.keys import metric_key
@@ -85,10 +86,10 @@ class GradientMonitor(ModuleMonitor):
         self._add_row(key, reduce_tensor(grad, self.bins))
 
     def _before_optimizer_step(self, pl_module: pl.LightningModule) -> None:
-        scale = _loss_scale(pl_module)
+        scale = loss_scale(pl_module)
         if scale is not None and self.outputs:  # output gradients were read before unscaling
             self._add_scalar(_LOSS_SCALE_KEY, scale)
-        skipped = _scaler_found_inf(pl_module, self._optimizer)
+        skipped = scaler_found_inf(pl_module, self._optimizer)
         if skipped is not None:  # the GradScaler will skip this step: its Inf/NaN are expected
             self._add_scalar(SKIPPED_KEY, skipped)
         if self.parameters:
@@ -122,37 +123,6 @@ class GradientMonitor(ModuleMonitor):
 _LOSS_SCALE_KEY = "__loss_scale__"
 #: 1 when the GradScaler found Inf/NaN gradients and skips the optimizer step, else 0.
 SKIPPED_KEY = "param_grads/skipped_by_scaler"
-
-
-def _grad_scaler(pl_module: pl.LightningModule) -> Any:
-    """The Trainer's enabled GradScaler (mixed precision), or None."""
-    trainer = pl_module._trainer
-    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None) if trainer is not None else None
-    return scaler if scaler is not None and scaler.is_enabled() else None
-
-
-def _scaler_found_inf(pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer | None) -> torch.Tensor | None:
-    """1.0 (device tensor) when the GradScaler found Inf/NaN gradients for this step; None without one."""
-    scaler = _grad_scaler(pl_module)
-    if scaler is None or optimizer is None:
-        return None
-    try:
-        found = list(scaler._found_inf_per_device(optimizer).values())  # set by unscale_, no sync
-    except (KeyError, RuntimeError, AttributeError):
-        return None
-    if not found:
-        return None
-    device = found[0].device
-    return (torch.stack([f.to(device, torch.float32).reshape(()) for f in found]).sum() > 0).to(torch.float32)
-
-
-def _loss_scale(pl_module: pl.LightningModule) -> torch.Tensor | None:
-    """The loss scale of the step's backward (a device tensor), or None without a GradScaler."""
-    scaler = _grad_scaler(pl_module)
-    if scaler is None:
-        return None
-    scale = getattr(scaler, "_scale", None)  # the tensor behind get_scale(), read without a sync
-    return scale.detach().reshape(()).clone() if isinstance(scale, torch.Tensor) else None
 
 
 def _dense(grad: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ lifetime, one device-to-host transfer per logging step through the shared coordi
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -27,9 +28,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_inspect._checks import as_str_list, check_bool, check_choice, check_positive_int
+from lightning_inspect.callbacks._grad_scaler import grad_scaler, loss_scale, scaler_found_inf
 from lightning_inspect.callbacks._module_hooks import in_backward_pass
 from lightning_inspect.callbacks.base import ModuleMonitor
-from lightning_inspect.diagnostics import HealthReport, HealthRules, HealthThresholds
+from lightning_inspect.diagnostics import HealthReport, HealthRules, HealthThresholds, scaler_stalled
 from lightning_inspect.errors import InspectError
 from lightning_inspect.health_nonfinite import (
     CHECK_MODES,
@@ -94,6 +96,14 @@ def unit_dim(ndim: int, after_conv: bool) -> int:
     if ndim >= 4 or (ndim == 3 and after_conv):
         return 1
     return -1
+
+
+#: 1 when the GradScaler found Inf/NaN gradients and skips the optimizer step (fp16), else 0.
+_SKIPPED_KEY = "health/skipped_by_scaler"
+#: Internal: the GradScaler's scale, for the stalled-scaler finding.
+_SCALE_KEY = "__health_loss_scale__"
+#: Statistics a step the GradScaler skips leaves meaningless: its gradients overflowed on purpose.
+_SCALER_OWNED = ("/grad_norm", "/update_ratio")
 
 
 class _HealthHook(InertWhenCopied):
@@ -241,6 +251,7 @@ class HealthMonitor(ModuleMonitor):
         self._units: dict[str, int] = {}
         self._before: dict[str, list[torch.Tensor]] | None = None
         self._logs = 0
+        self._skipped_in_a_row = 0
         self._finished = False
         self._picture_warned: set[str] = set()
 
@@ -278,6 +289,7 @@ class HealthMonitor(ModuleMonitor):
             self.locator = NonFiniteLocator(self.on_nonfinite, self.nonfinite_check, self._owner, self._on_origin)
             self.locator.watch(self.selected)
             self.locator.resolve_check(pl_module.device)
+            self.locator.gradients_may_overflow = grad_scaler(pl_module) is not None
 
     def _selection_summary(self) -> tuple[str, list[str]]:
         return "modules", list(self.selected)
@@ -301,7 +313,12 @@ class HealthMonitor(ModuleMonitor):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         if self._recording and self.locator is not None:
-            self.locator.check(self._params_in_order())  # may stop fit before the weights change
+            overflowed = False
+            if self.locator.gradients_may_overflow:  # fp16: was this an overflow the scaler skips?
+                found = scaler_found_inf(pl_module, optimizer)
+                overflowed = found is not None and bool(found.item())
+            # may stop fit before the weights change
+            self.locator.check(self._params_in_order(), gradients_overflowed=overflowed)
         super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
     def on_train_batch_end(
@@ -364,6 +381,12 @@ class HealthMonitor(ModuleMonitor):
     def _before_optimizer_step(self, pl_module: pl.LightningModule) -> None:
         if self._before is not None:  # several optimizers: the first call of the step counts
             return
+        skipped = scaler_found_inf(pl_module, self._optimizer)
+        if skipped is not None:  # fp16: the GradScaler skips this step, its gradients overflowed
+            self._add_scalar(_SKIPPED_KEY, skipped)
+            scale = loss_scale(pl_module)
+            if scale is not None:
+                self._add_scalar(_SCALE_KEY, scale)
         with torch.no_grad():
             owners: list[str] = []
             grads: list[torch.Tensor] = []
@@ -435,11 +458,17 @@ class HealthMonitor(ModuleMonitor):
 
     def _publish(self, record: StepRecord, values: HostRecord) -> None:
         rows, scalars = values
+        scale = scalars.pop(_SCALE_KEY, None)
+        skipped = bool(scalars.get(_SKIPPED_KEY, 0.0))
         scalars = {k: v for k, v in scalars.items() if not (k.endswith("/update_ratio") and v != v)}
         if self.log_metrics:
             super()._publish(record, (rows, scalars))
         stats: dict[str, dict[str, float]] = {}
         for key, value in scalars.items():
+            if key == _SKIPPED_KEY:
+                continue
+            if skipped and key.endswith(_SCALER_OWNED):
+                continue  # overflowed gradients and an update that never happened: nothing to judge
             _, rest = key.split("/", 1)
             module, stat = rest.rsplit("/", 1)
             stats.setdefault(module, {})[stat] = value
@@ -452,6 +481,10 @@ class HealthMonitor(ModuleMonitor):
         if self.locator is not None and any(o.step == record.step for o in self.locator.origins):
             # The origin of this step's NaN/Inf is in the report: the rest follows from it.
             findings = [f for f in findings if f.rule != "nonfinite"]
+        self._skipped_in_a_row = self._skipped_in_a_row + 1 if skipped else 0
+        stalled = scaler_stalled(self._skipped_in_a_row, scale if scale is not None else math.nan, record.step)
+        if stalled is not None:
+            findings.append(stalled)
         self.report.logged_steps += 1
         for finding in self.report.extend(findings):
             if self.warn_findings and finding.severity != "info":
