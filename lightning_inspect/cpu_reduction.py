@@ -184,10 +184,16 @@ def _counts_chunked(
     # bincount runs about twice as fast over bytes: narrow the index when it fits in one
     narrow = _scratch_for(chunks[0][1], torch.uint8) if bins < 256 else None
     counts = np.zeros(bins + 1, dtype=np.int64)
+    # When the range holds 0, |lo * factor| <= bins and `factor * v - lo * factor` (one pass) is as
+    # exact as `(v - lo) * factor` (two): both err by a few float32 ulps of `bins`.
+    offset = torch.tensor(-lo * factor, dtype=scratch.dtype) if lo <= 0.0 <= hi else None
     for chunk, size in chunks:
-        position = torch.sub(chunk, lo, out=scratch[:size]).mul_(factor)  # in [0, bins]
+        if offset is not None:
+            position = torch.add(offset, chunk, alpha=factor, out=scratch[:size])  # in [0, bins]
+        else:
+            position = torch.sub(chunk, lo, out=scratch[:size]).mul_(factor)
         index = position.view(index_dtype)
-        index.copy_(position)  # in place: truncation, which is floor for values >= 0
+        index.copy_(position)  # in place: truncation, floor for values >= 0 (and 0 for -ulps)
         if narrow is None:
             counts += torch.bincount(index, minlength=bins + 1).numpy()
             continue
