@@ -67,10 +67,15 @@ def to_host(records: Sequence[StepRecord]) -> list[HostRecord]:
     """
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     sizes: dict[torch.device, int] = {}
-    places: list[list[tuple[str, torch.device, int, int]]] = []
+    places: list[list[tuple[str, torch.device | None, int, int]]] = []
+    on_host: list[np.ndarray] = []  # rows the CPU reduction already made float64 vectors
     for record in records:
         place = []
         for key, tensor in [*record.rows, *record.scalars]:
+            if tensor.device.type == "cpu" and tensor.dtype == torch.float64 and tensor.dim() == 1:
+                place.append((key, None, len(on_host), 0))
+                on_host.append(tensor.detach().numpy())
+                continue
             flat = tensor.detach().reshape(-1).to(torch.float64)
             offset = sizes.get(flat.device, 0)
             sizes[flat.device] = offset + flat.numel()
@@ -78,14 +83,18 @@ def to_host(records: Sequence[StepRecord]) -> list[HostRecord]:
             place.append((key, flat.device, offset, flat.numel()))
         places.append(place)
     host = {device: torch.cat(chunks).cpu().numpy() for device, chunks in by_device.items()}
+
+    def values(device: torch.device | None, offset: int, size: int) -> np.ndarray:
+        return on_host[offset] if device is None else host[device][offset : offset + size]
+
     out: list[HostRecord] = []
     for record, place in zip(records, places):
         n_rows = len(record.rows)
         grouped: dict[str, list[np.ndarray]] = {}
         for key, device, offset, size in place[:n_rows]:
-            grouped.setdefault(key, []).append(host[device][offset : offset + size])
-        rows = {key: merge_rows(np.stack(parts)) for key, parts in grouped.items()}
-        scalars = {key: float(host[device][offset]) for key, device, offset, _ in place[n_rows:]}
+            grouped.setdefault(key, []).append(values(device, offset, size))
+        rows = {key: parts[0] if len(parts) == 1 else merge_rows(np.stack(parts)) for key, parts in grouped.items()}
+        scalars = {key: float(values(device, offset, size)[0]) for key, device, offset, size in place[n_rows:]}
         out.append((rows, scalars))
     return out
 

@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -271,6 +272,14 @@ class Histogram:
     sum_squares: float
 
 
+@functools.lru_cache(maxsize=8)
+def _unit_edges(bins: int) -> np.ndarray:
+    """``bins + 1`` equal steps from 0 to 1 (exactly 1 at the end); read-only, shared."""
+    unit = np.linspace(0.0, 1.0, bins + 1)
+    unit.flags.writeable = False
+    return unit
+
+
 def histogram(row: np.ndarray) -> Histogram | None:
     """The histogram of a host row, or ``None`` when it has no bins or no finite value."""
     bins = len(row) - N_FIELDS
@@ -279,8 +288,10 @@ def histogram(row: np.ndarray) -> Histogram | None:
         return None
     lo, hi = float(row[_F["min"]]), float(row[_F["max"]])
     total = float(row[_F["sum"]])
+    edges = lo + (hi - lo) * _unit_edges(bins)
+    edges[-1] = hi  # exactly, whatever the rounding of lo + (hi - lo)
     return Histogram(
-        edges=np.linspace(lo, hi, bins + 1),
+        edges=edges,
         counts=np.asarray(row[N_FIELDS:], dtype=np.float64),
         min=lo,
         max=hi,

@@ -67,9 +67,11 @@ def test_to_host_makes_one_transfer_for_all_records(monkeypatch: pytest.MonkeyPa
         return original(self, *args, **kwargs)
 
     records = []
+    rows = [reduce_tensor(torch.randn(10), bins=8) for _ in range(3)]
     for i in range(3):
         r = StepRecord(i)
-        r.add_row(f"k{i}", reduce_tensor(torch.randn(10), bins=8))
+        r.add_row(f"k{i}", rows[i])  # float64 on the CPU already: read in place, no copy
+        r.add_row(f"f{i}", rows[i].to(torch.float32))  # as a device row would need: transferred
         r.add_scalar(f"s{i}", torch.tensor(float(i)))
         records.append(r)
     monkeypatch.setattr(torch.Tensor, "cpu", counting_cpu)
@@ -77,6 +79,9 @@ def test_to_host_makes_one_transfer_for_all_records(monkeypatch: pytest.MonkeyPa
     monkeypatch.undo()
     assert len(calls) == 1 and calls[0] == 3 * (len(FIELDS) + 8 + 1)
     assert [o[1] for o in out] == [{"s0": 0.0}, {"s1": 1.0}, {"s2": 2.0}]
+    for i, (host_rows, _) in enumerate(out):
+        np.testing.assert_array_equal(host_rows[f"k{i}"], rows[i].numpy())
+        np.testing.assert_allclose(host_rows[f"f{i}"], rows[i].numpy(), rtol=1e-6)
 
 
 class Member:

@@ -112,6 +112,7 @@ class ModuleMonitor(Callback):
         check_patterns(owner, "exclude", self.exclude)
         self.schedule = Schedule.checked(owner, every_n_steps, start_step, stop_step)
         self.stats = check_choices(owner, "stats", stats, ALL_STATS, DEFAULT_STATS)
+        self._stat_keys: dict[str, list[str]] = {}  # row key -> its metric keys, in self.stats order
         self.histograms = check_bool(owner, "histograms", histograms)
         self.bins = check_positive_int(owner, "bins", bins, minimum=2) if self.histograms else 0
         self.backends = check_backends(owner, backends)
@@ -287,9 +288,12 @@ class ModuleMonitor(Callback):
         step = record.step
         out: dict[str, float] = {}
         hists = {}
+        stat_keys = self._stat_keys
         for key, row in rows.items():
-            for stat, value in summarise(row, self.stats).items():
-                out[metric_key(key, stat)] = value
+            names = stat_keys.get(key)
+            if names is None:
+                names = stat_keys[key] = [metric_key(key, stat) for stat in self.stats]
+            out.update(zip(names, summarise(row, self.stats).values()))
             if self.histograms:
                 h = histogram(row)
                 if h is not None:
