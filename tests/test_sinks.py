@@ -353,3 +353,30 @@ def test_histogram_artifacts_are_uploaded_after_a_failed_flush(mlflow_logger, ml
     sink.flush()  # the end of fit: the store is back
     names = [f.path for f in mlflow_client.list_artifacts(run_id, "lightning_inspect/histograms")]
     assert "lightning_inspect/histograms/Flaky.jsonl" in names
+
+
+def test_histogram_picture_puts_high_values_at_the_top(tmp_path: Path) -> None:
+    """The MLflow picture of a key: value grows upwards, step to the right, bright = many values."""
+    from PIL import Image
+
+    from lightning_inspect.keys import MlflowKeys
+    from lightning_inspect.sinks.mlflow import _MARGIN, _PLOT, render_histogram_pictures
+
+    spool = tmp_path / "h.jsonl"
+    with spool.open("w") as f:
+        for step in range(10):  # every value in the top bin for steps 0-4, the bottom bin after
+            counts = [0] * 8
+            counts[7 if step < 5 else 0] = 100
+            f.write(json.dumps({"key": "activations/fc", "step": step, "lo": -1.0, "hi": 1.0, "counts": counts}) + "\n")
+    [path] = render_histogram_pictures(spool, tmp_path / "pictures", MlflowKeys())
+    image = np.asarray(Image.open(path).convert("L"), dtype=float)
+    left, top, right, bottom = _MARGIN
+    width, height = _PLOT
+    assert image.shape == (top + height + bottom, left + width + right)
+    plot = image[top : top + height, left : left + width]
+    band = height // 8  # one bin of the eight
+    first, last = slice(0, width // 2 - 4), slice(width // 2 + 4, width)  # steps 0-4, steps 5-9
+    top_early, bottom_early = plot[:band, first].mean(), plot[-band:, first].mean()
+    top_late, bottom_late = plot[:band, last].mean(), plot[-band:, last].mean()
+    assert top_early > bottom_early + 100  # early steps: every value in the top bin, drawn on top
+    assert bottom_late > top_late + 100  # later steps: every value in the bottom bin
