@@ -72,7 +72,7 @@ def row_length(bins: int) -> int:
 
 def _as_float_vector(x: torch.Tensor) -> torch.Tensor:
     """``x`` flattened as float32 (float64 stays float64, so its range and precision are kept)."""
-    x = x.detach()
+    x = x.detach().resolve_conj().resolve_neg()  # lazy conjugate/negative views: their values
     if x.is_complex():
         x = torch.view_as_real(x)
     if x.dtype not in (torch.float32, torch.float64):

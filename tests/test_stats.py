@@ -36,7 +36,7 @@ F = {name: i for i, name in enumerate(FIELDS)}
 
 def as_reference_array(x: torch.Tensor) -> np.ndarray:
     """The values the library promises to summarise: float32 reading (float64 kept), complex as (re, im)."""
-    x = x.detach()
+    x = x.detach().resolve_conj().resolve_neg()
     if x.is_complex():
         x = torch.view_as_real(x)
     if x.dtype != torch.float64:
@@ -267,6 +267,20 @@ def test_cpu_paths_float64_and_strided(n: int) -> None:
 def test_cpu_paths_hand_extremes_to_the_general_path(n: int, values: list[float]) -> None:
     x = torch.tensor(values, dtype=torch.float32).repeat(n // len(values) + 1)[:n]
     check_tensor(x, bins=16, var_rtol=1e-3)
+
+
+@pytest.mark.parametrize("n", [100, SMALL + 1])
+def test_lazy_conjugate_and_negative_views_are_read_as_their_values(n: int) -> None:
+    g = torch.Generator().manual_seed(n)
+    z = torch.randn(n, dtype=torch.complex64, generator=g)
+    conj = z.conj()  # a view with the conjugate bit: imaginary parts negated when read
+    assert conj.is_conj()
+    row = check_tensor(conj)
+    np.testing.assert_array_equal(row, reduce_tensor(conj.resolve_conj(), bins=BINS).numpy())
+    x = torch.randn(n, generator=g)
+    neg = torch._neg_view(x)  # what some autograd formulas hand to gradient hooks
+    assert neg.is_neg()
+    np.testing.assert_array_equal(check_tensor(neg), reduce_tensor(-x, bins=BINS).numpy())
 
 
 def test_scratch_buffer_is_bounded_and_reused() -> None:
