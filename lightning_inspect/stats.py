@@ -73,6 +73,8 @@ def row_length(bins: int) -> int:
 def _as_float_vector(x: torch.Tensor) -> torch.Tensor:
     """``x`` flattened as float32 (float64 stays float64, so its range and precision are kept)."""
     x = x.detach().resolve_conj().resolve_neg()  # lazy conjugate/negative views: their values
+    if x.layout != torch.strided:  # sparse: the stored values (as for sparse gradients)
+        x = x.coalesce().values() if x.is_sparse else x.values()
     if x.is_complex():
         x = torch.view_as_real(x)
     if x.dtype not in (torch.float32, torch.float64):
@@ -93,7 +95,8 @@ def reduce_tensor(x: torch.Tensor, bins: int = 64) -> torch.Tensor:
     """Reduce ``x`` to one float64 row on its own device, without synchronising an accelerator.
 
     Works for any dtype (bf16, fp16, integers, bool are read as float32; complex as its real and
-    imaginary parts), any shape, empty tensors and tensors holding NaN or Inf.
+    imaginary parts), any shape, empty tensors, tensors holding NaN or Inf, and sparse tensors
+    (their stored values).
 
     On the CPU, where reading a value costs no transfer, a tensor of finite values takes a shorter
     path without masks or fresh temporaries (:mod:`lightning_inspect.cpu_reduction`); everywhere

@@ -283,6 +283,14 @@ def test_lazy_conjugate_and_negative_views_are_read_as_their_values(n: int) -> N
     np.testing.assert_array_equal(check_tensor(neg), reduce_tensor(-x, bins=BINS).numpy())
 
 
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+def test_sparse_tensors_are_reduced_over_their_stored_values() -> None:
+    dense = torch.tensor([[0.0, 2.0, 0.0], [-1.0, 0.0, 4.0]])
+    stored = torch.tensor([2.0, -1.0, 4.0])
+    for sparse in (dense.to_sparse(), dense.to_sparse_csr()):
+        np.testing.assert_array_equal(reduce_tensor(sparse, bins=4).numpy(), reduce_tensor(stored, bins=4).numpy())
+
+
 def test_scratch_buffer_is_bounded_and_reused() -> None:
     reduce_tensor(torch.randn(3 * CHUNK), bins=64)
     first = _scratch.buffers[torch.float32]
