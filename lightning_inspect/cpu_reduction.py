@@ -198,7 +198,7 @@ def _counts_chunked(
             counts += torch.bincount(index, minlength=bins + 1).numpy()
             continue
         index = narrow[:size].copy_(index)
-        if mostly_zeros:
+        if mostly_zeros and bins < 128:  # a pair must fit a signed int16: second byte < 128
             counts += _count_pairs(index, bins)
         else:
             counts += torch.bincount(index, minlength=bins + 1).numpy()

@@ -252,6 +252,13 @@ def test_cpu_paths_match_numpy(n: int, name: str) -> None:
         assert summarise(row)["std"] == pytest.approx(as_reference_array(x).std(), rel=1e-3)
 
 
+@pytest.mark.parametrize("bins", [2, 127, 128, 255, 256, 300])
+@pytest.mark.parametrize("name", ["relu", "sparse-grad", "randn"])
+def test_cpu_paths_any_bin_count(bins: int, name: str) -> None:
+    """Byte-wide indices up to 255 bins, byte pairs only while a pair fits an int16, int32 above."""
+    check_tensor(_distribution(name, CHUNK + 3), bins=bins)
+
+
 @pytest.mark.parametrize("n", [SMALL + 1, 2 * CHUNK + 777])
 def test_cpu_paths_float64_and_strided(n: int) -> None:
     check_tensor(_distribution("relu", n, torch.float64), bins=64)
