@@ -206,11 +206,12 @@ def _counts_chunked(
 
 
 def _count_pairs(index: torch.Tensor, bins: int) -> np.ndarray:
-    """Counts of the byte ``index`` (values ``0..bins``), read two bytes at a time.
+    """Counts of the byte ``index`` (values ``0..bins``, ``bins < 128``), read two bytes at a time.
 
-    Viewed as int16, each pair of bytes is one number ``first + 256 * second``: one increment per
-    pair into a (bins + 1) x 256 table, whose row and column sums are the counts of the second and
-    first bytes. For tensors whose values mostly share one bin this is about twice as fast.
+    Viewed as int16, each pair of bytes is one number ``low + 256 * high`` (``bins < 128`` keeps it
+    non-negative): one increment per pair into a (bins + 1) x 256 table, whose row sums count the
+    high bytes and column sums the low ones, so their sum counts every byte whatever the byte
+    order. For tensors whose values mostly share one bin this is about twice as fast.
     """
     size = index.numel()
     even = size - size % 2
