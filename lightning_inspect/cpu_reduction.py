@@ -104,7 +104,7 @@ def _reduce_small(v: torch.Tensor, bins: int) -> torch.Tensor | None:
     if bins <= 0 or hi == lo:
         return _row(head, _all_in_first_bin(n, bins), bins)
     factor = bins / (hi - lo)
-    if not factor < 1e300:
+    if not 0.0 < factor < 1e300:  # 0: a float64 range wider than float64 (hi - lo overflows)
         return None
     index = ((a - lo) * factor).astype(np.intp)  # values >= 0, so truncation is floor
     return _row(head, np.bincount(index, minlength=bins + 1), bins)
@@ -178,8 +178,9 @@ def _counts_chunked(
     wait for the previous one; counting byte pairs halves the increments (see :func:`_count_pairs`).
     """
     factor = bins / (hi - lo)
-    if not factor < 1e30:
-        return None  # a range so narrow (subnormals) that its inverse overflows float32
+    if not 0.0 < factor < 1e30:
+        return None  # a range so narrow (subnormals) that its inverse overflows float32, or so
+        # wide (float64) that hi - lo overflows
     index_dtype = torch.int32 if scratch.dtype == torch.float32 else torch.int64  # same width
     # bincount runs about twice as fast over bytes: narrow the index when it fits in one
     narrow = _scratch_for(chunks[0][1], torch.uint8) if bins < 256 else None

@@ -291,8 +291,9 @@ def histogram(row: np.ndarray) -> Histogram | None:
         return None
     lo, hi = float(row[_F["min"]]), float(row[_F["max"]])
     total = float(row[_F["sum"]])
-    edges = lo + (hi - lo) * _unit_edges(bins)
-    edges[-1] = hi  # exactly, whatever the rounding of lo + (hi - lo)
+    unit = _unit_edges(bins)
+    edges = lo * (1.0 - unit) + hi * unit  # no hi - lo, which overflows for the widest float64 ranges
+    edges[-1] = hi  # exactly
     return Histogram(
         edges=edges,
         counts=np.asarray(row[N_FIELDS:], dtype=np.float64),

@@ -298,6 +298,15 @@ def test_sparse_tensors_are_reduced_over_their_stored_values() -> None:
         np.testing.assert_array_equal(reduce_tensor(sparse, bins=4).numpy(), reduce_tensor(stored, bins=4).numpy())
 
 
+@pytest.mark.parametrize("n", [10, SMALL + 2])
+def test_float64_range_wider_than_float64(n: int) -> None:
+    """hi - lo overflows: the histogram must still split the values, with finite edges."""
+    x = torch.tensor([1e308, -1e308] * (n // 2), dtype=torch.float64)
+    h = histogram(reduce_tensor(x, bins=4).numpy())
+    assert h is not None and list(h.counts) == [n / 2, 0, 0, n / 2]
+    assert np.all(np.isfinite(h.edges)) and (h.edges[0], h.edges[-1]) == (-1e308, 1e308)
+
+
 def test_scratch_buffer_is_bounded_and_reused() -> None:
     reduce_tensor(torch.randn(3 * CHUNK), bins=64)
     first = _scratch.buffers[torch.float32]
