@@ -56,7 +56,8 @@ def _scratch_for(n: int, dtype: torch.dtype) -> torch.Tensor:
     buffers = _scratch.buffers
     buffer = buffers.get(dtype)
     if buffer is None or buffer.numel() < n:
-        buffer = buffers[dtype] = torch.empty(n, dtype=dtype)
+        with torch.inference_mode(False):  # made in inference mode, it could not be written outside
+            buffer = buffers[dtype] = torch.empty(n, dtype=dtype)
     return buffer
 
 
@@ -85,6 +86,16 @@ def _head(n: int, total: float, m2: float, sumsq: float, abs_sum: float, lo: flo
     return [float(n), float(n), total, m2, sumsq, abs_sum, lo, hi, zeros, 0.0, 0.0]
 
 
+#: Below these magnitudes the largest squares come near the dtype's smallest normal number, where
+#: sums of squares lose precision (float32: 1.2e-38; float64: 2.2e-308).
+_TINY_SQUARE = {torch.float32: 1e-30, torch.float64: 1e-290}
+
+
+def _squares_underflow(scale: float, dtype: torch.dtype) -> bool:
+    """Whether the squares of values up to ``scale`` in magnitude are too small to sum exactly."""
+    return 0.0 < scale * scale < _TINY_SQUARE[dtype]
+
+
 def _reduce_small(v: torch.Tensor, bins: int) -> torch.Tensor | None:
     a = v.numpy().astype(np.float64)
     n = a.size
@@ -100,6 +111,8 @@ def _reduce_small(v: torch.Tensor, bins: int) -> torch.Tensor | None:
     residual = float(centred.sum())
     m2 = max(float(np.einsum("i,i->", centred, centred)) - residual * residual / n, 0.0)
     lo, hi = float(a.min()), float(a.max())
+    if v.dtype == torch.float64 and _squares_underflow(max(-lo, hi), torch.float64):
+        return None  # (float32 values squared in float64 never come near its smallest number)
     head = _head(n, total, m2, sumsq, abs_sum, lo, hi, float(n - np.count_nonzero(a)))
     if bins <= 0 or hi == lo:
         return _row(head, _all_in_first_bin(n, bins), bins)
@@ -135,8 +148,8 @@ def _reduce_chunked(v: torch.Tensor, bins: int) -> torch.Tensor | None:
     if not (math.isfinite(abs_sum) and math.isfinite(sumsq)):
         return None  # a non-finite value, or float32 sums that overflow: the general path decides
     lo, hi = float(per_chunk[:, 3].min()), float(per_chunk[:, 4].max())
-    if sumsq == 0.0 and hi > lo:
-        return None  # squares underflow float32: the general path rescales
+    if _squares_underflow(max(-lo, hi), v.dtype):
+        return None  # the general path rescales
     nonzero = float(per_chunk[:, 5].sum())
 
     m2 = sumsq - total * total / n

@@ -307,6 +307,29 @@ def test_float64_range_wider_than_float64(n: int) -> None:
     assert np.all(np.isfinite(h.edges)) and (h.edges[0], h.edges[-1]) == (-1e308, 1e308)
 
 
+@pytest.mark.parametrize("n", [100, SMALL + 1])
+@pytest.mark.parametrize("make", ["constant", "randn"])
+def test_tiny_values_keep_exact_second_moments(n: int, make: str) -> None:
+    """Squares near float32's smallest normal number lose precision: such tensors are rescaled."""
+    g = torch.Generator().manual_seed(n)
+    for magnitude in (1e-25, 1e-22, 1e-19):
+        x = torch.full((n,), magnitude) if make == "constant" else torch.randn(n, generator=g) * magnitude
+        a = as_reference_array(x)
+        s = summarise(reduce_tensor(x, bins=0).numpy())
+        assert s["l2_norm"] == pytest.approx(np.sqrt(np.sum(a**2)), rel=1e-5), magnitude
+        assert s["rms"] == pytest.approx(np.sqrt(np.mean(a**2)), rel=1e-5), magnitude
+
+
+def test_reductions_inside_and_outside_inference_mode() -> None:
+    """The scratch buffer made inside inference mode must not break reductions outside it."""
+    _scratch.buffers.clear()
+    x = torch.randn(SMALL + 5)
+    with torch.inference_mode():
+        inside = reduce_tensor(x, bins=64)
+    outside = reduce_tensor(x, bins=64)
+    np.testing.assert_array_equal(inside.numpy(), outside.numpy())
+
+
 def test_scratch_buffer_is_bounded_and_reused() -> None:
     reduce_tensor(torch.randn(3 * CHUNK), bins=64)
     first = _scratch.buffers[torch.float32]
