@@ -56,9 +56,9 @@ RULES = (
     "grad_scaler_stalled",
 )
 
-#: Logged steps in a row that a GradScaler must skip before ``grad_scaler_stalled`` fires: the
-#: scale halves at each skip, so a healthy fp16 run needs a few at its start and then none.
-SCALER_STALL_STEPS = 8
+#: A GradScaler that still skips steps at a scale this low (or lower) is stalled: gradients
+#: overflow even unscaled (a NaN/Inf made in backward), not from the scale it is searching for.
+SCALER_STALL_SCALE = 1.0
 
 #: Rules whose worst value is the smallest one (the others: the largest).
 _LOWER_IS_WORSE = frozenset({"vanishing_gradient", "update_ratio_low"})
@@ -232,20 +232,25 @@ class Finding:
 
 
 def scaler_stalled(skipped_in_a_row: int, scale: float, step: int) -> Finding | None:
-    """The finding for a GradScaler that skipped ``skipped_in_a_row`` logged steps in a row, if enough.
+    """The finding for a GradScaler that skips a step at a scale of :data:`SCALER_STALL_SCALE` or less.
 
-    >>> scaler_stalled(8, 2.0**-3, 40).rule
+    A healthy fp16 run skips a few steps while the scale comes down from its start (``2**16`` by
+    default) and then trains; skipping at a scale of 1 means the gradients are NaN/Inf unscaled.
+
+    >>> scaler_stalled(17, 0.5, 40).rule
     'grad_scaler_stalled'
+    >>> scaler_stalled(9, 2.0**15, 8) is None
+    True
     """
-    if skipped_in_a_row != SCALER_STALL_STEPS:
+    if not scale <= SCALER_STALL_SCALE:
         return None
     return Finding(
-        "grad_scaler_stalled", "error", "", "skipped_by_scaler", float(skipped_in_a_row), step,
-        f"the GradScaler skipped the last {skipped_in_a_row} logged steps (scale now "
-        f"{format_value(scale)}): gradients are NaN/Inf even unscaled, so nothing is learning; "
-        "look for a NaN made in backward (HealthMonitor(on_nonfinite='raise') with a float32 "
-        "run names the module) or lower the learning rate",
-        float(SCALER_STALL_STEPS),
+        "grad_scaler_stalled", "error", "", "loss_scale", scale, step,
+        f"the GradScaler skipped the last {skipped_in_a_row} logged steps and its scale is down to "
+        f"{format_value(scale)}: gradients are NaN/Inf even unscaled, so nothing is learning; look "
+        "for a NaN made in backward (HealthMonitor(on_nonfinite='raise') in a float32 run names "
+        "the module) or lower the learning rate",
+        SCALER_STALL_SCALE,
     )
 
 

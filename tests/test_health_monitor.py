@@ -454,55 +454,105 @@ def test_hooks_are_inert_in_copies_and_absent_outside_logged_steps(tmp_path: Pat
     assert monitor.last_logged_step == 2
 
 
+class FusedAdam(Regression):
+    """Adam(fused=True) unscales inside step(): its gradients still carry the loss scale."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3, fused=True)
+
+
+class PlainAdam(Regression):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
+def fp16_fit(tmp_path: Path, monitor: Any, model: L.LightningModule, init_scale: float, steps: int, **trainer: Any) -> L.Trainer:
+    """Fit on the CPU in fp16 mixed precision with a GradScaler starting at ``init_scale``."""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=init_scale))
+    fit = L.Trainer(
+        default_root_dir=tmp_path, max_steps=steps, logger=False, callbacks=[monitor], plugins=[plugin],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, accelerator="cpu", devices=1, **trainer,
+    )
+    fit.fit(model, data(4, n=16 * steps * trainer.get("accumulate_grad_batches", 1)))
+    return fit
+
+
 @pytest.mark.parametrize("check", ["module", "step"])
-def test_steps_the_grad_scaler_skips_are_neither_errors_nor_stops(tmp_path: Path, check: str) -> None:
+@pytest.mark.parametrize(
+    "model_class, accumulate", [(PlainAdam, 1), (PlainAdam, 2), (FusedAdam, 1)], ids=["adam", "accumulate-2", "fused-adam"]
+)
+def test_steps_the_grad_scaler_skips_are_neither_errors_nor_stops(
+    tmp_path: Path, check: str, model_class: type[Regression], accumulate: int
+) -> None:
     """fp16 with a GradScaler: overflowing gradients are how the scaler finds its scale.
 
     The scaler skips those steps and lowers its scale; they must not stop training in ``raise``
-    mode nor be reported as non-finite or exploding gradients or as a too-small update.
+    mode nor be reported as non-finite or exploding gradients or a stalled scaler, with gradient
+    accumulation and with an optimizer that unscales inside ``step()`` too.
     """
-    from lightning.pytorch.plugins.precision import MixedPrecision
-
     torch.manual_seed(0)
     sink = MemorySink()
     monitor = quiet_monitor(every_n_steps=1, backends=[sink], on_nonfinite="raise", nonfinite_check=check, pictures=False)
-    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**24))
-    fit = L.Trainer(
-        default_root_dir=tmp_path, max_steps=12, logger=False, callbacks=[monitor], plugins=[plugin],
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, accelerator="cpu", devices=1,
-    )
-    model = Regression(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)))
-    fit.fit(model, data(4, n=96))
-    assert fit.global_step == 12  # not stopped
+    model = model_class(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)))
+    fit = fp16_fit(tmp_path, monitor, model, 2.0**24, 14, accumulate_grad_batches=accumulate)
+    assert fit.global_step == 14  # not stopped
     skipped = dict(sink.scalars["health/skipped_by_scaler"])
     assert skipped[0] == 1.0 and any(v == 0.0 for v in skipped.values())  # it did overflow, then recover
     rules = {f.rule for f in monitor.report.findings() if f.step in {s for s, v in skipped.items() if v}}
     assert not rules & {"nonfinite", "exploding_gradient", "vanishing_gradient", "update_ratio_low"}, rules
-    assert not [f for f in monitor.report.findings() if f.rule == "nonfinite"]
-    # steps that ran are still checked and logged
+    assert not [f for f in monitor.report.findings() if f.rule in ("nonfinite", "grad_scaler_stalled")]
     ran = [s for s, v in skipped.items() if not v]
-    assert all(math.isfinite(v) for s, v in sink.scalars["health/net.0/grad_norm"] if s in ran)
+    norms = dict(sink.scalars["health/net.0/grad_norm"])
+    assert all(math.isfinite(norms[s]) for s in ran)
 
 
-def test_a_grad_scaler_that_skips_every_step_is_reported_as_stalled(tmp_path: Path) -> None:
-    """A NaN made in backward under fp16: the scaler skips every step and nothing learns."""
-    from lightning.pytorch.plugins.precision import MixedPrecision
+def test_fused_and_plain_adam_report_the_same_unscaled_gradient_norm(tmp_path: Path) -> None:
+    """A fused optimizer's gradients still carry the loss scale at on_before_optimizer_step:
+    the monitors divide it out, so the first step that runs shows the same norm either way."""
+    from lightning_inspect import GradientMonitor
 
-    from lightning_inspect.diagnostics import SCALER_STALL_STEPS
+    norms = {}
+    for model_class in (PlainAdam, FusedAdam):
+        torch.manual_seed(0)
+        sink = MemorySink()
+        health = quiet_monitor(every_n_steps=1, backends=[sink], pictures=False)
+        gradients = GradientMonitor(every_n_steps=1, backends=[sink], outputs=False)
+        from lightning.pytorch.plugins.precision import MixedPrecision
 
+        plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**24))
+        fit = L.Trainer(
+            default_root_dir=tmp_path, max_steps=12, logger=False, callbacks=[health, gradients], plugins=[plugin],
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            num_sanity_val_steps=0, accelerator="cpu", devices=1,
+        )
+        fit.fit(model_class(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))), data(4, n=192))
+        skipped = dict(sink.scalars["health/skipped_by_scaler"])
+        assert dict(sink.scalars["param_grads/skipped_by_scaler"]) == skipped
+        first = min(s for s, v in skipped.items() if not v)
+        norms[model_class.__name__] = (
+            dict(sink.scalars["health/net.0/grad_norm"])[first],
+            dict(sink.scalars["param_grads/net.0.weight/l2_norm"])[first],
+            dict(sink.scalars["param_grads/global_norm"])[first],
+            first,
+        )
+    plain, fused = norms["PlainAdam"], norms["FusedAdam"]
+    assert plain[3] == fused[3]  # the same steps overflowed
+    for a, b in zip(plain[:3], fused[:3]):
+        assert b == pytest.approx(a, rel=1e-3)
+
+
+def test_a_grad_scaler_that_skips_at_a_scale_below_one_is_reported_as_stalled(tmp_path: Path) -> None:
+    """A NaN made in backward under fp16: the scaler skips every step, its scale falls below 1."""
     torch.manual_seed(0)
     monitor = quiet_monitor(every_n_steps=1, on_nonfinite="raise", pictures=False)
-    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
-    fit = L.Trainer(
-        default_root_dir=tmp_path, max_steps=SCALER_STALL_STEPS + 2, logger=False, callbacks=[monitor],
-        plugins=[plugin], enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu", devices=1,
-    )
-    model = Regression(nn.Sequential(nn.Linear(4, 8), NanBackward(), nn.Linear(8, 1)))
+    model = PlainAdam(nn.Sequential(nn.Linear(4, 8), NanBackward(), nn.Linear(8, 1)))
     before = [p.detach().clone() for p in model.parameters()]
-    fit.fit(model, data(4, n=16 * (SCALER_STALL_STEPS + 2)))
+    fp16_fit(tmp_path, monitor, model, 4.0, 8)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # every step skipped
     [stalled] = [f for f in monitor.report.findings() if f.rule == "grad_scaler_stalled"]
-    assert (stalled.severity, stalled.step, stalled.value) == ("error", SCALER_STALL_STEPS - 1, SCALER_STALL_STEPS)
-    assert "skipped the last 8 logged steps" in stalled.hint
+    # scales 4, 2, 1: the third skipped step is the first at a scale of 1 or less
+    assert (stalled.severity, stalled.step, stalled.value) == ("error", 2, 1.0)
+    assert "skipped the last 3 logged steps" in stalled.hint

@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -27,8 +28,28 @@ def grad_scaler(pl_module: pl.LightningModule) -> Any:
     return scaler if scaler is not None and scaler.is_enabled() else None
 
 
+def gradients_scaled(pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer | None) -> bool:
+    """Whether the parameter gradients still carry the loss scale in ``on_before_optimizer_step``.
+
+    Lightning unscales them before that hook, except for optimizers that unscale inside their own
+    ``step()`` (``Adam(fused=True)`` and the like): those see scaled gradients.
+    """
+    scaler = grad_scaler(pl_module)
+    if scaler is None or optimizer is None:
+        return False
+    try:
+        return not scaler._found_inf_per_device(optimizer)  # filled by unscale_
+    except (KeyError, RuntimeError, AttributeError):
+        return False
+
+
 def scaler_found_inf(pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer | None) -> torch.Tensor | None:
-    """1.0 (device tensor) when the GradScaler found Inf/NaN gradients for this step; None without one."""
+    """1.0 (device tensor) when the GradScaler skips this step for Inf/NaN gradients; None without one.
+
+    Read from the scaler once it unscaled the gradients; for an optimizer that unscales in its own
+    ``step()``, found the way it will: some gradient holds a NaN or Inf (the largest magnitude of
+    every gradient, one fused call, no sync).
+    """
     scaler = grad_scaler(pl_module)
     if scaler is None or optimizer is None:
         return None
@@ -37,7 +58,15 @@ def scaler_found_inf(pl_module: pl.LightningModule, optimizer: torch.optim.Optim
     except (KeyError, RuntimeError, AttributeError):
         return None
     if not found:
-        return None
+        grads = [
+            p.grad.coalesce().values() if p.grad.is_sparse else p.grad
+            for group in optimizer.param_groups
+            for p in group["params"]
+            if p.grad is not None
+        ]
+        if not grads:
+            return None
+        found = [torch.logical_not(torch.isfinite(norm)) for norm in torch._foreach_norm(grads, math.inf)]
     device = found[0].device
     return (torch.stack([f.to(device, torch.float32).reshape(()) for f in found]).sum() > 0).to(torch.float32)
 

@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 
 from lightning_inspect._checks import check_bool
-from lightning_inspect.callbacks._grad_scaler import loss_scale, scaler_found_inf
+from lightning_inspect.callbacks._grad_scaler import gradients_scaled, loss_scale, scaler_found_inf
 from lightning_inspect.callbacks._module_hooks import OutputGradHook
 from lightning_inspect.callbacks.base import ModuleMonitor
 from lightning_inspect.keys import metric_key
@@ -89,6 +89,8 @@ class GradientMonitor(ModuleMonitor):
         scale = loss_scale(pl_module)
         if scale is not None and self.outputs:  # output gradients were read before unscaling
             self._add_scalar(_LOSS_SCALE_KEY, scale)
+        if scale is not None and gradients_scaled(pl_module, self._optimizer):
+            self._add_scalar(_PARAM_SCALE_KEY, scale)  # an optimizer that unscales in step()
         skipped = scaler_found_inf(pl_module, self._optimizer)
         if skipped is not None:  # the GradScaler will skip this step: its Inf/NaN are expected
             self._add_scalar(SKIPPED_KEY, skipped)
@@ -111,6 +113,11 @@ class GradientMonitor(ModuleMonitor):
         scale = scalars.pop(_LOSS_SCALE_KEY, None)
         if scale:  # output gradients carried the loss scale of mixed precision: divide it out
             rows = {k: scale_row(r, 1.0 / scale) if k.startswith("activation_grads/") else r for k, r in rows.items()}
+        param_scale = scalars.pop(_PARAM_SCALE_KEY, None)
+        if param_scale:  # so did the parameter gradients of an optimizer that unscales in step()
+            rows = {k: scale_row(r, 1.0 / param_scale) if k.startswith("param_grads/") else r for k, r in rows.items()}
+            if "param_grads/global_norm" in scalars:
+                scalars["param_grads/global_norm"] /= param_scale
         super()._publish(record, (rows, scalars))
 
 
@@ -121,6 +128,8 @@ class GradientMonitor(ModuleMonitor):
 
 #: Internal scalar carrying the GradScaler's scale to the host with the step's values.
 _LOSS_SCALE_KEY = "__loss_scale__"
+#: Internal: the loss scale, when the parameter gradients were read still scaled.
+_PARAM_SCALE_KEY = "__param_grad_scale__"
 #: 1 when the GradScaler found Inf/NaN gradients and skips the optimizer step, else 0.
 SKIPPED_KEY = "param_grads/skipped_by_scaler"
 

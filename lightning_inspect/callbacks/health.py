@@ -28,7 +28,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_inspect._checks import as_str_list, check_bool, check_choice, check_positive_int
-from lightning_inspect.callbacks._grad_scaler import grad_scaler, loss_scale, scaler_found_inf
+from lightning_inspect.callbacks._grad_scaler import gradients_scaled, grad_scaler, loss_scale, scaler_found_inf
 from lightning_inspect.callbacks._module_hooks import in_backward_pass
 from lightning_inspect.callbacks.base import ModuleMonitor
 from lightning_inspect.diagnostics import HealthReport, HealthRules, HealthThresholds, scaler_stalled
@@ -102,6 +102,8 @@ def unit_dim(ndim: int, after_conv: bool) -> int:
 _SKIPPED_KEY = "health/skipped_by_scaler"
 #: Internal: the GradScaler's scale, for the stalled-scaler finding.
 _SCALE_KEY = "__health_loss_scale__"
+#: Internal: 1 when the gradients were read still scaled (an optimizer that unscales in step()).
+_GRADS_SCALED_KEY = "__health_grads_scaled__"
 #: Statistics a step the GradScaler skips leaves meaningless: its gradients overflowed on purpose.
 _SCALER_OWNED = ("/grad_norm", "/update_ratio")
 
@@ -252,6 +254,7 @@ class HealthMonitor(ModuleMonitor):
         self._before: dict[str, list[torch.Tensor]] | None = None
         self._logs = 0
         self._skipped_in_a_row = 0
+        self._stall_reported = False
         self._finished = False
         self._picture_warned: set[str] = set()
 
@@ -324,8 +327,10 @@ class HealthMonitor(ModuleMonitor):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._recording and self.locator is not None:
-            self.locator.check()  # what a micro-batch without optimizer step left pending
+        if self._recording and self.locator is not None and not self.locator.gradients_may_overflow:
+            # what a micro-batch without optimizer step left pending (under a GradScaler it waits
+            # for the optimizer step, which tells an overflow the scaler skips from a real NaN)
+            self.locator.check()
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -387,6 +392,8 @@ class HealthMonitor(ModuleMonitor):
             scale = loss_scale(pl_module)
             if scale is not None:
                 self._add_scalar(_SCALE_KEY, scale)
+                if gradients_scaled(pl_module, self._optimizer):  # unscaled in step() only
+                    self._add_scalar(_GRADS_SCALED_KEY, torch.ones((), device=scale.device))
         with torch.no_grad():
             owners: list[str] = []
             grads: list[torch.Tensor] = []
@@ -459,6 +466,8 @@ class HealthMonitor(ModuleMonitor):
     def _publish(self, record: StepRecord, values: HostRecord) -> None:
         rows, scalars = values
         scale = scalars.pop(_SCALE_KEY, None)
+        if scalars.pop(_GRADS_SCALED_KEY, 0.0) and scale:  # read before the optimizer unscaled them
+            scalars = {k: v / scale if k.endswith("/grad_norm") else v for k, v in scalars.items()}
         skipped = bool(scalars.get(_SKIPPED_KEY, 0.0))
         scalars = {k: v for k, v in scalars.items() if not (k.endswith("/update_ratio") and v != v)}
         if self.log_metrics:
@@ -482,9 +491,13 @@ class HealthMonitor(ModuleMonitor):
             # The origin of this step's NaN/Inf is in the report: the rest follows from it.
             findings = [f for f in findings if f.rule != "nonfinite"]
         self._skipped_in_a_row = self._skipped_in_a_row + 1 if skipped else 0
-        stalled = scaler_stalled(self._skipped_in_a_row, scale if scale is not None else math.nan, record.step)
-        if stalled is not None:
-            findings.append(stalled)
+        if not skipped:
+            self._stall_reported = False
+        elif scale is not None and not self._stall_reported:
+            stalled = scaler_stalled(self._skipped_in_a_row, scale, record.step)
+            if stalled is not None:
+                self._stall_reported = True
+                findings.append(stalled)
         self.report.logged_steps += 1
         for finding in self.report.extend(findings):
             if self.warn_findings and finding.severity != "info":
