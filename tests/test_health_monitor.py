@@ -466,13 +466,15 @@ class PlainAdam(Regression):
         return torch.optim.Adam(self.parameters(), lr=1e-3)
 
 
-def fp16_fit(tmp_path: Path, monitor: Any, model: L.LightningModule, init_scale: float, steps: int, **trainer: Any) -> L.Trainer:
+def fp16_fit(
+    tmp_path: Path, callbacks: list[Any], model: L.LightningModule, init_scale: float, steps: int, **trainer: Any
+) -> L.Trainer:
     """Fit on the CPU in fp16 mixed precision with a GradScaler starting at ``init_scale``."""
     from lightning.pytorch.plugins.precision import MixedPrecision
 
     plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=init_scale))
     fit = L.Trainer(
-        default_root_dir=tmp_path, max_steps=steps, logger=False, callbacks=[monitor], plugins=[plugin],
+        default_root_dir=tmp_path, max_steps=steps, logger=False, callbacks=callbacks, plugins=[plugin],
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, accelerator="cpu", devices=1, **trainer,
     )
@@ -497,7 +499,7 @@ def test_steps_the_grad_scaler_skips_are_neither_errors_nor_stops(
     sink = MemorySink()
     monitor = quiet_monitor(every_n_steps=1, backends=[sink], on_nonfinite="raise", nonfinite_check=check, pictures=False)
     model = model_class(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)))
-    fit = fp16_fit(tmp_path, monitor, model, 2.0**24, 14, accumulate_grad_batches=accumulate)
+    fit = fp16_fit(tmp_path, [monitor], model, 2.0**24, 14, accumulate_grad_batches=accumulate)
     assert fit.global_step == 14  # not stopped
     skipped = dict(sink.scalars["health/skipped_by_scaler"])
     assert skipped[0] == 1.0 and any(v == 0.0 for v in skipped.values())  # it did overflow, then recover
@@ -520,15 +522,8 @@ def test_fused_and_plain_adam_report_the_same_unscaled_gradient_norm(tmp_path: P
         sink = MemorySink()
         health = quiet_monitor(every_n_steps=1, backends=[sink], pictures=False)
         gradients = GradientMonitor(every_n_steps=1, backends=[sink], outputs=False)
-        from lightning.pytorch.plugins.precision import MixedPrecision
-
-        plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**24))
-        fit = L.Trainer(
-            default_root_dir=tmp_path, max_steps=12, logger=False, callbacks=[health, gradients], plugins=[plugin],
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            num_sanity_val_steps=0, accelerator="cpu", devices=1,
-        )
-        fit.fit(model_class(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))), data(4, n=192))
+        model = model_class(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)))
+        fp16_fit(tmp_path, [health, gradients], model, 2.0**24, 12)
         skipped = dict(sink.scalars["health/skipped_by_scaler"])
         assert dict(sink.scalars["param_grads/skipped_by_scaler"]) == skipped
         first = min(s for s, v in skipped.items() if not v)
@@ -550,7 +545,7 @@ def test_a_grad_scaler_that_skips_at_a_scale_below_one_is_reported_as_stalled(tm
     monitor = quiet_monitor(every_n_steps=1, on_nonfinite="raise", pictures=False)
     model = PlainAdam(nn.Sequential(nn.Linear(4, 8), NanBackward(), nn.Linear(8, 1)))
     before = [p.detach().clone() for p in model.parameters()]
-    fp16_fit(tmp_path, monitor, model, 4.0, 8)
+    fp16_fit(tmp_path, [monitor], model, 4.0, 8)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # every step skipped
     [stalled] = [f for f in monitor.report.findings() if f.rule == "grad_scaler_stalled"]
     # scales 4, 2, 1: the third skipped step is the first at a scale of 1 or less
