@@ -16,7 +16,6 @@ lifetime, one device-to-host transfer per logging step through the shared coordi
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -252,6 +251,7 @@ class HealthMonitor(ModuleMonitor):
         self._windows: dict[str, deque[torch.Tensor]] = {}
         self._units: dict[str, int] = {}
         self._before: dict[str, list[torch.Tensor]] | None = None
+        self._found_inf: torch.Tensor | None = None  # during on_before_optimizer_step only
         self._logs = 0
         self._skipped_in_a_row = 0
         self._stall_reported = False
@@ -315,14 +315,16 @@ class HealthMonitor(ModuleMonitor):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if self._recording and self.locator is not None:
-            overflowed = False
-            if self.locator.gradients_may_overflow:  # fp16: was this an overflow the scaler skips?
-                found = scaler_found_inf(pl_module, optimizer)
-                overflowed = found is not None and bool(found.item())
-            # may stop fit before the weights change
-            self.locator.check(self._params_in_order(), gradients_overflowed=overflowed)
-        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        # fp16: whether the GradScaler skips this step, found once for the locator and the rules
+        self._found_inf = scaler_found_inf(pl_module, optimizer) if self._recording else None
+        try:
+            if self._recording and self.locator is not None:
+                overflowed = self._found_inf is not None and bool(self._found_inf.item())
+                # may stop fit before the weights change
+                self.locator.check(self._params_in_order(), gradients_overflowed=overflowed)
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        finally:
+            self._found_inf = None
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -386,7 +388,7 @@ class HealthMonitor(ModuleMonitor):
     def _before_optimizer_step(self, pl_module: pl.LightningModule) -> None:
         if self._before is not None:  # several optimizers: the first call of the step counts
             return
-        skipped = scaler_found_inf(pl_module, self._optimizer)
+        skipped = self._found_inf
         if skipped is not None:  # fp16: the GradScaler skips this step, its gradients overflowed
             self._add_scalar(_SKIPPED_KEY, skipped)
             scale = loss_scale(pl_module)
