@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from conftest import TinyModule
 from lightning_inspect import (
     ALL_STATS,
     ActivationMonitor,
@@ -79,17 +80,10 @@ def _build(layers: tuple[tuple[str, int], ...]) -> nn.Sequential:
     return nn.Sequential(*modules)
 
 
-class Regressor(L.LightningModule):
+class Regressor(TinyModule):
     def __init__(self, layers: tuple[tuple[str, int], ...]) -> None:
         super().__init__()
         self.net = _build(layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return nn.functional.mse_loss(self(x), y)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # Momentum and weight decay: the optimizer state must come out the same too.

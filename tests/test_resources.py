@@ -16,7 +16,7 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from conftest import make_trainer, module_hook_counts
+from conftest import TinyModule, make_trainer, module_hook_counts
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
@@ -50,7 +50,7 @@ class CountingSink:
         pass
 
 
-class Net(L.LightningModule):
+class Net(TinyModule):
     """Linear -> ReLU(inplace) -> LayerNorm -> Linear -> Tanh -> Dropout -> Linear."""
 
     def __init__(self, width: int = 16, features: int = 8) -> None:
@@ -59,13 +59,6 @@ class Net(L.LightningModule):
             nn.Linear(features, width), nn.ReLU(inplace=True), nn.LayerNorm(width),
             nn.Linear(width, width), nn.Tanh(), nn.Dropout(0.1), nn.Linear(width, 1),
         )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        x, y = batch
-        return nn.functional.mse_loss(self(x), y)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=1e-3)
