@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import math
+import shutil
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from lightning_inspect import cpu_reduction
 from lightning_inspect.cpu_reduction import CHUNK, SMALL, _scratch
 from lightning_inspect.stats import (
     ALL_STATS,
@@ -27,6 +31,29 @@ from lightning_inspect.stats import (
 
 BINS = 16
 F = {name: i for i, name in enumerate(FIELDS)}
+
+
+@pytest.fixture(scope="module", autouse=True, params=["kernels", "torch"])
+def cpu_path(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test runs through the C kernels and through the torch/NumPy path that stands in for them.
+
+    Module-scoped (set and restored by hand): Hypothesis refuses function-scoped fixtures.
+    """
+    built = cpu_reduction._kernels
+    if request.param == "kernels" and built is None:
+        pytest.skip("the C kernels are not built here (no C compiler at install)")
+    if request.param == "torch":
+        cpu_reduction._kernels = None
+    yield request.param
+    cpu_reduction._kernels = built
+
+
+def test_the_c_kernels_are_built_where_a_compiler_is() -> None:
+    """The build makes them optional; on a machine with a C compiler a silent failure would cost 2x."""
+    if not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):
+        pytest.skip("no C compiler: the package installs without its kernels")
+    kernels = importlib.import_module("lightning_inspect._kernels")
+    assert {"moments", "centred", "histogram"} <= set(dir(kernels))
 
 
 # ------------------------------------------------------------------------------------------
@@ -221,7 +248,9 @@ def test_complex_is_read_as_real_and_imaginary_parts() -> None:
 # The CPU fast paths: NumPy for small tensors, chunks through a reused scratch buffer above
 # ------------------------------------------------------------------------------------------
 
-_PATH_SIZES = [SMALL, SMALL + 1, CHUNK, CHUNK + 1, 2 * CHUNK + 777]
+# the C kernels' block edges (256 values a float32 block, 512 histogram positions), then the
+# torch/NumPy path's thresholds
+_PATH_SIZES = [1, 3, 255, 256, 257, 513, 4096 + 17, SMALL, SMALL + 1, CHUNK, CHUNK + 1, 2 * CHUNK + 777]
 
 
 def _distribution(name: str, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -320,7 +349,7 @@ def test_tiny_values_keep_exact_second_moments(n: int, make: str) -> None:
         assert s["rms"] == pytest.approx(np.sqrt(np.mean(a**2)), rel=1e-5), magnitude
 
 
-def test_reductions_inside_and_outside_inference_mode() -> None:
+def test_reductions_inside_and_outside_inference_mode(cpu_path: str) -> None:
     """The scratch buffer made inside inference mode must not break reductions outside it."""
     _scratch.buffers.clear()
     x = torch.randn(SMALL + 5)
@@ -330,7 +359,9 @@ def test_reductions_inside_and_outside_inference_mode() -> None:
     np.testing.assert_array_equal(inside.numpy(), outside.numpy())
 
 
-def test_scratch_buffer_is_bounded_and_reused() -> None:
+def test_scratch_buffer_is_bounded_and_reused(cpu_path: str) -> None:
+    if cpu_path == "kernels":
+        pytest.skip("the C kernels use no scratch buffer")
     reduce_tensor(torch.randn(3 * CHUNK), bins=64)
     first = _scratch.buffers[torch.float32]
     reduce_tensor(torch.randn(2 * CHUNK + 5), bins=64)

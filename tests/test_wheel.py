@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -72,9 +73,9 @@ if __name__ == "__main__":
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dist")
-    # With the build backend (hatchling) installed here, build without an isolated environment
-    # (no download); otherwise let the build frontend make one.
-    local_backend = importlib.util.find_spec("hatchling") is not None
+    # With the build backend (setuptools, from the `test` extra) installed here, build without an
+    # isolated environment (no download); otherwise let the build frontend make one.
+    local_backend = importlib.util.find_spec("setuptools") is not None
     if importlib.util.find_spec("build"):  # the `test` extra installs it
         flags = ["--no-isolation"] if local_backend else []
         command = [sys.executable, "-m", "build", "--wheel", *flags, "--outdir", str(out), str(ROOT)]
@@ -98,6 +99,9 @@ def test_wheel_contents(wheel: Path) -> None:
     assert "hydra_plugins/lightning_inspect_searchpath/__init__.py" in names
     assert "hydra_plugins/__init__.py" not in names  # a namespace package shared with other plugins
     assert not any(n.startswith(("tests/", "examples/", "conf/")) for n in names)
+    assert not any(n.endswith(".c") for n in names)  # the kernels' source stays in the sdist
+    if any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):  # the kernels build where they can
+        assert any(n.startswith("lightning_inspect/_kernels.") and n.endswith((".so", ".pyd")) for n in names)
 
 
 def _site_packages(python: Path) -> Path:

@@ -1,0 +1,305 @@
+/*
+ * lightning_inspect._kernels: the CPU reduction of one contiguous float32/float64 vector in two
+ * reads (statistics, then the histogram), instead of a dozen passes of separate torch calls.
+ *
+ * Optional: the package builds it where a C compiler is present and falls back to its torch/NumPy
+ * path where it is not (see lightning_inspect/cpu_reduction.py, which owns the semantics and the
+ * checks around these loops). Every function takes the vector's address (torch's data_ptr()) and
+ * length, reads it with the GIL released and never writes to it.
+ *
+ *   moments(address, n, is_double) -> (sum, sumsq, abs_sum, min, max, zeros)
+ *   centred(address, n, is_double, mean) -> (sum of (x - mean), sum of (x - mean)**2)
+ *   histogram(address, n, is_double, lo, factor, bins, counts_address) -> None
+ *       adds to counts[0..bins] (int64) the number of values with floor((x - lo) * factor) == k,
+ *       the position clamped to [0, bins]; values at the maximum land in counts[bins].
+ *
+ * Accuracy: float32 values are summed in float32 lanes over blocks of BLOCK_VALUES values, and the
+ * block sums in float64 (as close to float64 NumPy as a pairwise float32 sum); float64 values are
+ * summed in float64. Squares of float32 values are float32: the caller routes values whose squares
+ * leave float32's range to its general path.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define LANES 16                 /* independent accumulators: the compiler vectorises across them */
+#define ROWS 16                  /* float32 lane sums cover ROWS values before moving to float64 */
+#define BLOCK_VALUES (LANES * ROWS)
+#define INDEX_BLOCK 512          /* histogram positions computed (vectorised) before counting */
+#define TABLES 4                 /* interleaved count tables: repeated bins do not wait on each other */
+
+typedef struct {
+    double sum, sumsq, abs_sum, min, max;
+    int64_t zeros;
+} Moments;
+
+static void moments_f32(const float *x, int64_t n, Moments *m) {
+    double sum = 0.0, sumsq = 0.0, abs_sum = 0.0;
+    int64_t zeros = 0;
+    float lo[LANES], hi[LANES];
+    for (int j = 0; j < LANES; j++) {
+        lo[j] = INFINITY;
+        hi[j] = -INFINITY;
+    }
+    int64_t i = 0;
+    for (; i + BLOCK_VALUES <= n; i += BLOCK_VALUES) {
+        float s[LANES] = {0}, q[LANES] = {0}, a[LANES] = {0};
+        int32_t z[LANES] = {0};
+        const float *block = x + i;
+        for (int r = 0; r < ROWS; r++) {
+            for (int j = 0; j < LANES; j++) {
+                float f = block[r * LANES + j];
+                s[j] += f;
+                q[j] += f * f;
+                a[j] += fabsf(f);
+                lo[j] = f < lo[j] ? f : lo[j];
+                hi[j] = f > hi[j] ? f : hi[j];
+                z[j] += (f == 0.0f);
+            }
+        }
+        double bs = 0.0, bq = 0.0, ba = 0.0;
+        for (int j = 0; j < LANES; j++) {
+            bs += s[j];
+            bq += q[j];
+            ba += a[j];
+            zeros += z[j];
+        }
+        sum += bs;
+        sumsq += bq;
+        abs_sum += ba;
+    }
+    for (; i < n; i++) {
+        float f = x[i];
+        double v = f;
+        sum += v;
+        sumsq += (double)(f * f); /* a float32 square, like the blocks' */
+        abs_sum += fabs(v);
+        lo[0] = f < lo[0] ? f : lo[0];
+        hi[0] = f > hi[0] ? f : hi[0];
+        zeros += (f == 0.0f);
+    }
+    float l = INFINITY, h = -INFINITY;
+    for (int j = 0; j < LANES; j++) {
+        l = lo[j] < l ? lo[j] : l;
+        h = hi[j] > h ? hi[j] : h;
+    }
+    m->sum = sum;
+    m->sumsq = sumsq;
+    m->abs_sum = abs_sum;
+    m->min = l;
+    m->max = h;
+    m->zeros = zeros;
+}
+
+static void moments_f64(const double *x, int64_t n, Moments *m) {
+    double s[LANES / 2] = {0}, q[LANES / 2] = {0}, a[LANES / 2] = {0};
+    double lo[LANES / 2], hi[LANES / 2];
+    int64_t z[LANES / 2] = {0};
+    for (int j = 0; j < LANES / 2; j++) {
+        lo[j] = INFINITY;
+        hi[j] = -INFINITY;
+    }
+    int64_t i = 0;
+    for (; i + LANES / 2 <= n; i += LANES / 2) {
+        for (int j = 0; j < LANES / 2; j++) {
+            double f = x[i + j];
+            s[j] += f;
+            q[j] += f * f;
+            a[j] += fabs(f);
+            lo[j] = f < lo[j] ? f : lo[j];
+            hi[j] = f > hi[j] ? f : hi[j];
+            z[j] += (f == 0.0);
+        }
+    }
+    for (; i < n; i++) {
+        double f = x[i];
+        s[0] += f;
+        q[0] += f * f;
+        a[0] += fabs(f);
+        lo[0] = f < lo[0] ? f : lo[0];
+        hi[0] = f > hi[0] ? f : hi[0];
+        z[0] += (f == 0.0);
+    }
+    *m = (Moments){0.0, 0.0, 0.0, INFINITY, -INFINITY, 0};
+    for (int j = 0; j < LANES / 2; j++) {
+        m->sum += s[j];
+        m->sumsq += q[j];
+        m->abs_sum += a[j];
+        m->min = lo[j] < m->min ? lo[j] : m->min;
+        m->max = hi[j] > m->max ? hi[j] : m->max;
+        m->zeros += z[j];
+    }
+}
+
+static void centred_f32(const float *x, int64_t n, float mean, double *sum, double *sumsq) {
+    double total = 0.0, total_sq = 0.0;
+    int64_t i = 0;
+    for (; i + BLOCK_VALUES <= n; i += BLOCK_VALUES) {
+        float s[LANES] = {0}, q[LANES] = {0};
+        const float *block = x + i;
+        for (int r = 0; r < ROWS; r++) {
+            for (int j = 0; j < LANES; j++) {
+                float c = block[r * LANES + j] - mean;
+                s[j] += c;
+                q[j] += c * c;
+            }
+        }
+        double bs = 0.0, bq = 0.0;
+        for (int j = 0; j < LANES; j++) {
+            bs += s[j];
+            bq += q[j];
+        }
+        total += bs;
+        total_sq += bq;
+    }
+    for (; i < n; i++) {
+        float c = x[i] - mean;
+        total += c;
+        total_sq += (double)(c * c);
+    }
+    *sum = total;
+    *sumsq = total_sq;
+}
+
+static void centred_f64(const double *x, int64_t n, double mean, double *sum, double *sumsq) {
+    double s[LANES / 2] = {0}, q[LANES / 2] = {0};
+    int64_t i = 0;
+    for (; i + LANES / 2 <= n; i += LANES / 2) {
+        for (int j = 0; j < LANES / 2; j++) {
+            double c = x[i + j] - mean;
+            s[j] += c;
+            q[j] += c * c;
+        }
+    }
+    for (; i < n; i++) {
+        double c = x[i] - mean;
+        s[0] += c;
+        q[0] += c * c;
+    }
+    *sum = 0.0;
+    *sumsq = 0.0;
+    for (int j = 0; j < LANES / 2; j++) {
+        *sum += s[j];
+        *sumsq += q[j];
+    }
+}
+
+/* Counts into TABLES interleaved tables of `width` uint32 counters, flushed into `counts` (int64)
+ * before any counter can overflow. */
+static int histogram_any(const void *data, int is_double, int64_t n, double lo, double factor,
+                         int32_t bins, int64_t *counts) {
+    const int64_t width = (int64_t)bins + 1;
+    uint32_t *tables = calloc((size_t)(TABLES * width), sizeof(uint32_t));
+    if (tables == NULL) return -1;
+    int32_t index[INDEX_BLOCK];
+    const float *xf = (const float *)data;
+    const double *xd = (const double *)data;
+    const float lo_f = (float)lo, factor_f = (float)factor, top_f = (float)bins;
+    const double top_d = (double)bins;
+    int64_t since_flush = 0;
+    for (int64_t i = 0; i < n;) {
+        int64_t m = n - i < INDEX_BLOCK ? n - i : INDEX_BLOCK;
+        if (is_double) {
+            for (int64_t j = 0; j < m; j++) {
+                double p = (xd[i + j] - lo) * factor;
+                p = p < 0.0 ? 0.0 : p;
+                p = p > top_d ? top_d : p;
+                index[j] = (int32_t)p;
+            }
+        } else {
+            for (int64_t j = 0; j < m; j++) {
+                float p = (xf[i + j] - lo_f) * factor_f;
+                p = p < 0.0f ? 0.0f : p;
+                p = p > top_f ? top_f : p;
+                index[j] = (int32_t)p;
+            }
+        }
+        int64_t j = 0;
+        for (; j + TABLES <= m; j += TABLES) {
+            for (int t = 0; t < TABLES; t++) tables[t * width + index[j + t]]++;
+        }
+        for (; j < m; j++) tables[index[j]]++;
+        i += m;
+        since_flush += m;
+        if (since_flush > ((int64_t)1 << 31) || i == n) {
+            for (int64_t k = 0; k < width; k++) {
+                for (int t = 0; t < TABLES; t++) {
+                    counts[k] += tables[t * width + k];
+                    tables[t * width + k] = 0;
+                }
+            }
+            since_flush = 0;
+        }
+    }
+    free(tables);
+    return 0;
+}
+
+static PyObject *py_moments(PyObject *self, PyObject *args) {
+    unsigned long long address;
+    long long n;
+    int is_double;
+    if (!PyArg_ParseTuple(args, "KLp", &address, &n, &is_double)) return NULL;
+    Moments m;
+    Py_BEGIN_ALLOW_THREADS
+    if (is_double)
+        moments_f64((const double *)(uintptr_t)address, n, &m);
+    else
+        moments_f32((const float *)(uintptr_t)address, n, &m);
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("dddddL", m.sum, m.sumsq, m.abs_sum, m.min, m.max, (long long)m.zeros);
+}
+
+static PyObject *py_centred(PyObject *self, PyObject *args) {
+    unsigned long long address;
+    long long n;
+    int is_double;
+    double mean, sum, sumsq;
+    if (!PyArg_ParseTuple(args, "KLpd", &address, &n, &is_double, &mean)) return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    if (is_double)
+        centred_f64((const double *)(uintptr_t)address, n, mean, &sum, &sumsq);
+    else
+        centred_f32((const float *)(uintptr_t)address, n, (float)mean, &sum, &sumsq);
+    Py_END_ALLOW_THREADS
+    return Py_BuildValue("dd", sum, sumsq);
+}
+
+static PyObject *py_histogram(PyObject *self, PyObject *args) {
+    unsigned long long address, counts_address;
+    long long n;
+    int is_double, bins, status;
+    double lo, factor;
+    if (!PyArg_ParseTuple(args, "KLpddiK", &address, &n, &is_double, &lo, &factor, &bins,
+                          &counts_address))
+        return NULL;
+    if (bins < 1) {
+        PyErr_Format(PyExc_ValueError, "histogram: bins must be at least 1, got %d", bins);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    status = histogram_any((const void *)(uintptr_t)address, is_double, n, lo, factor, bins,
+                           (int64_t *)(uintptr_t)counts_address);
+    Py_END_ALLOW_THREADS
+    if (status != 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"moments", py_moments, METH_VARARGS,
+     "moments(address, n, is_double) -> (sum, sumsq, abs_sum, min, max, zeros)"},
+    {"centred", py_centred, METH_VARARGS,
+     "centred(address, n, is_double, mean) -> (sum, sum of squares) of x - mean"},
+    {"histogram", py_histogram, METH_VARARGS,
+     "histogram(address, n, is_double, lo, factor, bins, counts_address): add bin counts"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_kernels",
+    "Two-read CPU reduction kernels of lightning_inspect (see cpu_reduction.py).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
