@@ -1,22 +1,26 @@
 /*
- * lightning_inspect._kernels: the CPU reduction of one contiguous float32/float64 vector in two
- * reads (statistics, then the histogram), instead of a dozen passes of separate torch calls.
+ * lightning_inspect._kernels: the CPU reduction of one contiguous float32/float64 vector to the
+ * row of lightning_inspect.stats.reduce_tensor, in two reads (every statistic, then the
+ * histogram) instead of a dozen passes of separate torch calls.
  *
- * Optional: the package builds it where a C compiler is present and falls back to its torch/NumPy
- * path where it is not (see lightning_inspect/cpu_reduction.py, which owns the semantics and the
- * checks around these loops). Every function takes the vector's address (torch's data_ptr()) and
- * length, reads it with the GIL released and never writes to it.
+ * Optional: the package builds it where a C compiler is present; where it is not,
+ * lightning_inspect/cpu_reduction.py does the same work through torch and NumPy, with the same
+ * rules (both paths run the same tests).
  *
- *   moments(address, n, is_double) -> (sum, sumsq, abs_sum, min, max, zeros)
- *   centred(address, n, is_double, mean) -> (sum of (x - mean), sum of (x - mean)**2)
- *   histogram(address, n, is_double, lo, factor, bins, counts_address) -> None
- *       adds to counts[0..bins] (int64) the number of values with floor((x - lo) * factor) == k,
- *       the position clamped to [0, bins]; values at the maximum land in counts[bins].
+ *   reduce_row(address, n, is_double, bins, row_address) -> bool
+ *       reads the n values at `address` (torch's data_ptr(); never written, read with the GIL
+ *       released) and writes the float64 row [count, finite, sum, m2, sumsq, abs_sum, min, max,
+ *       zeros, nan, inf, *counts] (11 + bins values) at `row_address`. Returns False, with the row
+ *       unspecified, where this path cannot be exact: a non-finite value, squares outside the
+ *       dtype's range, a range too narrow or too wide to invert. The caller then takes the
+ *       general path.
+ *
+ * Histogram: value x goes to bin floor((x - min) * bins / (max - min)), computed in the data's
+ * dtype and clamped to [0, bins], with the values at the maximum in the last bin (as before).
  *
  * Accuracy: float32 values are summed in float32 lanes over blocks of BLOCK_VALUES values, and the
  * block sums in float64 (as close to float64 NumPy as a pairwise float32 sum); float64 values are
- * summed in float64. Squares of float32 values are float32: the caller routes values whose squares
- * leave float32's range to its general path.
+ * summed in float64. Squares of float32 values are float32, hence the range checks.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -245,63 +249,75 @@ VECTOR_CLONES static int histogram_any(const void *data, int is_double, int64_t 
     return 0;
 }
 
-static PyObject *py_moments(PyObject *self, PyObject *args) {
-    unsigned long long address;
-    long long n;
-    int is_double;
-    if (!PyArg_ParseTuple(args, "KLp", &address, &n, &is_double)) return NULL;
+/* Below these, the largest square nears the dtype's smallest normal number and sums of squares lose
+ * precision; the general path rescales (same thresholds as cpu_reduction._TINY_SQUARE). */
+#define TINY_SQUARE_F32 1e-30
+#define TINY_SQUARE_F64 1e-290
+#define FIELDS 11 /* len(lightning_inspect.stats.FIELDS) */
+
+/* The whole row (see the header); 0 when the general path must decide, -1 when out of memory. */
+static int reduce_row(const void *data, int is_double, int64_t n, int32_t bins, double *row) {
     Moments m;
-    Py_BEGIN_ALLOW_THREADS
     if (is_double)
-        moments_f64((const double *)(uintptr_t)address, n, &m);
+        moments_f64((const double *)data, n, &m);
     else
-        moments_f32((const float *)(uintptr_t)address, n, &m);
-    Py_END_ALLOW_THREADS
-    return Py_BuildValue("dddddL", m.sum, m.sumsq, m.abs_sum, m.min, m.max, (long long)m.zeros);
+        moments_f32((const float *)data, n, &m);
+    if (!isfinite(m.abs_sum) || !isfinite(m.sumsq)) return 0;
+    double scale = fmax(-m.min, m.max);
+    if (0.0 < scale * scale && scale * scale < (is_double ? TINY_SQUARE_F64 : TINY_SQUARE_F32))
+        return 0;
+    double m2 = m.sumsq - m.sum * m.sum / (double)n;
+    if (m2 < 0.5 * m.sumsq) { /* the mean is comparable to the spread: centre first */
+        double residual, centred_sumsq;
+        if (is_double)
+            centred_f64((const double *)data, n, m.sum / (double)n, &residual, &centred_sumsq);
+        else
+            centred_f32((const float *)data, n, (float)(m.sum / (double)n), &residual, &centred_sumsq);
+        m2 = fmax(centred_sumsq - residual * residual / (double)n, 0.0);
+    }
+    const double head[FIELDS] = {(double)n, (double)n, m.sum, m2, m.sumsq, m.abs_sum,
+                                 m.min,     m.max,     (double)m.zeros, 0.0, 0.0};
+    for (int k = 0; k < FIELDS; k++) row[k] = head[k];
+    if (bins <= 0) return 1;
+    double *counts = row + FIELDS;
+    for (int32_t k = 0; k < bins; k++) counts[k] = 0.0;
+    if (m.max == m.min) {
+        counts[0] = (double)n;
+        return 1;
+    }
+    double factor = (double)bins / (m.max - m.min);
+    if (!(0.0 < factor && factor < 1e30)) return 0; /* subnormal ranges; float64 hi - lo overflow */
+    int64_t *exact = calloc((size_t)bins + 1, sizeof(int64_t));
+    if (exact == NULL) return -1;
+    int status = histogram_any(data, is_double, n, m.min, factor, bins, exact);
+    if (status == 0) {
+        for (int32_t k = 0; k < bins; k++) counts[k] = (double)exact[k];
+        counts[bins - 1] += (double)exact[bins]; /* the maximum itself, in the closed last bin */
+    }
+    free(exact);
+    return status == 0 ? 1 : -1;
 }
 
-static PyObject *py_centred(PyObject *self, PyObject *args) {
-    unsigned long long address;
-    long long n;
-    int is_double;
-    double mean, sum, sumsq;
-    if (!PyArg_ParseTuple(args, "KLpd", &address, &n, &is_double, &mean)) return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    if (is_double)
-        centred_f64((const double *)(uintptr_t)address, n, mean, &sum, &sumsq);
-    else
-        centred_f32((const float *)(uintptr_t)address, n, (float)mean, &sum, &sumsq);
-    Py_END_ALLOW_THREADS
-    return Py_BuildValue("dd", sum, sumsq);
-}
-
-static PyObject *py_histogram(PyObject *self, PyObject *args) {
-    unsigned long long address, counts_address;
+static PyObject *py_reduce_row(PyObject *self, PyObject *args) {
+    unsigned long long address, row_address;
     long long n;
     int is_double, bins, status;
-    double lo, factor;
-    if (!PyArg_ParseTuple(args, "KLpddiK", &address, &n, &is_double, &lo, &factor, &bins,
-                          &counts_address))
-        return NULL;
-    if (bins < 1) {
-        PyErr_Format(PyExc_ValueError, "histogram: bins must be at least 1, got %d", bins);
+    if (!PyArg_ParseTuple(args, "KLpiK", &address, &n, &is_double, &bins, &row_address)) return NULL;
+    if (n < 1) {
+        PyErr_Format(PyExc_ValueError, "reduce_row: n must be at least 1, got %lld", n);
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
-    status = histogram_any((const void *)(uintptr_t)address, is_double, n, lo, factor, bins,
-                           (int64_t *)(uintptr_t)counts_address);
+    status = reduce_row((const void *)(uintptr_t)address, is_double, n, bins,
+                        (double *)(uintptr_t)row_address);
     Py_END_ALLOW_THREADS
-    if (status != 0) return PyErr_NoMemory();
-    Py_RETURN_NONE;
+    if (status < 0) return PyErr_NoMemory();
+    return PyBool_FromLong(status);
 }
 
 static PyMethodDef methods[] = {
-    {"moments", py_moments, METH_VARARGS,
-     "moments(address, n, is_double) -> (sum, sumsq, abs_sum, min, max, zeros)"},
-    {"centred", py_centred, METH_VARARGS,
-     "centred(address, n, is_double, mean) -> (sum, sum of squares) of x - mean"},
-    {"histogram", py_histogram, METH_VARARGS,
-     "histogram(address, n, is_double, lo, factor, bins, counts_address): add bin counts"},
+    {"reduce_row", py_reduce_row, METH_VARARGS,
+     "reduce_row(address, n, is_double, bins, row_address) -> bool: write the float64 row"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -71,7 +71,10 @@ def row_length(bins: int) -> int:
 
 
 def _as_float_vector(x: torch.Tensor) -> torch.Tensor:
-    """``x`` flattened as float32 (float64 stays float64, so its range and precision are kept)."""
+    """``x`` flattened as float32 (float64 stays float64, so its range and precision are kept).
+
+    Detached, so nothing after it records autograd history (cheaper than ``no_grad`` per call).
+    """
     x = x.detach().resolve_conj().resolve_neg()  # lazy conjugate/negative views: their values
     if x.layout != torch.strided:  # sparse: the stored values (as for sparse gradients)
         x = x.coalesce().values() if x.is_sparse else x.values()
@@ -90,7 +93,6 @@ def empty_row(bins: int, device: torch.device | str = "cpu") -> torch.Tensor:
     return row
 
 
-@torch.no_grad()
 def reduce_tensor(x: torch.Tensor, bins: int = 64) -> torch.Tensor:
     """Reduce ``x`` to one float64 row on its own device, without synchronising an accelerator.
 

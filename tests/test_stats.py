@@ -53,7 +53,7 @@ def test_the_c_kernels_are_built_where_a_compiler_is() -> None:
     if not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):
         pytest.skip("no C compiler: the package installs without its kernels")
     kernels = importlib.import_module("lightning_inspect._kernels")
-    assert {"moments", "centred", "histogram"} <= set(dir(kernels))
+    assert callable(kernels.reduce_row)
 
 
 # ------------------------------------------------------------------------------------------
