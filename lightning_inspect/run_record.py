@@ -549,8 +549,9 @@ def env_var_values(patterns: Iterable[str], masker: SecretMasker | None = None) 
 class ConfigRecord:
     """The resolved configuration of a run, its command-line overrides and config-group choices.
 
-    ``source`` is ``"argument"``, ``"hydra"`` (read from the Hydra run directory) or ``"none"``;
-    ``notes`` lists what could not be resolved.
+    ``source`` is ``"argument"``, ``"hydra"`` (read from the Hydra run directory),
+    ``"lightning_cli"`` (a LightningCLI's parsed config) or ``"none"``; ``notes`` lists what could
+    not be resolved.
     """
 
     config: dict[str, Any] | None = None
@@ -627,14 +628,18 @@ def _hydra_runtime() -> Any | None:
         return None
 
 
-def config_record(config: Any = None, overrides: Sequence[str] | None = None) -> ConfigRecord:
-    """The run's configuration: from ``config`` when given, else from the running Hydra app.
+def config_record(
+    config: Any = None, overrides: Sequence[str] | None = None, callbacks: Sequence[Any] = ()
+) -> ConfigRecord:
+    """The run's configuration: from ``config``, else the running Hydra app, else LightningCLI.
 
     ``config`` may be a DictConfig or a mapping, e.g. from ``hydra.compose``; when it carries a
     ``hydra`` node (``compose(..., return_hydra_config=True)``), the overrides and group choices are
     read from it and the node itself is left out. Inside a Hydra app the config is read from the run
     directory (``<output_dir>/.hydra/config.yaml``, resolved) and the overrides and choices from
-    ``HydraConfig``. ``overrides``, when given, wins over the ones found.
+    ``HydraConfig``. Otherwise, when ``callbacks`` (the Trainer's) hold LightningCLI's
+    ``SaveConfigCallback``, the config is the one it saves (the parsed ``cli.config`` of the
+    subcommand). ``overrides``, when given, wins over the ones found.
 
     Example:
         >>> config_record({"model": {"hidden": 8}}, overrides=["model.hidden=8"]).overrides
@@ -669,9 +674,26 @@ def config_record(config: Any = None, overrides: Sequence[str] | None = None) ->
                     "the Hydra run directory has no saved config (hydra.output_subdir is null?); "
                     "pass RunRecord(config=cfg) to record it"
                 )
+        else:
+            _read_cli_config(record, callbacks)
     if overrides is not None:
         record.overrides = [str(o) for o in overrides]
     return record
+
+
+def _read_cli_config(record: ConfigRecord, callbacks: Sequence[Any]) -> None:
+    """Fill ``record`` from LightningCLI's ``SaveConfigCallback`` among ``callbacks``, if any."""
+    module = sys.modules.get("lightning.pytorch.cli")  # imported by every LightningCLI run
+    if module is None:
+        return
+    saver = next((cb for cb in callbacks if isinstance(cb, module.SaveConfigCallback)), None)
+    if saver is None:
+        return
+    import yaml
+
+    text = saver.parser.dump(saver.config, skip_none=False, skip_validation=True)
+    record.source = "lightning_cli"
+    record.config = yaml.safe_load(text)
 
 
 def _has_path(node: Any, key: str) -> bool:

@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 SCRIPT = Path(__file__).parent / "scripts" / "ddp_train.py"
+SPAWN_HYDRA_SCRIPT = Path(__file__).parent / "scripts" / "ddp_spawn_hydra.py"
 
 
 def _run(tmp_path: Path, *extra: str) -> EventAccumulator:
@@ -50,6 +52,32 @@ def test_statistics_are_combined_over_ranks_and_an_unused_module_does_not_hang(t
     # Parameters and their gradients are identical on all ranks after the all-reduce: not added up.
     assert sorted(_values(acc, "param_grads/global_norm")) == [0, 1, 2]
     assert acc.Histograms("weights/body.weight")[0].histogram_value.num == 16
+    # GraphMonitor traces the LightningModule's own forward on rank 0, not DDP's redirected step.
+    ops = [n.op for n in acc.Graph().node]
+    assert ops.count("aten::linear") == 2 and "aten::add" in ops
+
+
+@pytest.mark.slow
+def test_ddp_spawn_from_a_hydra_app_records_the_config_and_the_graph(tmp_path: Path) -> None:
+    """``strategy="ddp_spawn"``: the ranks are new processes without the Hydra app that started them."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, str(SPAWN_HYDRA_SCRIPT), f"hydra.run.dir={run_dir}", "model.hidden=6"],
+        capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    record_dir = run_dir / "tb" / "run_record"
+    config = yaml.safe_load((record_dir / "config.yaml").read_text())
+    assert config == {"model": {"hidden": 6}, "trainer": {"max_steps": 2}, "log_dir": str(run_dir / "tb")}
+    assert yaml.safe_load((record_dir / "overrides.yaml").read_text()) == ["model.hidden=6"]
+    assert yaml.safe_load((record_dir / "record.yaml").read_text())["config"]["source"] == "hydra"
+    [events] = glob.glob(str(run_dir / "tb" / "events.out.tfevents.*"))
+    acc = EventAccumulator(events)
+    acc.Reload()
+    # The batch is an [x, y] list; the graph is that of self(x) inside training_step.
+    ops = [n.op for n in acc.Graph().node]
+    assert ops.count("aten::linear") == 2 and "aten::relu" in ops
 
 
 @pytest.mark.slow

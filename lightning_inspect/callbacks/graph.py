@@ -28,15 +28,28 @@ class _InputCaptureHook(InertWhenCopied):
     LightningModule is captured, not the first of its children to run.
     """
 
-    __slots__ = ("owner", "name")
+    __slots__ = ("owner", "name", "wrapped")
 
-    def __init__(self, owner: GraphMonitor, name: str) -> None:
+    def __init__(self, owner: GraphMonitor, name: str, wrapped: bool = False) -> None:
         self.owner = owner
         self.name = name
+        self.wrapped = wrapped  # the strategy wraps this module (DDP...): skip the redirected step
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if self.owner._inputs is None:
+        if self.owner._inputs is None and not (self.wrapped and _redirected_step(module)):
             self.owner._inputs = (module, self.name, args, kwargs)
+
+
+def _redirected_step(module: nn.Module) -> bool:
+    """Whether this call of ``module`` is a strategy's redirected ``training_step``.
+
+    Under DDP (``ddp``, ``ddp_spawn``), FSDP and DeepSpeed, Lightning runs ``training_step``
+    through the wrapper's ``forward``: it replaces the LightningModule's ``forward`` on the
+    instance by a plain function for that one call, which receives ``(batch, batch_idx)``. The
+    model's own ``self(x)`` inside ``training_step`` runs its bound ``forward`` again.
+    """
+    patched = vars(module).get("forward")
+    return patched is not None and getattr(patched, "__self__", None) is not module
 
 
 class _ShapeHook(InertWhenCopied):
@@ -113,8 +126,9 @@ class GraphMonitor(Callback):
         if self.done or not self.enabled or not trainer.is_global_zero:
             return
         self._step = trainer.global_step
-        entries = [("", pl_module), *pl_module.named_children()]
-        for name, module in entries:
+        wrapped = trainer.strategy.model is not pl_module
+        self._hooks.add(pl_module.register_forward_pre_hook(_InputCaptureHook(self, "", wrapped), with_kwargs=True))
+        for name, module in pl_module.named_children():
             self._hooks.add(module.register_forward_pre_hook(_InputCaptureHook(self, name), with_kwargs=True))
         for raw, module in pl_module.named_modules():
             self._hooks.add(module.register_forward_hook(_ShapeHook(self, raw)))

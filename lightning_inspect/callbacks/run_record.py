@@ -358,7 +358,9 @@ class RunRecord(Callback):
       precision; Python, PyTorch, Lightning, CUDA and cuDNN versions; every installed package
       (a file); the environment variables named in ``env_vars`` (no others);
     * **configuration**: the full resolved Hydra config, the command-line overrides and the
-      config-group choices (from the Hydra run directory, or ``config=``/``overrides=``);
+      config-group choices (from the Hydra run directory, or ``config=``/``overrides=``; under
+      ``ddp_spawn`` the launching app's, taken when the callback is pickled for the spawned
+      processes), or else a LightningCLI's parsed config;
     * **model**: a construction record, a Hydra config that rebuilds the model
       (``hydra.utils.instantiate``), checked by rebuilding it on the meta device; the same for
       the datamodule when there is one (see :func:`lightning_inspect.run_record.construction_record`);
@@ -379,7 +381,7 @@ class RunRecord(Callback):
         env_vars: environment variable names or globs to record (e.g. ``["SLURM_JOB_ID", "CUDA_*"]``).
         packages: record the installed packages.
         config: the run's config (a DictConfig or mapping), for apps that compose it themselves;
-            ``None``: read it from the running Hydra app.
+            ``None``: read it from the running Hydra app, else from LightningCLI.
         overrides: the command-line overrides; ``None``: from Hydra (or ``config``'s ``hydra`` node).
         config_params: also log the flattened config as MLflow params and TensorBoard hparams
             (``config/<path>``).
@@ -472,6 +474,16 @@ class RunRecord(Callback):
         self.record: dict[str, Any] = {}
         self._fit: _Fit | None = None
         self._warned: set[str] = set()
+        self._launch_config: ConfigRecord | None = None  # set in copies pickled for spawned ranks
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for processes started by ``strategy="ddp_spawn"``: they run no Hydra app, so
+        the config of the app that launched them travels with the callback."""
+        state = self.__dict__.copy()
+        if self.config is None and self._launch_config is None and self.enabled:
+            launch = self._collect("configuration", config_record, None, self.overrides)
+            state["_launch_config"] = launch if launch is not None and launch.source == "hydra" else None
+        return state
 
     # ---------------------------------------------------------------- Lightning hooks (thin)
 
@@ -481,9 +493,9 @@ class RunRecord(Callback):
         if self._fit is not None:
             self._finish(trainer, "interrupted", None)
         writers = self._writers(trainer)
-        config = self._collect("configuration", config_record, self.config, self.overrides) or ConfigRecord(
-            notes=["the configuration could not be read"]
-        )
+        config = self._launch_config or self._collect(
+            "configuration", config_record, self.config, self.overrides, trainer.callbacks
+        ) or ConfigRecord(notes=["the configuration could not be read"])
         key = self._model_key(config, pl_module)
         output_dir, temporary = self._output_dir(trainer, writers, config)
         fit = _Fit([_Guarded(w, output_dir) for w in writers], output_dir, temporary, config, key)

@@ -13,7 +13,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
-from lightning_inspect import ActivationMonitor, GradientMonitor, WeightMonitor
+from lightning_inspect import ActivationMonitor, GradientMonitor, GraphMonitor, WeightMonitor
 
 
 class TwoBranchNet(L.LightningModule):
@@ -58,6 +58,7 @@ def main() -> None:
             ActivationMonitor(every_n_steps=1, modules=["body", "extra"]),
             GradientMonitor(every_n_steps=1, outputs=False),
             WeightMonitor(every_n_steps=1),
+            GraphMonitor(),
         ],
         enable_progress_bar=False,
         enable_model_summary=False,
