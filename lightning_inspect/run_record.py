@@ -691,7 +691,9 @@ def _read_cli_config(record: ConfigRecord, callbacks: Sequence[Any]) -> None:
         return
     import yaml
 
-    text = saver.parser.dump(saver.config, skip_none=False, skip_validation=True)
+    # Positional: (format, keep None values, keep defaults, skip validation); the keywords were
+    # renamed in jsonargparse 4.49 (skip_none -> skip_unset) and the old names warn.
+    text = saver.parser.dump(saver.config, "yaml", False, False, True)
     record.source = "lightning_cli"
     record.config = yaml.safe_load(text)
 

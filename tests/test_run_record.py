@@ -451,6 +451,49 @@ def test_run_record_of_a_hydra_composed_run_outside_git(tmp_path: Path) -> None:
     assert torch.equal(model(x), rebuilt(x))
 
 
+class CliModel(L.LightningModule):
+    """Built by LightningCLI from ``--model.*`` arguments."""
+
+    def __init__(self, hidden: int = 8, lr: float = 0.1) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, 3))
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self.net(x), y)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(data(16), batch_size=8)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
+
+
+def test_run_record_of_a_lightning_cli_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from lightning.pytorch.cli import LightningCLI
+
+    monkeypatch.setattr(sys, "argv", ["main.py"])  # the command line is ``args``
+
+    args = [
+        "fit", "--model.hidden=6", "--trainer.max_steps=2", "--trainer.accelerator=cpu", "--trainer.devices=1",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=false",
+        "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger", f"--trainer.logger.save_dir={tmp_path}",
+        "--trainer.callbacks+=lightning_inspect.RunRecord", "--trainer.callbacks.git=false",
+        "--trainer.callbacks.packages=false",
+    ]
+    cli = LightningCLI(CliModel, args=args)
+    folder = Path(cli.trainer.logger.log_dir) / "run_record"
+    config = yaml.safe_load((folder / "config.yaml").read_text())
+    assert config["model"] == {"hidden": 6, "lr": 0.1} and config["trainer"]["max_steps"] == 2
+    assert config["trainer"]["callbacks"][0]["class_path"] == "lightning_inspect.RunRecord"
+    record = yaml.safe_load((folder / "record.yaml").read_text())
+    assert record["config"]["source"] == "lightning_cli"
+    # The same config LightningCLI saves itself next to the logs.
+    assert config == yaml.safe_load((Path(cli.trainer.logger.log_dir) / "config.yaml").read_text())
+
+
 def test_a_failing_run_is_recorded_and_the_console_restored(tmp_path: Path) -> None:
     model = LitClassifier(Encoder(4, 8), Head(8, 3), fail_at=2)
     callback = RunRecord(capture_output=True, git=False, packages=False, verify_model=False, output_dir=tmp_path / "record")
