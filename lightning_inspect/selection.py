@@ -153,6 +153,26 @@ def select_modules(
     return selected
 
 
+def empty_selection_message(
+    model: nn.Module, modules: Sequence[str], exclude: Sequence[str], owner: str
+) -> str:
+    """Why ``select_modules`` returned nothing, and what to do, for a warning at fit start."""
+    before = select_modules(model, modules, None, owner=owner)
+    if before:
+        shown = ", ".join(list(before)[:8]) + (", ..." if len(before) > 8 else "")
+        chosen = f"modules={list(modules)!r}" if modules else "the default selection"
+        why = f"exclude={list(exclude)!r} removes all {len(before)} modules of {chosen} ({shown})"
+    else:
+        why = (
+            "no module of the model owns parameters (the default selection); "
+            "name modules with modules=[...]"
+        )
+    return (
+        f"{owner}: nothing to inspect: {why}. This callback logs nothing in this fit; narrow "
+        "exclude, or pass enabled=False to switch the callback off."
+    )
+
+
 def select_parameters(modules: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
     """All parameters of the selected modules (recursively), by normalised qualified name.
 

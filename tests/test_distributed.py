@@ -59,7 +59,7 @@ def test_statistics_are_combined_over_ranks_and_an_unused_module_does_not_hang(t
 
 @pytest.mark.slow
 def test_ddp_spawn_from_a_hydra_app_records_the_config_and_the_graph(tmp_path: Path) -> None:
-    """``strategy="ddp_spawn"``: the ranks are new processes without the Hydra app that started them."""
+    """``ddp_spawn``: the ranks are new processes, without the Hydra app that started them."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     run_dir = tmp_path / "run"
     proc = subprocess.run(
@@ -69,7 +69,8 @@ def test_ddp_spawn_from_a_hydra_app_records_the_config_and_the_graph(tmp_path: P
     assert proc.returncode == 0, proc.stderr[-4000:]
     record_dir = run_dir / "tb" / "run_record"
     config = yaml.safe_load((record_dir / "config.yaml").read_text())
-    assert config == {"model": {"hidden": 6}, "trainer": {"max_steps": 2}, "log_dir": str(run_dir / "tb")}
+    expected = {"model": {"hidden": 6}, "trainer": {"max_steps": 2}, "log_dir": str(run_dir / "tb")}
+    assert config == expected
     assert yaml.safe_load((record_dir / "overrides.yaml").read_text()) == ["model.hidden=6"]
     assert yaml.safe_load((record_dir / "record.yaml").read_text())["config"]["source"] == "hydra"
     [events] = glob.glob(str(run_dir / "tb" / "events.out.tfevents.*"))

@@ -476,10 +476,12 @@ def test_run_record_of_a_lightning_cli_run(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(sys, "argv", ["main.py"])  # the command line is ``args``
 
     args = [
-        "fit", "--model.hidden=6", "--trainer.max_steps=2", "--trainer.accelerator=cpu", "--trainer.devices=1",
+        "fit", "--model.hidden=6", "--trainer.max_steps=2", "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
         "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=false",
         "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={tmp_path}",
-        "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger", f"--trainer.logger.save_dir={tmp_path}",
+        "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger",
+        f"--trainer.logger.save_dir={tmp_path}",
         "--trainer.callbacks+=lightning_inspect.RunRecord", "--trainer.callbacks.git=false",
         "--trainer.callbacks.packages=false",
     ]

@@ -39,7 +39,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_inspect._checks import as_str_list, check_bool, check_choice, check_choices, check_positive_int
 from lightning_inspect.callbacks._module_hooks import OutputHook
@@ -48,7 +48,7 @@ from lightning_inspect.hooks import HookSet
 from lightning_inspect.keys import metric_key
 from lightning_inspect.recorder import HostRecord, StepCoordinator, StepRecord
 from lightning_inspect.schedule import Schedule
-from lightning_inspect.selection import check_patterns, select_modules
+from lightning_inspect.selection import check_patterns, empty_selection_message, select_modules
 from lightning_inspect.sinks import Sink, check_backends, close_sinks, resolve_sinks
 from lightning_inspect.stats import ALL_STATS, DEFAULT_STATS, FIELDS, histogram, summarise
 
@@ -161,6 +161,9 @@ class ModuleMonitor(Callback):
         if not self._active:
             return
         self.selected = select_modules(pl_module, self.modules, self.exclude, owner=self._owner)
+        if not self.selected:
+            message = empty_selection_message(pl_module, self.modules, self.exclude, self._owner)
+            rank_zero_warn(message, category=RuntimeWarning)
         self._after_selection(pl_module)
         self._persistent_hooks = holds_compiled_module(pl_module)
         if self._persistent_hooks:

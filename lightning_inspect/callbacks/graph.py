@@ -127,7 +127,8 @@ class GraphMonitor(Callback):
             return
         self._step = trainer.global_step
         wrapped = trainer.strategy.model is not pl_module
-        self._hooks.add(pl_module.register_forward_pre_hook(_InputCaptureHook(self, "", wrapped), with_kwargs=True))
+        root_hook = _InputCaptureHook(self, "", wrapped)
+        self._hooks.add(pl_module.register_forward_pre_hook(root_hook, with_kwargs=True))
         for name, module in pl_module.named_children():
             self._hooks.add(module.register_forward_pre_hook(_InputCaptureHook(self, name), with_kwargs=True))
         for raw, module in pl_module.named_modules():

@@ -482,7 +482,8 @@ class RunRecord(Callback):
         state = self.__dict__.copy()
         if self.config is None and self._launch_config is None and self.enabled:
             launch = self._collect("configuration", config_record, None, self.overrides)
-            state["_launch_config"] = launch if launch is not None and launch.source == "hydra" else None
+            from_hydra = launch is not None and launch.source == "hydra"
+            state["_launch_config"] = launch if from_hydra else None
         return state
 
     # ---------------------------------------------------------------- Lightning hooks (thin)

@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -91,12 +92,20 @@ def available_sinks(trainer: Any, owner: str) -> dict[str, Sink]:
 def resolve_sinks(trainer: Any, backends: Sequence[str | Sink] | None, owner: str) -> list[Sink]:
     """The guarded sinks a monitor writes to (MLflow's on a background thread).
 
-    ``None`` means every supported logger attached to the Trainer. A requested backend name with
-    no matching logger raises :class:`~lightning_inspect.errors.BackendError`. Sink objects are
-    used as given.
+    ``None`` means every supported logger attached to the Trainer; an empty list warns that
+    nothing will be written. A requested backend name with no matching logger raises
+    :class:`~lightning_inspect.errors.BackendError`. Sink objects are used as given.
     """
     if not trainer.is_global_zero:
         return []
+    if backends is not None and not backends:
+        warnings.warn(
+            f"{owner}(backends=[]): no backend is selected, so this callback writes nothing to "
+            "TensorBoard or MLflow in this fit. Leave backends=None (the default) to write to "
+            "every TensorBoard and MLflow logger attached, or pass enabled=False to switch it off.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     found = available_sinks(trainer, owner)
     if backends is None:
         chosen: list[Sink] = list(found.values())

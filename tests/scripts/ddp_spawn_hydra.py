@@ -21,7 +21,11 @@ from lightning_inspect import GraphMonitor, RunRecord
 
 ConfigStore.instance().store(
     name="train",
-    node={"model": {"hidden": 8}, "trainer": {"max_steps": 2}, "log_dir": "${hydra:runtime.output_dir}/tb"},
+    node={
+        "model": {"hidden": 8},
+        "trainer": {"max_steps": 2},
+        "log_dir": "${hydra:runtime.output_dir}/tb",
+    },
 )
 
 
