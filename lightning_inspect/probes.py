@@ -35,6 +35,7 @@ import sys
 import threading
 import traceback
 import warnings
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -42,6 +43,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from lightning_inspect._checks import suggestion
 from lightning_inspect.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -226,14 +228,28 @@ class _Switched:
 
 
 class _Journal:
-    """Per-run bookkeeping: probes switched off after an error, file names handed out."""
+    """Per-run bookkeeping: probes switched off after an error, file names handed out, and for
+    the end-of-run report the calls that ran per probe and what each wrote where."""
 
-    __slots__ = ("disabled", "issued", "lock")
+    __slots__ = ("disabled", "issued", "lock", "calls", "outputs")
 
     def __init__(self) -> None:
         self.disabled: set[object] = set()
         self.issued: set[str] = set()
         self.lock = threading.Lock()
+        self.calls: dict[object, int] = {}  # _ProbeInfo -> calls that ran
+        self.outputs: dict[str, dict[str, int]] = {}  # qualname -> {destination: items}
+
+    def ran(self, probe: object) -> None:
+        """Count one call of ``probe`` that ran."""
+        with self.lock:
+            self.calls[probe] = self.calls.get(probe, 0) + 1
+
+    def wrote(self, qualname: str, destination: str, items: int = 1) -> None:
+        """Note that ``qualname`` wrote ``items`` things to ``destination``."""
+        with self.lock:
+            where = self.outputs.setdefault(qualname, {})
+            where[destination] = where.get(destination, 0) + items
 
     def claim(self, directory: Path | None, base: str, suffix: str, namespace: str = "") -> str:
         """A name ``base[_k]suffix`` not handed out before in this run (nor on disk)."""
@@ -464,6 +480,46 @@ class _Switch:
             assert self._on is not None and self._off is not None
             _STATE.set(self._on if gate else self._off)
 
+    def report(self) -> tuple[list[str], list[str]]:
+        """For each pattern that was on: a line saying how many probe calls ran and where they
+        wrote, or (second list) a problem: no registered probe matches it, or none of its calls
+        ran."""
+        if self._on is None:
+            return [], []
+        journal = self._on.run.journal
+        with journal.lock:
+            calls, outputs = dict(journal.calls), {k: dict(v) for k, v in journal.outputs.items()}
+        probes: set[_ProbeInfo] = set(_REGISTRY) | {p for p in calls if isinstance(p, _ProbeInfo)}
+        known = sorted({tag for info in probes for tag in info.tags})
+        lines: list[str] = []
+        problems: list[str] = []
+        for pattern in sorted(self._on.switched.patterns):
+            matching = sorted(
+                (i for i in probes if any(tag_matches(pattern, t) for t in i.tags)),
+                key=lambda i: i.qualname,
+            )
+            if not matching:
+                problems.append(_no_probe_message(pattern, known))
+                continue
+            names = ", ".join(i.qualname for i in matching)
+            if not any(calls.get(i, 0) for i in matching):
+                problems.append(
+                    f"tag pattern {pattern!r} switches on {names}, but no call of it ran (none "
+                    "came on a step that was due), so nothing was written for it."
+                )
+                continue
+            written: dict[str, int] = {}
+            for info in matching:
+                for where, items in outputs.get(info.qualname, {}).items():
+                    written[where] = written.get(where, 0) + items
+            went = "; ".join(f"{w}: {n} items" if n else w for w, n in written.items())
+            ran = ", ".join(f"{i.qualname} {calls.get(i, 0)}" for i in matching)
+            lines.append(
+                f"tag {pattern!r}: {sum(calls.get(i, 0) for i in matching)} probe calls ran "
+                f"({ran}); output: {went or 'nothing written through ctx'}."
+            )
+        return lines, problems
+
     def close(self) -> None:
         if self._closed:
             return
@@ -485,6 +541,18 @@ class _Switch:
             except (ValueError, RuntimeError):  # token made in another context, or used
                 pass
         _STATE.set(target if target is not None else _default_state)
+
+
+def _no_probe_message(pattern: str, known: list[str]) -> str:
+    if not known:
+        return (
+            f"tag pattern {pattern!r} matches no probe: no function decorated with "
+            "@lightning_inspect.probe was imported in this process, so nothing ran for it."
+        )
+    return (
+        f"tag pattern {pattern!r} matches no registered probe, so nothing ran for it. Known probe "
+        f"tags: {', '.join(known)}.{suggestion(pattern, known)}"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -543,6 +611,7 @@ class ProbeContext:
     def output_dir(self) -> Path:
         """The run's probe output directory (created on first access)."""
         self._dir.mkdir(parents=True, exist_ok=True)
+        self._journal.wrote(self.qualname, f"files in {self._dir}", 0)
         return self._dir
 
     def path(self, suffix_or_name: str = "") -> Path:
@@ -559,7 +628,9 @@ class ProbeContext:
             'attn_00000003_rank0_heads.npy'
         """
         directory = self.output_dir
-        return directory / self._claim(directory, suffix_or_name, "file")
+        path = directory / self._claim(directory, suffix_or_name, "file")
+        self._journal.wrote(self.qualname, f"files in {directory}")
+        return path
 
     def _claim(self, directory: Path | None, suffix_or_name: str, namespace: str) -> str:
         if not isinstance(suffix_or_name, str):
@@ -586,6 +657,14 @@ class ProbeContext:
 
     def _tb_tag(self, name: str) -> str:
         return f"probes/{self.probe}/{name}"
+
+    def _wrote(self, tb: SummaryWriter | None, ml: tuple[MlflowClient, str] | None) -> None:
+        """Note one item written to each backend given, for the end-of-run report."""
+        if tb is not None:
+            where = f"TensorBoard {tb.get_logdir()} (tags probes/{self.probe}/...)"
+            self._journal.wrote(self.qualname, where)
+        if ml is not None:
+            self._journal.wrote(self.qualname, f"MLflow run {ml[1]} (artifacts probes/)")
 
     # -- backends ------------------------------------------------------------------------------
 
@@ -629,6 +708,7 @@ class ProbeContext:
         if ml is not None:
             client, run_id = ml
             client.log_text(run_id, text, self._artifact(name, ".txt"))
+        self._wrote(tb, ml)
         if tb is None and ml is None:
             self.path(_safe(name) + ".txt").write_text(text, encoding="utf-8")
 
@@ -650,6 +730,7 @@ class ProbeContext:
         if ml is not None:
             client, run_id = ml
             client.log_image(run_id, array, artifact_file=self._artifact(name, ".png"))
+        self._wrote(tb, ml)
         if tb is None and ml is None:
             _save_png(self.path(_safe(name) + ".png"), array)
 
@@ -669,6 +750,7 @@ class ProbeContext:
                 client.log_figure(run_id, figure, self._artifact(name, ".png"))
             if tb is not None:
                 tb.add_figure(self._tb_tag(name), figure, global_step=self.step, close=False)
+            self._wrote(tb, ml)
             if tb is None and ml is None:
                 figure.savefig(self.path(_safe(name) + ".png"))
         finally:
@@ -706,6 +788,7 @@ class ProbeContext:
         if ml is not None:
             client, run_id = ml
             client.log_dict(run_id, data, self._artifact(name, ".json"))
+        self._wrote(tb if data["num"] > 0 else None, ml)
         if tb is None and ml is None:
             self.path(_safe(name) + ".json").write_text(json.dumps(data), encoding="utf-8")
 
@@ -806,6 +889,11 @@ class _ProbeInfo:
     wants_ctx: bool
 
 
+#: Every probe decorated in this process (for the end-of-run report: which tags exist). Weak, so
+#: a probe that is no longer referenced leaves it.
+_REGISTRY: weakref.WeakSet[_ProbeInfo] = weakref.WeakSet()
+
+
 def _wants_ctx(call: str, func: Callable[..., Any]) -> bool:
     try:
         parameter = inspect.signature(func).parameters.get("ctx")
@@ -832,6 +920,7 @@ def _run_probe(
     rank = run.current_rank()
     if run.ranks == "zero" and rank != 0:
         return None
+    journal.ran(info)
     try:
         if info.wants_ctx:
             if "ctx" in kwargs:
@@ -900,6 +989,7 @@ def probe(
             qualname=f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', func)}",
             wants_ctx=_wants_ctx(call, func),
         )
+        _REGISTRY.add(info)
         get = _STATE.get
         cache: tuple[_Switched | None, str | None] = (None, None)
 

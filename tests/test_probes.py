@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import json
+import logging
 import threading
 import time
 import warnings
@@ -723,6 +724,69 @@ def test_probe_switch_sends_to_mlflow(monkeypatch: pytest.MonkeyPatch, tmp_path:
         for step in (0, 2)
         for name in ("map.png", "out.json", "summary.txt")
     ]
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def lightning_info() -> Iterator[list[str]]:
+    """The info lines Lightning's loggers print (``rank_zero_info``)."""
+    handler = _Lines()
+    logger = logging.getLogger("lightning.pytorch")
+    logger.addHandler(handler)
+    yield handler.lines
+    logger.removeHandler(handler)
+
+
+def test_probe_switch_reports_the_calls_and_where_they_wrote(
+    tmp_path: Path, lightning_info: list[str]
+) -> None:
+    from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow = MLFlowLogger(tracking_uri=uri, artifact_location=str(tmp_path / "artifacts"))
+    tb = TensorBoardLogger(str(tmp_path / "tb"))
+    switch = ProbeSwitch(tags=["model.attention"], every_n_steps=2)
+    make_trainer(tmp_path, [switch], logger=[tb, mlflow]).fit(TinyModel())
+    [line] = [x for x in lightning_info if x.startswith("ProbeSwitch: tag 'model.attention'")]
+    # Steps 0, 2 and 4; each call logs a text, an image and a histogram.
+    assert "3 probe calls ran (test_probes.inspect_layer 3)" in line
+    assert f"TensorBoard {tb.log_dir} (tags probes/inspect_layer/...): 9 items" in line
+    assert f"MLflow run {mlflow.run_id} (artifacts probes/): 9 items" in line
+    events = EventAccumulator(tb.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("probes/inspect_layer/map")] == [0, 2, 4]
+    assert len(MlflowClient(uri).list_artifacts(mlflow.run_id, "probes")) == 9
+
+
+def test_probe_switch_warns_for_a_tag_that_matches_no_probe(
+    tmp_path: Path, lightning_info: list[str]
+) -> None:
+    out = tmp_path / "out"
+    switch = ProbeSwitch(tags=["atention", "model.attention", "model.validation"], output_dir=out)
+    trainer = make_trainer(tmp_path, [switch], logger=False, max_steps=2)
+    with pytest.warns(RuntimeWarning) as caught:
+        trainer.fit(TinyModel())
+    [message] = [str(w.message) for w in caught if "'atention'" in str(w.message)]
+    assert message.startswith("ProbeSwitch: tag pattern 'atention' matches no registered probe, so")
+    assert "Known probe tags: " in message and "model.attention" in message.split("tags: ")[1]
+    assert not [x for x in lightning_info if "'atention'" in x]
+    # A probe that exists but is never called: said too.
+    [never] = [str(w.message) for w in caught if "'model.validation'" in str(w.message)]
+    assert "switches on test_probes.inspect_validation, but no call of it ran" in never
+    # The other tag ran; without a logger its output went to files.
+    [line] = [x for x in lightning_info if x.startswith("ProbeSwitch: tag 'model.attention'")]
+    assert "2 probe calls ran" in line and f"files in {out}: 6 items" in line
+    assert len(list(out.iterdir())) == 6
 
 
 @pytest.mark.slow  # starts two worker processes (about 10 s)

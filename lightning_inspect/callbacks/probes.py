@@ -8,6 +8,7 @@ from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_inspect.errors import ConfigError
 from lightning_inspect.probes import (
@@ -42,6 +43,11 @@ class ProbeSwitch(Callback):
         output_dir: directory for probe files; default ``<hydra run dir>/probes`` inside a Hydra
             app, else ``<trainer.log_dir>/probes``.
         validation: also run probes in validation batches.
+
+    At the end of fit, rank 0 prints one line per switched-on tag pattern: how many probe calls
+    ran there, per probe, and where their ``ctx`` output went (the TensorBoard log dir and tags,
+    the MLflow run and artifact path, the files directory). A pattern that matches no probe
+    decorated in the process gives a ``RuntimeWarning`` listing the known probe tags instead.
 
     Logged metrics:
         None by itself; probes log through their ``ctx`` (``probes/<probe>/<name>`` tags in
@@ -152,8 +158,14 @@ class ProbeSwitch(Callback):
 
     def _close(self) -> None:
         switch, self._switch = self._switch, None
-        if switch is not None:
-            switch.close()
+        if switch is None:
+            return
+        switch.close()
+        lines, problems = switch.report()
+        for line in lines:
+            rank_zero_info(f"ProbeSwitch: {line}")
+        for problem in problems:
+            rank_zero_warn(f"ProbeSwitch: {problem}", category=RuntimeWarning)
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
