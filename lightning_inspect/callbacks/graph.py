@@ -73,7 +73,9 @@ class GraphMonitor(Callback):
     without gradients, with the random state saved and restored, so training is unchanged) with
     the inputs the model really received on its first training batch: no
     ``example_input_array`` is needed. The traced module is the LightningModule when
-    ``training_step`` calls ``self(...)``, otherwise the first direct child it called. Where
+    ``training_step`` calls ``self(...)``, otherwise the first direct child it called; on global
+    rank 0 only, and under DDP the module itself, not the wrapper (the strategy's own call that
+    routes ``training_step`` through the wrapper is skipped). Where
     tracing cannot work (keyword or dict inputs, data-dependent control flow) a warning says why
     and training goes on.
 
