@@ -470,13 +470,15 @@ class CliModel(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:lightning.pytorch.cli")  # jsonargparse
 def test_run_record_of_a_lightning_cli_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from lightning.pytorch.cli import LightningCLI
 
     monkeypatch.setattr(sys, "argv", ["main.py"])  # the command line is ``args``
 
     args = [
-        "fit", "--model.hidden=6", "--trainer.max_steps=2", "--trainer.accelerator=cpu",
+        "fit", "--seed_everything=7", "--model.hidden=6", "--trainer.max_steps=2",
+        "--trainer.accelerator=cpu",
         "--trainer.devices=1",
         "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=false",
         "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={tmp_path}",
@@ -491,7 +493,7 @@ def test_run_record_of_a_lightning_cli_run(tmp_path: Path, monkeypatch: pytest.M
     assert config["model"] == {"hidden": 6, "lr": 0.1} and config["trainer"]["max_steps"] == 2
     assert config["trainer"]["callbacks"][0]["class_path"] == "lightning_inspect.RunRecord"
     record = yaml.safe_load((folder / "record.yaml").read_text())
-    assert record["config"]["source"] == "lightning_cli"
+    assert record["config"]["source"] == "lightning_cli" and record["seed"]["seed"] == 7
     # The same config LightningCLI saves itself next to the logs.
     assert config == yaml.safe_load((Path(cli.trainer.logger.log_dir) / "config.yaml").read_text())
 
