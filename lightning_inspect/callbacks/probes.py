@@ -47,7 +47,8 @@ class ProbeSwitch(Callback):
     At the end of fit, rank 0 prints one line per switched-on tag pattern: how many probe calls
     ran there, per probe, and where their ``ctx`` output went (the TensorBoard log dir and tags,
     the MLflow run and artifact path, the files directory). A pattern that matches no probe
-    decorated in the process gives a ``RuntimeWarning`` listing the known probe tags instead.
+    decorated in the process gives a ``RuntimeWarning`` listing the known probe tags instead, and
+    so does a pattern whose probes exist but never ran.
 
     Logged metrics:
         None by itself; probes log through their ``ctx`` (``probes/<probe>/<name>`` tags in
