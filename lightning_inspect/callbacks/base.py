@@ -53,6 +53,8 @@ from lightning_inspect.sinks import Sink, check_backends, close_sinks, resolve_s
 from lightning_inspect.stats import ALL_STATS, DEFAULT_STATS, FIELDS, histogram, summarise
 
 NONFINITE_ACTIONS = ("ignore", "warn", "raise")
+#: Most histogram bins: each logged histogram costs 16 bytes a bin in TensorBoard.
+MAX_BINS = 1024
 
 
 def holds_compiled_module(model: torch.nn.Module) -> bool:
@@ -78,7 +80,7 @@ class ModuleMonitor(Callback):
         stats: statistics to log, from :data:`lightning_inspect.stats.ALL_STATS`;
             ``None``: :data:`~lightning_inspect.stats.DEFAULT_STATS`.
         histograms: also log histograms.
-        bins: histogram bins.
+        bins: histogram bins, 2 to :data:`MAX_BINS` (1024).
         backends: ``"tensorboard"``, ``"mlflow"``, a list of them (or Sink objects); ``None``:
             every supported logger attached to the Trainer.
         on_nonfinite: when a NaN/Inf is seen: ``"ignore"``, ``"warn"`` (once per key, naming the
@@ -114,7 +116,7 @@ class ModuleMonitor(Callback):
         self.stats = check_choices(owner, "stats", stats, ALL_STATS, DEFAULT_STATS)
         self._stat_keys: dict[str, list[str]] = {}  # row key -> its metric keys, in self.stats order
         self.histograms = check_bool(owner, "histograms", histograms)
-        self.bins = check_positive_int(owner, "bins", bins, minimum=2) if self.histograms else 0
+        self.bins = check_positive_int(owner, "bins", bins, 2, MAX_BINS) if self.histograms else 0
         self.backends = check_backends(owner, backends)
         self.on_nonfinite = check_choice(owner, "on_nonfinite", on_nonfinite, NONFINITE_ACTIONS)
         self.enabled = check_bool(owner, "enabled", enabled)
