@@ -587,3 +587,33 @@ def test_start_stop_and_stats_selection(tb_logger) -> None:
                           for s in ("rms", "nan_count"))
     assert tb.steps("weights/net.0.weight/rms") == [1, 3, 5]
     assert not tb.histogram_tags()
+
+
+def test_update_ratio_of_a_zero_parameter_is_inf_when_it_moves_and_nan_when_not(
+    tb_logger, mlflow_logger, mlflow_client
+) -> None:
+    torch.manual_seed(0)
+    model = PlainMLP()
+    with torch.no_grad():
+        model.net[2].bias.zero_()  # zero-initialised, then moved by the step
+        model.net[0].bias.zero_()
+    model.net[0].bias.requires_grad_(False)  # zero, and never moves
+    probe = StepProbe()
+    monitor = WeightMonitor(every_n_steps=1, histograms=False)
+    make_trainer(1, logger=[tb_logger, mlflow_logger], callbacks=[monitor, probe]).fit(model, loader())
+
+    tb = read_tb(tb_dir(tb_logger))
+    moved = np64(probe.after[0]["net.2.bias"]) - np64(probe.before[0]["net.2.bias"])
+    assert np.linalg.norm(moved) > 0
+    assert tb.value("weights/net.2.bias/update_ratio", 0) == np.inf
+    assert np.isnan(tb.value("weights/net.0.bias/update_ratio", 0))
+    w0, w1 = np64(probe.before[0]["net.2.weight"]), np64(probe.after[0]["net.2.weight"])
+    expected = np.linalg.norm(w1 - w0) / np.linalg.norm(w0)
+    assert tb.value("weights/net.2.weight/update_ratio", 0) == pytest.approx(expected, rel=1e-5)
+    run = mlflow_logger.run_id
+    assert mlflow_history(mlflow_client, run, "weights/net.2.weight/update_ratio")[0][1] == pytest.approx(
+        expected, rel=1e-5
+    )
+    # MLflow stores +inf as the largest float64, and NaN as NaN
+    assert mlflow_history(mlflow_client, run, "weights/net.2.bias/update_ratio") == [(0, np.finfo(np.float64).max)]
+    assert np.isnan(mlflow_history(mlflow_client, run, "weights/net.0.bias/update_ratio")[0][1])

@@ -29,7 +29,8 @@ class WeightMonitor(ModuleMonitor):
 
     Logged metrics:
         ``weights/<parameter>/<stat>``, ``weights/<parameter>/update_ratio`` and the histogram
-        ``weights/<parameter>``.
+        ``weights/<parameter>``. The ratio's norms are float64; a parameter whose norm is 0 (a
+        zero-initialised bias) has ratio ``inf`` if the step moved it and ``NaN`` if it did not.
 
     Example::
 
@@ -82,13 +83,12 @@ class WeightMonitor(ModuleMonitor):
             return
         with torch.no_grad():
             after = [_local(p).detach() for p in self.selected_parameters.values()]
-            norms = torch._foreach_norm(before)
+            norms = torch._foreach_norm(before, 2, dtype=torch.float64)  # no overflow of huge weights
             torch._foreach_sub_(before, after)  # in place: the copy becomes -(update), no third copy
-            updates = torch._foreach_norm(before)
-            tiny = torch.finfo(torch.float32).tiny
+            updates = torch._foreach_norm(before, 2, dtype=torch.float64)
             for name, upd, norm in zip(self.selected_parameters, updates, norms):
-                ratio = upd.to(torch.float32) / norm.to(torch.float32).clamp(min=tiny)
-                self._add_scalar(metric_key("weights", name, "update_ratio"), ratio)
+                # IEEE division: a zero norm gives inf when the parameter moved, NaN when it did not
+                self._add_scalar(metric_key("weights", name, "update_ratio"), upd / norm.to(upd.device))
 
 
 def _local(param: torch.Tensor) -> torch.Tensor:
