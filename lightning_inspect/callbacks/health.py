@@ -406,10 +406,10 @@ class HealthMonitor(ModuleMonitor):
                         owners.append(module)
                         grads.append(grad)
             if grads:
-                norms = torch._foreach_norm(grads)
+                norms = torch._foreach_norm(grads, 2, dtype=torch.float64)  # finite for huge values
                 squares: dict[str, list[torch.Tensor]] = {}
                 for module, norm in zip(owners, norms):
-                    squares.setdefault(module, []).append(norm.to(torch.float32).square())
+                    squares.setdefault(module, []).append(norm.square())
                 for module, parts in squares.items():
                     total = torch.stack([p.to(parts[0].device) for p in parts]).sum().sqrt()
                     self._add_scalar(metric_key("health", module, "grad_norm"), total)
@@ -435,16 +435,17 @@ class HealthMonitor(ModuleMonitor):
                 news.append(param.detach())
         if not olds:
             return
-        updates = torch._foreach_norm(torch._foreach_sub(news, olds))
-        norms = torch._foreach_norm(olds)
+        # float64 norms: squares of finite weights of any size stay finite
+        norms = torch._foreach_norm(olds, 2, dtype=torch.float64)
+        torch._foreach_sub_(olds, news)  # in place: the copy becomes -(update), no third copy
+        updates = torch._foreach_norm(olds, 2, dtype=torch.float64)
         sums: dict[str, list[torch.Tensor]] = {}
         for module, upd, norm in zip(names, updates, norms):
-            u2, w2 = upd.to(torch.float32).square(), norm.to(torch.float32).square()
-            sums.setdefault(module, []).append(torch.stack([u2, w2.to(u2.device)]))
+            sums.setdefault(module, []).append(torch.stack([upd.square(), norm.square().to(upd.device)]))
         for module, parts in sums.items():
             u2, w2 = torch.stack([p.to(parts[0].device) for p in parts]).sum(0)
             # A module whose weights are all zero has no ratio: NaN is dropped on the host.
-            ratio = torch.where(w2 > 0, (u2 / w2.clamp(min=torch.finfo(torch.float32).tiny)).sqrt(), torch.nan)
+            ratio = torch.where(w2 > 0, (u2 / w2).sqrt(), torch.nan)
             self._add_scalar(metric_key("health", module, "update_ratio"), ratio)
 
     def _record_activations(self) -> None:
