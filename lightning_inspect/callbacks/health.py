@@ -38,6 +38,7 @@ from lightning_inspect.health_nonfinite import (
     NonFiniteLocator,
     NonFiniteOrigin,
     parameters_by_module,
+    stored_values,
 )
 from lightning_inspect.health_pictures import heatmap, publish_image
 from lightning_inspect.hooks import InertWhenCopied, is_suspended
@@ -345,6 +346,11 @@ class HealthMonitor(ModuleMonitor):
             self._finish(trainer)  # the report, before the backends are closed
         super().on_exception(trainer, pl_module, exception)
 
+    def _shutdown(self) -> None:
+        super()._shutdown()
+        if self.locator is not None:
+            self.locator.release()  # no tensor (nor weak reference) outlives the fit
+
     # -- recording (device side) ------------------------------------------------------------
 
     def _on_forward(self, name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
@@ -358,8 +364,8 @@ class HealthMonitor(ModuleMonitor):
             self._accumulate(name, kind, module, output.detach())
 
     def _accumulate(self, name: str, kind: str, module: nn.Module, y: torch.Tensor) -> None:
-        if y.is_complex() or y.ndim == 0:
-            return
+        if y.is_complex() or y.ndim == 0 or y.layout != torch.strided:
+            return  # no units or bounds: complex, 0-d and sparse outputs are checked for NaN only
         if kind == "relu":
             dim = unit_dim(y.ndim, self._after_conv.get(name, False))
             units = y.shape[dim]
@@ -402,9 +408,8 @@ class HealthMonitor(ModuleMonitor):
             for module, params in self._param_modules.items():
                 for _, param in params:
                     if param.grad is not None:
-                        grad = param.grad.coalesce().values() if param.grad.is_sparse else param.grad
                         owners.append(module)
-                        grads.append(grad)
+                        grads.append(stored_values(param.grad))
             if grads:
                 norms = torch._foreach_norm(grads, 2, dtype=torch.float64)  # finite for huge values
                 squares: dict[str, list[torch.Tensor]] = {}
