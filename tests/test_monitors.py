@@ -617,3 +617,40 @@ def test_update_ratio_of_a_zero_parameter_is_inf_when_it_moves_and_nan_when_not(
     # MLflow stores +inf as the largest float64, and NaN as NaN
     assert mlflow_history(mlflow_client, run, "weights/net.2.bias/update_ratio") == [(0, np.finfo(np.float64).max)]
     assert np.isnan(mlflow_history(mlflow_client, run, "weights/net.0.bias/update_ratio")[0][1])
+
+
+class Spectrum(nn.Module):
+    """A complex output: the FFT of a Linear's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(IN_FEATURES, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.fft.fft(self.fc(x))
+
+
+class ComplexModel(PlainMLP):
+    def __init__(self) -> None:
+        super().__init__()
+        self.spectrum = Spectrum()
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spectrum = self.spectrum(x)
+        spectrum.register_hook(lambda g: self.grads.append(g.detach().clone()))
+        return self.head(spectrum.abs())
+
+
+def test_gradients_of_complex_outputs_are_logged(tb_logger) -> None:
+    torch.manual_seed(0)
+    model = ComplexModel()
+    model.grads = []
+    monitor = GradientMonitor(modules="spectrum", every_n_steps=1, parameters=False, global_norm=False)
+    make_trainer(1, logger=tb_logger, callbacks=[monitor]).fit(model, loader())
+    tb = read_tb(tb_dir(tb_logger))
+    [grad] = model.grads
+    parts = torch.view_as_real(grad).to(torch.float64).reshape(-1).numpy()  # real and imaginary parts
+    assert tb.value("activation_grads/spectrum/mean", 0) == approx(parts.mean(), np.abs(parts).mean())
+    assert tb.value("activation_grads/spectrum/max", 0) == approx(parts.max())
+    assert tb.histograms("activation_grads/spectrum")[0].histogram_value.num == parts.size

@@ -23,7 +23,8 @@ class GradientMonitor(ModuleMonitor):
 
     Args:
         outputs: log the gradient with respect to each selected module's output tensors
-            (read by tensor hooks during backward; works with in-place modules).
+            (read by tensor hooks during backward; works with in-place modules; the gradient of
+            a complex output is read as its real and imaginary parts).
         parameters: log the gradient of each parameter of the selected modules, read in
             ``on_before_optimizer_step``: after AMP unscaling, once per optimizer step under
             gradient accumulation.
@@ -78,7 +79,8 @@ class GradientMonitor(ModuleMonitor):
         return self.outputs
 
     def _on_output(self, name: str, path: str, tensor: torch.Tensor) -> None:
-        if tensor.requires_grad and torch.is_grad_enabled() and tensor.is_floating_point():
+        inexact = tensor.is_floating_point() or tensor.is_complex()
+        if tensor.requires_grad and torch.is_grad_enabled() and inexact:
             tensor.register_hook(OutputGradHook(self, metric_key("activation_grads", name, path)))
 
     def _on_output_grad(self, key: str, grad: torch.Tensor) -> None:
