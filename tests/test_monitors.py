@@ -654,3 +654,26 @@ def test_gradients_of_complex_outputs_are_logged(tb_logger) -> None:
     assert tb.value("activation_grads/spectrum/mean", 0) == approx(parts.mean(), np.abs(parts).mean())
     assert tb.value("activation_grads/spectrum/max", 0) == approx(parts.max())
     assert tb.histograms("activation_grads/spectrum")[0].histogram_value.num == parts.size
+
+
+def test_parameter_patterns_choose_weights_and_parameter_gradients(tb_logger) -> None:
+    torch.manual_seed(0)
+    monitors = [
+        WeightMonitor(every_n_steps=1, exclude_params="*.bias", histograms=False),
+        GradientMonitor(every_n_steps=1, params="*.weight", outputs=False, histograms=False),
+    ]
+    make_trainer(1, logger=tb_logger, callbacks=monitors).fit(PlainMLP(), loader())
+    tags = read_tb(tb_dir(tb_logger)).scalar_tags()
+    for prefix in ("weights", "param_grads"):
+        logged = {t.split("/")[1] for t in tags if t.startswith(prefix + "/") and t != "param_grads/global_norm"}
+        assert logged == {"net.0.weight", "net.2.weight"}, prefix
+
+
+@pytest.mark.parametrize("cls", [WeightMonitor, GradientMonitor], ids=lambda c: c.__name__)
+def test_parameter_pattern_matching_nothing_fails_before_the_first_step(cls: type) -> None:
+    probe = StepProbe()
+    with pytest.raises(SelectionError, match=rf"^{cls.__name__}: parameter pattern 'net.0.weigth'.*net\.0\.weight"):
+        make_trainer(2, callbacks=[cls(params="net.0.weigth"), probe]).fit(PlainMLP(), loader())
+    assert probe.batch_starts == 0
+    with pytest.raises(ConfigError, match=rf"^{cls.__name__}\(exclude_params=3\)"):
+        cls(exclude_params=3)

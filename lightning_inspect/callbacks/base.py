@@ -108,10 +108,8 @@ class ModuleMonitor(Callback):
     ) -> None:
         owner = type(self).__name__
         self._owner = owner
-        self.modules = as_str_list(owner, "modules", modules)
-        self.exclude = as_str_list(owner, "exclude", exclude)
-        check_patterns(owner, "modules", self.modules)
-        check_patterns(owner, "exclude", self.exclude)
+        self.modules = self._pattern_arg("modules", modules)
+        self.exclude = self._pattern_arg("exclude", exclude)
         self.schedule = Schedule.checked(owner, every_n_steps, start_step, stop_step)
         self.stats = check_choices(owner, "stats", stats, ALL_STATS, DEFAULT_STATS)
         self._stat_keys: dict[str, list[str]] = {}  # row key -> its metric keys, in self.stats order
@@ -244,6 +242,12 @@ class ModuleMonitor(Callback):
         return False
 
     # -- shared machinery -------------------------------------------------------------------
+
+    def _pattern_arg(self, name: str, value: object, kind: str = "module") -> list[str]:
+        """A checked pattern argument (``modules``, ``exclude``, ``params``...) as a list."""
+        patterns = as_str_list(self._owner, name, value)
+        check_patterns(self._owner, name, patterns, kind)
+        return patterns
 
     def _install_hooks(self) -> None:
         if self._wants_output_hooks():

@@ -29,6 +29,11 @@ class GradientMonitor(ModuleMonitor):
             ``on_before_optimizer_step``: after AMP unscaling, once per optimizer step under
             gradient accumulation.
         global_norm: log the L2 norm of all parameter gradients of the model (not only selected).
+        params: which parameters of the selected modules ``parameters`` logs: patterns over
+            their qualified names (``"*.weight"``); ``None``: all. A pattern that matches none
+            stops fit at its start with the closest parameter names.
+        exclude_params: parameter-name patterns removed from ``parameters`` (``"*.bias"``).
+            ``modules`` and ``exclude`` match module names only.
         **kwargs: every argument of :class:`~lightning_inspect.callbacks.base.ModuleMonitor`.
 
     Logged metrics:
@@ -58,6 +63,8 @@ class GradientMonitor(ModuleMonitor):
         outputs: bool = True,
         parameters: bool = True,
         global_norm: bool = True,
+        params: str | Sequence[str] | None = None,
+        exclude_params: str | Sequence[str] | None = None,
     ) -> None:
         super().__init__(
             modules, exclude, every_n_steps, start_step, stop_step, stats, histograms, bins,
@@ -66,12 +73,14 @@ class GradientMonitor(ModuleMonitor):
         self.outputs = check_bool(self._owner, "outputs", outputs)
         self.parameters = check_bool(self._owner, "parameters", parameters)
         self.global_norm = check_bool(self._owner, "global_norm", global_norm)
+        self.params = self._pattern_arg("params", params, "parameter")
+        self.exclude_params = self._pattern_arg("exclude_params", exclude_params, "parameter")
         self.selected_parameters: dict[str, torch.nn.Parameter] = {}
         self._all_parameters: list[torch.nn.Parameter] = []
         self._scaler_skipped = False
 
     def _after_selection(self, pl_module: pl.LightningModule) -> None:
-        params = select_parameters(self.selected)
+        params = select_parameters(self.selected, self.params, self.exclude_params, owner=self._owner)
         self.selected_parameters = {n: p for n, p in params.items() if p.requires_grad}
         self._all_parameters = [p for p in pl_module.parameters() if p.requires_grad]
 

@@ -25,6 +25,11 @@ class WeightMonitor(ModuleMonitor):
 
     Args:
         update_ratio: log ``weights/<parameter>/update_ratio``.
+        params: patterns over the qualified names of the selected modules' parameters
+            (``"*.weight"``, ``"re:.*attn.*"``); ``None``: all of them. A pattern that matches
+            none of them stops fit at its start with the closest parameter names.
+        exclude_params: parameter-name patterns removed (``"*.bias"``). ``modules`` and
+            ``exclude`` match module names only.
         **kwargs: every argument of :class:`~lightning_inspect.callbacks.base.ModuleMonitor`.
 
     Logged metrics:
@@ -34,7 +39,7 @@ class WeightMonitor(ModuleMonitor):
 
     Example::
 
-        WeightMonitor(every_n_steps=200, exclude="*.bias")
+        WeightMonitor(every_n_steps=200, exclude_params="*.bias")
     """
 
     kind = "weights"
@@ -53,17 +58,23 @@ class WeightMonitor(ModuleMonitor):
         on_nonfinite: str = "warn",
         enabled: bool = True,
         update_ratio: bool = True,
+        params: str | Sequence[str] | None = None,
+        exclude_params: str | Sequence[str] | None = None,
     ) -> None:
         super().__init__(
             modules, exclude, every_n_steps, start_step, stop_step, stats, histograms, bins,
             backends, on_nonfinite, enabled,
         )
         self.update_ratio = check_bool(self._owner, "update_ratio", update_ratio)
+        self.params = self._pattern_arg("params", params, "parameter")
+        self.exclude_params = self._pattern_arg("exclude_params", exclude_params, "parameter")
         self.selected_parameters: dict[str, torch.nn.Parameter] = {}
         self._before: list[torch.Tensor] | None = None
 
     def _after_selection(self, pl_module: pl.LightningModule) -> None:
-        self.selected_parameters = select_parameters(self.selected)
+        self.selected_parameters = select_parameters(
+            self.selected, self.params, self.exclude_params, owner=self._owner
+        )
 
     def _selection_summary(self) -> tuple[str, list[str]]:
         return "parameters", list(self.selected_parameters)
