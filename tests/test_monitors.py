@@ -677,3 +677,80 @@ def test_parameter_pattern_matching_nothing_fails_before_the_first_step(cls: typ
     assert probe.batch_starts == 0
     with pytest.raises(ConfigError, match=rf"^{cls.__name__}\(exclude_params=3\)"):
         cls(exclude_params=3)
+
+
+class GAN(L.LightningModule):
+    """Manual optimization with two optimizers: ``opt_d`` (critic) then ``opt_g`` (generator)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.gen = nn.Sequential(nn.Linear(3, IN_FEATURES))
+        self.disc = nn.Sequential(nn.Linear(IN_FEATURES, 4), nn.Tanh(), nn.Linear(4, 1))
+        self.noise = torch.Generator().manual_seed(0)
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, _ = batch
+        opt_d, opt_g = self.optimizers()
+        fake = self.gen(torch.randn(x.shape[0], 3, generator=self.noise))
+        d_loss = nn.functional.softplus(-self.disc(x)).mean() + nn.functional.softplus(self.disc(fake.detach())).mean()
+        opt_d.zero_grad()
+        self.manual_backward(d_loss)
+        opt_d.step()
+        g_loss = nn.functional.softplus(-self.disc(fake)).mean()  # also leaves gradients on disc
+        opt_g.zero_grad()
+        self.manual_backward(g_loss)
+        opt_g.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [torch.optim.SGD(self.disc.parameters(), lr=0.05), torch.optim.SGD(self.gen.parameters(), lr=0.05)]
+
+
+class OptimizerProbe(Callback):
+    """Per global step: the gradients of the parameters the stepping optimizer updates."""
+
+    def __init__(self) -> None:
+        self.grads: dict[int, dict[str, torch.Tensor]] = {}
+        self.start: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
+        self.start[trainer.global_step] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # type: ignore[no-untyped-def]
+        ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        self.grads[trainer.global_step] = {
+            n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if id(p) in ids
+        }
+
+
+def test_two_optimizers_per_batch_schedule_and_parameter_gradients(tb_logger) -> None:
+    from lightning_inspect import HealthMonitor
+
+    torch.manual_seed(0)
+    probe = OptimizerProbe()
+    health = HealthMonitor(every_n_steps=3, console=False, warn_findings=False, pictures=False)
+    monitors = [ActivationMonitor(modules="disc.0", every_n_steps=3), GradientMonitor(every_n_steps=3, outputs=False),
+                WeightMonitor(every_n_steps=3, update_ratio=False), health]
+    make_trainer(24, logger=tb_logger, callbacks=[*monitors, probe]).fit(GAN(), loader(n=96))
+
+    tb = read_tb(tb_dir(tb_logger))
+    logged = [0, 3, 6, 9, 12, 15, 18, 21]  # each batch takes steps 2k (opt_d) and 2k + 1 (opt_g)
+    for tag in ("activations/disc.0/mean", "param_grads/gen.0.weight/l2_norm", "param_grads/disc.0.weight/l2_norm",
+                "param_grads/global_norm", "weights/gen.0.weight/mean", "health/disc.0/grad_norm"):
+        assert tb.steps(tag) == logged, tag
+    for s in logged:
+        d_step = s - s % 2  # the batch's opt_d step; opt_g steps at d_step + 1
+        assert [h.histogram_value.num for h in tb.histograms("activations/disc.0") if h.step == s] == [3 * B * 4]
+        d_grads, g_grads = probe.grads[d_step], probe.grads[d_step + 1]
+        assert set(d_grads) == {n for n, _ in GAN().disc.named_parameters(prefix="disc")}
+        for name, grad in [*d_grads.items(), *g_grads.items()]:  # each read at its own optimizer's step
+            g = np64(grad)
+            assert tb.value(f"param_grads/{name}/l2_norm", s) == approx(np.linalg.norm(g)), (name, s)
+            assert tb.value(f"param_grads/{name}/mean", s) == approx(g.mean(), np.abs(g).mean()), (name, s)
+        everything = np.concatenate([np64(g) for g in [*d_grads.values(), *g_grads.values()]])
+        assert tb.value("param_grads/global_norm", s) == approx(np.linalg.norm(everything))
+        for module in ("disc.0", "gen.0"):
+            own = [np64(g) for n, g in [*d_grads.items(), *g_grads.items()] if n.startswith(module + ".")]
+            assert tb.value(f"health/{module}/grad_norm", s) == approx(np.linalg.norm(np.concatenate(own)))
+        w = np64(probe.start[d_step]["gen.0.weight"])  # weights read at the batch's first step
+        assert tb.value("weights/gen.0.weight/mean", s) == approx(w.mean(), np.abs(w).mean())

@@ -8,11 +8,14 @@ A monitor's life in a fit:
     resolve the module selection (after ``configure_model``; a pattern that matches nothing
     raises here, before the sanity check and the first step).
 ``on_train_batch_start``
-    on a logged step only, attach the output hooks and start recording; other steps pay one
-    integer test.
+    on a logged batch only, attach the output hooks and start recording; other batches pay a few
+    integer operations. A batch is logged when one of the optimizer steps it takes is on the
+    schedule (:meth:`~lightning_inspect.schedule.Schedule.first_due`), under that step; a batch
+    is expected to take as many steps as the previous one (at first: one, or one per optimizer
+    under manual optimization).
 ``on_before_optimizer_step``
-    read what exists once per optimizer step: parameter gradients (after AMP unscaling and
-    gradient accumulation), weights.
+    read what exists at each optimizer step: parameter gradients (after AMP unscaling and
+    gradient accumulation) of the parameters that optimizer updates, weights.
 ``on_train_batch_end``
     remove the hooks; once the optimizer step happened, hand the step's record to the coordinator,
     which moves the values of all monitors to the host in one transfer and publishes them.
@@ -34,7 +37,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import torch
@@ -53,6 +56,7 @@ from lightning_inspect.sinks import Sink, check_backends, close_sinks, resolve_s
 from lightning_inspect.stats import ALL_STATS, DEFAULT_STATS, FIELDS, histogram, summarise
 
 NONFINITE_ACTIONS = ("ignore", "warn", "raise")
+_K = TypeVar("_K")
 #: Most histogram bins: each logged histogram costs 16 bytes a bin in TensorBoard.
 MAX_BINS = 1024
 
@@ -74,7 +78,9 @@ class ModuleMonitor(Callback):
             that owns parameters. Names are normalised (``_orig_mod.``, a leading ``module.``,
             ``_fsdp_wrapped_module.``, ``_checkpoint_wrapped_module.`` removed).
         exclude: patterns removed from the selection.
-        every_n_steps: log every this many optimizer steps (``trainer.global_step``).
+        every_n_steps: log every this many optimizer steps (``trainer.global_step``; under
+            manual optimization each ``optimizer.step()`` is one). A batch that takes several
+            steps is logged, once, when one of them is on the schedule.
         start_step: first optimizer step logged.
         stop_step: no logging from this optimizer step on (``None``: never stop).
         stats: statistics to log, from :data:`lightning_inspect.stats.ALL_STATS`;
@@ -129,6 +135,9 @@ class ModuleMonitor(Callback):
         self._optimizer: torch.optim.Optimizer | None = None
         self._coordinator: StepCoordinator | None = None
         self._active = False
+        self._model_parameters: set[int] = set()  # ids of the model's parameters
+        self._steps_per_batch = 1  # optimizer steps the last batch that took any took
+        self._batch_start_step = 0
         self._warned_nonfinite: set[str] = set()
         self._hook_fault_warned = False
 
@@ -161,6 +170,9 @@ class ModuleMonitor(Callback):
         if not self._active:
             return
         self.selected = select_modules(pl_module, self.modules, self.exclude, owner=self._owner)
+        self._model_parameters = {id(p) for p in pl_module.parameters()}
+        manual = not pl_module.automatic_optimization
+        self._steps_per_batch = max(1, len(trainer.optimizers)) if manual else 1
         self._after_selection(pl_module)
         self._persistent_hooks = holds_compiled_module(pl_module)
         if self._persistent_hooks:
@@ -172,15 +184,17 @@ class ModuleMonitor(Callback):
     ) -> None:
         if not self._active:
             return
-        step = trainer.global_step
-        if self._record is None:
-            if not self.schedule.should_log(step) or step == self.last_logged_step:
+        step = self._batch_start_step = trainer.global_step
+        if self._record is None:  # else: a step due in an earlier batch is still to be taken
+            last = self.last_logged_step
+            first = step if last is None else max(step, last + 1)
+            due = self.schedule.first_due(first, step + self._steps_per_batch)
+            if due is None:
                 return
-            self._record = StepRecord(step)
-        if self._record.step == step:
-            if not self._persistent_hooks and not len(self._hooks):
-                self._install_hooks()
-            self._recording = True
+            self._record = StepRecord(due)
+        if not self._persistent_hooks and not len(self._hooks):
+            self._install_hooks()
+        self._recording = True
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -200,6 +214,9 @@ class ModuleMonitor(Callback):
         self._recording = False
         if not self._persistent_hooks:
             self._hooks.remove()
+        taken = trainer.global_step - self._batch_start_step
+        if taken > 0:
+            self._steps_per_batch = taken
         record = self._record
         if record is not None and trainer.global_step > record.step:
             self._guarded(self._after_optimizer_step, pl_module)
@@ -248,6 +265,19 @@ class ModuleMonitor(Callback):
         patterns = as_str_list(self._owner, name, value)
         check_patterns(self._owner, name, patterns, kind)
         return patterns
+
+    def _stepped(self, params: dict[_K, torch.nn.Parameter]) -> dict[_K, torch.nn.Parameter]:
+        """The entries of ``params`` that the optimizer of the current step updates.
+
+        All of them when its param groups hold none of the model's parameters (an optimizer
+        that steps copies of them, e.g. a wrapper with master weights).
+        """
+        if self._optimizer is None:
+            return params
+        ids = {id(p) for group in self._optimizer.param_groups for p in group["params"]}
+        if ids.isdisjoint(self._model_parameters):
+            return params
+        return {n: p for n, p in params.items() if id(p) in ids}
 
     def _install_hooks(self) -> None:
         if self._wants_output_hooks():
