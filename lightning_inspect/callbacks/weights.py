@@ -18,10 +18,13 @@ from lightning_inspect.stats import reduce_tensor
 class WeightMonitor(ModuleMonitor):
     """Log the parameters of selected modules.
 
-    Weights are read in ``on_before_optimizer_step`` of a logged step, i.e. the values the step's
-    forward pass used. With ``update_ratio`` a copy of the selected parameters is kept for the
-    duration of that one optimizer step (and only then) to log ``||W_after - W_before|| / ||W_before||``:
-    the size of this step's update relative to the weights (healthy training is often near 1e-3).
+    Weights are read in ``on_before_optimizer_step`` of a logged batch (its first optimizer step
+    when it takes several), i.e. the values the step's forward pass used. ``update_ratio`` logs
+    ``||W_after - W_before|| / ||W_before||``, the size of the batch's update relative to the
+    weights (healthy training is often near 1e-3). It needs ``W_before``: one copy of every
+    selected parameter (same dtype and device), held from that optimizer step to the end of the
+    batch, on logged batches only; e.g. 50M float32 parameters cost 200 MB (191 MiB) more at
+    those moments. The update is then computed in that copy, in place.
 
     Args:
         update_ratio: log ``weights/<parameter>/update_ratio``.
