@@ -754,3 +754,41 @@ def test_two_optimizers_per_batch_schedule_and_parameter_gradients(tb_logger) ->
             assert tb.value(f"health/{module}/grad_norm", s) == approx(np.linalg.norm(np.concatenate(own)))
         w = np64(probe.start[d_step]["gen.0.weight"])  # weights read at the batch's first step
         assert tb.value("weights/gen.0.weight/mean", s) == approx(w.mean(), np.abs(w).mean())
+
+
+class NestsAFit(PlainMLP):
+    """At global step 1, inside its training step, runs a whole fit of another model."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.global_step == 1:
+            self.inner()
+        return super().training_step(batch, batch_idx)
+
+
+def test_one_monitor_instance_in_nested_fits_logs_both(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lightning_inspect import HealthMonitor
+
+    monitors = [ActivationMonitor(modules="net.0", every_n_steps=1), WeightMonitor(every_n_steps=1),
+                HealthMonitor(every_n_steps=1, console=False, warn_findings=False, pictures=False)]
+    outer_logger = TensorBoardLogger(save_dir=str(tmp_path), name="", version="outer")
+    inner_logger = TensorBoardLogger(save_dir=str(tmp_path), name="", version="inner")
+    inner_model = PlainMLP()
+
+    def inner_fit() -> None:
+        make_trainer(2, logger=inner_logger, callbacks=monitors).fit(inner_model, loader())
+
+    torch.manual_seed(0)
+    outer_model = NestsAFit(inner_fit)
+    make_trainer(4, logger=outer_logger, callbacks=monitors).fit(outer_model, loader())
+    outer, inner = read_tb(outer_logger.log_dir), read_tb(inner_logger.log_dir)
+    for tag in ("activations/net.0/mean", "weights/net.0.weight/update_ratio", "health/net.0/grad_norm"):
+        assert outer.steps(tag) == [0, 1, 2, 3], tag
+        assert inner.steps(tag) == [0, 1], tag
+    assert module_hook_counts(outer_model) == {} and module_hook_counts(inner_model) == {}
+    assert all(not m._active and m.sinks == [] for m in monitors)

@@ -98,6 +98,11 @@ class ModuleMonitor(Callback):
     #: The kind of the keys this monitor writes, for messages.
     kind = "module"
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> ModuleMonitor:
+        monitor = super().__new__(cls)
+        monitor._init_args = (args, kwargs)  # a nested fit starts from a monitor built alike
+        return monitor
+
     def __init__(
         self,
         modules: str | Sequence[str] | None = None,
@@ -140,6 +145,7 @@ class ModuleMonitor(Callback):
         self._batch_start_step = 0
         self._warned_nonfinite: set[str] = set()
         self._hook_fault_warned = False
+        self._outer_fit: dict[str, Any] | None = None  # the enclosing fit's state, in a nested fit
 
     # -- Lightning glue ---------------------------------------------------------------------
 
@@ -158,6 +164,11 @@ class ModuleMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or not self.enabled:
             return
+        if self._active:  # a fit started inside this monitor's fit: fresh state until it ends
+            outer = self.__dict__
+            args, kwargs = self._init_args
+            self.__dict__ = type(self)(*args, **kwargs).__dict__
+            self._outer_fit = outer
         self._active = True
         self.last_logged_step = None  # a new fit; resuming restores it from the checkpoint after setup
         self.sinks = resolve_sinks(trainer, self.backends, owner=self._owner)
@@ -383,6 +394,8 @@ class ModuleMonitor(Callback):
             self._coordinator.leave(self)
             self._coordinator = None
         self._active = False
+        if self._outer_fit is not None:  # a nested fit ended: back to the enclosing fit
+            self.__dict__ = self._outer_fit
 
     def _close(self) -> None:
         self._recording = False

@@ -349,9 +349,9 @@ class HealthMonitor(ModuleMonitor):
         super().on_exception(trainer, pl_module, exception)
 
     def _shutdown(self) -> None:
-        super()._shutdown()
-        if self.locator is not None:
+        if self._active and self.locator is not None:
             self.locator.release()  # no tensor (nor weak reference) outlives the fit
+        super()._shutdown()  # last: after a nested fit it brings back the enclosing fit's state
 
     # -- recording (device side) ------------------------------------------------------------
 
