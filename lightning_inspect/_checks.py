@@ -32,7 +32,7 @@ def suggestion(value: str, candidates: Iterable[str]) -> str:
 def check_positive_int(
     owner: str, name: str, value: Any, minimum: int = 1, maximum: int | None = None
 ) -> int:
-    """``value`` as an int if it is an integer in ``[minimum, maximum]``; otherwise a ConfigError."""
+    """``value`` if it is an integer in ``[minimum, maximum]``; otherwise a ConfigError."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (
         maximum is not None and value > maximum
     ):

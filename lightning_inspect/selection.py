@@ -66,7 +66,9 @@ class Pattern:
             try:
                 self._regex = re.compile(text[3:])
             except re.error as exc:
-                raise ConfigError(f"{kind} pattern {text!r} is not a valid regular expression: {exc}") from exc
+                raise ConfigError(
+                    f"{kind} pattern {text!r} is not a valid regular expression: {exc}"
+                ) from exc
         else:
             self._regex = re.compile(fnmatch.translate(text))
 

@@ -579,7 +579,9 @@ def test_huge_finite_weights_give_finite_norms_and_ratios(tmp_path: Path) -> Non
     monitor = quiet_monitor(every_n_steps=1, pictures=False)
     trainer(tmp_path, [monitor], max_steps=1, logger=tb).fit(model, data(4))
 
-    update = math.sqrt(sum(float((p.detach().double() - before[n]).square().sum()) for n, p in params.items()))
+    update = math.sqrt(
+        sum(float((p.detach().double() - before[n]).square().sum()) for n, p in params.items())
+    )
     weight = math.sqrt(sum(float(w.square().sum()) for w in before.values()))
     assert math.isfinite(update) and update > 1e19
     events = EventAccumulator(tb.log_dir, size_guidance={"scalars": 0})
@@ -598,7 +600,9 @@ def test_monitor_pickles_after_fit(tmp_path: Path) -> None:
     trainer(tmp_path, [monitor], max_steps=2).fit(model, data(4))
     copy = pickle.loads(pickle.dumps(monitor))
     assert copy.history == monitor.history and copy.order == monitor.order
-    assert copy.order[:3] == ["net.0", "net.1", "net.2"] and "net.1" in copy.history["zero_fraction"]
+    assert (
+        copy.order[:3] == ["net.0", "net.1", "net.2"] and "net.1" in copy.history["zero_fraction"]
+    )
 
 
 class SparseOut(nn.Module):
@@ -615,7 +619,9 @@ class SparseOut(nn.Module):
 
 class SparseModel(Regression):
     def __init__(self, poison_at: int | None) -> None:
-        super().__init__(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)), poison_at=poison_at)
+        super().__init__(
+            nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)), poison_at=poison_at
+        )
         self.sparse = SparseOut()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -626,15 +632,22 @@ class SparseModel(Regression):
 @pytest.mark.parametrize("check", ["module", "step"])
 def test_sparse_outputs_are_checked_without_faults(tmp_path: Path, check: str) -> None:
     torch.manual_seed(0)
-    clean = quiet_monitor(every_n_steps=1, backends=[MemorySink()], pictures=False, nonfinite_check=check)
+    clean = quiet_monitor(
+        every_n_steps=1, backends=[MemorySink()], pictures=False, nonfinite_check=check
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
         trainer(tmp_path, [clean], max_steps=2).fit(SparseModel(None), data(4))
     assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []
     assert "sparse" in clean.order and "net.1" in clean.history["zero_fraction"]
 
-    poisoned = quiet_monitor(every_n_steps=1, backends=[MemorySink()], pictures=False, nonfinite_check=check,
-                             on_nonfinite="raise")
+    poisoned = quiet_monitor(
+        every_n_steps=1,
+        backends=[MemorySink()],
+        pictures=False,
+        nonfinite_check=check,
+        on_nonfinite="raise",
+    )
     with pytest.raises(FirstNonFiniteError) as info:
         trainer(tmp_path, [poisoned], max_steps=4).fit(SparseModel(1), data(4))
     assert (info.value.origin.module, info.value.origin.step) == ("sparse", 1)

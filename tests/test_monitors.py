@@ -600,7 +600,9 @@ def test_update_ratio_of_a_zero_parameter_is_inf_when_it_moves_and_nan_when_not(
     model.net[0].bias.requires_grad_(False)  # zero, and never moves
     probe = StepProbe()
     monitor = WeightMonitor(every_n_steps=1, histograms=False)
-    make_trainer(1, logger=[tb_logger, mlflow_logger], callbacks=[monitor, probe]).fit(model, loader())
+    make_trainer(1, logger=[tb_logger, mlflow_logger], callbacks=[monitor, probe]).fit(
+        model, loader()
+    )
 
     tb = read_tb(tb_dir(tb_logger))
     moved = np64(probe.after[0]["net.2.bias"]) - np64(probe.before[0]["net.2.bias"])
@@ -611,11 +613,12 @@ def test_update_ratio_of_a_zero_parameter_is_inf_when_it_moves_and_nan_when_not(
     expected = np.linalg.norm(w1 - w0) / np.linalg.norm(w0)
     assert tb.value("weights/net.2.weight/update_ratio", 0) == pytest.approx(expected, rel=1e-5)
     run = mlflow_logger.run_id
-    assert mlflow_history(mlflow_client, run, "weights/net.2.weight/update_ratio")[0][1] == pytest.approx(
-        expected, rel=1e-5
-    )
+    [(_, stored)] = mlflow_history(mlflow_client, run, "weights/net.2.weight/update_ratio")
+    assert stored == pytest.approx(expected, rel=1e-5)
     # MLflow stores +inf as the largest float64, and NaN as NaN
-    assert mlflow_history(mlflow_client, run, "weights/net.2.bias/update_ratio") == [(0, np.finfo(np.float64).max)]
+    assert mlflow_history(mlflow_client, run, "weights/net.2.bias/update_ratio") == [
+        (0, np.finfo(np.float64).max)
+    ]
     assert np.isnan(mlflow_history(mlflow_client, run, "weights/net.0.bias/update_ratio")[0][1])
 
 
@@ -646,12 +649,17 @@ def test_gradients_of_complex_outputs_are_logged(tb_logger) -> None:
     torch.manual_seed(0)
     model = ComplexModel()
     model.grads = []
-    monitor = GradientMonitor(modules="spectrum", every_n_steps=1, parameters=False, global_norm=False)
+    monitor = GradientMonitor(
+        modules="spectrum", every_n_steps=1, parameters=False, global_norm=False
+    )
     make_trainer(1, logger=tb_logger, callbacks=[monitor]).fit(model, loader())
     tb = read_tb(tb_dir(tb_logger))
     [grad] = model.grads
-    parts = torch.view_as_real(grad).to(torch.float64).reshape(-1).numpy()  # real and imaginary parts
-    assert tb.value("activation_grads/spectrum/mean", 0) == approx(parts.mean(), np.abs(parts).mean())
+    # the real and imaginary parts
+    parts = torch.view_as_real(grad).to(torch.float64).reshape(-1).numpy()
+    assert tb.value("activation_grads/spectrum/mean", 0) == approx(
+        parts.mean(), np.abs(parts).mean()
+    )
     assert tb.value("activation_grads/spectrum/max", 0) == approx(parts.max())
     assert tb.histograms("activation_grads/spectrum")[0].histogram_value.num == parts.size
 
@@ -665,14 +673,20 @@ def test_parameter_patterns_choose_weights_and_parameter_gradients(tb_logger) ->
     make_trainer(1, logger=tb_logger, callbacks=monitors).fit(PlainMLP(), loader())
     tags = read_tb(tb_dir(tb_logger)).scalar_tags()
     for prefix in ("weights", "param_grads"):
-        logged = {t.split("/")[1] for t in tags if t.startswith(prefix + "/") and t != "param_grads/global_norm"}
+        logged = {
+            t.split("/")[1]
+            for t in tags
+            if t.startswith(prefix + "/") and t != "param_grads/global_norm"
+        }
         assert logged == {"net.0.weight", "net.2.weight"}, prefix
 
 
 @pytest.mark.parametrize("cls", [WeightMonitor, GradientMonitor], ids=lambda c: c.__name__)
 def test_parameter_pattern_matching_nothing_fails_before_the_first_step(cls: type) -> None:
     probe = StepProbe()
-    with pytest.raises(SelectionError, match=rf"^{cls.__name__}: parameter pattern 'net.0.weigth'.*net\.0\.weight"):
+    with pytest.raises(
+        SelectionError, match=rf"^{cls.__name__}: parameter pattern 'net.0.weigth'.*net\.0\.weight"
+    ):
         make_trainer(2, callbacks=[cls(params="net.0.weigth"), probe]).fit(PlainMLP(), loader())
     assert probe.batch_starts == 0
     with pytest.raises(ConfigError, match=rf"^{cls.__name__}\(exclude_params=3\)"):
@@ -693,7 +707,10 @@ class GAN(L.LightningModule):
         x, _ = batch
         opt_d, opt_g = self.optimizers()
         fake = self.gen(torch.randn(x.shape[0], 3, generator=self.noise))
-        d_loss = nn.functional.softplus(-self.disc(x)).mean() + nn.functional.softplus(self.disc(fake.detach())).mean()
+        d_loss = (
+            nn.functional.softplus(-self.disc(x)).mean()
+            + nn.functional.softplus(self.disc(fake.detach())).mean()
+        )
         opt_d.zero_grad()
         self.manual_backward(d_loss)
         opt_d.step()
@@ -703,7 +720,10 @@ class GAN(L.LightningModule):
         opt_g.step()
 
     def configure_optimizers(self) -> list[torch.optim.Optimizer]:
-        return [torch.optim.SGD(self.disc.parameters(), lr=0.05), torch.optim.SGD(self.gen.parameters(), lr=0.05)]
+        return [
+            torch.optim.SGD(self.disc.parameters(), lr=0.05),
+            torch.optim.SGD(self.gen.parameters(), lr=0.05),
+        ]
 
 
 class OptimizerProbe(Callback):
@@ -714,7 +734,9 @@ class OptimizerProbe(Callback):
         self.start: dict[int, dict[str, torch.Tensor]] = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
-        self.start[trainer.global_step] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+        self.start[trainer.global_step] = {
+            n: p.detach().clone() for n, p in pl_module.named_parameters()
+        }
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # type: ignore[no-untyped-def]
         ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -723,37 +745,66 @@ class OptimizerProbe(Callback):
         }
 
 
-def test_two_optimizers_per_batch_schedule_and_parameter_gradients(tb_logger) -> None:
+def test_two_optimizers_per_batch_schedule_and_parameter_gradients(
+    tb_logger, tmp_path: Path
+) -> None:
     from lightning_inspect import HealthMonitor
 
     torch.manual_seed(0)
     probe = OptimizerProbe()
     health = HealthMonitor(every_n_steps=3, console=False, warn_findings=False, pictures=False)
-    monitors = [ActivationMonitor(modules="disc.0", every_n_steps=3), GradientMonitor(every_n_steps=3, outputs=False),
-                WeightMonitor(every_n_steps=3, update_ratio=False), health]
+    monitors = [
+        ActivationMonitor(modules="disc.0", every_n_steps=3),
+        GradientMonitor(every_n_steps=3, outputs=False),
+        WeightMonitor(every_n_steps=3, update_ratio=False),
+        health,
+    ]
     make_trainer(24, logger=tb_logger, callbacks=[*monitors, probe]).fit(GAN(), loader(n=96))
 
     tb = read_tb(tb_dir(tb_logger))
     logged = [0, 3, 6, 9, 12, 15, 18, 21]  # each batch takes steps 2k (opt_d) and 2k + 1 (opt_g)
-    for tag in ("activations/disc.0/mean", "param_grads/gen.0.weight/l2_norm", "param_grads/disc.0.weight/l2_norm",
-                "param_grads/global_norm", "weights/gen.0.weight/mean", "health/disc.0/grad_norm"):
+    for tag in (
+        "activations/disc.0/mean",
+        "param_grads/gen.0.weight/l2_norm",
+        "param_grads/disc.0.weight/l2_norm",
+        "param_grads/global_norm",
+        "weights/gen.0.weight/mean",
+        "health/disc.0/grad_norm",
+    ):
         assert tb.steps(tag) == logged, tag
     for s in logged:
         d_step = s - s % 2  # the batch's opt_d step; opt_g steps at d_step + 1
-        assert [h.histogram_value.num for h in tb.histograms("activations/disc.0") if h.step == s] == [3 * B * 4]
+        assert [
+            h.histogram_value.num for h in tb.histograms("activations/disc.0") if h.step == s
+        ] == [3 * B * 4]
         d_grads, g_grads = probe.grads[d_step], probe.grads[d_step + 1]
         assert set(d_grads) == {n for n, _ in GAN().disc.named_parameters(prefix="disc")}
-        for name, grad in [*d_grads.items(), *g_grads.items()]:  # each read at its own optimizer's step
-            g = np64(grad)
-            assert tb.value(f"param_grads/{name}/l2_norm", s) == approx(np.linalg.norm(g)), (name, s)
-            assert tb.value(f"param_grads/{name}/mean", s) == approx(g.mean(), np.abs(g).mean()), (name, s)
+        # each gradient read at its own optimizer's step
+        for name, grad in [*d_grads.items(), *g_grads.items()]:
+            g, key = np64(grad), f"param_grads/{name}"
+            assert tb.value(f"{key}/l2_norm", s) == approx(np.linalg.norm(g)), (key, s)
+            assert tb.value(f"{key}/mean", s) == approx(g.mean(), np.abs(g).mean()), (key, s)
         everything = np.concatenate([np64(g) for g in [*d_grads.values(), *g_grads.values()]])
         assert tb.value("param_grads/global_norm", s) == approx(np.linalg.norm(everything))
         for module in ("disc.0", "gen.0"):
-            own = [np64(g) for n, g in [*d_grads.items(), *g_grads.items()] if n.startswith(module + ".")]
-            assert tb.value(f"health/{module}/grad_norm", s) == approx(np.linalg.norm(np.concatenate(own)))
+            own = [
+                np64(g)
+                for n, g in [*d_grads.items(), *g_grads.items()]
+                if n.startswith(module + ".")
+            ]
+            assert tb.value(f"health/{module}/grad_norm", s) == approx(
+                np.linalg.norm(np.concatenate(own))
+            )
         w = np64(probe.start[d_step]["gen.0.weight"])  # weights read at the batch's first step
         assert tb.value("weights/gen.0.weight/mean", s) == approx(w.mean(), np.abs(w).mean())
+
+    # the first batch is expected to take one step per optimizer: step 1 is found in batch 0
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    logger = TensorBoardLogger(save_dir=str(tmp_path), name="", version="late")
+    late = ActivationMonitor(modules="disc.0", every_n_steps=4, start_step=1)
+    make_trainer(8, logger=logger, callbacks=[late]).fit(GAN(), loader())
+    assert read_tb(logger.log_dir).steps("activations/disc.0/mean") == [1, 5]
 
 
 class NestsAFit(PlainMLP):
@@ -774,8 +825,11 @@ def test_one_monitor_instance_in_nested_fits_logs_both(tmp_path: Path) -> None:
 
     from lightning_inspect import HealthMonitor
 
-    monitors = [ActivationMonitor(modules="net.0", every_n_steps=1), WeightMonitor(every_n_steps=1),
-                HealthMonitor(every_n_steps=1, console=False, warn_findings=False, pictures=False)]
+    monitors = [
+        ActivationMonitor(modules="net.0", every_n_steps=1),
+        WeightMonitor(every_n_steps=1),
+        HealthMonitor(every_n_steps=1, console=False, warn_findings=False, pictures=False),
+    ]
     outer_logger = TensorBoardLogger(save_dir=str(tmp_path), name="", version="outer")
     inner_logger = TensorBoardLogger(save_dir=str(tmp_path), name="", version="inner")
     inner_model = PlainMLP()
@@ -787,7 +841,11 @@ def test_one_monitor_instance_in_nested_fits_logs_both(tmp_path: Path) -> None:
     outer_model = NestsAFit(inner_fit)
     make_trainer(4, logger=outer_logger, callbacks=monitors).fit(outer_model, loader())
     outer, inner = read_tb(outer_logger.log_dir), read_tb(inner_logger.log_dir)
-    for tag in ("activations/net.0/mean", "weights/net.0.weight/update_ratio", "health/net.0/grad_norm"):
+    for tag in (
+        "activations/net.0/mean",
+        "weights/net.0.weight/update_ratio",
+        "health/net.0/grad_norm",
+    ):
         assert outer.steps(tag) == [0, 1, 2, 3], tag
         assert inner.steps(tag) == [0, 1], tag
     assert module_hook_counts(outer_model) == {} and module_hook_counts(inner_model) == {}

@@ -58,8 +58,13 @@ def test_checked_returns_values() -> None:
     assert Schedule.checked("T", 3, 0, 10).stop_step == 10
 
 
-@given(st.integers(1, 9), st.integers(0, 20), st.one_of(st.none(), st.integers(1, 40)), st.integers(0, 60),
-       st.integers(1, 5))
+@given(
+    st.integers(1, 9),
+    st.integers(0, 20),
+    st.one_of(st.none(), st.integers(1, 40)),
+    st.integers(0, 60),
+    st.integers(1, 5),
+)
 def test_first_due_is_the_first_logged_step_of_a_range(
     every: int, start: int, span: int | None, first: int, width: int
 ) -> None:

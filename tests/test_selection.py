@@ -223,10 +223,15 @@ def test_named_modules_excludes_root() -> None:
 def test_select_parameters_by_parameter_patterns() -> None:
     sel = select_modules(Model(), ["attn*", "head"])
     assert list(select_parameters(sel, exclude_params=["*bias"])) == [
-        "attn.in_proj_weight", "attn.out_proj.weight", "head.weight",
+        "attn.in_proj_weight",
+        "attn.out_proj.weight",
+        "head.weight",
     ]
     assert list(select_parameters(sel, ["*.weight"], ["attn.*"])) == ["head.weight"]
-    assert list(select_parameters(sel, ["re:attn\\.in_.*"])) == ["attn.in_proj_weight", "attn.in_proj_bias"]
+    assert list(select_parameters(sel, ["re:attn\\.in_.*"])) == [
+        "attn.in_proj_weight",
+        "attn.in_proj_bias",
+    ]
 
 
 def test_parameter_pattern_matching_nothing_lists_close_parameter_names() -> None:
@@ -236,5 +241,7 @@ def test_parameter_pattern_matching_nothing_lists_close_parameter_names() -> Non
     msg = str(info.value)
     assert msg.startswith("WeightMonitor: parameter pattern 'head.weigth' matches no parameter")
     assert "(2 parameters). Closest parameter names: head.weight" in msg
-    with pytest.raises(ConfigError, match="parameter pattern 're:\\(' is not a valid regular expression"):
+    with pytest.raises(
+        ConfigError, match="parameter pattern 're:\\(' is not a valid regular expression"
+    ):
         select_parameters(sel, exclude_params=["re:("])

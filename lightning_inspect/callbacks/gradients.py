@@ -85,7 +85,9 @@ class GradientMonitor(ModuleMonitor):
         self._scaler_skipped = False
 
     def _after_selection(self, pl_module: pl.LightningModule) -> None:
-        params = select_parameters(self.selected, self.params, self.exclude_params, owner=self._owner)
+        params = select_parameters(
+            self.selected, self.params, self.exclude_params, owner=self._owner
+        )
         self.selected_parameters = {n: p for n, p in params.items() if p.requires_grad}
         self._all_parameters = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
 

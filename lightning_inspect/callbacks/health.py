@@ -406,11 +406,8 @@ class HealthMonitor(ModuleMonitor):
         with torch.no_grad():
             self._read_grad_norms()
             if first:  # the weights before every optimizer step of the batch
-                self._before = (
-                    {m: [p.detach().clone() for _, p in ps] for m, ps in self._param_modules.items()}
-                    if self.update_ratio
-                    else {}
-                )
+                modules = self._param_modules.items() if self.update_ratio else ()
+                self._before = {m: [p.detach().clone() for _, p in ps] for m, ps in modules}
 
     def _read_grad_norms(self) -> None:
         """Squared gradient norms of the parameters this optimizer updates, by module."""
@@ -456,7 +453,8 @@ class HealthMonitor(ModuleMonitor):
         updates = torch._foreach_norm(olds, 2, dtype=torch.float64)
         sums: dict[str, list[torch.Tensor]] = {}
         for module, upd, norm in zip(names, updates, norms):
-            sums.setdefault(module, []).append(torch.stack([upd.square(), norm.square().to(upd.device)]))
+            pair = torch.stack([upd.square(), norm.square().to(upd.device)])
+            sums.setdefault(module, []).append(pair)
         for module, parts in sums.items():
             u2, w2 = torch.stack([p.to(parts[0].device) for p in parts]).sum(0)
             # A module whose weights are all zero has no ratio: NaN is dropped on the host.

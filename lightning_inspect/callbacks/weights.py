@@ -97,12 +97,14 @@ class WeightMonitor(ModuleMonitor):
             return
         with torch.no_grad():
             after = [_local(p).detach() for p in self.selected_parameters.values()]
-            norms = torch._foreach_norm(before, 2, dtype=torch.float64)  # no overflow of huge weights
+            # float64 norms: no overflow for huge finite weights
+            norms = torch._foreach_norm(before, 2, dtype=torch.float64)
             torch._foreach_sub_(before, after)  # in place: the copy becomes -(update), no third copy
             updates = torch._foreach_norm(before, 2, dtype=torch.float64)
             for name, upd, norm in zip(self.selected_parameters, updates, norms):
                 # IEEE division: a zero norm gives inf when the parameter moved, NaN when it did not
-                self._add_scalar(metric_key("weights", name, "update_ratio"), upd / norm.to(upd.device))
+                ratio = upd / norm.to(upd.device)
+                self._add_scalar(metric_key("weights", name, "update_ratio"), ratio)
 
 
 def _local(param: torch.Tensor) -> torch.Tensor:
