@@ -35,8 +35,9 @@ or not) and recompiles no further; recording batches run the hooks eagerly (a gr
 
 from __future__ import annotations
 
+import functools
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import lightning.pytorch as pl
@@ -97,11 +98,13 @@ class ModuleMonitor(Callback):
 
     #: The kind of the keys this monitor writes, for messages.
     kind = "module"
+    #: The constructor's arguments (positional, keyword), kept by :func:`_keeping_arguments`.
+    _init_args: tuple[tuple[Any, ...], dict[str, Any]]
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> ModuleMonitor:
-        monitor = super().__new__(cls)
-        monitor._init_args = (args, kwargs)  # a nested fit starts from a monitor built alike
-        return monitor
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _keeping_arguments(cls.__dict__["__init__"])  # type: ignore[method-assign]
 
     def __init__(
         self,
@@ -409,3 +412,20 @@ class ModuleMonitor(Callback):
                 pass  # already being handled, or fit is over: the values were logged
         for sink in self.sinks:
             sink.flush()
+
+
+def _keeping_arguments(init: Callable[..., None]) -> Callable[..., None]:
+    """Wrap a monitor class's ``__init__`` so that the instance keeps the arguments it was built
+    with (those of the most derived class): a nested fit starts from a monitor built alike.
+    ``inspect.signature`` and type hints still see ``init``."""
+
+    @functools.wraps(init)
+    def __init__(self: ModuleMonitor, *args: Any, **kwargs: Any) -> None:
+        if "_init_args" not in self.__dict__:
+            self._init_args = (args, kwargs)
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+ModuleMonitor.__init__ = _keeping_arguments(ModuleMonitor.__init__)  # type: ignore[method-assign]
