@@ -78,7 +78,8 @@ class ModuleMonitor(Callback):
             (``"encoder.*"``, ``"*.attn"``) or regexes prefixed ``"re:"``. ``None``: every module
             that owns parameters. Names are normalised (``_orig_mod.``, a leading ``module.``,
             ``_fsdp_wrapped_module.``, ``_checkpoint_wrapped_module.`` removed).
-        exclude: patterns removed from the selection.
+        exclude: module name patterns removed from the selection (parameter names: see
+            ``params`` and ``exclude_params`` of GradientMonitor and WeightMonitor).
         every_n_steps: log every this many optimizer steps (``trainer.global_step``; under
             manual optimization each ``optimizer.step()`` is one). A batch that takes several
             steps is logged, once, when one of them is on the schedule.
