@@ -145,7 +145,7 @@ class ModuleMonitor(Callback):
         self._coordinator: StepCoordinator | None = None
         self._active = False
         self._model_parameters: set[int] = set()  # ids of the model's parameters
-        self._steps_per_batch = 1  # optimizer steps the last batch that took any took
+        self._steps_per_batch = 1  # optimizer steps a batch is expected to take (the last one)
         self._batch_start_step = 0
         self._warned_nonfinite: set[str] = set()
         self._hook_fault_warned = False
