@@ -29,10 +29,15 @@ def suggestion(value: str, candidates: Iterable[str]) -> str:
     return f" Did you mean {', '.join(repr(c) for c in near)}?" if near else ""
 
 
-def check_positive_int(owner: str, name: str, value: Any, minimum: int = 1) -> int:
-    """``value`` as an int if it is an integer ``>= minimum``; otherwise a ConfigError."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{owner}({name}={value!r}): expected an integer >= {minimum}.")
+def check_positive_int(
+    owner: str, name: str, value: Any, minimum: int = 1, maximum: int | None = None
+) -> int:
+    """``value`` if it is an integer in ``[minimum, maximum]``; otherwise a ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (
+        maximum is not None and value > maximum
+    ):
+        bound = f">= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
+        raise ConfigError(f"{owner}({name}={value!r}): expected an integer {bound}.")
     return value
 
 

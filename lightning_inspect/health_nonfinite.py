@@ -389,6 +389,13 @@ class NonFiniteLocator:
         self._outputs_of = {}
         self._last_module = None
 
+    def release(self) -> None:
+        """Forget the current batch (its tensors and pending checks), e.g. when fit ends."""
+        self._events = []
+        self._sites = {}
+        self._outputs_of = {}
+        self._last_module = None
+
     @property
     def hit_this_step(self) -> bool:
         """Whether the origin of this step was already found (later values are its consequences)."""
@@ -409,7 +416,7 @@ class NonFiniteLocator:
             self._register_sites(name, inputs, outputs)
         if self.check_mode == "module":
             for path, tensor in outputs:
-                if _checkable(tensor) and not bool(torch.isfinite(tensor).all()):
+                if _checkable(tensor) and not bool(torch.isfinite(stored_values(tensor)).all()):
                     origin = self._forward_origin(name, module, path, tensor, inputs)
                     self._act(origin, module=module, inputs=inputs, output=output)
                     return
@@ -500,7 +507,7 @@ class NonFiniteLocator:
         for module, params in (parameters or {}).items():
             for pname, param in params:
                 if param.grad is not None and _checkable(param.grad):
-                    grad = param.grad.coalesce().values() if param.grad.is_sparse else param.grad
+                    grad = stored_values(param.grad)
                     flags.append(torch.logical_not(torch.isfinite(grad).all()).to(torch.float64))
                     owners.append((module, pname, param))
         if not flags:
@@ -675,6 +682,13 @@ def _open_debugger(
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
+
+
+def stored_values(t: torch.Tensor) -> torch.Tensor:
+    """A sparse tensor's stored values (its other elements are zeros); a dense one as it is."""
+    if t.layout == torch.strided:
+        return t
+    return t.coalesce().values() if t.is_sparse else t.values()
 
 
 def _checkable(t: torch.Tensor) -> bool:

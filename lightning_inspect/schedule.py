@@ -4,10 +4,18 @@ Counting optimizer steps, not forward calls, keeps the schedule right under grad
 accumulation, validation interleaving and resumption: a resumed run restores ``global_step`` and
 so continues on the same schedule.
 
+A training batch may take several optimizer steps (manual optimization: a GAN's ``opt_d`` and
+``opt_g`` each advance ``global_step`` by one). Such a batch covers the steps
+``[global_step at its start, global_step at its end)``, and it is logged when one of them is on
+the schedule (:meth:`Schedule.first_due`), under that step.
+
 Example:
     >>> s = Schedule(every_n_steps=10, start_step=5, stop_step=40)
     >>> [step for step in range(50) if s.should_log(step)]
     [5, 15, 25, 35]
+    >>> g = Schedule(every_n_steps=3)  # two optimizer steps per batch: batches start at 0, 2, 4...
+    >>> [g.first_due(start, start + 2) for start in range(0, 12, 2)]
+    [0, 3, None, 6, 9, None]
 """
 
 from __future__ import annotations
@@ -37,6 +45,14 @@ class Schedule:
                 f"{owner}(start_step={start}, stop_step={stop}): stop_step must be greater than start_step."
             )
         return cls(every, start, stop)
+
+    def first_due(self, first: int, stop: int) -> int | None:
+        """The first logged step in ``[first, stop)``, or ``None``."""
+        step = max(first, self.start_step)
+        step += -(step - self.start_step) % self.every_n_steps
+        if step >= stop or (self.stop_step is not None and step >= self.stop_step):
+            return None
+        return step
 
     def should_log(self, step: int) -> bool:
         """Whether optimizer step ``step`` (0-based) is logged."""

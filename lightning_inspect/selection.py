@@ -54,15 +54,21 @@ def is_data_parallel(model: nn.Module) -> bool:
 
 
 class Pattern:
-    """One compiled selection pattern: a glob, or a regex when written ``re:<regex>``."""
+    """One compiled selection pattern: a glob, or a regex when written ``re:<regex>``.
 
-    def __init__(self, text: str) -> None:
+    ``kind`` (``"module"`` or ``"parameter"``) names what the pattern matches, in messages.
+    """
+
+    def __init__(self, text: str, kind: str = "module") -> None:
         self.text = text
+        self.kind = kind
         if text.startswith("re:"):
             try:
                 self._regex = re.compile(text[3:])
             except re.error as exc:
-                raise ConfigError(f"module pattern {text!r} is not a valid regular expression: {exc}") from exc
+                raise ConfigError(
+                    f"{kind} pattern {text!r} is not a valid regular expression: {exc}"
+                ) from exc
         else:
             self._regex = re.compile(fnmatch.translate(text))
 
@@ -99,15 +105,15 @@ def owns_parameters(module: nn.Module) -> bool:
     return any(True for _ in module.parameters(recurse=False))
 
 
-def _patterns(texts: Iterable[str]) -> list[Pattern]:
-    return [Pattern(t) for t in texts]
+def _patterns(texts: Iterable[str], kind: str = "module") -> list[Pattern]:
+    return [Pattern(t, kind) for t in texts]
 
 
-def check_patterns(owner: str, name: str, texts: Sequence[str]) -> None:
+def check_patterns(owner: str, name: str, texts: Sequence[str], kind: str = "module") -> None:
     """Compile every pattern now, so a bad regex fails in the constructor that received it."""
     for text in texts:
         try:
-            Pattern(text)
+            Pattern(text, kind)
         except ConfigError as exc:
             raise ConfigError(f"{owner}({name}={list(texts)!r}): {exc}") from None
 
@@ -173,11 +179,22 @@ def empty_selection_message(
     )
 
 
-def select_parameters(modules: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
-    """All parameters of the selected modules (recursively), by normalised qualified name.
+def select_parameters(
+    modules: dict[str, nn.Module],
+    params: Sequence[str] = (),
+    exclude_params: Sequence[str] = (),
+    *,
+    owner: str = "select_parameters",
+) -> dict[str, nn.Parameter]:
+    """The parameters of the selected modules (recursively), by normalised qualified name.
 
     A parameter reachable from several selected modules (nested selections, shared weights)
-    appears once.
+    appears once. ``params``: patterns over those parameter names (``"*.weight"``); empty keeps
+    them all. ``exclude_params``: patterns of parameter names removed (``"*.bias"``).
+
+    Raises:
+        SelectionError: a pattern in ``params`` matched no parameter of the selected modules; the
+            message lists the closest parameter names.
     """
     out: dict[str, nn.Parameter] = {}
     seen: set[int] = set()
@@ -187,21 +204,33 @@ def select_parameters(modules: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
                 continue
             seen.add(id(param))
             out[normalise_name(f"{prefix}.{raw}")] = param
+    if params:
+        included = _patterns(params, "parameter")
+        for pattern in included:
+            if not any(pattern.matches(n) for n in out):
+                raise SelectionError(_no_match_message(owner, pattern, out))
+        out = {n: p for n, p in out.items() if any(q.matches(n) for q in included)}
+    if exclude_params:
+        excluded = _patterns(exclude_params, "parameter")
+        out = {n: p for n, p in out.items() if not any(q.matches(n) for q in excluded)}
     return out
 
 
-def _no_match_message(owner: str, pattern: Pattern, candidates: dict[str, nn.Module]) -> str:
+def _no_match_message(owner: str, pattern: Pattern, candidates: dict[str, object]) -> str:
+    kind = pattern.kind
     names = list(candidates)
     near = closest(pattern.literal_part, names) if pattern.literal_part else []
     if not near:
         near = names[:8]
-        listing = "Some module names: "
+        listing = f"Some {kind} names: "
     else:
-        listing = "Closest module names: "
+        listing = f"Closest {kind} names: "
     hint = "" if pattern.text.startswith("re:") or "*" in pattern.text else (
         " Patterns are whole-name globs: use '*' to match a prefix or suffix."
     )
+    where = "the model" if kind == "module" else "the selected modules"
+    none = "(the model has no submodules)" if kind == "module" else "(they have no parameters)"
     return (
-        f"{owner}: module pattern {pattern.text!r} matches no module of the model "
-        f"({len(names)} modules). {listing}{', '.join(near) or '(the model has no submodules)'}.{hint}"
+        f"{owner}: {kind} pattern {pattern.text!r} matches no {kind} of {where} "
+        f"({len(names)} {kind}s). {listing}{', '.join(near) or none}.{hint}"
     )

@@ -551,3 +551,103 @@ def test_a_grad_scaler_that_skips_at_a_scale_below_one_is_reported_as_stalled(tm
     # scales 4, 2, 1: the third skipped step is the first at a scale of 1 or less
     assert (stalled.severity, stalled.step, stalled.value) == ("error", 2, 1.0)
     assert "skipped the last 3 logged steps" in stalled.hint
+
+
+class Muted(nn.Module):
+    """Multiplies its input by 0: the next layer's output is its bias, whatever its weights."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 0
+
+
+class DecayedRegression(Regression):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1, weight_decay=1.0)
+
+
+def test_huge_finite_weights_give_finite_norms_and_ratios(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    torch.manual_seed(0)
+    net = nn.Sequential(Muted(), nn.Linear(4, 8), nn.Linear(8, 1))
+    with torch.no_grad():
+        net[1].weight.fill_(1e20)  # finite; its square overflows float32
+    model = DecayedRegression(net)
+    params = {n: p for n, p in model.named_parameters() if n.startswith("net.1.")}
+    before = {n: p.detach().double().clone() for n, p in params.items()}
+    tb = TensorBoardLogger(tmp_path, name="tb")
+    monitor = quiet_monitor(every_n_steps=1, pictures=False)
+    trainer(tmp_path, [monitor], max_steps=1, logger=tb).fit(model, data(4))
+
+    update = math.sqrt(
+        sum(float((p.detach().double() - before[n]).square().sum()) for n, p in params.items())
+    )
+    weight = math.sqrt(sum(float(w.square().sum()) for w in before.values()))
+    assert math.isfinite(update) and update > 1e19
+    events = EventAccumulator(tb.log_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    [logged] = events.Scalars("health/net.1/update_ratio")
+    assert logged.value == pytest.approx(update / weight, rel=1e-6)  # 0.1: the weight decay
+    assert [f for f in monitor.report.findings() if f.rule == "nonfinite"] == []
+
+
+def test_monitor_pickles_after_fit(tmp_path: Path) -> None:
+    import pickle
+
+    torch.manual_seed(0)
+    model = Regression(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)))
+    monitor = quiet_monitor(every_n_steps=1, backends=[MemorySink()], pictures=False)
+    trainer(tmp_path, [monitor], max_steps=2).fit(model, data(4))
+    copy = pickle.loads(pickle.dumps(monitor))
+    assert copy.history == monitor.history and copy.order == monitor.order
+    assert (
+        copy.order[:3] == ["net.0", "net.1", "net.2"] and "net.1" in copy.history["zero_fraction"]
+    )
+
+
+class SparseOut(nn.Module):
+    """Returns its input as a sparse COO tensor (NaN while ``poison``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.poison = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.to_sparse()
+        return y * float("nan") if self.poison else y
+
+
+class SparseModel(Regression):
+    def __init__(self, poison_at: int | None) -> None:
+        super().__init__(
+            nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1)), poison_at=poison_at
+        )
+        self.sparse = SparseOut()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sparse.poison = self.global_step == self.poison_at
+        return self.net(self.sparse(x).to_dense())
+
+
+@pytest.mark.parametrize("check", ["module", "step"])
+def test_sparse_outputs_are_checked_without_faults(tmp_path: Path, check: str) -> None:
+    torch.manual_seed(0)
+    clean = quiet_monitor(
+        every_n_steps=1, backends=[MemorySink()], pictures=False, nonfinite_check=check
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        trainer(tmp_path, [clean], max_steps=2).fit(SparseModel(None), data(4))
+    assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []
+    assert "sparse" in clean.order and "net.1" in clean.history["zero_fraction"]
+
+    poisoned = quiet_monitor(
+        every_n_steps=1,
+        backends=[MemorySink()],
+        pictures=False,
+        nonfinite_check=check,
+        on_nonfinite="raise",
+    )
+    with pytest.raises(FirstNonFiniteError) as info:
+        trainer(tmp_path, [poisoned], max_steps=4).fit(SparseModel(1), data(4))
+    assert (info.value.origin.module, info.value.origin.step) == ("sparse", 1)

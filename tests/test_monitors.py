@@ -502,7 +502,8 @@ MONITORS = [ActivationMonitor, GradientMonitor, WeightMonitor]
         (dict(stats=["meen"]), ["stats=", "'meen'", "Did you mean 'mean'"]),
         (dict(backends=["tensorbord"]), ["backends=", "'tensorbord'", "'tensorboard'"]),
         (dict(on_nonfinite="boom"), ["on_nonfinite='boom'", "'warn'", "'raise'"]),
-        (dict(bins=1), ["bins=1"]),
+        (dict(bins=1), ["bins=1", "expected an integer >= 2 and <= 1024"]),
+        (dict(bins=100_000), ["bins=100000", "expected an integer >= 2 and <= 1024"]),
         (dict(histograms="yes"), ["histograms='yes'"]),
         (dict(modules=[""]), ["modules=['']"]),
         (dict(exclude=3), ["exclude=3"]),
@@ -586,3 +587,266 @@ def test_start_stop_and_stats_selection(tb_logger) -> None:
                           for s in ("rms", "nan_count"))
     assert tb.steps("weights/net.0.weight/rms") == [1, 3, 5]
     assert not tb.histogram_tags()
+
+
+def test_update_ratio_of_a_zero_parameter_is_inf_when_it_moves_and_nan_when_not(
+    tb_logger, mlflow_logger, mlflow_client
+) -> None:
+    torch.manual_seed(0)
+    model = PlainMLP()
+    with torch.no_grad():
+        model.net[2].bias.zero_()  # zero-initialised, then moved by the step
+        model.net[0].bias.zero_()
+    model.net[0].bias.requires_grad_(False)  # zero, and never moves
+    probe = StepProbe()
+    monitor = WeightMonitor(every_n_steps=1, histograms=False)
+    make_trainer(1, logger=[tb_logger, mlflow_logger], callbacks=[monitor, probe]).fit(
+        model, loader()
+    )
+
+    tb = read_tb(tb_dir(tb_logger))
+    moved = np64(probe.after[0]["net.2.bias"]) - np64(probe.before[0]["net.2.bias"])
+    assert np.linalg.norm(moved) > 0
+    assert tb.value("weights/net.2.bias/update_ratio", 0) == np.inf
+    assert np.isnan(tb.value("weights/net.0.bias/update_ratio", 0))
+    w0, w1 = np64(probe.before[0]["net.2.weight"]), np64(probe.after[0]["net.2.weight"])
+    expected = np.linalg.norm(w1 - w0) / np.linalg.norm(w0)
+    assert tb.value("weights/net.2.weight/update_ratio", 0) == pytest.approx(expected, rel=1e-5)
+    run = mlflow_logger.run_id
+    [(_, stored)] = mlflow_history(mlflow_client, run, "weights/net.2.weight/update_ratio")
+    assert stored == pytest.approx(expected, rel=1e-5)
+    # MLflow stores +inf as the largest float64, and NaN as NaN
+    assert mlflow_history(mlflow_client, run, "weights/net.2.bias/update_ratio") == [
+        (0, np.finfo(np.float64).max)
+    ]
+    assert np.isnan(mlflow_history(mlflow_client, run, "weights/net.0.bias/update_ratio")[0][1])
+
+
+class Spectrum(nn.Module):
+    """A complex output: the FFT of a Linear's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(IN_FEATURES, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.fft.fft(self.fc(x))
+
+
+class ComplexModel(PlainMLP):
+    def __init__(self) -> None:
+        super().__init__()
+        self.spectrum = Spectrum()
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spectrum = self.spectrum(x)
+        spectrum.register_hook(lambda g: self.grads.append(g.detach().clone()))
+        return self.head(spectrum.abs())
+
+
+def test_gradients_of_complex_outputs_are_logged(tb_logger) -> None:
+    torch.manual_seed(0)
+    model = ComplexModel()
+    model.grads = []
+    monitor = GradientMonitor(
+        modules="spectrum", every_n_steps=1, parameters=False, global_norm=False
+    )
+    make_trainer(1, logger=tb_logger, callbacks=[monitor]).fit(model, loader())
+    tb = read_tb(tb_dir(tb_logger))
+    [grad] = model.grads
+    # the real and imaginary parts
+    parts = torch.view_as_real(grad).to(torch.float64).reshape(-1).numpy()
+    assert tb.value("activation_grads/spectrum/mean", 0) == approx(
+        parts.mean(), np.abs(parts).mean()
+    )
+    assert tb.value("activation_grads/spectrum/max", 0) == approx(parts.max())
+    assert tb.histograms("activation_grads/spectrum")[0].histogram_value.num == parts.size
+
+
+def test_parameter_patterns_choose_weights_and_parameter_gradients(tb_logger) -> None:
+    torch.manual_seed(0)
+    monitors = [
+        WeightMonitor(every_n_steps=1, exclude_params="*.bias", histograms=False),
+        GradientMonitor(every_n_steps=1, params="*.weight", outputs=False, histograms=False),
+    ]
+    make_trainer(1, logger=tb_logger, callbacks=monitors).fit(PlainMLP(), loader())
+    tags = read_tb(tb_dir(tb_logger)).scalar_tags()
+    for prefix in ("weights", "param_grads"):
+        logged = {
+            t.split("/")[1]
+            for t in tags
+            if t.startswith(prefix + "/") and t != "param_grads/global_norm"
+        }
+        assert logged == {"net.0.weight", "net.2.weight"}, prefix
+
+
+@pytest.mark.parametrize("cls", [WeightMonitor, GradientMonitor], ids=lambda c: c.__name__)
+def test_parameter_pattern_matching_nothing_fails_before_the_first_step(cls: type) -> None:
+    probe = StepProbe()
+    with pytest.raises(
+        SelectionError, match=rf"^{cls.__name__}: parameter pattern 'net.0.weigth'.*net\.0\.weight"
+    ):
+        make_trainer(2, callbacks=[cls(params="net.0.weigth"), probe]).fit(PlainMLP(), loader())
+    assert probe.batch_starts == 0
+    with pytest.raises(ConfigError, match=rf"^{cls.__name__}\(exclude_params=3\)"):
+        cls(exclude_params=3)
+
+
+class GAN(L.LightningModule):
+    """Manual optimization with two optimizers: ``opt_d`` (critic) then ``opt_g`` (generator)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.gen = nn.Sequential(nn.Linear(3, IN_FEATURES))
+        self.disc = nn.Sequential(nn.Linear(IN_FEATURES, 4), nn.Tanh(), nn.Linear(4, 1))
+        self.noise = torch.Generator().manual_seed(0)
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        x, _ = batch
+        opt_d, opt_g = self.optimizers()
+        fake = self.gen(torch.randn(x.shape[0], 3, generator=self.noise))
+        d_loss = (
+            nn.functional.softplus(-self.disc(x)).mean()
+            + nn.functional.softplus(self.disc(fake.detach())).mean()
+        )
+        opt_d.zero_grad()
+        self.manual_backward(d_loss)
+        opt_d.step()
+        g_loss = nn.functional.softplus(-self.disc(fake)).mean()  # also leaves gradients on disc
+        opt_g.zero_grad()
+        self.manual_backward(g_loss)
+        opt_g.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [
+            torch.optim.SGD(self.disc.parameters(), lr=0.05),
+            torch.optim.SGD(self.gen.parameters(), lr=0.05),
+        ]
+
+
+class OptimizerProbe(Callback):
+    """Per global step: the gradients of the parameters the stepping optimizer updates."""
+
+    def __init__(self) -> None:
+        self.grads: dict[int, dict[str, torch.Tensor]] = {}
+        self.start: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
+        self.start[trainer.global_step] = {
+            n: p.detach().clone() for n, p in pl_module.named_parameters()
+        }
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # type: ignore[no-untyped-def]
+        ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        self.grads[trainer.global_step] = {
+            n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if id(p) in ids
+        }
+
+
+def test_two_optimizers_per_batch_schedule_and_parameter_gradients(
+    tb_logger, tmp_path: Path
+) -> None:
+    from lightning_inspect import HealthMonitor
+
+    torch.manual_seed(0)
+    probe = OptimizerProbe()
+    health = HealthMonitor(every_n_steps=3, console=False, warn_findings=False, pictures=False)
+    monitors = [
+        ActivationMonitor(modules="disc.0", every_n_steps=3),
+        GradientMonitor(every_n_steps=3, outputs=False),
+        WeightMonitor(every_n_steps=3, update_ratio=False),
+        health,
+    ]
+    make_trainer(24, logger=tb_logger, callbacks=[*monitors, probe]).fit(GAN(), loader(n=96))
+
+    tb = read_tb(tb_dir(tb_logger))
+    logged = [0, 3, 6, 9, 12, 15, 18, 21]  # each batch takes steps 2k (opt_d) and 2k + 1 (opt_g)
+    for tag in (
+        "activations/disc.0/mean",
+        "param_grads/gen.0.weight/l2_norm",
+        "param_grads/disc.0.weight/l2_norm",
+        "param_grads/global_norm",
+        "weights/gen.0.weight/mean",
+        "health/disc.0/grad_norm",
+    ):
+        assert tb.steps(tag) == logged, tag
+    for s in logged:
+        d_step = s - s % 2  # the batch's opt_d step; opt_g steps at d_step + 1
+        assert [
+            h.histogram_value.num for h in tb.histograms("activations/disc.0") if h.step == s
+        ] == [3 * B * 4]
+        d_grads, g_grads = probe.grads[d_step], probe.grads[d_step + 1]
+        assert set(d_grads) == {n for n, _ in GAN().disc.named_parameters(prefix="disc")}
+        # each gradient read at its own optimizer's step
+        for name, grad in [*d_grads.items(), *g_grads.items()]:
+            g, key = np64(grad), f"param_grads/{name}"
+            assert tb.value(f"{key}/l2_norm", s) == approx(np.linalg.norm(g)), (key, s)
+            assert tb.value(f"{key}/mean", s) == approx(g.mean(), np.abs(g).mean()), (key, s)
+        everything = np.concatenate([np64(g) for g in [*d_grads.values(), *g_grads.values()]])
+        assert tb.value("param_grads/global_norm", s) == approx(np.linalg.norm(everything))
+        for module in ("disc.0", "gen.0"):
+            own = [
+                np64(g)
+                for n, g in [*d_grads.items(), *g_grads.items()]
+                if n.startswith(module + ".")
+            ]
+            assert tb.value(f"health/{module}/grad_norm", s) == approx(
+                np.linalg.norm(np.concatenate(own))
+            )
+        w = np64(probe.start[d_step]["gen.0.weight"])  # weights read at the batch's first step
+        assert tb.value("weights/gen.0.weight/mean", s) == approx(w.mean(), np.abs(w).mean())
+
+    # the first batch is expected to take one step per optimizer: step 1 is found in batch 0
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    logger = TensorBoardLogger(save_dir=str(tmp_path), name="", version="late")
+    late = ActivationMonitor(modules="disc.0", every_n_steps=4, start_step=1)
+    make_trainer(8, logger=logger, callbacks=[late]).fit(GAN(), loader())
+    assert read_tb(logger.log_dir).steps("activations/disc.0/mean") == [1, 5]
+
+
+class NestsAFit(PlainMLP):
+    """At global step 1, inside its training step, runs a whole fit of another model."""
+
+    def __init__(self, inner: Any) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self.global_step == 1:
+            self.inner()
+        return super().training_step(batch, batch_idx)
+
+
+def test_one_monitor_instance_in_nested_fits_logs_both(tmp_path: Path) -> None:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lightning_inspect import HealthMonitor
+
+    monitors = [
+        ActivationMonitor(modules="net.0", every_n_steps=1),
+        WeightMonitor(every_n_steps=1),
+        HealthMonitor(every_n_steps=1, console=False, warn_findings=False, pictures=False),
+    ]
+    outer_logger = TensorBoardLogger(save_dir=str(tmp_path), name="", version="outer")
+    inner_logger = TensorBoardLogger(save_dir=str(tmp_path), name="", version="inner")
+    inner_model = PlainMLP()
+
+    def inner_fit() -> None:
+        make_trainer(2, logger=inner_logger, callbacks=monitors).fit(inner_model, loader())
+
+    torch.manual_seed(0)
+    outer_model = NestsAFit(inner_fit)
+    make_trainer(4, logger=outer_logger, callbacks=monitors).fit(outer_model, loader())
+    outer, inner = read_tb(outer_logger.log_dir), read_tb(inner_logger.log_dir)
+    for tag in (
+        "activations/net.0/mean",
+        "weights/net.0.weight/update_ratio",
+        "health/net.0/grad_norm",
+    ):
+        assert outer.steps(tag) == [0, 1, 2, 3], tag
+        assert inner.steps(tag) == [0, 1], tag
+    assert module_hook_counts(outer_model) == {} and module_hook_counts(inner_model) == {}
+    assert all(not m._active and m.sinks == [] for m in monitors)

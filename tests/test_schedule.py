@@ -56,3 +56,19 @@ def test_bad_arguments_name_the_argument(kwargs: dict, arg: str) -> None:
 def test_checked_returns_values() -> None:
     assert Schedule.checked("T", 3, 1, None) == Schedule(3, 1, None)
     assert Schedule.checked("T", 3, 0, 10).stop_step == 10
+
+
+@given(
+    st.integers(1, 9),
+    st.integers(0, 20),
+    st.one_of(st.none(), st.integers(1, 40)),
+    st.integers(0, 60),
+    st.integers(1, 5),
+)
+def test_first_due_is_the_first_logged_step_of_a_range(
+    every: int, start: int, span: int | None, first: int, width: int
+) -> None:
+    stop = None if span is None else start + span
+    s = Schedule.checked("T", every, start, stop)
+    due = [step for step in range(first, first + width) if s.should_log(step)]
+    assert s.first_due(first, first + width) == (due[0] if due else None)

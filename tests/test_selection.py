@@ -218,3 +218,30 @@ def test_select_parameters_unique_and_normalised() -> None:
 def test_named_modules_excludes_root() -> None:
     names = named_modules(Model())
     assert "" not in names and list(names)[0] == "encoder"
+
+
+def test_select_parameters_by_parameter_patterns() -> None:
+    sel = select_modules(Model(), ["attn*", "head"])
+    assert list(select_parameters(sel, exclude_params=["*bias"])) == [
+        "attn.in_proj_weight",
+        "attn.out_proj.weight",
+        "head.weight",
+    ]
+    assert list(select_parameters(sel, ["*.weight"], ["attn.*"])) == ["head.weight"]
+    assert list(select_parameters(sel, ["re:attn\\.in_.*"])) == [
+        "attn.in_proj_weight",
+        "attn.in_proj_bias",
+    ]
+
+
+def test_parameter_pattern_matching_nothing_lists_close_parameter_names() -> None:
+    sel = select_modules(Model(), ["head"])
+    with pytest.raises(SelectionError) as info:
+        select_parameters(sel, ["head.weigth"], owner="WeightMonitor")
+    msg = str(info.value)
+    assert msg.startswith("WeightMonitor: parameter pattern 'head.weigth' matches no parameter")
+    assert "(2 parameters). Closest parameter names: head.weight" in msg
+    with pytest.raises(
+        ConfigError, match="parameter pattern 're:\\(' is not a valid regular expression"
+    ):
+        select_parameters(sel, exclude_params=["re:("])

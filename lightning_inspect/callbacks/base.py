@@ -8,11 +8,14 @@ A monitor's life in a fit:
     resolve the module selection (after ``configure_model``; a pattern that matches nothing
     raises here, before the sanity check and the first step).
 ``on_train_batch_start``
-    on a logged step only, attach the output hooks and start recording; other steps pay one
-    integer test.
+    on a logged batch only, attach the output hooks and start recording; other batches pay a few
+    integer operations. A batch is logged when one of the optimizer steps it takes is on the
+    schedule (:meth:`~lightning_inspect.schedule.Schedule.first_due`), under that step; a batch
+    is expected to take as many steps as the previous one (at first: one, or one per optimizer
+    under manual optimization).
 ``on_before_optimizer_step``
-    read what exists once per optimizer step: parameter gradients (after AMP unscaling and
-    gradient accumulation), weights.
+    read what exists at each optimizer step: parameter gradients (after AMP unscaling and
+    gradient accumulation) of the parameters that optimizer updates, weights.
 ``on_train_batch_end``
     remove the hooks; once the optimizer step happened, hand the step's record to the coordinator,
     which moves the values of all monitors to the host in one transfer and publishes them.
@@ -32,9 +35,10 @@ or not) and recompiles no further; recording batches run the hooks eagerly (a gr
 
 from __future__ import annotations
 
+import functools
 import warnings
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import torch
@@ -53,6 +57,9 @@ from lightning_inspect.sinks import Sink, check_backends, close_sinks, resolve_s
 from lightning_inspect.stats import ALL_STATS, DEFAULT_STATS, FIELDS, histogram, summarise
 
 NONFINITE_ACTIONS = ("ignore", "warn", "raise")
+_K = TypeVar("_K")
+#: Most histogram bins: each logged histogram costs 16 bytes a bin in TensorBoard.
+MAX_BINS = 1024
 
 
 def holds_compiled_module(model: torch.nn.Module) -> bool:
@@ -71,14 +78,17 @@ class ModuleMonitor(Callback):
             (``"encoder.*"``, ``"*.attn"``) or regexes prefixed ``"re:"``. ``None``: every module
             that owns parameters. Names are normalised (``_orig_mod.``, a leading ``module.``,
             ``_fsdp_wrapped_module.``, ``_checkpoint_wrapped_module.`` removed).
-        exclude: patterns removed from the selection.
-        every_n_steps: log every this many optimizer steps (``trainer.global_step``).
+        exclude: module name patterns removed from the selection (parameter names: see
+            ``params`` and ``exclude_params`` of GradientMonitor and WeightMonitor).
+        every_n_steps: log every this many optimizer steps (``trainer.global_step``; under
+            manual optimization each ``optimizer.step()`` is one). A batch that takes several
+            steps is logged, once, when one of them is on the schedule.
         start_step: first optimizer step logged.
         stop_step: no logging from this optimizer step on (``None``: never stop).
         stats: statistics to log, from :data:`lightning_inspect.stats.ALL_STATS`;
             ``None``: :data:`~lightning_inspect.stats.DEFAULT_STATS`.
         histograms: also log histograms.
-        bins: histogram bins.
+        bins: histogram bins, 2 to :data:`MAX_BINS` (1024).
         backends: ``"tensorboard"``, ``"mlflow"``, a list of them (or Sink objects); ``None``:
             every supported logger attached to the Trainer.
         on_nonfinite: when a NaN/Inf is seen: ``"ignore"``, ``"warn"`` (once per key, naming the
@@ -89,6 +99,13 @@ class ModuleMonitor(Callback):
 
     #: The kind of the keys this monitor writes, for messages.
     kind = "module"
+    #: The constructor's arguments (positional, keyword), kept by :func:`_keeping_arguments`.
+    _init_args: tuple[tuple[Any, ...], dict[str, Any]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _keeping_arguments(cls.__dict__["__init__"])  # type: ignore[method-assign]
 
     def __init__(
         self,
@@ -106,15 +123,13 @@ class ModuleMonitor(Callback):
     ) -> None:
         owner = type(self).__name__
         self._owner = owner
-        self.modules = as_str_list(owner, "modules", modules)
-        self.exclude = as_str_list(owner, "exclude", exclude)
-        check_patterns(owner, "modules", self.modules)
-        check_patterns(owner, "exclude", self.exclude)
+        self.modules = self._pattern_arg("modules", modules)
+        self.exclude = self._pattern_arg("exclude", exclude)
         self.schedule = Schedule.checked(owner, every_n_steps, start_step, stop_step)
         self.stats = check_choices(owner, "stats", stats, ALL_STATS, DEFAULT_STATS)
         self._stat_keys: dict[str, list[str]] = {}  # row key -> its metric keys, in self.stats order
         self.histograms = check_bool(owner, "histograms", histograms)
-        self.bins = check_positive_int(owner, "bins", bins, minimum=2) if self.histograms else 0
+        self.bins = check_positive_int(owner, "bins", bins, 2, MAX_BINS) if self.histograms else 0
         self.backends = check_backends(owner, backends)
         self.on_nonfinite = check_choice(owner, "on_nonfinite", on_nonfinite, NONFINITE_ACTIONS)
         self.enabled = check_bool(owner, "enabled", enabled)
@@ -129,8 +144,12 @@ class ModuleMonitor(Callback):
         self._optimizer: torch.optim.Optimizer | None = None
         self._coordinator: StepCoordinator | None = None
         self._active = False
+        self._model_parameters: set[int] = set()  # ids of the model's parameters
+        self._steps_per_batch = 1  # optimizer steps a batch is expected to take (the last one)
+        self._batch_start_step = 0
         self._warned_nonfinite: set[str] = set()
         self._hook_fault_warned = False
+        self._outer_fit: dict[str, Any] | None = None  # the enclosing fit's state, in a nested fit
 
     # -- Lightning glue ---------------------------------------------------------------------
 
@@ -149,6 +168,11 @@ class ModuleMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or not self.enabled:
             return
+        if self._active:  # a fit started inside this monitor's fit: fresh state until it ends
+            outer = self.__dict__
+            args, kwargs = self._init_args
+            self.__dict__ = type(self)(*args, **kwargs).__dict__
+            self._outer_fit = outer
         self._active = True
         self.last_logged_step = None  # a new fit; resuming restores it from the checkpoint after setup
         self.sinks = resolve_sinks(trainer, self.backends, owner=self._owner)
@@ -164,6 +188,9 @@ class ModuleMonitor(Callback):
         if not self.selected:
             message = empty_selection_message(pl_module, self.modules, self.exclude, self._owner)
             rank_zero_warn(message, category=RuntimeWarning)
+        self._model_parameters = {id(p) for p in pl_module.parameters()}
+        manual = not pl_module.automatic_optimization
+        self._steps_per_batch = max(1, len(trainer.optimizers)) if manual else 1
         self._after_selection(pl_module)
         self._persistent_hooks = holds_compiled_module(pl_module)
         if self._persistent_hooks:
@@ -175,15 +202,17 @@ class ModuleMonitor(Callback):
     ) -> None:
         if not self._active:
             return
-        step = trainer.global_step
-        if self._record is None:
-            if not self.schedule.should_log(step) or step == self.last_logged_step:
+        step = self._batch_start_step = trainer.global_step
+        if self._record is None:  # else: a step due in an earlier batch is still to be taken
+            last = self.last_logged_step
+            first = step if last is None else max(step, last + 1)
+            due = self.schedule.first_due(first, step + self._steps_per_batch)
+            if due is None:
                 return
-            self._record = StepRecord(step)
-        if self._record.step == step:
-            if not self._persistent_hooks and not len(self._hooks):
-                self._install_hooks()
-            self._recording = True
+            self._record = StepRecord(due)
+        if not self._persistent_hooks and not len(self._hooks):
+            self._install_hooks()
+        self._recording = True
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -203,6 +232,9 @@ class ModuleMonitor(Callback):
         self._recording = False
         if not self._persistent_hooks:
             self._hooks.remove()
+        taken = trainer.global_step - self._batch_start_step
+        if taken > 0:
+            self._steps_per_batch = taken
         record = self._record
         if record is not None and trainer.global_step > record.step:
             self._guarded(self._after_optimizer_step, pl_module)
@@ -245,6 +277,25 @@ class ModuleMonitor(Callback):
         return False
 
     # -- shared machinery -------------------------------------------------------------------
+
+    def _pattern_arg(self, name: str, value: object, kind: str = "module") -> list[str]:
+        """A checked pattern argument (``modules``, ``exclude``, ``params``...) as a list."""
+        patterns = as_str_list(self._owner, name, value)
+        check_patterns(self._owner, name, patterns, kind)
+        return patterns
+
+    def _stepped(self, params: dict[_K, torch.nn.Parameter]) -> dict[_K, torch.nn.Parameter]:
+        """The entries of ``params`` that the optimizer of the current step updates.
+
+        All of them when its param groups hold none of the model's parameters (an optimizer
+        that steps copies of them, e.g. a wrapper with master weights).
+        """
+        if self._optimizer is None:
+            return params
+        ids = {id(p) for group in self._optimizer.param_groups for p in group["params"]}
+        if ids.isdisjoint(self._model_parameters):
+            return params
+        return {n: p for n, p in params.items() if id(p) in ids}
 
     def _install_hooks(self) -> None:
         if self._wants_output_hooks():
@@ -350,6 +401,8 @@ class ModuleMonitor(Callback):
             self._coordinator.leave(self)
             self._coordinator = None
         self._active = False
+        if self._outer_fit is not None:  # a nested fit ended: back to the enclosing fit
+            self.__dict__ = self._outer_fit
 
     def _close(self) -> None:
         self._recording = False
@@ -363,3 +416,20 @@ class ModuleMonitor(Callback):
                 pass  # already being handled, or fit is over: the values were logged
         for sink in self.sinks:
             sink.flush()
+
+
+def _keeping_arguments(init: Callable[..., None]) -> Callable[..., None]:
+    """Wrap a monitor class's ``__init__`` so that the instance keeps the arguments it was built
+    with (those of the most derived class): a nested fit starts from a monitor built alike.
+    ``inspect.signature`` and type hints still see ``init``."""
+
+    @functools.wraps(init)
+    def __init__(self: ModuleMonitor, *args: Any, **kwargs: Any) -> None:
+        if "_init_args" not in self.__dict__:
+            self._init_args = (args, kwargs)
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+ModuleMonitor.__init__ = _keeping_arguments(ModuleMonitor.__init__)  # type: ignore[method-assign]

@@ -23,11 +23,21 @@ class GradientMonitor(ModuleMonitor):
 
     Args:
         outputs: log the gradient with respect to each selected module's output tensors
-            (read by tensor hooks during backward; works with in-place modules).
+            (read by tensor hooks during backward; works with in-place modules; the gradient of
+            a complex output is read as its real and imaginary parts).
         parameters: log the gradient of each parameter of the selected modules, read in
             ``on_before_optimizer_step``: after AMP unscaling, once per optimizer step under
-            gradient accumulation.
-        global_norm: log the L2 norm of all parameter gradients of the model (not only selected).
+            gradient accumulation. Each gradient is read at the steps of the optimizers whose
+            param groups hold that parameter (with several optimizers, e.g. a GAN's ``opt_d`` and
+            ``opt_g``: the critic's gradients at ``opt_d.step()``, the generator's at
+            ``opt_g.step()``; gradients an optimizer never applies are not read).
+        global_norm: log the L2 norm (in float64) of the gradients of all the model's parameters
+            that the batch's optimizer steps update (not only the selected ones).
+        params: which parameters of the selected modules ``parameters`` logs: patterns over
+            their qualified names (``"*.weight"``); ``None``: all. A pattern that matches none
+            stops fit at its start with the closest parameter names.
+        exclude_params: parameter-name patterns removed from ``parameters`` (``"*.bias"``).
+            ``modules`` and ``exclude`` match module names only.
         **kwargs: every argument of :class:`~lightning_inspect.callbacks.base.ModuleMonitor`.
 
     Logged metrics:
@@ -57,6 +67,8 @@ class GradientMonitor(ModuleMonitor):
         outputs: bool = True,
         parameters: bool = True,
         global_norm: bool = True,
+        params: str | Sequence[str] | None = None,
+        exclude_params: str | Sequence[str] | None = None,
     ) -> None:
         super().__init__(
             modules, exclude, every_n_steps, start_step, stop_step, stats, histograms, bins,
@@ -65,20 +77,26 @@ class GradientMonitor(ModuleMonitor):
         self.outputs = check_bool(self._owner, "outputs", outputs)
         self.parameters = check_bool(self._owner, "parameters", parameters)
         self.global_norm = check_bool(self._owner, "global_norm", global_norm)
+        self.params = self._pattern_arg("params", params, "parameter")
+        self.exclude_params = self._pattern_arg("exclude_params", exclude_params, "parameter")
         self.selected_parameters: dict[str, torch.nn.Parameter] = {}
-        self._all_parameters: list[torch.nn.Parameter] = []
+        self._all_parameters: dict[str, torch.nn.Parameter] = {}
+        self._norm_parts: list[torch.Tensor] = []  # squared global norms of this step's optimizers
         self._scaler_skipped = False
 
     def _after_selection(self, pl_module: pl.LightningModule) -> None:
-        params = select_parameters(self.selected)
+        params = select_parameters(
+            self.selected, self.params, self.exclude_params, owner=self._owner
+        )
         self.selected_parameters = {n: p for n, p in params.items() if p.requires_grad}
-        self._all_parameters = [p for p in pl_module.parameters() if p.requires_grad]
+        self._all_parameters = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
 
     def _wants_output_hooks(self) -> bool:
         return self.outputs
 
     def _on_output(self, name: str, path: str, tensor: torch.Tensor) -> None:
-        if tensor.requires_grad and torch.is_grad_enabled() and tensor.is_floating_point():
+        inexact = tensor.is_floating_point() or tensor.is_complex()
+        if tensor.requires_grad and torch.is_grad_enabled() and inexact:
             tensor.register_hook(OutputGradHook(self, metric_key("activation_grads", name, path)))
 
     def _on_output_grad(self, key: str, grad: torch.Tensor) -> None:
@@ -93,18 +111,26 @@ class GradientMonitor(ModuleMonitor):
         skipped = scaler_found_inf(pl_module, self._optimizer)
         if skipped is not None:  # the GradScaler will skip this step: its Inf/NaN are expected
             self._add_scalar(SKIPPED_KEY, skipped)
-        if self.parameters:
-            for name, param in self.selected_parameters.items():
+        if self.parameters:  # only what this optimizer applies (a GAN: opt_d reads the critic)
+            for name, param in self._stepped(self.selected_parameters).items():
                 if param.grad is not None:
-                    self._add_row(metric_key("param_grads", name), reduce_tensor(_dense(param.grad), self.bins))
+                    row = reduce_tensor(_dense(param.grad), self.bins)
+                    self._add_row(metric_key("param_grads", name), row)
         if self.global_norm:
-            grads = [_dense(p.grad) for p in self._all_parameters if p.grad is not None]
+            stepped = self._stepped(self._all_parameters).values()
+            grads = [_dense(p.grad) for p in stepped if p.grad is not None]
             if grads:
-                norms = torch._foreach_norm(grads)
+                norms = torch._foreach_norm(grads, 2, dtype=torch.float64)
                 device = norms[0].device
-                total = torch.linalg.vector_norm(torch.stack([n.to(device, torch.float32) for n in norms]))
-                self._add_scalar("param_grads/global_norm", total)
+                self._norm_parts.append(torch.stack([n.to(device) for n in norms]).square().sum())
 
+    def _finish_step(self) -> None:
+        parts, self._norm_parts = self._norm_parts, []
+        if parts:  # the global norm over every optimizer step of the logged batch
+            device = parts[0].device
+            total = torch.stack([p.to(device) for p in parts]).sum().sqrt()
+            self._add_scalar("param_grads/global_norm", total)
+        super()._finish_step()
 
     def _publish(self, record: StepRecord, values: HostRecord) -> None:
         rows, scalars = values

@@ -38,6 +38,7 @@ from lightning_inspect.health_nonfinite import (
     NonFiniteLocator,
     NonFiniteOrigin,
     parameters_by_module,
+    stored_values,
 )
 from lightning_inspect.health_pictures import heatmap, publish_image
 from lightning_inspect.hooks import InertWhenCopied, is_suspended
@@ -168,8 +169,9 @@ class HealthMonitor(ModuleMonitor):
         relu_modules: patterns of further modules whose output is post-ReLU (e.g. a block whose
             forward ends in ``F.relu``: functional calls are not modules and are invisible
             otherwise).
-        update_ratio: compute the update-to-weight ratio (keeps a copy of the watched
-            parameters during each logged optimizer step).
+        update_ratio: compute the update-to-weight ratio. It keeps one copy of the watched
+            modules' parameters (same dtype and device) from the first optimizer step of a
+            logged batch to its end: the parameters' size in memory (4 bytes a float32 value).
         pictures: draw the layers x steps pictures.
         picture_every_n_logs: draw them every this many logged steps (and at the end of fit).
         report: write the end-of-fit health report.
@@ -251,6 +253,7 @@ class HealthMonitor(ModuleMonitor):
         self._windows: dict[str, deque[torch.Tensor]] = {}
         self._units: dict[str, int] = {}
         self._before: dict[str, list[torch.Tensor]] | None = None
+        self._grad_squares: dict[str, list[torch.Tensor]] = {}
         self._found_inf: torch.Tensor | None = None  # during on_before_optimizer_step only
         self._logs = 0
         self._skipped_in_a_row = 0
@@ -345,6 +348,11 @@ class HealthMonitor(ModuleMonitor):
             self._finish(trainer)  # the report, before the backends are closed
         super().on_exception(trainer, pl_module, exception)
 
+    def _shutdown(self) -> None:
+        if self._active and self.locator is not None:
+            self.locator.release()  # no tensor (nor weak reference) outlives the fit
+        super()._shutdown()  # last: after a nested fit it brings back the enclosing fit's state
+
     # -- recording (device side) ------------------------------------------------------------
 
     def _on_forward(self, name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
@@ -358,8 +366,8 @@ class HealthMonitor(ModuleMonitor):
             self._accumulate(name, kind, module, output.detach())
 
     def _accumulate(self, name: str, kind: str, module: nn.Module, y: torch.Tensor) -> None:
-        if y.is_complex() or y.ndim == 0:
-            return
+        if y.is_complex() or y.ndim == 0 or y.layout != torch.strided:
+            return  # no units or bounds: complex, 0-d and sparse outputs are checked for NaN only
         if kind == "relu":
             dim = unit_dim(y.ndim, self._after_conv.get(name, False))
             units = y.shape[dim]
@@ -386,10 +394,9 @@ class HealthMonitor(ModuleMonitor):
         return {n: self._param_modules[n] for n in names}
 
     def _before_optimizer_step(self, pl_module: pl.LightningModule) -> None:
-        if self._before is not None:  # several optimizers: the first call of the step counts
-            return
+        first = self._before is None  # several optimizers: the first step of the batch
         skipped = self._found_inf
-        if skipped is not None:  # fp16: the GradScaler skips this step, its gradients overflowed
+        if first and skipped is not None:  # fp16: the GradScaler skips this step (overflow)
             self._add_scalar(_SKIPPED_KEY, skipped)
             scale = loss_scale(pl_module)
             if scale is not None:
@@ -397,27 +404,32 @@ class HealthMonitor(ModuleMonitor):
                 if gradients_scaled(pl_module, self._optimizer):  # unscaled in step() only
                     self._add_scalar(_GRADS_SCALED_KEY, torch.ones((), device=scale.device))
         with torch.no_grad():
-            owners: list[str] = []
-            grads: list[torch.Tensor] = []
-            for module, params in self._param_modules.items():
-                for _, param in params:
-                    if param.grad is not None:
-                        grad = param.grad.coalesce().values() if param.grad.is_sparse else param.grad
-                        owners.append(module)
-                        grads.append(grad)
-            if grads:
-                norms = torch._foreach_norm(grads)
-                squares: dict[str, list[torch.Tensor]] = {}
-                for module, norm in zip(owners, norms):
-                    squares.setdefault(module, []).append(norm.to(torch.float32).square())
-                for module, parts in squares.items():
-                    total = torch.stack([p.to(parts[0].device) for p in parts]).sum().sqrt()
-                    self._add_scalar(metric_key("health", module, "grad_norm"), total)
-            self._before = (
-                {m: [p.detach().clone() for _, p in params] for m, params in self._param_modules.items()}
-                if self.update_ratio
-                else {}
-            )
+            self._read_grad_norms()
+            if first:  # the weights before every optimizer step of the batch
+                modules = self._param_modules.items() if self.update_ratio else ()
+                self._before = {m: [p.detach().clone() for _, p in ps] for m, ps in modules}
+
+    def _read_grad_norms(self) -> None:
+        """Squared gradient norms of the parameters this optimizer updates, by module."""
+        owned = {(m, n): p for m, params in self._param_modules.items() for n, p in params}
+        owners: list[str] = []
+        grads: list[torch.Tensor] = []
+        for (module, _), param in self._stepped(owned).items():
+            if param.grad is not None:
+                owners.append(module)
+                grads.append(stored_values(param.grad))
+        if grads:
+            norms = torch._foreach_norm(grads, 2, dtype=torch.float64)  # finite for huge values
+            for module, norm in zip(owners, norms):
+                self._grad_squares.setdefault(module, []).append(norm.square())
+
+    def _finish_step(self) -> None:
+        squares, self._grad_squares = self._grad_squares, {}
+        for module, parts in squares.items():  # over every optimizer step of the batch
+            total = torch.stack([p.to(parts[0].device) for p in parts]).sum().sqrt()
+            self._add_scalar(metric_key("health", module, "grad_norm"), total)
+        self._before = None  # an interrupted step's copies
+        super()._finish_step()
 
     def _after_optimizer_step(self, pl_module: pl.LightningModule) -> None:
         before, self._before = self._before, None
@@ -435,16 +447,18 @@ class HealthMonitor(ModuleMonitor):
                 news.append(param.detach())
         if not olds:
             return
-        updates = torch._foreach_norm(torch._foreach_sub(news, olds))
-        norms = torch._foreach_norm(olds)
+        # float64 norms: squares of finite weights of any size stay finite
+        norms = torch._foreach_norm(olds, 2, dtype=torch.float64)
+        torch._foreach_sub_(olds, news)  # in place: the copy becomes -(update), no third copy
+        updates = torch._foreach_norm(olds, 2, dtype=torch.float64)
         sums: dict[str, list[torch.Tensor]] = {}
         for module, upd, norm in zip(names, updates, norms):
-            u2, w2 = upd.to(torch.float32).square(), norm.to(torch.float32).square()
-            sums.setdefault(module, []).append(torch.stack([u2, w2.to(u2.device)]))
+            pair = torch.stack([upd.square(), norm.square().to(upd.device)])
+            sums.setdefault(module, []).append(pair)
         for module, parts in sums.items():
             u2, w2 = torch.stack([p.to(parts[0].device) for p in parts]).sum(0)
             # A module whose weights are all zero has no ratio: NaN is dropped on the host.
-            ratio = torch.where(w2 > 0, (u2 / w2.clamp(min=torch.finfo(torch.float32).tiny)).sqrt(), torch.nan)
+            ratio = torch.where(w2 > 0, (u2 / w2).sqrt(), torch.nan)
             self._add_scalar(metric_key("health", module, "update_ratio"), ratio)
 
     def _record_activations(self) -> None:

@@ -18,22 +18,31 @@ from lightning_inspect.stats import reduce_tensor
 class WeightMonitor(ModuleMonitor):
     """Log the parameters of selected modules.
 
-    Weights are read in ``on_before_optimizer_step`` of a logged step, i.e. the values the step's
-    forward pass used. With ``update_ratio`` a copy of the selected parameters is kept for the
-    duration of that one optimizer step (and only then) to log ``||W_after - W_before|| / ||W_before||``:
-    the size of this step's update relative to the weights (healthy training is often near 1e-3).
+    Weights are read in ``on_before_optimizer_step`` of a logged batch (its first optimizer step
+    when it takes several), i.e. the values the step's forward pass used. ``update_ratio`` logs
+    ``||W_after - W_before|| / ||W_before||``, the size of the batch's update relative to the
+    weights (healthy training is often near 1e-3). It needs ``W_before``: one copy of every
+    selected parameter (same dtype and device), held from that optimizer step to the end of the
+    batch, on logged batches only; e.g. 50M float32 parameters cost 200 MB (191 MiB) more at
+    those moments. The update is then computed in that copy, in place.
 
     Args:
         update_ratio: log ``weights/<parameter>/update_ratio``.
+        params: patterns over the qualified names of the selected modules' parameters
+            (``"*.weight"``, ``"re:.*attn.*"``); ``None``: all of them. A pattern that matches
+            none of them stops fit at its start with the closest parameter names.
+        exclude_params: parameter-name patterns removed (``"*.bias"``). ``modules`` and
+            ``exclude`` match module names only.
         **kwargs: every argument of :class:`~lightning_inspect.callbacks.base.ModuleMonitor`.
 
     Logged metrics:
         ``weights/<parameter>/<stat>``, ``weights/<parameter>/update_ratio`` and the histogram
-        ``weights/<parameter>``.
+        ``weights/<parameter>``. The ratio's norms are float64; a parameter whose norm is 0 (a
+        zero-initialised bias) has ratio ``inf`` if the step moved it and ``NaN`` if it did not.
 
     Example::
 
-        WeightMonitor(every_n_steps=200, exclude="*.bias")
+        WeightMonitor(every_n_steps=200, exclude_params="*.bias")
     """
 
     kind = "weights"
@@ -52,17 +61,23 @@ class WeightMonitor(ModuleMonitor):
         on_nonfinite: str = "warn",
         enabled: bool = True,
         update_ratio: bool = True,
+        params: str | Sequence[str] | None = None,
+        exclude_params: str | Sequence[str] | None = None,
     ) -> None:
         super().__init__(
             modules, exclude, every_n_steps, start_step, stop_step, stats, histograms, bins,
             backends, on_nonfinite, enabled,
         )
         self.update_ratio = check_bool(self._owner, "update_ratio", update_ratio)
+        self.params = self._pattern_arg("params", params, "parameter")
+        self.exclude_params = self._pattern_arg("exclude_params", exclude_params, "parameter")
         self.selected_parameters: dict[str, torch.nn.Parameter] = {}
         self._before: list[torch.Tensor] | None = None
 
     def _after_selection(self, pl_module: pl.LightningModule) -> None:
-        self.selected_parameters = select_parameters(self.selected)
+        self.selected_parameters = select_parameters(
+            self.selected, self.params, self.exclude_params, owner=self._owner
+        )
 
     def _selection_summary(self) -> tuple[str, list[str]]:
         return "parameters", list(self.selected_parameters)
@@ -82,12 +97,13 @@ class WeightMonitor(ModuleMonitor):
             return
         with torch.no_grad():
             after = [_local(p).detach() for p in self.selected_parameters.values()]
-            norms = torch._foreach_norm(before)
+            # float64 norms: no overflow for huge finite weights
+            norms = torch._foreach_norm(before, 2, dtype=torch.float64)
             torch._foreach_sub_(before, after)  # in place: the copy becomes -(update), no third copy
-            updates = torch._foreach_norm(before)
-            tiny = torch.finfo(torch.float32).tiny
+            updates = torch._foreach_norm(before, 2, dtype=torch.float64)
             for name, upd, norm in zip(self.selected_parameters, updates, norms):
-                ratio = upd.to(torch.float32) / norm.to(torch.float32).clamp(min=tiny)
+                # IEEE division: a zero norm gives inf when the parameter moved, NaN when it did not
+                ratio = upd / norm.to(upd.device)
                 self._add_scalar(metric_key("weights", name, "update_ratio"), ratio)
 
 
