@@ -61,16 +61,28 @@ def check_choice(owner: str, name: str, value: Any, allowed: Sequence[str]) -> s
 def check_choices(
     owner: str, name: str, values: Any, allowed: Sequence[str], default: Sequence[str]
 ) -> tuple[str, ...]:
-    """A tuple of distinct allowed strings; ``None`` gives ``default``; a string is one choice."""
+    """A tuple of distinct allowed strings; ``None`` gives ``default``; a string is one choice.
+
+    A bad element is named in a message that repeats the value as given:
+
+    >>> check_choices("ActivationMonitor", "stats", ["mean", "median"], ["mean", "std"], ["mean"])
+    Traceback (most recent call last):
+    ...
+    lightning_inspect.errors.ConfigError: ActivationMonitor(stats=['mean', 'median']): 'median' is not one of 'mean', 'std'. Did you mean 'mean'?
+    """
     if values is None:
         return tuple(default)
-    if isinstance(values, str):
-        values = [values]
-    if not isinstance(values, Iterable):
+    items = [values] if isinstance(values, str) else values
+    if not isinstance(items, Iterable):
         raise ConfigError(f"{owner}({name}={values!r}): expected a list of names from {list(allowed)}.")
     out: list[str] = []
-    for value in values:
-        check_choice(owner, name, value, allowed)
+    for value in items:
+        if not isinstance(value, str) or value not in allowed:
+            hint = suggestion(value, allowed) if isinstance(value, str) else ""
+            raise ConfigError(
+                f"{owner}({name}={values!r}): {value!r} is not one of "
+                f"{', '.join(map(repr, allowed))}.{hint}"
+            )
         if value not in out:
             out.append(value)
     if not out:

@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -349,7 +350,62 @@ def test_bad_value_reaches_the_user_as_a_config_error(compose_app: Any, override
     with pytest.raises(ConfigError, match=expected) as info:
         instantiate_callbacks(cfg.inspect)
     assert "InstantiationException" not in str(info.value)
-    assert isinstance(info.value.__cause__, ConfigError)
+    # the message is printed once: no chained exception repeats it
+    assert info.value.__cause__ is None and info.value.__context__ is None
+    printed = "".join(traceback.format_exception(info.value))
+    assert printed.count(str(info.value).split(": ", 1)[1]) == 1
+
+
+def test_a_bad_element_is_shown_in_the_list_as_given(compose_app: Any) -> None:
+    cfg = compose_app("+inspect=activations", "inspect.activations.stats=[mean,median]")
+    with pytest.raises(ConfigError) as info:
+        instantiate_callbacks(cfg.inspect)
+    message = str(info.value)
+    assert message.startswith("inspect.activations: ActivationMonitor(stats=['mean', 'median']): 'median' is not one of 'mean', 'std'")
+    assert "'inf_count'. Did you mean 'mean'" in message
+
+
+# -- nothing but the entry's own Callback class is ever called --------------------------------------
+
+
+def test_a_nested_target_from_the_command_line_is_refused_before_anything_runs(compose_app: Any, tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    cfg = compose_app("+inspect=activations", f"inspect.activations.modules={{_target_:builtins.open,_args_:['{victim}',w]}}")
+    with pytest.raises(ConfigError, match=r"^inspect\.activations\.modules=.*builtins\.open.*nested _target_ is not allowed"):
+        instantiate_callbacks(cfg.inspect)
+    assert victim.read_text() == "precious"
+
+
+@pytest.mark.parametrize(
+    ("target", "args"),
+    [("builtins.open", ["{victim}", "w"]), ("os.symlink", ["{victim}", "{new}"]),
+     ("shutil.copyfile", ["{victim}", "{new}"]), ("torch.save", [1, "{new}"])],
+)
+def test_nested_targets_anywhere_in_the_arguments_are_never_called(tmp_path: Path, target: str, args: list[Any]) -> None:
+    victim, new = tmp_path / "victim.txt", tmp_path / "new"
+    victim.write_text("precious")
+    call = {"_target_": target, "_args_": [a.format(victim=victim, new=new) if isinstance(a, str) else a for a in args]}
+    entries = {
+        "inspect.a.modules": {"a": {"_target_": "lightning_inspect.ActivationMonitor", "modules": call}},
+        r"inspect.g.exclude\[1\].x": {"g": {"_target_": "lightning_inspect.GradientMonitor", "exclude": ["b", {"x": call}]}},
+    }
+    for where, cfg in entries.items():
+        with pytest.raises(ConfigError, match=rf"^{where}=.*nested _target_"):
+            instantiate_callbacks(OmegaConf.create(cfg))
+        with pytest.raises(ConfigError, match=rf"^{where}="):
+            instantiate_callbacks(cfg)
+    assert victim.read_text() == "precious" and not new.exists()
+
+
+def test_a_top_level_target_that_is_not_a_callback_is_never_called(tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    with pytest.raises(ConfigError, match=r"^inspect\.x\._target_='builtins\.open': a builtin_function_or_method is not a Lightning Callback"):
+        instantiate_callbacks({"x": {"_target_": "builtins.open", "_args_": [str(victim), "w"]}})
+    with pytest.raises(ConfigError, match=r"^inspect\.x\._target_='pathlib\.Path': Path is not a Lightning Callback"):
+        instantiate_callbacks({"x": {"_target_": "pathlib.Path", "_args_": [str(victim)]}})
+    assert victim.read_text() == "precious"
 
 
 @pytest.mark.parametrize(
