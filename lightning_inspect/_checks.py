@@ -18,9 +18,17 @@ from typing import Any
 from lightning_inspect.errors import ConfigError
 
 
-def closest(value: str, candidates: Iterable[str], n: int = 5) -> list[str]:
-    """The candidates most similar to ``value``, best first (possibly empty)."""
-    return difflib.get_close_matches(value, list(candidates), n=n, cutoff=0.5)
+def closest(value: str, candidates: Iterable[str], n: int = 5, cutoff: float = 0.5) -> list[str]:
+    """The ``n`` candidates most similar to ``value`` (difflib ratio >= ``cutoff``), best first.
+
+    Equally similar candidates keep their given order.
+
+    >>> closest("encoder", ["features", "classifier", "classifier.0"], n=2, cutoff=0.0)
+    ['classifier', 'classifier.0']
+    """
+    scored = [(difflib.SequenceMatcher(None, c, value).ratio(), c) for c in candidates]
+    ranked = sorted((item for item in scored if item[0] >= cutoff), key=lambda item: -item[0])
+    return [c for _, c in ranked[:n]]
 
 
 def suggestion(value: str, candidates: Iterable[str]) -> str:

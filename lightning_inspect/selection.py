@@ -172,16 +172,13 @@ def select_parameters(modules: dict[str, nn.Module]) -> dict[str, nn.Parameter]:
 
 def _no_match_message(owner: str, pattern: Pattern, candidates: dict[str, nn.Module]) -> str:
     names = list(candidates)
-    near = closest(pattern.literal_part, names) if pattern.literal_part else []
-    if not near:
-        near = names[:8]
-        listing = "Some module names: "
-    else:
-        listing = "Closest module names: "
+    # the close names; when none is close, still the most similar ones (difflib's ranking)
+    literal = pattern.literal_part
+    near = closest(literal, names) or closest(literal, names, cutoff=0.0) if literal else names[:5]
     hint = "" if pattern.text.startswith("re:") or "*" in pattern.text else (
         " Patterns are whole-name globs: use '*' to match a prefix or suffix."
     )
     return (
         f"{owner}: module pattern {pattern.text!r} matches no module of the model "
-        f"({len(names)} modules). {listing}{', '.join(near) or '(the model has no submodules)'}.{hint}"
+        f"({len(names)} modules). Closest module names: {', '.join(near) or '(the model has no submodules)'}.{hint}"
     )
