@@ -73,10 +73,11 @@ def check_choices(
 
     A bad element is named in a message that repeats the value as given:
 
-    >>> check_choices("ActivationMonitor", "stats", ["mean", "median"], ["mean", "std"], ["mean"])
-    Traceback (most recent call last):
-    ...
-    lightning_inspect.errors.ConfigError: ActivationMonitor(stats=['mean', 'median']): 'median' is not one of 'mean', 'std'. Did you mean 'mean'?
+    >>> try:
+    ...     check_choices("M", "stats", ["mean", "median"], ["mean", "std"], ["mean"])
+    ... except ConfigError as exc:
+    ...     print(exc)
+    M(stats=['mean', 'median']): 'median' is not one of 'mean', 'std'. Did you mean 'mean'?
     """
     if values is None:
         return tuple(default)

@@ -154,7 +154,7 @@ def _entries(cfg: Any, root: str) -> Iterator[tuple[str, Any]]:
 
 
 def _locate(target_name: Any, path: str) -> type:
-    """The class ``target_name`` names, imported but never called; a ConfigError unless a Callback."""
+    """The class ``target_name`` names, imported, never called; a ConfigError unless a Callback."""
     if not isinstance(target_name, str) or not target_name:
         raise ConfigError(f"{path}={target_name!r}: expected a dotted class path such as lightning_inspect.ActivationMonitor.")
     from hydra.utils import get_object
@@ -168,8 +168,8 @@ def _locate(target_name: Any, path: str) -> type:
     if not (isinstance(target, type) and issubclass(target, Callback)):
         kind = target.__qualname__ if isinstance(target, type) else f"a {type(target).__name__}"
         raise ConfigError(
-            f"{path}={target_name!r}: {kind} is not a Lightning Callback; only Callback classes are "
-            "instantiated."
+            f"{path}={target_name!r}: {kind} is not a Lightning Callback; only Callback classes "
+            "are instantiated."
         )
     return target
 
@@ -189,9 +189,9 @@ def _find_target(value: Any, path: str) -> None:
     if _is_mapping(value):
         if "_target_" in value:
             raise ConfigError(
-                f"{path}={_show(value)}: a nested _target_ is not allowed. Only the entry's own "
-                "_target_ (a Lightning Callback class) is instantiated; its arguments must be plain "
-                "values (numbers, strings, lists, mappings without _target_)."
+                f"{path}={_show(value)}: a nested _target_ is not allowed. Only the entry's "
+                "own _target_ (a Lightning Callback class) is instantiated; its arguments must be "
+                "plain values (numbers, strings, lists, mappings without _target_)."
             )
         for name in value:
             _find_target(_get(value, name), f"{path}.{name}")
@@ -235,7 +235,7 @@ def _init_parameters(target: type) -> dict[str, _pyinspect.Parameter] | None:
 
 
 def _instantiate(entry: Any, path: str, target: type) -> Callback:
-    """Build one checked entry; a callback's own ConfigError is re-raised once, prefixed with ``path``."""
+    """Build one checked entry; a callback's ConfigError is raised once, prefixed with ``path``."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 

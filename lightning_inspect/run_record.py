@@ -219,7 +219,7 @@ class SecretMasker:
         return out
 
     def _mask_parsed(self, value: Any, path: str) -> Any:
-        """A parsed override value (mapping, list, quoted string, choice sweep) with secrets masked."""
+        """A parsed override value (mapping, list, quoted string, choice sweep), secrets masked."""
         from hydra.core.override_parser.types import ChoiceSweep, QuotedString
 
         if isinstance(value, dict):
@@ -232,7 +232,8 @@ class SecretMasker:
         if isinstance(value, list):
             return [self._mask_parsed(item, f"{path}.{i}") for i, item in enumerate(value)]
         if isinstance(value, ChoiceSweep):
-            return dataclasses.replace(value, list=[self._mask_parsed(item, path) for item in value.list])
+            choices = [self._mask_parsed(item, path) for item in value.list]
+            return dataclasses.replace(value, list=choices)
         if isinstance(value, QuotedString):
             return dataclasses.replace(value, text=self.text(value.text))
         if isinstance(value, str):
@@ -240,7 +241,7 @@ class SecretMasker:
         return value
 
     def _unparsed(self, override: str) -> str:
-        """An override Hydra cannot parse: its whole value masked if its key or text names a secret."""
+        """An override Hydra cannot parse: value masked whole if its key or text names a secret."""
         key, sep, _ = override.partition("=")
         if not sep:
             return self.text(override)

@@ -180,5 +180,6 @@ def _no_match_message(owner: str, pattern: Pattern, candidates: dict[str, nn.Mod
     )
     return (
         f"{owner}: module pattern {pattern.text!r} matches no module of the model "
-        f"({len(names)} modules). Closest module names: {', '.join(near) or '(the model has no submodules)'}.{hint}"
+        f"({len(names)} modules). Closest module names: "
+        f"{', '.join(near) or '(the model has no submodules)'}.{hint}"
     )

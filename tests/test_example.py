@@ -37,7 +37,8 @@ def read_tensorboard(log_dir: Path) -> Any:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     assert list(log_dir.glob("events.out.tfevents.*")), f"no event file in {log_dir}"
-    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "histograms": 0, "images": 0, "tensors": 0})
+    everything = {"scalars": 0, "histograms": 0, "images": 0, "tensors": 0}
+    events = EventAccumulator(str(log_dir), size_guidance=everything)
     events.Reload()
     return events
 
@@ -142,7 +143,7 @@ def _readme_block(marker: str) -> str:
     return text.split(f"<!-- {marker} -->", 1)[1].split(f"<!-- /{marker} -->", 1)[0]
 
 
-def test_the_readme_run_command_draws_curves_in_exactly_the_tabs_the_readme_lists(tmp_path: Path) -> None:
+def test_the_readme_run_command_draws_curves_in_the_tabs_the_readme_lists(tmp_path: Path) -> None:
     """The training part of the README's run-command, as written (46 steps), read back."""
     import re
     import shlex
@@ -154,17 +155,20 @@ def test_the_readme_run_command_draws_curves_in_exactly_the_tabs_the_readme_list
     _ok(result)
     events = read_tensorboard(tmp_path / "run" / "tensorboard")
     tags = events.Tags()
-    monitored = [t for t in tags["scalars"] if t.startswith(("activations/", "activation_grads/", "param_grads/", "weights/"))]
+    prefixes = ("activations/", "activation_grads/", "param_grads/", "weights/")
+    monitored = [t for t in tags["scalars"] if t.startswith(prefixes)]
     assert len(monitored) > 100
     assert min(len(events.Scalars(t)) for t in monitored) >= 10
     assert min(len(events.Histograms(t)) for t in tags["histograms"]) >= 10
     filled = {
         "Scalars": bool(tags["scalars"]), "Histograms": bool(tags["histograms"]),
-        "Distributions": bool(tags["distributions"]), "Time Series": bool(tags["scalars"] or tags["histograms"]),
+        "Distributions": bool(tags["distributions"]),
+        "Time Series": bool(tags["scalars"] or tags["histograms"]),
         "Images": bool(tags["images"]), "Graphs": tags["graph"],
         "Text": _has_plugin(events, "text"), "HParams": _has_plugin(events, "hparams"),
     }
-    line = next(x for x in (ROOT / "README.md").read_text().splitlines() if x.startswith("tensorboard --logdir outputs"))
+    lines = (ROOT / "README.md").read_text().splitlines()
+    line = next(x for x in lines if x.startswith("tensorboard --logdir outputs"))
     listed = {t.strip() for t in re.split(r"#", line, maxsplit=1)[1].split(",")}
     assert listed == {tab for tab, on in filled.items() if on}
 

@@ -73,7 +73,7 @@ def _composer(config_dir: Path) -> Iterator[Any]:
 
 @pytest.fixture
 def compose_app(tmp_path: Path) -> Iterator[Any]:
-    """``compose_app(*overrides) -> DictConfig`` of an app whose own config has no ``inspect`` group.
+    """``compose_app(*overrides) -> DictConfig`` of an app without its own ``inspect`` group.
 
     The options composed are the shipped ones (the example app replaces ``all`` with its own).
     """
@@ -264,13 +264,15 @@ def test_all_gives_the_four_monitors_and_the_run_record(compose_app: Any) -> Non
     assert types == {ActivationMonitor, GradientMonitor, WeightMonitor, GraphMonitor, RunRecord}
 
 
-def test_the_example_apps_all_is_the_shipped_all_logging_every_4_steps(compose_example: Any) -> None:
+def test_the_example_apps_all_is_the_shipped_all_every_4_steps(compose_example: Any) -> None:
     example = compose_example("+inspect=all").inspect
-    shipped = {n: OmegaConf.load(GROUP_DIR / f"{n}.yaml")[n] for n in ("activations", "gradients", "weights", "graph", "record")}
+    names = ("activations", "gradients", "weights", "graph", "record")
+    shipped = {n: OmegaConf.load(GROUP_DIR / f"{n}.yaml")[n] for n in names}
     assert sorted(example) == sorted(shipped)
     for name, entry in shipped.items():
         changed = {k for k in entry if example[name][k] != entry[k]}
-        assert changed == ({"every_n_steps"} if name in ("activations", "gradients", "weights") else set()), name
+        expected = {"every_n_steps"} if name in ("activations", "gradients", "weights") else set()
+        assert changed == expected, name
     callbacks = instantiate_callbacks(example)
     assert [cb.schedule.every_n_steps for cb in callbacks[:3]] == [4, 4, 4]
     # the example's other options are the shipped ones
@@ -389,18 +391,25 @@ def test_a_bad_element_is_shown_in_the_list_as_given(compose_app: Any) -> None:
     with pytest.raises(ConfigError) as info:
         instantiate_callbacks(cfg.inspect)
     message = str(info.value)
-    assert message.startswith("inspect.activations: ActivationMonitor(stats=['mean', 'median']): 'median' is not one of 'mean', 'std'")
+    assert message.startswith(
+        "inspect.activations: ActivationMonitor(stats=['mean', 'median']): "
+        "'median' is not one of 'mean', 'std'"
+    )
     assert "'inf_count'. Did you mean 'mean'" in message
 
 
-# -- nothing but the entry's own Callback class is ever called --------------------------------------
+# -- nothing but the entry's own Callback class is ever called ------------------------------------
 
 
-def test_a_nested_target_from_the_command_line_is_refused_before_anything_runs(compose_app: Any, tmp_path: Path) -> None:
+def test_a_nested_target_from_the_command_line_is_refused_before_anything_runs(
+    compose_app: Any, tmp_path: Path
+) -> None:
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
-    cfg = compose_app("+inspect=activations", f"inspect.activations.modules={{_target_:builtins.open,_args_:['{victim}',w]}}")
-    with pytest.raises(ConfigError, match=r"^inspect\.activations\.modules=.*builtins\.open.*nested _target_ is not allowed"):
+    override = f"inspect.activations.modules={{_target_:builtins.open,_args_:['{victim}',w]}}"
+    cfg = compose_app("+inspect=activations", override)
+    expected = r"^inspect\.activations\.modules=.*builtins\.open.*nested _target_ is not allowed"
+    with pytest.raises(ConfigError, match=expected):
         instantiate_callbacks(cfg.inspect)
     assert victim.read_text() == "precious"
 
@@ -410,13 +419,20 @@ def test_a_nested_target_from_the_command_line_is_refused_before_anything_runs(c
     [("builtins.open", ["{victim}", "w"]), ("os.symlink", ["{victim}", "{new}"]),
      ("shutil.copyfile", ["{victim}", "{new}"]), ("torch.save", [1, "{new}"])],
 )
-def test_nested_targets_anywhere_in_the_arguments_are_never_called(tmp_path: Path, target: str, args: list[Any]) -> None:
+def test_nested_targets_anywhere_in_the_arguments_are_never_called(
+    tmp_path: Path, target: str, args: list[Any]
+) -> None:
     victim, new = tmp_path / "victim.txt", tmp_path / "new"
     victim.write_text("precious")
-    call = {"_target_": target, "_args_": [a.format(victim=victim, new=new) if isinstance(a, str) else a for a in args]}
+    filled = [a.format(victim=victim, new=new) if isinstance(a, str) else a for a in args]
+    call = {"_target_": target, "_args_": filled}
     entries = {
-        "inspect.a.modules": {"a": {"_target_": "lightning_inspect.ActivationMonitor", "modules": call}},
-        r"inspect.g.exclude\[1\].x": {"g": {"_target_": "lightning_inspect.GradientMonitor", "exclude": ["b", {"x": call}]}},
+        "inspect.a.modules": {
+            "a": {"_target_": "lightning_inspect.ActivationMonitor", "modules": call}
+        },
+        r"inspect.g.exclude\[1\].x": {
+            "g": {"_target_": "lightning_inspect.GradientMonitor", "exclude": ["b", {"x": call}]}
+        },
     }
     for where, cfg in entries.items():
         with pytest.raises(ConfigError, match=rf"^{where}=.*nested _target_"):
@@ -429,9 +445,11 @@ def test_nested_targets_anywhere_in_the_arguments_are_never_called(tmp_path: Pat
 def test_a_top_level_target_that_is_not_a_callback_is_never_called(tmp_path: Path) -> None:
     victim = tmp_path / "victim.txt"
     victim.write_text("precious")
-    with pytest.raises(ConfigError, match=r"^inspect\.x\._target_='builtins\.open': a builtin_function_or_method is not a Lightning Callback"):
+    expected = r"^inspect\.x\._target_='builtins\.open': a builtin_function_or_method is not a"
+    with pytest.raises(ConfigError, match=expected):
         instantiate_callbacks({"x": {"_target_": "builtins.open", "_args_": [str(victim), "w"]}})
-    with pytest.raises(ConfigError, match=r"^inspect\.x\._target_='pathlib\.Path': Path is not a Lightning Callback"):
+    expected = r"^inspect\.x\._target_='pathlib\.Path': Path is not a Lightning Callback"
+    with pytest.raises(ConfigError, match=expected):
         instantiate_callbacks({"x": {"_target_": "pathlib.Path", "_args_": [str(victim)]}})
     assert victim.read_text() == "precious"
 
@@ -565,7 +583,7 @@ def _option_table(text: str) -> dict[str, tuple[list[str] | None, list[str]]]:
     return rows
 
 
-@pytest.mark.parametrize("doc", [ROOT / "README.md", ROOT / "docs" / "hydra.md"], ids=lambda p: p.name)
+@pytest.mark.parametrize("doc", DOC_FILES[:2], ids=lambda p: p.name)
 def test_the_docs_option_table_matches_the_shipped_yaml(compose_app: Any, doc: Path) -> None:
     rows = _option_table(doc.read_text())
     assert sorted(rows) == sorted(p.stem for p in GROUP_DIR.glob("*.yaml"))
@@ -585,7 +603,7 @@ def _example_commands() -> list[str]:
     return found
 
 
-def test_every_documented_example_command_selects_modules_of_the_example_model(compose_example: Any) -> None:
+def test_every_documented_example_command_selects_example_modules(compose_example: Any) -> None:
     """Each ``python examples/train.py ...`` of the docs composes, builds and selects modules."""
     import shlex
 
@@ -597,7 +615,8 @@ def test_every_documented_example_command_selects_modules_of_the_example_model(c
     try:
         for command in commands:
             words = shlex.split(command, comments=True)[2:]
-            overrides = [w for i, w in enumerate(words) if not w.startswith("--") and not (i and words[i - 1] in ("--info", "--cfg", "--package"))]
+            flags = [i for i, w in enumerate(words) if w.startswith("--")]
+            overrides = [w for i, w in enumerate(words) if i not in flags and i - 1 not in flags]
             cfg = compose_example(*overrides)
             model = hydra.utils.instantiate(cfg.model, _convert_="all")
             for callback in instantiate_callbacks(cfg.get("inspect")):
