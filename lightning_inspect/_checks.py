@@ -18,9 +18,17 @@ from typing import Any
 from lightning_inspect.errors import ConfigError
 
 
-def closest(value: str, candidates: Iterable[str], n: int = 5) -> list[str]:
-    """The candidates most similar to ``value``, best first (possibly empty)."""
-    return difflib.get_close_matches(value, list(candidates), n=n, cutoff=0.5)
+def closest(value: str, candidates: Iterable[str], n: int = 5, cutoff: float = 0.5) -> list[str]:
+    """The ``n`` candidates most similar to ``value`` (difflib ratio >= ``cutoff``), best first.
+
+    Equally similar candidates keep their given order.
+
+    >>> closest("encoder", ["features", "classifier", "classifier.0"], n=2, cutoff=0.0)
+    ['classifier', 'classifier.0']
+    """
+    scored = [(difflib.SequenceMatcher(None, c, value).ratio(), c) for c in candidates]
+    ranked = sorted((item for item in scored if item[0] >= cutoff), key=lambda item: -item[0])
+    return [c for _, c in ranked[:n]]
 
 
 def suggestion(value: str, candidates: Iterable[str]) -> str:
@@ -66,16 +74,29 @@ def check_choice(owner: str, name: str, value: Any, allowed: Sequence[str]) -> s
 def check_choices(
     owner: str, name: str, values: Any, allowed: Sequence[str], default: Sequence[str]
 ) -> tuple[str, ...]:
-    """A tuple of distinct allowed strings; ``None`` gives ``default``; a string is one choice."""
+    """A tuple of distinct allowed strings; ``None`` gives ``default``; a string is one choice.
+
+    A bad element is named in a message that repeats the value as given:
+
+    >>> try:
+    ...     check_choices("M", "stats", ["mean", "median"], ["mean", "std"], ["mean"])
+    ... except ConfigError as exc:
+    ...     print(exc)
+    M(stats=['mean', 'median']): 'median' is not one of 'mean', 'std'. Did you mean 'mean'?
+    """
     if values is None:
         return tuple(default)
-    if isinstance(values, str):
-        values = [values]
-    if not isinstance(values, Iterable):
+    items = [values] if isinstance(values, str) else values
+    if not isinstance(items, Iterable):
         raise ConfigError(f"{owner}({name}={values!r}): expected a list of names from {list(allowed)}.")
     out: list[str] = []
-    for value in values:
-        check_choice(owner, name, value, allowed)
+    for value in items:
+        if not isinstance(value, str) or value not in allowed:
+            hint = suggestion(value, allowed) if isinstance(value, str) else ""
+            raise ConfigError(
+                f"{owner}({name}={values!r}): {value!r} is not one of "
+                f"{', '.join(map(repr, allowed))}.{hint}"
+            )
         if value not in out:
             out.append(value)
     if not out:

@@ -20,7 +20,11 @@ Example::
 
 A key the callback does not take (``inspect.activations.every_n_step=5``) raises
 :class:`~lightning_inspect.errors.ConfigError` naming the full key, the valid keys and the
-closest one; a bad value raises the callback's own ConfigError, prefixed with the key path.
+closest one; a bad value raises the callback's own ConfigError, prefixed with the key path
+(once: not chained to a copy of itself). Only an entry's own ``_target_`` is instantiated, and
+only when it is a Lightning ``Callback`` class; a ``_target_`` nested in an argument
+(``inspect.activations.modules={_target_: builtins.open}``) is a ConfigError naming that key, and
+nothing is called.
 
     >>> instantiate_callbacks(None)
     []
@@ -34,7 +38,7 @@ closest one; a bad value raises the callback's own ConfigError, prefixed with th
 from __future__ import annotations
 
 import inspect as _pyinspect
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from lightning.pytorch.callbacks import Callback
@@ -80,7 +84,8 @@ def instantiate_callbacks(cfg: Any, key: str | None = None) -> list[Callback]:
     Raises:
         ConfigError: before anything is built, for an entry that is not a mapping, has no
             ``_target_``, names a class that cannot be imported or is not a Lightning
-            callback, or has a key the class does not take; afterwards, for a value the callback
+            callback, has a key the class does not take, or holds a nested ``_target_`` in an
+            argument; afterwards, for a value the callback
             rejects. Every message starts with the key path (``inspect.activations.bins``).
 
     Example:
@@ -127,6 +132,7 @@ def validate_callback_config(entry: Any, path: str) -> type | None:
         return None
     target = _locate(target_name, f"{path}._target_")
     _check_keys(entry, path, target)
+    _refuse_nested_targets(entry, path)
     return target
 
 
@@ -137,7 +143,7 @@ def _entries(cfg: Any, root: str) -> Iterator[tuple[str, Any]]:
     if _is_mapping(cfg):
         for name in cfg:
             yield f"{root}.{name}", _get(cfg, name)
-    elif isinstance(cfg, Sequence) and not isinstance(cfg, (str, bytes)):
+    elif _is_sequence(cfg):
         for i, entry in enumerate(cfg):
             yield f"{root}[{i}]", entry
     else:
@@ -148,19 +154,50 @@ def _entries(cfg: Any, root: str) -> Iterator[tuple[str, Any]]:
 
 
 def _locate(target_name: Any, path: str) -> type:
+    """The class ``target_name`` names, imported, never called; a ConfigError unless a Callback."""
     if not isinstance(target_name, str) or not target_name:
         raise ConfigError(f"{path}={target_name!r}: expected a dotted class path such as lightning_inspect.ActivationMonitor.")
-    from hydra.utils import get_class
+    from hydra.utils import get_object
 
     try:
-        target = get_class(target_name)
+        target = get_object(target_name)
     except Exception as exc:
         raise ConfigError(
             f"{path}={target_name!r}: no such class can be imported.{did_you_mean(target_name, KNOWN_TARGETS)}"
         ) from exc
-    if not issubclass(target, Callback):
-        raise ConfigError(f"{path}={target_name!r}: {target.__qualname__} is not a Lightning Callback.")
+    if not (isinstance(target, type) and issubclass(target, Callback)):
+        kind = target.__qualname__ if isinstance(target, type) else f"a {type(target).__name__}"
+        raise ConfigError(
+            f"{path}={target_name!r}: {kind} is not a Lightning Callback; only Callback classes "
+            "are instantiated."
+        )
     return target
+
+
+def _refuse_nested_targets(entry: Any, path: str) -> None:
+    """A ConfigError naming the first argument of ``entry`` that holds a ``_target_`` of its own.
+
+    Only an entry's own ``_target_`` is instantiated: a nested one would call any importable
+    function (``builtins.open``) with arguments taken from the command line.
+    """
+    for name in entry:
+        if str(name) != "_target_":
+            _find_target(_get(entry, name), f"{path}.{name}")
+
+
+def _find_target(value: Any, path: str) -> None:
+    if _is_mapping(value):
+        if "_target_" in value:
+            raise ConfigError(
+                f"{path}={_show(value)}: a nested _target_ is not allowed. Only the entry's "
+                "own _target_ (a Lightning Callback class) is instantiated; its arguments must be "
+                "plain values (numbers, strings, lists, mappings without _target_)."
+            )
+        for name in value:
+            _find_target(_get(value, name), f"{path}.{name}")
+    elif _is_sequence(value):
+        for i, item in enumerate(value):
+            _find_target(item, f"{path}[{i}]")
 
 
 def _check_keys(entry: Any, path: str, target: type) -> None:
@@ -198,22 +235,27 @@ def _init_parameters(target: type) -> dict[str, _pyinspect.Parameter] | None:
 
 
 def _instantiate(entry: Any, path: str, target: type) -> Callback:
+    """Build one checked entry; a callback's ConfigError is raised once, prefixed with ``path``."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
     extra: dict[str, Any] = {} if "_convert_" in entry else {"_convert_": "all"}
+    rejected: ConfigError | None = None
     try:
         callback = instantiate(entry, **extra)
     except InstantiationException as exc:
         cause = _root_cause(exc)
-        if isinstance(cause, ConfigError):
-            raise type(cause)(f"{path}: {cause}") from cause
-        raise ConfigError(
-            f"{path}: building {target.__module__}.{target.__qualname__} failed: "
-            f"{type(cause).__name__}: {cause}"
-        ) from cause
+        if not isinstance(cause, ConfigError):
+            raise ConfigError(
+                f"{path}: building {target.__module__}.{target.__qualname__} failed: "
+                f"{type(cause).__name__}: {cause}"
+            ) from cause
+        rejected = cause
     except ConfigError as exc:
-        raise type(exc)(f"{path}: {exc}") from exc
+        rejected = exc
+    if rejected is not None:
+        # raised outside the handler: no chained copy of the same message in the traceback
+        raise type(rejected)(f"{path}: {rejected}")
     if not isinstance(callback, Callback):  # e.g. _partial_: true
         raise ConfigError(f"{path}: instantiating {entry['_target_']} gave {type(callback).__name__}, not a Lightning Callback.")
     return callback
@@ -252,6 +294,12 @@ def _is_mapping(value: Any) -> bool:
     from omegaconf import DictConfig
 
     return isinstance(value, DictConfig)
+
+
+def _is_sequence(value: Any) -> bool:
+    from omegaconf import ListConfig
+
+    return isinstance(value, (list, tuple, ListConfig))
 
 
 def _get(cfg: Any, name: Any) -> Any:

@@ -99,8 +99,7 @@ _KNOWN_TOKENS = re.compile(
     r"\b(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_\w{20,}|sk-[A-Za-z0-9_\-]{20,}|hf_[A-Za-z0-9]{20,}"
     r"|AKIA[0-9A-Z]{16}|xox[abposr]-[A-Za-z0-9\-]{10,})\b"
 )
-_INLINE_PAIR = re.compile(r"(?P<key>[A-Za-z_][\w\-]*)(?P<sep>\s*:\s*)(?P<value>'[^']*'|\"[^\"]*\"|[^,}\]\s]+)")
-_OVERRIDE = re.compile(r"^(?P<prefix>~|\+\+|\+)?(?P<key>[^=]+?)=(?P<value>.*)$", re.DOTALL)
+_IDENTIFIER = re.compile(r"[A-Za-z_][\w\-]*")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,16 +171,34 @@ class SecretMasker:
         return _KNOWN_TOKENS.sub(MASK, text)
 
     def override(self, override: str) -> str:
-        """A Hydra override (``[+|++|~]key=value``) with its value masked if the key is a secret."""
-        match = _OVERRIDE.match(override)
-        if match is None:
-            return self.text(override)
-        prefix, key, value = match.group("prefix") or "", match.group("key"), match.group("value")
-        path = key.split("@", 1)[0].strip().lstrip("-")
-        leaf = re.split(r"[./]", path)[-1]
-        if self.is_secret(leaf, path) and value not in ("", "null"):
-            return f"{prefix}{key}={MASK}"
-        return f"{prefix}{key}={self._inline(value)}"
+        """A Hydra override (``[+|++|~]key[@package]=value``) with its secrets masked.
+
+        The override is parsed with Hydra's own override parser. The whole value of a secret key
+        is masked; inside a value, secret keys of inline mappings (nested, in lists, in
+        ``choice(...)``) are masked, and strings are masked as in :meth:`text`. A changed value is
+        written back from the parsed value; an unchanged override is returned as given. An
+        override that does not parse (or Hydra is not installed) has its whole value masked when
+        its key or text names a secret.
+
+        >>> SecretMasker().override("+db={user: a, conn: {password: [hunter2, x]}}")
+        '+db={user:a,conn:{password:***}}'
+        >>> SecretMasker().override("+db={password:[hunter2,x]")
+        '+db=***'
+        """
+        parsed = _parse_override(override)
+        if parsed is None:
+            return self._unparsed(override)
+        if parsed.value_type is None:  # ~key: nothing to mask
+            return override
+        key = parsed.key_or_group
+        value = parsed._value  # as parsed, quotes kept (value() drops them)
+        if self.is_secret(re.split(r"[./]", key)[-1], key) and value not in (None, ""):
+            masked = MASK
+        else:
+            masked = self._mask_parsed(value, key)
+        if masked == value:
+            return override
+        return f"{override.split('=', 1)[0]}={_override_value_text(masked)}"
 
     def command(self, argv: Sequence[str]) -> list[str]:
         """A command line with ``key=value`` secrets and the values after ``--secret`` flags masked."""
@@ -201,17 +218,60 @@ class SecretMasker:
                 mask_next = token.startswith("-") and bool(flag) and self.is_secret(flag.replace("-", "_"))
         return out
 
-    def _inline(self, value: str) -> str:
-        """Mask ``key: value`` pairs inside an inline mapping such as ``{user: a, password: b}``."""
+    def _mask_parsed(self, value: Any, path: str) -> Any:
+        """A parsed override value (mapping, list, quoted string, choice sweep), secrets masked."""
+        from hydra.core.override_parser.types import ChoiceSweep, QuotedString
 
-        def replace(m: re.Match[str]) -> str:
-            if self.is_secret(m.group("key")):
-                return f"{m.group('key')}{m.group('sep')}{MASK}"
-            return m.group(0)
+        if isinstance(value, dict):
+            out: dict[Any, Any] = {}
+            for key, item in value.items():
+                where = f"{path}.{key}"
+                secret = self.is_secret(key, where) and item not in (None, "")
+                out[key] = MASK if secret else self._mask_parsed(item, where)
+            return out
+        if isinstance(value, list):
+            return [self._mask_parsed(item, f"{path}.{i}") for i, item in enumerate(value)]
+        if isinstance(value, ChoiceSweep):
+            choices = [self._mask_parsed(item, path) for item in value.list]
+            return dataclasses.replace(value, list=choices)
+        if isinstance(value, QuotedString):
+            return dataclasses.replace(value, text=self.text(value.text))
+        if isinstance(value, str):
+            return self.text(value)
+        return value
 
-        if "{" in value:
-            value = _INLINE_PAIR.sub(replace, value)
-        return self.text(value)
+    def _unparsed(self, override: str) -> str:
+        """An override Hydra cannot parse: value masked whole if its key or text names a secret."""
+        key, sep, _ = override.partition("=")
+        if not sep:
+            return self.text(override)
+        path = key.split("@", 1)[0].strip().lstrip("~+-")
+        names = [path, re.split(r"[./]", path)[-1], *_IDENTIFIER.findall(override)]
+        if any(self.is_secret(name) for name in names):
+            return f"{key}={MASK}"
+        return self.text(override)
+
+
+def _parse_override(text: str) -> Any:
+    """``text`` parsed by Hydra's override parser; ``None`` if it does not parse."""
+    try:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+    except ImportError:
+        return None
+    try:
+        return OverridesParser.create().parse_override(text)
+    except Exception:
+        return None
+
+
+def _override_value_text(value: Any) -> str:
+    """Override syntax for a parsed value: ``{a:1,b:[x,y]}``, ``'quoted'``, ``choice(a,b)``."""
+    from hydra.core.override_parser.types import ChoiceSweep, Override
+
+    if isinstance(value, ChoiceSweep):
+        items = ",".join(_override_value_text(item) for item in value.list)
+        return items if value.simple_form else f"choice({items})"
+    return Override._get_value_element_as_str(value)
 
 
 # --------------------------------------------------------------------------------------------

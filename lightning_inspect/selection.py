@@ -219,12 +219,9 @@ def select_parameters(
 def _no_match_message(owner: str, pattern: Pattern, candidates: dict[str, object]) -> str:
     kind = pattern.kind
     names = list(candidates)
-    near = closest(pattern.literal_part, names) if pattern.literal_part else []
-    if not near:
-        near = names[:8]
-        listing = f"Some {kind} names: "
-    else:
-        listing = f"Closest {kind} names: "
+    # the close names; when none is close, still the most similar ones (difflib's ranking)
+    literal = pattern.literal_part
+    near = closest(literal, names) or closest(literal, names, cutoff=0.0) if literal else names[:5]
     hint = "" if pattern.text.startswith("re:") or "*" in pattern.text else (
         " Patterns are whole-name globs: use '*' to match a prefix or suffix."
     )
@@ -232,5 +229,5 @@ def _no_match_message(owner: str, pattern: Pattern, candidates: dict[str, object
     none = "(the model has no submodules)" if kind == "module" else "(they have no parameters)"
     return (
         f"{owner}: {kind} pattern {pattern.text!r} matches no {kind} of {where} "
-        f"({len(names)} {kind}s). {listing}{', '.join(near) or none}.{hint}"
+        f"({len(names)} {kind}s). Closest {kind} names: {', '.join(near) or none}.{hint}"
     )

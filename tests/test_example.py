@@ -23,10 +23,13 @@ QUICK = ["trainer.max_epochs=1", "trainer.limit_val_batches=2", "trainer.enable_
 pytestmark = pytest.mark.slow
 
 
-def run_example(tmp_path: Path, *overrides: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+def run_example(
+    tmp_path: Path, *overrides: str, timeout: float = 180, quick: bool = True
+) -> subprocess.CompletedProcess[str]:
     """``python examples/train.py <overrides>`` with ``tmp_path`` as working and run directory."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": "0"}
-    command = [sys.executable, str(TRAIN), f"hydra.run.dir={tmp_path / 'run'}", *QUICK, *overrides]
+    short = QUICK if quick else ["trainer.enable_progress_bar=false"]
+    command = [sys.executable, str(TRAIN), f"hydra.run.dir={tmp_path / 'run'}", *short, *overrides]
     return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -34,7 +37,8 @@ def read_tensorboard(log_dir: Path) -> Any:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     assert list(log_dir.glob("events.out.tfevents.*")), f"no event file in {log_dir}"
-    events = EventAccumulator(str(log_dir), size_guidance={"scalars": 0, "histograms": 0})
+    everything = {"scalars": 0, "histograms": 0, "images": 0, "tensors": 0}
+    events = EventAccumulator(str(log_dir), size_guidance=everything)
     events.Reload()
     return events
 
@@ -132,3 +136,46 @@ def test_attention_probe_of_the_transformer_is_switched_on_from_the_command_line
     picture = events.Images("probes/show_attention/layer0")[0]
     assert (picture.width, picture.height) == (128, 128)  # the 8x8 attention map, scaled up
 
+
+
+def _readme_block(marker: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    return text.split(f"<!-- {marker} -->", 1)[1].split(f"<!-- /{marker} -->", 1)[0]
+
+
+def test_the_readme_run_command_draws_curves_in_the_tabs_the_readme_lists(tmp_path: Path) -> None:
+    """The training part of the README's run-command, as written (46 steps), read back."""
+    import re
+    import shlex
+
+    training = _readme_block("run-command").replace("```", "").split("&&")[-1]
+    words = shlex.split(training)
+    assert words[:2] == ["python", "examples/train.py"]
+    result = run_example(tmp_path, *words[2:], timeout=600, quick=False)
+    _ok(result)
+    events = read_tensorboard(tmp_path / "run" / "tensorboard")
+    tags = events.Tags()
+    prefixes = ("activations/", "activation_grads/", "param_grads/", "weights/")
+    monitored = [t for t in tags["scalars"] if t.startswith(prefixes)]
+    assert len(monitored) > 100
+    assert min(len(events.Scalars(t)) for t in monitored) >= 10
+    assert min(len(events.Histograms(t)) for t in tags["histograms"]) >= 10
+    filled = {
+        "Scalars": bool(tags["scalars"]), "Histograms": bool(tags["histograms"]),
+        "Distributions": bool(tags["distributions"]),
+        "Time Series": bool(tags["scalars"] or tags["histograms"]),
+        "Images": bool(tags["images"]), "Graphs": tags["graph"],
+        "Text": _has_plugin(events, "text"), "HParams": _has_plugin(events, "hparams"),
+    }
+    lines = (ROOT / "README.md").read_text().splitlines()
+    line = next(x for x in lines if x.startswith("tensorboard --logdir outputs"))
+    listed = {t.strip() for t in re.split(r"#", line, maxsplit=1)[1].split(",")}
+    assert listed == {tab for tab, on in filled.items() if on}
+
+
+
+def _has_plugin(events: Any, name: str) -> bool:
+    try:
+        return bool(events.PluginTagToContent(name))
+    except KeyError:
+        return False

@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -63,13 +64,28 @@ def _option(name: str) -> Any:
     return name
 
 
-@pytest.fixture
-def compose_app() -> Iterator[Any]:
-    """``compose_app(*overrides) -> DictConfig`` of the example app's config."""
+def _composer(config_dir: Path) -> Iterator[Any]:
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(APP_CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
         yield lambda *overrides: compose(config_name="config", overrides=list(overrides))
     GlobalHydra.instance().clear()
+
+
+@pytest.fixture
+def compose_app(tmp_path: Path) -> Iterator[Any]:
+    """``compose_app(*overrides) -> DictConfig`` of an app without its own ``inspect`` group.
+
+    The options composed are the shipped ones (the example app replaces ``all`` with its own).
+    """
+    (tmp_path / "app_conf").mkdir()
+    (tmp_path / "app_conf" / "config.yaml").write_text("seed: 0\n")
+    yield from _composer(tmp_path / "app_conf")
+
+
+@pytest.fixture
+def compose_example() -> Iterator[Any]:
+    """``compose_example(*overrides) -> DictConfig`` of the example app's config (``conf/``)."""
+    yield from _composer(APP_CONF)
 
 
 def _inspect(cfg: DictConfig) -> DictConfig:
@@ -248,6 +264,21 @@ def test_all_gives_the_four_monitors_and_the_run_record(compose_app: Any) -> Non
     assert types == {ActivationMonitor, GradientMonitor, WeightMonitor, GraphMonitor, RunRecord}
 
 
+def test_the_example_apps_all_is_the_shipped_all_every_4_steps(compose_example: Any) -> None:
+    example = compose_example("+inspect=all").inspect
+    names = ("activations", "gradients", "weights", "graph", "record")
+    shipped = {n: OmegaConf.load(GROUP_DIR / f"{n}.yaml")[n] for n in names}
+    assert sorted(example) == sorted(shipped)
+    for name, entry in shipped.items():
+        changed = {k for k in entry if example[name][k] != entry[k]}
+        expected = {"every_n_steps"} if name in ("activations", "gradients", "weights") else set()
+        assert changed == expected, name
+    callbacks = instantiate_callbacks(example)
+    assert [cb.schedule.every_n_steps for cb in callbacks[:3]] == [4, 4, 4]
+    # the example's other options are the shipped ones
+    assert compose_example("+inspect=activations").inspect.activations == shipped["activations"]
+
+
 def test_options_compose_as_a_list(compose_app: Any) -> None:
     cfg = compose_app("+inspect=[activations,gradients]")
     callbacks = instantiate_callbacks(cfg.inspect)
@@ -349,7 +380,78 @@ def test_bad_value_reaches_the_user_as_a_config_error(compose_app: Any, override
     with pytest.raises(ConfigError, match=expected) as info:
         instantiate_callbacks(cfg.inspect)
     assert "InstantiationException" not in str(info.value)
-    assert isinstance(info.value.__cause__, ConfigError)
+    # the message is printed once: no chained exception repeats it
+    assert info.value.__cause__ is None and info.value.__context__ is None
+    printed = "".join(traceback.format_exception(info.value))
+    assert printed.count(str(info.value).split(": ", 1)[1]) == 1
+
+
+def test_a_bad_element_is_shown_in_the_list_as_given(compose_app: Any) -> None:
+    cfg = compose_app("+inspect=activations", "inspect.activations.stats=[mean,median]")
+    with pytest.raises(ConfigError) as info:
+        instantiate_callbacks(cfg.inspect)
+    message = str(info.value)
+    assert message.startswith(
+        "inspect.activations: ActivationMonitor(stats=['mean', 'median']): "
+        "'median' is not one of 'mean', 'std'"
+    )
+    assert "'inf_count'. Did you mean 'mean'" in message
+
+
+# -- nothing but the entry's own Callback class is ever called ------------------------------------
+
+
+def test_a_nested_target_from_the_command_line_is_refused_before_anything_runs(
+    compose_app: Any, tmp_path: Path
+) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    override = f"inspect.activations.modules={{_target_:builtins.open,_args_:['{victim}',w]}}"
+    cfg = compose_app("+inspect=activations", override)
+    expected = r"^inspect\.activations\.modules=.*builtins\.open.*nested _target_ is not allowed"
+    with pytest.raises(ConfigError, match=expected):
+        instantiate_callbacks(cfg.inspect)
+    assert victim.read_text() == "precious"
+
+
+@pytest.mark.parametrize(
+    ("target", "args"),
+    [("builtins.open", ["{victim}", "w"]), ("os.symlink", ["{victim}", "{new}"]),
+     ("shutil.copyfile", ["{victim}", "{new}"]), ("torch.save", [1, "{new}"])],
+)
+def test_nested_targets_anywhere_in_the_arguments_are_never_called(
+    tmp_path: Path, target: str, args: list[Any]
+) -> None:
+    victim, new = tmp_path / "victim.txt", tmp_path / "new"
+    victim.write_text("precious")
+    filled = [a.format(victim=victim, new=new) if isinstance(a, str) else a for a in args]
+    call = {"_target_": target, "_args_": filled}
+    entries = {
+        "inspect.a.modules": {
+            "a": {"_target_": "lightning_inspect.ActivationMonitor", "modules": call}
+        },
+        r"inspect.g.exclude\[1\].x": {
+            "g": {"_target_": "lightning_inspect.GradientMonitor", "exclude": ["b", {"x": call}]}
+        },
+    }
+    for where, cfg in entries.items():
+        with pytest.raises(ConfigError, match=rf"^{where}=.*nested _target_"):
+            instantiate_callbacks(OmegaConf.create(cfg))
+        with pytest.raises(ConfigError, match=rf"^{where}="):
+            instantiate_callbacks(cfg)
+    assert victim.read_text() == "precious" and not new.exists()
+
+
+def test_a_top_level_target_that_is_not_a_callback_is_never_called(tmp_path: Path) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    expected = r"^inspect\.x\._target_='builtins\.open': a builtin_function_or_method is not a"
+    with pytest.raises(ConfigError, match=expected):
+        instantiate_callbacks({"x": {"_target_": "builtins.open", "_args_": [str(victim), "w"]}})
+    expected = r"^inspect\.x\._target_='pathlib\.Path': Path is not a Lightning Callback"
+    with pytest.raises(ConfigError, match=expected):
+        instantiate_callbacks({"x": {"_target_": "pathlib.Path", "_args_": [str(victim)]}})
+    assert victim.read_text() == "precious"
 
 
 @pytest.mark.parametrize(
@@ -454,3 +556,71 @@ def test_template_callbacks_group(tmp_path: Path) -> None:
     callbacks = instantiate_callbacks(from_a_file.get("callbacks"))
     assert [type(cb) for cb in callbacks] == [ModelCheckpoint, ActivationMonitor]
     assert callbacks[1].schedule.every_n_steps == 10
+
+
+# -- the docs: the option tables and every command on the example app ----------------------------
+
+DOC_FILES = [ROOT / "README.md", ROOT / "docs" / "hydra.md", ROOT / "docs" / "diagnostics.md"]
+
+
+def _option_table(text: str) -> dict[str, tuple[list[str] | None, list[str]]]:
+    """``option -> (entries or None, callback class names)`` from a table headed ``| option |``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| option |"))
+    rows: dict[str, tuple[list[str] | None, list[str]]] = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        options = re.findall(r"`(\w+)`", cells[0])
+        classes = [c for c in re.findall(r"`([A-Z]\w+)`", cells[-1]) if not c.endswith("Error")]
+        entries = re.findall(r"`(\w+)`", cells[1]) if len(cells) == 3 else None
+        if len(options) > 1:  # one option per class, in order
+            assert len(classes) == len(options), line
+            rows.update({o: (None, [c]) for o, c in zip(options, classes)})
+        else:
+            rows[options[0]] = (entries, classes)
+    return rows
+
+
+@pytest.mark.parametrize("doc", DOC_FILES[:2], ids=lambda p: p.name)
+def test_the_docs_option_table_matches_the_shipped_yaml(compose_app: Any, doc: Path) -> None:
+    rows = _option_table(doc.read_text())
+    assert sorted(rows) == sorted(p.stem for p in GROUP_DIR.glob("*.yaml"))
+    for option, (entries, classes) in rows.items():
+        composed = compose_app(f"+inspect={option}").inspect
+        targets = sorted({str(e._target_).rsplit(".", 1)[-1] for e in composed.values()})
+        assert sorted(set(classes)) == targets, f"{doc.name}: {option}"
+        if entries is not None:
+            assert entries == list(composed), f"{doc.name}: {option}"
+
+
+def _example_commands() -> list[str]:
+    found = []
+    for doc in DOC_FILES:
+        text = doc.read_text().replace("\\\n", " ")
+        found += [m.group(0) for m in re.finditer(r"python examples/train\.py[^`\n]*", text)]
+    return found
+
+
+def test_every_documented_example_command_selects_example_modules(compose_example: Any) -> None:
+    """Each ``python examples/train.py ...`` of the docs composes, builds and selects modules."""
+    import shlex
+
+    from lightning_inspect.selection import select_modules
+
+    commands = _example_commands()
+    assert len(commands) >= 20
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        for command in commands:
+            words = shlex.split(command, comments=True)[2:]
+            flags = [i for i, w in enumerate(words) if w.startswith("--")]
+            overrides = [w for i, w in enumerate(words) if i not in flags and i - 1 not in flags]
+            cfg = compose_example(*overrides)
+            model = hydra.utils.instantiate(cfg.model, _convert_="all")
+            for callback in instantiate_callbacks(cfg.get("inspect")):
+                if getattr(callback, "modules", None):
+                    assert select_modules(model, callback.modules, callback.exclude), command
+    finally:
+        sys.path.remove(str(ROOT / "examples"))

@@ -211,7 +211,23 @@ def test_secret_masking() -> None:
     }
     assert masker.override("+db.password=hunter2") == f"+db.password={MASK}"
     assert masker.override("model.hidden=16") == "model.hidden=16"
-    assert masker.override("+db={host: x, password: y}") == f"+db={{host: x, password: {MASK}}}"
+    assert masker.override("+db={host: x, password: y}") == f"+db={{host:x,password:{MASK}}}"
+    # parsed by Hydra's override parser: nested mappings, lists, quoted strings, sweeps
+    assert masker.override("+db={password:[hunter2,x]}") == f"+db={{password:{MASK}}}"
+    assert masker.override("+db={conn:{password:x}}") == f"+db={{conn:{{password:{MASK}}}}}"
+    for given, expected in [
+        ("+db=[{token:a},{n:1,api_key:'b c'}]", "+db=[{token:***},{n:1,api_key:***}]"),
+        ("+db=choice({password:a},{user:b})", "+db=choice({password:***},{user:***})"),
+        ("db.password=choice(a,b)", "db.password=***"),
+        ("db.host='postgresql://u:pw@h/x'", "db.host='postgresql://u:***@h/x'"),
+        ("++db@pkg={host:x,pass_phrase:y}", "++db@pkg={host:x,pass_phrase:***}"),
+    ]:
+        assert masker.override(given) == expected.replace("***", MASK)
+    assert masker.override("~db.password") == "~db.password"
+    assert masker.override("model.layers=[1, 2]") == "model.layers=[1, 2]"  # unchanged: as given
+    # an override that does not parse: the whole value, if its key or text names a secret
+    assert masker.override("+db={password:[hunter2,x]") == f"+db={MASK}"
+    assert masker.override("+db={user:[a") == "+db={user:[a"
     assert masker.command(["train.py", "--api-key", "abc", "--lr", "0.1", "--token=t"]) == [
         "train.py", "--api-key", MASK, "--lr", "0.1", f"--token={MASK}"]
     os.environ["RR_UNIT_TOKEN"], os.environ["RR_UNIT_NAME"] = "t0k", "job"
@@ -408,6 +424,65 @@ def test_run_record_to_mlflow_and_tensorboard(tmp_path: Path, dirty_repo: Path, 
     assert hparams["run_record/seed"].number_value == 123 and hparams["lr"].number_value == 0.05
     assert hparams["run_record/git/commit"].string_value == commit and hparams["api_key"].string_value == MASK
     assert (Path(tb_logger.log_dir) / "run_record" / "output.log").is_file()
+
+
+def test_secrets_in_inline_overrides_are_masked_in_every_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Overrides and the command line, read back from the record's files, MLflow and TensorBoard."""
+    from hydra import compose, initialize_config_dir
+    from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    overrides = [
+        "+db={conn:{password:hunter2}}",
+        "+pw={password:[hunter2,x]}",
+        "+url='sqlite://u:hunter2@h/x'",
+    ]
+    masked = [
+        f"+db={{conn:{{password:{MASK}}}}}",
+        f"+pw={{password:{MASK}}}",
+        f"+url='sqlite://u:{MASK}@h/x'",
+    ]
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "config.yaml").write_text("seed: 1\n")
+    with initialize_config_dir(config_dir=str(tmp_path / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    argv = ["train.py", *overrides, "--api-key", "hunter2", "+broken={token:[hunter2"]
+    monkeypatch.setattr(sys, "argv", argv)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow_logger = MLFlowLogger(
+        experiment_name="masking", tracking_uri=uri, artifact_location=str(tmp_path / "artifacts")
+    )
+    tb_logger = TensorBoardLogger(str(tmp_path / "tb"), name="run")
+    callback = RunRecord(config=cfg, git=False, packages=False, model=False)
+    fit = trainer(
+        tmp_path, logger=[tb_logger, mlflow_logger], callbacks=[callback], max_steps=1,
+        limit_val_batches=0,
+    )
+    fit.fit(LitClassifier(Encoder(4, 8), Head(8, 3)), DataLoader(data(8), batch_size=8))
+
+    run = MlflowClient(uri).get_run(mlflow_logger.run_id)
+    assert run.data.params["run_record/overrides"] == " ".join(masked)
+    command = run.data.tags["run_record/command"]
+    assert command.endswith(f"train.py {' '.join(masked)} --api-key {MASK} +broken={MASK}"), command
+    download = MlflowClient(uri).download_artifacts
+    root = Path(download(run.info.run_id, "lightning_inspect/run_record", str(tmp_path / "dl")))
+    assert yaml.safe_load((root / "overrides.yaml").read_text()) == masked
+    record = yaml.safe_load((root / "record.yaml").read_text())
+    assert record["config"]["overrides"] == masked
+    assert record["command"][-len(masked) - 3:-3] == masked
+    assert yaml.safe_load((root / "config.yaml").read_text())["db"] == {"conn": {"password": MASK}}
+
+    events = EventAccumulator(tb_logger.log_dir, size_guidance={"tensors": 0})
+    events.Reload()
+    text = events.Tensors("run_record/overrides/text_summary")[0]
+    written = text.tensor_proto.string_val[0].decode()
+    assert all(m in written for m in masked)
+    files = [*Path(tb_logger.log_dir).rglob("*"), *root.rglob("*")]
+    leaked = [f.name for f in files if f.is_file() and b"hunter2" in f.read_bytes()]
+    assert any(f.name.startswith("events.out.tfevents") for f in files) and leaked == []
 
 
 def test_run_record_of_a_hydra_composed_run_outside_git(tmp_path: Path) -> None:

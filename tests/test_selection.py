@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import pytest
 import torch
 from torch import nn
@@ -98,9 +99,15 @@ def test_no_match_without_wildcard_hints_at_globs() -> None:
         select_modules(Model(), ["hed"])
 
 
-def test_no_match_with_nothing_close_lists_some_names() -> None:
-    with pytest.raises(SelectionError, match=r"Some module names: encoder, "):
-        select_modules(Model(), ["zzzz"])
+def test_no_match_with_nothing_close_still_lists_the_closest_names() -> None:
+    """``encoder.*`` on a model without an encoder: the most similar names by difflib's ratio."""
+    names = list(named_modules(Model()))
+    ratio = {n: difflib.SequenceMatcher(None, n, "blocks").ratio() for n in names}
+    assert max(ratio.values()) < 0.5  # nothing is close
+    with pytest.raises(SelectionError) as info:
+        select_modules(Model(), ["blocks.*"])
+    listed = str(info.value).split("Closest module names: ")[1].rstrip(".").split(", ")
+    assert listed == sorted(names, key=lambda n: -ratio[n])[:5]
 
 
 @pytest.mark.parametrize("bad", ["re:(", "re:[a-", "re:*x"])
