@@ -472,13 +472,15 @@ def test_recorded_run_name_is_the_mlflow_runs_own(tmp_path: Path) -> None:
     from omegaconf import OmegaConf
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow_logger = MLFlowLogger(experiment_name="names", tracking_uri=uri, run_name="train-18-46-10",
-                                 artifact_location=str(tmp_path / "artifacts"))
-    config = OmegaConf.create({"logger": {"mlflow": {"_target_": "lightning.pytorch.loggers.MLFlowLogger",
-                                                     "run_name": "train-18-46-22"}}})
-    callback = RunRecord(git=False, packages=False, model=False, config=config, output_dir=tmp_path / "record")
+    mlflow_logger = MLFlowLogger(experiment_name="names", tracking_uri=uri,
+                                 run_name="train-18-46-10", artifact_location=str(tmp_path / "art"))
+    node = {"_target_": "lightning.pytorch.loggers.MLFlowLogger", "run_name": "train-18-46-22"}
+    config = OmegaConf.create({"logger": {"mlflow": node}})
+    callback = RunRecord(git=False, packages=False, model=False, config=config,
+                         output_dir=tmp_path / "record")
     model = LitClassifier(Encoder(4, 8), Head(8, 3))
-    trainer(tmp_path, logger=[mlflow_logger], callbacks=[callback]).fit(model, DataLoader(data(), batch_size=8))
+    fit = trainer(tmp_path, logger=[mlflow_logger], callbacks=[callback])
+    fit.fit(model, DataLoader(data(), batch_size=8))
     run = MlflowClient(uri).get_run(mlflow_logger.run_id)
     assert run.info.run_name == "train-18-46-10"
     assert run.data.params["config/logger/mlflow/run_name"] == "train-18-46-10"

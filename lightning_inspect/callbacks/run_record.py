@@ -215,7 +215,8 @@ class _Guarded:
         result: list[Any] = []
         if not self.deadline.run(lambda: result.append(self._call(method, *args))):
             self._late = True
-            self._fail(f"it did not answer by the end-of-fit deadline ({self.deadline.budget_s:g} s for all backends)")
+            budget = self.deadline.budget_s
+            self._fail(f"no answer by the end-of-fit deadline, {budget:g} s for all backends")
         return result[0] if result else None
 
     def _call(self, method: str, *args: Any) -> Any:
@@ -901,13 +902,18 @@ def _record_run_name(config: ConfigRecord, trainer: pl.Trainer) -> None:
     give a later time than the one the run was created with.
     """
     logger = attached_loggers(trainer).get("mlflow")
-    key = _find_target(config.config, type(logger), prefer="logger.mlflow") if logger is not None else None
+    if logger is None:
+        return
+    key = _find_target(config.config, type(logger), prefer="logger.mlflow")
     node = _node_at(config.config, key) if key is not None else None
     if not isinstance(node, dict) or "run_name" not in node:
         return
     name = logger.experiment.get_run(logger.run_id).info.run_name
     if node["run_name"] != name:
-        config.notes.append(f"{key}.run_name: {node['run_name']!r} when read again; recorded as the run's name {name!r}")
+        config.notes.append(
+            f"{key}.run_name: {node['run_name']!r} when read again; recorded as the run's name "
+            f"{name!r}"
+        )
         node["run_name"] = name
 
 

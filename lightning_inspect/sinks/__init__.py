@@ -24,7 +24,8 @@ from lightning_inspect.sinks.tensorboard import TensorBoardSink
 
 BACKENDS = ("tensorboard", "mlflow")
 
-__all__ = ["BACKENDS", "BackgroundSink", "EndOfFit", "GuardedSink", "MemorySink", "MlflowSink", "Sink", "TensorBoardSink", "attached_loggers", "check_backends", "close_sinks",
+__all__ = ["BACKENDS", "BackgroundSink", "EndOfFit", "GuardedSink", "MemorySink", "MlflowSink",
+           "Sink", "TensorBoardSink", "attached_loggers", "check_backends", "close_sinks",
            "missing_backend_error", "resolve_sinks"]
 
 
@@ -92,7 +93,8 @@ def available_sinks(trainer: Any, owner: str) -> dict[str, Sink]:
 def resolve_sinks(trainer: Any, backends: Sequence[str | Sink] | None, owner: str) -> list[Sink]:
     """The guarded sinks a monitor writes to (MLflow's on a background thread).
 
-    Background sinks share the fit's :class:`EndOfFit` deadline. ``None`` means every supported logger attached to the Trainer. A requested backend name with
+    Background sinks share the fit's :class:`EndOfFit` deadline. ``None`` means every supported
+    logger attached to the Trainer. A requested backend name with
     no matching logger raises :class:`~lightning_inspect.errors.BackendError`. Sink objects are
     used as given.
     """
@@ -111,4 +113,7 @@ def resolve_sinks(trainer: Any, backends: Sequence[str | Sink] | None, owner: st
             else:
                 chosen.append(item)
     deadline = EndOfFit.for_fit(trainer)
-    return [BackgroundSink(s, deadline=deadline) if isinstance(s, MlflowSink) else GuardedSink(s) for s in chosen]
+    return [
+        BackgroundSink(s, deadline=deadline) if isinstance(s, MlflowSink) else GuardedSink(s)
+        for s in chosen
+    ]

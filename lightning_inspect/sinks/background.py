@@ -37,7 +37,9 @@ _STOP = object()
 class BackgroundSink:
     """A sink whose calls run on a daemon worker thread, stopped by :meth:`close`."""
 
-    def __init__(self, inner: Sink, max_queue: int = 10_000, deadline: EndOfFit | None = None) -> None:
+    def __init__(
+        self, inner: Sink, max_queue: int = 10_000, deadline: EndOfFit | None = None
+    ) -> None:
         self.guarded = inner if isinstance(inner, GuardedSink) else GuardedSink(inner)
         self.name = self.guarded.name
         self.deadline = deadline if deadline is not None else EndOfFit()
@@ -46,7 +48,9 @@ class BackgroundSink:
         self._abandoned = False  # the deadline passed: calls still queued go to the fallback file
         self._closed = False
         self._in_flight: tuple[str, tuple[Any, ...]] | None = None  # the call the worker is making
-        self._worker = threading.Thread(target=self._run, name=f"lightning-inspect-{self.name}", daemon=True)
+        self._worker = threading.Thread(
+            target=self._run, name=f"lightning-inspect-{self.name}", daemon=True
+        )
         self._worker.start()
 
     def _run(self) -> None:
@@ -128,10 +132,11 @@ class BackgroundSink:
         self.guarded.close()  # keep the backend's undelivered local data; the worker is cut off
         self._queue.put(_STOP)  # emptied by the spill: does not block
         where = self.guarded.fallback_path
-        kept = f"{saved} queued call(s) and its undelivered data were written to {where}" if where else "nothing was left"
+        kept = f"{saved} queued call(s) and its undelivered data were written to {where}"
         warnings.warn(
-            f"lightning-inspect: the {self.name} backend did not take the queued values by the end-of-fit "
-            f"deadline ({self.deadline.budget_s:g} s for all backends); {kept}.",
+            f"lightning-inspect: the {self.name} backend did not take the queued values by the "
+            f"end-of-fit deadline ({self.deadline.budget_s:g} s for all backends); "
+            f"{kept if where else 'nothing was left'}.",
             RuntimeWarning,
             stacklevel=2,
         )

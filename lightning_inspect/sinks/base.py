@@ -63,7 +63,8 @@ def fallback_record(method: str, args: tuple[Any, ...]) -> dict[str, Any]:
     if method == "log_scalars":
         return {"call": method, "step": args[1], "values": dict(args[0])}
     if method == "log_histograms":
-        return {"call": method, "step": args[1], "histograms": {k: histogram_record(h) for k, h in args[0].items()}}
+        histograms = {k: histogram_record(h) for k, h in args[0].items()}
+        return {"call": method, "step": args[1], "histograms": histograms}
     if method == "log_text":
         return {"call": method, "step": args[2], "key": args[0], "text": args[1]}
     if method == "log_image":
@@ -139,7 +140,8 @@ class GuardedSink:
             try:
                 if self._fallback is None:
                     self._fallback = self._create_fallback()
-                fd = os.open(self._fallback, os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0))
+                flags = os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
+                fd = os.open(self._fallback, flags)
                 with os.fdopen(fd, "a", encoding="utf-8") as f:
                     f.write(text)
             except OSError as exc:
@@ -155,7 +157,8 @@ class GuardedSink:
         if directory is None:
             directory = Path(tempfile.mkdtemp(prefix="lightning_inspect_"))
         directory.mkdir(parents=True, exist_ok=True)
-        fd, path = tempfile.mkstemp(prefix=f"lightning_inspect_unsent_{self.name}_", suffix=".jsonl", dir=directory)
+        prefix = f"lightning_inspect_unsent_{self.name}_"
+        fd, path = tempfile.mkstemp(prefix=prefix, suffix=".jsonl", dir=directory)  # O_EXCL, 0600
         os.close(fd)
         return Path(path)
 
@@ -176,7 +179,7 @@ class GuardedSink:
         self._call("flush")
 
     def close(self) -> None:
-        """Keep in the fallback file what the backend holds undelivered, then release its resources."""
+        """Keep what the backend holds undelivered in the fallback file; release its resources."""
         unsent = getattr(self.inner, "unsent", None)
         if unsent is not None:
             try:

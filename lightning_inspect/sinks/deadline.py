@@ -39,7 +39,7 @@ class EndOfFit:
 
     @classmethod
     def for_fit(cls, trainer: Any) -> EndOfFit:
-        """The deadline of ``trainer``'s current fit (a fresh one once a previous fit's has started)."""
+        """The deadline of ``trainer``'s current fit (a new one once the last fit's has started)."""
         current = cls._instances.get(trainer)
         if current is None or current.started:
             current = cls._instances[trainer] = cls()
@@ -63,7 +63,9 @@ class EndOfFit:
         Returns whether it finished; if not, the call goes on in the background and its result
         is dropped. Exceptions are the caller's to catch inside ``fn``.
         """
-        thread = threading.Thread(target=fn, args=args, name="lightning-inspect-end-of-fit", daemon=True)
+        thread = threading.Thread(
+            target=fn, args=args, name="lightning-inspect-end-of-fit", daemon=True
+        )
         thread.start()
         thread.join(self.remaining())
         return not thread.is_alive()

@@ -90,7 +90,8 @@ class MlflowSink:
         self._dirty = True
 
     def log_text(self, key: str, text: str, step: int) -> None:
-        self.client.log_text(self.run_id, text, f"{ARTIFACT_ROOT}/{artifact_file(self.keys(key), '.md')}")
+        name = artifact_file(self.keys(key), ".md")
+        self.client.log_text(self.run_id, text, f"{ARTIFACT_ROOT}/{name}")
 
     def log_image(self, key: str, image: np.ndarray, step: int) -> None:
         """The picture as ``lightning_inspect/<key>.png`` (a later picture of the key replaces it)."""
@@ -115,8 +116,9 @@ class MlflowSink:
         by_step: dict[int, dict[str, Any]] = {}
         for key, points in load_histogram_spool(self._histogram_file).items():
             for step, lo, hi, counts in points:
-                record = by_step.setdefault(step, {"call": "log_histograms", "step": step, "histograms": {}})
-                record["histograms"][key] = {"lo": lo, "hi": hi, "counts": counts.tolist()}
+                record = by_step.setdefault(step, {"call": "log_histograms", "step": step})
+                values = {"lo": lo, "hi": hi, "counts": counts.tolist()}
+                record.setdefault("histograms", {})[key] = values
         return [by_step[s] for s in sorted(by_step)]
 
     def close(self) -> None:
