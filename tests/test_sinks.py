@@ -412,6 +412,19 @@ def test_fallback_file_is_private_and_does_not_follow_a_planted_link(tmp_path: P
         assert [json.loads(line)["values"] for line in lines] == [{"k": float(i)}]
 
 
+def test_unwritable_fallback_file_warns_once(tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("a file, not a directory")
+    sink = GuardedSink(FailingSink(), fallback_dir=tmp_path / "taken")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(3):
+            sink.log_scalars({"k": 1.0}, step)
+    messages = _runtime_warnings(caught)
+    assert len(messages) == 2 and "fallback file could not be written" in messages[0]
+    assert "kept in memory only" in messages[1]
+    assert sink.failures == 3 and sink.fallback_path is None
+
+
 class BlockingSink(MemorySink):
     """A backend whose calls hang until ``release`` is set (a server in its retry back-off)."""
 

@@ -92,6 +92,7 @@ class GuardedSink:
         self._fallback: Path | None = None
         self._lock = threading.Lock()  # the worker of a BackgroundSink and the closing thread
         self._warned = False
+        self._lost_warned = False
         self._retained: deque[tuple[str, tuple[Any, ...]]] = deque(maxlen=max_retained)
         self.failures = 0
 
@@ -110,9 +111,11 @@ class GuardedSink:
                 self._retained.append((method, args))
             if not self._warned:
                 self._warned = True
+                where = self.fallback_path
+                kept = f"written to {where}" if where else "kept in memory only"
                 warnings.warn(
                     f"lightning-inspect: the {self.name} backend failed ({type(exc).__name__}: {exc}). "
-                    f"Training continues; values it refused are written to {self.fallback_path} "
+                    f"Training continues; values it refused are {kept} "
                     "and sent again once it accepts values again.",
                     RuntimeWarning,
                     stacklevel=3,
@@ -145,12 +148,14 @@ class GuardedSink:
                 with os.fdopen(fd, "a", encoding="utf-8") as f:
                     f.write(text)
             except OSError as exc:
-                warnings.warn(
-                    f"lightning-inspect: the {self.name} fallback file could not be written "
-                    f"({type(exc).__name__}: {exc}); {len(records)} record(s) are lost.",
-                    RuntimeWarning,
-                    stacklevel=4,
-                )
+                if not self._lost_warned:
+                    self._lost_warned = True
+                    warnings.warn(
+                        f"lightning-inspect: the {self.name} fallback file could not be written "
+                        f"({type(exc).__name__}: {exc}); what the backend refuses is lost.",
+                        RuntimeWarning,
+                        stacklevel=4,
+                    )
 
     def _create_fallback(self) -> Path:
         directory = self._fallback_dir
