@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_inspect.sinks.base import GuardedSink, Sink
+from lightning_inspect.sinks.base import CONTROL_CALLS, GuardedSink, Sink
 from lightning_inspect.sinks.deadline import EndOfFit
 from lightning_inspect.stats import Histogram
 
@@ -68,7 +68,7 @@ class BackgroundSink:
 
     def _keep(self, method: str, args: tuple[Any, ...]) -> bool:
         """Write a call to the fallback file instead of making it; whether it held values."""
-        if method in ("flush", "close"):
+        if method in CONTROL_CALLS:
             return False
         self.guarded.save(method, args)
         return True

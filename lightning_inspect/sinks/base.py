@@ -25,7 +25,7 @@ import numpy as np
 from lightning_inspect.stats import Histogram
 
 #: Calls that carry no values: a refused one is noted in the fallback file, not retained.
-_CONTROL = ("flush", "close")
+CONTROL_CALLS = ("flush", "close")
 
 
 @runtime_checkable
@@ -107,7 +107,7 @@ class GuardedSink:
         except Exception as exc:  # a backend fault must never reach the training loop
             self.failures += 1
             self.save(method, args)
-            if method not in _CONTROL:
+            if method not in CONTROL_CALLS:
                 self._retained.append((method, args))
             if not self._warned:
                 self._warned = True
