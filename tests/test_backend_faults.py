@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -138,5 +139,93 @@ def test_mlflow_server_outage_warns_once_and_loses_nothing(tmp_path: Path, monke
         assert refused, "the outage must have refused some steps"
         history = MlflowClient(server.url).get_metric_history(mlflow_logger.run_id, "activations/fc/mean")
         assert sorted(m.step for m in history) == list(range(STEPS))
+    finally:
+        server.stop()
+
+
+DEAD_AT_STEP = 30
+LONG_STEPS = 80
+
+
+class KillServer(Callback):
+    """SIGKILLs the server before step DEAD_AT_STEP; notes when the last step ended."""
+
+    def __init__(self, server: MlflowServer) -> None:
+        self.server = server
+        self.last_step_end = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == DEAD_AT_STEP:
+            self.server.stop()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.last_step_end = time.monotonic()
+
+
+class UnfinishedMLFlowLogger(MLFlowLogger):
+    """Lightning's own end-of-run call waits for MLflow's retries; it is not the library's."""
+
+    def finalize(self, status: str = "success") -> None:
+        pass
+
+
+@pytest.mark.slow
+def test_a_dead_server_delays_the_end_of_fit_by_one_shared_deadline(tmp_path: Path) -> None:
+    import threading
+
+    from lightning_inspect import GradientMonitor, RunRecord, WeightMonitor
+    from lightning_inspect.sinks.deadline import END_OF_FIT_BUDGET_S
+
+    server = MlflowServer(tmp_path)
+    server.start()
+    try:
+        mlflow_logger = UnfinishedMLFlowLogger(tracking_uri=server.url, experiment_name="dead")
+        killer = KillServer(server)
+        monitors = [monitor(every_n_steps=1, stats=["mean"])
+                    for monitor in (ActivationMonitor, GradientMonitor, WeightMonitor)]
+        record = RunRecord(git=False, packages=False, model=False, fingerprint_items=0,
+                           output_dir=tmp_path / "record")
+        trainer = L.Trainer(
+            max_steps=LONG_STEPS, accelerator="cpu", log_every_n_steps=1000, logger=[mlflow_logger],
+            callbacks=[killer, *monitors, record], enable_progress_bar=False,
+            enable_model_summary=False, enable_checkpointing=False,
+        )
+        data = torch.utils.data.TensorDataset(torch.randn(64, 4))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(Net(), torch.utils.data.DataLoader(data, batch_size=4))
+        end_of_fit = time.monotonic() - killer.last_step_end
+        assert trainer.global_step == LONG_STEPS
+        # MLflow retries a refused connection for about four minutes per call; the library waits
+        # once, for all its backends and the run record together.
+        assert end_of_fit < END_OF_FIT_BUDGET_S + 10, end_of_fit
+
+        messages = [str(w.message) for w in caught]
+        late = [m for m in messages if "end-of-fit deadline" in m]
+        record_dir = str(tmp_path / "record")
+        assert any(m.startswith("RunRecord:") and record_dir in m for m in late), messages
+        # Every monitor's values: on the server (before it died) or in a fallback file that a
+        # warning names.
+        files = {Path(p) for m in messages if m.startswith("lightning-inspect:")
+                 for p in re.findall(r"(/\S+\.jsonl)", m)}
+        kept: dict[str, set[int]] = {}
+        for path in files:
+            assert path.stat().st_mode & 0o777 == 0o600
+            for line in path.read_text().splitlines():
+                entry = json.loads(line)
+                for key in entry.get("values", {}):
+                    kept.setdefault(key, set()).add(entry["step"])
+        from mlflow.tracking import MlflowClient
+
+        server.start()  # to read back what arrived before the kill
+        client = MlflowClient(server.url)
+        for key in ("activations/fc/mean", "param_grads/fc.weight/mean", "weights/fc.weight/mean"):
+            arrived = {m.step for m in client.get_metric_history(mlflow_logger.run_id, key)}
+            assert arrived | kept.get(key, set()) == set(range(LONG_STEPS)), key
+            assert kept.get(key), key  # the outage refused some
+        # No worker goes on sending after fit: any still alive is inside the one call it was
+        # making at the deadline (one per MLflow sink, one for the run record).
+        alive = [t for t in threading.enumerate() if t.name.startswith("lightning-inspect")]
+        assert all(t.daemon for t in alive) and len(alive) <= len(monitors) + 1
     finally:
         server.stop()

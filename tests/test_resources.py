@@ -242,6 +242,7 @@ import sys, time
 from pathlib import Path
 from lightning_inspect.sinks.background import BackgroundSink
 from lightning_inspect.sinks.base import GuardedSink
+from lightning_inspect.sinks.deadline import EndOfFit
 
 out = Path(sys.argv[1])
 
@@ -255,11 +256,11 @@ class Slow:
     def log_text(self, key, text, step): pass
     def flush(self): pass
 
-sink = BackgroundSink(GuardedSink(Slow(), fallback_dir=out), flush_timeout_s=0.3)
+sink = BackgroundSink(GuardedSink(Slow(), fallback_dir=out), deadline=EndOfFit(0.3))
 for step in range(10):
     sink.log_scalars({"x": 1.0}, step)
 sink.flush()   # what the monitors call at the end of fit ...
-sink.close()   # ... and at teardown; then the process exits
+sink.close()   # ... and at teardown (waits until the deadline); then the process exits
 """
 
 

@@ -584,3 +584,28 @@ def test_a_failing_run_is_recorded_and_the_console_restored(tmp_path: Path) -> N
     assert record["status"] == "failed" and record["error"] == "RuntimeError: planned failure"
     assert record["time"]["steps"] == 2
     assert MARKER in (tmp_path / "record" / "output.log").read_text()
+
+
+def test_recorded_run_name_is_the_mlflow_runs_own(tmp_path: Path) -> None:
+    """A config read again at setup resolves ``${now:...}`` later than the logger did: the param
+    and config.yaml must carry the name the MLflow run was created with."""
+    from lightning.pytorch.loggers import MLFlowLogger
+    from mlflow import MlflowClient
+    from omegaconf import OmegaConf
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow_logger = MLFlowLogger(experiment_name="names", tracking_uri=uri,
+                                 run_name="train-18-46-10", artifact_location=str(tmp_path / "art"))
+    node = {"_target_": "lightning.pytorch.loggers.MLFlowLogger", "run_name": "train-18-46-22"}
+    config = OmegaConf.create({"logger": {"mlflow": node}})
+    callback = RunRecord(git=False, packages=False, model=False, config=config,
+                         output_dir=tmp_path / "record")
+    model = LitClassifier(Encoder(4, 8), Head(8, 3))
+    fit = trainer(tmp_path, logger=[mlflow_logger], callbacks=[callback])
+    fit.fit(model, DataLoader(data(), batch_size=8))
+    run = MlflowClient(uri).get_run(mlflow_logger.run_id)
+    assert run.info.run_name == "train-18-46-10"
+    assert run.data.params["config/logger/mlflow/run_name"] == "train-18-46-10"
+    saved = yaml.safe_load((tmp_path / "record" / "config.yaml").read_text())
+    assert saved["logger"]["mlflow"]["run_name"] == "train-18-46-10"
+    assert any("train-18-46-22" in note for note in callback.record["config"]["notes"])

@@ -102,8 +102,10 @@ def test_failing_backend_during_training(tmp_path: Path, monkeypatch: pytest.Mon
     assert trainer.global_step == 3
     messages = _runtime_warnings(caught)
     assert len(messages) == 1, messages
-    [path] = list(tmp_path.glob("lightning_inspect_unsent_flaky_*.jsonl"))
+    # In a private directory of its own (mode 0700) under the temp directory, named in the warning.
+    [path] = list(tmp_path.glob("lightning_inspect_*/lightning_inspect_unsent_flaky_*.jsonl"))
     assert str(path) in messages[0]
+    assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     steps = [line["step"] for line in lines if line["call"] == "log_scalars"]
     assert steps == [0, 1, 2]
@@ -222,16 +224,16 @@ class SlowRecordingSink(MemorySink):
         super().log_scalars(values, step)
 
 
-def test_background_sink_keeps_order_and_flush_waits() -> None:
+def test_background_sink_keeps_order_and_close_waits() -> None:
     inner = SlowRecordingSink()
     sink = BackgroundSink(inner)
     for step in range(200):
         sink.log_scalars({"k": float(step)}, step)
-    sink.flush()
-    assert inner.steps("k") == list(range(200))
-    assert inner.flushes == 1
-    assert threading.current_thread().name not in inner.threads
+    sink.flush()  # queued, not waited for
     sink.close()
+    assert inner.steps("k") == list(range(200))
+    assert inner.flushes == 2  # the one asked for, and close's own
+    assert threading.current_thread().name not in inner.threads
     assert not sink._worker.is_alive()
 
 
@@ -380,3 +382,150 @@ def test_histogram_picture_puts_high_values_at_the_top(tmp_path: Path) -> None:
     top_late, bottom_late = plot[:band, last].mean(), plot[-band:, last].mean()
     assert top_early > bottom_early + 100  # early steps: every value in the top bin, drawn on top
     assert bottom_late > top_late + 100  # later steps: every value in the bottom bin
+
+
+# ------------------------------------------------------------------------------------------
+# The fallback file: private, never through a planted link; the end-of-fit deadline
+# ------------------------------------------------------------------------------------------
+
+
+def test_fallback_file_is_private_and_does_not_follow_a_planted_link(tmp_path: Path) -> None:
+    import os
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    # The name the fallback file used to have, planted as a link by someone else.
+    (tmp_path / f"lightning_inspect_unsent_flaky_{os.getpid()}.jsonl").symlink_to(victim)
+    sinks = [GuardedSink(FailingSink(), fallback_dir=tmp_path) for _ in range(2)]
+    assert sinks[0].fallback_path is None  # nothing is created before a refusal
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, sink in enumerate(sinks):
+            sink.log_scalars({"k": float(i)}, step=i)
+    assert victim.read_text() == "precious\n"
+    paths = [s.fallback_path for s in sinks]
+    assert paths[0] != paths[1]  # one file per sink, never shared
+    for i, path in enumerate(paths):
+        assert path is not None and path.parent == tmp_path and not path.is_symlink()
+        assert path.stat().st_mode & 0o777 == 0o600
+        lines = path.read_text().splitlines()
+        assert [json.loads(line)["values"] for line in lines] == [{"k": float(i)}]
+
+
+def test_unwritable_fallback_file_warns_once(tmp_path: Path) -> None:
+    (tmp_path / "taken").write_text("a file, not a directory")
+    sink = GuardedSink(FailingSink(), fallback_dir=tmp_path / "taken")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(3):
+            sink.log_scalars({"k": 1.0}, step)
+    messages = _runtime_warnings(caught)
+    assert len(messages) == 2 and "fallback file could not be written" in messages[0]
+    assert "kept in memory only" in messages[1]
+    assert sink.failures == 3 and sink.fallback_path is None
+
+
+class BlockingSink(MemorySink):
+    """A backend whose calls hang until ``release`` is set (a server in its retry back-off)."""
+
+    name = "stuck"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.calls = 0
+
+    def log_scalars(self, values: Mapping[str, float], step: int) -> None:
+        self.calls += 1
+        self.release.wait(60)
+        super().log_scalars(values, step)
+
+
+def test_stuck_backends_share_one_end_of_fit_deadline(tmp_path: Path) -> None:
+    import time
+
+    from lightning_inspect.sinks import EndOfFit
+
+    deadline = EndOfFit(budget_s=1.0)
+    inners = [BlockingSink() for _ in range(3)]
+    sinks = [BackgroundSink(GuardedSink(inner, fallback_dir=tmp_path), deadline=deadline)
+             for inner in inners]
+    for sink in sinks:
+        for step in range(5):
+            sink.log_scalars({"k": float(step)}, step)
+    start = time.monotonic()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for sink in sinks:
+            sink.close()
+    elapsed = time.monotonic() - start
+    assert elapsed < 1.9, elapsed  # one budget for all three, not one each
+    messages = _runtime_warnings(caught)
+    assert len(messages) == 3 and all("end-of-fit deadline" in m for m in messages)
+    for sink in sinks:  # step 0 was in flight (it may still arrive), steps 1-4 queued: all on disk
+        lines = [json.loads(line) for line in sink.guarded.fallback_path.read_text().splitlines()]
+        assert [line["step"] for line in lines] == [0, 1, 2, 3, 4]
+    for inner in inners:
+        inner.release.set()
+    for sink, inner in zip(sinks, inners):
+        sink._worker.join(10)
+        assert not sink._worker.is_alive()
+        assert inner.calls == 1 and inner.steps("k") == [0]  # no call after the deadline
+
+
+class RefusingArtifacts:
+    """An MlflowClient whose artifact uploads always fail."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    def log_artifact(self, *args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("artifact store unreachable")
+
+
+def test_histograms_never_uploaded_are_in_the_fallback_file(
+    mlflow_logger, mlflow_client, tmp_path: Path
+) -> None:
+    inner = MlflowSink(RefusingArtifacts(mlflow_client), mlflow_logger.run_id, owner="M")
+    sink = GuardedSink(inner, fallback_dir=tmp_path)
+    x = {step: torch.randn(40, generator=torch.Generator().manual_seed(step)) for step in (0, 1)}
+    for step, values in x.items():
+        sink.log_histograms({"activations/fc": make_histogram(values)}, step=step)
+    with pytest.warns(RuntimeWarning, match="artifact store unreachable"):
+        sink.flush()
+    sink.close()
+    records = [json.loads(line) for line in sink.fallback_path.read_text().splitlines()]
+    kept = [r for r in records if r["call"] == "log_histograms"]
+    assert [r["step"] for r in kept] == [0, 1]
+    for r in kept:
+        h = r["histograms"]["activations/fc"]
+        values = x[r["step"]].numpy()
+        counts, _ = np.histogram(values, bins=8, range=(values.min(), values.max()))
+        assert h["counts"] == counts.tolist()
+        assert h["lo"] == pytest.approx(values.min()) and h["hi"] == pytest.approx(values.max())
+
+
+def test_keys_longer_than_a_file_name_get_short_artifact_names(
+    mlflow_logger, mlflow_client
+) -> None:
+    run_id = mlflow_logger.run_id
+    sink = GuardedSink(MlflowSink(mlflow_client, run_id, owner="Long"))
+    stem = "activations/" + "é" * 200  # 400 bytes in UTF-8
+    hists = {stem + "a": make_histogram(torch.arange(8.0)),
+             stem + "b": make_histogram(torch.arange(4.0))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed upload would warn
+        sink.log_histograms(hists, step=0)
+        sink.log_text(stem + "a", "text", step=0)
+        sink.flush()
+    listed = mlflow_client.list_artifacts
+    pictures = [f.path for f in listed(run_id, "lightning_inspect/histograms/activations")]
+    texts = [f.path for f in listed(run_id, "lightning_inspect/activations")]
+    assert len(pictures) == 2 and len(texts) == 1
+    for path in pictures + texts:
+        name = path.rsplit("/", 1)[-1]
+        assert len(name.encode()) <= 255 and name.startswith("é" * 100)
+    assert sink.failures == 0

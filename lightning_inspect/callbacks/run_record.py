@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_inspect._checks import as_str_list, check_bool, check_choices, check_positive_int
 from lightning_inspect.errors import ConfigError
 from lightning_inspect.keys import MlflowKeys
-from lightning_inspect.sinks import attached_loggers, missing_backend_error
+from lightning_inspect.sinks import EndOfFit, attached_loggers, missing_backend_error
 from lightning_inspect.run_record import (
     ConfigRecord,
     ConstructionRecord,
@@ -69,6 +69,8 @@ class _Writer:
     """What the record needs from a backend; every method may be a no-op."""
 
     name = "none"
+    #: Whether calls go over the network (at the end of fit: only until the shared deadline).
+    remote = False
 
     def tags(self, values: Mapping[str, Any]) -> None:
         """Identity of the run (mutable strings)."""
@@ -102,6 +104,7 @@ class _MlflowWriter(_Writer):
     """Tags, params, metrics and artifacts of the ``MLFlowLogger``'s run."""
 
     name = "mlflow"
+    remote = True
 
     def __init__(self, client: Any, run_id: str) -> None:
         self.client = client
@@ -190,27 +193,48 @@ def _tb_value(value: Any) -> bool | int | float | str:
 
 
 class _Guarded:
-    """Calls a writer, turning its first failure into one warning; training never stops."""
+    """Calls a writer, turning its first failure into one warning; training never stops.
+
+    Once ``deadline`` is set (the end of fit), a remote writer's calls wait only until it: a call
+    still unanswered then is left to finish in the background, and later calls are skipped.
+    """
 
     def __init__(self, inner: _Writer, where: Path) -> None:
         self.inner = inner
         self.name = inner.name
         self.where = where
         self.failed = False
+        self.deadline: EndOfFit | None = None
+        self._late = False
 
     def __call__(self, method: str, *args: Any) -> Any:
+        if self.deadline is None or not self.inner.remote:
+            return self._call(method, *args)
+        if self._late:
+            return None
+        result: list[Any] = []
+        if not self.deadline.run(lambda: result.append(self._call(method, *args))):
+            self._late = True
+            budget = self.deadline.budget_s
+            self._fail(f"no answer by the end-of-fit deadline, {budget:g} s for all backends")
+        return result[0] if result else None
+
+    def _call(self, method: str, *args: Any) -> Any:
         try:
             return getattr(self.inner, method)(*args)
         except Exception as exc:  # a backend fault must never reach the training loop
-            if not self.failed:
-                warnings.warn(
-                    f"RunRecord: the {self.name} backend failed while logging the run record "
-                    f"({type(exc).__name__}: {exc}). Training continues; the record's files are in {self.where}.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-            self.failed = True
+            self._fail(f"{type(exc).__name__}: {exc}")
             return None
+
+    def _fail(self, why: str) -> None:
+        if not self.failed:
+            warnings.warn(
+                f"RunRecord: the {self.name} backend failed while logging the run record ({why}). "
+                f"Training continues; the record's files are in {self.where}.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        self.failed = True
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,6 +357,7 @@ class _Fit:
     temporary: bool
     config: ConfigRecord
     hydra_model_key: str | None
+    deadline: EndOfFit
     start_wall: float = dataclasses.field(default_factory=time.time)
     start_perf: float = dataclasses.field(default_factory=time.perf_counter)
     train_start: float | None = None
@@ -499,7 +524,8 @@ class RunRecord(Callback):
         ) or ConfigRecord(notes=["the configuration could not be read"])
         key = self._model_key(config, pl_module)
         output_dir, temporary = self._output_dir(trainer, writers, config)
-        fit = _Fit([_Guarded(w, output_dir) for w in writers], output_dir, temporary, config, key)
+        guarded = [_Guarded(w, output_dir) for w in writers]
+        fit = _Fit(guarded, output_dir, temporary, config, key, EndOfFit.for_fit(trainer))
         self.record = {"status": "running"}
         if self.capture_output:
             fit.capture = self._collect("console output", _start_capture, output_dir / "output.log")
@@ -669,6 +695,7 @@ class RunRecord(Callback):
             tags.update({f"{PREFIX}/env/{k}": v for k, v in record["env"].items()})
 
         config = fit.config
+        self._collect("MLflow run name", _record_run_name, config, trainer)
         overrides = [masker.override(o) for o in config.overrides]
         record["config"] = {"source": config.source, "overrides": overrides, "choices": config.choices, "notes": config.notes}
         params[f"{PREFIX}/overrides"] = " ".join(overrides) if overrides else "(none)"
@@ -769,6 +796,8 @@ class RunRecord(Callback):
         fit, self._fit = self._fit, None
         if fit is None:
             return
+        for writer in fit.writers:
+            writer.deadline = fit.deadline
         try:
             self._collect("outcome", self._log_end, fit, trainer, status, exception)
         finally:
@@ -877,6 +906,28 @@ def _find_target(config: Any, cls: type, prefer: str) -> str | None:
     if not found:
         return None
     return prefer if prefer in found else min(found, key=lambda p: (p.count("."), p))
+
+
+def _record_run_name(config: ConfigRecord, trainer: pl.Trainer) -> None:
+    """Put the MLflow run's own name in the config node of its ``MLFlowLogger``.
+
+    The config is resolved again when it is recorded, so a ``${now:...}`` in ``run_name`` would
+    give a later time than the one the run was created with.
+    """
+    logger = attached_loggers(trainer).get("mlflow")
+    if logger is None:
+        return
+    key = _find_target(config.config, type(logger), prefer="logger.mlflow")
+    node = _node_at(config.config, key) if key is not None else None
+    if not isinstance(node, dict) or "run_name" not in node:
+        return
+    name = logger.experiment.get_run(logger.run_id).info.run_name
+    if node["run_name"] != name:
+        config.notes.append(
+            f"{key}.run_name: {node['run_name']!r} when read again; recorded as the run's name "
+            f"{name!r}"
+        )
+        node["run_name"] = name
 
 
 def _module_hparams(pl_module: pl.LightningModule, trainer: pl.Trainer) -> dict[str, Any]:

@@ -18,18 +18,20 @@ from lightning_inspect._checks import suggestion
 from lightning_inspect.errors import BackendError, ConfigError
 from lightning_inspect.sinks.background import BackgroundSink
 from lightning_inspect.sinks.base import GuardedSink, Sink
+from lightning_inspect.sinks.deadline import EndOfFit
 from lightning_inspect.sinks.memory import MemorySink
 from lightning_inspect.sinks.mlflow import MlflowSink
 from lightning_inspect.sinks.tensorboard import TensorBoardSink
 
 BACKENDS = ("tensorboard", "mlflow")
 
-__all__ = ["BACKENDS", "BackgroundSink", "GuardedSink", "MemorySink", "MlflowSink", "Sink", "TensorBoardSink", "attached_loggers", "check_backends", "close_sinks",
+__all__ = ["BACKENDS", "BackgroundSink", "EndOfFit", "GuardedSink", "MemorySink", "MlflowSink",
+           "Sink", "TensorBoardSink", "attached_loggers", "check_backends", "close_sinks",
            "missing_backend_error", "resolve_sinks"]
 
 
 def close_sinks(sinks: Sequence[Any]) -> None:
-    """Stop the background workers of ``sinks`` (after what they queued)."""
+    """Close ``sinks``: background workers stop after what they queued, by the fit's deadline."""
     for sink in sinks:
         close = getattr(sink, "close", None)  # background workers, local spools
         if close is not None:
@@ -92,9 +94,10 @@ def available_sinks(trainer: Any, owner: str) -> dict[str, Sink]:
 def resolve_sinks(trainer: Any, backends: Sequence[str | Sink] | None, owner: str) -> list[Sink]:
     """The guarded sinks a monitor writes to (MLflow's on a background thread).
 
-    ``None`` means every supported logger attached to the Trainer; an empty list warns that
-    nothing will be written. A requested backend name with no matching logger raises
-    :class:`~lightning_inspect.errors.BackendError`. Sink objects are used as given.
+    Background sinks share the fit's :class:`EndOfFit` deadline. ``None`` means every supported
+    logger attached to the Trainer; an empty list warns that nothing will be written. A requested
+    backend name with no matching logger raises :class:`~lightning_inspect.errors.BackendError`.
+    Sink objects are used as given.
     """
     if not trainer.is_global_zero:
         return []
@@ -118,4 +121,8 @@ def resolve_sinks(trainer: Any, backends: Sequence[str | Sink] | None, owner: st
                 chosen.append(found[item])
             else:
                 chosen.append(item)
-    return [BackgroundSink(s) if isinstance(s, MlflowSink) else GuardedSink(s) for s in chosen]
+    deadline = EndOfFit.for_fit(trainer)
+    return [
+        BackgroundSink(s, deadline=deadline) if isinstance(s, MlflowSink) else GuardedSink(s)
+        for s in chosen
+    ]

@@ -9,11 +9,14 @@ MLflow has no histogram type, so:
   and ``counts``) and one picture per key, a step-by-value heatmap
   (``lightning_inspect/histograms/<key>.png``).
 
-Keys are sanitised with :class:`lightning_inspect.keys.MlflowKeys`.
+Keys are sanitised with :class:`lightning_inspect.keys.MlflowKeys`; artifact file names are cut to
+255 bytes with a hash (:func:`artifact_file`). Histogram data the sink has not uploaded when it is
+closed is handed to the fallback file (:meth:`MlflowSink.unsent`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import tempfile
@@ -29,6 +32,29 @@ from lightning_inspect.stats import Histogram
 
 ARTIFACT_ROOT = "lightning_inspect"
 _BATCH = 1000
+#: The longest file name, in UTF-8 bytes, that common file systems accept.
+_NAME_BYTES = 255
+
+
+def artifact_file(key: str, suffix: str) -> str:
+    """``key + suffix`` as a relative path whose every part fits in a file name (255 bytes).
+
+    A part that is too long is cut and ends with 8 hex digits of its SHA-1, so long keys that
+    share a beginning stay apart.
+
+    >>> len(artifact_file("activations/" + "é" * 200, ".png").split("/")[-1].encode())
+    255
+    """
+    *folders, name = key.split("/")
+    return "/".join([*(_file_name(f, "") for f in folders), _file_name(name, suffix)])
+
+
+def _file_name(name: str, suffix: str) -> str:
+    if len((name + suffix).encode()) <= _NAME_BYTES:
+        return name + suffix
+    digest = hashlib.sha1(name.encode()).hexdigest()[:8]
+    room = _NAME_BYTES - len(suffix.encode()) - len(digest) - 1
+    return f"{name.encode()[:room].decode('utf-8', 'ignore')}-{digest}{suffix}"
 
 
 class MlflowSink:
@@ -64,11 +90,13 @@ class MlflowSink:
         self._dirty = True
 
     def log_text(self, key: str, text: str, step: int) -> None:
-        self.client.log_text(self.run_id, text, f"{ARTIFACT_ROOT}/{self.keys(key)}.md")
+        name = artifact_file(self.keys(key), ".md")
+        self.client.log_text(self.run_id, text, f"{ARTIFACT_ROOT}/{name}")
 
     def log_image(self, key: str, image: np.ndarray, step: int) -> None:
         """The picture as ``lightning_inspect/<key>.png`` (a later picture of the key replaces it)."""
-        self.client.log_image(self.run_id, image, artifact_file=f"{ARTIFACT_ROOT}/{self.keys(key)}.png")
+        name = artifact_file(self.keys(key), ".png")
+        self.client.log_image(self.run_id, image, artifact_file=f"{ARTIFACT_ROOT}/{name}")
 
     def flush(self) -> None:
         if not self._dirty:
@@ -80,6 +108,18 @@ class MlflowSink:
             render_histogram_pictures(self._histogram_file, pictures, self.keys)
             self.client.log_artifacts(self.run_id, str(pictures), artifact_path=target)
         self._dirty = False  # only once uploaded: a refused flush is tried again by the next one
+
+    def unsent(self) -> list[dict[str, Any]]:
+        """The spooled histograms, one fallback record per step, when the last upload failed."""
+        if not self._dirty:
+            return []
+        by_step: dict[int, dict[str, Any]] = {}
+        for key, points in load_histogram_spool(self._histogram_file).items():
+            for step, lo, hi, counts in points:
+                record = by_step.setdefault(step, {"call": "log_histograms", "step": step})
+                values = {"lo": lo, "hi": hi, "counts": counts.tolist()}
+                record.setdefault("histograms", {})[key] = values
+        return [by_step[s] for s in sorted(by_step)]
 
     def close(self) -> None:
         """Remove the local spool (after a final flush)."""
@@ -140,7 +180,7 @@ def render_histogram_pictures(spool: Path, out_dir: Path, keys: MlflowKeys) -> l
         last = f"step {steps[1]}"
         draw.text((left + width - 6 * len(last), top + height + 4), last, fill="black")
         draw.text((left + width // 2 - 66, top + height + 16), "colour: log(1 + count)", fill="gray")
-        path = out_dir / f"{keys(key)}.png"
+        path = out_dir / artifact_file(keys(key), ".png")
         path.parent.mkdir(parents=True, exist_ok=True)
         canvas.save(path)
         written.append(path)
