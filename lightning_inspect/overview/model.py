@@ -18,10 +18,11 @@ Example:
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 #: The views, in the order the page lists them: key prefix -> label.
 VIEW_KINDS = {
@@ -69,8 +70,16 @@ def split_histogram_key(key: str) -> tuple[str, str] | None:
 
 def _number(value: float) -> float | None:
     """A JSON-safe value: non-finite values become ``None`` (drawn as missing)."""
-    value = float(value)
-    return float(f"{value:.{_DIGITS}g}") if math.isfinite(value) else None
+    return _rounded(np.array([value], dtype=np.float64))[0]
+
+
+def _rounded(values: np.ndarray) -> list[float | None]:
+    """Values to :data:`_DIGITS` significant digits (short JSON); non-finite ones as ``None``."""
+    finite = np.isfinite(values)
+    safe = np.where(finite & (values != 0), np.abs(values), 1.0)
+    scale = 10.0 ** (_DIGITS - 1 - np.floor(np.log10(safe)))
+    rounded = np.where(finite, np.round(np.where(finite, values, 0.0) * scale) / scale, np.nan)
+    return [v if f else None for v, f in zip(rounded.tolist(), finite.tolist())]
 
 
 @dataclass
@@ -80,7 +89,7 @@ class KindData:
     layers: dict[str, None] = field(default_factory=dict)  # an ordered set
     stats: dict[str, None] = field(default_factory=dict)
     values: dict[tuple[str, str], dict[int, float]] = field(default_factory=dict)
-    histograms: dict[str, dict[int, tuple[float, float, list[float]]]] = field(default_factory=dict)
+    histograms: dict[str, dict[int, tuple[float, float, list[int]]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -106,14 +115,15 @@ class RunData:
             data.values.setdefault((layer, stat), {})[int(step)] = float(value)
 
     def add_histogram(self, key: str, step: int, lo: float, hi: float, counts: Sequence[float]) -> None:
-        """Add one histogram: ``counts`` in equal bins from ``lo`` to ``hi``."""
+        """Add one histogram: ``counts`` (whole numbers) in equal bins from ``lo`` to ``hi``."""
         parts = split_histogram_key(key)
         if parts is None:
             return
         kind, layer = parts
         data = self._kind(kind)
         data.layers.setdefault(layer)
-        data.histograms.setdefault(layer, {})[int(step)] = (float(lo), float(hi), list(counts))
+        whole = np.rint(np.asarray(counts, dtype=np.float64)).astype(np.int64).tolist()
+        data.histograms.setdefault(layer, {})[int(step)] = (float(lo), float(hi), whole)
 
     def note_histograms(self, key: str) -> None:
         """Note that histograms exist under ``key`` (their values are read per layer later)."""
@@ -144,12 +154,14 @@ class RunData:
     def matrix(self, kind: str, stat: str) -> list[list[float | None]]:
         """Values of ``stat``: one row per layer (arrival order), one column per step."""
         data = self.kinds[kind]
-        steps = self.steps(kind)
-        rows = []
-        for layer in data.layers:
-            series = data.values.get((layer, stat), {})
-            rows.append([_number(series[s]) if s in series else None for s in steps])
-        return rows
+        column = {step: j for j, step in enumerate(self.steps(kind))}
+        grid = np.full((len(data.layers), len(column)), np.nan)
+        for i, layer in enumerate(data.layers):
+            for step, value in data.values.get((layer, stat), {}).items():
+                grid[i, column[step]] = value
+        flat = _rounded(grid.reshape(-1))
+        width = grid.shape[1]
+        return [flat[i * width : (i + 1) * width] for i in range(grid.shape[0])]
 
     def layer_histograms(self, kind: str, layer: str) -> dict[str, Any]:
         """One layer's histograms: ``steps``, ``lo``, ``hi`` and ``counts`` (one list per step)."""
@@ -157,9 +169,9 @@ class RunData:
         steps = sorted(series)
         return {
             "steps": steps,
-            "lo": [_number(series[s][0]) for s in steps],
-            "hi": [_number(series[s][1]) for s in steps],
-            "counts": [[_number(c) for c in series[s][2]] for s in steps],
+            "lo": _rounded(np.array([series[s][0] for s in steps], dtype=np.float64)),
+            "hi": _rounded(np.array([series[s][1] for s in steps], dtype=np.float64)),
+            "counts": [series[s][2] for s in steps],
         }
 
     def meta(self) -> dict[str, Any]:
