@@ -71,7 +71,9 @@ def tensorboard(logdir: Path) -> Iterator[str]:
 
     from lightning_inspect.overview.tensorboard_plugin import InspectLoader
 
-    tb = program.TensorBoard(plugins=[*default.get_plugins(), InspectLoader()])
+    # where the package is installed, TensorBoard already finds the plugin by its entry point
+    others = [p for p in default.get_plugins() if getattr(p, "__name__", "") != InspectLoader.__name__]
+    tb = program.TensorBoard(plugins=[*others, InspectLoader()])
     tb.configure(argv=[None, "--logdir", str(logdir), "--host", "127.0.0.1", "--port", "0",
                        "--load_fast", "false", "--reload_interval", "0"])
     server = tb._make_server()

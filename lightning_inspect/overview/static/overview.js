@@ -468,6 +468,8 @@
       if (info.histograms.includes(layer)) {
         const h = await source.histograms(state.run, state.kind, layer);
         histogramMap(row, h, "histograms of " + layer + " over steps");
+      } else {
+        row.appendChild(el("p", { class: "li-hint" }, "No histograms were logged for this layer."));
       }
       const curves = el("div", { class: "li-row" });
       box.appendChild(el("h4", {}, "statistics of " + layer));
