@@ -109,6 +109,23 @@ def test_findings_recovered_from_the_log_dir(url: str) -> None:
     assert set(dead[0]) == {"rule", "severity", "module", "statistic", "value", "step", "hint"}
 
 
+def test_the_last_findings_text_holds_every_finding_of_the_fit(tmp_path: Path) -> None:
+    """TensorBoard keeps only a sample of a text's steps (always the last): the last suffices."""
+    from conftest import loader, make_trainer
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from overview_run import OrderModel
+
+    from lightning_inspect import HealthMonitor
+
+    health = HealthMonitor(every_n_steps=1, console=False, pictures=False, warn_findings=False)
+    logger = TensorBoardLogger(str(tmp_path), name="", version="h")
+    make_trainer(8, logger=logger, callbacks=[health]).fit(OrderModel(), loader(n=64))
+    texts = read_tb(tmp_path / "h").acc.Tensors("health/findings/text_summary")
+    last = json.loads(texts[-1].tensor_proto.string_val[0])
+    assert len(texts) >= 2  # new findings at more than one step
+    assert {(f["rule"], f["module"]) for f in last} == {(f.rule, f.module) for f in health.report.findings()}
+
+
 def test_unknown_run_or_statistic_is_a_clear_404(url: str) -> None:
     with pytest.raises(urllib.error.HTTPError) as err:
         get(url, "meta", run="nope")

@@ -237,6 +237,7 @@ class HealthMonitor(ModuleMonitor):
 
         self.rules = HealthRules(self.thresholds)
         self.report = HealthReport()
+        self._shared: list[Finding] = []
         #: The latest picture of each statistic, as an ``(H, W, 3)`` uint8 array.
         self.pictures: dict[str, np.ndarray] = {}
         #: ``{statistic: {module: [(step, value), ...]}}`` of everything logged.
@@ -273,6 +274,7 @@ class HealthMonitor(ModuleMonitor):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._finished = False
+        self._shared: list[Finding] = []  # findings of this fit written as FINDINGS_KEY so far
         super().setup(trainer, pl_module, stage)
 
     def _after_selection(self, pl_module: pl.LightningModule) -> None:
@@ -519,10 +521,12 @@ class HealthMonitor(ModuleMonitor):
             self._share_findings([finding], origin.step)
 
     def _share_findings(self, findings: list[Finding], step: int) -> None:
-        """New findings as JSON text for TensorBoard's overview tab and to the step's observers."""
+        """New findings to the step's observers, and all of this fit's so far as JSON text for
+        TensorBoard's overview tab (TensorBoard keeps a sample of a text's steps, always the last)."""
         if not findings:
             return
-        text = json.dumps([dataclasses.asdict(f) for f in findings])
+        self._shared.extend(findings)
+        text = json.dumps([dataclasses.asdict(f) for f in self._shared])
         for sink in self.sinks:
             if sink.name == "tensorboard":
                 sink.log_text(FINDINGS_KEY, text, step)
