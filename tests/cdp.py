@@ -16,7 +16,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+CHROMIUM = (
+    shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+)
 
 
 class Browser:
@@ -29,13 +31,25 @@ class Browser:
         self.timeout = timeout
         self._profile = tempfile.mkdtemp(prefix="li_chromium_")
         self._process = subprocess.Popen(
-            [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-             "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
-             f"--user-data-dir={self._profile}", f"--window-size={width},{height}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                CHROMIUM,
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--remote-debugging-address=127.0.0.1",
+                "--remote-debugging-port=0",
+                f"--user-data-dir={self._profile}",
+                f"--window-size={width},{height}",
+                "about:blank",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         port_file = Path(self._profile) / "DevToolsActivePort"
-        port = self._wait(lambda: port_file.exists() and port_file.read_text().split("\n")[0], "DevTools port")
+        port = self._wait(
+            lambda: port_file.exists() and port_file.read_text().split("\n")[0], "DevTools port"
+        )
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
             page = next(t for t in json.loads(r.read()) if t["type"] == "page")
         self._ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=timeout)
@@ -61,8 +75,15 @@ class Browser:
             message = json.loads(self._ws.recv())
             if message.get("method") == "Page.javascriptDialogOpening":
                 self.dialogs.append(message["params"]["message"])
-                self._ws.send(json.dumps({"id": 0, "method": "Page.handleJavaScriptDialog",
-                                          "params": {"accept": True}}))
+                self._ws.send(
+                    json.dumps(
+                        {
+                            "id": 0,
+                            "method": "Page.handleJavaScriptDialog",
+                            "params": {"accept": True},
+                        }
+                    )
+                )
             if message.get("id") == self._id:
                 if "error" in message:
                     raise RuntimeError(f"{method}: {message['error']}")
@@ -73,18 +94,22 @@ class Browser:
 
     def evaluate(self, expression: str) -> Any:
         """The value of a JavaScript expression (promises awaited)."""
-        result = self.call("Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True)
+        result = self.call(
+            "Runtime.evaluate", expression=expression, awaitPromise=True, returnByValue=True
+        )
         if "exceptionDetails" in result:
             raise RuntimeError(f"{expression[:80]}: {result['exceptionDetails']}")
         return result["result"].get("value")
 
     def wait_for(self, expression: str, what: str) -> Any:
         """Poll ``expression`` until it is truthy (bounded)."""
+
         def ready() -> Any:
             try:
                 return self.evaluate(expression)
             except RuntimeError:
                 return None
+
         return self._wait(ready, what)
 
     def click(self, x: float, y: float) -> None:
@@ -100,7 +125,7 @@ class Browser:
     def __enter__(self) -> Browser:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         try:
             self._ws.close()
         finally:

@@ -34,7 +34,9 @@ class OrderModel(TinyModule):
         self.relu = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.alpha(self.relu(getattr(self, HOSTILE)(self.zeta(x))) + 0.1 * x.sum(1, keepdim=True))
+        return self.alpha(
+            self.relu(getattr(self, HOSTILE)(self.zeta(x))) + 0.1 * x.sum(1, keepdim=True)
+        )
 
 
 #: The execution order of the selected modules of :class:`OrderModel`.
@@ -51,16 +53,21 @@ def monitors(every: int = 1) -> list[Any]:
     ]
 
 
-def write_run(root: Path, version: str, steps: int = 6, extra: list[Any] | None = None,
-              loggers: list[Any] | None = None) -> Path:
+def write_run(
+    root: Path,
+    version: str,
+    steps: int = 6,
+    extra: list[Any] | None = None,
+    loggers: list[Any] | None = None,
+) -> Path:
     """Fit :class:`OrderModel` with the monitors into ``root/<version>``; returns the run dir."""
     torch.manual_seed(0)
     tb = TensorBoardLogger(str(root), name="", version=version)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the findings' warnings: not what these tests check
-        make_trainer(steps, logger=[tb, *(loggers or [])], callbacks=[*(extra or []), *monitors()]).fit(
-            OrderModel(), loader(n=48)
-        )
+        make_trainer(
+            steps, logger=[tb, *(loggers or [])], callbacks=[*(extra or []), *monitors()]
+        ).fit(OrderModel(), loader(n=48))
     return root / version
 
 
@@ -72,10 +79,25 @@ def tensorboard(logdir: Path) -> Iterator[str]:
     from lightning_inspect.overview.tensorboard_plugin import InspectLoader
 
     # where the package is installed, TensorBoard already finds the plugin by its entry point
-    others = [p for p in default.get_plugins() if getattr(p, "__name__", "") != InspectLoader.__name__]
+    others = [
+        p for p in default.get_plugins() if getattr(p, "__name__", "") != InspectLoader.__name__
+    ]
     tb = program.TensorBoard(plugins=[*others, InspectLoader()])
-    tb.configure(argv=[None, "--logdir", str(logdir), "--host", "127.0.0.1", "--port", "0",
-                       "--load_fast", "false", "--reload_interval", "0"])
+    tb.configure(
+        argv=[
+            None,
+            "--logdir",
+            str(logdir),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--load_fast",
+            "false",
+            "--reload_interval",
+            "0",
+        ]
+    )
     server = tb._make_server()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

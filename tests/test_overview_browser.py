@@ -27,7 +27,8 @@ pytestmark = [
 ]
 
 #: Every iframe of the page, also inside shadow roots (TensorBoard hosts the tab in one).
-FRAMES = """(() => { const out = []; const walk = (root) => { for (const e of root.querySelectorAll('*')) {
+FRAMES = """(() => { const out = [];
+  const walk = (root) => { for (const e of root.querySelectorAll('*')) {
   if (e.tagName === 'IFRAME') out.push(e); if (e.shadowRoot) walk(e.shadowRoot); } };
   walk(document); return out; })()"""
 
@@ -48,26 +49,31 @@ def browser() -> Iterator[Any]:
 
 
 def heatmap_state(doc: str) -> str:
-    return (f"(() => {{ const c = {doc}.querySelector('canvas.li-heatmap');"
-            " return c && {rows: +c.dataset.rows, cols: +c.dataset.cols, cells: +c.dataset.cells,"
-            " marked: +c.dataset.marked}; })()")
+    return (
+        f"(() => {{ const c = {doc}.querySelector('canvas.li-heatmap');"
+        " return c && {rows: +c.dataset.rows, cols: +c.dataset.cols, cells: +c.dataset.cells,"
+        " marked: +c.dataset.marked}; })()"
+    )
 
 
 def click_cell(browser: Any, doc: str, offset: str, i: int, j: int) -> None:
     """Click cell (layer i, step j) of the first heatmap; ``offset`` gives the frame's origin."""
     x, y = browser.evaluate(
         f"(() => {{ const c = {doc}.querySelector('canvas.li-heatmap'); c.scrollIntoView();"
-        f" const r = c.getBoundingClientRect(); const o = {offset}; const [cx, cy] = c.cellCentre({i}, {j});"
+        f" const r = c.getBoundingClientRect(); const o = {offset};"
+        f" const [cx, cy] = c.cellCentre({i}, {j});"
         " return [o.left + r.left + cx, o.top + r.top + cy]; })()"
     )
     browser.click(x, y)
 
 
 def histogram_state(doc: str) -> str:
-    return (f"(() => {{ const c = {doc}.querySelector('canvas.li-histogram');"
-            " const h = " + doc + ".querySelector('.li-detail h3');"
-            " return c && {steps: +c.dataset.steps, bins: +c.dataset.bins, title: h.textContent,"
-            f" curves: {doc}.querySelectorAll('canvas.li-curve').length}}; }})()")
+    return (
+        f"(() => {{ const c = {doc}.querySelector('canvas.li-histogram');"
+        " const h = " + doc + ".querySelector('.li-detail h3');"
+        " return c && {steps: +c.dataset.steps, bins: +c.dataset.bins, title: h.textContent,"
+        f" curves: {doc}.querySelectorAll('canvas.li-curve').length}}; }})()"
+    )
 
 
 def test_tensorboard_tab_draws_heatmap_and_a_click_shows_histograms(
@@ -84,17 +90,23 @@ def test_tensorboard_tab_draws_heatmap_and_a_click_shows_histograms(
         click_cell(browser, doc, offset, 0, 2)
         hist = browser.wait_for(histogram_state(doc), "the histogram")
         assert hist["steps"] == 6 and hist["bins"] == 64
-        assert hist["title"] == "layer zeta \u2014 step 2" and hist["curves"] >= 9  # curves + profile
+        assert (
+            hist["title"] == "layer zeta \u2014 step 2" and hist["curves"] >= 9
+        )  # curves + profile
         browser.screenshot(tmp_path / "overview_tensorboard.png")
         # two runs as a difference: the same layers x steps, a diverging scale
         browser.evaluate(
             f"(() => {{ const s = [...{doc}.querySelectorAll('select')];"
             " const set = (i, v) => { s[i].value = v; s[i].dispatchEvent(new Event('change')); };"
-            " set(3, 'second'); })()")
-        browser.wait_for(f"{doc}.querySelectorAll('canvas.li-heatmap').length === 2", "side by side")
+            " set(3, 'second'); })()"
+        )
+        browser.wait_for(
+            f"{doc}.querySelectorAll('canvas.li-heatmap').length === 2", "side by side"
+        )
         browser.evaluate(
             f"(() => {{ const s = {doc}.querySelectorAll('select')[4]; s.value = 'diff';"
-            " s.dispatchEvent(new Event('change')); })()")
+            " s.dispatchEvent(new Event('change')); })()"
+        )
         browser.wait_for(f"{doc}.querySelectorAll('canvas.li-heatmap').length === 1", "difference")
         assert browser.evaluate(heatmap_state(doc))["rows"] == len(ORDER)
     assert browser.dialogs == []
@@ -115,10 +127,14 @@ def test_mlflow_page_opens_offline_and_a_click_shows_histograms(
     hist = browser.wait_for(histogram_state("document"), "the histogram")
     assert hist["steps"] == 6 and hist["title"] == f"layer {HOSTILE} \u2014 step 4"
     # the findings table lists the dead ReLU; a finding's cells are marked on the health view
-    rows = browser.evaluate("[...document.querySelectorAll('.li-findings td')].map(t => t.textContent)")
+    rows = browser.evaluate(
+        "[...document.querySelectorAll('.li-findings td')].map(t => t.textContent)"
+    )
     assert "dead_units" in rows and "relu" in rows
-    browser.evaluate("(() => { const s = document.querySelectorAll('select')[1]; s.value = 'health';"
-                     " s.dispatchEvent(new Event('change')); })()")
+    browser.evaluate(
+        "(() => { const s = document.querySelectorAll('select')[1]; s.value = 'health';"
+        " s.dispatchEvent(new Event('change')); })()"
+    )
     browser.wait_for(f"{heatmap_state('document')}.marked > 0", "marked findings")
     browser.screenshot(tmp_path / "overview_mlflow.png")
     assert browser.dialogs == []

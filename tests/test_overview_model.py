@@ -14,7 +14,9 @@ from lightning_inspect.overview.page import render_page
 
 
 def _inlined(page: str) -> dict:
-    match = re.search(r'<script type="application/json" id="inspect-data">(.*?)</script>', page, re.S)
+    match = re.search(
+        r'<script type="application/json" id="inspect-data">(.*?)</script>', page, re.DOTALL
+    )
     assert match is not None
     return json.loads(match.group(1))
 
@@ -22,7 +24,11 @@ def _inlined(page: str) -> dict:
 def test_keys_map_to_kind_layer_and_statistic() -> None:
     assert split_key("activations/blocks.0/attn/1/std") == ("activations", "blocks.0/attn/1", "std")
     assert split_key("activation_grads/fc/l2_norm") == ("activation_grads", "fc", "l2_norm")
-    assert split_key("weights/fc.weight/update_ratio") == ("update_ratios", "fc.weight", "update_ratio")
+    assert split_key("weights/fc.weight/update_ratio") == (
+        "update_ratios",
+        "fc.weight",
+        "update_ratio",
+    )
     assert split_key("weights/fc.weight/mean") == ("weights", "fc.weight", "mean")
     for other in ("param_grads/global_norm", "loss", "model/structure", "train/acc/top1"):
         assert split_key(other) is None
@@ -51,9 +57,21 @@ def test_histograms_and_findings() -> None:
     run.add_histogram("activations/fc", 2, -1.0, 1.0, [1, 2, 3])
     run.add_histogram("activations/fc", 0, -2.0, 2.0, [0, 5, 0])
     assert run.layer_histograms("activations", "fc") == {
-        "steps": [0, 2], "lo": [-2.0, -1.0], "hi": [2.0, 1.0], "counts": [[0, 5, 0], [1, 2, 3]]}
-    finding = {"rule": "dead_units", "severity": "error", "module": "fc", "statistic": "dead_fraction",
-               "value": 1.0, "step": 2, "hint": "h", "threshold": 0.9}
+        "steps": [0, 2],
+        "lo": [-2.0, -1.0],
+        "hi": [2.0, 1.0],
+        "counts": [[0, 5, 0], [1, 2, 3]],
+    }
+    finding = {
+        "rule": "dead_units",
+        "severity": "error",
+        "module": "fc",
+        "statistic": "dead_fraction",
+        "value": 1.0,
+        "step": 2,
+        "hint": "h",
+        "threshold": 0.9,
+    }
     run.add_findings([finding, finding])
     assert run.findings == [{k: v for k, v in finding.items() if k != "threshold"}]
 

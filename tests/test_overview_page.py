@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 import torch
 from conftest import loader, make_trainer, read_tb
 from lightning.pytorch.callbacks import Callback
@@ -24,7 +23,9 @@ def page_data(client: Any, run_id: str, out: Path) -> dict[str, Any]:
     """The data inlined in the run's overview page."""
     out.mkdir(parents=True, exist_ok=True)
     html = Path(client.download_artifacts(run_id, ARTIFACT, str(out))).read_text()
-    match = re.search(r'<script type="application/json" id="inspect-data">(.*?)</script>', html, re.S)
+    match = re.search(
+        r'<script type="application/json" id="inspect-data">(.*?)</script>', html, re.DOTALL
+    )
     assert match is not None
     return json.loads(match.group(1))["runs"][run_id]
 
@@ -45,13 +46,22 @@ def test_page_written_refreshed_and_equal_to_what_was_logged(
     tmp_path: Path, mlflow_logger: MLFlowLogger, mlflow_client: Any
 ) -> None:
     run_id = mlflow_logger.run_id
-    write_run(tmp_path / "tb", "run", steps=6, extra=[OverviewPage(every_n_logs=2)],
-              loggers=[mlflow_logger])
+    write_run(
+        tmp_path / "tb",
+        "run",
+        steps=6,
+        extra=[OverviewPage(every_n_logs=2)],
+        loggers=[mlflow_logger],
+    )
     data = page_data(mlflow_client, run_id, tmp_path / "end")
     acts = data["kinds"]["activations"]
     assert acts["layers"] == ORDER and acts["steps"] == list(range(6))
     events = read_tb(tmp_path / "tb" / "run")
-    for kind, stat in [("activations", "mean"), ("param_grads", "l2_norm"), ("update_ratios", "update_ratio")]:
+    for kind, stat in [
+        ("activations", "mean"),
+        ("param_grads", "l2_norm"),
+        ("update_ratios", "update_ratio"),
+    ]:
         info = data["kinds"][kind]
         tag_kind = "weights" if kind == "update_ratios" else kind
         for layer, row in zip(info["layers"], info["values"][stat]):
@@ -71,12 +81,15 @@ def test_page_is_refreshed_every_n_logged_steps(
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        make_trainer(6, logger=mlflow_logger,
-                     callbacks=[OverviewPage(every_n_logs=2), *monitors(), probe]).fit(OrderModel(), loader(n=48))
+        make_trainer(
+            6, logger=mlflow_logger, callbacks=[OverviewPage(every_n_logs=2), *monitors(), probe]
+        ).fit(OrderModel(), loader(n=48))
     # after batch 5 (steps 0..4 published) the last refresh was at the 4th completed step
     assert probe.seen is not None
     assert probe.seen["kinds"]["activations"]["steps"] == [0, 1, 2, 3]
-    assert page_data(mlflow_client, run_id, tmp_path / "end")["kinds"]["activations"]["steps"] == list(range(6))
+    assert page_data(mlflow_client, run_id, tmp_path / "end")["kinds"]["activations"][
+        "steps"
+    ] == list(range(6))
 
 
 def _weights(with_page: bool, tmp_path: Path, mlflow_store: dict[str, str]) -> list[torch.Tensor]:
@@ -91,7 +104,9 @@ def _weights(with_page: bool, tmp_path: Path, mlflow_store: dict[str, str]) -> l
 
 
 def test_the_page_never_changes_training(tmp_path: Path, mlflow_store: dict[str, str]) -> None:
-    for a, b in zip(_weights(False, tmp_path, mlflow_store), _weights(True, tmp_path, mlflow_store)):
+    for a, b in zip(
+        _weights(False, tmp_path, mlflow_store), _weights(True, tmp_path, mlflow_store)
+    ):
         assert torch.equal(a, b)
 
 
@@ -101,14 +116,21 @@ def test_without_mlflow_the_callback_does_nothing(tmp_path: Path) -> None:
     assert page.data.kinds == {}
 
 
-def test_an_upload_failure_warns_once_and_training_goes_on(tmp_path: Path, mlflow_store: dict[str, str]) -> None:
+def test_an_upload_failure_warns_once_and_training_goes_on(
+    tmp_path: Path, mlflow_store: dict[str, str]
+) -> None:
     blocker = tmp_path / "not_a_directory"
     blocker.write_text("artifacts cannot be stored under a file")
-    logger = MLFlowLogger(experiment_name="overview_failure", tracking_uri=mlflow_store["tracking_uri"],
-                          artifact_location=str(blocker / "artifacts"))
+    logger = MLFlowLogger(
+        experiment_name="overview_failure",
+        tracking_uri=mlflow_store["tracking_uri"],
+        artifact_location=str(blocker / "artifacts"),
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer = make_trainer(6, logger=logger, callbacks=[OverviewPage(every_n_logs=1), *monitors()])
+        trainer = make_trainer(
+            6, logger=logger, callbacks=[OverviewPage(every_n_logs=1), *monitors()]
+        )
         trainer.fit(OrderModel(), loader(n=48))
     assert trainer.global_step == 6
     ours = [w for w in caught if str(w.message).startswith("OverviewPage: writing")]

@@ -38,7 +38,9 @@ def get(url: str, route: str, **args: str) -> Any:
     query = urllib.parse.urlencode(args)
     with urllib.request.urlopen(f"{url}data/plugin/inspect/{route}?{query}", timeout=60) as r:
         body = r.read()
-        return json.loads(body) if r.headers["Content-Type"].startswith("application/json") else body
+        return (
+            json.loads(body) if r.headers["Content-Type"].startswith("application/json") else body
+        )
 
 
 def test_the_tab_is_listed_and_active(url: str) -> None:
@@ -54,7 +56,10 @@ def test_the_tab_is_inactive_without_lightning_inspect_data(tmp_path: Path) -> N
 
     with SummaryWriter(str(tmp_path / "other")) as writer:
         writer.add_scalar("loss", 1.0, 0)
-    with tensorboard(tmp_path) as url, urllib.request.urlopen(url + "data/plugins_listing", timeout=60) as r:
+    with (
+        tensorboard(tmp_path) as url,
+        urllib.request.urlopen(url + "data/plugins_listing", timeout=60) as r,
+    ):
         assert json.loads(r.read())["inspect"]["enabled"] is False
 
 
@@ -67,8 +72,14 @@ def test_static_files_are_served_by_the_plugin(url: str) -> None:
 def test_runs_and_layers_in_model_order(url: str) -> None:
     assert get(url, "runs") == ["first", "second"]
     meta = get(url, "meta", run="first")
-    assert list(meta["kinds"]) == ["activations", "activation_grads", "param_grads", "weights",
-                                   "update_ratios", "health"]
+    assert list(meta["kinds"]) == [
+        "activations",
+        "activation_grads",
+        "param_grads",
+        "weights",
+        "update_ratios",
+        "health",
+    ]
     acts = meta["kinds"]["activations"]
     assert acts["layers"] == ORDER  # execution order, not sorted
     assert acts["steps"] == list(range(6))
@@ -82,7 +93,9 @@ def test_matrix_equals_what_tensorboard_stored(url: str, logdir: Path) -> None:
     events = read_tb(logdir / "first")
     for kind, stat in [("activations", "mean"), ("param_grads", "l2_norm"), ("weights", "std")]:
         m = get(url, "matrix", run="first", kind=kind, stat=stat)
-        assert len(m["values"]) == len(m["layers"]) and all(len(r) == len(m["steps"]) for r in m["values"])
+        assert len(m["values"]) == len(m["layers"]) and all(
+            len(r) == len(m["steps"]) for r in m["values"]
+        )
         for layer, row in zip(m["layers"], m["values"]):
             stored = dict(events.scalars(f"{kind}/{layer}/{stat}"))
             expected = np.array([stored[s] for s in m["steps"]])
@@ -123,7 +136,9 @@ def test_the_last_findings_text_holds_every_finding_of_the_fit(tmp_path: Path) -
     texts = read_tb(tmp_path / "h").acc.Tensors("health/findings/text_summary")
     last = json.loads(texts[-1].tensor_proto.string_val[0])
     assert len(texts) >= 2  # new findings at more than one step
-    assert {(f["rule"], f["module"]) for f in last} == {(f.rule, f.module) for f in health.report.findings()}
+    assert {(f["rule"], f["module"]) for f in last} == {
+        (f.rule, f.module) for f in health.report.findings()
+    }
 
 
 def test_unknown_run_or_statistic_is_a_clear_404(url: str) -> None:

@@ -65,7 +65,11 @@ class OverviewPage(Callback):
         self._coordinator.observers.append(self.observe)
 
     def observe(
-        self, step: int, scalars: Mapping[str, float], histograms: Mapping[str, Any], findings: Sequence[Any]
+        self,
+        step: int,
+        scalars: Mapping[str, float],
+        histograms: Mapping[str, Any],
+        findings: Sequence[Any],
     ) -> None:
         """Take what a monitor published; rewrite the page every ``every_n_logs`` logged steps."""
         if self._last_step is not None and step > self._last_step:
@@ -84,7 +88,9 @@ class OverviewPage(Callback):
         if logger is None:
             return
         try:
-            page = render_page({logger.run_id: self.data}, title=f"lightning-inspect {logger.run_id}")
+            page = render_page(
+                {logger.run_id: self.data}, title=f"lightning-inspect {logger.run_id}"
+            )
             logger.experiment.log_text(logger.run_id, page, ARTIFACT)
         except Exception as exc:  # the page must never stop training
             if not self._warned:

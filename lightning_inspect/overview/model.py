@@ -114,7 +114,9 @@ class RunData:
             data.stats.setdefault(stat)
             data.values.setdefault((layer, stat), {})[int(step)] = float(value)
 
-    def add_histogram(self, key: str, step: int, lo: float, hi: float, counts: Sequence[float]) -> None:
+    def add_histogram(
+        self, key: str, step: int, lo: float, hi: float, counts: Sequence[float]
+    ) -> None:
         """Add one histogram: ``counts`` (whole numbers) in equal bins from ``lo`` to ``hi``."""
         parts = split_histogram_key(key)
         if parts is None:
@@ -177,12 +179,12 @@ class RunData:
     def meta(self) -> dict[str, Any]:
         """The run's kinds (layers, statistics, steps, which layers have histograms), findings."""
         kinds = {}
-        for kind in VIEW_KINDS:
+        for kind, label in VIEW_KINDS.items():
             if kind not in self.kinds:
                 continue
             data = self.kinds[kind]
             kinds[kind] = {
-                "label": VIEW_KINDS[kind],
+                "label": label,
                 "layers": list(data.layers),
                 "stats": list(data.stats),
                 "steps": self.steps(kind),
@@ -195,7 +197,9 @@ class RunData:
         out = self.meta()
         for kind, info in out["kinds"].items():
             info["values"] = {stat: self.matrix(kind, stat) for stat in info["stats"]}
-            info["hist"] = {layer: self.layer_histograms(kind, layer) for layer in info["histograms"]}
+            info["hist"] = {
+                layer: self.layer_histograms(kind, layer) for layer in info["histograms"]
+            }
         return out
 
 
@@ -216,7 +220,12 @@ def safe_json(value: Any) -> str:
     '{"m": "\\\\u003c/script\\\\u003e"}'
     """
     text = json.dumps(value, allow_nan=False)
-    for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"),
-                         ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+    for char, escape in (
+        ("<", "\\u003c"),
+        (">", "\\u003e"),
+        ("&", "\\u0026"),
+        ("\u2028", "\\u2028"),
+        ("\u2029", "\\u2029"),
+    ):
         text = text.replace(char, escape)
     return text

@@ -14,6 +14,7 @@ import numpy as np
 
 from lightning_inspect.keys import FINDINGS_KEY
 from lightning_inspect.overview.model import RunData, split_histogram_key, split_key
+
 #: At most this many steps per series are read (TensorBoard keeps a sample of longer series).
 MAX_STEPS = 10_000
 
@@ -30,10 +31,12 @@ class LogDirReader:
 
         run_filter = RunTagFilter(runs=[run]) if run is not None else None
         method = self.provider.list_scalars if plugin == "scalars" else self.provider.list_tensors
-        return method(ctx, experiment_id=self.experiment_id, plugin_name=plugin, run_tag_filter=run_filter)
+        return method(
+            ctx, experiment_id=self.experiment_id, plugin_name=plugin, run_tag_filter=run_filter
+        )
 
     def runs(self, ctx: Any) -> list[str]:
-        """The runs that hold lightning-inspect statistics or histograms, in the provider's order."""
+        """The runs holding lightning-inspect statistics or histograms, in the provider's order."""
         found: dict[str, None] = {}
         for run, tags in self._list(ctx, "scalars").items():
             if any(split_key(tag) is not None for tag in tags):
@@ -48,7 +51,9 @@ class LogDirReader:
         marks = []
         for plugin in ("scalars", "histograms", "text"):
             series = self._list(ctx, plugin, run).get(run, {})
-            marks.append(max(((s.max_step, s.max_wall_time) for s in series.values()), default=None))
+            marks.append(
+                max(((s.max_step, s.max_wall_time) for s in series.values()), default=None)
+            )
         return tuple(marks)
 
     def run_data(self, ctx: Any, run: str) -> RunData:
@@ -63,8 +68,11 @@ class LogDirReader:
         tags = [t for t in self._list(ctx, "scalars", run).get(run, {}) if split_key(t)]
         if tags:
             read = self.provider.read_scalars(
-                ctx, experiment_id=self.experiment_id, plugin_name="scalars",
-                downsample=MAX_STEPS, run_tag_filter=RunTagFilter(runs=[run], tags=tags),
+                ctx,
+                experiment_id=self.experiment_id,
+                plugin_name="scalars",
+                downsample=MAX_STEPS,
+                run_tag_filter=RunTagFilter(runs=[run], tags=tags),
             ).get(run, {})
             by_step: dict[int, dict[str, float]] = {}
             for tag in tags:  # the provider's tag order: the order keys were first written
@@ -82,12 +90,18 @@ class LogDirReader:
         from tensorboard.data.provider import RunTagFilter
 
         # SummaryWriter.add_text writes the tag with "/text_summary" appended
-        tags = [t for t in self._list(ctx, "text", run).get(run, {})
-                if t in (FINDINGS_KEY, f"{FINDINGS_KEY}/text_summary")]
+        tags = [
+            t
+            for t in self._list(ctx, "text", run).get(run, {})
+            if t in (FINDINGS_KEY, f"{FINDINGS_KEY}/text_summary")
+        ]
         if not tags:
             return []
         read = self.provider.read_tensors(
-            ctx, experiment_id=self.experiment_id, plugin_name="text", downsample=MAX_STEPS,
+            ctx,
+            experiment_id=self.experiment_id,
+            plugin_name="text",
+            downsample=MAX_STEPS,
             run_tag_filter=RunTagFilter(runs=[run], tags=tags),
         ).get(run, {})
         found: list[dict[str, Any]] = []
@@ -106,7 +120,10 @@ class LogDirReader:
 
         tag = f"{'weights' if kind == 'update_ratios' else kind}/{layer}"
         read = self.provider.read_tensors(
-            ctx, experiment_id=self.experiment_id, plugin_name="histograms", downsample=MAX_STEPS,
+            ctx,
+            experiment_id=self.experiment_id,
+            plugin_name="histograms",
+            downsample=MAX_STEPS,
             run_tag_filter=RunTagFilter(runs=[run], tags=[tag]),
         ).get(run, {})
         data = RunData()

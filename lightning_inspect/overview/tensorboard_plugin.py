@@ -39,8 +39,12 @@ class InspectPlugin(base_plugin.TBPlugin):
     def get_plugin_apps(self) -> dict[str, Any]:
         apps: dict[str, Any] = {f"/{name}": self._serve_static for name in ASSETS}
         apps.update(
-            {"/runs": self._serve_runs, "/meta": self._serve_meta, "/matrix": self._serve_matrix,
-             "/histograms": self._serve_histograms}
+            {
+                "/runs": self._serve_runs,
+                "/meta": self._serve_meta,
+                "/matrix": self._serve_matrix,
+                "/histograms": self._serve_histograms,
+            }
         )
         return apps
 
@@ -81,16 +85,23 @@ class InspectPlugin(base_plugin.TBPlugin):
         kind, stat = request.args.get("kind", ""), request.args.get("stat", "")
         if kind not in run.kinds or stat not in run.kinds[kind].stats:
             return _error(request, f"no statistic {stat!r} of kind {kind!r} in this run", 404)
-        return _json(request, {"layers": list(run.kinds[kind].layers), "steps": run.steps(kind),
-                      "values": run.matrix(kind, stat)})
+        return _json(
+            request,
+            {
+                "layers": list(run.kinds[kind].layers),
+                "steps": run.steps(kind),
+                "values": run.matrix(kind, stat),
+            },
+        )
 
     @wrappers.Request.application
     def _serve_histograms(self, request: wrappers.Request) -> wrappers.Response:
         if self._reader is None:
             return _error(request, "no data provider", 404)
         args = request.args
-        hist = self._reader.histograms(_ctx(request), args.get("run", ""), args.get("kind", ""),
-                                       args.get("layer", ""))
+        hist = self._reader.histograms(
+            _ctx(request), args.get("run", ""), args.get("kind", ""), args.get("layer", "")
+        )
         return _json(request, hist)
 
     def _run_data(self, request: wrappers.Request) -> RunData | wrappers.Response:

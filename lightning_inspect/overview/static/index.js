@@ -14,5 +14,6 @@ export async function render() {
   const root = document.createElement("div");
   root.id = "inspect-root";
   document.body.appendChild(root);
-  await window.LightningInspectOverview.start(root, window.LightningInspectOverview.httpSource("./"));
+  const overview = window.LightningInspectOverview;
+  await overview.start(root, overview.httpSource("./"));
 }

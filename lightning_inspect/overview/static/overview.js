@@ -67,7 +67,8 @@
       const m = Math.max(Math.abs(lo), Math.abs(hi)) || 1;
       return { log: false, lo: -m, hi: m, map: (v) => (v + m) / (2 * m) };
     }
-    const log = mode === "log" || (mode === "auto" && lo >= 0 && minPos < Infinity && hi / minPos >= 1e3);
+    const wide = lo >= 0 && minPos < Infinity && hi / minPos >= 1e3;
+    const log = mode === "log" || (mode === "auto" && wide);
     if (log) {
       const a = Math.log10(minPos), b = Math.log10(hi);
       const span = b - a || 1;
@@ -129,12 +130,13 @@
   // -- heatmap -----------------------------------------------------------------------------
 
   const MARGIN = { left: 170, top: 24, right: 70, bottom: 34 };
+  const SEVERITY_COLOURS = { error: "#e00000", warning: "#ff8c00", info: "#1e90ff" };
 
   /** Draw a layers x steps matrix on one canvas (one image of cells, scaled); returns it. */
   function heatmap(parent, m, opts) {
     const rows = m.layers.length, cols = m.steps.length;
     const cell = Math.max(2, Math.min(18, Math.floor(520 / Math.max(rows, 1))));
-    const plotW = Math.max(300, Math.min(opts.width || 900, cols * 40));
+    const plotW = Math.max(300, Math.min(900, cols * 40));
     const plotH = Math.max(rows * cell, 40);
     const [c, ctx] = canvas(MARGIN.left + plotW + MARGIN.right, MARGIN.top + plotH + MARGIN.bottom);
     c.className = "li-heatmap";
@@ -175,7 +177,7 @@
     function mark(f, i, j) {
       marked++;
       const x = MARGIN.left + j * cw, y = MARGIN.top + i * ch;
-      ctx.strokeStyle = f.severity === "error" ? "#e00000" : f.severity === "warning" ? "#ff8c00" : "#1e90ff";
+      ctx.strokeStyle = SEVERITY_COLOURS[f.severity] || SEVERITY_COLOURS.info;
       ctx.lineWidth = 2;
       ctx.strokeRect(x + 1, y + 1, Math.max(cw - 2, 2), Math.max(ch - 2, 2));
       if (f.rule === "nonfinite") {
@@ -207,7 +209,7 @@
     const barX = MARGIN.left + plotW + 12;
     for (let y = 0; y < plotH; y++) {
       const t = Math.round((1 - y / plotH) * 255);
-      ctx.fillStyle = "rgb(" + colours[t * 3] + "," + colours[t * 3 + 1] + "," + colours[t * 3 + 2] + ")";
+      ctx.fillStyle = `rgb(${colours[t * 3]},${colours[t * 3 + 1]},${colours[t * 3 + 2]})`;
       ctx.fillRect(barX, MARGIN.top + y, 12, 1);
     }
     ctx.fillStyle = "#222";
@@ -227,8 +229,10 @@
       const notes = (opts.findings || []).filter(
         (f) => concerns(f, m.layers[at.i]) && f.step === m.steps[at.j]);
       opts.tooltip.show(event, [
-        m.layers[at.i], "step " + m.steps[at.j], (opts.valueLabel || "value") + ": " + fmt(m.values[at.i][at.j]),
-        ...notes.map((f) => f.severity + ": " + f.rule + " (" + f.statistic + " = " + fmt(f.value) + ")"),
+        m.layers[at.i],
+        "step " + m.steps[at.j],
+        (opts.valueLabel || "value") + ": " + fmt(m.values[at.i][at.j]),
+        ...notes.map((f) => `${f.severity}: ${f.rule} (${f.statistic} = ${fmt(f.value)})`),
       ]);
     });
     c.addEventListener("mouseleave", () => opts.tooltip.hide());
@@ -301,7 +305,8 @@
       parent.appendChild(c);
       return c;
     }
-    const lo = Math.min(...h.lo.filter((v) => v !== null)), hi = Math.max(...h.hi.filter((v) => v !== null));
+    const lo = Math.min(...h.lo.filter((v) => v !== null));
+    const hi = Math.max(...h.hi.filter((v) => v !== null));
     const grid = Array.from({ length: bins }, () => new Float64Array(n));
     let peak = 0;
     for (let j = 0; j < n; j++) {
@@ -309,7 +314,8 @@
       if (a === null || b === null) continue;
       for (let k = 0; k < bins; k++) {
         const centre = a + ((k + 0.5) * (b - a)) / bins;
-        const row = Math.min(bins - 1, Math.max(0, Math.floor(((centre - lo) / ((hi - lo) || 1)) * bins)));
+        const at = Math.floor(((centre - lo) / ((hi - lo) || 1)) * bins);
+        const row = Math.min(bins - 1, Math.max(0, at));
         grid[row][j] += h.counts[j][k] || 0;
       }
     }
@@ -406,12 +412,17 @@
       const kinds = Object.keys(m.kinds);
       if (!kinds.includes(state.kind)) state.kind = kinds[0];
       const info = m.kinds[state.kind];
-      if (!info.stats.includes(state.stat)) state.stat = info.stats.includes("mean") ? "mean" : info.stats[0];
+      if (!info.stats.includes(state.stat)) {
+        state.stat = info.stats.includes("mean") ? "mean" : info.stats[0];
+      }
+      const others = runs.filter((r) => r !== state.run);
       controls.replaceChildren(
         select("run", runs.map((r) => [r, r]), state.run, (v) => { state.run = v; reset(); }),
-        select("kind", kinds.map((k) => [k, m.kinds[k].label]), state.kind, (v) => { state.kind = v; reset(); }),
-        select("statistic", info.stats.map((s) => [s, s]), state.stat, (v) => { state.stat = v; render(); }),
-        select("compare with", [["", "(none)"], ...runs.filter((r) => r !== state.run).map((r) => [r, r])],
+        select("kind", kinds.map((k) => [k, m.kinds[k].label]), state.kind,
+               (v) => { state.kind = v; reset(); }),
+        select("statistic", info.stats.map((s) => [s, s]), state.stat,
+               (v) => { state.stat = v; render(); }),
+        select("compare with", [["", "(none)"], ...others.map((r) => [r, r])],
                state.other, (v) => { state.other = v; render(); }),
         select("as", [["side", "side by side"], ["diff", "difference"]], state.mode,
                (v) => { state.mode = v; render(); }),
@@ -442,13 +453,17 @@
                   title: state.run + " minus " + state.other + " \u2014 " + state.stat });
         } else {
           heatmap(maps, a, { ...common, findings, title: title(state.run) });
-          if (b) heatmap(maps, b, { ...common, findings: metas[state.other].findings, title: title(state.other) });
+          if (b) {
+            heatmap(maps, b, { ...common, findings: metas[state.other].findings,
+                               title: title(state.other) });
+          }
         }
       }
       renderFindings(m.findings);
       if (state.layer !== null) renderDetail();
       else detail.replaceChildren(el("p", { class: "li-hint" },
-        "Click a cell: the layer's histograms and statistic curves, and the step's profile across layers."));
+        "Click a cell: the layer's histograms and statistic curves, "
+        + "and the step's profile across layers."));
     }
 
     function reset() {
@@ -496,19 +511,26 @@
 
     function renderFindings(findings) {
       if (!findings.length) {
-        findingsBox.replaceChildren(el("p", { class: "li-hint" }, "No health findings in this run."));
+        const none = el("p", { class: "li-hint" }, "No health findings in this run.");
+        findingsBox.replaceChildren(none);
         return;
       }
       const table = el("table");
       const head = el("tr");
-      for (const h of ["step", "severity", "rule", "module", "statistic", "value", "hint"]) head.appendChild(el("th", {}, h));
+      for (const h of ["step", "severity", "rule", "module", "statistic", "value", "hint"]) {
+        head.appendChild(el("th", {}, h));
+      }
       table.appendChild(head);
       for (const f of findings) {
         const tr = el("tr", { class: "li-" + f.severity });
         for (const v of [f.step, f.severity, f.rule, f.module, f.statistic, fmt(f.value), f.hint]) {
           tr.appendChild(el("td", {}, String(v)));
         }
-        tr.addEventListener("click", () => { state.layer = f.module; state.step = f.step; renderDetail(); });
+        tr.addEventListener("click", () => {
+          state.layer = f.module;
+          state.step = f.step;
+          renderDetail();
+        });
         table.appendChild(tr);
       }
       findingsBox.replaceChildren(el("h3", {}, "Health findings"), table);
@@ -517,5 +539,5 @@
     await render();
   }
 
-  window.LightningInspectOverview = { start, inlineSource, httpSource, scaleFor, difference };
+  window.LightningInspectOverview = { start, inlineSource, httpSource };
 })();
