@@ -136,7 +136,8 @@
   function heatmap(parent, m, opts) {
     const rows = m.layers.length, cols = m.steps.length;
     const cell = Math.max(2, Math.min(18, Math.floor(520 / Math.max(rows, 1))));
-    const plotW = Math.max(300, Math.min(900, cols * 40));
+    const room = (opts.width || 1100) - MARGIN.left - MARGIN.right;  // fits the frame
+    const plotW = Math.max(200, Math.min(room, cols * 40));
     const plotH = Math.max(rows * cell, 40);
     const [c, ctx] = canvas(MARGIN.left + plotW + MARGIN.right, MARGIN.top + plotH + MARGIN.bottom);
     c.className = "li-heatmap";
@@ -436,7 +437,8 @@
         status.textContent = "";
         const a = await matrix(state.run, state.kind, state.stat);
         const onCell = (layer, step) => { state.layer = layer; state.step = step; renderDetail(); };
-        const common = { tooltip: tip, onCell, scaleMode: state.scale };
+        const common = { tooltip: tip, onCell, scaleMode: state.scale,
+                         width: maps.clientWidth || window.innerWidth - 30 };
         const findings = m.findings;
         let b = null;
         if (state.other) {
@@ -452,6 +454,7 @@
           heatmap(maps, difference(a, b), { ...common, diverging: true, valueLabel: "difference",
                   title: state.run + " minus " + state.other + " \u2014 " + state.stat });
         } else {
+          if (b && state.mode === "side") common.width = common.width / 2 - 12;
           heatmap(maps, a, { ...common, findings, title: title(state.run) });
           if (b) {
             heatmap(maps, b, { ...common, findings: metas[state.other].findings,
