@@ -72,8 +72,12 @@ def write_run(
 
 
 @contextmanager
-def tensorboard(logdir: Path) -> Iterator[str]:
-    """A TensorBoard server on 127.0.0.1 (default plugins + the Inspect plugin); yields its URL."""
+def tensorboard(logdir: Path, load_fast: str = "false") -> Iterator[str]:
+    """A TensorBoard server on 127.0.0.1 (default plugins + the Inspect plugin); yields its URL.
+
+    ``load_fast="true"``: read the log dir with TensorBoard's Rust data server, as
+    ``tensorboard --logdir`` does by default where ``tensorboard-data-server`` is installed.
+    """
     from tensorboard import default, program
 
     from lightning_inspect.overview.tensorboard_plugin import InspectLoader
@@ -93,7 +97,7 @@ def tensorboard(logdir: Path) -> Iterator[str]:
             "--port",
             "0",
             "--load_fast",
-            "false",
+            load_fast,
             "--reload_interval",
             "0",
         ]

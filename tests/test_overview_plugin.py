@@ -3,7 +3,9 @@ serving runs written by the monitors; values checked against TensorBoard's Event
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -148,3 +150,25 @@ def test_unknown_run_or_statistic_is_a_clear_404(url: str) -> None:
     with pytest.raises(urllib.error.HTTPError) as err:
         get(url, "matrix", run="first", kind="activations", stat="median")
     assert err.value.code == 404
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorboard_data_server") is None,
+    reason="tensorboard-data-server is not installed",
+)
+def test_model_order_with_the_rust_data_server(logdir: Path) -> None:
+    """The Rust data server lists tags in hash order: the order comes from the event files."""
+    with tensorboard(logdir, load_fast="true") as url:
+        deadline = time.monotonic() + 120
+        meta: dict[str, Any] = {}
+        while time.monotonic() < deadline:  # it loads the log dir in the background
+            if "first" in get(url, "runs"):
+                meta = get(url, "meta", run="first")
+                acts = meta["kinds"].get("activations", {})
+                if len(acts.get("steps", [])) == 6 and len(acts.get("histograms", [])) == 3:
+                    break
+            time.sleep(0.5)
+    assert meta["kinds"]["activations"]["layers"] == ORDER
+    assert meta["kinds"]["activation_grads"]["layers"] == ORDER[::-1]
+    assert meta["kinds"]["weights"]["layers"][:2] == ["zeta.weight", "zeta.bias"]
+    assert meta["kinds"]["activations"]["histograms"] == ORDER

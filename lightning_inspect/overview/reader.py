@@ -14,6 +14,7 @@ import numpy as np
 
 from lightning_inspect.keys import FINDINGS_KEY
 from lightning_inspect.overview.model import RunData, split_histogram_key, split_key
+from lightning_inspect.overview.order import key_order
 
 #: At most this many steps per series are read (TensorBoard keeps a sample of longer series).
 MAX_STEPS = 10_000
@@ -22,8 +23,9 @@ MAX_STEPS = 10_000
 class LogDirReader:
     """The overview's view of one TensorBoard data provider (one experiment)."""
 
-    def __init__(self, provider: Any, experiment_id: str = "") -> None:
+    def __init__(self, provider: Any, logdir: str = "", experiment_id: str = "") -> None:
         self.provider = provider
+        self.logdir = logdir
         self.experiment_id = experiment_id
 
     def _list(self, ctx: Any, plugin: str, run: str | None = None) -> dict[str, dict[str, Any]]:
@@ -65,7 +67,15 @@ class LogDirReader:
         from tensorboard.data.provider import RunTagFilter
 
         data = RunData()
-        tags = [t for t in self._list(ctx, "scalars", run).get(run, {}) if split_key(t)]
+        rank = key_order(self.logdir, run) if self.logdir else {}
+        last = len(rank)  # tags not in the first logged step: after those, in the provider's order
+
+        def in_model_order(tags: Any) -> list[str]:
+            return sorted(tags, key=lambda tag: rank.get(tag, last))
+
+        tags = in_model_order(
+            t for t in self._list(ctx, "scalars", run).get(run, {}) if split_key(t)
+        )
         if tags:
             read = self.provider.read_scalars(
                 ctx,
@@ -75,12 +85,12 @@ class LogDirReader:
                 run_tag_filter=RunTagFilter(runs=[run], tags=tags),
             ).get(run, {})
             by_step: dict[int, dict[str, float]] = {}
-            for tag in tags:  # the provider's tag order: the order keys were first written
+            for tag in tags:
                 for datum in read.get(tag, ()):
                     by_step.setdefault(datum.step, {})[tag] = datum.value
             for step in sorted(by_step):
                 data.add_scalars(step, by_step[step])
-        for tag in self._list(ctx, "histograms", run).get(run, {}):
+        for tag in in_model_order(self._list(ctx, "histograms", run).get(run, {})):
             data.note_histograms(tag)
         data.add_findings(self.findings(ctx, run))
         return data

@@ -32,7 +32,8 @@ class InspectPlugin(base_plugin.TBPlugin):
     plugin_name = PLUGIN_NAME
 
     def __init__(self, context: base_plugin.TBContext) -> None:
-        self._reader = LogDirReader(context.data_provider) if context.data_provider else None
+        provider = context.data_provider
+        self._reader = LogDirReader(provider, context.logdir or "") if provider else None
         self._cache: dict[str, tuple[Any, RunData]] = {}
         self._lock = threading.Lock()
 
