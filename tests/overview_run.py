@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import threading
+import urllib.parse
+import urllib.request
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -110,3 +113,13 @@ def tensorboard(logdir: Path, load_fast: str = "false") -> Iterator[str]:
     finally:
         server.shutdown()
         thread.join(timeout=10)
+
+
+def get(url: str, route: str, **args: str) -> Any:
+    """A route of the Inspect plugin: JSON decoded, static files as bytes."""
+    query = urllib.parse.urlencode(args)
+    with urllib.request.urlopen(f"{url}data/plugin/inspect/{route}?{query}", timeout=60) as r:
+        body = r.read()
+        return (
+            json.loads(body) if r.headers["Content-Type"].startswith("application/json") else body
+        )

@@ -136,3 +136,37 @@ def test_an_upload_failure_warns_once_and_training_goes_on(
     ours = [w for w in caught if str(w.message).startswith("OverviewPage: writing")]
     assert len(ours) == 1, [str(w.message) for w in caught]
     assert ARTIFACT in str(ours[0].message)
+
+
+class PoisonAt(Callback):
+    """Writes a NaN into ``zeta.weight`` before the batch of optimizer step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(
+        self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.zeta.weight[0, 0] = float("nan")
+
+
+def test_first_nonfinite_module_reaches_both_pages(
+    tmp_path: Path, mlflow_logger: MLFlowLogger, mlflow_client: Any
+) -> None:
+    from overview_run import get, tensorboard
+
+    write_run(
+        tmp_path / "tb",
+        "nan",
+        steps=5,
+        extra=[PoisonAt(3), OverviewPage()],
+        loggers=[mlflow_logger],
+    )
+    inline = page_data(mlflow_client, mlflow_logger.run_id, tmp_path / "page")["findings"]
+    with tensorboard(tmp_path / "tb") as url:
+        served = get(url, "meta", run="nan")["findings"]
+    for findings in (inline, served):
+        first = [f for f in findings if f["rule"] == "nonfinite"]
+        assert [(f["module"], f["step"], f["severity"]) for f in first] == [("zeta", 3, "error")]

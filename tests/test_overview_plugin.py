@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import read_tb
-from overview_run import HOSTILE, ORDER, tensorboard, write_run
+from overview_run import HOSTILE, ORDER, get, tensorboard, write_run
 
 from lightning_inspect.overview.assets import ASSETS, asset
 
@@ -34,15 +34,6 @@ def logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def url(logdir: Path) -> Iterator[str]:
     with tensorboard(logdir) as url:
         yield url
-
-
-def get(url: str, route: str, **args: str) -> Any:
-    query = urllib.parse.urlencode(args)
-    with urllib.request.urlopen(f"{url}data/plugin/inspect/{route}?{query}", timeout=60) as r:
-        body = r.read()
-        return (
-            json.loads(body) if r.headers["Content-Type"].startswith("application/json") else body
-        )
 
 
 def test_the_tab_is_listed_and_active(url: str) -> None:
