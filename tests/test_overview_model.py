@@ -76,6 +76,30 @@ def test_histograms_and_findings() -> None:
     assert run.findings == [{k: v for k, v in finding.items() if k != "threshold"}]
 
 
+def test_a_copy_is_not_changed_by_later_additions() -> None:
+    run = RunData()
+    run.add_scalars(0, {"activations/fc/mean": 1.0})
+    run.add_histogram("activations/fc", 0, 0.0, 1.0, [1, 1])
+    snapshot = run.copy()
+    run.add_scalars(1, {"activations/fc/mean": 2.0, "activations/head/mean": 3.0})
+    run.add_histogram("activations/fc", 1, 0.0, 1.0, [2, 0])
+    run.add_findings([{"rule": "r", "module": "fc", "step": 1}])
+    assert snapshot.to_json_dict() == {
+        "kinds": {
+            "activations": {
+                "label": "activations",
+                "layers": ["fc"],
+                "stats": ["mean"],
+                "steps": [0],
+                "histograms": ["fc"],
+                "values": {"mean": [[1.0]]},
+                "hist": {"fc": {"steps": [0], "lo": [0.0], "hi": [1.0], "counts": [[1, 1]]}},
+            }
+        },
+        "findings": [],
+    }
+
+
 def test_safe_json_cannot_end_a_script_element() -> None:
     text = safe_json({"m": HOSTILE + "&\u2028\u2029"})
     assert "<" not in text and ">" not in text and "&" not in text

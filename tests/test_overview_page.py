@@ -33,12 +33,13 @@ def page_data(client: Any, run_id: str, out: Path) -> dict[str, Any]:
 class ReadPageAt(Callback):
     """Reads the page back while fit runs, at the end of the batch that reaches ``step``."""
 
-    def __init__(self, client: Any, run_id: str, step: int, out: Path) -> None:
-        self.client, self.run_id, self.step, self.out = client, run_id, step, out
+    def __init__(self, page: OverviewPage, client: Any, run_id: str, step: int, out: Path) -> None:
+        self.page, self.client, self.run_id, self.step, self.out = page, client, run_id, step, out
         self.seen: dict[str, Any] | None = None
 
     def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
         if trainer.global_step == self.step:
+            self.page.wait()  # the refresh is written on a worker thread
             self.seen = page_data(self.client, self.run_id, self.out)
 
 
@@ -77,13 +78,14 @@ def test_page_is_refreshed_every_n_logged_steps(
     tmp_path: Path, mlflow_logger: MLFlowLogger, mlflow_client: Any
 ) -> None:
     run_id = mlflow_logger.run_id
-    probe = ReadPageAt(mlflow_client, run_id, 5, tmp_path / "mid")
+    page = OverviewPage(every_n_logs=2)
+    probe = ReadPageAt(page, mlflow_client, run_id, 5, tmp_path / "mid")
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        make_trainer(
-            6, logger=mlflow_logger, callbacks=[OverviewPage(every_n_logs=2), *monitors(), probe]
-        ).fit(OrderModel(), loader(n=48))
+        make_trainer(6, logger=mlflow_logger, callbacks=[page, *monitors(), probe]).fit(
+            OrderModel(), loader(n=48)
+        )
     # after batch 5 (steps 0..4 published) the last refresh was at the 4th completed step
     assert probe.seen is not None
     assert probe.seen["kinds"]["activations"]["steps"] == [0, 1, 2, 3]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import lightning.pytorch as pl
@@ -28,6 +29,9 @@ class OverviewPage(Callback):
 
     Add it next to the monitors; it needs an ``MLFlowLogger`` in ``Trainer(logger=...)`` (without
     one it does nothing). In TensorBoard the same page is the "Inspect" tab, with no callback.
+
+    The page is built and uploaded on a worker thread from a copy of the data (a refresh replaces
+    one still waiting for the worker); the last one, at the end of fit, on the training thread.
 
     Args:
         every_n_logs: rewrite the page every this many logged steps (and at the end of fit).
@@ -52,6 +56,8 @@ class OverviewPage(Callback):
         self._last_step: int | None = None
         self._complete_steps = 0
         self._warned = False
+        self._worker: ThreadPoolExecutor | None = None
+        self._pending: Future[None] | None = None
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or not self.enabled or not trainer.is_global_zero:
@@ -63,6 +69,7 @@ class OverviewPage(Callback):
         self._last_step, self._complete_steps = None, 0
         self._coordinator = StepCoordinator.for_trainer(trainer)
         self._coordinator.observers.append(self.observe)
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="lightning-inspect-overview")
 
     def observe(
         self,
@@ -75,21 +82,34 @@ class OverviewPage(Callback):
         if self._last_step is not None and step > self._last_step:
             self._complete_steps += 1  # a later step began: the previous one is complete
             if self._complete_steps % self.every_n_logs == 0:
-                self.write()
+                self._refresh()
         self._last_step = step if self._last_step is None else max(step, self._last_step)
         self.data.add_scalars(step, scalars)
         for key, h in histograms.items():
             self.data.add_histogram(key, step, h.edges[0], h.edges[-1], h.counts)
         self.data.add_findings(finding_dicts(findings))
 
-    def write(self) -> None:
-        """Upload the page now (a failure warns once; training goes on)."""
+    def _refresh(self) -> None:
+        """Write a copy of the data on the worker thread; it replaces a write not yet started."""
+        if self._worker is None:
+            return
+        if self._pending is not None:
+            self._pending.cancel()  # no effect on a write under way
+        self._pending = self._worker.submit(self.write, self.data.copy())
+
+    def wait(self) -> None:
+        """Block until the page being written in the background is uploaded."""
+        if self._pending is not None:
+            self._pending.result()
+
+    def write(self, data: RunData | None = None) -> None:
+        """Upload the page of ``data`` (default: all so far) now; a failure warns once."""
         logger = self._logger
         if logger is None:
             return
         try:
             page = render_page(
-                {logger.run_id: self.data}, title=f"lightning-inspect {logger.run_id}"
+                {logger.run_id: data or self.data}, title=f"lightning-inspect {logger.run_id}"
             )
             logger.experiment.log_text(logger.run_id, page, ARTIFACT)
         except Exception as exc:  # the page must never stop training
@@ -107,7 +127,11 @@ class OverviewPage(Callback):
         if self._coordinator is None:
             return
         self._coordinator.flush()
-        self.write()
         self._coordinator.observers.remove(self.observe)
         self._coordinator = None
+        self.wait()
+        self.write()
+        if self._worker is not None:
+            self._worker.shutdown()
+            self._worker = None
         self._logger = None

@@ -99,6 +99,19 @@ class RunData:
     kinds: dict[str, KindData] = field(default_factory=dict)
     findings: list[dict[str, Any]] = field(default_factory=list)
 
+    def copy(self) -> RunData:
+        """A copy that later additions leave unchanged (containers copied, values shared)."""
+        kinds = {
+            name: KindData(
+                dict(k.layers),
+                dict(k.stats),
+                {key: dict(series) for key, series in k.values.items()},
+                {layer: dict(series) for layer, series in k.histograms.items()},
+            )
+            for name, k in self.kinds.items()
+        }
+        return RunData(kinds, [dict(f) for f in self.findings])
+
     def _kind(self, kind: str) -> KindData:
         return self.kinds.setdefault(kind, KindData())
 
