@@ -172,3 +172,15 @@ def test_first_nonfinite_module_reaches_both_pages(
     for findings in (inline, served):
         first = [f for f in findings if f["rule"] == "nonfinite"]
         assert [(f["module"], f["step"], f["severity"]) for f in first] == [("zeta", 3, "error")]
+
+
+def test_values_it_cannot_take_warn_once_and_never_raise() -> None:
+    page = OverviewPage()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(3):
+            page.observe(step, {"activations/fc/mean": 1.0}, {"activations/fc": object()}, ())
+    assert [str(w.message)[:45] for w in caught] == [
+        "OverviewPage: taking the values of step 0 fai"
+    ]
+    assert page.data.steps("activations") == [0, 1, 2]  # the scalars before the fault are kept

@@ -274,7 +274,7 @@ class HealthMonitor(ModuleMonitor):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._finished = False
-        self._shared: list[Finding] = []  # findings of this fit written as FINDINGS_KEY so far
+        self._shared = []  # the findings of this fit written under FINDINGS_KEY so far
         super().setup(trainer, pl_module, stage)
 
     def _after_selection(self, pl_module: pl.LightningModule) -> None:

@@ -66,7 +66,7 @@ class OverviewPage(Callback):
         if self._logger is None:
             return
         self.data = RunData()
-        self._last_step, self._complete_steps = None, 0
+        self._last_step, self._complete_steps, self._warned = None, 0, False
         self._coordinator = StepCoordinator.for_trainer(trainer)
         self._coordinator.observers.append(self.observe)
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="lightning-inspect-overview")
@@ -79,6 +79,19 @@ class OverviewPage(Callback):
         findings: Sequence[Any],
     ) -> None:
         """Take what a monitor published; rewrite the page every ``every_n_logs`` logged steps."""
+        try:
+            self._take(step, scalars, histograms, findings)
+        except Exception as exc:  # the page must never stop training
+            self._warn(f"taking the values of step {step}", exc)
+
+    def _take(
+        self,
+        step: int,
+        scalars: Mapping[str, float],
+        histograms: Mapping[str, Any],
+        findings: Sequence[Any],
+    ) -> None:
+        """Add the values to the data; a step that begins completes the one before it."""
         if self._last_step is not None and step > self._last_step:
             self._complete_steps += 1  # a later step began: the previous one is complete
             if self._complete_steps % self.every_n_logs == 0:
@@ -109,18 +122,23 @@ class OverviewPage(Callback):
             return
         try:
             page = render_page(
-                {logger.run_id: data or self.data}, title=f"lightning-inspect {logger.run_id}"
+                {logger.run_id: self.data if data is None else data},
+                title=f"lightning-inspect {logger.run_id}",
             )
             logger.experiment.log_text(logger.run_id, page, ARTIFACT)
         except Exception as exc:  # the page must never stop training
-            if not self._warned:
-                self._warned = True
-                warnings.warn(
-                    f"OverviewPage: writing {ARTIFACT} failed ({type(exc).__name__}: {exc}); "
-                    "training continues and the page is tried again at the next refresh.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+            self._warn(f"writing {ARTIFACT}", exc)
+
+    def _warn(self, what: str, exc: Exception) -> None:
+        """One warning per fit, for the first fault."""
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"OverviewPage: {what} failed ({type(exc).__name__}: {exc}); training "
+                "continues and the page is written again at the next refresh.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # After every callback's on_train_end: the monitors have published their last step.
