@@ -470,6 +470,7 @@
     }
 
     function reset() {
+      if (state.other === state.run) state.other = "";
       state.layer = null;
       state.step = null;
       render();
