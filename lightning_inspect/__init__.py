@@ -20,6 +20,7 @@ from lightning_inspect.config import instantiate_callbacks, validate_callback_co
 from lightning_inspect.diagnostics import Finding, HealthReport, HealthRules, HealthThresholds
 from lightning_inspect.errors import BackendError, ConfigError, InspectError, NonFiniteError, SelectionError
 from lightning_inspect.health_nonfinite import FirstNonFiniteError, NonFiniteOrigin
+from lightning_inspect.overview import OverviewPage
 from lightning_inspect.probes import ProbeContext, current_context, enabled, probe, probing
 from lightning_inspect.run_record import RecordInit, construction_record, record_init
 from lightning_inspect.selection import normalise_name, select_modules
@@ -47,6 +48,7 @@ __all__ = [
     "ModuleMonitor",
     "NonFiniteError",
     "NonFiniteOrigin",
+    "OverviewPage",
     "ProbeContext",
     "ProbeSwitch",
     "RecordInit",

@@ -43,6 +43,10 @@ PER_RANK_KINDS = ("activations", "activation_grads")
 def is_per_rank(key: str) -> bool:
     """Whether the values under ``key`` are combined across data-parallel ranks."""
     return key.split("/", 1)[0] in PER_RANK_KINDS
+
+
+#: TensorBoard text: the health findings of the fit so far as a JSON list (for the overview).
+FINDINGS_KEY = "health/findings"
 MLFLOW_MAX_KEY_LENGTH = 250
 _MLFLOW_INVALID = re.compile(r"[^\w\-./ ]")
 

@@ -27,8 +27,9 @@ Example:
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -130,6 +131,8 @@ def combine_across_ranks(host: list[HostRecord]) -> list[HostRecord]:
 
 
 Publisher = Callable[[StepRecord, HostRecord], None]
+#: Receives what monitors published: step, scalars, histograms (by key), health findings.
+Observer = Callable[[int, Mapping[str, float], Mapping[str, Any], Sequence[Any]], None]
 
 
 class StepCoordinator:
@@ -145,6 +148,7 @@ class StepCoordinator:
     def __init__(self) -> None:
         self._members: list[int] = []
         self._pending: list[tuple[StepRecord, Publisher]] = []
+        self.observers: list[Observer] = []
 
     @classmethod
     def for_trainer(cls, trainer: object) -> StepCoordinator:
@@ -174,6 +178,14 @@ class StepCoordinator:
         """Called by each monitor at the end of a batch; the last one flushes."""
         if not self._members or id(member) == self._members[-1]:
             self.flush()
+
+    def notify(
+        self, step: int, scalars: Mapping[str, float], histograms: Mapping[str, Any],
+        findings: Sequence[Any] = (),
+    ) -> None:
+        """Hand what a monitor published to the observers (e.g. the overview page)."""
+        for observer in self.observers:
+            observer(step, scalars, histograms, findings)
 
     def flush(self) -> None:
         """Transfer and publish everything queued."""

@@ -161,7 +161,7 @@ def test_the_readme_run_command_draws_curves_in_the_tabs_the_readme_lists(tmp_pa
     assert min(len(events.Scalars(t)) for t in monitored) >= 10
     assert min(len(events.Histograms(t)) for t in tags["histograms"]) >= 10
     filled = {
-        "Scalars": bool(tags["scalars"]), "Histograms": bool(tags["histograms"]),
+        "Inspect": bool(monitored), "Scalars": bool(tags["scalars"]), "Histograms": bool(tags["histograms"]),
         "Distributions": bool(tags["distributions"]),
         "Time Series": bool(tags["scalars"] or tags["histograms"]),
         "Images": bool(tags["images"]), "Graphs": tags["graph"],

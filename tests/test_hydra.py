@@ -34,6 +34,7 @@ from lightning_inspect import (
     GradientMonitor,
     GraphMonitor,
     HealthMonitor,
+    OverviewPage,
     RunRecord,
     ShapeTracer,
     WeightMonitor,
@@ -241,10 +242,11 @@ def test_every_shipped_option_composes_into_callbacks(compose_app: Any, path: Pa
 
 
 def test_monitor_defaults(compose_app: Any) -> None:
-    act, grad, weights, graph, record = instantiate_callbacks(compose_app("+inspect=all").inspect)
-    assert (type(act), type(grad), type(weights), type(graph), type(record)) == (
-        ActivationMonitor, GradientMonitor, WeightMonitor, GraphMonitor, RunRecord,
-    )
+    callbacks = instantiate_callbacks(compose_app("+inspect=all").inspect)
+    act, grad, weights, graph, record, overview = callbacks
+    assert [type(cb) for cb in callbacks] == [
+        ActivationMonitor, GradientMonitor, WeightMonitor, GraphMonitor, RunRecord, OverviewPage,
+    ]
     for monitor in (act, grad, weights):
         assert monitor.modules == [] and monitor.exclude == []
         assert monitor.schedule.every_n_steps == 50
@@ -256,17 +258,21 @@ def test_monitor_defaults(compose_app: Any) -> None:
     assert graph.graph and graph.structure and graph.enabled
 
 
-def test_all_gives_the_four_monitors_and_the_run_record(compose_app: Any) -> None:
+def test_all_gives_the_four_monitors_the_run_record_and_the_overview(compose_app: Any) -> None:
     cfg = compose_app("+inspect=all")
-    assert sorted(cfg.inspect) == ["activations", "gradients", "graph", "record", "weights"]
+    assert sorted(cfg.inspect) == [
+        "activations", "gradients", "graph", "overview", "record", "weights",
+    ]
     assert "defaults" not in cfg.inspect
     types = {type(cb) for cb in instantiate_callbacks(cfg.inspect)}
-    assert types == {ActivationMonitor, GradientMonitor, WeightMonitor, GraphMonitor, RunRecord}
+    assert types == {
+        ActivationMonitor, GradientMonitor, WeightMonitor, GraphMonitor, RunRecord, OverviewPage,
+    }
 
 
 def test_the_example_apps_all_is_the_shipped_all_every_4_steps(compose_example: Any) -> None:
     example = compose_example("+inspect=all").inspect
-    names = ("activations", "gradients", "weights", "graph", "record")
+    names = ("activations", "gradients", "weights", "graph", "record", "overview")
     shipped = {n: OmegaConf.load(GROUP_DIR / f"{n}.yaml")[n] for n in names}
     assert sorted(example) == sorted(shipped)
     for name, entry in shipped.items():

@@ -166,3 +166,33 @@ def test_unrelated_hydra_app_switches_inspection_on(fresh_venv: Path, tmp_path: 
     )
     assert from_plugin.returncode == 0, from_plugin.stderr
     assert Path(from_plugin.stdout.strip().removeprefix("file://")).resolve().is_relative_to(venv_root.resolve())
+
+
+def test_wheel_ships_the_tensorboard_plugin(wheel: Path) -> None:
+    archive = zipfile.ZipFile(wheel)
+    names = set(archive.namelist())
+    for name in ("index.js", "overview.js", "overview.css"):
+        assert f"lightning_inspect/overview/static/{name}" in names, sorted(names)
+    (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
+    text = archive.read(entry_points).decode()
+    assert "[tensorboard_plugins]" in text
+    assert "inspect = lightning_inspect.overview.tensorboard_plugin:InspectLoader" in text
+
+
+def test_installed_entry_point_loads_the_plugin(fresh_venv: Path, tmp_path: Path) -> None:
+    """TensorBoard finds plugins through this entry point group: load it as TensorBoard does."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    script = (
+        "from importlib.metadata import entry_points\n"
+        "(ep,) = [e for e in entry_points(group='tensorboard_plugins') if e.name == 'inspect']\n"
+        "loader = ep.load()()\n"
+        "from tensorboard.plugins.base_plugin import TBContext\n"
+        "plugin = loader.load(TBContext(logdir='.'))\n"
+        "print(type(plugin).__module__, plugin.frontend_metadata().tab_name, sorted(plugin.get_plugin_apps()))\n"
+    )
+    result = subprocess.run([str(fresh_venv), "-c", script], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    module, tab, routes = result.stdout.split(" ", 2)
+    assert module == "lightning_inspect.overview.tensorboard_plugin" and tab == "Inspect"
+    assert "/index.js" in routes and "/meta" in routes

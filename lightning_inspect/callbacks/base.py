@@ -359,6 +359,8 @@ class ModuleMonitor(Callback):
             sink.log_scalars(out, step)
             if hists:
                 sink.log_histograms(hists, step)
+        if self._coordinator is not None:
+            self._coordinator.notify(step, out, hists)
         self._check_nonfinite(rows, step)
 
     def _check_nonfinite(self, rows: dict[str, Any], step: int) -> None:

@@ -16,6 +16,8 @@ lifetime, one device-to-host transfer per logging step through the shared coordi
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -30,7 +32,7 @@ from lightning_inspect._checks import as_str_list, check_bool, check_choice, che
 from lightning_inspect.callbacks._grad_scaler import gradients_scaled, grad_scaler, loss_scale, scaler_found_inf
 from lightning_inspect.callbacks._module_hooks import in_backward_pass
 from lightning_inspect.callbacks.base import ModuleMonitor
-from lightning_inspect.diagnostics import HealthReport, HealthRules, HealthThresholds, scaler_stalled
+from lightning_inspect.diagnostics import Finding, HealthReport, HealthRules, HealthThresholds, scaler_stalled
 from lightning_inspect.errors import InspectError
 from lightning_inspect.health_nonfinite import (
     CHECK_MODES,
@@ -42,7 +44,7 @@ from lightning_inspect.health_nonfinite import (
 )
 from lightning_inspect.health_pictures import heatmap, publish_image
 from lightning_inspect.hooks import InertWhenCopied, is_suspended
-from lightning_inspect.keys import metric_key
+from lightning_inspect.keys import FINDINGS_KEY, metric_key
 from lightning_inspect.recorder import HostRecord, StepRecord
 from lightning_inspect.selection import select_modules
 from lightning_inspect.sinks import Sink
@@ -237,6 +239,7 @@ class HealthMonitor(ModuleMonitor):
 
         self.rules = HealthRules(self.thresholds)
         self.report = HealthReport()
+        self._shared: list[Finding] = []
         #: The latest picture of each statistic, as an ``(H, W, 3)`` uint8 array.
         self.pictures: dict[str, np.ndarray] = {}
         #: ``{statistic: {module: [(step, value), ...]}}`` of everything logged.
@@ -274,6 +277,7 @@ class HealthMonitor(ModuleMonitor):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._finished = False
+        self._shared = []  # the findings of this fit written under FINDINGS_KEY so far
         super().setup(trainer, pl_module, stage)
 
     def _after_selection(self, pl_module: pl.LightningModule) -> None:
@@ -515,7 +519,9 @@ class HealthMonitor(ModuleMonitor):
                 self._stall_reported = True
                 findings.append(stalled)
         self.report.logged_steps += 1
-        for finding in self.report.extend(findings):
+        new = self.report.extend(findings)
+        self._share_findings(new, record.step)
+        for finding in new:
             if self.warn_findings and finding.severity != "info":
                 rank_zero_warn(f"{self._owner}: {finding.summary()}", category=RuntimeWarning)
         self._logs += 1
@@ -524,7 +530,22 @@ class HealthMonitor(ModuleMonitor):
 
     def _on_origin(self, origin: NonFiniteOrigin) -> None:
         depth = self.order.index(origin.module) if origin.module in self._order_set else -1
-        self.report.add(origin.to_finding(depth))
+        finding = origin.to_finding(depth)
+        if self.report.add(finding):
+            self._share_findings([finding], origin.step)
+
+    def _share_findings(self, findings: list[Finding], step: int) -> None:
+        """New findings to the step's observers, and all of this fit's so far as JSON text for
+        TensorBoard's overview tab (TensorBoard keeps a sample of a text's steps, always the last)."""
+        if not findings:
+            return
+        self._shared.extend(findings)
+        text = json.dumps([dataclasses.asdict(f) for f in self._shared])
+        for sink in self.sinks:
+            if sink.name == "tensorboard":
+                sink.log_text(FINDINGS_KEY, text, step)
+        if self._coordinator is not None:
+            self._coordinator.notify(step, {}, {}, findings)
 
     def _draw_pictures(self, step: int) -> None:
         index = {n: i for i, n in enumerate(self.order)}

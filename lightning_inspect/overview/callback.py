@@ -1,0 +1,155 @@
+"""The overview page in MLflow: :class:`OverviewPage` writes ``lightning_inspect/overview.html``.
+
+The page is fed in-process with what the monitors publish (through the Trainer's
+:class:`~lightning_inspect.recorder.StepCoordinator`), not read back from MLflow, so it shows the
+same statistics, histograms and findings whatever MLflow itself is sent.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+from lightning_inspect._checks import check_bool, check_positive_int
+from lightning_inspect.overview.model import RunData, finding_dicts
+from lightning_inspect.overview.page import render_page
+from lightning_inspect.recorder import StepCoordinator
+from lightning_inspect.sinks import attached_loggers
+
+ARTIFACT = "lightning_inspect/overview.html"
+
+
+class OverviewPage(Callback):
+    """Write the overview page (layers x steps heatmaps, histograms, findings) to MLflow.
+
+    Add it next to the monitors; it needs an ``MLFlowLogger`` in ``Trainer(logger=...)`` (without
+    one it does nothing). In TensorBoard the same page is the "Inspect" tab, with no callback.
+
+    The page is built and uploaded on a worker thread from a copy of the data (a refresh replaces
+    one still waiting for the worker); the last one, at the end of fit, on the training thread.
+
+    Args:
+        every_n_logs: rewrite the page every this many logged steps (and at the end of fit).
+        enabled: ``False`` attaches the callback but writes nothing.
+
+    Logged artifacts:
+        ``lightning_inspect/overview.html``: one self-contained HTML file (data inlined).
+
+    Example::
+
+        trainer = L.Trainer(logger=MLFlowLogger(...),
+                            callbacks=[ActivationMonitor(), GradientMonitor(), OverviewPage()])
+    """
+
+    def __init__(self, every_n_logs: int = 10, enabled: bool = True) -> None:
+        owner = type(self).__name__
+        self.every_n_logs = check_positive_int(owner, "every_n_logs", every_n_logs)
+        self.enabled = check_bool(owner, "enabled", enabled)
+        self.data = RunData()
+        self._logger: Any = None
+        self._coordinator: StepCoordinator | None = None
+        self._last_step: int | None = None
+        self._complete_steps = 0
+        self._warned = False
+        self._worker: ThreadPoolExecutor | None = None
+        self._pending: Future[None] | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or not self.enabled or not trainer.is_global_zero:
+            return
+        self._logger = attached_loggers(trainer).get("mlflow")
+        if self._logger is None:
+            return
+        self.data = RunData()
+        self._last_step, self._complete_steps, self._warned = None, 0, False
+        self._coordinator = StepCoordinator.for_trainer(trainer)
+        self._coordinator.observers.append(self.observe)
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="lightning-inspect-overview")
+
+    def observe(
+        self,
+        step: int,
+        scalars: Mapping[str, float],
+        histograms: Mapping[str, Any],
+        findings: Sequence[Any],
+    ) -> None:
+        """Take what a monitor published; rewrite the page every ``every_n_logs`` logged steps."""
+        try:
+            self._take(step, scalars, histograms, findings)
+        except Exception as exc:  # the page must never stop training
+            self._warn(f"taking the values of step {step}", exc)
+
+    def _take(
+        self,
+        step: int,
+        scalars: Mapping[str, float],
+        histograms: Mapping[str, Any],
+        findings: Sequence[Any],
+    ) -> None:
+        """Add the values to the data; a step that begins completes the one before it."""
+        if self._last_step is not None and step > self._last_step:
+            self._complete_steps += 1  # a later step began: the previous one is complete
+            if self._complete_steps % self.every_n_logs == 0:
+                self._refresh()
+        self._last_step = step if self._last_step is None else max(step, self._last_step)
+        self.data.add_scalars(step, scalars)
+        for key, h in histograms.items():
+            self.data.add_histogram(key, step, h.edges[0], h.edges[-1], h.counts)
+        self.data.add_findings(finding_dicts(findings))
+
+    def _refresh(self) -> None:
+        """Write a copy of the data on the worker thread; it replaces a write not yet started."""
+        if self._worker is None:
+            return
+        if self._pending is not None:
+            self._pending.cancel()  # no effect on a write under way
+        self._pending = self._worker.submit(self.write, self.data.copy())
+
+    def wait(self) -> None:
+        """Block until the page being written in the background is uploaded."""
+        if self._pending is not None:
+            self._pending.result()
+
+    def write(self, data: RunData | None = None) -> None:
+        """Upload the page of ``data`` (default: all so far) now; a failure warns once."""
+        logger = self._logger
+        if logger is None:
+            return
+        try:
+            page = render_page(
+                {logger.run_id: self.data if data is None else data},
+                title=f"lightning-inspect {logger.run_id}",
+            )
+            logger.experiment.log_text(logger.run_id, page, ARTIFACT)
+        except Exception as exc:  # the page must never stop training
+            self._warn(f"writing {ARTIFACT}", exc)
+
+    def _warn(self, what: str, exc: Exception) -> None:
+        """One warning per fit, for the first fault."""
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"OverviewPage: {what} failed ({type(exc).__name__}: {exc}); training "
+                "continues and the page is written again at the next refresh.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # After every callback's on_train_end: the monitors have published their last step.
+        if self._coordinator is None:
+            return
+        self._coordinator.flush()
+        self._coordinator.observers.remove(self.observe)
+        self._coordinator = None
+        self.wait()
+        self.write()
+        if self._worker is not None:
+            self._worker.shutdown()
+            self._worker = None
+        self._logger = None

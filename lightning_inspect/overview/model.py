@@ -1,0 +1,244 @@
+"""The overview's data model: per run, layers x steps matrices of every statistic, histograms
+per layer and step, and health findings; serialised as JSON for the one frontend.
+
+Metric keys (:mod:`lightning_inspect.keys`) map to a *view kind*, a *layer* and a *statistic*:
+``activations/<module>[/<output>]/<stat>`` -> (``activations``, ``<module>[/<output>]``,
+``<stat>``); ``weights/<param>/update_ratio`` -> (``update_ratios``, ``<param>``,
+``update_ratio``). Layers keep the order in which their keys first arrive (the execution or
+selection order of the monitors), never sorted.
+
+Example:
+    >>> run = RunData()
+    >>> run.add_scalars(0, {"activations/conv/mean": 0.5, "activations/fc/mean": 1.0})
+    >>> run.add_scalars(2, {"activations/conv/mean": 0.25})
+    >>> run.matrix("activations", "mean")
+    [[0.5, 0.25], [1.0, None]]
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+#: The views, in the order the page lists them: key prefix -> label.
+VIEW_KINDS = {
+    "activations": "activations",
+    "activation_grads": "activation gradients",
+    "param_grads": "parameter gradients",
+    "weights": "weights",
+    "update_ratios": "update ratios",
+    "health": "health",
+}
+_UPDATE_RATIO = "update_ratio"
+_DIGITS = 6  # significant digits kept in the page's data
+
+
+def split_key(key: str) -> tuple[str, str, str] | None:
+    """``(view kind, layer, statistic)`` of a scalar key; ``None`` for keys without a layer.
+
+    >>> split_key("activations/attn/0/mean")
+    ('activations', 'attn/0', 'mean')
+    >>> split_key("weights/fc.weight/update_ratio")
+    ('update_ratios', 'fc.weight', 'update_ratio')
+    >>> split_key("param_grads/global_norm") is None
+    True
+    """
+    parts = key.split("/")
+    if len(parts) < 3 or parts[0] not in VIEW_KINDS:
+        return None
+    kind, layer, stat = parts[0], "/".join(parts[1:-1]), parts[-1]
+    if kind == "weights" and stat == _UPDATE_RATIO:
+        kind = "update_ratios"
+    return kind, layer, stat
+
+
+def split_histogram_key(key: str) -> tuple[str, str] | None:
+    """``(view kind, layer)`` of a histogram key (a key without the statistic).
+
+    >>> split_histogram_key("activations/attn/0")
+    ('activations', 'attn/0')
+    """
+    kind, _, layer = key.partition("/")
+    if kind not in VIEW_KINDS or not layer:
+        return None
+    return kind, layer
+
+
+def _number(value: float) -> float | None:
+    """A JSON-safe value: non-finite values become ``None`` (drawn as missing)."""
+    return _rounded(np.array([value], dtype=np.float64))[0]
+
+
+def _rounded(values: np.ndarray) -> list[float | None]:
+    """Values to :data:`_DIGITS` significant digits (short JSON); non-finite ones as ``None``."""
+    finite = np.isfinite(values)
+    safe = np.where(finite & (values != 0), np.abs(values), 1.0)
+    scale = 10.0 ** (_DIGITS - 1 - np.floor(np.log10(safe)))
+    rounded = np.where(finite, np.round(np.where(finite, values, 0.0) * scale) / scale, np.nan)
+    return [v if f else None for v, f in zip(rounded.tolist(), finite.tolist())]
+
+
+@dataclass
+class KindData:
+    """One view kind of one run: its layers (in arrival order), statistics and values."""
+
+    layers: dict[str, None] = field(default_factory=dict)  # an ordered set
+    stats: dict[str, None] = field(default_factory=dict)
+    values: dict[tuple[str, str], dict[int, float]] = field(default_factory=dict)
+    histograms: dict[str, dict[int, tuple[float, float, list[int]]]] = field(default_factory=dict)
+
+
+@dataclass
+class RunData:
+    """Everything the page shows about one run."""
+
+    kinds: dict[str, KindData] = field(default_factory=dict)
+    findings: list[dict[str, Any]] = field(default_factory=list)
+
+    def copy(self) -> RunData:
+        """A copy that later additions leave unchanged (containers copied, values shared)."""
+        kinds = {
+            name: KindData(
+                dict(k.layers),
+                dict(k.stats),
+                {key: dict(series) for key, series in k.values.items()},
+                {layer: dict(series) for layer, series in k.histograms.items()},
+            )
+            for name, k in self.kinds.items()
+        }
+        return RunData(kinds, [dict(f) for f in self.findings])
+
+    def _kind(self, kind: str) -> KindData:
+        return self.kinds.setdefault(kind, KindData())
+
+    def add_scalars(self, step: int, values: Mapping[str, float]) -> None:
+        """Add one step's scalars (keys per :mod:`lightning_inspect.keys`, others skipped)."""
+        for key, value in values.items():
+            parts = split_key(key)
+            if parts is None:
+                continue
+            kind, layer, stat = parts
+            data = self._kind(kind)
+            data.layers.setdefault(layer)
+            data.stats.setdefault(stat)
+            data.values.setdefault((layer, stat), {})[int(step)] = float(value)
+
+    def add_histogram(
+        self, key: str, step: int, lo: float, hi: float, counts: Sequence[float]
+    ) -> None:
+        """Add one histogram: ``counts`` (whole numbers) in equal bins from ``lo`` to ``hi``."""
+        parts = split_histogram_key(key)
+        if parts is None:
+            return
+        kind, layer = parts
+        data = self._kind(kind)
+        data.layers.setdefault(layer)
+        whole = np.rint(np.asarray(counts, dtype=np.float64)).astype(np.int64).tolist()
+        data.histograms.setdefault(layer, {})[int(step)] = (float(lo), float(hi), whole)
+
+    def note_histograms(self, key: str) -> None:
+        """Note that histograms exist under ``key`` (their values are read per layer later)."""
+        parts = split_histogram_key(key)
+        if parts is not None:
+            data = self._kind(parts[0])
+            data.layers.setdefault(parts[1])
+            data.histograms.setdefault(parts[1], {})
+
+    def add_findings(self, findings: Iterable[Mapping[str, Any]]) -> None:
+        """Add health findings (``rule``, ``severity``, ``module``, ``statistic``, ``value``,
+        ``step``, ``hint``); a finding already present is not added twice."""
+        seen = {(f["rule"], f["module"], f["step"]) for f in self.findings}
+        for f in findings:
+            entry = {name: f.get(name) for name in FINDING_FIELDS}
+            entry["value"] = _number(entry["value"]) if entry["value"] is not None else None
+            if (entry["rule"], entry["module"], entry["step"]) not in seen:
+                seen.add((entry["rule"], entry["module"], entry["step"]))
+                self.findings.append(entry)
+
+    def steps(self, kind: str) -> list[int]:
+        """The steps with a value or a histogram of ``kind``, ascending."""
+        data = self.kinds[kind]
+        found = {s for series in data.values.values() for s in series}
+        found.update(s for series in data.histograms.values() for s in series)
+        return sorted(found)
+
+    def matrix(self, kind: str, stat: str) -> list[list[float | None]]:
+        """Values of ``stat``: one row per layer (arrival order), one column per step."""
+        data = self.kinds[kind]
+        column = {step: j for j, step in enumerate(self.steps(kind))}
+        grid = np.full((len(data.layers), len(column)), np.nan)
+        for i, layer in enumerate(data.layers):
+            for step, value in data.values.get((layer, stat), {}).items():
+                grid[i, column[step]] = value
+        flat = _rounded(grid.reshape(-1))
+        width = grid.shape[1]
+        return [flat[i * width : (i + 1) * width] for i in range(grid.shape[0])]
+
+    def layer_histograms(self, kind: str, layer: str) -> dict[str, Any]:
+        """One layer's histograms: ``steps``, ``lo``, ``hi`` and ``counts`` (one list per step)."""
+        series = self.kinds[kind].histograms.get(layer, {})
+        steps = sorted(series)
+        return {
+            "steps": steps,
+            "lo": _rounded(np.array([series[s][0] for s in steps], dtype=np.float64)),
+            "hi": _rounded(np.array([series[s][1] for s in steps], dtype=np.float64)),
+            "counts": [series[s][2] for s in steps],
+        }
+
+    def meta(self) -> dict[str, Any]:
+        """The run's kinds (layers, statistics, steps, which layers have histograms), findings."""
+        kinds = {}
+        for kind, label in VIEW_KINDS.items():
+            if kind not in self.kinds:
+                continue
+            data = self.kinds[kind]
+            kinds[kind] = {
+                "label": label,
+                "layers": list(data.layers),
+                "stats": list(data.stats),
+                "steps": self.steps(kind),
+                "histograms": [layer for layer in data.layers if layer in data.histograms],
+            }
+        return {"kinds": kinds, "findings": self.findings}
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """Everything, for a page with its data inlined: meta, matrices and histograms."""
+        out = self.meta()
+        for kind, info in out["kinds"].items():
+            info["values"] = {stat: self.matrix(kind, stat) for stat in info["stats"]}
+            info["hist"] = {
+                layer: self.layer_histograms(kind, layer) for layer in info["histograms"]
+            }
+        return out
+
+
+#: The fields of a finding that the page shows.
+FINDING_FIELDS = ("rule", "severity", "module", "statistic", "value", "step", "hint")
+
+
+def finding_dicts(findings: Iterable[Any]) -> list[dict[str, Any]]:
+    """:class:`~lightning_inspect.diagnostics.Finding` objects as the page's dictionaries."""
+    return [{name: getattr(f, name) for name in FINDING_FIELDS} for f in findings]
+
+
+def safe_json(value: Any) -> str:
+    """JSON that can sit inside an HTML ``<script>`` element: ``<``, ``>``, ``&`` and U+2028/9
+    are escaped, so no string in it (``</script>`` in a module name) can end the element.
+
+    >>> safe_json({"m": "</script>"})
+    '{"m": "\\\\u003c/script\\\\u003e"}'
+    """
+    text = json.dumps(value, allow_nan=False)
+    for char, escape in (
+        ("<", "\\u003c"),
+        (">", "\\u003e"),
+        ("&", "\\u0026"),
+        ("\u2028", "\\u2028"),
+        ("\u2029", "\\u2029"),
+    ):
+        text = text.replace(char, escape)
+    return text

@@ -1,0 +1,36 @@
+"""The overview as one self-contained HTML file: the page's script and style and the runs'
+data inlined (no network needed to view it), e.g. for MLflow's artifact viewer.
+
+Example:
+    >>> from lightning_inspect.overview.model import RunData
+    >>> run = RunData()
+    >>> run.add_scalars(0, {"activations/fc/mean": 0.5})
+    >>> html = render_page({"run": run}, title="demo")
+    >>> html.startswith("<!DOCTYPE html>") and '"activations"' in html
+    True
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Mapping
+
+from lightning_inspect.overview.assets import asset
+from lightning_inspect.overview.model import RunData, safe_json
+
+
+def render_page(runs: Mapping[str, RunData], title: str = "lightning-inspect overview") -> str:
+    """The page with ``runs`` (name -> data) inlined."""
+    data = safe_json({"runs": {name: run.to_json_dict() for name, run in runs.items()}})
+    return (
+        '<!DOCTYPE html>\n<html><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title>\n"
+        f"<style>{asset('overview.css').decode()}</style></head>\n"
+        '<body><div id="inspect-root"></div>\n'
+        f'<script type="application/json" id="inspect-data">{data}</script>\n'
+        f"<script>{asset('overview.js').decode()}</script>\n"
+        "<script>LightningInspectOverview.start(document.getElementById('inspect-root'), "
+        "LightningInspectOverview.inlineSource("
+        "JSON.parse(document.getElementById('inspect-data').textContent)));</script>\n"
+        "</body></html>\n"
+    )

@@ -1,0 +1,144 @@
+"""The "Inspect" tab of TensorBoard: a dashboard plugin serving the overview page.
+
+Installed with the package through the ``tensorboard_plugins`` entry point
+(``inspect = lightning_inspect.overview.tensorboard_plugin:InspectLoader``); TensorBoard shows
+the tab whenever a run of the log dir holds lightning-inspect statistics or histograms.
+
+Routes, under ``/data/plugin/inspect/``: the page (``index.js``, ``overview.js``,
+``overview.css``) and its data as JSON: ``runs``, ``meta?run=``,
+``matrix?run=&kind=&stat=`` and ``histograms?run=&kind=&layer=``.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+from tensorboard.backend import http_util
+from tensorboard.plugins import base_plugin
+from werkzeug import wrappers
+
+from lightning_inspect.overview.assets import ASSETS, asset
+from lightning_inspect.overview.model import RunData
+from lightning_inspect.overview.reader import LogDirReader
+
+PLUGIN_NAME = "inspect"
+
+
+class InspectPlugin(base_plugin.TBPlugin):
+    """Serves the overview page and its data, read through ``context.data_provider``."""
+
+    plugin_name = PLUGIN_NAME
+
+    def __init__(self, context: base_plugin.TBContext) -> None:
+        provider = context.data_provider
+        self._reader = LogDirReader(provider, context.logdir or "") if provider else None
+        self._cache: dict[str, tuple[Any, RunData]] = {}
+        self._lock = threading.Lock()
+
+    def get_plugin_apps(self) -> dict[str, Any]:
+        apps: dict[str, Any] = {f"/{name}": self._serve_static for name in ASSETS}
+        apps.update(
+            {
+                "/runs": self._serve_runs,
+                "/meta": self._serve_meta,
+                "/matrix": self._serve_matrix,
+                "/histograms": self._serve_histograms,
+            }
+        )
+        return apps
+
+    def is_active(self) -> bool:
+        if self._reader is None:
+            return False
+        from tensorboard.context import RequestContext
+
+        return bool(self._reader.runs(RequestContext()))
+
+    def data_plugin_names(self) -> tuple[str, ...]:
+        return ()  # active only when is_active() finds lightning-inspect keys
+
+    def frontend_metadata(self) -> base_plugin.FrontendMetadata:
+        return base_plugin.FrontendMetadata(es_module_path="/index.js", tab_name="Inspect")
+
+    # -- routes -----------------------------------------------------------------------------
+
+    @wrappers.Request.application
+    def _serve_static(self, request: wrappers.Request) -> wrappers.Response:
+        name = request.path.rsplit("/", 1)[-1]
+        return http_util.Respond(request, asset(name), ASSETS[name])
+
+    @wrappers.Request.application
+    def _serve_runs(self, request: wrappers.Request) -> wrappers.Response:
+        return _json(request, self._reader.runs(_ctx(request)) if self._reader else [])
+
+    @wrappers.Request.application
+    def _serve_meta(self, request: wrappers.Request) -> wrappers.Response:
+        run = self._run_data(request)
+        return run if isinstance(run, wrappers.Response) else _json(request, run.meta())
+
+    @wrappers.Request.application
+    def _serve_matrix(self, request: wrappers.Request) -> wrappers.Response:
+        run = self._run_data(request)
+        if isinstance(run, wrappers.Response):
+            return run
+        kind, stat = request.args.get("kind", ""), request.args.get("stat", "")
+        if kind not in run.kinds or stat not in run.kinds[kind].stats:
+            return _error(request, f"no statistic {stat!r} of kind {kind!r} in this run", 404)
+        return _json(
+            request,
+            {
+                "layers": list(run.kinds[kind].layers),
+                "steps": run.steps(kind),
+                "values": run.matrix(kind, stat),
+            },
+        )
+
+    @wrappers.Request.application
+    def _serve_histograms(self, request: wrappers.Request) -> wrappers.Response:
+        if self._reader is None:
+            return _error(request, "no data provider", 404)
+        args = request.args
+        hist = self._reader.histograms(
+            _ctx(request), args.get("run", ""), args.get("kind", ""), args.get("layer", "")
+        )
+        return _json(request, hist)
+
+    def _run_data(self, request: wrappers.Request) -> RunData | wrappers.Response:
+        """The run named by ``?run=``, read once per change of its data."""
+        if self._reader is None:
+            return _error(request, "no data provider", 404)
+        ctx, run = _ctx(request), request.args.get("run", "")
+        if run not in self._reader.runs(ctx):
+            return _error(request, f"no lightning-inspect data in run {run!r}", 404)
+        version = self._reader.version(ctx, run)
+        with self._lock:
+            cached = self._cache.get(run)
+            if cached is not None and cached[0] == version:
+                return cached[1]
+        data = self._reader.run_data(ctx, run)
+        with self._lock:
+            self._cache[run] = (version, data)
+        return data
+
+
+class InspectLoader(base_plugin.TBLoader):
+    """The entry point's target: builds :class:`InspectPlugin` for TensorBoard."""
+
+    def load(self, context: base_plugin.TBContext) -> InspectPlugin:
+        return InspectPlugin(context)
+
+
+def _ctx(request: wrappers.Request) -> Any:
+    from tensorboard import plugin_util
+
+    return plugin_util.context(request.environ)
+
+
+def _json(request: wrappers.Request, value: Any) -> wrappers.Response:
+    return http_util.Respond(request, json.dumps(value, allow_nan=False), "application/json")
+
+
+def _error(request: wrappers.Request, message: str, code: int) -> wrappers.Response:
+    return http_util.Respond(request, json.dumps({"error": message}), "application/json", code=code)
