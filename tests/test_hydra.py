@@ -168,7 +168,7 @@ def test_plugin_and_composing_import_neither_torch_nor_lightning(tmp_path: Path)
     assert result["after_import"] == []
     assert result["after_compose"] == []
     assert result["still"] == []
-    assert result["entries"] == ["activations", "gradients", "graph", "record", "weights"]
+    assert result["entries"] == ["activations", "gradients", "graph", "overview", "record", "weights"]
 
 
 # -- the YAML files -------------------------------------------------------------------------------
@@ -326,7 +326,7 @@ def test_overrides(compose_app: Any) -> None:
 def test_null_and_disabled_entries(compose_app: Any) -> None:
     cfg = compose_app("+inspect=all", "inspect.gradients=null", "inspect.graph._target_=null", "inspect.weights.enabled=false")
     callbacks = instantiate_callbacks(cfg.inspect)
-    assert [type(cb) for cb in callbacks] == [ActivationMonitor, WeightMonitor, RunRecord]
+    assert [type(cb) for cb in callbacks] == [ActivationMonitor, WeightMonitor, RunRecord, OverviewPage]
     assert callbacks[1].enabled is False
 
 
