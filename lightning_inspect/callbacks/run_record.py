@@ -30,6 +30,7 @@ from lightning_inspect.run_record import (
     ConstructionRecord,
     GitInfo,
     SecretMasker,
+    _HOW_TO_RECORD,
     _locate,
     _yaml_safe,
     config_record,
@@ -736,13 +737,19 @@ class RunRecord(Callback):
             f"{PREFIX}/{what}/class": entry["class"], f"{PREFIX}/{what}/source": record.source,
             f"{PREFIX}/{what}/rebuild_checked": None if record.verified is None else str(record.verified).lower(),
         })
-        if record.verified is False:
-            problem = next((n for n in reversed(record.notes) if n.startswith("rebuild check failed")), "see its notes")
+        if record.source == "none":
             self._warn(
                 f"{what} record",
-                f"the {what}'s construction record does not rebuild the same {what} ({problem}). It is still "
-                f"written to {what}.yaml; decorate the class with @lightning_inspect.record_init or build it "
-                "from a Hydra _target_ config for an exact record.",
+                f"the {what} has no explicit construction record, so {what}.yaml holds a placeholder: "
+                f"{_HOW_TO_RECORD}.",
+            )
+        elif record.verified is False:
+            failed = (n for n in reversed(record.notes) if n.startswith("rebuild check failed"))
+            self._warn(
+                f"{what} record",
+                f"the {what}'s construction record does not rebuild the same {what} "
+                f"({next(failed, 'see its notes')}). It is still written to {what}.yaml; for an "
+                f"exact record, {_HOW_TO_RECORD}.",
             )
 
     def _log_data(self, fit: _Fit, trainer: pl.Trainer) -> None:
