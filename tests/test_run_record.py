@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import pickle
 import random
@@ -607,3 +608,28 @@ def test_console_capture_is_opt_in_and_restored_when_setup_fails(tmp_path: Path)
         )
     assert (sys.stdout, sys.stderr) == streams
     assert yaml.safe_load((tmp_path / "failed" / "record.yaml").read_text())["status"] == "failed"
+
+
+class _StuckHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A console handler that refuses a new stream."""
+
+    def setStream(self, stream: Any) -> Any:  # noqa: N802 - logging's name
+        raise OSError("stream is fixed")
+
+
+def test_console_capture_that_cannot_start_leaves_the_streams_alone(tmp_path: Path) -> None:
+    streams = (sys.stdout, sys.stderr)
+    handler = _StuckHandler(sys.stdout)
+    logger = logging.getLogger("run_record_test_stuck")
+    logger.addHandler(handler)
+    seen = _Streams()
+    callback = RunRecord(capture_output=True, git=False, packages=False, model=False, output_dir=tmp_path)
+    try:
+        with pytest.warns(RuntimeWarning, match="could not record the console output .*stream is fixed"):
+            trainer(tmp_path, logger=False, callbacks=[callback, seen], max_steps=1, limit_val_batches=0).fit(
+                HydraLit(nn.Linear(4, 4), hidden=8), DataLoader(data(8), batch_size=8)
+            )
+    finally:
+        logger.removeHandler(handler)
+    assert seen.during is streams[0] and (sys.stdout, sys.stderr) == streams
+    assert callback.record["status"] == "finished"

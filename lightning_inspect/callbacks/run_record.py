@@ -391,7 +391,9 @@ class RunRecord(Callback):
             whose ``_target_`` is the model's class, if any.
         verify_model: check that the construction record rebuilds the same modules and shapes.
         fingerprint_items: items per dataset hashed for the data fingerprint (0: sizes only).
-        capture_output: copy stdout/stderr to ``output.log`` (the console still shows them).
+        capture_output: copy stdout/stderr to ``output.log`` (the console still shows them). This
+            replaces ``sys.stdout``/``sys.stderr`` (and points logging's console handlers at the
+            replacements) from ``setup`` to the end of fit on rank 0; ``False``: nothing is patched.
         output_dir: where the record's files are written; ``None``: ``<TensorBoard log_dir>/run_record``,
             else ``<Hydra run dir>/run_record``, else a temporary directory when MLflow is attached
             (the files become artifacts), else ``<default_root_dir>/run_record``.
@@ -821,8 +823,13 @@ class RunRecord(Callback):
 
 
 def _start_capture(path: Path) -> _OutputCapture:
+    """A started capture; one that fails to start restores what it had patched."""
     capture = _OutputCapture(path)
-    capture.start()
+    try:
+        capture.start()
+    except BaseException:
+        capture.stop()
+        raise
     return capture
 
 
