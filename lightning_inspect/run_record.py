@@ -422,6 +422,10 @@ def _count_names(names: Sequence[str]) -> str:
 def host_info() -> dict[str, Any]:
     """Host name, operating system, CPU model and count, GPU model and count.
 
+    Read directly rather than with ``torch.utils.collect_env.get_env_info()``, which calls
+    ``torch.cuda.init()`` when CUDA is available, runs about ten subprocesses without a timeout
+    (0.3-1 s on a CPU machine) and reports the system ``nvcc``'s CUDA version, not PyTorch's.
+
     Example:
         >>> sorted(host_info())[:3]
         ['cpu_count', 'cpu_model', 'cpu_usable']
