@@ -50,7 +50,6 @@ from lightning_inspect.selection import normalise_name
 
 __all__ = [
     "MASK",
-    "SECRET_WORDS",
     "UNRECORDED_TARGET",
     "ConfigRecord",
     "ConstructionRecord",
@@ -82,8 +81,6 @@ T = TypeVar("T")
 
 #: What a masked value is replaced with.
 MASK = "***"
-#: Words that make a key look like a secret (case-insensitive, as the whole key or its last word).
-SECRET_WORDS = ("token", "password", "passwd", "secret", "key", "api_key", "credential", "auth")
 
 _LAST_WORDS = frozenset(
     {"token", "password", "passwd", "secret", "key", "apikey", "credential", "credentials", "auth",
@@ -652,13 +649,13 @@ def config_record(
     record = ConfigRecord()
     if config is not None:
         record.source = "argument"
-        hydra_node = config.get("hydra") if isinstance(config, Mapping) or hasattr(config, "get") else None
+        hydra_node = _node_at(config, "hydra")
         skip: tuple[str, ...] = ()
-        if hydra_node is not None and _has_path(hydra_node, "overrides"):
+        if _node_at(hydra_node, "overrides") is not None:
             skip = ("hydra",)
-            record.overrides = [str(o) for o in _get_path(hydra_node, "overrides.task") or []]
-            record.choices = _user_choices(_get_path(hydra_node, "runtime.choices"))
-            record.output_dir = _safe_str(lambda: _get_path(hydra_node, "runtime.output_dir"))
+            record.overrides = [str(o) for o in _node_at(hydra_node, "overrides.task") or []]
+            record.choices = _user_choices(_node_at(hydra_node, "runtime.choices"))
+            record.output_dir = _safe_str(lambda: _node_at(hydra_node, "runtime.output_dir"))
         record.config = to_plain(config, record.notes, skip=skip)
     else:
         runtime = _hydra_runtime()
@@ -702,18 +699,18 @@ def _read_cli_config(record: ConfigRecord, callbacks: Sequence[Any]) -> None:
     record.config = yaml.safe_load(text)
 
 
-def _has_path(node: Any, key: str) -> bool:
-    try:
-        return key in node
-    except Exception:
-        return False
-
-
-def _get_path(node: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        if node is None:
+def _node_at(config: Any, dotted: str | None) -> Any:
+    """The node at ``dotted`` (keys and list indices) inside ``config``, or ``None``."""
+    node = config
+    for part in (dotted or "").split("."):
+        if not part:
+            continue
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
             return None
-        node = node.get(part) if hasattr(node, "get") else None
     return node
 
 

@@ -32,6 +32,7 @@ from lightning_inspect.run_record import (
     SecretMasker,
     _HOW_TO_RECORD,
     _locate,
+    _node_at,
     _yaml_safe,
     config_record,
     construction_record,
@@ -852,20 +853,6 @@ def _fenced(text: str, lang: str) -> str:
     if len(text) > _TEXT_CHARS:
         text = text[:_TEXT_CHARS] + f"\n... [cut at {_TEXT_CHARS} characters; the whole file is in the record]"
     return f"````{lang}\n{text}\n````"
-
-
-def _node_at(config: Any, dotted: str | None) -> Any:
-    node = config
-    for part in (dotted or "").split("."):
-        if not part:
-            continue
-        if isinstance(node, Mapping) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            return None
-    return node
 
 
 def _find_target(config: Any, cls: type, prefer: str) -> str | None:
