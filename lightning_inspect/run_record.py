@@ -1287,7 +1287,7 @@ class _Recorder:
             self._active.discard(id(obj))
 
     def _object(self, obj: Any, cls: type, target: str, path: str) -> dict[str, Any]:
-        """``obj`` from an explicit source only; without one, a placeholder saying how to add one."""
+        """``obj`` from an explicit source only; else a placeholder saying how to add one."""
         if target.startswith("__main__."):
             self.note(path, f"{cls.__qualname__} is defined in the running script (__main__): "
                             "rebuild it from that script, or move the class into a module")
@@ -1334,9 +1334,8 @@ class _Recorder:
             if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in arguments:
                 continue
             if p.default is p.empty:
-                arguments[p.name] = _Placeholder(
-                    "?", f"argument {p.name!r} is not in the saved hyperparameters; {_HOW_TO_RECORD}"
-                )
+                why = f"argument {p.name!r} is not in the saved hyperparameters; {_HOW_TO_RECORD}"
+                arguments[p.name] = _Placeholder("?", why)
             else:
                 self.note(f"{path}.{p.name}", "not in the saved hyperparameters; "
                                               f"its default ({p.default!r}) is used")

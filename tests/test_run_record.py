@@ -137,7 +137,9 @@ class HydraLit(L.LightningModule):
 class SavedLit(L.LightningModule):
     """Not decorated: recorded from save_hyperparameters, which leaves out two arguments."""
 
-    def __init__(self, encoder: nn.Module, hidden: int, lr: float = 0.1, momentum: float = 0.0) -> None:
+    def __init__(
+        self, encoder: nn.Module, hidden: int, lr: float = 0.1, momentum: float = 0.0
+    ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["encoder", "momentum"])
         self.encoder = encoder
@@ -310,7 +312,8 @@ def test_construction_record_uses_only_explicit_sources() -> None:
         assert record.source == "none" and record.verified is None
         assert record.config["_target_"] == UNRECORDED_TARGET
         reason = record.config["reason"]
-        assert all(word in reason for word in ("record_init", "Hydra _target_", "save_hyperparameters"))
+        sources = ("record_init", "Hydra _target_", "save_hyperparameters")
+        assert all(source in reason for source in sources)
         with pytest.raises(Exception, match=f"placeholder for a {record.config['type']} argument"):
             instantiate(record.config)
 
@@ -320,12 +323,14 @@ def test_construction_record_uses_only_explicit_sources() -> None:
     assert "momentum" not in config and any("momentum: not in the saved" in n for n in record.notes)
     assert config["encoder"]["_target_"] == UNRECORDED_TARGET
     assert "'encoder' is not in the saved hyperparameters" in config["encoder"]["reason"]
-    assert record.verified is False and any(n.startswith("rebuild check failed from hparams") for n in record.notes)
+    assert record.verified is False
+    assert any(n.startswith("rebuild check failed from hparams") for n in record.notes)
     assert instantiate(config, encoder=Plain(4, 8)).out.in_features == 8
 
     record = construction_record(DictLit({"hidden": 5}))
     assert record.source == "hparams" and record.verified is True
-    assert record.config == {"_target_": "test_run_record.DictLit", "config": {"hidden": 5}, "_convert_": "all"}
+    expected = {"_target_": "test_run_record.DictLit", "config": {"hidden": 5}, "_convert_": "all"}
+    assert record.config == expected
 
 
 def test_construction_record_placeholders_and_copies() -> None:
@@ -592,16 +597,19 @@ def test_console_capture_is_opt_in_and_restored_when_setup_fails(tmp_path: Path)
     seen = _Streams()
     model = HydraLit(nn.Linear(4, 4), hidden=8)  # no explicit construction source
     callback = RunRecord(git=False, packages=False, output_dir=tmp_path / "plain")
-    with pytest.warns(RuntimeWarning, match="the model has no explicit construction record") as caught:
-        trainer(tmp_path, logger=False, callbacks=[callback, seen], max_steps=1, limit_val_batches=0).fit(
-            model, DataLoader(data(8), batch_size=8)
-        )
+    fit = trainer(tmp_path, logger=False, callbacks=[callback, seen], max_steps=1)
+    with pytest.warns(RuntimeWarning, match="the model has no explicit construction") as caught:
+        fit.fit(model, DataLoader(data(8), batch_size=8))
     assert seen.during is streams[0]  # capture_output=False: sys.stdout is never replaced
     assert sum("construction record" in str(w.message) for w in caught) == 1
-    assert callback.record["model"]["source"] == "none" and callback.record["model"]["rebuild_checked"] is None
-    assert yaml.safe_load((tmp_path / "plain" / "model.yaml").read_text())["_target_"] == UNRECORDED_TARGET
+    entry = callback.record["model"]
+    assert (entry["source"], entry["rebuild_checked"]) == ("none", None)
+    model_yaml = yaml.safe_load((tmp_path / "plain" / "model.yaml").read_text())
+    assert model_yaml["_target_"] == UNRECORDED_TARGET
 
-    callback = RunRecord(capture_output=True, git=False, packages=False, model=False, output_dir=tmp_path / "failed")
+    callback = RunRecord(
+        capture_output=True, git=False, packages=False, model=False, output_dir=tmp_path / "failed"
+    )
     with pytest.raises(RuntimeError, match="setup failed"):
         trainer(tmp_path, logger=False, callbacks=[callback, _Streams(fail=True)]).fit(
             model, DataLoader(data(8), batch_size=8)
@@ -623,12 +631,13 @@ def test_console_capture_that_cannot_start_leaves_the_streams_alone(tmp_path: Pa
     logger = logging.getLogger("run_record_test_stuck")
     logger.addHandler(handler)
     seen = _Streams()
-    callback = RunRecord(capture_output=True, git=False, packages=False, model=False, output_dir=tmp_path)
+    callback = RunRecord(
+        capture_output=True, git=False, packages=False, model=False, output_dir=tmp_path
+    )
+    fit = trainer(tmp_path, logger=False, callbacks=[callback, seen], max_steps=1)
     try:
-        with pytest.warns(RuntimeWarning, match="could not record the console output .*stream is fixed"):
-            trainer(tmp_path, logger=False, callbacks=[callback, seen], max_steps=1, limit_val_batches=0).fit(
-                HydraLit(nn.Linear(4, 4), hidden=8), DataLoader(data(8), batch_size=8)
-            )
+        with pytest.warns(RuntimeWarning, match="could not record the console output .*is fixed"):
+            fit.fit(HydraLit(nn.Linear(4, 4), hidden=8), DataLoader(data(8), batch_size=8))
     finally:
         logger.removeHandler(handler)
     assert seen.during is streams[0] and (sys.stdout, sys.stderr) == streams

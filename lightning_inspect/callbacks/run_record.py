@@ -743,8 +743,8 @@ class RunRecord(Callback):
         if record.source == "none":
             self._warn(
                 f"{what} record",
-                f"the {what} has no explicit construction record, so {what}.yaml holds a placeholder: "
-                f"{_HOW_TO_RECORD}.",
+                f"the {what} has no explicit construction record, so {what}.yaml holds a "
+                f"placeholder: {_HOW_TO_RECORD}.",
             )
         elif record.verified is False:
             failed = (n for n in reversed(record.notes) if n.startswith("rebuild check failed"))
