@@ -50,7 +50,6 @@ from lightning_inspect.selection import normalise_name
 
 __all__ = [
     "MASK",
-    "SECRET_WORDS",
     "UNRECORDED_TARGET",
     "ConfigRecord",
     "ConstructionRecord",
@@ -82,8 +81,6 @@ T = TypeVar("T")
 
 #: What a masked value is replaced with.
 MASK = "***"
-#: Words that make a key look like a secret (case-insensitive, as the whole key or its last word).
-SECRET_WORDS = ("token", "password", "passwd", "secret", "key", "api_key", "credential", "auth")
 
 _LAST_WORDS = frozenset(
     {"token", "password", "passwd", "secret", "key", "apikey", "credential", "credentials", "auth",
@@ -482,6 +479,10 @@ def _count_names(names: Sequence[str]) -> str:
 def host_info() -> dict[str, Any]:
     """Host name, operating system, CPU model and count, GPU model and count.
 
+    Read directly rather than with ``torch.utils.collect_env.get_env_info()``, which calls
+    ``torch.cuda.init()`` when CUDA is available, runs about ten subprocesses without a timeout
+    (0.3-1 s on a CPU machine) and reports the system ``nvcc``'s CUDA version, not PyTorch's.
+
     Example:
         >>> sorted(host_info())[:3]
         ['cpu_count', 'cpu_model', 'cpu_usable']
@@ -708,13 +709,13 @@ def config_record(
     record = ConfigRecord()
     if config is not None:
         record.source = "argument"
-        hydra_node = config.get("hydra") if isinstance(config, Mapping) or hasattr(config, "get") else None
+        hydra_node = _node_at(config, "hydra")
         skip: tuple[str, ...] = ()
-        if hydra_node is not None and _has_path(hydra_node, "overrides"):
+        if _node_at(hydra_node, "overrides") is not None:
             skip = ("hydra",)
-            record.overrides = [str(o) for o in _get_path(hydra_node, "overrides.task") or []]
-            record.choices = _user_choices(_get_path(hydra_node, "runtime.choices"))
-            record.output_dir = _safe_str(lambda: _get_path(hydra_node, "runtime.output_dir"))
+            record.overrides = [str(o) for o in _node_at(hydra_node, "overrides.task") or []]
+            record.choices = _user_choices(_node_at(hydra_node, "runtime.choices"))
+            record.output_dir = _safe_str(lambda: _node_at(hydra_node, "runtime.output_dir"))
         record.config = to_plain(config, record.notes, skip=skip)
     else:
         runtime = _hydra_runtime()
@@ -758,18 +759,18 @@ def _read_cli_config(record: ConfigRecord, callbacks: Sequence[Any]) -> None:
     record.config = yaml.safe_load(text)
 
 
-def _has_path(node: Any, key: str) -> bool:
-    try:
-        return key in node
-    except Exception:
-        return False
-
-
-def _get_path(node: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        if node is None:
+def _node_at(config: Any, dotted: str | None) -> Any:
+    """The node at ``dotted`` (keys and list indices) inside ``config``, or ``None``."""
+    node = config
+    for part in (dotted or "").split("."):
+        if not part:
+            continue
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
             return None
-        node = node.get(part) if hasattr(node, "get") else None
     return node
 
 
@@ -1034,7 +1035,12 @@ def fingerprint_loaders(loaders: Mapping[str, Any], items: int = 32) -> dict[str
 UNRECORDED_TARGET = "lightning_inspect.run_record.unrecorded"
 _INIT_ATTR = "_lightning_inspect_init_args"
 _SMALL_ARRAY = 64
-_FACTORY_ARGUMENTS = frozenset({"device", "dtype"})
+#: How to give an object an explicit construction record.
+_HOW_TO_RECORD = (
+    "decorate its class with lightning_inspect.record_init, build it from a Hydra _target_ config, "
+    "or call save_hyperparameters() in its __init__"
+)
+_NO_EXPLICIT_SOURCE = f"its constructor arguments were not recorded: {_HOW_TO_RECORD}"
 
 
 def unrecorded(type: str = "?", reason: str = "", **_: Any) -> NoReturn:  # noqa: A002 - the record's key
@@ -1214,9 +1220,10 @@ class ConstructionRecord:
     Attributes:
         config: ``{"_target_": ..., **arguments}``, nested for components.
         source: where the arguments came from: ``"record_init"``, ``"hydra config at <key>"``,
-            ``"hparams"`` (``save_hyperparameters``) or ``"attributes"`` (``__init__``'s
-            signature matched against same-named attributes).
-        notes: arguments that are guessed, defaulted or replaced by placeholders, by path.
+            ``"hparams"`` (``save_hyperparameters``), ``"structure"`` (a module container from
+            its children, a dataclass or named tuple from its fields) or ``"none"`` (no explicit
+            source: ``config`` is a placeholder saying how to add one).
+        notes: arguments that are defaulted or replaced by placeholders, by path.
         verified: ``True`` when rebuilding it (on the meta device) gave the same modules and
             shapes, ``False`` when not (see ``notes``), ``None`` when not checked.
     """
@@ -1323,31 +1330,36 @@ class _Recorder:
         self.note(path, f"not recorded ({type_name}: {reason})")
         return _placeholder(type_name, reason)
 
-    def object(self, obj: Any, path: str, hparams: bool = True) -> dict[str, Any]:
+    def object(self, obj: Any, path: str) -> dict[str, Any]:
         cls = type(obj)
         target = object_path(cls)
         if target is None:
-            return self.placeholder(path, _type_name(obj), "its class is defined inside a function or cannot be imported by name")
+            return self.placeholder(
+                path, _type_name(obj),
+                "its class is defined inside a function or cannot be imported by name",
+            )
         if id(obj) in self._active:
             return self.placeholder(path, _type_name(obj), "a circular reference")
         self._active.add(id(obj))
         try:
-            return self._object(obj, cls, target, path, hparams)
+            return self._object(obj, cls, target, path)
         finally:
             self._active.discard(id(obj))
 
-    def _object(self, obj: Any, cls: type, target: str, path: str, hparams: bool) -> dict[str, Any]:
+    def _object(self, obj: Any, cls: type, target: str, path: str) -> dict[str, Any]:
+        """``obj`` from an explicit source only; else a placeholder saying how to add one."""
         if target.startswith("__main__."):
-            self.note(path, f"{cls.__qualname__} is defined in the running script (__main__): rebuild it from that script, or move the class into a module")
-        # Containers of the standard library of modules.
+            self.note(path, f"{cls.__qualname__} is defined in the running script (__main__): "
+                            "rebuild it from that script, or move the class into a module")
+        # Containers of the standard library of modules: their children are their arguments.
         if cls is nn.Identity:
             return {"_target_": target}
-        if cls is nn.Sequential:
-            return {"_target_": target, "_args_": [self.value(m, f"{path}.{n}") for n, m in obj.named_children()]}
-        if cls is nn.ModuleList:
-            return {"_target_": target, "modules": [self.value(m, f"{path}.{n}") for n, m in obj.named_children()]}
-        if cls is nn.ModuleDict:
-            return {"_target_": target, "modules": {n: self.value(m, f"{path}.{n}") for n, m in obj.named_children()}}
+        if cls in (nn.Sequential, nn.ModuleList, nn.ModuleDict):
+            children = {n: self.value(m, f"{path}.{n}") for n, m in obj.named_children()}
+            if cls is nn.ModuleDict:
+                return {"_target_": target, "modules": children}
+            key = "_args_" if cls is nn.Sequential else "modules"
+            return {"_target_": target, key: list(children.values())}
         recorded = recorded_init_args(obj)
         if recorded is not None:
             return self._from_arguments(target, recorded.params, recorded.arguments, path)
@@ -1355,45 +1367,39 @@ class _Recorder:
             fields = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init}
             return {"_target_": target, **{k: self.value(v, f"{path}.{k}") for k, v in fields.items()}}
         if hasattr(obj, "_fields") and hasattr(obj, "_asdict"):  # NamedTuple
-            return {"_target_": target, **{k: self.value(v, f"{path}.{k}") for k, v in obj._asdict().items()}}
+            items = obj._asdict().items()
+            return {"_target_": target, **{k: self.value(v, f"{path}.{k}") for k, v in items}}
+        saved = _saved_hparams(obj)
+        if saved is None:
+            return self.placeholder(path, _type_name(obj), _NO_EXPLICIT_SOURCE)
         try:
             params = tuple(inspect.signature(cls.__init__).parameters.values())[1:]  # type: ignore[misc]
         except (TypeError, ValueError):
             return self.placeholder(path, _type_name(obj), "its constructor's signature cannot be read")
-        saved = _saved_hparams(obj) if hparams else None
-        derived = _derived_arguments(obj)
-        arguments: dict[str, Any] = {}
-        names = {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+        arguments = self._hparams_arguments(obj, params, saved, path)
+        return self._from_arguments(target, params, arguments, path)
+
+    def _hparams_arguments(
+        self, obj: Any, params: Sequence[inspect.Parameter], saved: dict[str, Any], path: str
+    ) -> dict[str, Any]:
+        """Constructor arguments from ``save_hyperparameters``; placeholders for missing ones."""
+        by_name = {p.name: p for p in params}
         takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params)
-        if saved:
-            if not names & set(saved):
-                required = [p for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
-                if len(required) == 1 and not takes_kwargs:
-                    self.note(path, f"the saved hyperparameters are taken as the single argument {required[0].name!r} (assumed)")
-                    return self._from_arguments(target, params, {required[0].name: dict(saved)}, path)
-            for key, value in saved.items():
-                if key in names or takes_kwargs:
-                    arguments[key] = value
-        for key, value in derived.items():
-            arguments.setdefault(key, value)
+        # save_hyperparameters(config) with one mapping argument names that argument.
+        whole = getattr(obj, "_hparams_name", None)
+        if whole in by_name and by_name[whole].kind is not inspect.Parameter.VAR_KEYWORD:
+            return {whole: saved}
+        arguments = {k: v for k, v in saved.items() if k in by_name or takes_kwargs}
         for p in params:
             if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in arguments:
                 continue
-            found, value = _attribute_for(obj, p)
-            if found:
-                arguments[p.name] = value
-            elif p.default is not p.empty:
-                if p.name in _FACTORY_ARGUMENTS or p.name.startswith("_"):
-                    continue  # where tensors are created, or private: not what the object is
-                self.note(path, f"argument {p.name!r} not found on the object; the default ({p.default!r}) is assumed")
+            if p.default is p.empty:
+                why = f"argument {p.name!r} is not in the saved hyperparameters; {_HOW_TO_RECORD}"
+                arguments[p.name] = _Placeholder("?", why)
             else:
-                arguments[p.name] = _Placeholder(
-                    "?", f"argument {p.name!r} of {cls.__qualname__} was not recorded and no attribute of that name exists"
-                )
-        for p in params:
-            if p.kind is p.VAR_POSITIONAL and not derived:
-                self.note(path, f"*{p.name} cannot be recovered from the object; none are recorded")
-        return self._from_arguments(target, params, arguments, path)
+                self.note(f"{path}.{p.name}", "not in the saved hyperparameters; "
+                                              f"its default ({p.default!r}) is used")
+        return arguments
 
     def _from_arguments(self, target: str, params: Sequence[inspect.Parameter], arguments: Mapping[str, Any], path: str) -> dict[str, Any]:
         out: dict[str, Any] = {"_target_": target}
@@ -1416,45 +1422,6 @@ class _Recorder:
         return out
 
 
-def _rnn_arguments(m: Any) -> dict[str, Any]:
-    out = {name: getattr(m, name) for name in ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional")}
-    if isinstance(m, nn.LSTM):
-        out["proj_size"] = m.proj_size
-    if isinstance(m, nn.RNN):
-        out["nonlinearity"] = m.nonlinearity
-    return out
-
-
-def _transformer_layer_arguments(m: Any) -> dict[str, Any]:
-    return {
-        "d_model": m.self_attn.embed_dim, "nhead": m.self_attn.num_heads,
-        "dim_feedforward": m.linear1.out_features, "dropout": m.dropout.p, "activation": m.activation,
-        "layer_norm_eps": m.norm1.eps, "batch_first": m.self_attn.batch_first, "norm_first": m.norm_first,
-        "bias": m.linear1.bias is not None,
-    }
-
-
-#: Arguments of PyTorch modules that keep them under other names (or not at all).
-_DERIVED: tuple[tuple[type, Callable[[Any], dict[str, Any]]], ...] = (
-    (nn.RNNBase, _rnn_arguments),
-    (nn.MultiheadAttention, lambda m: {"bias": m.in_proj_bias is not None or m.out_proj.bias is not None, "add_bias_kv": m.bias_k is not None}),
-    (nn.TransformerEncoderLayer, _transformer_layer_arguments),
-    (nn.TransformerDecoderLayer, _transformer_layer_arguments),
-    (nn.TransformerEncoder, lambda m: {"encoder_layer": m.layers[0], "num_layers": len(m.layers)}),
-    (nn.TransformerDecoder, lambda m: {"decoder_layer": m.layers[0], "num_layers": len(m.layers)}),
-)
-
-
-def _derived_arguments(obj: Any) -> dict[str, Any]:
-    for cls, derive in _DERIVED:
-        if isinstance(obj, cls):
-            try:
-                return derive(obj)
-            except AttributeError:
-                return {}
-    return {}
-
-
 def _is_omegaconf(value: Any) -> bool:
     module = type(value).__module__
     return module.startswith("omegaconf.") and type(value).__name__ in ("DictConfig", "ListConfig")
@@ -1469,26 +1436,6 @@ def _saved_hparams(obj: Any) -> dict[str, Any] | None:
     except Exception:
         return None
     return dict(hparams) if isinstance(hparams, Mapping) and hparams else None
-
-
-def _attribute_for(obj: Any, param: inspect.Parameter) -> tuple[bool, Any]:
-    """The attribute holding ``param``'s value (``name`` or ``_name``), if there is a usable one."""
-    for attr in (param.name, f"_{param.name}"):
-        class_attr = inspect.getattr_static(type(obj), attr, None)
-        if callable(class_attr) or isinstance(class_attr, property):
-            continue  # a method or property of the class, not a stored argument
-        try:
-            value = getattr(obj, attr)
-        except Exception:
-            continue
-        if inspect.ismethod(value):
-            continue
-        if isinstance(param.default, bool) and (value is None or isinstance(value, torch.Tensor)):
-            return True, value is not None  # `bias=True` stored as a parameter (or None)
-        if isinstance(value, torch.Tensor) and not isinstance(param.default, torch.Tensor) and param.default is not param.empty:
-            continue  # a parameter/buffer that only shares the name
-        return True, value
-    return False, None
 
 
 def _module_signature(model: nn.Module) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
@@ -1552,35 +1499,43 @@ def construction_record(
 ) -> ConstructionRecord:
     """A Hydra-instantiable config that builds an object equivalent to ``obj``.
 
-    Candidates, in order: the arguments remembered by :func:`record_init`; ``hydra_node`` (the
-    ``_target_`` config ``obj`` was instantiated from, found at ``hydra_key``); the saved
-    hyperparameters (``save_hyperparameters``) completed from same-named attributes; same-named
-    attributes alone. Arguments that are objects become their own records, recursively
-    (``nn.Sequential``, ``nn.ModuleList`` and ``nn.ModuleDict`` from their children); classes and
-    functions become ``hydra.utils.get_object`` lookups; what cannot be recorded becomes a
-    placeholder (``_target_: lightning_inspect.run_record.unrecorded`` with ``type`` and
-    ``reason``) that fails clearly when built. With ``verify`` (and ``obj`` a module) each
-    candidate is rebuilt on the meta device and the first one with the same modules and parameter
-    shapes is taken.
+    Only explicit sources are used. Candidates, in order: the arguments remembered by
+    :func:`record_init`; ``hydra_node`` (the ``_target_`` config ``obj`` was instantiated from,
+    found at ``hydra_key``); the saved hyperparameters (``save_hyperparameters``). Arguments that
+    are objects become their own records from the same sources, recursively (``nn.Sequential``,
+    ``nn.ModuleList`` and ``nn.ModuleDict`` from their children, dataclasses and named tuples
+    from their fields); classes and functions become ``hydra.utils.get_object`` lookups; what has
+    no explicit source becomes a placeholder (``_target_:
+    lightning_inspect.run_record.unrecorded`` with ``type`` and ``reason``) that fails clearly
+    when built and says how to record it. With ``verify`` (and ``obj`` a module) each candidate
+    is rebuilt on the meta device and the first one with the same modules and parameter shapes
+    is taken.
 
     Example:
-        >>> record = construction_record(nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 1)))
-        >>> record.verified, record.config["_args_"][0]
-        (True, {'_target_': 'torch.nn.modules.linear.Linear', 'in_features': 2, 'out_features': 4, 'bias': True})
+        >>> node = {"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 4}
+        >>> record = construction_record(nn.Linear(2, 4), node)
+        >>> record.source, record.verified
+        ("hydra config at 'model'", True)
+        >>> construction_record(nn.Linear(2, 4)).source
+        'none'
     """
-    candidates: list[tuple[str, dict[str, Any], list[str]]] = []
     root = hydra_key or "model"
+    recorder = _Recorder()
+    config = {**recorder.object(obj, root), "_convert_": "all"}
     if recorded_init_args(obj) is not None:
-        recorder = _Recorder()
-        config = recorder.object(obj, root)
-        candidates.append(("record_init", {**config, "_convert_": "all"}, recorder.notes))
+        source = "record_init"
+    elif config["_target_"] == UNRECORDED_TARGET:
+        source = "none"
+    else:
+        source = "hparams" if _saved_hparams(obj) else "structure"
+    own = (source, config, recorder.notes)
+    candidates = [own] if source == "record_init" else []
     if hydra_node is not None:
         candidates.append((f"hydra config at {hydra_key!r}", to_plain(hydra_node), []))
-    if recorded_init_args(obj) is None:
-        recorder = _Recorder()
-        config = recorder.object(obj, root)
-        source = "hparams" if _saved_hparams(obj) else "attributes"
-        candidates.append((source, {**config, "_convert_": "all"}, recorder.notes))
+    if source not in ("record_init", "none"):
+        candidates.append(own)
+    if not candidates:
+        return ConstructionRecord(config, source, list(recorder.notes), None)
     if not verify or not isinstance(obj, nn.Module):
         source, config, notes = candidates[0]
         return ConstructionRecord(config, source, list(notes), None)
@@ -1588,7 +1543,9 @@ def construction_record(
         import hydra.utils  # noqa: F401
     except ImportError:
         source, config, notes = candidates[0]
-        return ConstructionRecord(config, source, [*notes, "not checked: hydra-core is not installed"], None)
+        return ConstructionRecord(
+            config, source, [*notes, "not checked: hydra-core is not installed"], None
+        )
     failures: list[str] = []
     for source, config, notes in candidates:
         problem = rebuild_mismatch(config, obj)
@@ -1596,4 +1553,5 @@ def construction_record(
             return ConstructionRecord(config, source, list(notes), True)
         failures.append(f"from {source}: {problem}")
     source, config, notes = candidates[0]
-    return ConstructionRecord(config, source, [*notes, *(f"rebuild check failed {f}" for f in failures)], False)
+    checked = [*notes, *(f"rebuild check failed {f}" for f in failures)]
+    return ConstructionRecord(config, source, checked, False)

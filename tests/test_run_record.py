@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import pickle
 import random
@@ -24,6 +25,7 @@ from lightning_inspect.callbacks.run_record import RunRecord
 from lightning_inspect.errors import BackendError, ConfigError
 from lightning_inspect.run_record import (
     MASK,
+    UNRECORDED_TARGET,
     SecretMasker,
     construction_record,
     content_hash,
@@ -46,8 +48,9 @@ MARKER = "run-record-console-marker"
 # ------------------------------------------------------------------------------------------
 
 
+@record_init
 class Encoder(nn.Module):
-    """Plain Python, no decorator: recorded from same-named attributes."""
+    """Recorded by the decorator."""
 
     def __init__(self, in_features: int, hidden: int, dropout: float = 0.0) -> None:
         super().__init__()
@@ -70,6 +73,19 @@ class Head(nn.Module):
         return self.fc(x)
 
 
+class Plain(nn.Module):
+    """No decorator, no Hydra, no hparams: no explicit source (its attributes are not guessed)."""
+
+    def __init__(self, in_features: int, hidden: int) -> None:
+        super().__init__()
+        self.in_features, self.hidden = in_features, hidden
+        self.fc = nn.Linear(in_features, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x)
+
+
+@record_init
 class LitClassifier(L.LightningModule):
     """Components passed in as modules; scalars saved with save_hyperparameters."""
 
@@ -116,6 +132,27 @@ class HydraLit(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class SavedLit(L.LightningModule):
+    """Not decorated: recorded from save_hyperparameters, which leaves out two arguments."""
+
+    def __init__(
+        self, encoder: nn.Module, hidden: int, lr: float = 0.1, momentum: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["encoder", "momentum"])
+        self.encoder = encoder
+        self.out = nn.Linear(hidden, 3)
+
+
+class DictLit(L.LightningModule):
+    """save_hyperparameters(config) with one mapping argument."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__()
+        self.save_hyperparameters(config)
+        self.fc = nn.Linear(4, config["hidden"])
 
 
 class NoisyDataset(Dataset):
@@ -264,12 +301,12 @@ def test_seed_from_seed_everything() -> None:
     assert seed_info()["seed"] == 123
 
 
-def test_construction_record_of_a_plain_python_model_rebuilds_it() -> None:
+def test_construction_record_from_record_init_rebuilds_the_model() -> None:
     from hydra.utils import instantiate
 
     model = LitClassifier(Encoder(4, 8, dropout=0.1), Head(8, 3, activation=nn.GELU), lr=0.05)
     record = construction_record(model)
-    assert record.verified is True and record.source == "hparams"
+    assert record.verified is True and record.source == "record_init"
     config = record.config
     assert config["_target_"] == "test_run_record.LitClassifier" and config["lr"] == 0.05
     assert config["encoder"] == {"_target_": "test_run_record.Encoder", "in_features": 4, "hidden": 8, "dropout": 0.1}
@@ -281,6 +318,35 @@ def test_construction_record_of_a_plain_python_model_rebuilds_it() -> None:
     x = torch.randn(5, 4)
     model.eval(), rebuilt.eval()
     assert torch.equal(model(x), rebuilt(x))
+
+
+def test_construction_record_uses_only_explicit_sources() -> None:
+    from hydra.utils import instantiate
+
+    for obj in (Plain(4, 8), nn.Linear(2, 3)):  # attributes are not read as arguments
+        record = construction_record(obj)
+        assert record.source == "none" and record.verified is None
+        assert record.config["_target_"] == UNRECORDED_TARGET
+        reason = record.config["reason"]
+        sources = ("record_init", "Hydra _target_", "save_hyperparameters")
+        assert all(source in reason for source in sources)
+        with pytest.raises(Exception, match=f"placeholder for a {record.config['type']} argument"):
+            instantiate(record.config)
+
+    record = construction_record(SavedLit(Plain(4, 8), hidden=8, lr=0.05))
+    config = record.config
+    assert record.source == "hparams" and (config["hidden"], config["lr"]) == (8, 0.05)
+    assert "momentum" not in config and any("momentum: not in the saved" in n for n in record.notes)
+    assert config["encoder"]["_target_"] == UNRECORDED_TARGET
+    assert "'encoder' is not in the saved hyperparameters" in config["encoder"]["reason"]
+    assert record.verified is False
+    assert any(n.startswith("rebuild check failed from hparams") for n in record.notes)
+    assert instantiate(config, encoder=Plain(4, 8)).out.in_features == 8
+
+    record = construction_record(DictLit({"hidden": 5}))
+    assert record.source == "hparams" and record.verified is True
+    expected = {"_target_": "test_run_record.DictLit", "config": {"hidden": 5}, "_convert_": "all"}
+    assert record.config == expected
 
 
 def test_construction_record_placeholders_and_copies() -> None:
@@ -609,3 +675,70 @@ def test_recorded_run_name_is_the_mlflow_runs_own(tmp_path: Path) -> None:
     saved = yaml.safe_load((tmp_path / "record" / "config.yaml").read_text())
     assert saved["logger"]["mlflow"]["run_name"] == "train-18-46-10"
     assert any("train-18-46-22" in note for note in callback.record["config"]["notes"])
+
+
+class _Streams(L.Callback):
+    """Sees sys.stdout during training; optionally fails in setup, before fit starts."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.during: Any = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.fail:
+            raise RuntimeError("setup failed")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.during = sys.stdout
+
+
+def test_console_capture_is_opt_in_and_restored_when_setup_fails(tmp_path: Path) -> None:
+    streams = (sys.stdout, sys.stderr)
+    seen = _Streams()
+    model = HydraLit(nn.Linear(4, 4), hidden=8)  # no explicit construction source
+    callback = RunRecord(git=False, packages=False, output_dir=tmp_path / "plain")
+    fit = trainer(tmp_path, logger=False, callbacks=[callback, seen], max_steps=1)
+    with pytest.warns(RuntimeWarning, match="the model has no explicit construction") as caught:
+        fit.fit(model, DataLoader(data(8), batch_size=8))
+    assert seen.during is streams[0]  # capture_output=False: sys.stdout is never replaced
+    assert sum("construction record" in str(w.message) for w in caught) == 1
+    entry = callback.record["model"]
+    assert (entry["source"], entry["rebuild_checked"]) == ("none", None)
+    model_yaml = yaml.safe_load((tmp_path / "plain" / "model.yaml").read_text())
+    assert model_yaml["_target_"] == UNRECORDED_TARGET
+
+    callback = RunRecord(
+        capture_output=True, git=False, packages=False, model=False, output_dir=tmp_path / "failed"
+    )
+    with pytest.raises(RuntimeError, match="setup failed"):
+        trainer(tmp_path, logger=False, callbacks=[callback, _Streams(fail=True)]).fit(
+            model, DataLoader(data(8), batch_size=8)
+        )
+    assert (sys.stdout, sys.stderr) == streams
+    assert yaml.safe_load((tmp_path / "failed" / "record.yaml").read_text())["status"] == "failed"
+
+
+class _StuckHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A console handler that refuses a new stream."""
+
+    def setStream(self, stream: Any) -> Any:  # noqa: N802 - logging's name
+        raise OSError("stream is fixed")
+
+
+def test_console_capture_that_cannot_start_leaves_the_streams_alone(tmp_path: Path) -> None:
+    streams = (sys.stdout, sys.stderr)
+    handler = _StuckHandler(sys.stdout)
+    logger = logging.getLogger("run_record_test_stuck")
+    logger.addHandler(handler)
+    seen = _Streams()
+    callback = RunRecord(
+        capture_output=True, git=False, packages=False, model=False, output_dir=tmp_path
+    )
+    fit = trainer(tmp_path, logger=False, callbacks=[callback, seen], max_steps=1)
+    try:
+        with pytest.warns(RuntimeWarning, match="could not record the console output .*is fixed"):
+            fit.fit(HydraLit(nn.Linear(4, 4), hidden=8), DataLoader(data(8), batch_size=8))
+    finally:
+        logger.removeHandler(handler)
+    assert seen.during is streams[0] and (sys.stdout, sys.stderr) == streams
+    assert callback.record["status"] == "finished"

@@ -30,7 +30,9 @@ from lightning_inspect.run_record import (
     ConstructionRecord,
     GitInfo,
     SecretMasker,
+    _HOW_TO_RECORD,
     _locate,
+    _node_at,
     _yaml_safe,
     config_record,
     construction_record,
@@ -415,7 +417,9 @@ class RunRecord(Callback):
             whose ``_target_`` is the model's class, if any.
         verify_model: check that the construction record rebuilds the same modules and shapes.
         fingerprint_items: items per dataset hashed for the data fingerprint (0: sizes only).
-        capture_output: copy stdout/stderr to ``output.log`` (the console still shows them).
+        capture_output: copy stdout/stderr to ``output.log`` (the console still shows them). This
+            replaces ``sys.stdout``/``sys.stderr`` (and points logging's console handlers at the
+            replacements) from ``setup`` to the end of fit on rank 0; ``False``: nothing is patched.
         output_dir: where the record's files are written; ``None``: ``<TensorBoard log_dir>/run_record``,
             else ``<Hydra run dir>/run_record``, else a temporary directory when MLflow is attached
             (the files become artifacts), else ``<default_root_dir>/run_record``.
@@ -763,13 +767,19 @@ class RunRecord(Callback):
             f"{PREFIX}/{what}/class": entry["class"], f"{PREFIX}/{what}/source": record.source,
             f"{PREFIX}/{what}/rebuild_checked": None if record.verified is None else str(record.verified).lower(),
         })
-        if record.verified is False:
-            problem = next((n for n in reversed(record.notes) if n.startswith("rebuild check failed")), "see its notes")
+        if record.source == "none":
             self._warn(
                 f"{what} record",
-                f"the {what}'s construction record does not rebuild the same {what} ({problem}). It is still "
-                f"written to {what}.yaml; decorate the class with @lightning_inspect.record_init or build it "
-                "from a Hydra _target_ config for an exact record.",
+                f"the {what} has no explicit construction record, so {what}.yaml holds a "
+                f"placeholder: {_HOW_TO_RECORD}.",
+            )
+        elif record.verified is False:
+            failed = (n for n in reversed(record.notes) if n.startswith("rebuild check failed"))
+            self._warn(
+                f"{what} record",
+                f"the {what}'s construction record does not rebuild the same {what} "
+                f"({next(failed, 'see its notes')}). It is still written to {what}.yaml; for an "
+                f"exact record, {_HOW_TO_RECORD}.",
             )
 
     def _log_data(self, fit: _Fit, trainer: pl.Trainer) -> None:
@@ -843,8 +853,13 @@ class RunRecord(Callback):
 
 
 def _start_capture(path: Path) -> _OutputCapture:
+    """A started capture; one that fails to start restores what it had patched."""
     capture = _OutputCapture(path)
-    capture.start()
+    try:
+        capture.start()
+    except BaseException:
+        capture.stop()
+        raise
     return capture
 
 
@@ -867,20 +882,6 @@ def _fenced(text: str, lang: str) -> str:
     if len(text) > _TEXT_CHARS:
         text = text[:_TEXT_CHARS] + f"\n... [cut at {_TEXT_CHARS} characters; the whole file is in the record]"
     return f"````{lang}\n{text}\n````"
-
-
-def _node_at(config: Any, dotted: str | None) -> Any:
-    node = config
-    for part in (dotted or "").split("."):
-        if not part:
-            continue
-        if isinstance(node, Mapping) and part in node:
-            node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-            node = node[int(part)]
-        else:
-            return None
-    return node
 
 
 def _find_target(config: Any, cls: type, prefer: str) -> str | None:
