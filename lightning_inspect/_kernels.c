@@ -124,42 +124,49 @@ VECTOR_CLONES static void moments_f32(const float *x, int64_t n, Moments *m) {
 }
 
 VECTOR_CLONES static void moments_f64(const double *x, int64_t n, Moments *m) {
-    double s[LANES / 2] = {0}, q[LANES / 2] = {0}, a[LANES / 2] = {0};
+    /* As moments_f32, with float64 lanes: the lane sums of each block go into float64 totals
+     * (per-block accumulators keep the loop vectorisable; zeros are counted as float64). */
+    double sum = 0.0, sumsq = 0.0, abs_sum = 0.0, zeros = 0.0;
     double lo[LANES / 2], hi[LANES / 2];
-    int64_t z[LANES / 2] = {0};
     for (int j = 0; j < LANES / 2; j++) {
         lo[j] = INFINITY;
         hi[j] = -INFINITY;
     }
     int64_t i = 0;
-    for (; i + LANES / 2 <= n; i += LANES / 2) {
+    for (; i + BLOCK_VALUES <= n; i += BLOCK_VALUES) {
+        double s[LANES / 2] = {0}, q[LANES / 2] = {0}, a[LANES / 2] = {0}, z[LANES / 2] = {0};
+        const double *block = x + i;
+        for (int r = 0; r < 2 * ROWS; r++) {
+            for (int j = 0; j < LANES / 2; j++) {
+                double f = block[r * (LANES / 2) + j];
+                s[j] += f;
+                q[j] += f * f;
+                a[j] += fabs(f);
+                lo[j] = f < lo[j] ? f : lo[j];
+                hi[j] = f > hi[j] ? f : hi[j];
+                z[j] += (f == 0.0) ? 1.0 : 0.0;
+            }
+        }
         for (int j = 0; j < LANES / 2; j++) {
-            double f = x[i + j];
-            s[j] += f;
-            q[j] += f * f;
-            a[j] += fabs(f);
-            lo[j] = f < lo[j] ? f : lo[j];
-            hi[j] = f > hi[j] ? f : hi[j];
-            z[j] += (f == 0.0);
+            sum += s[j];
+            sumsq += q[j];
+            abs_sum += a[j];
+            zeros += z[j];
         }
     }
     for (; i < n; i++) {
         double f = x[i];
-        s[0] += f;
-        q[0] += f * f;
-        a[0] += fabs(f);
+        sum += f;
+        sumsq += f * f;
+        abs_sum += fabs(f);
         lo[0] = f < lo[0] ? f : lo[0];
         hi[0] = f > hi[0] ? f : hi[0];
-        z[0] += (f == 0.0);
+        zeros += (f == 0.0) ? 1.0 : 0.0;
     }
-    *m = (Moments){0.0, 0.0, 0.0, INFINITY, -INFINITY, 0};
+    *m = (Moments){sum, sumsq, abs_sum, INFINITY, -INFINITY, (int64_t)zeros};
     for (int j = 0; j < LANES / 2; j++) {
-        m->sum += s[j];
-        m->sumsq += q[j];
-        m->abs_sum += a[j];
         m->min = lo[j] < m->min ? lo[j] : m->min;
         m->max = hi[j] > m->max ? hi[j] : m->max;
-        m->zeros += z[j];
     }
 }
 
@@ -194,26 +201,30 @@ VECTOR_CLONES static void centred_f32(const float *x, int64_t n, float mean, dou
 }
 
 VECTOR_CLONES static void centred_f64(const double *x, int64_t n, double mean, double *sum, double *sumsq) {
-    double s[LANES / 2] = {0}, q[LANES / 2] = {0};
+    double total = 0.0, total_sq = 0.0;
     int64_t i = 0;
-    for (; i + LANES / 2 <= n; i += LANES / 2) {
+    for (; i + BLOCK_VALUES <= n; i += BLOCK_VALUES) {
+        double s[LANES / 2] = {0}, q[LANES / 2] = {0};
+        const double *block = x + i;
+        for (int r = 0; r < 2 * ROWS; r++) {
+            for (int j = 0; j < LANES / 2; j++) {
+                double c = block[r * (LANES / 2) + j] - mean;
+                s[j] += c;
+                q[j] += c * c;
+            }
+        }
         for (int j = 0; j < LANES / 2; j++) {
-            double c = x[i + j] - mean;
-            s[j] += c;
-            q[j] += c * c;
+            total += s[j];
+            total_sq += q[j];
         }
     }
     for (; i < n; i++) {
         double c = x[i] - mean;
-        s[0] += c;
-        q[0] += c * c;
+        total += c;
+        total_sq += c * c;
     }
-    *sum = 0.0;
-    *sumsq = 0.0;
-    for (int j = 0; j < LANES / 2; j++) {
-        *sum += s[j];
-        *sumsq += q[j];
-    }
+    *sum = total;
+    *sumsq = total_sq;
 }
 
 /* Counts into TABLES interleaved tables of `width` uint32 counters, flushed into `counts` (int64)
