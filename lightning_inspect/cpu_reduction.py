@@ -23,9 +23,11 @@ call. Without them, the same rules run through torch and NumPy:
   is allocated once and reused (fresh multi-megabyte temporaries cost a page fault per 4 KiB,
   more than the arithmetic), so each block stays in cache between passes.
 
-All return ``None`` where they cannot be exact cheaply (a value or a square outside float32's
-range, a histogram range too narrow to invert); the caller then takes the general branch-free
-path. The row layout is :data:`lightning_inspect.stats.FIELDS` followed by the histogram counts.
+A tensor whose float32 sums of squares overflow or underflow, or whose range is too narrow to
+invert in float32, is read again as float64 (blocks converted as above). ``None`` is returned
+only where even that cannot be exact (float64 values whose squares leave float64's range); the
+caller then takes the general branch-free path. The row layout is
+:data:`lightning_inspect.stats.FIELDS` followed by the histogram counts.
 
 Example:
     >>> import torch
@@ -87,9 +89,18 @@ def _scratch_for(n: int, dtype: torch.dtype, use: str = "work") -> torch.Tensor:
 def reduce_cpu(x: torch.Tensor, bins: int) -> torch.Tensor | None:
     """The float64 row of a real CPU tensor with at least one value (any shape, strides, dtype).
 
-    ``None`` where the fast paths cannot reduce exactly (see the module docstring).
+    A tensor whose values or squares leave float32's range is read again in float64, which holds
+    the squares of every float32 value. ``None`` where the fast paths cannot reduce exactly (see
+    the module docstring).
     """
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if x.dtype == torch.float64:
+        return _reduce_as(x, torch.float64, bins)
+    row = _reduce_as(x, torch.float32, bins)
+    return _reduce_as(x, torch.float64, bins) if row is None else row
+
+
+def _reduce_as(x: torch.Tensor, dtype: torch.dtype, bins: int) -> torch.Tensor | None:
+    """The row of ``x`` read as ``dtype`` (float32 or float64); ``None`` as above."""
     parts = blocks(x, CHUNK)
     in_place = x.dtype == dtype and not x.is_neg() and all(p.is_contiguous() for p in parts)
     buffer = None if in_place else _scratch_for(min(x.numel(), CHUNK), dtype, "input")

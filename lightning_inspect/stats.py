@@ -34,14 +34,16 @@ import numpy as np
 import torch
 
 from lightning_inspect.chunks import as_vector, blocks
+from lightning_inspect import cpu_reduction
 from lightning_inspect.cpu_reduction import reduce_cpu
 
 #: The sufficient statistics at the start of every row, in order.
 FIELDS = ("count", "finite", "sum", "m2", "sumsq", "abs_sum", "min", "max", "zeros", "nan", "inf")
 N_FIELDS = len(FIELDS)
 _F = {name: i for i, name in enumerate(FIELDS)}
-#: Values per block on the general path (accelerators; CPU tensors with extreme values): its
-#: temporaries are a few float32 vectors of this length (16 MiB each).
+#: Values per block on the general path on accelerators: its temporaries are a few float32
+#: vectors of this length (16 MiB each). On the CPU its blocks are those of the CPU path
+#: (:data:`lightning_inspect.cpu_reduction.CHUNK`), small enough for the allocator to reuse.
 GENERAL_CHUNK = 1 << 22
 
 #: Every statistic a monitor can log.
@@ -110,7 +112,7 @@ def reduce_tensor(x: torch.Tensor, bins: int = 64) -> torch.Tensor:
 
     On the CPU, where reading a value costs no transfer, the reduction branches on the data
     (:mod:`lightning_inspect.cpu_reduction`); everywhere else it is branch-free
-    (blocks of :data:`GENERAL_CHUNK` values).
+    (blocks of :data:`GENERAL_CHUNK` values on accelerators).
 
     Args:
         x: the tensor; it is never modified.
@@ -141,7 +143,7 @@ def _reduce_any(x: torch.Tensor, bins: int) -> torch.Tensor:
     """
     f64 = torch.float64
     dtype = f64 if x.dtype == f64 else torch.float32
-    parts = blocks(x, GENERAL_CHUNK)
+    parts = blocks(x, cpu_reduction.CHUNK if x.device.type == "cpu" else GENERAL_CHUNK)
     firsts = []
     for part in parts:
         v = as_vector(part, dtype)

@@ -302,7 +302,7 @@ def test_cpu_paths_float64_and_strided(n: int) -> None:
     [[3e38, 3e38], [1e-25, -2e-25, 3e-25], [1e-45, 3e-45, -1e-44, 0.0], [1.0, math.nan], [2.0, -math.inf]],
     ids=["sum-overflows", "squares-underflow", "subnormal", "nan", "inf"],
 )
-def test_cpu_paths_hand_extremes_to_the_general_path(n: int, values: list[float]) -> None:
+def test_cpu_paths_reduce_extremes_exactly(n: int, values: list[float]) -> None:
     x = torch.tensor(values, dtype=torch.float32).repeat(n // len(values) + 1)[:n]
     check_tensor(x, bins=16, var_rtol=1e-3)
 
@@ -420,14 +420,15 @@ def _block_case(name: str, n: int) -> torch.Tensor:
         # strided even in memory order
         "columns": lambda: base[: n - n % 96].reshape(-1, 96)[:, 5:90],
         "negative-view": lambda: torch._neg_view(nonfinite),
-        "huge-nan": lambda: nonfinite * 1e30,  # the general path
+        "huge-nan": lambda: nonfinite * 1e30,  # squares beyond float32: read again as float64
+        "float64-tiny-nan": lambda: nonfinite.double() * 1e-150,  # squares near 1e-300: general path
     }
     return cases[name]()
 
 
 _BLOCK_CASES = [
     "float32-nan-inf", "a-block-of-nan", "all-nan", "float16", "bfloat16", "int32", "bool",
-    "float64-offset", "transposed", "columns", "negative-view", "huge-nan",
+    "float64-offset", "transposed", "columns", "negative-view", "huge-nan", "float64-tiny-nan",
 ]
 
 
@@ -465,13 +466,16 @@ def _peak_cpu_allocation(run: Callable[[], object]) -> int:
 
 
 @pytest.mark.parametrize(
-    "name", ["float32-nan-inf", "float16", "bfloat16", "int32", "transposed", "huge-nan"]
+    "name",
+    ["float32-nan-inf", "float16", "bfloat16", "int32", "transposed", "huge-nan", "float64-tiny-nan"],
 )
 def test_temporary_memory_is_bounded_by_the_block_size(small_blocks: int, name: str) -> None:
-    """A float32 copy of these tensors alone would take 256 blocks; every path stays under 16."""
+    """A float32 copy of these tensors alone would take 256 blocks; every path stays under 16
+    (the float64 tensor: its own blocks are twice as large)."""
     x = _block_case(name, 256 * small_blocks)
     peak = _peak_cpu_allocation(lambda: reduce_tensor(x, bins=64))
-    assert peak <= 16 * small_blocks * 4, f"{peak / (small_blocks * 4):.1f} blocks of float32"
+    block_bytes = small_blocks * x.element_size() if x.dtype == torch.float64 else small_blocks * 4
+    assert peak <= 16 * block_bytes, f"{peak / block_bytes:.1f} blocks"
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Time and peak memory of ``reduce_tensor`` on 100M-value CPU tensors, one case per process.
 
 Run as ``python tests/scripts/reduction_memory.py [n]`` (default ``n = 100_000_000``). For each case
-(float32 with one NaN, finite float32, fp16, bf16, int32, a transposed float32 view) a fresh
+(float32 with one NaN, finite float32, fp16, bf16, int32, a transposed float32 view, float32
+values near 1e30 with one NaN, whose squares leave float32's range: the general path) a fresh
 process builds the tensor, resets its peak RSS (``/proc/self/clear_refs``), reduces it once with
 64 bins and prints the wall time and the peak RSS above the RSS before the call.
 """
@@ -12,7 +13,15 @@ import subprocess
 import sys
 import time
 
-CASES = ("float32-one-nan", "float32", "float16", "bfloat16", "int32", "float32-transposed")
+CASES = (
+    "float32-one-nan",
+    "float32",
+    "float16",
+    "bfloat16",
+    "int32",
+    "float32-transposed",
+    "float32-huge-one-nan",
+)
 
 
 def _rss_kib(field: str) -> int:
@@ -34,8 +43,10 @@ def _make(case: str, n: int):
         return torch.randn(side, side, generator=g).t()
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(case, torch.float32)
     x = torch.randn(n, generator=g, dtype=dtype)
-    if case == "float32-one-nan":
+    if case in ("float32-one-nan", "float32-huge-one-nan"):
         x[n // 2] = float("nan")
+    if case == "float32-huge-one-nan":
+        x.mul_(1e30)
     return x
 
 
