@@ -15,12 +15,23 @@
  *       dtype's range, a range too narrow or too wide to invert. The caller then takes the
  *       general path.
  *
+ * The pieces of reduce_row, for a tensor read in chunks (the caller combines them):
+ *
+ *   moments(address, n, is_double, out_address): writes sum, sumsq, abs_sum, min, max, zeros
+ *       (6 float64 values); a non-finite value makes abs_sum non-finite.
+ *   centred(address, n, is_double, mean, out_address): writes the sum of (x - mean) and of its
+ *       squares (2 float64 values; mean rounded to the data's dtype first).
+ *   histogram(address, n, is_double, lo, factor, bins, counts_address): adds the bins + 1 int64
+ *       counts of the histogram below (the last: values at the maximum).
+ *
  * Histogram: value x goes to bin floor((x - min) * bins / (max - min)), computed in the data's
  * dtype and clamped to [0, bins], with the values at the maximum in the last bin (as before).
  *
- * Accuracy: float32 values are summed in float32 lanes over blocks of BLOCK_VALUES values, and the
- * block sums in float64 (as close to float64 NumPy as a pairwise float32 sum); float64 values are
- * summed in float64. Squares of float32 values are float32, hence the range checks.
+ * Accuracy: float32 vectors of up to WIDE_VALUES values are converted to float64 (in a buffer of
+ * the calling thread) and reduced in float64 entirely, histogram included. Longer float32 vectors
+ * are summed in float32 lanes over blocks of BLOCK_VALUES values, and the block sums in float64
+ * (as close to float64 NumPy as a pairwise float32 sum); float64 values are summed in float64.
+ * Squares of float32 values are float32, hence the range checks.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -33,6 +44,13 @@
 #define BLOCK_VALUES (LANES * ROWS)
 #define INDEX_BLOCK 512          /* histogram positions computed (vectorised) before counting */
 #define TABLES 4                 /* interleaved count tables: repeated bins do not wait on each other */
+#define WIDE_VALUES 16384        /* float32 vectors up to this long are reduced in float64 */
+
+#if defined(_MSC_VER)
+#define THREAD_LOCAL __declspec(thread)
+#else
+#define THREAD_LOCAL __thread
+#endif
 
 /* On x86-64 with GCC or clang, the loops are also compiled for AVX2 and the loader picks the best
  * version the CPU runs (twice the vector width); elsewhere they are compiled once. */
@@ -106,42 +124,49 @@ VECTOR_CLONES static void moments_f32(const float *x, int64_t n, Moments *m) {
 }
 
 VECTOR_CLONES static void moments_f64(const double *x, int64_t n, Moments *m) {
-    double s[LANES / 2] = {0}, q[LANES / 2] = {0}, a[LANES / 2] = {0};
+    /* As moments_f32, with float64 lanes: the lane sums of each block go into float64 totals
+     * (per-block accumulators keep the loop vectorisable; zeros are counted as float64). */
+    double sum = 0.0, sumsq = 0.0, abs_sum = 0.0, zeros = 0.0;
     double lo[LANES / 2], hi[LANES / 2];
-    int64_t z[LANES / 2] = {0};
     for (int j = 0; j < LANES / 2; j++) {
         lo[j] = INFINITY;
         hi[j] = -INFINITY;
     }
     int64_t i = 0;
-    for (; i + LANES / 2 <= n; i += LANES / 2) {
+    for (; i + BLOCK_VALUES <= n; i += BLOCK_VALUES) {
+        double s[LANES / 2] = {0}, q[LANES / 2] = {0}, a[LANES / 2] = {0}, z[LANES / 2] = {0};
+        const double *block = x + i;
+        for (int r = 0; r < 2 * ROWS; r++) {
+            for (int j = 0; j < LANES / 2; j++) {
+                double f = block[r * (LANES / 2) + j];
+                s[j] += f;
+                q[j] += f * f;
+                a[j] += fabs(f);
+                lo[j] = f < lo[j] ? f : lo[j];
+                hi[j] = f > hi[j] ? f : hi[j];
+                z[j] += (f == 0.0) ? 1.0 : 0.0;
+            }
+        }
         for (int j = 0; j < LANES / 2; j++) {
-            double f = x[i + j];
-            s[j] += f;
-            q[j] += f * f;
-            a[j] += fabs(f);
-            lo[j] = f < lo[j] ? f : lo[j];
-            hi[j] = f > hi[j] ? f : hi[j];
-            z[j] += (f == 0.0);
+            sum += s[j];
+            sumsq += q[j];
+            abs_sum += a[j];
+            zeros += z[j];
         }
     }
     for (; i < n; i++) {
         double f = x[i];
-        s[0] += f;
-        q[0] += f * f;
-        a[0] += fabs(f);
+        sum += f;
+        sumsq += f * f;
+        abs_sum += fabs(f);
         lo[0] = f < lo[0] ? f : lo[0];
         hi[0] = f > hi[0] ? f : hi[0];
-        z[0] += (f == 0.0);
+        zeros += (f == 0.0) ? 1.0 : 0.0;
     }
-    *m = (Moments){0.0, 0.0, 0.0, INFINITY, -INFINITY, 0};
+    *m = (Moments){sum, sumsq, abs_sum, INFINITY, -INFINITY, (int64_t)zeros};
     for (int j = 0; j < LANES / 2; j++) {
-        m->sum += s[j];
-        m->sumsq += q[j];
-        m->abs_sum += a[j];
         m->min = lo[j] < m->min ? lo[j] : m->min;
         m->max = hi[j] > m->max ? hi[j] : m->max;
-        m->zeros += z[j];
     }
 }
 
@@ -176,26 +201,30 @@ VECTOR_CLONES static void centred_f32(const float *x, int64_t n, float mean, dou
 }
 
 VECTOR_CLONES static void centred_f64(const double *x, int64_t n, double mean, double *sum, double *sumsq) {
-    double s[LANES / 2] = {0}, q[LANES / 2] = {0};
+    double total = 0.0, total_sq = 0.0;
     int64_t i = 0;
-    for (; i + LANES / 2 <= n; i += LANES / 2) {
+    for (; i + BLOCK_VALUES <= n; i += BLOCK_VALUES) {
+        double s[LANES / 2] = {0}, q[LANES / 2] = {0};
+        const double *block = x + i;
+        for (int r = 0; r < 2 * ROWS; r++) {
+            for (int j = 0; j < LANES / 2; j++) {
+                double c = block[r * (LANES / 2) + j] - mean;
+                s[j] += c;
+                q[j] += c * c;
+            }
+        }
         for (int j = 0; j < LANES / 2; j++) {
-            double c = x[i + j] - mean;
-            s[j] += c;
-            q[j] += c * c;
+            total += s[j];
+            total_sq += q[j];
         }
     }
     for (; i < n; i++) {
         double c = x[i] - mean;
-        s[0] += c;
-        q[0] += c * c;
+        total += c;
+        total_sq += c * c;
     }
-    *sum = 0.0;
-    *sumsq = 0.0;
-    for (int j = 0; j < LANES / 2; j++) {
-        *sum += s[j];
-        *sumsq += q[j];
-    }
+    *sum = total;
+    *sumsq = total_sq;
 }
 
 /* Counts into TABLES interleaved tables of `width` uint32 counters, flushed into `counts` (int64)
@@ -257,6 +286,13 @@ VECTOR_CLONES static int histogram_any(const void *data, int is_double, int64_t 
 
 /* The whole row (see the header); 0 when the general path must decide, -1 when out of memory. */
 static int reduce_row(const void *data, int is_double, int64_t n, int32_t bins, double *row) {
+    static THREAD_LOCAL double wide[WIDE_VALUES];
+    if (!is_double && n <= WIDE_VALUES) { /* short float32 vectors: every step in float64 */
+        const float *xf = (const float *)data;
+        for (int64_t i = 0; i < n; i++) wide[i] = xf[i];
+        data = wide;
+        is_double = 1;
+    }
     Moments m;
     if (is_double)
         moments_f64((const double *)data, n, &m);
@@ -286,7 +322,9 @@ static int reduce_row(const void *data, int is_double, int64_t n, int32_t bins, 
         return 1;
     }
     double factor = (double)bins / (m.max - m.min);
-    if (!(0.0 < factor && factor < 1e30)) return 0; /* subnormal ranges; float64 hi - lo overflow */
+    /* 0: a float64 range wider than float64 (hi - lo overflows); too large: a float32 range of
+     * subnormals whose inverse overflows float32 (float64 arithmetic takes any other range) */
+    if (!(0.0 < factor && factor < (is_double ? 1e300 : 1e30))) return 0;
     int64_t *exact = calloc((size_t)bins + 1, sizeof(int64_t));
     if (exact == NULL) return -1;
     int status = histogram_any(data, is_double, n, m.min, factor, bins, exact);
@@ -315,9 +353,72 @@ static PyObject *py_reduce_row(PyObject *self, PyObject *args) {
     return PyBool_FromLong(status);
 }
 
+static PyObject *py_moments(PyObject *self, PyObject *args) {
+    unsigned long long address, out_address;
+    long long n;
+    int is_double;
+    if (!PyArg_ParseTuple(args, "KLpK", &address, &n, &is_double, &out_address)) return NULL;
+    Moments m;
+    Py_BEGIN_ALLOW_THREADS
+    if (is_double)
+        moments_f64((const double *)(uintptr_t)address, n, &m);
+    else
+        moments_f32((const float *)(uintptr_t)address, n, &m);
+    Py_END_ALLOW_THREADS
+    double *out = (double *)(uintptr_t)out_address;
+    out[0] = m.sum;
+    out[1] = m.sumsq;
+    out[2] = m.abs_sum;
+    out[3] = m.min;
+    out[4] = m.max;
+    out[5] = (double)m.zeros;
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_centred(PyObject *self, PyObject *args) {
+    unsigned long long address, out_address;
+    long long n;
+    int is_double;
+    double mean;
+    if (!PyArg_ParseTuple(args, "KLpdK", &address, &n, &is_double, &mean, &out_address)) return NULL;
+    double *out = (double *)(uintptr_t)out_address;
+    Py_BEGIN_ALLOW_THREADS
+    if (is_double)
+        centred_f64((const double *)(uintptr_t)address, n, mean, out, out + 1);
+    else
+        centred_f32((const float *)(uintptr_t)address, n, (float)mean, out, out + 1);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_histogram(PyObject *self, PyObject *args) {
+    unsigned long long address, counts_address;
+    long long n;
+    int is_double, bins, status;
+    double lo, factor;
+    if (!PyArg_ParseTuple(args, "KLpddiK", &address, &n, &is_double, &lo, &factor, &bins, &counts_address))
+        return NULL;
+    if (bins < 1) {
+        PyErr_Format(PyExc_ValueError, "histogram: bins must be at least 1, got %d", bins);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    status = histogram_any((const void *)(uintptr_t)address, is_double, n, lo, factor, bins,
+                           (int64_t *)(uintptr_t)counts_address);
+    Py_END_ALLOW_THREADS
+    if (status < 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"reduce_row", py_reduce_row, METH_VARARGS,
      "reduce_row(address, n, is_double, bins, row_address) -> bool: write the float64 row"},
+    {"moments", py_moments, METH_VARARGS,
+     "moments(address, n, is_double, out_address): write sum, sumsq, abs_sum, min, max, zeros"},
+    {"centred", py_centred, METH_VARARGS,
+     "centred(address, n, is_double, mean, out_address): write the sums of x - mean and its squares"},
+    {"histogram", py_histogram, METH_VARARGS,
+     "histogram(address, n, is_double, lo, factor, bins, counts_address): add bins + 1 counts"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -326,4 +427,11 @@ static struct PyModuleDef module = {
     "Two-read CPU reduction kernels of lightning_inspect (see cpu_reduction.py).", -1, methods,
 };
 
-PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__kernels(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddIntConstant(m, "WIDE_VALUES", WIDE_VALUES) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,57 +1,72 @@
-"""The CPU fast path of :func:`lightning_inspect.stats.reduce_tensor`, for tensors of finite values.
+"""The CPU path of :func:`lightning_inspect.stats.reduce_tensor`, in bounded memory.
 
 On the CPU reading a value back costs nothing, so the reduction may branch on the data; what
 costs is memory traffic and the fixed cost of each call into torch (a few microseconds).
 
+A tensor is read in blocks of at most :data:`CHUNK` values (:mod:`lightning_inspect.chunks`). A
+block that is contiguous float32 (or float64) is read where it lies; any other (fp16, bf16,
+integers, bool, strided views) is converted to float32 (float64 stays float64) into one buffer
+per thread, one block at a time, so nothing as large as the tensor is allocated. A block holding
+NaN or Inf is reduced over its finite values (copied out: one block at most) and its NaN and Inf
+are counted. With the C kernels a tensor of one block is reduced in one call; larger ones are
+read block by block twice, once for every statistic and once for the histogram over the combined
+range (a third read computes centred sums where the mean is comparable to the spread).
+
 Where the package's C kernels are built (``lightning_inspect/_kernels.c``, compiled at install
-where a C compiler is present), one call reads the tensor twice, once for every statistic and once
-for the histogram, at about 1 ns a value and 4 µs a call. Without them, the same rules run through
-torch and NumPy, on two paths that keep both costs low:
+where a C compiler is present) they do the work of each call, at about 1 ns a value and 4 µs a
+call. Without them, the same rules run through torch and NumPy:
 
-* **small tensors** (biases, norm weights, heads: up to :data:`SMALL` values) are reduced in
-  float64 NumPy, about fifteen calls of a microsecond or two each, exact without any rescaling;
-* **larger tensors** are reduced in chunks of at most :data:`CHUNK` values. Every temporary (the
-  absolute values, the histogram index) is written into one scratch buffer per thread that is
-  allocated once and reused, so no pass allocates (fresh multi-megabyte temporaries cost a page
-  fault per 4 KiB, more than the arithmetic) and each chunk stays in cache between passes.
+* **small tensors** (up to :data:`SMALL` values: biases, norm weights, heads) are reduced in
+  float64 NumPy, exact without any rescaling (the kernels reduce them in float64 too);
+* **other blocks** go through float32 torch calls (float64 for float64 tensors) whose temporaries
+  (the absolute values, the histogram index) are written into one scratch buffer per thread that
+  is allocated once and reused (fresh multi-megabyte temporaries cost a page fault per 4 KiB,
+  more than the arithmetic), so each block stays in cache between passes.
 
-All return ``None`` where they cannot be exact cheaply (a value or a square outside float32's
-range, a histogram range too narrow to invert); the caller then takes the general branch-free
-path. The row layout is :data:`lightning_inspect.stats.FIELDS` followed by the histogram counts.
+A tensor whose float32 sums of squares overflow or underflow, or whose range is too narrow to
+invert in float32, is read again as float64 (blocks converted as above). ``None`` is returned
+only where even that cannot be exact (float64 values whose squares leave float64's range); the
+caller then takes the general branch-free path. The row layout is
+:data:`lightning_inspect.stats.FIELDS` followed by the histogram counts.
 
 Example:
     >>> import torch
-    >>> row = reduce_finite(torch.tensor([0.0, 1.0, 2.0, 3.0]), bins=2)
-    >>> row[:3].tolist(), row[-2:].tolist()  # count, finite, sum ... then two bins
-    ([4.0, 4.0, 6.0], [2.0, 2.0])
+    >>> row = reduce_cpu(torch.tensor([0.0, 1.0, 2.0, 3.0, float("nan")]), bins=2)
+    >>> row[:3].tolist(), row[9:11].tolist(), row[-2:].tolist()  # count, finite, sum; nan, inf
+    ([5.0, 4.0, 6.0], [1.0, 0.0], [2.0, 2.0])
 """
 
 from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Iterator
 
 import numpy as np
 import torch
+
+from lightning_inspect.chunks import as_vector, blocks
 
 try:
     from lightning_inspect import _kernels
 except ImportError:  # built without a C compiler: the torch/NumPy paths below do the same work
     _kernels = None
 
-#: Tensors of up to this many values take the NumPy path (its float64 temporaries stay under
-#: glibc's 128 KiB mmap threshold; above it each call would page-fault them in afresh).
+#: Tensors of up to this many values are reduced entirely in float64 (the kernels' own limit,
+#: ``_kernels.WIDE_VALUES``, is the same; NumPy's float64 temporaries then stay under glibc's
+#: 128 KiB mmap threshold, above which each call would page-fault them in afresh).
 SMALL = 16384
-#: Larger tensors are reduced this many values at a time (1.25 MiB of scratch per thread).
+#: Tensors are read in blocks of at most this many values (1 MiB of float32 per buffer).
 CHUNK = 1 << 18
 
 _HEAD_FIELDS = 11  # len(stats.FIELDS); kept here to avoid a circular import
+_NAN, _INF = 9, 10  # their places in the head
 
 
 class _Scratch(threading.local):
-    """One reusable buffer per thread and dtype (hooks may run on autograd's worker threads)."""
+    """Reusable buffers per thread, use and dtype (hooks may run on autograd's worker threads)."""
 
-    buffers: dict[torch.dtype, torch.Tensor]
+    buffers: dict[tuple[str, torch.dtype], torch.Tensor]
 
     def __init__(self) -> None:
         self.buffers = {}
@@ -60,45 +75,91 @@ class _Scratch(threading.local):
 _scratch = _Scratch()
 
 
-def _scratch_for(n: int, dtype: torch.dtype) -> torch.Tensor:
-    """A buffer of at least ``n`` elements of ``dtype``, this thread's own (slice it to size)."""
+def _scratch_for(n: int, dtype: torch.dtype, use: str = "work") -> torch.Tensor:
+    """A buffer of at least ``n`` elements of ``dtype`` for ``use`` ("input": converted blocks,
+    "work": temporaries), this thread's own (slice it to size)."""
     buffers = _scratch.buffers
-    buffer = buffers.get(dtype)
+    buffer = buffers.get((use, dtype))
     if buffer is None or buffer.numel() < n:
         with torch.inference_mode(False):  # made in inference mode, it could not be written outside
-            buffer = buffers[dtype] = torch.empty(n, dtype=dtype)
+            buffer = buffers[(use, dtype)] = torch.empty(n, dtype=dtype)
     return buffer
 
 
-def reduce_finite(v: torch.Tensor, bins: int) -> torch.Tensor | None:
-    """The float64 row of a 1-D float32/float64 CPU tensor, or ``None`` if it holds a non-finite value.
+def reduce_cpu(x: torch.Tensor, bins: int) -> torch.Tensor | None:
+    """The float64 row of a real CPU tensor with at least one value (any shape, strides, dtype).
 
-    Also ``None`` in the rare cases the fast paths cannot reduce exactly (see the module docstring).
+    A tensor whose values or squares leave float32's range is read again in float64, which holds
+    the squares of every float32 value. ``None`` where the fast paths cannot reduce exactly (see
+    the module docstring).
     """
-    if _kernels is not None:  # a strided view is copied: one path, so a view reduces like its copy
-        return _reduce_native(v.contiguous(), bins)
-    if v.numel() <= SMALL:
-        return _reduce_small(v, bins)
-    return _reduce_chunked(v, bins)
+    if x.dtype == torch.float64:
+        return _reduce_as(x, torch.float64, bins)
+    row = _reduce_as(x, torch.float32, bins)
+    return _reduce_as(x, torch.float64, bins) if row is None else row
+
+
+def _reduce_as(x: torch.Tensor, dtype: torch.dtype, bins: int) -> torch.Tensor | None:
+    """The row of ``x`` read as ``dtype`` (float32 or float64); ``None`` as above."""
+    parts = blocks(x, CHUNK)
+    in_place = x.dtype == dtype and not x.is_neg() and all(p.is_contiguous() for p in parts)
+    buffer = None if in_place else _scratch_for(min(x.numel(), CHUNK), dtype, "input")
+    if len(parts) > 1 or (_kernels is None and x.numel() > SMALL):
+        return _reduce_blocks(parts, dtype, buffer, bins)
+    v = as_vector(x, dtype, buffer)
+    row = _reduce_vector(v, bins)
+    if row is not None or bool(torch.isfinite(v).all()):
+        return row
+    finite, nan = _finite_part(v)
+    if finite.numel() == 0:
+        return _row(_nonfinite_head(v.numel(), nan), None, bins)
+    row = _reduce_vector(finite, bins)
+    if row is not None:
+        row[0], row[_NAN], row[_INF] = v.numel(), nan, v.numel() - finite.numel() - nan
+    return row
+
+
+def _reduce_vector(v: torch.Tensor, bins: int) -> torch.Tensor | None:
+    """The row of a contiguous vector of at most :data:`CHUNK` values in one call; ``None`` also
+    where a value is not finite."""
+    if _kernels is not None:
+        row = torch.empty(_HEAD_FIELDS + max(bins, 0), dtype=torch.float64)
+        is_double = v.dtype == torch.float64
+        exact = _kernels.reduce_row(v.data_ptr(), v.numel(), is_double, bins, row.data_ptr())
+        return row if exact else None
+    return _reduce_small(v, bins)
+
+
+def _finite_part(v: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The finite values of ``v`` (a copy) and the number of NaN in it."""
+    return v[torch.isfinite(v)], int(torch.count_nonzero(torch.isnan(v)))
+
+
+def _nonfinite_head(n: int, nan: int) -> list[float]:
+    """The head of ``n`` values none of which is finite, ``nan`` of them NaN."""
+    return [float(n), 0.0, 0.0, 0.0, 0.0, 0.0, math.inf, -math.inf, 0.0, float(nan), float(n - nan)]
 
 
 def _row(head: list[float], counts: np.ndarray | None, bins: int) -> torch.Tensor:
     """The float64 row from its head and ``bins + 1`` counts (the last: values at the maximum)."""
-    row = np.empty(_HEAD_FIELDS + max(bins, 0), dtype=np.float64)
+    row = np.zeros(_HEAD_FIELDS + max(bins, 0), dtype=np.float64)
     row[:_HEAD_FIELDS] = head
-    if bins > 0:
-        assert counts is not None
+    if bins > 0 and counts is not None:
         row[_HEAD_FIELDS:] = counts[:bins]
         row[-1] += counts[bins:].sum()  # the maximum itself, in the closed last bin
     return torch.from_numpy(row)
 
 
-def _head(n: int, total: float, m2: float, sumsq: float, abs_sum: float, lo: float, hi: float, zeros: float) -> list[float]:
+def _head(
+    n: int, total: float, m2: float, sumsq: float, abs_sum: float, lo: float, hi: float,
+    zeros: float,
+) -> list[float]:
     return [float(n), float(n), total, m2, sumsq, abs_sum, lo, hi, zeros, 0.0, 0.0]
 
 
 #: Below these magnitudes the largest squares come near the dtype's smallest normal number, where
-#: sums of squares lose precision (float32: 1.2e-38; float64: 2.2e-308). ``_kernels.c`` uses the same.
+#: sums of squares lose precision (float32: 1.2e-38; float64: 2.2e-308). ``_kernels.c`` uses the
+#: same.
 _TINY_SQUARE = {torch.float32: 1e-30, torch.float64: 1e-290}
 
 
@@ -114,7 +175,8 @@ def _reduce_small(v: torch.Tensor, bins: int) -> torch.Tensor | None:
         with np.errstate(over="ignore", invalid="ignore"):
             abs_sum, sumsq = float(np.abs(a).sum()), float(np.einsum("i,i->", a, a))
     else:
-        abs_sum, sumsq = float(np.abs(a).sum()), float(np.einsum("i,i->", a, a))
+        with np.errstate(invalid="ignore"):  # NaN and Inf: the caller takes them out
+            abs_sum, sumsq = float(np.abs(a).sum()), float(np.einsum("i,i->", a, a))
     if not (math.isfinite(abs_sum) and math.isfinite(sumsq)):
         return None
     total = float(a.sum())
@@ -134,107 +196,153 @@ def _reduce_small(v: torch.Tensor, bins: int) -> torch.Tensor | None:
     return _row(head, np.bincount(index, minlength=bins + 1), bins)
 
 
-def _reduce_native(v: torch.Tensor, bins: int) -> torch.Tensor | None:
-    """The row of a contiguous vector from the C kernels, written in place; ``None`` as above."""
-    row = torch.empty(_HEAD_FIELDS + max(bins, 0), dtype=torch.float64)
-    exact = _kernels.reduce_row(v.data_ptr(), v.numel(), v.dtype == torch.float64, bins, row.data_ptr())
-    return row if exact else None
-
-
 def _all_in_first_bin(n: int, bins: int) -> np.ndarray:
     counts = np.zeros(max(bins, 0) + 1)
     counts[0] = n
     return counts
 
 
-def _reduce_chunked(v: torch.Tensor, bins: int) -> torch.Tensor | None:
-    n = v.numel()
-    if n <= CHUNK:
-        chunks = [(v, n)]
-    else:
-        chunks = [(v[start : start + CHUNK], min(CHUNK, n - start)) for start in range(0, n, CHUNK)]
-    scratch = _scratch_for(chunks[0][1], v.dtype)
+# ---------------------------------------------------------------------------------------------
+# Block by block: moments, centred sums, counts of one block each (C kernels or torch).
+# ---------------------------------------------------------------------------------------------
 
-    sums = []
-    for chunk, size in chunks:
-        magnitude = torch.abs(chunk, out=scratch[:size])
-        lo, hi = torch.aminmax(chunk)
-        # the dot of the contiguous magnitudes: BLAS accumulates strided vectors less exactly
-        sums += [chunk.sum(), magnitude.sum(), torch.dot(magnitude, magnitude), lo, hi, magnitude.sign_().sum()]
-    per_chunk = torch.stack(sums).view(-1, 6).numpy().astype(np.float64)
-    total, abs_sum, sumsq = (math.fsum(per_chunk[:, i]) for i in range(3))
+
+def _reduce_blocks(
+    parts: list[torch.Tensor], dtype: torch.dtype, buffer: torch.Tensor | None, bins: int
+) -> torch.Tensor | None:
+    """The row of the values of ``parts`` read block by block; ``None`` as above."""
+    n = sum(p.numel() for p in parts)
+    nonfinite: dict[int, int] = {}  # block index -> its NaN count, for blocks holding NaN or Inf
+    kept = n
+    moments = []
+    for i, part in enumerate(parts):
+        v = as_vector(part, dtype, buffer)
+        m = _moments(v)
+        if not (math.isfinite(m[1]) and math.isfinite(m[2])):
+            if bool(torch.isfinite(v).all()):
+                return None  # float32 sums of squares overflow: the general path rescales
+            v, nonfinite[i] = _finite_part(v)
+            kept -= part.numel() - v.numel()
+            if v.numel() == 0:
+                continue
+            m = _moments(v)
+        moments.append(m)
+    nan = sum(nonfinite.values())
+    if kept == 0:
+        return _row(_nonfinite_head(n, nan), None, bins)
+    per_block = np.stack(moments)
+    with np.errstate(over="ignore"):
+        total, sumsq, abs_sum = (float(per_block[:, i].sum()) for i in range(3))
+    lo, hi = float(per_block[:, 3].min()), float(per_block[:, 4].max())
     if not (math.isfinite(abs_sum) and math.isfinite(sumsq)):
-        return None  # a non-finite value, or float32 sums that overflow: the general path decides
-    lo, hi = float(per_chunk[:, 3].min()), float(per_chunk[:, 4].max())
-    if _squares_underflow(max(-lo, hi), v.dtype):
-        return None  # the general path rescales
-    nonzero = float(per_chunk[:, 5].sum())
+        return None  # sums beyond float64: the general path rescales
+    if _squares_underflow(max(-lo, hi), dtype):
+        return None  # sums beyond float64, or squares too small: the general path rescales
+    zeros = float(per_block[:, 5].sum())
 
-    m2 = sumsq - total * total / n
+    def finite() -> Iterator[torch.Tensor]:  # one block at a time: they share one buffer
+        return _finite_vectors(parts, dtype, buffer, nonfinite)
+
+    m2 = sumsq - total * total / kept
     if m2 < 0.5 * sumsq:  # the mean is comparable to the spread: centre first, so nothing cancels
-        m2 = _centred_m2(chunks, scratch, total / n, n)
-    head = _head(n, total, m2, sumsq, abs_sum, lo, hi, n - nonzero)
+        centred = np.array([_centred(v, total / kept) for v in finite()])
+        residual = float(centred[:, 0].sum())
+        m2 = max(float(centred[:, 1].sum()) - residual * residual / kept, 0.0)
+    head = _head(kept, total, m2, sumsq, abs_sum, lo, hi, zeros)
+    head[0], head[_NAN], head[_INF] = float(n), float(nan), float(n - kept - nan)
     if bins <= 0 or hi == lo:
-        return _row(head, _all_in_first_bin(n, bins), bins)
-    counts = _counts_chunked(chunks, scratch, lo, hi, bins, mostly_zeros=n - nonzero > n / 4)
-    return None if counts is None else _row(head, counts, bins)
+        return _row(head, _all_in_first_bin(kept, bins), bins)
+    factor = bins / (hi - lo)
+    if not 0.0 < factor < (1e300 if dtype == torch.float64 else 1e30):
+        return None  # a range so narrow (float32 subnormals) that its inverse overflows float32,
+        # or so wide (float64) that hi - lo overflows
+    counts = np.zeros(bins + 1, dtype=np.int64)
+    for v in finite():
+        _count(v, lo, hi, bins, counts, mostly_zeros=zeros > kept / 4)
+    return _row(head, counts, bins)
 
 
-def _centred_m2(chunks: list[tuple[torch.Tensor, int]], scratch: torch.Tensor, mean: float, n: int) -> float:
-    """Sum of squared deviations, from values minus the (rounded) mean and the residual mean.
+def _finite_vectors(
+    parts: list[torch.Tensor],
+    dtype: torch.dtype,
+    buffer: torch.Tensor | None,
+    nonfinite: dict[int, int],
+) -> Iterator[torch.Tensor]:
+    """The finite values of each block again, block by block (read lazily: one buffer)."""
+    for i, part in enumerate(parts):
+        v = as_vector(part, dtype, buffer)
+        if i in nonfinite:
+            v = v[torch.isfinite(v)]
+        if v.numel():
+            yield v
 
-    The float32 mean is off by a rounding error the subtraction keeps; removing the residual
-    (``sum(c)**2 / n``) keeps the result exact to float precision even for ``1e4 + 1e-3 * noise``.
+
+def _moments(v: torch.Tensor) -> np.ndarray:
+    """``[sum, sumsq, abs_sum, min, max, zeros]`` of a contiguous vector (a non-finite value makes
+    the sums non-finite)."""
+    if _kernels is not None:
+        out = np.empty(6, dtype=np.float64)
+        _kernels.moments(v.data_ptr(), v.numel(), v.dtype == torch.float64, out.ctypes.data)
+        return out
+    magnitude = torch.abs(v, out=_scratch_for(v.numel(), v.dtype)[: v.numel()])
+    lo, hi = torch.aminmax(v)
+    # the dot of the contiguous magnitudes: BLAS accumulates strided vectors less exactly
+    sums = [v.sum(), torch.dot(magnitude, magnitude), magnitude.sum(), lo, hi]
+    sums.append(magnitude.sign_().sum())  # the number of nonzero values, after the sums above
+    out = torch.stack(sums).numpy().astype(np.float64)
+    out[5] = v.numel() - out[5]  # nonzero -> zeros
+    return out
+
+
+def _centred(v: torch.Tensor, mean: float) -> tuple[float, float]:
+    """Sum of ``v - mean`` (mean rounded to ``v``'s dtype) and of its squares.
+
+    The float32 mean is off by a rounding error the subtraction keeps; the caller removes the
+    residual (``sum(c)**2 / n``), which keeps the result exact to float precision even for
+    ``1e4 + 1e-3 * noise``.
     """
-    sums = []
-    for chunk, size in chunks:
-        centred = torch.sub(chunk, mean, out=scratch[:size])
-        sums += [centred.sum(), torch.dot(centred, centred)]
-    per_chunk = torch.stack(sums).view(-1, 2).numpy().astype(np.float64)
-    residual = math.fsum(per_chunk[:, 0])
-    return max(math.fsum(per_chunk[:, 1]) - residual * residual / n, 0.0)
+    if _kernels is not None:
+        out = np.empty(2, dtype=np.float64)
+        _kernels.centred(v.data_ptr(), v.numel(), v.dtype == torch.float64, mean, out.ctypes.data)
+        return float(out[0]), float(out[1])
+    centred = torch.sub(v, mean, out=_scratch_for(v.numel(), v.dtype)[: v.numel()])
+    sums = torch.stack([centred.sum(), torch.dot(centred, centred)]).numpy().astype(np.float64)
+    return float(sums[0]), float(sums[1])
 
 
-def _counts_chunked(
-    chunks: list[tuple[torch.Tensor, int]],
-    scratch: torch.Tensor,
-    lo: float,
-    hi: float,
-    bins: int,
-    mostly_zeros: bool = False,
-) -> np.ndarray | None:
-    """``bins + 1`` counts over ``[lo, hi]``; the last holds the values equal to ``hi``.
+def _count(
+    v: torch.Tensor, lo: float, hi: float, bins: int, counts: np.ndarray, mostly_zeros: bool
+) -> None:
+    """Add the ``bins + 1`` counts of ``v`` over ``[lo, hi]`` to ``counts``; the last holds the
+    values equal to ``hi``.
 
     ``mostly_zeros``: many values fall into one bin (ReLU gradients), which makes every increment
     wait for the previous one; counting byte pairs halves the increments (see :func:`_count_pairs`).
     """
     factor = bins / (hi - lo)
-    if not 0.0 < factor < 1e30:
-        return None  # a range so narrow (subnormals) that its inverse overflows float32, or so
-        # wide (float64) that hi - lo overflows
-    index_dtype = torch.int32 if scratch.dtype == torch.float32 else torch.int64  # same width
-    # bincount runs about twice as fast over bytes: narrow the index when it fits in one
-    narrow = _scratch_for(chunks[0][1], torch.uint8) if bins < 256 else None
-    counts = np.zeros(bins + 1, dtype=np.int64)
+    if _kernels is not None:
+        is_double = v.dtype == torch.float64
+        _kernels.histogram(v.data_ptr(), v.numel(), is_double, lo, factor, bins, counts.ctypes.data)
+        return
+    size = v.numel()
+    scratch = _scratch_for(size, v.dtype)[:size]
     # When the range holds 0, |lo * factor| <= bins and `factor * v - lo * factor` (one pass) is as
     # exact as `(v - lo) * factor` (two): both err by a few float32 ulps of `bins`.
-    offset = torch.tensor(-lo * factor, dtype=scratch.dtype) if lo <= 0.0 <= hi else None
-    for chunk, size in chunks:
-        if offset is not None:
-            position = torch.add(offset, chunk, alpha=factor, out=scratch[:size])  # in [0, bins]
-        else:
-            position = torch.sub(chunk, lo, out=scratch[:size]).mul_(factor)
-        index = position.view(index_dtype)
-        index.copy_(position)  # in place: truncation, floor for values >= 0 (and 0 for -ulps)
-        if narrow is None:
-            counts += torch.bincount(index, minlength=bins + 1).numpy()
-            continue
-        index = narrow[:size].copy_(index)
-        if mostly_zeros and bins < 128:  # a pair must fit a signed int16: second byte < 128
-            counts += _count_pairs(index, bins)
-        else:
-            counts += torch.bincount(index, minlength=bins + 1).numpy()
-    return counts
+    if lo <= 0.0 <= hi:
+        offset = torch.tensor(-lo * factor, dtype=v.dtype)
+        position = torch.add(offset, v, alpha=factor, out=scratch)
+    else:
+        position = torch.sub(v, lo, out=scratch).mul_(factor)
+    index = position.view(torch.int32 if v.dtype == torch.float32 else torch.int64)  # same width
+    index.copy_(position)  # in place: truncation, floor for values >= 0 (and 0 for -ulps)
+    if bins >= 256:  # bincount runs about twice as fast over bytes: narrow the index when it fits
+        counts += torch.bincount(index, minlength=bins + 1).numpy()
+        return
+    index = _scratch_for(size, torch.uint8)[:size].copy_(index)
+    if mostly_zeros and bins < 128:  # a pair must fit a signed int16: second byte < 128
+        counts += _count_pairs(index, bins)
+    else:
+        counts += torch.bincount(index, minlength=bins + 1).numpy()
 
 
 def _count_pairs(index: torch.Tensor, bins: int) -> np.ndarray:

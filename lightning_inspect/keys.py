@@ -16,6 +16,13 @@ A module with several output tensors adds the path of each (``attn/0``, ``head/l
 (``activations/encoder.0``). Extra scalars: ``param_grads/global_norm`` and
 ``weights/<param>/update_ratio``.
 
+Names are single segments: :func:`escape_name` writes a ``%`` in a module or parameter name (or
+in a dict key of an output path) as ``%25`` and a ``/`` as ``%2F`` (torch allows ``/`` in
+``ModuleDict`` and ``ParameterDict`` keys), so the module ``"head/logits"`` logs under
+``activations/head%2Flogits/...`` and can never merge with the output ``logits`` of a module
+``head`` (``activations/head/logits/...``). :func:`unescape_name` gives the name back. Ordinary
+names (letters, digits, ``_``, ``.``) are unchanged.
+
 MLflow accepts only letters, digits, ``_ - . / `` and space, and 250 characters:
 :class:`MlflowKeys` replaces anything else with ``_`` and, where two different keys would then
 collide (or a key is too long), appends a short hash of the original so no two keys merge.
@@ -23,6 +30,10 @@ collide (or a key is too long), appends a short hash of the original so no two k
 Example:
     >>> metric_key("activations", "encoder.0", "mean")
     'activations/encoder.0/mean'
+    >>> metric_key("activations", escape_name("head/logits"), "mean")
+    'activations/head%2Flogits/mean'
+    >>> unescape_name("head%2Flogits")
+    'head/logits'
     >>> keys = MlflowKeys()
     >>> keys("activations/blocks[0]/mean"), keys("activations/blocks(0)/mean")
     ('activations/blocks_0_/mean', 'activations/blocks_0_/mean-91ac2049')
@@ -49,10 +60,21 @@ def is_per_rank(key: str) -> bool:
 FINDINGS_KEY = "health/findings"
 MLFLOW_MAX_KEY_LENGTH = 250
 _MLFLOW_INVALID = re.compile(r"[^\w\-./ ]")
+_ESCAPED = re.compile("%(25|2F)")
+
+
+def escape_name(name: str) -> str:
+    """``name`` as one key segment: ``%`` written ``%25``, then ``/`` written ``%2F``."""
+    return name.replace("%", "%25").replace("/", "%2F")
+
+
+def unescape_name(segment: str) -> str:
+    """The name that :func:`escape_name` wrote as ``segment``."""
+    return _ESCAPED.sub(lambda m: "%" if m.group(1) == "25" else "/", segment)
 
 
 def metric_key(*parts: str) -> str:
-    """Join non-empty key parts with ``/``."""
+    """Join non-empty key parts with ``/`` (names among them already escaped)."""
     return "/".join(p for p in parts if p)
 
 

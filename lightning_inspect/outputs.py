@@ -1,9 +1,10 @@
 """Walk a module's output, whatever its shape, and yield the tensors inside with their paths.
 
 Handles tensors, tuples, lists, dicts, dataclasses and NamedTuples, nested to any depth; ``None``
-and non-tensor leaves are skipped. Paths join with ``/`` (module names never contain one, so a
-path cannot collide with a module name): index ``i`` of a sequence is ``"i"``, a dict key or
-dataclass / NamedTuple field is its name.
+and non-tensor leaves are skipped. Paths join with ``/``: index ``i`` of a sequence is ``"i"``, a
+dict key or dataclass / NamedTuple field is its name, escaped by
+:func:`lightning_inspect.keys.escape_name` (a dict key ``"a/b"`` is the segment ``a%2Fb``), so two
+different outputs never share a path.
 
 Example:
     >>> import torch
@@ -12,6 +13,8 @@ Example:
     ['logits', 'aux/0']
     >>> [path for path, _ in iter_tensors(torch.zeros(1))]
     ['']
+    >>> [path for path, _ in iter_tensors({"a/b": torch.zeros(1), "a": {"b": torch.ones(1)}})]
+    ['a%2Fb', 'a/b']
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
+
+from lightning_inspect.keys import escape_name
 
 #: Deepest nesting followed; deeper structures are not inspected.
 MAX_DEPTH = 8
@@ -44,4 +49,5 @@ def iter_tensors(obj: Any, path: str = "", depth: int = 0) -> Iterator[tuple[str
     else:
         return
     for key, value in items:
-        yield from iter_tensors(value, f"{path}/{key}" if path else key, depth + 1)
+        segment = escape_name(key)
+        yield from iter_tensors(value, f"{path}/{segment}" if path else segment, depth + 1)

@@ -10,8 +10,10 @@ The work is split in two halves so that a logging step costs one device-to-host 
   :func:`summarise` / :func:`histogram` turn a row into the statistics users see.
 
 Statistics are computed at least in float32 (float64 tensors in float64; on the CPU see
-:mod:`lightning_inspect.cpu_reduction`) over the finite values (NaN and Inf are counted, not used),
-except ``zero_fraction`` which is over all elements. ``std`` is the population standard deviation
+:mod:`lightning_inspect.cpu_reduction`: small tensors entirely in float64) over the finite values
+(NaN and Inf are counted, not used), except ``zero_fraction`` which is over all elements. Tensors
+are read in blocks of a fixed number of values (:mod:`lightning_inspect.chunks`), so the memory a
+reduction takes does not grow with the tensor. ``std`` is the population standard deviation
 (``ddof=0``), computed from centred sums so it stays exact when ``|mean| >> std``.
 
 Example:
@@ -31,12 +33,18 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lightning_inspect.cpu_reduction import reduce_finite
+from lightning_inspect.chunks import as_vector, blocks
+from lightning_inspect import cpu_reduction
+from lightning_inspect.cpu_reduction import reduce_cpu
 
 #: The sufficient statistics at the start of every row, in order.
 FIELDS = ("count", "finite", "sum", "m2", "sumsq", "abs_sum", "min", "max", "zeros", "nan", "inf")
 N_FIELDS = len(FIELDS)
 _F = {name: i for i, name in enumerate(FIELDS)}
+#: Values per block on the general path on accelerators: its temporaries are a few float32
+#: vectors of this length (16 MiB each). On the CPU its blocks are those of the CPU path
+#: (:data:`lightning_inspect.cpu_reduction.CHUNK`), small enough for the allocator to reuse.
+GENERAL_CHUNK = 1 << 22
 
 #: Every statistic a monitor can log.
 ALL_STATS = (
@@ -70,19 +78,19 @@ def row_length(bins: int) -> int:
     return N_FIELDS + bins
 
 
-def _as_float_vector(x: torch.Tensor) -> torch.Tensor:
-    """``x`` flattened as float32 (float64 stays float64, so its range and precision are kept).
+def _values(x: torch.Tensor) -> torch.Tensor:
+    """The real values ``x`` holds, as a view wherever possible (never converted or flattened).
 
     Detached, so nothing after it records autograd history (cheaper than ``no_grad`` per call).
+    Sparse tensors give their stored values (as for sparse gradients), complex ones their real and
+    imaginary parts; a lazy conjugate of a complex tensor is resolved (copied) first.
     """
-    x = x.detach().resolve_conj().resolve_neg()  # lazy conjugate/negative views: their values
-    if x.layout != torch.strided:  # sparse: the stored values (as for sparse gradients)
+    x = x.detach()
+    if x.layout != torch.strided:
         x = x.coalesce().values() if x.is_sparse else x.values()
     if x.is_complex():
-        x = torch.view_as_real(x)
-    if x.dtype not in (torch.float32, torch.float64):
-        x = x.to(torch.float32)
-    return x.reshape(-1)
+        x = torch.view_as_real(x.resolve_conj().resolve_neg())
+    return x
 
 
 def empty_row(bins: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -97,12 +105,14 @@ def reduce_tensor(x: torch.Tensor, bins: int = 64) -> torch.Tensor:
     """Reduce ``x`` to one float64 row on its own device, without synchronising an accelerator.
 
     Works for any dtype (bf16, fp16, integers, bool are read as float32; complex as its real and
-    imaginary parts), any shape, empty tensors, tensors holding NaN or Inf, and sparse tensors
-    (their stored values).
+    imaginary parts), any shape and strides, empty tensors, tensors holding NaN or Inf, and sparse
+    tensors (their stored values). The tensor is read in blocks of a fixed number of values,
+    each converted to float32 (float64 stays float64) on its own, so the temporary memory does
+    not grow with the tensor.
 
-    On the CPU, where reading a value costs no transfer, a tensor of finite values takes a shorter
-    path without masks or fresh temporaries (:mod:`lightning_inspect.cpu_reduction`); everywhere
-    else the reduction is branch-free.
+    On the CPU, where reading a value costs no transfer, the reduction branches on the data
+    (:mod:`lightning_inspect.cpu_reduction`); everywhere else it is branch-free
+    (blocks of :data:`GENERAL_CHUNK` values on accelerators).
 
     Args:
         x: the tensor; it is never modified.
@@ -114,52 +124,90 @@ def reduce_tensor(x: torch.Tensor, bins: int = 64) -> torch.Tensor:
         sum of their squares, and ``counts`` are the numbers of finite values in ``bins``
         equal-width bins spanning ``[min, max]``.
     """
-    v = _as_float_vector(x)
-    n = v.numel()
-    if n == 0:
+    v = _values(x)
+    if v.numel() == 0:
         return empty_row(bins, v.device)
     if v.device.type == "cpu":
-        row = reduce_finite(v, bins)  # None when a value is not finite
+        row = reduce_cpu(v, bins)  # None where its fast paths cannot be exact
         if row is not None:
             return row
     return _reduce_any(v, bins)
 
 
-def _reduce_any(v: torch.Tensor, bins: int) -> torch.Tensor:
-    """The row of any vector, on its device, without a host round trip."""
+def _reduce_any(x: torch.Tensor, bins: int) -> torch.Tensor:
+    """The row of any real tensor, on its device, without a host round trip.
+
+    Two reads, block by block: counts, sum and range first; then, rescaled by the largest
+    magnitude (so no square overflows or underflows), centred and plain sums of squares, absolute
+    sum and histogram counts over the combined range.
+    """
     f64 = torch.float64
-    n = v.numel()
-    finite = torch.isfinite(v)
-    n_finite = torch.count_nonzero(finite)
-    n_nan = torch.count_nonzero(torch.isnan(v))
-    zeros_only = torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
-    lo = torch.nan_to_num(v, nan=math.inf, neginf=math.inf).amin()  # +inf when nothing is finite
-    hi = torch.nan_to_num(v, nan=-math.inf, posinf=-math.inf).amax()
+    dtype = f64 if x.dtype == f64 else torch.float32
+    parts = blocks(x, cpu_reduction.CHUNK if x.device.type == "cpu" else GENERAL_CHUNK)
+    firsts = []
+    for part in parts:
+        v = as_vector(part, dtype)
+        firsts.append(
+            torch.stack(
+                [
+                    torch.count_nonzero(torch.isfinite(v)).to(f64),
+                    torch.count_nonzero(torch.isnan(v)).to(f64),
+                    (v.numel() - torch.count_nonzero(v)).to(f64),
+                    torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0).sum(dtype=f64),
+                    torch.nan_to_num(v, nan=math.inf, neginf=math.inf).amin().to(f64),
+                    torch.nan_to_num(v, nan=-math.inf, posinf=-math.inf).amax().to(f64),
+                ]
+            )
+        )
+    first = torch.stack(firsts)
+    n_finite, n_nan, zeros, total = first[:, :4].sum(0)
+    lo, hi = first[:, 4].amin(), first[:, 5].amax()  # +inf, -inf when nothing is finite
     scale = torch.maximum(lo.abs(), hi.abs())
     scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
-    scaled = zeros_only / scale
-    mean_scaled = scaled.sum() / n_finite.clamp(min=1)
-    centred = torch.where(finite, scaled - mean_scaled, 0.0)
-    scale2 = scale.to(f64) ** 2
+    scale_v = scale.to(dtype)  # one of the values: exact in their dtype
+    mean_scaled = (total / n_finite.clamp(min=1) / scale).to(dtype)
+    lo_scaled, hi_scaled = (lo / scale).to(dtype), (hi / scale).to(dtype)
+    seconds = []
+    counts = None
+    for part in parts:
+        v = as_vector(part, dtype)
+        finite = torch.isfinite(v)
+        zeros_only = torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
+        scaled = zeros_only / scale_v
+        centred = torch.where(finite, scaled - mean_scaled, 0.0)
+        seconds.append(
+            torch.stack(
+                [
+                    torch.dot(centred, centred).to(f64),
+                    centred.sum(dtype=f64),
+                    torch.dot(scaled, scaled).to(f64),
+                    zeros_only.abs().sum(dtype=f64),
+                ]
+            )
+        )
+        if bins > 0:
+            part_counts = _histogram_counts(scaled, finite, lo_scaled, hi_scaled, bins)
+            counts = part_counts if counts is None else counts + part_counts
+    centred_sumsq, residual, scaled_sumsq, abs_sum = torch.stack(seconds).sum(0)
+    scale2 = scale**2
+    n = x.numel()
     head = torch.stack(
         [
-            torch.full((), float(n), dtype=f64, device=v.device),  # a fill, not a host copy
-            n_finite.to(f64),
-            zeros_only.sum(dtype=f64),
-            (torch.dot(centred, centred).to(f64) - centred.sum().to(f64) ** 2 / n_finite.clamp(min=1).to(f64))
-            .clamp(min=0) * scale2,
-            torch.dot(scaled, scaled).to(f64) * scale2,
-            zeros_only.abs().sum(dtype=f64),
-            lo.to(f64),
-            hi.to(f64),
-            (n - torch.count_nonzero(v)).to(f64),
-            n_nan.to(f64),
-            (n - n_finite - n_nan).to(f64),
+            torch.full((), float(n), dtype=f64, device=x.device),  # a fill, not a host copy
+            n_finite,
+            total,
+            (centred_sumsq - residual**2 / n_finite.clamp(min=1)).clamp(min=0) * scale2,
+            scaled_sumsq * scale2,
+            abs_sum,
+            lo,
+            hi,
+            zeros,
+            n_nan,
+            n - n_finite - n_nan,
         ]
     )
-    if bins <= 0:
+    if counts is None:
         return head
-    counts = _histogram_counts(scaled, finite, lo / scale, hi / scale, bins)
     return torch.cat([head, counts.to(f64)])
 
 

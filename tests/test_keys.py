@@ -5,11 +5,24 @@ from __future__ import annotations
 import hashlib
 import re
 
+from pathlib import Path
+
 import pytest
+import torch
+from conftest import TinyModule, loader, make_trainer, read_tb
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
 
-from lightning_inspect.keys import MLFLOW_MAX_KEY_LENGTH, MlflowKeys, metric_key
+from lightning_inspect import ActivationMonitor, GradientMonitor, WeightMonitor
+from lightning_inspect.keys import (
+    MLFLOW_MAX_KEY_LENGTH,
+    MlflowKeys,
+    escape_name,
+    metric_key,
+    unescape_name,
+)
 
 MLFLOW_CHARS = re.compile(r"^[/\w.\- ]*$")
 
@@ -29,6 +42,75 @@ def test_metric_key_joins_non_empty_parts() -> None:
     assert metric_key("activations", "encoder.0", "mean") == "activations/encoder.0/mean"
     assert metric_key("activations", "attn", "", "std") == "activations/attn/std"
     assert metric_key("activation_grads", "attn", "0", "l2_norm") == "activation_grads/attn/0/l2_norm"
+
+
+def test_ordinary_names_are_not_escaped() -> None:
+    for name in ("encoder.0", "blocks.11.attn.q_proj", "fc.weight", "a b-c_d"):
+        assert escape_name(name) == name
+
+
+def test_slash_and_percent_in_names_are_escaped_reversibly() -> None:
+    assert escape_name("head/logits") == "head%2Flogits"
+    assert escape_name("50%/x") == "50%25%2Fx"
+    assert escape_name("%2F") == "%252F"  # an escape sequence in a name is itself escaped
+    assert unescape_name("%252F") == "%2F"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab/%2F5.")), max_size=12))
+def test_escaped_names_are_one_segment_and_round_trip(name: str) -> None:
+    segment = escape_name(name)
+    assert "/" not in segment
+    assert unescape_name(segment) == name
+
+
+class Constant(nn.Module):
+    """``value`` times a trainable scale (1 at the start), as a tensor or as ``{"logits": ...}``."""
+
+    def __init__(self, value: float, as_dict: bool) -> None:
+        super().__init__()
+        self.value, self.as_dict = value, as_dict
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        out = self.scale * torch.full((x.shape[0], 3), self.value)
+        return {"logits": out} if self.as_dict else out
+
+
+class SlashNames(TinyModule):
+    """A ModuleDict key ``"head/logits"`` next to a module ``head`` returning ``{"logits": ...}``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts = nn.ModuleDict({"head": Constant(1000.0, True), "head/logits": Constant(-0.05, False)})
+        self.net = nn.Linear(6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.parts["head"](x)["logits"], self.parts["head/logits"](x)
+        return self.net(x) + 1e-6 * (a.mean(1, keepdim=True) + b.mean(1, keepdim=True))
+
+
+def test_a_module_name_with_a_slash_never_merges_with_an_output_path(tmp_path: Path) -> None:
+    """Real fit: both modules log under their own keys, read back apart from TensorBoard."""
+    names = ["parts.head", "parts.head/logits"]
+    monitors = [
+        ActivationMonitor(modules=names, every_n_steps=1, stats=["mean"]),
+        GradientMonitor(modules=names, every_n_steps=1, stats=["mean"]),
+        WeightMonitor(modules=names, every_n_steps=1, stats=["mean"]),
+    ]
+    logger = TensorBoardLogger(save_dir=str(tmp_path), name="", version="run")
+    make_trainer(1, logger=logger, callbacks=monitors).fit(SlashNames(), loader(n=8))
+    tb = read_tb(logger.log_dir)
+    assert tb.value("activations/parts.head/logits/mean", 0) == pytest.approx(1000.0)
+    assert tb.value("activations/parts.head%2Flogits/mean", 0) == pytest.approx(-0.05)
+    assert len(tb.histograms("activations/parts.head/logits")) == 1
+    assert len(tb.histograms("activations/parts.head%2Flogits")) == 1
+    tags = set(tb.scalar_tags())
+    for key in ("activation_grads/parts.head/logits/mean", "activation_grads/parts.head%2Flogits/mean",
+                "weights/parts.head.scale/mean", "weights/parts.head%2Flogits.scale/mean",
+                "param_grads/parts.head.scale/mean", "param_grads/parts.head%2Flogits.scale/mean"):
+        assert key in tags, key
+    assert unescape_name("parts.head%2Flogits") == "parts.head/logits"
 
 
 def test_valid_keys_pass_unchanged() -> None:

@@ -80,3 +80,9 @@ def test_tensors_are_yielded_not_copied() -> None:
     t = torch.zeros(3, requires_grad=True) * 1
     [(_, got)] = list(iter_tensors({"t": t}))
     assert got is t and got.grad_fn is not None
+
+
+def test_dict_keys_with_a_slash_are_one_escaped_segment() -> None:
+    """``{"a/b": x}`` and ``{"a": {"b": y}}`` would both be ``a/b`` unescaped."""
+    x, y = torch.zeros(1), torch.ones(1)
+    assert paths({"a/b": x, "a": {"b": y}, "50%": x}) == ["a%2Fb", "a/b", "50%25"]

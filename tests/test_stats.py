@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import math
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -14,9 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from lightning_inspect import cpu_reduction
+from lightning_inspect import cpu_reduction, stats
 from lightning_inspect.cpu_reduction import CHUNK, SMALL, _scratch
 from lightning_inspect.stats import (
+    _reduce_any,
+    _values,
     ALL_STATS,
     DEFAULT_STATS,
     FIELDS,
@@ -300,7 +302,7 @@ def test_cpu_paths_float64_and_strided(n: int) -> None:
     [[3e38, 3e38], [1e-25, -2e-25, 3e-25], [1e-45, 3e-45, -1e-44, 0.0], [1.0, math.nan], [2.0, -math.inf]],
     ids=["sum-overflows", "squares-underflow", "subnormal", "nan", "inf"],
 )
-def test_cpu_paths_hand_extremes_to_the_general_path(n: int, values: list[float]) -> None:
+def test_cpu_paths_reduce_extremes_exactly(n: int, values: list[float]) -> None:
     x = torch.tensor(values, dtype=torch.float32).repeat(n // len(values) + 1)[:n]
     check_tensor(x, bins=16, var_rtol=1e-3)
 
@@ -359,13 +361,121 @@ def test_reductions_inside_and_outside_inference_mode(cpu_path: str) -> None:
     np.testing.assert_array_equal(inside.numpy(), outside.numpy())
 
 
-def test_scratch_buffer_is_bounded_and_reused(cpu_path: str) -> None:
-    if cpu_path == "kernels":
-        pytest.skip("the C kernels use no scratch buffer")
-    reduce_tensor(torch.randn(3 * CHUNK), bins=64)
-    first = _scratch.buffers[torch.float32]
-    reduce_tensor(torch.randn(2 * CHUNK + 5), bins=64)
-    assert _scratch.buffers[torch.float32] is first and first.numel() == CHUNK
+def test_scratch_buffers_are_bounded_and_reused(cpu_path: str) -> None:
+    """fp16 blocks are converted into one float32 buffer per thread, at most CHUNK values long."""
+    _scratch.buffers.clear()
+    reduce_tensor(torch.randn(3 * CHUNK).half(), bins=64)
+    first = dict(_scratch.buffers)
+    assert ("input", torch.float32) in first
+    reduce_tensor(torch.randn(2 * CHUNK + 5, 3).half().t(), bins=64)  # strided: rows of blocks
+    assert _scratch.buffers.keys() == first.keys()
+    for use, buffer in first.items():
+        assert _scratch.buffers[use] is buffer and buffer.numel() <= CHUNK, use
+
+
+def test_tensors_of_up_to_small_values_are_reduced_in_float64() -> None:
+    """1e8 + 1 - 1e8 summed in one float32 lane is 0; in float64 it is 1."""
+    for n in (256, SMALL):
+        x = torch.zeros(n)
+        x[0], x[16], x[32] = 1e8, 1.0, -1e8
+        a = x.numpy().astype(np.float64)
+        s = summarise(reduce_tensor(x, bins=8).numpy())
+        assert s["mean"] == 1.0 / n
+        assert s["std"] == pytest.approx(a.std(), rel=1e-12)
+        assert s["l2_norm"] == pytest.approx(np.sqrt(np.sum(a**2)), rel=1e-12)
+
+
+# ------------------------------------------------------------------------------------------
+# Bounded memory: tensors read in blocks (shrunk here so that small tensors have many)
+# ------------------------------------------------------------------------------------------
+
+_BLOCK = 4096
+
+
+@pytest.fixture
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> int:
+    monkeypatch.setattr(cpu_reduction, "CHUNK", _BLOCK)
+    monkeypatch.setattr(stats, "GENERAL_CHUNK", _BLOCK)
+    return _BLOCK
+
+
+def _block_case(name: str, n: int) -> torch.Tensor:
+    """Tensors of ``n`` values (about) that every path reads in several blocks."""
+    g = torch.Generator().manual_seed(n)
+    base = torch.randn(n, generator=g)
+    nonfinite = base.clone()
+    nonfinite[n // 3], nonfinite[2 * n // 3], nonfinite[-5:] = math.nan, math.inf, -math.inf
+    nan_block = base.clone()
+    nan_block[_BLOCK : 2 * _BLOCK] = math.nan  # one whole block without a finite value
+    cases = {
+        "float32-nan-inf": lambda: nonfinite,
+        "a-block-of-nan": lambda: nan_block,
+        "all-nan": lambda: torch.full((n,), math.nan),
+        "float16": lambda: base.half(),
+        "bfloat16": lambda: base.bfloat16(),
+        "int32": lambda: (base * 1000).int(),
+        "bool": lambda: base > 0.5,
+        "float64-offset": lambda: 1e4 + 1e-3 * base.double(),  # the centred pass
+        "transposed": lambda: base[: n - n % 64].reshape(64, -1).t(),
+        # strided even in memory order
+        "columns": lambda: base[: n - n % 96].reshape(-1, 96)[:, 5:90],
+        "negative-view": lambda: torch._neg_view(nonfinite),
+        "huge-nan": lambda: nonfinite * 1e30,  # squares beyond float32: read again as float64
+        "float64-tiny-nan": lambda: nonfinite.double() * 1e-150,  # squares near 1e-300: general path
+    }
+    return cases[name]()
+
+
+_BLOCK_CASES = [
+    "float32-nan-inf", "a-block-of-nan", "all-nan", "float16", "bfloat16", "int32", "bool",
+    "float64-offset", "transposed", "columns", "negative-view", "huge-nan", "float64-tiny-nan",
+]
+
+
+@pytest.mark.parametrize("name", _BLOCK_CASES)
+def test_tensors_read_in_blocks_match_numpy(small_blocks: int, name: str) -> None:
+    check_tensor(_block_case(name, 64 * small_blocks + 17), bins=64, var_rtol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "name", ["float32-nan-inf", "a-block-of-nan", "float16", "transposed", "columns"]
+)
+def test_the_general_path_read_in_blocks_matches_numpy(small_blocks: int, name: str) -> None:
+    """The accelerators' path, on the CPU."""
+    x = _block_case(name, 64 * small_blocks + 17)
+    a = as_reference_array(x)
+    row = _reduce_any(_values(x), 64).numpy()
+    assert row[F["count"]] == a.size and row[F["finite"]] == np.isfinite(a).sum()
+    assert_stats_close(summarise(row), reference(a), a.size, var_rtol=1e-3)
+    assert_histogram_matches(row, a, 64)
+
+
+def _peak_cpu_allocation(run: Callable[[], object]) -> int:
+    """Peak of the bytes torch allocates on the CPU, and has not freed, while ``run`` runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    events = [e for e in prof.events() if e.self_cpu_memory_usage]
+    changes = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in events)
+    live = peak = 0
+    for _, change in changes:
+        live += change
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["float32-nan-inf", "float16", "bfloat16", "int32", "transposed", "huge-nan", "float64-tiny-nan"],
+)
+def test_temporary_memory_is_bounded_by_the_block_size(small_blocks: int, name: str) -> None:
+    """A float32 copy of these tensors alone would take 256 blocks; every path stays under 16
+    (the float64 tensor: its own blocks are twice as large)."""
+    x = _block_case(name, 256 * small_blocks)
+    peak = _peak_cpu_allocation(lambda: reduce_tensor(x, bins=64))
+    block_bytes = small_blocks * x.element_size() if x.dtype == torch.float64 else small_blocks * 4
+    assert peak <= 16 * block_bytes, f"{peak / block_bytes:.1f} blocks"
 
 
 # ------------------------------------------------------------------------------------------

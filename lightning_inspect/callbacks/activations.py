@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from lightning_inspect.callbacks.base import ModuleMonitor
-from lightning_inspect.keys import metric_key
+from lightning_inspect.keys import escape_name, metric_key
 from lightning_inspect.stats import reduce_tensor
 
 
@@ -32,4 +32,5 @@ class ActivationMonitor(ModuleMonitor):
         return True
 
     def _on_output(self, name: str, path: str, tensor: torch.Tensor) -> None:
-        self._add_row(metric_key("activations", name, path), reduce_tensor(tensor, self.bins))
+        key = metric_key("activations", escape_name(name), path)
+        self._add_row(key, reduce_tensor(tensor, self.bins))

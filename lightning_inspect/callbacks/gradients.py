@@ -11,7 +11,7 @@ from lightning_inspect._checks import check_bool
 from lightning_inspect.callbacks._grad_scaler import gradients_scaled, loss_scale, scaler_found_inf
 from lightning_inspect.callbacks._module_hooks import OutputGradHook
 from lightning_inspect.callbacks.base import ModuleMonitor
-from lightning_inspect.keys import metric_key
+from lightning_inspect.keys import escape_name, metric_key
 from lightning_inspect.selection import select_parameters
 from lightning_inspect.sinks import Sink
 from lightning_inspect.recorder import HostRecord, StepRecord
@@ -97,7 +97,8 @@ class GradientMonitor(ModuleMonitor):
     def _on_output(self, name: str, path: str, tensor: torch.Tensor) -> None:
         inexact = tensor.is_floating_point() or tensor.is_complex()
         if tensor.requires_grad and torch.is_grad_enabled() and inexact:
-            tensor.register_hook(OutputGradHook(self, metric_key("activation_grads", name, path)))
+            key = metric_key("activation_grads", escape_name(name), path)
+            tensor.register_hook(OutputGradHook(self, key))
 
     def _on_output_grad(self, key: str, grad: torch.Tensor) -> None:
         self._add_row(key, reduce_tensor(grad, self.bins))
@@ -114,8 +115,8 @@ class GradientMonitor(ModuleMonitor):
         if self.parameters:  # only what this optimizer applies (a GAN: opt_d reads the critic)
             for name, param in self._stepped(self.selected_parameters).items():
                 if param.grad is not None:
-                    row = reduce_tensor(_dense(param.grad), self.bins)
-                    self._add_row(metric_key("param_grads", name), row)
+                    key = metric_key("param_grads", escape_name(name))
+                    self._add_row(key, reduce_tensor(_dense(param.grad), self.bins))
         if self.global_norm:
             stepped = self._stepped(self._all_parameters).values()
             grads = [_dense(p.grad) for p in stepped if p.grad is not None]

@@ -9,7 +9,7 @@ import torch
 
 from lightning_inspect._checks import check_bool
 from lightning_inspect.callbacks.base import ModuleMonitor
-from lightning_inspect.keys import metric_key
+from lightning_inspect.keys import escape_name, metric_key
 from lightning_inspect.selection import select_parameters
 from lightning_inspect.sinks import Sink
 from lightning_inspect.stats import reduce_tensor
@@ -88,7 +88,8 @@ class WeightMonitor(ModuleMonitor):
         with torch.no_grad():
             params = [_local(p) for p in self.selected_parameters.values()]
             for name, param in zip(self.selected_parameters, params):
-                self._add_row(metric_key("weights", name), reduce_tensor(param, self.bins))
+                key = metric_key("weights", escape_name(name))
+                self._add_row(key, reduce_tensor(param, self.bins))
             self._before = [p.detach().clone() for p in params] if self.update_ratio else []
 
     def _after_optimizer_step(self, pl_module: pl.LightningModule) -> None:
@@ -104,7 +105,7 @@ class WeightMonitor(ModuleMonitor):
             for name, upd, norm in zip(self.selected_parameters, updates, norms):
                 # IEEE division: a zero norm gives inf when the parameter moved, NaN when it did not
                 ratio = upd / norm.to(upd.device)
-                self._add_scalar(metric_key("weights", name, "update_ratio"), ratio)
+                self._add_scalar(metric_key("weights", escape_name(name), "update_ratio"), ratio)
 
 
 def _local(param: torch.Tensor) -> torch.Tensor:
