@@ -282,7 +282,8 @@ def test_resolve_sinks_from_the_trainers_loggers(tb_logger, mlflow_logger) -> No
             getattr(s, "close", lambda: None)()
     with pytest.raises(BackendError, match=r"WeightMonitor\(backends=\['mlflow'\]\): backend 'mlflow' needs a MLFlowLogger"):
         resolve_sinks(make_trainer(1, logger=tb_logger), ("mlflow",), owner="WeightMonitor")
-    assert resolve_sinks(make_trainer(1, logger=False), None, owner="X") == []
+    with pytest.warns(RuntimeWarning, match=r"X: the Trainer has no logger"):
+        assert resolve_sinks(make_trainer(1, logger=False), None, owner="X") == []
 
 
 def test_memory_sink_as_backend_in_training() -> None:

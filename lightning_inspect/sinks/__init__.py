@@ -1,11 +1,13 @@
-"""Backends: TensorBoard, MLflow and an in-memory sink, behind one small protocol.
+"""Backends: every Lightning logger attached to the Trainer, behind one small protocol.
 
-:func:`resolve_sinks` finds the backends a monitor writes to from the Trainer's own loggers.
+:func:`resolve_sinks` finds the backends a monitor writes to from the Trainer's own loggers:
+TensorBoard, MLflow and W&B get scalars, histograms, texts and pictures; any other logger (CSV,
+Comet, Neptune, ...) gets scalars through its own ``log_metrics`` (:class:`GenericSink`).
 
 Example:
-    >>> import lightning as L
-    >>> resolve_sinks(L.Trainer(logger=False), None, owner="ActivationMonitor")
-    []
+    >>> from lightning.pytorch.loggers import CSVLogger
+    >>> logger_backend(CSVLogger("logs"))
+    'csv'
 """
 
 from __future__ import annotations
@@ -14,20 +16,33 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-from lightning_inspect._checks import suggestion
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_inspect._checks import closest, suggestion
 from lightning_inspect.errors import BackendError, ConfigError
 from lightning_inspect.sinks.background import BackgroundSink
 from lightning_inspect.sinks.base import GuardedSink, Sink
 from lightning_inspect.sinks.deadline import EndOfFit
+from lightning_inspect.sinks.generic import GenericSink
 from lightning_inspect.sinks.memory import MemorySink
 from lightning_inspect.sinks.mlflow import MlflowSink
 from lightning_inspect.sinks.tensorboard import TensorBoardSink
+from lightning_inspect.sinks.wandb import WandbSink
 
-BACKENDS = ("tensorboard", "mlflow")
+#: Backend names of Lightning's loggers, and each logger's class; any other logger's name is
+#: its class name, lower-case, without "Logger" (``CometLogger`` -> ``"comet"``).
+LOGGER_CLASSES = {
+    "tensorboard": "TensorBoardLogger",
+    "mlflow": "MLFlowLogger",
+    "wandb": "WandbLogger",
+    "csv": "CSVLogger",
+}
+BACKENDS = tuple(LOGGER_CLASSES)
 
-__all__ = ["BACKENDS", "BackgroundSink", "EndOfFit", "GuardedSink", "MemorySink", "MlflowSink",
-           "Sink", "TensorBoardSink", "attached_loggers", "check_backends", "close_sinks",
-           "missing_backend_error", "resolve_sinks"]
+__all__ = ["BACKENDS", "BackgroundSink", "EndOfFit", "GenericSink", "GuardedSink", "MemorySink",
+           "MlflowSink", "Sink", "TensorBoardSink", "WandbSink", "attached_loggers",
+           "check_backends", "close_sinks", "logger_backend", "missing_backend_error",
+           "resolve_sinks"]
 
 
 def close_sinks(sinks: Sequence[Any]) -> None:
@@ -39,16 +54,23 @@ def close_sinks(sinks: Sequence[Any]) -> None:
 
 
 def check_backends(owner: str, backends: Any) -> tuple[str | Sink, ...] | None:
-    """Validate a ``backends`` argument: None, a name, or a list of names and Sink objects."""
+    """Validate a ``backends`` argument: None, a name, or a list of names and Sink objects.
+
+    A name is one of :data:`BACKENDS` or another logger's name (see :func:`logger_backend`),
+    checked against the Trainer's loggers at fit start; a name that is nearly one of
+    :data:`BACKENDS` (a typo) is refused here.
+    """
     if backends is None:
         return None
     items = [backends] if isinstance(backends, (str, Sink)) else list(backends)
     for item in items:
         if isinstance(item, str):
-            if item not in BACKENDS:
+            if item not in BACKENDS and (not item or closest(item, BACKENDS, n=1, cutoff=0.8)):
                 raise ConfigError(
                     f"{owner}(backends={backends!r}): unknown backend {item!r}; expected one of "
-                    f"{', '.join(map(repr, BACKENDS))}.{suggestion(item, BACKENDS)}"
+                    f"{', '.join(map(repr, BACKENDS))} or another attached logger's name (its "
+                    f"class name, lower-case, without 'Logger': 'comet' for CometLogger)."
+                    f"{suggestion(item, BACKENDS)}"
                 )
         elif not isinstance(item, Sink):
             raise ConfigError(
@@ -57,70 +79,110 @@ def check_backends(owner: str, backends: Any) -> tuple[str | Sink, ...] | None:
     return tuple(dict.fromkeys(items))  # a backend named twice is written once
 
 
+def logger_backend(logger: Any) -> str:
+    """The backend name of a Lightning logger: one of :data:`BACKENDS`, or its class name,
+    lower-case, without "Logger" (``CometLogger`` -> ``"comet"``)."""
+    from lightning.pytorch import loggers
+
+    for name, cls in LOGGER_CLASSES.items():
+        if isinstance(logger, getattr(loggers, cls)):
+            return name
+    lowered = type(logger).__name__.lower()
+    return lowered.removesuffix("logger") or lowered
+
+
 def attached_loggers(trainer: Any) -> dict[str, Any]:
     """The Trainer's first ``TensorBoardLogger`` and ``MLFlowLogger``, by backend name."""
-    from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
-
     found: dict[str, Any] = {}
     for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            found.setdefault("tensorboard", logger)
-        elif isinstance(logger, MLFlowLogger):
-            found.setdefault("mlflow", logger)
+        name = logger_backend(logger)
+        if name in ("tensorboard", "mlflow"):
+            found.setdefault(name, logger)
     return found
 
 
 def missing_backend_error(owner: str, backends: Sequence[Any], name: str, trainer: Any) -> BackendError:
     """The error for a requested backend whose logger is not attached to the Trainer."""
-    attached = [type(lg).__name__ for lg in trainer.loggers] or ["no logger"]
-    wanted = {"tensorboard": "TensorBoardLogger", "mlflow": "MLFlowLogger"}[name]
+    names = [logger_backend(lg) for lg in trainer.loggers]
+    attached = [f"{type(lg).__name__} ({n!r})" for lg, n in zip(trainer.loggers, names)]
+    wanted = LOGGER_CLASSES.get(name, f"logger named {name!r}")
     return BackendError(
         f"{owner}(backends={list(backends)!r}): backend {name!r} needs a {wanted} in "
-        f"Trainer(logger=...), but the Trainer has: {', '.join(attached)}."
+        f"Trainer(logger=...), but the Trainer has: {', '.join(attached) or 'no logger'}."
+        f"{suggestion(name, names)}"
     )
 
 
-def available_sinks(trainer: Any, owner: str) -> dict[str, Sink]:
-    """One sink per supported logger attached to the Trainer, by backend name (first wins)."""
-    found: dict[str, Sink] = {}
-    for name, logger in attached_loggers(trainer).items():
-        if name == "tensorboard":
-            found[name] = TensorBoardSink(logger.experiment)
-        else:
-            found[name] = MlflowSink(logger.experiment, logger.run_id, owner=owner)
-    return found
+def _sink_for(name: str, logger: Any, owner: str) -> Sink:
+    """The sink that writes to ``logger`` (backend ``name``)."""
+    if name == "tensorboard":
+        return TensorBoardSink(logger.experiment)
+    if name == "mlflow":
+        return MlflowSink(logger.experiment, logger.run_id, owner=owner)
+    if name == "wandb":
+        return WandbSink(logger)
+    return GenericSink(logger, name)
+
+
+def _announce_scalars_only(owner: str, chosen: Sequence[Sink]) -> None:
+    """One line per logger that takes scalars only, naming where the rest goes."""
+    richer = [s.name for s in chosen if not isinstance(s, GenericSink)]
+    rest = ", ".join(richer) or "no backend (attach a TensorBoard, MLflow or W&B logger for them)"
+    for sink in chosen:
+        if isinstance(sink, GenericSink):
+            rank_zero_info(
+                f"{owner}: {type(sink.logger).__name__} receives scalars only; histograms, texts "
+                f"and pictures go to {rest}."
+            )
+
+
+def _warn_no_logger(owner: str) -> None:
+    warnings.warn(
+        f"{owner}: the Trainer has no logger, so this callback writes nothing in this fit. "
+        "Attach one, e.g. Trainer(logger=TensorBoardLogger('logs')) or CSVLogger, WandbLogger, "
+        "MLFlowLogger (in the Lightning+Hydra template: logger=tensorboard, logger=csv, ...), "
+        "or pass Sink objects in backends=[...].",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def resolve_sinks(trainer: Any, backends: Sequence[str | Sink] | None, owner: str) -> list[Sink]:
     """The guarded sinks a monitor writes to (MLflow's on a background thread).
 
-    Background sinks share the fit's :class:`EndOfFit` deadline. ``None`` means every supported
-    logger attached to the Trainer; an empty list warns that nothing will be written. A requested
-    backend name with no matching logger raises :class:`~lightning_inspect.errors.BackendError`.
-    Sink objects are used as given.
+    Background sinks share the fit's :class:`EndOfFit` deadline. ``None`` means every logger
+    attached to the Trainer (a Trainer without one warns that nothing will be written); an empty
+    list warns that nothing will be written. A requested backend name with no matching logger
+    raises :class:`~lightning_inspect.errors.BackendError`; a name matches every logger of that
+    name. Sink objects are used as given. Each logger that takes scalars only is named in one
+    info line.
     """
     if not trainer.is_global_zero:
         return []
     if backends is not None and not backends:
         warnings.warn(
             f"{owner}(backends=[]): no backend is selected, so this callback writes nothing to "
-            "TensorBoard or MLflow in this fit. Leave backends=None (the default) to write to "
-            "every TensorBoard and MLflow logger attached, or pass enabled=False to switch it off.",
+            "the Trainer's loggers in this fit. Leave backends=None (the default) to write to "
+            "every logger attached, or pass enabled=False to switch it off.",
             RuntimeWarning,
             stacklevel=3,
         )
-    found = available_sinks(trainer, owner)
+    if backends is None and not trainer.loggers:
+        _warn_no_logger(owner)
+    attached = [(logger_backend(lg), lg) for lg in trainer.loggers]
     if backends is None:
-        chosen: list[Sink] = list(found.values())
+        chosen = [_sink_for(name, lg, owner) for name, lg in attached]
     else:
         chosen = []
         for item in backends:
             if isinstance(item, str):
-                if item not in found:
+                named = [_sink_for(name, lg, owner) for name, lg in attached if name == item]
+                if not named:
                     raise missing_backend_error(owner, backends, item, trainer)
-                chosen.append(found[item])
+                chosen.extend(named)
             else:
                 chosen.append(item)
+    _announce_scalars_only(owner, chosen)
     deadline = EndOfFit.for_fit(trainer)
     return [
         BackgroundSink(s, deadline=deadline) if isinstance(s, MlflowSink) else GuardedSink(s)
