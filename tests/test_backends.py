@@ -49,7 +49,7 @@ class Reference(Callback):
         self.weights: dict[int, dict[str, torch.Tensor]] = {}
         self.grads: dict[int, dict[str, torch.Tensor]] = {}
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # type: ignore[no-untyped-def]
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         s = trainer.global_step
         self.weights[s] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
         self.grads[s] = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters()}
@@ -124,8 +124,10 @@ def test_csv_logger_receives_the_statistics(tmp_path: Path, lightning_info: list
     torch.manual_seed(0)
     logger = CSVLogger(str(tmp_path), name="csv", version=0)
     ref = Reference()
-    monitors = [ActivationMonitor(modules=["net.0"], every_n_steps=1),
-                GradientMonitor(modules=["net.0"], every_n_steps=1)]
+    monitors = [
+        ActivationMonitor(modules=["net.0"], every_n_steps=1),
+        GradientMonitor(modules=["net.0"], every_n_steps=1),
+    ]
     make_trainer(3, logger=logger, callbacks=[*monitors, ref]).fit(PlainMLP(), loader())
     rows = read_csv_metrics(logger)
     for s in range(3):
@@ -138,19 +140,23 @@ def test_csv_logger_receives_the_statistics(tmp_path: Path, lightning_info: list
     # histograms have no column: they are not sent to a logger that takes scalars only
     assert "activations/net.0" not in rows[0] and "param_grads/net.0.weight" not in rows[0]
     for owner in ("ActivationMonitor", "GradientMonitor"):
-        line = (f"{owner}: CSVLogger receives scalars only; histograms, texts and pictures go to "
-                "no backend (attach a TensorBoard, MLflow or W&B logger for them).")
+        line = (
+            f"{owner}: CSVLogger receives scalars only; histograms, texts and pictures go to "
+            "no backend (attach a TensorBoard, MLflow or W&B logger for them)."
+        )
         assert lightning_info.count(line) == 1, lightning_info
-    assert any(x.startswith("ActivationMonitor: 1 modules selected") and "-> csv:" in x
-               for x in lightning_info), lightning_info
+    assert any(
+        x.startswith("ActivationMonitor: 1 modules selected") and "-> csv:" in x
+        for x in lightning_info
+    ), lightning_info
 
 
 def test_a_users_own_logger_receives_one_call_per_step(lightning_info: list[str]) -> None:
     own = ListLogger()
     assert logger_backend(own) == "list"
-    make_trainer(2, logger=own, callbacks=[ActivationMonitor(modules=["net.0"], every_n_steps=1)]).fit(
-        PlainMLP(), loader()
-    )
+    make_trainer(
+        2, logger=own, callbacks=[ActivationMonitor(modules=["net.0"], every_n_steps=1)]
+    ).fit(PlainMLP(), loader())
     ours = [(step, m) for step, m in own.calls if any(k.startswith("activations/") for k in m)]
     assert [step for step, _ in ours] == [0, 1]  # all of a step's scalars in one call
     assert all(k.startswith("activations/net.0/") for _, m in ours for k in m)
@@ -183,9 +189,16 @@ def test_backend_names_select_loggers(tmp_path: Path, lightning_info: list[str])
     assert [logger_backend(lg) for lg in trainer.loggers] == ["tensorboard", "csv", "list"]
     sinks = resolve_sinks(trainer, None, owner="X")
     assert [s.name for s in sinks] == ["tensorboard", "csv", "list"]
-    assert "X: CSVLogger receives scalars only; histograms, texts and pictures go to tensorboard." in lightning_info
-    assert [s.name for s in resolve_sinks(trainer, check_backends("X", "csv"), owner="X")] == ["csv"]
-    assert [s.name for s in resolve_sinks(trainer, check_backends("X", ["list"]), owner="X")] == ["list"]
+    assert (
+        "X: CSVLogger receives scalars only; histograms, texts and pictures go to tensorboard."
+        in lightning_info
+    )
+    assert [s.name for s in resolve_sinks(trainer, check_backends("X", "csv"), owner="X")] == [
+        "csv"
+    ]
+    assert [s.name for s in resolve_sinks(trainer, check_backends("X", ["list"]), owner="X")] == [
+        "list"
+    ]
 
 
 def test_csv_selected_by_name_is_the_only_backend_written(tmp_path: Path) -> None:
@@ -200,18 +213,26 @@ def test_csv_selected_by_name_is_the_only_backend_written(tmp_path: Path) -> Non
 def test_a_requested_backend_without_its_logger_is_an_error(tmp_path: Path) -> None:
     csv_logger = CSVLogger(str(tmp_path), name="csv", version=0)
     trainer = make_trainer(1, logger=[csv_logger], callbacks=[ActivationMonitor(backends="wandb")])
-    match = (r"ActivationMonitor\(backends=\['wandb'\]\): backend 'wandb' needs a WandbLogger in "
-             r"Trainer\(logger=\.\.\.\), but the Trainer has: CSVLogger \('csv'\)\.")
+    match = (
+        r"ActivationMonitor\(backends=\['wandb'\]\): backend 'wandb' needs a WandbLogger in "
+        r"Trainer\(logger=\.\.\.\), but the Trainer has: CSVLogger \('csv'\)\."
+    )
     with pytest.raises(BackendError, match=match):
         trainer.fit(PlainMLP(), loader())
-    trainer = make_trainer(1, logger=[ListLogger()], callbacks=[GradientMonitor(backends=["lists"])])
-    match = r"backend 'lists' needs a logger named 'lists' .* has: ListLogger \('list'\)\. Did you mean 'list'\?"
+    trainer = make_trainer(
+        1, logger=[ListLogger()], callbacks=[GradientMonitor(backends=["lists"])]
+    )
+    match = (r"backend 'lists' needs a logger named 'lists' .* has: ListLogger \('list'\)\. "
+             r"Did you mean 'list'\?")
     with pytest.raises(BackendError, match=match):
         trainer.fit(PlainMLP(), loader())
 
 
 def test_a_near_miss_of_a_known_name_is_refused_at_construction() -> None:
-    with pytest.raises(ConfigError, match=r"unknown backend 'csvv'.*'comet' for CometLogger\)\. Did you mean 'csv'\?"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown backend 'csvv'.*'comet' for CometLogger\)\. Did you mean 'csv'\?",
+    ):
         ActivationMonitor(backends="csvv")
     with pytest.raises(ConfigError, match=r"unknown backend ''"):
         check_backends("X", [""])
@@ -224,8 +245,11 @@ def test_a_near_miss_of_a_known_name_is_refused_at_construction() -> None:
 
 
 def _no_logger_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
-    return [str(w.message) for w in caught
-            if issubclass(w.category, RuntimeWarning) and "the Trainer has no logger" in str(w.message)]
+    return [
+        str(w.message)
+        for w in caught
+        if issubclass(w.category, RuntimeWarning) and "the Trainer has no logger" in str(w.message)
+    ]
 
 
 def test_a_trainer_without_a_logger_warns_once_per_callback() -> None:
@@ -242,7 +266,9 @@ def test_explicit_sinks_without_a_logger_do_not_warn() -> None:
     sink = MemorySink()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        make_trainer(1, logger=False, callbacks=[ActivationMonitor(backends=[sink])]).fit(PlainMLP(), loader())
+        make_trainer(1, logger=False, callbacks=[ActivationMonitor(backends=[sink])]).fit(
+            PlainMLP(), loader()
+        )
     assert _no_logger_warnings(caught) == [] and sink.scalars
 
 
@@ -293,8 +319,12 @@ def read_wandb_history(run_file: Path) -> list[dict[Any, Any]]:
             record.ParseFromString(b"".join(parts))
             parts = []
             if record.WhichOneof("record_type") == "history":
-                rows.append({_history_key(item): json.loads(item.value_json)
-                             for item in record.history.item})
+                rows.append(
+                    {
+                        _history_key(item): json.loads(item.value_json)
+                        for item in record.history.item
+                    }
+                )
     return rows
 
 
@@ -304,9 +334,13 @@ def test_wandb_offline_run_receives_scalars_and_histograms(
     wandb = pytest.importorskip("wandb")
     from lightning.pytorch.loggers import WandbLogger
 
-    for name, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp_path),
-                        "WANDB_CACHE_DIR": str(tmp_path / "cache"),
-                        "WANDB_CONFIG_DIR": str(tmp_path / "config")}.items():
+    for name, value in {
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_DIR": str(tmp_path),
+        "WANDB_CACHE_DIR": str(tmp_path / "cache"),
+        "WANDB_CONFIG_DIR": str(tmp_path / "config"),
+    }.items():
         monkeypatch.setenv(name, value)
     torch.manual_seed(0)
     logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="lightning-inspect-tests")
@@ -322,8 +356,11 @@ def test_wandb_offline_run_receives_scalars_and_histograms(
         wandb.teardown()
     [run_file] = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
     rows = read_wandb_history(run_file)
-    means = {r["trainer/global_step"]: r["activations/net.0/mean"] for r in rows
-             if "activations/net.0/mean" in r}
+    means = {
+        r["trainer/global_step"]: r["activations/net.0/mean"]
+        for r in rows
+        if "activations/net.0/mean" in r
+    }
     hists = {r["trainer/global_step"]: r for r in rows if ("activations/net.0", "values") in r}
     assert sorted(means) == [0, 1] and sorted(hists) == [0, 1]
     for s in (0, 1):
@@ -333,7 +370,9 @@ def test_wandb_offline_run_receives_scalars_and_histograms(
         bins = hists[s][("activations/net.0", "bins")]
         assert hists[s][("activations/net.0", "_type")] == "histogram"
         assert len(counts) == 16 and len(bins) == 17 and sum(counts) == a.size == B * HIDDEN
-        assert bins[0] == approx(a.min(), np.abs(a).max()) and bins[-1] == approx(a.max(), np.abs(a).max())
+        assert bins[0] == approx(a.min(), np.abs(a).max()) and bins[-1] == approx(
+            a.max(), np.abs(a).max()
+        )
         reference, _ = np.histogram(a, bins=np.asarray(bins))
         assert np.abs(np.asarray(counts) - reference).sum() <= 2  # float32 edges vs float64 values
     assert not [x for x in lightning_info if "receives scalars only" in x]
@@ -342,4 +381,6 @@ def test_wandb_offline_run_receives_scalars_and_histograms(
     assert text[("notes/summary", "ncols")] == 1 and text[("notes/summary", "nrows")] == 1
     [picture] = [r for r in rows if ("pictures/heatmap", "_type") in r]
     assert picture[("pictures/heatmap", "_type")] == "images/separated"
-    assert picture[("pictures/heatmap", "height")] == 4 and picture[("pictures/heatmap", "width")] == 6
+    assert (
+        picture[("pictures/heatmap", "height")] == 4 and picture[("pictures/heatmap", "width")] == 6
+    )

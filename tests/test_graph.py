@@ -173,7 +173,7 @@ def test_structure_table_counts_frozen_parameters() -> None:
     assert "| 1 | Linear | (4, 1) float32 | 4 | 4 |" in text
 
 
-@pytest.mark.parametrize("kwargs, fragment", [(dict(graph="yes"), "graph='yes'"), (dict(backends=["tb"]), "'tb'"),
+@pytest.mark.parametrize("kwargs, fragment", [(dict(graph="yes"), "graph='yes'"), (dict(backends=["tensorbord"]), "'tensorbord'"),
                                               (dict(enabled=None), "enabled=None")])
 def test_bad_arguments(kwargs: dict, fragment: str) -> None:
     with pytest.raises(ConfigError, match="GraphMonitor") as info:

@@ -182,7 +182,7 @@ def test_library_errors_get_no_note() -> None:
     [
         ({"first_n_batches": -1}, r"ShapeTracer\(first_n_batches=-1\): expected an integer >= 0"),
         ({"trace": "yes"}, r"ShapeTracer\(trace='yes'\): expected true or false"),
-        ({"backends": "wandb"}, r"ShapeTracer\(backends='wandb'\): unknown backend"),
+        ({"backends": "wandbb"}, r"ShapeTracer\(backends='wandbb'\): unknown backend"),
     ],
 )
 def test_bad_arguments_raise_config_error(kwargs: dict[str, Any], expected: str) -> None:

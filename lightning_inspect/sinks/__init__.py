@@ -74,7 +74,8 @@ def check_backends(owner: str, backends: Any) -> tuple[str | Sink, ...] | None:
                 )
         elif not isinstance(item, Sink):
             raise ConfigError(
-                f"{owner}(backends={backends!r}): expected backend names {list(BACKENDS)} or Sink objects, got {item!r}."
+                f"{owner}(backends={backends!r}): expected backend names {list(BACKENDS)} or "
+                f"Sink objects, got {item!r}."
             )
     return tuple(dict.fromkeys(items))  # a backend named twice is written once
 
@@ -101,7 +102,9 @@ def attached_loggers(trainer: Any) -> dict[str, Any]:
     return found
 
 
-def missing_backend_error(owner: str, backends: Sequence[Any], name: str, trainer: Any) -> BackendError:
+def missing_backend_error(
+    owner: str, backends: Sequence[Any], name: str, trainer: Any
+) -> BackendError:
     """The error for a requested backend whose logger is not attached to the Trainer."""
     names = [logger_backend(lg) for lg in trainer.loggers]
     attached = [f"{type(lg).__name__} ({n!r})" for lg, n in zip(trainer.loggers, names)]
@@ -138,10 +141,10 @@ def _announce_scalars_only(owner: str, chosen: Sequence[Sink]) -> None:
 
 def _warn_no_logger(owner: str) -> None:
     warnings.warn(
-        f"{owner}: the Trainer has no logger, so this callback writes nothing in this fit. "
-        "Attach one, e.g. Trainer(logger=TensorBoardLogger('logs')) or CSVLogger, WandbLogger, "
-        "MLFlowLogger (in the Lightning+Hydra template: logger=tensorboard, logger=csv, ...), "
-        "or pass Sink objects in backends=[...].",
+        f"{owner}: the Trainer has no logger, so nothing of this callback reaches a logger in "
+        "this fit. Attach one, e.g. Trainer(logger=TensorBoardLogger('logs')) or CSVLogger, "
+        "WandbLogger, MLFlowLogger (in the Lightning+Hydra template: logger=tensorboard, "
+        "logger=csv, ...), or pass Sink objects in backends=[...].",
         RuntimeWarning,
         stacklevel=3,
     )
