@@ -18,6 +18,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from lightning_inspect import ActivationMonitor, GradientMonitor, HealthMonitor, WeightMonitor
+from lightning_inspect.keys import escape_name
 
 #: A module name that would break out of a <script> element if the page did not escape it.
 HOSTILE = "</script><img src=x onerror=alert(1)>"
@@ -43,7 +44,8 @@ class OrderModel(TinyModule):
 
 
 #: The execution order of the selected modules of :class:`OrderModel`.
-ORDER = ["zeta", HOSTILE, "alpha"]
+#: layers as the overview names them: as in the metric keys, a "/" in a name escaped ("%2F")
+ORDER = ["zeta", escape_name(HOSTILE), "alpha"]
 
 
 def monitors(every: int = 1) -> list[Any]:

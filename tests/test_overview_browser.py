@@ -18,6 +18,7 @@ from cdp import CHROMIUM
 from overview_run import HOSTILE, ORDER, tensorboard, write_run
 
 from lightning_inspect import OverviewPage
+from lightning_inspect.keys import escape_name
 from lightning_inspect.overview.callback import ARTIFACT
 
 pytest.importorskip("websocket", reason="the browser tests need websocket-client")
@@ -125,7 +126,7 @@ def test_mlflow_page_opens_offline_and_a_click_shows_histograms(
     assert browser.evaluate("document.querySelectorAll('img').length") == 0
     click_cell(browser, "document", "({left: 0, top: 0})", 1, 4)
     hist = browser.wait_for(histogram_state("document"), "the histogram")
-    assert hist["steps"] == 6 and hist["title"] == f"layer {HOSTILE} \u2014 step 4"
+    assert hist["steps"] == 6 and hist["title"] == f"layer {escape_name(HOSTILE)} \u2014 step 4"
     # the findings table lists the dead ReLU; a finding's cells are marked on the health view
     rows = browser.evaluate(
         "[...document.querySelectorAll('.li-findings td')].map(t => t.textContent)"

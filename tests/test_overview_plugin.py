@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import read_tb
-from overview_run import HOSTILE, ORDER, get, tensorboard, write_run
+from overview_run import ORDER, get, tensorboard, write_run
 
 from lightning_inspect.overview.assets import ASSETS, asset
 
@@ -104,7 +104,7 @@ def test_histograms_of_one_layer(url: str, logdir: Path) -> None:
     # every histogram holds all values of zeta's output: batch 8 x 8 features
     assert [sum(c) for c in h["counts"]] == [64.0] * 6
     assert all(lo < hi for lo, hi in zip(h["lo"], h["hi"]))
-    hostile = get(url, "histograms", run="first", kind="activations", layer=HOSTILE)
+    hostile = get(url, "histograms", run="first", kind="activations", layer=ORDER[1])
     assert len(hostile["steps"]) == 6
 
 
