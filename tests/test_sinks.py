@@ -180,7 +180,7 @@ def test_fast_tensorboard_checksum_is_tensorboards_own(tmp_path: Path) -> None:
 
 def test_mlflow_sink_metrics_histograms_and_text(mlflow_logger, mlflow_client, tmp_path: Path) -> None:
     run_id = mlflow_logger.run_id
-    sink = MlflowSink(mlflow_client, run_id, owner="TestMonitor")
+    sink = MlflowSink(mlflow_client, run_id, owner="TestMonitor", metrics="all")
     many = {f"weights/p{i}/mean": float(i) for i in range(1203)}  # more than one log_batch
     many["activations/blocks[0]/mean"] = -1.0
     many["activations/nan/mean"] = math.nan

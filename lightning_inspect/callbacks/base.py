@@ -49,7 +49,7 @@ from lightning_inspect.keys import metric_key
 from lightning_inspect.recorder import HostRecord, StepCoordinator, StepRecord
 from lightning_inspect.schedule import Schedule
 from lightning_inspect.selection import check_patterns, select_modules
-from lightning_inspect.sinks import Sink, check_backends, close_sinks, resolve_sinks
+from lightning_inspect.sinks import METRIC_MODES, Sink, check_backends, close_sinks, resolve_sinks
 from lightning_inspect.stats import ALL_STATS, DEFAULT_STATS, FIELDS, histogram, summarise
 
 NONFINITE_ACTIONS = ("ignore", "warn", "raise")
@@ -85,6 +85,10 @@ class ModuleMonitor(Callback):
             first module in execution order) or ``"raise"`` (:class:`NonFiniteError`, which stops
             fit cleanly).
         enabled: ``False`` attaches the callback but inspects nothing (costs nothing).
+        mlflow_metrics: what MLflow receives as metrics: ``"summary"`` (the global norm and, per
+            kind and statistic, a summary over modules) or ``"all"`` (every value as a metric).
+            Every value is in the run's table artifact ``lightning_inspect/stats/<monitor>.csv``
+            either way (see :func:`lightning_inspect.read_stats`).
     """
 
     #: The kind of the keys this monitor writes, for messages.
@@ -103,6 +107,7 @@ class ModuleMonitor(Callback):
         backends: str | Sequence[str | Sink] | None = None,
         on_nonfinite: str = "warn",
         enabled: bool = True,
+        mlflow_metrics: str = "summary",
     ) -> None:
         owner = type(self).__name__
         self._owner = owner
@@ -116,6 +121,7 @@ class ModuleMonitor(Callback):
         self.histograms = check_bool(owner, "histograms", histograms)
         self.bins = check_positive_int(owner, "bins", bins, minimum=2) if self.histograms else 0
         self.backends = check_backends(owner, backends)
+        self.mlflow_metrics = check_choice(owner, "mlflow_metrics", mlflow_metrics, METRIC_MODES)
         self.on_nonfinite = check_choice(owner, "on_nonfinite", on_nonfinite, NONFINITE_ACTIONS)
         self.enabled = check_bool(owner, "enabled", enabled)
 
@@ -151,7 +157,7 @@ class ModuleMonitor(Callback):
             return
         self._active = True
         self.last_logged_step = None  # a new fit; resuming restores it from the checkpoint after setup
-        self.sinks = resolve_sinks(trainer, self.backends, owner=self._owner)
+        self.sinks = resolve_sinks(trainer, self.backends, owner=self._owner, mlflow_metrics=self.mlflow_metrics)
         self._coordinator = StepCoordinator.for_trainer(trainer)
         self._coordinator.join(self)
 

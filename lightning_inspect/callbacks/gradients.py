@@ -57,10 +57,11 @@ class GradientMonitor(ModuleMonitor):
         outputs: bool = True,
         parameters: bool = True,
         global_norm: bool = True,
+        mlflow_metrics: str = "summary",
     ) -> None:
         super().__init__(
             modules, exclude, every_n_steps, start_step, stop_step, stats, histograms, bins,
-            backends, on_nonfinite, enabled,
+            backends, on_nonfinite, enabled, mlflow_metrics,
         )
         self.outputs = check_bool(self._owner, "outputs", outputs)
         self.parameters = check_bool(self._owner, "parameters", parameters)

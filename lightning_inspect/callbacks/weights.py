@@ -52,10 +52,11 @@ class WeightMonitor(ModuleMonitor):
         on_nonfinite: str = "warn",
         enabled: bool = True,
         update_ratio: bool = True,
+        mlflow_metrics: str = "summary",
     ) -> None:
         super().__init__(
             modules, exclude, every_n_steps, start_step, stop_step, stats, histograms, bins,
-            backends, on_nonfinite, enabled,
+            backends, on_nonfinite, enabled, mlflow_metrics,
         )
         self.update_ratio = check_bool(self._owner, "update_ratio", update_ratio)
         self.selected_parameters: dict[str, torch.nn.Parameter] = {}

@@ -18,12 +18,12 @@ from lightning_inspect.errors import BackendError, ConfigError
 from lightning_inspect.sinks.background import BackgroundSink
 from lightning_inspect.sinks.base import GuardedSink, Sink
 from lightning_inspect.sinks.memory import MemorySink
-from lightning_inspect.sinks.mlflow import MlflowSink
+from lightning_inspect.sinks.mlflow import METRIC_MODES, MlflowSink
 from lightning_inspect.sinks.tensorboard import TensorBoardSink
 
 BACKENDS = ("tensorboard", "mlflow")
 
-__all__ = ["BACKENDS", "BackgroundSink", "GuardedSink", "MemorySink", "MlflowSink", "Sink", "TensorBoardSink", "attached_loggers", "check_backends", "close_sinks",
+__all__ = ["BACKENDS", "METRIC_MODES", "BackgroundSink", "GuardedSink", "MemorySink", "MlflowSink", "Sink", "TensorBoardSink", "attached_loggers", "check_backends", "close_sinks",
            "missing_backend_error", "resolve_sinks"]
 
 
@@ -77,27 +77,30 @@ def missing_backend_error(owner: str, backends: Sequence[Any], name: str, traine
     )
 
 
-def available_sinks(trainer: Any, owner: str) -> dict[str, Sink]:
+def available_sinks(trainer: Any, owner: str, mlflow_metrics: str = "summary") -> dict[str, Sink]:
     """One sink per supported logger attached to the Trainer, by backend name (first wins)."""
     found: dict[str, Sink] = {}
     for name, logger in attached_loggers(trainer).items():
         if name == "tensorboard":
             found[name] = TensorBoardSink(logger.experiment)
         else:
-            found[name] = MlflowSink(logger.experiment, logger.run_id, owner=owner)
+            found[name] = MlflowSink(logger.experiment, logger.run_id, owner=owner, metrics=mlflow_metrics)
     return found
 
 
-def resolve_sinks(trainer: Any, backends: Sequence[str | Sink] | None, owner: str) -> list[Sink]:
+def resolve_sinks(
+    trainer: Any, backends: Sequence[str | Sink] | None, owner: str, mlflow_metrics: str = "summary"
+) -> list[Sink]:
     """The guarded sinks a monitor writes to (MLflow's on a background thread).
 
     ``None`` means every supported logger attached to the Trainer. A requested backend name with
     no matching logger raises :class:`~lightning_inspect.errors.BackendError`. Sink objects are
-    used as given.
+    used as given. ``mlflow_metrics`` is the MLflow sink's ``metrics`` mode
+    (:data:`~lightning_inspect.sinks.mlflow.METRIC_MODES`).
     """
     if not trainer.is_global_zero:
         return []
-    found = available_sinks(trainer, owner)
+    found = available_sinks(trainer, owner, mlflow_metrics)
     if backends is None:
         chosen: list[Sink] = list(found.values())
     else:
