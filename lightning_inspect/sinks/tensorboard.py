@@ -8,6 +8,12 @@ per byte on its writer thread, holding the GIL the training thread needs: ~10 ms
 histograms. When ``google-crc32c`` (the ``tensorboard`` extra) is installed, :func:`use_fast_crc`
 swaps in its C implementation, which gives the same checksums, so the files are byte-identical.
 
+Every key stays a scalar of its own (cheap in TensorBoard, and what users' own charts need); on
+top, a custom-scalars layout (TensorBoard's "Custom Scalars" tab) gathers them into one
+multi-line chart per kind and statistic across layers (category ``lightning-inspect/<kind>``,
+chart ``<kind>/<stat>``, tag regex ``^<kind>/.+/<stat>$``). The layout is shared by every sink
+of a writer and written again when a new chart appears, so its last version has every chart.
+
 Example:
     >>> import tempfile
     >>> from torch.utils.tensorboard import SummaryWriter
@@ -18,12 +24,36 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+import weakref
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 
+from lightning_inspect.keys import KINDS, split_key
 from lightning_inspect.stats import Histogram
+
+#: The custom-scalars layout of each writer, ``{category: {chart title: tag regex}}``, shared by
+#: the sinks (one per monitor) that write to it.
+_LAYOUTS: weakref.WeakKeyDictionary[Any, dict[str, dict[str, str]]] = weakref.WeakKeyDictionary()
+
+
+def layout_charts(keys: Iterable[str]) -> dict[str, dict[str, str]]:
+    """The custom-scalars charts of ``keys``: ``{category: {title: tag regex}}``.
+
+    >>> layout_charts(["weights/fc.weight/mean", "param_grads/global_norm"])
+    {'lightning-inspect/weights': {'weights/mean': '^weights/.+/mean$'}, \
+'lightning-inspect/param_grads': {'param_grads/global_norm': '^param_grads/global_norm$'}}
+    """
+    charts: dict[str, dict[str, str]] = {}
+    for key in keys:
+        kind, name, _, stat = split_key(key)
+        if kind not in KINDS:
+            continue
+        pattern = f"^{re.escape(kind)}/.+/{re.escape(stat)}$" if name else f"^{re.escape(key)}$"
+        charts.setdefault(f"lightning-inspect/{kind}", {})[f"{kind}/{stat}"] = pattern
+    return charts
 
 
 def use_fast_crc() -> bool:
@@ -71,9 +101,12 @@ class TensorBoardSink:
     def __init__(self, writer: Any) -> None:
         self.writer = writer
         self._file_writer = getattr(writer, "_get_file_writer", None)
+        self._seen: set[str] = set()  # keys already placed in the layout
         use_fast_crc()
 
     def log_scalars(self, values: Mapping[str, float], step: int) -> None:
+        if not self._seen.issuperset(values):
+            self._extend_layout([k for k in values if k not in self._seen])
         if self._file_writer is not None:
             from tensorboard.compat.proto.summary_pb2 import Summary
 
@@ -82,6 +115,21 @@ class TensorBoardSink:
             return
         for key, value in values.items():
             self.writer.add_scalar(key, value, global_step=step)
+
+    def _extend_layout(self, new_keys: list[str]) -> None:
+        """Add the charts of ``new_keys`` to the writer's layout; write it if it grew."""
+        self._seen.update(new_keys)
+        add_layout = getattr(self.writer, "add_custom_scalars", None)
+        if add_layout is None:
+            return
+        layout = _LAYOUTS.setdefault(self.writer, {})
+        grew = False
+        for category, charts in layout_charts(new_keys).items():
+            known = layout.setdefault(category, {})
+            grew |= not charts.keys() <= known.keys()
+            known.update(charts)
+        if grew:
+            add_layout({c: {t: ["Multiline", [r]] for t, r in ch.items()} for c, ch in layout.items()})
 
     def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None:
         if self._file_writer is not None:
