@@ -201,12 +201,97 @@ class Transformer(_BenchModule):
         return nn.functional.cross_entropy(self(x).reshape(-1, self.vocab), y.reshape(-1))
 
 
+class Transformer12(_BenchModule):
+    """Real size: embedding + ``layers``-layer TransformerEncoder (d_model 128, 4 heads, FF 512,
+    PyTorch's default dropout), seq 32, batch 16, AdamW; 12 layers: 74 modules, 147 parameters."""
+
+    vocab = 256
+
+    def __init__(self, layers: int = 12) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(self.vocab, 128)
+        layer = nn.TransformerEncoderLayer(128, nhead=4, dim_feedforward=512, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=layers, enable_nested_tensor=False)
+        self.head = nn.Linear(128, self.vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(tokens)))
+
+    def make_batch(self, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+        return (
+            torch.randint(0, self.vocab, (16, 32), generator=g),
+            torch.randint(0, self.vocab, (16, 32), generator=g),
+        )
+
+    def loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x).reshape(-1, self.vocab), y.reshape(-1))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+class _BasicBlock(nn.Module):
+    """ResNet's basic block: two 3x3 conv + BatchNorm, a 1x1 conv + BatchNorm shortcut when the
+    shape changes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet(_BenchModule):
+    """Real size: a ResNet-style CNN with BatchNorm, stages of 2/3/3/2 basic blocks (16, 32, 64,
+    128 channels) on 3x32x32 images, batch 32, 10 classes, SGD with momentum; 49 modules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
+        blocks: list[nn.Module] = []
+        c_in = 16
+        for c_out, n, stride in ((16, 2, 1), (32, 3, 2), (64, 3, 2), (128, 2, 2)):
+            for i in range(n):
+                blocks.append(_BasicBlock(c_in, c_out, stride if i == 0 else 1))
+                c_in = c_out
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem(x))
+        return self.head(nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
+
+    def make_batch(self, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+        return torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)
+
+    def loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
 MODELS: dict[str, type[_BenchModule]] = {"mlp": MLP, "cnn": CNN, "transformer": Transformer}
+#: The real-size models of ``benchmarks/real_size.py``.
+REAL_SIZE_MODELS: dict[str, type[_BenchModule]] = {"transformer12": Transformer12, "resnet": ResNet}
 
 
 def make_model(name: str) -> _BenchModule:
     torch.manual_seed(0)  # the same initial weights in every scenario and repetition
-    return MODELS[name]()
+    if name.startswith("transformer") and name[len("transformer"):].isdigit():
+        return Transformer12(layers=int(name[len("transformer"):]))  # transformer2 ... transformer24
+    return {**MODELS, **REAL_SIZE_MODELS}[name]()
 
 
 # ------------------------------------------------------------------------------------------------
