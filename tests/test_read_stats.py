@@ -162,3 +162,26 @@ def test_read_stats_errors_name_the_source(tmp_path: Path, mlflow_logger, mlflow
         read_stats(tmp_path / "tb")
     with pytest.raises(ConfigError, match=r"the run has no lightning_inspect/stats/\*.csv artifact"):
         read_stats(mlflow_logger.run_id, tracking_uri=mlflow_store["tracking_uri"])
+
+
+def test_the_table_keeps_odd_keys_and_every_float_exactly(mlflow_logger, mlflow_client, mlflow_store) -> None:
+    from lightning_inspect.sinks.mlflow import MlflowSink
+
+    values = {
+        'activations/head/a,b"c\nd/mean': 0.1,  # an output path with CSV's special characters
+        "activations/head/std": float("nan"),
+        "weights/w/max": float("inf"),
+        "weights/w/min": 5e-324,
+        "param_grads/global_norm": 1 / 3,
+    }
+    sink = MlflowSink(mlflow_client, mlflow_logger.run_id, owner="Odd", render=False)
+    sink.log_scalars(values, step=7)
+    sink.log_scalars({"weights/w/max": -2.5}, step=8)
+    sink.flush()
+    df = read_stats(mlflow_logger.run_id, tracking_uri=mlflow_store["tracking_uri"])
+    got = {(row.step, row.kind, row.module, row.output, row.stat): row.value for row in df.itertuples()}
+    expected = {(7, *split_key(k)): v for k, v in values.items()} | {(8, "weights", "w", "", "max"): -2.5}
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == value or (np.isnan(value) and np.isnan(got[key])), key
+    sink.close()

@@ -24,6 +24,7 @@ Keys are sanitised with :class:`lightning_inspect.keys.MlflowKeys`.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import shutil
@@ -46,6 +47,13 @@ METRIC_MODES = ("summary", "all")
 _BATCH = 1000
 #: Statistics whose summary over modules is exact: the extremes, the counts, the joint L2 norm.
 _EXACT = {"min": min, "max": max, "nan_count": math.fsum, "inf_count": math.fsum}
+
+
+def _csv_cell(text: str) -> str:
+    """``text`` as one CSV cell (quoted as the ``csv`` module does when it holds , " or a newline)."""
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\r\n").writerow((text,))
+    return buffer.getvalue()[:-2]
 
 
 def headline_metrics(
@@ -109,6 +117,7 @@ class MlflowSink:
         self.metrics = metrics
         self.keys = MlflowKeys()
         self._parsed: dict[str, tuple[str, str, str, str]] = {}
+        self._csv_keys: dict[str, str] = {}  # key -> its CSV cell
         self._spool = Path(tempfile.mkdtemp(prefix="lightning_inspect_mlflow_"))
         self._histogram_file = self._spool / f"{owner}.jsonl"
         self._table_file = self._spool / "stats" / f"{owner}.csv"
@@ -130,11 +139,13 @@ class MlflowSink:
         new = not self._table_file.exists()
         if new:
             self._table_file.parent.mkdir(parents=True, exist_ok=True)
+        cells = self._csv_keys
+        for key in values:
+            if key not in cells:
+                cells[key] = _csv_cell(key)
+        lines = [f"{step},{cells[key]},{float(value)!r}\n" for key, value in values.items()]
         with self._table_file.open("a", newline="") as f:
-            writer = csv.writer(f)
-            if new:
-                writer.writerow(("step", "key", "value"))
-            writer.writerows((step, key, float(value)) for key, value in values.items())
+            f.write(("step,key,value\n" if new else "") + "".join(lines))
         self._table_dirty = True
 
     def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None:
