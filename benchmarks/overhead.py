@@ -55,7 +55,7 @@ import time
 import timeit
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -627,9 +627,10 @@ class Run:
     peak_rss_mb: float
     peak_increase_mb: float
     peak_gpu_mb: float = 0.0  # torch.cuda.max_memory_allocated, --accelerator gpu only
+    gaps_s: list[float] = field(default_factory=list)  # every measured step, in order
 
 
-def bench_trainer(max_steps: int, logger: TensorBoardLogger, callbacks: list[Callback]) -> pl.Trainer:
+def bench_trainer(max_steps: int, logger: Any, callbacks: list[Callback]) -> pl.Trainer:
     """The Trainer every scenario runs in: one device, no validation, progress bar, summary or checkpoints."""
     return pl.Trainer(
         accelerator=ACCELERATOR,
@@ -647,14 +648,26 @@ def bench_trainer(max_steps: int, logger: TensorBoardLogger, callbacks: list[Cal
 
 
 def fit_once(
-    model_name: str, scenario: str, warmup: int, steps: int, tmp: str, repeat: int, memory: PeakRSS
+    model_name: str,
+    scenario: str,
+    warmup: int,
+    steps: int,
+    tmp: str,
+    repeat: int,
+    memory: PeakRSS,
+    loggers: Callable[[str], list[Any]] | None = None,
+    callbacks_of: Callable[[str, str], list[Callback]] | None = None,
+    parts: _Attribution | None = None,
 ) -> Run:
+    """One fit of ``warmup + steps + 1`` steps; ``loggers(name)`` replaces the TensorBoardLogger,
+    ``callbacks_of`` replaces :func:`scenario_callbacks`, ``parts`` the time attribution."""
     model = make_model(model_name)
     ours = scenario not in ("plain", "handwritten", "wandb_watch")
-    parts = _Attribution() if ours else None
+    parts = (parts or _Attribution()) if ours else None
     timer = StepTimer(parts)
-    callbacks = [timer, *scenario_callbacks(scenario, tmp)]
-    logger = TensorBoardLogger(save_dir=tmp, name=f"{model_name}-{scenario}", version=repeat)
+    callbacks = [timer, *(callbacks_of or scenario_callbacks)(scenario, tmp)]
+    name = f"{model_name}-{scenario}"
+    logger = loggers(name) if loggers else TensorBoardLogger(save_dir=tmp, name=name, version=repeat)
     trainer = bench_trainer(warmup + steps + 1, logger, callbacks)
     _release_memory()
     if ACCELERATOR == "gpu":
@@ -681,6 +694,7 @@ def fit_once(
         peak / 2**20,
         (peak - memory.start_bytes) / 2**20,
         peak_gpu,
+        gaps,
     )
 
 
@@ -858,27 +872,41 @@ class _Attribution:
     def __init__(self) -> None:
         self.time: dict[str, float] = {}
         self.calls: dict[str, int] = {}
+        self.keys: dict[str, int] = {}  # labels patched with count_keys: keys in their mappings
+        self.background: set[str] = set()  # labels timed on worker threads: CPU time, not in total()
         self.missing: list[str] = []
-        self._stack: list[float] = []
+        self._local = threading.local()  # one stack of nested calls per thread
+        self._lock = threading.Lock()
         self._undo: list[tuple[Any, str, Any]] = []
 
-    def _wrap(self, label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def _wrap(
+        self, label: str, fn: Callable[..., Any], background: bool = False, count_keys: bool = False
+    ) -> Callable[..., Any]:
+        clock = time.thread_time if background else time.perf_counter
+
         def timed(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            self._stack.append(0.0)
+            stack = self._local.__dict__.setdefault("stack", [])
+            t0 = clock()
+            stack.append(0.0)
             try:
                 return fn(*args, **kwargs)
             finally:
-                inner = self._stack.pop()
-                dt = time.perf_counter() - t0
-                self.time[label] = self.time.get(label, 0.0) + dt - inner
-                self.calls[label] = self.calls.get(label, 0) + 1
-                if self._stack:
-                    self._stack[-1] += dt
+                inner = stack.pop()
+                dt = clock() - t0
+                with self._lock:
+                    self.time[label] = self.time.get(label, 0.0) + dt - inner
+                    self.calls[label] = self.calls.get(label, 0) + 1
+                    if count_keys:  # (self, mapping, step)
+                        self.keys[label] = self.keys.get(label, 0) + len(args[1])
+                if stack:
+                    stack[-1] += dt
 
         return timed
 
-    def patch(self, label: str, owner: str, attr: str) -> None:
+    def patch(
+        self, label: str, owner: str, attr: str, background: bool = False, count_keys: bool = False
+    ) -> None:
+        """Time ``owner.attr`` under ``label`` (``background``: on worker threads, CPU time)."""
         import importlib
 
         module_name, _, cls = owner.partition(":")
@@ -891,7 +919,9 @@ class _Attribution:
             self.missing.append(f"{owner}.{attr}")
             return
         self._undo.append((target, attr, original))
-        setattr(target, attr, self._wrap(label, original))
+        setattr(target, attr, self._wrap(label, original, background, count_keys))
+        if background:
+            self.background.add(label)
 
     def __enter__(self) -> _Attribution:  # noqa: PYI034 - typing.Self needs Python 3.11
         cb = "lightning_inspect.callbacks"
@@ -901,11 +931,13 @@ class _Attribution:
             "TensorBoard writes: scalars",
             "lightning_inspect.sinks.tensorboard:TensorBoardSink",
             "log_scalars",
+            count_keys=True,
         )
         self.patch(
             "TensorBoard writes: histograms",
             "lightning_inspect.sinks.tensorboard:TensorBoardSink",
             "log_histograms",
+            count_keys=True,
         )
         self.patch(
             "publish: summarise rows, keys, non-finite check",
@@ -939,8 +971,8 @@ class _Attribution:
         return self
 
     def total(self) -> float:
-        """Seconds spent inside the wrapped parts so far."""
-        return sum(self.time.values())
+        """Seconds spent inside the wrapped parts so far, on the training thread."""
+        return sum(t for label, t in self.time.items() if label not in self.background)
 
     def __exit__(self, *exc: object) -> None:
         for target, attr, original in reversed(self._undo):
