@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
@@ -50,7 +51,7 @@ from lightning_inspect.recorder import HostRecord, StepCoordinator, StepRecord
 from lightning_inspect.schedule import Schedule
 from lightning_inspect.selection import check_patterns, select_modules
 from lightning_inspect.sinks import METRIC_MODES, Sink, check_backends, close_sinks, resolve_sinks
-from lightning_inspect.stats import ALL_STATS, DEFAULT_STATS, FIELDS, histogram, summarise
+from lightning_inspect.stats import ALL_STATS, DEFAULT_STATS, FIELDS, N_FIELDS, histogram, summarise_rows
 
 NONFINITE_ACTIONS = ("ignore", "warn", "raise")
 
@@ -295,12 +296,17 @@ class ModuleMonitor(Callback):
         out: dict[str, float] = {}
         hists = {}
         stat_keys = self._stat_keys
-        for key, row in rows.items():
-            names = stat_keys.get(key)
-            if names is None:
-                names = stat_keys[key] = [metric_key(key, stat) for stat in self.stats]
-            out.update(zip(names, summarise(row, self.stats).values()))
-            if self.histograms:
+        if rows:  # every statistic of every row at once, in row order, then self.stats order
+            table = summarise_rows(np.stack([row[:N_FIELDS] for row in rows.values()]), self.stats)
+            names = []
+            for key in rows:
+                known = stat_keys.get(key)
+                if known is None:
+                    known = stat_keys[key] = [metric_key(key, stat) for stat in self.stats]
+                names += known
+            out = dict(zip(names, table.ravel().tolist()))
+        if self.histograms:
+            for key, row in rows.items():
                 h = histogram(row)
                 if h is not None:
                     hists[key] = h
