@@ -24,7 +24,10 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 from lightning_inspect.errors import ConfigError
 from lightning_inspect.keys import KINDS, split_key
@@ -33,7 +36,7 @@ from lightning_inspect.sinks.mlflow import STATS_ARTIFACT_DIR
 COLUMNS = ("step", "kind", "module", "output", "stat", "value")
 
 
-def read_stats(source: str | os.PathLike[str], tracking_uri: str | None = None) -> Any:
+def read_stats(source: str | os.PathLike[str], tracking_uri: str | None = None) -> pd.DataFrame:
     """The statistics of one run as a tidy ``pandas.DataFrame`` (columns :data:`COLUMNS`).
 
     Args:
@@ -49,7 +52,7 @@ def read_stats(source: str | os.PathLike[str], tracking_uri: str | None = None) 
     return _tidy(keys, steps, values)
 
 
-def _tidy(keys: list[str], steps: list[int], values: list[float]) -> Any:
+def _tidy(keys: list[str], steps: list[int], values: list[float]) -> pd.DataFrame:
     import numpy as np
     import pandas as pd
 
