@@ -244,7 +244,9 @@ class _BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.shortcut = nn.Sequential()
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -257,7 +259,9 @@ class ResNet(_BenchModule):
 
     def __init__(self) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True))
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True)
+        )
         blocks: list[nn.Module] = []
         c_in = 16
         for c_out, n, stride in ((16, 2, 1), (32, 3, 2), (64, 3, 2), (128, 2, 2)):
@@ -290,7 +294,7 @@ REAL_SIZE_MODELS: dict[str, type[_BenchModule]] = {"transformer12": Transformer1
 def make_model(name: str) -> _BenchModule:
     torch.manual_seed(0)  # the same initial weights in every scenario and repetition
     if name.startswith("transformer") and name[len("transformer"):].isdigit():
-        return Transformer12(layers=int(name[len("transformer"):]))  # transformer2 ... transformer24
+        return Transformer12(layers=int(name[len("transformer") :]))  # transformer2, transformer24
     return {**MODELS, **REAL_SIZE_MODELS}[name]()
 
 
@@ -667,7 +671,10 @@ def fit_once(
     timer = StepTimer(parts)
     callbacks = [timer, *(callbacks_of or scenario_callbacks)(scenario, tmp)]
     name = f"{model_name}-{scenario}"
-    logger = loggers(name) if loggers else TensorBoardLogger(save_dir=tmp, name=name, version=repeat)
+    if loggers is not None:
+        logger = loggers(name)
+    else:
+        logger = TensorBoardLogger(save_dir=tmp, name=name, version=repeat)
     trainer = bench_trainer(warmup + steps + 1, logger, callbacks)
     _release_memory()
     if ACCELERATOR == "gpu":
@@ -873,7 +880,7 @@ class _Attribution:
         self.time: dict[str, float] = {}
         self.calls: dict[str, int] = {}
         self.keys: dict[str, int] = {}  # labels patched with count_keys: keys in their mappings
-        self.background: set[str] = set()  # labels timed on worker threads: CPU time, not in total()
+        self.background: set[str] = set()  # labels timed on worker threads (CPU time, not total())
         self.missing: list[str] = []
         self._local = threading.local()  # one stack of nested calls per thread
         self._lock = threading.Lock()

@@ -50,7 +50,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import (  # noqa: E402  the shared machinery of the small-model benchmark
+from overhead import (
     REAL_SIZE_MODELS,
     PeakRSS,
     Run,
@@ -62,11 +62,13 @@ from overhead import (  # noqa: E402  the shared machinery of the small-model be
     summarise,
 )
 
-import lightning_inspect  # noqa: E402
+import lightning_inspect
 
 SCENARIOS = ("plain", "every_50", "every_step")
 EVERY = 50
-FIRST_LOGGED = 10  # every_50 logs steps 10, 60, ...: inside the measured window, with steps after it
+FIRST_LOGGED = (
+    10  # every_50 logs steps 10, 60, ...: inside the measured window, with steps after it
+)
 AFTER = 5  # steps after a logged one compared with plain's steps
 MONITORS = 3
 
@@ -149,7 +151,9 @@ def logger_factory(tmp: str) -> Any:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             mlflow = MLFlowLogger(
-                experiment_name="real-size", tracking_uri=uri, artifact_location=f"{tmp}/mlartifacts"
+                experiment_name="real-size",
+                tracking_uri=uri,
+                artifact_location=f"{tmp}/mlartifacts",
             )
         return [TensorBoardLogger(save_dir=tmp, name=name), mlflow]
 
@@ -159,11 +163,17 @@ def logger_factory(tmp: str) -> Any:
 def after_logged_ratio(every_50: Run, plain: Run, warmup: int) -> tuple[float, float]:
     """every_50's steps other than the logged ones, against plain's median step: (the AFTER steps
     right after a logged step, every step that is not logged), medians."""
-    logged = [i for i in range(len(every_50.gaps_s)) if warmup + i >= FIRST_LOGGED and (warmup + i - FIRST_LOGGED) % EVERY == 0]
+    logged = [
+        i
+        for i in range(len(every_50.gaps_s))
+        if warmup + i >= FIRST_LOGGED and (warmup + i - FIRST_LOGGED) % EVERY == 0
+    ]
     after = [i + k for i in logged for k in range(1, AFTER + 1) if i + k < len(every_50.gaps_s)]
     others = [g for i, g in enumerate(every_50.gaps_s) if i not in logged]
     base = statistics.median(plain.gaps_s)
-    return statistics.median(every_50.gaps_s[i] for i in after) / base, statistics.median(others) / base
+    return statistics.median(every_50.gaps_s[i] for i in after) / base, statistics.median(
+        others
+    ) / base
 
 
 def run_models(args: argparse.Namespace, tmp: str, memory: PeakRSS) -> dict[str, Any]:
@@ -182,7 +192,16 @@ def run_models(args: argparse.Namespace, tmp: str, memory: PeakRSS) -> dict[str,
                 steps = args.costly_steps if scenario == "every_step" else args.steps
                 meter = PublishMeter()
                 run = fit_once(
-                    model, scenario, args.warmup, steps, tmp, rep, memory, loggers, scenario_callbacks, meter
+                    model,
+                    scenario,
+                    args.warmup,
+                    steps,
+                    tmp,
+                    rep,
+                    memory,
+                    loggers,
+                    scenario_callbacks,
+                    meter,
                 )
                 runs.append(run)
                 by_scenario[scenario] = run
@@ -191,35 +210,64 @@ def run_models(args: argparse.Namespace, tmp: str, memory: PeakRSS) -> dict[str,
             after.setdefault(model, []).append(
                 after_logged_ratio(by_scenario["every_50"], by_scenario["plain"], args.warmup)
             )
-            print(f"  {model}: repetition {rep + 1}/{args.repeats} done ({time.perf_counter() - started:.0f} s)",
-                  flush=True)
+            print(
+                f"  {model}: repetition {rep + 1}/{args.repeats} done "
+                f"({time.perf_counter() - started:.0f} s)",
+                flush=True,
+            )
     summaries = summarise(runs, list(SCENARIOS))
     print()
     print_table(summaries)
     published = {m: _median_publishing(m, ps) for m, ps in meters.items()}
     print_publishing(list(published.values()))
-    print(f"\nSteps that are not logged (every_50), median step / plain's median step, median over repetitions:")
+    print(
+        "\nSteps that are not logged (every_50), median step / plain's median step, "
+        "median over repetitions:"
+    )
     nonlogged = {}
     for model, pairs in after.items():
-        nonlogged[model] = (statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs))
-        print(f"  {model:<14} the {AFTER} steps after a logged step {nonlogged[model][0]:.3f}; "
-              f"every step not logged {nonlogged[model][1]:.3f}")
+        nonlogged[model] = (
+            statistics.median(p[0] for p in pairs),
+            statistics.median(p[1] for p in pairs),
+        )
+        print(
+            f"  {model:<14} the {AFTER} steps after a logged step {nonlogged[model][0]:.3f}; "
+            f"every step not logged {nonlogged[model][1]:.3f}"
+        )
     by = {(s.model, s.scenario): s for s in summaries}
     targets = []
     for model in args.models:
         s, p = by[(model, "every_50")], published[model]
         targets += [
-            (model, "every_50 <= 1.03 x plain (wall | CPU | in-lib)",
-             f"{s.ratio:.3f} | {s.cpu_ratio:.3f} | {s.inside_ratio:.3f}", s.inside_ratio <= 1.03),
-            (model, "TensorBoard publishing <= 10 us/key", f"{p.tensorboard_s / p.keys * 1e6:.2f} us",
-             p.tensorboard_s / p.keys <= 10e-6),
-            (model, "MLflow publishing <= 10 us/key (enqueue + worker CPU)",
-             f"{(p.mlflow_enqueue_s + p.mlflow_worker_s) / p.keys * 1e6:.2f} us",
-             (p.mlflow_enqueue_s + p.mlflow_worker_s) / p.keys <= 10e-6),
-            (model, f"steps after a logged one <= 1.03 x plain's", f"{nonlogged[model][0]:.3f}",
-             nonlogged[model][0] <= 1.03),
+            (
+                model,
+                "every_50 <= 1.03 x plain (wall | CPU | in-lib)",
+                f"{s.ratio:.3f} | {s.cpu_ratio:.3f} | {s.inside_ratio:.3f}",
+                s.inside_ratio <= 1.03,
+            ),
+            (
+                model,
+                "TensorBoard publishing <= 10 us/key",
+                f"{p.tensorboard_s / p.keys * 1e6:.2f} us",
+                p.tensorboard_s / p.keys <= 10e-6,
+            ),
+            (
+                model,
+                "MLflow publishing <= 10 us/key (enqueue + worker CPU)",
+                f"{(p.mlflow_enqueue_s + p.mlflow_worker_s) / p.keys * 1e6:.2f} us",
+                (p.mlflow_enqueue_s + p.mlflow_worker_s) / p.keys <= 10e-6,
+            ),
+            (
+                model,
+                "steps after a logged one <= 1.03 x plain's",
+                f"{nonlogged[model][0]:.3f}",
+                nonlogged[model][0] <= 1.03,
+            ),
         ]
-    print("\nTargets (every_50 judged on the time inside the library; the wall and CPU ratios are shown):")
+    print(
+        "\nTargets (every_50 judged on the time inside the library; "
+        "the wall and CPU ratios are shown):"
+    )
     for model, name, value, ok in targets:
         print(f"  {model:<14}{name:<56}{'PASS' if ok else 'FAIL'} {value}")
     return {
@@ -238,16 +286,21 @@ def _median_publishing(model: str, items: list[Publishing]) -> Publishing:
 
 def print_publishing(items: list[Publishing]) -> None:
     print("\nPublishing one logged step (every_step, median over repetitions), ms and us per key:")
-    head = (f"{'model':<14}{'scalars':>8}{'hists':>7}{'monitors':>15}{'TensorBoard':>17}"
-            f"{'MLflow enqueue':>17}{'MLflow worker':>17}{'all in lib':>12}")
+    head = (
+        f"{'model':<14}{'scalars':>8}{'hists':>7}{'monitors':>15}{'TensorBoard':>17}"
+        f"{'MLflow enqueue':>17}{'MLflow worker':>17}{'all in lib':>12}"
+    )
     print(head)
     print("-" * len(head))
     for p in items:
-        def cell(s: float) -> str:
-            return f"{s * 1e3:7.1f} ({s / p.keys * 1e6:4.1f})"
-
-        print(f"{p.model:<14}{p.scalars:>8.0f}{p.histograms:>7.0f}{cell(p.monitor_s):>15}{cell(p.tensorboard_s):>17}"
-              f"{cell(p.mlflow_enqueue_s):>17}{cell(p.mlflow_worker_s):>17}{p.inside_s * 1e3:>10.1f}ms")
+        cells = [
+            f"{t * 1e3:7.1f} ({t / p.keys * 1e6:4.1f})"
+            for t in (p.monitor_s, p.tensorboard_s, p.mlflow_enqueue_s, p.mlflow_worker_s)
+        ]
+        print(
+            f"{p.model:<14}{p.scalars:>8.0f}{p.histograms:>7.0f}{cells[0]:>15}{cells[1]:>17}"
+            f"{cells[2]:>17}{cells[3]:>17}{p.inside_s * 1e3:>10.1f}ms"
+        )
 
 
 def run_scaling(args: argparse.Namespace, tmp: str, memory: PeakRSS) -> dict[str, Any]:
@@ -257,23 +310,37 @@ def run_scaling(args: argparse.Namespace, tmp: str, memory: PeakRSS) -> dict[str
     for rep in range(args.repeats):
         for layers in args.layers:
             meter = PublishMeter()
-            fit_once(f"transformer{layers}", "every_step", args.warmup, args.costly_steps, tmp, rep, memory,
-                     loggers, scenario_callbacks, meter)
+            fit_once(
+                f"transformer{layers}",
+                "every_step",
+                args.warmup,
+                args.costly_steps,
+                tmp,
+                rep,
+                memory,
+                loggers,
+                scenario_callbacks,
+                meter,
+            )
             rows.setdefault(layers, []).append(publishing(f"transformer{layers}", meter))
     med = {layers: _median_publishing(f"transformer{layers}", ps) for layers, ps in rows.items()}
     print_publishing(list(med.values()))
     keys = [p.keys for p in med.values()]
     fits = {}
     print("\nLeast-squares fit against keys per logged step, t = a + b * keys:")
-    for label, get in (("publishing, TensorBoard", lambda p: p.monitor_s + p.tensorboard_s),
-                       ("MLflow worker CPU", lambda p: p.mlflow_worker_s),
-                       ("all inside the library", lambda p: p.inside_s)):
+    for label, get in (
+        ("publishing, TensorBoard", lambda p: p.monitor_s + p.tensorboard_s),
+        ("MLflow worker CPU", lambda p: p.mlflow_worker_s),
+        ("all inside the library", lambda p: p.inside_s),
+    ):
         ys = [get(p) for p in med.values()]
         b, a = _line(keys, ys)
         worst = max(abs(y - (a + b * x)) / y for x, y in zip(keys, ys))
         fits[label] = {"a_ms": a * 1e3, "b_us_per_key": b * 1e6, "worst_relative_residual": worst}
-        print(f"  {label:<26} a = {a * 1e3:6.2f} ms, b = {b * 1e6:5.2f} us/key; "
-              f"largest deviation from the line {worst:.1%}")
+        print(
+            f"  {label:<26} a = {a * 1e3:6.2f} ms, b = {b * 1e6:5.2f} us/key; "
+            f"largest deviation from the line {worst:.1%}"
+        )
     return {"scaling": [asdict(p) for p in med.values()], "fits": fits}
 
 
@@ -285,16 +352,21 @@ def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="smoke test: --steps 15 --costly-steps 2 --repeats 1")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="smoke test: --steps 15 --costly-steps 2 --repeats 1"
+    )
     p.add_argument("--steps", type=int, help="measured steps of plain and every_50 (default 50)")
     p.add_argument("--costly-steps", type=int, help="measured steps of every_step (default 5)")
     p.add_argument("--warmup", type=int, default=3, help="steps run before measuring (default 3)")
     p.add_argument("--repeats", type=int, help="repetitions of the round-robin (default 3)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument("--models", default=",".join(REAL_SIZE_MODELS), help="comma-separated")
-    p.add_argument("--scaling", action="store_true", help="every_step on 2 / 6 / 12 / 24 transformer layers")
+    p.add_argument(
+        "--scaling", action="store_true", help="every_step on 2 / 6 / 12 / 24 transformer layers"
+    )
     p.add_argument("--layers", default="2,6,12,24", help="layer counts of --scaling")
     p.add_argument("--json", type=Path, help="write every measurement here")
     args = p.parse_args(argv)
@@ -307,7 +379,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--models: unknown {bad}; choose from {list(REAL_SIZE_MODELS)}")
     args.layers = [int(n) for n in args.layers.split(",")]
     if args.warmup + args.steps <= FIRST_LOGGED + AFTER:
-        p.error(f"--warmup + --steps must exceed {FIRST_LOGGED + AFTER}: every_50 logs step {FIRST_LOGGED}")
+        p.error(
+            f"--warmup + --steps must exceed {FIRST_LOGGED + AFTER}: "
+            f"every_50 logs step {FIRST_LOGGED}"
+        )
     return args
 
 
@@ -319,11 +394,16 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     gc.collect()
     gc.freeze()
-    print(f"lightning-inspect {lightning_inspect.__version__} real-size benchmark; python "
-          f"{platform.python_version()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"lightning {pl.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
-    print(f"{args.repeats} repetitions x ({args.warmup} warm-up + {args.steps} measured steps, "
-          f"{args.costly_steps} for every_step); loggers: TensorBoard + MLflow (SQLite)")
+    print(
+        f"lightning-inspect {lightning_inspect.__version__} real-size benchmark; python "
+        f"{platform.python_version()}, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), "
+        f"lightning {pl.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}"
+    )
+    print(
+        f"{args.repeats} repetitions x ({args.warmup} warm-up + {args.steps} measured steps, "
+        f"{args.costly_steps} for every_step); loggers: TensorBoard + MLflow (SQLite)"
+    )
     started = time.perf_counter()
     memory = PeakRSS()
     with tempfile.TemporaryDirectory(prefix="li-real-") as tmp:
@@ -332,7 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nfinished in {elapsed:.0f} s; load average now {os.getloadavg()[0]:.2f}")
     if args.json:
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-        args.json.write_text(json.dumps({"settings": settings, **result, "elapsed_s": elapsed}, indent=2))
+        args.json.write_text(
+            json.dumps({"settings": settings, **result, "elapsed_s": elapsed}, indent=2)
+        )
         print(f"wrote {args.json}")
     return 0
 

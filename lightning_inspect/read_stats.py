@@ -41,7 +41,8 @@ def read_stats(source: str | os.PathLike[str], tracking_uri: str | None = None) 
 
     Args:
         source: a TensorBoard log directory (the directory of one run's event files, or a
-            directory above it holding exactly one run), or, with ``tracking_uri``, an MLflow run id.
+            directory above it holding exactly one run), or, with ``tracking_uri``, an MLflow
+            run id.
         tracking_uri: the MLflow tracking URI of the run (``sqlite:///mlflow.db``,
             ``http://host:5000``); ``None`` reads TensorBoard.
     """
@@ -111,7 +112,9 @@ def _from_mlflow(run_id: str, tracking_uri: str) -> tuple[list[str], list[int], 
         client.get_run(run_id)
     except Exception as exc:  # MlflowException, or a store that cannot be reached
         raise ConfigError(f"read_stats({run_id!r}, tracking_uri={tracking_uri!r}): {exc}") from exc
-    tables = [f.path for f in client.list_artifacts(run_id, STATS_ARTIFACT_DIR) if f.path.endswith(".csv")]
+    tables = [
+        f.path for f in client.list_artifacts(run_id, STATS_ARTIFACT_DIR) if f.path.endswith(".csv")
+    ]
     if not tables:
         raise ConfigError(
             f"read_stats({run_id!r}, tracking_uri={tracking_uri!r}): the run has no "
@@ -120,7 +123,9 @@ def _from_mlflow(run_id: str, tracking_uri: str) -> tuple[list[str], list[int], 
     with tempfile.TemporaryDirectory(prefix="lightning_inspect_read_") as tmp:
         frames = [
             pd.read_csv(
-                client.download_artifacts(run_id, path, tmp), dtype={"key": str}, keep_default_na=False,
+                client.download_artifacts(run_id, path, tmp),
+                dtype={"key": str},
+                keep_default_na=False,
                 na_values={"value": ["nan"]},
             )
             for path in tables

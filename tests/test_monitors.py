@@ -94,7 +94,9 @@ def all_monitors(every: int = 2, **kw: Any) -> list[Callback]:
 # ------------------------------------------------------------------------------------------
 
 
-def test_keys_steps_and_values_in_tensorboard_and_mlflow(tb_logger, mlflow_logger, mlflow_client, mlflow_store) -> None:
+def test_keys_steps_and_values_in_tensorboard_and_mlflow(
+    tb_logger, mlflow_logger, mlflow_client, mlflow_store
+) -> None:
     torch.manual_seed(0)
     model = PlainMLP()
     probe = StepProbe()
@@ -161,7 +163,8 @@ def test_keys_steps_and_values_in_tensorboard_and_mlflow(tb_logger, mlflow_logge
     for tag in ("weights/net.0.weight/mean", "param_grads/global_norm", "activations/net.0/mean",
                 "activation_grads/net.2/l2_norm", "weights/net.0.weight/update_ratio"):
         kind, module, output, stat = split_key(tag)
-        rows = table[(table.kind == kind) & (table.module == module) & (table.output == output) & (table.stat == stat)]
+        rows = table[(table.kind == kind) & (table.module == module) & (table.output == output)
+                     & (table.stat == stat)]
         hist = list(zip(rows.step, rows.value))
         assert [s for s, _ in hist] == [0, 2, 4], tag
         for (s, v), (s_tb, v_tb) in zip(hist, tb.scalars(tag)):

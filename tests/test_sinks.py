@@ -387,8 +387,8 @@ def test_scalar_summary_is_what_protobuf_builds_for_every_kind_of_value() -> Non
 
     from lightning_inspect.sinks.tensorboard import scalar_summary
 
-    values = {"a/x/mean": 0.1, "a/x/max": 1e300, "a/x/min": -1e300, "a/y/std": math.nan, "a/y/max": math.inf,
-              "a/y/min": 5e-324, "a/é/mean": -0.0, "t" * 300: 3.0, "": 2.0}
+    values = {"a/x/mean": 0.1, "a/x/max": 1e300, "a/x/min": -1e300, "a/y/std": math.nan,
+              "a/y/max": math.inf, "a/y/min": 5e-324, "a/é/mean": -0.0, "t" * 300: 3.0, "": 2.0}
     cache: dict[str, bytes] = {}
     for _ in range(2):  # the second time from the cache
         ours = scalar_summary(values, cache)
@@ -403,8 +403,9 @@ def test_histogram_summary_is_what_protobuf_builds() -> None:
     from lightning_inspect.sinks.tensorboard import histogram_summary
 
     g = torch.Generator().manual_seed(0)
-    histograms = {"a/x": make_histogram(torch.randn(1000, generator=g)), "a/zero": make_histogram(torch.zeros(5)),
-                  "b/" + "y" * 200: make_histogram(torch.randn(3, generator=g, dtype=torch.float64) * 1e300)}
+    wide = torch.randn(3, generator=g, dtype=torch.float64) * 1e300
+    histograms = {"a/x": make_histogram(torch.randn(1000, generator=g)),
+                  "a/zero": make_histogram(torch.zeros(5)), "b/" + "y" * 200: make_histogram(wide)}
     cache: dict[str, bytes] = {}
     for _ in range(2):
         ours = histogram_summary(histograms, cache)

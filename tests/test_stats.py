@@ -587,8 +587,8 @@ def test_summarise_rows_is_summarise_of_each_row() -> None:
     from lightning_inspect.stats import N_FIELDS, summarise_rows
 
     g = torch.Generator().manual_seed(0)
-    tensors = [torch.randn(100, generator=g), torch.zeros(5), torch.full((3,), float("nan")), torch.empty(0),
-               torch.tensor([1e30, -1e30]), torch.tensor([float("inf"), 1.0])]
+    tensors = [torch.randn(100, generator=g), torch.zeros(5), torch.full((3,), float("nan")),
+               torch.empty(0), torch.tensor([1e30, -1e30]), torch.tensor([float("inf"), 1.0])]
     rows = [reduce_tensor(t, 8).numpy() for t in tensors]
     table = summarise_rows(np.stack([r[:N_FIELDS] for r in rows]), ALL_STATS)
     for row, got in zip(rows, table):

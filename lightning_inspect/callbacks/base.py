@@ -51,7 +51,9 @@ from lightning_inspect.recorder import HostRecord, StepCoordinator, StepRecord
 from lightning_inspect.schedule import Schedule
 from lightning_inspect.selection import check_patterns, select_modules
 from lightning_inspect.sinks import METRIC_MODES, Sink, check_backends, close_sinks, resolve_sinks
-from lightning_inspect.stats import ALL_STATS, DEFAULT_STATS, FIELDS, N_FIELDS, histogram, summarise_rows
+from lightning_inspect.stats import (
+    ALL_STATS, DEFAULT_STATS, FIELDS, N_FIELDS, histogram, summarise_rows,
+)
 
 NONFINITE_ACTIONS = ("ignore", "warn", "raise")
 
@@ -158,7 +160,9 @@ class ModuleMonitor(Callback):
             return
         self._active = True
         self.last_logged_step = None  # a new fit; resuming restores it from the checkpoint after setup
-        self.sinks = resolve_sinks(trainer, self.backends, owner=self._owner, mlflow_metrics=self.mlflow_metrics)
+        self.sinks = resolve_sinks(
+            trainer, self.backends, owner=self._owner, mlflow_metrics=self.mlflow_metrics
+        )
         self._coordinator = StepCoordinator.for_trainer(trainer)
         self._coordinator.join(self)
 

@@ -84,7 +84,9 @@ def available_sinks(trainer: Any, owner: str, mlflow_metrics: str = "summary") -
         if name == "tensorboard":
             found[name] = TensorBoardSink(logger.experiment)
         else:
-            found[name] = MlflowSink(logger.experiment, logger.run_id, owner=owner, metrics=mlflow_metrics)
+            found[name] = MlflowSink(
+                logger.experiment, logger.run_id, owner=owner, metrics=mlflow_metrics
+            )
     return found
 
 

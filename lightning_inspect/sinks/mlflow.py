@@ -50,7 +50,7 @@ _EXACT = {"min": min, "max": max, "nan_count": math.fsum, "inf_count": math.fsum
 
 
 def _csv_cell(text: str) -> str:
-    """``text`` as one CSV cell (quoted as the ``csv`` module does when it holds , " or a newline)."""
+    """``text`` as one CSV cell (quoted as ``csv`` does when it holds a comma, quote or newline)."""
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\r\n").writerow((text,))
     return buffer.getvalue()[:-2]
@@ -70,7 +70,8 @@ def headline_metrics(
     NaN values (a statistic with no finite value) are left out of the summaries.
     ``parsed`` caches :func:`~lightning_inspect.keys.split_key` across calls.
 
-    >>> headline_metrics({"weights/a/max": 1.0, "weights/b/max": 3.0, "param_grads/global_norm": 2.0})
+    >>> headline_metrics({"weights/a/max": 1.0, "weights/b/max": 3.0,
+    ...                   "param_grads/global_norm": 2.0})
     {'param_grads/global_norm': 2.0, 'summary/weights/max': 3.0}
     """
     parsed = {} if parsed is None else parsed
@@ -83,7 +84,7 @@ def headline_metrics(
         kind, name, _, stat = parts
         if kind not in KINDS or not name:
             out[key] = value
-        elif value == value:  # not NaN
+        elif not math.isnan(value):
             groups.setdefault((kind, stat), []).append(value)
     for (kind, stat), group in groups.items():
         base = f"summary/{kind}/{stat}"
@@ -106,7 +107,12 @@ class MlflowSink:
     name = "mlflow"
 
     def __init__(
-        self, client: Any, run_id: str, owner: str = "inspect", render: bool = True, metrics: str = "summary"
+        self,
+        client: Any,
+        run_id: str,
+        owner: str = "inspect",
+        render: bool = True,
+        metrics: str = "summary",
     ) -> None:
         if metrics not in METRIC_MODES:
             raise ValueError(f"MlflowSink(metrics={metrics!r}): expected one of {METRIC_MODES}.")
@@ -166,7 +172,8 @@ class MlflowSink:
 
     def flush(self) -> None:
         if self._table_dirty:
-            self.client.log_artifact(self.run_id, str(self._table_file), artifact_path=STATS_ARTIFACT_DIR)
+            table = str(self._table_file)
+            self.client.log_artifact(self.run_id, table, artifact_path=STATS_ARTIFACT_DIR)
             self._table_dirty = False
         if not self._dirty:
             return

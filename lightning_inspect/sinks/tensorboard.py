@@ -97,7 +97,8 @@ def scalar_summary(values: Mapping[str, float], encoded: dict[str, bytes] | None
     a key instead of 1-4. ``encoded`` caches the bytes of each tag across calls.
 
     >>> from tensorboard.compat.proto.summary_pb2 import Summary
-    >>> scalar_summary({"a/b/mean": 0.5}) == Summary(value=[Summary.Value(tag="a/b/mean", simple_value=0.5)])
+    >>> expected = Summary(value=[Summary.Value(tag="a/b/mean", simple_value=0.5)])
+    >>> scalar_summary({"a/b/mean": 0.5}) == expected
     True
     """
     from tensorboard.compat.proto.summary_pb2 import Summary
@@ -108,8 +109,9 @@ def scalar_summary(values: Mapping[str, float], encoded: dict[str, bytes] | None
         head = encoded.get(key)
         if head is None:
             tag = key.encode()
-            value = b"\x0a" + _varint(len(tag)) + tag + b"\x15"  # tag (field 1), simple_value (field 2)
-            head = encoded[key] = b"\x0a" + _varint(len(value) + 4) + value  # Summary.value (field 1)
+            # Summary.value (field 1) holding tag (field 1) and simple_value (field 2)
+            value = b"\x0a" + _varint(len(tag)) + tag + b"\x15"
+            head = encoded[key] = b"\x0a" + _varint(len(value) + 4) + value
         heads.append(head)
     with np.errstate(over="ignore"):  # beyond float32's range: +-inf, as protobuf stores it
         floats = np.fromiter(values.values(), dtype="<f4", count=len(heads)).tobytes()
@@ -117,7 +119,9 @@ def scalar_summary(values: Mapping[str, float], encoded: dict[str, bytes] | None
     return Summary.FromString(b"".join([part for pair in zip(heads, chunks) for part in pair]))
 
 
-def histogram_summary(histograms: Mapping[str, Histogram], encoded: dict[str, bytes] | None = None) -> Any:
+def histogram_summary(
+    histograms: Mapping[str, Histogram], encoded: dict[str, bytes] | None = None
+) -> Any:
     """One ``Summary`` holding every histogram, as ``add_histogram_raw`` would write them.
 
     Encoded like :func:`scalar_summary`: the five doubles and the packed bucket limits and counts
@@ -135,13 +139,19 @@ def histogram_summary(histograms: Mapping[str, Histogram], encoded: dict[str, by
             head = encoded[key] = b"\x0a" + _varint(len(tag)) + tag  # Summary.Value.tag (field 1)
         limits = np.ascontiguousarray(h.edges[1:], dtype="<f8").tobytes()
         counts = np.ascontiguousarray(h.counts, dtype="<f8").tobytes()
-        histo = b"".join((  # HistogramProto: fields 1-5 doubles, 6 and 7 packed doubles
-            struct.pack("<BdBdBdBdBd", 0x09, h.min, 0x11, h.max, 0x19, float(h.num), 0x21, h.sum, 0x29, h.sum_squares),
+        # HistogramProto: fields 1-5 doubles (min, max, num, sum, sum_squares), 6 and 7 packed
+        numbers = (h.min, h.max, float(h.num), h.sum, h.sum_squares)
+        histo = b"".join((
+            _HISTOGRAM_HEAD.pack(0x09, numbers[0], 0x11, numbers[1], 0x19, numbers[2],
+                                 0x21, numbers[3], 0x29, numbers[4]),
             b"\x32", _varint(len(limits)), limits, b"\x3a", _varint(len(counts)), counts,
         ))
-        value = b"".join((head, b"\x2a", _varint(len(histo)), histo))  # Summary.Value.histo (field 5)
+        value = b"".join((head, b"\x2a", _varint(len(histo)), histo))  # Value.histo (field 5)
         parts += (b"\x0a", _varint(len(value)), value)
     return Summary.FromString(b"".join(parts))
+
+
+_HISTOGRAM_HEAD = struct.Struct("<BdBdBdBdBd")
 
 
 def _varint(n: int) -> bytes:
@@ -193,11 +203,14 @@ class TensorBoardSink:
             grew |= not charts.keys() <= known.keys()
             known.update(charts)
         if grew:
-            add_layout({c: {t: ["Multiline", [r]] for t, r in ch.items()} for c, ch in layout.items()})
+            add_layout(
+                {c: {t: ["Multiline", [r]] for t, r in ch.items()} for c, ch in layout.items()}
+            )
 
     def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None:
         if self._file_writer is not None:
-            self._file_writer().add_summary(histogram_summary(histograms, self._encoded), global_step=step)
+            summary = histogram_summary(histograms, self._encoded)
+            self._file_writer().add_summary(summary, global_step=step)
             return
         for key, h in histograms.items():
             self.writer.add_histogram_raw(
