@@ -1191,6 +1191,7 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message=".*IterableDataset.*")
     warnings.filterwarnings("ignore", message=".*val_dataloader.*")
     warnings.filterwarnings("ignore", category=UserWarning, module="lightning")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning's own use of torch's pytree
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ["WANDB_MODE"] = "offline"
 
