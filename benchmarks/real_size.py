@@ -389,7 +389,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _quiet()
-    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")  # read when mlflow is first imported
     logging.getLogger("alembic").setLevel(logging.ERROR)
     torch.set_num_threads(args.threads)
     gc.collect()
