@@ -416,3 +416,32 @@ def test_histogram_summary_is_what_protobuf_builds() -> None:
             for k, h in histograms.items()
         ])
         assert ours.SerializeToString() == theirs.SerializeToString()
+
+
+class FlakyBatches(FlakyArtifacts):
+    """An MlflowClient whose first ``log_batch`` fails (a tracking server that was away)."""
+
+    def log_batch(self, *args: Any, **kwargs: Any) -> None:
+        if self.refused == 0:
+            self.refused += 1
+            raise ConnectionError("tracking server unreachable")
+        self._client.log_batch(*args, **kwargs)
+
+
+def test_a_refused_step_sent_again_is_in_the_table_once(mlflow_logger, mlflow_client, mlflow_store,
+                                                        tmp_path: Path) -> None:
+    from lightning_inspect import read_stats
+
+    run_id = mlflow_logger.run_id
+    inner = MlflowSink(FlakyBatches(mlflow_client), run_id, owner="Flaky", render=False)
+    sink = GuardedSink(inner, fallback_dir=tmp_path)
+    with pytest.warns(RuntimeWarning, match="the mlflow backend failed"):
+        sink.log_scalars({"weights/w/mean": 1.0, "weights/w/max": 2.0}, step=0)  # refused, kept
+    sink.log_scalars({"weights/w/mean": 3.0, "weights/w/max": 4.0}, step=1)  # accepted: 0 re-sent
+    sink.flush()
+    df = read_stats(run_id, tracking_uri=mlflow_store["tracking_uri"])
+    assert list(zip(df.step, df.stat, df.value)) == [
+        (0, "max", 2.0), (0, "mean", 1.0), (1, "max", 4.0), (1, "mean", 3.0)
+    ]
+    assert mlflow_history(mlflow_client, run_id, "summary/weights/max") == [(0, 2.0), (1, 4.0)]
+    sink.close()

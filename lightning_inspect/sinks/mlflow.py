@@ -133,12 +133,13 @@ class MlflowSink:
     def log_scalars(self, values: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
-        self._append_table(values, step)
         sent = values if self.metrics == "all" else headline_metrics(values, self._parsed)
         now = int(time.time() * 1000)
         metrics = [Metric(self.keys(k), float(v), now, step) for k, v in sent.items()]
         for start in range(0, len(metrics), _BATCH):
             self.client.log_batch(self.run_id, metrics=metrics[start : start + _BATCH])
+        # After the metrics: a call the server refused and the guard sends again adds its lines once.
+        self._append_table(values, step)
 
     def _append_table(self, values: Mapping[str, float], step: int) -> None:
         """Append ``step,key,value`` lines (values as Python writes floats: exact round trip)."""
