@@ -21,8 +21,8 @@ the library), and how the steps after a logged one compare with plain's steps.
 publishing time and time inside the library against the number of keys (least squares).
 
 Usage:
-    python benchmarks/real_size.py                # both models, ~6-10 min on 2 busy CPU cores
-    python benchmarks/real_size.py --quick        # smoke test, ~2 min
+    python benchmarks/real_size.py                # both models, ~5 min on 2 busy CPU cores
+    python benchmarks/real_size.py --quick        # smoke test, ~1.5 min
     python benchmarks/real_size.py --scaling      # 2 / 6 / 12 / 24 layers
     python benchmarks/real_size.py --json out.json
 """
