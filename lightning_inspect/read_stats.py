@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -53,9 +53,21 @@ def read_stats(source: str | os.PathLike[str], tracking_uri: str | None = None) 
     return _tidy(keys, steps, values)
 
 
+def _pandas() -> Any:
+    """The pandas module, or an ImportError that names the extra providing it."""
+    try:
+        import pandas
+    except ImportError as exc:
+        raise ImportError(
+            "read_stats needs pandas: pip install 'lightning-inspect[analysis]'"
+        ) from exc
+    return pandas
+
+
 def _tidy(keys: list[str], steps: list[int], values: list[float]) -> pd.DataFrame:
     import numpy as np
-    import pandas as pd
+
+    pd = _pandas()
 
     parts = {key: split_key(key) for key in dict.fromkeys(keys)}
     frame = pd.DataFrame(
@@ -104,8 +116,9 @@ def _from_tensorboard(root: Path) -> tuple[list[str], list[int], list[float]]:
 
 
 def _from_mlflow(run_id: str, tracking_uri: str) -> tuple[list[str], list[int], list[float]]:
-    import pandas as pd
     from mlflow.tracking import MlflowClient
+
+    pd = _pandas()
 
     client = MlflowClient(tracking_uri=tracking_uri)
     try:

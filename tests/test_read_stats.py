@@ -241,3 +241,14 @@ def test_the_table_keeps_odd_keys_and_every_float_exactly(
     for key, value in expected.items():
         assert got[key] == value or (np.isnan(value) and np.isnan(got[key])), key
     sink.close()
+
+
+def test_read_stats_without_pandas_names_the_extra(tmp_path: Path, monkeypatch) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path))
+    writer.add_scalar("weights/w/mean", 1.0, 0)
+    writer.close()
+    monkeypatch.setitem(sys.modules, "pandas", None)  # import pandas raises ImportError
+    with pytest.raises(ImportError, match=r"pip install 'lightning-inspect\[analysis\]'"):
+        read_stats(tmp_path)
