@@ -55,7 +55,7 @@ import time
 import timeit
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -201,12 +201,101 @@ class Transformer(_BenchModule):
         return nn.functional.cross_entropy(self(x).reshape(-1, self.vocab), y.reshape(-1))
 
 
+class Transformer12(_BenchModule):
+    """Real size: embedding + ``layers``-layer TransformerEncoder (d_model 128, 4 heads, FF 512,
+    PyTorch's default dropout), seq 32, batch 16, AdamW; 12 layers: 74 modules, 147 parameters."""
+
+    vocab = 256
+
+    def __init__(self, layers: int = 12) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(self.vocab, 128)
+        layer = nn.TransformerEncoderLayer(128, nhead=4, dim_feedforward=512, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=layers, enable_nested_tensor=False)
+        self.head = nn.Linear(128, self.vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(tokens)))
+
+    def make_batch(self, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+        return (
+            torch.randint(0, self.vocab, (16, 32), generator=g),
+            torch.randint(0, self.vocab, (16, 32), generator=g),
+        )
+
+    def loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x).reshape(-1, self.vocab), y.reshape(-1))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+class _BasicBlock(nn.Module):
+    """ResNet's basic block: two 3x3 conv + BatchNorm, a 1x1 conv + BatchNorm shortcut when the
+    shape changes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet(_BenchModule):
+    """Real size: a ResNet-style CNN with BatchNorm, stages of 2/3/3/2 basic blocks (16, 32, 64,
+    128 channels) on 3x32x32 images, batch 32, 10 classes, SGD with momentum; 49 modules."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU(inplace=True)
+        )
+        blocks: list[nn.Module] = []
+        c_in = 16
+        for c_out, n, stride in ((16, 2, 1), (32, 3, 2), (64, 3, 2), (128, 2, 2)):
+            for i in range(n):
+                blocks.append(_BasicBlock(c_in, c_out, stride if i == 0 else 1))
+                c_in = c_out
+        self.blocks = nn.Sequential(*blocks)
+        self.head = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(self.stem(x))
+        return self.head(nn.functional.adaptive_avg_pool2d(x, 1).flatten(1))
+
+    def make_batch(self, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+        return torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)
+
+    def loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
 MODELS: dict[str, type[_BenchModule]] = {"mlp": MLP, "cnn": CNN, "transformer": Transformer}
+#: The real-size models of ``benchmarks/real_size.py``.
+REAL_SIZE_MODELS: dict[str, type[_BenchModule]] = {"transformer12": Transformer12, "resnet": ResNet}
 
 
 def make_model(name: str) -> _BenchModule:
     torch.manual_seed(0)  # the same initial weights in every scenario and repetition
-    return MODELS[name]()
+    if name.startswith("transformer") and name[len("transformer"):].isdigit():
+        return Transformer12(layers=int(name[len("transformer") :]))  # transformer2, transformer24
+    return {**MODELS, **REAL_SIZE_MODELS}[name]()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -542,9 +631,10 @@ class Run:
     peak_rss_mb: float
     peak_increase_mb: float
     peak_gpu_mb: float = 0.0  # torch.cuda.max_memory_allocated, --accelerator gpu only
+    gaps_s: list[float] = field(default_factory=list)  # every measured step, in order
 
 
-def bench_trainer(max_steps: int, logger: TensorBoardLogger, callbacks: list[Callback]) -> pl.Trainer:
+def bench_trainer(max_steps: int, logger: Any, callbacks: list[Callback]) -> pl.Trainer:
     """The Trainer every scenario runs in: one device, no validation, progress bar, summary or checkpoints."""
     return pl.Trainer(
         accelerator=ACCELERATOR,
@@ -562,14 +652,29 @@ def bench_trainer(max_steps: int, logger: TensorBoardLogger, callbacks: list[Cal
 
 
 def fit_once(
-    model_name: str, scenario: str, warmup: int, steps: int, tmp: str, repeat: int, memory: PeakRSS
+    model_name: str,
+    scenario: str,
+    warmup: int,
+    steps: int,
+    tmp: str,
+    repeat: int,
+    memory: PeakRSS,
+    loggers: Callable[[str], list[Any]] | None = None,
+    callbacks_of: Callable[[str, str], list[Callback]] | None = None,
+    parts: _Attribution | None = None,
 ) -> Run:
+    """One fit of ``warmup + steps + 1`` steps; ``loggers(name)`` replaces the TensorBoardLogger,
+    ``callbacks_of`` replaces :func:`scenario_callbacks`, ``parts`` the time attribution."""
     model = make_model(model_name)
     ours = scenario not in ("plain", "handwritten", "wandb_watch")
-    parts = _Attribution() if ours else None
+    parts = (parts or _Attribution()) if ours else None
     timer = StepTimer(parts)
-    callbacks = [timer, *scenario_callbacks(scenario, tmp)]
-    logger = TensorBoardLogger(save_dir=tmp, name=f"{model_name}-{scenario}", version=repeat)
+    callbacks = [timer, *(callbacks_of or scenario_callbacks)(scenario, tmp)]
+    name = f"{model_name}-{scenario}"
+    if loggers is not None:
+        logger = loggers(name)
+    else:
+        logger = TensorBoardLogger(save_dir=tmp, name=name, version=repeat)
     trainer = bench_trainer(warmup + steps + 1, logger, callbacks)
     _release_memory()
     if ACCELERATOR == "gpu":
@@ -596,6 +701,7 @@ def fit_once(
         peak / 2**20,
         (peak - memory.start_bytes) / 2**20,
         peak_gpu,
+        gaps,
     )
 
 
@@ -773,27 +879,41 @@ class _Attribution:
     def __init__(self) -> None:
         self.time: dict[str, float] = {}
         self.calls: dict[str, int] = {}
+        self.keys: dict[str, int] = {}  # labels patched with count_keys: keys in their mappings
+        self.background: set[str] = set()  # labels timed on worker threads (CPU time, not total())
         self.missing: list[str] = []
-        self._stack: list[float] = []
+        self._local = threading.local()  # one stack of nested calls per thread
+        self._lock = threading.Lock()
         self._undo: list[tuple[Any, str, Any]] = []
 
-    def _wrap(self, label: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def _wrap(
+        self, label: str, fn: Callable[..., Any], background: bool = False, count_keys: bool = False
+    ) -> Callable[..., Any]:
+        clock = time.thread_time if background else time.perf_counter
+
         def timed(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            self._stack.append(0.0)
+            stack = self._local.__dict__.setdefault("stack", [])
+            t0 = clock()
+            stack.append(0.0)
             try:
                 return fn(*args, **kwargs)
             finally:
-                inner = self._stack.pop()
-                dt = time.perf_counter() - t0
-                self.time[label] = self.time.get(label, 0.0) + dt - inner
-                self.calls[label] = self.calls.get(label, 0) + 1
-                if self._stack:
-                    self._stack[-1] += dt
+                inner = stack.pop()
+                dt = clock() - t0
+                with self._lock:
+                    self.time[label] = self.time.get(label, 0.0) + dt - inner
+                    self.calls[label] = self.calls.get(label, 0) + 1
+                    if count_keys:  # (self, mapping, step)
+                        self.keys[label] = self.keys.get(label, 0) + len(args[1])
+                if stack:
+                    stack[-1] += dt
 
         return timed
 
-    def patch(self, label: str, owner: str, attr: str) -> None:
+    def patch(
+        self, label: str, owner: str, attr: str, background: bool = False, count_keys: bool = False
+    ) -> None:
+        """Time ``owner.attr`` under ``label`` (``background``: on worker threads, CPU time)."""
         import importlib
 
         module_name, _, cls = owner.partition(":")
@@ -806,7 +926,9 @@ class _Attribution:
             self.missing.append(f"{owner}.{attr}")
             return
         self._undo.append((target, attr, original))
-        setattr(target, attr, self._wrap(label, original))
+        setattr(target, attr, self._wrap(label, original, background, count_keys))
+        if background:
+            self.background.add(label)
 
     def __enter__(self) -> _Attribution:  # noqa: PYI034 - typing.Self needs Python 3.11
         cb = "lightning_inspect.callbacks"
@@ -816,11 +938,13 @@ class _Attribution:
             "TensorBoard writes: scalars",
             "lightning_inspect.sinks.tensorboard:TensorBoardSink",
             "log_scalars",
+            count_keys=True,
         )
         self.patch(
             "TensorBoard writes: histograms",
             "lightning_inspect.sinks.tensorboard:TensorBoardSink",
             "log_histograms",
+            count_keys=True,
         )
         self.patch(
             "publish: summarise rows, keys, non-finite check",
@@ -854,8 +978,8 @@ class _Attribution:
         return self
 
     def total(self) -> float:
-        """Seconds spent inside the wrapped parts so far."""
-        return sum(self.time.values())
+        """Seconds spent inside the wrapped parts so far, on the training thread."""
+        return sum(t for label, t in self.time.items() if label not in self.background)
 
     def __exit__(self, *exc: object) -> None:
         for target, attr, original in reversed(self._undo):
@@ -1067,6 +1191,7 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message=".*IterableDataset.*")
     warnings.filterwarnings("ignore", message=".*val_dataloader.*")
     warnings.filterwarnings("ignore", category=UserWarning, module="lightning")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning's own use of torch's pytree
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ["WANDB_MODE"] = "offline"
 

@@ -329,10 +329,13 @@ def inspected_run(args: argparse.Namespace, root: Path, server: MlflowServer | N
         if server is not None:
             # The library's own MLflow sink, given explicitly only to choose whether it renders.
             chosen.append("mlflow" if args.pictures == "all" else
-                          MlflowSink(loggers[1].experiment, loggers[1].run_id, owner=owner, render=False))
+                          MlflowSink(loggers[1].experiment, loggers[1].run_id, owner=owner,
+                                     render=False, metrics="all"))
         return chosen
 
-    options: dict[str, Any] = {"every_n_steps": args.every, "stats": list(ALL_STATS), "histograms": True, "bins": args.bins}
+    # Every value as an MLflow metric: the soak loads the tracking server as much as it can be.
+    options: dict[str, Any] = {"every_n_steps": args.every, "stats": list(ALL_STATS),
+                               "histograms": True, "bins": args.bins, "mlflow_metrics": "all"}
     monitors = [  # default selection: every module that owns parameters (the Linear layers)
         ActivationMonitor(backends=backends("ActivationMonitor"), **options),
         GradientMonitor(backends=backends("GradientMonitor"), **options),

@@ -22,6 +22,7 @@ from lightning_inspect.errors import BackendError, ConfigError, InspectError, No
 from lightning_inspect.health_nonfinite import FirstNonFiniteError, NonFiniteOrigin
 from lightning_inspect.overview import OverviewPage
 from lightning_inspect.probes import ProbeContext, current_context, enabled, probe, probing
+from lightning_inspect.read_stats import read_stats
 from lightning_inspect.run_record import RecordInit, construction_record, record_init
 from lightning_inspect.selection import normalise_name, select_modules
 from lightning_inspect.sinks import MemorySink, Sink
@@ -64,6 +65,7 @@ __all__ = [
     "normalise_name",
     "probe",
     "probing",
+    "read_stats",
     "record_init",
     "select_modules",
     "tensor_stats",

@@ -32,7 +32,7 @@ nothing is called.
     ...                                        "every_n_step": 5}})
     Traceback (most recent call last):
     ...
-    lightning_inspect.errors.ConfigError: inspect.activations.every_n_step: unknown key for lightning_inspect.ActivationMonitor (value 5). Did you mean 'every_n_steps'? Valid keys: modules, exclude, every_n_steps, start_step, stop_step, stats, histograms, bins, backends, on_nonfinite, enabled.
+    lightning_inspect.errors.ConfigError: inspect.activations.every_n_step: unknown key for lightning_inspect.ActivationMonitor (value 5). Did you mean 'every_n_steps'? Valid keys: modules, exclude, every_n_steps, start_step, stop_step, stats, histograms, bins, backends, on_nonfinite, enabled, mlflow_metrics.
 """
 
 from __future__ import annotations

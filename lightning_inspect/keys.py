@@ -78,6 +78,23 @@ def metric_key(*parts: str) -> str:
     return "/".join(p for p in parts if p)
 
 
+def split_key(key: str) -> tuple[str, str, str, str]:
+    """``(kind, name, output path, stat)`` of a scalar key; the inverse of :func:`metric_key`.
+
+    Keys of a whole kind (``param_grads/global_norm``) have an empty name; a key of one part has
+    an empty kind. Every key parser of the library goes through this function.
+
+    >>> split_key("activations/encoder.0/attn/0/mean")
+    ('activations', 'encoder.0', 'attn/0', 'mean')
+    >>> split_key("param_grads/global_norm")
+    ('param_grads', '', '', 'global_norm')
+    """
+    parts = key.split("/")
+    if len(parts) < 3:
+        return ("", "", "", key) if len(parts) == 1 else (parts[0], "", "", parts[1])
+    return parts[0], parts[1], "/".join(parts[2:-1]), parts[-1]
+
+
 class MlflowKeys:
     """Sanitise keys for MLflow, stable for a run and without collisions."""
 

@@ -109,7 +109,8 @@ def test_mlflow_server_outage_warns_once_and_loses_nothing(tmp_path: Path, monke
         trainer = L.Trainer(
             max_steps=STEPS, accelerator="cpu", log_every_n_steps=1000,
             logger=[TensorBoardLogger(tmp_path / "tb", name="", version=""), mlflow_logger],
-            callbacks=[ServerOutage(server), ActivationMonitor(every_n_steps=1, stats=["mean"])],
+            callbacks=[ServerOutage(server),
+                       ActivationMonitor(every_n_steps=1, stats=["mean"], mlflow_metrics="all")],
             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
         )
         data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 4)), batch_size=4)

@@ -77,9 +77,14 @@ def test_activations_on_the_cnn_reach_tensorboard_and_mlflow(tmp_path: Path) -> 
     experiment = client.get_experiment_by_name("lightning-inspect-digits")
     assert experiment is not None
     (run,) = client.search_runs([experiment.experiment_id])
-    assert "activations/features.0/mean" in run.data.metrics
-    history = client.get_metric_history(run.info.run_id, "activations/features.0/mean")
+    assert "summary/activations/mean/max" in run.data.metrics  # MLflow gets headline metrics
+    history = client.get_metric_history(run.info.run_id, "summary/activations/mean/max")
     assert sorted(m.step for m in history) == [0, 2, 4]
+    from lightning_inspect import read_stats  # and every value in its table artifact
+
+    table = read_stats(run.info.run_id, tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
+    means = table[(table.module == "features.0") & (table.stat == "mean")]
+    assert means.step.tolist() == [0, 2, 4]
 
     assert "tensorboard --logdir" in result.stdout
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path / 'mlruns.db'}" in result.stdout
@@ -161,7 +166,8 @@ def test_the_readme_run_command_draws_curves_in_the_tabs_the_readme_lists(tmp_pa
     assert min(len(events.Scalars(t)) for t in monitored) >= 10
     assert min(len(events.Histograms(t)) for t in tags["histograms"]) >= 10
     filled = {
-        "Inspect": bool(monitored), "Scalars": bool(tags["scalars"]), "Histograms": bool(tags["histograms"]),
+        "Inspect": bool(monitored), "Scalars": bool(tags["scalars"]),
+        "Custom Scalars": _has_plugin(events, "custom_scalars"), "Histograms": bool(tags["histograms"]),
         "Distributions": bool(tags["distributions"]),
         "Time Series": bool(tags["scalars"] or tags["histograms"]),
         "Images": bool(tags["images"]), "Graphs": tags["graph"],

@@ -252,7 +252,7 @@ def test_monitor_defaults(compose_app: Any) -> None:
         assert monitor.schedule.every_n_steps == 50
         assert monitor.histograms is True and monitor.bins == 64
         assert monitor.on_nonfinite == "warn" and monitor.enabled is True
-        assert monitor.backends is None
+        assert monitor.backends is None and monitor.mlflow_metrics == "summary"
     assert grad.outputs and grad.parameters and grad.global_norm
     assert weights.update_ratio is True
     assert graph.graph and graph.structure and graph.enabled

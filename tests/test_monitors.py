@@ -23,7 +23,6 @@ from conftest import (
     ZooModel,
     loader,
     make_trainer,
-    mlflow_history,
     module_hook_counts,
     read_tb,
 )
@@ -36,7 +35,9 @@ from lightning_inspect import (
     NonFiniteError,
     SelectionError,
     WeightMonitor,
+    read_stats,
 )
+from lightning_inspect.keys import split_key
 
 B = 8  # batch size of conftest.loader
 
@@ -93,7 +94,9 @@ def all_monitors(every: int = 2, **kw: Any) -> list[Callback]:
 # ------------------------------------------------------------------------------------------
 
 
-def test_keys_steps_and_values_in_tensorboard_and_mlflow(tb_logger, mlflow_logger, mlflow_client) -> None:
+def test_keys_steps_and_values_in_tensorboard_and_mlflow(
+    tb_logger, mlflow_logger, mlflow_client, mlflow_store
+) -> None:
     torch.manual_seed(0)
     model = PlainMLP()
     probe = StepProbe()
@@ -154,11 +157,15 @@ def test_keys_steps_and_values_in_tensorboard_and_mlflow(tb_logger, mlflow_logge
         assert sum(h.histogram_value.bucket) == a.size
         assert h.histogram_value.min == approx(a.min()) and h.histogram_value.max == approx(a.max())
 
-    # MLflow: same keys, steps and values
+    # MLflow: same keys, steps and values (the run's table of every value, read back tidy)
     run_id = mlflow_logger.run_id
+    table = read_stats(run_id, tracking_uri=mlflow_store["tracking_uri"])
     for tag in ("weights/net.0.weight/mean", "param_grads/global_norm", "activations/net.0/mean",
                 "activation_grads/net.2/l2_norm", "weights/net.0.weight/update_ratio"):
-        hist = mlflow_history(mlflow_client, run_id, tag)
+        kind, module, output, stat = split_key(tag)
+        rows = table[(table.kind == kind) & (table.module == module) & (table.output == output)
+                     & (table.stat == stat)]
+        hist = list(zip(rows.step, rows.value))
         assert [s for s, _ in hist] == [0, 2, 4], tag
         for (s, v), (s_tb, v_tb) in zip(hist, tb.scalars(tag)):
             assert v == pytest.approx(v_tb, rel=1e-6, abs=1e-12)

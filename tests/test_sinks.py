@@ -182,7 +182,7 @@ def test_fast_tensorboard_checksum_is_tensorboards_own(tmp_path: Path) -> None:
 
 def test_mlflow_sink_metrics_histograms_and_text(mlflow_logger, mlflow_client, tmp_path: Path) -> None:
     run_id = mlflow_logger.run_id
-    sink = MlflowSink(mlflow_client, run_id, owner="TestMonitor")
+    sink = MlflowSink(mlflow_client, run_id, owner="TestMonitor", metrics="all")
     many = {f"weights/p{i}/mean": float(i) for i in range(1203)}  # more than one log_batch
     many["activations/blocks[0]/mean"] = -1.0
     many["activations/nan/mean"] = math.nan
@@ -530,3 +530,68 @@ def test_keys_longer_than_a_file_name_get_short_artifact_names(
         name = path.rsplit("/", 1)[-1]
         assert len(name.encode()) <= 255 and name.startswith("é" * 100)
     assert sink.failures == 0
+
+
+def test_scalar_summary_is_what_protobuf_builds_for_every_kind_of_value() -> None:
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    from lightning_inspect.sinks.tensorboard import scalar_summary
+
+    values = {"a/x/mean": 0.1, "a/x/max": 1e300, "a/x/min": -1e300, "a/y/std": math.nan,
+              "a/y/max": math.inf, "a/y/min": 5e-324, "a/é/mean": -0.0, "t" * 300: 3.0, "": 2.0}
+    cache: dict[str, bytes] = {}
+    for _ in range(2):  # the second time from the cache
+        ours = scalar_summary(values, cache)
+        theirs = Summary(value=[Summary.Value(tag=k, simple_value=v) for k, v in values.items()])
+        assert ours.SerializeToString() == theirs.SerializeToString()
+    assert set(cache) == set(values)
+
+
+def test_histogram_summary_is_what_protobuf_builds() -> None:
+    from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
+
+    from lightning_inspect.sinks.tensorboard import histogram_summary
+
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randn(3, generator=g, dtype=torch.float64) * 1e300
+    histograms = {"a/x": make_histogram(torch.randn(1000, generator=g)),
+                  "a/zero": make_histogram(torch.zeros(5)), "b/" + "y" * 200: make_histogram(wide)}
+    cache: dict[str, bytes] = {}
+    for _ in range(2):
+        ours = histogram_summary(histograms, cache)
+        theirs = Summary(value=[
+            Summary.Value(tag=k, histo=HistogramProto(
+                min=h.min, max=h.max, num=float(h.num), sum=h.sum, sum_squares=h.sum_squares,
+                bucket_limit=h.edges[1:].tolist(), bucket=h.counts.tolist()))
+            for k, h in histograms.items()
+        ])
+        assert ours.SerializeToString() == theirs.SerializeToString()
+
+
+class FlakyBatches(FlakyArtifacts):
+    """An MlflowClient whose first ``log_batch`` fails (a tracking server that was away)."""
+
+    def log_batch(self, *args: Any, **kwargs: Any) -> None:
+        if self.refused == 0:
+            self.refused += 1
+            raise ConnectionError("tracking server unreachable")
+        self._client.log_batch(*args, **kwargs)
+
+
+def test_a_refused_step_sent_again_is_in_the_table_once(mlflow_logger, mlflow_client, mlflow_store,
+                                                        tmp_path: Path) -> None:
+    from lightning_inspect import read_stats
+
+    run_id = mlflow_logger.run_id
+    inner = MlflowSink(FlakyBatches(mlflow_client), run_id, owner="Flaky", render=False)
+    sink = GuardedSink(inner, fallback_dir=tmp_path)
+    with pytest.warns(RuntimeWarning, match="the mlflow backend failed"):
+        sink.log_scalars({"weights/w/mean": 1.0, "weights/w/max": 2.0}, step=0)  # refused, kept
+    sink.log_scalars({"weights/w/mean": 3.0, "weights/w/max": 4.0}, step=1)  # accepted: 0 re-sent
+    sink.flush()
+    df = read_stats(run_id, tracking_uri=mlflow_store["tracking_uri"])
+    assert list(zip(df.step, df.stat, df.value)) == [
+        (0, "max", 2.0), (0, "mean", 1.0), (1, "max", 4.0), (1, "mean", 3.0)
+    ]
+    assert mlflow_history(mlflow_client, run_id, "summary/weights/max") == [(0, 2.0), (1, 4.0)]
+    sink.close()

@@ -691,3 +691,17 @@ def test_merge_single_row_is_a_copy() -> None:
     np.testing.assert_array_equal(out, row)
     out[0] = -1
     assert row[0] == 2
+
+
+def test_summarise_rows_is_summarise_of_each_row() -> None:
+    from lightning_inspect.stats import N_FIELDS, summarise_rows
+
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(100, generator=g), torch.zeros(5), torch.full((3,), float("nan")),
+               torch.empty(0), torch.tensor([1e30, -1e30]), torch.tensor([float("inf"), 1.0])]
+    rows = [reduce_tensor(t, 8).numpy() for t in tensors]
+    table = summarise_rows(np.stack([r[:N_FIELDS] for r in rows]), ALL_STATS)
+    for row, got in zip(rows, table):
+        one = list(summarise(row, ALL_STATS).values())
+        np.testing.assert_array_equal(got, one)  # NaN where NaN, the same floats elsewhere
+    assert one[ALL_STATS.index("inf_count")] == 1 and np.isnan(table[2, ALL_STATS.index("mean")])

@@ -41,6 +41,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -53,8 +54,10 @@ from lightning_inspect.keys import metric_key
 from lightning_inspect.recorder import HostRecord, StepCoordinator, StepRecord
 from lightning_inspect.schedule import Schedule
 from lightning_inspect.selection import check_patterns, empty_selection_message, select_modules
-from lightning_inspect.sinks import Sink, check_backends, close_sinks, resolve_sinks
-from lightning_inspect.stats import ALL_STATS, DEFAULT_STATS, FIELDS, histogram, summarise
+from lightning_inspect.sinks import METRIC_MODES, Sink, check_backends, close_sinks, resolve_sinks
+from lightning_inspect.stats import (
+    ALL_STATS, DEFAULT_STATS, FIELDS, N_FIELDS, histogram, summarise_rows,
+)
 
 NONFINITE_ACTIONS = ("ignore", "warn", "raise")
 _K = TypeVar("_K")
@@ -95,6 +98,10 @@ class ModuleMonitor(Callback):
             first module in execution order) or ``"raise"`` (:class:`NonFiniteError`, which stops
             fit cleanly).
         enabled: ``False`` attaches the callback but inspects nothing (costs nothing).
+        mlflow_metrics: what MLflow receives as metrics: ``"summary"`` (the global norm and, per
+            kind and statistic, a summary over modules) or ``"all"`` (every value as a metric).
+            Every value is in the run's table artifact ``lightning_inspect/stats/<monitor>.csv``
+            either way (see :func:`lightning_inspect.read_stats`).
     """
 
     #: The kind of the keys this monitor writes, for messages.
@@ -120,6 +127,7 @@ class ModuleMonitor(Callback):
         backends: str | Sequence[str | Sink] | None = None,
         on_nonfinite: str = "warn",
         enabled: bool = True,
+        mlflow_metrics: str = "summary",
     ) -> None:
         owner = type(self).__name__
         self._owner = owner
@@ -131,6 +139,7 @@ class ModuleMonitor(Callback):
         self.histograms = check_bool(owner, "histograms", histograms)
         self.bins = check_positive_int(owner, "bins", bins, 2, MAX_BINS) if self.histograms else 0
         self.backends = check_backends(owner, backends)
+        self.mlflow_metrics = check_choice(owner, "mlflow_metrics", mlflow_metrics, METRIC_MODES)
         self.on_nonfinite = check_choice(owner, "on_nonfinite", on_nonfinite, NONFINITE_ACTIONS)
         self.enabled = check_bool(owner, "enabled", enabled)
 
@@ -175,7 +184,9 @@ class ModuleMonitor(Callback):
             self._outer_fit = outer
         self._active = True
         self.last_logged_step = None  # a new fit; resuming restores it from the checkpoint after setup
-        self.sinks = resolve_sinks(trainer, self.backends, owner=self._owner)
+        self.sinks = resolve_sinks(
+            trainer, self.backends, owner=self._owner, mlflow_metrics=self.mlflow_metrics
+        )
         self._coordinator = StepCoordinator.for_trainer(trainer)
         self._coordinator.join(self)
 
@@ -343,12 +354,17 @@ class ModuleMonitor(Callback):
         out: dict[str, float] = {}
         hists = {}
         stat_keys = self._stat_keys
-        for key, row in rows.items():
-            names = stat_keys.get(key)
-            if names is None:
-                names = stat_keys[key] = [metric_key(key, stat) for stat in self.stats]
-            out.update(zip(names, summarise(row, self.stats).values()))
-            if self.histograms:
+        if rows:  # every statistic of every row at once, in row order, then self.stats order
+            table = summarise_rows(np.stack([row[:N_FIELDS] for row in rows.values()]), self.stats)
+            names = []
+            for key in rows:
+                known = stat_keys.get(key)
+                if known is None:
+                    known = stat_keys[key] = [metric_key(key, stat) for stat in self.stats]
+                names += known
+            out = dict(zip(names, table.ravel().tolist()))
+        if self.histograms:
+            for key, row in rows.items():
                 h = histogram(row)
                 if h is not None:
                     hists[key] = h

@@ -69,10 +69,11 @@ class GradientMonitor(ModuleMonitor):
         global_norm: bool = True,
         params: str | Sequence[str] | None = None,
         exclude_params: str | Sequence[str] | None = None,
+        mlflow_metrics: str = "summary",
     ) -> None:
         super().__init__(
             modules, exclude, every_n_steps, start_step, stop_step, stats, histograms, bins,
-            backends, on_nonfinite, enabled,
+            backends, on_nonfinite, enabled, mlflow_metrics,
         )
         self.outputs = check_bool(self._owner, "outputs", outputs)
         self.parameters = check_bool(self._owner, "parameters", parameters)

@@ -63,10 +63,11 @@ class WeightMonitor(ModuleMonitor):
         update_ratio: bool = True,
         params: str | Sequence[str] | None = None,
         exclude_params: str | Sequence[str] | None = None,
+        mlflow_metrics: str = "summary",
     ) -> None:
         super().__init__(
             modules, exclude, every_n_steps, start_step, stop_step, stats, histograms, bins,
-            backends, on_nonfinite, enabled,
+            backends, on_nonfinite, enabled, mlflow_metrics,
         )
         self.update_ratio = check_bool(self._owner, "update_ratio", update_ratio)
         self.params = self._pattern_arg("params", params, "parameter")

@@ -25,7 +25,7 @@ from lightning_inspect.sinks.base import GuardedSink, Sink
 from lightning_inspect.sinks.deadline import EndOfFit
 from lightning_inspect.sinks.generic import GenericSink
 from lightning_inspect.sinks.memory import MemorySink
-from lightning_inspect.sinks.mlflow import MlflowSink
+from lightning_inspect.sinks.mlflow import METRIC_MODES, MlflowSink
 from lightning_inspect.sinks.tensorboard import TensorBoardSink
 from lightning_inspect.sinks.wandb import WandbSink
 
@@ -39,7 +39,7 @@ LOGGER_CLASSES = {
 }
 BACKENDS = tuple(LOGGER_CLASSES)
 
-__all__ = ["BACKENDS", "BackgroundSink", "EndOfFit", "GenericSink", "GuardedSink", "MemorySink",
+__all__ = ["BACKENDS", "METRIC_MODES", "BackgroundSink", "EndOfFit", "GenericSink", "GuardedSink", "MemorySink",
            "MlflowSink", "Sink", "TensorBoardSink", "WandbSink", "attached_loggers",
            "check_backends", "close_sinks", "logger_backend", "missing_backend_error",
            "resolve_sinks"]
@@ -116,12 +116,12 @@ def missing_backend_error(
     )
 
 
-def _sink_for(name: str, logger: Any, owner: str) -> Sink:
+def _sink_for(name: str, logger: Any, owner: str, mlflow_metrics: str = "summary") -> Sink:
     """The sink that writes to ``logger`` (backend ``name``)."""
     if name == "tensorboard":
         return TensorBoardSink(logger.experiment)
     if name == "mlflow":
-        return MlflowSink(logger.experiment, logger.run_id, owner=owner)
+        return MlflowSink(logger.experiment, logger.run_id, owner=owner, metrics=mlflow_metrics)
     if name == "wandb":
         return WandbSink(logger)
     return GenericSink(logger, name)
@@ -150,7 +150,9 @@ def _warn_no_logger(owner: str) -> None:
     )
 
 
-def resolve_sinks(trainer: Any, backends: Sequence[str | Sink] | None, owner: str) -> list[Sink]:
+def resolve_sinks(
+    trainer: Any, backends: Sequence[str | Sink] | None, owner: str, mlflow_metrics: str = "summary"
+) -> list[Sink]:
     """The guarded sinks a monitor writes to (MLflow's on a background thread).
 
     Background sinks share the fit's :class:`EndOfFit` deadline. ``None`` means every logger
@@ -158,7 +160,8 @@ def resolve_sinks(trainer: Any, backends: Sequence[str | Sink] | None, owner: st
     list warns that nothing will be written. A requested backend name with no matching logger
     raises :class:`~lightning_inspect.errors.BackendError`; a name matches every logger of that
     name. Sink objects are used as given. Each logger that takes scalars only is named in one
-    info line.
+    info line. ``mlflow_metrics`` is the MLflow sink's ``metrics`` mode
+    (:data:`~lightning_inspect.sinks.mlflow.METRIC_MODES`).
     """
     if not trainer.is_global_zero:
         return []
@@ -174,12 +177,16 @@ def resolve_sinks(trainer: Any, backends: Sequence[str | Sink] | None, owner: st
         _warn_no_logger(owner)
     attached = [(logger_backend(lg), lg) for lg in trainer.loggers]
     if backends is None:
-        chosen = [_sink_for(name, lg, owner) for name, lg in attached]
+        chosen = [_sink_for(name, lg, owner, mlflow_metrics) for name, lg in attached]
     else:
         chosen = []
         for item in backends:
             if isinstance(item, str):
-                named = [_sink_for(name, lg, owner) for name, lg in attached if name == item]
+                named = [
+                    _sink_for(name, lg, owner, mlflow_metrics)
+                    for name, lg in attached
+                    if name == item
+                ]
                 if not named:
                     raise missing_backend_error(owner, backends, item, trainer)
                 chosen.extend(named)

@@ -1,13 +1,22 @@
 """MLflow through the Trainer's ``MLFlowLogger`` (its ``MlflowClient`` and run).
 
-MLflow has no histogram type, so:
+A real model logs thousands of statistics per step; as thousands of metric charts they make the
+MLflow UI unusable and every SQLite insert costs GIL time on the worker thread. So, by default
+(``metrics="summary"``):
 
-* statistics go in as metrics, in batches (``log_batch``, at most 1000 per call);
-* histograms are appended to a local JSON-lines spool file as they arrive (memory stays flat
-  over long runs) and on :meth:`MlflowSink.flush` uploaded as artifacts: the data
-  (``lightning_inspect/histograms/<owner>.jsonl``, one line per key and step, with ``lo``, ``hi``
-  and ``counts``) and one picture per key, a step-by-value heatmap
-  (``lightning_inspect/histograms/<key>.png``).
+* every value goes, one line per key and step, into a CSV table spooled locally and uploaded on
+  :meth:`MlflowSink.flush` as ``lightning_inspect/stats/<owner>.csv`` (columns ``step``, ``key``,
+  ``value``; ``pandas.read_csv`` reads it, :func:`lightning_inspect.read_stats` returns it tidy);
+* MLflow's metrics get the headline values only (:func:`headline_metrics`): the scalars of a
+  whole kind (``param_grads/global_norm``) and, per kind and statistic, one summary over modules.
+
+``metrics="all"`` also sends every value as a metric (``log_batch``, at most 1000 per call).
+
+MLflow has no histogram type, so histograms are appended to a local JSON-lines spool file as
+they arrive (memory stays flat over long runs) and on :meth:`MlflowSink.flush` uploaded as
+artifacts: the data (``lightning_inspect/histograms/<owner>.jsonl``, one line per key and step,
+with ``lo``, ``hi`` and ``counts``) and one picture per key, a step-by-value heatmap
+(``lightning_inspect/histograms/<key>.png``).
 
 Keys are sanitised with :class:`lightning_inspect.keys.MlflowKeys`; artifact file names are cut to
 255 bytes with a hash (:func:`artifact_file`). Histogram data the sink has not uploaded when it is
@@ -16,8 +25,11 @@ closed is handed to the fallback file (:meth:`MlflowSink.unsent`).
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
+import math
 import shutil
 import tempfile
 import time
@@ -27,10 +39,14 @@ from typing import Any
 
 import numpy as np
 
-from lightning_inspect.keys import MlflowKeys
+from lightning_inspect.keys import KINDS, MlflowKeys, split_key
 from lightning_inspect.stats import Histogram
 
 ARTIFACT_ROOT = "lightning_inspect"
+#: Where the tables of every value go, under the run's artifacts.
+STATS_ARTIFACT_DIR = f"{ARTIFACT_ROOT}/stats"
+#: What :class:`MlflowSink` sends as MLflow metrics: headline values only, or every value too.
+METRIC_MODES = ("summary", "all")
 _BATCH = 1000
 #: The longest file name, in UTF-8 bytes, that common file systems accept.
 _NAME_BYTES = 255
@@ -55,30 +71,115 @@ def _file_name(name: str, suffix: str) -> str:
     digest = hashlib.sha1(name.encode()).hexdigest()[:8]
     room = _NAME_BYTES - len(suffix.encode()) - len(digest) - 1
     return f"{name.encode()[:room].decode('utf-8', 'ignore')}-{digest}{suffix}"
+#: Statistics whose summary over modules is exact: the extremes, the counts, the joint L2 norm.
+_EXACT = {"min": min, "max": max, "nan_count": math.fsum, "inf_count": math.fsum}
+
+
+def _csv_cell(text: str) -> str:
+    """``text`` as one CSV cell (quoted as ``csv`` does when it holds a comma, quote or newline)."""
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\r\n").writerow((text,))
+    return buffer.getvalue()[:-2]
+
+
+def headline_metrics(
+    values: Mapping[str, float], parsed: dict[str, tuple[str, str, str, str]] | None = None
+) -> dict[str, float]:
+    """The MLflow metrics of one step in ``"summary"`` mode, from all of its values.
+
+    * keys of a whole kind (``param_grads/global_norm``) and keys outside the scheme, as they are;
+    * ``summary/<kind>/<stat>`` for ``min``, ``max`` (the extremes over modules),
+      ``nan_count``, ``inf_count`` (totals) and ``l2_norm`` (the norm of all values of the kind);
+    * ``summary/<kind>/<stat>/min`` and ``.../max`` (over modules) for the other statistics
+      (``mean``, ``std``, ``abs_mean``, ``rms``, ``zero_fraction``, ``update_ratio``).
+
+    NaN values (a statistic with no finite value) are left out of the summaries.
+    ``parsed`` caches :func:`~lightning_inspect.keys.split_key` across calls.
+
+    >>> headline_metrics({"weights/a/max": 1.0, "weights/b/max": 3.0,
+    ...                   "param_grads/global_norm": 2.0})
+    {'param_grads/global_norm': 2.0, 'summary/weights/max': 3.0}
+    """
+    parsed = {} if parsed is None else parsed
+    out: dict[str, float] = {}
+    groups: dict[tuple[str, str], list[float]] = {}
+    for key, value in values.items():
+        parts = parsed.get(key)
+        if parts is None:
+            parts = parsed[key] = split_key(key)
+        kind, name, _, stat = parts
+        if kind not in KINDS or not name:
+            out[key] = value
+        elif not math.isnan(value):
+            groups.setdefault((kind, stat), []).append(value)
+    for (kind, stat), group in groups.items():
+        base = f"summary/{kind}/{stat}"
+        if stat == "l2_norm":
+            out[base] = math.sqrt(math.fsum(v * v for v in group))
+        elif stat in _EXACT:
+            out[base] = float(_EXACT[stat](group))
+        else:
+            out[f"{base}/min"], out[f"{base}/max"] = min(group), max(group)
+    return out
 
 
 class MlflowSink:
-    """Writes metrics, histogram artifacts and texts to one MLflow run."""
+    """Writes metrics, the table of every value, histogram artifacts and texts to one MLflow run.
+
+    ``metrics``: ``"summary"`` (headline metrics, see :func:`headline_metrics`) or ``"all"``
+    (every value as a metric as well); the table holds every value in both modes.
+    """
 
     name = "mlflow"
 
-    def __init__(self, client: Any, run_id: str, owner: str = "inspect", render: bool = True) -> None:
+    def __init__(
+        self,
+        client: Any,
+        run_id: str,
+        owner: str = "inspect",
+        render: bool = True,
+        metrics: str = "summary",
+    ) -> None:
+        if metrics not in METRIC_MODES:
+            raise ValueError(f"MlflowSink(metrics={metrics!r}): expected one of {METRIC_MODES}.")
         self.client = client
         self.run_id = run_id
         self.owner = owner
         self.render = render
+        self.metrics = metrics
         self.keys = MlflowKeys()
+        self._parsed: dict[str, tuple[str, str, str, str]] = {}
+        self._csv_keys: dict[str, str] = {}  # key -> its CSV cell
         self._spool = Path(tempfile.mkdtemp(prefix="lightning_inspect_mlflow_"))
         self._histogram_file = self._spool / f"{owner}.jsonl"
+        self._table_file = self._spool / "stats" / f"{owner}.csv"
         self._dirty = False
+        self._table_dirty = False
 
     def log_scalars(self, values: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
+        sent = values if self.metrics == "all" else headline_metrics(values, self._parsed)
         now = int(time.time() * 1000)
-        metrics = [Metric(self.keys(k), float(v), now, step) for k, v in values.items()]
+        metrics = [Metric(self.keys(k), float(v), now, step) for k, v in sent.items()]
         for start in range(0, len(metrics), _BATCH):
             self.client.log_batch(self.run_id, metrics=metrics[start : start + _BATCH])
+        # After the metrics: a call the server refused and the guard sends again adds its lines once.
+        self._append_table(values, step)
+
+    def _append_table(self, values: Mapping[str, float], step: int) -> None:
+        """Append ``step,key,value`` lines (values as Python writes floats: exact round trip)."""
+        new = not self._table_file.exists()
+        if new:
+            self._table_file.parent.mkdir(parents=True, exist_ok=True)
+        cells = self._csv_keys
+        for key in values:
+            if key not in cells:
+                cells[key] = _csv_cell(key)
+        lines = [f"{step},{cells[key]},{float(value)!r}\n" for key, value in values.items()]
+        with self._table_file.open("a", newline="") as f:
+            f.write(("step,key,value\n" if new else "") + "".join(lines))
+        self._table_dirty = True
 
     def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None:
         if not histograms:
@@ -99,6 +200,10 @@ class MlflowSink:
         self.client.log_image(self.run_id, image, artifact_file=f"{ARTIFACT_ROOT}/{name}")
 
     def flush(self) -> None:
+        if self._table_dirty:
+            table = str(self._table_file)
+            self.client.log_artifact(self.run_id, table, artifact_path=STATS_ARTIFACT_DIR)
+            self._table_dirty = False
         if not self._dirty:
             return
         target = f"{ARTIFACT_ROOT}/histograms"
