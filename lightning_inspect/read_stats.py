@@ -5,6 +5,8 @@ and returns one row per logged value with the columns ``step``, ``kind``, ``modu
 ``output``, ``stat`` and ``value`` (``module`` holds the parameter's name for the
 ``param_grads`` and ``weights`` kinds, and is empty for whole-kind values such as
 ``param_grads/global_norm``; ``output`` is the path inside a module's output, often empty).
+``module`` is the name as the model has it (a ``/`` in it, escaped in the metric key, is given
+back); ``output`` is the path as in the key.
 Rows are sorted by step, kind, module, output and stat, so frames of two runs line up.
 
 From MLflow the values come from the table artifacts ``lightning_inspect/stats/<monitor>.csv``
@@ -30,7 +32,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 from lightning_inspect.errors import ConfigError
-from lightning_inspect.keys import KINDS, split_key
+from lightning_inspect.keys import KINDS, split_key, unescape_name
 from lightning_inspect.sinks.mlflow import STATS_ARTIFACT_DIR
 
 COLUMNS = ("step", "kind", "module", "output", "stat", "value")
@@ -74,7 +76,7 @@ def _tidy(keys: list[str], steps: list[int], values: list[float]) -> pd.DataFram
         {
             "step": np.asarray(steps, dtype=np.int64),
             "kind": [parts[k][0] for k in keys],
-            "module": [parts[k][1] for k in keys],
+            "module": [unescape_name(parts[k][1]) for k in keys],
             "output": [parts[k][2] for k in keys],
             "stat": [parts[k][3] for k in keys],
             "value": np.asarray(values, dtype=np.float64),

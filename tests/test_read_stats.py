@@ -10,9 +10,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import make_trainer
 from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
 
@@ -252,3 +254,41 @@ def test_read_stats_without_pandas_names_the_extra(tmp_path: Path, monkeypatch) 
     monkeypatch.setitem(sys.modules, "pandas", None)  # import pandas raises ImportError
     with pytest.raises(ImportError, match=r"pip install 'lightning-inspect\[analysis\]'"):
         read_stats(tmp_path)
+
+
+class _SlashNames(L.LightningModule):
+    """A ModuleDict key with a '/' beside a dict-returning module whose output is 'logits'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.heads = torch.nn.ModuleDict({"a/b": torch.nn.Linear(4, 4)})
+        self.head = _DictHead()
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        (x,) = batch
+        return self.heads["a/b"](x).sum() + self.head(x)["logits"].sum()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class _DictHead(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.fc(x)}
+
+
+def test_read_stats_gives_module_names_back_as_the_model_has_them(tmp_path: Path) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    tb = TensorBoardLogger(save_dir=str(tmp_path), name="", version="run")
+    monitor = ActivationMonitor(modules=["heads.*", "head"], every_n_steps=1)
+    trainer = make_trainer(1, logger=[tb], callbacks=[monitor])
+    data = DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=8)
+    trainer.fit(_SlashNames(), data)
+    df = read_stats(tb.log_dir)
+    pairs = set(zip(df.module, df.output))
+    assert pairs == {("heads.a/b", ""), ("head", "logits")}, pairs
