@@ -23,6 +23,7 @@ from conftest import (
     ZooModel,
     loader,
     make_trainer,
+    mlflow_history,
     module_hook_counts,
     read_tb,
 )
@@ -606,7 +607,8 @@ def test_update_ratio_of_a_zero_parameter_is_inf_when_it_moves_and_nan_when_not(
         model.net[0].bias.zero_()
     model.net[0].bias.requires_grad_(False)  # zero, and never moves
     probe = StepProbe()
-    monitor = WeightMonitor(every_n_steps=1, histograms=False)
+    # every value as an MLflow metric (the default sends headline metrics and a table)
+    monitor = WeightMonitor(every_n_steps=1, histograms=False, mlflow_metrics="all")
     make_trainer(1, logger=[tb_logger, mlflow_logger], callbacks=[monitor, probe]).fit(
         model, loader()
     )
