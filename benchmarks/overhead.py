@@ -43,6 +43,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import gc
+import itertools
 import json
 import logging
 import os
@@ -414,7 +415,7 @@ class WandbWatch(Callback):
 def wandb_available() -> tuple[bool, str]:
     try:
         import wandb  # noqa: F401
-    except Exception as exc:  # noqa: BLE001 - ImportError, or a broken install: skip, say why
+    except Exception as exc:  # ImportError, or a broken install: skip, say why
         return (
             False,
             f"wandb is not importable ({type(exc).__name__}: {exc}); install the 'bench' extra",
@@ -482,7 +483,7 @@ DIAGNOSTIC_SCENARIOS = (
 )
 ALL_SCENARIOS = DEFAULT_SCENARIOS + DIAGNOSTIC_SCENARIOS
 #: Scenarios whose every step costs the same: a shorter window measures them as well (--costly-steps).
-UNIFORM_SCENARIOS = ("every_step", "handwritten", "wandb_watch") + DIAGNOSTIC_SCENARIOS
+UNIFORM_SCENARIOS = ("every_step", "handwritten", "wandb_watch", *DIAGNOSTIC_SCENARIOS)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -685,7 +686,7 @@ def fit_once(
         trainer.fit(model)
     peak = memory.stop()
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if ACCELERATOR == "gpu" else 0.0
-    gaps = [b - a for a, b in zip(timer.starts, timer.starts[1:])][warmup : warmup + steps]
+    gaps = [b - a for a, b in itertools.pairwise(timer.starts)][warmup : warmup + steps]
     if len(gaps) != steps:
         raise RuntimeError(f"{model_name}/{scenario}: measured {len(gaps)} steps, expected {steps}")
     cpu = (timer.cpu[warmup + steps] - timer.cpu[warmup]) / steps
@@ -828,7 +829,7 @@ def probe_microbench() -> dict[str, Any]:
     if probe is None:
         try:
             from lightning_inspect.probes import enabled, probe  # type: ignore[no-redef]
-        except Exception as exc:  # noqa: BLE001 - not there yet, or broken: skip, say why
+        except Exception as exc:  # not there yet, or broken: skip, say why
             return {
                 "skipped": f"lightning_inspect.probe is not importable ({type(exc).__name__}: {exc})"
             }
@@ -930,7 +931,7 @@ class _Attribution:
         if background:
             self.background.add(label)
 
-    def __enter__(self) -> _Attribution:  # noqa: PYI034 - typing.Self needs Python 3.11
+    def __enter__(self) -> _Attribution:  # typing.Self needs Python 3.11
         cb = "lightning_inspect.callbacks"
         for mod in ("activations", "gradients", "weights"):
             self.patch("reduce_tensor (stats.py)", f"{cb}.{mod}", "reduce_tensor")
@@ -1364,7 +1365,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {model:<12}" + ", ".join(cells))
 
     by = {(s.model, s.scenario): s for s in summaries}
-    if any(("every_step" == sc) for _, sc in by) and any(sc == "every_50" for _, sc in by):
+    if any((sc == "every_step") for _, sc in by) and any(sc == "every_50" for _, sc in by):
         print(
             f"\nevery_50 expected from the other rows, 1 + (every_step - 1) / {LOGGED_EVERY} + (off - 1) "
             "(less noisy than the every_50 row, which holds few logged steps):"

@@ -248,7 +248,7 @@ def can_debug() -> bool:
 class _Site:
     """A tensor that crossed a module boundary in the forward pass (its gradient is watched)."""
 
-    __slots__ = ("ref", "producer", "path", "consumers", "grad_row", "grad_shape", "__weakref__")
+    __slots__ = ("__weakref__", "consumers", "grad_row", "grad_shape", "path", "producer", "ref")
 
     def __init__(self, tensor: torch.Tensor) -> None:
         self.ref = weakref.ref(tensor)
@@ -676,7 +676,7 @@ def _open_debugger(
     print(f"\nlightning-inspect: {origin.message()}\n"
           "Debugger: `origin`, `module`, `inputs`, `output`, `gradient` are at hand; `up` walks to "
           "the calling forward; `c` continues (fit then stops).", file=sys.stderr)
-    breakpoint()  # noqa: T100 - on_nonfinite="debug" asks for exactly this
+    breakpoint()  # on_nonfinite="debug" asks for exactly this
 
 
 # ---------------------------------------------------------------------------------------------

@@ -660,7 +660,7 @@ def to_plain(config: Any, notes: list[str] | None = None, skip: Iterable[str] = 
                 return None
             return {
                 str(k): child(node, k, f"{path}.{k!s}" if path else str(k))
-                for k in node.keys()
+                for k in node
                 if not (path == "" and k in skipped)
             }
         if isinstance(node, ListConfig):
@@ -1043,7 +1043,7 @@ _HOW_TO_RECORD = (
 _NO_EXPLICIT_SOURCE = f"its constructor arguments were not recorded: {_HOW_TO_RECORD}"
 
 
-def unrecorded(type: str = "?", reason: str = "", **_: Any) -> NoReturn:  # noqa: A002 - the record's key
+def unrecorded(type: str = "?", reason: str = "", **_: Any) -> NoReturn:  # the record's key
     """Target of a placeholder: building it fails, saying which argument to supply and why.
 
     Example:

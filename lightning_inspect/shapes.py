@@ -118,7 +118,7 @@ class ModuleFrame:
 
 
 class _PushHook(InertWhenCopied):
-    __slots__ = ("stack", "name")
+    __slots__ = ("name", "stack")
 
     def __init__(self, stack: ModuleStack, name: str) -> None:
         self.stack = stack
@@ -131,7 +131,7 @@ class _PushHook(InertWhenCopied):
 
 
 class _PopHook(InertWhenCopied):
-    __slots__ = ("stack", "name")
+    __slots__ = ("name", "stack")
 
     def __init__(self, stack: ModuleStack, name: str) -> None:
         self.stack = stack
@@ -331,13 +331,19 @@ def shape_hint(
                 f"normalized_shape={shape} must equal the input's last dimensions, but the input is "
                 f"{tuple(x.shape)}: set normalized_shape={tuple(x.shape[-len(shape):])}"
             )
-    if isinstance(module, nn.Embedding) and x is not None and "index" in msg and "range" in msg:
-        if not x.is_floating_point() and x.numel():
-            low, high = int(x.min()), int(x.max())
-            return (
-                f"{label} has num_embeddings={module.num_embeddings} (valid indices 0..{module.num_embeddings - 1}) "
-                f"but the input holds indices {low}..{high}: enlarge num_embeddings or fix the vocabulary/tokeniser"
-            )
+    if (
+        isinstance(module, nn.Embedding)
+        and x is not None
+        and "index" in msg
+        and "range" in msg
+        and not x.is_floating_point()
+        and x.numel()
+    ):
+        low, high = int(x.min()), int(x.max())
+        return (
+            f"{label} has num_embeddings={module.num_embeddings} (valid indices 0..{module.num_embeddings - 1}) "
+            f"but the input holds indices {low}..{high}: enlarge num_embeddings or fix the vocabulary/tokeniser"
+        )
     if isinstance(module, nn.Embedding) and x is not None and x.is_floating_point():
         return "Embedding takes integer indices but the input is floating point: pass token ids (torch.long)"
     if re.search(r"dtype|scalar type|expected .* but found", msg):

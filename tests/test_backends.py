@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import PlainMLP, loader, make_trainer, read_tb
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
-from conftest import PlainMLP, loader, make_trainer, read_tb
 from lightning_inspect import (
     ActivationMonitor,
     BackendError,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import warnings
 
 import pytest
+from conftest import PlainMLP, TinyMLP, loader, make_trainer, read_tb
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from conftest import PlainMLP, TinyMLP, loader, make_trainer, read_tb
 from lightning_inspect import ActivationMonitor, GraphMonitor, WeightMonitor
 
 

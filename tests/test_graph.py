@@ -9,11 +9,11 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from conftest import TinyMLP, TinyModule, loader, make_trainer, module_hook_counts, read_tb
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from conftest import TinyMLP, TinyModule, loader, make_trainer, module_hook_counts, read_tb
 from lightning_inspect import ConfigError, GraphMonitor
 from lightning_inspect.callbacks.graph import STRUCTURE_KEY, structure_table
 

@@ -23,7 +23,11 @@ import lightning_inspect.health_nonfinite as nonfinite_module
 from lightning_inspect.callbacks.health import HealthMonitor
 from lightning_inspect.callbacks.shapes import ShapeTracer
 from lightning_inspect.errors import ConfigError, NonFiniteError
-from lightning_inspect.health_nonfinite import FirstNonFiniteError, NonFiniteLocator, parameters_by_module
+from lightning_inspect.health_nonfinite import (
+    FirstNonFiniteError,
+    NonFiniteLocator,
+    parameters_by_module,
+)
 from lightning_inspect.sinks import MemorySink
 
 # ------------------------------------------------------------------------------------------
@@ -535,7 +539,7 @@ def test_fused_and_plain_adam_report_the_same_unscaled_gradient_norm(tmp_path: P
         )
     plain, fused = norms["PlainAdam"], norms["FusedAdam"]
     assert plain[3] == fused[3]  # the same steps overflowed
-    for a, b in zip(plain[:3], fused[:3]):
+    for a, b in zip(plain[:3], fused[:3], strict=False):
         assert b == pytest.approx(a, rel=1e-3)
 
 
@@ -546,7 +550,7 @@ def test_a_grad_scaler_that_skips_at_a_scale_below_one_is_reported_as_stalled(tm
     model = PlainAdam(nn.Sequential(nn.Linear(4, 8), NanBackward(), nn.Linear(8, 1)))
     before = [p.detach().clone() for p in model.parameters()]
     fp16_fit(tmp_path, [monitor], model, 4.0, 8)
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # every step skipped
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=False))  # every step skipped
     [stalled] = [f for f in monitor.report.findings() if f.rule == "grad_scaler_stalled"]
     # scales 4, 2, 1: the third skipped step is the first at a scale of 1 or less
     assert (stalled.severity, stalled.step, stalled.value) == ("error", 2, 1.0)

@@ -243,7 +243,7 @@ def test_every_shipped_option_composes_into_callbacks(compose_app: Any, path: Pa
 
 def test_monitor_defaults(compose_app: Any) -> None:
     callbacks = instantiate_callbacks(compose_app("+inspect=all").inspect)
-    act, grad, weights, graph, record, overview = callbacks
+    act, grad, weights, graph, _record, _overview = callbacks
     assert [type(cb) for cb in callbacks] == [
         ActivationMonitor, GradientMonitor, WeightMonitor, GraphMonitor, RunRecord, OverviewPage,
     ]
@@ -583,7 +583,7 @@ def _option_table(text: str) -> dict[str, tuple[list[str] | None, list[str]]]:
         entries = re.findall(r"`(\w+)`", cells[1]) if len(cells) == 3 else None
         if len(options) > 1:  # one option per class, in order
             assert len(classes) == len(options), line
-            rows.update({o: (None, [c]) for o, c in zip(options, classes)})
+            rows.update({o: (None, [c]) for o, c in zip(options, classes, strict=False)})
         else:
             rows[options[0]] = (entries, classes)
     return rows

@@ -6,16 +6,12 @@ import copy
 import io
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
-
 from conftest import (
     IN_FEATURES,
     PlainMLP,
@@ -23,9 +19,14 @@ from conftest import (
     ZooModel,
     loader,
     make_trainer,
+    mlflow_history,
     module_hook_counts,
     read_tb,
 )
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
 from lightning_inspect import (
     ActivationMonitor,
     BackendError,
@@ -165,9 +166,10 @@ def test_keys_steps_and_values_in_tensorboard_and_mlflow(
         kind, module, output, stat = split_key(tag)
         rows = table[(table.kind == kind) & (table.module == module) & (table.output == output)
                      & (table.stat == stat)]
-        hist = list(zip(rows.step, rows.value))
+        hist = list(zip(rows.step, rows.value, strict=False))
         assert [s for s, _ in hist] == [0, 2, 4], tag
-        for (s, v), (s_tb, v_tb) in zip(hist, tb.scalars(tag)):
+        for (s, v), (s_tb, v_tb) in zip(hist, tb.scalars(tag), strict=True):
+            assert s == s_tb, tag
             assert v == pytest.approx(v_tb, rel=1e-6, abs=1e-12)
     # histogram artifacts: data files and one PNG per key
     root = "lightning_inspect/histograms"
@@ -573,7 +575,7 @@ def test_disabled_monitor_does_nothing(tb_logger) -> None:
     monitors = [ActivationMonitor(every_n_steps=1, enabled=False), GradientMonitor(every_n_steps=1, enabled=False)]
 
     class Spy(Callback):
-        seen: list[dict[str, int]] = []
+        seen: ClassVar[list[dict[str, int]]] = []
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # type: ignore[no-untyped-def]
             self.seen.append(module_hook_counts(pl_module))

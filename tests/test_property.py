@@ -16,15 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
-import pytest
 import torch
+from conftest import TinyModule
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import TinyModule
 from lightning_inspect import (
     ALL_STATS,
     ActivationMonitor,
@@ -123,7 +122,7 @@ def specs(draw: st.DrawFn) -> Spec:
         elif how == "regex":
             out["modules"] = draw(st.sampled_from([r"re:net\.\d+", r"re:net(\.0)?", r"re:.*"]))
         if draw(st.booleans()):
-            out["exclude"] = draw(st.lists(st.sampled_from(names + ["*.1", "net.*"]), min_size=1, max_size=2, unique=True))
+            out["exclude"] = draw(st.lists(st.sampled_from([*names, "*.1", "net.*"]), min_size=1, max_size=2, unique=True))
         return out
 
     def schedule() -> dict[str, Any]:
@@ -214,7 +213,7 @@ def test_monitors_never_change_training(spec: Spec) -> None:
     changed = [k for k in plain_state if not torch.equal(plain_state[k], state[k])]
     assert not changed, f"tensors changed by inspection: {changed} ({spec})"
     assert len(losses) == len(plain_losses) == STEPS * spec.accumulate
-    assert all(torch.equal(a, b) for a, b in zip(plain_losses, losses)), (plain_losses, losses)
+    assert all(torch.equal(a, b) for a, b in zip(plain_losses, losses, strict=False)), (plain_losses, losses)
 
     # The monitors did run: every monitor with a selection logged on exactly its scheduled steps.
     weights = spec.monitors[2]
@@ -275,7 +274,7 @@ def _fp16_with_loss_scale(scale: float) -> dict[str, list[tuple[int, float]]]:
 
 def _same(a: list[tuple[int, float]], b: list[tuple[int, float]]) -> bool:
     return [s for s, _ in a] == [s for s, _ in b] and all(
-        abs(x - y) <= 1e-6 * max(abs(x), abs(y), 1e-12) for (_, x), (_, y) in zip(a, b)
+        abs(x - y) <= 1e-6 * max(abs(x), abs(y), 1e-12) for (_, x), (_, y) in zip(a, b, strict=False)
     )
 
 

@@ -371,7 +371,7 @@ def test_construction_record_placeholders_and_copies() -> None:
         placeholder = record.config["weights"]
         assert placeholder["_target_"] == "lightning_inspect.run_record.unrecorded" and placeholder["type"] == "torch.Tensor"
         assert "shape (10, 10)" in placeholder["reason"] and any("weights" in n for n in record.notes)
-        with pytest.raises(Exception, match="placeholder for a torch.Tensor argument"):
+        with pytest.raises(Exception, match=r"placeholder for a torch\.Tensor argument"):
             instantiate(record.config)
         assert instantiate(record.config, weights=torch.zeros(10, 10)).weight.shape == (10, 10)
     finally:
@@ -721,7 +721,7 @@ def test_console_capture_is_opt_in_and_restored_when_setup_fails(tmp_path: Path)
 class _StuckHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """A console handler that refuses a new stream."""
 
-    def setStream(self, stream: Any) -> Any:  # noqa: N802 - logging's name
+    def setStream(self, stream: Any) -> Any:  # logging's name
         raise OSError("stream is fixed")
 
 

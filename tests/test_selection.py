@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import difflib
+
 import pytest
 import torch
 from torch import nn
 
 from lightning_inspect.errors import ConfigError, SelectionError
-from lightning_inspect.selection import named_modules, normalise_name, select_modules, select_parameters
+from lightning_inspect.selection import (
+    named_modules,
+    normalise_name,
+    select_modules,
+    select_parameters,
+)
 
 
 class Encoder(nn.Module):
@@ -77,7 +83,7 @@ def test_regex_is_fullmatch() -> None:
 
 def test_exclude() -> None:
     m = Model()
-    assert list(select_modules(m, exclude=["attn*", "re:.*norm"])) == LEAVES[:3] + ["head"]
+    assert list(select_modules(m, exclude=["attn*", "re:.*norm"])) == [*LEAVES[:3], "head"]
     assert list(select_modules(m, ["encoder.*"], exclude=["*.1", "*layer", "*layer.?"])) == [
         "encoder.layer.0.0", "encoder.layer.1.0", "encoder.layer.2.0", "encoder.norm",
     ]
@@ -224,7 +230,7 @@ def test_select_parameters_unique_and_normalised() -> None:
 
 def test_named_modules_excludes_root() -> None:
     names = named_modules(Model())
-    assert "" not in names and list(names)[0] == "encoder"
+    assert "" not in names and next(iter(names)) == "encoder"
 
 
 def test_select_parameters_by_parameter_patterns() -> None:

@@ -17,12 +17,12 @@ from hypothesis.extra import numpy as hnp
 from lightning_inspect import cpu_reduction, stats
 from lightning_inspect.cpu_reduction import CHUNK, SMALL, _scratch
 from lightning_inspect.stats import (
-    _reduce_any,
-    _values,
     ALL_STATS,
     DEFAULT_STATS,
     FIELDS,
     N_FIELDS,
+    _reduce_any,
+    _values,
     histogram,
     merge_rows,
     reduce_tensor,
@@ -701,7 +701,7 @@ def test_summarise_rows_is_summarise_of_each_row() -> None:
                torch.empty(0), torch.tensor([1e30, -1e30]), torch.tensor([float("inf"), 1.0])]
     rows = [reduce_tensor(t, 8).numpy() for t in tensors]
     table = summarise_rows(np.stack([r[:N_FIELDS] for r in rows]), ALL_STATS)
-    for row, got in zip(rows, table):
+    for row, got in zip(rows, table, strict=False):
         one = list(summarise(row, ALL_STATS).values())
         np.testing.assert_array_equal(got, one)  # NaN where NaN, the same floats elsewhere
     assert one[ALL_STATS.index("inf_count")] == 1 and np.isnan(table[2, ALL_STATS.index("mean")])

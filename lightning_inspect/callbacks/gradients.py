@@ -12,9 +12,9 @@ from lightning_inspect.callbacks._grad_scaler import gradients_scaled, loss_scal
 from lightning_inspect.callbacks._module_hooks import OutputGradHook
 from lightning_inspect.callbacks.base import ModuleMonitor
 from lightning_inspect.keys import escape_name, metric_key
+from lightning_inspect.recorder import HostRecord, StepRecord
 from lightning_inspect.selection import select_parameters
 from lightning_inspect.sinks import Sink
-from lightning_inspect.recorder import HostRecord, StepRecord
 from lightning_inspect.stats import reduce_tensor, scale_row
 
 

@@ -28,7 +28,7 @@ class _InputCaptureHook(InertWhenCopied):
     LightningModule is captured, not the first of its children to run.
     """
 
-    __slots__ = ("owner", "name", "wrapped")
+    __slots__ = ("name", "owner", "wrapped")
 
     def __init__(self, owner: GraphMonitor, name: str, wrapped: bool = False) -> None:
         self.owner = owner
@@ -55,7 +55,7 @@ def _redirected_step(module: nn.Module) -> bool:
 class _ShapeHook(InertWhenCopied):
     """Forward hook recording every module's output shapes on the first batch."""
 
-    __slots__ = ("owner", "name")
+    __slots__ = ("name", "owner")
 
     def __init__(self, owner: GraphMonitor, name: str) -> None:
         self.owner = owner

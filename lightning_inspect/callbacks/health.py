@@ -29,10 +29,21 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_inspect._checks import as_str_list, check_bool, check_choice, check_positive_int
-from lightning_inspect.callbacks._grad_scaler import gradients_scaled, grad_scaler, loss_scale, scaler_found_inf
+from lightning_inspect.callbacks._grad_scaler import (
+    grad_scaler,
+    gradients_scaled,
+    loss_scale,
+    scaler_found_inf,
+)
 from lightning_inspect.callbacks._module_hooks import in_backward_pass
 from lightning_inspect.callbacks.base import ModuleMonitor
-from lightning_inspect.diagnostics import Finding, HealthReport, HealthRules, HealthThresholds, scaler_stalled
+from lightning_inspect.diagnostics import (
+    Finding,
+    HealthReport,
+    HealthRules,
+    HealthThresholds,
+    scaler_stalled,
+)
 from lightning_inspect.errors import InspectError
 from lightning_inspect.health_nonfinite import (
     CHECK_MODES,
@@ -424,7 +435,7 @@ class HealthMonitor(ModuleMonitor):
                 grads.append(stored_values(param.grad))
         if grads:
             norms = torch._foreach_norm(grads, 2, dtype=torch.float64)  # finite for huge values
-            for module, norm in zip(owners, norms):
+            for module, norm in zip(owners, norms, strict=False):
                 self._grad_squares.setdefault(module, []).append(norm.square())
 
     def _finish_step(self) -> None:
@@ -445,7 +456,7 @@ class HealthMonitor(ModuleMonitor):
     def _record_update_ratios(self, before: dict[str, list[torch.Tensor]]) -> None:
         names, olds, news = [], [], []
         for module, params in self._param_modules.items():
-            for old, (_, param) in zip(before.get(module, []), params):
+            for old, (_, param) in zip(before.get(module, []), params, strict=False):
                 names.append(module)
                 olds.append(old)
                 news.append(param.detach())
@@ -456,7 +467,7 @@ class HealthMonitor(ModuleMonitor):
         torch._foreach_sub_(olds, news)  # in place: the copy becomes -(update), no third copy
         updates = torch._foreach_norm(olds, 2, dtype=torch.float64)
         sums: dict[str, list[torch.Tensor]] = {}
-        for module, upd, norm in zip(names, updates, norms):
+        for module, upd, norm in zip(names, updates, norms, strict=False):
             pair = torch.stack([upd.square(), norm.square().to(upd.device)])
             sums.setdefault(module, []).append(pair)
         for module, parts in sums.items():
