@@ -599,7 +599,7 @@ def test_start_stop_and_stats_selection(tb_logger) -> None:
 
 
 def test_update_ratio_of_a_zero_parameter_is_inf_when_it_moves_and_nan_when_not(
-    tb_logger, mlflow_logger, mlflow_client
+    tb_logger, mlflow_logger, mlflow_store, mlflow_client
 ) -> None:
     torch.manual_seed(0)
     model = PlainMLP()
@@ -608,7 +608,7 @@ def test_update_ratio_of_a_zero_parameter_is_inf_when_it_moves_and_nan_when_not(
         model.net[0].bias.zero_()
     model.net[0].bias.requires_grad_(False)  # zero, and never moves
     probe = StepProbe()
-    monitor = WeightMonitor(every_n_steps=1, histograms=False)
+    monitor = WeightMonitor(every_n_steps=1, histograms=False, mlflow_metrics="all")
     make_trainer(1, logger=[tb_logger, mlflow_logger], callbacks=[monitor, probe]).fit(
         model, loader()
     )
@@ -621,10 +621,23 @@ def test_update_ratio_of_a_zero_parameter_is_inf_when_it_moves_and_nan_when_not(
     w0, w1 = np64(probe.before[0]["net.2.weight"]), np64(probe.after[0]["net.2.weight"])
     expected = np.linalg.norm(w1 - w0) / np.linalg.norm(w0)
     assert tb.value("weights/net.2.weight/update_ratio", 0) == pytest.approx(expected, rel=1e-5)
+    # MLflow: the run's table of every value, read back
+    table = read_stats(mlflow_logger.run_id, tracking_uri=mlflow_store["tracking_uri"])
+
+    def stored(parameter: str) -> list[tuple[int, float]]:
+        rows = table[(table.kind == "weights") & (table.module == parameter)
+                     & (table.stat == "update_ratio")]
+        return list(zip(rows.step.tolist(), rows.value.tolist(), strict=True))
+
+    [(_, ratio)] = stored("net.2.weight")
+    assert ratio == pytest.approx(expected, rel=1e-5)
+    assert stored("net.2.bias") == [(0, np.inf)]
+    [(_, still)] = stored("net.0.bias")
+    assert np.isnan(still)
+    # MLflow's metrics (mlflow_metrics="all") store +inf as the largest float64, and NaN as NaN
     run = mlflow_logger.run_id
-    [(_, stored)] = mlflow_history(mlflow_client, run, "weights/net.2.weight/update_ratio")
-    assert stored == pytest.approx(expected, rel=1e-5)
-    # MLflow stores +inf as the largest float64, and NaN as NaN
+    [(_, metric)] = mlflow_history(mlflow_client, run, "weights/net.2.weight/update_ratio")
+    assert metric == pytest.approx(expected, rel=1e-5)
     assert mlflow_history(mlflow_client, run, "weights/net.2.bias/update_ratio") == [
         (0, np.finfo(np.float64).max)
     ]
