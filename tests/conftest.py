@@ -28,6 +28,9 @@ from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+#: The tests run these scripts as subprocesses; pytest never imports them (not even for doctests).
+collect_ignore = ["scripts"]
+
 # Third-party noise only; RuntimeWarnings from lightning_inspect are never filtered.
 NOISY_WARNINGS = [
     r"ignore:.*does not have many workers.*",

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import doctest
 import math
 
 import numpy as np
 import pytest
 
-import lightning_inspect.diagnostics as diagnostics_module
-import lightning_inspect.health_pictures as pictures_module
 from lightning_inspect.diagnostics import (
     Finding,
     HealthReport,
@@ -22,12 +19,6 @@ from lightning_inspect.diagnostics import (
 )
 from lightning_inspect.errors import ConfigError
 from lightning_inspect.health_pictures import heatmap, publish_image
-
-
-@pytest.mark.parametrize("module", [diagnostics_module, pictures_module])
-def test_doctests(module: object) -> None:
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)  # type: ignore[arg-type]
-    assert result.failed == 0 and result.attempted > 0
 
 
 # -- thresholds -------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 import warnings
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,6 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning_inspect.shapes as shapes_module
 from lightning_inspect.callbacks.shapes import ShapeTracer
 from lightning_inspect.errors import ConfigError, NonFiniteError
 from lightning_inspect.shapes import (
@@ -35,11 +33,6 @@ def _quiet() -> Any:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*(does not have many workers|number of training batches|LeafSpec|treespec|val_dataloader).*")
         yield
-
-
-def test_doctests() -> None:
-    result = doctest.testmod(shapes_module)
-    assert result.failed == 0 and result.attempted > 0
 
 
 # ------------------------------------------------------------------------------------------
