@@ -85,6 +85,7 @@ def _sync() -> None:
     if ACCELERATOR == "gpu":
         torch.cuda.synchronize()
 
+
 # ------------------------------------------------------------------------------------------------
 # Models and data
 # ------------------------------------------------------------------------------------------------
@@ -294,7 +295,7 @@ REAL_SIZE_MODELS: dict[str, type[_BenchModule]] = {"transformer12": Transformer1
 
 def make_model(name: str) -> _BenchModule:
     torch.manual_seed(0)  # the same initial weights in every scenario and repetition
-    if name.startswith("transformer") and name[len("transformer"):].isdigit():
+    if name.startswith("transformer") and name[len("transformer") :].isdigit():
         return Transformer12(layers=int(name[len("transformer") :]))  # transformer2, transformer24
     return {**MODELS, **REAL_SIZE_MODELS}[name]()
 
@@ -1192,7 +1193,9 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message=".*IterableDataset.*")
     warnings.filterwarnings("ignore", message=".*val_dataloader.*")
     warnings.filterwarnings("ignore", category=UserWarning, module="lightning")
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning's own use of torch's pytree
+    warnings.filterwarnings(
+        "ignore", message=".*LeafSpec.*"
+    )  # Lightning's own use of torch's pytree
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ["WANDB_MODE"] = "offline"
 
@@ -1274,7 +1277,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     global ACCELERATOR
     if args.accelerator == "gpu" and not torch.cuda.is_available():
-        print("--accelerator gpu: torch sees no CUDA device here; run on a GPU machine or use --accelerator cpu")
+        print(
+            "--accelerator gpu: torch sees no CUDA device here; run on a GPU machine or use --accelerator cpu"
+        )
         return 2
     ACCELERATOR = args.accelerator
     _quiet()
@@ -1359,7 +1364,11 @@ def main(argv: list[str] | None = None) -> int:
         for model in args.models:
             cells = []
             for scenario in scenarios:
-                peaks = [r.peak_gpu_mb for r in runs if r.model == model and r.scenario == scenario and r.repeat >= 0]
+                peaks = [
+                    r.peak_gpu_mb
+                    for r in runs
+                    if r.model == model and r.scenario == scenario and r.repeat >= 0
+                ]
                 if peaks:
                     cells.append(f"{scenario} {statistics.median(peaks):.0f}")
             print(f"  {model:<12}" + ", ".join(cells))

@@ -855,8 +855,17 @@ def _histogram(values: Any, bins: int) -> dict[str, Any]:
     nan = int(torch.isnan(flat).sum().item())
     inf = int(flat.numel() - finite.numel() - nan)
     if finite.numel() == 0:
-        return {"min": None, "max": None, "num": 0, "sum": 0.0, "sum_squares": 0.0,
-                "edges": [], "counts": [], "nan": nan, "inf": inf}
+        return {
+            "min": None,
+            "max": None,
+            "num": 0,
+            "sum": 0.0,
+            "sum_squares": 0.0,
+            "edges": [],
+            "counts": [],
+            "nan": nan,
+            "inf": inf,
+        }
     lo, hi = finite.min(), finite.max()
     low, high = float(lo.item()), float(hi.item())
     a, b = (low - 0.5, high + 0.5) if low == high else (low, high)

@@ -94,8 +94,14 @@ def to_host(records: Sequence[StepRecord]) -> list[HostRecord]:
         grouped: dict[str, list[np.ndarray]] = {}
         for key, device, offset, size in place[:n_rows]:
             grouped.setdefault(key, []).append(values(device, offset, size))
-        rows = {key: parts[0] if len(parts) == 1 else merge_rows(np.stack(parts)) for key, parts in grouped.items()}
-        scalars = {key: float(values(device, offset, size)[0]) for key, device, offset, size in place[n_rows:]}
+        rows = {
+            key: parts[0] if len(parts) == 1 else merge_rows(np.stack(parts))
+            for key, parts in grouped.items()
+        }
+        scalars = {
+            key: float(values(device, offset, size)[0])
+            for key, device, offset, size in place[n_rows:]
+        }
         out.append((rows, scalars))
     return out
 
@@ -143,7 +149,9 @@ class StepCoordinator:
     submitted so far in one transfer and hands each record to its monitor's publisher.
     """
 
-    _instances: ClassVar[weakref.WeakKeyDictionary[object, StepCoordinator]] = weakref.WeakKeyDictionary()
+    _instances: ClassVar[weakref.WeakKeyDictionary[object, StepCoordinator]] = (
+        weakref.WeakKeyDictionary()
+    )
 
     def __init__(self) -> None:
         self._members: list[int] = []
@@ -180,7 +188,10 @@ class StepCoordinator:
             self.flush()
 
     def notify(
-        self, step: int, scalars: Mapping[str, float], histograms: Mapping[str, Any],
+        self,
+        step: int,
+        scalars: Mapping[str, float],
+        histograms: Mapping[str, Any],
         findings: Sequence[Any] = (),
     ) -> None:
         """Hand what a monitor published to the observers (e.g. the overview page)."""

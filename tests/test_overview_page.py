@@ -107,7 +107,9 @@ def _weights(with_page: bool, tmp_path: Path, mlflow_store: dict[str, str]) -> l
 
 def test_the_page_never_changes_training(tmp_path: Path, mlflow_store: dict[str, str]) -> None:
     for a, b in zip(
-        _weights(False, tmp_path, mlflow_store), _weights(True, tmp_path, mlflow_store), strict=False
+        _weights(False, tmp_path, mlflow_store),
+        _weights(True, tmp_path, mlflow_store),
+        strict=False,
     ):
         assert torch.equal(a, b)
 

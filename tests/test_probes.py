@@ -49,8 +49,15 @@ def inspect_layer(
     records: list[dict[str, Any]], out: torch.Tensor, step: int, *, ctx: ProbeContext
 ) -> str:
     records.append(
-        {"step": ctx.step, "caller_step": step, "epoch": ctx.epoch, "rank": ctx.rank,
-         "tag": ctx.tag, "probe": ctx.probe, "output_dir": ctx.output_dir}
+        {
+            "step": ctx.step,
+            "caller_step": step,
+            "epoch": ctx.epoch,
+            "rank": ctx.rank,
+            "tag": ctx.tag,
+            "probe": ctx.probe,
+            "output_dir": ctx.output_dir,
+        }
     )
     ctx.log_text("summary", f"mean {out.mean().item():.4f}")
     ctx.log_image("map", torch.rand(3, 4, 5))
