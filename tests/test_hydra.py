@@ -435,8 +435,8 @@ def test_misspelt_entry_name(compose_app: Any) -> None:
         ),
         ("inspect.activations.stats=[mean,median]", r"^inspect\.activations: .*'median'"),
         (
-            "inspect.activations.backends=wandb",
-            r"^inspect\.activations: .*'wandb'.*'tensorboard', 'mlflow'",
+            "inspect.activations.backends=tensorbord",
+            r"^inspect\.activations: .*'tensorbord'.*Did you mean 'tensorboard'\?",
         ),
         ("inspect.activations.histograms=maybe", r"^inspect\.activations: .*histograms='maybe'"),
     ],
