@@ -14,10 +14,22 @@ nox.options.sessions = ["tests"]
 
 @nox.session(python="3.11")
 def tests(session: nox.Session) -> None:
-    """The test suite (what CI runs)."""
+    """Lint, format check, tests and doctests: the README's test command (what CI runs)."""
     session.install(TORCH)
     session.install("-e", ".[test]")
-    session.run("python", "-m", "pytest", "-q", *session.posargs)
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    session.run(
+        "python",
+        "-m",
+        "pytest",
+        "-q",
+        "--doctest-modules",
+        "lightning_inspect",
+        "hydra_plugins",
+        "tests",
+        *session.posargs,
+    )
 
 
 @nox.session(python="3.11")

@@ -43,6 +43,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import gc
+import itertools
 import json
 import logging
 import os
@@ -83,6 +84,7 @@ def _sync() -> None:
     """Wait for the device, so that the clock measures the work and not its queueing."""
     if ACCELERATOR == "gpu":
         torch.cuda.synchronize()
+
 
 # ------------------------------------------------------------------------------------------------
 # Models and data
@@ -293,7 +295,7 @@ REAL_SIZE_MODELS: dict[str, type[_BenchModule]] = {"transformer12": Transformer1
 
 def make_model(name: str) -> _BenchModule:
     torch.manual_seed(0)  # the same initial weights in every scenario and repetition
-    if name.startswith("transformer") and name[len("transformer"):].isdigit():
+    if name.startswith("transformer") and name[len("transformer") :].isdigit():
         return Transformer12(layers=int(name[len("transformer") :]))  # transformer2, transformer24
     return {**MODELS, **REAL_SIZE_MODELS}[name]()
 
@@ -414,7 +416,7 @@ class WandbWatch(Callback):
 def wandb_available() -> tuple[bool, str]:
     try:
         import wandb  # noqa: F401
-    except Exception as exc:  # noqa: BLE001 - ImportError, or a broken install: skip, say why
+    except Exception as exc:  # ImportError, or a broken install: skip, say why
         return (
             False,
             f"wandb is not importable ({type(exc).__name__}: {exc}); install the 'bench' extra",
@@ -482,7 +484,7 @@ DIAGNOSTIC_SCENARIOS = (
 )
 ALL_SCENARIOS = DEFAULT_SCENARIOS + DIAGNOSTIC_SCENARIOS
 #: Scenarios whose every step costs the same: a shorter window measures them as well (--costly-steps).
-UNIFORM_SCENARIOS = ("every_step", "handwritten", "wandb_watch") + DIAGNOSTIC_SCENARIOS
+UNIFORM_SCENARIOS = ("every_step", "handwritten", "wandb_watch", *DIAGNOSTIC_SCENARIOS)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -685,7 +687,7 @@ def fit_once(
         trainer.fit(model)
     peak = memory.stop()
     peak_gpu = torch.cuda.max_memory_allocated() / 2**20 if ACCELERATOR == "gpu" else 0.0
-    gaps = [b - a for a, b in zip(timer.starts, timer.starts[1:])][warmup : warmup + steps]
+    gaps = [b - a for a, b in itertools.pairwise(timer.starts)][warmup : warmup + steps]
     if len(gaps) != steps:
         raise RuntimeError(f"{model_name}/{scenario}: measured {len(gaps)} steps, expected {steps}")
     cpu = (timer.cpu[warmup + steps] - timer.cpu[warmup]) / steps
@@ -828,7 +830,7 @@ def probe_microbench() -> dict[str, Any]:
     if probe is None:
         try:
             from lightning_inspect.probes import enabled, probe  # type: ignore[no-redef]
-        except Exception as exc:  # noqa: BLE001 - not there yet, or broken: skip, say why
+        except Exception as exc:  # not there yet, or broken: skip, say why
             return {
                 "skipped": f"lightning_inspect.probe is not importable ({type(exc).__name__}: {exc})"
             }
@@ -930,7 +932,7 @@ class _Attribution:
         if background:
             self.background.add(label)
 
-    def __enter__(self) -> _Attribution:  # noqa: PYI034 - typing.Self needs Python 3.11
+    def __enter__(self) -> _Attribution:  # typing.Self needs Python 3.11
         cb = "lightning_inspect.callbacks"
         for mod in ("activations", "gradients", "weights"):
             self.patch("reduce_tensor (stats.py)", f"{cb}.{mod}", "reduce_tensor")
@@ -1191,7 +1193,9 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message=".*IterableDataset.*")
     warnings.filterwarnings("ignore", message=".*val_dataloader.*")
     warnings.filterwarnings("ignore", category=UserWarning, module="lightning")
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")  # Lightning's own use of torch's pytree
+    warnings.filterwarnings(
+        "ignore", message=".*LeafSpec.*"
+    )  # Lightning's own use of torch's pytree
     os.environ.setdefault("WANDB_SILENT", "true")
     os.environ["WANDB_MODE"] = "offline"
 
@@ -1273,7 +1277,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     global ACCELERATOR
     if args.accelerator == "gpu" and not torch.cuda.is_available():
-        print("--accelerator gpu: torch sees no CUDA device here; run on a GPU machine or use --accelerator cpu")
+        print(
+            "--accelerator gpu: torch sees no CUDA device here; run on a GPU machine or use --accelerator cpu"
+        )
         return 2
     ACCELERATOR = args.accelerator
     _quiet()
@@ -1358,13 +1364,17 @@ def main(argv: list[str] | None = None) -> int:
         for model in args.models:
             cells = []
             for scenario in scenarios:
-                peaks = [r.peak_gpu_mb for r in runs if r.model == model and r.scenario == scenario and r.repeat >= 0]
+                peaks = [
+                    r.peak_gpu_mb
+                    for r in runs
+                    if r.model == model and r.scenario == scenario and r.repeat >= 0
+                ]
                 if peaks:
                     cells.append(f"{scenario} {statistics.median(peaks):.0f}")
             print(f"  {model:<12}" + ", ".join(cells))
 
     by = {(s.model, s.scenario): s for s in summaries}
-    if any(("every_step" == sc) for _, sc in by) and any(sc == "every_50" for _, sc in by):
+    if any((sc == "every_step") for _, sc in by) and any(sc == "every_50" for _, sc in by):
         print(
             f"\nevery_50 expected from the other rows, 1 + (every_step - 1) / {LOGGED_EVERY} + (off - 1) "
             "(less noisy than the every_50 row, which holds few logged steps):"

@@ -109,7 +109,9 @@ class DeepMLP(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
         x, y = batch
         return nn.functional.mse_loss(self(x), y)
 
@@ -118,8 +120,13 @@ class DeepMLP(pl.LightningModule):
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
         g = torch.Generator().manual_seed(1)
-        batches = [(torch.randn(self.batch, self.width, generator=g), torch.randn(self.batch, self.width, generator=g))
-                   for _ in range(4)]
+        batches = [
+            (
+                torch.randn(self.batch, self.width, generator=g),
+                torch.randn(self.batch, self.width, generator=g),
+            )
+            for _ in range(4)
+        ]
         return torch.utils.data.DataLoader(_CycleBatches(batches), batch_size=None)
 
 
@@ -146,15 +153,32 @@ class MlflowServer:
         self.log = root / "server.log"
 
     def start(self) -> None:
-        mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
+        mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which(
+            "mlflow"
+        )
         if mlflow is None:
-            raise RuntimeError("the `mlflow` command is not installed (pip install mlflow), or use --no-mlflow")
+            raise RuntimeError(
+                "the `mlflow` command is not installed (pip install mlflow), or use --no-mlflow"
+            )
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(
-                [mlflow, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-                 "--backend-store-uri", f"sqlite:///{self.root}/server.db",
-                 "--artifacts-destination", str(self.root / "artifacts")],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                [
+                    mlflow,
+                    "server",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--workers",
+                    "1",
+                    "--backend-store-uri",
+                    f"sqlite:///{self.root}/server.db",
+                    "--artifacts-destination",
+                    str(self.root / "artifacts"),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
@@ -168,7 +192,9 @@ class MlflowServer:
                 time.sleep(0.5)
         tail = self.log.read_text(errors="replace")[-2000:]
         self.stop()
-        raise RuntimeError(f"mlflow server did not start within {self.start_timeout_s:.0f} s:\n{tail}")
+        raise RuntimeError(
+            f"mlflow server did not start within {self.start_timeout_s:.0f} s:\n{tail}"
+        )
 
     def stop(self, timeout_s: float = 20.0) -> None:
         """SIGTERM the server's process group, SIGKILL it if still there after ``timeout_s``."""
@@ -237,7 +263,14 @@ class Timing(Callback):
     batch and of the end-of-fit work, ``last`` the end (so monitors' own work falls in between).
     """
 
-    def __init__(self, steps: int, logged: set[int], monitors: list[Any], first: bool, peer: Timing | None = None) -> None:
+    def __init__(
+        self,
+        steps: int,
+        logged: set[int],
+        monitors: list[Any],
+        first: bool,
+        peer: Timing | None = None,
+    ) -> None:
         self.steps = steps
         self.logged = logged
         self.monitors = monitors
@@ -256,11 +289,20 @@ class Timing(Callback):
             self.fit_started = time.perf_counter()
             self.rss["start"] = rss_mib()
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.first:
             self.batch_start[trainer.global_step] = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         if self.first or self.peer is None:
             return
         step = trainer.global_step - 1
@@ -270,7 +312,9 @@ class Timing(Callback):
             if step == max(0, int(self.steps * fraction) - 1):
                 self.rss[f"{int(fraction * 100)}%"] = rss_mib()
         if step == self.steps - 1:
-            self.queue_at_end = sum(s._queue.qsize() for m in self.monitors for s in m.sinks if hasattr(s, "_queue"))
+            self.queue_at_end = sum(
+                s._queue.qsize() for m in self.monitors for s in m.sinks if hasattr(s, "_queue")
+            )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.train_end = time.perf_counter()
@@ -295,9 +339,17 @@ def _loggers(root: Path, name: str, server: MlflowServer | None) -> list[Any]:
 
 def _trainer(steps: int, loggers: list[Any], callbacks: list[Callback]) -> pl.Trainer:
     return pl.Trainer(
-        max_steps=steps, accelerator="cpu", devices=1, logger=loggers, callbacks=callbacks,
-        log_every_n_steps=10**9, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        logger=loggers,
+        callbacks=callbacks,
+        log_every_n_steps=10**9,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
     )
 
 
@@ -318,7 +370,9 @@ def _rate(batch_end: dict[int, float], first: int) -> float:
     return (last - first) / (batch_end[last] - batch_end[first])
 
 
-def inspected_run(args: argparse.Namespace, root: Path, server: MlflowServer | None) -> dict[str, Any]:
+def inspected_run(
+    args: argparse.Namespace, root: Path, server: MlflowServer | None
+) -> dict[str, Any]:
     torch.manual_seed(0)
     model = DeepMLP(args.layers, args.width, args.batch)
     counter = CountingSink()
@@ -328,14 +382,27 @@ def inspected_run(args: argparse.Namespace, root: Path, server: MlflowServer | N
         chosen: list[Any] = ["tensorboard", counter]
         if server is not None:
             # The library's own MLflow sink, given explicitly only to choose whether it renders.
-            chosen.append("mlflow" if args.pictures == "all" else
-                          MlflowSink(loggers[1].experiment, loggers[1].run_id, owner=owner,
-                                     render=False, metrics="all"))
+            chosen.append(
+                "mlflow"
+                if args.pictures == "all"
+                else MlflowSink(
+                    loggers[1].experiment,
+                    loggers[1].run_id,
+                    owner=owner,
+                    render=False,
+                    metrics="all",
+                )
+            )
         return chosen
 
     # Every value as an MLflow metric: the soak loads the tracking server as much as it can be.
-    options: dict[str, Any] = {"every_n_steps": args.every, "stats": list(ALL_STATS),
-                               "histograms": True, "bins": args.bins, "mlflow_metrics": "all"}
+    options: dict[str, Any] = {
+        "every_n_steps": args.every,
+        "stats": list(ALL_STATS),
+        "histograms": True,
+        "bins": args.bins,
+        "mlflow_metrics": "all",
+    }
     monitors = [  # default selection: every module that owns parameters (the Linear layers)
         ActivationMonitor(backends=backends("ActivationMonitor"), **options),
         GradientMonitor(backends=backends("GradientMonitor"), **options),
@@ -359,7 +426,9 @@ def inspected_run(args: argparse.Namespace, root: Path, server: MlflowServer | N
     events = glob.glob(str(root / "tb" / "inspected" / "events.out.tfevents.*"))
     event_bytes = sum(os.path.getsize(f) for f in events)
 
-    ours = [w for w in caught if "lightning-inspect" in str(w.message) or "Monitor" in str(w.message)]
+    ours = [
+        w for w in caught if "lightning-inspect" in str(w.message) or "Monitor" in str(w.message)
+    ]
     result: dict[str, Any] = {
         "steps": args.steps,
         "logged_steps": len(logged),
@@ -380,7 +449,9 @@ def inspected_run(args: argparse.Namespace, root: Path, server: MlflowServer | N
         "warnings": len(caught),
         "lightning_inspect_warnings": len(ours),
         "distinct_lightning_inspect_warnings": sorted({str(w.message)[:200] for w in ours}),
-        "backend_failures": sum(getattr(getattr(s, "guarded", s), "failures", 0) for m in monitors for s in m.sinks),
+        "backend_failures": sum(
+            getattr(getattr(s, "guarded", s), "failures", 0) for m in monitors for s in m.sinks
+        ),
     }
     if server is not None:
         from mlflow.tracking import MlflowClient
@@ -388,14 +459,20 @@ def inspected_run(args: argparse.Namespace, root: Path, server: MlflowServer | N
         client = MlflowClient(server.url)
         run_id = loggers[1].run_id
         keys = client.get_run(run_id).data.metrics
-        probe_key = next(iter(sorted(k for k in keys if k.startswith("weights/") and k.endswith("/mean"))), None)
+        probe_key = next(
+            iter(sorted(k for k in keys if k.startswith("weights/") and k.endswith("/mean"))), None
+        )
         result["mlflow_server_metric_keys"] = len(keys)
         result["mlflow_server_history_of_one_key"] = (
             [probe_key, len(client.get_metric_history(run_id, probe_key))] if probe_key else None
         )
-        result["mlflow_artifacts"] = len(client.list_artifacts(run_id, "lightning_inspect/histograms"))
+        result["mlflow_artifacts"] = len(
+            client.list_artifacts(run_id, "lightning_inspect/histograms")
+        )
         if args.pictures == "sample":
-            result["picture_s_per_key"], result["picture_keys"] = _picture_cost(client, run_id, root)
+            result["picture_s_per_key"], result["picture_keys"] = _picture_cost(
+                client, run_id, root
+            )
     return result
 
 
@@ -404,7 +481,9 @@ def _picture_cost(client: Any, run_id: str, root: Path, sample: int = 10) -> tup
     from lightning_inspect.keys import MlflowKeys
     from lightning_inspect.sinks.mlflow import render_histogram_pictures
 
-    local = Path(client.download_artifacts(run_id, "lightning_inspect/histograms", str(root / "download")))
+    local = Path(
+        client.download_artifacts(run_id, "lightning_inspect/histograms", str(root / "download"))
+    )
     spools = sorted(local.glob("*.jsonl"))
     lines = [line for spool in spools for line in spool.read_text().splitlines()]
     keys = sorted({json.loads(line)["key"] for line in lines})
@@ -419,22 +498,47 @@ def _picture_cost(client: Any, run_id: str, root: Path, sample: int = 10) -> tup
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps of the inspected run (default 2000; --quick 100)")
-    parser.add_argument("--every", type=int, default=None, help="every_n_steps of every monitor (default 200; --quick 50)")
-    parser.add_argument("--plain-steps", type=int, default=None, help="steps of the plain reference run (default 200; --quick 50)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="optimizer steps of the inspected run (default 2000; --quick 100)",
+    )
+    parser.add_argument(
+        "--every",
+        type=int,
+        default=None,
+        help="every_n_steps of every monitor (default 200; --quick 50)",
+    )
+    parser.add_argument(
+        "--plain-steps",
+        type=int,
+        default=None,
+        help="steps of the plain reference run (default 200; --quick 50)",
+    )
     parser.add_argument("--layers", type=int, default=200, help="Linear+ReLU blocks (default 200)")
     parser.add_argument("--width", type=int, default=64, help="features per layer (default 64)")
     parser.add_argument("--batch", type=int, default=32, help="batch size (default 32)")
     parser.add_argument("--bins", type=int, default=64, help="histogram bins (default 64)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    parser.add_argument("--pictures", choices=("sample", "all"), default="sample",
-                        help="MLflow histogram pictures: 'all' renders one per key at the end of fit as the "
-                             "library does by default; 'sample' (default) uploads the histogram data only and "
-                             "times the rendering of a few keys afterwards, extrapolated to all keys")
+    parser.add_argument(
+        "--pictures",
+        choices=("sample", "all"),
+        default="sample",
+        help="MLflow histogram pictures: 'all' renders one per key at the end of fit as the "
+        "library does by default; 'sample' (default) uploads the histogram data only and "
+        "times the rendering of a few keys afterwards, extrapolated to all keys",
+    )
     parser.add_argument("--quick", action="store_true", help="a short run (~1 min) for smoke tests")
-    parser.add_argument("--no-mlflow", action="store_true", help="TensorBoard only; no server is started")
-    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (logs, server store)")
+    parser.add_argument(
+        "--no-mlflow", action="store_true", help="TensorBoard only; no server is started"
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the temporary directory (logs, server store)"
+    )
     parser.add_argument("--json", type=Path, help="also write the results to this file")
     args = parser.parse_args(argv)
     args.steps = args.steps or (100 if args.quick else 2000)
@@ -447,15 +551,21 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="lightning_inspect_soak_"))
     server = None if args.no_mlflow else MlflowServer(root)
-    print(f"soak: {args.layers} x (Linear({args.width}, {args.width}) + ReLU), batch {args.batch}, "
-          f"{args.steps} steps, every monitor every {args.every} steps, all stats, {args.bins} bins; "
-          f"torch {torch.__version__}, lightning {pl.__version__}, {os.cpu_count()} CPUs, {args.threads} torch "
-          f"thread(s); work dir {root}", flush=True)
+    print(
+        f"soak: {args.layers} x (Linear({args.width}, {args.width}) + ReLU), batch {args.batch}, "
+        f"{args.steps} steps, every monitor every {args.every} steps, all stats, {args.bins} bins; "
+        f"torch {torch.__version__}, lightning {pl.__version__}, {os.cpu_count()} CPUs, {args.threads} torch "
+        f"thread(s); work dir {root}",
+        flush=True,
+    )
     try:
         if server is not None:
             t0 = time.perf_counter()
             server.start()
-            print(f"mlflow server at {server.url} (started in {time.perf_counter() - t0:.1f} s)", flush=True)
+            print(
+                f"mlflow server at {server.url} (started in {time.perf_counter() - t0:.1f} s)",
+                flush=True,
+            )
         plain = plain_run(args, root, server)
         print(f"plain run: {plain:.1f} steps/s ({args.plain_steps} steps)", flush=True)
         r = inspected_run(args, root, server)
@@ -474,15 +584,23 @@ def main(argv: list[str] | None = None) -> int:
         f"per logged step   {r['scalars_per_logged_step']} scalars + {r['histograms_per_logged_step']} histograms per backend",
         f"total handed      {r['scalars_total']} scalars + {r['histograms_total']} histograms per backend",
         f"mlflow            queue at last step {r['mlflow_queue_at_last_step']}, end-of-fit flush {r['end_flush_s']:.1f} s"
-        + (f", server holds {r['mlflow_server_metric_keys']} keys, {r['mlflow_server_history_of_one_key']}, "
-           f"{r['mlflow_artifacts']} histogram artifacts" if "mlflow_server_metric_keys" in r else " (no server)"),
-        "RSS MiB           " + "  ".join(f"{k} {v:.0f}" for k, v in rss.items() if v is not None)
+        + (
+            f", server holds {r['mlflow_server_metric_keys']} keys, {r['mlflow_server_history_of_one_key']}, "
+            f"{r['mlflow_artifacts']} histogram artifacts"
+            if "mlflow_server_metric_keys" in r
+            else " (no server)"
+        ),
+        "RSS MiB           "
+        + "  ".join(f"{k} {v:.0f}" for k, v in rss.items() if v is not None)
         + f"   peak {r['peak_rss_mib']:.0f}",
-        (f"mlflow pictures   {r['picture_s_per_key']:.2f} s per key x {r['picture_keys']} keys = "
-         f"{r['picture_s_per_key'] * r['picture_keys']:.0f} s of rendering at the end of fit with the default sink"
-         if "picture_s_per_key" in r else
-         "mlflow pictures   rendered by the sink, within the end-of-fit flush" if "mlflow_server_metric_keys" in r else
-         "mlflow pictures   (no server)"),
+        (
+            f"mlflow pictures   {r['picture_s_per_key']:.2f} s per key x {r['picture_keys']} keys = "
+            f"{r['picture_s_per_key'] * r['picture_keys']:.0f} s of rendering at the end of fit with the default sink"
+            if "picture_s_per_key" in r
+            else "mlflow pictures   rendered by the sink, within the end-of-fit flush"
+            if "mlflow_server_metric_keys" in r
+            else "mlflow pictures   (no server)"
+        ),
         f"tensorboard       {r['event_file_bytes'] / 2**20:.1f} MiB, {r['event_bytes_per_logged_step'] / 1024:.0f} KiB per logged step",
         f"warnings          {r['warnings']} in all, {r['lightning_inspect_warnings']} from lightning-inspect; backend failures {r['backend_failures']}",
         f"fit               {r['fit_s']:.1f} s",

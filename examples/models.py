@@ -46,10 +46,18 @@ class DigitsDataModule(L.LightningDataModule):
         (1438, 359)
     """
 
-    def __init__(self, batch_size: int = 64, val_fraction: float = 0.2, split_seed: int = 0, num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        batch_size: int = 64,
+        val_fraction: float = 0.2,
+        split_seed: int = 0,
+        num_workers: int = 0,
+    ) -> None:
         super().__init__()
         if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"DigitsDataModule(val_fraction={val_fraction!r}): expected a number in (0, 1).")
+            raise ValueError(
+                f"DigitsDataModule(val_fraction={val_fraction!r}): expected a number in (0, 1)."
+            )
         self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.split_seed = split_seed
@@ -75,7 +83,13 @@ class DigitsDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None, "call setup('fit') first"
         generator = torch.Generator().manual_seed(self.split_seed)
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, generator=generator, num_workers=self.num_workers)
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            generator=generator,
+            num_workers=self.num_workers,
+        )
 
     def val_dataloader(self) -> DataLoader:
         assert self.val_set is not None, "call setup('fit') first"
@@ -93,7 +107,9 @@ class DigitsClassifier(L.LightningModule):
         super().__init__()
         self.lr = lr
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
         x, y = batch
         logits = self(x)
         loss = F.cross_entropy(logits, y)
@@ -125,7 +141,13 @@ class DigitsCNN(DigitsClassifier):
         ['features', 'classifier']
     """
 
-    def __init__(self, channels: tuple[int, int] = (16, 32), hidden: int = 64, dropout: float = 0.1, lr: float = 1e-3) -> None:
+    def __init__(
+        self,
+        channels: tuple[int, int] = (16, 32),
+        hidden: int = 64,
+        dropout: float = 0.1,
+        lr: float = 1e-3,
+    ) -> None:
         super().__init__(lr)
         self.save_hyperparameters()
         c1, c2 = channels
@@ -204,7 +226,9 @@ class DigitsTransformer(DigitsClassifier):
         self.save_hyperparameters()
         self.embed = nn.Linear(8, d_model)
         self.position = nn.Parameter(torch.zeros(1, 8, d_model))
-        layer = nn.TransformerEncoderLayer(d_model, n_heads, dim_feedforward, dropout, batch_first=True)
+        layer = nn.TransformerEncoderLayer(
+            d_model, n_heads, dim_feedforward, dropout, batch_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, N_CLASSES)

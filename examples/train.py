@@ -36,9 +36,15 @@ def main(cfg: DictConfig) -> None:
     callbacks = instantiate_callbacks(cfg.get("inspect"))  # lightning-inspect: the one line to add
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
     model: L.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="all")
-    loggers: list[Logger] = [lg for lg in hydra.utils.instantiate(cfg.get("logger") or {}).values() if lg is not None]
-    inspection = [type(cb).__name__ for cb in callbacks]  # before the Trainer adds its own callbacks
-    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, _partial_=True)(logger=loggers, callbacks=callbacks)
+    loggers: list[Logger] = [
+        lg for lg in hydra.utils.instantiate(cfg.get("logger") or {}).values() if lg is not None
+    ]
+    inspection = [
+        type(cb).__name__ for cb in callbacks
+    ]  # before the Trainer adds its own callbacks
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, _partial_=True)(
+        logger=loggers, callbacks=callbacks
+    )
     trainer.fit(model, datamodule=datamodule)
     print_results(loggers, inspection)
 
@@ -56,13 +62,17 @@ def print_results(loggers: list[Logger], names: list[str]) -> None:
           MLflow:      mlflow ui --backend-store-uri sqlite:////home/me/project/mlruns.db  (run 3f2a...)
     """
     print()
-    print(f"Inspection: {', '.join(names) if names else 'off (add +inspect=activations, all, debug, ...)'}")
+    print(
+        f"Inspection: {', '.join(names) if names else 'off (add +inspect=activations, all, debug, ...)'}"
+    )
     print(f"Results in {_relative(Path(HydraConfig.get().runtime.output_dir))}")
     for logger in loggers:
         if isinstance(logger, TensorBoardLogger):
             print(f"  TensorBoard: tensorboard --logdir {_relative(Path(logger.log_dir))}")
         elif isinstance(logger, MLFlowLogger):
-            print(f"  MLflow:      mlflow ui --backend-store-uri {logger.experiment.tracking_uri}  (run {logger.run_id})")
+            print(
+                f"  MLflow:      mlflow ui --backend-store-uri {logger.experiment.tracking_uri}  (run {logger.run_id})"
+            )
 
 
 def _relative(path: Path) -> Path:

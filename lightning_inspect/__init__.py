@@ -18,7 +18,13 @@ from lightning_inspect.callbacks import (
 )
 from lightning_inspect.config import instantiate_callbacks, validate_callback_config
 from lightning_inspect.diagnostics import Finding, HealthReport, HealthRules, HealthThresholds
-from lightning_inspect.errors import BackendError, ConfigError, InspectError, NonFiniteError, SelectionError
+from lightning_inspect.errors import (
+    BackendError,
+    ConfigError,
+    InspectError,
+    NonFiniteError,
+    SelectionError,
+)
 from lightning_inspect.health_nonfinite import FirstNonFiniteError, NonFiniteOrigin
 from lightning_inspect.overview import OverviewPage
 from lightning_inspect.probes import ProbeContext, current_context, enabled, probe, probing
@@ -32,10 +38,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ALL_STATS",
+    "DEFAULT_STATS",
     "ActivationMonitor",
     "BackendError",
     "ConfigError",
-    "DEFAULT_STATS",
     "Finding",
     "FirstNonFiniteError",
     "GradientMonitor",

@@ -41,8 +41,11 @@ def check_positive_int(
     owner: str, name: str, value: Any, minimum: int = 1, maximum: int | None = None
 ) -> int:
     """``value`` if it is an integer in ``[minimum, maximum]``; otherwise a ConfigError."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (
-        maximum is not None and value > maximum
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < minimum
+        or (maximum is not None and value > maximum)
     ):
         bound = f">= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
         raise ConfigError(f"{owner}({name}={value!r}): expected an integer {bound}.")
@@ -88,7 +91,9 @@ def check_choices(
         return tuple(default)
     items = [values] if isinstance(values, str) else values
     if not isinstance(items, Iterable):
-        raise ConfigError(f"{owner}({name}={values!r}): expected a list of names from {list(allowed)}.")
+        raise ConfigError(
+            f"{owner}({name}={values!r}): expected a list of names from {list(allowed)}."
+        )
     out: list[str] = []
     for value in items:
         if not isinstance(value, str) or value not in allowed:

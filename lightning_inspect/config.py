@@ -66,7 +66,16 @@ KNOWN_TARGETS = tuple(
     )
 )
 #: The entry names the shipped options use.
-KNOWN_ENTRIES = ("activations", "gradients", "weights", "graph", "probes", "health", "shapes", "record")
+KNOWN_ENTRIES = (
+    "activations",
+    "gradients",
+    "weights",
+    "graph",
+    "probes",
+    "health",
+    "shapes",
+    "record",
+)
 
 
 def instantiate_callbacks(cfg: Any, key: str | None = None) -> list[Callback]:
@@ -156,7 +165,9 @@ def _entries(cfg: Any, root: str) -> Iterator[tuple[str, Any]]:
 def _locate(target_name: Any, path: str) -> type:
     """The class ``target_name`` names, imported, never called; a ConfigError unless a Callback."""
     if not isinstance(target_name, str) or not target_name:
-        raise ConfigError(f"{path}={target_name!r}: expected a dotted class path such as lightning_inspect.ActivationMonitor.")
+        raise ConfigError(
+            f"{path}={target_name!r}: expected a dotted class path such as lightning_inspect.ActivationMonitor."
+        )
     from hydra.utils import get_object
 
     try:
@@ -214,10 +225,14 @@ def _check_keys(entry: Any, path: str, target: type) -> None:
             )
     if "_args_" in entry or entry.get("_partial_", False):
         return
-    missing = [n for n, p in params.items() if p.default is p.empty and p.kind is not p.VAR_POSITIONAL]
+    missing = [
+        n for n, p in params.items() if p.default is p.empty and p.kind is not p.VAR_POSITIONAL
+    ]
     missing = [n for n in missing if n not in given]
     if missing:
-        raise ConfigError(f"{path}: missing required key(s) {', '.join(missing)} of {entry['_target_']}.")
+        raise ConfigError(
+            f"{path}: missing required key(s) {', '.join(missing)} of {entry['_target_']}."
+        )
 
 
 def _init_parameters(target: type) -> dict[str, _pyinspect.Parameter] | None:
@@ -257,7 +272,9 @@ def _instantiate(entry: Any, path: str, target: type) -> Callback:
         # raised outside the handler: no chained copy of the same message in the traceback
         raise type(rejected)(f"{path}: {rejected}")
     if not isinstance(callback, Callback):  # e.g. _partial_: true
-        raise ConfigError(f"{path}: instantiating {entry['_target_']} gave {type(callback).__name__}, not a Lightning Callback.")
+        raise ConfigError(
+            f"{path}: instantiating {entry['_target_']} gave {type(callback).__name__}, not a Lightning Callback."
+        )
     return callback
 
 

@@ -151,7 +151,13 @@ def _row(head: list[float], counts: np.ndarray | None, bins: int) -> torch.Tenso
 
 
 def _head(
-    n: int, total: float, m2: float, sumsq: float, abs_sum: float, lo: float, hi: float,
+    n: int,
+    total: float,
+    m2: float,
+    sumsq: float,
+    abs_sum: float,
+    lo: float,
+    hi: float,
     zeros: float,
 ) -> list[float]:
     return [float(n), float(n), total, m2, sumsq, abs_sum, lo, hi, zeros, 0.0, 0.0]

@@ -150,7 +150,11 @@ class HealthThresholds:
         def number(name: str, low: float, high: float, low_open: bool, high_open: bool) -> None:
             v = getattr(self, name)
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            ok = ok and (v > low if low_open else v >= low) and (v < high if high_open else v <= high)
+            ok = (
+                ok
+                and (v > low if low_open else v >= low)
+                and (v < high if high_open else v <= high)
+            )
             if not ok:
                 lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
                 raise ConfigError(
@@ -160,7 +164,9 @@ class HealthThresholds:
         def integer(name: str, minimum: int) -> None:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-                raise ConfigError(f"{owner}(thresholds.{name}={v!r}): expected an integer >= {minimum}.")
+                raise ConfigError(
+                    f"{owner}(thresholds.{name}={v!r}): expected an integer >= {minimum}."
+                )
 
         number("dead_fraction", 0, 1, True, False)
         integer("dead_window", 1)
@@ -245,7 +251,12 @@ def scaler_stalled(skipped_in_a_row: int, scale: float, step: int) -> Finding | 
     if not scale <= SCALER_STALL_SCALE:
         return None
     return Finding(
-        "grad_scaler_stalled", "error", "", "loss_scale", scale, step,
+        "grad_scaler_stalled",
+        "error",
+        "",
+        "loss_scale",
+        scale,
+        step,
         f"the GradScaler skipped the last {skipped_in_a_row} logged steps and its scale is down to "
         f"{format_value(scale)}: gradients are NaN/Inf even unscaled, so nothing is learning; look "
         "for a NaN made in backward (HealthMonitor(on_nonfinite='raise') in a float32 run names "
@@ -277,7 +288,12 @@ def _pct(x: float) -> str:
 
 
 def check_dead_units(
-    module: str, dead_fraction: float, units: int | None, step: int, t: HealthThresholds, depth: int = -1
+    module: str,
+    dead_fraction: float,
+    units: int | None,
+    step: int,
+    t: HealthThresholds,
+    depth: int = -1,
 ) -> Finding | None:
     """The ``dead_units`` rule for one ReLU-like output.
 
@@ -286,7 +302,11 @@ def check_dead_units(
     """
     if not math.isfinite(dead_fraction) or dead_fraction < t.dead_fraction:
         return None
-    count = f"{round(dead_fraction * units)} of {units} units" if units else f"{_pct(dead_fraction)} of units"
+    count = (
+        f"{round(dead_fraction * units)} of {units} units"
+        if units
+        else f"{_pct(dead_fraction)} of units"
+    )
     return Finding(
         "dead_units",
         "error" if dead_fraction >= 1.0 else "warning",
@@ -303,7 +323,12 @@ def check_dead_units(
 
 
 def check_saturation(
-    module: str, saturated_fraction: float, step: int, t: HealthThresholds, kind: str = "", depth: int = -1
+    module: str,
+    saturated_fraction: float,
+    step: int,
+    t: HealthThresholds,
+    kind: str = "",
+    depth: int = -1,
 ) -> Finding | None:
     """The ``saturation`` rule for one Tanh / Sigmoid / Hardtanh output.
 
@@ -338,25 +363,43 @@ def check_update_ratio(
     """
     if not math.isfinite(ratio):
         return Finding(
-            "nonfinite", "error", module, "update_ratio", ratio, step,
+            "nonfinite",
+            "error",
+            module,
+            "update_ratio",
+            ratio,
+            step,
             "the update or the weights hold NaN/Inf: the optimizer wrote non-finite values into "
             "this layer's parameters",
-            math.nan, depth,
+            math.nan,
+            depth,
         )
     if ratio > t.update_ratio_high:
         return Finding(
-            "update_ratio_high", "warning", module, "update_ratio", ratio, step,
+            "update_ratio_high",
+            "warning",
+            module,
+            "update_ratio",
+            ratio,
+            step,
             f"each step changes this layer's weights by more than {format_value(t.update_ratio_high)} "
             "of their size (healthy is near 1e-3): the learning rate is likely too high",
-            t.update_ratio_high, depth,
+            t.update_ratio_high,
+            depth,
         )
     if ratio < t.update_ratio_low:
         return Finding(
-            "update_ratio_low", "info", module, "update_ratio", ratio, step,
+            "update_ratio_low",
+            "info",
+            module,
+            "update_ratio",
+            ratio,
+            step,
             f"this layer's weights change by less than {format_value(t.update_ratio_low)} of their "
             "size per step: it barely learns (learning rate too low, tiny gradients, or frozen "
             "in effect)",
-            t.update_ratio_low, depth,
+            t.update_ratio_low,
+            depth,
         )
     return None
 
@@ -414,13 +457,20 @@ class HealthRules:
             if "dead_fraction" in values:
                 units = values.get("units")
                 f = check_dead_units(
-                    name, float(values["dead_fraction"]), int(units) if units else None, step, t, depth
+                    name,
+                    float(values["dead_fraction"]),
+                    int(units) if units else None,
+                    step,
+                    t,
+                    depth,
                 )
                 if f:
                     out.append(f)
             if "saturated_fraction" in values:
                 kind = (kinds or {}).get(name, "")
-                f = check_saturation(name, float(values["saturated_fraction"]), step, t, kind, depth)
+                f = check_saturation(
+                    name, float(values["saturated_fraction"]), step, t, kind, depth
+                )
                 if f:
                     out.append(f)
             if "update_ratio" in values:
@@ -430,51 +480,97 @@ class HealthRules:
         return out
 
     def _check_gradient(
-        self, name: str, norm: float, step: int, depth: int, top: str | None, norms: Mapping[str, float]
+        self,
+        name: str,
+        norm: float,
+        step: int,
+        depth: int,
+        top: str | None,
+        norms: Mapping[str, float],
     ) -> list[Finding]:
         t = self.thresholds
         history = self._grad_history.setdefault(name, deque(maxlen=t.spike_history))
         median = statistics.median(history) if len(history) >= t.spike_min_history else math.nan
         out: list[Finding] = []
         if not math.isfinite(norm):
-            out.append(Finding(
-                "nonfinite", "error", name, "grad_norm", norm, step,
-                "a parameter gradient of this module holds NaN/Inf (see the first-NaN report for "
-                "where it started); lower the learning rate or clip gradients",
-                math.nan, depth,
-            ))
+            out.append(
+                Finding(
+                    "nonfinite",
+                    "error",
+                    name,
+                    "grad_norm",
+                    norm,
+                    step,
+                    "a parameter gradient of this module holds NaN/Inf (see the first-NaN report for "
+                    "where it started); lower the learning rate or clip gradients",
+                    math.nan,
+                    depth,
+                )
+            )
             return out
         if norm > t.grad_norm_high:
-            out.append(Finding(
-                "exploding_gradient", "error", name, "grad_norm", norm, step,
-                f"gradient norm above {format_value(t.grad_norm_high)}: lower the learning rate or "
-                "clip gradients (Trainer(gradient_clip_val=1.0))",
-                t.grad_norm_high, depth,
-            ))
+            out.append(
+                Finding(
+                    "exploding_gradient",
+                    "error",
+                    name,
+                    "grad_norm",
+                    norm,
+                    step,
+                    f"gradient norm above {format_value(t.grad_norm_high)}: lower the learning rate or "
+                    "clip gradients (Trainer(gradient_clip_val=1.0))",
+                    t.grad_norm_high,
+                    depth,
+                )
+            )
         elif median > 0 and norm > t.grad_spike_factor * median:
-            out.append(Finding(
-                "exploding_gradient", "warning", name, "grad_norm", norm, step,
-                f"gradient norm jumped to {norm / median:.0f}x its running median "
-                f"({format_value(median)} over {len(history)} logged steps): lower the learning "
-                "rate or clip gradients",
-                t.grad_spike_factor * median, depth,
-            ))
+            out.append(
+                Finding(
+                    "exploding_gradient",
+                    "warning",
+                    name,
+                    "grad_norm",
+                    norm,
+                    step,
+                    f"gradient norm jumped to {norm / median:.0f}x its running median "
+                    f"({format_value(median)} over {len(history)} logged steps): lower the learning "
+                    "rate or clip gradients",
+                    t.grad_spike_factor * median,
+                    depth,
+                )
+            )
         elif norm < t.grad_norm_low:
-            out.append(Finding(
-                "vanishing_gradient", "warning", name, "grad_norm", norm, step,
-                f"gradient norm below {format_value(t.grad_norm_low)}: almost no learning signal "
-                "reaches this layer; use ReLU-family activations, residual connections or "
-                "normalisation, and look for a detach()",
-                t.grad_norm_low, depth,
-            ))
+            out.append(
+                Finding(
+                    "vanishing_gradient",
+                    "warning",
+                    name,
+                    "grad_norm",
+                    norm,
+                    step,
+                    f"gradient norm below {format_value(t.grad_norm_low)}: almost no learning signal "
+                    "reaches this layer; use ReLU-family activations, residual connections or "
+                    "normalisation, and look for a detach()",
+                    t.grad_norm_low,
+                    depth,
+                )
+            )
         elif top is not None and top != name and norm < t.grad_depth_ratio * norms[top]:
-            out.append(Finding(
-                "vanishing_gradient", "warning", name, "grad_norm", norm, step,
-                f"gradient norm is {norm / norms[top]:.1e} of the largest ({top!r}: "
-                f"{format_value(norms[top])}): the signal fades on its way back; use ReLU-family "
-                "activations, residual connections or normalisation",
-                t.grad_depth_ratio * norms[top], depth,
-            ))
+            out.append(
+                Finding(
+                    "vanishing_gradient",
+                    "warning",
+                    name,
+                    "grad_norm",
+                    norm,
+                    step,
+                    f"gradient norm is {norm / norms[top]:.1e} of the largest ({top!r}: "
+                    f"{format_value(norms[top])}): the signal fades on its way back; use ReLU-family "
+                    "activations, residual connections or normalisation",
+                    t.grad_depth_ratio * norms[top],
+                    depth,
+                )
+            )
         history.append(norm)
         return out
 
@@ -594,17 +690,19 @@ class HealthReport:
         for e in self.entries():
             f, w = e.first, e.worst
             worst = "" if w is f else f"{format_value(w.value)} (step {w.step})"
-            out.append([
-                f.severity if w.severity == f.severity else w.severity,
-                f.rule,
-                f.module,
-                f.statistic,
-                format_value(f.value),
-                str(f.step),
-                worst,
-                str(e.count),
-                w.hint,
-            ])
+            out.append(
+                [
+                    f.severity if w.severity == f.severity else w.severity,
+                    f.rule,
+                    f.module,
+                    f.statistic,
+                    format_value(f.value),
+                    str(f.step),
+                    worst,
+                    str(e.count),
+                    w.hint,
+                ]
+            )
         return out
 
     def to_markdown(self) -> str:
@@ -636,7 +734,17 @@ class HealthReport:
 
 
 #: Columns of the rendered report.
-COLUMNS = ("severity", "rule", "module", "statistic", "value", "step", "worst (step)", "seen", "hint")
+COLUMNS = (
+    "severity",
+    "rule",
+    "module",
+    "statistic",
+    "value",
+    "step",
+    "worst (step)",
+    "seen",
+    "hint",
+)
 
 
 def _worse(a: Finding, b: Finding) -> bool:

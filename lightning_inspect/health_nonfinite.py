@@ -248,7 +248,7 @@ def can_debug() -> bool:
 class _Site:
     """A tensor that crossed a module boundary in the forward pass (its gradient is watched)."""
 
-    __slots__ = ("ref", "producer", "path", "consumers", "grad_row", "grad_shape", "__weakref__")
+    __slots__ = ("__weakref__", "consumers", "grad_row", "grad_shape", "path", "producer", "ref")
 
     def __init__(self, tensor: torch.Tensor) -> None:
         self.ref = weakref.ref(tensor)
@@ -269,7 +269,9 @@ class _Event:
     row: torch.Tensor
     shape: tuple[int, ...]
     dtype: torch.dtype
-    inputs: list[tuple[str, tuple[int, ...], torch.dtype, torch.Tensor]] = field(default_factory=list)
+    inputs: list[tuple[str, tuple[int, ...], torch.dtype, torch.Tensor]] = field(
+        default_factory=list
+    )
     site: _Site | None = None
 
 
@@ -297,7 +299,9 @@ class _LocatorHook(InertWhenCopied):
         self.locator = locator
         self.name = name
 
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+    def __call__(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
         if not is_suspended() and not in_backward_pass():
             self.locator.forward(self.name, module, args, kwargs, output)
         return None
@@ -403,7 +407,14 @@ class NonFiniteLocator:
 
     # -- forward ----------------------------------------------------------------------------
 
-    def forward(self, name: str, module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any], output: Any) -> None:
+    def forward(
+        self,
+        name: str,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        output: Any,
+    ) -> None:
         """Check the output of ``module`` (call from its forward hook)."""
         if self._first_module is None:
             self._first_module = name
@@ -426,9 +437,21 @@ class NonFiniteLocator:
                 if not _checkable(tensor):
                     continue
                 if rows is None:
-                    rows = [(label, tuple(t.shape), t.dtype, reduce_tensor(t, 0)) for label, t in inputs if _checkable(t)]
+                    rows = [
+                        (label, tuple(t.shape), t.dtype, reduce_tensor(t, 0))
+                        for label, t in inputs
+                        if _checkable(t)
+                    ]
                 self._events.append(
-                    _Event("forward", name, _label("output", path), reduce_tensor(tensor, 0), tuple(tensor.shape), tensor.dtype, rows)
+                    _Event(
+                        "forward",
+                        name,
+                        _label("output", path),
+                        reduce_tensor(tensor, 0),
+                        tuple(tensor.shape),
+                        tensor.dtype,
+                        rows,
+                    )
                 )
 
     def loss(self, loss: torch.Tensor) -> None:
@@ -437,14 +460,22 @@ class NonFiniteLocator:
             return
         if self.check_mode == "module":
             if not bool(torch.isfinite(loss).all()):
-                self._act(self._loss_origin(_host_row(reduce_tensor(loss, 0)), tuple(loss.shape)), output=loss)
+                self._act(
+                    self._loss_origin(_host_row(reduce_tensor(loss, 0)), tuple(loss.shape)),
+                    output=loss,
+                )
         else:
-            self._events.append(_Event("loss", "", "loss", reduce_tensor(loss, 0), tuple(loss.shape), loss.dtype))
+            self._events.append(
+                _Event("loss", "", "loss", reduce_tensor(loss, 0), tuple(loss.shape), loss.dtype)
+            )
 
     # -- backward ---------------------------------------------------------------------------
 
     def _register_sites(
-        self, name: str, inputs: Sequence[tuple[str, torch.Tensor]], outputs: Sequence[tuple[str, torch.Tensor]]
+        self,
+        name: str,
+        inputs: Sequence[tuple[str, torch.Tensor]],
+        outputs: Sequence[tuple[str, torch.Tensor]],
     ) -> None:
         for label, tensor in inputs:
             if tensor.requires_grad and _checkable(tensor):
@@ -473,13 +504,22 @@ class NonFiniteLocator:
             site.grad_shape = tuple(grad.shape)
             if self.check_mode == "module" and not self.gradients_may_overflow:
                 if bool(row[_NAN] + row[_INF] > 0):
-                    self._act(self._backward_origin(site, _host_row(row), tuple(grad.shape)), gradient=grad)
+                    self._act(
+                        self._backward_origin(site, _host_row(row), tuple(grad.shape)),
+                        gradient=grad,
+                    )
             else:
-                self._events.append(_Event("backward", "", "", row, tuple(grad.shape), grad.dtype, site=site))
+                self._events.append(
+                    _Event("backward", "", "", row, tuple(grad.shape), grad.dtype, site=site)
+                )
         except InspectError:
             raise
         except Exception as exc:  # never let inspection break the backward pass
-            warnings.warn(f"{self.owner}: checking a gradient failed ({type(exc).__name__}: {exc}).", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"{self.owner}: checking a gradient failed ({type(exc).__name__}: {exc}).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     # -- end of backward --------------------------------------------------------------------
 
@@ -531,24 +571,42 @@ class NonFiniteLocator:
     # -- building origins -------------------------------------------------------------------
 
     def _forward_origin(
-        self, name: str, module: nn.Module, path: str, tensor: torch.Tensor, inputs: Sequence[tuple[str, torch.Tensor]]
+        self,
+        name: str,
+        module: nn.Module,
+        path: str,
+        tensor: torch.Tensor,
+        inputs: Sequence[tuple[str, torch.Tensor]],
     ) -> NonFiniteOrigin:
         row = _host_row(reduce_tensor(tensor, 0))
         summaries = tuple(
-            TensorSummary(label, tuple(t.shape), _dtype(t.dtype), summarise(_host_row(reduce_tensor(t, 0)), _INPUT_STATS))
+            TensorSummary(
+                label,
+                tuple(t.shape),
+                _dtype(t.dtype),
+                summarise(_host_row(reduce_tensor(t, 0)), _INPUT_STATS),
+            )
             for label, t in inputs[:MAX_INPUTS]
             if _checkable(t)
         )
         return self._make_forward(name, module, _label("output", path), row, summaries)
 
     def _make_forward(
-        self, name: str, module: nn.Module | None, tensor: str, row: Any, inputs: tuple[TensorSummary, ...]
+        self,
+        name: str,
+        module: nn.Module | None,
+        tensor: str,
+        row: Any,
+        inputs: tuple[TensorSummary, ...],
     ) -> NonFiniteOrigin:
         params = _nonfinite_parameters(module)
-        inputs_finite = all(s.stats.get("nan_count", 0) + s.stats.get("inf_count", 0) == 0 for s in inputs)
+        inputs_finite = all(
+            s.stats.get("nan_count", 0) + s.stats.get("inf_count", 0) == 0 for s in inputs
+        )
         if getattr(module, "inplace", False):
             inputs = tuple(
-                TensorSummary(s.label + " (after the in-place op)", s.shape, s.dtype, s.stats) for s in inputs
+                TensorSummary(s.label + " (after the in-place op)", s.shape, s.dtype, s.stats)
+                for s in inputs
             )
         return NonFiniteOrigin(
             step=self.step,
@@ -568,12 +626,20 @@ class NonFiniteLocator:
 
     def _loss_origin(self, row: Any, shape: tuple[int, ...]) -> NonFiniteOrigin:
         return NonFiniteOrigin(
-            step=self.step, phase="loss", module="", module_type="loss", tensor=f"the loss {shape}",
-            nan=int(row[_NAN]), inf=int(row[_INF]), numel=int(row[0]),
-            hint=hint_for("loss", True, True, False) + (
+            step=self.step,
+            phase="loss",
+            module="",
+            module_type="loss",
+            tensor=f"the loss {shape}",
+            nan=int(row[_NAN]),
+            inf=int(row[_INF]),
+            numel=int(row[0]),
+            hint=hint_for("loss", True, True, False)
+            + (
                 f" (the last watched module was {self._last_module!r})" if self._last_module else ""
             ),
-            batch_idx=self.batch_idx, check=self.check_mode,
+            batch_idx=self.batch_idx,
+            check=self.check_mode,
         )
 
     def _backward_origin(self, site: _Site, row: Any, shape: tuple[int, ...]) -> NonFiniteOrigin:
@@ -583,14 +649,18 @@ class NonFiniteLocator:
             tensor = f"gradient w.r.t. {label}"
             incoming = tuple(
                 TensorSummary(
-                    f"gradient w.r.t. {_label('output', s.path)}", s.grad_shape, "",
+                    f"gradient w.r.t. {_label('output', s.path)}",
+                    s.grad_shape,
+                    "",
                     summarise(_host_row(s.grad_row), _INPUT_STATS),
                 )
                 for s in self._outputs_of.get(name, [])[:MAX_INPUTS]
                 if s.grad_row is not None
             )
             params = _nonfinite_parameters(module)
-            incoming_finite = all(s.stats["nan_count"] + s.stats["inf_count"] == 0 for s in incoming)
+            incoming_finite = all(
+                s.stats["nan_count"] + s.stats["inf_count"] == 0 for s in incoming
+            )
             hint = hint_for("backward", incoming_finite, not params, False)
             if not incoming_finite:
                 hint = "the gradient reaching this module's output was already non-finite: " + hint
@@ -604,23 +674,41 @@ class NonFiniteLocator:
                 "by the loss or by code between this module and the loss (not by a watched module)"
             )
         return NonFiniteOrigin(
-            step=self.step, phase="backward", module=name,
+            step=self.step,
+            phase="backward",
+            module=name,
             module_type=type(module).__name__ if module is not None else "?",
-            tensor=f"{tensor} {shape}", nan=int(row[_NAN]), inf=int(row[_INF]), numel=int(row[0]),
-            inputs=incoming, parameters=params, hint=hint, batch_idx=self.batch_idx, check=self.check_mode,
+            tensor=f"{tensor} {shape}",
+            nan=int(row[_NAN]),
+            inf=int(row[_INF]),
+            numel=int(row[0]),
+            inputs=incoming,
+            parameters=params,
+            hint=hint,
+            batch_idx=self.batch_idx,
+            check=self.check_mode,
         )
 
-    def _parameter_origin(self, module_name: str, pname: str, param: nn.Parameter) -> NonFiniteOrigin:
+    def _parameter_origin(
+        self, module_name: str, pname: str, param: nn.Parameter
+    ) -> NonFiniteOrigin:
         grad = param.grad.coalesce().values() if param.grad.is_sparse else param.grad  # type: ignore[union-attr]
         row = _host_row(reduce_tensor(grad, 0))
         module = self._modules.get(module_name)
         params = _nonfinite_parameters(module)
         return NonFiniteOrigin(
-            step=self.step, phase="parameter gradient", module=module_name,
+            step=self.step,
+            phase="parameter gradient",
+            module=module_name,
             module_type=type(module).__name__ if module is not None else "?",
-            tensor=f"{pname}.grad {tuple(grad.shape)}", nan=int(row[_NAN]), inf=int(row[_INF]), numel=int(row[0]),
-            parameters=params, hint=hint_for("parameter gradient", True, not params, False),
-            batch_idx=self.batch_idx, check=self.check_mode,
+            tensor=f"{pname}.grad {tuple(grad.shape)}",
+            nan=int(row[_NAN]),
+            inf=int(row[_INF]),
+            numel=int(row[0]),
+            parameters=params,
+            hint=hint_for("parameter gradient", True, not params, False),
+            batch_idx=self.batch_idx,
+            check=self.check_mode,
         )
 
     def _event_origin(self, event: _Event) -> NonFiniteOrigin:
@@ -654,7 +742,10 @@ class NonFiniteLocator:
         if self.action == "debug":
             if can_debug():
                 _open_debugger(origin, **context)
-                attach_note(error, "lightning-inspect: fit stops after the debugging session (on_nonfinite='debug').")
+                attach_note(
+                    error,
+                    "lightning-inspect: fit stops after the debugging session (on_nonfinite='debug').",
+                )
             else:
                 attach_note(
                     error,
@@ -673,10 +764,13 @@ def _open_debugger(
 ) -> None:
     """Stop in the debugger with the culprit at hand: ``origin``, ``module``, ``inputs``,
     ``output`` / ``gradient`` are local variables here; ``up`` reaches the caller's forward."""
-    print(f"\nlightning-inspect: {origin.message()}\n"
-          "Debugger: `origin`, `module`, `inputs`, `output`, `gradient` are at hand; `up` walks to "
-          "the calling forward; `c` continues (fit then stops).", file=sys.stderr)
-    breakpoint()  # noqa: T100 - on_nonfinite="debug" asks for exactly this
+    print(
+        f"\nlightning-inspect: {origin.message()}\n"
+        "Debugger: `origin`, `module`, `inputs`, `output`, `gradient` are at hand; `up` walks to "
+        "the calling forward; `c` continues (fit then stops).",
+        file=sys.stderr,
+    )
+    breakpoint()  # on_nonfinite="debug" asks for exactly this
 
 
 # ---------------------------------------------------------------------------------------------
@@ -695,7 +789,9 @@ def _checkable(t: torch.Tensor) -> bool:
     return (t.is_floating_point() or t.is_complex()) and t.numel() > 0
 
 
-def _input_tensors(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> list[tuple[str, torch.Tensor]]:
+def _input_tensors(
+    args: tuple[Any, ...], kwargs: Mapping[str, Any]
+) -> list[tuple[str, torch.Tensor]]:
     out = [(_label("input", path), t) for path, t in iter_tensors(list(args))]
     out += [(_label("input", path), t) for path, t in iter_tensors(dict(kwargs))] if kwargs else []
     return out
@@ -724,7 +820,9 @@ def _nonfinite_parameters(module: nn.Module | None) -> tuple[str, ...]:
     return tuple(out)
 
 
-def parameters_by_module(modules: Mapping[str, nn.Module]) -> dict[str, list[tuple[str, nn.Parameter]]]:
+def parameters_by_module(
+    modules: Mapping[str, nn.Module],
+) -> dict[str, list[tuple[str, nn.Parameter]]]:
     """The trainable parameters each module owns directly, for :meth:`NonFiniteLocator.check`."""
     out: dict[str, list[tuple[str, nn.Parameter]]] = {}
     seen: set[int] = set()

@@ -55,18 +55,28 @@ def heatmap(
         with np.errstate(divide="ignore", invalid="ignore"):
             positive = data[np.isfinite(data) & (data > 0)]
             floor = math.log10(positive.min()) - 1 if positive.size else -12.0
-            data = np.where(data > 0, np.log10(np.where(data > 0, data, 1.0)), np.where(np.isnan(data), np.nan, floor))
+            data = np.where(
+                data > 0,
+                np.log10(np.where(data > 0, data, 1.0)),
+                np.where(np.isnan(data), np.nan, floor),
+            )
     masked = np.ma.masked_invalid(data)
     n_rows = max(len(rows), 1)
     height = min(2.0 + 0.22 * n_rows, 18.0)
     fig = Figure(figsize=(7.5, height), dpi=90)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    image = ax.imshow(masked, aspect="auto", interpolation="nearest", cmap="viridis", vmin=vmin, vmax=vmax)
+    image = ax.imshow(
+        masked, aspect="auto", interpolation="nearest", cmap="viridis", vmin=vmin, vmax=vmax
+    )
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("step")
     n_steps = len(steps)
-    ticks = sorted(set(np.linspace(0, n_steps - 1, num=min(n_steps, 8)).round().astype(int).tolist())) if n_steps else []
+    ticks = (
+        sorted(set(np.linspace(0, n_steps - 1, num=min(n_steps, 8)).round().astype(int).tolist()))
+        if n_steps
+        else []
+    )
     ax.set_xticks(ticks)
     ax.set_xticklabels([str(steps[i]) for i in ticks], fontsize=8)
     if len(rows) <= _MAX_LABELLED_ROWS:
@@ -87,7 +97,9 @@ def unwrap_sink(sink: Any) -> Any:
     return getattr(inner, "inner", inner)
 
 
-def publish_image(sinks: Sequence[Any], key: str, image: np.ndarray, step: int, owner: str, warned: set[str]) -> list[str]:
+def publish_image(
+    sinks: Sequence[Any], key: str, image: np.ndarray, step: int, owner: str, warned: set[str]
+) -> list[str]:
     """Send ``image`` to every sink that can take pictures; returns the names of those written.
 
     Each sink's own ``log_image(key, image, step)`` does the work: TensorBoard's Images tab, and

@@ -108,10 +108,16 @@ class MlflowKeys:
             return known
         clean = _MLFLOW_INVALID.sub("_", key)
         # MLflow also rejects empty, "." and ".." path segments and a leading "/".
-        clean = "/".join(s if s not in ("", ".", "..") else "_" for s in clean.split("/")) if clean else "_"
+        clean = (
+            "/".join(s if s not in ("", ".", "..") else "_" for s in clean.split("/"))
+            if clean
+            else "_"
+        )
         candidate, attempt = clean, 0
         while len(candidate) > MLFLOW_MAX_KEY_LENGTH or candidate in self._taken:
-            digest = hashlib.sha1(f"{key}#{attempt}".encode() if attempt else key.encode()).hexdigest()[:8]
+            digest = hashlib.sha1(
+                f"{key}#{attempt}".encode() if attempt else key.encode()
+            ).hexdigest()[:8]
             candidate = f"{clean[: MLFLOW_MAX_KEY_LENGTH - 9]}-{digest}"
             attempt += 1
         clean = candidate

@@ -39,7 +39,7 @@ def iter_tensors(obj: Any, path: str = "", depth: int = 0) -> Iterator[tuple[str
     if depth >= MAX_DEPTH or obj is None or isinstance(obj, (str, bytes, int, float, bool)):
         return
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # NamedTuple
-        items: Iterator[tuple[str, Any]] = zip(obj._fields, obj)
+        items: Iterator[tuple[str, Any]] = zip(obj._fields, obj, strict=False)
     elif isinstance(obj, (list, tuple)):
         items = ((str(i), v) for i, v in enumerate(obj))
     elif isinstance(obj, Mapping):

@@ -207,7 +207,7 @@ def tag_matches(pattern: str, tag: str) -> bool:
 class _Switched:
     """An immutable set of switched-on tag patterns, with a memo of tag -> bool."""
 
-    __slots__ = ("patterns", "_memo")
+    __slots__ = ("_memo", "patterns")
 
     def __init__(self, patterns: Iterable[str]) -> None:
         self.patterns: frozenset[str] = frozenset(patterns)
@@ -231,7 +231,7 @@ class _Journal:
     """Per-run bookkeeping: probes switched off after an error, file names handed out, and for
     the end-of-run report the calls that ran per probe and what each wrote where."""
 
-    __slots__ = ("disabled", "issued", "lock", "calls", "outputs")
+    __slots__ = ("calls", "disabled", "issued", "lock", "outputs")
 
     def __init__(self) -> None:
         self.disabled: set[object] = set()
@@ -574,7 +574,7 @@ class ProbeContext:
         ('attn_00000012_rank0.npy', 'attn_00000012_rank0_1.npy')
     """
 
-    __slots__ = ("probe", "qualname", "tag", "step", "epoch", "rank", "trainer", "_dir", "_journal")
+    __slots__ = ("_dir", "_journal", "epoch", "probe", "qualname", "rank", "step", "tag", "trainer")
 
     def __init__(
         self,
@@ -855,8 +855,17 @@ def _histogram(values: Any, bins: int) -> dict[str, Any]:
     nan = int(torch.isnan(flat).sum().item())
     inf = int(flat.numel() - finite.numel() - nan)
     if finite.numel() == 0:
-        return {"min": None, "max": None, "num": 0, "sum": 0.0, "sum_squares": 0.0,
-                "edges": [], "counts": [], "nan": nan, "inf": inf}
+        return {
+            "min": None,
+            "max": None,
+            "num": 0,
+            "sum": 0.0,
+            "sum_squares": 0.0,
+            "edges": [],
+            "counts": [],
+            "nan": nan,
+            "inf": inf,
+        }
     lo, hi = finite.min(), finite.max()
     low, high = float(lo.item()), float(hi.item())
     a, b = (low - 0.5, high + 0.5) if low == high else (low, high)
@@ -1057,7 +1066,7 @@ def current_context(tag: str, *, name: str | None = None) -> ProbeContext | None
     return run.context(_safe(label), label, tag, run.current_rank())
 
 
-class probing:  # noqa: N801  (used like a function: ``with probing("attention"):``)
+class probing:  # used like a function: ``with probing("attention"):``
     """Switch tags on inside a ``with`` block (notebooks, tests, scripts).
 
     Patterns are added to whatever is already on. ``output_dir`` defaults to the enclosing

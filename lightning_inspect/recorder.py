@@ -29,7 +29,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -89,13 +89,19 @@ def to_host(records: Sequence[StepRecord]) -> list[HostRecord]:
         return on_host[offset] if device is None else host[device][offset : offset + size]
 
     out: list[HostRecord] = []
-    for record, place in zip(records, places):
+    for record, place in zip(records, places, strict=False):
         n_rows = len(record.rows)
         grouped: dict[str, list[np.ndarray]] = {}
         for key, device, offset, size in place[:n_rows]:
             grouped.setdefault(key, []).append(values(device, offset, size))
-        rows = {key: parts[0] if len(parts) == 1 else merge_rows(np.stack(parts)) for key, parts in grouped.items()}
-        scalars = {key: float(values(device, offset, size)[0]) for key, device, offset, size in place[n_rows:]}
+        rows = {
+            key: parts[0] if len(parts) == 1 else merge_rows(np.stack(parts))
+            for key, parts in grouped.items()
+        }
+        scalars = {
+            key: float(values(device, offset, size)[0])
+            for key, device, offset, size in place[n_rows:]
+        }
         out.append((rows, scalars))
     return out
 
@@ -143,7 +149,9 @@ class StepCoordinator:
     submitted so far in one transfer and hands each record to its monitor's publisher.
     """
 
-    _instances: weakref.WeakKeyDictionary[object, StepCoordinator] = weakref.WeakKeyDictionary()
+    _instances: ClassVar[weakref.WeakKeyDictionary[object, StepCoordinator]] = (
+        weakref.WeakKeyDictionary()
+    )
 
     def __init__(self) -> None:
         self._members: list[int] = []
@@ -180,7 +188,10 @@ class StepCoordinator:
             self.flush()
 
     def notify(
-        self, step: int, scalars: Mapping[str, float], histograms: Mapping[str, Any],
+        self,
+        step: int,
+        scalars: Mapping[str, float],
+        histograms: Mapping[str, Any],
         findings: Sequence[Any] = (),
     ) -> None:
         """Hand what a monitor published to the observers (e.g. the overview page)."""
@@ -196,7 +207,7 @@ class StepCoordinator:
         if distributed_world_size() > 1:
             host = combine_across_ranks(host)
         first_error: Exception | None = None
-        for (record, publish), values in zip(pending, host):
+        for (record, publish), values in zip(pending, host, strict=False):
             try:
                 publish(record, values)
             except Exception as exc:  # publish every record, then re-raise the first error

@@ -83,13 +83,33 @@ T = TypeVar("T")
 MASK = "***"
 
 _LAST_WORDS = frozenset(
-    {"token", "password", "passwd", "secret", "key", "apikey", "credential", "credentials", "auth",
-     "passphrase", "authorization"}
+    {
+        "token",
+        "password",
+        "passwd",
+        "secret",
+        "key",
+        "apikey",
+        "credential",
+        "credentials",
+        "auth",
+        "passphrase",
+        "authorization",
+    }
 )
 _ANY_WORDS = frozenset(
     {"password", "passwd", "secret", "apikey", "credential", "credentials", "auth", "passphrase"}
 )
-_GLUED_SUFFIXES = ("token", "password", "passwd", "secret", "apikey", "credential", "credentials", "passphrase")
+_GLUED_SUFFIXES = (
+    "token",
+    "password",
+    "passwd",
+    "secret",
+    "apikey",
+    "credential",
+    "credentials",
+    "passphrase",
+)
 _WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+")
 _URL_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@]*:)[^\s/@]+@")
 _KNOWN_TOKENS = re.compile(
@@ -151,13 +171,19 @@ class SecretMasker:
             out: dict[Any, Any] = {}
             for key, item in value.items():
                 where = f"{path}.{key}" if path else str(key)
-                if key not in ("_target_",) and self.is_secret(key, where) and item not in (None, ""):
+                if (
+                    key not in ("_target_",)
+                    and self.is_secret(key, where)
+                    and item not in (None, "")
+                ):
                     out[key] = MASK
                 else:
                     out[key] = self.mask(item, where)
             return out
         if isinstance(value, (list, tuple)):
-            return [self.mask(item, f"{path}.{i}" if path else str(i)) for i, item in enumerate(value)]
+            return [
+                self.mask(item, f"{path}.{i}" if path else str(i)) for i, item in enumerate(value)
+            ]
         if isinstance(value, str):
             return self.text(value)
         return value
@@ -212,7 +238,9 @@ class SecretMasker:
             else:
                 out.append(self.text(token))
                 flag = token.lstrip("-")
-                mask_next = token.startswith("-") and bool(flag) and self.is_secret(flag.replace("-", "_"))
+                mask_next = (
+                    token.startswith("-") and bool(flag) and self.is_secret(flag.replace("-", "_"))
+                )
         return out
 
     def _mask_parsed(self, value: Any, path: str) -> Any:
@@ -312,11 +340,22 @@ class _GitFailed(Exception):
 
 
 def _git(args: Sequence[str], cwd: str, timeout: float) -> str:
-    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_PAGER": "cat", "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}
+    env = {
+        **os.environ,
+        "GIT_TERMINAL_PROMPT": "0",
+        "GIT_PAGER": "cat",
+        "GIT_OPTIONAL_LOCKS": "0",
+        "LC_ALL": "C",
+    }
     try:
         done = subprocess.run(
-            ["git", *args], cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True,
-            timeout=timeout, check=False,
+            ["git", *args],
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
         )
     except FileNotFoundError as exc:
         raise _GitFailed("git is not installed (no 'git' executable on PATH)") from exc
@@ -326,11 +365,15 @@ def _git(args: Sequence[str], cwd: str, timeout: float) -> str:
         raise _GitFailed(f"git could not be started ({exc})") from exc
     if done.returncode != 0:
         message = done.stderr.decode("utf-8", "replace").strip().splitlines()
-        raise _GitFailed(message[0] if message else f"'git {' '.join(args)}' exited with {done.returncode}")
+        raise _GitFailed(
+            message[0] if message else f"'git {' '.join(args)}' exited with {done.returncode}"
+        )
     return done.stdout.decode("utf-8", "replace")
 
 
-def git_info(repo_dir: str | os.PathLike[str] | None = None, timeout: float = 10.0, diff: bool = True) -> GitInfo:
+def git_info(
+    repo_dir: str | os.PathLike[str] | None = None, timeout: float = 10.0, diff: bool = True
+) -> GitInfo:
     """Commit, branch, dirty flag and uncommitted diff of the repository holding ``repo_dir``.
 
     Uses the ``git`` command line (each call limited to ``timeout`` seconds) from ``repo_dir``,
@@ -360,7 +403,9 @@ def git_info(repo_dir: str | os.PathLike[str] | None = None, timeout: float = 10
         return GitInfo(root=root, notice=f"the repository at {root} has no commits yet")
     notices: list[str] = []
     try:
-        branch: str | None = _git(["symbolic-ref", "--short", "-q", "HEAD"], root, timeout).strip() or None
+        branch: str | None = (
+            _git(["symbolic-ref", "--short", "-q", "HEAD"], root, timeout).strip() or None
+        )
     except _GitFailed:
         branch = None
         notices.append("detached HEAD (no branch)")
@@ -386,13 +431,23 @@ def git_info(repo_dir: str | os.PathLike[str] | None = None, timeout: float = 10
     patch = ""
     if diff and dirty:
         try:
-            patch = _git(["diff", "HEAD", "--no-color", "--no-ext-diff", "--no-textconv"], root, timeout)
+            patch = _git(
+                ["diff", "HEAD", "--no-color", "--no-ext-diff", "--no-textconv"], root, timeout
+            )
         except _GitFailed as exc:
             notices.append(f"diff unavailable: {exc}")
         if len(patch) > MAX_DIFF_CHARS:
-            patch = patch[:MAX_DIFF_CHARS] + f"\n# [lightning-inspect: diff cut at {MAX_DIFF_CHARS} characters]\n"
+            patch = (
+                patch[:MAX_DIFF_CHARS]
+                + f"\n# [lightning-inspect: diff cut at {MAX_DIFF_CHARS} characters]\n"
+            )
     return GitInfo(
-        commit=commit, branch=branch, dirty=dirty, diff=patch, untracked=tuple(untracked), root=root,
+        commit=commit,
+        branch=branch,
+        dirty=dirty,
+        diff=patch,
+        untracked=tuple(untracked),
+        root=root,
         notice="; ".join(notices) or None,
     )
 
@@ -432,7 +487,10 @@ def cpu_model() -> str:
     if sys.platform == "darwin":
         try:
             out = subprocess.run(
-                ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, timeout=5, check=False
+                ["sysctl", "-n", "machdep.cpu.brand_string"],
+                capture_output=True,
+                timeout=5,
+                check=False,
             )
             if out.returncode == 0 and out.stdout.strip():
                 return out.stdout.decode().strip()
@@ -456,7 +514,9 @@ def gpu_info(timeout: float = 10.0) -> dict[str, Any]:
             try:
                 out = subprocess.run(
                     ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                    capture_output=True, timeout=timeout, check=False,
+                    capture_output=True,
+                    timeout=timeout,
+                    check=False,
                 )
                 if out.returncode == 0:
                     names = [n.strip() for n in out.stdout.decode().splitlines() if n.strip()]
@@ -571,13 +631,19 @@ def peak_memory() -> dict[str, int | None]:
         >>> peak_memory()["peak_rss_bytes"] > 0
         True
     """
-    out: dict[str, int | None] = {"peak_rss_bytes": None, "peak_rss_children_bytes": None, "cuda_max_allocated_bytes": None}
+    out: dict[str, int | None] = {
+        "peak_rss_bytes": None,
+        "peak_rss_children_bytes": None,
+        "cuda_max_allocated_bytes": None,
+    }
     try:
         import resource
 
         scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
         out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-        out["peak_rss_children_bytes"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale
+        out["peak_rss_children_bytes"] = (
+            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale
+        )
     except (ImportError, OSError, ValueError):
         pass
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -597,8 +663,12 @@ def env_var_values(patterns: Iterable[str], masker: SecretMasker | None = None) 
     """
     masker = masker or SecretMasker()
     patterns = list(patterns)
-    found = {k: v for k, v in os.environ.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
-    return {k: (MASK if masker.is_secret(k) and v else masker.text(v)) for k, v in sorted(found.items())}
+    found = {
+        k: v for k, v in os.environ.items() if any(fnmatch.fnmatchcase(k, p) for p in patterns)
+    }
+    return {
+        k: (MASK if masker.is_secret(k) and v else masker.text(v)) for k, v in sorted(found.items())
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -641,7 +711,11 @@ def to_plain(config: Any, notes: list[str] | None = None, skip: Iterable[str] = 
     try:
         from omegaconf import DictConfig, ListConfig, OmegaConf
     except ImportError:  # no OmegaConf: plain values only
-        return {k: v for k, v in config.items() if k not in skipped} if isinstance(config, Mapping) else config
+        return (
+            {k: v for k, v in config.items() if k not in skipped}
+            if isinstance(config, Mapping)
+            else config
+        )
 
     def child(parent: Any, key: Any, path: str) -> Any:
         if OmegaConf.is_missing(parent, key):
@@ -650,7 +724,9 @@ def to_plain(config: Any, notes: list[str] | None = None, skip: Iterable[str] = 
             value = parent[key]
         except Exception as exc:  # unresolvable interpolation: keep it as written
             raw = OmegaConf.to_container(parent, resolve=False)[key]  # type: ignore[index]
-            notes.append(f"{path}: not resolved ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); recorded as written")
+            notes.append(
+                f"{path}: not resolved ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); recorded as written"
+            )
             return raw
         return walk(value, path)
 
@@ -660,7 +736,7 @@ def to_plain(config: Any, notes: list[str] | None = None, skip: Iterable[str] = 
                 return None
             return {
                 str(k): child(node, k, f"{path}.{k!s}" if path else str(k))
-                for k in node.keys()
+                for k in node
                 if not (path == "" and k in skipped)
             }
         if isinstance(node, ListConfig):
@@ -668,7 +744,11 @@ def to_plain(config: Any, notes: list[str] | None = None, skip: Iterable[str] = 
                 return None
             return [child(node, i, f"{path}.{i}" if path else str(i)) for i in range(len(node))]
         if isinstance(node, Mapping):
-            return {str(k): walk(v, f"{path}.{k}" if path else str(k)) for k, v in node.items() if not (path == "" and k in skipped)}
+            return {
+                str(k): walk(v, f"{path}.{k}" if path else str(k))
+                for k, v in node.items()
+                if not (path == "" and k in skipped)
+            }
         if isinstance(node, (list, tuple)):
             return [walk(v, f"{path}.{i}" if path else str(i)) for i, v in enumerate(node)]
         return node
@@ -786,7 +866,9 @@ def _user_choices(choices: Any) -> dict[str, Any]:
     if choices is None:
         return {}
     items = choices.items() if hasattr(choices, "items") else []
-    return {str(k): (None if v is None else str(v)) for k, v in items if not str(k).startswith("hydra/")}
+    return {
+        str(k): (None if v is None else str(v)) for k, v in items if not str(k).startswith("hydra/")
+    }
 
 
 def flatten(value: Any, prefix: str = "", sep: str = "/") -> dict[str, Any]:
@@ -866,10 +948,15 @@ def _feed(h: Any, value: Any, depth: int = 0) -> None:
         for field in dataclasses.fields(value):
             _feed(h, field.name, depth + 1)
             _feed(h, getattr(value, field.name), depth + 1)
-    elif hasattr(value, "tobytes") and hasattr(value, "mode") and hasattr(value, "size"):  # PIL image
+    elif (
+        hasattr(value, "tobytes") and hasattr(value, "mode") and hasattr(value, "size")
+    ):  # PIL image
         put(f"image:{value.mode}:{value.size}", value.tobytes())
     else:
-        put(f"object:{type(value).__module__}.{type(value).__qualname__}", _ADDRESS.sub("", repr(value)).encode())
+        put(
+            f"object:{type(value).__module__}.{type(value).__qualname__}",
+            _ADDRESS.sub("", repr(value)).encode(),
+        )
 
 
 def content_hash(value: Any) -> str:
@@ -951,7 +1038,11 @@ def fingerprint_dataset(dataset: Any, items: int = 32) -> dict[str, Any]:
         return out
     h = hashlib.sha256()
     size = out["size"]
-    map_style = hasattr(dataset, "__getitem__") and size is not None and not isinstance(dataset, torch.utils.data.IterableDataset)
+    map_style = (
+        hasattr(dataset, "__getitem__")
+        and size is not None
+        and not isinstance(dataset, torch.utils.data.IterableDataset)
+    )
     try:
         with fixed_random_state(0):
             if map_style:
@@ -987,7 +1078,9 @@ def fingerprint_dataset(dataset: Any, items: int = 32) -> dict[str, Any]:
 def _named_loaders(obj: Any, prefix: str) -> list[tuple[str, Any]]:
     if obj is None:
         return []
-    if hasattr(obj, "iterables") and not isinstance(obj, torch.utils.data.DataLoader):  # CombinedLoader
+    if hasattr(obj, "iterables") and not isinstance(
+        obj, torch.utils.data.DataLoader
+    ):  # CombinedLoader
         return _named_loaders(obj.iterables, prefix)
     if isinstance(obj, Mapping):
         return [pair for k, v in obj.items() for pair in _named_loaders(v, f"{prefix}/{k}")]
@@ -1043,7 +1136,7 @@ _HOW_TO_RECORD = (
 _NO_EXPLICIT_SOURCE = f"its constructor arguments were not recorded: {_HOW_TO_RECORD}"
 
 
-def unrecorded(type: str = "?", reason: str = "", **_: Any) -> NoReturn:  # noqa: A002 - the record's key
+def unrecorded(type: str = "?", reason: str = "", **_: Any) -> NoReturn:  # the record's key
     """Target of a placeholder: building it fails, saying which argument to supply and why.
 
     Example:
@@ -1074,9 +1167,15 @@ class _InitArgs:
 def _lighten(value: Any, depth: int = 0) -> Any:
     """Large arrays replaced by a description, so a record never keeps them alive."""
     if isinstance(value, torch.Tensor) and value.numel() > _SMALL_ARRAY:
-        return _Placeholder("torch.Tensor", f"a tensor of shape {tuple(value.shape)} ({value.dtype}); its values are not recorded")
+        return _Placeholder(
+            "torch.Tensor",
+            f"a tensor of shape {tuple(value.shape)} ({value.dtype}); its values are not recorded",
+        )
     if isinstance(value, np.ndarray) and value.size > _SMALL_ARRAY:
-        return _Placeholder("numpy.ndarray", f"an array of shape {value.shape} ({value.dtype}); its values are not recorded")
+        return _Placeholder(
+            "numpy.ndarray",
+            f"an array of shape {value.shape} ({value.dtype}); its values are not recorded",
+        )
     if depth < 3 and isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
         return type(value)(_lighten(v, depth + 1) for v in value)
     if depth < 3 and type(value) is dict:
@@ -1127,7 +1226,11 @@ def record_init(cls: type[T]) -> type[T]:
             obj = own_new(subcls, *args, **kwargs)
         else:
             parent_new = super(cls, subcls).__new__  # type: ignore[misc]
-            obj = parent_new(subcls) if parent_new is object.__new__ else parent_new(subcls, *args, **kwargs)
+            obj = (
+                parent_new(subcls)
+                if parent_new is object.__new__
+                else parent_new(subcls, *args, **kwargs)
+            )
         _remember(obj, subcls, args, kwargs)
         return obj
 
@@ -1185,7 +1288,12 @@ def object_path(obj: Any) -> str | None:
     if module and name:
         candidates.append(f"{module}.{name}")
     if name:
-        candidates += [f"torch.{name}", f"torch.nn.functional.{name}", f"math.{name}", f"operator.{name}"]
+        candidates += [
+            f"torch.{name}",
+            f"torch.nn.functional.{name}",
+            f"math.{name}",
+            f"operator.{name}",
+        ]
     for path in candidates:
         if "<" in path:
             continue
@@ -1244,7 +1352,9 @@ class ConstructionRecord:
             f"# Rebuild checked: {({True: 'yes, same modules and parameter shapes', False: 'NO (see notes)', None: 'no'})[self.verified]}.",
         ]
         lines += [f"# Note: {note}" for note in self.notes]
-        body = yaml.safe_dump(_yaml_safe(self.config), sort_keys=False, default_flow_style=False, allow_unicode=True)
+        body = yaml.safe_dump(
+            _yaml_safe(self.config), sort_keys=False, default_flow_style=False, allow_unicode=True
+        )
         return "\n".join(lines) + "\n" + body
 
 
@@ -1256,7 +1366,12 @@ def _yaml_safe(value: Any) -> Any:
         return [_yaml_safe(v) for v in value]
     if isinstance(value, np.generic):
         return value.item()
-    for kind in (bool, int, float, str):  # subclasses too (version strings, IntEnum) as the plain type
+    for kind in (
+        bool,
+        int,
+        float,
+        str,
+    ):  # subclasses too (version strings, IntEnum) as the plain type
         if isinstance(value, kind):
             return kind(value)
     return None if value is None else str(value)
@@ -1293,13 +1408,33 @@ class _Recorder:
         if isinstance(value, torch.Size):
             return list(value)
         if isinstance(value, torch.Tensor):
-            if value.numel() <= _SMALL_ARRAY and value.layout == torch.strided and value.device.type != "meta":
-                return {"_target_": "torch.tensor", "data": value.detach().cpu().tolist(), "dtype": _get_object(str(value.dtype))}
-            return self.placeholder(path, "torch.Tensor", f"a tensor of shape {tuple(value.shape)} ({value.dtype}); its values are not recorded")
+            if (
+                value.numel() <= _SMALL_ARRAY
+                and value.layout == torch.strided
+                and value.device.type != "meta"
+            ):
+                return {
+                    "_target_": "torch.tensor",
+                    "data": value.detach().cpu().tolist(),
+                    "dtype": _get_object(str(value.dtype)),
+                }
+            return self.placeholder(
+                path,
+                "torch.Tensor",
+                f"a tensor of shape {tuple(value.shape)} ({value.dtype}); its values are not recorded",
+            )
         if isinstance(value, np.ndarray):
             if value.size <= _SMALL_ARRAY and value.dtype != object:
-                return {"_target_": "numpy.array", "object": value.tolist(), "dtype": value.dtype.str}
-            return self.placeholder(path, "numpy.ndarray", f"an array of shape {value.shape}; its values are not recorded")
+                return {
+                    "_target_": "numpy.array",
+                    "object": value.tolist(),
+                    "dtype": value.dtype.str,
+                }
+            return self.placeholder(
+                path,
+                "numpy.ndarray",
+                f"an array of shape {value.shape}; its values are not recorded",
+            )
         if _is_omegaconf(value):
             return self.value(to_plain(value), path)
         if isinstance(value, Mapping):
@@ -1312,7 +1447,11 @@ class _Recorder:
         if isinstance(value, functools.partial):
             target = object_path(value.func)
             if target is None:
-                return self.placeholder(path, "functools.partial", f"its function {value.func!r} cannot be found by name")
+                return self.placeholder(
+                    path,
+                    "functools.partial",
+                    f"its function {value.func!r} cannot be found by name",
+                )
             out: dict[str, Any] = {"_target_": target, "_partial_": True}
             if value.args:
                 out["_args_"] = [self.value(v, f"{path}.{i}") for i, v in enumerate(value.args)]
@@ -1321,8 +1460,14 @@ class _Recorder:
         if isinstance(value, type) or inspect.isroutine(value):
             target = object_path(value)
             if target is None:
-                why = "a lambda" if getattr(value, "__name__", "") == "<lambda>" else "defined inside a function or not importable"
-                return self.placeholder(path, _type_name(value), f"{why}: it cannot be found by name")
+                why = (
+                    "a lambda"
+                    if getattr(value, "__name__", "") == "<lambda>"
+                    else "defined inside a function or not importable"
+                )
+                return self.placeholder(
+                    path, _type_name(value), f"{why}: it cannot be found by name"
+                )
             return _get_object(target)
         return self.object(value, path)
 
@@ -1335,7 +1480,8 @@ class _Recorder:
         target = object_path(cls)
         if target is None:
             return self.placeholder(
-                path, _type_name(obj),
+                path,
+                _type_name(obj),
                 "its class is defined inside a function or cannot be imported by name",
             )
         if id(obj) in self._active:
@@ -1349,8 +1495,11 @@ class _Recorder:
     def _object(self, obj: Any, cls: type, target: str, path: str) -> dict[str, Any]:
         """``obj`` from an explicit source only; else a placeholder saying how to add one."""
         if target.startswith("__main__."):
-            self.note(path, f"{cls.__qualname__} is defined in the running script (__main__): "
-                            "rebuild it from that script, or move the class into a module")
+            self.note(
+                path,
+                f"{cls.__qualname__} is defined in the running script (__main__): "
+                "rebuild it from that script, or move the class into a module",
+            )
         # Containers of the standard library of modules: their children are their arguments.
         if cls is nn.Identity:
             return {"_target_": target}
@@ -1365,7 +1514,10 @@ class _Recorder:
             return self._from_arguments(target, recorded.params, recorded.arguments, path)
         if dataclasses.is_dataclass(obj):
             fields = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init}
-            return {"_target_": target, **{k: self.value(v, f"{path}.{k}") for k, v in fields.items()}}
+            return {
+                "_target_": target,
+                **{k: self.value(v, f"{path}.{k}") for k, v in fields.items()},
+            }
         if hasattr(obj, "_fields") and hasattr(obj, "_asdict"):  # NamedTuple
             items = obj._asdict().items()
             return {"_target_": target, **{k: self.value(v, f"{path}.{k}") for k, v in items}}
@@ -1375,7 +1527,9 @@ class _Recorder:
         try:
             params = tuple(inspect.signature(cls.__init__).parameters.values())[1:]  # type: ignore[misc]
         except (TypeError, ValueError):
-            return self.placeholder(path, _type_name(obj), "its constructor's signature cannot be read")
+            return self.placeholder(
+                path, _type_name(obj), "its constructor's signature cannot be read"
+            )
         arguments = self._hparams_arguments(obj, params, saved, path)
         return self._from_arguments(target, params, arguments, path)
 
@@ -1397,11 +1551,19 @@ class _Recorder:
                 why = f"argument {p.name!r} is not in the saved hyperparameters; {_HOW_TO_RECORD}"
                 arguments[p.name] = _Placeholder("?", why)
             else:
-                self.note(f"{path}.{p.name}", "not in the saved hyperparameters; "
-                                              f"its default ({p.default!r}) is used")
+                self.note(
+                    f"{path}.{p.name}",
+                    f"not in the saved hyperparameters; its default ({p.default!r}) is used",
+                )
         return arguments
 
-    def _from_arguments(self, target: str, params: Sequence[inspect.Parameter], arguments: Mapping[str, Any], path: str) -> dict[str, Any]:
+    def _from_arguments(
+        self,
+        target: str,
+        params: Sequence[inspect.Parameter],
+        arguments: Mapping[str, Any],
+        path: str,
+    ) -> dict[str, Any]:
         out: dict[str, Any] = {"_target_": target}
         positional: list[Any] = []
         kwargs: dict[str, Any] = {}
@@ -1439,12 +1601,17 @@ def _saved_hparams(obj: Any) -> dict[str, Any] | None:
 
 
 def _module_signature(model: nn.Module) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
-    shapes = {normalise_name(n): tuple(t.shape) for n, t in [*model.named_parameters(), *model.named_buffers()]}
+    shapes = {
+        normalise_name(n): tuple(t.shape)
+        for n, t in [*model.named_parameters(), *model.named_buffers()]
+    }
     types = {normalise_name(n): type(m).__qualname__ for n, m in model.named_modules()}
     return shapes, types
 
 
-def rebuild_mismatch(config: Mapping[str, Any], original: nn.Module, max_params: int = 50_000_000) -> str | None:
+def rebuild_mismatch(
+    config: Mapping[str, Any], original: nn.Module, max_params: int = 50_000_000
+) -> str | None:
     """``None`` when ``hydra.utils.instantiate(config)`` builds ``original``'s modules and shapes.
 
     The copy is built on the meta device (no memory, no weights), with the random generators
@@ -1481,10 +1648,14 @@ def rebuild_mismatch(config: Mapping[str, Any], original: nn.Module, max_params:
     problems: list[str] = []
     for name in sorted(set(want_types) | set(got_types)):
         if want_types.get(name) != got_types.get(name):
-            problems.append(f"module {name or '<root>'!r}: {want_types.get(name)} vs rebuilt {got_types.get(name)}")
+            problems.append(
+                f"module {name or '<root>'!r}: {want_types.get(name)} vs rebuilt {got_types.get(name)}"
+            )
     for name in sorted(set(want_shapes) | set(got_shapes)):
         if want_shapes.get(name) != got_shapes.get(name):
-            problems.append(f"tensor {name!r}: shape {want_shapes.get(name)} vs rebuilt {got_shapes.get(name)}")
+            problems.append(
+                f"tensor {name!r}: shape {want_shapes.get(name)} vs rebuilt {got_shapes.get(name)}"
+            )
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         return "; ".join(problems[:5]) + more

@@ -35,7 +35,9 @@ class Schedule:
     stop_step: int | None = None
 
     @classmethod
-    def checked(cls, owner: str, every_n_steps: object, start_step: object, stop_step: object) -> Schedule:
+    def checked(
+        cls, owner: str, every_n_steps: object, start_step: object, stop_step: object
+    ) -> Schedule:
         """Build a schedule, raising ConfigError for bad values (``owner`` names the caller)."""
         every = check_positive_int(owner, "every_n_steps", every_n_steps)
         start = check_positive_int(owner, "start_step", start_step, minimum=0)

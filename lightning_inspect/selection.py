@@ -30,6 +30,8 @@ from lightning_inspect.errors import ConfigError, SelectionError
 
 #: Name components inserted by wrappers; removed wherever they appear.
 WRAPPER_COMPONENTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
 def normalise_name(name: str, data_parallel_root: bool = False) -> str:
     """Strip wrapper components from a qualified module or parameter name.
 
@@ -222,8 +224,10 @@ def _no_match_message(owner: str, pattern: Pattern, candidates: dict[str, object
     # the close names; when none is close, still the most similar ones (difflib's ranking)
     literal = pattern.literal_part
     near = closest(literal, names) or closest(literal, names, cutoff=0.0) if literal else names[:5]
-    hint = "" if pattern.text.startswith("re:") or "*" in pattern.text else (
-        " Patterns are whole-name globs: use '*' to match a prefix or suffix."
+    hint = (
+        ""
+        if pattern.text.startswith("re:") or "*" in pattern.text
+        else (" Patterns are whole-name globs: use '*' to match a prefix or suffix.")
     )
     where = "the model" if kind == "module" else "the selected modules"
     none = "(the model has no submodules)" if kind == "module" else "(they have no parameters)"

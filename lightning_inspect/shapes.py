@@ -71,7 +71,9 @@ def describe_values(obj: Any, limit: int = _MAX_LISTED) -> str:
     '0: (2,) float32; 1/mask: (2,) bool'
     """
     items = list(iter_tensors(obj))
-    parts = [f"{path}: {describe_tensor(t)}" if path else describe_tensor(t) for path, t in items[:limit]]
+    parts = [
+        f"{path}: {describe_tensor(t)}" if path else describe_tensor(t) for path, t in items[:limit]
+    ]
     if len(items) > limit:
         parts.append(f"... ({len(items) - limit} more)")
     return "; ".join(parts) if parts else "(no tensors)"
@@ -90,7 +92,10 @@ def describe_inputs(args: Sequence[Any], kwargs: Mapping[str, Any] | None = None
 
 def describe_parameters(module: nn.Module) -> str:
     """The module's own parameters and buffers: ``weight (10, 288) float32, bias (10,) float32``."""
-    parts = [f"{n} {describe_tensor(p)}{'' if p.requires_grad else ' (frozen)'}" for n, p in module.named_parameters(recurse=False)]
+    parts = [
+        f"{n} {describe_tensor(p)}{'' if p.requires_grad else ' (frozen)'}"
+        for n, p in module.named_parameters(recurse=False)
+    ]
     if not parts:
         total = sum(p.numel() for p in module.parameters())
         return f"none of its own ({total:,} in its submodules)" if total else "none"
@@ -118,7 +123,7 @@ class ModuleFrame:
 
 
 class _PushHook(InertWhenCopied):
-    __slots__ = ("stack", "name")
+    __slots__ = ("name", "stack")
 
     def __init__(self, stack: ModuleStack, name: str) -> None:
         self.stack = stack
@@ -131,13 +136,15 @@ class _PushHook(InertWhenCopied):
 
 
 class _PopHook(InertWhenCopied):
-    __slots__ = ("stack", "name")
+    __slots__ = ("name", "stack")
 
     def __init__(self, stack: ModuleStack, name: str) -> None:
         self.stack = stack
         self.name = name
 
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+    def __call__(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
         if not is_suspended():
             self.stack.pop(module, output)
         return None
@@ -164,7 +171,9 @@ class ModuleStack:
             hooks.add(module.register_forward_hook(_PopHook(self, name), with_kwargs=True))
         return hooks
 
-    def push(self, name: str, module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+    def push(
+        self, name: str, module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any]
+    ) -> None:
         """A module enters its forward."""
         self._frames.append(ModuleFrame(name, module, args, kwargs))
         if self.trace is not None:
@@ -250,16 +259,22 @@ def error_note(frames: Sequence[ModuleFrame], exc: BaseException, context: str =
         context: where in training it happened (``"training step 0, batch 0"``).
     """
     inner = frames[-1]
-    where = f"module {inner.name!r} ({type(inner.module).__name__})" if inner.name else (
-        f"the model's own forward ({type(inner.module).__name__})"
+    where = (
+        f"module {inner.name!r} ({type(inner.module).__name__})"
+        if inner.name
+        else (f"the model's own forward ({type(inner.module).__name__})")
     )
     callers = [
-        f"{f.name!r} ({type(f.module).__name__})" if f.name else f"the model ({type(f.module).__name__})"
+        f"{f.name!r} ({type(f.module).__name__})"
+        if f.name
+        else f"the model ({type(f.module).__name__})"
         for f in reversed(frames[:-1])
     ]
     line = f"{NOTE_PREFIX} the error was raised inside {where}"
     if callers:
-        line += ", called from " + " <- ".join(callers[:4]) + (" <- ..." if len(callers) > 4 else "")
+        line += (
+            ", called from " + " <- ".join(callers[:4]) + (" <- ..." if len(callers) > 4 else "")
+        )
     if context:
         line += f", during {context}"
     lines = [line + "."]
@@ -269,23 +284,36 @@ def error_note(frames: Sequence[ModuleFrame], exc: BaseException, context: str =
     if hint:
         lines.append(f"  hint: {hint}")
     if inner.from_traceback:
-        lines.append("  (found from the traceback: the inputs are the forward's arguments at the time of the error)")
+        lines.append(
+            "  (found from the traceback: the inputs are the forward's arguments at the time of the error)"
+        )
     return "\n".join(lines)
 
 
 def shape_hint(
-    module: nn.Module, args: Sequence[Any], kwargs: Mapping[str, Any] | None, message: str, name: str = ""
+    module: nn.Module,
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any] | None,
+    message: str,
+    name: str = "",
 ) -> str:
     """One line on the likely cause of an error raised in ``module``'s forward, or ``""``.
 
     >>> shape_hint(nn.Linear(288, 10), (torch.zeros(4, 8, 6, 6),), {}, "mat1 and mat2 shapes cannot be multiplied", "fc")[:42]
     'missing flatten: the input is 4-D (4, 8, 6'
     """
-    tensors = [t for _, t in iter_tensors(list(args))] + [t for _, t in iter_tensors(dict(kwargs or {}))]
+    tensors = [t for _, t in iter_tensors(list(args))] + [
+        t for _, t in iter_tensors(dict(kwargs or {}))
+    ]
     x = tensors[0] if tensors else None
     msg = message.lower()
     label = f"{name!r}" if name else "this module"
-    if isinstance(module, nn.Linear) and x is not None and x.ndim >= 1 and x.shape[-1] != module.in_features:
+    if (
+        isinstance(module, nn.Linear)
+        and x is not None
+        and x.ndim >= 1
+        and x.shape[-1] != module.in_features
+    ):
         flat = math.prod(x.shape[1:]) if x.ndim > 1 else x.shape[-1]
         if x.ndim > 2 and flat == module.in_features:
             return (
@@ -319,29 +347,42 @@ def shape_hint(
                 f"{channels} channels at dimension {1 if x.ndim == spatial + 2 else 0}; set "
                 f"in_channels={channels}, or if the data is channels-last (N, H, W, C) permute it to (N, C, H, W)"
             )
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and x is not None and x.ndim >= 2 and x.shape[1] != module.num_features:
+    if (
+        isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and x is not None
+        and x.ndim >= 2
+        and x.shape[1] != module.num_features
+    ):
         return (
             f"wrong num_features: {label} has num_features={module.num_features} but the input has "
             f"{x.shape[1]} channels/features at dimension 1; set num_features={x.shape[1]}"
         )
     if isinstance(module, nn.LayerNorm) and x is not None:
         shape = tuple(module.normalized_shape)
-        if tuple(x.shape[-len(shape):]) != shape:
+        if tuple(x.shape[-len(shape) :]) != shape:
             return (
                 f"normalized_shape={shape} must equal the input's last dimensions, but the input is "
-                f"{tuple(x.shape)}: set normalized_shape={tuple(x.shape[-len(shape):])}"
+                f"{tuple(x.shape)}: set normalized_shape={tuple(x.shape[-len(shape) :])}"
             )
-    if isinstance(module, nn.Embedding) and x is not None and "index" in msg and "range" in msg:
-        if not x.is_floating_point() and x.numel():
-            low, high = int(x.min()), int(x.max())
-            return (
-                f"{label} has num_embeddings={module.num_embeddings} (valid indices 0..{module.num_embeddings - 1}) "
-                f"but the input holds indices {low}..{high}: enlarge num_embeddings or fix the vocabulary/tokeniser"
-            )
+    if (
+        isinstance(module, nn.Embedding)
+        and x is not None
+        and "index" in msg
+        and "range" in msg
+        and not x.is_floating_point()
+        and x.numel()
+    ):
+        low, high = int(x.min()), int(x.max())
+        return (
+            f"{label} has num_embeddings={module.num_embeddings} (valid indices 0..{module.num_embeddings - 1}) "
+            f"but the input holds indices {low}..{high}: enlarge num_embeddings or fix the vocabulary/tokeniser"
+        )
     if isinstance(module, nn.Embedding) and x is not None and x.is_floating_point():
         return "Embedding takes integer indices but the input is floating point: pass token ids (torch.long)"
     if re.search(r"dtype|scalar type|expected .* but found", msg):
-        inputs = sorted({str(t.dtype).replace("torch.", "") for t in tensors if t.is_floating_point()})
+        inputs = sorted(
+            {str(t.dtype).replace("torch.", "") for t in tensors if t.is_floating_point()}
+        )
         params = sorted({str(p.dtype).replace("torch.", "") for p in module.parameters()})
         if inputs and params and inputs != params:
             return (
@@ -401,20 +442,36 @@ class ShapeTrace:
         self.rows: list[TraceRow] = []
         self._by_name: dict[str, TraceRow] = {}
 
-    def enter(self, name: str, module: nn.Module, args: tuple[Any, ...], kwargs: Mapping[str, Any], depth: int) -> None:
+    def enter(
+        self,
+        name: str,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: Mapping[str, Any],
+        depth: int,
+    ) -> None:
         row = self._by_name.get(name)
         if row is not None:
             row.calls += 1
             return
         own = sum(p.numel() for p in module.parameters(recurse=False))
-        row = TraceRow(len(self.rows), name or "(model)", type(module).__name__, depth, describe_inputs(args, kwargs), parameters=f"{own:,}" if own else "")
+        row = TraceRow(
+            len(self.rows),
+            name or "(model)",
+            type(module).__name__,
+            depth,
+            describe_inputs(args, kwargs),
+            parameters=f"{own:,}" if own else "",
+        )
         self.rows.append(row)
         self._by_name[name] = row
 
     def leave(self, name: str, output: Any) -> None:
         row = self._by_name.get(name)
         if row is not None and row.calls == 1:
-            row.outputs = describe_values(output) if _holds_tensor(output) else type(output).__name__
+            row.outputs = (
+                describe_values(output) if _holds_tensor(output) else type(output).__name__
+            )
 
     def to_markdown(self, title: str = "Shape trace") -> str:
         """The trace as a markdown table (names indented by nesting depth)."""
@@ -426,7 +483,9 @@ class ShapeTrace:
         ]
         for r in self.rows:
             name = "&nbsp;" * 2 * r.depth + r.name
-            lines.append(f"| {r.order} | {name} | {r.type} | {r.inputs} | {r.outputs} | {r.parameters} | {r.calls} |")
+            lines.append(
+                f"| {r.order} | {name} | {r.type} | {r.inputs} | {r.outputs} | {r.parameters} | {r.calls} |"
+            )
         return "\n".join(lines)
 
     def to_rich_table(self, title: str = "Shape trace") -> Any:
@@ -434,11 +493,28 @@ class ShapeTrace:
         from rich.table import Table
 
         table = Table(title=title, title_justify="left")
-        for column in ("#", "module", "type", "input shapes", "output shapes", "own params", "calls"):
+        for column in (
+            "#",
+            "module",
+            "type",
+            "input shapes",
+            "output shapes",
+            "own params",
+            "calls",
+        ):
             table.add_column(column, overflow="fold")
         for r in self.rows:
             style = "bold red" if r.outputs == "(did not return)" else None
-            table.add_row(str(r.order), "  " * r.depth + r.name, r.type, r.inputs, r.outputs, r.parameters, str(r.calls), style=style)
+            table.add_row(
+                str(r.order),
+                "  " * r.depth + r.name,
+                r.type,
+                r.inputs,
+                r.outputs,
+                r.parameters,
+                str(r.calls),
+                style=style,
+            )
         return table
 
 
@@ -508,10 +584,24 @@ class ModelSummary:
             title=f"{self.model_type}: {self.parameters:,} parameters ({self.trainable:,} trainable, {frozen:,} frozen)",
             title_justify="left",
         )
-        for column, justify in (("block", "left"), ("type", "left"), ("layers", "left"), ("parameters", "right"), ("trainable", "right"), ("frozen", "right")):
+        for column, justify in (
+            ("block", "left"),
+            ("type", "left"),
+            ("layers", "left"),
+            ("parameters", "right"),
+            ("trainable", "right"),
+            ("frozen", "right"),
+        ):
             table.add_column(column, justify=justify, overflow="fold")  # type: ignore[arg-type]
         for b in self.blocks:
-            table.add_row(b.name, b.type, f"{b.layers} ({b.layer_types})", f"{b.parameters:,}", f"{b.trainable:,}", f"{b.frozen:,}")
+            table.add_row(
+                b.name,
+                b.type,
+                f"{b.layers} ({b.layer_types})",
+                f"{b.parameters:,}",
+                f"{b.trainable:,}",
+                f"{b.frozen:,}",
+            )
         return table
 
 
@@ -525,7 +615,11 @@ def model_summary(model: nn.Module) -> ModelSummary:
 
     root, prefix = model, ""
     children = list(root.named_children())
-    while len(children) == 1 and list(children[0][1].children()) and not any(True for _ in root.parameters(recurse=False)):
+    while (
+        len(children) == 1
+        and list(children[0][1].children())
+        and not any(True for _ in root.parameters(recurse=False))
+    ):
         prefix = f"{prefix}.{children[0][0]}" if prefix else children[0][0]
         root = children[0][1]
         children = list(root.named_children())
@@ -536,17 +630,28 @@ def model_summary(model: nn.Module) -> ModelSummary:
         counts: dict[str, int] = {}
         for m in leaves:
             counts[type(m).__name__] = counts.get(type(m).__name__, 0) + 1
-        blocks.append(BlockSummary(
-            normalise_name(f"{prefix}.{name}" if prefix else name),
-            type(block).__name__,
-            len(leaves),
-            ", ".join(f"{n} {t}" for t, n in counts.items()),
-            sum(p.numel() for p in params),
-            sum(p.numel() for p in params if p.requires_grad),
-        ))
+        blocks.append(
+            BlockSummary(
+                normalise_name(f"{prefix}.{name}" if prefix else name),
+                type(block).__name__,
+                len(leaves),
+                ", ".join(f"{n} {t}" for t, n in counts.items()),
+                sum(p.numel() for p in params),
+                sum(p.numel() for p in params if p.requires_grad),
+            )
+        )
     own = list(root.parameters(recurse=False))
     if own:
-        blocks.append(BlockSummary("(own)", type(root).__name__, 0, "parameters held directly", sum(p.numel() for p in own), sum(p.numel() for p in own if p.requires_grad)))
+        blocks.append(
+            BlockSummary(
+                "(own)",
+                type(root).__name__,
+                0,
+                "parameters held directly",
+                sum(p.numel() for p in own),
+                sum(p.numel() for p in own if p.requires_grad),
+            )
+        )
     every = list({id(p): p for p in model.parameters()}.values())
     return ModelSummary(
         type(model).__name__,

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lightning_inspect.chunks import as_vector, blocks
 from lightning_inspect import cpu_reduction
+from lightning_inspect.chunks import as_vector, blocks
 from lightning_inspect.cpu_reduction import reduce_cpu
 
 #: The sufficient statistics at the start of every row, in order.
@@ -289,7 +289,11 @@ def scale_row(row: np.ndarray, factor: float) -> np.ndarray:
 
 def summarise(row: np.ndarray, stats: tuple[str, ...] = ALL_STATS) -> dict[str, float]:
     """The named statistics of one (host) row; NaN where a statistic has no finite value."""
-    return dict(zip(stats, summarise_rows(np.asarray(row)[None, :N_FIELDS], stats)[0].tolist()))
+    return dict(
+        zip(
+            stats, summarise_rows(np.asarray(row)[None, :N_FIELDS], stats)[0].tolist(), strict=False
+        )
+    )
 
 
 def summarise_rows(rows: np.ndarray, stats: tuple[str, ...] = ALL_STATS) -> np.ndarray:
@@ -359,7 +363,9 @@ def histogram(row: np.ndarray) -> Histogram | None:
     lo, hi = float(row[_F["min"]]), float(row[_F["max"]])
     total = float(row[_F["sum"]])
     unit = _unit_edges(bins)
-    edges = lo * (1.0 - unit) + hi * unit  # no hi - lo, which overflows for the widest float64 ranges
+    edges = (
+        lo * (1.0 - unit) + hi * unit
+    )  # no hi - lo, which overflows for the widest float64 ranges
     edges[-1] = hi  # exactly
     return Histogram(
         edges=edges,

@@ -28,6 +28,9 @@ from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+#: The tests run these scripts as subprocesses; pytest never imports them (not even for doctests).
+collect_ignore = ["scripts"]
+
 # Third-party noise only; RuntimeWarnings from lightning_inspect are never filtered.
 NOISY_WARNINGS = [
     r"ignore:.*does not have many workers.*",
@@ -67,7 +70,9 @@ def regression_data(n: int = 32, features: int = IN_FEATURES, seed: int = 0) -> 
     return TensorDataset(x, y)
 
 
-def loader(n: int = 32, batch_size: int = 8, seed: int = 0, shuffle: bool = False, **kw: Any) -> DataLoader:
+def loader(
+    n: int = 32, batch_size: int = 8, seed: int = 0, shuffle: bool = False, **kw: Any
+) -> DataLoader:
     ds = regression_data(n, seed=seed)
     gen = torch.Generator().manual_seed(1234) if shuffle else None
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen, **kw)

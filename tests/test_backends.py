@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import PlainMLP, loader, make_trainer, read_tb
 from lightning.pytorch import Callback
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
-from conftest import PlainMLP, loader, make_trainer, read_tb
 from lightning_inspect import (
     ActivationMonitor,
     BackendError,
@@ -222,8 +222,10 @@ def test_a_requested_backend_without_its_logger_is_an_error(tmp_path: Path) -> N
     trainer = make_trainer(
         1, logger=[ListLogger()], callbacks=[GradientMonitor(backends=["lists"])]
     )
-    match = (r"backend 'lists' needs a logger named 'lists' .* has: ListLogger \('list'\)\. "
-             r"Did you mean 'list'\?")
+    match = (
+        r"backend 'lists' needs a logger named 'lists' .* has: ListLogger \('list'\)\. "
+        r"Did you mean 'list'\?"
+    )
     with pytest.raises(BackendError, match=match):
         trainer.fit(PlainMLP(), loader())
 

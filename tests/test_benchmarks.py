@@ -17,9 +17,20 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_overhead_benchmark_quick_run(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--quick", "--models", "cnn", "--no-wandb",
-         "--json", str(out)],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "overhead.py"),
+            "--quick",
+            "--models",
+            "cnn",
+            "--no-wandb",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
@@ -32,7 +43,10 @@ def test_overhead_benchmark_quick_run(tmp_path: Path) -> None:
 def _overhead(*args: str, timeout: int = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), *args],
-        capture_output=True, text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
 
 
@@ -49,7 +63,9 @@ def test_overhead_benchmark_gpu_variant_refuses_without_cuda() -> None:
 def _real_size(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "real_size.py"), *args],
-        capture_output=True, text=True, timeout=timeout,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
 
@@ -57,8 +73,18 @@ def _real_size(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[st
 @pytest.mark.slow
 def test_real_size_benchmark_reports_keys_publishing_and_ratios(tmp_path: Path) -> None:
     out = tmp_path / "real.json"
-    proc = _real_size("--models", "resnet", "--steps", "13", "--costly-steps", "1",
-                      "--repeats", "1", "--json", str(out))
+    proc = _real_size(
+        "--models",
+        "resnet",
+        "--steps",
+        "13",
+        "--costly-steps",
+        "1",
+        "--repeats",
+        "1",
+        "--json",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     (published,) = result["publishing"]
@@ -73,8 +99,17 @@ def test_real_size_benchmark_reports_keys_publishing_and_ratios(tmp_path: Path) 
 @pytest.mark.slow
 def test_real_size_scaling_fits_a_line_through_the_layer_counts(tmp_path: Path) -> None:
     out = tmp_path / "scaling.json"
-    proc = _real_size("--scaling", "--layers", "1,2,3", "--costly-steps", "1", "--repeats", "1",
-                      "--json", str(out))
+    proc = _real_size(
+        "--scaling",
+        "--layers",
+        "1,2,3",
+        "--costly-steps",
+        "1",
+        "--repeats",
+        "1",
+        "--json",
+        str(out),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
     keys = [row["scalars"] + row["histograms"] for row in result["scaling"]]

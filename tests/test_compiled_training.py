@@ -39,8 +39,14 @@ class _EachStep(L.Callback):
         self.losses: list[torch.Tensor] = []
         self.weights: list[dict[str, torch.Tensor]] = []
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
-                           batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         self.losses.append(outputs["loss"].detach().clone())
         self.weights.append({k: v.clone() for k, v in pl_module.state_dict().items()})
 
@@ -54,8 +60,13 @@ def _fit(monitors: list[L.Callback]) -> _EachStep:
     data = torch.utils.data.TensorDataset(x, y)
     steps = _EachStep()
     L.Trainer(
-        max_steps=5, logger=False, callbacks=[*monitors, steps], accelerator="cpu",
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        max_steps=5,
+        logger=False,
+        callbacks=[*monitors, steps],
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
     ).fit(model, torch.utils.data.DataLoader(data, batch_size=8))
     return steps
 

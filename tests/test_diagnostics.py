@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import doctest
 import math
 
 import numpy as np
 import pytest
 
-import lightning_inspect.diagnostics as diagnostics_module
-import lightning_inspect.health_pictures as pictures_module
 from lightning_inspect.diagnostics import (
     Finding,
     HealthReport,
@@ -23,19 +20,17 @@ from lightning_inspect.diagnostics import (
 from lightning_inspect.errors import ConfigError
 from lightning_inspect.health_pictures import heatmap, publish_image
 
-
-@pytest.mark.parametrize("module", [diagnostics_module, pictures_module])
-def test_doctests(module: object) -> None:
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)  # type: ignore[arg-type]
-    assert result.failed == 0 and result.attempted > 0
-
-
 # -- thresholds -------------------------------------------------------------------------------
 
 
 def test_thresholds_defaults_and_overrides() -> None:
     t = HealthThresholds.checked("HealthMonitor", None)
-    assert (t.dead_fraction, t.grad_spike_factor, t.update_ratio_low, t.update_ratio_high) == (0.5, 10.0, 1e-5, 1e-1)
+    assert (t.dead_fraction, t.grad_spike_factor, t.update_ratio_low, t.update_ratio_high) == (
+        0.5,
+        10.0,
+        1e-5,
+        1e-1,
+    )
     t = HealthThresholds.checked("HealthMonitor", {"dead_fraction": 0.9, "dead_window": 2})
     assert (t.dead_fraction, t.dead_window) == (0.9, 2)
     assert HealthThresholds.checked("HealthMonitor", t) is t
@@ -44,11 +39,20 @@ def test_thresholds_defaults_and_overrides() -> None:
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
-        ({"dead_fractoin": 0.5}, r"HealthMonitor\(thresholds.dead_fractoin=0.5\): unknown threshold .*Did you mean 'dead_fraction'"),
-        ({"dead_fraction": 1.5}, r"HealthMonitor\(thresholds.dead_fraction=1.5\): expected a number in \(0, 1\]"),
+        (
+            {"dead_fractoin": 0.5},
+            r"HealthMonitor\(thresholds.dead_fractoin=0.5\): unknown threshold .*Did you mean 'dead_fraction'",
+        ),
+        (
+            {"dead_fraction": 1.5},
+            r"HealthMonitor\(thresholds.dead_fraction=1.5\): expected a number in \(0, 1\]",
+        ),
         ({"dead_window": 0}, r"thresholds.dead_window=0\): expected an integer >= 1"),
         ({"grad_spike_factor": "big"}, r"thresholds.grad_spike_factor='big'\)"),
-        ({"grad_norm_low": 10.0, "grad_norm_high": 1.0}, r"grad_norm_low must not exceed grad_norm_high"),
+        (
+            {"grad_norm_low": 10.0, "grad_norm_high": 1.0},
+            r"grad_norm_low must not exceed grad_norm_high",
+        ),
         ([0.5], r"HealthMonitor\(thresholds=\[0.5\]\): expected a mapping"),
     ],
 )
@@ -67,7 +71,12 @@ def test_dead_units_rule() -> None:
     assert partial is not None and partial.severity == "warning" and partial.depth == 1
     assert "50 of 100 units" in partial.hint and "last 4 logged steps" in partial.hint
     every = check_dead_units("net.1", 1.0, 8, 7, t)
-    assert every is not None and every.severity == "error" and every.step == 7 and every.statistic == "dead_fraction"
+    assert (
+        every is not None
+        and every.severity == "error"
+        and every.step == 7
+        and every.statistic == "dead_fraction"
+    )
 
 
 def test_saturation_rule() -> None:
@@ -83,13 +92,19 @@ def test_update_ratio_rules() -> None:
     high = check_update_ratio("fc", 0.5, 1, t)
     low = check_update_ratio("fc", 1e-7, 1, t)
     bad = check_update_ratio("fc", math.nan, 1, t)
-    assert high is not None and (high.rule, high.severity, high.threshold) == ("update_ratio_high", "warning", 0.1)
+    assert high is not None and (high.rule, high.severity, high.threshold) == (
+        "update_ratio_high",
+        "warning",
+        0.1,
+    )
     assert low is not None and (low.rule, low.severity) == ("update_ratio_low", "info")
     assert bad is not None and (bad.rule, bad.severity) == ("nonfinite", "error")
 
 
 def test_gradient_rules_absolute_relative_and_nonfinite() -> None:
-    rules = HealthRules(HealthThresholds(grad_norm_low=1e-8, grad_norm_high=100.0, grad_depth_ratio=1e-3))
+    rules = HealthRules(
+        HealthThresholds(grad_norm_low=1e-8, grad_norm_high=100.0, grad_depth_ratio=1e-3)
+    )
     stats = {
         "net.0": {"grad_norm": 1e-9},  # absolute: below grad_norm_low
         "net.2": {"grad_norm": 1e-5},  # relative: below 1e-3 of the largest (net.4)
@@ -110,7 +125,9 @@ def test_gradient_rules_absolute_relative_and_nonfinite() -> None:
 
 
 def test_gradient_spike_against_own_running_median() -> None:
-    rules = HealthRules(HealthThresholds(grad_spike_factor=10.0, spike_min_history=3, spike_history=5))
+    rules = HealthRules(
+        HealthThresholds(grad_spike_factor=10.0, spike_min_history=3, spike_history=5)
+    )
     # Too little history: no spike, whatever the jump.
     assert rules.observe(0, {"fc": {"grad_norm": 1.0}}) == []
     assert rules.observe(1, {"fc": {"grad_norm": 100.0}}) == []
@@ -132,7 +149,10 @@ def test_observe_orders_by_execution_and_passes_kinds() -> None:
     rules = HealthRules()
     stats = {"late": {"saturated_fraction": 0.9}, "early": {"dead_fraction": 1.0, "units": 4.0}}
     found = rules.observe(3, stats, order=["early", "late"], kinds={"late": "Sigmoid"})
-    assert [(f.module, f.rule, f.depth) for f in found] == [("early", "dead_units", 0), ("late", "saturation", 1)]
+    assert [(f.module, f.rule, f.depth) for f in found] == [
+        ("early", "dead_units", 0),
+        ("late", "saturation", 1),
+    ]
     assert "4 of 4 units" in found[0].hint and "Sigmoid" in found[1].hint
 
 
@@ -149,19 +169,27 @@ def test_report_merges_per_rule_and_module_and_keeps_first_and_worst() -> None:
     assert not report.add(_f("vanishing_gradient", "warning", "net.0", 1e-10, 5))
     assert not report.add(_f("vanishing_gradient", "warning", "net.0", 1e-9, 7))
     (entry,) = report.entries()
-    assert (entry.count, entry.first.step, entry.worst.step, entry.worst.value, entry.last_step) == (3, 2, 5, 1e-10, 7)
+    assert (
+        entry.count,
+        entry.first.step,
+        entry.worst.step,
+        entry.worst.value,
+        entry.last_step,
+    ) == (3, 2, 5, 1e-10, 7)
 
 
 def test_report_lists_worst_first() -> None:
     report = HealthReport()
-    report.extend([
-        _f("update_ratio_low", "info", "a", 1e-7, 0),
-        _f("vanishing_gradient", "warning", "b", 1e-9, 0, depth=2),
-        _f("vanishing_gradient", "warning", "a", 1e-9, 0, depth=0),
-        _f("dead_units", "error", "c", 1.0, 9),
-        _f("nonfinite", "error", "d", 3.0, 9),
-        _f("exploding_gradient", "warning", "e", 1e4, 1),
-    ])
+    report.extend(
+        [
+            _f("update_ratio_low", "info", "a", 1e-7, 0),
+            _f("vanishing_gradient", "warning", "b", 1e-9, 0, depth=2),
+            _f("vanishing_gradient", "warning", "a", 1e-9, 0, depth=0),
+            _f("dead_units", "error", "c", 1.0, 9),
+            _f("nonfinite", "error", "d", 3.0, 9),
+            _f("exploding_gradient", "warning", "e", 1e4, 1),
+        ]
+    )
     order = [(f.severity, f.rule, f.module) for f in report.findings()]
     assert order == [
         ("error", "nonfinite", "d"),
@@ -194,7 +222,14 @@ def test_report_renders_markdown_and_rich() -> None:
 
 
 def test_format_value() -> None:
-    assert [format_value(v) for v in (0.0, 1.0, 0.5, 2e-9, 3e5, math.inf)] == ["0", "1", "0.5", "2.0e-09", "3.0e+05", "inf"]
+    assert [format_value(v) for v in (0.0, 1.0, 0.5, 2e-9, 3e5, math.inf)] == [
+        "0",
+        "1",
+        "0.5",
+        "2.0e-09",
+        "3.0e+05",
+        "inf",
+    ]
 
 
 # -- pictures ---------------------------------------------------------------------------------
@@ -224,7 +259,11 @@ def test_publish_image_uses_log_image_and_warns_once_on_failure() -> None:
 
     good, warned = Good(), set()
     image = np.zeros((4, 4, 3), dtype=np.uint8)
-    with pytest.warns(RuntimeWarning, match="could not log the picture 'health/x' to bad .*disk full"):
-        assert publish_image([good, Bad()], "health/x", image, 3, "HealthMonitor", warned) == ["good"]
+    with pytest.warns(
+        RuntimeWarning, match="could not log the picture 'health/x' to bad .*disk full"
+    ):
+        assert publish_image([good, Bad()], "health/x", image, 3, "HealthMonitor", warned) == [
+            "good"
+        ]
     publish_image([Bad()], "health/x", image, 4, "HealthMonitor", warned)  # no second warning
     assert good.images == [("health/x", 3)] and warned == {"bad"}

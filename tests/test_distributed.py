@@ -21,7 +21,11 @@ def _run(tmp_path: Path, *extra: str) -> EventAccumulator:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), str(tmp_path), *extra],
-        capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     files = glob.glob(str(tmp_path / "**" / "events.out.tfevents.*"), recursive=True)
@@ -36,7 +40,9 @@ def _values(acc: EventAccumulator, key: str) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_statistics_are_combined_over_ranks_and_an_unused_module_does_not_hang(tmp_path: Path) -> None:
+def test_statistics_are_combined_over_ranks_and_an_unused_module_does_not_hang(
+    tmp_path: Path,
+) -> None:
     acc = _run(tmp_path, "unused_on_rank1")
     # Step 0: body.weight = 0.5, bias 0; rank r feeds inputs of r + 1 -> outputs 2.0 (rank 0)
     # and 4.0 (rank 1), 12 values each.
@@ -44,7 +50,9 @@ def test_statistics_are_combined_over_ranks_and_an_unused_module_does_not_hang(t
     assert _values(acc, "activations/body/std")[0] == pytest.approx(1.0)
     assert _values(acc, "activations/body/min")[0] == pytest.approx(2.0)
     assert _values(acc, "activations/body/max")[0] == pytest.approx(4.0)
-    assert _values(acc, "activations/body/l2_norm")[0] == pytest.approx(math.sqrt(12 * 4 + 12 * 16), rel=1e-6)
+    assert _values(acc, "activations/body/l2_norm")[0] == pytest.approx(
+        math.sqrt(12 * 4 + 12 * 16), rel=1e-6
+    )
     assert acc.Histograms("activations/body")[0].histogram_value.num == 24  # both ranks' counts
     # ``extra`` runs on rank 0 only: logged from rank 0's values, at every step, without a hang.
     assert sorted(_values(acc, "activations/extra/mean")) == [0, 1, 2]
@@ -64,7 +72,11 @@ def test_ddp_spawn_from_a_hydra_app_records_the_config_and_the_graph(tmp_path: P
     run_dir = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, str(SPAWN_HYDRA_SCRIPT), f"hydra.run.dir={run_dir}", "model.hidden=6"],
-        capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     record_dir = run_dir / "tb" / "run_record"
@@ -86,11 +98,17 @@ def test_fsdp2_sharded_parameters_are_read_through_their_local_shard(tmp_path: P
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).parent / "scripts" / "fsdp2_train.py"), str(tmp_path)],
-        capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    acc = EventAccumulator(glob.glob(str(tmp_path / "events.out.tfevents.*"))[0],
-                           size_guidance={"scalars": 0, "histograms": 0})
+    acc = EventAccumulator(
+        glob.glob(str(tmp_path / "events.out.tfevents.*"))[0],
+        size_guidance={"scalars": 0, "histograms": 0},
+    )
     acc.Reload()
     # Layers are selected after configure_model sharded them: the optimizer's parameters are seen.
     assert all(v > 0 for v in _values(acc, "weights/body.0.weight/update_ratio").values())

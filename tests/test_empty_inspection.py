@@ -5,9 +5,9 @@ from __future__ import annotations
 import warnings
 
 import pytest
+from conftest import PlainMLP, TinyMLP, loader, make_trainer, read_tb
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from conftest import PlainMLP, TinyMLP, loader, make_trainer, read_tb
 from lightning_inspect import ActivationMonitor, GraphMonitor, WeightMonitor
 
 
@@ -43,8 +43,10 @@ def test_a_selection_that_is_not_empty_does_not_warn(tb_logger: TensorBoardLogge
     assert read_tb(tb_logger.log_dir).steps("activations/net.2/mean") == [0]
 
 
-@pytest.mark.parametrize("make", [lambda: ActivationMonitor(backends=[], every_n_steps=1),
-                                  lambda: GraphMonitor(backends=[])])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: ActivationMonitor(backends=[], every_n_steps=1), lambda: GraphMonitor(backends=[])],
+)
 def test_empty_backends_warn_that_nothing_is_written(make, tb_logger: TensorBoardLogger) -> None:
     trainer = make_trainer(2, logger=tb_logger, callbacks=[make()])
     match = r"\(backends=\[\]\): no backend is selected, so this callback writes nothing"

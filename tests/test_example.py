@@ -27,10 +27,17 @@ def run_example(
     tmp_path: Path, *overrides: str, timeout: float = 180, quick: bool = True
 ) -> subprocess.CompletedProcess[str]:
     """``python examples/train.py <overrides>`` with ``tmp_path`` as working and run directory."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "HYDRA_FULL_ERROR": "0"}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONWARNINGS": "ignore",
+        "HYDRA_FULL_ERROR": "0",
+    }
     short = QUICK if quick else ["trainer.enable_progress_bar=false"]
     command = [sys.executable, str(TRAIN), f"hydra.run.dir={tmp_path / 'run'}", *short, *overrides]
-    return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def read_tensorboard(log_dir: Path) -> Any:
@@ -48,24 +55,38 @@ def scalar_steps(events: Any, tag: str) -> list[int]:
 
 
 def _ok(result: subprocess.CompletedProcess[str]) -> None:
-    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    assert result.returncode == 0, (
+        f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    )
 
 
 def test_activations_on_the_cnn_reach_tensorboard_and_mlflow(tmp_path: Path) -> None:
-    result = run_example(tmp_path, "+inspect=activations", "inspect.activations.every_n_steps=2", "trainer.max_steps=5")
+    result = run_example(
+        tmp_path,
+        "+inspect=activations",
+        "inspect.activations.every_n_steps=2",
+        "trainer.max_steps=5",
+    )
     _ok(result)
     run_dir = tmp_path / "run"
 
     events = read_tensorboard(run_dir / "tensorboard")
     scalars = set(events.Tags()["scalars"])
     histograms = set(events.Tags()["histograms"])
-    modules = ["features.0", "features.3", "classifier.1", "classifier.4"]  # the layers with weights
+    modules = [
+        "features.0",
+        "features.3",
+        "classifier.1",
+        "classifier.4",
+    ]  # the layers with weights
     for module in modules:
         for stat in ("mean", "std", "min", "max", "zero_fraction"):
             assert f"activations/{module}/{stat}" in scalars, sorted(scalars)
         assert f"activations/{module}" in histograms, sorted(histograms)
     assert scalar_steps(events, "activations/features.0/mean") == [0, 2, 4]
-    assert not any(tag.startswith(("activation_grads/", "weights/", "param_grads/")) for tag in scalars)
+    assert not any(
+        tag.startswith(("activation_grads/", "weights/", "param_grads/")) for tag in scalars
+    )
     relu = events.Scalars("activations/classifier.1/zero_fraction")[0].value
     assert 0.0 <= relu <= 1.0
     histogram = events.Histograms("activations/features.0")[0]
@@ -108,7 +129,9 @@ def test_activations_and_gradients_on_the_transformer(tmp_path: Path) -> None:
     events = read_tensorboard(tmp_path / "run" / "tensorboard")
     scalars = set(events.Tags()["scalars"])
     activations = {t.split("/")[1] for t in scalars if t.startswith("activations/")}
-    assert "encoder.layers.0.linear1" in activations and "encoder.layers.1.self_attn" in activations, activations
+    assert (
+        "encoder.layers.0.linear1" in activations and "encoder.layers.1.self_attn" in activations
+    ), activations
     assert all(name.startswith("encoder.") for name in activations), activations
     assert "activation_grads/head/mean" in scalars
     assert "activation_grads/encoder.layers.0.linear1/mean" in scalars
@@ -127,10 +150,16 @@ def test_a_mistyped_key_stops_before_training(tmp_path: Path) -> None:
     assert "Epoch" not in result.stdout + result.stderr
 
 
-def test_attention_probe_of_the_transformer_is_switched_on_from_the_command_line(tmp_path: Path) -> None:
+def test_attention_probe_of_the_transformer_is_switched_on_from_the_command_line(
+    tmp_path: Path,
+) -> None:
     result = run_example(
-        tmp_path, "model=transformer", "+inspect=probes", "inspect.probes.tags=[attention]",
-        "inspect.probes.every_n_steps=3", "trainer.max_steps=7",
+        tmp_path,
+        "model=transformer",
+        "+inspect=probes",
+        "inspect.probes.tags=[attention]",
+        "inspect.probes.every_n_steps=3",
+        "trainer.max_steps=7",
     )
     _ok(result)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -140,7 +169,6 @@ def test_attention_probe_of_the_transformer_is_switched_on_from_the_command_line
     assert [e.step for e in events.Images("probes/show_attention/layer0")] == [0, 3, 6]
     picture = events.Images("probes/show_attention/layer0")[0]
     assert (picture.width, picture.height) == (128, 128)  # the 8x8 attention map, scaled up
-
 
 
 def _readme_block(marker: str) -> str:
@@ -166,18 +194,21 @@ def test_the_readme_run_command_draws_curves_in_the_tabs_the_readme_lists(tmp_pa
     assert min(len(events.Scalars(t)) for t in monitored) >= 10
     assert min(len(events.Histograms(t)) for t in tags["histograms"]) >= 10
     filled = {
-        "Inspect": bool(monitored), "Scalars": bool(tags["scalars"]),
-        "Custom Scalars": _has_plugin(events, "custom_scalars"), "Histograms": bool(tags["histograms"]),
+        "Inspect": bool(monitored),
+        "Scalars": bool(tags["scalars"]),
+        "Custom Scalars": _has_plugin(events, "custom_scalars"),
+        "Histograms": bool(tags["histograms"]),
         "Distributions": bool(tags["distributions"]),
         "Time Series": bool(tags["scalars"] or tags["histograms"]),
-        "Images": bool(tags["images"]), "Graphs": tags["graph"],
-        "Text": _has_plugin(events, "text"), "HParams": _has_plugin(events, "hparams"),
+        "Images": bool(tags["images"]),
+        "Graphs": tags["graph"],
+        "Text": _has_plugin(events, "text"),
+        "HParams": _has_plugin(events, "hparams"),
     }
     lines = (ROOT / "README.md").read_text().splitlines()
     line = next(x for x in lines if x.startswith("tensorboard --logdir outputs"))
     listed = {t.strip() for t in re.split(r"#", line, maxsplit=1)[1].split(",")}
     assert listed == {tab for tab, on in filled.items() if on}
-
 
 
 def _has_plugin(events: Any, name: str) -> bool:

@@ -42,7 +42,9 @@ class SyncCounter(Callback):
 class Net(L.LightningModule):
     def __init__(self) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 1))
+        self.body = nn.Sequential(
+            nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 1)
+        )
 
     def training_step(self, batch, batch_idx):
         return self.body(batch[0]).square().mean()
@@ -55,10 +57,18 @@ def _syncs(monitors: list[Callback]) -> dict[int, int]:
     counter = SyncCounter()
     # The counter runs last in each batch, after the monitors' transfer.
     trainer = L.Trainer(
-        accelerator="gpu", devices=1, max_steps=6, logger=False, callbacks=[*monitors, counter],
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        accelerator="gpu",
+        devices=1,
+        max_steps=6,
+        logger=False,
+        callbacks=[*monitors, counter],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
     )
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(256, 64)), batch_size=32)
+    data = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(256, 64)), batch_size=32
+    )
     trainer.fit(Net(), data)
     return counter.per_step
 
@@ -96,18 +106,39 @@ def test_fp16_amp_gradients_are_unscaled() -> None:
 
     class Reference(Callback):
         def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-            reference.append(float(torch.linalg.vector_norm(torch.stack(
-                [p.grad.float().norm() for p in pl_module.parameters() if p.grad is not None]))))
+            reference.append(
+                float(
+                    torch.linalg.vector_norm(
+                        torch.stack(
+                            [
+                                p.grad.float().norm()
+                                for p in pl_module.parameters()
+                                if p.grad is not None
+                            ]
+                        )
+                    )
+                )
+            )
 
     trainer = L.Trainer(
-        accelerator="gpu", devices=1, precision="16-mixed", max_steps=3, logger=False,
+        accelerator="gpu",
+        devices=1,
+        precision="16-mixed",
+        max_steps=3,
+        logger=False,
         callbacks=[GradientMonitor(every_n_steps=1, outputs=False, backends=[sink]), Reference()],
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
     )
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(96, 64)), batch_size=32)
+    data = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(96, 64)), batch_size=32
+    )
     trainer.fit(Net(), data)
     logged = [v for _, v in sink.scalars["param_grads/global_norm"]]
-    assert logged == pytest.approx(reference, rel=1e-4)  # the scaler's factor (65536) is not in them
+    assert logged == pytest.approx(
+        reference, rel=1e-4
+    )  # the scaler's factor (65536) is not in them
 
 
 @pytest.mark.slow
@@ -122,9 +153,22 @@ def test_overhead_benchmark_gpu_variant(tmp_path) -> None:
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, str(root / "benchmarks" / "overhead.py"), "--accelerator", "gpu", "--quick",
-         "--models", "cnn", "--no-wandb", "--json", str(out)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+        [
+            sys.executable,
+            str(root / "benchmarks" / "overhead.py"),
+            "--accelerator",
+            "gpu",
+            "--quick",
+            "--models",
+            "cnn",
+            "--no-wandb",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())

@@ -9,11 +9,11 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from conftest import TinyMLP, TinyModule, loader, make_trainer, module_hook_counts, read_tb
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from conftest import TinyMLP, TinyModule, loader, make_trainer, module_hook_counts, read_tb
 from lightning_inspect import ConfigError, GraphMonitor
 from lightning_inspect.callbacks.graph import STRUCTURE_KEY, structure_table
 
@@ -57,10 +57,14 @@ def test_graph_and_structure_of_a_tensor_input_model(tb_logger) -> None:
     params = sum(p.numel() for p in model.parameters())
     assert f"{params:,} parameters ({params:,} trainable, 0 frozen)" in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and "module" not in line]
-    assert [r.split("|")[1].strip().replace("&nbsp;", "") for r in rows] == ["net"] + [f"net.{i}" for i in range(6)]
+    assert [r.split("|")[1].strip().replace("&nbsp;", "") for r in rows] == ["net"] + [
+        f"net.{i}" for i in range(6)
+    ]
     assert "| (8, 8) float32 |" in rows[1]  # output shapes seen on the first batch
     assert "| Linear | (8, 8) float32 | 56 | 56 |" in rows[1]
-    assert len(tb.acc.Tensors(STRUCTURE_TAG)) == 1  # logged once (at the step after the first batch)
+    assert (
+        len(tb.acc.Tensors(STRUCTURE_TAG)) == 1
+    )  # logged once (at the step after the first batch)
 
 
 def test_graph_covers_the_whole_forward_of_a_module_with_several_children(tb_logger) -> None:
@@ -151,14 +155,20 @@ def test_tracing_keeps_each_submodules_training_mode(tb_logger) -> None:
 
 def test_structure_goes_to_mlflow_too(mlflow_logger, mlflow_client, tmp_path: Path) -> None:
     make_trainer(1, logger=mlflow_logger, callbacks=[GraphMonitor()]).fit(TinyMLP(), loader())
-    path = mlflow_client.download_artifacts(mlflow_logger.run_id, "lightning_inspect/model/structure.md", str(tmp_path))
+    path = mlflow_client.download_artifacts(
+        mlflow_logger.run_id, "lightning_inspect/model/structure.md", str(tmp_path)
+    )
     text = Path(path).read_text()
     assert text.startswith("**TinyMLP**")
-    assert "| &nbsp;&nbsp;net.1 | BatchNorm1d | (8, 8) float32 | 16 | 16 |" in text  # indented by depth
+    assert (
+        "| &nbsp;&nbsp;net.1 | BatchNorm1d | (8, 8) float32 | 16 | 16 |" in text
+    )  # indented by depth
 
 
 def test_graph_off_structure_only(tb_logger) -> None:
-    make_trainer(1, logger=tb_logger, callbacks=[GraphMonitor(graph=False)]).fit(TinyMLP(), loader())
+    make_trainer(1, logger=tb_logger, callbacks=[GraphMonitor(graph=False)]).fit(
+        TinyMLP(), loader()
+    )
     tb = read_tb(tb_logger.log_dir)
     assert tb.tags["graph"] is False
     assert "BatchNorm1d" in structure_text(tb)
@@ -173,8 +183,14 @@ def test_structure_table_counts_frozen_parameters() -> None:
     assert "| 1 | Linear | (4, 1) float32 | 4 | 4 |" in text
 
 
-@pytest.mark.parametrize("kwargs, fragment", [(dict(graph="yes"), "graph='yes'"), (dict(backends=["tensorbord"]), "'tensorbord'"),
-                                              (dict(enabled=None), "enabled=None")])
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        (dict(graph="yes"), "graph='yes'"),
+        (dict(backends=["tensorbord"]), "'tensorbord'"),
+        (dict(enabled=None), "enabled=None"),
+    ],
+)
 def test_bad_arguments(kwargs: dict, fragment: str) -> None:
     with pytest.raises(ConfigError, match="GraphMonitor") as info:
         GraphMonitor(**kwargs)

@@ -63,12 +63,11 @@ def test_hookset_remove_is_idempotent() -> None:
 
 def test_hookset_context_manager_removes_real_hooks_even_on_error() -> None:
     net = nn.Linear(2, 2)
-    with pytest.raises(RuntimeError):
-        with HookSet() as hooks:
-            hooks.add(net.register_forward_hook(lambda m, a, o: None))
-            hooks.add(net.register_forward_pre_hook(lambda m, a: None))
-            assert len(net._forward_hooks) == 1 and len(net._forward_pre_hooks) == 1
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), HookSet() as hooks:
+        hooks.add(net.register_forward_hook(lambda m, a, o: None))
+        hooks.add(net.register_forward_pre_hook(lambda m, a: None))
+        assert len(net._forward_hooks) == 1 and len(net._forward_pre_hooks) == 1
+        raise RuntimeError("boom")
     assert len(net._forward_hooks) == 0 and len(net._forward_pre_hooks) == 0
     hooks.remove()  # again: nothing happens
 

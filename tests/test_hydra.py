@@ -46,7 +46,9 @@ from lightning_inspect.errors import ConfigError, NonFiniteError
 ROOT = Path(__file__).resolve().parents[1]
 APP_CONF = ROOT / "conf"
 GROUP_DIR = ROOT / "lightning_inspect" / "conf" / "inspect"
-PLUGIN_FILE = ROOT / "hydra_plugins" / "lightning_inspect_searchpath" / "lightning_inspect_searchpath.py"
+PLUGIN_FILE = (
+    ROOT / "hydra_plugins" / "lightning_inspect_searchpath" / "lightning_inspect_searchpath.py"
+)
 
 MONITORS: dict[str, type] = {
     "activations": ActivationMonitor,
@@ -61,7 +63,9 @@ ALL_OPTIONS = [*SINGLE_OPTIONS, "all", "debug"]
 
 def _option(name: str) -> Any:
     if name == "probes" and not (GROUP_DIR / "probes.yaml").exists():
-        return pytest.param(name, marks=pytest.mark.skip(reason="inspect/probes.yaml is not in the package"))
+        return pytest.param(
+            name, marks=pytest.mark.skip(reason="inspect/probes.yaml is not in the package")
+        )
     return name
 
 
@@ -132,7 +136,7 @@ def test_plugin_is_discovered_and_points_at_the_group() -> None:
     assert recorder.appended == [("lightning-inspect", conf_search_path())]
     path = conf_search_path()
     assert path.startswith("file://")
-    assert (Path(path[len("file://"):]) / "inspect" / "activations.yaml").is_file()
+    assert (Path(path[len("file://") :]) / "inspect" / "activations.yaml").is_file()
 
 
 def test_no_hydra_plugins_init() -> None:
@@ -141,7 +145,11 @@ def test_no_hydra_plugins_init() -> None:
 
 def _fresh_python(code: str, cwd: Path) -> dict[str, Any]:
     out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", textwrap.dedent(code)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -156,7 +164,7 @@ def test_plugin_and_composing_import_neither_torch_nor_lightning(tmp_path: Path)
         import hydra_plugins.lightning_inspect_searchpath.lightning_inspect_searchpath as plugin
         after_import = sorted(m for m in ("torch", "lightning", "lightning_inspect") if m in sys.modules)
         from hydra import compose, initialize_config_dir
-        with initialize_config_dir(config_dir={str(tmp_path / 'conf')!r}, version_base="1.3"):
+        with initialize_config_dir(config_dir={str(tmp_path / "conf")!r}, version_base="1.3"):
             plain = compose(config_name="config")
             after_compose = sorted(m for m in ("torch", "lightning", "lightning_inspect") if m in sys.modules)
             with_inspect = compose(config_name="config", overrides=["+inspect=all"])
@@ -168,7 +176,14 @@ def test_plugin_and_composing_import_neither_torch_nor_lightning(tmp_path: Path)
     assert result["after_import"] == []
     assert result["after_compose"] == []
     assert result["still"] == []
-    assert result["entries"] == ["activations", "gradients", "graph", "overview", "record", "weights"]
+    assert result["entries"] == [
+        "activations",
+        "gradients",
+        "graph",
+        "overview",
+        "record",
+        "weights",
+    ]
 
 
 # -- the YAML files -------------------------------------------------------------------------------
@@ -202,7 +217,9 @@ def test_single_option_yaml_matches_the_constructor(option: str) -> None:
         value = OmegaConf.to_container(entry, resolve=False)[key]
         if isinstance(default, tuple):
             default = list(default)
-        assert value == default, f"{option}.{key}: YAML {value!r} != {cls.__name__} default {default!r}"
+        assert value == default, (
+            f"{option}.{key}: YAML {value!r} != {cls.__name__} default {default!r}"
+        )
 
 
 # -- composing and instantiating -------------------------------------------------------------------
@@ -243,9 +260,14 @@ def test_every_shipped_option_composes_into_callbacks(compose_app: Any, path: Pa
 
 def test_monitor_defaults(compose_app: Any) -> None:
     callbacks = instantiate_callbacks(compose_app("+inspect=all").inspect)
-    act, grad, weights, graph, record, overview = callbacks
+    act, grad, weights, graph, _record, _overview = callbacks
     assert [type(cb) for cb in callbacks] == [
-        ActivationMonitor, GradientMonitor, WeightMonitor, GraphMonitor, RunRecord, OverviewPage,
+        ActivationMonitor,
+        GradientMonitor,
+        WeightMonitor,
+        GraphMonitor,
+        RunRecord,
+        OverviewPage,
     ]
     for monitor in (act, grad, weights):
         assert monitor.modules == [] and monitor.exclude == []
@@ -261,12 +283,22 @@ def test_monitor_defaults(compose_app: Any) -> None:
 def test_all_gives_the_four_monitors_the_run_record_and_the_overview(compose_app: Any) -> None:
     cfg = compose_app("+inspect=all")
     assert sorted(cfg.inspect) == [
-        "activations", "gradients", "graph", "overview", "record", "weights",
+        "activations",
+        "gradients",
+        "graph",
+        "overview",
+        "record",
+        "weights",
     ]
     assert "defaults" not in cfg.inspect
     types = {type(cb) for cb in instantiate_callbacks(cfg.inspect)}
     assert types == {
-        ActivationMonitor, GradientMonitor, WeightMonitor, GraphMonitor, RunRecord, OverviewPage,
+        ActivationMonitor,
+        GradientMonitor,
+        WeightMonitor,
+        GraphMonitor,
+        RunRecord,
+        OverviewPage,
     }
 
 
@@ -296,7 +328,10 @@ def test_debug_is_every_module_every_step_and_raises(compose_app: Any) -> None:
     assert sorted(cfg.inspect) == ["activations", "gradients", "health", "shapes"]
     act, grad, health, shapes = instantiate_callbacks(cfg.inspect)
     assert (type(act), type(grad), type(health), type(shapes)) == (
-        ActivationMonitor, GradientMonitor, HealthMonitor, ShapeTracer,
+        ActivationMonitor,
+        GradientMonitor,
+        HealthMonitor,
+        ShapeTracer,
     )
     for monitor in (act, grad, health):
         assert monitor.modules == ["*"]
@@ -324,9 +359,19 @@ def test_overrides(compose_app: Any) -> None:
 
 
 def test_null_and_disabled_entries(compose_app: Any) -> None:
-    cfg = compose_app("+inspect=all", "inspect.gradients=null", "inspect.graph._target_=null", "inspect.weights.enabled=false")
+    cfg = compose_app(
+        "+inspect=all",
+        "inspect.gradients=null",
+        "inspect.graph._target_=null",
+        "inspect.weights.enabled=false",
+    )
     callbacks = instantiate_callbacks(cfg.inspect)
-    assert [type(cb) for cb in callbacks] == [ActivationMonitor, WeightMonitor, RunRecord, OverviewPage]
+    assert [type(cb) for cb in callbacks] == [
+        ActivationMonitor,
+        WeightMonitor,
+        RunRecord,
+        OverviewPage,
+    ]
     assert callbacks[1].enabled is False
 
 
@@ -349,11 +394,15 @@ def test_unknown_key_names_the_path_the_valid_keys_and_the_closest(compose_app: 
     assert "Valid keys: modules, exclude, every_n_steps, start_step" in message
 
 
-def test_unknown_key_is_caught_before_any_callback_is_built(compose_app: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unknown_key_is_caught_before_any_callback_is_built(
+    compose_app: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     built: list[Any] = []
     monkeypatch.setattr(ActivationMonitor, "__init__", lambda self, **kw: built.append(kw))
     cfg = compose_app("+inspect=[activations,gradients]", "+inspect.gradients.outptus=false")
-    with pytest.raises(ConfigError, match=r"inspect\.gradients\.outptus: .*Did you mean 'outputs'\?"):
+    with pytest.raises(
+        ConfigError, match=r"inspect\.gradients\.outptus: .*Did you mean 'outputs'\?"
+    ):
         instantiate_callbacks(cfg.inspect)
     assert built == []
 
@@ -366,22 +415,35 @@ def test_key_not_in_the_option_without_plus_is_refused_by_hydra(compose_app: Any
 
 def test_misspelt_entry_name(compose_app: Any) -> None:
     cfg = compose_app("+inspect=activations", "+inspect.activaions.every_n_steps=5")
-    with pytest.raises(ConfigError, match=r"inspect\.activaions: no _target_.*Did you mean 'activations'\?"):
+    with pytest.raises(
+        ConfigError, match=r"inspect\.activaions: no _target_.*Did you mean 'activations'\?"
+    ):
         instantiate_callbacks(cfg.inspect)
 
 
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("inspect.activations.bins=1", r"^inspect\.activations: ActivationMonitor\(bins=1\): expected an integer >= 2"),
+        (
+            "inspect.activations.bins=1",
+            r"^inspect\.activations: ActivationMonitor\(bins=1\): expected an integer >= 2",
+        ),
         ("inspect.activations.every_n_steps=0", r"^inspect\.activations: .*every_n_steps=0"),
-        ("inspect.activations.on_nonfinite=rase", r"^inspect\.activations: .*'rase'.*Did you mean 'raise'\?"),
+        (
+            "inspect.activations.on_nonfinite=rase",
+            r"^inspect\.activations: .*'rase'.*Did you mean 'raise'\?",
+        ),
         ("inspect.activations.stats=[mean,median]", r"^inspect\.activations: .*'median'"),
-        ("inspect.activations.backends=tensorbord", r"^inspect\.activations: .*'tensorbord'.*Did you mean 'tensorboard'\?"),
+        (
+            "inspect.activations.backends=tensorbord",
+            r"^inspect\.activations: .*'tensorbord'.*Did you mean 'tensorboard'\?",
+        ),
         ("inspect.activations.histograms=maybe", r"^inspect\.activations: .*histograms='maybe'"),
     ],
 )
-def test_bad_value_reaches_the_user_as_a_config_error(compose_app: Any, override: str, expected: str) -> None:
+def test_bad_value_reaches_the_user_as_a_config_error(
+    compose_app: Any, override: str, expected: str
+) -> None:
     cfg = compose_app("+inspect=activations", override)
     with pytest.raises(ConfigError, match=expected) as info:
         instantiate_callbacks(cfg.inspect)
@@ -422,8 +484,12 @@ def test_a_nested_target_from_the_command_line_is_refused_before_anything_runs(
 
 @pytest.mark.parametrize(
     ("target", "args"),
-    [("builtins.open", ["{victim}", "w"]), ("os.symlink", ["{victim}", "{new}"]),
-     ("shutil.copyfile", ["{victim}", "{new}"]), ("torch.save", [1, "{new}"])],
+    [
+        ("builtins.open", ["{victim}", "w"]),
+        ("os.symlink", ["{victim}", "{new}"]),
+        ("shutil.copyfile", ["{victim}", "{new}"]),
+        ("torch.save", [1, "{new}"]),
+    ],
 )
 def test_nested_targets_anywhere_in_the_arguments_are_never_called(
     tmp_path: Path, target: str, args: list[Any]
@@ -464,7 +530,10 @@ def test_a_top_level_target_that_is_not_a_callback_is_never_called(tmp_path: Pat
     ("entry", "expected"),
     [
         (5, r"^inspect\.x=5: expected a mapping"),
-        ({"_target_": "lightning_inspect.ActivationMonitr"}, r"inspect\.x\._target_=.*Did you mean 'lightning_inspect\.ActivationMonitor'\?"),
+        (
+            {"_target_": "lightning_inspect.ActivationMonitr"},
+            r"inspect\.x\._target_=.*Did you mean 'lightning_inspect\.ActivationMonitor'\?",
+        ),
         ({"_target_": "collections.OrderedDict"}, r"is not a Lightning Callback"),
     ],
 )
@@ -479,7 +548,9 @@ def test_not_a_mapping_at_all() -> None:
 
 
 def test_key_path_follows_the_node_and_can_be_given() -> None:
-    cfg = OmegaConf.create({"callbacks": {"acts": {"_target_": "lightning_inspect.ActivationMonitor", "binz": 3}}})
+    cfg = OmegaConf.create(
+        {"callbacks": {"acts": {"_target_": "lightning_inspect.ActivationMonitor", "binz": 3}}}
+    )
     with pytest.raises(ConfigError, match=r"^callbacks\.acts\.binz: .*Did you mean 'bins'\?"):
         instantiate_callbacks(cfg.callbacks)
     with pytest.raises(ConfigError, match=r"^my\.group\.acts\.binz:"):
@@ -487,18 +558,26 @@ def test_key_path_follows_the_node_and_can_be_given() -> None:
 
 
 def test_validate_returns_the_class_and_skips_null() -> None:
-    assert validate_callback_config({"_target_": "lightning_inspect.GraphMonitor"}, "inspect.graph") is GraphMonitor
+    assert (
+        validate_callback_config({"_target_": "lightning_inspect.GraphMonitor"}, "inspect.graph")
+        is GraphMonitor
+    )
     assert validate_callback_config(None, "inspect.graph") is None
     assert validate_callback_config({"_target_": None}, "inspect.graph") is None
 
 
 def test_a_list_of_entries_and_plain_dicts() -> None:
     callbacks = instantiate_callbacks(
-        [{"_target_": "lightning_inspect.ActivationMonitor", "modules": ["a"]}, {"_target_": "lightning_inspect.GraphMonitor"}]
+        [
+            {"_target_": "lightning_inspect.ActivationMonitor", "modules": ["a"]},
+            {"_target_": "lightning_inspect.GraphMonitor"},
+        ]
     )
     assert [type(cb) for cb in callbacks] == [ActivationMonitor, GraphMonitor]
     with pytest.raises(ConfigError, match=r"^inspect\[0\]\.modulez:"):
-        instantiate_callbacks([{"_target_": "lightning_inspect.ActivationMonitor", "modulez": ["a"]}])
+        instantiate_callbacks(
+            [{"_target_": "lightning_inspect.ActivationMonitor", "modulez": ["a"]}]
+        )
 
 
 # -- debug really stops at the first NaN --------------------------------------------------------
@@ -516,7 +595,9 @@ class _NaNAfterFirstLayer(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.last(self.poison(self.first(x)))
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
+    ) -> torch.Tensor:
         x, y = batch
         return nn.functional.mse_loss(self(x), y)
 
@@ -524,12 +605,20 @@ class _NaNAfterFirstLayer(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def test_debug_stops_training_at_the_first_nan_naming_the_module(compose_app: Any, tmp_path: Path) -> None:
+def test_debug_stops_training_at_the_first_nan_naming_the_module(
+    compose_app: Any, tmp_path: Path
+) -> None:
     callbacks = instantiate_callbacks(compose_app("+inspect=debug").inspect)
     data = DataLoader(TensorDataset(torch.randn(32, 4), torch.randn(32, 1)), batch_size=8)
     trainer = L.Trainer(
-        max_steps=4, logger=False, callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, default_root_dir=tmp_path, accelerator="cpu",
+        max_steps=4,
+        logger=False,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
     )
     with pytest.raises(NonFiniteError, match=r"step 0.*module 'poison' \(Linear\)"):
         trainer.fit(_NaNAfterFirstLayer(), data)
@@ -574,7 +663,7 @@ def _option_table(text: str) -> dict[str, tuple[list[str] | None, list[str]]]:
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("| option |"))
     rows: dict[str, tuple[list[str] | None, list[str]]] = {}
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -583,7 +672,7 @@ def _option_table(text: str) -> dict[str, tuple[list[str] | None, list[str]]]:
         entries = re.findall(r"`(\w+)`", cells[1]) if len(cells) == 3 else None
         if len(options) > 1:  # one option per class, in order
             assert len(classes) == len(options), line
-            rows.update({o: (None, [c]) for o, c in zip(options, classes)})
+            rows.update({o: (None, [c]) for o, c in zip(options, classes, strict=False)})
         else:
             rows[options[0]] = (entries, classes)
     return rows

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-
 from pathlib import Path
 
 import pytest
@@ -41,7 +40,9 @@ def mlflow_accepts(key: str) -> bool:
 def test_metric_key_joins_non_empty_parts() -> None:
     assert metric_key("activations", "encoder.0", "mean") == "activations/encoder.0/mean"
     assert metric_key("activations", "attn", "", "std") == "activations/attn/std"
-    assert metric_key("activation_grads", "attn", "0", "l2_norm") == "activation_grads/attn/0/l2_norm"
+    assert (
+        metric_key("activation_grads", "attn", "0", "l2_norm") == "activation_grads/attn/0/l2_norm"
+    )
 
 
 def test_ordinary_names_are_not_escaped() -> None:
@@ -82,7 +83,9 @@ class SlashNames(TinyModule):
 
     def __init__(self) -> None:
         super().__init__()
-        self.parts = nn.ModuleDict({"head": Constant(1000.0, True), "head/logits": Constant(-0.05, False)})
+        self.parts = nn.ModuleDict(
+            {"head": Constant(1000.0, True), "head/logits": Constant(-0.05, False)}
+        )
         self.net = nn.Linear(6, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -106,16 +109,26 @@ def test_a_module_name_with_a_slash_never_merges_with_an_output_path(tmp_path: P
     assert len(tb.histograms("activations/parts.head/logits")) == 1
     assert len(tb.histograms("activations/parts.head%2Flogits")) == 1
     tags = set(tb.scalar_tags())
-    for key in ("activation_grads/parts.head/logits/mean", "activation_grads/parts.head%2Flogits/mean",
-                "weights/parts.head.scale/mean", "weights/parts.head%2Flogits.scale/mean",
-                "param_grads/parts.head.scale/mean", "param_grads/parts.head%2Flogits.scale/mean"):
+    for key in (
+        "activation_grads/parts.head/logits/mean",
+        "activation_grads/parts.head%2Flogits/mean",
+        "weights/parts.head.scale/mean",
+        "weights/parts.head%2Flogits.scale/mean",
+        "param_grads/parts.head.scale/mean",
+        "param_grads/parts.head%2Flogits.scale/mean",
+    ):
         assert key in tags, key
     assert unescape_name("parts.head%2Flogits") == "parts.head/logits"
 
 
 def test_valid_keys_pass_unchanged() -> None:
     keys = MlflowKeys()
-    for key in ["activations/encoder.0/mean", "weights/fc.weight/update_ratio", "param_grads/global_norm", "a b-c_d"]:
+    for key in [
+        "activations/encoder.0/mean",
+        "weights/fc.weight/update_ratio",
+        "param_grads/global_norm",
+        "a b-c_d",
+    ]:
         assert keys(key) == key
         assert mlflow_accepts(keys(key))
 
@@ -153,7 +166,14 @@ _key = st.lists(_segment, min_size=1, max_size=4).map("/".join)
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.one_of(_key, st.text(min_size=240, max_size=300, alphabet="ab(")), min_size=1, max_size=30, unique=True))
+@given(
+    st.lists(
+        st.one_of(_key, st.text(min_size=240, max_size=300, alphabet="ab(")),
+        min_size=1,
+        max_size=30,
+        unique=True,
+    )
+)
 def test_never_maps_two_keys_to_one(originals: list[str]) -> None:
     keys = MlflowKeys()
     out = [keys(k) for k in originals]
@@ -172,6 +192,8 @@ def test_hashed_key_cannot_collide_with_a_taken_key() -> None:
     assert third != first
 
 
-@pytest.mark.parametrize("key", ["activations/head/../mean", "activations/head/./mean", "activations/head/a//mean"])
+@pytest.mark.parametrize(
+    "key", ["activations/head/../mean", "activations/head/./mean", "activations/head/a//mean"]
+)
 def test_sanitised_keys_pass_mlflow_validation(key: str) -> None:
     assert mlflow_accepts(MlflowKeys()(key))

@@ -6,16 +6,12 @@ import copy
 import io
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
-
 from conftest import (
     IN_FEATURES,
     PlainMLP,
@@ -27,6 +23,10 @@ from conftest import (
     module_hook_counts,
     read_tb,
 )
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
 from lightning_inspect import (
     ActivationMonitor,
     BackendError,
@@ -71,15 +71,23 @@ class StepProbe(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
         self.batch_starts += 1
         self.batch.setdefault(trainer.global_step, []).append([t.clone() for t in batch])
-        self.start.setdefault(trainer.global_step, {n: p.detach().clone() for n, p in pl_module.named_parameters()})
+        self.start.setdefault(
+            trainer.global_step, {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+        )
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # type: ignore[no-untyped-def]
         s = trainer.global_step
         self.before[s] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
-        self.grads[s] = {n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None}
+        self.grads[s] = {
+            n: p.grad.detach().clone()
+            for n, p in pl_module.named_parameters()
+            if p.grad is not None
+        }
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
-        self.after[trainer.global_step - 1] = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+        self.after[trainer.global_step - 1] = {
+            n: p.detach().clone() for n, p in pl_module.named_parameters()
+        }
 
 
 def all_monitors(every: int = 2, **kw: Any) -> list[Callback]:
@@ -101,24 +109,38 @@ def test_keys_steps_and_values_in_tensorboard_and_mlflow(
     torch.manual_seed(0)
     model = PlainMLP()
     probe = StepProbe()
-    trainer = make_trainer(6, logger=[tb_logger, mlflow_logger], callbacks=[*all_monitors(every=2), probe])
+    trainer = make_trainer(
+        6, logger=[tb_logger, mlflow_logger], callbacks=[*all_monitors(every=2), probe]
+    )
     trainer.fit(model, loader(n=48))
     assert module_hook_counts(model) == {}
 
     tb = read_tb(tb_dir(tb_logger))
     scalars = set(tb.scalar_tags())
     expected = {
-        "activations/net.0/mean", "activations/net.1/std", "activations/net.2/zero_fraction",
-        "activation_grads/net.0/mean", "activation_grads/net.2/l2_norm",
-        "param_grads/net.0.weight/l2_norm", "param_grads/net.2.bias/max", "param_grads/global_norm",
-        "weights/net.0.weight/mean", "weights/net.0.weight/update_ratio", "weights/net.2.bias/update_ratio",
+        "activations/net.0/mean",
+        "activations/net.1/std",
+        "activations/net.2/zero_fraction",
+        "activation_grads/net.0/mean",
+        "activation_grads/net.2/l2_norm",
+        "param_grads/net.0.weight/l2_norm",
+        "param_grads/net.2.bias/max",
+        "param_grads/global_norm",
+        "weights/net.0.weight/mean",
+        "weights/net.0.weight/update_ratio",
+        "weights/net.2.bias/update_ratio",
     }
     assert expected <= scalars, expected - scalars
-    assert not any(t.startswith("activation_grads/net.1") for t in scalars)  # Tanh owns no parameters
+    assert not any(
+        t.startswith("activation_grads/net.1") for t in scalars
+    )  # Tanh owns no parameters
     assert "activations/net.0/rms" not in scalars  # rms is not a default statistic
-    assert {"activations/net.0", "activation_grads/net.0", "param_grads/net.0.weight", "weights/net.0.weight"} <= set(
-        tb.histogram_tags()
-    )
+    assert {
+        "activations/net.0",
+        "activation_grads/net.0",
+        "param_grads/net.0.weight",
+        "weights/net.0.weight",
+    } <= set(tb.histogram_tags())
     for tag in expected:
         assert tb.steps(tag) == [0, 2, 4], tag
 
@@ -130,28 +152,35 @@ def test_keys_steps_and_values_in_tensorboard_and_mlflow(
         assert tb.value("weights/net.0.weight/max", s) == approx(w.max())
         assert tb.value("weights/net.0.weight/l2_norm", s) == approx(np.linalg.norm(w))
         # weights read in on_before_optimizer_step are the ones the forward used
-        torch.testing.assert_close(probe.start[s]["net.0.weight"], w_before["net.0.weight"], rtol=0, atol=0)
+        torch.testing.assert_close(
+            probe.start[s]["net.0.weight"], w_before["net.0.weight"], rtol=0, atol=0
+        )
         g = np64(grads["net.0.weight"])
         assert tb.value("param_grads/net.0.weight/l2_norm", s) == approx(np.linalg.norm(g))
         assert tb.value("param_grads/net.0.weight/mean", s) == approx(g.mean(), np.abs(g).mean())
         total = torch.nn.utils.get_total_norm(list(grads.values())).item()
         assert tb.value("param_grads/global_norm", s) == approx(total)
         for name in ("net.0.weight", "net.2.bias"):
-            ratio = (np.linalg.norm(np64(w_after[name]) - np64(w_before[name]))
-                     / np.linalg.norm(np64(w_before[name])))
+            ratio = np.linalg.norm(np64(w_after[name]) - np64(w_before[name])) / np.linalg.norm(
+                np64(w_before[name])
+            )
             assert tb.value(f"weights/{name}/update_ratio", s) == approx(ratio)
         # activations of net.0 for this step's batch, with the weights the forward used
-        (x, y), = probe.batch[s]
+        ((x, y),) = probe.batch[s]
         h0 = torch.nn.functional.linear(x, w_before["net.0.weight"], w_before["net.0.bias"])
         a = np64(h0)
         assert tb.value("activations/net.0/mean", s) == approx(a.mean(), np.abs(a).mean())
         assert tb.value("activations/net.0/min", s) == approx(a.min())
         assert tb.value("activations/net.0/zero_fraction", s) == 0.0
         # d loss / d output of net.2 for MSE: 2 (out - y) / n
-        out = torch.nn.functional.linear(torch.tanh(h0), w_before["net.2.weight"], w_before["net.2.bias"])
+        out = torch.nn.functional.linear(
+            torch.tanh(h0), w_before["net.2.weight"], w_before["net.2.bias"]
+        )
         dout = np64(2 * (out - y) / out.numel())
         assert tb.value("activation_grads/net.2/l2_norm", s) == approx(np.linalg.norm(dout))
-        assert tb.value("activation_grads/net.2/mean", s) == approx(dout.mean(), np.abs(dout).mean())
+        assert tb.value("activation_grads/net.2/mean", s) == approx(
+            dout.mean(), np.abs(dout).mean()
+        )
         # histograms: totals are the element counts
         [h] = [e for e in tb.histograms("activations/net.0") if e.step == s]
         assert h.histogram_value.num == a.size == B * 5
@@ -161,28 +190,51 @@ def test_keys_steps_and_values_in_tensorboard_and_mlflow(
     # MLflow: same keys, steps and values (the run's table of every value, read back tidy)
     run_id = mlflow_logger.run_id
     table = read_stats(run_id, tracking_uri=mlflow_store["tracking_uri"])
-    for tag in ("weights/net.0.weight/mean", "param_grads/global_norm", "activations/net.0/mean",
-                "activation_grads/net.2/l2_norm", "weights/net.0.weight/update_ratio"):
+    for tag in (
+        "weights/net.0.weight/mean",
+        "param_grads/global_norm",
+        "activations/net.0/mean",
+        "activation_grads/net.2/l2_norm",
+        "weights/net.0.weight/update_ratio",
+    ):
         kind, module, output, stat = split_key(tag)
-        rows = table[(table.kind == kind) & (table.module == module) & (table.output == output)
-                     & (table.stat == stat)]
-        hist = list(zip(rows.step, rows.value))
+        rows = table[
+            (table.kind == kind)
+            & (table.module == module)
+            & (table.output == output)
+            & (table.stat == stat)
+        ]
+        hist = list(zip(rows.step, rows.value, strict=False))
         assert [s for s, _ in hist] == [0, 2, 4], tag
-        for (s, v), (s_tb, v_tb) in zip(hist, tb.scalars(tag)):
+        for (s, v), (s_tb, v_tb) in zip(hist, tb.scalars(tag), strict=True):
+            assert s == s_tb, tag
             assert v == pytest.approx(v_tb, rel=1e-6, abs=1e-12)
     # histogram artifacts: data files and one PNG per key
     root = "lightning_inspect/histograms"
     files = set(_walk_artifacts(mlflow_client, run_id, root))
-    assert {f"{root}/ActivationMonitor.jsonl", f"{root}/GradientMonitor.jsonl", f"{root}/WeightMonitor.jsonl"} <= files
-    for key in ("activations/net.0", "activation_grads/net.0", "param_grads/net.0.weight", "weights/net.0.weight"):
+    assert {
+        f"{root}/ActivationMonitor.jsonl",
+        f"{root}/GradientMonitor.jsonl",
+        f"{root}/WeightMonitor.jsonl",
+    } <= files
+    for key in (
+        "activations/net.0",
+        "activation_grads/net.0",
+        "param_grads/net.0.weight",
+        "weights/net.0.weight",
+    ):
         assert f"{root}/{key}.png" in files, (key, sorted(files))
-    local = mlflow_client.download_artifacts(run_id, f"{root}/ActivationMonitor.jsonl", str(tb_dir(tb_logger).parent))
+    local = mlflow_client.download_artifacts(
+        run_id, f"{root}/ActivationMonitor.jsonl", str(tb_dir(tb_logger).parent)
+    )
     from lightning_inspect.sinks.mlflow import load_histogram_spool
 
     series = load_histogram_spool(Path(local))
     assert [p[0] for p in series["activations/net.0"]] == [0, 2, 4]
     assert all(p[3].sum() == B * 5 for p in series["activations/net.0"])
-    png = mlflow_client.download_artifacts(run_id, f"{root}/activations/net.0.png", str(tb_dir(tb_logger).parent))
+    png = mlflow_client.download_artifacts(
+        run_id, f"{root}/activations/net.0.png", str(tb_dir(tb_logger).parent)
+    )
     assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -214,15 +266,25 @@ class ZooReference(Callback):
 
         def keep(name: str):  # type: ignore[no-untyped-def]
             def hook(module, args, output):  # type: ignore[no-untyped-def]
-                tensors = [(name, output)] if isinstance(output, torch.Tensor) else (
-                    [(f"{name}/{i}", t) for i, t in enumerate(output)] if isinstance(output, tuple)
-                    else [(f"{name}/{k}", t) for k, t in output.items() if isinstance(t, torch.Tensor)]
+                tensors = (
+                    [(name, output)]
+                    if isinstance(output, torch.Tensor)
+                    else (
+                        [(f"{name}/{i}", t) for i, t in enumerate(output)]
+                        if isinstance(output, tuple)
+                        else [
+                            (f"{name}/{k}", t)
+                            for k, t in output.items()
+                            if isinstance(t, torch.Tensor)
+                        ]
+                    )
                 )
                 for key, t in tensors:
                     outs.setdefault(key, []).append(t.detach().clone())
                     if t.requires_grad:
                         t.retain_grad()
                         kept.setdefault(key, []).append(t)
+
             return hook
 
         for name in ("fc", "relu", "attn", "block", "shared", "head"):
@@ -231,7 +293,9 @@ class ZooReference(Callback):
         nn.functional.mse_loss(ref(x), y).backward()
         step = trainer.global_step
         self.outputs[step] = outs
-        self.grads[step] = {k: [t.grad.detach().clone() for t in ts if t.grad is not None] for k, ts in kept.items()}
+        self.grads[step] = {
+            k: [t.grad.detach().clone() for t in ts if t.grad is not None] for k, ts in kept.items()
+        }
 
 
 def _cat(ts: list[torch.Tensor]) -> np.ndarray:
@@ -243,15 +307,28 @@ def test_inplace_relu_attention_dict_and_shared_module(tb_logger) -> None:
     model = ZooModel()
     ref = ZooReference()
     names = ["fc", "relu", "attn", "block", "shared", "head"]
-    monitors = [ActivationMonitor(modules=names, every_n_steps=1), GradientMonitor(modules=names, every_n_steps=1)]
+    monitors = [
+        ActivationMonitor(modules=names, every_n_steps=1),
+        GradientMonitor(modules=names, every_n_steps=1),
+    ]
     with warnings.catch_warnings():
-        warnings.simplefilter("error", RuntimeWarning)  # no hook fault may be swallowed into a warning
+        warnings.simplefilter(
+            "error", RuntimeWarning
+        )  # no hook fault may be swallowed into a warning
         make_trainer(2, logger=tb_logger, callbacks=[*monitors, ref]).fit(model, loader(n=16))
     tb = read_tb(tb_dir(tb_logger))
     tags = set(tb.scalar_tags())
-    for key in ("activations/attn/0/mean", "activations/attn/1/mean", "activations/block/main/mean",
-                "activations/block/aux/mean", "activations/relu/mean", "activations/shared/mean",
-                "activation_grads/attn/0/mean", "activation_grads/block/main/mean", "activation_grads/relu/mean"):
+    for key in (
+        "activations/attn/0/mean",
+        "activations/attn/1/mean",
+        "activations/block/main/mean",
+        "activations/block/aux/mean",
+        "activations/relu/mean",
+        "activations/shared/mean",
+        "activation_grads/attn/0/mean",
+        "activation_grads/block/main/mean",
+        "activation_grads/relu/mean",
+    ):
         assert key in tags, key
     assert not any("block/note" in t or "block/missing" in t for t in tags)
     assert "activation_grads/attn/1/mean" not in tags  # attention weights do not reach the loss
@@ -268,15 +345,21 @@ def test_inplace_relu_attention_dict_and_shared_module(tb_logger) -> None:
         assert len(outs["shared"]) == 2
         [h] = [e for e in tb.histograms("activations/shared") if e.step == s]
         assert h.histogram_value.num == shared.size == 2 * B * IN_FEATURES
-        assert tb.value("activations/shared/mean", s) == approx(shared.mean(), np.abs(shared).mean())
+        assert tb.value("activations/shared/mean", s) == approx(
+            shared.mean(), np.abs(shared).mean()
+        )
         assert tb.value("activations/shared/std", s) == approx(shared.std())
         assert tb.value("activations/shared/min", s) == approx(shared.min())
         # gradients: the in-place ReLU's output and the Linear output it overwrote
         for key in ("relu", "fc", "attn/0", "block/main", "block/aux", "shared", "head"):
             g = _cat(grads[key])
             assert tb.value(f"activation_grads/{key}/l2_norm", s) == approx(np.linalg.norm(g)), key
-            assert tb.value(f"activation_grads/{key}/mean", s) == approx(g.mean(), np.abs(g).mean()), key
-            assert tb.value(f"activation_grads/{key}/zero_fraction", s) == pytest.approx(np.mean(g == 0)), key
+            assert tb.value(f"activation_grads/{key}/mean", s) == approx(
+                g.mean(), np.abs(g).mean()
+            ), key
+            assert tb.value(f"activation_grads/{key}/zero_fraction", s) == pytest.approx(
+                np.mean(g == 0)
+            ), key
         [h] = [e for e in tb.histograms("activation_grads/shared") if e.step == s]
         assert h.histogram_value.num == 2 * B * IN_FEATURES
 
@@ -316,16 +399,25 @@ def test_nonfinite_warn_names_first_module_and_step(tb_logger) -> None:
     assert "step 3" in msg and "'activations/net.1'" in msg and "activations/net.2" in msg
     assert msg.index("activations/net.1") < msg.index("activations/net.2")
     tb = read_tb(tb_dir(tb_logger))
-    assert tb.scalars("activations/net.1/nan_count") == [(0, 0.0), (1, 0.0), (2, 0.0), (3, float(B * 5))]
+    assert tb.scalars("activations/net.1/nan_count") == [
+        (0, 0.0),
+        (1, 0.0),
+        (2, 0.0),
+        (3, float(B * 5)),
+    ]
     assert tb.value("activations/net.0/nan_count", 3) == 0.0
 
 
 def test_nonfinite_raise_stops_fit_cleanly(tb_logger) -> None:
     model = PoisonedMLP(at_step=2)
     probe = StepProbe()
-    monitors = [ActivationMonitor(modules=["net.*"], every_n_steps=1, on_nonfinite="raise"),
-                GradientMonitor(every_n_steps=1, on_nonfinite="raise")]
-    with pytest.raises(NonFiniteError, match=r"step 2: first in execution order is 'activations/net.1'"):
+    monitors = [
+        ActivationMonitor(modules=["net.*"], every_n_steps=1, on_nonfinite="raise"),
+        GradientMonitor(every_n_steps=1, on_nonfinite="raise"),
+    ]
+    with pytest.raises(
+        NonFiniteError, match=r"step 2: first in execution order is 'activations/net.1'"
+    ):
         make_trainer(6, logger=tb_logger, callbacks=[*monitors, probe]).fit(model, loader())
     for m in model.modules():
         assert not m._forward_hooks and not m._forward_pre_hooks, m
@@ -353,8 +445,12 @@ def _train_tiny_mlp(tmp: Path, callbacks: list[Callback]) -> dict[str, torch.Ten
 
 def test_training_is_bit_identical_with_all_monitors(tmp_path: Path) -> None:
     plain = _train_tiny_mlp(tmp_path / "plain", [])
-    monitors = [ActivationMonitor(every_n_steps=1, modules=["net.*"]), GradientMonitor(every_n_steps=1),
-                WeightMonitor(every_n_steps=1), GraphMonitor()]
+    monitors = [
+        ActivationMonitor(every_n_steps=1, modules=["net.*"]),
+        GradientMonitor(every_n_steps=1),
+        WeightMonitor(every_n_steps=1),
+        GraphMonitor(),
+    ]
     inspected = _train_tiny_mlp(tmp_path / "inspected", monitors)
     assert plain.keys() == inspected.keys()
     for k in plain:
@@ -403,12 +499,16 @@ def test_save_and_deepcopy_inside_a_logged_training_step(tb_logger) -> None:
 
 def test_gradient_accumulation_logs_once_per_optimizer_step(tb_logger) -> None:
     probe = StepProbe()
-    make_trainer(3, logger=tb_logger, callbacks=[*all_monitors(every=1), probe], accumulate_grad_batches=2).fit(
-        PlainMLP(), loader(n=48)
-    )
+    make_trainer(
+        3, logger=tb_logger, callbacks=[*all_monitors(every=1), probe], accumulate_grad_batches=2
+    ).fit(PlainMLP(), loader(n=48))
     tb = read_tb(tb_dir(tb_logger))
-    for tag in ("activations/net.0/mean", "param_grads/global_norm", "weights/net.0.weight/update_ratio",
-                "activation_grads/net.0/mean"):
+    for tag in (
+        "activations/net.0/mean",
+        "param_grads/global_norm",
+        "weights/net.0.weight/update_ratio",
+        "activation_grads/net.0/mean",
+    ):
         assert tb.steps(tag) == [0, 1, 2], tag
     for s in (0, 1, 2):
         assert len(probe.batch[s]) == 2
@@ -437,9 +537,18 @@ class WithValidation(PlainMLP):
 
 def test_validation_forwards_are_not_recorded(tb_logger) -> None:
     model = WithValidation()
-    zeros = DataLoader(TensorDataset(torch.zeros(16, IN_FEATURES), torch.zeros(16, 1)), batch_size=8)
-    trainer = make_trainer(4, logger=tb_logger, callbacks=[ActivationMonitor(modules=["net.0"], every_n_steps=1)],
-                           limit_val_batches=2, val_check_interval=1, num_sanity_val_steps=2, check_val_every_n_epoch=None)
+    zeros = DataLoader(
+        TensorDataset(torch.zeros(16, IN_FEATURES), torch.zeros(16, 1)), batch_size=8
+    )
+    trainer = make_trainer(
+        4,
+        logger=tb_logger,
+        callbacks=[ActivationMonitor(modules=["net.0"], every_n_steps=1)],
+        limit_val_batches=2,
+        val_check_interval=1,
+        num_sanity_val_steps=2,
+        check_val_every_n_epoch=None,
+    )
     trainer.fit(model, loader(), zeros)
     assert model.val_batches >= 2 + 4 * 2  # sanity check and a validation after every step
     tb = read_tb(tb_dir(tb_logger))
@@ -459,16 +568,23 @@ def test_state_dict_round_trip() -> None:
     assert ActivationMonitor(every_n_steps=4).state_key != m.state_key
 
 
-@pytest.mark.filterwarnings("ignore:.*resuming from a checkpoint that ended before the epoch ended.*")
-@pytest.mark.filterwarnings("ignore:.*callbacks used to create the checkpoint need to be provided.*")
+@pytest.mark.filterwarnings(
+    "ignore:.*resuming from a checkpoint that ended before the epoch ended.*"
+)
+@pytest.mark.filterwarnings(
+    "ignore:.*callbacks used to create the checkpoint need to be provided.*"
+)
 def test_resume_continues_the_schedule(tmp_path: Path) -> None:
     from lightning.pytorch.loggers import TensorBoardLogger
 
     def run(version: str, max_steps: int, ckpt: str | None, monitor: Callback) -> Path:
         logger = TensorBoardLogger(save_dir=str(tmp_path), name="", version=version)
-        ckpt_cb = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1,
-                                  filename="{step}")
-        trainer = make_trainer(max_steps, logger=logger, callbacks=[monitor, ckpt_cb], enable_checkpointing=True)
+        ckpt_cb = ModelCheckpoint(
+            dirpath=tmp_path / "ckpt", every_n_train_steps=2, save_top_k=-1, filename="{step}"
+        )
+        trainer = make_trainer(
+            max_steps, logger=logger, callbacks=[monitor, ckpt_cb], enable_checkpointing=True
+        )
         trainer.fit(PlainMLP(), loader(n=48), ckpt_path=ckpt)
         return Path(logger.log_dir)
 
@@ -530,9 +646,9 @@ def test_bad_arguments(cls: type, kwargs: dict, fragments: list[str]) -> None:
 def test_backend_without_logger_fails_at_fit_start(tb_logger) -> None:
     probe = StepProbe()
     with pytest.raises(BackendError, match=r"'mlflow'.*MLFlowLogger.*TensorBoardLogger"):
-        make_trainer(2, logger=tb_logger, callbacks=[GradientMonitor(backends=["mlflow"]), probe]).fit(
-            PlainMLP(), loader()
-        )
+        make_trainer(
+            2, logger=tb_logger, callbacks=[GradientMonitor(backends=["mlflow"]), probe]
+        ).fit(PlainMLP(), loader())
     assert probe.batch_starts == 0
     with pytest.raises(BackendError, match=r"'tensorboard'.*no logger"):
         make_trainer(2, logger=False, callbacks=[WeightMonitor(backends="tensorboard"), probe]).fit(
@@ -546,7 +662,9 @@ def test_selection_matching_nothing_fails_before_the_first_step() -> None:
     model = PlainMLP()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(SelectionError, match=r"ActivationMonitor.*'net.lyr\*'.*net\.0"):
-        make_trainer(2, callbacks=[ActivationMonitor(modules=["net.lyr*"]), probe]).fit(model, loader())
+        make_trainer(2, callbacks=[ActivationMonitor(modules=["net.lyr*"]), probe]).fit(
+            model, loader()
+        )
     assert probe.batch_starts == 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert module_hook_counts(model) == {}
@@ -571,10 +689,13 @@ def test_monitor_reused_for_a_second_fit_logs_its_first_step(tmp_path: Path) -> 
 
 def test_disabled_monitor_does_nothing(tb_logger) -> None:
     model = PlainMLP()
-    monitors = [ActivationMonitor(every_n_steps=1, enabled=False), GradientMonitor(every_n_steps=1, enabled=False)]
+    monitors = [
+        ActivationMonitor(every_n_steps=1, enabled=False),
+        GradientMonitor(every_n_steps=1, enabled=False),
+    ]
 
     class Spy(Callback):
-        seen: list[dict[str, int]] = []
+        seen: ClassVar[list[dict[str, int]]] = []
 
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):  # type: ignore[no-untyped-def]
             self.seen.append(module_hook_counts(pl_module))
@@ -582,23 +703,35 @@ def test_disabled_monitor_does_nothing(tb_logger) -> None:
     make_trainer(2, logger=tb_logger, callbacks=[*monitors, Spy()]).fit(model, loader())
     assert Spy.seen == [{}, {}]
     tags = read_tb(tb_dir(tb_logger)).scalar_tags()
-    assert not any(t.startswith(("activations/", "activation_grads/", "param_grads/")) for t in tags)
+    assert not any(
+        t.startswith(("activations/", "activation_grads/", "param_grads/")) for t in tags
+    )
 
 
 def test_start_stop_and_stats_selection(tb_logger) -> None:
-    monitor = WeightMonitor(every_n_steps=2, start_step=1, stop_step=6, stats=["rms", "nan_count"],
-                            histograms=False, update_ratio=False)
+    monitor = WeightMonitor(
+        every_n_steps=2,
+        start_step=1,
+        stop_step=6,
+        stats=["rms", "nan_count"],
+        histograms=False,
+        update_ratio=False,
+    )
     make_trainer(7, logger=tb_logger, callbacks=[monitor]).fit(PlainMLP(), loader(n=56))
     tb = read_tb(tb_dir(tb_logger))
     ours = sorted(t for t in tb.scalar_tags() if t.startswith("weights/"))
-    assert ours == sorted(f"weights/net.{i}.{p}/{s}" for i in (0, 2) for p in ("weight", "bias")
-                          for s in ("rms", "nan_count"))
+    assert ours == sorted(
+        f"weights/net.{i}.{p}/{s}"
+        for i in (0, 2)
+        for p in ("weight", "bias")
+        for s in ("rms", "nan_count")
+    )
     assert tb.steps("weights/net.0.weight/rms") == [1, 3, 5]
     assert not tb.histogram_tags()
 
 
 def test_update_ratio_of_a_zero_parameter_is_inf_when_it_moves_and_nan_when_not(
-    tb_logger, mlflow_logger, mlflow_client
+    tb_logger, mlflow_logger, mlflow_store, mlflow_client
 ) -> None:
     torch.manual_seed(0)
     model = PlainMLP()
@@ -607,7 +740,6 @@ def test_update_ratio_of_a_zero_parameter_is_inf_when_it_moves_and_nan_when_not(
         model.net[0].bias.zero_()
     model.net[0].bias.requires_grad_(False)  # zero, and never moves
     probe = StepProbe()
-    # every value as an MLflow metric (the default sends headline metrics and a table)
     monitor = WeightMonitor(every_n_steps=1, histograms=False, mlflow_metrics="all")
     make_trainer(1, logger=[tb_logger, mlflow_logger], callbacks=[monitor, probe]).fit(
         model, loader()
@@ -621,10 +753,24 @@ def test_update_ratio_of_a_zero_parameter_is_inf_when_it_moves_and_nan_when_not(
     w0, w1 = np64(probe.before[0]["net.2.weight"]), np64(probe.after[0]["net.2.weight"])
     expected = np.linalg.norm(w1 - w0) / np.linalg.norm(w0)
     assert tb.value("weights/net.2.weight/update_ratio", 0) == pytest.approx(expected, rel=1e-5)
+    # MLflow: the run's table of every value, read back
+    table = read_stats(mlflow_logger.run_id, tracking_uri=mlflow_store["tracking_uri"])
+
+    def stored(parameter: str) -> list[tuple[int, float]]:
+        rows = table[
+            (table.kind == "weights") & (table.module == parameter) & (table.stat == "update_ratio")
+        ]
+        return list(zip(rows.step.tolist(), rows.value.tolist(), strict=True))
+
+    [(_, ratio)] = stored("net.2.weight")
+    assert ratio == pytest.approx(expected, rel=1e-5)
+    assert stored("net.2.bias") == [(0, np.inf)]
+    [(_, still)] = stored("net.0.bias")
+    assert np.isnan(still)
+    # MLflow's metrics (mlflow_metrics="all") store +inf as the largest float64, and NaN as NaN
     run = mlflow_logger.run_id
-    [(_, stored)] = mlflow_history(mlflow_client, run, "weights/net.2.weight/update_ratio")
-    assert stored == pytest.approx(expected, rel=1e-5)
-    # MLflow stores +inf as the largest float64, and NaN as NaN
+    [(_, metric)] = mlflow_history(mlflow_client, run, "weights/net.2.weight/update_ratio")
+    assert metric == pytest.approx(expected, rel=1e-5)
     assert mlflow_history(mlflow_client, run, "weights/net.2.bias/update_ratio") == [
         (0, np.finfo(np.float64).max)
     ]

@@ -36,7 +36,7 @@ def test_tuple_and_list_use_indices() -> None:
     a, b, c = torch.zeros(1), torch.ones(1), torch.zeros(2)
     items = list(iter_tensors((a, [b, c])))
     assert [p for p, _ in items] == ["0", "1/0", "1/1"]
-    assert [t for _, t in items][0] is a and items[2][1] is c
+    assert items[0][1] is a and items[2][1] is c
 
 
 def test_dict_uses_keys_in_order_and_stringifies() -> None:

@@ -65,7 +65,7 @@ def test_page_written_refreshed_and_equal_to_what_was_logged(
     ]:
         info = data["kinds"][kind]
         tag_kind = "weights" if kind == "update_ratios" else kind
-        for layer, row in zip(info["layers"], info["values"][stat]):
+        for layer, row in zip(info["layers"], info["values"][stat], strict=False):
             stored = dict(events.scalars(f"{tag_kind}/{layer}/{stat}"))
             expected = [stored.get(s, np.nan) for s in info["steps"]]
             np.testing.assert_allclose(np.array(row, dtype=float), expected, rtol=1e-5)
@@ -107,7 +107,9 @@ def _weights(with_page: bool, tmp_path: Path, mlflow_store: dict[str, str]) -> l
 
 def test_the_page_never_changes_training(tmp_path: Path, mlflow_store: dict[str, str]) -> None:
     for a, b in zip(
-        _weights(False, tmp_path, mlflow_store), _weights(True, tmp_path, mlflow_store)
+        _weights(False, tmp_path, mlflow_store),
+        _weights(True, tmp_path, mlflow_store),
+        strict=False,
     ):
         assert torch.equal(a, b)
 

@@ -89,7 +89,7 @@ def test_matrix_equals_what_tensorboard_stored(url: str, logdir: Path) -> None:
         assert len(m["values"]) == len(m["layers"]) and all(
             len(r) == len(m["steps"]) for r in m["values"]
         )
-        for layer, row in zip(m["layers"], m["values"]):
+        for layer, row in zip(m["layers"], m["values"], strict=False):
             stored = dict(events.scalars(f"{kind}/{layer}/{stat}"))
             expected = np.array([stored[s] for s in m["steps"]])
             np.testing.assert_allclose(np.array(row, dtype=float), expected, rtol=1e-5)
@@ -99,11 +99,11 @@ def test_histograms_of_one_layer(url: str, logdir: Path) -> None:
     h = get(url, "histograms", run="first", kind="activations", layer="zeta")
     assert h["steps"] == list(range(6))
     stored = read_tb(logdir / "first").histograms("activations/zeta")
-    for counts, event in zip(h["counts"], stored):
+    for counts, event in zip(h["counts"], stored, strict=False):
         np.testing.assert_array_equal(counts, event.histogram_value.bucket)
     # every histogram holds all values of zeta's output: batch 8 x 8 features
     assert [sum(c) for c in h["counts"]] == [64.0] * 6
-    assert all(lo < hi for lo, hi in zip(h["lo"], h["hi"]))
+    assert all(lo < hi for lo, hi in zip(h["lo"], h["hi"], strict=False))
     hostile = get(url, "histograms", run="first", kind="activations", layer=ORDER[1])
     assert len(hostile["steps"]) == 6
 

@@ -9,8 +9,8 @@ import logging
 import threading
 import time
 import warnings
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -49,8 +49,15 @@ def inspect_layer(
     records: list[dict[str, Any]], out: torch.Tensor, step: int, *, ctx: ProbeContext
 ) -> str:
     records.append(
-        {"step": ctx.step, "caller_step": step, "epoch": ctx.epoch, "rank": ctx.rank,
-         "tag": ctx.tag, "probe": ctx.probe, "output_dir": ctx.output_dir}
+        {
+            "step": ctx.step,
+            "caller_step": step,
+            "epoch": ctx.epoch,
+            "rank": ctx.rank,
+            "tag": ctx.tag,
+            "probe": ctx.probe,
+            "output_dir": ctx.output_dir,
+        }
     )
     ctx.log_text("summary", f"mean {out.mean().item():.4f}")
     ctx.log_image("map", torch.rand(3, 4, 5))
@@ -325,12 +332,16 @@ def test_ctx_passed_by_the_caller_is_a_probe_error(tmp_path: Path) -> None:
     @probe("t")
     def show(*, ctx: ProbeContext) -> None: ...
 
-    with probing("t", output_dir=tmp_path):
-        with pytest.warns(ProbeWarning, match="got ctx from its caller"):
-            show(ctx="mine")
-    with probing("t", output_dir=tmp_path, on_error="raise"):
-        with pytest.raises(TypeError, match="supplied by lightning_inspect"):
-            show(ctx="mine")
+    with (
+        probing("t", output_dir=tmp_path),
+        pytest.warns(ProbeWarning, match="got ctx from its caller"),
+    ):
+        show(ctx="mine")
+    with (
+        probing("t", output_dir=tmp_path, on_error="raise"),
+        pytest.raises(TypeError, match="supplied by lightning_inspect"),
+    ):
+        show(ctx="mine")
 
 
 def test_context_contents_without_trainer(tmp_path: Path) -> None:
@@ -412,12 +423,11 @@ def test_probe_error_warns_once_and_disables_the_probe(tmp_path: Path) -> None:
         calls.append(x)
         raise ValueError("bad shape")
 
-    with probing("fragile", output_dir=tmp_path):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            assert fragile(1) is None
-            assert fragile(2) is None
-            assert fragile(3) is None
+    with probing("fragile", output_dir=tmp_path), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert fragile(1) is None
+        assert fragile(2) is None
+        assert fragile(3) is None
     probe_warnings = [w for w in caught if issubclass(w.category, ProbeWarning)]
     assert len(probe_warnings) == 1
     message = str(probe_warnings[0].message)
@@ -434,9 +444,11 @@ def test_probe_error_reraised_with_on_error_raise(tmp_path: Path) -> None:
     def fragile() -> None:
         raise ValueError("bad shape")
 
-    with probing("fragile", output_dir=tmp_path, on_error="raise"):
-        with pytest.raises(ValueError, match="bad shape"):
-            fragile()
+    with (
+        probing("fragile", output_dir=tmp_path, on_error="raise"),
+        pytest.raises(ValueError, match="bad shape"),
+    ):
+        fragile()
 
 
 # ------------------------------------------------------------------------------------------

@@ -16,15 +16,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import lightning as L
-import pytest
 import torch
+from conftest import TinyModule
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from conftest import TinyModule
 from lightning_inspect import (
     ALL_STATS,
     ActivationMonitor,
@@ -117,13 +116,21 @@ def specs(draw: st.DrawFn) -> Spec:
         how = draw(st.sampled_from(["default", "names", "glob", "regex"]))
         out: dict[str, Any] = {}
         if how == "names":
-            out["modules"] = draw(st.lists(st.sampled_from(names), min_size=1, max_size=4, unique=True))
+            out["modules"] = draw(
+                st.lists(st.sampled_from(names), min_size=1, max_size=4, unique=True)
+            )
         elif how == "glob":
-            out["modules"] = draw(st.sampled_from(["net.*", "*", "net.?", "net", f"net.{len(layers)}"]))
+            out["modules"] = draw(
+                st.sampled_from(["net.*", "*", "net.?", "net", f"net.{len(layers)}"])
+            )
         elif how == "regex":
             out["modules"] = draw(st.sampled_from([r"re:net\.\d+", r"re:net(\.0)?", r"re:.*"]))
         if draw(st.booleans()):
-            out["exclude"] = draw(st.lists(st.sampled_from(names + ["*.1", "net.*"]), min_size=1, max_size=2, unique=True))
+            out["exclude"] = draw(
+                st.lists(
+                    st.sampled_from([*names, "*.1", "net.*"]), min_size=1, max_size=2, unique=True
+                )
+            )
         return out
 
     def schedule() -> dict[str, Any]:
@@ -134,7 +141,11 @@ def specs(draw: st.DrawFn) -> Spec:
     def what() -> dict[str, Any]:
         histograms = draw(st.booleans())
         out: dict[str, Any] = {
-            "stats": draw(st.lists(st.sampled_from(ALL_STATS), min_size=1, max_size=len(ALL_STATS), unique=True)),
+            "stats": draw(
+                st.lists(
+                    st.sampled_from(ALL_STATS), min_size=1, max_size=len(ALL_STATS), unique=True
+                )
+            ),
             "histograms": histograms,
         }
         if histograms:
@@ -143,31 +154,56 @@ def specs(draw: st.DrawFn) -> Spec:
 
     monitors = (
         {"cls": "activations", **selection(), **schedule(), **what()},
-        {"cls": "gradients", **selection(), **schedule(), **what(),
-         "outputs": draw(st.booleans()), "parameters": draw(st.booleans()), "global_norm": draw(st.booleans())},
-        {"cls": "weights", **selection(), **schedule(), **what(), "update_ratio": draw(st.booleans())},
+        {
+            "cls": "gradients",
+            **selection(),
+            **schedule(),
+            **what(),
+            "outputs": draw(st.booleans()),
+            "parameters": draw(st.booleans()),
+            "global_norm": draw(st.booleans()),
+        },
+        {
+            "cls": "weights",
+            **selection(),
+            **schedule(),
+            **what(),
+            "update_ratio": draw(st.booleans()),
+        },
     )
     return Spec(layers, draw(st.sampled_from([1, 1, 2])), draw(st.booleans()), monitors)
 
 
 def _monitors(spec: Spec, sink: MemorySink) -> list[Callback]:
-    classes = {"activations": ActivationMonitor, "gradients": GradientMonitor, "weights": WeightMonitor}
+    classes = {
+        "activations": ActivationMonitor,
+        "gradients": GradientMonitor,
+        "weights": WeightMonitor,
+    }
     out: list[Callback] = []
     for options in spec.monitors:
         options = dict(options)
         cls = classes[options.pop("cls")]
-        out.append(cls(backends=[sink, "tensorboard"] if spec.with_tensorboard else [sink], **options))
+        out.append(
+            cls(backends=[sink, "tensorboard"] if spec.with_tensorboard else [sink], **options)
+        )
     out.append(GraphMonitor(backends=["tensorboard"] if spec.with_tensorboard else [sink]))
     return out
 
 
-def _fit(spec: Spec, inspected: bool, root: str) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], MemorySink]:
+def _fit(
+    spec: Spec, inspected: bool, root: str
+) -> tuple[dict[str, torch.Tensor], list[torch.Tensor], MemorySink]:
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
-    data = TensorDataset(torch.randn(STEPS * spec.accumulate * BATCH, IN_FEATURES, generator=g),
-                         torch.randn(STEPS * spec.accumulate * BATCH, 1, generator=g))
+    data = TensorDataset(
+        torch.randn(STEPS * spec.accumulate * BATCH, IN_FEATURES, generator=g),
+        torch.randn(STEPS * spec.accumulate * BATCH, 1, generator=g),
+    )
     # Shuffling draws from the loader's own generator, so the batch order is fixed too.
-    loader = DataLoader(data, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(2))
+    loader = DataLoader(
+        data, batch_size=BATCH, shuffle=True, generator=torch.Generator().manual_seed(2)
+    )
     model = Regressor(spec.layers)
     losses = LossRecorder()
     sink = MemorySink()
@@ -178,9 +214,17 @@ def _fit(spec: Spec, inspected: bool, root: str) -> tuple[dict[str, torch.Tensor
 
         logger = TensorBoardLogger(root, name="", version="inspected" if inspected else "plain")
     trainer = L.Trainer(
-        max_steps=STEPS, accelerator="cpu", devices=1, logger=logger, callbacks=callbacks,
-        accumulate_grad_batches=spec.accumulate, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, num_sanity_val_steps=0, log_every_n_steps=1,
+        max_steps=STEPS,
+        accelerator="cpu",
+        devices=1,
+        logger=logger,
+        callbacks=callbacks,
+        accumulate_grad_batches=spec.accumulate,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -195,7 +239,11 @@ def _fit(spec: Spec, inspected: bool, root: str) -> tuple[dict[str, torch.Tensor
 
 def _expected_steps(options: dict[str, Any]) -> list[int]:
     start, every, stop = options["start_step"], options["every_n_steps"], options["stop_step"]
-    return [s for s in range(STEPS) if s >= start and (stop is None or s < stop) and (s - start) % every == 0]
+    return [
+        s
+        for s in range(STEPS)
+        if s >= start and (stop is None or s < stop) and (s - start) % every == 0
+    ]
 
 
 @settings(
@@ -214,7 +262,10 @@ def test_monitors_never_change_training(spec: Spec) -> None:
     changed = [k for k in plain_state if not torch.equal(plain_state[k], state[k])]
     assert not changed, f"tensors changed by inspection: {changed} ({spec})"
     assert len(losses) == len(plain_losses) == STEPS * spec.accumulate
-    assert all(torch.equal(a, b) for a, b in zip(plain_losses, losses)), (plain_losses, losses)
+    assert all(torch.equal(a, b) for a, b in zip(plain_losses, losses, strict=False)), (
+        plain_losses,
+        losses,
+    )
 
     # The monitors did run: every monitor with a selection logged on exactly its scheduled steps.
     weights = spec.monitors[2]
@@ -253,12 +304,24 @@ class TwoLayer(L.LightningModule):
 def _logged(model: L.LightningModule, **trainer_kwargs: Any) -> dict[str, list[tuple[int, float]]]:
     torch.manual_seed(0)
     sink = MemorySink()
-    monitors = [ActivationMonitor(every_n_steps=1, backends=[sink], stats=["l2_norm", "max"]),
-                GradientMonitor(every_n_steps=1, backends=[sink], stats=["l2_norm", "max"]),
-                WeightMonitor(every_n_steps=1, backends=[sink], stats=["l2_norm"])]
-    data = DataLoader(TensorDataset(torch.randn(24, 8, generator=torch.Generator().manual_seed(3))), batch_size=8)
-    trainer = L.Trainer(max_steps=3, logger=False, accelerator="cpu", callbacks=monitors, enable_progress_bar=False,
-                        enable_model_summary=False, enable_checkpointing=False, **trainer_kwargs)
+    monitors = [
+        ActivationMonitor(every_n_steps=1, backends=[sink], stats=["l2_norm", "max"]),
+        GradientMonitor(every_n_steps=1, backends=[sink], stats=["l2_norm", "max"]),
+        WeightMonitor(every_n_steps=1, backends=[sink], stats=["l2_norm"]),
+    ]
+    data = DataLoader(
+        TensorDataset(torch.randn(24, 8, generator=torch.Generator().manual_seed(3))), batch_size=8
+    )
+    trainer = L.Trainer(
+        max_steps=3,
+        logger=False,
+        accelerator="cpu",
+        callbacks=monitors,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        **trainer_kwargs,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer.fit(model, data)
@@ -275,7 +338,8 @@ def _fp16_with_loss_scale(scale: float) -> dict[str, list[tuple[int, float]]]:
 
 def _same(a: list[tuple[int, float]], b: list[tuple[int, float]]) -> bool:
     return [s for s, _ in a] == [s for s, _ in b] and all(
-        abs(x - y) <= 1e-6 * max(abs(x), abs(y), 1e-12) for (_, x), (_, y) in zip(a, b)
+        abs(x - y) <= 1e-6 * max(abs(x), abs(y), 1e-12)
+        for (_, x), (_, y) in zip(a, b, strict=False)
     )
 
 
@@ -306,11 +370,22 @@ def test_steps_the_grad_scaler_skips_are_marked_and_not_warned_about() -> None:
     sink = MemorySink()
     # A scale of 2**24 overflows fp16 gradients: the scaler skips steps and halves its scale
     # until the gradients fit. Those are not exploding gradients.
-    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**24))
-    data = DataLoader(TensorDataset(torch.randn(48, 8, generator=torch.Generator().manual_seed(3))), batch_size=8)
-    trainer = L.Trainer(max_steps=12, logger=False, accelerator="cpu", plugins=[plugin], enable_progress_bar=False,
-                        callbacks=[GradientMonitor(every_n_steps=1, backends=[sink])],
-                        enable_model_summary=False, enable_checkpointing=False)
+    plugin = MixedPrecision(
+        "16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**24)
+    )
+    data = DataLoader(
+        TensorDataset(torch.randn(48, 8, generator=torch.Generator().manual_seed(3))), batch_size=8
+    )
+    trainer = L.Trainer(
+        max_steps=12,
+        logger=False,
+        accelerator="cpu",
+        plugins=[plugin],
+        enable_progress_bar=False,
+        callbacks=[GradientMonitor(every_n_steps=1, backends=[sink])],
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(TwoLayer(), data)

@@ -88,7 +88,7 @@ def test_read_stats_values_match_numpy(
     rows = df[
         (df.step == 0) & (df.kind == "weights") & (df.module == "encoder.layers.3.linear1.weight")
     ]
-    got = dict(zip(rows.stat, rows.value))
+    got = dict(zip(rows.stat, rows.value, strict=False))
     assert got["mean"] == pytest.approx(weight.mean(), rel=1e-6, abs=1e-12)
     assert got["std"] == pytest.approx(weight.std(), rel=1e-6)
     assert got["l2_norm"] == pytest.approx(np.linalg.norm(weight), rel=1e-6)
@@ -145,7 +145,7 @@ def test_tensorboard_layout_has_one_chart_per_kind_and_stat(
     charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
     tags = events.Tags()["scalars"]
     from_tb, _ = frames
-    expected = {f"{k}/{s}" for k, s in zip(from_tb.kind, from_tb.stat)}
+    expected = {f"{k}/{s}" for k, s in zip(from_tb.kind, from_tb.stat, strict=False)}
     assert set(charts) == expected
     for title, (pattern,) in charts.items():
         kind, stat = title.split("/")
@@ -290,5 +290,5 @@ def test_read_stats_gives_module_names_back_as_the_model_has_them(tmp_path: Path
     data = DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=8)
     trainer.fit(_SlashNames(), data)
     df = read_stats(tb.log_dir)
-    pairs = set(zip(df.module, df.output))
+    pairs = set(zip(df.module, df.output, strict=False))
     assert pairs == {("heads.a/b", ""), ("head", "logits")}, pairs

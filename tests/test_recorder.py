@@ -37,7 +37,9 @@ def test_to_host_merges_rows_by_key_in_first_seen_order() -> None:
     rec.add_scalar("ratio", torch.tensor(0.5, dtype=torch.float64))
     [(rows, scalars)] = to_host([rec])
     assert list(rows) == ["shared", "other"]
-    expected = merge_rows(np.stack([reduce_tensor(parts[0], bins=4).numpy(), reduce_tensor(parts[2], bins=4).numpy()]))
+    expected = merge_rows(
+        np.stack([reduce_tensor(parts[0], bins=4).numpy(), reduce_tensor(parts[2], bins=4).numpy()])
+    )
     np.testing.assert_array_equal(rows["shared"], expected)
     np.testing.assert_array_equal(rows["other"], reduce_tensor(parts[1], bins=4).numpy())
     s = summarise(rows["shared"])

@@ -14,8 +14,13 @@ from lightning_inspect import ActivationMonitor, GradientMonitor, MemorySink, We
 def _fit(model: L.LightningModule, callbacks: list, steps: int = 4, **trainer_kwargs) -> L.Trainer:
     data = torch.utils.data.TensorDataset(torch.randn(64, 8), torch.randint(0, 2, (64,)))
     trainer = L.Trainer(
-        max_steps=steps, logger=False, callbacks=callbacks, accelerator="cpu",
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        max_steps=steps,
+        logger=False,
+        callbacks=callbacks,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
         **trainer_kwargs,
     )
     trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=8))
@@ -55,8 +60,14 @@ def test_compiled_module_is_inspected_without_recompiling_each_logged_step() -> 
     torch.manual_seed(0)
     model = Classifier(torch.compile(_mlp()))
     sink = MemorySink()
-    trainer = _fit(model, [ActivationMonitor(every_n_steps=2, backends=[sink]),
-                           GradientMonitor(every_n_steps=3, backends=[sink])], steps=8)
+    trainer = _fit(
+        model,
+        [
+            ActivationMonitor(every_n_steps=2, backends=[sink]),
+            GradientMonitor(every_n_steps=3, backends=[sink]),
+        ],
+        steps=8,
+    )
     # Names are normalised (no ``_orig_mod``) and every logged step is seen.
     assert sink.steps("activations/body.0/mean") == [0, 2, 4, 6]
     assert sink.steps("activation_grads/body.0/mean") == [0, 3, 6]
@@ -82,7 +93,9 @@ def test_activation_checkpointing_does_not_count_recomputed_forwards(use_reentra
     torch.manual_seed(0)
     sink = MemorySink()
     model = Classifier(Checkpointed(use_reentrant))
-    monitor = ActivationMonitor(modules=["body.inner.0"], every_n_steps=1, stats=["mean"], backends=[sink])
+    monitor = ActivationMonitor(
+        modules=["body.inner.0"], every_n_steps=1, stats=["mean"], backends=[sink]
+    )
     _fit(model, [monitor], steps=2)
     # One forward per step, 8 x 16 values: the recomputation during backward is not recorded.
     hist = sink.histograms["activations/body.inner.0"][0][1]
@@ -93,8 +106,15 @@ def test_bf16_autocast_statistics_are_float32_and_training_is_unchanged() -> Non
     def run(with_monitors: bool) -> tuple[dict[str, torch.Tensor], MemorySink]:
         torch.manual_seed(0)
         sink = MemorySink()
-        callbacks = [ActivationMonitor(every_n_steps=1, backends=[sink]), GradientMonitor(every_n_steps=1, backends=[sink]),
-                     WeightMonitor(every_n_steps=1, backends=[sink])] if with_monitors else []
+        callbacks = (
+            [
+                ActivationMonitor(every_n_steps=1, backends=[sink]),
+                GradientMonitor(every_n_steps=1, backends=[sink]),
+                WeightMonitor(every_n_steps=1, backends=[sink]),
+            ]
+            if with_monitors
+            else []
+        )
         model = Classifier(_mlp())
         _fit(model, callbacks, steps=3, precision="bf16-mixed")
         return {k: v.clone() for k, v in model.state_dict().items()}, sink
@@ -119,7 +139,13 @@ def test_exception_in_training_step_leaves_no_hooks() -> None:
     sink = MemorySink()
     model = Failing(_mlp())
     with pytest.raises(RuntimeError, match="user code failed"):
-        _fit(model, [ActivationMonitor(every_n_steps=1, backends=[sink]), GradientMonitor(every_n_steps=1, backends=[sink])])
+        _fit(
+            model,
+            [
+                ActivationMonitor(every_n_steps=1, backends=[sink]),
+                GradientMonitor(every_n_steps=1, backends=[sink]),
+            ],
+        )
     assert _no_hooks_left(model)
     # What was logged stays; the interrupted step publishes what its forward recorded.
     assert sink.steps("activations/body.0/mean") == [0, 1, 2]

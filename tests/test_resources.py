@@ -56,8 +56,13 @@ class Net(TinyModule):
     def __init__(self, width: int = 16, features: int = 8) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(features, width), nn.ReLU(inplace=True), nn.LayerNorm(width),
-            nn.Linear(width, width), nn.Tanh(), nn.Dropout(0.1), nn.Linear(width, 1),
+            nn.Linear(features, width),
+            nn.ReLU(inplace=True),
+            nn.LayerNorm(width),
+            nn.Linear(width, width),
+            nn.Tanh(),
+            nn.Dropout(0.1),
+            nn.Linear(width, 1),
         )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -67,8 +72,10 @@ class Net(TinyModule):
 def _loader(batch_size: int, batches: int = 4, features: int = 8) -> DataLoader:
     g = torch.Generator().manual_seed(0)
     n = batch_size * batches
-    return DataLoader(TensorDataset(torch.randn(n, features, generator=g), torch.randn(n, 1, generator=g)),
-                      batch_size=batch_size)
+    return DataLoader(
+        TensorDataset(torch.randn(n, features, generator=g), torch.randn(n, 1, generator=g)),
+        batch_size=batch_size,
+    )
 
 
 def _live_tensors() -> int:
@@ -83,7 +90,14 @@ def _reachable_tensors(root: object, model: nn.Module) -> list[str]:
     monitor holds *of its own* is what is found.
     """
     own = {id(t) for t in model.parameters()} | {id(t) for t in model.buffers()}
-    stop = (nn.Module, L.Trainer, type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType)
+    stop = (
+        nn.Module,
+        L.Trainer,
+        type,
+        types.ModuleType,
+        types.FunctionType,
+        types.BuiltinFunctionType,
+    )
     seen: set[int] = set()
     found: list[str] = []
     frontier: list[tuple[object, str]] = [(root, type(root).__name__)]
@@ -188,7 +202,9 @@ class EventSize(Callback):
         self.size[trainer.global_step - 1] = sum(Path(f).stat().st_size for f in files)
 
 
-def _event_run(tmp_path: Path, tag: str, batch_size: int, width: int, bins: int, steps: int = 10) -> tuple[float, Any]:
+def _event_run(
+    tmp_path: Path, tag: str, batch_size: int, width: int, bins: int, steps: int = 10
+) -> tuple[float, Any]:
     """Bytes per logged step between step 2 and the last, and the run's event accumulator."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -212,14 +228,18 @@ def _event_run(tmp_path: Path, tag: str, batch_size: int, width: int, bins: int,
 
 
 @pytest.mark.slow
-def test_tensorboard_bytes_per_logged_step_scale_with_keys_and_bins_not_tensor_size(tmp_path: Path) -> None:
+def test_tensorboard_bytes_per_logged_step_scale_with_keys_and_bins_not_tensor_size(
+    tmp_path: Path,
+) -> None:
     bins = 32
     base, acc = _event_run(tmp_path, "base", batch_size=8, width=16, bins=bins)
     scalars, hists = acc.Tags()["scalars"], acc.Tags()["histograms"]
     # 3 modules' outputs and their gradients, their 6 parameters' gradients, all 8 parameters.
     assert len(hists) == 3 + 3 + 6 + 8
-    bound = 2 * MONITORS * EVENT_BYTES + sum(SCALAR_VALUE_BYTES + len(t) for t in scalars) + sum(
-        HISTOGRAM_VALUE_BYTES + len(t) + BYTES_PER_BIN * bins for t in hists
+    bound = (
+        2 * MONITORS * EVENT_BYTES
+        + sum(SCALAR_VALUE_BYTES + len(t) for t in scalars)
+        + sum(HISTOGRAM_VALUE_BYTES + len(t) + BYTES_PER_BIN * bins for t in hists)
     )
     assert base <= bound, (base, bound)
     assert base >= 0.8 * bound, "the bound is meant to be tight; re-derive it if the format changed"
@@ -266,21 +286,33 @@ sink.close()   # ... and at teardown (waits until the deadline); then the proces
 
 
 @pytest.mark.slow
-def test_values_a_slow_backend_did_not_take_by_exit_are_in_the_fallback_file(tmp_path: Path) -> None:
+def test_values_a_slow_backend_did_not_take_by_exit_are_in_the_fallback_file(
+    tmp_path: Path,
+) -> None:
     import json
     import subprocess
     import sys
 
     script = tmp_path / "slow_backend.py"
     script.write_text(SLOW_BACKEND_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], check=False, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     received_file = tmp_path / "received.txt"
-    received = {int(s) for s in received_file.read_text().split()} if received_file.exists() else set()
+    received = (
+        {int(s) for s in received_file.read_text().split()} if received_file.exists() else set()
+    )
     saved: set[int] = set()
     for fallback in tmp_path.glob("lightning_inspect_unsent_*.jsonl"):
         for line in fallback.read_text().splitlines():
             record = json.loads(line)
             if record.get("call") == "log_scalars" and "step" in record:
                 saved.add(int(record["step"]))
-    assert received | saved == set(range(10)), f"sent {sorted(received)}, in the fallback file {sorted(saved)}"
+    assert received | saved == set(range(10)), (
+        f"sent {sorted(received)}, in the fallback file {sorted(saved)}"
+    )

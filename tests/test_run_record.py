@@ -89,7 +89,14 @@ class Plain(nn.Module):
 class LitClassifier(L.LightningModule):
     """Components passed in as modules; scalars saved with save_hyperparameters."""
 
-    def __init__(self, encoder: nn.Module, head: nn.Module, lr: float = 0.1, api_key: str = "not-a-real-key", fail_at: int = -1) -> None:
+    def __init__(
+        self,
+        encoder: nn.Module,
+        head: nn.Module,
+        lr: float = 0.1,
+        api_key: str = "not-a-real-key",
+        fail_at: int = -1,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["encoder", "head"])
         self.encoder = encoder
@@ -175,16 +182,25 @@ def data(n: int = 32, seed: int = 0) -> TensorDataset:
 
 def trainer(tmp_path: Path, **kwargs: Any) -> L.Trainer:
     options: dict[str, Any] = dict(
-        max_steps=4, limit_val_batches=1, num_sanity_val_steps=1, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, accelerator="cpu", devices=1,
-        default_root_dir=str(tmp_path), log_every_n_steps=1,
+        max_steps=4,
+        limit_val_batches=1,
+        num_sanity_val_steps=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        accelerator="cpu",
+        devices=1,
+        default_root_dir=str(tmp_path),
+        log_every_n_steps=1,
     )
     options.update(kwargs)
     return L.Trainer(**options)
 
 
 def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["git", *args], cwd=repo, check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
 @pytest.fixture
@@ -219,7 +235,9 @@ def test_git_info_of_a_dirty_repository(dirty_repo: Path) -> None:
     assert clean.dirty is False and clean.diff == ""
 
 
-def test_git_info_outside_a_repository_and_without_git(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_git_info_outside_a_repository_and_without_git(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     outside = git_info(tmp_path)
     assert outside.commit is None and "not inside a git repository" in (outside.notice or "")
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
@@ -229,19 +247,42 @@ def test_git_info_outside_a_repository_and_without_git(tmp_path: Path, monkeypat
 
 def test_secret_masking() -> None:
     masker = SecretMasker(extra=("db.user",), exempt=("pad_token",))
-    for key in ("api_key", "GITHUB_TOKEN", "authToken", "db_password", "passwd", "secret", "key", "apikey",
-                "client_secret", "mlflow_credentials", "auth", "AWS_SECRET_ACCESS_KEY", "mytoken"):
+    for key in (
+        "api_key",
+        "GITHUB_TOKEN",
+        "authToken",
+        "db_password",
+        "passwd",
+        "secret",
+        "key",
+        "apikey",
+        "client_secret",
+        "mlflow_credentials",
+        "auth",
+        "AWS_SECRET_ACCESS_KEY",
+        "mytoken",
+    ):
         assert masker.is_secret(key), key
     for key in ("key_dim", "num_tokens", "author", "monkey", "lr", "tokenizer", "pad_token"):
         assert not masker.is_secret(key), key
     config = {
-        "db": {"password": "hunter2", "user": "alice", "url": "postgresql://alice:hunter2@db:5432/x", "auth": {"a": 1}},
+        "db": {
+            "password": "hunter2",
+            "user": "alice",
+            "url": "postgresql://alice:hunter2@db:5432/x",
+            "auth": {"a": 1},
+        },
         "model": {"_target_": "m.M", "key_dim": 8, "pad_token": "<pad>", "token": None},
         "items": [{"api_key": "abc"}],
         "note": "uses ghp_abcdefghijklmnopqrstuvwxyz0123",
     }
     assert masker.mask(config) == {
-        "db": {"password": MASK, "user": MASK, "url": f"postgresql://alice:{MASK}@db:5432/x", "auth": MASK},
+        "db": {
+            "password": MASK,
+            "user": MASK,
+            "url": f"postgresql://alice:{MASK}@db:5432/x",
+            "auth": MASK,
+        },
         "model": {"_target_": "m.M", "key_dim": 8, "pad_token": "<pad>", "token": None},
         "items": [{"api_key": MASK}],
         "note": f"uses {MASK}",
@@ -266,7 +307,13 @@ def test_secret_masking() -> None:
     assert masker.override("+db={password:[hunter2,x]") == f"+db={MASK}"
     assert masker.override("+db={user:[a") == "+db={user:[a"
     assert masker.command(["train.py", "--api-key", "abc", "--lr", "0.1", "--token=t"]) == [
-        "train.py", "--api-key", MASK, "--lr", "0.1", f"--token={MASK}"]
+        "train.py",
+        "--api-key",
+        MASK,
+        "--lr",
+        "0.1",
+        f"--token={MASK}",
+    ]
     os.environ["RR_UNIT_TOKEN"], os.environ["RR_UNIT_NAME"] = "t0k", "job"
     try:
         assert env_var_values(["RR_UNIT_*"]) == {"RR_UNIT_NAME": "job", "RR_UNIT_TOKEN": MASK}
@@ -281,17 +328,30 @@ def test_data_fingerprint_is_deterministic_and_leaves_random_streams_alone() -> 
     changed.tensors[0][15, 0] += 1.0  # the last item is always sampled
     assert fingerprint_dataset(base, 4)["hash"] == fingerprint_dataset(same, 4)["hash"]
     assert fingerprint_dataset(base, 4)["hash"] != fingerprint_dataset(changed, 4)["hash"]
-    assert content_hash(torch.ones(2, dtype=torch.bfloat16)) != content_hash(torch.ones(2, dtype=torch.float16))
+    assert content_hash(torch.ones(2, dtype=torch.bfloat16)) != content_hash(
+        torch.ones(2, dtype=torch.float16)
+    )
 
     torch.manual_seed(5), random.seed(5), np.random.seed(5)
     expected = (torch.rand(1), random.random(), np.random.rand())
     torch.manual_seed(5), random.seed(5), np.random.seed(5)
     noisy = [fingerprint_dataset(NoisyDataset(8), 3) for _ in range(2)]
-    assert (torch.rand(1), random.random(), np.random.rand()) == expected  # training's streams untouched
+    assert (
+        torch.rand(1),
+        random.random(),
+        np.random.rand(),
+    ) == expected  # training's streams untouched
     assert noisy[0]["hash"] == noisy[1]["hash"] and noisy[0]["deterministic"] is True
 
-    loaders = fingerprint_loaders({"train": DataLoader(base, batch_size=4), "val": [DataLoader(data(8, 1), batch_size=8)]}, items=4)
-    assert (loaders["train"]["size"], loaders["train"]["batches"], loaders["train"]["batch_size"]) == (16, 4, 4)
+    loaders = fingerprint_loaders(
+        {"train": DataLoader(base, batch_size=4), "val": [DataLoader(data(8, 1), batch_size=8)]},
+        items=4,
+    )
+    assert (
+        loaders["train"]["size"],
+        loaders["train"]["batches"],
+        loaders["train"]["batch_size"],
+    ) == (16, 4, 4)
     assert loaders["val"]["size"] == 8 and len(loaders["all"]["hash"]) == 64
     assert fingerprint_dataset(base, 0)["hash"] is None  # sizes only
 
@@ -309,11 +369,21 @@ def test_construction_record_from_record_init_rebuilds_the_model() -> None:
     assert record.verified is True and record.source == "record_init"
     config = record.config
     assert config["_target_"] == "test_run_record.LitClassifier" and config["lr"] == 0.05
-    assert config["encoder"] == {"_target_": "test_run_record.Encoder", "in_features": 4, "hidden": 8, "dropout": 0.1}
-    assert config["head"]["activation"] == {"_target_": "hydra.utils.get_object", "path": "torch.nn.modules.activation.GELU"}
+    assert config["encoder"] == {
+        "_target_": "test_run_record.Encoder",
+        "in_features": 4,
+        "hidden": 8,
+        "dropout": 0.1,
+    }
+    assert config["head"]["activation"] == {
+        "_target_": "hydra.utils.get_object",
+        "path": "torch.nn.modules.activation.GELU",
+    }
 
     rebuilt = instantiate(yaml.safe_load(record.to_yaml()))
-    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
+        k: v.shape for k, v in model.state_dict().items()
+    }
     rebuilt.load_state_dict(model.state_dict())
     x = torch.randn(5, 4)
     model.eval(), rebuilt.eval()
@@ -369,18 +439,30 @@ def test_construction_record_placeholders_and_copies() -> None:
     try:
         record = construction_record(Embed(torch.randn(10, 10)), verify=False)
         placeholder = record.config["weights"]
-        assert placeholder["_target_"] == "lightning_inspect.run_record.unrecorded" and placeholder["type"] == "torch.Tensor"
-        assert "shape (10, 10)" in placeholder["reason"] and any("weights" in n for n in record.notes)
-        with pytest.raises(Exception, match="placeholder for a torch.Tensor argument"):
+        assert (
+            placeholder["_target_"] == "lightning_inspect.run_record.unrecorded"
+            and placeholder["type"] == "torch.Tensor"
+        )
+        assert "shape (10, 10)" in placeholder["reason"] and any(
+            "weights" in n for n in record.notes
+        )
+        with pytest.raises(Exception, match=r"placeholder for a torch\.Tensor argument"):
             instantiate(record.config)
         assert instantiate(record.config, weights=torch.zeros(10, 10)).weight.shape == (10, 10)
     finally:
         del globals()["Embed"]
 
     head = Head(8, 3)
-    assert recorded_init_args(copy.deepcopy(head)).arguments == {"hidden": 8, "classes": 3, "activation": nn.Tanh}
+    assert recorded_init_args(copy.deepcopy(head)).arguments == {
+        "hidden": 8,
+        "classes": 3,
+        "activation": nn.Tanh,
+    }
     assert recorded_init_args(pickle.loads(pickle.dumps(head))).arguments["classes"] == 3
-    assert construction_record(Local(3), verify=False).config["_target_"] == "lightning_inspect.run_record.unrecorded"
+    assert (
+        construction_record(Local(3), verify=False).config["_target_"]
+        == "lightning_inspect.run_record.unrecorded"
+    )
 
 
 def test_bad_arguments_name_the_argument_and_the_allowed_values(tmp_path: Path) -> None:
@@ -398,11 +480,15 @@ def test_bad_arguments_name_the_argument_and_the_allowed_values(tmp_path: Path) 
             RunRecord(**kwargs)
     model = LitClassifier(Encoder(4, 8), Head(8, 3))
     with pytest.raises(BackendError, match="MLFlowLogger"):
-        trainer(tmp_path, logger=False, callbacks=[RunRecord(backends="mlflow")]).fit(model, DataLoader(data(), batch_size=8))
-    with pytest.raises(ConfigError, match="model_key='nope'"):
-        trainer(tmp_path, logger=False, callbacks=[RunRecord(config={"model": {"a": 1}}, model_key="nope")]).fit(
+        trainer(tmp_path, logger=False, callbacks=[RunRecord(backends="mlflow")]).fit(
             model, DataLoader(data(), batch_size=8)
         )
+    with pytest.raises(ConfigError, match="model_key='nope'"):
+        trainer(
+            tmp_path,
+            logger=False,
+            callbacks=[RunRecord(config={"model": {"a": 1}}, model_key="nope")],
+        ).fit(model, DataLoader(data(), batch_size=8))
 
 
 def test_option_file_documents_every_key_and_instantiates() -> None:
@@ -415,7 +501,9 @@ def test_option_file_documents_every_key_and_instantiates() -> None:
             assert lines[i - 1].lstrip().startswith("#"), f"no comment above {line!r}"
     cfg = OmegaConf.load(RECORD_YAML)
     assert cfg.record._target_ == "lightning_inspect.RunRecord"
-    cfg.record._target_ = "lightning_inspect.callbacks.run_record.RunRecord"  # the same class, by its module
+    cfg.record._target_ = (
+        "lightning_inspect.callbacks.run_record.RunRecord"  # the same class, by its module
+    )
     assert isinstance(instantiate(cfg)["record"], RunRecord)
 
 
@@ -424,7 +512,9 @@ def test_option_file_documents_every_key_and_instantiates() -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def test_run_record_to_mlflow_and_tensorboard(tmp_path: Path, dirty_repo: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_run_record_to_mlflow_and_tensorboard(
+    tmp_path: Path, dirty_repo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     from hydra.utils import instantiate
     from lightning.pytorch.loggers import MLFlowLogger
     from mlflow import MlflowClient
@@ -432,12 +522,18 @@ def test_run_record_to_mlflow_and_tensorboard(tmp_path: Path, dirty_repo: Path, 
     from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow_logger = MLFlowLogger(experiment_name="run-record", tracking_uri=uri, artifact_location=str(tmp_path / "artifacts"))
+    mlflow_logger = MLFlowLogger(
+        experiment_name="run-record",
+        tracking_uri=uri,
+        artifact_location=str(tmp_path / "artifacts"),
+    )
     tb_logger = TensorBoardLogger(str(tmp_path / "tb"), name="run")
     os.environ["RR_TEST_JOB"], os.environ["RR_TEST_TOKEN"] = "job-7", "do-not-record"
     L.seed_everything(123, verbose=False)
     model = LitClassifier(Encoder(4, 8), Head(8, 3), lr=0.05, api_key="sk-live-0000")
-    callback = RunRecord(repo_dir=dirty_repo, capture_output=True, env_vars=["RR_TEST_*"], fingerprint_items=8)
+    callback = RunRecord(
+        repo_dir=dirty_repo, capture_output=True, env_vars=["RR_TEST_*"], fingerprint_items=8
+    )
     stdout = sys.stdout
     try:
         trainer(tmp_path, logger=[tb_logger, mlflow_logger], callbacks=[callback]).fit(
@@ -445,7 +541,9 @@ def test_run_record_to_mlflow_and_tensorboard(tmp_path: Path, dirty_repo: Path, 
         )
     finally:
         del os.environ["RR_TEST_JOB"], os.environ["RR_TEST_TOKEN"]
-    assert sys.stdout is stdout and MARKER in capsys.readouterr().out  # restored; console still saw it
+    assert (
+        sys.stdout is stdout and MARKER in capsys.readouterr().out
+    )  # restored; console still saw it
     commit = git(dirty_repo, "rev-parse", "HEAD")
 
     client = MlflowClient(uri)
@@ -453,28 +551,56 @@ def test_run_record_to_mlflow_and_tensorboard(tmp_path: Path, dirty_repo: Path, 
     tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
     assert tags["run_record/git/commit"] == commit and tags["run_record/git/dirty"] == "true"
     assert tags["run_record/git/branch"] == "main" and tags["run_record/status"] == "finished"
-    assert tags["run_record/torch"] == torch.__version__ and tags["run_record/cpu_count"] == str(os.cpu_count())
-    assert tags["run_record/env/RR_TEST_JOB"] == "job-7" and tags["run_record/env/RR_TEST_TOKEN"] == MASK
+    assert tags["run_record/torch"] == torch.__version__ and tags["run_record/cpu_count"] == str(
+        os.cpu_count()
+    )
+    assert (
+        tags["run_record/env/RR_TEST_JOB"] == "job-7"
+        and tags["run_record/env/RR_TEST_TOKEN"] == MASK
+    )
     assert params["run_record/seed"] == "123"
-    assert params["run_record/data/train/size"] == "32" and params["run_record/data/val/size"] == "8"
+    assert (
+        params["run_record/data/train/size"] == "32" and params["run_record/data/val/size"] == "8"
+    )
     assert len(params["run_record/data/train/hash"]) == 64
-    assert metrics["run_record/steps"] == 4 and metrics["run_record/steps_per_s"] > 0 and metrics["run_record/peak_rss_mib"] > 0
+    assert (
+        metrics["run_record/steps"] == 4
+        and metrics["run_record/steps_per_s"] > 0
+        and metrics["run_record/peak_rss_mib"] > 0
+    )
 
     files = tmp_path / "downloaded"
-    root = Path(client.download_artifacts(run.info.run_id, "lightning_inspect/run_record", str(files)))
-    assert {"record.yaml", "git.diff", "packages.txt", "hparams.yaml", "model.yaml", "output.log"} <= {p.name for p in root.iterdir()}
+    root = Path(
+        client.download_artifacts(run.info.run_id, "lightning_inspect/run_record", str(files))
+    )
+    assert {
+        "record.yaml",
+        "git.diff",
+        "packages.txt",
+        "hparams.yaml",
+        "model.yaml",
+        "output.log",
+    } <= {p.name for p in root.iterdir()}
     assert "+lr = 0.2" in (root / "git.diff").read_text()
     assert f"torch=={torch.__version__}" in (root / "packages.txt").read_text()
     assert MARKER in (root / "output.log").read_text()
     assert yaml.safe_load((root / "hparams.yaml").read_text())["api_key"] == MASK
     record = yaml.safe_load((root / "record.yaml").read_text())
-    assert record["status"] == "finished" and record["time"]["steps"] == 4 and record["seed"]["seed"] == 123
-    assert record["git"]["untracked"] == ["notes.txt"] and record["model"]["rebuild_checked"] is True
+    assert (
+        record["status"] == "finished"
+        and record["time"]["steps"] == 4
+        and record["seed"]["seed"] == 123
+    )
+    assert (
+        record["git"]["untracked"] == ["notes.txt"] and record["model"]["rebuild_checked"] is True
+    )
     assert record["data"]["train"]["hash"] == params["run_record/data/train/hash"]
 
     rebuilt = instantiate(yaml.safe_load((root / "model.yaml").read_text()))
     assert rebuilt.hparams.api_key == MASK  # the secret did not travel into the record
-    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
+        k: v.shape for k, v in model.state_dict().items()
+    }
     rebuilt.load_state_dict(model.state_dict())
     x = torch.randn(3, 4)
     model.eval(), rebuilt.eval()
@@ -482,13 +608,23 @@ def test_run_record_to_mlflow_and_tensorboard(tmp_path: Path, dirty_repo: Path, 
 
     events = EventAccumulator(tb_logger.log_dir, size_guidance={"tensors": 0})
     events.Reload()
-    summary = events.Tensors("run_record/summary/text_summary")[0].tensor_proto.string_val[0].decode()
+    summary = (
+        events.Tensors("run_record/summary/text_summary")[0].tensor_proto.string_val[0].decode()
+    )
     assert commit in summary and "dirty" in summary
-    assert "+lr = 0.2" in events.Tensors("run_record/git_diff/text_summary")[0].tensor_proto.string_val[0].decode()
-    start = HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+    assert (
+        "+lr = 0.2"
+        in events.Tensors("run_record/git_diff/text_summary")[0].tensor_proto.string_val[0].decode()
+    )
+    start = HParamsPluginData.FromString(
+        events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+    )
     hparams = start.session_start_info.hparams
     assert hparams["run_record/seed"].number_value == 123 and hparams["lr"].number_value == 0.05
-    assert hparams["run_record/git/commit"].string_value == commit and hparams["api_key"].string_value == MASK
+    assert (
+        hparams["run_record/git/commit"].string_value == commit
+        and hparams["api_key"].string_value == MASK
+    )
     assert (Path(tb_logger.log_dir) / "run_record" / "output.log").is_file()
 
 
@@ -524,7 +660,10 @@ def test_secrets_in_inline_overrides_are_masked_in_every_output(
     tb_logger = TensorBoardLogger(str(tmp_path / "tb"), name="run")
     callback = RunRecord(config=cfg, git=False, packages=False, model=False)
     fit = trainer(
-        tmp_path, logger=[tb_logger, mlflow_logger], callbacks=[callback], max_steps=1,
+        tmp_path,
+        logger=[tb_logger, mlflow_logger],
+        callbacks=[callback],
+        max_steps=1,
         limit_val_batches=0,
     )
     fit.fit(LitClassifier(Encoder(4, 8), Head(8, 3)), DataLoader(data(8), batch_size=8))
@@ -538,7 +677,7 @@ def test_secrets_in_inline_overrides_are_masked_in_every_output(
     assert yaml.safe_load((root / "overrides.yaml").read_text()) == masked
     record = yaml.safe_load((root / "record.yaml").read_text())
     assert record["config"]["overrides"] == masked
-    assert record["command"][-len(masked) - 3:-3] == masked
+    assert record["command"][-len(masked) - 3 : -3] == masked
     assert yaml.safe_load((root / "config.yaml").read_text())["db"] == {"conn": {"password": MASK}}
 
     events = EventAccumulator(tb_logger.log_dir, size_guidance={"tensors": 0})
@@ -557,30 +696,46 @@ def test_run_record_of_a_hydra_composed_run_outside_git(tmp_path: Path) -> None:
 
     conf = tmp_path / "conf"
     (conf / "model").mkdir(parents=True)
-    (conf / "config.yaml").write_text("defaults:\n  - model: small\n  - _self_\ndb:\n  host: localhost\n  password: hunter2\nseed: 7\n")
+    (conf / "config.yaml").write_text(
+        "defaults:\n  - model: small\n  - _self_\ndb:\n  host: localhost\n  password: hunter2\nseed: 7\n"
+    )
     (conf / "model" / "small.yaml").write_text(
         "_target_: test_run_record.HydraLit\nhidden: 8\ntoken: abc\n"
         "net:\n  _target_: torch.nn.Linear\n  in_features: 4\n  out_features: ${..hidden}\n"
     )
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
-        cfg = compose("config", overrides=["model.hidden=16", "+db.api_key=abc123"], return_hydra_config=True)
+        cfg = compose(
+            "config", overrides=["model.hidden=16", "+db.api_key=abc123"], return_hydra_config=True
+        )
     model = instantiate(cfg.model)
     outside = tmp_path / "not_a_repo"
     outside.mkdir()
     callback = RunRecord(config=cfg, repo_dir=outside, packages=False)
     tb_logger = TensorBoardLogger(str(tmp_path / "tb"), name="hydra")
-    with pytest.warns(RuntimeWarning, match="no git commit is recorded: .*not inside a git repository"):
-        trainer(tmp_path, logger=tb_logger, callbacks=[callback], max_steps=2, limit_val_batches=0).fit(
-            model, DataLoader(data(16), batch_size=8)
-        )
+    with pytest.warns(
+        RuntimeWarning, match="no git commit is recorded: .*not inside a git repository"
+    ):
+        trainer(
+            tmp_path, logger=tb_logger, callbacks=[callback], max_steps=2, limit_val_batches=0
+        ).fit(model, DataLoader(data(16), batch_size=8))
     folder = Path(tb_logger.log_dir) / "run_record"
     config = yaml.safe_load((folder / "config.yaml").read_text())
-    assert "hydra" not in config and config["db"] == {"host": "localhost", "password": MASK, "api_key": MASK}
+    assert "hydra" not in config and config["db"] == {
+        "host": "localhost",
+        "password": MASK,
+        "api_key": MASK,
+    }
     assert config["model"]["hidden"] == 16 and config["model"]["net"]["out_features"] == 16
-    assert yaml.safe_load((folder / "overrides.yaml").read_text()) == ["model.hidden=16", f"+db.api_key={MASK}"]
+    assert yaml.safe_load((folder / "overrides.yaml").read_text()) == [
+        "model.hidden=16",
+        f"+db.api_key={MASK}",
+    ]
     record = callback.record
     assert record["config"]["choices"] == {"model": "small"} and record["git"]["commit"] is None
-    assert record["model"]["source"] == "hydra config at 'model'" and record["model"]["rebuild_checked"] is True
+    assert (
+        record["model"]["source"] == "hydra config at 'model'"
+        and record["model"]["rebuild_checked"] is True
+    )
     assert record["status"] == "finished" and "notice" in record["git"]
 
     model_record = yaml.safe_load((folder / "model.yaml").read_text())
@@ -618,14 +773,20 @@ def test_run_record_of_a_lightning_cli_run(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(sys, "argv", ["main.py"])  # the command line is ``args``
 
     args = [
-        "fit", "--seed_everything=7", "--model.hidden=6", "--trainer.max_steps=2",
+        "fit",
+        "--seed_everything=7",
+        "--model.hidden=6",
+        "--trainer.max_steps=2",
         "--trainer.accelerator=cpu",
         "--trainer.devices=1",
-        "--trainer.enable_progress_bar=false", "--trainer.enable_checkpointing=false",
-        "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.default_root_dir={tmp_path}",
         "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger",
         f"--trainer.logger.save_dir={tmp_path}",
-        "--trainer.callbacks+=lightning_inspect.RunRecord", "--trainer.callbacks.git=false",
+        "--trainer.callbacks+=lightning_inspect.RunRecord",
+        "--trainer.callbacks.git=false",
         "--trainer.callbacks.packages=false",
     ]
     cli = LightningCLI(CliModel, args=args)
@@ -641,10 +802,18 @@ def test_run_record_of_a_lightning_cli_run(tmp_path: Path, monkeypatch: pytest.M
 
 def test_a_failing_run_is_recorded_and_the_console_restored(tmp_path: Path) -> None:
     model = LitClassifier(Encoder(4, 8), Head(8, 3), fail_at=2)
-    callback = RunRecord(capture_output=True, git=False, packages=False, verify_model=False, output_dir=tmp_path / "record")
+    callback = RunRecord(
+        capture_output=True,
+        git=False,
+        packages=False,
+        verify_model=False,
+        output_dir=tmp_path / "record",
+    )
     streams = (sys.stdout, sys.stderr)
     with pytest.raises(RuntimeError, match="planned failure"):
-        trainer(tmp_path, logger=False, callbacks=[callback], limit_val_batches=0).fit(model, DataLoader(data(), batch_size=8))
+        trainer(tmp_path, logger=False, callbacks=[callback], limit_val_batches=0).fit(
+            model, DataLoader(data(), batch_size=8)
+        )
     assert (sys.stdout, sys.stderr) == streams
     record = yaml.safe_load((tmp_path / "record" / "record.yaml").read_text())
     assert record["status"] == "failed" and record["error"] == "RuntimeError: planned failure"
@@ -660,12 +829,17 @@ def test_recorded_run_name_is_the_mlflow_runs_own(tmp_path: Path) -> None:
     from omegaconf import OmegaConf
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow_logger = MLFlowLogger(experiment_name="names", tracking_uri=uri,
-                                 run_name="train-18-46-10", artifact_location=str(tmp_path / "art"))
+    mlflow_logger = MLFlowLogger(
+        experiment_name="names",
+        tracking_uri=uri,
+        run_name="train-18-46-10",
+        artifact_location=str(tmp_path / "art"),
+    )
     node = {"_target_": "lightning.pytorch.loggers.MLFlowLogger", "run_name": "train-18-46-22"}
     config = OmegaConf.create({"logger": {"mlflow": node}})
-    callback = RunRecord(git=False, packages=False, model=False, config=config,
-                         output_dir=tmp_path / "record")
+    callback = RunRecord(
+        git=False, packages=False, model=False, config=config, output_dir=tmp_path / "record"
+    )
     model = LitClassifier(Encoder(4, 8), Head(8, 3))
     fit = trainer(tmp_path, logger=[mlflow_logger], callbacks=[callback])
     fit.fit(model, DataLoader(data(), batch_size=8))
@@ -721,7 +895,7 @@ def test_console_capture_is_opt_in_and_restored_when_setup_fails(tmp_path: Path)
 class _StuckHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """A console handler that refuses a new stream."""
 
-    def setStream(self, stream: Any) -> Any:  # noqa: N802 - logging's name
+    def setStream(self, stream: Any) -> Any:  # logging's name
         raise OSError("stream is fixed")
 
 

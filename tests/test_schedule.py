@@ -21,7 +21,7 @@ def test_defaults() -> None:
 def test_every_start_stop() -> None:
     assert logged(Schedule(every_n_steps=10, start_step=5, stop_step=40)) == [5, 15, 25, 35]
     assert logged(Schedule(every_n_steps=1, start_step=3, stop_step=6)) == [3, 4, 5]
-    assert logged(Schedule(every_n_steps=2)) [:4] == [0, 2, 4, 6]
+    assert logged(Schedule(every_n_steps=2))[:4] == [0, 2, 4, 6]
 
 
 @given(st.integers(1, 9), st.integers(0, 20), st.one_of(st.none(), st.integers(1, 40)))
@@ -48,7 +48,9 @@ def test_should_log_is_a_range(every: int, start: int, span: int | None) -> None
 def test_bad_arguments_name_the_argument(kwargs: dict, arg: str) -> None:
     args = {"every_n_steps": 1, "start_step": 0, "stop_step": None, **kwargs}
     with pytest.raises(ConfigError) as info:
-        Schedule.checked("ActivationMonitor", args["every_n_steps"], args["start_step"], args["stop_step"])
+        Schedule.checked(
+            "ActivationMonitor", args["every_n_steps"], args["start_step"], args["stop_step"]
+        )
     msg = str(info.value)
     assert msg.startswith("ActivationMonitor(") and arg in msg
 

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import difflib
+
 import pytest
 import torch
 from torch import nn
 
 from lightning_inspect.errors import ConfigError, SelectionError
-from lightning_inspect.selection import named_modules, normalise_name, select_modules, select_parameters
+from lightning_inspect.selection import (
+    named_modules,
+    normalise_name,
+    select_modules,
+    select_parameters,
+)
 
 
 class Encoder(nn.Module):
@@ -60,10 +66,21 @@ def test_globs_cross_dots_and_match_whole_names() -> None:
         "encoder.norm",
     ]
     got = list(select_modules(m, ["*.1"]))
-    assert set(got) == {"encoder.layer.1", "encoder.layer.0.1", "encoder.layer.1.1", "encoder.layer.2.1"}
-    assert list(select_modules(m, ["head", "attn"])) == ["attn", "head"]  # model order, not pattern order
+    assert set(got) == {
+        "encoder.layer.1",
+        "encoder.layer.0.1",
+        "encoder.layer.1.1",
+        "encoder.layer.2.1",
+    }
+    assert list(select_modules(m, ["head", "attn"])) == [
+        "attn",
+        "head",
+    ]  # model order, not pattern order
     assert list(select_modules(m, ["encoder.layer.?.0"])) == LEAVES[:3]
-    assert list(select_modules(m, ["encoder.layer.[02].0"])) == ["encoder.layer.0.0", "encoder.layer.2.0"]
+    assert list(select_modules(m, ["encoder.layer.[02].0"])) == [
+        "encoder.layer.0.0",
+        "encoder.layer.2.0",
+    ]
 
 
 def test_regex_is_fullmatch() -> None:
@@ -77,9 +94,12 @@ def test_regex_is_fullmatch() -> None:
 
 def test_exclude() -> None:
     m = Model()
-    assert list(select_modules(m, exclude=["attn*", "re:.*norm"])) == LEAVES[:3] + ["head"]
+    assert list(select_modules(m, exclude=["attn*", "re:.*norm"])) == [*LEAVES[:3], "head"]
     assert list(select_modules(m, ["encoder.*"], exclude=["*.1", "*layer", "*layer.?"])) == [
-        "encoder.layer.0.0", "encoder.layer.1.0", "encoder.layer.2.0", "encoder.norm",
+        "encoder.layer.0.0",
+        "encoder.layer.1.0",
+        "encoder.layer.2.0",
+        "encoder.norm",
     ]
     # an exclude pattern that matches nothing is fine
     assert list(select_modules(m, exclude=["nothing.here"])) == LEAVES
@@ -95,7 +115,9 @@ def test_no_match_lists_close_names() -> None:
 
 
 def test_no_match_without_wildcard_hints_at_globs() -> None:
-    with pytest.raises(SelectionError, match=r"'hed'.*Closest module names: head\..*whole-name globs"):
+    with pytest.raises(
+        SelectionError, match=r"'hed'.*Closest module names: head\..*whole-name globs"
+    ):
         select_modules(Model(), ["hed"])
 
 
@@ -224,7 +246,7 @@ def test_select_parameters_unique_and_normalised() -> None:
 
 def test_named_modules_excludes_root() -> None:
     names = named_modules(Model())
-    assert "" not in names and list(names)[0] == "encoder"
+    assert "" not in names and next(iter(names)) == "encoder"
 
 
 def test_select_parameters_by_parameter_patterns() -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import doctest
 import warnings
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,6 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning_inspect.shapes as shapes_module
 from lightning_inspect.callbacks.shapes import ShapeTracer
 from lightning_inspect.errors import ConfigError, NonFiniteError
 from lightning_inspect.shapes import (
@@ -33,13 +31,11 @@ from lightning_inspect.sinks import MemorySink
 @pytest.fixture(autouse=True)
 def _quiet() -> Any:
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(does not have many workers|number of training batches|LeafSpec|treespec|val_dataloader).*")
+        warnings.filterwarnings(
+            "ignore",
+            message=".*(does not have many workers|number of training batches|LeafSpec|treespec|val_dataloader).*",
+        )
         yield
-
-
-def test_doctests() -> None:
-    result = doctest.testmod(shapes_module)
-    assert result.failed == 0 and result.attempted > 0
 
 
 # ------------------------------------------------------------------------------------------
@@ -85,14 +81,29 @@ class LastBatchFails(MissingFlatten):
 
 def images(n: int = 8, batch_size: int = 4) -> DataLoader:
     g = torch.Generator().manual_seed(0)
-    return DataLoader(TensorDataset(torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)), batch_size=batch_size)
+    return DataLoader(
+        TensorDataset(
+            torch.randn(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g)
+        ),
+        batch_size=batch_size,
+    )
 
 
-def trainer(tmp_path: Path, callbacks: list[Any], logger: Any = False, sanity: int = 0, max_steps: int = 2) -> L.Trainer:
+def trainer(
+    tmp_path: Path, callbacks: list[Any], logger: Any = False, sanity: int = 0, max_steps: int = 2
+) -> L.Trainer:
     return L.Trainer(
-        default_root_dir=tmp_path, max_steps=max_steps, logger=logger, callbacks=callbacks,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=sanity, limit_val_batches=1, accelerator="cpu", devices=1,
+        default_root_dir=tmp_path,
+        max_steps=max_steps,
+        logger=logger,
+        callbacks=callbacks,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=sanity,
+        limit_val_batches=1,
+        accelerator="cpu",
+        devices=1,
     )
 
 
@@ -103,7 +114,9 @@ def no_hooks_left(model: nn.Module) -> bool:
 def test_missing_flatten_in_the_sanity_check_names_the_module(tmp_path: Path) -> None:
     model = MissingFlatten()
     with pytest.raises(RuntimeError, match="mat1 and mat2 shapes cannot be multiplied") as info:
-        trainer(tmp_path, [ShapeTracer(console=False, summary=False)], sanity=1).fit(model, images(), images())
+        trainer(tmp_path, [ShapeTracer(console=False, summary=False)], sanity=1).fit(
+            model, images(), images()
+        )
     (note,) = info.value.__notes__
     lines = note.splitlines()
     assert lines[0] == (
@@ -112,7 +125,10 @@ def test_missing_flatten_in_the_sanity_check_names_the_module(tmp_path: Path) ->
     )
     assert lines[1] == "  inputs:     input 0: (4, 8, 6, 6) float32"
     assert lines[2] == "  parameters: weight (10, 288) float32, bias (10,) float32"
-    assert lines[3].startswith("  hint: missing flatten: the input is 4-D (4, 8, 6, 6)") and "nn.Flatten() before 'head'" in lines[3]
+    assert (
+        lines[3].startswith("  hint: missing flatten: the input is 4-D (4, 8, 6, 6)")
+        and "nn.Flatten() before 'head'" in lines[3]
+    )
     assert no_hooks_left(model)
 
 
@@ -128,16 +144,30 @@ def test_missing_flatten_in_training_with_trace_and_summary_in_tensorboard(tmp_p
     note = info.value.__notes__[0]
     assert "inside module 'head' (Linear)" in note and "during training step 0, batch 0" in note
     assert tracer.shape_trace is not None
-    assert [(r.name, r.outputs) for r in tracer.shape_trace.rows][-1] == ("head", "(did not return)")
+    assert [(r.name, r.outputs) for r in tracer.shape_trace.rows][-1] == (
+        "head",
+        "(did not return)",
+    )
 
     events = EventAccumulator(tb.log_dir, size_guidance={"tensors": 0})
     events.Reload()
-    texts = {tag: events.Tensors(tag)[-1].tensor_proto.string_val[0].decode() for tag in events.Tags()["tensors"]}
+    texts = {
+        tag: events.Tensors(tag)[-1].tensor_proto.string_val[0].decode()
+        for tag in events.Tags()["tensors"]
+    }
     trace = texts["model/shape_trace/text_summary"]
-    assert "| 2 | &nbsp;&nbsp;&nbsp;&nbsp;features.0 | Conv2d | input 0: (4, 1, 8, 8) float32 | (4, 8, 6, 6) float32 | 80 | 1 |" in trace
-    assert "| 4 | &nbsp;&nbsp;head | Linear | input 0: (4, 8, 6, 6) float32 | (did not return) | 2,890 | 1 |" in trace
+    assert (
+        "| 2 | &nbsp;&nbsp;&nbsp;&nbsp;features.0 | Conv2d | input 0: (4, 1, 8, 8) float32 | (4, 8, 6, 6) float32 | 80 | 1 |"
+        in trace
+    )
+    assert (
+        "| 4 | &nbsp;&nbsp;head | Linear | input 0: (4, 8, 6, 6) float32 | (did not return) | 2,890 | 1 |"
+        in trace
+    )
     summary = texts["model/summary/text_summary"]
-    assert "**MissingFlatten**: 2,970 parameters (2,890 trainable, 80 frozen) in 3 layers" in summary
+    assert (
+        "**MissingFlatten**: 2,970 parameters (2,890 trainable, 80 frozen) in 3 layers" in summary
+    )
     assert "| features | Sequential | 2 (1 Conv2d, 1 ReLU) | 80 | 0 | 80 |" in summary
     assert no_hooks_left(model)
 
@@ -148,7 +178,10 @@ def test_errors_after_the_first_batches_are_located_from_the_traceback(tmp_path:
     with pytest.raises(RuntimeError, match="invalid for input of size") as info:
         trainer(tmp_path, [tracer], max_steps=3).fit(model, images(n=10))  # batches of 4, 4, 2
     note = info.value.__notes__[0]
-    assert "inside module 'flatten' (HardCodedBatch), called from the model (LastBatchFails), during training step 2, batch 2" in note
+    assert (
+        "inside module 'flatten' (HardCodedBatch), called from the model (LastBatchFails), during training step 2, batch 2"
+        in note
+    )
     assert "input 0: (2, 8, 6, 6) float32" in note and "hard-coded" in note
     assert "found from the traceback" in note
     assert no_hooks_left(model)
@@ -164,7 +197,11 @@ def test_a_working_fit_keeps_hooks_only_for_the_first_batches(tmp_path: Path) ->
             seen.append(sum(len(m._forward_pre_hooks) for m in model.modules()))
 
     sink = MemorySink()
-    trainer(tmp_path, [ShapeTracer(first_n_batches=2, backends=[sink], console=False), Count()], max_steps=4).fit(model, images(n=16))
+    trainer(
+        tmp_path,
+        [ShapeTracer(first_n_batches=2, backends=[sink], console=False), Count()],
+        max_steps=4,
+    ).fit(model, images(n=16))
     n_modules = len(list(model.modules()))
     assert seen == [n_modules, n_modules, 0, 0] and no_hooks_left(model)
     assert list(sink.texts) == ["model/summary"]
@@ -198,22 +235,54 @@ def test_bad_arguments_raise_config_error(kwargs: dict[str, Any], expected: str)
 @pytest.mark.parametrize(
     ("module", "x", "message", "expected"),
     [
-        (nn.Linear(64, 10), torch.zeros(4, 48), "mat1 and mat2 shapes cannot be multiplied (4x48 and 64x10)",
-         "wrong in_features: 'm' has in_features=64 but its input has 48 features: set in_features=48"),
-        (nn.Linear(64, 10), torch.zeros(4, 8, 6, 6), "mat1 and mat2",
-         "Linear acts on the last dimension (6) of the 4-D input (4, 8, 6, 6), but in_features=64: if the layer"),
-        (nn.Conv2d(3, 8, 3), torch.zeros(2, 1, 8, 8), "expected input[2, 1, 8, 8] to have 3 channels",
-         "wrong in_channels: 'm' has in_channels=3 but the input has 1 channels at dimension 1"),
-        (nn.Conv2d(3, 8, 3), torch.zeros(2, 192), "Expected 3D (unbatched) or 4D (batched) input",
-         "Conv2d expects (N, C, H, W) (4-D, or 3-D without batch) but the input is 2-D (2, 192)"),
-        (nn.BatchNorm1d(16), torch.zeros(4, 8), "running_mean should contain 8 elements not 16",
-         "wrong num_features: 'm' has num_features=16 but the input has 8"),
-        (nn.LayerNorm(16), torch.zeros(4, 8), "Given normalized_shape=[16]",
-         "normalized_shape=(16,) must equal the input's last dimensions, but the input is (4, 8)"),
-        (nn.Embedding(10, 4), torch.tensor([3, 12]), "index out of range in self",
-         "'m' has num_embeddings=10 (valid indices 0..9) but the input holds indices 3..12"),
-        (nn.Linear(4, 2), torch.zeros(3, 4, dtype=torch.float64), "mat1 and mat2 must have the same dtype, but got Double and Float",
-         "dtype mismatch: the inputs are float64 but the parameters are float32"),
+        (
+            nn.Linear(64, 10),
+            torch.zeros(4, 48),
+            "mat1 and mat2 shapes cannot be multiplied (4x48 and 64x10)",
+            "wrong in_features: 'm' has in_features=64 but its input has 48 features: set in_features=48",
+        ),
+        (
+            nn.Linear(64, 10),
+            torch.zeros(4, 8, 6, 6),
+            "mat1 and mat2",
+            "Linear acts on the last dimension (6) of the 4-D input (4, 8, 6, 6), but in_features=64: if the layer",
+        ),
+        (
+            nn.Conv2d(3, 8, 3),
+            torch.zeros(2, 1, 8, 8),
+            "expected input[2, 1, 8, 8] to have 3 channels",
+            "wrong in_channels: 'm' has in_channels=3 but the input has 1 channels at dimension 1",
+        ),
+        (
+            nn.Conv2d(3, 8, 3),
+            torch.zeros(2, 192),
+            "Expected 3D (unbatched) or 4D (batched) input",
+            "Conv2d expects (N, C, H, W) (4-D, or 3-D without batch) but the input is 2-D (2, 192)",
+        ),
+        (
+            nn.BatchNorm1d(16),
+            torch.zeros(4, 8),
+            "running_mean should contain 8 elements not 16",
+            "wrong num_features: 'm' has num_features=16 but the input has 8",
+        ),
+        (
+            nn.LayerNorm(16),
+            torch.zeros(4, 8),
+            "Given normalized_shape=[16]",
+            "normalized_shape=(16,) must equal the input's last dimensions, but the input is (4, 8)",
+        ),
+        (
+            nn.Embedding(10, 4),
+            torch.tensor([3, 12]),
+            "index out of range in self",
+            "'m' has num_embeddings=10 (valid indices 0..9) but the input holds indices 3..12",
+        ),
+        (
+            nn.Linear(4, 2),
+            torch.zeros(3, 4, dtype=torch.float64),
+            "mat1 and mat2 must have the same dtype, but got Double and Float",
+            "dtype mismatch: the inputs are float64 but the parameters are float32",
+        ),
         (nn.Identity(), torch.zeros(2), "something else", ""),
     ],
 )
@@ -251,7 +320,9 @@ def test_traceback_location_and_notes() -> None:
     frames = locate_in_traceback(info.value, {n: m for n, m in net.named_modules()})
     assert [f.name for f in frames] == ["", "1", "1.0"] and frames[-1].args[0].shape == (1, 2)
     note = error_note(frames, info.value, "a test")
-    assert note.startswith("lightning-inspect: the error was raised inside module '1.0' (Linear), called from '1' (Sequential) <- the model (Sequential), during a test.")
+    assert note.startswith(
+        "lightning-inspect: the error was raised inside module '1.0' (Linear), called from '1' (Sequential) <- the model (Sequential), during a test."
+    )
     assert not has_note(info.value)
     attach_note(info.value, note)
     assert has_note(info.value) and info.value.__notes__ == [note]
@@ -267,7 +338,9 @@ def test_model_summary_blocks_frozen_shared_and_own_parameters() -> None:
             self.encoder[0].requires_grad_(False)
 
     s = model_summary(Net())
-    assert [(b.name, b.layers, b.layer_types, b.parameters, b.trainable, b.frozen) for b in s.blocks] == [
+    assert [
+        (b.name, b.layers, b.layer_types, b.parameters, b.trainable, b.frozen) for b in s.blocks
+    ] == [
         ("encoder", 3, "2 Linear, 1 ReLU", 40, 20, 20),
         ("head", 1, "1 Linear", 5, 5, 0),
         ("(own)", 0, "parameters held directly", 3, 3, 0),

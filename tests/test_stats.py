@@ -17,12 +17,12 @@ from hypothesis.extra import numpy as hnp
 from lightning_inspect import cpu_reduction, stats
 from lightning_inspect.cpu_reduction import CHUNK, SMALL, _scratch
 from lightning_inspect.stats import (
-    _reduce_any,
-    _values,
     ALL_STATS,
     DEFAULT_STATS,
     FIELDS,
     N_FIELDS,
+    _reduce_any,
+    _values,
     histogram,
     merge_rows,
     reduce_tensor,
@@ -92,7 +92,9 @@ def reference(a: np.ndarray) -> dict[str, float]:
     }
 
 
-def assert_stats_close(got: dict[str, float], ref: dict[str, float], n: int, var_rtol: float = 1e-4) -> None:
+def assert_stats_close(
+    got: dict[str, float], ref: dict[str, float], n: int, var_rtol: float = 1e-4
+) -> None:
     """float32 reductions vs float64 reference; tolerances from float32 rounding of sums."""
     assert set(got) == set(ALL_STATS)
     for key in ("nan_count", "inf_count", "zero_fraction"):
@@ -117,7 +119,10 @@ def assert_stats_close(got: dict[str, float], ref: dict[str, float], n: int, var
     # std: centred sums; the mean's own rounding adds at most (mean error)^2 to the variance
     mean_err = rel * ref["abs_mean"]
     var, var_ref = got["std"] ** 2, ref["std"] ** 2
-    assert abs(var - var_ref) <= var_rtol * var_ref + 4 * mean_err**2 + 1e-37, (got["std"], ref["std"])
+    assert abs(var - var_ref) <= var_rtol * var_ref + 4 * mean_err**2 + 1e-37, (
+        got["std"],
+        ref["std"],
+    )
 
 
 def assert_histogram_matches(row: np.ndarray, a: np.ndarray, bins: int) -> None:
@@ -185,7 +190,9 @@ _any32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
 
 
 @settings(max_examples=150, deadline=None)
-@given(hnp.arrays(np.float32, st.integers(1, 40), elements=st.one_of(_any32, _any32, _any32, _special)))
+@given(
+    hnp.arrays(np.float32, st.integers(1, 40), elements=st.one_of(_any32, _any32, _any32, _special))
+)
 def test_reduce_matches_numpy_over_the_whole_float32_range(arr: np.ndarray) -> None:
     """Subnormals to float32 max: no second moment may overflow or vanish."""
     check_tensor(torch.from_numpy(arr.copy()), bins=8)
@@ -193,8 +200,11 @@ def test_reduce_matches_numpy_over_the_whole_float32_range(arr: np.ndarray) -> N
 
 @settings(max_examples=60, deadline=None)
 @given(
-    hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=2, min_side=1, max_side=40),
-               elements=st.floats(-1e4, 1e4, width=32).filter(lambda v: v == 0 or abs(v) >= 2.0**-40)),
+    hnp.arrays(
+        np.float32,
+        hnp.array_shapes(min_dims=1, max_dims=2, min_side=1, max_side=40),
+        elements=st.floats(-1e4, 1e4, width=32).filter(lambda v: v == 0 or abs(v) >= 2.0**-40),
+    ),
     st.sampled_from([torch.bfloat16, torch.float16, torch.float64]),
 )
 def test_reduce_matches_numpy_other_float_dtypes(arr: np.ndarray, dtype: torch.dtype) -> None:
@@ -208,8 +218,13 @@ def test_reduce_matches_numpy_other_float_dtypes(arr: np.ndarray, dtype: torch.d
 
 
 @settings(max_examples=40, deadline=None)
-@given(hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=16),
-                  elements=st.one_of(_finite32, _special)))
+@given(
+    hnp.arrays(
+        np.float32,
+        hnp.array_shapes(min_dims=2, max_dims=2, min_side=1, max_side=16),
+        elements=st.one_of(_finite32, _special),
+    )
+)
 def test_non_contiguous_views(arr: np.ndarray) -> None:
     base = torch.from_numpy(arr.copy())
     for view in (base.t(), base[:, ::2], base.flip(0).t()):
@@ -252,7 +267,20 @@ def test_complex_is_read_as_real_and_imaginary_parts() -> None:
 
 # the C kernels' block edges (256 values a float32 block, 512 histogram positions), then the
 # torch/NumPy path's thresholds
-_PATH_SIZES = [1, 3, 255, 256, 257, 513, 4096 + 17, SMALL, SMALL + 1, CHUNK, CHUNK + 1, 2 * CHUNK + 777]
+_PATH_SIZES = [
+    1,
+    3,
+    255,
+    256,
+    257,
+    513,
+    4096 + 17,
+    SMALL,
+    SMALL + 1,
+    CHUNK,
+    CHUNK + 1,
+    2 * CHUNK + 777,
+]
 
 
 def _distribution(name: str, n: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -274,7 +302,9 @@ def _distribution(name: str, n: int, dtype: torch.dtype = torch.float32) -> torc
 
 
 @pytest.mark.parametrize("n", _PATH_SIZES)
-@pytest.mark.parametrize("name", ["randn", "relu", "sparse-grad", "offset", "positive", "constant", "integers"])
+@pytest.mark.parametrize(
+    "name", ["randn", "relu", "sparse-grad", "offset", "positive", "constant", "integers"]
+)
 def test_cpu_paths_match_numpy(n: int, name: str) -> None:
     x = _distribution(name, n)
     row = check_tensor(x, bins=64)
@@ -299,7 +329,13 @@ def test_cpu_paths_float64_and_strided(n: int) -> None:
 @pytest.mark.parametrize("n", [SMALL + 1, CHUNK + 1])
 @pytest.mark.parametrize(
     "values",
-    [[3e38, 3e38], [1e-25, -2e-25, 3e-25], [1e-45, 3e-45, -1e-44, 0.0], [1.0, math.nan], [2.0, -math.inf]],
+    [
+        [3e38, 3e38],
+        [1e-25, -2e-25, 3e-25],
+        [1e-45, 3e-45, -1e-44, 0.0],
+        [1.0, math.nan],
+        [2.0, -math.inf],
+    ],
     ids=["sum-overflows", "squares-underflow", "subnormal", "nan", "inf"],
 )
 def test_cpu_paths_reduce_extremes_exactly(n: int, values: list[float]) -> None:
@@ -326,7 +362,9 @@ def test_sparse_tensors_are_reduced_over_their_stored_values() -> None:
     dense = torch.tensor([[0.0, 2.0, 0.0], [-1.0, 0.0, 4.0]])
     stored = torch.tensor([2.0, -1.0, 4.0])
     for sparse in (dense.to_sparse(), dense.to_sparse_csr()):
-        np.testing.assert_array_equal(reduce_tensor(sparse, bins=4).numpy(), reduce_tensor(stored, bins=4).numpy())
+        np.testing.assert_array_equal(
+            reduce_tensor(sparse, bins=4).numpy(), reduce_tensor(stored, bins=4).numpy()
+        )
 
 
 @pytest.mark.parametrize("n", [10, SMALL + 2])
@@ -344,7 +382,11 @@ def test_tiny_values_keep_exact_second_moments(n: int, make: str) -> None:
     """Squares near float32's smallest normal number lose precision: such tensors are rescaled."""
     g = torch.Generator().manual_seed(n)
     for magnitude in (1e-25, 1e-22, 1e-19):
-        x = torch.full((n,), magnitude) if make == "constant" else torch.randn(n, generator=g) * magnitude
+        x = (
+            torch.full((n,), magnitude)
+            if make == "constant"
+            else torch.randn(n, generator=g) * magnitude
+        )
         a = as_reference_array(x)
         s = summarise(reduce_tensor(x, bins=0).numpy())
         assert s["l2_norm"] == pytest.approx(np.sqrt(np.sum(a**2)), rel=1e-5), magnitude
@@ -421,14 +463,27 @@ def _block_case(name: str, n: int) -> torch.Tensor:
         "columns": lambda: base[: n - n % 96].reshape(-1, 96)[:, 5:90],
         "negative-view": lambda: torch._neg_view(nonfinite),
         "huge-nan": lambda: nonfinite * 1e30,  # squares beyond float32: read again as float64
-        "float64-tiny-nan": lambda: nonfinite.double() * 1e-150,  # squares near 1e-300: general path
+        "float64-tiny-nan": lambda: (
+            nonfinite.double() * 1e-150
+        ),  # squares near 1e-300: general path
     }
     return cases[name]()
 
 
 _BLOCK_CASES = [
-    "float32-nan-inf", "a-block-of-nan", "all-nan", "float16", "bfloat16", "int32", "bool",
-    "float64-offset", "transposed", "columns", "negative-view", "huge-nan", "float64-tiny-nan",
+    "float32-nan-inf",
+    "a-block-of-nan",
+    "all-nan",
+    "float16",
+    "bfloat16",
+    "int32",
+    "bool",
+    "float64-offset",
+    "transposed",
+    "columns",
+    "negative-view",
+    "huge-nan",
+    "float64-tiny-nan",
 ]
 
 
@@ -467,7 +522,15 @@ def _peak_cpu_allocation(run: Callable[[], object]) -> int:
 
 @pytest.mark.parametrize(
     "name",
-    ["float32-nan-inf", "float16", "bfloat16", "int32", "transposed", "huge-nan", "float64-tiny-nan"],
+    [
+        "float32-nan-inf",
+        "float16",
+        "bfloat16",
+        "int32",
+        "transposed",
+        "huge-nan",
+        "float64-tiny-nan",
+    ],
 )
 def test_temporary_memory_is_bounded_by_the_block_size(small_blocks: int, name: str) -> None:
     """A float32 copy of these tensors alone would take 256 blocks; every path stays under 16
@@ -495,7 +558,12 @@ def test_empty() -> None:
 def test_all_nan_and_all_inf() -> None:
     row = check_tensor(torch.full((3, 4), math.nan))
     s = summarise(row)
-    assert s["nan_count"] == 12 and s["inf_count"] == 0 and math.isnan(s["min"]) and math.isnan(s["std"])
+    assert (
+        s["nan_count"] == 12
+        and s["inf_count"] == 0
+        and math.isnan(s["min"])
+        and math.isnan(s["std"])
+    )
     assert histogram(row) is None
     row = check_tensor(torch.tensor([math.inf, -math.inf, math.nan]))
     s = summarise(row)
@@ -641,7 +709,9 @@ def test_histogram_object() -> None:
 
 @settings(max_examples=80, deadline=None)
 @given(
-    st.lists(hnp.arrays(np.float32, st.integers(0, 30), elements=_elements), min_size=1, max_size=5),
+    st.lists(
+        hnp.arrays(np.float32, st.integers(0, 30), elements=_elements), min_size=1, max_size=5
+    ),
     st.sampled_from([4, 16]),
 )
 def test_merge_rows_equals_reduction_of_concatenation(parts: list[np.ndarray], bins: int) -> None:
@@ -673,11 +743,13 @@ def test_merge_rows_shared_range_histogram_is_exact() -> None:
 
 def test_merge_rows_ignores_empty_and_all_nan_rows_for_moments() -> None:
     x = torch.tensor([1.0, 2.0, 3.0])
-    rows = np.stack([
-        reduce_tensor(torch.empty(0), bins=4).numpy(),
-        reduce_tensor(torch.full((2,), math.nan), bins=4).numpy(),
-        reduce_tensor(x, bins=4).numpy(),
-    ])
+    rows = np.stack(
+        [
+            reduce_tensor(torch.empty(0), bins=4).numpy(),
+            reduce_tensor(torch.full((2,), math.nan), bins=4).numpy(),
+            reduce_tensor(x, bins=4).numpy(),
+        ]
+    )
     s = summarise(merge_rows(rows))
     assert (s["mean"], s["min"], s["max"], s["nan_count"]) == (2.0, 1.0, 3.0, 2.0)
     assert s["zero_fraction"] == 0.0
@@ -697,11 +769,17 @@ def test_summarise_rows_is_summarise_of_each_row() -> None:
     from lightning_inspect.stats import N_FIELDS, summarise_rows
 
     g = torch.Generator().manual_seed(0)
-    tensors = [torch.randn(100, generator=g), torch.zeros(5), torch.full((3,), float("nan")),
-               torch.empty(0), torch.tensor([1e30, -1e30]), torch.tensor([float("inf"), 1.0])]
+    tensors = [
+        torch.randn(100, generator=g),
+        torch.zeros(5),
+        torch.full((3,), float("nan")),
+        torch.empty(0),
+        torch.tensor([1e30, -1e30]),
+        torch.tensor([float("inf"), 1.0]),
+    ]
     rows = [reduce_tensor(t, 8).numpy() for t in tensors]
     table = summarise_rows(np.stack([r[:N_FIELDS] for r in rows]), ALL_STATS)
-    for row, got in zip(rows, table):
+    for row, got in zip(rows, table, strict=False):
         one = list(summarise(row, ALL_STATS).values())
         np.testing.assert_array_equal(got, one)  # NaN where NaN, the same floats elsewhere
     assert one[ALL_STATS.index("inf_count")] == 1 and np.isnan(table[2, ALL_STATS.index("mean")])

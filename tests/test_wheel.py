@@ -78,10 +78,29 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     local_backend = importlib.util.find_spec("setuptools") is not None
     if importlib.util.find_spec("build"):  # the `test` extra installs it
         flags = ["--no-isolation"] if local_backend else []
-        command = [sys.executable, "-m", "build", "--wheel", *flags, "--outdir", str(out), str(ROOT)]
+        command = [
+            sys.executable,
+            "-m",
+            "build",
+            "--wheel",
+            *flags,
+            "--outdir",
+            str(out),
+            str(ROOT),
+        ]
     else:
         flags = ["--no-build-isolation"] if local_backend else []
-        command = [sys.executable, "-m", "pip", "wheel", "--no-deps", *flags, "-w", str(out), str(ROOT)]
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            *flags,
+            "-w",
+            str(out),
+            str(ROOT),
+        ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (path,) = out.glob("lightning_inspect-*.whl")
@@ -101,13 +120,18 @@ def test_wheel_contents(wheel: Path) -> None:
     assert not any(n.startswith(("tests/", "examples/", "conf/")) for n in names)
     assert not any(n.endswith(".c") for n in names)  # the kernels' source stays in the sdist
     if any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):  # the kernels build where they can
-        assert any(n.startswith("lightning_inspect/_kernels.") and n.endswith((".so", ".pyd")) for n in names)
+        assert any(
+            n.startswith("lightning_inspect/_kernels.") and n.endswith((".so", ".pyd"))
+            for n in names
+        )
 
 
 def _site_packages(python: Path) -> Path:
     out = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     return Path(out.stdout.strip())
 
@@ -116,16 +140,31 @@ def _site_packages(python: Path) -> Path:
 def fresh_venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A venv with the wheel installed and this environment's packages visible; its python."""
     venv = tmp_path_factory.mktemp("venv")
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120
+    )
     python = venv / "bin" / "python"
     here = Path(sysconfig.get_paths()["purelib"])
     # A path line in a .pth adds the folder to sys.path without running the .pth files inside it,
     # so this environment's editable install of lightning-inspect stays out of the new venv.
     (_site_packages(python) / "_parent_env.pth").write_text(f"{here}\n")
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index",
-         "--ignore-installed", "--quiet", str(wheel)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "--no-deps",
+            "--no-index",
+            "--ignore-installed",
+            "--quiet",
+            str(wheel),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return python
@@ -134,20 +173,35 @@ def fresh_venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_unrelated_hydra_app_switches_inspection_on(fresh_venv: Path, tmp_path: Path) -> None:
     app = tmp_path / "app"
     (app / "conf").mkdir(parents=True)
-    (app / "conf" / "config.yaml").write_text("# A plain app config.\nsteps: 3\nout: ${hydra:runtime.output_dir}\n")
+    (app / "conf" / "config.yaml").write_text(
+        "# A plain app config.\nsteps: 3\nout: ${hydra:runtime.output_dir}\n"
+    )
     (app / "app.py").write_text(textwrap.dedent(APP))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     run_dir = tmp_path / "run"
     result = subprocess.run(
-        [str(fresh_venv), "app.py", f"hydra.run.dir={run_dir}", "+inspect=activations",
-         "inspect.activations.every_n_steps=1"],
-        cwd=app, env=env, capture_output=True, text=True, timeout=240,
+        [
+            str(fresh_venv),
+            "app.py",
+            f"hydra.run.dir={run_dir}",
+            "+inspect=activations",
+            "inspect.activations.every_n_steps=1",
+        ],
+        cwd=app,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     venv_root = fresh_venv.parent.parent
-    file_line = next(line for line in result.stdout.splitlines() if line.startswith("LIGHTNING_INSPECT_FILE"))
-    assert Path(file_line.split(maxsplit=1)[1]).resolve().is_relative_to(venv_root.resolve()), file_line
+    file_line = next(
+        line for line in result.stdout.splitlines() if line.startswith("LIGHTNING_INSPECT_FILE")
+    )
+    assert Path(file_line.split(maxsplit=1)[1]).resolve().is_relative_to(venv_root.resolve()), (
+        file_line
+    )
     assert "CALLBACKS ['ActivationMonitor']" in result.stdout
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -160,12 +214,24 @@ def test_unrelated_hydra_app_switches_inspection_on(fresh_venv: Path, tmp_path: 
     assert "activations/body.2" in tags["histograms"]
 
     from_plugin = subprocess.run(
-        [str(fresh_venv), "-c", "from hydra_plugins.lightning_inspect_searchpath.lightning_inspect_searchpath "
-         "import conf_search_path; print(conf_search_path())"],
-        cwd=app, env=env, capture_output=True, text=True, timeout=120,
+        [
+            str(fresh_venv),
+            "-c",
+            "from hydra_plugins.lightning_inspect_searchpath.lightning_inspect_searchpath "
+            "import conf_search_path; print(conf_search_path())",
+        ],
+        cwd=app,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert from_plugin.returncode == 0, from_plugin.stderr
-    assert Path(from_plugin.stdout.strip().removeprefix("file://")).resolve().is_relative_to(venv_root.resolve())
+    assert (
+        Path(from_plugin.stdout.strip().removeprefix("file://"))
+        .resolve()
+        .is_relative_to(venv_root.resolve())
+    )
 
 
 def test_wheel_ships_the_tensorboard_plugin(wheel: Path) -> None:
@@ -190,8 +256,14 @@ def test_installed_entry_point_loads_the_plugin(fresh_venv: Path, tmp_path: Path
         "plugin = loader.load(TBContext(logdir='.'))\n"
         "print(type(plugin).__module__, plugin.frontend_metadata().tab_name, sorted(plugin.get_plugin_apps()))\n"
     )
-    result = subprocess.run([str(fresh_venv), "-c", script], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=240)
+    result = subprocess.run(
+        [str(fresh_venv), "-c", script],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     module, tab, routes = result.stdout.split(" ", 2)
     assert module == "lightning_inspect.overview.tensorboard_plugin" and tab == "Inspect"

@@ -24,11 +24,17 @@ import torch
 def grad_scaler(pl_module: pl.LightningModule) -> Any:
     """The Trainer's enabled GradScaler (mixed precision), or None."""
     trainer = pl_module._trainer
-    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None) if trainer is not None else None
+    scaler = (
+        getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+        if trainer is not None
+        else None
+    )
     return scaler if scaler is not None and scaler.is_enabled() else None
 
 
-def gradients_scaled(pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer | None) -> bool:
+def gradients_scaled(
+    pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer | None
+) -> bool:
     """Whether the parameter gradients still carry the loss scale in ``on_before_optimizer_step``.
 
     Lightning unscales them before that hook, except for optimizers that unscale inside their own
@@ -43,7 +49,9 @@ def gradients_scaled(pl_module: pl.LightningModule, optimizer: torch.optim.Optim
         return False
 
 
-def scaler_found_inf(pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer | None) -> torch.Tensor | None:
+def scaler_found_inf(
+    pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer | None
+) -> torch.Tensor | None:
     """1.0 (device tensor) when the GradScaler skips this step for Inf/NaN gradients; None without one.
 
     Read from the scaler once it unscaled the gradients; for an optimizer that unscales in its own
@@ -66,9 +74,13 @@ def scaler_found_inf(pl_module: pl.LightningModule, optimizer: torch.optim.Optim
         ]
         if not grads:
             return None
-        found = [torch.logical_not(torch.isfinite(norm)) for norm in torch._foreach_norm(grads, math.inf)]
+        found = [
+            torch.logical_not(torch.isfinite(norm)) for norm in torch._foreach_norm(grads, math.inf)
+        ]
     device = found[0].device
-    return (torch.stack([f.to(device, torch.float32).reshape(()) for f in found]).sum() > 0).to(torch.float32)
+    return (torch.stack([f.to(device, torch.float32).reshape(()) for f in found]).sum() > 0).to(
+        torch.float32
+    )
 
 
 def loss_scale(pl_module: pl.LightningModule) -> torch.Tensor | None:

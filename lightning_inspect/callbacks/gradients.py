@@ -12,9 +12,9 @@ from lightning_inspect.callbacks._grad_scaler import gradients_scaled, loss_scal
 from lightning_inspect.callbacks._module_hooks import OutputGradHook
 from lightning_inspect.callbacks.base import ModuleMonitor
 from lightning_inspect.keys import escape_name, metric_key
+from lightning_inspect.recorder import HostRecord, StepRecord
 from lightning_inspect.selection import select_parameters
 from lightning_inspect.sinks import Sink
-from lightning_inspect.recorder import HostRecord, StepRecord
 from lightning_inspect.stats import reduce_tensor, scale_row
 
 
@@ -72,8 +72,18 @@ class GradientMonitor(ModuleMonitor):
         mlflow_metrics: str = "summary",
     ) -> None:
         super().__init__(
-            modules, exclude, every_n_steps, start_step, stop_step, stats, histograms, bins,
-            backends, on_nonfinite, enabled, mlflow_metrics,
+            modules,
+            exclude,
+            every_n_steps,
+            start_step,
+            stop_step,
+            stats,
+            histograms,
+            bins,
+            backends,
+            on_nonfinite,
+            enabled,
+            mlflow_metrics,
         )
         self.outputs = check_bool(self._owner, "outputs", outputs)
         self.parameters = check_bool(self._owner, "parameters", parameters)
@@ -139,14 +149,19 @@ class GradientMonitor(ModuleMonitor):
         self._scaler_skipped = bool(scalars.get(SKIPPED_KEY))
         scale = scalars.pop(_LOSS_SCALE_KEY, None)
         if scale:  # output gradients carried the loss scale of mixed precision: divide it out
-            rows = {k: scale_row(r, 1.0 / scale) if k.startswith("activation_grads/") else r for k, r in rows.items()}
+            rows = {
+                k: scale_row(r, 1.0 / scale) if k.startswith("activation_grads/") else r
+                for k, r in rows.items()
+            }
         param_scale = scalars.pop(_PARAM_SCALE_KEY, None)
         if param_scale:  # so did the parameter gradients of an optimizer that unscales in step()
-            rows = {k: scale_row(r, 1.0 / param_scale) if k.startswith("param_grads/") else r for k, r in rows.items()}
+            rows = {
+                k: scale_row(r, 1.0 / param_scale) if k.startswith("param_grads/") else r
+                for k, r in rows.items()
+            }
             if "param_grads/global_norm" in scalars:
                 scalars["param_grads/global_norm"] /= param_scale
         super()._publish(record, (rows, scalars))
-
 
     def _expected_nonfinite(self, key: str) -> bool:
         # Overflowing gradients are how a GradScaler finds its scale: the step is skipped, not broken.
@@ -163,7 +178,6 @@ SKIPPED_KEY = "param_grads/skipped_by_scaler"
 
 def _dense(grad: torch.Tensor) -> torch.Tensor:
     grad = grad.coalesce().values() if grad.is_sparse else grad
-    return grad.to_local() if hasattr(grad, "to_local") else grad  # a sharded (DTensor) gradient: this rank's shard
-
-
-
+    return (
+        grad.to_local() if hasattr(grad, "to_local") else grad
+    )  # a sharded (DTensor) gradient: this rank's shard

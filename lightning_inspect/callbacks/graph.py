@@ -28,7 +28,7 @@ class _InputCaptureHook(InertWhenCopied):
     LightningModule is captured, not the first of its children to run.
     """
 
-    __slots__ = ("owner", "name", "wrapped")
+    __slots__ = ("name", "owner", "wrapped")
 
     def __init__(self, owner: GraphMonitor, name: str, wrapped: bool = False) -> None:
         self.owner = owner
@@ -55,15 +55,20 @@ def _redirected_step(module: nn.Module) -> bool:
 class _ShapeHook(InertWhenCopied):
     """Forward hook recording every module's output shapes on the first batch."""
 
-    __slots__ = ("owner", "name")
+    __slots__ = ("name", "owner")
 
     def __init__(self, owner: GraphMonitor, name: str) -> None:
         self.owner = owner
         self.name = name
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        shapes = [f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for _, t in iter_tensors(output)]
-        self.owner._shapes.setdefault(self.name, "; ".join(shapes[:4]) + (" ..." if len(shapes) > 4 else ""))
+        shapes = [
+            f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
+            for _, t in iter_tensors(output)
+        ]
+        self.owner._shapes.setdefault(
+            self.name, "; ".join(shapes[:4]) + (" ..." if len(shapes) > 4 else "")
+        )
 
 
 class GraphMonitor(Callback):
@@ -124,7 +129,9 @@ class GraphMonitor(Callback):
             return
         self.sinks = resolve_sinks(trainer, self.backends, owner=type(self).__name__)
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.done or not self.enabled or not trainer.is_global_zero:
             return
         self._step = trainer.global_step
@@ -132,11 +139,20 @@ class GraphMonitor(Callback):
         root_hook = _InputCaptureHook(self, "", wrapped)
         self._hooks.add(pl_module.register_forward_pre_hook(root_hook, with_kwargs=True))
         for name, module in pl_module.named_children():
-            self._hooks.add(module.register_forward_pre_hook(_InputCaptureHook(self, name), with_kwargs=True))
+            self._hooks.add(
+                module.register_forward_pre_hook(_InputCaptureHook(self, name), with_kwargs=True)
+            )
         for raw, module in pl_module.named_modules():
             self._hooks.add(module.register_forward_hook(_ShapeHook(self, raw)))
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
         if self.done or not self.enabled or not trainer.is_global_zero:
             return
         self._hooks.remove()
@@ -152,7 +168,9 @@ class GraphMonitor(Callback):
             sink.flush()
         self._inputs = None
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         self.teardown(trainer, pl_module, "fit")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -162,31 +180,59 @@ class GraphMonitor(Callback):
         self.sinks = []
 
     def _log_graph(self) -> None:
-        writers = [s.inner.writer for s in self.sinks if isinstance(getattr(s, "inner", s), TensorBoardSink)]
+        writers = [
+            s.inner.writer
+            for s in self.sinks
+            if isinstance(getattr(s, "inner", s), TensorBoardSink)
+        ]
         if not writers:
             return
         if self._inputs is None:
-            warnings.warn("GraphMonitor: the model was not called during the first training batch; no graph is logged.", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                "GraphMonitor: the model was not called during the first training batch; no graph is logged.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             return
         module, name, args, kwargs = self._inputs
         where = f"the module {normalise_name(name)!r}" if name else "the LightningModule"
         if kwargs:
-            self._warn(where, f"it was called with keyword arguments {sorted(kwargs)}; tracing takes positional tensors only")
+            self._warn(
+                where,
+                f"it was called with keyword arguments {sorted(kwargs)}; tracing takes positional tensors only",
+            )
             return
         if not all(isinstance(a, torch.Tensor) for a in args):
             kinds = [type(a).__name__ for a in args]
-            self._warn(where, f"its inputs are {kinds}; tracing takes tensors only (dict or list inputs cannot be traced)")
+            self._warn(
+                where,
+                f"its inputs are {kinds}; tracing takes tensors only (dict or list inputs cannot be traced)",
+            )
             return
-        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        devices = (
+            [torch.cuda.current_device()]
+            if torch.cuda.is_available() and torch.cuda.is_initialized()
+            else []
+        )
         modes = {m: m.training for m in module.modules()}  # tracing runs in eval mode
         try:
-            with suspended(), torch.random.fork_rng(devices=devices), torch.no_grad(), warnings.catch_warnings():
+            with (
+                suspended(),
+                torch.random.fork_rng(devices=devices),
+                torch.no_grad(),
+                warnings.catch_warnings(),
+            ):
                 warnings.simplefilter("ignore")  # the tracer's own warnings are noise here
                 writers[0].add_graph(module, tuple(a.detach() for a in args))
         except Exception as exc:
-            self._warn(where, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            self._warn(
+                where, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            )
         finally:
-            for m, training in modes.items():  # each module back to its own mode (frozen parts stay eval)
+            for (
+                m,
+                training,
+            ) in modes.items():  # each module back to its own mode (frozen parts stay eval)
                 m.training = training
 
     @staticmethod
@@ -222,5 +268,7 @@ def structure_table(model: nn.Module, shapes: dict[str, str] | None = None) -> s
         n = sum(p.numel() for p in module.parameters())
         t = sum(p.numel() for p in module.parameters() if p.requires_grad)
         depth = name.count(".")
-        body.append(f"| {'&nbsp;' * 2 * depth}{name} | {type(module).__name__} | {shapes.get(raw, '')} | {n:,} | {t:,} |")
+        body.append(
+            f"| {'&nbsp;' * 2 * depth}{name} | {type(module).__name__} | {shapes.get(raw, '')} | {n:,} | {t:,} |"
+        )
     return "\n".join(lines + body)

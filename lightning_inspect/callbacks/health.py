@@ -29,10 +29,21 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_inspect._checks import as_str_list, check_bool, check_choice, check_positive_int
-from lightning_inspect.callbacks._grad_scaler import gradients_scaled, grad_scaler, loss_scale, scaler_found_inf
+from lightning_inspect.callbacks._grad_scaler import (
+    grad_scaler,
+    gradients_scaled,
+    loss_scale,
+    scaler_found_inf,
+)
 from lightning_inspect.callbacks._module_hooks import in_backward_pass
 from lightning_inspect.callbacks.base import ModuleMonitor
-from lightning_inspect.diagnostics import Finding, HealthReport, HealthRules, HealthThresholds, scaler_stalled
+from lightning_inspect.diagnostics import (
+    Finding,
+    HealthReport,
+    HealthRules,
+    HealthThresholds,
+    scaler_stalled,
+)
 from lightning_inspect.errors import InspectError
 from lightning_inspect.health_nonfinite import (
     CHECK_MODES,
@@ -55,7 +66,11 @@ REPORT_KEY = "health/report"
 #: The pictures drawn: statistic -> (title, log10 scale, colour range).
 PICTURES: dict[str, tuple[str, bool, tuple[float | None, float | None]]] = {
     "zero_fraction": ("fraction of zero outputs (ReLU-like modules)", False, (0.0, 1.0)),
-    "saturated_fraction": ("fraction of saturated outputs (Tanh/Sigmoid/Hardtanh)", False, (0.0, 1.0)),
+    "saturated_fraction": (
+        "fraction of saturated outputs (Tanh/Sigmoid/Hardtanh)",
+        False,
+        (0.0, 1.0),
+    ),
     "grad_norm": ("parameter-gradient norm per module (log10)", True, (None, None)),
     "update_ratio": ("update-to-weight ratio per module (log10)", True, (None, None)),
 }
@@ -119,7 +134,9 @@ class _HealthHook(InertWhenCopied):
         self.monitor = monitor
         self.name = name
 
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+    def __call__(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> None:
         if not self.monitor._recording:  # all a compiled graph sees when not recording
             return None
         _health_forward(self, module, args, kwargs, output)
@@ -127,7 +144,9 @@ class _HealthHook(InertWhenCopied):
 
 
 @torch.compiler.disable
-def _health_forward(hook: _HealthHook, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+def _health_forward(
+    hook: _HealthHook, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+) -> None:
     if is_suspended() or in_backward_pass():
         return
     try:
@@ -222,8 +241,17 @@ class HealthMonitor(ModuleMonitor):
         owner = type(self).__name__
         action = check_choice(owner, "on_nonfinite", on_nonfinite, NONFINITE_ACTIONS)
         super().__init__(
-            modules, exclude, every_n_steps, start_step, stop_step, None, False, 2, backends,
-            "ignore", enabled,
+            modules,
+            exclude,
+            every_n_steps,
+            start_step,
+            stop_step,
+            None,
+            False,
+            2,
+            backends,
+            "ignore",
+            enabled,
         )
         self.on_nonfinite = action
         self.nonfinite_check = check_choice(owner, "nonfinite_check", nonfinite_check, CHECK_MODES)
@@ -231,7 +259,9 @@ class HealthMonitor(ModuleMonitor):
         self.relu_modules = as_str_list(owner, "relu_modules", relu_modules)
         self.update_ratio = check_bool(owner, "update_ratio", update_ratio)
         self.pictures_enabled = check_bool(owner, "pictures", pictures)
-        self.picture_every_n_logs = check_positive_int(owner, "picture_every_n_logs", picture_every_n_logs)
+        self.picture_every_n_logs = check_positive_int(
+            owner, "picture_every_n_logs", picture_every_n_logs
+        )
         self.report_enabled = check_bool(owner, "report", report)
         self.console = check_bool(owner, "console", console)
         self.warn_findings = check_bool(owner, "warn_findings", warn_findings)
@@ -283,7 +313,9 @@ class HealthMonitor(ModuleMonitor):
     def _after_selection(self, pl_module: pl.LightningModule) -> None:
         extra_relu: set[str] = set()
         if self.relu_modules:
-            extra = select_modules(pl_module, self.relu_modules, owner=f"{self._owner}(relu_modules)")
+            extra = select_modules(
+                pl_module, self.relu_modules, owner=f"{self._owner}(relu_modules)"
+            )
             extra_relu = set(extra)
             for name, module in extra.items():
                 self.selected.setdefault(name, module)
@@ -296,7 +328,9 @@ class HealthMonitor(ModuleMonitor):
         self._param_modules = parameters_by_module(self.selected)
         self.locator = None
         if self.on_nonfinite != "ignore":
-            self.locator = NonFiniteLocator(self.on_nonfinite, self.nonfinite_check, self._owner, self._on_origin)
+            self.locator = NonFiniteLocator(
+                self.on_nonfinite, self.nonfinite_check, self._owner, self._on_origin
+            )
             self.locator.watch(self.selected)
             self.locator.resolve_check(pl_module.device)
             self.locator.gradients_may_overflow = grad_scaler(pl_module) is not None
@@ -310,12 +344,16 @@ class HealthMonitor(ModuleMonitor):
 
     # -- Lightning hooks (thin; the raise of the locator must not be contained) ---------------
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         if self._recording and self.locator is not None:
             self.locator.start(trainer.global_step, batch_idx)
 
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+    ) -> None:
         if self._recording and self.locator is not None:
             self.locator.loss(loss)
 
@@ -334,7 +372,12 @@ class HealthMonitor(ModuleMonitor):
             self._found_inf = None
 
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
     ) -> None:
         if self._recording and self.locator is not None and not self.locator.gradients_may_overflow:
             # what a micro-batch without optimizer step left pending (under a GradScaler it waits
@@ -346,7 +389,9 @@ class HealthMonitor(ModuleMonitor):
         super().on_train_end(trainer, pl_module)
         self._finish(trainer)
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         if self._active:
             self._close()  # publish what the interrupted step collected
             self._finish(trainer)  # the report, before the backends are closed
@@ -359,7 +404,14 @@ class HealthMonitor(ModuleMonitor):
 
     # -- recording (device side) ------------------------------------------------------------
 
-    def _on_forward(self, name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+    def _on_forward(
+        self,
+        name: str,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        output: Any,
+    ) -> None:
         if name not in self._order_set:
             self._order_set.add(name)
             self.order.append(name)
@@ -377,7 +429,9 @@ class HealthMonitor(ModuleMonitor):
             units = y.shape[dim]
             alive = (y > 0).movedim(dim, -1).reshape(-1, units).any(0)
             previous = self._alive.get(name)
-            self._alive[name] = alive if previous is None or previous.shape != alive.shape else previous | alive
+            self._alive[name] = (
+                alive if previous is None or previous.shape != alive.shape else previous | alive
+            )
             count = torch.count_nonzero(y == 0)
         else:
             margin = self.thresholds.saturation_margin
@@ -386,7 +440,10 @@ class HealthMonitor(ModuleMonitor):
             elif kind == "sigmoid":
                 count = torch.count_nonzero((y < margin) | (y > 1 - margin))
             else:
-                low, high = float(getattr(module, "min_val", -1.0)), float(getattr(module, "max_val", 1.0))
+                low, high = (
+                    float(getattr(module, "min_val", -1.0)),
+                    float(getattr(module, "max_val", 1.0)),
+                )
                 count = torch.count_nonzero((y <= low) | (y >= high))
         previous_count = self._counts.get(name)
         self._counts[name] = count if previous_count is None else previous_count + count
@@ -424,7 +481,7 @@ class HealthMonitor(ModuleMonitor):
                 grads.append(stored_values(param.grad))
         if grads:
             norms = torch._foreach_norm(grads, 2, dtype=torch.float64)  # finite for huge values
-            for module, norm in zip(owners, norms):
+            for module, norm in zip(owners, norms, strict=False):
                 self._grad_squares.setdefault(module, []).append(norm.square())
 
     def _finish_step(self) -> None:
@@ -445,7 +502,7 @@ class HealthMonitor(ModuleMonitor):
     def _record_update_ratios(self, before: dict[str, list[torch.Tensor]]) -> None:
         names, olds, news = [], [], []
         for module, params in self._param_modules.items():
-            for old, (_, param) in zip(before.get(module, []), params):
+            for old, (_, param) in zip(before.get(module, []), params, strict=False):
                 names.append(module)
                 olds.append(old)
                 news.append(param.detach())
@@ -456,7 +513,7 @@ class HealthMonitor(ModuleMonitor):
         torch._foreach_sub_(olds, news)  # in place: the copy becomes -(update), no third copy
         updates = torch._foreach_norm(olds, 2, dtype=torch.float64)
         sums: dict[str, list[torch.Tensor]] = {}
-        for module, upd, norm in zip(names, updates, norms):
+        for module, upd, norm in zip(names, updates, norms, strict=False):
             pair = torch.stack([upd.square(), norm.square().to(upd.device)])
             sums.setdefault(module, []).append(pair)
         for module, parts in sums.items():
@@ -468,7 +525,10 @@ class HealthMonitor(ModuleMonitor):
     def _record_activations(self) -> None:
         for name, count in self._counts.items():
             stat = "zero_fraction" if self._kinds[name] == "relu" else "saturated_fraction"
-            self._add_scalar(metric_key("health", name, stat), count.to(torch.float64) / max(self._numel[name], 1))
+            self._add_scalar(
+                metric_key("health", name, stat),
+                count.to(torch.float64) / max(self._numel[name], 1),
+            )
         window_length = self.thresholds.dead_window
         for name, alive in self._alive.items():
             window = self._windows.setdefault(name, deque(maxlen=window_length))
@@ -478,7 +538,9 @@ class HealthMonitor(ModuleMonitor):
             self._units[name] = alive.numel()
             if len(window) == window_length:
                 ever = torch.stack(list(window)).any(0)
-                self._add_scalar(metric_key("health", name, "dead_fraction"), 1.0 - ever.to(torch.float64).mean())
+                self._add_scalar(
+                    metric_key("health", name, "dead_fraction"), 1.0 - ever.to(torch.float64).mean()
+                )
         self._counts, self._numel, self._alive = {}, {}, {}
 
     # -- publishing (host side) -------------------------------------------------------------
@@ -561,12 +623,16 @@ class HealthMonitor(ModuleMonitor):
                 for s, v in series[module]:
                     values[i, column[s]] = v
             try:
-                image = heatmap(values, modules, steps, title, log10=log10, vmin=vmin, vmax=vmax, colorbar=stat)
+                image = heatmap(
+                    values, modules, steps, title, log10=log10, vmin=vmin, vmax=vmax, colorbar=stat
+                )
             except Exception as exc:  # drawing must never stop training
                 self._hook_fault(f"drawing the {stat} picture", exc)
                 continue
             self.pictures[stat] = image
-            publish_image(self.sinks, f"health/{stat}", image, step, self._owner, self._picture_warned)
+            publish_image(
+                self.sinks, f"health/{stat}", image, step, self._owner, self._picture_warned
+            )
 
     def _finish(self, trainer: pl.Trainer) -> None:
         """Final pictures and the health report, once per fit."""
@@ -615,7 +681,9 @@ def _follows_conv(model: nn.Module, names: set[str]) -> dict[str, bool]:
     for raw, module in model.named_modules():
         name = normalise_name(raw)
         if name in names:
-            out[name] = isinstance(previous, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm))
+            out[name] = isinstance(
+                previous, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)
+            )
         if any(True for _ in module.parameters(recurse=False)):
             previous = module
     return out

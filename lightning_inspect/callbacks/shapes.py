@@ -84,7 +84,9 @@ class ShapeTracer(Callback):
     ) -> None:
         owner = type(self).__name__
         self.localise_errors = check_bool(owner, "localise_errors", localise_errors)
-        self.first_n_batches = check_optional_int(owner, "first_n_batches", first_n_batches, minimum=0)
+        self.first_n_batches = check_optional_int(
+            owner, "first_n_batches", first_n_batches, minimum=0
+        )
         self.trace = check_bool(owner, "trace", trace)
         self.summary = check_bool(owner, "summary", summary)
         self.backends = check_backends(owner, backends)
@@ -127,7 +129,9 @@ class ShapeTracer(Callback):
     def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._context = "the sanity check"
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if not self.enabled:
             return
         self.stack.clear()
@@ -139,7 +143,12 @@ class ShapeTracer(Callback):
             self._hooks.remove()  # errors are located from the traceback from now on
 
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
     ) -> None:
         if not self.enabled:
             return
@@ -153,25 +162,42 @@ class ShapeTracer(Callback):
             self._hooks.remove()
 
     def on_validation_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
         self.stack.clear()
         what = "the sanity check" if trainer.sanity_checking else "validation"
         self._context = f"{what} (validation batch {batch_idx})"
 
     def on_test_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
         self.stack.clear()
         self._context = f"test batch {batch_idx}"
 
     def on_predict_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
     ) -> None:
         self.stack.clear()
         self._context = f"predict batch {batch_idx}"
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         if not self.enabled:
             return
         try:
@@ -181,7 +207,9 @@ class ShapeTracer(Callback):
                 self.shape_trace, self.stack.trace = self.stack.trace, None
                 self._log_trace(trainer, failed=True)
         finally:
-            self.teardown(trainer, pl_module, "fit")  # Lightning calls no teardown after an exception
+            self.teardown(
+                trainer, pl_module, "fit"
+            )  # Lightning calls no teardown after an exception
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._hooks.remove()
@@ -194,7 +222,11 @@ class ShapeTracer(Callback):
 
     def _note(self, exception: BaseException) -> None:
         # The library's own errors say where they come from; interrupts are not failures.
-        if isinstance(exception, InspectError) or not isinstance(exception, Exception) or has_note(exception, _ERROR_NOTE):
+        if (
+            isinstance(exception, InspectError)
+            or not isinstance(exception, Exception)
+            or has_note(exception, _ERROR_NOTE)
+        ):
             return
         frames = self.stack.frames() or locate_in_traceback(exception, self._modules)
         if frames:
@@ -203,7 +235,9 @@ class ShapeTracer(Callback):
     def _log_trace(self, trainer: pl.Trainer, failed: bool) -> None:
         if self.shape_trace is None or not trainer.is_global_zero:
             return
-        title = "Shape trace of the first training batch" + (" (it failed: the last rows did not return)" if failed else "")
+        title = "Shape trace of the first training batch" + (
+            " (it failed: the last rows did not return)" if failed else ""
+        )
         self._log_text(TRACE_KEY, self.shape_trace.to_markdown(title), trainer.global_step)
         if self.console:
             trace = self.shape_trace

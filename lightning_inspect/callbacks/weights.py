@@ -66,8 +66,18 @@ class WeightMonitor(ModuleMonitor):
         mlflow_metrics: str = "summary",
     ) -> None:
         super().__init__(
-            modules, exclude, every_n_steps, start_step, stop_step, stats, histograms, bins,
-            backends, on_nonfinite, enabled, mlflow_metrics,
+            modules,
+            exclude,
+            every_n_steps,
+            start_step,
+            stop_step,
+            stats,
+            histograms,
+            bins,
+            backends,
+            on_nonfinite,
+            enabled,
+            mlflow_metrics,
         )
         self.update_ratio = check_bool(self._owner, "update_ratio", update_ratio)
         self.params = self._pattern_arg("params", params, "parameter")
@@ -88,7 +98,7 @@ class WeightMonitor(ModuleMonitor):
             return
         with torch.no_grad():
             params = [_local(p) for p in self.selected_parameters.values()]
-            for name, param in zip(self.selected_parameters, params):
+            for name, param in zip(self.selected_parameters, params, strict=False):
                 key = metric_key("weights", escape_name(name))
                 self._add_row(key, reduce_tensor(param, self.bins))
             self._before = [p.detach().clone() for p in params] if self.update_ratio else []
@@ -101,9 +111,11 @@ class WeightMonitor(ModuleMonitor):
             after = [_local(p).detach() for p in self.selected_parameters.values()]
             # float64 norms: no overflow for huge finite weights
             norms = torch._foreach_norm(before, 2, dtype=torch.float64)
-            torch._foreach_sub_(before, after)  # in place: the copy becomes -(update), no third copy
+            torch._foreach_sub_(
+                before, after
+            )  # in place: the copy becomes -(update), no third copy
             updates = torch._foreach_norm(before, 2, dtype=torch.float64)
-            for name, upd, norm in zip(self.selected_parameters, updates, norms):
+            for name, upd, norm in zip(self.selected_parameters, updates, norms, strict=False):
                 # IEEE division: a zero norm gives inf when the parameter moved, NaN when it did not
                 ratio = upd / norm.to(upd.device)
                 self._add_scalar(metric_key("weights", escape_name(name), "update_ratio"), ratio)

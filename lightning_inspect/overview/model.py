@@ -79,7 +79,7 @@ def _rounded(values: np.ndarray) -> list[float | None]:
     safe = np.where(finite & (values != 0), np.abs(values), 1.0)
     scale = 10.0 ** (_DIGITS - 1 - np.floor(np.log10(safe)))
     rounded = np.where(finite, np.round(np.where(finite, values, 0.0) * scale) / scale, np.nan)
-    return [v if f else None for v, f in zip(rounded.tolist(), finite.tolist())]
+    return [v if f else None for v, f in zip(rounded.tolist(), finite.tolist(), strict=False)]
 
 
 @dataclass

@@ -50,10 +50,15 @@ def main(cfg: DictConfig) -> None:
     torch.manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randint(0, 2, (32,)))
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=cfg.trainer.max_steps,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=cfg.trainer.max_steps,
         logger=TensorBoardLogger(cfg.log_dir, name="", version=""),
         callbacks=[RunRecord(git=False, packages=False, verify_model=False), GraphMonitor()],
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
     )
     trainer.fit(ListBatchNet(cfg.model.hidden), torch.utils.data.DataLoader(data, batch_size=4))
 

@@ -22,7 +22,9 @@ class ShardedNet(L.LightningModule):
 
     def __init__(self) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 1))
+        self.body = nn.Sequential(
+            nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 1)
+        )
 
     def configure_model(self) -> None:
         from torch.distributed.fsdp import fully_shard
@@ -52,7 +54,11 @@ def main() -> None:
         strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
         max_steps=2,
         logger=TensorBoardLogger(sys.argv[1], name="", version=""),
-        callbacks=[ActivationMonitor(every_n_steps=1), GradientMonitor(every_n_steps=1), WeightMonitor(every_n_steps=1)],
+        callbacks=[
+            ActivationMonitor(every_n_steps=1),
+            GradientMonitor(every_n_steps=1),
+            WeightMonitor(every_n_steps=1),
+        ],
         enable_progress_bar=False,
         enable_model_summary=False,
         enable_checkpointing=False,
