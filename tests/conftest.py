@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import warnings
 from collections.abc import Callable, Iterator
@@ -326,3 +327,22 @@ def no_leaked_hooks() -> Iterator[Callable[[nn.Module], None]]:
         assert module_hook_counts(model) == {}
 
     yield check
+
+
+class _LogLines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture
+def lightning_info() -> Iterator[list[str]]:
+    """The info lines Lightning's loggers print (``rank_zero_info``)."""
+    handler = _LogLines()
+    logger = logging.getLogger("lightning.pytorch")
+    logger.addHandler(handler)
+    yield handler.lines
+    logger.removeHandler(handler)

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import struct
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,25 +58,6 @@ class Reference(Callback):
         x = loader().dataset.tensors[0][step * B : (step + 1) * B]
         w = self.weights[step]
         return np64(torch.nn.functional.linear(x, w["net.0.weight"], w["net.0.bias"]))
-
-
-class _Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
-@pytest.fixture
-def lightning_info() -> Iterator[list[str]]:
-    """The info lines Lightning's loggers print (``rank_zero_info``)."""
-    handler = _Lines()
-    logger = logging.getLogger("lightning.pytorch")
-    logger.addHandler(handler)
-    yield handler.lines
-    logger.removeHandler(handler)
 
 
 class ListLogger(Logger):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import json
-import logging
 import threading
 import time
 import warnings
@@ -736,25 +735,6 @@ def test_probe_switch_sends_to_mlflow(monkeypatch: pytest.MonkeyPatch, tmp_path:
         for step in (0, 2)
         for name in ("map.png", "out.json", "summary.txt")
     ]
-
-
-class _Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.INFO)
-        self.lines: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
-
-
-@pytest.fixture
-def lightning_info() -> Iterator[list[str]]:
-    """The info lines Lightning's loggers print (``rank_zero_info``)."""
-    handler = _Lines()
-    logger = logging.getLogger("lightning.pytorch")
-    logger.addHandler(handler)
-    yield handler.lines
-    logger.removeHandler(handler)
 
 
 def test_probe_switch_reports_the_calls_and_where_they_wrote(
