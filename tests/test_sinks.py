@@ -8,6 +8,7 @@ import tempfile
 import threading
 import warnings
 from collections.abc import Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -661,3 +662,59 @@ def test_a_refused_step_sent_again_is_in_the_table_once(mlflow_logger, mlflow_cl
     ]
     assert mlflow_history(mlflow_client, run_id, "summary/weights/max") == [(0, 2.0), (1, 4.0)]
     sink.close()
+
+
+class Unavailable(BaseHTTPRequestHandler):
+    """A tracking server that answers every request with 503 and counts them."""
+
+    requests = 0
+
+    def _refuse(self) -> None:
+        type(self).requests += 1
+        self.send_response(503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_POST = do_PUT = _refuse
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_the_librarys_mlflow_calls_have_their_own_retry_budget(
+    monkeypatch: pytest.MonkeyPatch, mlflow_client
+) -> None:
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from lightning_inspect.sinks.mlflow_http import HTTP_BUDGET, BoundedClient, bounded_client
+
+    # The user's own settings for MLflow's calls: kept for theirs, not used for the library's.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        users = MlflowClient(f"http://127.0.0.1:{server.server_address[1]}")
+        ours = bounded_client(users)
+        assert isinstance(ours, BoundedClient)
+        metric = Metric("k", 1.0, 0, 0)
+        Unavailable.requests = 0
+        with pytest.raises(MlflowException):
+            ours.log_batch("run", metrics=[metric])
+        assert Unavailable.requests == 1 + HTTP_BUDGET["max_retries"]
+        Unavailable.requests = 0
+        with pytest.raises(MlflowException):
+            ours.log_text("run", "text", "lightning_inspect/a.md")  # get_run first: refused
+        assert Unavailable.requests == 1 + HTTP_BUDGET["max_retries"]
+        Unavailable.requests = 0
+        with pytest.raises(MlflowException):
+            users.log_batch("run", metrics=[metric])
+        assert Unavailable.requests == 1 + 3
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+    assert bounded_client(mlflow_client) is mlflow_client  # a database store: MLflow's own calls

@@ -26,7 +26,8 @@ import numpy as np
 
 #: Retries, back-off factor (s) and per-request timeout (s) of every library call to the server.
 HTTP_BUDGET: dict[str, Any] = {
-    "max_retries": 1, "backoff_factor": 0.5, "timeout": 5, "respect_retry_after_header": False,
+    "max_retries": 1, "backoff_factor": 0.5, "backoff_jitter": 0.0, "timeout": 5,
+    "respect_retry_after_header": False,
 }
 #: The longest one call can take against a server that never answers: every try times out.
 LONGEST_CALL_S = (HTTP_BUDGET["max_retries"] + 1) * HTTP_BUDGET["timeout"] + 1.0
