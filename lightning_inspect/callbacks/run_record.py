@@ -118,7 +118,7 @@ class _MlflowWriter(_Writer):
         self.keys = MlflowKeys()
 
     def end_of_fit(self) -> None:
-        """Against a tracking server, bounded retries (:mod:`lightning_inspect.sinks.mlflow_http`)."""
+        """Against a tracking server: bounded retries (see ``sinks/mlflow_http.py``)."""
         self.client = bounded_client(self.client)
 
     def tags(self, values: Mapping[str, Any]) -> None:

@@ -40,10 +40,12 @@ LOGGER_CLASSES = {
 }
 BACKENDS = tuple(LOGGER_CLASSES)
 
-__all__ = ["BACKENDS", "METRIC_MODES", "BackgroundSink", "EndOfFit", "GenericSink", "GuardedSink", "MemorySink",
-           "MlflowRun", "MlflowRunSink", "MlflowSink", "Sink", "TensorBoardSink", "WandbSink", "attached_loggers",
-           "check_backends", "close_sinks", "logger_backend", "missing_backend_error",
-           "resolve_sinks"]
+__all__ = [
+    "BACKENDS", "METRIC_MODES", "BackgroundSink", "EndOfFit", "GenericSink", "GuardedSink",
+    "MemorySink", "MlflowRun", "MlflowRunSink", "MlflowSink", "Sink", "TensorBoardSink",
+    "WandbSink", "attached_loggers", "check_backends", "close_sinks", "logger_backend",
+    "missing_backend_error", "resolve_sinks",
+]
 
 
 def close_sinks(sinks: Sequence[Any]) -> None:
@@ -158,12 +160,12 @@ def resolve_sinks(
     """The guarded sinks a monitor writes to (MLflow's on a background thread).
 
     All callbacks of a fit write to an MLflow run through one writer and one worker thread
-    (:class:`MlflowRun`); background sinks share the fit's :class:`EndOfFit` deadline. ``None`` means every logger
-    attached to the Trainer (a Trainer without one warns that nothing will be written); an empty
-    list warns that nothing will be written. A requested backend name with no matching logger
-    raises :class:`~lightning_inspect.errors.BackendError`; a name matches every logger of that
-    name. Sink objects are used as given. Each logger that takes scalars only is named in one
-    info line. ``mlflow_metrics`` is the MLflow sink's ``metrics`` mode
+    (:class:`MlflowRun`); background sinks share the fit's :class:`EndOfFit` deadline. ``None``
+    means every logger attached to the Trainer (a Trainer without one warns that nothing will be
+    written); an empty list warns that nothing will be written. A requested backend name with no
+    matching logger raises :class:`~lightning_inspect.errors.BackendError`; a name matches every
+    logger of that name. Sink objects are used as given. Each logger that takes scalars only is
+    named in one info line. ``mlflow_metrics`` is the MLflow sink's ``metrics`` mode
     (:data:`~lightning_inspect.sinks.mlflow.METRIC_MODES`).
     """
     if not trainer.is_global_zero:

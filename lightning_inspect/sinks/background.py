@@ -96,7 +96,9 @@ class BackgroundSink:
     def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None:
         self._put("log_histograms", dict(histograms), step)
 
-    def log_step(self, step: int, scalars: Mapping[str, Any], histograms: Mapping[str, Any]) -> None:
+    def log_step(
+        self, step: int, scalars: Mapping[str, Any], histograms: Mapping[str, Any]
+    ) -> None:
         """Queue several callbacks' values of one step (see :meth:`GuardedSink.log_step`)."""
         self._put("log_step", step, scalars, histograms)
 

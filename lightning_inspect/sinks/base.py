@@ -178,7 +178,9 @@ class GuardedSink:
     def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None:
         self._call("log_histograms", histograms, step)
 
-    def log_step(self, step: int, scalars: Mapping[str, Any], histograms: Mapping[str, Any]) -> None:
+    def log_step(
+        self, step: int, scalars: Mapping[str, Any], histograms: Mapping[str, Any]
+    ) -> None:
         """Several callbacks' values of one step (a sink with ``log_step``, e.g. MLflow's)."""
         self._call("log_step", step, scalars, histograms)
 

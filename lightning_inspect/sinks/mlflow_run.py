@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -24,7 +24,10 @@ from lightning_inspect.recorder import StepCoordinator
 from lightning_inspect.sinks.background import BackgroundSink
 from lightning_inspect.sinks.deadline import EndOfFit
 from lightning_inspect.sinks.mlflow import (
-    MlflowSink, log_image_artifact, log_text_artifact, send_metrics,
+    MlflowSink,
+    log_image_artifact,
+    log_text_artifact,
+    send_metrics,
 )
 from lightning_inspect.sinks.mlflow_http import bounded_client
 from lightning_inspect.stats import Histogram
@@ -50,7 +53,9 @@ class MlflowRunWriter:
         any of its callbacks asks for ``metrics="all"``."""
         part = self.parts.get(owner)
         if part is None:
-            part = MlflowSink(self.client, self.run_id, owner=owner, metrics=metrics, keys=self.keys)
+            part = MlflowSink(
+                self.client, self.run_id, owner=owner, metrics=metrics, keys=self.keys
+            )
             self.parts = {**self.parts, owner: part}  # the worker may be reading the old dict
         elif metrics == "all":
             part.metrics = "all"
@@ -97,7 +102,7 @@ class MlflowRunWriter:
 class MlflowRun:
     """The training thread's side: gathers each step's values and feeds the one worker."""
 
-    _instances: weakref.WeakKeyDictionary[Any, dict[str, MlflowRun]] = (
+    _instances: ClassVar[weakref.WeakKeyDictionary[Any, dict[str, MlflowRun]]] = (
         weakref.WeakKeyDictionary()
     )
 
