@@ -98,7 +98,8 @@ class Net(L.LightningModule):
 
 @pytest.mark.slow
 def test_mlflow_server_outage_warns_once_and_loses_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Users of a remote tracking server set these; here they keep a dead server from stalling the test.
+    # The library's own calls have their bounded budget; these keep Lightning's MLFlowLogger calls
+    # (MLflow's settings) from stalling the test while the server is down.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
     monkeypatch.setenv("TMPDIR", str(tmp_path))
