@@ -136,7 +136,7 @@ def test_mlflow_server_outage_warns_once_and_loses_nothing(tmp_path: Path, monke
         refused = set()
         for line in fallback.read_text().splitlines():
             record = json.loads(line)
-            if record["call"] == "log_scalars" and "activations/fc/mean" in record["values"]:
+            if record["call"] == "log_step" and "activations/fc/mean" in record["values"]:
                 refused.add(record["step"])
         assert refused, "the outage must have refused some steps"
         history = MlflowClient(server.url).get_metric_history(mlflow_logger.run_id, "activations/fc/mean")
