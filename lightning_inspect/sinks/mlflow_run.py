@@ -73,7 +73,7 @@ class MlflowRunWriter:
             self.parts[owner].log_histograms(hists, step)
 
     def log_scalars(self, values: Mapping[str, float], step: int) -> None:
-        """Scalars outside a callback's step (a ``Sink`` object given as a backend): as metrics."""
+        """Scalars as metrics (the ``Sink`` protocol; callbacks' steps come in :meth:`log_step`)."""
         send_metrics(self.client, self.run_id, self.keys, values, step)
 
     def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None:
@@ -177,11 +177,6 @@ class MlflowRunSink:
         self.run = run
         self.owner = owner
         self._closed = False
-
-    @property
-    def guarded(self) -> Any:
-        """The run's guarded writer (its ``fallback_path``, ``failures``)."""
-        return self.run.background.guarded
 
     def log_scalars(self, values: Mapping[str, float], step: int) -> None:
         self.run.add(self.owner, step, values=values)
