@@ -86,11 +86,11 @@ class PublishMeter(_Attribution):
 
     def __enter__(self) -> PublishMeter:  # noqa: PYI034 - typing.Self needs Python 3.11
         super().__enter__()
+        run = "lightning_inspect.sinks.mlflow_run"
         for attr in ("log_scalars", "log_histograms"):
-            self.patch(MLFLOW_ENQUEUE, "lightning_inspect.sinks.background:BackgroundSink", attr)
-            self.patch(
-                MLFLOW_WORKER, "lightning_inspect.sinks.mlflow:MlflowSink", attr, background=True
-            )
+            self.patch(MLFLOW_ENQUEUE, f"{run}:MlflowRunSink", attr)
+        self.patch(MLFLOW_ENQUEUE, f"{run}:MlflowRun", "send")  # the step's one call, queued
+        self.patch(MLFLOW_WORKER, f"{run}:MlflowRunWriter", "log_step", background=True)
         return self
 
 

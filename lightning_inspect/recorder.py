@@ -157,6 +157,8 @@ class StepCoordinator:
         self._members: list[int] = []
         self._pending: list[tuple[StepRecord, Publisher]] = []
         self.observers: list[Observer] = []
+        #: Called after each :meth:`flush` has published every record (e.g. to send the step).
+        self.flushed: list[Callable[[], None]] = []
 
     @classmethod
     def for_trainer(cls, trainer: object) -> StepCoordinator:
@@ -212,5 +214,7 @@ class StepCoordinator:
                 publish(record, values)
             except Exception as exc:  # publish every record, then re-raise the first error
                 first_error = first_error or exc
+        for done in list(self.flushed):
+            done()
         if first_error is not None:
             raise first_error

@@ -8,6 +8,7 @@ import tempfile
 import threading
 import warnings
 from collections.abc import Mapping
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,15 @@ import pytest
 import torch
 
 from conftest import PlainMLP, loader, make_trainer, mlflow_history, read_tb
-from lightning_inspect import ActivationMonitor, BackendError, ConfigError, MemorySink, WeightMonitor
+from lightning.pytorch.callbacks import Callback
+
+from lightning_inspect import (
+    ActivationMonitor, BackendError, ConfigError, GradientMonitor, MemorySink, WeightMonitor,
+)
 from lightning_inspect.sinks import (
     BackgroundSink,
     GuardedSink,
+    MlflowRunSink,
     MlflowSink,
     Sink,
     TensorBoardSink,
@@ -271,9 +277,10 @@ def test_resolve_sinks_from_the_trainers_loggers(tb_logger, mlflow_logger) -> No
     sinks = resolve_sinks(trainer, None, owner="WeightMonitor")
     try:
         assert [s.name for s in sinks] == ["tensorboard", "mlflow"]
-        assert isinstance(sinks[0], GuardedSink) and isinstance(sinks[1], BackgroundSink)
-        only = resolve_sinks(trainer, ("mlflow",), owner="WeightMonitor")
+        assert isinstance(sinks[0], GuardedSink) and isinstance(sinks[1], MlflowRunSink)
+        only = resolve_sinks(trainer, ("mlflow",), owner="GradientMonitor")
         assert [s.name for s in only] == ["mlflow"]
+        assert only[0].run is sinks[1].run  # one writer for the fit's run
         mem = MemorySink()
         [given] = resolve_sinks(trainer, (mem,), owner="WeightMonitor")
         assert given.name == "memory" and isinstance(given, GuardedSink) and given.inner is mem
@@ -293,6 +300,66 @@ def test_memory_sink_as_backend_in_training() -> None:
     assert sink.steps("weights/net.0.weight/update_ratio") == [0, 1]
     assert sink.histograms["weights/net.0.weight"][0][1].num == 30
     assert sink.flushes >= 1
+
+
+class ThreadCensus(Callback):
+    """Notes the library's threads alive at the end of every training batch."""
+
+    def __init__(self) -> None:
+        self.seen: list[list[str]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        names = [t.name for t in threading.enumerate() if t.name.startswith("lightning-inspect")]
+        self.seen.append(sorted(names))
+
+
+def test_the_monitors_of_a_fit_share_one_mlflow_writer(
+    mlflow_logger, mlflow_client, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import pandas as pd
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    batches: list[list[str]] = []  # the metric keys of every log_batch the SQLite store receives
+    real_log_batch = SqlAlchemyStore.log_batch
+
+    def counted(self, run_id, metrics, params, tags):  # the real store, its calls noted
+        batches.append([m.key for m in metrics])
+        return real_log_batch(self, run_id, metrics, params, tags)
+
+    monkeypatch.setattr(SqlAlchemyStore, "log_batch", counted)
+    census = ThreadCensus()
+    monitors = [ActivationMonitor(every_n_steps=1, stats=["mean", "max"]),
+                GradientMonitor(every_n_steps=1, stats=["mean", "max"]),
+                WeightMonitor(every_n_steps=1, stats=["mean", "max"])]
+    make_trainer(4, logger=mlflow_logger, callbacks=[census, *monitors]).fit(PlainMLP(), loader())
+
+    # One worker thread for the three monitors, during the whole fit; none after it.
+    assert census.seen == [["lightning-inspect-mlflow"]] * 4
+    assert not [t for t in threading.enumerate() if t.name.startswith("lightning-inspect")]
+    # One log_batch per logged step carries the headline metrics of all three monitors.
+    ours = [keys for keys in batches if any(k.startswith("summary/") for k in keys)]
+    assert len(ours) == 4
+    for keys in ours:
+        assert {"summary/activations/max", "summary/param_grads/max", "summary/weights/max",
+                "param_grads/global_norm"} <= set(keys)
+    run_id = mlflow_logger.run_id
+    # Each monitor keeps its own table; the headline maxima are those of its table's rows.
+    tables = {}
+    for owner in ("ActivationMonitor", "GradientMonitor", "WeightMonitor"):
+        path = mlflow_client.download_artifacts(
+            run_id, f"lightning_inspect/stats/{owner}.csv", str(tmp_path)
+        )
+        tables[owner] = pd.read_csv(path)
+    kinds = {"ActivationMonitor": ("activations",), "WeightMonitor": ("weights",),
+             "GradientMonitor": ("param_grads", "activation_grads")}
+    for owner, own in kinds.items():
+        table = tables[owner]
+        assert table["key"].str.startswith(tuple(f"{k}/" for k in own)).all()
+        kind = own[0]
+        rows = table[table["key"].str.startswith(f"{kind}/") & table["key"].str.endswith("/max")]
+        expected = [(int(step), float(np.max(group["value"].to_numpy())))
+                    for step, group in rows.groupby("step")]
+        assert mlflow_history(mlflow_client, run_id, f"summary/{kind}/max") == expected
 
 
 class RecoveringSink(MemorySink):
@@ -595,3 +662,59 @@ def test_a_refused_step_sent_again_is_in_the_table_once(mlflow_logger, mlflow_cl
     ]
     assert mlflow_history(mlflow_client, run_id, "summary/weights/max") == [(0, 2.0), (1, 4.0)]
     sink.close()
+
+
+class Unavailable(BaseHTTPRequestHandler):
+    """A tracking server that answers every request with 503 and counts them."""
+
+    requests = 0
+
+    def _refuse(self) -> None:
+        type(self).requests += 1
+        self.send_response(503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_POST = do_PUT = _refuse
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_the_librarys_mlflow_calls_have_their_own_retry_budget(
+    monkeypatch: pytest.MonkeyPatch, mlflow_client
+) -> None:
+    from mlflow.entities import Metric
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from lightning_inspect.sinks.mlflow_http import HTTP_BUDGET, BoundedClient, bounded_client
+
+    # The user's own settings for MLflow's calls: kept for theirs, not used for the library's.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        users = MlflowClient(f"http://127.0.0.1:{server.server_address[1]}")
+        ours = bounded_client(users)
+        assert isinstance(ours, BoundedClient)
+        metric = Metric("k", 1.0, 0, 0)
+        Unavailable.requests = 0
+        with pytest.raises(MlflowException):
+            ours.log_batch("run", metrics=[metric])
+        assert Unavailable.requests == 1 + HTTP_BUDGET["max_retries"]
+        Unavailable.requests = 0
+        with pytest.raises(MlflowException):
+            ours.log_text("run", "text", "lightning_inspect/a.md")  # get_run first: refused
+        assert Unavailable.requests == 1 + HTTP_BUDGET["max_retries"]
+        Unavailable.requests = 0
+        with pytest.raises(MlflowException):
+            users.log_batch("run", metrics=[metric])
+        assert Unavailable.requests == 1 + 3
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+    assert bounded_client(mlflow_client) is mlflow_client  # a database store: MLflow's own calls

@@ -25,6 +25,7 @@ from lightning_inspect._checks import as_str_list, check_bool, check_choices, ch
 from lightning_inspect.errors import ConfigError
 from lightning_inspect.keys import MlflowKeys
 from lightning_inspect.sinks import EndOfFit, attached_loggers, missing_backend_error
+from lightning_inspect.sinks.mlflow_http import bounded_client
 from lightning_inspect.run_record import (
     ConfigRecord,
     ConstructionRecord,
@@ -96,6 +97,9 @@ class _Writer:
     def flush(self) -> None:
         """Write what is buffered."""
 
+    def end_of_fit(self) -> None:
+        """From now on, a call that gets no answer fails within seconds (remote writers)."""
+
 
 def _text(value: Any, limit: int) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str) if isinstance(value, (list, dict)) else str(value)
@@ -112,6 +116,10 @@ class _MlflowWriter(_Writer):
         self.client = client
         self.run_id = run_id
         self.keys = MlflowKeys()
+
+    def end_of_fit(self) -> None:
+        """Against a tracking server: bounded retries (see ``sinks/mlflow_http.py``)."""
+        self.client = bounded_client(self.client)
 
     def tags(self, values: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
@@ -808,6 +816,7 @@ class RunRecord(Callback):
             return
         for writer in fit.writers:
             writer.deadline = fit.deadline
+            writer.inner.end_of_fit()
         try:
             self._collect("outcome", self._log_end, fit, trainer, status, exception)
         finally:

@@ -26,6 +26,7 @@ from lightning_inspect.sinks.deadline import EndOfFit
 from lightning_inspect.sinks.generic import GenericSink
 from lightning_inspect.sinks.memory import MemorySink
 from lightning_inspect.sinks.mlflow import METRIC_MODES, MlflowSink
+from lightning_inspect.sinks.mlflow_run import MlflowRun, MlflowRunSink
 from lightning_inspect.sinks.tensorboard import TensorBoardSink
 from lightning_inspect.sinks.wandb import WandbSink
 
@@ -39,10 +40,12 @@ LOGGER_CLASSES = {
 }
 BACKENDS = tuple(LOGGER_CLASSES)
 
-__all__ = ["BACKENDS", "METRIC_MODES", "BackgroundSink", "EndOfFit", "GenericSink", "GuardedSink", "MemorySink",
-           "MlflowSink", "Sink", "TensorBoardSink", "WandbSink", "attached_loggers",
-           "check_backends", "close_sinks", "logger_backend", "missing_backend_error",
-           "resolve_sinks"]
+__all__ = [
+    "BACKENDS", "METRIC_MODES", "BackgroundSink", "EndOfFit", "GenericSink", "GuardedSink",
+    "MemorySink", "MlflowRun", "MlflowRunSink", "MlflowSink", "Sink", "TensorBoardSink",
+    "WandbSink", "attached_loggers", "check_backends", "close_sinks", "logger_backend",
+    "missing_backend_error", "resolve_sinks",
+]
 
 
 def close_sinks(sinks: Sequence[Any]) -> None:
@@ -116,15 +119,16 @@ def missing_backend_error(
     )
 
 
-def _sink_for(name: str, logger: Any, owner: str, mlflow_metrics: str = "summary") -> Sink:
-    """The sink that writes to ``logger`` (backend ``name``)."""
-    if name == "tensorboard":
-        return TensorBoardSink(logger.experiment)
+def _sink_for(trainer: Any, name: str, logger: Any, owner: str, mlflow_metrics: str) -> Sink:
+    """The guarded sink that writes to ``logger`` (backend ``name``); MLflow's is the fit's
+    shared writer of the logger's run (:class:`MlflowRun`)."""
     if name == "mlflow":
-        return MlflowSink(logger.experiment, logger.run_id, owner=owner, metrics=mlflow_metrics)
+        return MlflowRun.for_fit(trainer, logger).sink(owner, mlflow_metrics)
+    if name == "tensorboard":
+        return GuardedSink(TensorBoardSink(logger.experiment))
     if name == "wandb":
-        return WandbSink(logger)
-    return GenericSink(logger, name)
+        return GuardedSink(WandbSink(logger))
+    return GuardedSink(GenericSink(logger, name))
 
 
 def _announce_scalars_only(owner: str, chosen: Sequence[Sink]) -> None:
@@ -155,12 +159,13 @@ def resolve_sinks(
 ) -> list[Sink]:
     """The guarded sinks a monitor writes to (MLflow's on a background thread).
 
-    Background sinks share the fit's :class:`EndOfFit` deadline. ``None`` means every logger
-    attached to the Trainer (a Trainer without one warns that nothing will be written); an empty
-    list warns that nothing will be written. A requested backend name with no matching logger
-    raises :class:`~lightning_inspect.errors.BackendError`; a name matches every logger of that
-    name. Sink objects are used as given. Each logger that takes scalars only is named in one
-    info line. ``mlflow_metrics`` is the MLflow sink's ``metrics`` mode
+    All callbacks of a fit write to an MLflow run through one writer and one worker thread
+    (:class:`MlflowRun`); background sinks share the fit's :class:`EndOfFit` deadline. ``None``
+    means every logger attached to the Trainer (a Trainer without one warns that nothing will be
+    written); an empty list warns that nothing will be written. A requested backend name with no
+    matching logger raises :class:`~lightning_inspect.errors.BackendError`; a name matches every
+    logger of that name. Sink objects are used as given. Each logger that takes scalars only is
+    named in one info line. ``mlflow_metrics`` is the MLflow sink's ``metrics`` mode
     (:data:`~lightning_inspect.sinks.mlflow.METRIC_MODES`).
     """
     if not trainer.is_global_zero:
@@ -176,25 +181,20 @@ def resolve_sinks(
     if backends is None and not trainer.loggers:
         _warn_no_logger(owner)
     attached = [(logger_backend(lg), lg) for lg in trainer.loggers]
-    if backends is None:
-        chosen = [_sink_for(name, lg, owner, mlflow_metrics) for name, lg in attached]
-    else:
-        chosen = []
-        for item in backends:
-            if isinstance(item, str):
-                named = [
-                    _sink_for(name, lg, owner, mlflow_metrics)
-                    for name, lg in attached
-                    if name == item
-                ]
-                if not named:
-                    raise missing_backend_error(owner, backends, item, trainer)
-                chosen.extend(named)
-            else:
-                chosen.append(item)
-    _announce_scalars_only(owner, chosen)
+    targets: list[tuple[str, Any] | Sink] = []  # (name, logger) or a Sink object
+    for item in attached if backends is None else backends:
+        if isinstance(item, str):
+            named = [(name, lg) for name, lg in attached if name == item]
+            if not named:
+                raise missing_backend_error(owner, backends or (), item, trainer)
+            targets.extend(named)
+        else:
+            targets.append(item)
     deadline = EndOfFit.for_fit(trainer)
-    return [
-        BackgroundSink(s, deadline=deadline) if isinstance(s, MlflowSink) else GuardedSink(s)
-        for s in chosen
+    chosen = [
+        _sink_for(trainer, *t, owner, mlflow_metrics) if isinstance(t, tuple)
+        else BackgroundSink(t, deadline=deadline) if isinstance(t, MlflowSink) else GuardedSink(t)
+        for t in targets
     ]
+    _announce_scalars_only(owner, [getattr(s, "inner", s) for s in chosen])
+    return chosen

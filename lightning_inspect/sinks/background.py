@@ -96,6 +96,12 @@ class BackgroundSink:
     def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None:
         self._put("log_histograms", dict(histograms), step)
 
+    def log_step(
+        self, step: int, scalars: Mapping[str, Any], histograms: Mapping[str, Any]
+    ) -> None:
+        """Queue several callbacks' values of one step (see :meth:`GuardedSink.log_step`)."""
+        self._put("log_step", step, scalars, histograms)
+
     def log_text(self, key: str, text: str, step: int) -> None:
         self._put("log_text", key, text, step)
 

@@ -65,6 +65,11 @@ def fallback_record(method: str, args: tuple[Any, ...]) -> dict[str, Any]:
     if method == "log_histograms":
         histograms = {k: histogram_record(h) for k, h in args[0].items()}
         return {"call": method, "step": args[1], "histograms": histograms}
+    if method == "log_step":  # the values of several callbacks: one record, keys unique
+        step, scalars, hists = args
+        values = {k: v for part in scalars.values() for k, v in part.items()}
+        kept = {k: histogram_record(h) for part in hists.values() for k, h in part.items()}
+        return {"call": method, "step": step, "values": values, "histograms": kept}
     if method == "log_text":
         return {"call": method, "step": args[2], "key": args[0], "text": args[1]}
     if method == "log_image":
@@ -172,6 +177,12 @@ class GuardedSink:
 
     def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None:
         self._call("log_histograms", histograms, step)
+
+    def log_step(
+        self, step: int, scalars: Mapping[str, Any], histograms: Mapping[str, Any]
+    ) -> None:
+        """Several callbacks' values of one step (a sink with ``log_step``, e.g. MLflow's)."""
+        self._call("log_step", step, scalars, histograms)
 
     def log_text(self, key: str, text: str, step: int) -> None:
         self._call("log_text", key, text, step)

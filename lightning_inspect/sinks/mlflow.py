@@ -123,6 +123,31 @@ def headline_metrics(
     return out
 
 
+def send_metrics(
+    client: Any, run_id: str, keys: MlflowKeys, values: Mapping[str, float], step: int
+) -> None:
+    """``values`` as MLflow metrics of ``step``: ``log_batch`` calls of at most 1000."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(keys(k), float(v), now, step) for k, v in values.items()]
+    for start in range(0, len(metrics), _BATCH):
+        client.log_batch(run_id, metrics=metrics[start : start + _BATCH])
+
+
+def log_text_artifact(client: Any, run_id: str, keys: MlflowKeys, key: str, text: str) -> None:
+    """A text as the run's artifact ``lightning_inspect/<key>.md``."""
+    client.log_text(run_id, text, f"{ARTIFACT_ROOT}/{artifact_file(keys(key), '.md')}")
+
+
+def log_image_artifact(
+    client: Any, run_id: str, keys: MlflowKeys, key: str, image: np.ndarray
+) -> None:
+    """A picture as the run's artifact ``lightning_inspect/<key>.png``."""
+    name = f"{ARTIFACT_ROOT}/{artifact_file(keys(key), '.png')}"
+    client.log_image(run_id, image, artifact_file=name)
+
+
 class MlflowSink:
     """Writes metrics, the table of every value, histogram artifacts and texts to one MLflow run.
 
@@ -139,6 +164,7 @@ class MlflowSink:
         owner: str = "inspect",
         render: bool = True,
         metrics: str = "summary",
+        keys: MlflowKeys | None = None,
     ) -> None:
         if metrics not in METRIC_MODES:
             raise ValueError(f"MlflowSink(metrics={metrics!r}): expected one of {METRIC_MODES}.")
@@ -147,7 +173,7 @@ class MlflowSink:
         self.owner = owner
         self.render = render
         self.metrics = metrics
-        self.keys = MlflowKeys()
+        self.keys = keys if keys is not None else MlflowKeys()
         self._parsed: dict[str, tuple[str, str, str, str]] = {}
         self._csv_keys: dict[str, str] = {}  # key -> its CSV cell
         self._spool = Path(tempfile.mkdtemp(prefix="lightning_inspect_mlflow_"))
@@ -157,17 +183,15 @@ class MlflowSink:
         self._table_dirty = False
 
     def log_scalars(self, values: Mapping[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        sent = values if self.metrics == "all" else headline_metrics(values, self._parsed)
-        now = int(time.time() * 1000)
-        metrics = [Metric(self.keys(k), float(v), now, step) for k, v in sent.items()]
-        for start in range(0, len(metrics), _BATCH):
-            self.client.log_batch(self.run_id, metrics=metrics[start : start + _BATCH])
+        send_metrics(self.client, self.run_id, self.keys, self.metrics_of(values), step)
         # After the metrics: a call the server refused and the guard sends again adds its lines once.
-        self._append_table(values, step)
+        self.append_table(values, step)
 
-    def _append_table(self, values: Mapping[str, float], step: int) -> None:
+    def metrics_of(self, values: Mapping[str, float]) -> Mapping[str, float]:
+        """What of one step's ``values`` MLflow receives as metrics (see ``metrics``)."""
+        return values if self.metrics == "all" else headline_metrics(values, self._parsed)
+
+    def append_table(self, values: Mapping[str, float], step: int) -> None:
         """Append ``step,key,value`` lines (values as Python writes floats: exact round trip)."""
         new = not self._table_file.exists()
         if new:
@@ -191,13 +215,11 @@ class MlflowSink:
         self._dirty = True
 
     def log_text(self, key: str, text: str, step: int) -> None:
-        name = artifact_file(self.keys(key), ".md")
-        self.client.log_text(self.run_id, text, f"{ARTIFACT_ROOT}/{name}")
+        log_text_artifact(self.client, self.run_id, self.keys, key, text)
 
     def log_image(self, key: str, image: np.ndarray, step: int) -> None:
         """The picture as ``lightning_inspect/<key>.png`` (a later picture of the key replaces it)."""
-        name = artifact_file(self.keys(key), ".png")
-        self.client.log_image(self.run_id, image, artifact_file=f"{ARTIFACT_ROOT}/{name}")
+        log_image_artifact(self.client, self.run_id, self.keys, key, image)
 
     def flush(self) -> None:
         if self._table_dirty:
