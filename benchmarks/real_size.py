@@ -84,7 +84,7 @@ class PublishMeter(_Attribution):
     """``overhead.py``'s attribution plus MLflow's two halves: the enqueue on the training thread
     and the worker thread's CPU time (the time it holds the GIL at most)."""
 
-    def __enter__(self) -> PublishMeter:  # noqa: PYI034 - typing.Self needs Python 3.11
+    def __enter__(self) -> PublishMeter:
         super().__enter__()
         run = "lightning_inspect.sinks.mlflow_run"
         for attr in ("log_scalars", "log_histograms"):
@@ -275,7 +275,9 @@ def run_models(args: argparse.Namespace, tmp: str, memory: PeakRSS) -> dict[str,
         "summary": [asdict(s) for s in summaries],
         "publishing": [asdict(p) for p in published.values()],
         "not_logged": nonlogged,
-        "targets": [dict(zip(("model", "target", "value", "pass"), t)) for t in targets],
+        "targets": [
+            dict(zip(("model", "target", "value", "pass"), t, strict=True)) for t in targets
+        ],
     }
 
 
@@ -335,7 +337,7 @@ def run_scaling(args: argparse.Namespace, tmp: str, memory: PeakRSS) -> dict[str
     ):
         ys = [get(p) for p in med.values()]
         b, a = _line(keys, ys)
-        worst = max(abs(y - (a + b * x)) / y for x, y in zip(keys, ys))
+        worst = max(abs(y - (a + b * x)) / y for x, y in zip(keys, ys, strict=True))
         fits[label] = {"a_ms": a * 1e3, "b_us_per_key": b * 1e6, "worst_relative_residual": worst}
         print(
             f"  {label:<26} a = {a * 1e3:6.2f} ms, b = {b * 1e6:5.2f} us/key; "
@@ -347,7 +349,9 @@ def run_scaling(args: argparse.Namespace, tmp: str, memory: PeakRSS) -> dict[str
 def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     """Slope and intercept of the least-squares line through (xs, ys)."""
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
+        (x - mx) ** 2 for x in xs
+    )
     return slope, my - slope * mx
 
 

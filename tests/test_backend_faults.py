@@ -48,10 +48,23 @@ class MlflowServer:
     def start(self) -> None:
         mlflow = str(Path(sys.executable).with_name("mlflow"))
         self.proc = subprocess.Popen(
-            [mlflow, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{self.root}/server.db",
-             "--artifacts-destination", str(self.root / "artifacts")],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            [
+                mlflow,
+                "server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+                "--backend-store-uri",
+                f"sqlite:///{self.root}/server.db",
+                "--artifacts-destination",
+                str(self.root / "artifacts"),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
@@ -97,7 +110,9 @@ class Net(L.LightningModule):
 
 
 @pytest.mark.slow
-def test_mlflow_server_outage_warns_once_and_loses_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mlflow_server_outage_warns_once_and_loses_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The library's own calls have their bounded budget; these keep Lightning's MLFlowLogger calls
     # (MLflow's settings) from stalling the test while the server is down.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
@@ -108,17 +123,27 @@ def test_mlflow_server_outage_warns_once_and_loses_nothing(tmp_path: Path, monke
     try:
         mlflow_logger = MLFlowLogger(tracking_uri=server.url, experiment_name="outage")
         trainer = L.Trainer(
-            max_steps=STEPS, accelerator="cpu", log_every_n_steps=1000,
+            max_steps=STEPS,
+            accelerator="cpu",
+            log_every_n_steps=1000,
             logger=[TensorBoardLogger(tmp_path / "tb", name="", version=""), mlflow_logger],
-            callbacks=[ServerOutage(server),
-                       ActivationMonitor(every_n_steps=1, stats=["mean"], mlflow_metrics="all")],
-            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+            callbacks=[
+                ServerOutage(server),
+                ActivationMonitor(every_n_steps=1, stats=["mean"], mlflow_metrics="all"),
+            ],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
         )
-        data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 4)), batch_size=4)
+        data = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(torch.randn(64, 4)), batch_size=4
+        )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             trainer.fit(Net(), data)
-        ours = [w for w in caught if "lightning-inspect: the mlflow backend failed" in str(w.message)]
+        ours = [
+            w for w in caught if "lightning-inspect: the mlflow backend failed" in str(w.message)
+        ]
         assert len(ours) == 1, [str(w.message) for w in caught]
         fallback = Path(str(ours[0].message).split("written to ")[1].split(" and sent again")[0])
         assert fallback.exists()
@@ -139,7 +164,9 @@ def test_mlflow_server_outage_warns_once_and_loses_nothing(tmp_path: Path, monke
             if record["call"] == "log_step" and "activations/fc/mean" in record["values"]:
                 refused.add(record["step"])
         assert refused, "the outage must have refused some steps"
-        history = MlflowClient(server.url).get_metric_history(mlflow_logger.run_id, "activations/fc/mean")
+        history = MlflowClient(server.url).get_metric_history(
+            mlflow_logger.run_id, "activations/fc/mean"
+        )
         assert sorted(m.step for m in history) == list(range(STEPS))
     finally:
         server.stop()
@@ -184,14 +211,26 @@ def test_a_dead_server_delays_the_end_of_fit_by_one_shared_deadline(tmp_path: Pa
     try:
         mlflow_logger = UnfinishedMLFlowLogger(tracking_uri=server.url, experiment_name="dead")
         killer = KillServer(server)
-        monitors = [monitor(every_n_steps=1, stats=["mean"])
-                    for monitor in (ActivationMonitor, GradientMonitor, WeightMonitor)]
-        record = RunRecord(git=False, packages=False, model=False, fingerprint_items=0,
-                           output_dir=tmp_path / "record")
+        monitors = [
+            monitor(every_n_steps=1, stats=["mean"])
+            for monitor in (ActivationMonitor, GradientMonitor, WeightMonitor)
+        ]
+        record = RunRecord(
+            git=False,
+            packages=False,
+            model=False,
+            fingerprint_items=0,
+            output_dir=tmp_path / "record",
+        )
         trainer = L.Trainer(
-            max_steps=LONG_STEPS, accelerator="cpu", log_every_n_steps=1000, logger=[mlflow_logger],
-            callbacks=[killer, *monitors, record], enable_progress_bar=False,
-            enable_model_summary=False, enable_checkpointing=False,
+            max_steps=LONG_STEPS,
+            accelerator="cpu",
+            log_every_n_steps=1000,
+            logger=[mlflow_logger],
+            callbacks=[killer, *monitors, record],
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            enable_checkpointing=False,
         )
         data = torch.utils.data.TensorDataset(torch.randn(64, 4))
         with warnings.catch_warnings(record=True) as caught:
@@ -213,12 +252,18 @@ def test_a_dead_server_delays_the_end_of_fit_by_one_shared_deadline(tmp_path: Pa
 
         messages = [str(w.message) for w in caught]
         record_dir = str(tmp_path / "record")
-        assert any(m.startswith("RunRecord: the mlflow backend failed") and record_dir in m
-                   for m in messages), messages
+        assert any(
+            m.startswith("RunRecord: the mlflow backend failed") and record_dir in m
+            for m in messages
+        ), messages
         # Every monitor's values: on the server (before it died) or in a fallback file that a
         # warning names.
-        files = {Path(p) for m in messages if m.startswith("lightning-inspect:")
-                 for p in re.findall(r"(/\S+\.jsonl)", m)}
+        files = {
+            Path(p)
+            for m in messages
+            if m.startswith("lightning-inspect:")
+            for p in re.findall(r"(/\S+\.jsonl)", m)
+        }
         kept: dict[str, set[int]] = {}
         for path in files:
             assert path.stat().st_mode & 0o777 == 0o600

@@ -15,12 +15,16 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-
 from conftest import PlainMLP, loader, make_trainer, mlflow_history, read_tb
 from lightning.pytorch.callbacks import Callback
 
 from lightning_inspect import (
-    ActivationMonitor, BackendError, ConfigError, GradientMonitor, MemorySink, WeightMonitor,
+    ActivationMonitor,
+    BackendError,
+    ConfigError,
+    GradientMonitor,
+    MemorySink,
+    WeightMonitor,
 )
 from lightning_inspect.sinks import (
     BackgroundSink,
@@ -79,7 +83,13 @@ def test_guarded_sink_warns_once_and_saves_what_was_refused(tmp_path: Path) -> N
     assert sink.fallback_path.parent == tmp_path
     assert inner.calls == 5 and sink.failures == 5  # every call still offered to the backend
     lines = [json.loads(line) for line in sink.fallback_path.read_text().splitlines()]
-    assert [line["call"] for line in lines] == ["log_scalars", "log_histograms", "log_text", "flush", "log_scalars"]
+    assert [line["call"] for line in lines] == [
+        "log_scalars",
+        "log_histograms",
+        "log_text",
+        "flush",
+        "log_scalars",
+    ]
     assert lines[0]["step"] == 3 and lines[0]["values"]["weights/w/mean"] == 0.5
     assert math.isnan(lines[0]["values"]["weights/w/nan_count"])
     assert lines[1]["histograms"]["weights/w"]["counts"] == [1.0, 1.0, 1.0, 1.0]
@@ -93,14 +103,20 @@ def test_guarded_sink_passes_through() -> None:
     sink.log_scalars({"a": 1.0}, 0)
     sink.log_text("t", "x", 1)
     sink.flush()
-    assert inner.scalars == {"a": [(0, 1.0)]} and inner.texts == {"t": [(1, "x")]} and inner.flushes == 1
+    assert (
+        inner.scalars == {"a": [(0, 1.0)]}
+        and inner.texts == {"t": [(1, "x")]}
+        and inner.flushes == 1
+    )
     assert sink.failures == 0
 
 
 def test_failing_backend_during_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     flaky = FailingSink()
-    monitor = ActivationMonitor(modules=["net.0"], every_n_steps=1, backends=[flaky], histograms=False)
+    monitor = ActivationMonitor(
+        modules=["net.0"], every_n_steps=1, backends=[flaky], histograms=False
+    )
     trainer = make_trainer(3, callbacks=[monitor])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -115,7 +131,11 @@ def test_failing_backend_during_training(tmp_path: Path, monkeypatch: pytest.Mon
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     steps = [line["step"] for line in lines if line["call"] == "log_scalars"]
     assert steps == [0, 1, 2]
-    assert all("activations/net.0/mean" in line["values"] for line in lines if line["call"] == "log_scalars")
+    assert all(
+        "activations/net.0/mean" in line["values"]
+        for line in lines
+        if line["call"] == "log_scalars"
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -186,7 +206,9 @@ def test_fast_tensorboard_checksum_is_tensorboards_own(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def test_mlflow_sink_metrics_histograms_and_text(mlflow_logger, mlflow_client, tmp_path: Path) -> None:
+def test_mlflow_sink_metrics_histograms_and_text(
+    mlflow_logger, mlflow_client, tmp_path: Path
+) -> None:
     run_id = mlflow_logger.run_id
     sink = MlflowSink(mlflow_client, run_id, owner="TestMonitor", metrics="all")
     many = {f"weights/p{i}/mean": float(i) for i in range(1203)}  # more than one log_batch
@@ -196,7 +218,9 @@ def test_mlflow_sink_metrics_histograms_and_text(mlflow_logger, mlflow_client, t
     sink.log_scalars({"weights/p0/mean": 10.0}, step=4)
     g = torch.Generator().manual_seed(0)
     for step in (2, 4):
-        sink.log_histograms({"activations/fc": make_histogram(torch.randn(50, generator=g) + step)}, step=step)
+        sink.log_histograms(
+            {"activations/fc": make_histogram(torch.randn(50, generator=g) + step)}, step=step
+        )
     sink.log_text("model/structure", "**Net**", step=0)
     sink.flush()
 
@@ -209,10 +233,17 @@ def test_mlflow_sink_metrics_histograms_and_text(mlflow_logger, mlflow_client, t
 
     out = tmp_path / "dl"
     out.mkdir()
-    spool = mlflow_client.download_artifacts(run_id, "lightning_inspect/histograms/TestMonitor.jsonl", str(out))
+    spool = mlflow_client.download_artifacts(
+        run_id, "lightning_inspect/histograms/TestMonitor.jsonl", str(out)
+    )
     lines = [json.loads(line) for line in Path(spool).read_text().splitlines()]
-    assert [(d["key"], d["step"], sum(d["counts"])) for d in lines] == [("activations/fc", 2, 50), ("activations/fc", 4, 50)]
-    png = mlflow_client.download_artifacts(run_id, "lightning_inspect/histograms/activations/fc.png", str(out))
+    assert [(d["key"], d["step"], sum(d["counts"])) for d in lines] == [
+        ("activations/fc", 2, 50),
+        ("activations/fc", 4, 50),
+    ]
+    png = mlflow_client.download_artifacts(
+        run_id, "lightning_inspect/histograms/activations/fc.png", str(out)
+    )
     assert Path(png).read_bytes()[:4] == b"\x89PNG"
     md = mlflow_client.download_artifacts(run_id, "lightning_inspect/model/structure.md", str(out))
     assert Path(md).read_text() == "**Net**"
@@ -266,7 +297,10 @@ def test_check_backends() -> None:
     assert check_backends("X", "mlflow") == ("mlflow",)
     mem = MemorySink()
     assert check_backends("X", ["tensorboard", mem]) == ("tensorboard", mem)
-    with pytest.raises(ConfigError, match=r"X\(backends=\['tensorbord'\]\): unknown backend 'tensorbord'.*Did you mean 'tensorboard'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"X\(backends=\['tensorbord'\]\): unknown backend 'tensorbord'.*Did you mean 'tensorboard'",
+    ):
         check_backends("X", ["tensorbord"])
     with pytest.raises(ConfigError, match=r"X\(backends=\[3\]\)"):
         check_backends("X", [3])
@@ -287,7 +321,10 @@ def test_resolve_sinks_from_the_trainers_loggers(tb_logger, mlflow_logger) -> No
     finally:
         for s in sinks + only:
             getattr(s, "close", lambda: None)()
-    with pytest.raises(BackendError, match=r"WeightMonitor\(backends=\['mlflow'\]\): backend 'mlflow' needs a MLFlowLogger"):
+    with pytest.raises(
+        BackendError,
+        match=r"WeightMonitor\(backends=\['mlflow'\]\): backend 'mlflow' needs a MLFlowLogger",
+    ):
         resolve_sinks(make_trainer(1, logger=tb_logger), ("mlflow",), owner="WeightMonitor")
     with pytest.warns(RuntimeWarning, match=r"X: the Trainer has no logger"):
         assert resolve_sinks(make_trainer(1, logger=False), None, owner="X") == []
@@ -295,7 +332,9 @@ def test_resolve_sinks_from_the_trainers_loggers(tb_logger, mlflow_logger) -> No
 
 def test_memory_sink_as_backend_in_training() -> None:
     sink = MemorySink()
-    make_trainer(2, callbacks=[WeightMonitor(every_n_steps=1, backends=[sink], stats=["mean"])]).fit(PlainMLP(), loader())
+    make_trainer(
+        2, callbacks=[WeightMonitor(every_n_steps=1, backends=[sink], stats=["mean"])]
+    ).fit(PlainMLP(), loader())
     assert sink.steps("weights/net.0.weight/mean") == [0, 1]
     assert sink.steps("weights/net.0.weight/update_ratio") == [0, 1]
     assert sink.histograms["weights/net.0.weight"][0][1].num == 30
@@ -328,9 +367,11 @@ def test_the_monitors_of_a_fit_share_one_mlflow_writer(
 
     monkeypatch.setattr(SqlAlchemyStore, "log_batch", counted)
     census = ThreadCensus()
-    monitors = [ActivationMonitor(every_n_steps=1, stats=["mean", "max"]),
-                GradientMonitor(every_n_steps=1, stats=["mean", "max"]),
-                WeightMonitor(every_n_steps=1, stats=["mean", "max"])]
+    monitors = [
+        ActivationMonitor(every_n_steps=1, stats=["mean", "max"]),
+        GradientMonitor(every_n_steps=1, stats=["mean", "max"]),
+        WeightMonitor(every_n_steps=1, stats=["mean", "max"]),
+    ]
     make_trainer(4, logger=mlflow_logger, callbacks=[census, *monitors]).fit(PlainMLP(), loader())
 
     # One worker thread for the three monitors, during the whole fit; none after it.
@@ -340,8 +381,12 @@ def test_the_monitors_of_a_fit_share_one_mlflow_writer(
     ours = [keys for keys in batches if any(k.startswith("summary/") for k in keys)]
     assert len(ours) == 4
     for keys in ours:
-        assert {"summary/activations/max", "summary/param_grads/max", "summary/weights/max",
-                "param_grads/global_norm"} <= set(keys)
+        assert {
+            "summary/activations/max",
+            "summary/param_grads/max",
+            "summary/weights/max",
+            "param_grads/global_norm",
+        } <= set(keys)
     run_id = mlflow_logger.run_id
     # Each monitor keeps its own table; the headline maxima are those of its table's rows.
     tables = {}
@@ -350,15 +395,20 @@ def test_the_monitors_of_a_fit_share_one_mlflow_writer(
             run_id, f"lightning_inspect/stats/{owner}.csv", str(tmp_path)
         )
         tables[owner] = pd.read_csv(path)
-    kinds = {"ActivationMonitor": ("activations",), "WeightMonitor": ("weights",),
-             "GradientMonitor": ("param_grads", "activation_grads")}
+    kinds = {
+        "ActivationMonitor": ("activations",),
+        "WeightMonitor": ("weights",),
+        "GradientMonitor": ("param_grads", "activation_grads"),
+    }
     for owner, own in kinds.items():
         table = tables[owner]
         assert table["key"].str.startswith(tuple(f"{k}/" for k in own)).all()
         kind = own[0]
         rows = table[table["key"].str.startswith(f"{kind}/") & table["key"].str.endswith("/max")]
-        expected = [(int(step), float(np.max(group["value"].to_numpy())))
-                    for step, group in rows.groupby("step")]
+        expected = [
+            (int(step), float(np.max(group["value"].to_numpy())))
+            for step, group in rows.groupby("step")
+        ]
         assert mlflow_history(mlflow_client, run_id, f"summary/{kind}/max") == expected
 
 
@@ -386,7 +436,9 @@ def test_guarded_sink_resends_refused_values_after_recovery(tmp_path: Path) -> N
         for step in range(4):
             sink.log_scalars({"k": float(step)}, step)
     assert len(_runtime_warnings(caught)) == 1
-    assert sorted(inner.scalars["k"]) == [(s, float(s)) for s in range(4)]  # each value exactly once
+    assert sorted(inner.scalars["k"]) == [
+        (s, float(s)) for s in range(4)
+    ]  # each value exactly once
     lines = [json.loads(line) for line in sink.fallback_path.read_text().splitlines()]
     assert [line["step"] for line in lines] == [0, 1]  # what was refused is also on disk
 
@@ -394,7 +446,10 @@ def test_guarded_sink_resends_refused_values_after_recovery(tmp_path: Path) -> N
 # Regression test (fixed in baec00b): a backend named twice got two sinks, every value logged twice.
 def test_backend_named_twice_logs_once(tb_logger) -> None:
     trainer = make_trainer(1, logger=tb_logger)
-    assert len(resolve_sinks(trainer, check_backends("X", ["tensorboard", "tensorboard"]), owner="X")) == 1
+    assert (
+        len(resolve_sinks(trainer, check_backends("X", ["tensorboard", "tensorboard"]), owner="X"))
+        == 1
+    )
 
 
 class FlakyArtifacts:
@@ -414,9 +469,14 @@ class FlakyArtifacts:
         self._client.log_artifact(*args, **kwargs)
 
 
-def test_histogram_artifacts_are_uploaded_after_a_failed_flush(mlflow_logger, mlflow_client, tmp_path: Path) -> None:
+def test_histogram_artifacts_are_uploaded_after_a_failed_flush(
+    mlflow_logger, mlflow_client, tmp_path: Path
+) -> None:
     run_id = mlflow_logger.run_id
-    sink = GuardedSink(MlflowSink(FlakyArtifacts(mlflow_client), run_id, owner="Flaky", render=False), fallback_dir=tmp_path)
+    sink = GuardedSink(
+        MlflowSink(FlakyArtifacts(mlflow_client), run_id, owner="Flaky", render=False),
+        fallback_dir=tmp_path,
+    )
     sink.log_histograms({"activations/fc": make_histogram(torch.arange(6.0))}, step=0)
     with pytest.warns(RuntimeWarning, match="artifact store unreachable"):
         sink.flush()  # refused
@@ -437,7 +497,12 @@ def test_histogram_picture_puts_high_values_at_the_top(tmp_path: Path) -> None:
         for step in range(10):  # every value in the top bin for steps 0-4, the bottom bin after
             counts = [0] * 8
             counts[7 if step < 5 else 0] = 100
-            f.write(json.dumps({"key": "activations/fc", "step": step, "lo": -1.0, "hi": 1.0, "counts": counts}) + "\n")
+            f.write(
+                json.dumps(
+                    {"key": "activations/fc", "step": step, "lo": -1.0, "hi": 1.0, "counts": counts}
+                )
+                + "\n"
+            )
     [path] = render_histogram_pictures(spool, tmp_path / "pictures", MlflowKeys())
     image = np.asarray(Image.open(path).convert("L"), dtype=float)
     left, top, right, bottom = _MARGIN
@@ -516,8 +581,10 @@ def test_stuck_backends_share_one_end_of_fit_deadline(tmp_path: Path) -> None:
 
     deadline = EndOfFit(budget_s=1.0)
     inners = [BlockingSink() for _ in range(3)]
-    sinks = [BackgroundSink(GuardedSink(inner, fallback_dir=tmp_path), deadline=deadline)
-             for inner in inners]
+    sinks = [
+        BackgroundSink(GuardedSink(inner, fallback_dir=tmp_path), deadline=deadline)
+        for inner in inners
+    ]
     for sink in sinks:
         for step in range(5):
             sink.log_scalars({"k": float(step)}, step)
@@ -535,7 +602,7 @@ def test_stuck_backends_share_one_end_of_fit_deadline(tmp_path: Path) -> None:
         assert [line["step"] for line in lines] == [0, 1, 2, 3, 4]
     for inner in inners:
         inner.release.set()
-    for sink, inner in zip(sinks, inners):
+    for sink, inner in zip(sinks, inners, strict=True):
         sink._worker.join(10)
         assert not sink._worker.is_alive()
         assert inner.calls == 1 and inner.steps("k") == [0]  # no call after the deadline
@@ -582,8 +649,10 @@ def test_keys_longer_than_a_file_name_get_short_artifact_names(
     run_id = mlflow_logger.run_id
     sink = GuardedSink(MlflowSink(mlflow_client, run_id, owner="Long"))
     stem = "activations/" + "é" * 200  # 400 bytes in UTF-8
-    hists = {stem + "a": make_histogram(torch.arange(8.0)),
-             stem + "b": make_histogram(torch.arange(4.0))}
+    hists = {
+        stem + "a": make_histogram(torch.arange(8.0)),
+        stem + "b": make_histogram(torch.arange(4.0)),
+    }
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a failed upload would warn
         sink.log_histograms(hists, step=0)
@@ -604,8 +673,17 @@ def test_scalar_summary_is_what_protobuf_builds_for_every_kind_of_value() -> Non
 
     from lightning_inspect.sinks.tensorboard import scalar_summary
 
-    values = {"a/x/mean": 0.1, "a/x/max": 1e300, "a/x/min": -1e300, "a/y/std": math.nan,
-              "a/y/max": math.inf, "a/y/min": 5e-324, "a/é/mean": -0.0, "t" * 300: 3.0, "": 2.0}
+    values = {
+        "a/x/mean": 0.1,
+        "a/x/max": 1e300,
+        "a/x/min": -1e300,
+        "a/y/std": math.nan,
+        "a/y/max": math.inf,
+        "a/y/min": 5e-324,
+        "a/é/mean": -0.0,
+        "t" * 300: 3.0,
+        "": 2.0,
+    }
     cache: dict[str, bytes] = {}
     for _ in range(2):  # the second time from the cache
         ours = scalar_summary(values, cache)
@@ -621,17 +699,31 @@ def test_histogram_summary_is_what_protobuf_builds() -> None:
 
     g = torch.Generator().manual_seed(0)
     wide = torch.randn(3, generator=g, dtype=torch.float64) * 1e300
-    histograms = {"a/x": make_histogram(torch.randn(1000, generator=g)),
-                  "a/zero": make_histogram(torch.zeros(5)), "b/" + "y" * 200: make_histogram(wide)}
+    histograms = {
+        "a/x": make_histogram(torch.randn(1000, generator=g)),
+        "a/zero": make_histogram(torch.zeros(5)),
+        "b/" + "y" * 200: make_histogram(wide),
+    }
     cache: dict[str, bytes] = {}
     for _ in range(2):
         ours = histogram_summary(histograms, cache)
-        theirs = Summary(value=[
-            Summary.Value(tag=k, histo=HistogramProto(
-                min=h.min, max=h.max, num=float(h.num), sum=h.sum, sum_squares=h.sum_squares,
-                bucket_limit=h.edges[1:].tolist(), bucket=h.counts.tolist()))
-            for k, h in histograms.items()
-        ])
+        theirs = Summary(
+            value=[
+                Summary.Value(
+                    tag=k,
+                    histo=HistogramProto(
+                        min=h.min,
+                        max=h.max,
+                        num=float(h.num),
+                        sum=h.sum,
+                        sum_squares=h.sum_squares,
+                        bucket_limit=h.edges[1:].tolist(),
+                        bucket=h.counts.tolist(),
+                    ),
+                )
+                for k, h in histograms.items()
+            ]
+        )
         assert ours.SerializeToString() == theirs.SerializeToString()
 
 
@@ -645,8 +737,9 @@ class FlakyBatches(FlakyArtifacts):
         self._client.log_batch(*args, **kwargs)
 
 
-def test_a_refused_step_sent_again_is_in_the_table_once(mlflow_logger, mlflow_client, mlflow_store,
-                                                        tmp_path: Path) -> None:
+def test_a_refused_step_sent_again_is_in_the_table_once(
+    mlflow_logger, mlflow_client, mlflow_store, tmp_path: Path
+) -> None:
     from lightning_inspect import read_stats
 
     run_id = mlflow_logger.run_id
@@ -657,8 +750,11 @@ def test_a_refused_step_sent_again_is_in_the_table_once(mlflow_logger, mlflow_cl
     sink.log_scalars({"weights/w/mean": 3.0, "weights/w/max": 4.0}, step=1)  # accepted: 0 re-sent
     sink.flush()
     df = read_stats(run_id, tracking_uri=mlflow_store["tracking_uri"])
-    assert list(zip(df.step, df.stat, df.value)) == [
-        (0, "max", 2.0), (0, "mean", 1.0), (1, "max", 4.0), (1, "mean", 3.0)
+    assert list(zip(df.step, df.stat, df.value, strict=True)) == [
+        (0, "max", 2.0),
+        (0, "mean", 1.0),
+        (1, "max", 4.0),
+        (1, "mean", 3.0),
     ]
     assert mlflow_history(mlflow_client, run_id, "summary/weights/max") == [(0, 2.0), (1, 4.0)]
     sink.close()

@@ -35,6 +35,7 @@ or not) and recompiles no further; recording batches run the hooks eagerly (a gr
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from collections.abc import Callable, Sequence
@@ -46,7 +47,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_inspect._checks import as_str_list, check_bool, check_choice, check_choices, check_positive_int
+from lightning_inspect._checks import (
+    as_str_list,
+    check_bool,
+    check_choice,
+    check_choices,
+    check_positive_int,
+)
 from lightning_inspect.callbacks._module_hooks import OutputHook
 from lightning_inspect.errors import InspectError, NonFiniteError
 from lightning_inspect.hooks import HookSet
@@ -56,7 +63,12 @@ from lightning_inspect.schedule import Schedule
 from lightning_inspect.selection import check_patterns, empty_selection_message, select_modules
 from lightning_inspect.sinks import METRIC_MODES, Sink, check_backends, close_sinks, resolve_sinks
 from lightning_inspect.stats import (
-    ALL_STATS, DEFAULT_STATS, FIELDS, N_FIELDS, histogram, summarise_rows,
+    ALL_STATS,
+    DEFAULT_STATS,
+    FIELDS,
+    N_FIELDS,
+    histogram,
+    summarise_rows,
 )
 
 NONFINITE_ACTIONS = ("ignore", "warn", "raise")
@@ -70,6 +82,8 @@ def holds_compiled_module(model: torch.nn.Module) -> bool:
     if getattr(model, "_compiler_ctx", None):
         return True
     return any(type(m).__name__ == "OptimizedModule" for m in model.modules())
+
+
 _MAX_LISTED = 12
 
 
@@ -135,7 +149,9 @@ class ModuleMonitor(Callback):
         self.exclude = self._pattern_arg("exclude", exclude)
         self.schedule = Schedule.checked(owner, every_n_steps, start_step, stop_step)
         self.stats = check_choices(owner, "stats", stats, ALL_STATS, DEFAULT_STATS)
-        self._stat_keys: dict[str, list[str]] = {}  # row key -> its metric keys, in self.stats order
+        self._stat_keys: dict[
+            str, list[str]
+        ] = {}  # row key -> its metric keys, in self.stats order
         self.histograms = check_bool(owner, "histograms", histograms)
         self.bins = check_positive_int(owner, "bins", bins, 2, MAX_BINS) if self.histograms else 0
         self.backends = check_backends(owner, backends)
@@ -183,7 +199,9 @@ class ModuleMonitor(Callback):
             self.__dict__ = type(self)(*args, **kwargs).__dict__
             self._outer_fit = outer
         self._active = True
-        self.last_logged_step = None  # a new fit; resuming restores it from the checkpoint after setup
+        self.last_logged_step = (
+            None  # a new fit; resuming restores it from the checkpoint after setup
+        )
         self.sinks = resolve_sinks(
             trainer, self.backends, owner=self._owner, mlflow_metrics=self.mlflow_metrics
         )
@@ -236,7 +254,12 @@ class ModuleMonitor(Callback):
                 self._optimizer = None
 
     def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
     ) -> None:
         if not self._active:
             return
@@ -256,7 +279,9 @@ class ModuleMonitor(Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close()
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         self._shutdown()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -362,7 +387,7 @@ class ModuleMonitor(Callback):
                 if known is None:
                     known = stat_keys[key] = [metric_key(key, stat) for stat in self.stats]
                 names += known
-            out = dict(zip(names, table.ravel().tolist()))
+            out = dict(zip(names, table.ravel().tolist(), strict=True))
         if self.histograms:
             for key, row in rows.items():
                 h = histogram(row)
@@ -383,14 +408,22 @@ class ModuleMonitor(Callback):
         if self.on_nonfinite == "ignore":
             return
         nan_at, inf_at = FIELDS.index("nan"), FIELDS.index("inf")
-        bad = [(k, r) for k, r in rows.items() if r[nan_at] + r[inf_at] > 0 and not self._expected_nonfinite(k)]
+        bad = [
+            (k, r)
+            for k, r in rows.items()
+            if r[nan_at] + r[inf_at] > 0 and not self._expected_nonfinite(k)
+        ]
         if not bad:
             return
         key, row = bad[0]
         message = (
             f"{self._owner}: non-finite values at step {step}: first in execution order is {key!r} "
             f"({int(row[nan_at])} NaN, {int(row[inf_at])} Inf of {int(row[0])} values)"
-            + (f"; also in {len(bad) - 1} later key(s): {', '.join(k for k, _ in bad[1:4])}" if len(bad) > 1 else "")
+            + (
+                f"; also in {len(bad) - 1} later key(s): {', '.join(k for k, _ in bad[1:4])}"
+                if len(bad) > 1
+                else ""
+            )
             + "."
         )
         if self.on_nonfinite == "raise":
@@ -401,7 +434,9 @@ class ModuleMonitor(Callback):
 
     def _announce(self) -> None:
         what, names = self._selection_summary()
-        shown = ", ".join(names[:_MAX_LISTED]) + (f", ... ({len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else "")
+        shown = ", ".join(names[:_MAX_LISTED]) + (
+            f", ... ({len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else ""
+        )
         backends = ", ".join(s.name for s in self.sinks) or "no backend"
         rank_zero_info(
             f"{self._owner}: {len(names)} {what} selected, every {self.schedule.every_n_steps} steps "
@@ -428,10 +463,9 @@ class ModuleMonitor(Callback):
         if self._record is not None:  # a logged step interrupted before its optimizer step
             self._finish_step()
         if self._coordinator is not None:
-            try:
+            # NonFiniteError: already being handled, or fit is over: the values were logged
+            with contextlib.suppress(NonFiniteError):
                 self._coordinator.flush()
-            except NonFiniteError:
-                pass  # already being handled, or fit is over: the values were logged
         for sink in self.sinks:
             sink.flush()
 

@@ -24,14 +24,12 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_inspect._checks import as_str_list, check_bool, check_choices, check_positive_int
 from lightning_inspect.errors import ConfigError
 from lightning_inspect.keys import MlflowKeys
-from lightning_inspect.sinks import EndOfFit, attached_loggers, missing_backend_error
-from lightning_inspect.sinks.mlflow_http import bounded_client
 from lightning_inspect.run_record import (
+    _HOW_TO_RECORD,
     ConfigRecord,
     ConstructionRecord,
     GitInfo,
     SecretMasker,
-    _HOW_TO_RECORD,
     _locate,
     _node_at,
     _yaml_safe,
@@ -48,6 +46,8 @@ from lightning_inspect.run_record import (
     to_plain,
     version_info,
 )
+from lightning_inspect.sinks import EndOfFit, attached_loggers, missing_backend_error
+from lightning_inspect.sinks.mlflow_http import bounded_client
 
 __all__ = ["RunRecord"]
 
@@ -102,7 +102,13 @@ class _Writer:
 
 
 def _text(value: Any, limit: int) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, default=str) if isinstance(value, (list, dict)) else str(value)
+    text = (
+        value
+        if isinstance(value, str)
+        else json.dumps(value, default=str)
+        if isinstance(value, (list, dict))
+        else str(value)
+    )
     return text if len(text) <= limit else text[: limit - 20] + " ...[cut]"
 
 
@@ -124,7 +130,11 @@ class _MlflowWriter(_Writer):
     def tags(self, values: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        tags = [RunTag(self.keys(k), _text(v, _MLFLOW_TAG_CHARS)) for k, v in values.items() if v is not None]
+        tags = [
+            RunTag(self.keys(k), _text(v, _MLFLOW_TAG_CHARS))
+            for k, v in values.items()
+            if v is not None
+        ]
         for start in range(0, len(tags), _MLFLOW_BATCH):
             self.client.log_batch(self.run_id, tags=tags[start : start + _MLFLOW_BATCH])
 
@@ -151,7 +161,9 @@ class _MlflowWriter(_Writer):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(self.keys(k), float(v), now, step) for k, v in values.items() if v is not None]
+        metrics = [
+            Metric(self.keys(k), float(v), now, step) for k, v in values.items() if v is not None
+        ]
         if metrics:
             self.client.log_batch(self.run_id, metrics=metrics)
 
@@ -289,10 +301,10 @@ def _stream_handlers() -> Iterator[logging.StreamHandler[Any]]:
     seen: set[int] = set()
     for logger in loggers:
         for handler in getattr(logger, "handlers", []):
-            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-                if id(handler) not in seen:
-                    seen.add(id(handler))
-                    yield handler
+            stream = isinstance(handler, logging.StreamHandler)
+            if stream and not isinstance(handler, logging.FileHandler) and id(handler) not in seen:
+                seen.add(id(handler))
+                yield handler
 
 
 class _OutputCapture:
@@ -478,34 +490,56 @@ class RunRecord(Callback):
         owner = type(self).__name__
         self.git = check_bool(owner, "git", git)
         self.git_diff = check_bool(owner, "git_diff", git_diff)
-        if repo_dir is not None and (not isinstance(repo_dir, (str, os.PathLike)) or not Path(repo_dir).is_dir()):
-            raise ConfigError(f"{owner}(repo_dir={repo_dir!r}): expected None or an existing directory.")
+        if repo_dir is not None and (
+            not isinstance(repo_dir, (str, os.PathLike)) or not Path(repo_dir).is_dir()
+        ):
+            raise ConfigError(
+                f"{owner}(repo_dir={repo_dir!r}): expected None or an existing directory."
+            )
         self.repo_dir = repo_dir
-        if isinstance(git_timeout, bool) or not isinstance(git_timeout, (int, float)) or not git_timeout > 0:
-            raise ConfigError(f"{owner}(git_timeout={git_timeout!r}): expected a number of seconds > 0.")
+        if (
+            isinstance(git_timeout, bool)
+            or not isinstance(git_timeout, (int, float))
+            or not git_timeout > 0
+        ):
+            raise ConfigError(
+                f"{owner}(git_timeout={git_timeout!r}): expected a number of seconds > 0."
+            )
         self.git_timeout = float(git_timeout)
         self.env_vars = as_str_list(owner, "env_vars", env_vars)
         self.packages = check_bool(owner, "packages", packages)
         if config is not None and not isinstance(config, Mapping):
-            raise ConfigError(f"{owner}(config={config!r}): expected None, a DictConfig or a mapping.")
+            raise ConfigError(
+                f"{owner}(config={config!r}): expected None, a DictConfig or a mapping."
+            )
         self.config = config
         self.overrides = None if overrides is None else as_str_list(owner, "overrides", overrides)
         self.config_params = check_bool(owner, "config_params", config_params)
         self.model = check_bool(owner, "model", model)
         if model_key is not None and (not isinstance(model_key, str) or not model_key):
-            raise ConfigError(f"{owner}(model_key={model_key!r}): expected None or a dotted key such as 'model'.")
+            raise ConfigError(
+                f"{owner}(model_key={model_key!r}): expected None or a dotted key such as 'model'."
+            )
         self.model_key = model_key
         self.verify_model = check_bool(owner, "verify_model", verify_model)
-        self.fingerprint_items = check_positive_int(owner, "fingerprint_items", fingerprint_items, minimum=0)
+        self.fingerprint_items = check_positive_int(
+            owner, "fingerprint_items", fingerprint_items, minimum=0
+        )
         self.capture_output = check_bool(owner, "capture_output", capture_output)
         if output_dir is not None and not isinstance(output_dir, (str, os.PathLike)):
-            raise ConfigError(f"{owner}(output_dir={output_dir!r}): expected None or a directory path.")
+            raise ConfigError(
+                f"{owner}(output_dir={output_dir!r}): expected None or a directory path."
+            )
         self.output_dir = output_dir
         self.masker = SecretMasker(
             extra=tuple(as_str_list(owner, "mask_keys", mask_keys)),
             exempt=tuple(as_str_list(owner, "unmask_keys", unmask_keys)),
         )
-        self.backends = None if backends is None else check_choices(owner, "backends", backends, _BACKENDS, _BACKENDS)
+        self.backends = (
+            None
+            if backends is None
+            else check_choices(owner, "backends", backends, _BACKENDS, _BACKENDS)
+        )
         self.enabled = check_bool(owner, "enabled", enabled)
         #: The last fit's record (plain values), also written as ``record.yaml``.
         self.record: dict[str, Any] = {}
@@ -531,9 +565,13 @@ class RunRecord(Callback):
         if self._fit is not None:
             self._finish(trainer, "interrupted", None)
         writers = self._writers(trainer)
-        config = self._launch_config or self._collect(
-            "configuration", config_record, self.config, self.overrides, trainer.callbacks
-        ) or ConfigRecord(notes=["the configuration could not be read"])
+        config = (
+            self._launch_config
+            or self._collect(
+                "configuration", config_record, self.config, self.overrides, trainer.callbacks
+            )
+            or ConfigRecord(notes=["the configuration could not be read"])
+        )
         key = self._model_key(config, pl_module)
         output_dir, temporary = self._output_dir(trainer, writers, config)
         guarded = [_Guarded(w, output_dir) for w in writers]
@@ -564,7 +602,9 @@ class RunRecord(Callback):
             self._fit.train_end = time.perf_counter()
             self._fit.end_step = trainer.global_step
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         status = "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed"
         self._finish(trainer, status, exception)
 
@@ -596,7 +636,8 @@ class RunRecord(Callback):
             node = _node_at(config.config, self.model_key)
             if not isinstance(node, Mapping) or "_target_" not in node:
                 where = (
-                    f"the recorded config (top-level keys: {sorted(config.config)})" if config.config is not None
+                    f"the recorded config (top-level keys: {sorted(config.config)})"
+                    if config.config is not None
                     else "a config, but none was found (pass config= or run inside a Hydra app)"
                 )
                 raise ConfigError(
@@ -606,7 +647,9 @@ class RunRecord(Callback):
             return self.model_key
         return _find_target(config.config, type(pl_module), prefer="model")
 
-    def _output_dir(self, trainer: pl.Trainer, writers: Sequence[_Writer], config: ConfigRecord) -> tuple[Path, bool]:
+    def _output_dir(
+        self, trainer: pl.Trainer, writers: Sequence[_Writer], config: ConfigRecord
+    ) -> tuple[Path, bool]:
         temporary = False
         tensorboard = [w for w in writers if isinstance(w, _TensorBoardWriter)]
         if self.output_dir is not None:
@@ -619,7 +662,9 @@ class RunRecord(Callback):
             path, temporary = Path(tempfile.mkdtemp(prefix="lightning_inspect_run_record_")), True
         else:
             path = Path(trainer.default_root_dir) / "run_record"
-            rank_zero_info(f"RunRecord: no TensorBoard or MLflow logger is attached; the record is written to {path}.")
+            rank_zero_info(
+                f"RunRecord: no TensorBoard or MLflow logger is attached; the record is written to {path}."
+            )
         path.mkdir(parents=True, exist_ok=True)
         return path, temporary
 
@@ -635,7 +680,10 @@ class RunRecord(Callback):
         try:
             return fn(*args, **kwargs)
         except Exception as exc:
-            self._warn(what, f"could not record the {what} ({type(exc).__name__}: {exc}). Training continues.")
+            self._warn(
+                what,
+                f"could not record the {what} ({type(exc).__name__}: {exc}). Training continues.",
+            )
             return None
 
     @staticmethod
@@ -650,7 +698,9 @@ class RunRecord(Callback):
         return [writer(method, *args) for writer in fit.writers]
 
     def _params(self, fit: _Fit, values: Mapping[str, Any]) -> None:
-        conflicts = sorted({k for found in self._emit(fit, "params", values) if found for k in found})
+        conflicts = sorted(
+            {k for found in self._emit(fit, "params", values) if found for k in found}
+        )
         if conflicts:
             self._warn(
                 "params",
@@ -666,50 +716,72 @@ class RunRecord(Callback):
         record["cwd"] = os.getcwd()
         record["time"] = {"start": _iso(fit.start_wall)}
         record["seed"] = seed_info()
-        tags: dict[str, Any] = {f"{PREFIX}/start_time": record["time"]["start"], f"{PREFIX}/status": "running"}
+        tags: dict[str, Any] = {
+            f"{PREFIX}/start_time": record["time"]["start"],
+            f"{PREFIX}/status": "running",
+        }
         params: dict[str, Any] = {f"{PREFIX}/seed": record["seed"]["seed"]}
 
         if self.git:
-            info = self._collect("git state", git_info, self.repo_dir, self.git_timeout, self.git_diff) or GitInfo(
-                notice="the git state could not be read"
-            )
+            info = self._collect(
+                "git state", git_info, self.repo_dir, self.git_timeout, self.git_diff
+            ) or GitInfo(notice="the git state could not be read")
             record["git"] = info.summary()
             if info.diff:
                 self._write(fit, "git.diff", info.diff)
                 record["git"]["diff_file"] = "git.diff"
             if info.commit is None:
                 self._warn("git", f"no git commit is recorded: {info.notice}. Training continues.")
-            tags.update({
-                f"{PREFIX}/git/commit": info.commit, f"{PREFIX}/git/branch": info.branch,
-                f"{PREFIX}/git/dirty": None if info.dirty is None else str(info.dirty).lower(),
-                f"{PREFIX}/git/untracked": str(len(info.untracked)) if info.commit else None,
-                f"{PREFIX}/git/notice": info.notice,
-            })
+            tags.update(
+                {
+                    f"{PREFIX}/git/commit": info.commit,
+                    f"{PREFIX}/git/branch": info.branch,
+                    f"{PREFIX}/git/dirty": None if info.dirty is None else str(info.dirty).lower(),
+                    f"{PREFIX}/git/untracked": str(len(info.untracked)) if info.commit else None,
+                    f"{PREFIX}/git/notice": info.notice,
+                }
+            )
 
         host = {**(self._collect("host", host_info) or {}), **_trainer_info(trainer)}
         versions = self._collect("versions", version_info) or {}
         record["host"], record["versions"] = host, versions
-        tags.update({
-            f"{PREFIX}/host": host.get("hostname"), f"{PREFIX}/cpu": host.get("cpu_model"),
-            f"{PREFIX}/cpu_count": host.get("cpu_count"), f"{PREFIX}/gpu": host.get("gpu_model"),
-            f"{PREFIX}/gpu_count": host.get("gpu_count"), f"{PREFIX}/accelerator": host.get("accelerator"),
-            f"{PREFIX}/devices": host.get("devices"), f"{PREFIX}/strategy": host.get("strategy"),
-            f"{PREFIX}/precision": host.get("precision"),
-            **{f"{PREFIX}/{k}": versions.get(k) for k in ("python", "torch", "lightning", "cuda", "cudnn")},
-            f"{PREFIX}/command": " ".join(record["command"]),
-        })
+        tags.update(
+            {
+                f"{PREFIX}/host": host.get("hostname"),
+                f"{PREFIX}/cpu": host.get("cpu_model"),
+                f"{PREFIX}/cpu_count": host.get("cpu_count"),
+                f"{PREFIX}/gpu": host.get("gpu_model"),
+                f"{PREFIX}/gpu_count": host.get("gpu_count"),
+                f"{PREFIX}/accelerator": host.get("accelerator"),
+                f"{PREFIX}/devices": host.get("devices"),
+                f"{PREFIX}/strategy": host.get("strategy"),
+                f"{PREFIX}/precision": host.get("precision"),
+                **{
+                    f"{PREFIX}/{k}": versions.get(k)
+                    for k in ("python", "torch", "lightning", "cuda", "cudnn")
+                },
+                f"{PREFIX}/command": " ".join(record["command"]),
+            }
+        )
         if self.packages:
             lines = self._collect("installed packages", installed_packages)
             if lines is not None:
                 self._write(fit, "packages.txt", "\n".join(lines) + "\n")
         if self.env_vars:
-            record["env"] = self._collect("environment variables", env_var_values, self.env_vars, masker) or {}
+            record["env"] = (
+                self._collect("environment variables", env_var_values, self.env_vars, masker) or {}
+            )
             tags.update({f"{PREFIX}/env/{k}": v for k, v in record["env"].items()})
 
         config = fit.config
         self._collect("MLflow run name", _record_run_name, config, trainer)
         overrides = [masker.override(o) for o in config.overrides]
-        record["config"] = {"source": config.source, "overrides": overrides, "choices": config.choices, "notes": config.notes}
+        record["config"] = {
+            "source": config.source,
+            "overrides": overrides,
+            "choices": config.choices,
+            "notes": config.notes,
+        }
         params[f"{PREFIX}/overrides"] = " ".join(overrides) if overrides else "(none)"
         params.update({f"choices/{k}": v for k, v in config.choices.items()})
         if config.config is not None:
@@ -719,12 +791,16 @@ class RunRecord(Callback):
                 params.update(flatten(masked_config, "config"))
         if config.source != "none":
             self._write(fit, "overrides.yaml", _yaml(overrides))
-        masked_hparams = masker.mask(self._collect("hyperparameters", _module_hparams, pl_module, trainer) or {})
+        masked_hparams = masker.mask(
+            self._collect("hyperparameters", _module_hparams, pl_module, trainer) or {}
+        )
         if masked_hparams:
             self._write(fit, "hparams.yaml", _yaml(masked_hparams))
 
         if self.model:
-            self._record_construction(fit, "model", pl_module, fit.hydra_model_key, self.verify_model, tags)
+            self._record_construction(
+                fit, "model", pl_module, fit.hydra_model_key, self.verify_model, tags
+            )
             datamodule = getattr(trainer, "datamodule", None)
             if datamodule is not None:
                 key = _find_target(config.config, type(datamodule), prefer="datamodule")
@@ -735,12 +811,18 @@ class RunRecord(Callback):
         # TensorBoard keeps the first HPARAMS entry of a run: this one is written before Lightning's
         # own, so it carries the module's hyperparameters too.
         table = {**flatten(masked_hparams), **params}
-        table.update({k: v for k, v in tags.items() if "/env/" not in k and not k.endswith("/command")})
+        table.update(
+            {k: v for k, v in tags.items() if "/env/" not in k and not k.endswith("/command")}
+        )
         self._emit(fit, "hparams", table)
         self._emit(fit, "text", f"{PREFIX}/summary", _summary_markdown(record), trainer.global_step)
         for name, key, lang in (
-            ("config.yaml", "config", "yaml"), ("overrides.yaml", "overrides", "yaml"), ("model.yaml", "model", "yaml"),
-            ("datamodule.yaml", "datamodule", "yaml"), ("git.diff", "git_diff", "diff"), ("packages.txt", "packages", "text"),
+            ("config.yaml", "config", "yaml"),
+            ("overrides.yaml", "overrides", "yaml"),
+            ("model.yaml", "model", "yaml"),
+            ("datamodule.yaml", "datamodule", "yaml"),
+            ("git.diff", "git_diff", "diff"),
+            ("packages.txt", "packages", "text"),
         ):
             if name in fit.files:
                 text = fit.files[name].read_text(encoding="utf-8")
@@ -758,7 +840,9 @@ class RunRecord(Callback):
         )
         if record is None:
             return
-        masked = ConstructionRecord(self.masker.mask(record.config), record.source, record.notes, record.verified)
+        masked = ConstructionRecord(
+            self.masker.mask(record.config), record.source, record.notes, record.verified
+        )
         self._write(fit, f"{what}.yaml", masked.to_yaml(what))
         entry: dict[str, Any] = {
             "class": f"{type(obj).__module__}.{type(obj).__qualname__}",
@@ -769,12 +853,19 @@ class RunRecord(Callback):
         }
         if hasattr(obj, "parameters"):
             entry["parameters"] = sum(p.numel() for p in obj.parameters())
-            entry["trainable_parameters"] = sum(p.numel() for p in obj.parameters() if p.requires_grad)
+            entry["trainable_parameters"] = sum(
+                p.numel() for p in obj.parameters() if p.requires_grad
+            )
         self.record[what] = entry
-        tags.update({
-            f"{PREFIX}/{what}/class": entry["class"], f"{PREFIX}/{what}/source": record.source,
-            f"{PREFIX}/{what}/rebuild_checked": None if record.verified is None else str(record.verified).lower(),
-        })
+        tags.update(
+            {
+                f"{PREFIX}/{what}/class": entry["class"],
+                f"{PREFIX}/{what}/source": record.source,
+                f"{PREFIX}/{what}/rebuild_checked": None
+                if record.verified is None
+                else str(record.verified).lower(),
+            }
+        )
         if record.source == "none":
             self._warn(
                 f"{what} record",
@@ -798,7 +889,9 @@ class RunRecord(Callback):
         self.record["data"] = data
         for name, entry in data.items():
             if entry.get("note"):
-                self._warn(f"data {name}", f"the {name} data fingerprint is incomplete: {entry['note']}.")
+                self._warn(
+                    f"data {name}", f"the {name} data fingerprint is incomplete: {entry['note']}."
+                )
         params = {
             f"{PREFIX}/data/{name}/{field}": entry.get(field)
             for name, entry in data.items()
@@ -825,18 +918,24 @@ class RunRecord(Callback):
                 fit.files["output.log"] = fit.capture.path
             self._collect("record files", self._upload_end, fit)
 
-    def _log_end(self, fit: _Fit, trainer: pl.Trainer, status: str, exception: BaseException | None) -> None:
+    def _log_end(
+        self, fit: _Fit, trainer: pl.Trainer, status: str, exception: BaseException | None
+    ) -> None:
         now = time.perf_counter()
         train_end = fit.train_end if fit.train_end is not None else now
         end_step = fit.end_step if fit.end_step is not None else trainer.global_step
         steps = max(end_step - fit.start_step, 0) if fit.train_start is not None else 0
         train_s = train_end - fit.train_start if fit.train_start is not None else 0.0
         times = self.record.setdefault("time", {"start": _iso(fit.start_wall)})
-        times.update({
-            "end": _iso(time.time()), "duration_s": round(now - fit.start_perf, 3),
-            "train_duration_s": round(train_s, 3), "steps": steps,
-            "steps_per_s": round(steps / train_s, 4) if train_s > 0 and steps else None,
-        })
+        times.update(
+            {
+                "end": _iso(time.time()),
+                "duration_s": round(now - fit.start_perf, 3),
+                "train_duration_s": round(train_s, 3),
+                "steps": steps,
+                "steps_per_s": round(steps / train_s, 4) if train_s > 0 and steps else None,
+            }
+        )
         memory = self._collect("peak memory", peak_memory) or {}
         self.record["memory"] = memory
         self.record["status"] = status
@@ -844,18 +943,31 @@ class RunRecord(Callback):
             first = str(exception).splitlines()[0] if str(exception) else ""
             self.record["error"] = self.masker.text(f"{type(exception).__name__}: {first}")
         metrics = {
-            f"{PREFIX}/duration_s": times["duration_s"], f"{PREFIX}/train_duration_s": times["train_duration_s"],
-            f"{PREFIX}/steps": float(steps), f"{PREFIX}/steps_per_s": times["steps_per_s"],
-            **{f"{PREFIX}/{k.replace('_bytes', '_mib')}": (v / _MIB if v is not None else None) for k, v in memory.items()},
+            f"{PREFIX}/duration_s": times["duration_s"],
+            f"{PREFIX}/train_duration_s": times["train_duration_s"],
+            f"{PREFIX}/steps": float(steps),
+            f"{PREFIX}/steps_per_s": times["steps_per_s"],
+            **{
+                f"{PREFIX}/{k.replace('_bytes', '_mib')}": (v / _MIB if v is not None else None)
+                for k, v in memory.items()
+            },
         }
-        end_tags = {f"{PREFIX}/status": status, f"{PREFIX}/end_time": times["end"], f"{PREFIX}/error": self.record.get("error")}
+        end_tags = {
+            f"{PREFIX}/status": status,
+            f"{PREFIX}/end_time": times["end"],
+            f"{PREFIX}/error": self.record.get("error"),
+        }
         self._emit(fit, "tags", end_tags)
         self._emit(fit, "metrics", metrics, trainer.global_step)
-        self._emit(fit, "text", f"{PREFIX}/result", _result_markdown(self.record), trainer.global_step)
+        self._emit(
+            fit, "text", f"{PREFIX}/result", _result_markdown(self.record), trainer.global_step
+        )
 
     def _upload_end(self, fit: _Fit) -> None:
         self._write(fit, "record.yaml", _yaml(self.record))
-        self._emit(fit, "files", [fit.files[n] for n in ("record.yaml", "output.log") if n in fit.files])
+        self._emit(
+            fit, "files", [fit.files[n] for n in ("record.yaml", "output.log") if n in fit.files]
+        )
         self._emit(fit, "flush")
         if fit.temporary and not any(w.failed for w in fit.writers):
             shutil.rmtree(fit.output_dir, ignore_errors=True)
@@ -878,18 +990,27 @@ def _start_capture(path: Path) -> _OutputCapture:
 
 
 def _iso(timestamp: float) -> str:
-    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).astimezone().isoformat(timespec="seconds")
+    return (
+        datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc)
+        .astimezone()
+        .isoformat(timespec="seconds")
+    )
 
 
 def _yaml(value: Any) -> str:
     import yaml
 
-    return yaml.safe_dump(_yaml_safe(value), sort_keys=False, default_flow_style=False, allow_unicode=True)
+    return yaml.safe_dump(
+        _yaml_safe(value), sort_keys=False, default_flow_style=False, allow_unicode=True
+    )
 
 
 def _fenced(text: str, lang: str) -> str:
     if len(text) > _TEXT_CHARS:
-        text = text[:_TEXT_CHARS] + f"\n... [cut at {_TEXT_CHARS} characters; the whole file is in the record]"
+        text = (
+            text[:_TEXT_CHARS]
+            + f"\n... [cut at {_TEXT_CHARS} characters; the whole file is in the record]"
+        )
     return f"````{lang}\n{text}\n````"
 
 
@@ -973,28 +1094,48 @@ def _summary_markdown(record: Mapping[str, Any]) -> str:
     config = record.get("config", {})
     commit = git.get("commit")
     git_text = (
-        f"`{commit}` on {git.get('branch') or 'detached HEAD'}{' (dirty: see git_diff)' if git.get('dirty') else ''}"
-        if commit else f"not recorded: {git.get('notice')}"
-    ) if git else "not recorded (git=False)"
+        (
+            f"`{commit}` on {git.get('branch') or 'detached HEAD'}{' (dirty: see git_diff)' if git.get('dirty') else ''}"
+            if commit
+            else f"not recorded: {git.get('notice')}"
+        )
+        if git
+        else "not recorded (git=False)"
+    )
     rows = [
-        "| | |", "|---|---|",
+        "| | |",
+        "|---|---|",
         _row("started", record.get("time", {}).get("start")),
         _row("git", git_text),
         _row("seed", record.get("seed", {}).get("seed")),
-        _row("host", f"{host.get('hostname')}: {host.get('cpu_model')} x {host.get('cpu_count')}; GPU: {host.get('gpu_model') or 'none'} ({host.get('gpu_count')})"),
-        _row("trainer", f"{host.get('accelerator')}, {host.get('devices')} device(s), {host.get('strategy')}, precision {host.get('precision')}"),
+        _row(
+            "host",
+            f"{host.get('hostname')}: {host.get('cpu_model')} x {host.get('cpu_count')}; GPU: {host.get('gpu_model') or 'none'} ({host.get('gpu_count')})",
+        ),
+        _row(
+            "trainer",
+            f"{host.get('accelerator')}, {host.get('devices')} device(s), {host.get('strategy')}, precision {host.get('precision')}",
+        ),
         _row("versions", ", ".join(f"{k} {v}" for k, v in versions.items() if v)),
         _row("command", " ".join(record.get("command", []))),
         _row("overrides", " ".join(config.get("overrides", [])) or "(none)"),
         _row("config source", config.get("source")),
     ]
     if model:
-        rows.append(_row("model", f"{model.get('class')} from {model.get('source')}; rebuild checked: {model.get('rebuild_checked')}"))
+        rows.append(
+            _row(
+                "model",
+                f"{model.get('class')} from {model.get('source')}; rebuild checked: {model.get('rebuild_checked')}",
+            )
+        )
     return "\n".join(rows)
 
 
 def _data_markdown(data: Mapping[str, Mapping[str, Any]]) -> str:
-    rows = ["| loader | dataset | size | batches | batch size | items hashed | hash |", "|---|---|---:|---:|---:|---:|---|"]
+    rows = [
+        "| loader | dataset | size | batches | batch size | items hashed | hash |",
+        "|---|---|---:|---:|---:|---:|---|",
+    ]
     for name, entry in data.items():
         rows.append(
             f"| {name} | {entry.get('dataset', '')} | {entry.get('size', '')} | {entry.get('batches', '')} | "
@@ -1016,5 +1157,8 @@ def _result_markdown(record: Mapping[str, Any]) -> str:
         _row("optimizer steps", times.get("steps")),
         _row("steps per second", times.get("steps_per_s")),
     ]
-    rows += [_row(k.replace("_bytes", " (MiB)"), None if v is None else round(v / _MIB, 1)) for k, v in memory.items()]
+    rows += [
+        _row(k.replace("_bytes", " (MiB)"), None if v is None else round(v / _MIB, 1))
+        for k, v in memory.items()
+    ]
     return "\n".join(rows)

@@ -41,10 +41,25 @@ LOGGER_CLASSES = {
 BACKENDS = tuple(LOGGER_CLASSES)
 
 __all__ = [
-    "BACKENDS", "METRIC_MODES", "BackgroundSink", "EndOfFit", "GenericSink", "GuardedSink",
-    "MemorySink", "MlflowRun", "MlflowRunSink", "MlflowSink", "Sink", "TensorBoardSink",
-    "WandbSink", "attached_loggers", "check_backends", "close_sinks", "logger_backend",
-    "missing_backend_error", "resolve_sinks",
+    "BACKENDS",
+    "METRIC_MODES",
+    "BackgroundSink",
+    "EndOfFit",
+    "GenericSink",
+    "GuardedSink",
+    "MemorySink",
+    "MlflowRun",
+    "MlflowRunSink",
+    "MlflowSink",
+    "Sink",
+    "TensorBoardSink",
+    "WandbSink",
+    "attached_loggers",
+    "check_backends",
+    "close_sinks",
+    "logger_backend",
+    "missing_backend_error",
+    "resolve_sinks",
 ]
 
 
@@ -110,7 +125,9 @@ def missing_backend_error(
 ) -> BackendError:
     """The error for a requested backend whose logger is not attached to the Trainer."""
     names = [logger_backend(lg) for lg in trainer.loggers]
-    attached = [f"{type(lg).__name__} ({n!r})" for lg, n in zip(trainer.loggers, names)]
+    attached = [
+        f"{type(lg).__name__} ({n!r})" for lg, n in zip(trainer.loggers, names, strict=True)
+    ]
     wanted = LOGGER_CLASSES.get(name, f"logger named {name!r}")
     return BackendError(
         f"{owner}(backends={list(backends)!r}): backend {name!r} needs a {wanted} in "
@@ -192,8 +209,11 @@ def resolve_sinks(
             targets.append(item)
     deadline = EndOfFit.for_fit(trainer)
     chosen = [
-        _sink_for(trainer, *t, owner, mlflow_metrics) if isinstance(t, tuple)
-        else BackgroundSink(t, deadline=deadline) if isinstance(t, MlflowSink) else GuardedSink(t)
+        _sink_for(trainer, *t, owner, mlflow_metrics)
+        if isinstance(t, tuple)
+        else BackgroundSink(t, deadline=deadline)
+        if isinstance(t, MlflowSink)
+        else GuardedSink(t)
         for t in targets
     ]
     _announce_scalars_only(owner, [getattr(s, "inner", s) for s in chosen])

@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import warnings
@@ -125,10 +126,8 @@ class BackgroundSink:
         self._put("flush")
         self._put("close")
         self._closed = True
-        try:
+        with contextlib.suppress(queue.Full):
             self._queue.put(_STOP, timeout=self.deadline.remaining())
-        except queue.Full:
-            pass
         self._worker.join(self.deadline.remaining())
         if not self._worker.is_alive():
             return

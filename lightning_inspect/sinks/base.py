@@ -89,7 +89,10 @@ class GuardedSink:
     """
 
     def __init__(
-        self, inner: Sink, fallback_dir: str | os.PathLike[str] | None = None, max_retained: int = 10_000
+        self,
+        inner: Sink,
+        fallback_dir: str | os.PathLike[str] | None = None,
+        max_retained: int = 10_000,
     ) -> None:
         self.inner = inner
         self.name = inner.name
@@ -206,4 +209,3 @@ class GuardedSink:
                 self._write(records)
         if hasattr(self.inner, "close"):
             self._call("close")
-

@@ -21,7 +21,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 #: Seconds the library may spend, in all, sending what is left when a fit ends.
 END_OF_FIT_BUDGET_S = 30.0
@@ -30,7 +30,7 @@ END_OF_FIT_BUDGET_S = 30.0
 class EndOfFit:
     """The deadline of one fit's end, shared by all its backends (see the module docstring)."""
 
-    _instances: weakref.WeakKeyDictionary[Any, EndOfFit] = weakref.WeakKeyDictionary()
+    _instances: ClassVar[weakref.WeakKeyDictionary[Any, EndOfFit]] = weakref.WeakKeyDictionary()
 
     def __init__(self, budget_s: float = END_OF_FIT_BUDGET_S) -> None:
         self.budget_s = budget_s

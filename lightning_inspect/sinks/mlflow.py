@@ -71,6 +71,8 @@ def _file_name(name: str, suffix: str) -> str:
     digest = hashlib.sha1(name.encode()).hexdigest()[:8]
     room = _NAME_BYTES - len(suffix.encode()) - len(digest) - 1
     return f"{name.encode()[:room].decode('utf-8', 'ignore')}-{digest}{suffix}"
+
+
 #: Statistics whose summary over modules is exact: the extremes, the counts, the joint L2 norm.
 _EXACT = {"min": min, "max": max, "nan_count": math.fsum, "inf_count": math.fsum}
 
@@ -210,7 +212,13 @@ class MlflowSink:
             return
         with self._histogram_file.open("a") as f:
             for key, h in histograms.items():
-                line = {"key": key, "step": step, "lo": h.min, "hi": h.max, "counts": h.counts.tolist()}
+                line = {
+                    "key": key,
+                    "step": step,
+                    "lo": h.min,
+                    "hi": h.max,
+                    "counts": h.counts.tolist(),
+                }
                 f.write(json.dumps(line) + "\n")
         self._dirty = True
 
@@ -259,7 +267,9 @@ def load_histogram_spool(path: Path) -> dict[str, list[tuple[int, float, float, 
     with Path(path).open() as f:
         for line in f:
             d = json.loads(line)
-            series.setdefault(d["key"], []).append((d["step"], d["lo"], d["hi"], np.asarray(d["counts"])))
+            series.setdefault(d["key"], []).append(
+                (d["step"], d["lo"], d["hi"], np.asarray(d["counts"]))
+            )
     return series
 
 
@@ -306,7 +316,9 @@ def render_histogram_pictures(spool: Path, out_dir: Path, keys: MlflowKeys) -> l
         draw.text((left, top + height + 4), f"step {steps[0]}", fill="black")
         last = f"step {steps[1]}"
         draw.text((left + width - 6 * len(last), top + height + 4), last, fill="black")
-        draw.text((left + width // 2 - 66, top + height + 16), "colour: log(1 + count)", fill="gray")
+        draw.text(
+            (left + width // 2 - 66, top + height + 16), "colour: log(1 + count)", fill="gray"
+        )
         path = out_dir / artifact_file(keys(key), ".png")
         path.parent.mkdir(parents=True, exist_ok=True)
         canvas.save(path)

@@ -26,7 +26,10 @@ import numpy as np
 
 #: Retries, back-off factor (s) and per-request timeout (s) of every library call to the server.
 HTTP_BUDGET: dict[str, Any] = {
-    "max_retries": 1, "backoff_factor": 0.5, "backoff_jitter": 0.0, "timeout": 5,
+    "max_retries": 1,
+    "backoff_factor": 0.5,
+    "backoff_jitter": 0.0,
+    "timeout": 5,
     "respect_retry_after_header": False,
 }
 #: The longest one call can take against a server that never answers: every try times out.
@@ -64,16 +67,24 @@ class BoundedClient:
         return answer
 
     def log_batch(
-        self, run_id: str, metrics: Sequence[Any] = (), params: Sequence[Any] = (),
+        self,
+        run_id: str,
+        metrics: Sequence[Any] = (),
+        params: Sequence[Any] = (),
         tags: Sequence[Any] = (),
     ) -> None:
         """``MlflowClient.log_batch``."""
         from mlflow.protos.service_pb2 import LogBatch
 
-        self._call(LogBatch, LogBatch(
-            run_id=run_id, metrics=[m.to_proto() for m in metrics],
-            params=[p.to_proto() for p in params], tags=[t.to_proto() for t in tags],
-        ))
+        self._call(
+            LogBatch,
+            LogBatch(
+                run_id=run_id,
+                metrics=[m.to_proto() for m in metrics],
+                params=[p.to_proto() for p in params],
+                tags=[t.to_proto() for t in tags],
+            ),
+        )
 
     def get_run(self, run_id: str) -> Any:
         """``MlflowClient.get_run``."""
@@ -109,8 +120,12 @@ class BoundedClient:
         headers = {"Content-Type": _guess_mime_type(name)}
         with open(local_path, "rb") as f:
             response = http_request(
-                get_default_host_creds(repo.artifact_uri), endpoint, "PUT", data=f,
-                extra_headers=headers, **HTTP_BUDGET,
+                get_default_host_creds(repo.artifact_uri),
+                endpoint,
+                "PUT",
+                data=f,
+                extra_headers=headers,
+                **HTTP_BUDGET,
             )
         augmented_raise_for_status(response)
 

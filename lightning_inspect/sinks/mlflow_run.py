@@ -133,7 +133,10 @@ class MlflowRun:
         return MlflowRunSink(self, owner)
 
     def add(
-        self, owner: str, step: int, values: Mapping[str, float] | None = None,
+        self,
+        owner: str,
+        step: int,
+        values: Mapping[str, float] | None = None,
         histograms: Mapping[str, Histogram] | None = None,
     ) -> None:
         """Gather a callback's values of ``step`` until :meth:`send`."""

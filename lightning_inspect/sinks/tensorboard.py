@@ -116,7 +116,9 @@ def scalar_summary(values: Mapping[str, float], encoded: dict[str, bytes] | None
     with np.errstate(over="ignore"):  # beyond float32's range: +-inf, as protobuf stores it
         floats = np.fromiter(values.values(), dtype="<f4", count=len(heads)).tobytes()
     chunks = [floats[i : i + 4] for i in range(0, len(floats), 4)]
-    return Summary.FromString(b"".join([part for pair in zip(heads, chunks) for part in pair]))
+    return Summary.FromString(
+        b"".join([part for pair in zip(heads, chunks, strict=True) for part in pair])
+    )
 
 
 def histogram_summary(
@@ -141,11 +143,28 @@ def histogram_summary(
         counts = np.ascontiguousarray(h.counts, dtype="<f8").tobytes()
         # HistogramProto: fields 1-5 doubles (min, max, num, sum, sum_squares), 6 and 7 packed
         numbers = (h.min, h.max, float(h.num), h.sum, h.sum_squares)
-        histo = b"".join((
-            _HISTOGRAM_HEAD.pack(0x09, numbers[0], 0x11, numbers[1], 0x19, numbers[2],
-                                 0x21, numbers[3], 0x29, numbers[4]),
-            b"\x32", _varint(len(limits)), limits, b"\x3a", _varint(len(counts)), counts,
-        ))
+        histo = b"".join(
+            (
+                _HISTOGRAM_HEAD.pack(
+                    0x09,
+                    numbers[0],
+                    0x11,
+                    numbers[1],
+                    0x19,
+                    numbers[2],
+                    0x21,
+                    numbers[3],
+                    0x29,
+                    numbers[4],
+                ),
+                b"\x32",
+                _varint(len(limits)),
+                limits,
+                b"\x3a",
+                _varint(len(counts)),
+                counts,
+            )
+        )
         value = b"".join((head, b"\x2a", _varint(len(histo)), histo))  # Value.histo (field 5)
         parts += (b"\x0a", _varint(len(value)), value)
     return Summary.FromString(b"".join(parts))
