@@ -643,6 +643,24 @@ def test_histograms_never_uploaded_are_in_the_fallback_file(
         assert h["lo"] == pytest.approx(values.min()) and h["hi"] == pytest.approx(values.max())
 
 
+def test_table_values_never_uploaded_are_in_the_fallback_file(
+    mlflow_logger, mlflow_client, tmp_path: Path
+) -> None:
+    """Headline metrics went through, the table of every value did not: the values are kept."""
+    inner = MlflowSink(RefusingArtifacts(mlflow_client), mlflow_logger.run_id, owner="M")
+    sink = GuardedSink(inner, fallback_dir=tmp_path)
+    logged = {0: {"weights/a/mean": 0.1, "weights/b/mean": -2.5}, 1: {"weights/a/mean": 1e-30}}
+    for step, values in logged.items():
+        sink.log_scalars(values, step=step)
+    assert mlflow_client.get_run(mlflow_logger.run_id).data.metrics  # the headline went through
+    with pytest.warns(RuntimeWarning, match="artifact store unreachable"):
+        sink.flush()
+    sink.close()
+    records = [json.loads(line) for line in sink.fallback_path.read_text().splitlines()]
+    kept = {r["step"]: r["values"] for r in records if r["call"] == "log_scalars"}
+    assert kept == logged
+
+
 def test_keys_longer_than_a_file_name_get_short_artifact_names(
     mlflow_logger, mlflow_client
 ) -> None:

@@ -245,16 +245,26 @@ class MlflowSink:
         self._dirty = False  # only once uploaded: a refused flush is tried again by the next one
 
     def unsent(self) -> list[dict[str, Any]]:
-        """The spooled histograms, one fallback record per step, when the last upload failed."""
+        """What the last uploads did not deliver, one fallback record per step and kind: the
+        table's values (steps whose headline metrics MLflow took, but whose table it never got)
+        and the spooled histograms."""
+        records = self._unsent_table() if self._table_dirty else []
         if not self._dirty:
-            return []
+            return records
         by_step: dict[int, dict[str, Any]] = {}
         for key, points in load_histogram_spool(self._histogram_file).items():
             for step, lo, hi, counts in points:
                 record = by_step.setdefault(step, {"call": "log_histograms", "step": step})
                 values = {"lo": lo, "hi": hi, "counts": counts.tolist()}
                 record.setdefault("histograms", {})[key] = values
-        return [by_step[s] for s in sorted(by_step)]
+        return records + [by_step[s] for s in sorted(by_step)]
+
+    def _unsent_table(self) -> list[dict[str, Any]]:
+        by_step: dict[int, dict[str, float]] = {}
+        with self._table_file.open(newline="") as f:
+            for row in csv.DictReader(f):
+                by_step.setdefault(int(row["step"]), {})[row["key"]] = float(row["value"])
+        return [{"call": "log_scalars", "step": s, "values": by_step[s]} for s in sorted(by_step)]
 
     def close(self) -> None:
         """Remove the local spool (after a final flush)."""

@@ -91,7 +91,7 @@ class MlflowRunWriter:
             part.flush()
 
     def unsent(self) -> list[dict[str, Any]]:
-        """The histograms of every callback never uploaded (see ``MlflowSink.unsent``)."""
+        """The table values and histograms of every callback never uploaded (``MlflowSink.unsent``)."""
         return [record for part in self.parts.values() for record in part.unsent()]
 
     def close(self) -> None:
