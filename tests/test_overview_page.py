@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -140,6 +141,52 @@ def test_an_upload_failure_warns_once_and_training_goes_on(
     ours = [w for w in caught if str(w.message).startswith("OverviewPage: writing")]
     assert len(ours) == 1, [str(w.message) for w in caught]
     assert ARTIFACT in str(ours[0].message)
+
+
+class StuckUploads:
+    """An MLflow client whose uploads hang (a tracking server in its retry back-off)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def log_text(self, *args: Any) -> None:
+        self.calls += 1
+        time.sleep(3)
+
+
+class EndOfFitClock(Callback):
+    """Seconds from the end of training to this callback's teardown (after the page's)."""
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self.start = time.monotonic()
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self.seconds = time.monotonic() - self.start
+
+
+def test_the_final_page_waits_only_until_the_end_of_fit_deadline(
+    tmp_path: Path, mlflow_logger: MLFlowLogger, monkeypatch: Any
+) -> None:
+    from lightning_inspect.overview import callback
+    from lightning_inspect.sinks.deadline import EndOfFit
+
+    stuck = StuckUploads()
+    monkeypatch.setattr(callback, "bounded_client", lambda client: stuck)
+    monkeypatch.setattr(EndOfFit, "for_fit", classmethod(lambda cls, trainer: EndOfFit(1.0)))
+    page, clock = OverviewPage(every_n_logs=1), EndOfFitClock()
+    trainer = make_trainer(4, logger=mlflow_logger, callbacks=[*monitors(), page, clock])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(OrderModel(), loader(n=32))
+        start = time.monotonic()
+        page.teardown(trainer, trainer.lightning_module, "fit")  # again: nothing left to do
+    assert trainer.global_step == 4 and stuck.calls >= 1
+    assert clock.seconds < 2.5, clock.seconds  # one upload alone hangs for 3 s
+    # the refreshes hang for 3 s each: fit's end waited for the 1 s deadline, not for them
+    ours = [str(w.message) for w in caught if str(w.message).startswith("OverviewPage:")]
+    assert len(ours) == 1 and "deadline" in ours[0], ours
+    assert time.monotonic() - start < 0.5
+    assert page._worker is None
 
 
 class PoisonAt(Callback):

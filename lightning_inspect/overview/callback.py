@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 import lightning.pytorch as pl
@@ -20,6 +21,8 @@ from lightning_inspect.overview.model import RunData, finding_dicts
 from lightning_inspect.overview.page import render_page
 from lightning_inspect.recorder import StepCoordinator
 from lightning_inspect.sinks import attached_loggers
+from lightning_inspect.sinks.deadline import EndOfFit
+from lightning_inspect.sinks.mlflow_http import bounded_client
 
 ARTIFACT = "lightning_inspect/overview.html"
 
@@ -52,6 +55,8 @@ class OverviewPage(Callback):
         self.enabled = check_bool(owner, "enabled", enabled)
         self.data = RunData()
         self._logger: Any = None
+        self._client: Any = None
+        self._deadline: EndOfFit | None = None
         self._coordinator: StepCoordinator | None = None
         self._last_step: int | None = None
         self._complete_steps = 0
@@ -65,6 +70,10 @@ class OverviewPage(Callback):
         self._logger = attached_loggers(trainer).get("mlflow")
         if self._logger is None:
             return
+        # the library's own MLflow calls: a bounded retry budget against a tracking server, and
+        # the fit's one end-of-fit deadline, shared with the monitors and the run record
+        self._client = bounded_client(self._logger.experiment)
+        self._deadline = EndOfFit.for_fit(trainer)
         self.data = RunData()
         self._last_step, self._complete_steps, self._warned = None, 0, False
         self._coordinator = StepCoordinator.for_trainer(trainer)
@@ -110,10 +119,16 @@ class OverviewPage(Callback):
             self._pending.cancel()  # no effect on a write under way
         self._pending = self._worker.submit(self.write, self.data.copy())
 
-    def wait(self) -> None:
-        """Block until the page being written in the background is uploaded."""
-        if self._pending is not None:
-            self._pending.result()
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the page being written in the background is uploaded (at most ``timeout``
+        seconds); returns whether it was."""
+        if self._pending is None:
+            return True
+        try:
+            self._pending.result(timeout)
+        except FutureTimeout:
+            return False
+        return True
 
     def write(self, data: RunData | None = None) -> None:
         """Upload the page of ``data`` (default: all so far) now; a failure warns once."""
@@ -125,7 +140,7 @@ class OverviewPage(Callback):
                 {logger.run_id: self.data if data is None else data},
                 title=f"lightning-inspect {logger.run_id}",
             )
-            logger.experiment.log_text(logger.run_id, page, ARTIFACT)
+            self._client.log_text(logger.run_id, page, ARTIFACT)
         except Exception as exc:  # the page must never stop training
             self._warn(f"writing {ARTIFACT}", exc)
 
@@ -147,9 +162,12 @@ class OverviewPage(Callback):
         self._coordinator.flush()
         self._coordinator.observers.remove(self.observe)
         self._coordinator = None
-        self.wait()
-        self.write()
+        deadline = self._deadline or EndOfFit()
+        if self.wait(deadline.remaining()) and deadline.remaining() > 0:
+            deadline.run(self.write)  # the final page, within what is left of the deadline
+        else:
+            self._warn("the final page (the end-of-fit deadline passed)", TimeoutError())
         if self._worker is not None:
-            self._worker.shutdown()
+            self._worker.shutdown(wait=False, cancel_futures=True)
             self._worker = None
-        self._logger = None
+        self._logger = self._client = self._deadline = None
