@@ -4,7 +4,7 @@ Runs (each well under a minute on a laptop CPU)::
 
     python examples/train.py                                   # plain training, no inspection
     python examples/train.py +inspect=activations              # activation stats + histograms
-    python examples/train.py +inspect=all                      # activations, gradients, weights, graph
+    python examples/train.py +inspect=all                      # 4 monitors, run record, overview page
     python examples/train.py model=transformer '+inspect=[activations,gradients]'
     python examples/train.py +inspect=debug                    # every module, every step, stop at the first NaN
     python examples/train.py +inspect=activations inspect.activations.every_n_steps=10 \\
