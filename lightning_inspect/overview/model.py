@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from lightning_inspect import keys
+
 #: The views, in the order the page lists them: key prefix -> label.
 VIEW_KINDS = {
     "activations": "activations",
@@ -47,10 +49,10 @@ def split_key(key: str) -> tuple[str, str, str] | None:
     >>> split_key("param_grads/global_norm") is None
     True
     """
-    parts = key.split("/")
-    if len(parts) < 3 or parts[0] not in VIEW_KINDS:
+    kind, name, output, stat = keys.split_key(key)
+    if kind not in VIEW_KINDS or not name:
         return None
-    kind, layer, stat = parts[0], "/".join(parts[1:-1]), parts[-1]
+    layer = f"{name}/{output}" if output else name
     if kind == "weights" and stat == _UPDATE_RATIO:
         kind = "update_ratios"
     return kind, layer, stat
