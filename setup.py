@@ -13,8 +13,8 @@ unix_flags = ["-O3", "-std=c99"] if sys.platform != "win32" else []
 setup(
     ext_modules=[
         Extension(
-            "lightning_inspect._kernels",
-            sources=["lightning_inspect/_kernels.c"],
+            "lightning_inspect.core._kernels",
+            sources=["lightning_inspect/core/_kernels.c"],
             extra_compile_args=unix_flags,
             optional=True,
         )

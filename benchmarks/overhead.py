@@ -74,7 +74,7 @@ from lightning_inspect import (
     WeightMonitor,
     select_modules,
 )
-from lightning_inspect.stats import reduce_tensor
+from lightning_inspect.core.stats import reduce_tensor
 
 LOGGED_EVERY = 50  # every_50's period; measured windows should be multiples of it
 ACCELERATOR = "cpu"  # or "gpu": set from --accelerator in main()
@@ -724,7 +724,7 @@ def inspected_tensors(model_name: str, tmp: str) -> dict[str, list[torch.Tensor]
     undo = []
     for kind in ("activations", "gradients", "weights"):
         try:
-            module = importlib.import_module(f"lightning_inspect.callbacks.{kind}")
+            module = importlib.import_module(f"lightning_inspect.{kind}")
             original = module.reduce_tensor
         except (ImportError, AttributeError):
             continue
@@ -829,7 +829,7 @@ def probe_microbench() -> dict[str, Any]:
     enabled = getattr(lightning_inspect, "enabled", None)
     if probe is None:
         try:
-            from lightning_inspect.probes import enabled, probe  # type: ignore[no-redef]
+            from lightning_inspect.probes.context import enabled, probe  # type: ignore[no-redef]
         except Exception as exc:  # not there yet, or broken: skip, say why
             return {
                 "skipped": f"lightning_inspect.probe is not importable ({type(exc).__name__}: {exc})"
@@ -933,18 +933,18 @@ class _Attribution:
             self.background.add(label)
 
     def __enter__(self) -> _Attribution:  # typing.Self needs Python 3.11
-        cb = "lightning_inspect.callbacks"
+        cb = "lightning_inspect"
         for mod in ("activations", "gradients", "weights"):
             self.patch("reduce_tensor (stats.py)", f"{cb}.{mod}", "reduce_tensor")
         self.patch(
             "TensorBoard writes: scalars",
-            "lightning_inspect.sinks.tensorboard:TensorBoardSink",
+            "lightning_inspect.backends.tensorboard:TensorBoardSink",
             "log_scalars",
             count_keys=True,
         )
         self.patch(
             "TensorBoard writes: histograms",
-            "lightning_inspect.sinks.tensorboard:TensorBoardSink",
+            "lightning_inspect.backends.tensorboard:TensorBoardSink",
             "log_histograms",
             count_keys=True,
         )
@@ -953,7 +953,9 @@ class _Attribution:
             f"{cb}.base:ModuleMonitor",
             "_publish",
         )
-        self.patch("to_host: one transfer, merge rows", "lightning_inspect.recorder", "to_host")
+        self.patch(
+            "to_host: one transfer, merge rows", "lightning_inspect.core.recorder", "to_host"
+        )
         self.patch(
             "WeightMonitor before step (+ clone for update ratio)",
             f"{cb}.weights:WeightMonitor",

@@ -86,7 +86,7 @@ class PublishMeter(_Attribution):
 
     def __enter__(self) -> PublishMeter:
         super().__enter__()
-        run = "lightning_inspect.sinks.mlflow_run"
+        run = "lightning_inspect.backends.mlflow_run"
         for attr in ("log_scalars", "log_histograms"):
             self.patch(MLFLOW_ENQUEUE, f"{run}:MlflowRunSink", attr)
         self.patch(MLFLOW_ENQUEUE, f"{run}:MlflowRun", "send")  # the step's one call, queued

@@ -69,8 +69,8 @@ from lightning_inspect import (
     GraphMonitor,
     WeightMonitor,
 )
-from lightning_inspect.sinks.mlflow import MlflowSink
-from lightning_inspect.stats import Histogram
+from lightning_inspect.backends.mlflow import MlflowSink
+from lightning_inspect.core.stats import Histogram
 
 try:
     import psutil
@@ -478,8 +478,8 @@ def inspected_run(
 
 def _picture_cost(client: Any, run_id: str, root: Path, sample: int = 10) -> tuple[float, int]:
     """Seconds to render one histogram picture (mean over ``sample`` keys) and how many keys there are."""
-    from lightning_inspect.keys import MlflowKeys
-    from lightning_inspect.sinks.mlflow import render_histogram_pictures
+    from lightning_inspect.backends.mlflow import render_histogram_pictures
+    from lightning_inspect.core.keys import MlflowKeys
 
     local = Path(
         client.download_artifacts(run_id, "lightning_inspect/histograms", str(root / "download"))

@@ -5,19 +5,10 @@ Example:
     >>> callbacks = [ActivationMonitor(modules="encoder.*", every_n_steps=50), GradientMonitor()]
 """
 
-from lightning_inspect.callbacks import (
-    ActivationMonitor,
-    GradientMonitor,
-    GraphMonitor,
-    HealthMonitor,
-    ModuleMonitor,
-    ProbeSwitch,
-    RunRecord,
-    ShapeTracer,
-    WeightMonitor,
-)
-from lightning_inspect.config import instantiate_callbacks, validate_callback_config
-from lightning_inspect.diagnostics import Finding, HealthReport, HealthRules, HealthThresholds
+from lightning_inspect.backends import MemorySink, Sink
+from lightning_inspect.backends.read_stats import read_stats
+from lightning_inspect.core.selection import normalise_name, select_modules
+from lightning_inspect.core.stats import ALL_STATS, DEFAULT_STATS, tensor_stats
 from lightning_inspect.errors import (
     BackendError,
     ConfigError,
@@ -25,14 +16,21 @@ from lightning_inspect.errors import (
     NonFiniteError,
     SelectionError,
 )
-from lightning_inspect.health_nonfinite import FirstNonFiniteError, NonFiniteOrigin
+from lightning_inspect.health.monitor import HealthMonitor
+from lightning_inspect.health.nonfinite import FirstNonFiniteError, NonFiniteOrigin
+from lightning_inspect.health.rules import Finding, HealthReport, HealthRules, HealthThresholds
+from lightning_inspect.hydra.instantiate import instantiate_callbacks, validate_callback_config
+from lightning_inspect.monitors.activations import ActivationMonitor
+from lightning_inspect.monitors.base import ModuleMonitor
+from lightning_inspect.monitors.gradients import GradientMonitor
+from lightning_inspect.monitors.graph import GraphMonitor
+from lightning_inspect.monitors.weights import WeightMonitor
 from lightning_inspect.overview import OverviewPage
-from lightning_inspect.probes import ProbeContext, current_context, enabled, probe, probing
-from lightning_inspect.read_stats import read_stats
-from lightning_inspect.run_record import RecordInit, construction_record, record_init
-from lightning_inspect.selection import normalise_name, select_modules
-from lightning_inspect.sinks import MemorySink, Sink
-from lightning_inspect.stats import ALL_STATS, DEFAULT_STATS, tensor_stats
+from lightning_inspect.probes.context import ProbeContext, current_context, enabled, probe, probing
+from lightning_inspect.probes.switch import ProbeSwitch
+from lightning_inspect.record.callback import RunRecord
+from lightning_inspect.record.parts import RecordInit, construction_record, record_init
+from lightning_inspect.shapes.tracer import ShapeTracer
 
 __version__ = "0.1.0"
 

@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from lightning_inspect import ActivationMonitor, GradientMonitor, HealthMonitor, WeightMonitor
-from lightning_inspect.keys import escape_name
+from lightning_inspect.core.keys import escape_name
 
 #: A module name that would break out of a <script> element if the page did not escape it.
 HOSTILE = "</script><img src=x onerror=alert(1)>"

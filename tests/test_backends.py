@@ -25,9 +25,9 @@ from lightning_inspect import (
     GradientMonitor,
     MemorySink,
 )
-from lightning_inspect.sinks import GenericSink, check_backends, logger_backend, resolve_sinks
-from lightning_inspect.sinks.wandb import WandbSink, wandb_bins
-from lightning_inspect.stats import histogram, reduce_tensor
+from lightning_inspect.backends import GenericSink, check_backends, logger_backend, resolve_sinks
+from lightning_inspect.backends.wandb import WandbSink, wandb_bins
+from lightning_inspect.core.stats import histogram, reduce_tensor
 
 B, HIDDEN = 8, 5  # conftest.loader's batch size, PlainMLP's hidden width
 

@@ -1,4 +1,4 @@
-"""Tests for lightning_inspect.diagnostics: thresholds, rules, findings, report (no Lightning)."""
+"""Tests for lightning_inspect.health.rules: thresholds, rules, findings, report (no Lightning)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from lightning_inspect.diagnostics import (
+from lightning_inspect.errors import ConfigError
+from lightning_inspect.health.pictures import heatmap, publish_image
+from lightning_inspect.health.rules import (
     Finding,
     HealthReport,
     HealthRules,
@@ -17,8 +19,6 @@ from lightning_inspect.diagnostics import (
     check_update_ratio,
     format_value,
 )
-from lightning_inspect.errors import ConfigError
-from lightning_inspect.health_pictures import heatmap, publish_image
 
 # -- thresholds -------------------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from lightning_inspect import ActivationMonitor, GradientMonitor, MemorySink, WeightMonitor
-from lightning_inspect.stats import _reduce_any, reduce_tensor, summarise
+from lightning_inspect.core.stats import _reduce_any, reduce_tensor, summarise
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

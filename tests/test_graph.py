@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_inspect import ConfigError, GraphMonitor
-from lightning_inspect.callbacks.graph import STRUCTURE_KEY, structure_table
+from lightning_inspect.monitors.graph import STRUCTURE_KEY, structure_table
 
 STRUCTURE_TAG = f"{STRUCTURE_KEY}/text_summary"
 

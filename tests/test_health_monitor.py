@@ -17,15 +17,15 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_inspect.callbacks.health import HealthMonitor
-from lightning_inspect.callbacks.shapes import ShapeTracer
+from lightning_inspect.backends import MemorySink
 from lightning_inspect.errors import ConfigError, NonFiniteError
-from lightning_inspect.health_nonfinite import (
+from lightning_inspect.health.monitor import HealthMonitor
+from lightning_inspect.health.nonfinite import (
     FirstNonFiniteError,
     NonFiniteLocator,
     parameters_by_module,
 )
-from lightning_inspect.sinks import MemorySink
+from lightning_inspect.shapes.tracer import ShapeTracer
 
 # ------------------------------------------------------------------------------------------
 # Building blocks of models built to fail
@@ -520,7 +520,7 @@ def test_debug_yaml_block_instantiates() -> None:
     """The block proposed for the `debug` option of the `inspect` config group."""
     from omegaconf import OmegaConf
 
-    from lightning_inspect.config import instantiate_callbacks
+    from lightning_inspect.hydra.instantiate import instantiate_callbacks
 
     health, shapes = instantiate_callbacks(OmegaConf.create(DEBUG_YAML))
     assert isinstance(health, HealthMonitor) and isinstance(shapes, ShapeTracer)

@@ -1,4 +1,4 @@
-"""lightning_inspect.hooks and the hook objects of callbacks/_module_hooks.py."""
+"""lightning_inspect.core.hooks and the hook objects of callbacks/_module_hooks.py."""
 
 from __future__ import annotations
 
@@ -12,8 +12,16 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lightning_inspect.callbacks._module_hooks import OutputGradHook, OutputHook, in_backward_pass
-from lightning_inspect.hooks import HookSet, InertWhenCopied, _inert_hook, is_suspended, suspended
+from lightning_inspect.core.hooks import (
+    HookSet,
+    InertWhenCopied,
+    OutputGradHook,
+    OutputHook,
+    _inert_hook,
+    in_backward_pass,
+    is_suspended,
+    suspended,
+)
 
 
 class Consumer:

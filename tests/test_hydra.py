@@ -702,7 +702,7 @@ def test_every_documented_example_command_selects_example_modules(compose_exampl
     """Each ``python examples/train.py ...`` of the docs composes, builds and selects modules."""
     import shlex
 
-    from lightning_inspect.selection import select_modules
+    from lightning_inspect.core.selection import select_modules
 
     commands = _example_commands()
     assert len(commands) >= 20

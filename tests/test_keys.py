@@ -1,4 +1,4 @@
-"""lightning_inspect.keys: the metric-key scheme and MLflow key sanitising."""
+"""lightning_inspect.core.keys: the metric-key scheme and MLflow key sanitising."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from lightning_inspect import ActivationMonitor, GradientMonitor, WeightMonitor
-from lightning_inspect.keys import (
+from lightning_inspect.core.keys import (
     MLFLOW_MAX_KEY_LENGTH,
     MlflowKeys,
     escape_name,

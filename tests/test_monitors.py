@@ -38,7 +38,7 @@ from lightning_inspect import (
     WeightMonitor,
     read_stats,
 )
-from lightning_inspect.keys import split_key
+from lightning_inspect.core.keys import split_key
 
 B = 8  # batch size of conftest.loader
 
@@ -227,7 +227,7 @@ def test_keys_steps_and_values_in_tensorboard_and_mlflow(
     local = mlflow_client.download_artifacts(
         run_id, f"{root}/ActivationMonitor.jsonl", str(tb_dir(tb_logger).parent)
     )
-    from lightning_inspect.sinks.mlflow import load_histogram_spool
+    from lightning_inspect.backends.mlflow import load_histogram_spool
 
     series = load_histogram_spool(Path(local))
     assert [p[0] for p in series["activations/net.0"]] == [0, 2, 4]

@@ -1,4 +1,4 @@
-"""lightning_inspect.outputs.iter_tensors: every output structure a module can return."""
+"""lightning_inspect.core.outputs.iter_tensors: every output structure a module can return."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from lightning_inspect.outputs import MAX_DEPTH, iter_tensors
+from lightning_inspect.core.outputs import MAX_DEPTH, iter_tensors
 
 
 def paths(obj: object) -> list[str]:

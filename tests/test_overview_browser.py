@@ -18,7 +18,7 @@ from cdp import CHROMIUM
 from overview_run import HOSTILE, ORDER, tensorboard, write_run
 
 from lightning_inspect import OverviewPage
-from lightning_inspect.keys import escape_name
+from lightning_inspect.core.keys import escape_name
 from lightning_inspect.overview.callback import ARTIFACT
 
 pytest.importorskip("websocket", reason="the browser tests need websocket-client")

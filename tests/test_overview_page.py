@@ -167,8 +167,8 @@ class EndOfFitClock(Callback):
 def test_the_final_page_waits_only_until_the_end_of_fit_deadline(
     tmp_path: Path, mlflow_logger: MLFlowLogger, monkeypatch: Any
 ) -> None:
+    from lightning_inspect.backends.deadline import EndOfFit
     from lightning_inspect.overview import callback
-    from lightning_inspect.sinks.deadline import EndOfFit
 
     stuck = StuckUploads()
     monkeypatch.setattr(callback, "bounded_client", lambda client: stuck)

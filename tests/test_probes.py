@@ -1,4 +1,4 @@
-"""Tests for lightning_inspect.probes and the ProbeSwitch callback (CPU, tiny models)."""
+"""Tests for lightning_inspect.probes.context and the ProbeSwitch callback (CPU, tiny models)."""
 
 from __future__ import annotations
 
@@ -20,9 +20,8 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_inspect.callbacks.probes import ProbeSwitch
 from lightning_inspect.errors import ConfigError
-from lightning_inspect.probes import (
+from lightning_inspect.probes.context import (
     ENV_VAR,
     ProbeContext,
     ProbeWarning,
@@ -33,6 +32,7 @@ from lightning_inspect.probes import (
     reload_env,
     tag_matches,
 )
+from lightning_inspect.probes.switch import ProbeSwitch
 
 ROOT = Path(__file__).resolve().parents[1]
 PROBES_YAML = ROOT / "lightning_inspect" / "conf" / "inspect" / "probes.yaml"

@@ -25,8 +25,8 @@ from lightning_inspect import (
     WeightMonitor,
     read_stats,
 )
-from lightning_inspect.keys import KINDS, split_key
-from lightning_inspect.sinks.mlflow import headline_metrics
+from lightning_inspect.backends.mlflow import headline_metrics
+from lightning_inspect.core.keys import KINDS, split_key
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from overhead import make_model
@@ -219,7 +219,7 @@ def test_read_stats_errors_name_the_source(
 def test_the_table_keeps_odd_keys_and_every_float_exactly(
     mlflow_logger, mlflow_client, mlflow_store
 ) -> None:
-    from lightning_inspect.sinks.mlflow import MlflowSink
+    from lightning_inspect.backends.mlflow import MlflowSink
 
     values = {
         'activations/head/a,b"c\nd/mean': 0.1,  # an output path with CSV's special characters

@@ -1,4 +1,4 @@
-"""lightning_inspect.recorder: step records, the single host transfer, the per-Trainer coordinator."""
+"""lightning_inspect.core.recorder: step records, the single host transfer, the per-Trainer coordinator."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_inspect.recorder import StepCoordinator, StepRecord, to_host
-from lightning_inspect.stats import FIELDS, merge_rows, reduce_tensor, summarise
+from lightning_inspect.core.recorder import StepCoordinator, StepRecord, to_host
+from lightning_inspect.core.stats import FIELDS, merge_rows, reduce_tensor, summarise
 
 F = {name: i for i, name in enumerate(FIELDS)}
 

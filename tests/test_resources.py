@@ -23,7 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_inspect import ActivationMonitor, GradientMonitor, WeightMonitor
-from lightning_inspect.stats import Histogram
+from lightning_inspect.core.stats import Histogram
 
 
 class CountingSink:
@@ -261,9 +261,9 @@ def test_tensorboard_bytes_per_logged_step_scale_with_keys_and_bins_not_tensor_s
 SLOW_BACKEND_SCRIPT = """
 import sys, time
 from pathlib import Path
-from lightning_inspect.sinks.background import BackgroundSink
-from lightning_inspect.sinks.base import GuardedSink
-from lightning_inspect.sinks.deadline import EndOfFit
+from lightning_inspect.backends.background import BackgroundSink
+from lightning_inspect.backends.base import GuardedSink
+from lightning_inspect.backends.deadline import EndOfFit
 
 out = Path(sys.argv[1])
 

@@ -1,4 +1,4 @@
-"""Tests for lightning_inspect.run_record and the RunRecord callback (CPU, tiny models)."""
+"""Tests for lightning_inspect.record.parts and the RunRecord callback (CPU, tiny models)."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lightning_inspect.callbacks.run_record import RunRecord
 from lightning_inspect.errors import BackendError, ConfigError
-from lightning_inspect.run_record import (
+from lightning_inspect.record.callback import RunRecord
+from lightning_inspect.record.parts import (
     MASK,
     UNRECORDED_TARGET,
     SecretMasker,
@@ -440,7 +440,7 @@ def test_construction_record_placeholders_and_copies() -> None:
         record = construction_record(Embed(torch.randn(10, 10)), verify=False)
         placeholder = record.config["weights"]
         assert (
-            placeholder["_target_"] == "lightning_inspect.run_record.unrecorded"
+            placeholder["_target_"] == "lightning_inspect.record.parts.unrecorded"
             and placeholder["type"] == "torch.Tensor"
         )
         assert "shape (10, 10)" in placeholder["reason"] and any(
@@ -461,7 +461,7 @@ def test_construction_record_placeholders_and_copies() -> None:
     assert recorded_init_args(pickle.loads(pickle.dumps(head))).arguments["classes"] == 3
     assert (
         construction_record(Local(3), verify=False).config["_target_"]
-        == "lightning_inspect.run_record.unrecorded"
+        == "lightning_inspect.record.parts.unrecorded"
     )
 
 
@@ -502,7 +502,7 @@ def test_option_file_documents_every_key_and_instantiates() -> None:
     cfg = OmegaConf.load(RECORD_YAML)
     assert cfg.record._target_ == "lightning_inspect.RunRecord"
     cfg.record._target_ = (
-        "lightning_inspect.callbacks.run_record.RunRecord"  # the same class, by its module
+        "lightning_inspect.record.callback.RunRecord"  # the same class, by its module
     )
     assert isinstance(instantiate(cfg)["record"], RunRecord)
 

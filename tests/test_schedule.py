@@ -1,4 +1,4 @@
-"""lightning_inspect.schedule: when to log, and argument checks."""
+"""lightning_inspect.core.schedule: when to log, and argument checks."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lightning_inspect.core.schedule import Schedule
 from lightning_inspect.errors import ConfigError
-from lightning_inspect.schedule import Schedule
 
 
 def logged(s: Schedule, n: int = 60) -> list[int]:

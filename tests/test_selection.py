@@ -1,4 +1,4 @@
-"""lightning_inspect.selection: patterns, default selection, wrapper normalisation, errors."""
+"""lightning_inspect.core.selection: patterns, default selection, wrapper normalisation, errors."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_inspect.errors import ConfigError, SelectionError
-from lightning_inspect.selection import (
+from lightning_inspect.core.selection import (
     named_modules,
     normalise_name,
     select_modules,
     select_parameters,
 )
+from lightning_inspect.errors import ConfigError, SelectionError
 
 
 class Encoder(nn.Module):

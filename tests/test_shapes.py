@@ -14,9 +14,9 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_inspect.callbacks.shapes import ShapeTracer
+from lightning_inspect.backends import MemorySink
 from lightning_inspect.errors import ConfigError, NonFiniteError
-from lightning_inspect.shapes import (
+from lightning_inspect.shapes.notes import (
     ModuleStack,
     attach_note,
     error_note,
@@ -25,7 +25,7 @@ from lightning_inspect.shapes import (
     model_summary,
     shape_hint,
 )
-from lightning_inspect.sinks import MemorySink
+from lightning_inspect.shapes.tracer import ShapeTracer
 
 
 @pytest.fixture(autouse=True)

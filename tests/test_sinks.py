@@ -26,7 +26,7 @@ from lightning_inspect import (
     MemorySink,
     WeightMonitor,
 )
-from lightning_inspect.sinks import (
+from lightning_inspect.backends import (
     BackgroundSink,
     GuardedSink,
     MlflowRunSink,
@@ -36,7 +36,7 @@ from lightning_inspect.sinks import (
     check_backends,
     resolve_sinks,
 )
-from lightning_inspect.stats import Histogram, histogram, reduce_tensor
+from lightning_inspect.core.stats import Histogram, histogram, reduce_tensor
 
 
 def make_histogram(x: torch.Tensor, bins: int = 8) -> Histogram:
@@ -185,7 +185,7 @@ def test_fast_tensorboard_checksum_is_tensorboards_own(tmp_path: Path) -> None:
     from tensorboard.summary.writer import record_writer
     from torch.utils.tensorboard import SummaryWriter
 
-    from lightning_inspect.sinks.tensorboard import use_fast_crc
+    from lightning_inspect.backends.tensorboard import use_fast_crc
 
     assert use_fast_crc() and use_fast_crc()  # idempotent
     fast = record_writer.masked_crc32c
@@ -489,8 +489,8 @@ def test_histogram_picture_puts_high_values_at_the_top(tmp_path: Path) -> None:
     """The MLflow picture of a key: value grows upwards, step to the right, bright = many values."""
     from PIL import Image
 
-    from lightning_inspect.keys import MlflowKeys
-    from lightning_inspect.sinks.mlflow import _MARGIN, _PLOT, render_histogram_pictures
+    from lightning_inspect.backends.mlflow import _MARGIN, _PLOT, render_histogram_pictures
+    from lightning_inspect.core.keys import MlflowKeys
 
     spool = tmp_path / "h.jsonl"
     with spool.open("w") as f:
@@ -577,7 +577,7 @@ class BlockingSink(MemorySink):
 def test_stuck_backends_share_one_end_of_fit_deadline(tmp_path: Path) -> None:
     import time
 
-    from lightning_inspect.sinks import EndOfFit
+    from lightning_inspect.backends import EndOfFit
 
     deadline = EndOfFit(budget_s=1.0)
     inners = [BlockingSink() for _ in range(3)]
@@ -689,7 +689,7 @@ def test_keys_longer_than_a_file_name_get_short_artifact_names(
 def test_scalar_summary_is_what_protobuf_builds_for_every_kind_of_value() -> None:
     from tensorboard.compat.proto.summary_pb2 import Summary
 
-    from lightning_inspect.sinks.tensorboard import scalar_summary
+    from lightning_inspect.backends.tensorboard import scalar_summary
 
     values = {
         "a/x/mean": 0.1,
@@ -713,7 +713,7 @@ def test_scalar_summary_is_what_protobuf_builds_for_every_kind_of_value() -> Non
 def test_histogram_summary_is_what_protobuf_builds() -> None:
     from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 
-    from lightning_inspect.sinks.tensorboard import histogram_summary
+    from lightning_inspect.backends.tensorboard import histogram_summary
 
     g = torch.Generator().manual_seed(0)
     wide = torch.randn(3, generator=g, dtype=torch.float64) * 1e300
@@ -802,7 +802,7 @@ def test_the_librarys_mlflow_calls_have_their_own_retry_budget(
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from lightning_inspect.sinks.mlflow_http import HTTP_BUDGET, BoundedClient, bounded_client
+    from lightning_inspect.backends.mlflow_http import HTTP_BUDGET, BoundedClient, bounded_client
 
     # The user's own settings for MLflow's calls: kept for theirs, not used for the library's.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")

@@ -1,4 +1,4 @@
-"""lightning_inspect.stats against a NumPy float64 reference (random and adversarial tensors)."""
+"""lightning_inspect.core.stats against a NumPy float64 reference (random and adversarial tensors)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from lightning_inspect import cpu_reduction, stats
-from lightning_inspect.cpu_reduction import CHUNK, SMALL, _scratch
-from lightning_inspect.stats import (
+from lightning_inspect.core import cpu_reduction, stats
+from lightning_inspect.core.cpu_reduction import CHUNK, SMALL, _scratch
+from lightning_inspect.core.stats import (
     ALL_STATS,
     DEFAULT_STATS,
     FIELDS,
@@ -54,7 +54,7 @@ def test_the_c_kernels_are_built_where_a_compiler_is() -> None:
     """The build makes them optional; on a machine with a C compiler a silent failure would cost 2x."""
     if not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):
         pytest.skip("no C compiler: the package installs without its kernels")
-    kernels = importlib.import_module("lightning_inspect._kernels")
+    kernels = importlib.import_module("lightning_inspect.core._kernels")
     assert callable(kernels.reduce_row)
 
 
@@ -766,7 +766,7 @@ def test_merge_single_row_is_a_copy() -> None:
 
 
 def test_summarise_rows_is_summarise_of_each_row() -> None:
-    from lightning_inspect.stats import N_FIELDS, summarise_rows
+    from lightning_inspect.core.stats import N_FIELDS, summarise_rows
 
     g = torch.Generator().manual_seed(0)
     tensors = [

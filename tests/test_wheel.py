@@ -121,7 +121,7 @@ def test_wheel_contents(wheel: Path) -> None:
     assert not any(n.endswith(".c") for n in names)  # the kernels' source stays in the sdist
     if any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):  # the kernels build where they can
         assert any(
-            n.startswith("lightning_inspect/_kernels.") and n.endswith((".so", ".pyd"))
+            n.startswith("lightning_inspect/core/_kernels.") and n.endswith((".so", ".pyd"))
             for n in names
         )
 

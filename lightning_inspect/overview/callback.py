@@ -1,7 +1,7 @@
 """The overview page in MLflow: :class:`OverviewPage` writes ``lightning_inspect/overview.html``.
 
 The page is fed in-process with what the monitors publish (through the Trainer's
-:class:`~lightning_inspect.recorder.StepCoordinator`), not read back from MLflow, so it shows the
+:class:`~lightning_inspect.core.recorder.StepCoordinator`), not read back from MLflow, so it shows the
 same statistics, histograms and findings whatever MLflow itself is sent.
 """
 
@@ -16,13 +16,13 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from lightning_inspect._checks import check_bool, check_positive_int
+from lightning_inspect._validation import check_bool, check_positive_int
+from lightning_inspect.backends import attached_loggers
+from lightning_inspect.backends.deadline import EndOfFit
+from lightning_inspect.backends.mlflow_http import bounded_client
+from lightning_inspect.core.recorder import StepCoordinator
 from lightning_inspect.overview.model import RunData, finding_dicts
 from lightning_inspect.overview.page import render_page
-from lightning_inspect.recorder import StepCoordinator
-from lightning_inspect.sinks import attached_loggers
-from lightning_inspect.sinks.deadline import EndOfFit
-from lightning_inspect.sinks.mlflow_http import bounded_client
 
 ARTIFACT = "lightning_inspect/overview.html"
 

@@ -1,7 +1,7 @@
 """The overview's data model: per run, layers x steps matrices of every statistic, histograms
 per layer and step, and health findings; serialised as JSON for the one frontend.
 
-Metric keys (:mod:`lightning_inspect.keys`) map to a *view kind*, a *layer* and a *statistic*:
+Metric keys (:mod:`lightning_inspect.core.keys`) map to a *view kind*, a *layer* and a *statistic*:
 ``activations/<module>[/<output>]/<stat>`` -> (``activations``, ``<module>[/<output>]``,
 ``<stat>``); ``weights/<param>/update_ratio`` -> (``update_ratios``, ``<param>``,
 ``update_ratio``). Layers keep the order in which their keys first arrive (the execution or
@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_inspect import keys
+from lightning_inspect.core import keys
 
 #: The views, in the order the page lists them: key prefix -> label.
 VIEW_KINDS = {
@@ -118,7 +118,7 @@ class RunData:
         return self.kinds.setdefault(kind, KindData())
 
     def add_scalars(self, step: int, values: Mapping[str, float]) -> None:
-        """Add one step's scalars (keys per :mod:`lightning_inspect.keys`, others skipped)."""
+        """Add one step's scalars (keys per :mod:`lightning_inspect.core.keys`, others skipped)."""
         for key, value in values.items():
             parts = split_key(key)
             if parts is None:
@@ -223,7 +223,7 @@ FINDING_FIELDS = ("rule", "severity", "module", "statistic", "value", "step", "h
 
 
 def finding_dicts(findings: Iterable[Any]) -> list[dict[str, Any]]:
-    """:class:`~lightning_inspect.diagnostics.Finding` objects as the page's dictionaries."""
+    """:class:`~lightning_inspect.health.rules.Finding` objects as the page's dictionaries."""
     return [{name: getattr(f, name) for name in FINDING_FIELDS} for f in findings]
 
 

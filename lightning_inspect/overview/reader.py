@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_inspect.keys import FINDINGS_KEY
+from lightning_inspect.core.keys import FINDINGS_KEY
 from lightning_inspect.overview.model import RunData, split_histogram_key, split_key
 from lightning_inspect.overview.order import key_order
 

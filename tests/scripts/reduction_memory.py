@@ -54,7 +54,7 @@ def run_case(case: str, n: int) -> None:
     """Build, reduce and report one case in this process."""
     import torch
 
-    from lightning_inspect.stats import reduce_tensor
+    from lightning_inspect.core.stats import reduce_tensor
 
     torch.set_num_threads(1)
     reduce_tensor(torch.randn(1000), bins=64)  # imports and first-call costs

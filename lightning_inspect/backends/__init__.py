@@ -1,0 +1,220 @@
+"""Backends: every Lightning logger attached to the Trainer, behind one small protocol.
+
+:func:`resolve_sinks` finds the backends a monitor writes to from the Trainer's own loggers:
+TensorBoard, MLflow and W&B get scalars, histograms, texts and pictures; any other logger (CSV,
+Comet, Neptune, ...) gets scalars through its own ``log_metrics`` (:class:`GenericSink`).
+
+Example:
+    >>> from lightning.pytorch.loggers import CSVLogger
+    >>> logger_backend(CSVLogger("logs"))
+    'csv'
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_inspect._validation import closest, suggestion
+from lightning_inspect.backends.background import BackgroundSink
+from lightning_inspect.backends.base import GuardedSink, Sink
+from lightning_inspect.backends.deadline import EndOfFit
+from lightning_inspect.backends.generic import GenericSink
+from lightning_inspect.backends.memory import MemorySink
+from lightning_inspect.backends.mlflow import METRIC_MODES, MlflowSink
+from lightning_inspect.backends.mlflow_run import MlflowRun, MlflowRunSink
+from lightning_inspect.backends.tensorboard import TensorBoardSink
+from lightning_inspect.backends.wandb import WandbSink
+from lightning_inspect.errors import BackendError, ConfigError
+
+#: Backend names of Lightning's loggers, and each logger's class; any other logger's name is
+#: its class name, lower-case, without "Logger" (``CometLogger`` -> ``"comet"``).
+LOGGER_CLASSES = {
+    "tensorboard": "TensorBoardLogger",
+    "mlflow": "MLFlowLogger",
+    "wandb": "WandbLogger",
+    "csv": "CSVLogger",
+}
+BACKENDS = tuple(LOGGER_CLASSES)
+
+__all__ = [
+    "BACKENDS",
+    "METRIC_MODES",
+    "BackgroundSink",
+    "EndOfFit",
+    "GenericSink",
+    "GuardedSink",
+    "MemorySink",
+    "MlflowRun",
+    "MlflowRunSink",
+    "MlflowSink",
+    "Sink",
+    "TensorBoardSink",
+    "WandbSink",
+    "attached_loggers",
+    "check_backends",
+    "close_sinks",
+    "logger_backend",
+    "missing_backend_error",
+    "resolve_sinks",
+]
+
+
+def close_sinks(sinks: Sequence[Any]) -> None:
+    """Close ``sinks``: background workers stop after what they queued, by the fit's deadline."""
+    for sink in sinks:
+        close = getattr(sink, "close", None)  # background workers, local spools
+        if close is not None:
+            close()
+
+
+def check_backends(owner: str, backends: Any) -> tuple[str | Sink, ...] | None:
+    """Validate a ``backends`` argument: None, a name, or a list of names and Sink objects.
+
+    A name is one of :data:`BACKENDS` or another logger's name (see :func:`logger_backend`),
+    checked against the Trainer's loggers at fit start; a name that is nearly one of
+    :data:`BACKENDS` (a typo) is refused here.
+    """
+    if backends is None:
+        return None
+    items = [backends] if isinstance(backends, (str, Sink)) else list(backends)
+    for item in items:
+        if isinstance(item, str):
+            if item not in BACKENDS and (not item or closest(item, BACKENDS, n=1, cutoff=0.8)):
+                raise ConfigError(
+                    f"{owner}(backends={backends!r}): unknown backend {item!r}; expected one of "
+                    f"{', '.join(map(repr, BACKENDS))} or another attached logger's name (its "
+                    f"class name, lower-case, without 'Logger': 'comet' for CometLogger)."
+                    f"{suggestion(item, BACKENDS)}"
+                )
+        elif not isinstance(item, Sink):
+            raise ConfigError(
+                f"{owner}(backends={backends!r}): expected backend names {list(BACKENDS)} or "
+                f"Sink objects, got {item!r}."
+            )
+    return tuple(dict.fromkeys(items))  # a backend named twice is written once
+
+
+def logger_backend(logger: Any) -> str:
+    """The backend name of a Lightning logger: one of :data:`BACKENDS`, or its class name,
+    lower-case, without "Logger" (``CometLogger`` -> ``"comet"``)."""
+    from lightning.pytorch import loggers
+
+    for name, cls in LOGGER_CLASSES.items():
+        if isinstance(logger, getattr(loggers, cls)):
+            return name
+    lowered = type(logger).__name__.lower()
+    return lowered.removesuffix("logger") or lowered
+
+
+def attached_loggers(trainer: Any) -> dict[str, Any]:
+    """The Trainer's first ``TensorBoardLogger`` and ``MLFlowLogger``, by backend name."""
+    found: dict[str, Any] = {}
+    for logger in trainer.loggers:
+        name = logger_backend(logger)
+        if name in ("tensorboard", "mlflow"):
+            found.setdefault(name, logger)
+    return found
+
+
+def missing_backend_error(
+    owner: str, backends: Sequence[Any], name: str, trainer: Any
+) -> BackendError:
+    """The error for a requested backend whose logger is not attached to the Trainer."""
+    names = [logger_backend(lg) for lg in trainer.loggers]
+    attached = [
+        f"{type(lg).__name__} ({n!r})" for lg, n in zip(trainer.loggers, names, strict=True)
+    ]
+    wanted = LOGGER_CLASSES.get(name, f"logger named {name!r}")
+    return BackendError(
+        f"{owner}(backends={list(backends)!r}): backend {name!r} needs a {wanted} in "
+        f"Trainer(logger=...), but the Trainer has: {', '.join(attached) or 'no logger'}."
+        f"{suggestion(name, names)}"
+    )
+
+
+def _sink_for(trainer: Any, name: str, logger: Any, owner: str, mlflow_metrics: str) -> Sink:
+    """The guarded sink that writes to ``logger`` (backend ``name``); MLflow's is the fit's
+    shared writer of the logger's run (:class:`MlflowRun`)."""
+    if name == "mlflow":
+        return MlflowRun.for_fit(trainer, logger).sink(owner, mlflow_metrics)
+    if name == "tensorboard":
+        return GuardedSink(TensorBoardSink(logger.experiment))
+    if name == "wandb":
+        return GuardedSink(WandbSink(logger))
+    return GuardedSink(GenericSink(logger, name))
+
+
+def _announce_scalars_only(owner: str, chosen: Sequence[Sink]) -> None:
+    """One line per logger that takes scalars only, naming where the rest goes."""
+    richer = [s.name for s in chosen if not isinstance(s, GenericSink)]
+    rest = ", ".join(richer) or "no backend (attach a TensorBoard, MLflow or W&B logger for them)"
+    for sink in chosen:
+        if isinstance(sink, GenericSink):
+            rank_zero_info(
+                f"{owner}: {type(sink.logger).__name__} receives scalars only; histograms, texts "
+                f"and pictures go to {rest}."
+            )
+
+
+def _warn_no_logger(owner: str) -> None:
+    warnings.warn(
+        f"{owner}: the Trainer has no logger, so nothing of this callback reaches a logger in "
+        "this fit. Attach one, e.g. Trainer(logger=TensorBoardLogger('logs')) or CSVLogger, "
+        "WandbLogger, MLFlowLogger (in the Lightning+Hydra template: logger=tensorboard, "
+        "logger=csv, ...), or pass Sink objects in backends=[...].",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def resolve_sinks(
+    trainer: Any, backends: Sequence[str | Sink] | None, owner: str, mlflow_metrics: str = "summary"
+) -> list[Sink]:
+    """The guarded sinks a monitor writes to (MLflow's on a background thread).
+
+    All callbacks of a fit write to an MLflow run through one writer and one worker thread
+    (:class:`MlflowRun`); background sinks share the fit's :class:`EndOfFit` deadline. ``None``
+    means every logger attached to the Trainer (a Trainer without one warns that nothing will be
+    written); an empty list warns that nothing will be written. A requested backend name with no
+    matching logger raises :class:`~lightning_inspect.errors.BackendError`; a name matches every
+    logger of that name. Sink objects are used as given. Each logger that takes scalars only is
+    named in one info line. ``mlflow_metrics`` is the MLflow sink's ``metrics`` mode
+    (:data:`~lightning_inspect.backends.mlflow.METRIC_MODES`).
+    """
+    if not trainer.is_global_zero:
+        return []
+    if backends is not None and not backends:
+        warnings.warn(
+            f"{owner}(backends=[]): no backend is selected, so this callback writes nothing to "
+            "the Trainer's loggers in this fit. Leave backends=None (the default) to write to "
+            "every logger attached, or pass enabled=False to switch it off.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    if backends is None and not trainer.loggers:
+        _warn_no_logger(owner)
+    attached = [(logger_backend(lg), lg) for lg in trainer.loggers]
+    targets: list[tuple[str, Any] | Sink] = []  # (name, logger) or a Sink object
+    for item in attached if backends is None else backends:
+        if isinstance(item, str):
+            named = [(name, lg) for name, lg in attached if name == item]
+            if not named:
+                raise missing_backend_error(owner, backends or (), item, trainer)
+            targets.extend(named)
+        else:
+            targets.append(item)
+    deadline = EndOfFit.for_fit(trainer)
+    chosen = [
+        _sink_for(trainer, *t, owner, mlflow_metrics)
+        if isinstance(t, tuple)
+        else BackgroundSink(t, deadline=deadline)
+        if isinstance(t, MlflowSink)
+        else GuardedSink(t)
+        for t in targets
+    ]
+    _announce_scalars_only(owner, [getattr(s, "inner", s) for s in chosen])
+    return chosen

@@ -1,0 +1,67 @@
+"""Weights & Biases through the Trainer's ``WandbLogger``.
+
+Everything goes through the logger's own methods, so values carry W&B's
+``trainer/global_step`` like Lightning's own metrics: scalars with ``log_metrics``, one call per
+step; histograms as ``wandb.Histogram(np_histogram=(counts, edges))`` from the counts binned on
+the device (W&B keeps at most 512 bins: more are merged in neighbouring groups); texts as a
+one-cell table (``log_text``) and pictures with ``log_image``. ``wandb`` is imported only when
+a histogram is logged (the ``wandb`` extra).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from lightning_inspect.core.stats import Histogram
+
+#: The most bins a ``wandb.Histogram`` accepts.
+MAX_WANDB_BINS = 512
+
+
+def wandb_bins(h: Histogram, limit: int = MAX_WANDB_BINS) -> tuple[np.ndarray, np.ndarray]:
+    """``(counts, edges)`` of ``h`` with at most ``limit`` bins (neighbours summed).
+
+    >>> from lightning_inspect.core.stats import Histogram
+    >>> h = Histogram(np.linspace(0, 6, 7), np.arange(6.0), 0.0, 6.0, 15.0, 0.0, 0.0)
+    >>> counts, edges = wandb_bins(h, limit=4)
+    >>> counts.tolist(), edges.tolist()
+    ([1.0, 5.0, 9.0], [0.0, 2.0, 4.0, 6.0])
+    """
+    counts, edges = np.asarray(h.counts), np.asarray(h.edges)
+    group = -(-len(counts) // limit)  # ceiling division
+    if group == 1:
+        return counts, edges
+    starts = np.arange(0, len(counts), group)
+    return np.add.reduceat(counts, starts), np.append(edges[starts], edges[-1])
+
+
+class WandbSink:
+    """Writes scalars, histograms, texts and pictures to a ``WandbLogger``'s run."""
+
+    name = "wandb"
+
+    def __init__(self, logger: Any) -> None:
+        self.logger = logger
+
+    def log_scalars(self, values: Mapping[str, float], step: int) -> None:
+        self.logger.log_metrics({k: float(v) for k, v in values.items()}, step)
+
+    def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None:
+        if not histograms:
+            return
+        import wandb
+
+        values = {k: wandb.Histogram(np_histogram=wandb_bins(h)) for k, h in histograms.items()}
+        self.logger.log_metrics(values, step)
+
+    def log_text(self, key: str, text: str, step: int) -> None:
+        self.logger.log_text(key, columns=["text"], data=[[text]], step=step)
+
+    def log_image(self, key: str, image: np.ndarray, step: int) -> None:
+        self.logger.log_image(key, [image], step=step)
+
+    def flush(self) -> None:
+        """Nothing to do: W&B's own process writes values as they arrive."""

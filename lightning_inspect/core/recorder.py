@@ -1,0 +1,220 @@
+"""Collect the reduced values of one logging step on the device; move them to the host at once.
+
+Under data-parallel training the rows of activations and their gradients are then combined
+across ranks (:func:`combine_across_ranks`) and rank 0 writes them.
+
+A :class:`StepRecord` gathers, in execution order, *rows* (see :mod:`lightning_inspect.core.stats`)
+and scalars as device tensors. :func:`to_host` concatenates everything into one flat tensor per
+device and copies it in a single transfer (one per device; models on one device: exactly one),
+then merges rows that share a key (a module called several times, several micro-batches).
+
+:class:`StepCoordinator` lets every monitor attached to one Trainer share that transfer: monitors
+hand their finished records to it, and the last monitor of the batch triggers one transfer for
+all of them.
+
+Example:
+    >>> import torch
+    >>> from lightning_inspect.core.stats import reduce_tensor
+    >>> rec = StepRecord()
+    >>> rec.add_row("activations/fc", reduce_tensor(torch.ones(3), bins=0))
+    >>> rec.add_row("activations/fc", reduce_tensor(torch.zeros(1), bins=0))
+    >>> rec.add_scalar("param_grads/global_norm", torch.tensor(2.0))
+    >>> rows, scalars = to_host([rec])[0]
+    >>> float(rows["activations/fc"][0]), scalars
+    (4.0, {'param_grads/global_norm': 2.0})
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from lightning_inspect.core.keys import is_per_rank
+from lightning_inspect.core.stats import merge_rows
+
+
+@dataclass
+class StepRecord:
+    """Device tensors of one monitor for one logging step, in the order they were produced."""
+
+    step: int = -1
+    rows: list[tuple[str, torch.Tensor]] = field(default_factory=list)
+    scalars: list[tuple[str, torch.Tensor]] = field(default_factory=list)
+
+    def add_row(self, key: str, row: torch.Tensor) -> None:
+        """Add a statistics row under ``key`` (rows with the same key are merged on the host)."""
+        self.rows.append((key, row))
+
+    def add_scalar(self, key: str, value: torch.Tensor) -> None:
+        """Add a 0-d tensor logged as it is."""
+        self.scalars.append((key, value))
+
+    def __bool__(self) -> bool:
+        return bool(self.rows or self.scalars)
+
+
+HostRecord = tuple[dict[str, np.ndarray], dict[str, float]]
+
+
+def to_host(records: Sequence[StepRecord]) -> list[HostRecord]:
+    """Move several records to the host in one transfer per device; merge rows by key.
+
+    Returns, for each record, ``({key: merged row}, {key: scalar})`` with keys in first-seen order.
+    """
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    sizes: dict[torch.device, int] = {}
+    places: list[list[tuple[str, torch.device | None, int, int]]] = []
+    on_host: list[np.ndarray] = []  # rows the CPU reduction already made float64 vectors
+    for record in records:
+        place = []
+        for key, tensor in [*record.rows, *record.scalars]:
+            if tensor.device.type == "cpu" and tensor.dtype == torch.float64 and tensor.dim() == 1:
+                place.append((key, None, len(on_host), 0))
+                on_host.append(tensor.detach().numpy())
+                continue
+            flat = tensor.detach().reshape(-1).to(torch.float64)
+            offset = sizes.get(flat.device, 0)
+            sizes[flat.device] = offset + flat.numel()
+            by_device.setdefault(flat.device, []).append(flat)
+            place.append((key, flat.device, offset, flat.numel()))
+        places.append(place)
+    host = {device: torch.cat(chunks).cpu().numpy() for device, chunks in by_device.items()}
+
+    def values(device: torch.device | None, offset: int, size: int) -> np.ndarray:
+        return on_host[offset] if device is None else host[device][offset : offset + size]
+
+    out: list[HostRecord] = []
+    for record, place in zip(records, places, strict=False):
+        n_rows = len(record.rows)
+        grouped: dict[str, list[np.ndarray]] = {}
+        for key, device, offset, size in place[:n_rows]:
+            grouped.setdefault(key, []).append(values(device, offset, size))
+        rows = {
+            key: parts[0] if len(parts) == 1 else merge_rows(np.stack(parts))
+            for key, parts in grouped.items()
+        }
+        scalars = {
+            key: float(values(device, offset, size)[0])
+            for key, device, offset, size in place[n_rows:]
+        }
+        out.append((rows, scalars))
+    return out
+
+
+def distributed_world_size() -> int:
+    """The number of processes in the default process group (1 when not distributed)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def combine_across_ranks(host: list[HostRecord]) -> list[HostRecord]:
+    """Merge the per-rank rows of every record over all ranks (a collective: all ranks call it).
+
+    Rows of :data:`~lightning_inspect.core.keys.PER_RANK_KINDS` (activations and their gradients) are
+    gathered from every rank and merged like the calls of one module; a key that exists on some
+    ranks only (a module unused on a rank) is merged over the ranks that have it. Other rows and
+    the scalars are the same on every rank and stay as they are. One ``all_gather_object`` per
+    logging step carries everything.
+    """
+    payload = [{k: v for k, v in rows.items() if is_per_rank(k)} for rows, _ in host]
+    gathered: list[list[dict[str, np.ndarray]] | None] = [None] * distributed_world_size()
+    torch.distributed.all_gather_object(gathered, payload)
+    combined: list[HostRecord] = []
+    for i, (rows, scalars) in enumerate(host):
+        per_rank = [g[i] for g in gathered if g is not None and i < len(g)]
+        merged = dict(rows)
+        for key in dict.fromkeys(k for part in per_rank for k in part):  # ordered union
+            merged[key] = merge_rows(np.stack([part[key] for part in per_rank if key in part]))
+        combined.append((merged, scalars))
+    return combined
+
+
+Publisher = Callable[[StepRecord, HostRecord], None]
+#: Receives what monitors published: step, scalars, histograms (by key), health findings.
+Observer = Callable[[int, Mapping[str, float], Mapping[str, Any], Sequence[Any]], None]
+
+
+class StepCoordinator:
+    """One per Trainer: monitors share one device-to-host transfer per logging step.
+
+    Monitors :meth:`join` in ``setup`` (in callback order), :meth:`submit` finished records and
+    call :meth:`batch_end` from ``on_train_batch_end``; the last monitor's call moves everything
+    submitted so far in one transfer and hands each record to its monitor's publisher.
+    """
+
+    _instances: ClassVar[weakref.WeakKeyDictionary[object, StepCoordinator]] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    def __init__(self) -> None:
+        self._members: list[int] = []
+        self._pending: list[tuple[StepRecord, Publisher]] = []
+        self.observers: list[Observer] = []
+        #: Called after each :meth:`flush` has published every record (e.g. to send the step).
+        self.flushed: list[Callable[[], None]] = []
+
+    @classmethod
+    def for_trainer(cls, trainer: object) -> StepCoordinator:
+        """The coordinator of ``trainer`` (created on first use, dropped with the Trainer)."""
+        coordinator = cls._instances.get(trainer)
+        if coordinator is None:
+            coordinator = cls._instances[trainer] = cls()
+        return coordinator
+
+    def join(self, member: object) -> None:
+        """Register a monitor (idempotent)."""
+        if id(member) not in self._members:
+            self._members.append(id(member))
+
+    def leave(self, member: object) -> None:
+        """Unregister a monitor; pending records are flushed first."""
+        self.flush()
+        if id(member) in self._members:
+            self._members.remove(id(member))
+
+    def submit(self, record: StepRecord, publish: Publisher) -> None:
+        """Queue a finished record (even an empty one: under DDP every rank must take part in the
+        step's collective); ``publish`` receives it with its host values."""
+        self._pending.append((record, publish))
+
+    def batch_end(self, member: object) -> None:
+        """Called by each monitor at the end of a batch; the last one flushes."""
+        if not self._members or id(member) == self._members[-1]:
+            self.flush()
+
+    def notify(
+        self,
+        step: int,
+        scalars: Mapping[str, float],
+        histograms: Mapping[str, Any],
+        findings: Sequence[Any] = (),
+    ) -> None:
+        """Hand what a monitor published to the observers (e.g. the overview page)."""
+        for observer in self.observers:
+            observer(step, scalars, histograms, findings)
+
+    def flush(self) -> None:
+        """Transfer and publish everything queued."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        host = to_host([record for record, _ in pending])
+        if distributed_world_size() > 1:
+            host = combine_across_ranks(host)
+        first_error: Exception | None = None
+        for (record, publish), values in zip(pending, host, strict=False):
+            try:
+                publish(record, values)
+            except Exception as exc:  # publish every record, then re-raise the first error
+                first_error = first_error or exc
+        for done in list(self.flushed):
+            done()
+        if first_error is not None:
+            raise first_error

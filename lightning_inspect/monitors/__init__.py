@@ -1,0 +1,1 @@
+"""The monitors: activations, gradients, weights (all on :class:`ModuleMonitor`) and the graph."""

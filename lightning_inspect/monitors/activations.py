@@ -1,0 +1,36 @@
+"""ActivationMonitor: statistics and histograms of what selected modules output."""
+
+from __future__ import annotations
+
+import torch
+
+from lightning_inspect.core.keys import escape_name, metric_key
+from lightning_inspect.core.stats import reduce_tensor
+from lightning_inspect.monitors.base import ModuleMonitor
+
+
+class ActivationMonitor(ModuleMonitor):
+    """Log statistics and histograms of the outputs of selected modules.
+
+    Takes every argument of :class:`~lightning_inspect.monitors.base.ModuleMonitor`. Outputs
+    of any structure are walked (tuples, dicts, dataclasses...); each tensor is reduced on its
+    device while the forward runs and is not kept.
+
+    Logged metrics:
+        ``activations/<module>[/<output path>]/<stat>`` for each statistic in ``stats``, and the
+        histogram ``activations/<module>[/<output path>]``, at each logged optimizer step.
+
+    Example::
+
+        trainer = L.Trainer(logger=TensorBoardLogger("tb"),
+                            callbacks=[ActivationMonitor(modules=["encoder.*", "head"], every_n_steps=50)])
+    """
+
+    kind = "activations"
+
+    def _wants_output_hooks(self) -> bool:
+        return True
+
+    def _on_output(self, name: str, path: str, tensor: torch.Tensor) -> None:
+        key = metric_key("activations", escape_name(name), path)
+        self._add_row(key, reduce_tensor(tensor, self.bins))

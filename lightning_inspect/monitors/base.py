@@ -1,0 +1,492 @@
+"""What every module monitor shares: arguments, selection, schedule, hook lifetime, publishing.
+
+A monitor's life in a fit:
+
+``setup``
+    resolve the backends and join the Trainer's :class:`~lightning_inspect.core.recorder.StepCoordinator`.
+``on_fit_start``
+    resolve the module selection (after ``configure_model``; a pattern that matches nothing
+    raises here, before the sanity check and the first step).
+``on_train_batch_start``
+    on a logged batch only, attach the output hooks and start recording; other batches pay a few
+    integer operations. A batch is logged when one of the optimizer steps it takes is on the
+    schedule (:meth:`~lightning_inspect.core.schedule.Schedule.first_due`), under that step; a batch
+    is expected to take as many steps as the previous one (at first: one, or one per optimizer
+    under manual optimization).
+``on_before_optimizer_step``
+    read what exists at each optimizer step: parameter gradients (after AMP unscaling and
+    gradient accumulation) of the parameters that optimizer updates, weights.
+``on_train_batch_end``
+    remove the hooks; once the optimizer step happened, hand the step's record to the coordinator,
+    which moves the values of all monitors to the host in one transfer and publishes them.
+``on_exception`` / ``teardown``
+    remove hooks, publish what was collected, flush the backends.
+
+Hooks therefore exist only inside the training batches of logged steps: validation, sanity
+checks and prediction are never recorded, and ``torch.save`` / ``deepcopy`` of the model see no
+hook outside those batches (and an inert one inside, see :mod:`lightning_inspect.core.hooks`).
+
+Compiled models are the exception: ``torch.compile`` ignores hooks added after it compiled a
+module, so when the model holds a compiled module the hooks are attached once, in ``setup``
+(before the first forward compiles anything), and stay until ``teardown``; they return at once
+unless the current batch is recorded. The compiler then keeps two variants of the graph (recording
+or not) and recompiles no further; recording batches run the hooks eagerly (a graph break per hook).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from lightning_inspect._validation import (
+    as_str_list,
+    check_bool,
+    check_choice,
+    check_choices,
+    check_positive_int,
+)
+from lightning_inspect.backends import (
+    METRIC_MODES,
+    Sink,
+    check_backends,
+    close_sinks,
+    resolve_sinks,
+)
+from lightning_inspect.core.hooks import HookSet, OutputHook
+from lightning_inspect.core.keys import metric_key
+from lightning_inspect.core.recorder import HostRecord, StepCoordinator, StepRecord
+from lightning_inspect.core.schedule import Schedule
+from lightning_inspect.core.selection import check_patterns, empty_selection_message, select_modules
+from lightning_inspect.core.stats import (
+    ALL_STATS,
+    DEFAULT_STATS,
+    FIELDS,
+    N_FIELDS,
+    histogram,
+    summarise_rows,
+)
+from lightning_inspect.errors import InspectError, NonFiniteError
+
+NONFINITE_ACTIONS = ("ignore", "warn", "raise")
+_K = TypeVar("_K")
+#: Most histogram bins: each logged histogram costs 16 bytes a bin in TensorBoard.
+MAX_BINS = 1024
+
+
+def holds_compiled_module(model: torch.nn.Module) -> bool:
+    """Whether ``model`` is, or contains, a module compiled with ``torch.compile``."""
+    if getattr(model, "_compiler_ctx", None):
+        return True
+    return any(type(m).__name__ == "OptimizedModule" for m in model.modules())
+
+
+_MAX_LISTED = 12
+
+
+class ModuleMonitor(Callback):
+    """Base class of :class:`ActivationMonitor`, :class:`GradientMonitor` and :class:`WeightMonitor`.
+
+    Args:
+        modules: pattern or list of patterns over qualified module names: shell-style globs
+            (``"encoder.*"``, ``"*.attn"``) or regexes prefixed ``"re:"``. ``None``: every module
+            that owns parameters. Names are normalised (``_orig_mod.``, a leading ``module.``,
+            ``_fsdp_wrapped_module.``, ``_checkpoint_wrapped_module.`` removed).
+        exclude: module name patterns removed from the selection (parameter names: see
+            ``params`` and ``exclude_params`` of GradientMonitor and WeightMonitor).
+        every_n_steps: log every this many optimizer steps (``trainer.global_step``; under
+            manual optimization each ``optimizer.step()`` is one). A batch that takes several
+            steps is logged, once, when one of them is on the schedule.
+        start_step: first optimizer step logged.
+        stop_step: no logging from this optimizer step on (``None``: never stop).
+        stats: statistics to log, from :data:`lightning_inspect.core.stats.ALL_STATS`;
+            ``None``: :data:`~lightning_inspect.core.stats.DEFAULT_STATS`.
+        histograms: also log histograms.
+        bins: histogram bins, 2 to :data:`MAX_BINS` (1024).
+        backends: ``"tensorboard"``, ``"mlflow"``, a list of them (or Sink objects); ``None``:
+            every supported logger attached to the Trainer.
+        on_nonfinite: when a NaN/Inf is seen: ``"ignore"``, ``"warn"`` (once per key, naming the
+            first module in execution order) or ``"raise"`` (:class:`NonFiniteError`, which stops
+            fit cleanly).
+        enabled: ``False`` attaches the callback but inspects nothing (costs nothing).
+        mlflow_metrics: what MLflow receives as metrics: ``"summary"`` (the global norm and, per
+            kind and statistic, a summary over modules) or ``"all"`` (every value as a metric).
+            Every value is in the run's table artifact ``lightning_inspect/stats/<monitor>.csv``
+            either way (see :func:`lightning_inspect.backends.read_stats`).
+    """
+
+    #: The kind of the keys this monitor writes, for messages.
+    kind = "module"
+    #: The constructor's arguments (positional, keyword), kept by :func:`_keeping_arguments`.
+    _init_args: tuple[tuple[Any, ...], dict[str, Any]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _keeping_arguments(cls.__dict__["__init__"])  # type: ignore[method-assign]
+
+    def __init__(
+        self,
+        modules: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        every_n_steps: int = 50,
+        start_step: int = 0,
+        stop_step: int | None = None,
+        stats: Sequence[str] | None = None,
+        histograms: bool = True,
+        bins: int = 64,
+        backends: str | Sequence[str | Sink] | None = None,
+        on_nonfinite: str = "warn",
+        enabled: bool = True,
+        mlflow_metrics: str = "summary",
+    ) -> None:
+        owner = type(self).__name__
+        self._owner = owner
+        self.modules = self._pattern_arg("modules", modules)
+        self.exclude = self._pattern_arg("exclude", exclude)
+        self.schedule = Schedule.checked(owner, every_n_steps, start_step, stop_step)
+        self.stats = check_choices(owner, "stats", stats, ALL_STATS, DEFAULT_STATS)
+        self._stat_keys: dict[
+            str, list[str]
+        ] = {}  # row key -> its metric keys, in self.stats order
+        self.histograms = check_bool(owner, "histograms", histograms)
+        self.bins = check_positive_int(owner, "bins", bins, 2, MAX_BINS) if self.histograms else 0
+        self.backends = check_backends(owner, backends)
+        self.mlflow_metrics = check_choice(owner, "mlflow_metrics", mlflow_metrics, METRIC_MODES)
+        self.on_nonfinite = check_choice(owner, "on_nonfinite", on_nonfinite, NONFINITE_ACTIONS)
+        self.enabled = check_bool(owner, "enabled", enabled)
+
+        self.selected: dict[str, torch.nn.Module] = {}
+        self.sinks: list[Sink] = []
+        self.last_logged_step: int | None = None
+        self._hooks = HookSet()
+        self._recording = False  # read first by every hook; True only inside recorded batches
+        self._persistent_hooks = False
+        self._record: StepRecord | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._coordinator: StepCoordinator | None = None
+        self._active = False
+        self._model_parameters: set[int] = set()  # ids of the model's parameters
+        self._steps_per_batch = 1  # optimizer steps a batch is expected to take (the last one)
+        self._batch_start_step = 0
+        self._warned_nonfinite: set[str] = set()
+        self._hook_fault_warned = False
+        self._outer_fit: dict[str, Any] | None = None  # the enclosing fit's state, in a nested fit
+
+    # -- Lightning glue ---------------------------------------------------------------------
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            modules=self.modules, exclude=self.exclude, every_n_steps=self.schedule.every_n_steps
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_logged_step": self.last_logged_step}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_logged_step = state_dict.get("last_logged_step")
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit" or not self.enabled:
+            return
+        if self._active:  # a fit started inside this monitor's fit: fresh state until it ends
+            outer = self.__dict__
+            args, kwargs = self._init_args
+            self.__dict__ = type(self)(*args, **kwargs).__dict__
+            self._outer_fit = outer
+        self._active = True
+        self.last_logged_step = (
+            None  # a new fit; resuming restores it from the checkpoint after setup
+        )
+        self.sinks = resolve_sinks(
+            trainer, self.backends, owner=self._owner, mlflow_metrics=self.mlflow_metrics
+        )
+        self._coordinator = StepCoordinator.for_trainer(trainer)
+        self._coordinator.join(self)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Selected here, not in setup: layers built in configure_model (and by sharding strategies)
+        # exist only now. Still before the sanity check and the first training step.
+        if not self._active:
+            return
+        self.selected = select_modules(pl_module, self.modules, self.exclude, owner=self._owner)
+        if not self.selected:
+            message = empty_selection_message(pl_module, self.modules, self.exclude, self._owner)
+            rank_zero_warn(message, category=RuntimeWarning)
+        self._model_parameters = {id(p) for p in pl_module.parameters()}
+        manual = not pl_module.automatic_optimization
+        self._steps_per_batch = max(1, len(trainer.optimizers)) if manual else 1
+        self._after_selection(pl_module)
+        self._persistent_hooks = holds_compiled_module(pl_module)
+        if self._persistent_hooks:
+            self._install_hooks()
+        self._announce()
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._active:
+            return
+        step = self._batch_start_step = trainer.global_step
+        if self._record is None:  # else: a step due in an earlier batch is still to be taken
+            last = self.last_logged_step
+            first = step if last is None else max(step, last + 1)
+            due = self.schedule.first_due(first, step + self._steps_per_batch)
+            if due is None:
+                return
+            self._record = StepRecord(due)
+        if not self._persistent_hooks and not len(self._hooks):
+            self._install_hooks()
+        self._recording = True
+
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._active and self._record is not None:
+            self._optimizer = optimizer  # for the duration of this call only
+            try:
+                self._guarded(self._before_optimizer_step, pl_module)
+            finally:
+                self._optimizer = None
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if not self._active:
+            return
+        self._recording = False
+        if not self._persistent_hooks:
+            self._hooks.remove()
+        taken = trainer.global_step - self._batch_start_step
+        if taken > 0:
+            self._steps_per_batch = taken
+        record = self._record
+        if record is not None and trainer.global_step > record.step:
+            self._guarded(self._after_optimizer_step, pl_module)
+            self._finish_step()
+        if self._coordinator is not None:
+            self._coordinator.batch_end(self)  # may raise NonFiniteError (on_nonfinite="raise")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close()
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._shutdown()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._shutdown()
+
+    # -- subclass interface -----------------------------------------------------------------
+
+    def _after_selection(self, pl_module: pl.LightningModule) -> None:
+        """Derive what the subclass needs from ``self.selected`` (e.g. parameters)."""
+
+    def _wants_output_hooks(self) -> bool:
+        """Whether the monitor reads module outputs (forward hooks on the selected modules)."""
+        return False
+
+    def _on_output(self, name: str, path: str, tensor: torch.Tensor) -> None:
+        """Receive one output tensor of a selected module (``path`` inside its output)."""
+
+    def _before_optimizer_step(self, pl_module: pl.LightningModule) -> None:
+        """Record what is read once per optimizer step, before it is taken."""
+
+    def _after_optimizer_step(self, pl_module: pl.LightningModule) -> None:
+        """Record what needs the updated weights."""
+
+    def _selection_summary(self) -> tuple[str, list[str]]:
+        return "modules", list(self.selected)
+
+    def _expected_nonfinite(self, key: str) -> bool:
+        """Whether non-finite values under ``key`` are expected this step (not worth a warning)."""
+        return False
+
+    # -- shared machinery -------------------------------------------------------------------
+
+    def _pattern_arg(self, name: str, value: object, kind: str = "module") -> list[str]:
+        """A checked pattern argument (``modules``, ``exclude``, ``params``...) as a list."""
+        patterns = as_str_list(self._owner, name, value)
+        check_patterns(self._owner, name, patterns, kind)
+        return patterns
+
+    def _stepped(self, params: dict[_K, torch.nn.Parameter]) -> dict[_K, torch.nn.Parameter]:
+        """The entries of ``params`` that the optimizer of the current step updates.
+
+        All of them when its param groups hold none of the model's parameters (an optimizer
+        that steps copies of them, e.g. a wrapper with master weights).
+        """
+        if self._optimizer is None:
+            return params
+        ids = {id(p) for group in self._optimizer.param_groups for p in group["params"]}
+        if ids.isdisjoint(self._model_parameters):
+            return params
+        return {n: p for n, p in params.items() if id(p) in ids}
+
+    def _install_hooks(self) -> None:
+        if self._wants_output_hooks():
+            for name, module in self.selected.items():
+                self._hooks.add(module.register_forward_hook(OutputHook(self, name)))
+
+    def _add_row(self, key: str, row: torch.Tensor) -> None:
+        if self._record is not None:
+            self._record.add_row(key, row)
+
+    def _add_scalar(self, key: str, value: torch.Tensor) -> None:
+        if self._record is not None:
+            self._record.add_scalar(key, value)
+
+    def _hook_fault(self, where: str, exc: BaseException) -> None:
+        """Contain an exception raised inside one of our hooks: warn once, keep training."""
+        if not self._hook_fault_warned:
+            self._hook_fault_warned = True
+            warnings.warn(
+                f"{self._owner}: inspecting {where} failed ({type(exc).__name__}: {exc}); "
+                "training is not affected and inspection goes on for the other values.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def _guarded(self, fn: Any, *args: Any) -> None:
+        try:
+            fn(*args)
+        except InspectError:
+            raise  # the library's own decisions (e.g. stop at a NaN) go through
+        except Exception as exc:  # inspection must never stop training
+            self._hook_fault(getattr(fn, "__name__", "a step"), exc)
+
+    def _finish_step(self) -> None:
+        record, self._record = self._record, None
+        if record is None:
+            return
+        self.last_logged_step = record.step
+        if self._coordinator is not None:
+            self._coordinator.submit(record, self._publish)
+
+    def _publish(self, record: StepRecord, values: HostRecord) -> None:
+        rows, scalars = values
+        step = record.step
+        out: dict[str, float] = {}
+        hists = {}
+        stat_keys = self._stat_keys
+        if rows:  # every statistic of every row at once, in row order, then self.stats order
+            table = summarise_rows(np.stack([row[:N_FIELDS] for row in rows.values()]), self.stats)
+            names = []
+            for key in rows:
+                known = stat_keys.get(key)
+                if known is None:
+                    known = stat_keys[key] = [metric_key(key, stat) for stat in self.stats]
+                names += known
+            out = dict(zip(names, table.ravel().tolist(), strict=True))
+        if self.histograms:
+            for key, row in rows.items():
+                h = histogram(row)
+                if h is not None:
+                    hists[key] = h
+        out.update(scalars)
+        if not out:
+            return
+        for sink in self.sinks:
+            sink.log_scalars(out, step)
+            if hists:
+                sink.log_histograms(hists, step)
+        if self._coordinator is not None:
+            self._coordinator.notify(step, out, hists)
+        self._check_nonfinite(rows, step)
+
+    def _check_nonfinite(self, rows: dict[str, Any], step: int) -> None:
+        if self.on_nonfinite == "ignore":
+            return
+        nan_at, inf_at = FIELDS.index("nan"), FIELDS.index("inf")
+        bad = [
+            (k, r)
+            for k, r in rows.items()
+            if r[nan_at] + r[inf_at] > 0 and not self._expected_nonfinite(k)
+        ]
+        if not bad:
+            return
+        key, row = bad[0]
+        message = (
+            f"{self._owner}: non-finite values at step {step}: first in execution order is {key!r} "
+            f"({int(row[nan_at])} NaN, {int(row[inf_at])} Inf of {int(row[0])} values)"
+            + (
+                f"; also in {len(bad) - 1} later key(s): {', '.join(k for k, _ in bad[1:4])}"
+                if len(bad) > 1
+                else ""
+            )
+            + "."
+        )
+        if self.on_nonfinite == "raise":
+            raise NonFiniteError(message)
+        elif key not in self._warned_nonfinite:
+            self._warned_nonfinite.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+    def _announce(self) -> None:
+        what, names = self._selection_summary()
+        shown = ", ".join(names[:_MAX_LISTED]) + (
+            f", ... ({len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else ""
+        )
+        backends = ", ".join(s.name for s in self.sinks) or "no backend"
+        rank_zero_info(
+            f"{self._owner}: {len(names)} {what} selected, every {self.schedule.every_n_steps} steps "
+            f"-> {backends}: {shown}"
+        )
+
+    def _shutdown(self) -> None:
+        """End of fit (normal or not): publish, flush, stop the backends' workers, forget the Trainer."""
+        if not self._active:
+            return
+        self._close()
+        close_sinks(self.sinks)
+        self.sinks = []
+        if self._coordinator is not None:
+            self._coordinator.leave(self)
+            self._coordinator = None
+        self._active = False
+        if self._outer_fit is not None:  # a nested fit ended: back to the enclosing fit
+            self.__dict__ = self._outer_fit
+
+    def _close(self) -> None:
+        self._recording = False
+        self._hooks.remove()
+        if self._record is not None:  # a logged step interrupted before its optimizer step
+            self._finish_step()
+        if self._coordinator is not None:
+            # NonFiniteError: already being handled, or fit is over: the values were logged
+            with contextlib.suppress(NonFiniteError):
+                self._coordinator.flush()
+        for sink in self.sinks:
+            sink.flush()
+
+
+def _keeping_arguments(init: Callable[..., None]) -> Callable[..., None]:
+    """Wrap a monitor class's ``__init__`` so that the instance keeps the arguments it was built
+    with (those of the most derived class): a nested fit starts from a monitor built alike.
+    ``inspect.signature`` and type hints still see ``init``."""
+
+    @functools.wraps(init)
+    def __init__(self: ModuleMonitor, *args: Any, **kwargs: Any) -> None:
+        if "_init_args" not in self.__dict__:
+            self._init_args = (args, kwargs)
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+ModuleMonitor.__init__ = _keeping_arguments(ModuleMonitor.__init__)  # type: ignore[method-assign]

@@ -1,0 +1,1 @@
+"""Shape notes, hints and the :class:`ShapeTracer` callback."""
