@@ -112,7 +112,7 @@ def test_wheel_contents(wheel: Path) -> None:
     for option in GROUP_OPTIONS:
         assert f"lightning_inspect/conf/inspect/{option}.yaml" in names, sorted(names)
     assert "lightning_inspect/conf/__init__.py" in names
-    assert "lightning_inspect/config.py" in names
+    assert "lightning_inspect/hydra/instantiate.py" in names
     assert "lightning_inspect/py.typed" in names
     assert "hydra_plugins/lightning_inspect_searchpath/lightning_inspect_searchpath.py" in names
     assert "hydra_plugins/lightning_inspect_searchpath/__init__.py" in names
