@@ -22,6 +22,7 @@ from __future__ import annotations
 import inspect as _pyinspect
 import sys
 from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.callbacks import Callback
@@ -33,18 +34,6 @@ __all__ = ["instantiate_callbacks", "validate_callback_config"]
 
 #: Keys Hydra's ``instantiate`` reads itself; never passed to the constructor.
 HYDRA_KEYS = ("_target_", "_args_", "_partial_", "_convert_", "_recursive_")
-#: The entry names of the shipped options, for "did you mean" hints.
-KNOWN_ENTRIES = [
-    "activations",
-    "gradients",
-    "weights",
-    "graph",
-    "probes",
-    "health",
-    "shapes",
-    "record",
-    "overview",
-]
 
 
 def instantiate_callbacks(cfg: Any, key: str | None = None) -> list[Callback]:
@@ -68,8 +57,12 @@ def instantiate_callbacks(cfg: Any, key: str | None = None) -> list[Callback]:
     """
     if cfg is None:
         return []
-    root = key if key is not None else _node_path(cfg)
-    checked = [(path, e, validate_callback_config(e, path)) for path, e in _entries(cfg, root)]
+    if key is None:
+        try:  # the node's own path in its Hydra config
+            key = str(cfg._get_full_key(None) or "inspect")
+        except Exception:  # a plain dict or list
+            key = "inspect"
+    checked = [(path, e, validate_callback_config(e, path)) for path, e in _entries(cfg, key)]
     return [_instantiate(e, path, target) for path, e, target in checked if target is not None]
 
 
@@ -90,7 +83,7 @@ def validate_callback_config(entry: Any, path: str) -> type | None:
     if "_target_" not in entry:
         raise ConfigError(
             f"{path}: no _target_ (keys: {', '.join(map(str, entry)) or 'none'})."
-            f"{_did_you_mean(path.rsplit('.', 1)[-1], KNOWN_ENTRIES)} Each entry names its "
+            f"{_did_you_mean(path.rsplit('.', 1)[-1], _shipped_entries())} Each entry names its "
             "callback class (_target_: lightning_inspect.ActivationMonitor); add the option before "
             "overriding its keys: +inspect=activations inspect.activations.every_n_steps=10."
         )
@@ -213,12 +206,12 @@ def _instantiate(entry: Any, path: str, target: type) -> Callback:
     return callback
 
 
-def _node_path(cfg: Any) -> str:
-    """``cfg``'s own key path in its Hydra config, else ``inspect``."""
-    try:
-        return str(cfg._get_full_key(None) or "inspect")
-    except Exception:  # a plain dict or list, or a node without a parent
-        return "inspect"
+def _shipped_entries() -> list[str]:
+    """The entry names of the shipped options (``activations``, ...), for "did you mean" hints."""
+    from omegaconf import OmegaConf
+
+    options = sorted((Path(__file__).parents[1] / "conf" / "inspect").glob("*.yaml"))
+    return [str(k) for path in options for k in OmegaConf.load(path) if k != "defaults"]
 
 
 def _omegaconf(name: str) -> Any:
