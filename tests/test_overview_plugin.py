@@ -17,7 +17,7 @@ import pytest
 from conftest import read_tb
 from overview_run import ORDER, get, tensorboard, write_run
 
-from lightning_inspect.overview.assets import ASSETS, asset
+from lightning_inspect.overview.page import ASSETS, asset
 
 pytestmark = pytest.mark.slow
 

@@ -1,15 +1,10 @@
-"""Put lightning-inspect's ``inspect`` config group on every Hydra app's search path.
+"""Put lightning-inspect's ``inspect`` config group on every Hydra app's search path, so any
+Hydra app can run ``python train.py +inspect=activations``.
 
-Hydra imports every module under ``hydra_plugins`` when an app starts, and consults every
-search-path entry while it composes, even for apps that never use ``+inspect``. So neither this
-module nor composing may import torch, lightning or ``lightning_inspect``: the group's folder is
-located with :func:`importlib.util.find_spec`, which finds a top-level package without running
-it, and added as a ``file://`` entry. Only where the package is not a plain folder (a zip
-import) does the entry fall back to ``pkg://lightning_inspect.conf``, which imports the package.
-
-Once the package is installed, any Hydra app can switch inspection on from the command line::
-
-    python train.py +inspect=activations
+Hydra imports this module in every app and consults the entry while composing, so neither may
+import torch, lightning or ``lightning_inspect``: the folder is found with
+:func:`importlib.util.find_spec` (which does not run the package) and added as ``file://``; only
+a package that is not a plain folder (a zip import) falls back to ``pkg://``, which imports it.
 """
 
 from __future__ import annotations

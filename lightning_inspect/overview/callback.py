@@ -1,9 +1,4 @@
-"""The overview page in MLflow: :class:`OverviewPage` writes ``lightning_inspect/overview.html``.
-
-The page is fed in-process with what the monitors publish (through the Trainer's
-:class:`~lightning_inspect.core.recorder.StepCoordinator`), not read back from MLflow, so it shows the
-same statistics, histograms and findings whatever MLflow itself is sent.
-"""
+"""The overview page in MLflow, fed in-process with what the monitors publish."""
 
 from __future__ import annotations
 
@@ -30,11 +25,9 @@ ARTIFACT = "lightning_inspect/overview.html"
 class OverviewPage(Callback):
     """Write the overview page (layers x steps heatmaps, histograms, findings) to MLflow.
 
-    Add it next to the monitors; it needs an ``MLFlowLogger`` in ``Trainer(logger=...)`` (without
-    one it does nothing). In TensorBoard the same page is the "Inspect" tab, with no callback.
-
-    The page is built and uploaded on a worker thread from a copy of the data (a refresh replaces
-    one still waiting for the worker); the last one, at the end of fit, on the training thread.
+    Add it next to the monitors; it needs an ``MLFlowLogger`` (without one it does nothing). In
+    TensorBoard the same page is the "Inspect" tab, with no callback. Refreshes are built and
+    uploaded on a worker thread; the last page, at the end of fit, within the fit's deadline.
 
     Args:
         every_n_logs: rewrite the page every this many logged steps (and at the end of fit).
@@ -70,8 +63,7 @@ class OverviewPage(Callback):
         self._logger = attached_loggers(trainer).get("mlflow")
         if self._logger is None:
             return
-        # the library's own MLflow calls: a bounded retry budget against a tracking server, and
-        # the fit's one end-of-fit deadline, shared with the monitors and the run record
+        # bounded retries against a tracking server; the fit's one end-of-fit deadline
         self._client = bounded_client(self._logger.experiment)
         self._deadline = EndOfFit.for_fit(trainer)
         self.data = RunData()
@@ -89,39 +81,22 @@ class OverviewPage(Callback):
     ) -> None:
         """Take what a monitor published; rewrite the page every ``every_n_logs`` logged steps."""
         try:
-            self._take(step, scalars, histograms, findings)
+            if self._last_step is not None and step > self._last_step:
+                self._complete_steps += 1  # a later step began: the previous one is complete
+                if self._complete_steps % self.every_n_logs == 0 and self._worker is not None:
+                    if self._pending is not None:
+                        self._pending.cancel()  # a write not yet started is replaced
+                    self._pending = self._worker.submit(self.write, self.data.copy())
+            self._last_step = step if self._last_step is None else max(step, self._last_step)
+            self.data.add_scalars(step, scalars)
+            for key, h in histograms.items():
+                self.data.add_histogram(key, step, h.edges[0], h.edges[-1], h.counts)
+            self.data.add_findings(finding_dicts(findings))
         except Exception as exc:  # the page must never stop training
             self._warn(f"taking the values of step {step}", exc)
 
-    def _take(
-        self,
-        step: int,
-        scalars: Mapping[str, float],
-        histograms: Mapping[str, Any],
-        findings: Sequence[Any],
-    ) -> None:
-        """Add the values to the data; a step that begins completes the one before it."""
-        if self._last_step is not None and step > self._last_step:
-            self._complete_steps += 1  # a later step began: the previous one is complete
-            if self._complete_steps % self.every_n_logs == 0:
-                self._refresh()
-        self._last_step = step if self._last_step is None else max(step, self._last_step)
-        self.data.add_scalars(step, scalars)
-        for key, h in histograms.items():
-            self.data.add_histogram(key, step, h.edges[0], h.edges[-1], h.counts)
-        self.data.add_findings(finding_dicts(findings))
-
-    def _refresh(self) -> None:
-        """Write a copy of the data on the worker thread; it replaces a write not yet started."""
-        if self._worker is None:
-            return
-        if self._pending is not None:
-            self._pending.cancel()  # no effect on a write under way
-        self._pending = self._worker.submit(self.write, self.data.copy())
-
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until the page being written in the background is uploaded (at most ``timeout``
-        seconds); returns whether it was."""
+        """Whether the page being written in the background was uploaded within ``timeout``."""
         if self._pending is None:
             return True
         try:

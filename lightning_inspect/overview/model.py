@@ -1,11 +1,6 @@
-"""The overview's data model: per run, layers x steps matrices of every statistic, histograms
-per layer and step, and health findings; serialised as JSON for the one frontend.
-
-Metric keys (:mod:`lightning_inspect.core.keys`) map to a *view kind*, a *layer* and a *statistic*:
-``activations/<module>[/<output>]/<stat>`` -> (``activations``, ``<module>[/<output>]``,
-``<stat>``); ``weights/<param>/update_ratio`` -> (``update_ratios``, ``<param>``,
-``update_ratio``). Layers keep the order in which their keys first arrive (the execution or
-selection order of the monitors), never sorted.
+"""The overview's data: per run and view kind, layers x steps of every statistic, histograms
+per layer and step, and health findings; serialised as JSON for the one frontend. Layers keep the
+order in which their keys first arrive (execution or selection order), never sorted.
 
 Example:
     >>> run = RunData()
@@ -35,8 +30,9 @@ VIEW_KINDS = {
     "update_ratios": "update ratios",
     "health": "health",
 }
-_UPDATE_RATIO = "update_ratio"
 _DIGITS = 6  # significant digits kept in the page's data
+#: The fields of a finding that the page shows.
+FINDING_FIELDS = ("rule", "severity", "module", "statistic", "value", "step", "hint")
 
 
 def split_key(key: str) -> tuple[str, str, str] | None:
@@ -53,7 +49,7 @@ def split_key(key: str) -> tuple[str, str, str] | None:
     if kind not in VIEW_KINDS or not name:
         return None
     layer = f"{name}/{output}" if output else name
-    if kind == "weights" and stat == _UPDATE_RATIO:
+    if kind == "weights" and stat == "update_ratio":
         kind = "update_ratios"
     return kind, layer, stat
 
@@ -64,24 +60,18 @@ def split_histogram_key(key: str) -> tuple[str, str] | None:
     >>> split_histogram_key("activations/attn/0")
     ('activations', 'attn/0')
     """
-    kind, _, layer = key.partition("/")
-    if kind not in VIEW_KINDS or not layer:
-        return None
-    return kind, layer
+    kind, name, output, _ = keys.split_key(f"{key}/")
+    return (kind, f"{name}/{output}" if output else name) if kind in VIEW_KINDS and name else None
 
 
-def _number(value: float) -> float | None:
-    """A JSON-safe value: non-finite values become ``None`` (drawn as missing)."""
-    return _rounded(np.array([value], dtype=np.float64))[0]
-
-
-def _rounded(values: np.ndarray) -> list[float | None]:
-    """Values to :data:`_DIGITS` significant digits (short JSON); non-finite ones as ``None``."""
+def _rounded(values: Any) -> list[float | None]:
+    """Values (any shape) to :data:`_DIGITS` significant digits; non-finite ones as ``None``."""
+    values = np.asarray(values, dtype=np.float64)
     finite = np.isfinite(values)
-    safe = np.where(finite & (values != 0), np.abs(values), 1.0)
-    scale = 10.0 ** (_DIGITS - 1 - np.floor(np.log10(safe)))
-    rounded = np.where(finite, np.round(np.where(finite, values, 0.0) * scale) / scale, np.nan)
-    return [v if f else None for v, f in zip(rounded.tolist(), finite.tolist(), strict=False)]
+    scale = 10.0 ** (
+        _DIGITS - 1 - np.floor(np.log10(np.where(finite & (values != 0), abs(values), 1)))
+    )
+    return np.where(finite, np.round(np.where(finite, values, 0.0) * scale) / scale, None).tolist()
 
 
 @dataclass
@@ -114,49 +104,39 @@ class RunData:
         }
         return RunData(kinds, [dict(f) for f in self.findings])
 
-    def _kind(self, kind: str) -> KindData:
-        return self.kinds.setdefault(kind, KindData())
+    def _layer(self, kind: str, layer: str) -> KindData:
+        data = self.kinds.setdefault(kind, KindData())
+        data.layers.setdefault(layer)
+        return data
 
     def add_scalars(self, step: int, values: Mapping[str, float]) -> None:
         """Add one step's scalars (keys per :mod:`lightning_inspect.core.keys`, others skipped)."""
         for key, value in values.items():
-            parts = split_key(key)
-            if parts is None:
-                continue
-            kind, layer, stat = parts
-            data = self._kind(kind)
-            data.layers.setdefault(layer)
-            data.stats.setdefault(stat)
-            data.values.setdefault((layer, stat), {})[int(step)] = float(value)
+            if (parts := split_key(key)) is not None:
+                data = self._layer(*parts[:2])
+                data.stats.setdefault(parts[2])
+                data.values.setdefault(parts[1:], {})[int(step)] = float(value)
 
     def add_histogram(
         self, key: str, step: int, lo: float, hi: float, counts: Sequence[float]
     ) -> None:
         """Add one histogram: ``counts`` (whole numbers) in equal bins from ``lo`` to ``hi``."""
-        parts = split_histogram_key(key)
-        if parts is None:
-            return
-        kind, layer = parts
-        data = self._kind(kind)
-        data.layers.setdefault(layer)
-        whole = np.rint(np.asarray(counts, dtype=np.float64)).astype(np.int64).tolist()
-        data.histograms.setdefault(layer, {})[int(step)] = (float(lo), float(hi), whole)
+        if (parts := split_histogram_key(key)) is not None:
+            whole = np.rint(np.asarray(counts, dtype=np.float64)).astype(np.int64).tolist()
+            series = self._layer(*parts).histograms.setdefault(parts[1], {})
+            series[int(step)] = (float(lo), float(hi), whole)
 
     def note_histograms(self, key: str) -> None:
         """Note that histograms exist under ``key`` (their values are read per layer later)."""
-        parts = split_histogram_key(key)
-        if parts is not None:
-            data = self._kind(parts[0])
-            data.layers.setdefault(parts[1])
-            data.histograms.setdefault(parts[1], {})
+        if (parts := split_histogram_key(key)) is not None:
+            self._layer(*parts).histograms.setdefault(parts[1], {})
 
     def add_findings(self, findings: Iterable[Mapping[str, Any]]) -> None:
-        """Add health findings (``rule``, ``severity``, ``module``, ``statistic``, ``value``,
-        ``step``, ``hint``); a finding already present is not added twice."""
+        """Add health findings (:data:`FINDING_FIELDS`), each (rule, module, step) once."""
         seen = {(f["rule"], f["module"], f["step"]) for f in self.findings}
         for f in findings:
             entry = {name: f.get(name) for name in FINDING_FIELDS}
-            entry["value"] = _number(entry["value"]) if entry["value"] is not None else None
+            entry["value"] = None if entry["value"] is None else _rounded([entry["value"]])[0]
             if (entry["rule"], entry["module"], entry["step"]) not in seen:
                 seen.add((entry["rule"], entry["module"], entry["step"]))
                 self.findings.append(entry)
@@ -176,9 +156,7 @@ class RunData:
         for i, layer in enumerate(data.layers):
             for step, value in data.values.get((layer, stat), {}).items():
                 grid[i, column[step]] = value
-        flat = _rounded(grid.reshape(-1))
-        width = grid.shape[1]
-        return [flat[i * width : (i + 1) * width] for i in range(grid.shape[0])]
+        return _rounded(grid)
 
     def layer_histograms(self, kind: str, layer: str) -> dict[str, Any]:
         """One layer's histograms: ``steps``, ``lo``, ``hi`` and ``counts`` (one list per step)."""
@@ -186,25 +164,24 @@ class RunData:
         steps = sorted(series)
         return {
             "steps": steps,
-            "lo": _rounded(np.array([series[s][0] for s in steps], dtype=np.float64)),
-            "hi": _rounded(np.array([series[s][1] for s in steps], dtype=np.float64)),
+            "lo": _rounded([series[s][0] for s in steps]),
+            "hi": _rounded([series[s][1] for s in steps]),
             "counts": [series[s][2] for s in steps],
         }
 
     def meta(self) -> dict[str, Any]:
         """The run's kinds (layers, statistics, steps, which layers have histograms), findings."""
-        kinds = {}
-        for kind, label in VIEW_KINDS.items():
-            if kind not in self.kinds:
-                continue
-            data = self.kinds[kind]
-            kinds[kind] = {
+        kinds = {
+            kind: {
                 "label": label,
                 "layers": list(data.layers),
                 "stats": list(data.stats),
                 "steps": self.steps(kind),
                 "histograms": [layer for layer in data.layers if layer in data.histograms],
             }
+            for kind, label in VIEW_KINDS.items()
+            if (data := self.kinds.get(kind)) is not None
+        }
         return {"kinds": kinds, "findings": self.findings}
 
     def to_json_dict(self) -> dict[str, Any]:
@@ -216,10 +193,6 @@ class RunData:
                 layer: self.layer_histograms(kind, layer) for layer in info["histograms"]
             }
         return out
-
-
-#: The fields of a finding that the page shows.
-FINDING_FIELDS = ("rule", "severity", "module", "statistic", "value", "step", "hint")
 
 
 def finding_dicts(findings: Iterable[Any]) -> list[dict[str, Any]]:
@@ -235,12 +208,4 @@ def safe_json(value: Any) -> str:
     '{"m": "\\\\u003c/script\\\\u003e"}'
     """
     text = json.dumps(value, allow_nan=False)
-    for char, escape in (
-        ("<", "\\u003c"),
-        (">", "\\u003e"),
-        ("&", "\\u0026"),
-        ("\u2028", "\\u2028"),
-        ("\u2029", "\\u2029"),
-    ):
-        text = text.replace(char, escape)
-    return text
+    return text.translate({ord(c): f"\\u{ord(c):04x}" for c in "<>&\u2028\u2029"})

@@ -1,5 +1,5 @@
-"""The overview as one self-contained HTML file: the page's script and style and the runs'
-data inlined (no network needed to view it), e.g. for MLflow's artifact viewer.
+"""The page's static files (served by the TensorBoard plugin) and the self-contained HTML file
+with them and the runs' data inlined (no network needed to view it), for MLflow.
 
 Example:
     >>> from lightning_inspect.overview.model import RunData
@@ -14,9 +14,23 @@ from __future__ import annotations
 
 import html
 from collections.abc import Mapping
+from importlib import resources
 
-from lightning_inspect.overview.assets import asset
 from lightning_inspect.overview.model import RunData, safe_json
+
+#: The files of ``overview/static`` and their content types.
+ASSETS = {
+    "index.js": "application/javascript",
+    "overview.js": "application/javascript",
+    "overview.css": "text/css",
+}
+
+
+def asset(name: str) -> bytes:
+    """The content of one of :data:`ASSETS`."""
+    if name not in ASSETS:
+        raise KeyError(f"no overview asset {name!r}; expected one of {', '.join(ASSETS)}")
+    return resources.files("lightning_inspect.overview").joinpath("static", name).read_bytes()
 
 
 def render_page(runs: Mapping[str, RunData], title: str = "lightning-inspect overview") -> str:

@@ -1,23 +1,49 @@
 """Read the overview's data of a TensorBoard log dir through TensorBoard's data provider.
 
-Scalars come from the ``scalars`` plugin, histograms (written with ``add_histogram_raw``) from
-the ``histograms`` plugin as ``[left, right, count]`` buckets, and health findings from the
-JSON text that :class:`~lightning_inspect.HealthMonitor` writes under :data:`FINDINGS_KEY`.
+Scalars come from the ``scalars`` plugin, histograms from the ``histograms`` plugin as
+``[left, right, count]`` buckets, health findings from the JSON text under :data:`FINDINGS_KEY`.
+Data providers do not keep the order in which tags were written (the Rust data server returns
+hash order), so :func:`key_order` reads it from the start of the run's event file.
 """
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 from typing import Any
 
 import numpy as np
 
 from lightning_inspect.core.keys import FINDINGS_KEY
 from lightning_inspect.overview.model import RunData, split_histogram_key, split_key
-from lightning_inspect.overview.order import key_order
 
 #: At most this many steps per series are read (TensorBoard keeps a sample of longer series).
 MAX_STEPS = 10_000
+#: Events read at most per run for the order (the first logged step's events come first).
+MAX_EVENTS = 5_000
+
+
+def key_order(logdir: str, run: str) -> dict[str, int]:
+    """``{tag: rank}`` of the lightning-inspect tags of the first logged step of ``run``, in
+    the order written (the monitors write a step's keys in execution order); ``{}`` when the
+    event files cannot be read (a remote log dir): the provider's order is kept then."""
+    from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+
+    files = sorted(glob.glob(os.path.join(logdir, run, "events.out.tfevents.*")))
+    ranks: dict[str, int] = {}
+    first_step: int | None = None
+    try:
+        for n, event in enumerate(LegacyEventFileLoader(files[0]).Load() if files else ()):
+            if n >= MAX_EVENTS or (first_step is not None and event.step > first_step):
+                break
+            for value in event.summary.value:
+                if split_key(value.tag) or split_histogram_key(value.tag):
+                    first_step = event.step if first_step is None else first_step
+                    ranks.setdefault(value.tag, len(ranks))
+    except Exception:  # an unreadable file: what was read, then the provider's order
+        pass
+    return ranks
 
 
 class LogDirReader:
@@ -31,113 +57,87 @@ class LogDirReader:
     def _list(self, ctx: Any, plugin: str, run: str | None = None) -> dict[str, dict[str, Any]]:
         from tensorboard.data.provider import RunTagFilter
 
-        run_filter = RunTagFilter(runs=[run]) if run is not None else None
         method = self.provider.list_scalars if plugin == "scalars" else self.provider.list_tensors
+        runs = RunTagFilter(runs=[run]) if run is not None else None
         return method(
-            ctx, experiment_id=self.experiment_id, plugin_name=plugin, run_tag_filter=run_filter
+            ctx, experiment_id=self.experiment_id, plugin_name=plugin, run_tag_filter=runs
         )
+
+    def _read(self, ctx: Any, plugin: str, run: str, tags: list[str]) -> dict[str, Any]:
+        from tensorboard.data.provider import RunTagFilter
+
+        method = self.provider.read_scalars if plugin == "scalars" else self.provider.read_tensors
+        return method(
+            ctx,
+            experiment_id=self.experiment_id,
+            plugin_name=plugin,
+            downsample=MAX_STEPS,
+            run_tag_filter=RunTagFilter(runs=[run], tags=tags),
+        ).get(run, {})
 
     def runs(self, ctx: Any) -> list[str]:
         """The runs holding lightning-inspect statistics or histograms, in the provider's order."""
         found: dict[str, None] = {}
-        for run, tags in self._list(ctx, "scalars").items():
-            if any(split_key(tag) is not None for tag in tags):
-                found.setdefault(run)
-        for run, tags in self._list(ctx, "histograms").items():
-            if any(split_histogram_key(tag) is not None for tag in tags):
-                found.setdefault(run)
+        for plugin, ours in (("scalars", split_key), ("histograms", split_histogram_key)):
+            for run, tags in self._list(ctx, plugin).items():
+                if any(ours(tag) is not None for tag in tags):
+                    found.setdefault(run)
         return list(found)
 
     def version(self, ctx: Any, run: str) -> tuple[Any, ...]:
         """Changes whenever new data of ``run`` is loaded (to cache what is read)."""
-        marks = []
-        for plugin in ("scalars", "histograms", "text"):
-            series = self._list(ctx, plugin, run).get(run, {})
-            marks.append(
-                max(((s.max_step, s.max_wall_time) for s in series.values()), default=None)
+        return tuple(
+            max(((s.max_step, s.max_wall_time) for s in series.values()), default=None)
+            for series in (
+                self._list(ctx, p, run).get(run, {}) for p in ("scalars", "histograms", "text")
             )
-        return tuple(marks)
+        )
 
     def run_data(self, ctx: Any, run: str) -> RunData:
-        """Statistics, findings and the (empty) histogram series of ``run``.
-
-        Histograms are read one layer at a time with :meth:`histograms`; here only which layers
-        have them is noted (an empty series keeps the layer's place in the order).
-        """
-        from tensorboard.data.provider import RunTagFilter
-
+        """Statistics and findings of ``run``, and which layers have histograms (their values
+        are read one layer at a time by :meth:`histograms`)."""
         data = RunData()
         rank = key_order(self.logdir, run) if self.logdir else {}
-        last = len(rank)  # tags not in the first logged step: after those, in the provider's order
-
-        def in_model_order(tags: Any) -> list[str]:
-            return sorted(tags, key=lambda tag: rank.get(tag, last))
-
-        tags = in_model_order(
-            t for t in self._list(ctx, "scalars", run).get(run, {}) if split_key(t)
+        # tags not in the first logged step come after those, in the provider's order
+        tags = sorted(
+            (t for t in self._list(ctx, "scalars", run).get(run, {}) if split_key(t)),
+            key=lambda tag: rank.get(tag, len(rank)),
         )
-        if tags:
-            read = self.provider.read_scalars(
-                ctx,
-                experiment_id=self.experiment_id,
-                plugin_name="scalars",
-                downsample=MAX_STEPS,
-                run_tag_filter=RunTagFilter(runs=[run], tags=tags),
-            ).get(run, {})
-            by_step: dict[int, dict[str, float]] = {}
-            for tag in tags:
-                for datum in read.get(tag, ()):
-                    by_step.setdefault(datum.step, {})[tag] = datum.value
-            for step in sorted(by_step):
-                data.add_scalars(step, by_step[step])
-        for tag in in_model_order(self._list(ctx, "histograms", run).get(run, {})):
+        read = self._read(ctx, "scalars", run, tags) if tags else {}
+        by_step: dict[int, dict[str, float]] = {}
+        for tag in tags:
+            for datum in read.get(tag, ()):
+                by_step.setdefault(datum.step, {})[tag] = datum.value
+        for step in sorted(by_step):
+            data.add_scalars(step, by_step[step])
+        hist = self._list(ctx, "histograms", run).get(run, {})
+        for tag in sorted(hist, key=lambda tag: rank.get(tag, len(rank))):
             data.note_histograms(tag)
         data.add_findings(self.findings(ctx, run))
         return data
 
     def findings(self, ctx: Any, run: str) -> list[dict[str, Any]]:
         """The health findings written to ``run`` (all of them, oldest first)."""
-        from tensorboard.data.provider import RunTagFilter
-
         # SummaryWriter.add_text writes the tag with "/text_summary" appended
-        tags = [
-            t
-            for t in self._list(ctx, "text", run).get(run, {})
-            if t in (FINDINGS_KEY, f"{FINDINGS_KEY}/text_summary")
-        ]
-        if not tags:
-            return []
-        read = self.provider.read_tensors(
-            ctx,
-            experiment_id=self.experiment_id,
-            plugin_name="text",
-            downsample=MAX_STEPS,
-            run_tag_filter=RunTagFilter(runs=[run], tags=tags),
-        ).get(run, {})
+        ours = (FINDINGS_KEY, f"{FINDINGS_KEY}/text_summary")
+        tags = [t for t in self._list(ctx, "text", run).get(run, {}) if t in ours]
+        read = self._read(ctx, "text", run, tags) if tags else {}
         found: list[dict[str, Any]] = []
         for datum in (d for tag in tags for d in read.get(tag, ())):
             for text in np.asarray(datum.numpy).reshape(-1):
-                raw = text.decode("utf-8") if isinstance(text, bytes) else str(text)
                 try:
-                    found.extend(json.loads(raw))
+                    found.extend(
+                        json.loads(text.decode() if isinstance(text, bytes) else str(text))
+                    )
                 except ValueError:
                     continue  # not ours: skip it
         return found
 
     def histograms(self, ctx: Any, run: str, kind: str, layer: str) -> dict[str, Any]:
         """One layer's histograms over steps (``steps``, ``lo``, ``hi``, ``counts``)."""
-        from tensorboard.data.provider import RunTagFilter
-
         tag = f"{'weights' if kind == 'update_ratios' else kind}/{layer}"
-        read = self.provider.read_tensors(
-            ctx,
-            experiment_id=self.experiment_id,
-            plugin_name="histograms",
-            downsample=MAX_STEPS,
-            run_tag_filter=RunTagFilter(runs=[run], tags=[tag]),
-        ).get(run, {})
         data = RunData()
-        for datum in read.get(tag, ()):
+        for datum in self._read(ctx, "histograms", run, [tag]).get(tag, ()):
             buckets = np.asarray(datum.numpy, dtype=np.float64).reshape(-1, 3)
             if len(buckets):
                 data.add_histogram(tag, datum.step, buckets[0, 0], buckets[-1, 1], buckets[:, 2])

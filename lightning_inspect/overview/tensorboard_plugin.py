@@ -1,13 +1,6 @@
-"""The "Inspect" tab of TensorBoard: a dashboard plugin serving the overview page.
-
-Installed with the package through the ``tensorboard_plugins`` entry point
-(``inspect = lightning_inspect.overview.tensorboard_plugin:InspectLoader``); TensorBoard shows
-the tab whenever a run of the log dir holds lightning-inspect statistics or histograms.
-
-Routes, under ``/data/plugin/inspect/``: the page (``index.js``, ``overview.js``,
-``overview.css``) and its data as JSON: ``runs``, ``meta?run=``,
-``matrix?run=&kind=&stat=`` and ``histograms?run=&kind=&layer=``.
-"""
+"""The "Inspect" tab of TensorBoard (entry point ``tensorboard_plugins``), shown whenever a run
+holds lightning-inspect data. Routes under ``/data/plugin/inspect/``: the static files and the
+JSON ``runs``, ``meta?run=``, ``matrix?run=&kind=&stat=``, ``histograms?run=&kind=&layer=``."""
 
 from __future__ import annotations
 
@@ -19,8 +12,8 @@ from tensorboard.backend import http_util
 from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
 
-from lightning_inspect.overview.assets import ASSETS, asset
 from lightning_inspect.overview.model import RunData
+from lightning_inspect.overview.page import ASSETS, asset
 from lightning_inspect.overview.reader import LogDirReader
 
 PLUGIN_NAME = "inspect"
@@ -39,15 +32,8 @@ class InspectPlugin(base_plugin.TBPlugin):
 
     def get_plugin_apps(self) -> dict[str, Any]:
         apps: dict[str, Any] = {f"/{name}": self._serve_static for name in ASSETS}
-        apps.update(
-            {
-                "/runs": self._serve_runs,
-                "/meta": self._serve_meta,
-                "/matrix": self._serve_matrix,
-                "/histograms": self._serve_histograms,
-            }
-        )
-        return apps
+        routes = ("runs", "meta", "matrix", "histograms")
+        return apps | {f"/{name}": getattr(self, f"_serve_{name}") for name in routes}
 
     def is_active(self) -> bool:
         if self._reader is None:
@@ -61,8 +47,6 @@ class InspectPlugin(base_plugin.TBPlugin):
 
     def frontend_metadata(self) -> base_plugin.FrontendMetadata:
         return base_plugin.FrontendMetadata(es_module_path="/index.js", tab_name="Inspect")
-
-    # -- routes -----------------------------------------------------------------------------
 
     @wrappers.Request.application
     def _serve_static(self, request: wrappers.Request) -> wrappers.Response:
@@ -99,11 +83,8 @@ class InspectPlugin(base_plugin.TBPlugin):
     def _serve_histograms(self, request: wrappers.Request) -> wrappers.Response:
         if self._reader is None:
             return _error(request, "no data provider", 404)
-        args = request.args
-        hist = self._reader.histograms(
-            _ctx(request), args.get("run", ""), args.get("kind", ""), args.get("layer", "")
-        )
-        return _json(request, hist)
+        args = [request.args.get(name, "") for name in ("run", "kind", "layer")]
+        return _json(request, self._reader.histograms(_ctx(request), *args))
 
     def _run_data(self, request: wrappers.Request) -> RunData | wrappers.Response:
         """The run named by ``?run=``, read once per change of its data."""
