@@ -1,38 +1,18 @@
 """The first module, in execution order, whose forward or backward made a NaN/Inf.
 
-:class:`NonFiniteLocator` checks, during a training batch, the outputs of each watched module
-(core's :class:`~lightning_inspect.core.hooks.OutputHook`), the loss, the gradient of every tensor
-that crosses a module boundary (core's :class:`~lightning_inspect.core.hooks.OutputGradHook`; a
-bad one is blamed on the innermost watched module that took it as input, else on the module that
-made it) and, after backward, the parameter gradients. One forward pre-hook per module keeps
-weak references to the call's inputs: the report describes them and the blame needs them.
-
-``check="module"`` (the CPU default) tests each tensor as it is produced, so ``"debug"`` opens the
-debugger inside the culprit's hook; ``"step"`` (accelerators) reduces each tensor to a row on its
-device and tests them all with one transfer per micro-batch, after backward and before the
-optimizer step. Both cost far less than ``torch.autograd.detect_anomaly``. Actions: ``"warn"``
-(once per module), ``"raise"`` (:class:`FirstNonFiniteError`), ``"debug"``.
-
-Example:
-    >>> import torch
-    >>> from torch import nn
-    >>> class Log(nn.Module):
-    ...     def forward(self, x):
-    ...         return torch.log(x)
-    >>> net = nn.Sequential(nn.Linear(2, 2), Log(), nn.Linear(2, 1))
-    >>> locator = NonFiniteLocator(action="raise")
-    >>> with locator.attach(dict(net.named_children())):
-    ...     with torch.no_grad():
-    ...         _ = net[0].weight.fill_(-1.0)
-    ...     try:
-    ...         net(torch.ones(1, 2))
-    ...     except FirstNonFiniteError as err:
-    ...         print(err.origin.module, err.origin.phase, err.origin.nan)
-    1 forward 2
+:class:`NonFiniteLocator` tests each watched module's outputs (core's ``OutputHook``), the loss,
+the gradient of each tensor that crosses a module boundary (core's ``OutputGradHook``; blamed on
+the innermost watched module that took it as input, else on the one that made it) and, after
+backward, the parameter gradients. One forward pre-hook per module keeps weak references to the
+call's inputs, which the report describes and the blame needs. ``check="module"`` (CPU default)
+tests each tensor as it is produced, so ``"debug"`` opens the debugger inside the culprit's hook;
+``"step"`` (accelerators) reduces each to a row on its device and tests them all with one
+transfer per micro-batch, after backward and before the optimizer step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 import warnings
@@ -97,11 +77,6 @@ class TensorSummary:
         parts += [f"{k} {format_value(s[k])}" for k in ("min", "max", "mean", "std") if k in s]
         parts.append(f"{int(s.get('nan_count', 0))} NaN, {int(s.get('inf_count', 0))} Inf")
         return ", ".join(parts)
-
-    @property
-    def finite(self) -> bool:
-        """Whether the tensor held no NaN/Inf."""
-        return self.stats.get("nan_count", 0) + self.stats.get("inf_count", 0) == 0
 
 
 @dataclass(frozen=True)
@@ -200,24 +175,21 @@ def hint_for(phase: str, inputs_finite: bool, params_finite: bool, first_module:
 
 def can_debug() -> bool:
     """Whether a debugger can take the terminal (``sys.stdin`` is an interactive terminal)."""
-    try:
+    with contextlib.suppress(AttributeError, ValueError, OSError):
         return bool(sys.stdin) and sys.stdin.isatty()
-    except (AttributeError, ValueError, OSError):
-        return False
+    return False
 
 
+@dataclass
 class _Site:
     """A tensor that crossed a module boundary in the forward pass (its gradient is watched)."""
 
-    __slots__ = ("consumers", "grad_row", "grad_shape", "path", "producer", "ref")
-
-    def __init__(self, tensor: torch.Tensor) -> None:
-        self.ref = weakref.ref(tensor)
-        self.producer: str | None = None
-        self.path = ""
-        self.consumers: list[tuple[str, str]] = []  # (module, input label), outermost first
-        self.grad_row: torch.Tensor | None = None
-        self.grad_shape: tuple[int, ...] = ()
+    ref: weakref.ref[torch.Tensor]
+    producer: str | None = None
+    path: str = ""
+    consumers: list[tuple[str, str]] = field(default_factory=list)  # (module, input), outer first
+    grad_row: torch.Tensor | None = None
+    grad_shape: tuple[int, ...] = ()
 
 
 #: An input described by its row: (label, shape, dtype, row).
@@ -261,17 +233,24 @@ def _keep_inputs(hook: InputHook, args: tuple[Any, ...], kwargs: dict[str, Any])
 
 
 class NonFiniteLocator:
-    """Find the first module that makes a NaN/Inf, and act on it.
+    """Find the first module that makes a NaN/Inf and ``"warn"`` (once per module), ``"raise"``
+    (:class:`FirstNonFiniteError`) or ``"debug"``; ``check``: ``"module"``, ``"step"``, ``"auto"``;
+    ``on_origin`` is called with every origin found. Driven by :meth:`start` at each batch, the
+    hooks (:meth:`attach`, or a monitor's), :meth:`loss` before backward, :meth:`check` after.
 
-    Args:
-        action: ``"warn"``, ``"raise"`` or ``"debug"`` (see the module docstring).
-        check: ``"module"``, ``"step"`` or ``"auto"`` (resolved by :meth:`resolve_check`).
-        owner: the name used in messages.
-        on_origin: called with every origin found (before the action).
-
-    The caller drives it: :meth:`start` at each training batch; :meth:`_on_input` and
-    :meth:`_on_output` from hooks on the watched modules (:meth:`attach` registers them);
-    :meth:`loss` before backward; :meth:`check` after backward, with the parameters to check.
+    Example:
+        >>> class Log(nn.Module):
+        ...     def forward(self, x):
+        ...         return torch.log(x)
+        >>> net = nn.Sequential(nn.Linear(2, 2), Log(), nn.Linear(2, 1))
+        >>> locator = NonFiniteLocator(action="raise")
+        >>> with locator.attach(dict(net.named_children())), torch.no_grad():
+        ...     _ = net[0].weight.fill_(-1.0)
+        ...     try:
+        ...         net(torch.ones(1, 2))
+        ...     except FirstNonFiniteError as err:
+        ...         print(err.origin.module, err.origin.phase, err.origin.nan)
+        1 forward 2
     """
 
     _recording = True  # as a hook consumer of its own (attach), it always records
@@ -375,21 +354,16 @@ class NonFiniteLocator:
             if site.producer is None:
                 site.producer, site.path = name, path
             self._outputs_of.setdefault(name, []).append(site)
-        label = _label("output", path)
-        if self.check_mode == "module":
-            if not bool(torch.isfinite(stored_values(tensor)).all()):
-                inputs = [
-                    (lb, t) for lb, ref in self._inputs.get(name, []) if (t := ref()) is not None
-                ]
-                event = _Event("forward", name, label, reduce_tensor(tensor, 0), _rows(inputs))
-                module = self._modules.get(name)
-                self._act(self._origin(event), module=module, inputs=inputs, output=tensor)
+        now = self.check_mode == "module"
+        if now and bool(torch.isfinite(stored_values(tensor)).all()):
             return
+        inputs = [(lb, t) for lb, ref in self._inputs.get(name, []) if (t := ref()) is not None]
         rows = self._input_rows.get(name)
-        if rows is None:
-            inputs = [(lb, t) for lb, ref in self._inputs.get(name, []) if (t := ref()) is not None]
+        if rows is None:  # once per call, however many output tensors
             rows = self._input_rows[name] = _rows(inputs)
-        self._events.append(_Event("forward", name, label, reduce_tensor(tensor, 0), rows))
+        event = _Event("forward", name, _label("output", path), reduce_tensor(tensor, 0), rows)
+        module = self._modules.get(name)
+        self._test(event, now, module=module, inputs=inputs, output=tensor)
 
     def _on_output_grad(self, key: str, grad: torch.Tensor) -> None:
         """Test the gradient of a boundary tensor (from its tensor hook)."""
@@ -399,25 +373,26 @@ class NonFiniteLocator:
         site = self._site_list[index]
         site.grad_row, site.grad_shape = reduce_tensor(grad, 0), tuple(grad.shape)
         event = _Event("backward", "", str(site.grad_shape), site.grad_row, site=site)
-        if self.check_mode == "module" and not self.gradients_may_overflow:
-            if bool(site.grad_row[_NAN] + site.grad_row[_INF] > 0):
-                self._act(self._origin(event), gradient=grad)
-        else:
-            self._events.append(event)
+        self._test(
+            event, self.check_mode == "module" and not self.gradients_may_overflow, gradient=grad
+        )
+
+    def _test(self, event: _Event, now: bool, **context: Any) -> None:
+        if not now:
+            self._events.append(event)  # for check(), in one transfer
+        elif bool(event.row[_NAN] + event.row[_INF] > 0):
+            self._act(self._origin(event), **context)
 
     def _hook_fault(self, where: str, exc: BaseException) -> None:
         if isinstance(exc, InspectError):
             raise exc  # the "raise" and "debug" actions
-        warnings.warn(
-            f"{self.owner}: checking {where} failed ({type(exc).__name__}: {exc}).",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        message = f"{self.owner}: checking {where} failed ({type(exc).__name__}: {exc})."
+        warnings.warn(message, RuntimeWarning, stacklevel=2)
 
     def _site(self, tensor: torch.Tensor) -> _Site:
         site = self._sites.get(id(tensor))
         if site is None or site.ref() is not tensor:
-            site = self._sites[id(tensor)] = _Site(tensor)
+            site = self._sites[id(tensor)] = _Site(weakref.ref(tensor))
             tensor.register_hook(OutputGradHook(self, str(len(self._site_list))))
             self._site_list.append(site)
         return site
@@ -429,10 +404,7 @@ class NonFiniteLocator:
         if self.hit_this_step or not isinstance(loss, torch.Tensor) or not _checkable(loss):
             return
         event = _Event("loss", "", f"the loss {tuple(loss.shape)}", reduce_tensor(loss, 0))
-        if self.check_mode != "module":
-            self._events.append(event)
-        elif not bool(torch.isfinite(loss).all()):
-            self._act(self._origin(event), output=loss)
+        self._test(event, self.check_mode == "module", output=loss)
 
     def check(
         self,
@@ -497,7 +469,7 @@ class NonFiniteLocator:
             label = f"gradient arriving at its {_label('output', site.path)} {label}"
         module = self._modules.get(name) if phase != "loss" else None
         params = _nonfinite_parameters(module)
-        inputs_finite = all(s.finite for s in inputs)
+        inputs_finite = all(s.stats["nan_count"] + s.stats["inf_count"] == 0 for s in inputs)
         hint = hint_for(phase, inputs_finite, not params, name == self._first_module)
         if phase == "loss" and self._last_module is not None:
             hint += f" (the last watched module was {self._last_module!r})"
@@ -556,8 +528,7 @@ def _open_debugger(
     output: Any = None,
     gradient: Any = None,
 ) -> None:
-    """Stop in the debugger with ``origin``, ``module``, ``inputs``, ``output`` / ``gradient`` at
-    hand as local variables; ``up`` reaches the caller's forward."""
+    """Stop in the debugger with the culprit's objects at hand as local variables."""
     print(
         f"\nlightning-inspect: {origin.message()}\n"
         "Debugger: `origin`, `module`, `inputs`, `output`, `gradient` are at hand; `up` walks to "

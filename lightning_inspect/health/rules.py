@@ -1,17 +1,15 @@
 """Health rules over reduced statistics: thresholds, findings and the report (no Lightning).
 
 :class:`HealthRules` reads, per module and logging step, ``dead_fraction`` (with ``units``),
-``saturated_fraction``, ``grad_norm`` and ``update_ratio`` (a missing one is not checked) and
-returns :class:`Finding` objects; :class:`HealthReport` keeps one entry per rule and module and
-renders them, worst first.
+``saturated_fraction``, ``grad_norm`` and ``update_ratio`` (a missing one is not checked);
+:class:`HealthReport` keeps one entry per rule and module and renders them, worst first.
 
 Example:
     >>> found = HealthRules().observe(10, {"fc1": {"grad_norm": 1e-9}, "fc2": {"grad_norm": 0.5}})
     >>> [(f.rule, f.module, f.step) for f in found]
     [('vanishing_gradient', 'fc1', 10)]
     >>> report = HealthReport()
-    >>> new = report.extend(found)
-    >>> print(report.to_markdown().splitlines()[0])
+    >>> print(report.extend(found) and report.to_markdown().splitlines()[0])
     ### Health report: 1 problem (0 errors, 1 warning, 0 notes)
 """
 
@@ -27,8 +25,7 @@ from typing import Any
 from lightning_inspect._validation import check_number, check_positive_int, suggestion
 from lightning_inspect.errors import ConfigError
 
-#: Severities, worst first.
-SEVERITIES = ("error", "warning", "info")
+SEVERITIES = ("error", "warning", "info")  # worst first
 # fmt: off
 #: Rules, in the order the report lists them within one severity.
 RULES = ("nonfinite", "exploding_gradient", "dead_units", "vanishing_gradient", "saturation",
@@ -36,12 +33,7 @@ RULES = ("nonfinite", "exploding_gradient", "dead_units", "vanishing_gradient", 
 #: Columns of the rendered report.
 COLUMNS = ("severity", "rule", "module", "statistic", "value", "step", "worst (step)", "seen",
            "hint")
-# fmt: on
-#: A GradScaler that skips steps at this scale or lower is stalled (NaN/Inf even unscaled).
-SCALER_STALL_SCALE = 1.0
-_LOWER_IS_WORSE = frozenset({"vanishing_gradient", "update_ratio_low"})
 #: Allowed values: an integer's minimum, or a number's interval ``(low, high, bounds)``.
-# fmt: off
 _LIMITS: dict[str, Any] = {
     "dead_fraction": (0, 1, "(]"), "dead_window": 1, "saturation_fraction": (0, 1, "(]"),
     "saturation_margin": (0, 0.5, "()"), "grad_norm_low": (0, math.inf, "[)"),
@@ -50,27 +42,52 @@ _LIMITS: dict[str, Any] = {
     "update_ratio_low": (0, math.inf, "[)"), "update_ratio_high": (0, math.inf, "()"),
 }
 # fmt: on
+#: A GradScaler that skips steps at this scale or lower is stalled (NaN/Inf even unscaled).
+SCALER_STALL_SCALE = 1.0
+_LOWER_IS_WORSE = frozenset({"vanishing_gradient", "update_ratio_low"})
+_FIX_DEPTH = "use ReLU-family activations, residual connections or normalisation"
+#: One-line hints by variant, with the fields the rule fills in.
+_HINTS = {
+    "dead_units": "{count} never positive over the last {window} logged steps: check the bias "
+    "and initialisation of the layer before it and the input scale, lower the learning rate, "
+    "or use LeakyReLU/GELU",
+    "saturation": "{share} of the {kind}outputs sit at their bounds, where the gradient is ~0: "
+    "normalise its input (LayerNorm/BatchNorm before it), shrink the initial weights or lower "
+    "the learning rate",
+    "update_nonfinite": "the update or the weights hold NaN/Inf: the optimizer wrote non-finite "
+    "values into this layer's parameters",
+    "update_ratio_high": "each step changes this layer's weights by more than {limit} of their "
+    "size (healthy is near 1e-3): the learning rate is likely too high",
+    "update_ratio_low": "this layer's weights change by less than {limit} of their size per "
+    "step: it barely learns (learning rate too low, tiny gradients, or frozen in effect)",
+    "grad_nonfinite": "a parameter gradient of this module holds NaN/Inf (see the first-NaN "
+    "report for where it started); lower the learning rate or clip gradients",
+    "grad_high": "gradient norm above {limit}: lower the learning rate or clip gradients "
+    "(Trainer(gradient_clip_val=1.0))",
+    "grad_spike": "gradient norm jumped to {factor:.0f}x its running median ({median} over "
+    "{seen} logged steps): lower the learning rate or clip gradients",
+    "grad_low": "gradient norm below {limit}: almost no learning signal reaches this layer; "
+    f"{_FIX_DEPTH}, and look for a detach()",
+    "grad_fades": "gradient norm is {share:.1e} of the largest ({top!r}: {top_norm}): the signal "
+    f"fades on its way back; {_FIX_DEPTH}",
+    "grad_scaler_stalled": "the GradScaler skipped the last {seen} logged steps and its scale is "
+    "down to {value}: gradients are NaN/Inf even unscaled, so nothing is learning; look for a "
+    "NaN made in backward (HealthMonitor(on_nonfinite='raise') in a float32 run names the "
+    "module) or lower the learning rate",
+}
 
 
 @dataclass(frozen=True)
 class HealthThresholds:
     """Where the health rules draw the line; every field can be overridden by name.
 
-    Attributes:
-        dead_fraction: report a ReLU-like module when at least this fraction of its units was
-            never positive over ``dead_window`` logged steps (an error when all of them were).
-        dead_window: logged steps a unit must stay non-positive to count as dead.
-        saturation_fraction: report a Tanh / Sigmoid / Hardtanh module when at least this
-            fraction of its outputs is saturated: ``|y| > 1 - margin`` (Tanh), ``y < margin`` or
-            ``y > 1 - margin`` (Sigmoid), at a bound (Hardtanh), ``margin = saturation_margin``.
-        grad_norm_low / grad_norm_high: a parameter-gradient norm below is vanishing (a
-            warning), above is exploding (an error).
-        grad_depth_ratio: a norm below this fraction of the step's largest module norm is
-            vanishing (depth-relative).
-        grad_spike_factor: a norm above this many times the module's running median (over
-            ``spike_history`` logged steps, once ``spike_min_history`` were seen) is exploding.
-        update_ratio_low / update_ratio_high: an update-to-weight ratio below is a note (barely
-            learns), above a warning (healthy is often near ``1e-3``).
+    ``dead_fraction`` of a ReLU-like module's units never positive over ``dead_window`` logged
+    steps; ``saturation_fraction`` of Tanh / Sigmoid / Hardtanh outputs within
+    ``saturation_margin`` of a bound; parameter-gradient norms below ``grad_norm_low``, above
+    ``grad_norm_high``, below ``grad_depth_ratio`` times the step's largest, or above
+    ``grad_spike_factor`` times the module's running median (over ``spike_history`` logged
+    steps, from ``spike_min_history`` on); update-to-weight ratios outside
+    [``update_ratio_low``, ``update_ratio_high``].
 
     Example:
         >>> HealthThresholds.checked("HealthMonitor", {"dead_fraction": 0.9}).dead_fraction
@@ -91,32 +108,27 @@ class HealthThresholds:
     update_ratio_high: float = 1e-1
 
     @classmethod
-    def checked(
-        cls, owner: str, value: HealthThresholds | Mapping[str, Any] | None
-    ) -> HealthThresholds:
+    def checked(cls, owner: str, value: HealthThresholds | Mapping | None) -> HealthThresholds:
         """Thresholds from ``None`` (defaults), an instance or a mapping of overrides; a
         :class:`ConfigError` names ``thresholds.<name>``, the value and what is allowed."""
-        if value is None or isinstance(value, HealthThresholds):
-            out = value or cls()
-        elif isinstance(value, Mapping):
-            for key, item in value.items():
-                if key not in _LIMITS:
-                    raise ConfigError(
-                        f"{owner}(thresholds.{key}={item!r}): unknown threshold {key!r}; expected "
-                        f"one of {', '.join(_LIMITS)}.{suggestion(str(key), _LIMITS)}"
-                    )
-            out = cls(**value)
-        else:
+        if not isinstance(value, (HealthThresholds, Mapping, type(None))):
             raise ConfigError(
                 f"{owner}(thresholds={value!r}): expected a mapping of threshold names to numbers "
                 f"(names: {', '.join(_LIMITS)})."
             )
+        for key, item in value.items() if isinstance(value, Mapping) else ():
+            if key not in _LIMITS:
+                raise ConfigError(
+                    f"{owner}(thresholds.{key}={item!r}): unknown threshold {key!r}; expected one "
+                    f"of {', '.join(_LIMITS)}.{suggestion(str(key), _LIMITS)}"
+                )
+        out = cls(**value) if isinstance(value, Mapping) else value or cls()
         for name, limit in _LIMITS.items():
-            v = getattr(out, name)
+            arg = f"thresholds.{name}"
             if isinstance(limit, int):
-                check_positive_int(owner, f"thresholds.{name}", v, limit)
+                check_positive_int(owner, arg, getattr(out, name), limit)
             else:
-                check_number(owner, f"thresholds.{name}", v, *limit)
+                check_number(owner, arg, getattr(out, name), *limit)
         for low, high in (
             ("grad_norm_low", "grad_norm_high"),
             ("update_ratio_low", "update_ratio_high"),
@@ -132,9 +144,9 @@ class HealthThresholds:
 
 @dataclass(frozen=True)
 class Finding:
-    """One problem seen at one step: rule (one of :data:`RULES`), severity (``error``,
-    ``warning``, ``info``), module, the statistic read and its value, the optimizer step, a
-    one-line hint, the threshold crossed (NaN: none) and the module's execution order (-1).
+    """One problem seen at one step: rule (one of :data:`RULES`), severity, module, the
+    statistic read and its value, the optimizer step, a one-line hint, the threshold crossed
+    (NaN: none) and the module's position in execution order (-1: unknown).
 
     Example:
         >>> f = Finding("dead_units", "error", "net.1", "dead_fraction", 1.0, 5, "all units dead")
@@ -171,6 +183,16 @@ def format_value(value: float) -> str:
     return f"{value:.4g}" if value == 0 or 1e-3 <= abs(value) < 1e4 else f"{value:.1e}"
 
 
+def _finding(
+    rule: str, severity: str, module: str, statistic: str, value: float, step: int,
+    limit: float, depth: int, hint: str = "", **fields: Any,
+) -> Finding:  # fmt: skip
+    fields = {k: format_value(v) if k in ("limit", "median", "top_norm", "value") else v
+              for k, v in {"limit": limit, "value": value, **fields}.items()}  # fmt: skip
+    text = _HINTS[hint or rule].format(**fields)
+    return Finding(rule, severity, module, statistic, value, step, text, limit, depth)
+
+
 def scaler_stalled(skipped_in_a_row: int, scale: float, step: int) -> Finding | None:
     """The finding for a GradScaler that skips a step at a scale of :data:`SCALER_STALL_SCALE`
     or less (a healthy fp16 run skips a few steps while its scale comes down, then trains).
@@ -180,13 +202,10 @@ def scaler_stalled(skipped_in_a_row: int, scale: float, step: int) -> Finding | 
     """
     if not scale <= SCALER_STALL_SCALE:
         return None
-    hint = (
-        f"the GradScaler skipped the last {skipped_in_a_row} logged steps and its scale is down to "
-        f"{format_value(scale)}: gradients are NaN/Inf even unscaled, so nothing is learning; look "
-        "for a NaN made in backward (HealthMonitor(on_nonfinite='raise') in a float32 run names "
-        "the module) or lower the learning rate"
-    )
-    return Finding("grad_scaler_stalled", "error", "", "loss_scale", scale, step, hint, 1.0)
+    return _finding(
+        "grad_scaler_stalled", "error", "", "loss_scale", scale, step, SCALER_STALL_SCALE, -1,
+        seen=skipped_in_a_row,
+    )  # fmt: skip
 
 
 def check_dead_units(
@@ -197,39 +216,29 @@ def check_dead_units(
     >>> check_dead_units("net.1", 1.0, 32, 4, HealthThresholds()).severity
     'error'
     """
-    if not math.isfinite(value) or value < t.dead_fraction:
+    if not (math.isfinite(value) and value >= t.dead_fraction):
         return None
     count = f"{round(value * units)} of {units} units" if units else f"{value:.0%} of units"
-    hint = (
-        f"{count} never positive over the last {t.dead_window} logged steps: check the bias and "
-        "initialisation of the layer before it and the input scale, lower the learning rate, "
-        "or use LeakyReLU/GELU"
-    )
     severity = "error" if value >= 1.0 else "warning"
-    return Finding(
-        "dead_units", severity, module, "dead_fraction", value, step, hint,
-        t.dead_fraction, depth,
+    return _finding(
+        "dead_units", severity, module, "dead_fraction", value, step, t.dead_fraction, depth,
+        count=count, window=t.dead_window,
     )  # fmt: skip
 
 
 def check_saturation(
-    module: str, fraction: float, step: int, t: HealthThresholds, kind: str = "", depth: int = -1
+    module: str, value: float, step: int, t: HealthThresholds, kind: str = "", depth: int = -1
 ) -> Finding | None:
     """The ``saturation`` rule for one Tanh / Sigmoid / Hardtanh output.
 
     >>> check_saturation("net.3", 0.2, 0, HealthThresholds()) is None
     True
     """
-    if not math.isfinite(fraction) or fraction < t.saturation_fraction:
+    if not (math.isfinite(value) and value >= t.saturation_fraction):
         return None
-    hint = (
-        f"{fraction:.0%} of the {kind + ' ' if kind else ''}outputs sit at their bounds, "
-        "where the gradient is ~0: normalise its input (LayerNorm/BatchNorm before it), shrink "
-        "the initial weights or lower the learning rate"
-    )
-    return Finding(
-        "saturation", "warning", module, "saturated_fraction", fraction, step, hint,
-        t.saturation_fraction, depth,
+    return _finding(
+        "saturation", "warning", module, "saturated_fraction", value, step,
+        t.saturation_fraction, depth, share=f"{value:.0%}", kind=kind + " " if kind else "",
     )  # fmt: skip
 
 
@@ -242,26 +251,15 @@ def check_update_ratio(
     'update_ratio_high'
     """
     if not math.isfinite(ratio):
-        rule, severity, limit = "nonfinite", "error", math.nan
-        hint = (
-            "the update or the weights hold NaN/Inf: the optimizer wrote non-finite values into "
-            "this layer's parameters"
-        )
+        found = ("nonfinite", "error", math.nan, "update_nonfinite")
     elif ratio > t.update_ratio_high:
-        rule, severity, limit = "update_ratio_high", "warning", t.update_ratio_high
-        hint = (
-            f"each step changes this layer's weights by more than {format_value(limit)} of their "
-            "size (healthy is near 1e-3): the learning rate is likely too high"
-        )
+        found = ("update_ratio_high", "warning", t.update_ratio_high, "")
     elif ratio < t.update_ratio_low:
-        rule, severity, limit = "update_ratio_low", "info", t.update_ratio_low
-        hint = (
-            f"this layer's weights change by less than {format_value(limit)} of their size per "
-            "step: it barely learns (learning rate too low, tiny gradients, or frozen in effect)"
-        )
+        found = ("update_ratio_low", "info", t.update_ratio_low, "")
     else:
         return None
-    return Finding(rule, severity, module, "update_ratio", ratio, step, hint, limit, depth)
+    rule, severity, limit, hint = found
+    return _finding(rule, severity, module, "update_ratio", ratio, step, limit, depth, hint)
 
 
 class HealthRules:
@@ -318,44 +316,24 @@ class HealthRules:
         t = self.thresholds
         history = self._grad_history.setdefault(name, deque(maxlen=t.spike_history))
         median = statistics.median(history) if len(history) >= t.spike_min_history else math.nan
+        seen, fields = len(history), {}
         if not math.isfinite(norm):
-            hint = (
-                "a parameter gradient of this module holds NaN/Inf (see the first-NaN report for "
-                "where it started); lower the learning rate or clip gradients"
-            )
-            return Finding("nonfinite", "error", name, "grad_norm", norm, step, hint, depth=depth)
-        seen = len(history)
+            return _finding("nonfinite", "error", name, "grad_norm", norm, step, math.nan, depth, "grad_nonfinite")  # fmt: skip
         history.append(norm)
         if norm > t.grad_norm_high:
-            rule, severity, limit = "exploding_gradient", "error", t.grad_norm_high
-            hint = (
-                f"gradient norm above {format_value(limit)}: lower the learning rate or clip "
-                "gradients (Trainer(gradient_clip_val=1.0))"
-            )
+            found = ("exploding_gradient", "error", t.grad_norm_high, "grad_high")
         elif median > 0 and norm > t.grad_spike_factor * median:
-            rule, severity, limit = "exploding_gradient", "warning", t.grad_spike_factor * median
-            hint = (
-                f"gradient norm jumped to {norm / median:.0f}x its running median "
-                f"({format_value(median)} over {seen} logged steps): lower the "
-                "learning rate or clip gradients"
-            )
+            found = ("exploding_gradient", "warning", t.grad_spike_factor * median, "grad_spike")
+            fields = {"factor": norm / median, "median": median, "seen": seen}
         elif norm < t.grad_norm_low:
-            rule, severity, limit = "vanishing_gradient", "warning", t.grad_norm_low
-            hint = (
-                f"gradient norm below {format_value(limit)}: almost no learning signal reaches "
-                "this layer; use ReLU-family activations, residual connections or normalisation, "
-                "and look for a detach()"
-            )
+            found = ("vanishing_gradient", "warning", t.grad_norm_low, "grad_low")
         elif top is not None and top != name and norm < t.grad_depth_ratio * norms[top]:
-            rule, severity, limit = "vanishing_gradient", "warning", t.grad_depth_ratio * norms[top]
-            hint = (
-                f"gradient norm is {norm / norms[top]:.1e} of the largest ({top!r}: "
-                f"{format_value(norms[top])}): the signal fades on its way back; use ReLU-family "
-                "activations, residual connections or normalisation"
-            )
+            found = ("vanishing_gradient", "warning", t.grad_depth_ratio * norms[top], "grad_fades")
+            fields = {"share": norm / norms[top], "top": top, "top_norm": norms[top]}
         else:
             return None
-        return Finding(rule, severity, name, "grad_norm", norm, step, hint, limit, depth)
+        rule, severity, limit, hint = found
+        return _finding(rule, severity, name, "grad_norm", norm, step, limit, depth, hint, **fields)
 
     def state_dict(self) -> dict[str, list[float]]:
         """The gradient-norm histories (for checkpoints)."""
@@ -418,9 +396,9 @@ class HealthReport:
         """Every entry, worst first: severity, rule, first step, execution order."""
 
         def key(e: ReportEntry) -> tuple[int, int, int, int]:
-            f, n = e.first, len(RULES)
+            f = e.first
+            rule = RULES.index(f.rule) if f.rule in RULES else len(RULES)
             depth = f.depth if f.depth >= 0 else 1 << 30
-            rule = RULES.index(f.rule) if f.rule in RULES else n
             return (SEVERITIES.index(e.worst.severity), rule, f.step, depth)
 
         return sorted(self._entries.values(), key=key)
@@ -448,10 +426,8 @@ class HealthReport:
             steps = f" in {self.logged_steps} logged steps" if self.logged_steps else ""
             return f"Health report: no problems found{steps}"
         c = self.counts()
-        each = ", ".join(
-            _plural(c[s], w) for s, w in zip(SEVERITIES, ("error", "warning", "note"), strict=True)
-        )
-        return f"Health report: {_plural(len(self), 'problem')} ({each})"
+        each = [_plural(c[s], w) for s, w in zip(SEVERITIES, ("error", "warning", "note"), strict=True)]  # fmt: skip
+        return f"Health report: {_plural(len(self), 'problem')} ({', '.join(each)})"
 
     def rows(self) -> list[list[str]]:
         """The table body as strings (the columns of :data:`COLUMNS`), worst first."""
@@ -469,9 +445,7 @@ class HealthReport:
         lines = [f"### {self.headline()}"]
         if len(self):
             lines += ["", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-            lines += [
-                "| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in self.rows()
-            ]
+            lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in self.rows()]  # fmt: skip
         return "\n".join(lines)
 
     def to_rich_table(self) -> Any:
