@@ -14,30 +14,16 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+import lightning_inspect.health.nonfinite as nf
 from lightning_inspect._validation import as_str_list, check_bool, check_choice, check_positive_int
 from lightning_inspect.backends import Sink
-from lightning_inspect.core.grad_scaler import (
-    grad_scaler,
-    gradients_scaled,
-    loss_scale,
-    scaler_found_inf,
-)
+from lightning_inspect.core import grad_scaler as amp
 from lightning_inspect.core.keys import FINDINGS_KEY, metric_key
 from lightning_inspect.core.recorder import HostRecord, StepRecord
 from lightning_inspect.core.selection import normalise_name, select_modules
 from lightning_inspect.errors import InspectError
-from lightning_inspect.health.nonfinite import (
-    CHECK_MODES,
-    NONFINITE_ACTIONS,
-    InputHook,
-    NonFiniteLocator,
-    NonFiniteOrigin,
-    parameters_by_module,
-    stored_values,
-)
 from lightning_inspect.health.pictures import heatmap, publish_image
 from lightning_inspect.health.rules import (
-    Finding,
     HealthReport,
     HealthRules,
     HealthThresholds,
@@ -68,24 +54,19 @@ def activation_kind(module: nn.Module) -> str | None:
     >>> activation_kind(nn.ReLU6()), activation_kind(nn.Tanh()), activation_kind(nn.GELU())
     ('relu', 'tanh', None)
     """
-    if isinstance(module, (nn.ReLU, nn.ReLU6)):  # ReLU6 is a Hardtanh subclass: test it first
-        return "relu"
-    for kind, cls in (("tanh", nn.Tanh), ("sigmoid", nn.Sigmoid), ("hardtanh", nn.Hardtanh)):
-        if isinstance(module, cls):
-            return kind
-    return None
+    kinds = {nn.ReLU: "relu", nn.ReLU6: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
+    kinds[nn.Hardtanh] = "hardtanh"  # after ReLU6, its subclass
+    return next((kind for cls, kind in kinds.items() if isinstance(module, cls)), None)
 
 
 class HealthMonitor(ModuleMonitor):
     """Diagnose training: dead units, saturation, vanishing/exploding gradients, update sizes, NaN.
 
-    On every logged step it reduces on the device, per selected module, what the rules of
-    :mod:`lightning_inspect.health.rules` need, moves it to the host with the other monitors'
-    values (one transfer), logs it and turns what crosses a threshold into findings: a warning the
-    first time each rule fires in each module, an entry in the end-of-fit report (console table,
-    TensorBoard text, MLflow markdown artifact), and layers x steps pictures. The same steps are
-    checked for NaN/Inf: the first module in execution order whose forward or backward made one
-    is named, with its input statistics (:mod:`lightning_inspect.health.nonfinite`).
+    On every logged step it reduces on the device what the rules of
+    :mod:`~lightning_inspect.health.rules` need, logs it and turns what crosses a threshold into
+    findings: a warning the first time each rule fires in each module, the end-of-fit report
+    (console, TensorBoard text, MLflow artifact) and layers x steps pictures. The first module
+    whose forward or backward made a NaN/Inf is named (:mod:`~lightning_inspect.health.nonfinite`).
 
     Args:
         modules: patterns of the modules to watch; default every module (``"*"``: a NaN can come
@@ -150,13 +131,15 @@ class HealthMonitor(ModuleMonitor):
         log_metrics: bool = True,
     ) -> None:
         owner = type(self).__name__
-        action = check_choice(owner, "on_nonfinite", on_nonfinite, NONFINITE_ACTIONS)
+        action = check_choice(owner, "on_nonfinite", on_nonfinite, nf.NONFINITE_ACTIONS)
         super().__init__(
             modules, exclude, every_n_steps, start_step, stop_step, None, False, 2, backends,
             "ignore", enabled,
         )  # fmt: skip
         self.on_nonfinite = action
-        self.nonfinite_check = check_choice(owner, "nonfinite_check", nonfinite_check, CHECK_MODES)
+        self.nonfinite_check = check_choice(
+            owner, "nonfinite_check", nonfinite_check, nf.CHECK_MODES
+        )
         self.thresholds = HealthThresholds.checked(owner, thresholds)
         self.relu_modules = as_str_list(owner, "relu_modules", relu_modules)
         self.update_ratio = check_bool(owner, "update_ratio", update_ratio)
@@ -173,22 +156,26 @@ class HealthMonitor(ModuleMonitor):
         self.pictures: dict[str, np.ndarray] = {}  # the latest picture of each statistic
         #: ``{statistic: {module: [(step, value), ...]}}`` of everything logged.
         self.history: dict[str, dict[str, list[tuple[int, float]]]] = {}
-        self.locator: NonFiniteLocator | None = None
-        self.order: list[str] = []  # selected modules in execution order (forward completion)
-        self._seen: set[str] = set()
-        self._shared: list[Finding] = []  # this fit's findings written under FINDINGS_KEY
+        self.locator: nf.NonFiniteLocator | None = None
+        self._order: dict[str, int] = {}  # selected modules in execution order (forward completion)
+        self._shared: list[nf.Finding] = []  # this fit's findings written under FINDINGS_KEY
         self._kinds: dict[str, str] = {}
         self._unit_dim: dict[str, int] = {}
         self._param_modules: dict[str, list[tuple[str, nn.Parameter]]] = {}
         self._counts: dict[str, tuple[torch.Tensor, int]] = {}  # (count, numel) this batch
-        self._alive: dict[str, torch.Tensor] = {}
-        self._windows: dict[str, deque[torch.Tensor]] = {}
-        self._before: dict[str, list[torch.Tensor]] | None = None
-        self._grad_squares: dict[str, list[torch.Tensor]] = {}
+        self._alive: dict[str, torch.Tensor] = {}  # units positive this batch
+        self._windows: dict[str, deque[torch.Tensor]] = {}  # ... over dead_window logged steps
+        self._before: dict[str, list[torch.Tensor]] | None = None  # weights before the update
+        self._grad_squares: dict[str, list[torch.Tensor]] = {}  # per optimizer step of the batch
         self._found_inf: torch.Tensor | None = None  # during on_before_optimizer_step only
         self._logs = self._skipped_in_a_row = 0
         self._stall_reported = self._finished = False
         self._picture_warned: set[str] = set()
+
+    @property
+    def order(self) -> list[str]:
+        """The selected modules in execution order (forward completion)."""
+        return list(self._order)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "grad_history": self.rules.state_dict()}
@@ -221,15 +208,14 @@ class HealthMonitor(ModuleMonitor):
                 self._unit_dim[normalise_name(raw)] = 1 if isinstance(previous, conv) else -1
             if any(True for _ in module.parameters(recurse=False)):
                 previous = module
-        self._param_modules = parameters_by_module(self.selected)
+        self._param_modules = nf.parameters_by_module(self.selected)
         self.locator = None
         if self.on_nonfinite != "ignore":
-            self.locator = NonFiniteLocator(
-                self.on_nonfinite, self.nonfinite_check, self._owner, self._on_origin
-            )
+            check, owner = self.nonfinite_check, self._owner
+            self.locator = nf.NonFiniteLocator(self.on_nonfinite, check, owner, self._on_origin)
             self.locator.watch(self.selected)
             self.locator.resolve_check(pl_module.device)
-            self.locator.gradients_may_overflow = grad_scaler(pl_module) is not None
+            self.locator.gradients_may_overflow = amp.grad_scaler(pl_module) is not None
 
     def _wants_output_hooks(self) -> bool:
         return True
@@ -238,7 +224,7 @@ class HealthMonitor(ModuleMonitor):
         super()._install_hooks()
         if self.locator is not None:  # the locator reports and blames with a module's inputs
             for name, module in self.selected.items():
-                hook = InputHook(self, name)
+                hook = nf.InputHook(self, name)
                 self._hooks.add(module.register_forward_pre_hook(hook, with_kwargs=True))
 
     def _on_input(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -246,14 +232,15 @@ class HealthMonitor(ModuleMonitor):
             self.locator._on_input(name, args, kwargs)
 
     def _on_output(self, name: str, path: str, tensor: torch.Tensor) -> None:
-        if name not in self._seen:
-            self._seen.add(name)
-            self.order.append(name)
+        self._order.setdefault(name, len(self._order))
         if self.locator is not None:
             self.locator._on_output(name, path, tensor)
         kind = self._kinds.get(name)
         if kind is not None and path == "" and tensor.numel() > 0:
             self._accumulate(name, kind, tensor.detach())
+
+    def _depth(self, name: str) -> int:
+        return self._order.get(name, len(self._order))
 
     def _hook_fault(self, where: str, exc: BaseException) -> None:
         if isinstance(exc, InspectError):
@@ -279,12 +266,11 @@ class HealthMonitor(ModuleMonitor):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         # fp16: whether the GradScaler skips this step, found once for the locator and the rules
-        self._found_inf = scaler_found_inf(pl_module, optimizer) if self._recording else None
+        self._found_inf = amp.scaler_found_inf(pl_module, optimizer) if self._recording else None
         try:
             if self._recording and self.locator is not None:
                 overflowed = self._found_inf is not None and bool(self._found_inf.item())
-                index = {n: i for i, n in enumerate(self.order)}
-                names = sorted(self._param_modules, key=lambda n: index.get(n, len(index)))
+                names = sorted(self._param_modules, key=self._depth)
                 params = {n: self._param_modules[n] for n in names}
                 self.locator.check(params, overflowed)  # may stop fit before the weights change
             super().on_before_optimizer_step(trainer, pl_module, optimizer)
@@ -345,25 +331,21 @@ class HealthMonitor(ModuleMonitor):
 
     def _before_optimizer_step(self, pl_module: pl.LightningModule) -> None:
         first = self._before is None  # several optimizers: the first step of the batch
-        skipped = self._found_inf
-        if first and skipped is not None:  # fp16: the GradScaler skips this step (overflow)
-            self._add_scalar(_SKIPPED_KEY, skipped)
-            scale = loss_scale(pl_module)
+        if first and self._found_inf is not None:  # fp16: the GradScaler skips this step
+            self._add_scalar(_SKIPPED_KEY, self._found_inf)
+            scale = amp.loss_scale(pl_module)
             if scale is not None:
                 self._add_scalar(_SCALE_KEY, scale)
-                if gradients_scaled(pl_module, self._optimizer):  # unscaled in step() only
+                if amp.gradients_scaled(pl_module, self._optimizer):  # unscaled in step() only
                     self._add_scalar(_GRADS_SCALED_KEY, torch.ones((), device=scale.device))
+        owned = {(m, n): p for m, params in self._param_modules.items() for n, p in params}
+        grads: dict[str, list[torch.Tensor]] = {}
+        for (module, _), param in self._stepped(owned).items():  # what this optimizer updates
+            if param.grad is not None:
+                grads.setdefault(module, []).append(nf.stored_values(param.grad))
         with torch.no_grad():
-            owned = {(m, n): p for m, params in self._param_modules.items() for n, p in params}
-            stepped = [
-                (m, p.grad) for (m, _), p in self._stepped(owned).items() if p.grad is not None
-            ]
-            if stepped:  # squared gradient norms by module, in float64 (finite for huge values)
-                norms = torch._foreach_norm(
-                    [stored_values(g) for _, g in stepped], 2, dtype=torch.float64
-                )
-                for (module, _), norm in zip(stepped, norms, strict=True):
-                    self._grad_squares.setdefault(module, []).append(norm.square())
+            for module, tensors in grads.items():
+                self._grad_squares.setdefault(module, []).append(_squared_norm(tensors))
             if first:  # the weights before every optimizer step of the batch
                 modules = self._param_modules.items() if self.update_ratio else ()
                 self._before = {m: [p.detach().clone() for _, p in ps] for m, ps in modules}
@@ -377,50 +359,28 @@ class HealthMonitor(ModuleMonitor):
         super()._finish_step()
 
     def _after_optimizer_step(self, pl_module: pl.LightningModule) -> None:
-        before, self._before = self._before, None
+        before, self._before = self._before or {}, None
         with torch.no_grad():
-            if before:
-                self._record_update_ratios(before)
-            self._record_activations()
-
-    def _record_update_ratios(self, before: dict[str, list[torch.Tensor]]) -> None:
-        names, olds, news = [], [], []
-        for module, params in self._param_modules.items():
-            for old, (_, param) in zip(before.get(module, []), params, strict=False):
-                names.append(module)
-                olds.append(old)
-                news.append(param.detach())
-        if not olds:
-            return
-        # float64 norms: squares of finite weights of any size stay finite
-        norms = torch._foreach_norm(olds, 2, dtype=torch.float64)
-        torch._foreach_sub_(olds, news)  # in place: the copy becomes -(update), no third copy
-        updates = torch._foreach_norm(olds, 2, dtype=torch.float64)
-        sums: dict[str, list[torch.Tensor]] = {}
-        for module, upd, norm in zip(names, updates, norms, strict=True):
-            sums.setdefault(module, []).append(
-                torch.stack([upd.square(), norm.square().to(upd.device)])
-            )
-        for module, parts in sums.items():
-            u2, w2 = torch.stack([p.to(parts[0].device) for p in parts]).sum(0)
-            # A module whose weights are all zero has no ratio: NaN is dropped on the host.
-            ratio = torch.where(w2 > 0, (u2 / w2).sqrt(), torch.nan)
-            self._add_scalar(metric_key("health", module, "update_ratio"), ratio)
-
-    def _record_activations(self) -> None:
-        for name, (count, numel) in self._counts.items():
-            stat = "zero_fraction" if self._kinds[name] == "relu" else "saturated_fraction"
-            self._add_scalar(
-                metric_key("health", name, stat), count.to(torch.float64) / max(numel, 1)
-            )
-        for name, alive in self._alive.items():
-            window = self._windows.setdefault(name, deque(maxlen=self.thresholds.dead_window))
-            if window and window[-1].shape != alive.shape:
-                window.clear()
-            window.append(alive)
-            if len(window) == window.maxlen:
-                dead = 1.0 - torch.stack(list(window)).any(0).to(torch.float64).mean()
-                self._add_scalar(metric_key("health", name, "dead_fraction"), dead)
+            for module, olds in before.items():
+                if olds:
+                    w2 = _squared_norm(olds)
+                    torch._foreach_sub_(olds, [p.detach() for _, p in self._param_modules[module]])
+                    u2 = _squared_norm(olds)  # the copies became -(update): no third copy
+                    # A module whose weights are all zero has no ratio: NaN is dropped on the host.
+                    ratio = torch.where(w2 > 0, (u2 / w2).sqrt(), torch.nan)
+                    self._add_scalar(metric_key("health", module, "update_ratio"), ratio)
+            for name, (count, numel) in self._counts.items():
+                stat = "zero_fraction" if self._kinds[name] == "relu" else "saturated_fraction"
+                share = count.to(torch.float64) / max(numel, 1)
+                self._add_scalar(metric_key("health", name, stat), share)
+            for name, alive in self._alive.items():
+                window = self._windows.setdefault(name, deque(maxlen=self.thresholds.dead_window))
+                if window and window[-1].shape != alive.shape:
+                    window.clear()
+                window.append(alive)
+                if len(window) == window.maxlen:
+                    dead = 1.0 - torch.stack(list(window)).any(0).to(torch.float64).mean()
+                    self._add_scalar(metric_key("health", name, "dead_fraction"), dead)
         self._counts, self._alive = {}, {}
 
     # -- publishing (host side) -------------------------------------------------------------
@@ -461,11 +421,11 @@ class HealthMonitor(ModuleMonitor):
         if self.pictures_enabled and self._logs % self.picture_every_n_logs == 0:
             self._draw_pictures(record.step)
 
-    def _on_origin(self, origin: NonFiniteOrigin) -> None:
-        depth = self.order.index(origin.module) if origin.module in self._seen else -1
+    def _on_origin(self, origin: nf.NonFiniteOrigin) -> None:
+        depth = self._order.get(origin.module, -1)
         self._add_findings([origin.to_finding(depth)], origin.step, warn=False)  # it warns itself
 
-    def _add_findings(self, findings: list[Finding], step: int, warn: bool = True) -> None:
+    def _add_findings(self, findings: list[nf.Finding], step: int, warn: bool = True) -> None:
         """The one path of findings: the report, a warning, the observers, and all of this fit's
         so far as JSON text for TensorBoard's overview tab (which keeps a text's last step)."""
         new = self.report.extend(findings)
@@ -483,12 +443,11 @@ class HealthMonitor(ModuleMonitor):
             self._coordinator.notify(step, {}, {}, new)
 
     def _draw_pictures(self, step: int) -> None:
-        index = {n: i for i, n in enumerate(self.order)}
         for stat, (title, log10, (vmin, vmax)) in PICTURES.items():
             series = self.history.get(stat)
             if not series:
                 continue
-            modules = sorted(series, key=lambda n: index.get(n, len(index)))
+            modules = sorted(series, key=self._depth)
             steps = sorted({s for points in series.values() for s, _ in points})
             column = {s: j for j, s in enumerate(steps)}
             values = np.full((len(modules), len(steps)), np.nan)
@@ -523,6 +482,11 @@ class HealthMonitor(ModuleMonitor):
             self._hook_fault("the health report", exc)
         for sink in self.sinks:
             sink.flush()
+
+
+def _squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The squared L2 norm of tensors on one device, in float64 (finite for huge values)."""
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)).square().sum()
 
 
 def print_report(report: HealthReport) -> None:

@@ -25,28 +25,36 @@ import torch
 from torch import nn
 
 from lightning_inspect._validation import check_choice
-from lightning_inspect.core.hooks import (
-    HookSet,
-    InertWhenCopied,
-    OutputGradHook,
-    OutputHook,
-    in_backward_pass,
-    is_suspended,
-)
+from lightning_inspect.core import hooks
 from lightning_inspect.core.outputs import iter_tensors
 from lightning_inspect.core.stats import FIELDS, reduce_tensor, summarise
 from lightning_inspect.errors import InspectError, NonFiniteError
 from lightning_inspect.health.rules import Finding, format_value
 
-#: What to do at the first non-finite value.
-NONFINITE_ACTIONS = ("ignore", "warn", "raise", "debug")
-#: How to check: ``"auto"`` is ``"module"`` on the CPU and ``"step"`` elsewhere.
-CHECK_MODES = ("auto", "module", "step")
-#: Inputs of a module described in a report (the first ones).
-MAX_INPUTS = 4
-
+NONFINITE_ACTIONS = ("ignore", "warn", "raise", "debug")  # at the first non-finite value
+CHECK_MODES = ("auto", "module", "step")  # "auto": "module" on the CPU, "step" elsewhere
+MAX_INPUTS = 4  # inputs of a module described in a report
 _COUNT, _NAN, _INF = (FIELDS.index(name) for name in ("count", "nan", "inf"))
 _INPUT_STATS = ("min", "max", "mean", "std", "nan_count", "inf_count")
+_HINTS = {
+    "parameters": "its parameters are already non-finite: an earlier optimizer step wrote NaN/Inf "
+    "into them; check the previous steps' gradients, lower the learning rate or clip gradients",
+    "batch": "the batch already holds NaN/Inf: check the data and its preprocessing",
+    "inputs": "its inputs were already non-finite, made by code outside the watched modules "
+    "(functional calls in a parent's forward): widen `modules` to find it",
+    "forward": "this module turned finite inputs into NaN/Inf: look for log/sqrt/pow of values "
+    "<= 0, division by ~0, exp overflow, or float16 overflow; add an eps/clamp, use "
+    "log_softmax/logsumexp, or lower the learning rate",
+    "loss": "every watched module output was finite but the loss is not: check the loss "
+    "function's inputs (log of 0, targets out of range, a division by the batch size 0)",
+    "backward": "its backward turned finite gradients into NaN/Inf: typical causes are sqrt/log/"
+    "pow/division near 0 (finite forward, infinite derivative); add an eps or clamp, or clip "
+    "gradients",
+    "parameter gradient": "this parameter's gradient is non-finite while the gradients reaching "
+    "the module were finite: check custom autograd code, or clip gradients",
+    "arriving": "the gradient arriving at this module's output is already non-finite: it was "
+    "made by the loss or by code between this module and the loss (not by a watched module)",
+}
 
 
 class FirstNonFiniteError(NonFiniteError):
@@ -75,25 +83,18 @@ class TensorSummary:
         s = self.stats
         parts = [f"{self.label}: {self.shape} {self.dtype}".rstrip()]
         parts += [f"{k} {format_value(s[k])}" for k in ("min", "max", "mean", "std") if k in s]
-        parts.append(f"{int(s.get('nan_count', 0))} NaN, {int(s.get('inf_count', 0))} Inf")
-        return ", ".join(parts)
+        return ", ".join([*parts, f"{int(s['nan_count'])} NaN, {int(s['inf_count'])} Inf"])
 
 
 @dataclass(frozen=True)
 class NonFiniteOrigin:
-    """Where the first NaN/Inf of a step came from.
-
-    Attributes:
-        step, batch_idx: the optimizer step (``trainer.global_step``) and the training batch.
-        phase: ``"forward"``, ``"loss"``, ``"backward"`` or ``"parameter gradient"``.
-        module, module_type: the culprit's qualified name (``""`` for the loss) and class name.
-        tensor: which tensor held the value (``"output"``, ``"output/logits"``,
-            ``"gradient w.r.t. input 0"``, ``"weight.grad"``...).
-        nan, inf, numel: how many NaN and Inf among how many values.
-        inputs: what the module received (forward: its inputs; backward: the gradients
-            arriving at its outputs).
-        parameters: ``"weight: 3 NaN, 0 Inf of 100"`` for each non-finite parameter.
-        hint: likely causes; check: how it was found (``"module"`` or ``"step"``).
+    """Where the first NaN/Inf of a step came from: the optimizer ``step``, the ``phase``
+    (``"forward"``, ``"loss"``, ``"backward"``, ``"parameter gradient"``), the culprit ``module``
+    (``""`` for the loss) and its ``module_type``, the ``tensor`` that held the value
+    (``"output"``, ``"gradient w.r.t. input 0"``, ``"weight.grad"``...), how many ``nan`` and
+    ``inf`` among ``numel`` values, the ``inputs`` it received (backward: the gradients arriving
+    at its outputs), its non-finite ``parameters``, a ``hint``, the ``batch_idx`` and the
+    ``check`` mode that found it.
     """
 
     step: int
@@ -119,23 +120,20 @@ class NonFiniteOrigin:
         batch = f", batch {self.batch_idx}" if self.batch_idx >= 0 else ""
         where = f"{self.phase}, {self.where()}, {self.tensor}" if self.module else self.tensor
         heading = "incoming gradients" if self.phase == "backward" else "inputs"
-        return "\n".join(
-            [
-                f"first non-finite value at step {self.step}{batch}: {where}: {self.nan} NaN, "
-                f"{self.inf} Inf of {self.numel} values.",
-                *(f"  {heading} - {summary.describe()}" for summary in self.inputs),
-                *(f"  non-finite parameter - {text}" for text in self.parameters),
-                *([f"  hint: {self.hint}"] if self.hint else []),
-            ]
-        )
+        lines = [
+            f"first non-finite value at step {self.step}{batch}: {where}: {self.nan} NaN, "
+            f"{self.inf} Inf of {self.numel} values.",
+            *(f"  {heading} - {summary.describe()}" for summary in self.inputs),
+            *(f"  non-finite parameter - {text}" for text in self.parameters),
+        ]
+        return "\n".join(lines + ([f"  hint: {self.hint}"] if self.hint else []))
 
     def to_finding(self, depth: int = -1) -> Finding:
         """The origin as a report entry (rule ``nonfinite``, an error)."""
+        hint = f"first NaN/Inf of the run here ({self.nan} NaN, {self.inf} Inf of {self.numel}); "
         return Finding(
             "nonfinite", "error", self.module or "(loss)", f"{self.phase}: {self.tensor}",
-            float(self.nan + self.inf), self.step,
-            f"first NaN/Inf of the run here ({self.nan} NaN, {self.inf} Inf of {self.numel}); "
-            f"{self.hint}", math.nan, depth,
+            float(self.nan + self.inf), self.step, hint + self.hint, math.nan, depth,
         )  # fmt: skip
 
 
@@ -146,31 +144,10 @@ def hint_for(phase: str, inputs_finite: bool, params_finite: bool, first_module:
     'this module turned finite inputs into Na'
     """
     if not params_finite:
-        return (
-            "its parameters are already non-finite: an earlier optimizer step wrote NaN/Inf into "
-            "them; check the previous steps' gradients, lower the learning rate or clip gradients"
-        )
+        return _HINTS["parameters"]
     if phase == "forward" and not inputs_finite:
-        if first_module:
-            return "the batch already holds NaN/Inf: check the data and its preprocessing"
-        return (
-            "its inputs were already non-finite, made by code outside the watched modules "
-            "(functional calls in a parent's forward): widen `modules` to find it"
-        )
-    return {
-        "forward": "this module turned finite inputs into NaN/Inf: look for log/sqrt/pow of "
-        "values <= 0, division by ~0, exp overflow, or float16 overflow; add an eps/clamp, use "
-        "log_softmax/logsumexp, or lower the learning rate",
-        "loss": "every watched module output was finite but the loss is not: check the loss "
-        "function's inputs (log of 0, targets out of range, a division by the batch size 0)",
-        "backward": "its backward turned finite gradients into NaN/Inf: typical causes are sqrt/"
-        "log/pow/division near 0 (finite forward, infinite derivative); add an eps or clamp, or "
-        "clip gradients",
-    }.get(
-        phase,
-        "this parameter's gradient is non-finite while the gradients reaching the module were "
-        "finite: check custom autograd code, or clip gradients",
-    )
+        return _HINTS["batch" if first_module else "inputs"]
+    return _HINTS[phase]
 
 
 def can_debug() -> bool:
@@ -192,8 +169,7 @@ class _Site:
     grad_shape: tuple[int, ...] = ()
 
 
-#: An input described by its row: (label, shape, dtype, row).
-_InputRow = tuple[str, tuple[int, ...], str, torch.Tensor]
+_InputRow = tuple[str, tuple[int, ...], str, torch.Tensor]  # label, shape, dtype, row
 
 
 @dataclass
@@ -208,14 +184,13 @@ class _Event:
     site: _Site | None = None
 
 
-class InputHook(InertWhenCopied):
+class InputHook(hooks.InertWhenCopied):
     """Forward pre-hook (with kwargs): hands a module's inputs to ``consumer._on_input``."""
 
     __slots__ = ("consumer", "name")
 
     def __init__(self, consumer: Any, name: str) -> None:
-        self.consumer = consumer
-        self.name = name
+        self.consumer, self.name = consumer, name
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self.consumer._recording:  # all a compiled graph sees when not recording
@@ -224,7 +199,7 @@ class InputHook(InertWhenCopied):
 
 @torch.compiler.disable
 def _keep_inputs(hook: InputHook, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    if is_suspended() or in_backward_pass():
+    if hooks.is_suspended() or hooks.in_backward_pass():
         return
     try:
         hook.consumer._on_input(hook.name, args, kwargs)
@@ -266,17 +241,14 @@ class NonFiniteLocator:
         self.check_mode = check_choice(owner, "nonfinite_check", check, CHECK_MODES)
         if self.action == "debug":
             self.check_mode = "module"  # the debugger must open at the module
-        self.owner = owner
-        self.on_origin = on_origin
+        self.owner, self.on_origin = owner, on_origin
         self.origins: list[NonFiniteOrigin] = []
-        self.step = 0
-        self.batch_idx = -1
+        self.step, self.batch_idx = 0, -1
         #: A GradScaler scales the gradients (fp16): a non-finite gradient may be an overflow it
         #: answers by skipping the step, so gradient checks wait for :meth:`check`.
         self.gradients_may_overflow = False
         self._modules: dict[str, nn.Module] = {}
         self._first_module: str | None = None
-        self._events: list[_Event] = []
         self._hit_step: int | None = None
         self._warned: set[str] = set()
         self.release()
@@ -291,17 +263,17 @@ class NonFiniteLocator:
         """The modules reports may name (qualified name -> module)."""
         self._modules = dict(modules)
 
-    def attach(self, modules: Mapping[str, nn.Module]) -> HookSet:
+    def attach(self, modules: Mapping[str, nn.Module]) -> hooks.HookSet:
         """Watch ``modules`` with hooks of this locator's own; returns them (a context manager)."""
         self.watch(modules)
         first = next((p for m in modules.values() for p in m.parameters()), None)
         self.resolve_check(first.device if first is not None else "cpu")
         self.start(self.step, self.batch_idx)
-        hooks = HookSet()
+        handles = hooks.HookSet()
         for name, module in modules.items():
-            hooks.add(module.register_forward_pre_hook(InputHook(self, name), with_kwargs=True))
-            hooks.add(module.register_forward_hook(OutputHook(self, name)))
-        return hooks
+            handles.add(module.register_forward_pre_hook(InputHook(self, name), with_kwargs=True))
+            handles.add(module.register_forward_hook(hooks.OutputHook(self, name)))
+        return handles
 
     def start(self, step: int, batch_idx: int = -1) -> None:
         """A new training batch begins (a new micro-batch of the same step keeps pending checks)."""
@@ -311,7 +283,7 @@ class NonFiniteLocator:
 
     def release(self) -> None:
         """Forget the current batch (its tensors and pending checks), e.g. when fit ends."""
-        self._events = []
+        self._events: list[_Event] = []
         self._sites: dict[int, _Site] = {}
         self._site_list: list[_Site] = []
         self._outputs_of: dict[str, list[_Site]] = {}
@@ -330,22 +302,17 @@ class NonFiniteLocator:
         """A watched module is called with these inputs (from its forward pre-hook)."""
         if self.hit_this_step:
             return
-        inputs = [(_label("input", p), t) for p, t in iter_tensors(list(args)) if _checkable(t)]
-        if kwargs:
-            inputs += [
-                (_label("input", p), t) for p, t in iter_tensors(dict(kwargs)) if _checkable(t)
-            ]
+        tensors = [*iter_tensors(list(args)), *(iter_tensors(dict(kwargs)) if kwargs else ())]
+        inputs = [(_label("input", path), t) for path, t in tensors if _checkable(t)]
         self._inputs[name] = [(label, weakref.ref(t)) for label, t in inputs]
         self._input_rows.pop(name, None)
-        if torch.is_grad_enabled():
-            for label, tensor in inputs:
-                if tensor.requires_grad:
-                    self._site(tensor).consumers.append((name, label))
+        for label, tensor in inputs if torch.is_grad_enabled() else ():
+            if tensor.requires_grad:
+                self._site(tensor).consumers.append((name, label))
 
     def _on_output(self, name: str, path: str, tensor: torch.Tensor) -> None:
         """Test one output tensor of a watched module (from its forward hook)."""
-        if self._first_module is None:
-            self._first_module = name
+        self._first_module = name if self._first_module is None else self._first_module
         self._last_module = name
         if self.hit_this_step or not _checkable(tensor):
             return
@@ -362,8 +329,7 @@ class NonFiniteLocator:
         if rows is None:  # once per call, however many output tensors
             rows = self._input_rows[name] = _rows(inputs)
         event = _Event("forward", name, _label("output", path), reduce_tensor(tensor, 0), rows)
-        module = self._modules.get(name)
-        self._test(event, now, module=module, inputs=inputs, output=tensor)
+        self._test(event, now, module=self._modules.get(name), inputs=inputs, output=tensor)
 
     def _on_output_grad(self, key: str, grad: torch.Tensor) -> None:
         """Test the gradient of a boundary tensor (from its tensor hook)."""
@@ -373,15 +339,7 @@ class NonFiniteLocator:
         site = self._site_list[index]
         site.grad_row, site.grad_shape = reduce_tensor(grad, 0), tuple(grad.shape)
         event = _Event("backward", "", str(site.grad_shape), site.grad_row, site=site)
-        self._test(
-            event, self.check_mode == "module" and not self.gradients_may_overflow, gradient=grad
-        )
-
-    def _test(self, event: _Event, now: bool, **context: Any) -> None:
-        if not now:
-            self._events.append(event)  # for check(), in one transfer
-        elif bool(event.row[_NAN] + event.row[_INF] > 0):
-            self._act(self._origin(event), **context)
+        self._test(event, self.check_mode == "module" and not self.gradients_may_overflow, gradient=grad)  # fmt: skip
 
     def _hook_fault(self, where: str, exc: BaseException) -> None:
         if isinstance(exc, InspectError):
@@ -393,18 +351,23 @@ class NonFiniteLocator:
         site = self._sites.get(id(tensor))
         if site is None or site.ref() is not tensor:
             site = self._sites[id(tensor)] = _Site(weakref.ref(tensor))
-            tensor.register_hook(OutputGradHook(self, str(len(self._site_list))))
+            tensor.register_hook(hooks.OutputGradHook(self, str(len(self._site_list))))
             self._site_list.append(site)
         return site
+
+    def _test(self, event: _Event, now: bool, **context: Any) -> None:
+        if not now:
+            self._events.append(event)  # for check(), in one transfer
+        elif bool(event.row[_NAN] + event.row[_INF] > 0):
+            self._act(self._origin(event), **context)
 
     # -- the loss and the end of backward ---------------------------------------------------
 
     def loss(self, loss: torch.Tensor) -> None:
         """Check the loss before backward (a NaN made by the loss function, not by a module)."""
-        if self.hit_this_step or not isinstance(loss, torch.Tensor) or not _checkable(loss):
-            return
-        event = _Event("loss", "", f"the loss {tuple(loss.shape)}", reduce_tensor(loss, 0))
-        self._test(event, self.check_mode == "module", output=loss)
+        if not self.hit_this_step and isinstance(loss, torch.Tensor) and _checkable(loss):
+            event = _Event("loss", "", f"the loss {tuple(loss.shape)}", reduce_tensor(loss, 0))
+            self._test(event, self.check_mode == "module", output=loss)
 
     def check(
         self,
@@ -438,14 +401,11 @@ class NonFiniteLocator:
             return None
         if bad[0] < len(events):
             origin = self._origin(events[bad[0]])
-        else:
-            # Backward runs in reverse: the last module (in forward order) with a non-finite
-            # parameter gradient made it first.
+        else:  # backward runs in reverse: the last module with a bad parameter gradient made it
             module, pname, grad = owners[bad[-1] - len(events)]
             label = f"{pname}.grad {tuple(grad.shape)}"
-            origin = self._origin(
-                _Event("parameter gradient", module, label, reduce_tensor(grad, 0))
-            )
+            event = _Event("parameter gradient", module, label, reduce_tensor(grad, 0))
+            origin = self._origin(event)
         self._act(origin)
         return origin
 
@@ -458,32 +418,27 @@ class NonFiniteLocator:
             name, input_label = site.consumers[-1]
             label = f"gradient w.r.t. {input_label} {label}"
             inputs = tuple(
-                _summary(
-                    f"gradient w.r.t. {_label('output', s.path)}", s.grad_shape, "", s.grad_row
-                )
+                _summary(f"gradient w.r.t. {_label('output', s.path)}", s.grad_shape, "", row)
                 for s in self._outputs_of.get(name, [])[:MAX_INPUTS]
-                if s.grad_row is not None
+                if (row := s.grad_row) is not None
             )
         elif site is not None:
             name = site.producer or "?"
             label = f"gradient arriving at its {_label('output', site.path)} {label}"
         module = self._modules.get(name) if phase != "loss" else None
         params = _nonfinite_parameters(module)
-        inputs_finite = all(s.stats["nan_count"] + s.stats["inf_count"] == 0 for s in inputs)
-        hint = hint_for(phase, inputs_finite, not params, name == self._first_module)
+        finite = all(s.stats["nan_count"] + s.stats["inf_count"] == 0 for s in inputs)
+        hint = hint_for(phase, finite, not params, name == self._first_module)
         if phase == "loss" and self._last_module is not None:
             hint += f" (the last watched module was {self._last_module!r})"
         elif site is not None and not site.consumers:
-            hint = (
-                "the gradient arriving at this module's output is already non-finite: it was made "
-                "by the loss or by code between this module and the loss (not by a watched module)"
-            )
-        elif phase == "backward" and not inputs_finite:
+            hint = _HINTS["arriving"]
+        elif phase == "backward" and not finite:
             hint = "the gradient reaching this module's output was already non-finite: " + hint
         if phase == "forward" and getattr(module, "inplace", False):
+            after = " (after the in-place op)"
             inputs = tuple(
-                TensorSummary(f"{s.label} (after the in-place op)", s.shape, s.dtype, s.stats)
-                for s in inputs
+                TensorSummary(s.label + after, s.shape, s.dtype, s.stats) for s in inputs
             )
         row = event.row.detach().cpu()
         kind = "loss" if phase == "loss" else type(module).__name__ if module is not None else "?"
@@ -492,9 +447,15 @@ class NonFiniteLocator:
             int(row[_COUNT]), inputs, params, hint, self.batch_idx, self.check_mode,
         )  # fmt: skip
 
-    def _act(self, origin: NonFiniteOrigin, **context: Any) -> None:
-        self._hit_step = self.step
-        self._events = []
+    def _act(
+        self,
+        origin: NonFiniteOrigin,
+        module: nn.Module | None = None,
+        inputs: Any = None,
+        output: Any = None,
+        gradient: Any = None,
+    ) -> None:
+        self._hit_step, self._events = self.step, []
         self.origins.append(origin)
         if self.on_origin is not None:
             self.on_origin(origin)
@@ -505,7 +466,13 @@ class NonFiniteLocator:
             return
         error = FirstNonFiniteError(origin)
         if self.action == "debug" and can_debug():
-            _open_debugger(origin, **context)
+            print(
+                f"\nlightning-inspect: {origin.message()}\nDebugger: `origin`, `module`, `inputs`, "
+                "`output`, `gradient` are at hand; `up` walks to the calling forward; `c` "
+                "continues (fit then stops).",
+                file=sys.stderr,
+            )
+            breakpoint()  # on_nonfinite="debug" asks for exactly this
             note = "fit stops after the debugging session (on_nonfinite='debug')."
         elif self.action == "debug":
             note = (
@@ -521,23 +488,6 @@ class NonFiniteLocator:
         raise error
 
 
-def _open_debugger(
-    origin: NonFiniteOrigin,
-    module: nn.Module | None = None,
-    inputs: Any = None,
-    output: Any = None,
-    gradient: Any = None,
-) -> None:
-    """Stop in the debugger with the culprit's objects at hand as local variables."""
-    print(
-        f"\nlightning-inspect: {origin.message()}\n"
-        "Debugger: `origin`, `module`, `inputs`, `output`, `gradient` are at hand; `up` walks to "
-        "the calling forward; `c` continues (fit then stops).",
-        file=sys.stderr,
-    )
-    breakpoint()  # on_nonfinite="debug" asks for exactly this
-
-
 def stored_values(t: torch.Tensor) -> torch.Tensor:
     """A sparse tensor's stored values (its other elements are zeros); a dense one as it is."""
     if t.layout == torch.strided:
@@ -545,11 +495,9 @@ def stored_values(t: torch.Tensor) -> torch.Tensor:
     return t.coalesce().values() if t.is_sparse else t.values()
 
 
-def parameters_by_module(
-    modules: Mapping[str, nn.Module],
-) -> dict[str, list[tuple[str, nn.Parameter]]]:
+def parameters_by_module(modules: Mapping[str, nn.Module]) -> dict[str, list[tuple[str, Any]]]:
     """The trainable parameters each module owns directly, for :meth:`NonFiniteLocator.check`."""
-    out: dict[str, list[tuple[str, nn.Parameter]]] = {}
+    out: dict[str, list[tuple[str, Any]]] = {}
     seen: set[int] = set()
     for name, module in modules.items():
         for pname, param in module.named_parameters(recurse=False):
@@ -568,10 +516,8 @@ def _label(kind: str, path: str) -> str:
 
 
 def _rows(inputs: Sequence[tuple[str, torch.Tensor]]) -> list[_InputRow]:
-    return [
-        (label, tuple(t.shape), str(t.dtype).removeprefix("torch."), reduce_tensor(t, 0))
-        for label, t in inputs
-    ]
+    dtype = lambda t: str(t.dtype).removeprefix("torch.")  # noqa: E731
+    return [(label, tuple(t.shape), dtype(t), reduce_tensor(t, 0)) for label, t in inputs]
 
 
 def _summary(label: str, shape: tuple[int, ...], dtype: str, row: torch.Tensor) -> TensorSummary:
