@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 import lightning_inspect.health.nonfinite as nf
+import lightning_inspect.health.rules as hr
 from lightning_inspect._validation import as_str_list, check_bool, check_choice, check_positive_int
 from lightning_inspect.backends import Sink
 from lightning_inspect.core import grad_scaler as amp
@@ -23,12 +24,7 @@ from lightning_inspect.core.recorder import HostRecord, StepRecord
 from lightning_inspect.core.selection import normalise_name, select_modules
 from lightning_inspect.errors import InspectError
 from lightning_inspect.health.pictures import heatmap, publish_image
-from lightning_inspect.health.rules import (
-    HealthReport,
-    HealthRules,
-    HealthThresholds,
-    scaler_stalled,
-)
+from lightning_inspect.health.rules import HealthReport, HealthRules, HealthThresholds
 from lightning_inspect.monitors.base import ModuleMonitor
 
 #: Key of the end-of-fit report (TensorBoard text; MLflow ``lightning_inspect/health/report.md``).
@@ -44,7 +40,6 @@ PICTURES: dict[str, tuple[str, bool, tuple[float | None, float | None]]] = {
 _SKIPPED_KEY = "health/skipped_by_scaler"
 _SCALE_KEY = "__health_loss_scale__"  # internal: the GradScaler's scale
 _GRADS_SCALED_KEY = "__health_grads_scaled__"  # internal: gradients read still scaled
-_KIND_NAMES = {"relu": "ReLU", "tanh": "Tanh", "sigmoid": "Sigmoid", "hardtanh": "Hardtanh"}
 
 
 def activation_kind(module: nn.Module) -> str | None:
@@ -69,29 +64,25 @@ class HealthMonitor(ModuleMonitor):
     whose forward or backward made a NaN/Inf is named (:mod:`~lightning_inspect.health.nonfinite`).
 
     Args:
-        modules: patterns of the modules to watch; default every module (``"*"``: a NaN can come
-            from any). ``None``: the modules that own parameters, as for the other monitors.
-        exclude: patterns removed from the selection.
+        modules: module patterns; default ``"*"`` (every module: a NaN can come from any);
+            ``None``: the modules that own parameters. ``exclude``: patterns removed.
         every_n_steps, start_step, stop_step: when to check and log, in optimizer steps.
-        backends: ``"tensorboard"``, ``"mlflow"``, a list, Sink objects; ``None``: every
-            supported logger attached to the Trainer.
+        backends: ``"tensorboard"``, ``"mlflow"``, a list, Sink objects; ``None``: every logger.
         on_nonfinite: at the first NaN/Inf of a step: ``"ignore"``, ``"warn"`` (once per module),
             ``"raise"`` (:class:`~lightning_inspect.FirstNonFiniteError`; fit stops cleanly) or
             ``"debug"`` (a debugger at the module when stdin is a terminal, then stops).
         nonfinite_check: ``"auto"`` (per module on the CPU, once per step elsewhere),
             ``"module"`` or ``"step"``.
-        thresholds: a :class:`~lightning_inspect.HealthThresholds` or a mapping of overrides,
-            e.g. ``{"dead_fraction": 0.9, "grad_norm_high": 100}``.
-        relu_modules: patterns of further modules whose output is post-ReLU (a block whose
-            forward ends in ``F.relu``).
-        update_ratio: compute the update-to-weight ratio; keeps one copy of the watched modules'
-            parameters during a logged batch's optimizer step (their size in memory).
-        pictures: draw the layers x steps pictures, every ``picture_every_n_logs`` logged steps
-            and at the end of fit.
-        report: write the end-of-fit health report; ``console``: print it (a rich table).
-        warn_findings: a RuntimeWarning the first time each rule fires in each module (notes of
-            severity ``info`` excepted).
-        log_metrics: log the ``health/<module>/<statistic>`` values to the backends.
+        thresholds: :class:`~lightning_inspect.HealthThresholds` or a mapping of overrides.
+        relu_modules: patterns of further modules whose output is post-ReLU (``F.relu``).
+        update_ratio: compute the update-to-weight ratio (one copy of the watched parameters
+            during a logged batch's optimizer step).
+        pictures, picture_every_n_logs: draw the layers x steps pictures every this many logged
+            steps and at the end of fit.
+        report, console: write the end-of-fit report; print it (a rich table).
+        warn_findings: a RuntimeWarning the first time each rule fires in each module (``info``
+            excepted).
+        log_metrics: log the ``health/<module>/<statistic>`` values.
         enabled: ``False`` attaches the callback but does nothing.
 
     Logged metrics:
@@ -130,27 +121,25 @@ class HealthMonitor(ModuleMonitor):
         warn_findings: bool = True,
         log_metrics: bool = True,
     ) -> None:
-        owner = type(self).__name__
-        action = check_choice(owner, "on_nonfinite", on_nonfinite, nf.NONFINITE_ACTIONS)
+        o = type(self).__name__
+        action = check_choice(o, "on_nonfinite", on_nonfinite, nf.NONFINITE_ACTIONS)
         super().__init__(
             modules, exclude, every_n_steps, start_step, stop_step, None, False, 2, backends,
             "ignore", enabled,
         )  # fmt: skip
         self.on_nonfinite = action
-        self.nonfinite_check = check_choice(
-            owner, "nonfinite_check", nonfinite_check, nf.CHECK_MODES
-        )
-        self.thresholds = HealthThresholds.checked(owner, thresholds)
-        self.relu_modules = as_str_list(owner, "relu_modules", relu_modules)
-        self.update_ratio = check_bool(owner, "update_ratio", update_ratio)
-        self.pictures_enabled = check_bool(owner, "pictures", pictures)
+        self.nonfinite_check = check_choice(o, "nonfinite_check", nonfinite_check, nf.CHECK_MODES)
+        self.thresholds = HealthThresholds.checked(o, thresholds)
+        self.relu_modules = as_str_list(o, "relu_modules", relu_modules)
+        self.update_ratio = check_bool(o, "update_ratio", update_ratio)
+        self.pictures_enabled = check_bool(o, "pictures", pictures)
         self.picture_every_n_logs = check_positive_int(
-            owner, "picture_every_n_logs", picture_every_n_logs
+            o, "picture_every_n_logs", picture_every_n_logs
         )
-        self.report_enabled = check_bool(owner, "report", report)
-        self.console = check_bool(owner, "console", console)
-        self.warn_findings = check_bool(owner, "warn_findings", warn_findings)
-        self.log_metrics = check_bool(owner, "log_metrics", log_metrics)
+        self.report_enabled = check_bool(o, "report", report)
+        self.console = check_bool(o, "console", console)
+        self.warn_findings = check_bool(o, "warn_findings", warn_findings)
+        self.log_metrics = check_bool(o, "log_metrics", log_metrics)
         self.rules = HealthRules(self.thresholds)
         self.report = HealthReport()
         self.pictures: dict[str, np.ndarray] = {}  # the latest picture of each statistic
@@ -403,7 +392,7 @@ class HealthMonitor(ModuleMonitor):
             self.history.setdefault(stat, {}).setdefault(module, []).append((record.step, value))
             if stat == "dead_fraction" and module in self._windows:
                 stats[module]["units"] = float(self._windows[module][-1].numel())
-        kinds = {n: _KIND_NAMES[k] for n, k in self._kinds.items()}
+        kinds = {n: k.capitalize() for n, k in self._kinds.items()}  # Tanh, Sigmoid, Hardtanh
         findings = self.rules.observe(record.step, stats, self.order, kinds)
         if self.locator is not None and any(o.step == record.step for o in self.locator.origins):
             # The origin of this step's NaN/Inf is in the report: the rest follows from it.
@@ -411,7 +400,7 @@ class HealthMonitor(ModuleMonitor):
         self._skipped_in_a_row = self._skipped_in_a_row + 1 if skipped else 0
         self._stall_reported = self._stall_reported and skipped
         if skipped and scale is not None and not self._stall_reported:
-            stalled = scaler_stalled(self._skipped_in_a_row, scale, record.step)
+            stalled = hr.scaler_stalled(self._skipped_in_a_row, scale, record.step)
             if stalled is not None:
                 self._stall_reported = True
                 findings.append(stalled)
