@@ -173,8 +173,6 @@ class HealthMonitor(ModuleMonitor):
         super().load_state_dict(state_dict)
         self.rules.load_state_dict(state_dict.get("grad_history", {}))
 
-    # -- set-up and hooks -------------------------------------------------------------------
-
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._finished, self._shared = False, []
         super().setup(trainer, pl_module, stage)
@@ -236,8 +234,6 @@ class HealthMonitor(ModuleMonitor):
             raise exc  # the locator's "raise" / "debug" action
         super()._hook_fault(where, exc)
 
-    # -- Lightning hooks (thin; the locator's raise must not be contained) -------------------
-
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -294,8 +290,6 @@ class HealthMonitor(ModuleMonitor):
         if self._active and self.locator is not None:
             self.locator.release()  # no tensor (nor weak reference) outlives the fit
         super()._shutdown()  # last: after a nested fit it brings back the enclosing fit's state
-
-    # -- recording (device side) ------------------------------------------------------------
 
     def _accumulate(self, name: str, kind: str, y: torch.Tensor) -> None:
         if y.is_complex() or y.ndim == 0 or y.layout != torch.strided:
@@ -371,8 +365,6 @@ class HealthMonitor(ModuleMonitor):
                     dead = 1.0 - torch.stack(list(window)).any(0).to(torch.float64).mean()
                     self._add_scalar(metric_key("health", name, "dead_fraction"), dead)
         self._counts, self._alive = {}, {}
-
-    # -- publishing (host side) -------------------------------------------------------------
 
     def _publish(self, record: StepRecord, values: HostRecord) -> None:
         rows, scalars = values

@@ -1,13 +1,8 @@
 """The first module, in execution order, whose forward or backward made a NaN/Inf.
 
-:class:`NonFiniteLocator` tests each watched module's outputs (core's ``OutputHook``), the loss,
-the gradient of each tensor that crosses a module boundary (core's ``OutputGradHook``; blamed on
-the innermost watched module that took it as input, else on the one that made it) and, after
-backward, the parameter gradients. One forward pre-hook per module keeps weak references to the
-call's inputs, which the report describes and the blame needs. ``check="module"`` (CPU default)
-tests each tensor as it is produced, so ``"debug"`` opens the debugger inside the culprit's hook;
-``"step"`` (accelerators) reduces each to a row on its device and tests them all with one
-transfer per micro-batch, after backward and before the optimizer step.
+Outputs come through core's ``OutputHook``, boundary gradients through ``OutputGradHook`` (blamed
+on the innermost watched module that took the tensor as input); one forward pre-hook keeps weak
+references to a call's inputs, which the report describes and the blame needs.
 """
 
 from __future__ import annotations
@@ -88,13 +83,10 @@ class TensorSummary:
 
 @dataclass(frozen=True)
 class NonFiniteOrigin:
-    """Where the first NaN/Inf of a step came from: the optimizer ``step``, the ``phase``
-    (``"forward"``, ``"loss"``, ``"backward"``, ``"parameter gradient"``), the culprit ``module``
-    (``""`` for the loss) and its ``module_type``, the ``tensor`` that held the value
-    (``"output"``, ``"gradient w.r.t. input 0"``, ``"weight.grad"``...), how many ``nan`` and
-    ``inf`` among ``numel`` values, the ``inputs`` it received (backward: the gradients arriving
-    at its outputs), its non-finite ``parameters``, a ``hint``, the ``batch_idx`` and the
-    ``check`` mode that found it.
+    """Where the first NaN/Inf of a step came from: ``phase`` (``"forward"``, ``"loss"``,
+    ``"backward"``, ``"parameter gradient"``), the culprit ``module`` (``""``: the loss), the
+    ``tensor`` that held ``nan`` and ``inf`` values among ``numel``, the ``inputs`` it received
+    (backward: the gradients reaching its outputs), its non-finite ``parameters``, a ``hint``.
     """
 
     step: int
@@ -111,14 +103,11 @@ class NonFiniteOrigin:
     batch_idx: int = -1
     check: str = "module"
 
-    def where(self) -> str:
-        """``module 'net.2' (Log)`` or ``the loss``."""
-        return f"module {self.module!r} ({self.module_type})" if self.module else "the loss"
-
     def message(self) -> str:
         """A multi-line report."""
         batch = f", batch {self.batch_idx}" if self.batch_idx >= 0 else ""
-        where = f"{self.phase}, {self.where()}, {self.tensor}" if self.module else self.tensor
+        module = f"module {self.module!r} ({self.module_type})"
+        where = f"{self.phase}, {module}, {self.tensor}" if self.module else self.tensor
         heading = "incoming gradients" if self.phase == "backward" else "inputs"
         lines = [
             f"first non-finite value at step {self.step}{batch}: {where}: {self.nan} NaN, "
@@ -296,8 +285,6 @@ class NonFiniteLocator:
         """Whether the origin of this step was already found (later values are its consequences)."""
         return self._hit_step == self.step
 
-    # -- the hooks' consumer protocol ---------------------------------------------------------
-
     def _on_input(self, name: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
         """A watched module is called with these inputs (from its forward pre-hook)."""
         if self.hit_this_step:
@@ -361,8 +348,6 @@ class NonFiniteLocator:
         elif bool(event.row[_NAN] + event.row[_INF] > 0):
             self._act(self._origin(event), **context)
 
-    # -- the loss and the end of backward ---------------------------------------------------
-
     def loss(self, loss: torch.Tensor) -> None:
         """Check the loss before backward (a NaN made by the loss function, not by a module)."""
         if not self.hit_this_step and isinstance(loss, torch.Tensor) and _checkable(loss):
@@ -408,8 +393,6 @@ class NonFiniteLocator:
             origin = self._origin(event)
         self._act(origin)
         return origin
-
-    # -- origins and actions ----------------------------------------------------------------
 
     def _origin(self, event: _Event) -> NonFiniteOrigin:
         phase, name, label, site = event.phase, event.module, event.tensor, event.site

@@ -41,6 +41,8 @@ _LIMITS: dict[str, Any] = {
     "grad_spike_factor": (1, math.inf, "()"), "spike_history": 2, "spike_min_history": 1,
     "update_ratio_low": (0, math.inf, "[)"), "update_ratio_high": (0, math.inf, "()"),
 }
+_ORDERED = (("grad_norm_low", "grad_norm_high"), ("update_ratio_low", "update_ratio_high"),
+            ("spike_min_history", "spike_history"))
 # fmt: on
 #: A GradScaler that skips steps at this scale or lower is stalled (NaN/Inf even unscaled).
 SCALER_STALL_SCALE = 1.0
@@ -79,15 +81,7 @@ _HINTS = {
 
 @dataclass(frozen=True)
 class HealthThresholds:
-    """Where the health rules draw the line; every field can be overridden by name.
-
-    ``dead_fraction`` of a ReLU-like module's units never positive over ``dead_window`` logged
-    steps; ``saturation_fraction`` of Tanh / Sigmoid / Hardtanh outputs within
-    ``saturation_margin`` of a bound; parameter-gradient norms below ``grad_norm_low``, above
-    ``grad_norm_high``, below ``grad_depth_ratio`` times the step's largest, or above
-    ``grad_spike_factor`` times the module's running median (over ``spike_history`` logged
-    steps, from ``spike_min_history`` on); update-to-weight ratios outside
-    [``update_ratio_low``, ``update_ratio_high``].
+    """Where the health rules draw the line (docs/diagnostics.md); any field can be overridden.
 
     Example:
         >>> HealthThresholds.checked("HealthMonitor", {"dead_fraction": 0.9}).dead_fraction
@@ -129,11 +123,7 @@ class HealthThresholds:
                 check_positive_int(owner, arg, getattr(out, name), limit)
             else:
                 check_number(owner, arg, getattr(out, name), *limit)
-        for low, high in (
-            ("grad_norm_low", "grad_norm_high"),
-            ("update_ratio_low", "update_ratio_high"),
-            ("spike_min_history", "spike_history"),
-        ):
+        for low, high in _ORDERED:
             if getattr(out, low) > getattr(out, high):
                 raise ConfigError(
                     f"{owner}(thresholds.{low}={getattr(out, low)!r}, thresholds.{high}="
@@ -284,11 +274,8 @@ class HealthRules:
         order: Sequence[str] | None = None,
         kinds: Mapping[str, str] | None = None,
     ) -> list[Finding]:
-        """The findings of one logging step, in execution order of their modules.
-
-        ``stats``: ``{module: {statistic: value}}``; ``order``: module names in execution order
-        (each finding's ``depth``; others come last); ``kinds``: ``{module: "Tanh"...}``.
-        """
+        """The findings of one step from ``{module: {statistic: value}}``, in ``order`` of execution
+        (which gives each finding's ``depth``); ``kinds``: ``{module: "Tanh"...}``."""
         t, kinds = self.thresholds, kinds or {}
         depth_of = {name: i for i, name in enumerate(order or ())}
         names = sorted(stats, key=lambda n: depth_of.get(n, len(depth_of)))  # stable
