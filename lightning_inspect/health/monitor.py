@@ -19,12 +19,11 @@ import lightning_inspect.health.rules as hr
 from lightning_inspect._validation import as_str_list, check_bool, check_choice, check_positive_int
 from lightning_inspect.backends import Sink
 from lightning_inspect.core import grad_scaler as amp
-from lightning_inspect.core.keys import FINDINGS_KEY, metric_key
+from lightning_inspect.core.keys import FINDINGS_KEY, metric_key, split_key
 from lightning_inspect.core.recorder import HostRecord, StepRecord
 from lightning_inspect.core.selection import normalise_name, select_modules
 from lightning_inspect.errors import InspectError
 from lightning_inspect.health.pictures import heatmap, publish_image
-from lightning_inspect.health.rules import HealthReport, HealthRules, HealthThresholds
 from lightning_inspect.monitors.base import ModuleMonitor
 
 #: Key of the end-of-fit report (TensorBoard text; MLflow ``lightning_inspect/health/report.md``).
@@ -111,7 +110,7 @@ class HealthMonitor(ModuleMonitor):
         on_nonfinite: str = "warn",
         enabled: bool = True,
         nonfinite_check: str = "auto",
-        thresholds: HealthThresholds | Mapping[str, Any] | None = None,
+        thresholds: hr.HealthThresholds | Mapping[str, Any] | None = None,
         relu_modules: str | Sequence[str] | None = None,
         update_ratio: bool = True,
         pictures: bool = True,
@@ -129,7 +128,7 @@ class HealthMonitor(ModuleMonitor):
         )  # fmt: skip
         self.on_nonfinite = action
         self.nonfinite_check = check_choice(o, "nonfinite_check", nonfinite_check, nf.CHECK_MODES)
-        self.thresholds = HealthThresholds.checked(o, thresholds)
+        self.thresholds = hr.HealthThresholds.checked(o, thresholds)
         self.relu_modules = as_str_list(o, "relu_modules", relu_modules)
         self.update_ratio = check_bool(o, "update_ratio", update_ratio)
         self.pictures_enabled = check_bool(o, "pictures", pictures)
@@ -140,8 +139,8 @@ class HealthMonitor(ModuleMonitor):
         self.console = check_bool(o, "console", console)
         self.warn_findings = check_bool(o, "warn_findings", warn_findings)
         self.log_metrics = check_bool(o, "log_metrics", log_metrics)
-        self.rules = HealthRules(self.thresholds)
-        self.report = HealthReport()
+        self.rules = hr.HealthRules(self.thresholds)
+        self.report = hr.HealthReport()
         self.pictures: dict[str, np.ndarray] = {}  # the latest picture of each statistic
         #: ``{statistic: {module: [(step, value), ...]}}`` of everything logged.
         self.history: dict[str, dict[str, list[tuple[int, float]]]] = {}
@@ -379,7 +378,7 @@ class HealthMonitor(ModuleMonitor):
         for key, value in scalars.items():
             if key == _SKIPPED_KEY or (skipped and key.endswith(("/grad_norm", "/update_ratio"))):
                 continue  # overflowed gradients and an update that never happened: nothing to judge
-            module, stat = key.split("/", 1)[1].rsplit("/", 1)
+            _, module, _, stat = split_key(key)
             stats.setdefault(module, {})[stat] = value
             self.history.setdefault(stat, {}).setdefault(module, []).append((record.step, value))
             if stat == "dead_fraction" and module in self._windows:
@@ -470,7 +469,7 @@ def _squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)).square().sum()
 
 
-def print_report(report: HealthReport) -> None:
+def print_report(report: hr.HealthReport) -> None:
     """Print the report: a rich table (160 columns off a terminal), or markdown without rich."""
     try:
         from rich.console import Console
