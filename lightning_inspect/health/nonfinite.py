@@ -326,7 +326,8 @@ class NonFiniteLocator:
         site = self._site_list[index]
         site.grad_row, site.grad_shape = reduce_tensor(grad, 0), tuple(grad.shape)
         event = _Event("backward", "", str(site.grad_shape), site.grad_row, site=site)
-        self._test(event, self.check_mode == "module" and not self.gradients_may_overflow, gradient=grad)  # fmt: skip
+        now = self.check_mode == "module" and not self.gradients_may_overflow
+        self._test(event, now, gradient=grad)
 
     def _hook_fault(self, where: str, exc: BaseException) -> None:
         if isinstance(exc, InspectError):
@@ -499,8 +500,10 @@ def _label(kind: str, path: str) -> str:
 
 
 def _rows(inputs: Sequence[tuple[str, torch.Tensor]]) -> list[_InputRow]:
-    dtype = lambda t: str(t.dtype).removeprefix("torch.")  # noqa: E731
-    return [(label, tuple(t.shape), dtype(t), reduce_tensor(t, 0)) for label, t in inputs]
+    return [
+        (label, tuple(t.shape), str(t.dtype).removeprefix("torch."), reduce_tensor(t, 0))
+        for label, t in inputs
+    ]
 
 
 def _summary(label: str, shape: tuple[int, ...], dtype: str, row: torch.Tensor) -> TensorSummary:

@@ -305,9 +305,8 @@ class HealthRules:
         median = statistics.median(history) if len(history) >= t.spike_min_history else math.nan
         seen, fields = len(history), {}
         if not math.isfinite(norm):
-            return _finding("nonfinite", "error", name, "grad_norm", norm, step, math.nan, depth, "grad_nonfinite")  # fmt: skip
-        history.append(norm)
-        if norm > t.grad_norm_high:
+            found = ("nonfinite", "error", math.nan, "grad_nonfinite")
+        elif norm > t.grad_norm_high:
             found = ("exploding_gradient", "error", t.grad_norm_high, "grad_high")
         elif median > 0 and norm > t.grad_spike_factor * median:
             found = ("exploding_gradient", "warning", t.grad_spike_factor * median, "grad_spike")
@@ -318,6 +317,10 @@ class HealthRules:
             found = ("vanishing_gradient", "warning", t.grad_depth_ratio * norms[top], "grad_fades")
             fields = {"share": norm / norms[top], "top": top, "top_norm": norms[top]}
         else:
+            found = None
+        if math.isfinite(norm):
+            history.append(norm)
+        if found is None:
             return None
         rule, severity, limit, hint = found
         return _finding(rule, severity, name, "grad_norm", norm, step, limit, depth, hint, **fields)
@@ -413,7 +416,8 @@ class HealthReport:
             steps = f" in {self.logged_steps} logged steps" if self.logged_steps else ""
             return f"Health report: no problems found{steps}"
         c = self.counts()
-        each = [_plural(c[s], w) for s, w in zip(SEVERITIES, ("error", "warning", "note"), strict=True)]  # fmt: skip
+        words = ("error", "warning", "note")
+        each = [_plural(c[s], w) for s, w in zip(SEVERITIES, words, strict=True)]
         return f"Health report: {_plural(len(self), 'problem')} ({', '.join(each)})"
 
     def rows(self) -> list[list[str]]:
@@ -432,7 +436,9 @@ class HealthReport:
         lines = [f"### {self.headline()}"]
         if len(self):
             lines += ["", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-            lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in self.rows()]  # fmt: skip
+            lines += [
+                "| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in self.rows()
+            ]
         return "\n".join(lines)
 
     def to_rich_table(self) -> Any:
