@@ -12,6 +12,7 @@ argument, repeats the value received and says what is allowed, e.g.::
 from __future__ import annotations
 
 import difflib
+import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -55,6 +56,28 @@ def check_positive_int(
 def check_optional_int(owner: str, name: str, value: Any, minimum: int = 0) -> int | None:
     """Like :func:`check_positive_int` but ``None`` passes through."""
     return None if value is None else check_positive_int(owner, name, value, minimum)
+
+
+def check_number(
+    owner: str, name: str, value: Any, low: float, high: float, bounds: str = "[]"
+) -> float:
+    """``value`` if it is a finite number in the interval ``bounds`` (``"(]"``: open at ``low``).
+
+    >>> check_number("M", "p", 0, 0, 1, "(]")
+    Traceback (most recent call last):
+    ...
+    lightning_inspect.errors.ConfigError: M(p=0): expected a number in (0, 1].
+    """
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not (
+        ok
+        and (value > low if bounds[0] == "(" else value >= low)
+        and (value < high if bounds[1] == ")" else value <= high)
+    ):
+        raise ConfigError(
+            f"{owner}({name}={value!r}): expected a number in {bounds[0]}{low:g}, {high:g}{bounds[1]}."
+        )
+    return value
 
 
 def check_bool(owner: str, name: str, value: Any) -> bool:

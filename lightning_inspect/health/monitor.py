@@ -1,18 +1,4 @@
-"""HealthMonitor: tell the user what is wrong with training, and where.
-
-Builds on :class:`~lightning_inspect.monitors.base.ModuleMonitor` (selection, schedule, hook
-lifetime, one device-to-host transfer per logging step through the shared coordinator, sinks):
-
-* on each logged step it reduces, on the device, what the health rules need (per module: the
-  units of ReLU-like outputs that were positive, the saturated share of Tanh / Sigmoid /
-  Hardtanh outputs, the parameter-gradient norm, the update-to-weight ratio), logs them as
-  ``health/<module>/<statistic>`` and runs :class:`~lightning_inspect.health.rules.HealthRules`
-  over them on the host;
-* it finds the first module that makes a NaN/Inf (forward or backward) with a
-  :class:`~lightning_inspect.health.nonfinite.NonFiniteLocator`, and warns, raises or opens a
-  debugger there;
-* it draws layers x steps pictures of those statistics, and writes an end-of-fit health report.
-"""
+"""HealthMonitor: what is wrong with training, and where (rules, first NaN, pictures, report)."""
 
 from __future__ import annotations
 
@@ -28,184 +14,81 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+import lightning_inspect.health.nonfinite as nf
+import lightning_inspect.health.rules as hr
 from lightning_inspect._validation import as_str_list, check_bool, check_choice, check_positive_int
 from lightning_inspect.backends import Sink
-from lightning_inspect.core.grad_scaler import (
-    grad_scaler,
-    gradients_scaled,
-    loss_scale,
-    scaler_found_inf,
-)
-from lightning_inspect.core.hooks import InertWhenCopied, in_backward_pass, is_suspended
-from lightning_inspect.core.keys import FINDINGS_KEY, metric_key
+from lightning_inspect.core import grad_scaler as amp
+from lightning_inspect.core.keys import FINDINGS_KEY, metric_key, split_key
 from lightning_inspect.core.recorder import HostRecord, StepRecord
-from lightning_inspect.core.selection import select_modules
+from lightning_inspect.core.selection import normalise_name, select_modules
 from lightning_inspect.errors import InspectError
-from lightning_inspect.health.nonfinite import (
-    CHECK_MODES,
-    NONFINITE_ACTIONS,
-    NonFiniteLocator,
-    NonFiniteOrigin,
-    parameters_by_module,
-    stored_values,
-)
 from lightning_inspect.health.pictures import heatmap, publish_image
-from lightning_inspect.health.rules import (
-    Finding,
-    HealthReport,
-    HealthRules,
-    HealthThresholds,
-    scaler_stalled,
-)
 from lightning_inspect.monitors.base import ModuleMonitor
 
 #: Key of the end-of-fit report (TensorBoard text; MLflow ``lightning_inspect/health/report.md``).
 REPORT_KEY = "health/report"
-
 #: The pictures drawn: statistic -> (title, log10 scale, colour range).
 PICTURES: dict[str, tuple[str, bool, tuple[float | None, float | None]]] = {
     "zero_fraction": ("fraction of zero outputs (ReLU-like modules)", False, (0.0, 1.0)),
-    "saturated_fraction": (
-        "fraction of saturated outputs (Tanh/Sigmoid/Hardtanh)",
-        False,
-        (0.0, 1.0),
-    ),
+    "saturated_fraction": ("fraction of saturated outputs (Tanh/Sigmoid/Hardtanh)", False, (0, 1)),
     "grad_norm": ("parameter-gradient norm per module (log10)", True, (None, None)),
     "update_ratio": ("update-to-weight ratio per module (log10)", True, (None, None)),
 }
+#: 1 when the GradScaler found Inf/NaN gradients and skips the optimizer step (fp16), else 0.
+_SKIPPED_KEY = "health/skipped_by_scaler"
+_SCALE_KEY = "__health_loss_scale__"  # internal: the GradScaler's scale
+_GRADS_SCALED_KEY = "__health_grads_scaled__"  # internal: gradients read still scaled
 
 
 def activation_kind(module: nn.Module) -> str | None:
-    """Which health statistic a module's output feeds: ``"relu"`` (dead units), ``"tanh"``,
-    ``"sigmoid"``, ``"hardtanh"`` (saturation), or ``None``.
-
-    LeakyReLU, ELU, GELU, SiLU... never output exactly zero on a whole region and have a
-    non-zero gradient there, so they cannot have dead units in this sense.
+    """The health statistic a module's output feeds: ``"relu"`` (dead units), ``"tanh"``,
+    ``"sigmoid"``, ``"hardtanh"`` (saturation) or ``None`` (LeakyReLU, GELU... have no dead units).
 
     >>> activation_kind(nn.ReLU6()), activation_kind(nn.Tanh()), activation_kind(nn.GELU())
     ('relu', 'tanh', None)
     """
-    if isinstance(module, (nn.ReLU, nn.ReLU6)):  # ReLU6 is a Hardtanh subclass: test it first
-        return "relu"
-    if isinstance(module, nn.Tanh):
-        return "tanh"
-    if isinstance(module, nn.Sigmoid):
-        return "sigmoid"
-    if isinstance(module, nn.Hardtanh):
-        return "hardtanh"
-    return None
-
-
-_KIND_NAMES = {"relu": "ReLU", "tanh": "Tanh", "sigmoid": "Sigmoid", "hardtanh": "Hardtanh"}
-
-
-def unit_dim(ndim: int, after_conv: bool) -> int:
-    """The dimension that indexes units (features / channels) in an output of ``ndim`` dims.
-
-    The last dimension for Linear-like outputs (``(N, F)``, ``(N, T, F)``), dimension 1 for
-    convolution outputs (``(N, C, L)`` after a Conv1d / BatchNorm1d, ``(N, C, H, W)``,
-    ``(N, C, D, H, W)``).
-
-    >>> unit_dim(2, False), unit_dim(3, False), unit_dim(3, True), unit_dim(4, False)
-    (-1, -1, 1, 1)
-    """
-    if ndim >= 4 or (ndim == 3 and after_conv):
-        return 1
-    return -1
-
-
-#: 1 when the GradScaler found Inf/NaN gradients and skips the optimizer step (fp16), else 0.
-_SKIPPED_KEY = "health/skipped_by_scaler"
-#: Internal: the GradScaler's scale, for the stalled-scaler finding.
-_SCALE_KEY = "__health_loss_scale__"
-#: Internal: 1 when the gradients were read still scaled (an optimizer that unscales in step()).
-_GRADS_SCALED_KEY = "__health_grads_scaled__"
-#: Statistics a step the GradScaler skips leaves meaningless: its gradients overflowed on purpose.
-_SCALER_OWNED = ("/grad_norm", "/update_ratio")
-
-
-class _HealthHook(InertWhenCopied):
-    """Forward hook (with kwargs) on each selected module."""
-
-    __slots__ = ("monitor", "name")
-
-    def __init__(self, monitor: HealthMonitor, name: str) -> None:
-        self.monitor = monitor
-        self.name = name
-
-    def __call__(
-        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
-    ) -> None:
-        if not self.monitor._recording:  # all a compiled graph sees when not recording
-            return None
-        _health_forward(self, module, args, kwargs, output)
-        return None
-
-
-@torch.compiler.disable
-def _health_forward(
-    hook: _HealthHook, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
-) -> None:
-    if is_suspended() or in_backward_pass():
-        return
-    try:
-        hook.monitor._on_forward(hook.name, module, args, kwargs, output)
-    except InspectError:
-        raise  # the locator's "raise" / "debug" action
-    except Exception as exc:  # never let inspection break the forward pass
-        hook.monitor._hook_fault(f"the output of {hook.name!r}", exc)
+    kinds = {nn.ReLU: "relu", nn.ReLU6: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
+    kinds[nn.Hardtanh] = "hardtanh"  # after ReLU6, its subclass
+    return next((kind for cls, kind in kinds.items() if isinstance(module, cls)), None)
 
 
 class HealthMonitor(ModuleMonitor):
     """Diagnose training: dead units, saturation, vanishing/exploding gradients, update sizes, NaN.
 
-    On every logged step (``every_n_steps``, in optimizer steps) it reduces on the device, per
-    selected module, what the rules of :mod:`lightning_inspect.health.rules` need, moves it to the
-    host with the other monitors' values (one transfer), logs it, and turns what crosses a
-    threshold into findings: a warning the first time each rule fires in each module, an entry
-    in the end-of-fit report (console table, TensorBoard text, MLflow markdown artifact), and
-    layers x steps pictures.
-
-    The same logged steps are checked for NaN/Inf: the first module in execution order whose
-    forward or backward made one is named, with its input statistics (see
-    :mod:`lightning_inspect.health.nonfinite`). Use ``every_n_steps=1`` to catch the very first.
+    On every logged step it reduces on the device what the rules of
+    :mod:`~lightning_inspect.health.rules` need, logs it and turns what crosses a threshold into
+    findings: a warning the first time each rule fires in each module, the end-of-fit report
+    (console, TensorBoard text, MLflow artifact) and layers x steps pictures. The first module
+    whose forward or backward made a NaN/Inf is named (:mod:`~lightning_inspect.health.nonfinite`).
 
     Args:
-        modules: patterns of the modules to watch; default every module (``"*"``): activation
-            modules own no parameters, and a NaN can come from any module. ``None``: the
-            modules that own parameters, as for the other monitors.
-        exclude: patterns removed from the selection.
+        modules: module patterns; default ``"*"`` (every module: a NaN can come from any);
+            ``None``: the modules that own parameters. ``exclude``: patterns removed.
         every_n_steps, start_step, stop_step: when to check and log, in optimizer steps.
-        backends: ``"tensorboard"``, ``"mlflow"``, a list, Sink objects; ``None``: every
-            supported logger attached to the Trainer.
-        on_nonfinite: at the first NaN/Inf of a step: ``"ignore"``, ``"warn"`` (once per module;
-            training goes on), ``"raise"`` (:class:`~lightning_inspect.FirstNonFiniteError`;
-            fit stops cleanly, hooks removed and logs flushed) or ``"debug"`` (a debugger at the
-            module when stdin is a terminal, then stops; otherwise stops with a note).
+        backends: ``"tensorboard"``, ``"mlflow"``, a list, Sink objects; ``None``: every logger.
+        on_nonfinite: at the first NaN/Inf of a step: ``"ignore"``, ``"warn"`` (once per module),
+            ``"raise"`` (:class:`~lightning_inspect.FirstNonFiniteError`; fit stops cleanly) or
+            ``"debug"`` (a debugger at the module when stdin is a terminal, then stops).
         nonfinite_check: ``"auto"`` (per module on the CPU, once per step elsewhere),
-            ``"module"`` or ``"step"``; see :mod:`lightning_inspect.health.nonfinite`.
-        thresholds: a :class:`~lightning_inspect.HealthThresholds` or a mapping of overrides,
-            e.g. ``{"dead_fraction": 0.9, "grad_norm_high": 100}``.
-        relu_modules: patterns of further modules whose output is post-ReLU (e.g. a block whose
-            forward ends in ``F.relu``: functional calls are not modules and are invisible
-            otherwise).
-        update_ratio: compute the update-to-weight ratio. It keeps one copy of the watched
-            modules' parameters (same dtype and device) from the first optimizer step of a
-            logged batch to its end: the parameters' size in memory (4 bytes a float32 value).
-        pictures: draw the layers x steps pictures.
-        picture_every_n_logs: draw them every this many logged steps (and at the end of fit).
-        report: write the end-of-fit health report.
-        console: print the report (a rich table) at the end of fit.
-        warn_findings: a RuntimeWarning the first time each rule fires in each module (notes of
-            severity ``info`` excepted).
-        log_metrics: log the ``health/<module>/<statistic>`` values to the backends.
+            ``"module"`` or ``"step"``.
+        thresholds: :class:`~lightning_inspect.HealthThresholds` or a mapping of overrides.
+        relu_modules: patterns of further modules whose output is post-ReLU (``F.relu``).
+        update_ratio: compute the update-to-weight ratio (one copy of the watched parameters
+            during a logged batch's optimizer step).
+        pictures, picture_every_n_logs: draw the layers x steps pictures every this many logged
+            steps and at the end of fit.
+        report, console: write the end-of-fit report; print it (a rich table).
+        warn_findings: a RuntimeWarning the first time each rule fires in each module (``info``
+            excepted).
+        log_metrics: log the ``health/<module>/<statistic>`` values.
         enabled: ``False`` attaches the callback but does nothing.
 
     Logged metrics:
-        ``health/<module>/zero_fraction`` and ``health/<module>/dead_fraction`` (ReLU-like
-        modules), ``health/<module>/saturated_fraction`` (Tanh, Sigmoid, Hardtanh),
-        ``health/<module>/grad_norm`` and ``health/<module>/update_ratio`` (modules with
-        parameters); images ``health/<statistic>``; text ``health/report``.
+        ``health/<module>/zero_fraction`` and ``dead_fraction`` (ReLU-like modules),
+        ``saturated_fraction`` (Tanh, Sigmoid, Hardtanh), ``grad_norm`` and ``update_ratio``
+        (modules with parameters), ``health/skipped_by_scaler`` (fp16); images
+        ``health/<statistic>``; text ``health/report``.
 
     Example::
 
@@ -227,7 +110,7 @@ class HealthMonitor(ModuleMonitor):
         on_nonfinite: str = "warn",
         enabled: bool = True,
         nonfinite_check: str = "auto",
-        thresholds: HealthThresholds | Mapping[str, Any] | None = None,
+        thresholds: hr.HealthThresholds | Mapping[str, Any] | None = None,
         relu_modules: str | Sequence[str] | None = None,
         update_ratio: bool = True,
         pictures: bool = True,
@@ -237,63 +120,50 @@ class HealthMonitor(ModuleMonitor):
         warn_findings: bool = True,
         log_metrics: bool = True,
     ) -> None:
-        owner = type(self).__name__
-        action = check_choice(owner, "on_nonfinite", on_nonfinite, NONFINITE_ACTIONS)
+        o = type(self).__name__
+        action = check_choice(o, "on_nonfinite", on_nonfinite, nf.NONFINITE_ACTIONS)
         super().__init__(
-            modules,
-            exclude,
-            every_n_steps,
-            start_step,
-            stop_step,
-            None,
-            False,
-            2,
-            backends,
-            "ignore",
-            enabled,
-        )
+            modules, exclude, every_n_steps, start_step, stop_step, None, False, 2, backends,
+            "ignore", enabled,
+        )  # fmt: skip
         self.on_nonfinite = action
-        self.nonfinite_check = check_choice(owner, "nonfinite_check", nonfinite_check, CHECK_MODES)
-        self.thresholds = HealthThresholds.checked(owner, thresholds)
-        self.relu_modules = as_str_list(owner, "relu_modules", relu_modules)
-        self.update_ratio = check_bool(owner, "update_ratio", update_ratio)
-        self.pictures_enabled = check_bool(owner, "pictures", pictures)
+        self.nonfinite_check = check_choice(o, "nonfinite_check", nonfinite_check, nf.CHECK_MODES)
+        self.thresholds = hr.HealthThresholds.checked(o, thresholds)
+        self.relu_modules = as_str_list(o, "relu_modules", relu_modules)
+        self.update_ratio = check_bool(o, "update_ratio", update_ratio)
+        self.pictures_enabled = check_bool(o, "pictures", pictures)
         self.picture_every_n_logs = check_positive_int(
-            owner, "picture_every_n_logs", picture_every_n_logs
+            o, "picture_every_n_logs", picture_every_n_logs
         )
-        self.report_enabled = check_bool(owner, "report", report)
-        self.console = check_bool(owner, "console", console)
-        self.warn_findings = check_bool(owner, "warn_findings", warn_findings)
-        self.log_metrics = check_bool(owner, "log_metrics", log_metrics)
-
-        self.rules = HealthRules(self.thresholds)
-        self.report = HealthReport()
-        self._shared: list[Finding] = []
-        #: The latest picture of each statistic, as an ``(H, W, 3)`` uint8 array.
-        self.pictures: dict[str, np.ndarray] = {}
+        self.report_enabled = check_bool(o, "report", report)
+        self.console = check_bool(o, "console", console)
+        self.warn_findings = check_bool(o, "warn_findings", warn_findings)
+        self.log_metrics = check_bool(o, "log_metrics", log_metrics)
+        self.rules = hr.HealthRules(self.thresholds)
+        self.report = hr.HealthReport()
+        self.pictures: dict[str, np.ndarray] = {}  # the latest picture of each statistic
         #: ``{statistic: {module: [(step, value), ...]}}`` of everything logged.
         self.history: dict[str, dict[str, list[tuple[int, float]]]] = {}
-        self.locator: NonFiniteLocator | None = None
-        self.order: list[str] = []  # selected modules in execution order (forward completion)
-        self._order_set: set[str] = set()
+        self.locator: nf.NonFiniteLocator | None = None
+        self._order: dict[str, int] = {}  # selected modules in execution order (forward completion)
+        self._shared: list[nf.Finding] = []  # this fit's findings written under FINDINGS_KEY
         self._kinds: dict[str, str] = {}
-        self._after_conv: dict[str, bool] = {}
+        self._unit_dim: dict[str, int] = {}
         self._param_modules: dict[str, list[tuple[str, nn.Parameter]]] = {}
-        self._numel: dict[str, int] = {}
-        self._counts: dict[str, torch.Tensor] = {}
-        self._alive: dict[str, torch.Tensor] = {}
-        self._windows: dict[str, deque[torch.Tensor]] = {}
-        self._units: dict[str, int] = {}
-        self._before: dict[str, list[torch.Tensor]] | None = None
-        self._grad_squares: dict[str, list[torch.Tensor]] = {}
+        self._counts: dict[str, tuple[torch.Tensor, int]] = {}  # (count, numel) this batch
+        self._alive: dict[str, torch.Tensor] = {}  # units positive this batch
+        self._windows: dict[str, deque[torch.Tensor]] = {}  # ... over dead_window logged steps
+        self._before: dict[str, list[torch.Tensor]] | None = None  # weights before the update
+        self._grad_squares: dict[str, list[torch.Tensor]] = {}  # per optimizer step of the batch
         self._found_inf: torch.Tensor | None = None  # during on_before_optimizer_step only
-        self._logs = 0
-        self._skipped_in_a_row = 0
-        self._stall_reported = False
-        self._finished = False
+        self._logs = self._skipped_in_a_row = 0
+        self._stall_reported = self._finished = False
         self._picture_warned: set[str] = set()
 
-    # -- state ------------------------------------------------------------------------------
+    @property
+    def order(self) -> list[str]:
+        """The selected modules in execution order (forward completion)."""
+        return list(self._order)
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "grad_history": self.rules.state_dict()}
@@ -302,46 +172,66 @@ class HealthMonitor(ModuleMonitor):
         super().load_state_dict(state_dict)
         self.rules.load_state_dict(state_dict.get("grad_history", {}))
 
-    # -- set-up -----------------------------------------------------------------------------
-
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._finished = False
-        self._shared = []  # the findings of this fit written under FINDINGS_KEY so far
+        self._finished, self._shared = False, []
         super().setup(trainer, pl_module, stage)
 
     def _after_selection(self, pl_module: pl.LightningModule) -> None:
-        extra_relu: set[str] = set()
+        extra: dict[str, nn.Module] = {}
         if self.relu_modules:
-            extra = select_modules(
-                pl_module, self.relu_modules, owner=f"{self._owner}(relu_modules)"
-            )
-            extra_relu = set(extra)
+            owner = f"{self._owner}(relu_modules)"
+            extra = select_modules(pl_module, self.relu_modules, owner=owner)
             for name, module in extra.items():
                 self.selected.setdefault(name, module)
-        self._kinds = {}
-        for name, module in self.selected.items():
-            kind = "relu" if name in extra_relu else activation_kind(module)
-            if kind:
-                self._kinds[name] = kind
-        self._after_conv = _follows_conv(pl_module, set(self._kinds))
-        self._param_modules = parameters_by_module(self.selected)
+        kinds = {n: "relu" if n in extra else activation_kind(m) for n, m in self.selected.items()}
+        self._kinds = {n: k for n, k in kinds.items() if k}
+        # Units index the last dimension, or dimension 1 of a 4-D+ output and of a 3-D one
+        # after a convolution or a batch norm: (N, C, L).
+        previous: nn.Module | None = None
+        for raw, module in pl_module.named_modules():
+            if normalise_name(raw) in self._kinds:
+                conv = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)
+                self._unit_dim[normalise_name(raw)] = 1 if isinstance(previous, conv) else -1
+            if any(True for _ in module.parameters(recurse=False)):
+                previous = module
+        self._param_modules = nf.parameters_by_module(self.selected)
         self.locator = None
         if self.on_nonfinite != "ignore":
-            self.locator = NonFiniteLocator(
-                self.on_nonfinite, self.nonfinite_check, self._owner, self._on_origin
-            )
+            check, owner = self.nonfinite_check, self._owner
+            self.locator = nf.NonFiniteLocator(self.on_nonfinite, check, owner, self._on_origin)
             self.locator.watch(self.selected)
             self.locator.resolve_check(pl_module.device)
-            self.locator.gradients_may_overflow = grad_scaler(pl_module) is not None
+            self.locator.gradients_may_overflow = amp.grad_scaler(pl_module) is not None
 
-    def _selection_summary(self) -> tuple[str, list[str]]:
-        return "modules", list(self.selected)
+    def _wants_output_hooks(self) -> bool:
+        return True
 
     def _install_hooks(self) -> None:
-        for name, module in self.selected.items():
-            self._hooks.add(module.register_forward_hook(_HealthHook(self, name), with_kwargs=True))
+        super()._install_hooks()
+        if self.locator is not None:  # the locator reports and blames with a module's inputs
+            for name, module in self.selected.items():
+                hook = nf.InputHook(self, name)
+                self._hooks.add(module.register_forward_pre_hook(hook, with_kwargs=True))
 
-    # -- Lightning hooks (thin; the raise of the locator must not be contained) ---------------
+    def _on_input(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if self.locator is not None:
+            self.locator._on_input(name, args, kwargs)
+
+    def _on_output(self, name: str, path: str, tensor: torch.Tensor) -> None:
+        self._order.setdefault(name, len(self._order))
+        if self.locator is not None:
+            self.locator._on_output(name, path, tensor)
+        kind = self._kinds.get(name)
+        if kind is not None and path == "" and tensor.numel() > 0:
+            self._accumulate(name, kind, tensor.detach())
+
+    def _depth(self, name: str) -> int:
+        return self._order.get(name, len(self._order))
+
+    def _hook_fault(self, where: str, exc: BaseException) -> None:
+        if isinstance(exc, InspectError):
+            raise exc  # the locator's "raise" / "debug" action
+        super()._hook_fault(where, exc)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -360,12 +250,13 @@ class HealthMonitor(ModuleMonitor):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
         # fp16: whether the GradScaler skips this step, found once for the locator and the rules
-        self._found_inf = scaler_found_inf(pl_module, optimizer) if self._recording else None
+        self._found_inf = amp.scaler_found_inf(pl_module, optimizer) if self._recording else None
         try:
             if self._recording and self.locator is not None:
                 overflowed = self._found_inf is not None and bool(self._found_inf.item())
-                # may stop fit before the weights change
-                self.locator.check(self._params_in_order(), gradients_overflowed=overflowed)
+                names = sorted(self._param_modules, key=self._depth)
+                params = {n: self._param_modules[n] for n in names}
+                self.locator.check(params, overflowed)  # may stop fit before the weights change
             super().on_before_optimizer_step(trainer, pl_module, optimizer)
         finally:
             self._found_inf = None
@@ -379,9 +270,7 @@ class HealthMonitor(ModuleMonitor):
         batch_idx: int,
     ) -> None:
         if self._recording and self.locator is not None and not self.locator.gradients_may_overflow:
-            # what a micro-batch without optimizer step left pending (under a GradScaler it waits
-            # for the optimizer step, which tells an overflow the scaler skips from a real NaN)
-            self.locator.check()
+            self.locator.check()  # what a micro-batch without optimizer step left pending
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -401,87 +290,47 @@ class HealthMonitor(ModuleMonitor):
             self.locator.release()  # no tensor (nor weak reference) outlives the fit
         super()._shutdown()  # last: after a nested fit it brings back the enclosing fit's state
 
-    # -- recording (device side) ------------------------------------------------------------
-
-    def _on_forward(
-        self,
-        name: str,
-        module: nn.Module,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        output: Any,
-    ) -> None:
-        if name not in self._order_set:
-            self._order_set.add(name)
-            self.order.append(name)
-        if self.locator is not None:
-            self.locator.forward(name, module, args, kwargs, output)
-        kind = self._kinds.get(name)
-        if kind is not None and isinstance(output, torch.Tensor) and output.numel() > 0:
-            self._accumulate(name, kind, module, output.detach())
-
-    def _accumulate(self, name: str, kind: str, module: nn.Module, y: torch.Tensor) -> None:
+    def _accumulate(self, name: str, kind: str, y: torch.Tensor) -> None:
         if y.is_complex() or y.ndim == 0 or y.layout != torch.strided:
             return  # no units or bounds: complex, 0-d and sparse outputs are checked for NaN only
         if kind == "relu":
-            dim = unit_dim(y.ndim, self._after_conv.get(name, False))
-            units = y.shape[dim]
-            alive = (y > 0).movedim(dim, -1).reshape(-1, units).any(0)
+            dim = self._unit_dim.get(name, -1) if y.ndim == 3 else (1 if y.ndim >= 4 else -1)
+            alive = (y > 0).movedim(dim, -1).reshape(-1, y.shape[dim]).any(0)
             previous = self._alive.get(name)
-            self._alive[name] = (
-                alive if previous is None or previous.shape != alive.shape else previous | alive
-            )
+            same = previous is not None and previous.shape == alive.shape
+            self._alive[name] = previous | alive if same else alive
             count = torch.count_nonzero(y == 0)
+        elif kind == "hardtanh":
+            module = self.selected[name]
+            low, high = getattr(module, "min_val", -1.0), getattr(module, "max_val", 1.0)
+            count = torch.count_nonzero((y <= low) | (y >= high))
         else:
-            margin = self.thresholds.saturation_margin
-            if kind == "tanh":
-                count = torch.count_nonzero(y.abs() > 1 - margin)
-            elif kind == "sigmoid":
-                count = torch.count_nonzero((y < margin) | (y > 1 - margin))
-            else:
-                low, high = (
-                    float(getattr(module, "min_val", -1.0)),
-                    float(getattr(module, "max_val", 1.0)),
-                )
-                count = torch.count_nonzero((y <= low) | (y >= high))
-        previous_count = self._counts.get(name)
-        self._counts[name] = count if previous_count is None else previous_count + count
-        self._numel[name] = self._numel.get(name, 0) + y.numel()
-
-    def _params_in_order(self) -> dict[str, list[tuple[str, nn.Parameter]]]:
-        index = {n: i for i, n in enumerate(self.order)}
-        names = sorted(self._param_modules, key=lambda n: index.get(n, len(index)))
-        return {n: self._param_modules[n] for n in names}
+            m = self.thresholds.saturation_margin
+            bad = y.abs() > 1 - m if kind == "tanh" else (y < m) | (y > 1 - m)
+            count = torch.count_nonzero(bad)
+        total, numel = self._counts.get(name, (0, 0))
+        self._counts[name] = (count + total, numel + y.numel())
 
     def _before_optimizer_step(self, pl_module: pl.LightningModule) -> None:
         first = self._before is None  # several optimizers: the first step of the batch
-        skipped = self._found_inf
-        if first and skipped is not None:  # fp16: the GradScaler skips this step (overflow)
-            self._add_scalar(_SKIPPED_KEY, skipped)
-            scale = loss_scale(pl_module)
+        if first and self._found_inf is not None:  # fp16: the GradScaler skips this step
+            self._add_scalar(_SKIPPED_KEY, self._found_inf)
+            scale = amp.loss_scale(pl_module)
             if scale is not None:
                 self._add_scalar(_SCALE_KEY, scale)
-                if gradients_scaled(pl_module, self._optimizer):  # unscaled in step() only
+                if amp.gradients_scaled(pl_module, self._optimizer):  # unscaled in step() only
                     self._add_scalar(_GRADS_SCALED_KEY, torch.ones((), device=scale.device))
+        owned = {(m, n): p for m, params in self._param_modules.items() for n, p in params}
+        grads: dict[str, list[torch.Tensor]] = {}
+        for (module, _), param in self._stepped(owned).items():  # what this optimizer updates
+            if param.grad is not None:
+                grads.setdefault(module, []).append(nf.stored_values(param.grad))
         with torch.no_grad():
-            self._read_grad_norms()
+            for module, tensors in grads.items():
+                self._grad_squares.setdefault(module, []).append(_squared_norm(tensors))
             if first:  # the weights before every optimizer step of the batch
                 modules = self._param_modules.items() if self.update_ratio else ()
                 self._before = {m: [p.detach().clone() for _, p in ps] for m, ps in modules}
-
-    def _read_grad_norms(self) -> None:
-        """Squared gradient norms of the parameters this optimizer updates, by module."""
-        owned = {(m, n): p for m, params in self._param_modules.items() for n, p in params}
-        owners: list[str] = []
-        grads: list[torch.Tensor] = []
-        for (module, _), param in self._stepped(owned).items():
-            if param.grad is not None:
-                owners.append(module)
-                grads.append(stored_values(param.grad))
-        if grads:
-            norms = torch._foreach_norm(grads, 2, dtype=torch.float64)  # finite for huge values
-            for module, norm in zip(owners, norms, strict=False):
-                self._grad_squares.setdefault(module, []).append(norm.square())
 
     def _finish_step(self) -> None:
         squares, self._grad_squares = self._grad_squares, {}
@@ -492,57 +341,29 @@ class HealthMonitor(ModuleMonitor):
         super()._finish_step()
 
     def _after_optimizer_step(self, pl_module: pl.LightningModule) -> None:
-        before, self._before = self._before, None
+        before, self._before = self._before or {}, None
         with torch.no_grad():
-            if before:
-                self._record_update_ratios(before)
-            self._record_activations()
-
-    def _record_update_ratios(self, before: dict[str, list[torch.Tensor]]) -> None:
-        names, olds, news = [], [], []
-        for module, params in self._param_modules.items():
-            for old, (_, param) in zip(before.get(module, []), params, strict=False):
-                names.append(module)
-                olds.append(old)
-                news.append(param.detach())
-        if not olds:
-            return
-        # float64 norms: squares of finite weights of any size stay finite
-        norms = torch._foreach_norm(olds, 2, dtype=torch.float64)
-        torch._foreach_sub_(olds, news)  # in place: the copy becomes -(update), no third copy
-        updates = torch._foreach_norm(olds, 2, dtype=torch.float64)
-        sums: dict[str, list[torch.Tensor]] = {}
-        for module, upd, norm in zip(names, updates, norms, strict=False):
-            pair = torch.stack([upd.square(), norm.square().to(upd.device)])
-            sums.setdefault(module, []).append(pair)
-        for module, parts in sums.items():
-            u2, w2 = torch.stack([p.to(parts[0].device) for p in parts]).sum(0)
-            # A module whose weights are all zero has no ratio: NaN is dropped on the host.
-            ratio = torch.where(w2 > 0, (u2 / w2).sqrt(), torch.nan)
-            self._add_scalar(metric_key("health", module, "update_ratio"), ratio)
-
-    def _record_activations(self) -> None:
-        for name, count in self._counts.items():
-            stat = "zero_fraction" if self._kinds[name] == "relu" else "saturated_fraction"
-            self._add_scalar(
-                metric_key("health", name, stat),
-                count.to(torch.float64) / max(self._numel[name], 1),
-            )
-        window_length = self.thresholds.dead_window
-        for name, alive in self._alive.items():
-            window = self._windows.setdefault(name, deque(maxlen=window_length))
-            if window and window[-1].shape != alive.shape:
-                window.clear()
-            window.append(alive)
-            self._units[name] = alive.numel()
-            if len(window) == window_length:
-                ever = torch.stack(list(window)).any(0)
-                self._add_scalar(
-                    metric_key("health", name, "dead_fraction"), 1.0 - ever.to(torch.float64).mean()
-                )
-        self._counts, self._numel, self._alive = {}, {}, {}
-
-    # -- publishing (host side) -------------------------------------------------------------
+            for module, olds in before.items():
+                if olds:
+                    w2 = _squared_norm(olds)
+                    torch._foreach_sub_(olds, [p.detach() for _, p in self._param_modules[module]])
+                    u2 = _squared_norm(olds)  # the copies became -(update): no third copy
+                    # A module whose weights are all zero has no ratio: NaN is dropped on the host.
+                    ratio = torch.where(w2 > 0, (u2 / w2).sqrt(), torch.nan)
+                    self._add_scalar(metric_key("health", module, "update_ratio"), ratio)
+            for name, (count, numel) in self._counts.items():
+                stat = "zero_fraction" if self._kinds[name] == "relu" else "saturated_fraction"
+                share = count.to(torch.float64) / max(numel, 1)
+                self._add_scalar(metric_key("health", name, stat), share)
+            for name, alive in self._alive.items():
+                window = self._windows.setdefault(name, deque(maxlen=self.thresholds.dead_window))
+                if window and window[-1].shape != alive.shape:
+                    window.clear()
+                window.append(alive)
+                if len(window) == window.maxlen:
+                    dead = 1.0 - torch.stack(list(window)).any(0).to(torch.float64).mean()
+                    self._add_scalar(metric_key("health", name, "dead_fraction"), dead)
+        self._counts, self._alive = {}, {}
 
     def _publish(self, record: StepRecord, values: HostRecord) -> None:
         rows, scalars = values
@@ -555,66 +376,58 @@ class HealthMonitor(ModuleMonitor):
             super()._publish(record, (rows, scalars))
         stats: dict[str, dict[str, float]] = {}
         for key, value in scalars.items():
-            if key == _SKIPPED_KEY:
-                continue
-            if skipped and key.endswith(_SCALER_OWNED):
+            if key == _SKIPPED_KEY or (skipped and key.endswith(("/grad_norm", "/update_ratio"))):
                 continue  # overflowed gradients and an update that never happened: nothing to judge
-            _, rest = key.split("/", 1)
-            module, stat = rest.rsplit("/", 1)
+            _, module, _, stat = split_key(key)
             stats.setdefault(module, {})[stat] = value
             self.history.setdefault(stat, {}).setdefault(module, []).append((record.step, value))
-        for module, units in self._units.items():
-            if module in stats and "dead_fraction" in stats[module]:
-                stats[module]["units"] = float(units)
-        kinds = {n: _KIND_NAMES[k] for n, k in self._kinds.items()}
+            if stat == "dead_fraction" and module in self._windows:
+                stats[module]["units"] = float(self._windows[module][-1].numel())
+        kinds = {n: k.capitalize() for n, k in self._kinds.items()}  # Tanh, Sigmoid, Hardtanh
         findings = self.rules.observe(record.step, stats, self.order, kinds)
         if self.locator is not None and any(o.step == record.step for o in self.locator.origins):
             # The origin of this step's NaN/Inf is in the report: the rest follows from it.
             findings = [f for f in findings if f.rule != "nonfinite"]
         self._skipped_in_a_row = self._skipped_in_a_row + 1 if skipped else 0
-        if not skipped:
-            self._stall_reported = False
-        elif scale is not None and not self._stall_reported:
-            stalled = scaler_stalled(self._skipped_in_a_row, scale, record.step)
+        self._stall_reported = self._stall_reported and skipped
+        if skipped and scale is not None and not self._stall_reported:
+            stalled = hr.scaler_stalled(self._skipped_in_a_row, scale, record.step)
             if stalled is not None:
                 self._stall_reported = True
                 findings.append(stalled)
         self.report.logged_steps += 1
-        new = self.report.extend(findings)
-        self._share_findings(new, record.step)
-        for finding in new:
-            if self.warn_findings and finding.severity != "info":
-                rank_zero_warn(f"{self._owner}: {finding.summary()}", category=RuntimeWarning)
+        self._add_findings(findings, record.step)
         self._logs += 1
         if self.pictures_enabled and self._logs % self.picture_every_n_logs == 0:
             self._draw_pictures(record.step)
 
-    def _on_origin(self, origin: NonFiniteOrigin) -> None:
-        depth = self.order.index(origin.module) if origin.module in self._order_set else -1
-        finding = origin.to_finding(depth)
-        if self.report.add(finding):
-            self._share_findings([finding], origin.step)
+    def _on_origin(self, origin: nf.NonFiniteOrigin) -> None:
+        depth = self._order.get(origin.module, -1)
+        self._add_findings([origin.to_finding(depth)], origin.step, warn=False)  # it warns itself
 
-    def _share_findings(self, findings: list[Finding], step: int) -> None:
-        """New findings to the step's observers, and all of this fit's so far as JSON text for
-        TensorBoard's overview tab (TensorBoard keeps a sample of a text's steps, always the last)."""
-        if not findings:
+    def _add_findings(self, findings: list[nf.Finding], step: int, warn: bool = True) -> None:
+        """The one path of findings: the report, a warning, the observers, and all of this fit's
+        so far as JSON text for TensorBoard's overview tab (which keeps a text's last step)."""
+        new = self.report.extend(findings)
+        if not new:
             return
-        self._shared.extend(findings)
+        for finding in new:
+            if warn and self.warn_findings and finding.severity != "info":
+                rank_zero_warn(f"{self._owner}: {finding.summary()}", category=RuntimeWarning)
+        self._shared.extend(new)
         text = json.dumps([dataclasses.asdict(f) for f in self._shared])
         for sink in self.sinks:
             if sink.name == "tensorboard":
                 sink.log_text(FINDINGS_KEY, text, step)
         if self._coordinator is not None:
-            self._coordinator.notify(step, {}, {}, findings)
+            self._coordinator.notify(step, {}, {}, new)
 
     def _draw_pictures(self, step: int) -> None:
-        index = {n: i for i, n in enumerate(self.order)}
         for stat, (title, log10, (vmin, vmax)) in PICTURES.items():
             series = self.history.get(stat)
             if not series:
                 continue
-            modules = sorted(series, key=lambda n: index.get(n, len(index)))
+            modules = sorted(series, key=self._depth)
             steps = sorted({s for points in series.values() for s, _ in points})
             column = {s: j for j, s in enumerate(steps)}
             values = np.full((len(modules), len(steps)), np.nan)
@@ -629,23 +442,20 @@ class HealthMonitor(ModuleMonitor):
                 self._hook_fault(f"drawing the {stat} picture", exc)
                 continue
             self.pictures[stat] = image
-            publish_image(
-                self.sinks, f"health/{stat}", image, step, self._owner, self._picture_warned
-            )
+            key = f"health/{stat}"
+            publish_image(self.sinks, key, image, step, self._owner, self._picture_warned)
 
     def _finish(self, trainer: pl.Trainer) -> None:
         """Final pictures and the health report, once per fit."""
         if self._finished or not self._active:
             return
         self._finished = True
-        step = trainer.global_step
         try:
             if self.pictures_enabled and self.history:
-                self._draw_pictures(step)
+                self._draw_pictures(trainer.global_step)
             if self.report_enabled:
-                text = self.report.to_markdown()
                 for sink in self.sinks:
-                    sink.log_text(REPORT_KEY, text, step)
+                    sink.log_text(REPORT_KEY, self.report.to_markdown(), trainer.global_step)
                 if self.console and trainer.is_global_zero:
                     print_report(self.report)
         except Exception as exc:  # reporting must never hide the real outcome of fit
@@ -654,8 +464,13 @@ class HealthMonitor(ModuleMonitor):
             sink.flush()
 
 
-def print_report(report: HealthReport) -> None:
-    """Print the report to the console: a rich table, or markdown when rich is not installed."""
+def _squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The squared L2 norm of tensors on one device, in float64 (finite for huge values)."""
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)).square().sum()
+
+
+def print_report(report: hr.HealthReport) -> None:
+    """Print the report: a rich table (160 columns off a terminal), or markdown without rich."""
     try:
         from rich.console import Console
     except ImportError:  # pragma: no cover - rich is an optional dependency
@@ -664,25 +479,4 @@ def print_report(report: HealthReport) -> None:
     console = Console()
     if not console.is_terminal:  # logs and CI: do not squeeze the table into 80 columns
         console = Console(width=160)
-    if len(report):
-        console.print(report.to_rich_table())
-    else:
-        console.print(report.headline())
-
-
-def _follows_conv(model: nn.Module, names: set[str]) -> dict[str, bool]:
-    """For each named module: whether the last module with parameters registered before it is a
-    convolution or a batch norm (then a 3-D output is ``(N, C, L)`` and units are channels)."""
-    from lightning_inspect.core.selection import normalise_name
-
-    out: dict[str, bool] = {}
-    previous: nn.Module | None = None
-    for raw, module in model.named_modules():
-        name = normalise_name(raw)
-        if name in names:
-            out[name] = isinstance(
-                previous, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)
-            )
-        if any(True for _ in module.parameters(recurse=False)):
-            previous = module
-    return out
+    console.print(report.to_rich_table() if len(report) else report.headline())
