@@ -1,0 +1,173 @@
+"""The model table: a row per module (parameters, layers, shapes seen on one batch), one renderer."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parameter import is_lazy
+
+from lightning_inspect.core import hooks
+from lightning_inspect.core.outputs import iter_tensors
+from lightning_inspect.core.selection import named_modules, normalise_name
+
+_HEAD = ("module", "type", "layers", "input shapes", "output shapes", "calls", "parameters")
+_HEAD += ("trainable", "frozen")
+
+
+def describe_tensor(t: torch.Tensor) -> str:
+    """``(4, 8, 6, 6) float32`` (plus the device when it is not the CPU)."""
+    device = "" if t.device.type == "cpu" else f" {t.device}"
+    return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}{device}"
+
+
+def _join(parts: Sequence[str], limit: int = 6) -> str:
+    return "; ".join([*parts[:limit], *[f"... ({len(parts) - limit} more)"][: len(parts) > limit]])
+
+
+def describe_inputs(args: Sequence[Any], kwargs: Mapping[str, Any] | None = None) -> str:
+    """A module's call arguments: ``input 0: (8, 288) float32; mask: (8,) bool``."""
+    parts = [f"input {p}: {describe_tensor(t)}" for p, t in iter_tensors(list(args))]
+    parts += [f"{p}: {describe_tensor(t)}" for p, t in iter_tensors(dict(kwargs or {}))]
+    other = [f"input {i}: {type(a).__name__}" for i, a in enumerate(args) if not [*iter_tensors(a)]]
+    return _join(parts + other[:2]) or "(no tensors)"
+
+
+class InputHook(hooks.InertWhenCopied):
+    """Forward pre-hook: hands a module's call arguments to ``consumer._on_input``."""
+
+    __slots__ = ("consumer", "name")
+
+    def __init__(self, consumer: Any, name: str) -> None:
+        self.consumer, self.name = consumer, name
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        # Not a strategy's redirected ``training_step`` (DDP, FSDP...: ``forward`` patched for a call)
+        patched = vars(module).get("forward")
+        redirected = patched is not None and getattr(patched, "__self__", None) is not module
+        if not hooks.is_suspended() and not hooks.in_backward_pass() and not redirected:
+            self.consumer._on_input(self.name, module, args, kwargs)
+
+
+def hook_modules(consumer: Any, modules: Mapping[str, nn.Module]) -> hooks.HookSet:
+    """An :class:`InputHook` and an :class:`~lightning_inspect.core.hooks.OutputHook` per module."""
+    handles = hooks.HookSet()
+    for name, m in modules.items():
+        handles.add(m.register_forward_pre_hook(InputHook(consumer, name), with_kwargs=True))
+        handles.add(m.register_forward_hook(hooks.OutputHook(consumer, name)))
+    return handles
+
+
+@dataclass
+class ModelRow:
+    """One module (or block) of the table."""
+
+    name: str
+    type: str
+    depth: int
+    parameters: int
+    trainable: int
+    layers: str = ""
+    inputs: str = ""
+    outputs: list[str] = field(default_factory=list)
+    calls: int = 0
+
+
+def _count(params: Iterable[nn.Parameter]) -> tuple[int, int]:
+    ps = [p for p in params if not is_lazy(p)]
+    return sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad)
+
+
+def _row(
+    name: str, module: nn.Module, depth: int, inputs: str = "", blocks: bool = False
+) -> ModelRow:
+    leaves = [type(m).__name__ for m in module.modules() if not any(m.children())]
+    kinds = ", ".join(f"{leaves.count(k)} {k}" for k in dict.fromkeys(leaves))
+    layers = f"{len(leaves)} ({kinds})" if blocks or any(module.children()) else ""
+    counts = _count(module.parameters())
+    return ModelRow(name, type(module).__name__, depth, *counts, layers, inputs)
+
+
+class ShapeTrace:
+    """Each module's inputs, outputs (first call) and call count on one batch, in call order."""
+
+    _recording = True
+
+    def __init__(self) -> None:
+        self.rows: dict[str, ModelRow] = {}
+        self._seen: set[tuple[str, str]] = set()
+
+    def _on_input(self, name: str, module: nn.Module, args: Any, kwargs: Any) -> None:
+        if name not in self.rows:
+            inputs = describe_inputs(args, kwargs)
+            self.rows[name] = _row(name or "(model)", module, name.count(".") + bool(name), inputs)
+        self.rows[name].calls += 1
+
+    def _on_output(self, name: str, path: str, tensor: torch.Tensor) -> None:
+        if name in self.rows and (name, path) not in self._seen:  # a path seen before: a later call
+            self._seen.add((name, path))
+            self.rows[name].outputs.append(f"{path}: " * bool(path) + describe_tensor(tensor))
+
+    def _hook_fault(self, where: str, exc: BaseException) -> None:
+        warnings.warn(f"lightning-inspect: no shapes of {where}: {exc!r}", RuntimeWarning, 2)
+
+
+class ModelTable:
+    """Every module of ``model`` (``depth=1``: its blocks, descending through a lone child as in
+    ``self.model = nn.Sequential(...)``, and ``(own)`` parameters); ``trace``'s rows first.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU())
+        >>> trace = ShapeTrace()
+        >>> with hook_modules(trace, {"": net, **named_modules(net)}):
+        ...     _ = net(torch.zeros(4, 2))
+        >>> print(ModelTable(net, trace=trace).to_markdown().replace(" float32", ""))
+        **Sequential**: 9 parameters (9 trainable, 0 frozen) in 2 layers
+        <BLANKLINE>
+        | module | type | layers | input shapes | output shapes | calls | parameters | trainable | frozen |
+        |---|---|---|---|---|---:|---:|---:|---:|
+        | (model) | Sequential | 2 (1 Linear, 1 ReLU) | input 0: (4, 2) | (4, 3) | 1 | 9 | 9 | 0 |
+        | 0 | Linear |  | input 0: (4, 2) | (4, 3) | 1 | 9 | 9 | 0 |
+        | 1 | ReLU |  | input 0: (4, 3) | (4, 3) | 1 | 0 | 0 | 0 |
+    """
+
+    def __init__(self, model: nn.Module, depth: int | None = None, trace: Any = None) -> None:
+        root, prefix, own = model, "", list(model.parameters(recurse=False))
+        while depth and len(kids := list(root.named_children())) == 1 and not own:
+            if not any(kids[0][1].children()):
+                break
+            prefix, root = f"{prefix}{kids[0][0]}.", kids[0][1]
+            own = list(root.parameters(recurse=False))
+        traced: dict[str, ModelRow] = trace.rows if trace else {}
+        self.rows = list(traced.values())
+        for name, module in named_modules(root).items():
+            full, level = normalise_name(prefix + name), name.count(".") + 1
+            if (depth is None or level <= depth) and full not in traced:
+                self.rows.append(_row(full, module, level, blocks=depth is not None))
+        if own:
+            self.rows.append(ModelRow("(own)", type(root).__name__, 1, *_count(own)))
+        self.model_type, self.note = (
+            type(model).__name__,
+            f" (blocks of {prefix[:-1]!r})" * bool(prefix),
+        )
+        self.parameters, self.trainable = _count(model.parameters())
+        self.layers = sum(1 for m in model.modules() if not any(m.children()))
+
+    def to_markdown(self) -> str:
+        """The table as markdown; a column empty in every row is left out."""
+        cells = [
+            ["&nbsp;&nbsp;" * max(r.depth - 1, 0) + r.name, r.type, r.layers, r.inputs]
+            + [_join(r.outputs), str(r.calls or "")]
+            + [f"{n:,}" for n in (r.parameters, r.trainable, r.parameters - r.trainable)]
+            for r in self.rows
+        ]
+        keep = [i for i in range(9) if i < 2 or i > 5 or any(c[i] for c in cells)]
+        rule = "|" + "|".join("---:" if i > 4 else "---" for i in keep) + "|"
+        frozen = self.parameters - self.trainable
+        title = f"**{self.model_type}**{self.note}: {self.parameters:,} parameters ({self.trainable:,} trainable, {frozen:,} frozen) in {self.layers} layers"
+        head, *body = ("| " + " | ".join(c[i] for i in keep) + " |" for c in [_HEAD, *cells])
+        return "\n".join([title, "", head, rule, *body])
