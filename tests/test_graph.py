@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_inspect import ConfigError, GraphMonitor
-from lightning_inspect.core.model_table import ShapeTrace, hook_modules
+from lightning_inspect.core.model_table import ModelTable, hook_modules
 from lightning_inspect.monitors.graph import STRUCTURE_KEY, structure_table
 
 STRUCTURE_TAG = f"{STRUCTURE_KEY}/text_summary"
@@ -179,10 +179,11 @@ def test_graph_off_structure_only(tb_logger) -> None:
 def test_structure_table_counts_frozen_parameters() -> None:
     net = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
     net[0].requires_grad_(False)
-    trace = ShapeTrace()
-    with hook_modules(trace, {"1": net[1]}):
+    table = ModelTable(net)
+    with hook_modules(table, {"1": net[1]}):
         net(torch.zeros(4, 2))
-    text = structure_table(net, trace)
+    text = table.to_markdown()
+    assert structure_table(net).splitlines()[0] == text.splitlines()[0]
     assert (
         text.splitlines()[0] == "**Sequential**: 13 parameters (4 trainable, 9 frozen) in 2 layers"
     )

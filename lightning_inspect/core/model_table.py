@@ -21,8 +21,7 @@ _HEAD += ("trainable", "frozen")
 
 def describe_tensor(t: torch.Tensor) -> str:
     """``(4, 8, 6, 6) float32`` (plus the device when it is not the CPU)."""
-    device = "" if t.device.type == "cpu" else f" {t.device}"
-    return f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}{device}"
+    return f"{tuple(t.shape)} {str(t.dtype)[6:]}" + f" {t.device}" * (t.device.type != "cpu")
 
 
 def _join(parts: Sequence[str], limit: int = 6) -> str:
@@ -38,7 +37,8 @@ def describe_inputs(args: Sequence[Any], kwargs: Mapping[str, Any] | None = None
 
 
 class InputHook(hooks.InertWhenCopied):
-    """Forward pre-hook: hands a module's call arguments to ``consumer._on_input``."""
+    """Forward pre-hook: hands a module's call arguments to ``consumer._on_input``, except for a
+    strategy's redirected ``training_step`` (DDP, FSDP: ``forward`` patched on the instance)."""
 
     __slots__ = ("consumer", "name")
 
@@ -46,10 +46,8 @@ class InputHook(hooks.InertWhenCopied):
         self.consumer, self.name = consumer, name
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        # Not a strategy's redirected ``training_step`` (DDP, FSDP...: ``forward`` patched for a call)
-        patched = vars(module).get("forward")
-        redirected = patched is not None and getattr(patched, "__self__", None) is not module
-        if not hooks.is_suspended() and not hooks.in_backward_pass() and not redirected:
+        bound = getattr(vars(module).get("forward", module.forward), "__self__", None) is module
+        if bound and not hooks.is_suspended() and not hooks.in_backward_pass():
             self.consumer._on_input(self.name, module, args, kwargs)
 
 
@@ -64,7 +62,7 @@ def hook_modules(consumer: Any, modules: Mapping[str, nn.Module]) -> hooks.HookS
 
 @dataclass
 class ModelRow:
-    """One module (or block) of the table."""
+    """One module (or block) of the table; ``order``: its first call on the recorded batch."""
 
     name: str
     type: str
@@ -75,6 +73,7 @@ class ModelRow:
     inputs: str = ""
     outputs: list[str] = field(default_factory=list)
     calls: int = 0
+    order: int = 1 << 62
 
 
 def _count(params: Iterable[nn.Parameter]) -> tuple[int, int]:
@@ -82,50 +81,24 @@ def _count(params: Iterable[nn.Parameter]) -> tuple[int, int]:
     return sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad)
 
 
-def _row(
-    name: str, module: nn.Module, depth: int, inputs: str = "", blocks: bool = False
-) -> ModelRow:
+def _row(name: str, module: nn.Module, depth: int, blocks: bool = False) -> ModelRow:
     leaves = [type(m).__name__ for m in module.modules() if not any(m.children())]
     kinds = ", ".join(f"{leaves.count(k)} {k}" for k in dict.fromkeys(leaves))
     layers = f"{len(leaves)} ({kinds})" if blocks or any(module.children()) else ""
-    counts = _count(module.parameters())
-    return ModelRow(name, type(module).__name__, depth, *counts, layers, inputs)
-
-
-class ShapeTrace:
-    """Each module's inputs, outputs (first call) and call count on one batch, in call order."""
-
-    _recording = True
-
-    def __init__(self) -> None:
-        self.rows: dict[str, ModelRow] = {}
-        self._seen: set[tuple[str, str]] = set()
-
-    def _on_input(self, name: str, module: nn.Module, args: Any, kwargs: Any) -> None:
-        if name not in self.rows:
-            inputs = describe_inputs(args, kwargs)
-            self.rows[name] = _row(name or "(model)", module, name.count(".") + bool(name), inputs)
-        self.rows[name].calls += 1
-
-    def _on_output(self, name: str, path: str, tensor: torch.Tensor) -> None:
-        if name in self.rows and (name, path) not in self._seen:  # a path seen before: a later call
-            self._seen.add((name, path))
-            self.rows[name].outputs.append(f"{path}: " * bool(path) + describe_tensor(tensor))
-
-    def _hook_fault(self, where: str, exc: BaseException) -> None:
-        warnings.warn(f"lightning-inspect: no shapes of {where}: {exc!r}", RuntimeWarning, 2)
+    return ModelRow(name, type(module).__name__, depth, *_count(module.parameters()), layers)
 
 
 class ModelTable:
     """Every module of ``model`` (``depth=1``: its blocks, descending through a lone child as in
-    ``self.model = nn.Sequential(...)``, and ``(own)`` parameters); ``trace``'s rows first.
+    ``self.model = nn.Sequential(...)``, and ``(own)`` parameters). Hooked with
+    :func:`hook_modules`, it records each module's inputs and outputs (first call) and calls.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(2, 3), nn.ReLU())
-        >>> trace = ShapeTrace()
-        >>> with hook_modules(trace, {"": net, **named_modules(net)}):
+        >>> table = ModelTable(net)
+        >>> with hook_modules(table, {"": net, **named_modules(net)}):
         ...     _ = net(torch.zeros(4, 2))
-        >>> print(ModelTable(net, trace=trace).to_markdown().replace(" float32", ""))
+        >>> print(table.to_markdown().replace(" float32", ""))
         **Sequential**: 9 parameters (9 trainable, 0 frozen) in 2 layers
         <BLANKLINE>
         | module | type | layers | input shapes | output shapes | calls | parameters | trainable | frozen |
@@ -135,27 +108,49 @@ class ModelTable:
         | 1 | ReLU |  | input 0: (4, 3) | (4, 3) | 1 | 0 | 0 | 0 |
     """
 
-    def __init__(self, model: nn.Module, depth: int | None = None, trace: Any = None) -> None:
+    _recording = True
+
+    def __init__(self, model: nn.Module, depth: int | None = None) -> None:
         root, prefix, own = model, "", list(model.parameters(recurse=False))
         while depth and len(kids := list(root.named_children())) == 1 and not own:
             if not any(kids[0][1].children()):
                 break
             prefix, root = f"{prefix}{kids[0][0]}.", kids[0][1]
             own = list(root.parameters(recurse=False))
-        traced: dict[str, ModelRow] = trace.rows if trace else {}
-        self.rows = list(traced.values())
+        self.by_name: dict[str, ModelRow] = {}
         for name, module in named_modules(root).items():
-            full, level = normalise_name(prefix + name), name.count(".") + 1
-            if (depth is None or level <= depth) and full not in traced:
-                self.rows.append(_row(full, module, level, blocks=depth is not None))
+            if depth is None or name.count(".") < depth:
+                full = normalise_name(prefix + name)
+                self.by_name[full] = _row(full, module, name.count(".") + 1, depth is not None)
         if own:
-            self.rows.append(ModelRow("(own)", type(root).__name__, 1, *_count(own)))
-        self.model_type, self.note = (
-            type(model).__name__,
-            f" (blocks of {prefix[:-1]!r})" * bool(prefix),
-        )
-        self.parameters, self.trainable = _count(model.parameters())
+            self.by_name["(own)"] = ModelRow("(own)", type(root).__name__, 1, *_count(own))
+        self.model_type = type(model).__name__
         self.layers = sum(1 for m in model.modules() if not any(m.children()))
+        self.parameters, self.trainable = _count(model.parameters())
+        self.note = f" (blocks of {prefix[:-1]!r})" * bool(prefix)
+        self._seen: set[tuple[str, str]] = set()
+        self._calls = 0
+
+    @property
+    def rows(self) -> list[ModelRow]:
+        """The rows, in call order on the recorded batch (the modules not called last)."""
+        return sorted(self.by_name.values(), key=lambda r: r.order)
+
+    def _on_input(self, name: str, module: nn.Module, args: Any, kwargs: Any) -> None:
+        if name not in self.by_name:  # the root, or a module hooked under another name
+            self.by_name[name] = _row(name or "(model)", module, name.count(".") + bool(name))
+        row, self._calls = self.by_name[name], self._calls + 1
+        if not row.calls:
+            row.order, row.inputs = self._calls, describe_inputs(args, kwargs)
+        row.calls += 1
+
+    def _on_output(self, name: str, path: str, tensor: torch.Tensor) -> None:
+        if name in self.by_name and (name, path) not in self._seen:  # seen before: a later call
+            self._seen.add((name, path))
+            self.by_name[name].outputs.append(f"{path}: " * bool(path) + describe_tensor(tensor))
+
+    def _hook_fault(self, where: str, exc: BaseException) -> None:
+        warnings.warn(f"lightning-inspect: no shapes of {where}: {exc!r}", RuntimeWarning, 2)
 
     def to_markdown(self) -> str:
         """The table as markdown; a column empty in every row is left out."""

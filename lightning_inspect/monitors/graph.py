@@ -15,19 +15,19 @@ from lightning_inspect._validation import check_bool
 from lightning_inspect.backends import Sink, check_backends, close_sinks, resolve_sinks
 from lightning_inspect.backends.tensorboard import TensorBoardSink
 from lightning_inspect.core.hooks import HookSet, suspended
-from lightning_inspect.core.model_table import ModelTable, ShapeTrace, hook_modules
+from lightning_inspect.core.model_table import ModelTable, hook_modules
 from lightning_inspect.core.selection import named_modules
 
 STRUCTURE_KEY = "model/structure"
 
 
-def structure_table(model: nn.Module, trace: ShapeTrace | None = None) -> str:
-    """The model table of ``model`` as markdown, with the shapes ``trace`` saw.
+def structure_table(model: nn.Module) -> str:
+    """The model table of ``model`` as markdown.
 
     >>> print(structure_table(nn.Sequential(nn.Linear(2, 3))).splitlines()[4])
     | 0 | Linear | 9 | 9 | 0 |
     """
-    return ModelTable(model, trace=trace).to_markdown()
+    return ModelTable(model).to_markdown()
 
 
 class GraphMonitor(Callback):
@@ -72,7 +72,7 @@ class GraphMonitor(Callback):
         self.done = False
         self._hooks = HookSet()
         self._inputs: tuple[nn.Module, str, tuple[Any, ...], dict[str, Any]] | None = None
-        self._trace = ShapeTrace()
+        self._table: ModelTable | None = None
         self._step = 0
 
     def state_dict(self) -> dict[str, Any]:
@@ -89,7 +89,7 @@ class GraphMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any
     ) -> None:
         if not self.done and self.enabled and trainer.is_global_zero:
-            self._step, self._trace = trainer.global_step, ShapeTrace()
+            self._step, self._table = trainer.global_step, ModelTable(pl_module)
             self._hooks = hook_modules(self, {"": pl_module, **named_modules(pl_module)})
 
     # The hooks' consumer: the inputs of the first (outermost) of the model and its children to be
@@ -97,13 +97,13 @@ class GraphMonitor(Callback):
     def _on_input(self, name: str, module: nn.Module, args: Any, kwargs: Any) -> None:
         if self._inputs is None and "." not in name:
             self._inputs = (module, name, args, kwargs)
-        self._trace._on_input(name, module, args, kwargs)
+        self._table._on_input(name, module, args, kwargs)
 
     def _on_output(self, name: str, path: str, tensor: torch.Tensor) -> None:
-        self._trace._on_output(name, path, tensor)
+        self._table._on_output(name, path, tensor)
 
     def _hook_fault(self, where: str, exc: BaseException) -> None:
-        self._trace._hook_fault(where, exc)
+        self._table._hook_fault(where, exc)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any
@@ -113,7 +113,7 @@ class GraphMonitor(Callback):
         self._hooks.remove()
         self.done = True
         if self.structure:
-            text = structure_table(pl_module, self._trace)
+            text = (self._table or ModelTable(pl_module)).to_markdown()
             for sink in self.sinks:
                 sink.log_text(STRUCTURE_KEY, text, self._step)
         if self.graph:

@@ -24,17 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_inspect.core.hooks import HookSet
-from lightning_inspect.core.model_table import (
-    ModelTable,
-    ShapeTrace,
-    describe_inputs,
-    describe_tensor,
-    hook_modules,
-)
+from lightning_inspect.core import model_table as mt
 from lightning_inspect.core.outputs import iter_tensors
 
-__all__ = ["ModuleStack", "ShapeTrace", "error_note", "locate_in_traceback", "model_summary"]
+describe_inputs, describe_tensor = mt.describe_inputs, mt.describe_tensor
 
 #: Prefix of every note this library adds to an exception.
 NOTE_PREFIX = "lightning-inspect:"
@@ -63,11 +56,11 @@ class ModuleStack:
 
     def __init__(self) -> None:
         self._frames: list[ModuleFrame] = []
-        self.trace: ShapeTrace | None = None
+        self.trace: mt.ModelTable | None = None
 
-    def attach(self, modules: Mapping[str, nn.Module]) -> HookSet:
+    def attach(self, modules: Mapping[str, nn.Module]) -> mt.hooks.HookSet:
         """Hook ``modules`` (qualified name -> module); returns the hooks to remove."""
-        return hook_modules(self, modules)
+        return mt.hook_modules(self, modules)
 
     def _on_input(self, name: str, module: nn.Module, args: Any, kwargs: Any) -> None:
         self._frames.append(ModuleFrame(name, module, args, kwargs))
@@ -93,9 +86,9 @@ class ModuleStack:
         self._frames.clear()
 
 
-def model_summary(model: nn.Module) -> ModelTable:
+def model_summary(model: nn.Module) -> mt.ModelTable:
     """The model's blocks with layer and parameter counts (the model table at depth 1)."""
-    return ModelTable(model, depth=1)
+    return mt.ModelTable(model, depth=1)
 
 
 def locate_in_traceback(exc: BaseException, modules: Mapping[str, nn.Module]) -> list[ModuleFrame]:
@@ -148,29 +141,20 @@ def describe_parameters(module: nn.Module) -> str:
 def error_note(frames: Sequence[ModuleFrame], exc: BaseException, context: str = "") -> str:
     """The note for an exception raised inside ``frames[-1]``'s forward (``frames``: outermost
     first, from :class:`ModuleStack` or :func:`locate_in_traceback`); ``context``: when."""
-
-    def label(f: ModuleFrame, root: str) -> str:
-        return (
-            f"{root}{f.name!r} ({type(f.module).__name__})"
-            if f.name
-            else f"the model ({type(f.module).__name__})"
-        )
-
-    inner = frames[-1]
-    where = (
-        label(inner, "module ")
-        if inner.name
-        else f"the model's own forward ({type(inner.module).__name__})"
-    )
-    callers = [label(f, "") for f in reversed(frames[:-1])]
+    inner, kinds = frames[-1], [type(f.module).__name__ for f in frames]
+    names = [
+        f"{f.name!r} ({k})" if f.name else f"the model ({k})"
+        for f, k in zip(frames, kinds, strict=True)
+    ]
+    where = f"module {names[-1]}" if inner.name else f"the model's own forward ({kinds[-1]})"
     line = f"{NOTE_PREFIX} the error was raised inside {where}"
-    if callers:
-        line += ", called from " + " <- ".join(callers[:4]) + " <- ..." * (len(callers) > 4)
+    if len(frames) > 1:
+        line += ", called from " + " <- ".join(names[-2::-1][:4]) + " <- ..." * (len(frames) > 5)
+    hint = shape_hint(inner.module, inner.args, inner.kwargs, str(exc), inner.name)
     lines = [line + f", during {context}" * bool(context) + "."]
     lines.append(f"  inputs:     {describe_inputs(inner.args, inner.kwargs)}")
     lines.append(f"  parameters: {describe_parameters(inner.module)}")
-    hint = shape_hint(inner.module, inner.args, inner.kwargs, str(exc), inner.name)
-    lines += [f"  hint: {hint}"] if hint else []
+    lines += [f"  hint: {hint}"] * bool(hint)
     if inner.from_traceback:
         lines.append(
             "  (found from the traceback: the inputs are the forward's arguments at the time of the error)"
@@ -179,11 +163,7 @@ def error_note(frames: Sequence[ModuleFrame], exc: BaseException, context: str =
 
 
 def shape_hint(
-    module: nn.Module,
-    args: Sequence[Any],
-    kwargs: Mapping[str, Any] | None,
-    message: str,
-    name: str = "",
+    module: nn.Module, args: Sequence[Any], kwargs: Any, message: str, name: str = ""
 ) -> str:
     """One line on the likely cause of an error raised in ``module``'s forward, or ``""``.
 
@@ -191,71 +171,44 @@ def shape_hint(
     'missing flatten: the input is 4-D (4, 8, 6'
     """
     tensors = [t for _, t in iter_tensors([list(args), dict(kwargs or {})])]
-    x, msg, label = (tensors or [None])[0], message.lower(), f"{name!r}" if name else "this module"
-    shape = tuple(x.shape) if x is not None else ()
-    if (
-        isinstance(module, nn.Linear)
-        and x is not None
-        and x.ndim
-        and shape[-1] != module.in_features
-    ):
-        flat, n = math.prod(shape[1:]) if x.ndim > 1 else shape[-1], module.in_features
-        if x.ndim > 2 and flat == n:
-            return f"missing flatten: the input is {x.ndim}-D {shape} and Linear acts on its last dimension ({shape[-1]}), but in_features={n} = the product of the non-batch dimensions: add nn.Flatten() before {label} (or x.flatten(1))"
-        if x.ndim > 2:
-            return f"Linear acts on the last dimension ({shape[-1]}) of the {x.ndim}-D input {shape}, but in_features={n}: if the layer before is a convolution or pooling, flatten first (in_features would then be {flat}); otherwise set in_features={shape[-1]} (or use nn.LazyLinear)"
-        return f"wrong in_features: {label} has in_features={n} but its input has {shape[-1]} features: set in_features={shape[-1]} (or use nn.LazyLinear, which infers it)"
-    if isinstance(module, nn.modules.conv._ConvNd) and x is not None:
-        k = len(module.kernel_size)
-        if x.ndim not in (k + 1, k + 2):
-            return f"{type(module).__name__} expects (N, C, {_SPATIAL.get(k, '...')}) ({k + 2}-D, or {k + 1}-D without batch) but the input is {x.ndim}-D {shape}: a missing unsqueeze/reshape, or a flatten too early"
-        dim = int(x.ndim == k + 2)
-        if shape[dim] != module.in_channels:
-            return f"wrong in_channels: {label} has in_channels={module.in_channels} but the input has {shape[dim]} channels at dimension {dim}; set in_channels={shape[dim]}, or if the data is channels-last (N, H, W, C) permute it to (N, C, H, W)"
-    if (
-        isinstance(module, nn.modules.batchnorm._BatchNorm)
-        and x is not None
-        and x.ndim >= 2
-        and shape[1] != module.num_features
-    ):
-        return f"wrong num_features: {label} has num_features={module.num_features} but the input has {shape[1]} channels/features at dimension 1; set num_features={shape[1]}"
-    if isinstance(module, nn.LayerNorm) and x is not None:
-        norm = tuple(module.normalized_shape)
-        if shape[-len(norm) :] != norm:
+    msg, label = message.lower(), f"{name!r}" if name else "this module"
+    if tensors:
+        x, m = tensors[0], module
+        shape, n, kind = tuple(x.shape), x.ndim, type(module).__name__
+        if isinstance(m, nn.Linear) and n and shape[-1] != m.in_features:
+            flat = math.prod(shape[1:]) if n > 1 else shape[-1]
+            if n > 2 and flat == m.in_features:
+                return f"missing flatten: the input is {n}-D {shape} and Linear acts on its last dimension ({shape[-1]}), but in_features={m.in_features} = the product of the non-batch dimensions: add nn.Flatten() before {label} (or x.flatten(1))"
+            if n > 2:
+                return f"Linear acts on the last dimension ({shape[-1]}) of the {n}-D input {shape}, but in_features={m.in_features}: if the layer before is a convolution or pooling, flatten first (in_features would then be {flat}); otherwise set in_features={shape[-1]} (or use nn.LazyLinear)"
+            return f"wrong in_features: {label} has in_features={m.in_features} but its input has {shape[-1]} features: set in_features={shape[-1]} (or use nn.LazyLinear, which infers it)"
+        k = len(getattr(m, "kernel_size", ())) if isinstance(m, nn.modules.conv._ConvNd) else 0
+        if k and n not in (k + 1, k + 2):
+            return f"{kind} expects (N, C, {_SPATIAL.get(k, '...')}) ({k + 2}-D, or {k + 1}-D without batch) but the input is {n}-D {shape}: a missing unsqueeze/reshape, or a flatten too early"
+        if k and shape[int(n == k + 2)] != m.in_channels:
+            c, dim = shape[int(n == k + 2)], int(n == k + 2)
+            return f"wrong in_channels: {label} has in_channels={m.in_channels} but the input has {c} channels at dimension {dim}; set in_channels={c}, or if the data is channels-last (N, H, W, C) permute it to (N, C, H, W)"
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and n >= 2 and shape[1] != m.num_features:
+            return f"wrong num_features: {label} has num_features={m.num_features} but the input has {shape[1]} channels/features at dimension 1; set num_features={shape[1]}"
+        norm = tuple(m.normalized_shape) if isinstance(m, nn.LayerNorm) else ()
+        if norm and shape[-len(norm) :] != norm:
             return f"normalized_shape={norm} must equal the input's last dimensions, but the input is {shape}: set normalized_shape={shape[-len(norm) :]}"
-    if isinstance(module, nn.Embedding) and x is not None:
-        if x.is_floating_point():
+        if isinstance(m, nn.Embedding) and x.is_floating_point():
             return "Embedding takes integer indices but the input is floating point: pass token ids (torch.long)"
-        if "index" in msg and "range" in msg and x.numel():
-            n = module.num_embeddings
-            return f"{label} has num_embeddings={n} (valid indices 0..{n - 1}) but the input holds indices {int(x.min())}..{int(x.max())}: enlarge num_embeddings or fix the vocabulary/tokeniser"
+        if isinstance(m, nn.Embedding) and "index" in msg and "range" in msg and x.numel():
+            return f"{label} has num_embeddings={m.num_embeddings} (valid indices 0..{m.num_embeddings - 1}) but the input holds indices {int(x.min())}..{int(x.max())}: enlarge num_embeddings or fix the vocabulary/tokeniser"
     if re.search(r"dtype|scalar type|expected .* but found", msg):
         inputs = sorted({str(t.dtype)[6:] for t in tensors if t.is_floating_point()})
         params = sorted({str(p.dtype)[6:] for p in module.parameters()})
         if inputs and params and inputs != params:
             return f"dtype mismatch: the inputs are {', '.join(inputs)} but the parameters are {', '.join(params)}: cast the batch (e.g. x.float()) or the model (model.to(dtype))"
         return "dtype mismatch inside this module's forward: compare the dtypes above"
-    for pattern, hint in _MESSAGE_HINTS:
-        if re.search(pattern, msg):
-            return hint
+    if "same device" in msg or ("device" in msg and "expected" in msg):
+        return "device mismatch: move the batch and the model to the same device (Lightning does this for tensors in the batch; tensors created in forward need device=x.device)"
+    if "must match the size of tensor" in msg:
+        return "two tensors inside this module's forward cannot be broadcast together: compare the input shapes above with what its forward expects"
+    if "mat1 and mat2" in msg or "shapes cannot be multiplied" in msg:
+        return "a matrix product inside this module's forward got incompatible shapes: a missing flatten or transpose, or a wrong in_features"
+    if "invalid for input of size" in msg:
+        return "a view/reshape in this module's forward does not fit the input's size: a hard-coded batch or feature size? Use x.flatten(1) or x.view(x.size(0), -1)"
     return ""
-
-
-_MESSAGE_HINTS = (
-    (
-        r"same device|expected.*device|device.*expected",
-        "device mismatch: move the batch and the model to the same device (Lightning does this for tensors in the batch; tensors created in forward need device=x.device)",
-    ),
-    (
-        "must match the size of tensor",
-        "two tensors inside this module's forward cannot be broadcast together: compare the input shapes above with what its forward expects",
-    ),
-    (
-        "mat1 and mat2|shapes cannot be multiplied",
-        "a matrix product inside this module's forward got incompatible shapes: a missing flatten or transpose, or a wrong in_features",
-    ),
-    (
-        "invalid for input of size",
-        "a view/reshape in this module's forward does not fit the input's size: a hard-coded batch or feature size? Use x.flatten(1) or x.view(x.size(0), -1)",
-    ),
-)

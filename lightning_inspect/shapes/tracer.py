@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning_inspect._validation import check_bool, check_optional_int
 from lightning_inspect.backends import Sink, check_backends, close_sinks, resolve_sinks
 from lightning_inspect.core.hooks import HookSet
-from lightning_inspect.core.model_table import ModelTable, ShapeTrace
+from lightning_inspect.core.model_table import ModelTable
 from lightning_inspect.core.selection import named_modules
 from lightning_inspect.errors import InspectError
 from lightning_inspect.shapes.notes import (
@@ -115,7 +115,7 @@ class ShapeTracer(Callback):
             return
         self._begin(f"training step {trainer.global_step}, batch {batch_idx}")
         if self.trace and self.shape_trace is None:
-            self.stack.trace = ShapeTrace()
+            self.stack.trace = ModelTable(pl_module)
         elif self.first_n_batches is not None and self._train_batches >= self.first_n_batches:
             self._hooks.remove()  # errors are located from the traceback from now on
 
@@ -178,10 +178,10 @@ class ShapeTracer(Callback):
         if trace is None:
             return
         for frame in self.stack.frames() if failed else []:
-            if frame.name in trace.rows:
-                trace.rows[frame.name].outputs = ["(did not return)"]
-        self.shape_trace = ModelTable(pl_module, trace=trace)
-        self.shape_trace.note = ", shapes of the first training batch" + " (it failed)" * failed
+            if frame.name in trace.by_name:
+                trace.by_name[frame.name].outputs = ["(did not return)"]
+        self.shape_trace = trace
+        trace.note = ", shapes of the first training batch" + " (it failed)" * failed
         if trainer.is_global_zero:
             self._log(TRACE_KEY, self.shape_trace.to_markdown(), trainer.global_step)
 
