@@ -38,7 +38,7 @@ def describe_inputs(args: Sequence[Any], kwargs: Mapping[str, Any] | None = None
 
 class InputHook(hooks.InertWhenCopied):
     """Forward pre-hook: hands a module's call arguments to ``consumer._on_input``, except for a
-    strategy's redirected ``training_step`` (DDP, FSDP: ``forward`` patched on the instance)."""
+    strategy's redirected ``training_step`` (DDP, FSDP: the root's ``forward`` patched for a call)."""
 
     __slots__ = ("consumer", "name")
 
@@ -46,9 +46,13 @@ class InputHook(hooks.InertWhenCopied):
         self.consumer, self.name = consumer, name
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        bound = getattr(vars(module).get("forward", module.forward), "__self__", None) is module
-        if bound and not hooks.is_suspended() and not hooks.in_backward_pass():
-            self.consumer._on_input(self.name, module, args, kwargs)
+        patched = getattr(vars(module).get("forward", module.forward), "__self__", None)
+        redirected = not self.name and patched is not module  # only the root is redirected
+        try:
+            if not redirected and not hooks.is_suspended() and not hooks.in_backward_pass():
+                self.consumer._on_input(self.name, module, args, kwargs)
+        except Exception as exc:  # never let inspection break the forward pass
+            self.consumer._hook_fault(f"the inputs of {self.name!r}", exc)
 
 
 def hook_modules(consumer: Any, modules: Mapping[str, nn.Module]) -> hooks.HookSet:
