@@ -105,9 +105,6 @@ class ShapeTracer(Callback):
             self._summarised = True
             self._log(SUMMARY_KEY, model_summary(pl_module).to_markdown(), trainer.global_step)
 
-    def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._context = "the sanity check"
-
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
