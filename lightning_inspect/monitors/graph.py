@@ -72,7 +72,7 @@ class GraphMonitor(Callback):
         self.done = False
         self._hooks = HookSet()
         self._inputs: tuple[nn.Module, str, tuple[Any, ...], dict[str, Any]] | None = None
-        self._table: ModelTable | None = None
+        self._table = ModelTable(nn.Module())  # replaced on the first training batch
         self._step = 0
 
     def state_dict(self) -> dict[str, Any]:
@@ -85,9 +85,7 @@ class GraphMonitor(Callback):
         if stage == "fit" and self.enabled:
             self.sinks = resolve_sinks(trainer, self.backends, owner=type(self).__name__)
 
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any
-    ) -> None:
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: nn.Module, *_: Any) -> None:
         if not self.done and self.enabled and trainer.is_global_zero:
             self._step, self._table = trainer.global_step, ModelTable(pl_module)
             self._hooks = hook_modules(self, {"": pl_module, **named_modules(pl_module)})
@@ -105,15 +103,13 @@ class GraphMonitor(Callback):
     def _hook_fault(self, where: str, exc: BaseException) -> None:
         self._table._hook_fault(where, exc)
 
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any
-    ) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, *_: Any) -> None:
         if self.done or not self.enabled or not trainer.is_global_zero:
             return
         self._hooks.remove()
         self.done = True
         if self.structure:
-            text = (self._table or ModelTable(pl_module)).to_markdown()
+            text = self._table.to_markdown()
             for sink in self.sinks:
                 sink.log_text(STRUCTURE_KEY, text, self._step)
         if self.graph:

@@ -116,13 +116,11 @@ class ShapeTracer(Callback):
         elif self.first_n_batches is not None and self._train_batches >= self.first_n_batches:
             self._hooks.remove()  # errors are located from the traceback from now on
 
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any
-    ) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         if not self.enabled:
             return
         self._train_batches += 1
-        self._log_trace(trainer, pl_module, failed=False)
+        self._log_trace(trainer, failed=False)
         limit = self.first_n_batches
         if not self.localise_errors or (limit is not None and self._train_batches >= limit):
             self._hooks.remove()
@@ -145,11 +143,9 @@ class ShapeTracer(Callback):
         try:
             if self.localise_errors:
                 self._note(exception)
-            self._log_trace(trainer, pl_module, failed=True)
-        finally:
-            self.teardown(
-                trainer, pl_module, "fit"
-            )  # Lightning calls no teardown after an exception
+            self._log_trace(trainer, failed=True)
+        finally:  # Lightning calls no teardown after an exception
+            self.teardown(trainer, pl_module, "fit")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._hooks.remove()
@@ -170,17 +166,17 @@ class ShapeTracer(Callback):
         if frames and not has_note(exception, _ERROR_NOTE):
             attach_note(exception, error_note(frames, exception, self._context))
 
-    def _log_trace(self, trainer: pl.Trainer, pl_module: pl.LightningModule, failed: bool) -> None:
+    def _log_trace(self, trainer: pl.Trainer, failed: bool) -> None:
         trace, self.stack.trace = self.stack.trace, None
         if trace is None:
             return
         for frame in self.stack.frames() if failed else []:
             if frame.name in trace.by_name:
                 trace.by_name[frame.name].outputs = ["(did not return)"]
-        self.shape_trace = trace
-        trace.note = ", shapes of the first training batch" + " (it failed)" * failed
+        self.shape_trace, trace.note = trace, ", shapes of the first training batch"
+        trace.note += " (it failed)" * failed
         if trainer.is_global_zero:
-            self._log(TRACE_KEY, self.shape_trace.to_markdown(), trainer.global_step)
+            self._log(TRACE_KEY, trace.to_markdown(), trainer.global_step)
 
     def _log(self, key: str, text: str, step: int) -> None:
         for sink in self.sinks:
