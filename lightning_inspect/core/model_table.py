@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,15 +64,26 @@ def hook_modules(consumer: Any, modules: Mapping[str, nn.Module]) -> hooks.HookS
     return handles
 
 
+class _Counted:
+    params: list[nn.Parameter]  # counted when read: lazy modules get theirs in the first forward
+
+    @property
+    def parameters(self) -> int:
+        return sum(p.numel() for p in self.params if not is_lazy(p))
+
+    @property
+    def trainable(self) -> int:
+        return sum(p.numel() for p in self.params if p.requires_grad and not is_lazy(p))
+
+
 @dataclass
-class ModelRow:
+class ModelRow(_Counted):
     """One module (or block) of the table; ``order``: its first call on the recorded batch."""
 
     name: str
     type: str
     depth: int
-    parameters: int
-    trainable: int
+    params: list[nn.Parameter]
     layers: str = ""
     inputs: str = ""
     outputs: list[str] = field(default_factory=list)
@@ -80,19 +91,14 @@ class ModelRow:
     order: int = 1 << 62
 
 
-def _count(params: Iterable[nn.Parameter]) -> tuple[int, int]:
-    ps = [p for p in params if not is_lazy(p)]
-    return sum(p.numel() for p in ps), sum(p.numel() for p in ps if p.requires_grad)
-
-
 def _row(name: str, module: nn.Module, depth: int, blocks: bool = False) -> ModelRow:
     leaves = [type(m).__name__ for m in module.modules() if not any(m.children())]
     kinds = ", ".join(f"{leaves.count(k)} {k}" for k in dict.fromkeys(leaves))
     layers = f"{len(leaves)} ({kinds})" if blocks or any(module.children()) else ""
-    return ModelRow(name, type(module).__name__, depth, *_count(module.parameters()), layers)
+    return ModelRow(name, type(module).__name__, depth, list(module.parameters()), layers)
 
 
-class ModelTable:
+class ModelTable(_Counted):
     """Every module of ``model`` (``depth=1``: its blocks, descending through a lone child as in
     ``self.model = nn.Sequential(...)``, and ``(own)`` parameters). Hooked with
     :func:`hook_modules`, it records each module's inputs and outputs (first call) and calls.
@@ -127,10 +133,10 @@ class ModelTable:
                 full = normalise_name(prefix + name)
                 self.by_name[full] = _row(full, module, name.count(".") + 1, depth is not None)
         if own:
-            self.by_name["(own)"] = ModelRow("(own)", type(root).__name__, 1, *_count(own))
+            self.by_name["(own)"] = ModelRow("(own)", type(root).__name__, 1, own)
         self.model_type = type(model).__name__
         self.layers = sum(1 for m in model.modules() if not any(m.children()))
-        self.parameters, self.trainable = _count(model.parameters())
+        self.params = list(model.parameters())
         self.note = f" (blocks of {prefix[:-1]!r})" * bool(prefix)
         self._seen: set[tuple[str, str]] = set()
         self._calls = 0
