@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_inspect import ConfigError, GraphMonitor
+from lightning_inspect.core.model_table import ModelTable, hook_modules
 from lightning_inspect.monitors.graph import STRUCTURE_KEY, structure_table
 
 STRUCTURE_TAG = f"{STRUCTURE_KEY}/text_summary"
@@ -57,11 +58,11 @@ def test_graph_and_structure_of_a_tensor_input_model(tb_logger) -> None:
     params = sum(p.numel() for p in model.parameters())
     assert f"{params:,} parameters ({params:,} trainable, 0 frozen)" in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and "module" not in line]
-    assert [r.split("|")[1].strip().replace("&nbsp;", "") for r in rows] == ["net"] + [
+    assert [r.split("|")[1].strip().replace("&nbsp;", "") for r in rows] == ["(model)", "net"] + [
         f"net.{i}" for i in range(6)
     ]
-    assert "| (8, 8) float32 |" in rows[1]  # output shapes seen on the first batch
-    assert "| Linear | (8, 8) float32 | 56 | 56 |" in rows[1]
+    # input and output shapes seen on the first batch
+    assert "| Linear |  | input 0: (8, 6) float32 | (8, 8) float32 | 1 | 56 | 56 | 0 |" in rows[2]
     assert (
         len(tb.acc.Tensors(STRUCTURE_TAG)) == 1
     )  # logged once (at the step after the first batch)
@@ -161,7 +162,8 @@ def test_structure_goes_to_mlflow_too(mlflow_logger, mlflow_client, tmp_path: Pa
     text = Path(path).read_text()
     assert text.startswith("**TinyMLP**")
     assert (
-        "| &nbsp;&nbsp;net.1 | BatchNorm1d | (8, 8) float32 | 16 | 16 |" in text
+        "| &nbsp;&nbsp;net.1 | BatchNorm1d |  | input 0: (8, 8) float32 | (8, 8) float32 | 1 | 16 | 16 | 0 |"
+        in text
     )  # indented by depth
 
 
@@ -177,10 +179,16 @@ def test_graph_off_structure_only(tb_logger) -> None:
 def test_structure_table_counts_frozen_parameters() -> None:
     net = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
     net[0].requires_grad_(False)
-    text = structure_table(net, {"1": "(4, 1) float32"})
-    assert text.splitlines()[0] == "**Sequential**: 13 parameters (4 trainable, 9 frozen)"
-    assert "| 0 | Linear |  | 9 | 0 |" in text
-    assert "| 1 | Linear | (4, 1) float32 | 4 | 4 |" in text
+    table = ModelTable(net)
+    with hook_modules(table, {"1": net[1]}):
+        net(torch.zeros(4, 2))
+    text = table.to_markdown()
+    assert structure_table(net).splitlines()[0] == text.splitlines()[0]
+    assert (
+        text.splitlines()[0] == "**Sequential**: 13 parameters (4 trainable, 9 frozen) in 2 layers"
+    )
+    assert "| 0 | Linear |  |  |  | 9 | 0 | 9 |" in text
+    assert "| 1 | Linear | input 0: (4, 3) float32 | (4, 1) float32 | 1 | 4 | 4 | 0 |" in text
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""GraphMonitor: the computational graph (TensorBoard) and a readable model structure (both)."""
+"""GraphMonitor: the computational graph (TensorBoard) and the model table (every backend)."""
 
 from __future__ import annotations
 
@@ -14,83 +14,38 @@ from torch import nn
 from lightning_inspect._validation import check_bool
 from lightning_inspect.backends import Sink, check_backends, close_sinks, resolve_sinks
 from lightning_inspect.backends.tensorboard import TensorBoardSink
-from lightning_inspect.core.hooks import HookSet, InertWhenCopied, suspended
-from lightning_inspect.core.outputs import iter_tensors
-from lightning_inspect.core.selection import normalise_name
+from lightning_inspect.core.hooks import HookSet, suspended
+from lightning_inspect.core.model_table import ModelTable, hook_modules
+from lightning_inspect.core.selection import named_modules
 
 STRUCTURE_KEY = "model/structure"
 
 
-class _InputCaptureHook(InertWhenCopied):
-    """Forward pre-hook recording the inputs of the first (outermost) entry module called.
+def structure_table(model: nn.Module) -> str:
+    """The model table of ``model`` as markdown.
 
-    Pre-hooks fire outermost first, so when ``training_step`` calls ``self(x)`` the
-    LightningModule is captured, not the first of its children to run.
+    >>> print(structure_table(nn.Sequential(nn.Linear(2, 3))).splitlines()[4])
+    | 0 | Linear | 9 | 9 | 0 |
     """
-
-    __slots__ = ("name", "owner", "wrapped")
-
-    def __init__(self, owner: GraphMonitor, name: str, wrapped: bool = False) -> None:
-        self.owner = owner
-        self.name = name
-        self.wrapped = wrapped  # the strategy wraps this module (DDP...): skip the redirected step
-
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if self.owner._inputs is None and not (self.wrapped and _redirected_step(module)):
-            self.owner._inputs = (module, self.name, args, kwargs)
-
-
-def _redirected_step(module: nn.Module) -> bool:
-    """Whether this call of ``module`` is a strategy's redirected ``training_step``.
-
-    Under DDP (``ddp``, ``ddp_spawn``), FSDP and DeepSpeed, Lightning runs ``training_step``
-    through the wrapper's ``forward``: it replaces the LightningModule's ``forward`` on the
-    instance by a plain function for that one call, which receives ``(batch, batch_idx)``. The
-    model's own ``self(x)`` inside ``training_step`` runs its bound ``forward`` again.
-    """
-    patched = vars(module).get("forward")
-    return patched is not None and getattr(patched, "__self__", None) is not module
-
-
-class _ShapeHook(InertWhenCopied):
-    """Forward hook recording every module's output shapes on the first batch."""
-
-    __slots__ = ("name", "owner")
-
-    def __init__(self, owner: GraphMonitor, name: str) -> None:
-        self.owner = owner
-        self.name = name
-
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        shapes = [
-            f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
-            for _, t in iter_tensors(output)
-        ]
-        self.owner._shapes.setdefault(
-            self.name, "; ".join(shapes[:4]) + (" ..." if len(shapes) > 4 else "")
-        )
+    return ModelTable(model).to_markdown()
 
 
 class GraphMonitor(Callback):
-    """Log the model's computational graph and structure once, from the first training batch.
+    """Log the model's computational graph and its model table once, from the first training batch.
 
-    The graph is traced (``torch.jit.trace`` through ``SummaryWriter.add_graph``, in eval mode,
-    without gradients, with the random state saved and restored, so training is unchanged) with
-    the inputs the model really received on its first training batch: no
-    ``example_input_array`` is needed. The traced module is the LightningModule when
-    ``training_step`` calls ``self(...)``, otherwise the first direct child it called; on global
-    rank 0 only, and under DDP the module itself, not the wrapper (the strategy's own call that
-    routes ``training_step`` through the wrapper is skipped). Where
+    The graph is traced (``SummaryWriter.add_graph``, in eval mode, without gradients, with the
+    random state saved and restored, so training is unchanged) with the inputs the model really
+    received on its first training batch: no ``example_input_array`` is needed. The traced module
+    is the LightningModule when ``training_step`` calls ``self(...)``, otherwise the first direct
+    child it called; on global rank 0 only, and under DDP the module, not the wrapper. Where
     tracing cannot work (keyword or dict inputs, data-dependent control flow) a warning says why
-    and training goes on.
-
-    The structure is a markdown table of every module: qualified name, type, output shapes seen
-    on the first batch, parameters (total and trainable). It goes to TensorBoard's Text tab and to
-    MLflow as ``lightning_inspect/model/structure.md``.
+    and training goes on. The model table (every module: type, layers, input and output shapes on
+    the first batch, calls, parameters) goes to TensorBoard's Text tab and to MLflow as
+    ``lightning_inspect/model/structure.md``.
 
     Args:
         graph: log the graph (TensorBoard only).
-        structure: log the structure table.
+        structure: log the model table.
         backends: as for the other monitors.
         enabled: ``False`` does nothing.
 
@@ -98,6 +53,8 @@ class GraphMonitor(Callback):
 
         L.Trainer(logger=TensorBoardLogger("tb"), callbacks=[GraphMonitor()])
     """
+
+    _recording = True
 
     def __init__(
         self,
@@ -115,7 +72,7 @@ class GraphMonitor(Callback):
         self.done = False
         self._hooks = HookSet()
         self._inputs: tuple[nn.Module, str, tuple[Any, ...], dict[str, Any]] | None = None
-        self._shapes: dict[str, str] = {}
+        self._table = ModelTable(nn.Module())  # replaced on the first training batch
         self._step = 0
 
     def state_dict(self) -> dict[str, Any]:
@@ -125,52 +82,43 @@ class GraphMonitor(Callback):
         self.done = bool(state_dict.get("done", False))
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or not self.enabled:
-            return
-        self.sinks = resolve_sinks(trainer, self.backends, owner=type(self).__name__)
+        if stage == "fit" and self.enabled:
+            self.sinks = resolve_sinks(trainer, self.backends, owner=type(self).__name__)
 
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if self.done or not self.enabled or not trainer.is_global_zero:
-            return
-        self._step = trainer.global_step
-        wrapped = trainer.strategy.model is not pl_module
-        root_hook = _InputCaptureHook(self, "", wrapped)
-        self._hooks.add(pl_module.register_forward_pre_hook(root_hook, with_kwargs=True))
-        for name, module in pl_module.named_children():
-            self._hooks.add(
-                module.register_forward_pre_hook(_InputCaptureHook(self, name), with_kwargs=True)
-            )
-        for raw, module in pl_module.named_modules():
-            self._hooks.add(module.register_forward_hook(_ShapeHook(self, raw)))
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: nn.Module, *_: Any) -> None:
+        if not self.done and self.enabled and trainer.is_global_zero:
+            self._step, self._table = trainer.global_step, ModelTable(pl_module)
+            self._hooks = hook_modules(self, {"": pl_module, **named_modules(pl_module)})
 
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
+    # The hooks' consumer: the inputs of the first (outermost) of the model and its children to be
+    # called are traced (pre-hooks fire outermost first); the trace records every module's shapes.
+    def _on_input(self, name: str, module: nn.Module, args: Any, kwargs: Any) -> None:
+        if self._inputs is None and "." not in name:
+            self._inputs = (module, name, args, kwargs)
+        self._table._on_input(name, module, args, kwargs)
+
+    def _on_output(self, name: str, path: str, tensor: torch.Tensor) -> None:
+        self._table._on_output(name, path, tensor)
+
+    def _hook_fault(self, where: str, exc: BaseException) -> None:
+        self._table._hook_fault(where, exc)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *_: Any) -> None:
         if self.done or not self.enabled or not trainer.is_global_zero:
             return
         self._hooks.remove()
         self.done = True
-        step = self._step
         if self.structure:
-            text = structure_table(pl_module, self._shapes)
+            text = self._table.to_markdown()
             for sink in self.sinks:
-                sink.log_text(STRUCTURE_KEY, text, step)
+                sink.log_text(STRUCTURE_KEY, text, self._step)
         if self.graph:
             self._log_graph()
         for sink in self.sinks:
             sink.flush()
         self._inputs = None
 
-    def on_exception(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
-    ) -> None:
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *_: Any) -> None:
         self.teardown(trainer, pl_module, "fit")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -180,59 +128,38 @@ class GraphMonitor(Callback):
         self.sinks = []
 
     def _log_graph(self) -> None:
-        writers = [
-            s.inner.writer
-            for s in self.sinks
-            if isinstance(getattr(s, "inner", s), TensorBoardSink)
-        ]
+        sinks = [getattr(s, "inner", s) for s in self.sinks]
+        writers = [s.writer for s in sinks if isinstance(s, TensorBoardSink)]
         if not writers:
             return
         if self._inputs is None:
-            warnings.warn(
-                "GraphMonitor: the model was not called during the first training batch; no graph is logged.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            why = "the model was not called during the first training batch; no graph is logged."
+            warnings.warn(f"GraphMonitor: {why}", RuntimeWarning, stacklevel=2)
             return
         module, name, args, kwargs = self._inputs
-        where = f"the module {normalise_name(name)!r}" if name else "the LightningModule"
+        where = f"the module {name!r}" if name else "the LightningModule"
         if kwargs:
-            self._warn(
-                where,
-                f"it was called with keyword arguments {sorted(kwargs)}; tracing takes positional tensors only",
-            )
-            return
+            why = f"it was called with keyword arguments {sorted(kwargs)}; tracing takes positional tensors only"
+            return self._warn(where, why)
         if not all(isinstance(a, torch.Tensor) for a in args):
             kinds = [type(a).__name__ for a in args]
-            self._warn(
-                where,
-                f"its inputs are {kinds}; tracing takes tensors only (dict or list inputs cannot be traced)",
-            )
-            return
-        devices = (
-            [torch.cuda.current_device()]
-            if torch.cuda.is_available() and torch.cuda.is_initialized()
-            else []
-        )
+            why = f"its inputs are {kinds}; tracing takes tensors only (dict or list inputs cannot be traced)"
+            return self._warn(where, why)
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         modes = {m: m.training for m in module.modules()}  # tracing runs in eval mode
         try:
             with (
                 suspended(),
-                torch.random.fork_rng(devices=devices),
+                torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []),
                 torch.no_grad(),
                 warnings.catch_warnings(),
             ):
                 warnings.simplefilter("ignore")  # the tracer's own warnings are noise here
                 writers[0].add_graph(module, tuple(a.detach() for a in args))
         except Exception as exc:
-            self._warn(
-                where, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            )
+            self._warn(where, f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
         finally:
-            for (
-                m,
-                training,
-            ) in modes.items():  # each module back to its own mode (frozen parts stay eval)
+            for m, training in modes.items():  # each module back to its own mode
                 m.training = training
 
     @staticmethod
@@ -243,32 +170,3 @@ class GraphMonitor(Callback):
             RuntimeWarning,
             stacklevel=3,
         )
-
-
-def structure_table(model: nn.Module, shapes: dict[str, str] | None = None) -> str:
-    """A markdown table of every module: name, type, output shape, parameters (trainable).
-
-    >>> print(structure_table(nn.Sequential(nn.Linear(2, 3))).splitlines()[4])
-    | 0 | Linear |  | 9 | 9 |
-    """
-    shapes = shapes or {}
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    lines = [
-        f"**{type(model).__name__}**: {total:,} parameters ({trainable:,} trainable, {total - trainable:,} frozen)",
-        "",
-        "| module | type | output shape | parameters | trainable |",
-        "|---|---|---|---:|---:|",
-    ]
-    body = []
-    for raw, module in model.named_modules():
-        name = normalise_name(raw)
-        if not name:
-            continue
-        n = sum(p.numel() for p in module.parameters())
-        t = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        depth = name.count(".")
-        body.append(
-            f"| {'&nbsp;' * 2 * depth}{name} | {type(module).__name__} | {shapes.get(raw, '')} | {n:,} | {t:,} |"
-        )
-    return "\n".join(lines + body)

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
-from torch import nn
 
 from lightning_inspect._validation import check_bool, check_optional_int
 from lightning_inspect.backends import Sink, check_backends, close_sinks, resolve_sinks
 from lightning_inspect.core.hooks import HookSet
-from lightning_inspect.core.selection import normalise_name
+from lightning_inspect.core.model_table import ModelTable
+from lightning_inspect.core.selection import named_modules
 from lightning_inspect.errors import InspectError
 from lightning_inspect.shapes.notes import (
     ModuleStack,
-    ShapeTrace,
     attach_note,
     error_note,
     has_note,
@@ -33,35 +32,26 @@ _ERROR_NOTE = "lightning-inspect: the error was raised inside"
 class ShapeTracer(Callback):
     """Make forward-pass errors name their module; optionally trace shapes; summarise the model.
 
-    **Error localisation.** While active, a forward pre-hook and a forward hook on every module
-    keep the stack of modules inside their forward. When fit (or validate/test/predict) stops on
-    an exception raised inside a module, a note is added to that exception (the original
-    traceback stays as it is) naming the innermost module by qualified name and type, its
-    callers, the shapes and dtypes of its inputs and of its parameters, and a hint for the common
-    causes (a missing flatten, a wrong ``in_features`` / ``in_channels`` / ``num_features``,
-    dtype and device mismatches). The hooks are active during the sanity check and the first
-    ``first_n_batches`` training batches (in ``validate`` / ``test`` / ``predict``: the whole
-    run); afterwards the module is found from the traceback (the ``forward`` frames of the
-    model's modules), at no cost while nothing fails. Under ``torch.compile`` the hooks and the
-    ``forward`` frames may be missing, and then so is the note.
+    **Error localisation.** While hooked (the sanity check, the first ``first_n_batches`` training
+    batches, all of ``validate`` / ``test`` / ``predict``), a stack of the modules inside their
+    forward names the failing module; afterwards it is found from the traceback's ``forward``
+    frames, at no cost while nothing fails. The note added to the exception gives the module,
+    its callers, its inputs' and parameters' shapes and dtypes, and a hint for the common causes
+    (a missing flatten, a wrong ``in_features`` / ``in_channels`` / ``num_features``, dtype and
+    device mismatches). Under ``torch.compile`` the note may be missing.
 
-    **Shape trace** (``trace=True``): every module's input and output shapes during the first
-    training batch, as a table (console, TensorBoard text ``model/shape_trace``, MLflow
-    artifact ``lightning_inspect/model/shape_trace.md``). If that batch fails, the partial trace
-    is logged, ending at the failing module.
-
-    **Model summary** (``summary=True``): the model's blocks (``named_children``), their layer
-    counts and parameters (trainable and frozen), once at the start of fit (console,
-    ``model/summary``).
+    **Shape trace** (``trace=True``): the model table with every module's input and output
+    shapes on the first training batch, in call order (``model/shape_trace``); if that batch
+    fails, the modules that did not return are marked. **Model summary** (``summary=True``): the
+    model's blocks with layer and parameter counts, at the start of fit (``model/summary``).
 
     Args:
         localise_errors: add the note described above.
-        first_n_batches: training batches during which the hooks stay (after the sanity check);
-            ``None``: all of fit.
+        first_n_batches: training batches during which the hooks stay (``None``: all of fit).
         trace: log the shape trace of the first training batch.
         summary: log the model summary.
         backends: as for the other monitors (``None``: every supported logger attached).
-        console: also print the summary and the trace (rich tables).
+        console: also print the summary and the trace.
         enabled: ``False`` does nothing.
 
     Example::
@@ -84,9 +74,7 @@ class ShapeTracer(Callback):
     ) -> None:
         owner = type(self).__name__
         self.localise_errors = check_bool(owner, "localise_errors", localise_errors)
-        self.first_n_batches = check_optional_int(
-            owner, "first_n_batches", first_n_batches, minimum=0
-        )
+        self.first_n_batches = check_optional_int(owner, "first_n_batches", first_n_batches)
         self.trace = check_bool(owner, "trace", trace)
         self.summary = check_bool(owner, "summary", summary)
         self.backends = check_backends(owner, backends)
@@ -94,24 +82,18 @@ class ShapeTracer(Callback):
         self.enabled = check_bool(owner, "enabled", enabled)
         self.sinks: list[Sink] = []
         self.stack = ModuleStack()
-        #: The shape trace of the first training batch, once taken.
-        self.shape_trace: ShapeTrace | None = None
-        self._modules: dict[str, nn.Module] = {}
+        #: The model table of the first training batch's shapes, once taken.
+        self.shape_trace: ModelTable | None = None
+        self._modules: dict[str, Any] = {}
         self._hooks = HookSet()
         self._context = ""
         self._train_batches = 0
         self._summarised = False
-        self._global_zero = True
-
-    # -- Lightning hooks --------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not self.enabled:
             return
-        self._global_zero = trainer.is_global_zero
-        self._modules = {}
-        for raw, module in pl_module.named_modules():
-            self._modules.setdefault(normalise_name(raw), module)
+        self._modules = {"": pl_module, **named_modules(pl_module)}
         self.sinks = resolve_sinks(trainer, self.backends, owner=type(self).__name__)
         self._train_batches = 0
         self._hooks.remove()
@@ -119,81 +101,39 @@ class ShapeTracer(Callback):
             self._hooks = self.stack.attach(self._modules)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self.enabled or not self.summary or self._summarised or not trainer.is_global_zero:
-            return
-        self._summarised = True
-        summary = model_summary(pl_module)
-        self._log_text(SUMMARY_KEY, summary.to_markdown(), trainer.global_step)
-        self._print(summary)
-
-    def on_sanity_check_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._context = "the sanity check"
+        if self.enabled and self.summary and not self._summarised and trainer.is_global_zero:
+            self._summarised = True
+            self._log(SUMMARY_KEY, model_summary(pl_module).to_markdown(), trainer.global_step)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if not self.enabled:
             return
-        self.stack.clear()
-        self._context = f"training step {trainer.global_step}, batch {batch_idx}"
-        tracing = self.trace and self.shape_trace is None
-        if tracing:
-            self.stack.trace = ShapeTrace()
+        self._begin(f"training step {trainer.global_step}, batch {batch_idx}")
+        if self.trace and self.shape_trace is None:
+            self.stack.trace = ModelTable(pl_module)
         elif self.first_n_batches is not None and self._train_batches >= self.first_n_batches:
             self._hooks.remove()  # errors are located from the traceback from now on
 
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         if not self.enabled:
             return
         self._train_batches += 1
-        if self.stack.trace is not None:
-            self.shape_trace, self.stack.trace = self.stack.trace, None
-            self._log_trace(trainer, failed=False)
-        if not self.localise_errors or (
-            self.first_n_batches is not None and self._train_batches >= self.first_n_batches
-        ):
+        self._log_trace(trainer, failed=False)
+        limit = self.first_n_batches
+        if not self.localise_errors or (limit is not None and self._train_batches >= limit):
             self._hooks.remove()
 
-    def on_validation_batch_start(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self.stack.clear()
+    def on_validation_batch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
         what = "the sanity check" if trainer.sanity_checking else "validation"
-        self._context = f"{what} (validation batch {batch_idx})"
+        self._begin(f"{what} (validation batch {args[2]})")
 
-    def on_test_batch_start(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self.stack.clear()
-        self._context = f"test batch {batch_idx}"
+    def on_test_batch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        self._begin(f"test batch {args[2]}")
 
-    def on_predict_batch_start(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        self.stack.clear()
-        self._context = f"predict batch {batch_idx}"
+    def on_predict_batch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        self._begin(f"predict batch {args[2]}")
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
@@ -203,13 +143,9 @@ class ShapeTracer(Callback):
         try:
             if self.localise_errors:
                 self._note(exception)
-            if self.stack.trace is not None:
-                self.shape_trace, self.stack.trace = self.stack.trace, None
-                self._log_trace(trainer, failed=True)
-        finally:
-            self.teardown(
-                trainer, pl_module, "fit"
-            )  # Lightning calls no teardown after an exception
+            self._log_trace(trainer, failed=True)
+        finally:  # Lightning calls no teardown after an exception
+            self.teardown(trainer, pl_module, "fit")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._hooks.remove()
@@ -218,48 +154,39 @@ class ShapeTracer(Callback):
         close_sinks(self.sinks)
         self.sinks = []
 
-    # -- workers ----------------------------------------------------------------------------
+    def _begin(self, context: str) -> None:
+        self.stack.clear()
+        self._context = context
 
     def _note(self, exception: BaseException) -> None:
         # The library's own errors say where they come from; interrupts are not failures.
-        if (
-            isinstance(exception, InspectError)
-            or not isinstance(exception, Exception)
-            or has_note(exception, _ERROR_NOTE)
-        ):
+        if isinstance(exception, InspectError) or not isinstance(exception, Exception):
             return
         frames = self.stack.frames() or locate_in_traceback(exception, self._modules)
-        if frames:
+        if frames and not has_note(exception, _ERROR_NOTE):
             attach_note(exception, error_note(frames, exception, self._context))
 
     def _log_trace(self, trainer: pl.Trainer, failed: bool) -> None:
-        if self.shape_trace is None or not trainer.is_global_zero:
+        trace, self.stack.trace = self.stack.trace, None
+        if trace is None:
             return
-        title = "Shape trace of the first training batch" + (
-            " (it failed: the last rows did not return)" if failed else ""
-        )
-        self._log_text(TRACE_KEY, self.shape_trace.to_markdown(title), trainer.global_step)
-        if self.console:
-            trace = self.shape_trace
-            _print_rich(lambda: trace.to_rich_table(title), trace.to_markdown(title))
+        for frame in self.stack.frames() if failed else []:
+            if frame.name in trace.by_name:
+                trace.by_name[frame.name].outputs = ["(did not return)"]
+        self.shape_trace, trace.note = trace, ", shapes of the first training batch"
+        trace.note += " (it failed)" * failed
+        if trainer.is_global_zero:
+            self._log(TRACE_KEY, trace.to_markdown(), trainer.global_step)
 
-    def _log_text(self, key: str, text: str, step: int) -> None:
+    def _log(self, key: str, text: str, step: int) -> None:
         for sink in self.sinks:
             sink.log_text(key, text, step)
             sink.flush()
-
-    def _print(self, summary: Any) -> None:
         if self.console:
-            _print_rich(summary.to_rich_table, summary.to_markdown())
-
-
-def _print_rich(table_factory: Callable[[], Any], fallback: str) -> None:
-    try:
-        from rich.console import Console
-    except ImportError:  # pragma: no cover - rich is an optional dependency
-        print(fallback)
-        return
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=160)
-    console.print(table_factory())
+            try:
+                from rich.console import Console
+                from rich.markdown import Markdown
+            except ImportError:  # pragma: no cover - rich is an optional dependency
+                print(text)
+                return
+            Console(width=None if Console().is_terminal else 160).print(Markdown(text))
