@@ -1,0 +1,191 @@
+"""A fingerprint of the training data: sizes and a content hash of items spread over each dataset."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _feed(h: Any, value: Any, depth: int = 0) -> None:
+    """Feed ``value`` into hash ``h``: type-tagged, length-prefixed, independent of memory layout."""
+
+    def put(tag: str, payload: bytes = b"") -> None:
+        head = tag.encode()
+        h.update(len(head).to_bytes(4, "little") + head + len(payload).to_bytes(8, "little"))
+        h.update(payload)
+
+    items: list[Any] = []
+    if depth > 50:
+        put("deep")
+    elif isinstance(value, torch.Tensor):
+        t = value.detach()
+        t = (t.to_dense() if t.layout != torch.strided else t).cpu().resolve_conj().resolve_neg()
+        put(
+            f"tensor:{t.dtype}:{tuple(t.shape)}",
+            t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes(),
+        )
+    elif isinstance(value, np.ndarray) and value.dtype == object:
+        put(f"ndarray:object:{value.shape}")
+        items = value.reshape(-1).tolist()
+    elif isinstance(value, (np.ndarray, np.generic)):
+        value = np.asarray(value)
+        put(f"ndarray:{value.dtype.str}:{value.shape}", np.ascontiguousarray(value).tobytes())
+    elif value is None or isinstance(value, (bool, int, float, complex)):
+        put(f"{type(value).__name__}:{value!r}")
+    elif isinstance(value, (str, bytes, bytearray, memoryview)):
+        put(
+            type(value).__name__,
+            value.encode("utf-8", "surrogatepass") if isinstance(value, str) else bytes(value),
+        )
+    elif isinstance(value, Mapping):
+        put(f"map:{len(value)}")
+        items = [x for key in sorted(value, key=repr) for x in (key, value[key])]
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        put(f"seq:{type(value).__name__}:{len(value)}")
+        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else list(value)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        put(f"dataclass:{type(value).__qualname__}")
+        items = [x for f in dataclasses.fields(value) for x in (f.name, getattr(value, f.name))]
+    elif hasattr(value, "tobytes") and hasattr(value, "mode"):  # a PIL image
+        put(f"image:{value.mode}:{getattr(value, 'size', None)}", value.tobytes())
+    else:
+        put(
+            f"object:{type(value).__module__}.{type(value).__qualname__}",
+            _ADDRESS.sub("", repr(value)).encode(),
+        )
+    for item in items:
+        _feed(h, item, depth + 1)
+
+
+def content_hash(value: Any) -> str:
+    """A SHA-256 of ``value``'s content, the same whatever the memory layout, device or machine.
+
+    Example:
+        >>> a = torch.arange(6.0).reshape(2, 3)
+        >>> content_hash({"x": a.t().contiguous().t()}) == content_hash({"x": a})
+        True
+    """
+    h = hashlib.sha256()
+    _feed(h, value)
+    return h.hexdigest()
+
+
+@contextmanager
+def fixed_random_state(seed: int = 0) -> Iterator[None]:
+    """Python, NumPy and PyTorch (CPU) seeded with ``seed`` inside; their states restored after."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def _size(obj: Any) -> int | None:
+    try:
+        return len(obj)
+    except Exception:
+        return None
+
+
+def fingerprint_dataset(dataset: Any, items: int = 32) -> dict[str, Any]:
+    """Size and content hash of ``items`` items spread evenly over ``dataset`` (0: size only).
+
+    An iterable dataset gives its first items. Items are read with every generator seeded to 0
+    (restored after); ``deterministic`` is ``False`` when the first item differs when read twice.
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> fp = fingerprint_dataset(TensorDataset(torch.arange(10.0)), items=4)
+        >>> fp["size"], fp["items_hashed"], len(fp["hash"])
+        (10, 4, 64)
+    """
+    size = _size(dataset)
+    kind = type(dataset)
+    out: dict[str, Any] = {"dataset": f"{kind.__module__}.{kind.__qualname__}", "size": size}
+    out.update(items_hashed=0, hash=None, deterministic=None)
+    map_style = hasattr(dataset, "__getitem__") and size is not None
+    map_style = map_style and not isinstance(dataset, torch.utils.data.IterableDataset)
+    if items <= 0:
+        return out
+    h = hashlib.sha256()
+    try:
+        with fixed_random_state(0):
+            if map_style:
+                step = (size - 1) / max(items - 1, 1)
+                indices = range(size) if items >= size else {round(i * step) for i in range(items)}
+                for index in sorted(indices):
+                    _feed(h, index)
+                    _feed(h, dataset[index])
+                out["items_hashed"] = min(items, size)
+            elif iter(dataset) is dataset:
+                out["note"] = "a one-shot iterator: not read (reading it would consume it)"
+                return out
+            else:
+                for count, item in enumerate(dataset, start=1):
+                    _feed(h, item)
+                    out["items_hashed"] = count
+                    if count >= items:
+                        break
+        out["hash"] = h.hexdigest()
+        if map_style and size:
+            twice = []
+            for _ in range(2):
+                with fixed_random_state(0):
+                    twice.append(content_hash(dataset[0]))
+            out["deterministic"] = twice[0] == twice[1]
+    except Exception as exc:  # a dataset that cannot be read here: say why
+        out["hash"], out["note"] = None, f"items could not be read ({type(exc).__name__}: {exc})"
+    return out
+
+
+def _named_loaders(obj: Any, prefix: str) -> list[tuple[str, Any]]:
+    if hasattr(obj, "iterables") and not isinstance(obj, torch.utils.data.DataLoader):
+        return _named_loaders(obj.iterables, prefix)  # a CombinedLoader
+    if isinstance(obj, (list, tuple)) and len(obj) == 1:
+        return _named_loaders(obj[0], prefix)
+    if isinstance(obj, (Mapping, list, tuple)):
+        pairs = obj.items() if isinstance(obj, Mapping) else enumerate(obj)
+        return [pair for k, v in pairs for pair in _named_loaders(v, f"{prefix}/{k}")]
+    return [] if obj is None else [(prefix, obj)]
+
+
+def fingerprint_loaders(loaders: Mapping[str, Any], items: int = 32) -> dict[str, dict[str, Any]]:
+    """One fingerprint per loader (``{"train": {...}, "val/0": {...}}``) and an ``"all"`` hash.
+
+    ``loaders`` maps a stage to what the Trainer holds (a DataLoader, a list or dict of them, a
+    CombinedLoader). Each entry: batches, batch size and :func:`fingerprint_dataset`.
+
+    Example:
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> fp = fingerprint_loaders({"train": DataLoader(TensorDataset(torch.zeros(8, 2)), batch_size=4)}, items=2)
+        >>> fp["train"]["batches"], fp["train"]["size"]
+        (2, 8)
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for stage, obj in loaders.items():
+        for name, loader in _named_loaders(obj, stage):
+            dataset = getattr(loader, "dataset", None)
+            batch_size = getattr(loader, "batch_size", None)
+            if batch_size is None:
+                batch_size = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+            entry = fingerprint_dataset(loader if dataset is None else dataset, items)
+            out[name] = {"batches": _size(loader), "batch_size": batch_size, **entry}
+    if out:
+        hashes = "\n".join(f"{k}:{v.get('hash')}:{v.get('size')}" for k, v in sorted(out.items()))
+        out["all"] = {"hash": hashlib.sha256(hashes.encode()).hexdigest()}
+    return out
