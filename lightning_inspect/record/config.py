@@ -1,10 +1,9 @@
-"""The run's configuration: given, from the running Hydra app, or from LightningCLI; as plain values."""
+"""The run's config (given, the running Hydra app's, or LightningCLI's) as plain values."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import json
 import sys
 from collections.abc import Iterable, Mapping, Sequence
@@ -16,8 +15,8 @@ import numpy as np
 
 @dataclasses.dataclass
 class ConfigRecord:
-    """The resolved config, its overrides and group choices; ``source`` is ``"argument"``,
-    ``"hydra"``, ``"lightning_cli"`` or ``"none"``; ``notes``: what could not be resolved."""
+    """The resolved config, overrides and group choices; ``source``: ``"argument"``, ``"hydra"``,
+    ``"lightning_cli"`` or ``"none"``; ``notes``: what could not be resolved."""
 
     config: dict[str, Any] | None = None
     overrides: list[str] = dataclasses.field(default_factory=list)
@@ -28,10 +27,8 @@ class ConfigRecord:
 
 
 def to_plain(config: Any, notes: list[str] | None = None, skip: Iterable[str] = ()) -> Any:
-    """An OmegaConf config (or mapping) as plain dicts and lists, interpolations resolved.
-
-    One that cannot be resolved is kept as written and named in ``notes``; top-level keys in
-    ``skip`` are left out.
+    """An OmegaConf config (or mapping) as plain dicts and lists, interpolations resolved; one
+    that cannot be resolved is kept as written and named in ``notes``. Top-level ``skip`` keys go.
 
     Example:
         >>> from omegaconf import OmegaConf
@@ -40,35 +37,29 @@ def to_plain(config: Any, notes: list[str] | None = None, skip: Iterable[str] = 
         >>> notes[0].startswith("c: not resolved")
         True
     """
-    from omegaconf import DictConfig, ListConfig, OmegaConf
+    omega = sys.modules.get("omegaconf")  # a DictConfig exists only once omegaconf is imported
+    notes = [] if notes is None else notes
 
-    notes = notes if notes is not None else []
-
-    def child(parent: Any, key: Any, path: str) -> Any:
-        if OmegaConf.is_missing(parent, key):
+    def child(node: Any, key: Any, path: str) -> Any:
+        if not (omega and isinstance(node, omega.Container)):
+            return walk(node[key], path)
+        if omega.OmegaConf.is_missing(node, key):
             return "???"
         try:
-            return walk(parent[key], path)
+            return walk(node[key], path)
         except Exception as exc:  # an unresolvable interpolation: kept as written
-            first = (str(exc).splitlines() or [""])[0]
-            notes.append(
-                f"{path}: not resolved ({type(exc).__name__}: {first}); recorded as written"
-            )
-            return OmegaConf.to_container(parent, resolve=False)[key]  # type: ignore[index]
+            why = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+            notes.append(f"{path}: not resolved ({why}); recorded as written")
+            return omega.OmegaConf.to_container(node, resolve=False)[key]  # type: ignore[index]
 
     def walk(node: Any, path: str) -> Any:
-        dotted = f"{path}." if path else ""
-        if isinstance(node, (DictConfig, ListConfig)) and node._is_none():
+        if omega and isinstance(node, omega.Container) and node._is_none():
             return None
-        if isinstance(node, (DictConfig, Mapping)):
-            keys = [k for k in node if path or k not in skip]
-            if isinstance(node, DictConfig):
-                return {str(k): child(node, k, f"{dotted}{k}") for k in keys}
-            return {str(k): walk(node[k], f"{dotted}{k}") for k in keys}
-        if isinstance(node, ListConfig):
+        dotted = f"{path}." if path else ""
+        if isinstance(node, Mapping):
+            return {str(k): child(node, k, f"{dotted}{k}") for k in node if path or k not in skip}
+        if isinstance(node, Sequence) and not isinstance(node, (str, bytes)):
             return [child(node, i, f"{dotted}{i}") for i in range(len(node))]
-        if isinstance(node, (list, tuple)):
-            return [walk(v, f"{dotted}{i}") for i, v in enumerate(node)]
         return node
 
     return walk(config, "")
@@ -79,10 +70,9 @@ def config_record(
 ) -> ConfigRecord:
     """The run's config: ``config``, else the running Hydra app's, else LightningCLI's.
 
-    A ``hydra`` node in ``config`` (``compose(..., return_hydra_config=True)``) gives the overrides
+    A ``hydra`` node in ``config`` (``compose(..., return_hydra_config=True)``) gives overrides
     and choices and is left out. In a Hydra app the config is read from the run directory
-    (``<output_dir>/.hydra/config.yaml``) and resolved. Otherwise LightningCLI's
-    ``SaveConfigCallback`` among ``callbacks`` gives its parsed config. ``overrides`` wins.
+    (``.hydra/config.yaml``) and resolved; with LightningCLI, from its ``SaveConfigCallback``.
 
     Example:
         >>> config_record({"model": {"hidden": 8}}, overrides=["model.hidden=8"]).overrides
@@ -91,33 +81,30 @@ def config_record(
     record = ConfigRecord()
     hydra_config = sys.modules.get("hydra.core.hydra_config")
     cli = sys.modules.get("lightning.pytorch.cli")  # imported by every LightningCLI run
-    saver = [cb for cb in callbacks if cli is not None and isinstance(cb, cli.SaveConfigCallback)]
+    savers = [cb for cb in callbacks if cli and isinstance(cb, cli.SaveConfigCallback)]
     if config is not None:
-        record.source = "argument"
-        hydra = node_at(config, "hydra")
+        record.source, hydra = "argument", node_at(config, "hydra")
         with_hydra = node_at(hydra, "overrides") is not None
         if with_hydra:
             _from_hydra(record, hydra)
         record.config = to_plain(config, record.notes, skip=("hydra",) if with_hydra else ())
     elif hydra_config is not None and hydra_config.HydraConfig.initialized():
         runtime = hydra_config.HydraConfig.get()
-        record.source = "hydra"
         _from_hydra(record, runtime)
-        path = Path(record.output_dir or "") / (runtime.output_subdir or "") / "config.yaml"
-        if runtime.output_subdir and path.is_file():
-            from omegaconf import OmegaConf
-
-            record.config = to_plain(OmegaConf.load(path), record.notes)
+        record.source, subdir = "hydra", runtime.output_subdir
+        path = Path(record.output_dir or "") / (subdir or "") / "config.yaml"
+        if subdir and path.is_file():
+            record.config = to_plain(sys.modules["omegaconf"].OmegaConf.load(path), record.notes)
         else:
             record.notes.append(
                 "the Hydra run directory has no saved config (hydra.output_subdir is null?); "
                 "pass RunRecord(config=cfg) to record it"
             )
-    elif saver:
+    elif savers:
         import yaml
 
         # Positional (format, skip_none, skip_default, skip_check): jsonargparse renamed them.
-        text = saver[0].parser.dump(saver[0].config, "yaml", False, False, True)
+        text = savers[0].parser.dump(savers[0].config, "yaml", False, False, True)
         record.source, record.config = "lightning_cli", yaml.safe_load(text)
     if overrides is not None:
         record.overrides = [str(o) for o in overrides]
@@ -125,14 +112,10 @@ def config_record(
 
 
 def _from_hydra(record: ConfigRecord, hydra: Any) -> None:
-    """Overrides, user group choices and output directory from a ``hydra`` node."""
+    """Overrides, the user's group choices and the output directory from a ``hydra`` node."""
     record.overrides = [str(o) for o in node_at(hydra, "overrides.task") or []]
-    choices = node_at(hydra, "runtime.choices") or {}
-    record.choices = {
-        str(k): None if v is None else str(v)
-        for k, v in choices.items()
-        if not str(k).startswith("hydra/")
-    }
+    choices = (node_at(hydra, "runtime.choices") or {}).items()
+    record.choices = {str(k): v if v is None else str(v) for k, v in choices if k[:6] != "hydra/"}
     with contextlib.suppress(Exception):  # an unresolvable interpolation outside a running app
         output_dir = node_at(hydra, "runtime.output_dir")
         record.output_dir = None if output_dir is None else str(output_dir)
@@ -152,16 +135,17 @@ def node_at(config: Any, dotted: str | None) -> Any:
 
 
 def find_target(config: Any, cls: type, prefer: str) -> str | None:
-    """The dotted key of the node whose ``_target_`` is ``cls`` (``prefer``, else the shallowest)."""
+    """The key of the node whose ``_target_`` is ``cls``: ``prefer``, else the shallowest."""
     found: list[str] = []
 
     def walk(node: Any, path: str) -> None:
         if isinstance(node, Mapping):
-            target = node.get("_target_")
             with contextlib.suppress(Exception):
-                if isinstance(target, str) and locate(target) is cls:
+                from hydra.utils import get_object
+
+                if get_object(node["_target_"]) is cls:
                     found.append(path)
-            items: Iterable[tuple[Any, Any]] = node.items()
+            items: Iterable[Any] = node.items()
         else:
             items = enumerate(node) if isinstance(node, list) else ()
         for key, value in items:
@@ -171,20 +155,6 @@ def find_target(config: Any, cls: type, prefer: str) -> str | None:
     return prefer if prefer in found else min(found, key=lambda p: (p.count("."), p), default=None)
 
 
-def locate(path: str) -> Any:
-    """The object at dotted ``path`` (a module, then attributes), as Hydra finds a ``_target_``."""
-    parts = path.split(".")
-    for i in range(len(parts), 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:i]))
-        except ImportError:
-            continue
-        for attr in parts[i:]:
-            obj = getattr(obj, attr)
-        return obj
-    raise ImportError(path)
-
-
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     """Nested mappings as ``{"a/b": leaf}``; lists stay whole (as JSON text).
 
@@ -192,14 +162,14 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
         >>> flatten({"model": {"hidden": 8, "sizes": [1, 2]}}, "config")
         {'config/model/hidden': 8, 'config/model/sizes': '[1, 2]'}
     """
-    if isinstance(value, Mapping) and (value or not prefix):
-        out: dict[str, Any] = {}
-        for key, item in value.items():
-            out.update(flatten(item, f"{prefix}/{key}" if prefix else str(key)))
-        return out
-    if isinstance(value, Mapping):
-        return {prefix: "{}"}
-    return {prefix: json.dumps(value, default=str) if isinstance(value, (list, tuple)) else value}
+    if not isinstance(value, Mapping):
+        return {
+            prefix: json.dumps(value, default=str) if isinstance(value, list | tuple) else value
+        }
+    out = {} if value or not prefix else {prefix: "{}"}
+    for key, item in value.items():
+        out.update(flatten(item, f"{prefix}/{key}" if prefix else str(key)))
+    return out
 
 
 def dump_yaml(value: Any) -> str:

@@ -1,28 +1,23 @@
-"""Construction records: a Hydra config that rebuilds an object, from explicit sources only.
-
-The sources are the arguments remembered by :func:`record_init`, the Hydra ``_target_`` node the
-object was built from, and ``save_hyperparameters``; nothing is guessed from attributes.
-"""
+"""Construction records: a Hydra config that rebuilds an object, from explicit sources only:
+:func:`record_init`, the Hydra ``_target_`` node, ``save_hyperparameters``. Nothing is guessed."""
 
 from __future__ import annotations
 
 import dataclasses
-import enum
 import functools
+import importlib
 import importlib.util
 import inspect
-import pathlib
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, NoReturn, TypeVar
 
-import numpy as np
 import torch
 from torch import nn
 
 from lightning_inspect.core.selection import normalise_name
 from lightning_inspect.errors import ConfigError
-from lightning_inspect.record.config import dump_yaml, locate, to_plain
+from lightning_inspect.record.config import dump_yaml, to_plain
 from lightning_inspect.record.data import fixed_random_state
 
 T = TypeVar("T")
@@ -34,7 +29,6 @@ HOW_TO_RECORD = (
     "or call save_hyperparameters() in its __init__"
 )
 _INIT_ATTR = "_lightning_inspect_init_args"
-_SMALL_ARRAY = 64
 
 
 def unrecorded(type: str = "?", reason: str = "", **_: Any) -> NoReturn:
@@ -52,10 +46,17 @@ def unrecorded(type: str = "?", reason: str = "", **_: Any) -> NoReturn:
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class _Placeholder:
-    type: str
-    reason: str
+def _placeholder(type_name: str, reason: str) -> dict[str, Any]:
+    return {"_target_": UNRECORDED_TARGET, "type": type_name, "reason": reason}
+
+
+def _tensor_placeholder(value: Any) -> dict[str, Any] | None:
+    """Tensors and arrays are described, never recorded (nor kept alive by a record)."""
+    if not isinstance(value, torch.Tensor) and type(value).__name__ != "ndarray":
+        return None
+    what = "a tensor" if isinstance(value, torch.Tensor) else "an array"
+    why = f"{what} of shape {tuple(value.shape)} ({value.dtype}); its values are not recorded"
+    return _placeholder(f"{type(value).__module__}.{type(value).__name__}", why)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,31 +66,11 @@ class _InitArgs:
     arguments: dict[str, Any]
 
 
-def _large(value: Any) -> _Placeholder | None:
-    """A description of a tensor or array whose values are not recorded (large, sparse, meta)."""
-    if isinstance(value, torch.Tensor):
-        small = (
-            value.numel() <= _SMALL_ARRAY and value.layout == torch.strided and not value.is_meta
-        )
-        kind, what = "torch.Tensor", "a tensor"
-    elif isinstance(value, np.ndarray):
-        small, kind, what = (
-            value.size <= _SMALL_ARRAY and value.dtype != object,
-            "numpy.ndarray",
-            "an array",
-        )
-    else:
-        return None
-    why = f"{what} of shape {tuple(value.shape)} ({value.dtype}); its values are not recorded"
-    return None if small else _Placeholder(kind, why)
-
-
 def record_init(cls: type[T]) -> type[T]:
     """Class decorator: every instance remembers the arguments it was constructed with.
 
     They are bound to ``__init__``'s signature (defaults filled in) in ``__new__``, so
-    ``__init__``, ``save_hyperparameters``, copies, pickling and subclasses are unchanged. Large
-    tensors and arrays are kept only as a description.
+    ``__init__``, ``save_hyperparameters``, copies, pickling and subclasses are unchanged.
 
     Example:
         >>> @record_init
@@ -106,26 +87,20 @@ def record_init(cls: type[T]) -> type[T]:
     own_new = getattr(own_new, "__func__", own_new)
 
     def __new__(subcls: type, *args: Any, **kwargs: Any) -> Any:
-        parent_new = super(cls, subcls).__new__  # type: ignore[misc]
-        if own_new is not None:
-            obj = own_new(subcls, *args, **kwargs)
-        else:
-            obj = (
-                parent_new(subcls)
-                if parent_new is object.__new__
-                else parent_new(subcls, *args, **kwargs)
-            )
+        parent_new = own_new or super(cls, subcls).__new__  # type: ignore[misc]
+        plain = parent_new is object.__new__
+        obj = parent_new(subcls) if plain else parent_new(subcls, *args, **kwargs)
         holder = getattr(obj, "__dict__", None)
+        try:  # copy and pickle call __new__ without the arguments: nothing to bind
+            signature = inspect.signature(subcls.__init__)  # type: ignore[misc]
+            bound = signature.bind(None, *args, **kwargs)
+        except (TypeError, ValueError):
+            return obj
         if holder is not None and _INIT_ATTR not in holder:
-            try:
-                signature = inspect.signature(subcls.__init__)  # type: ignore[misc]
-                bound = signature.bind(None, *args, **kwargs)
-            except (TypeError, ValueError):  # copy and pickle call __new__ without arguments
-                return obj
             bound.apply_defaults()
             params = tuple(signature.parameters.values())[1:]
-            names = {p.name for p in params}
-            kept = {k: _large(v) or v for k, v in bound.arguments.items() if k in names}
+            kept = {p.name: bound.arguments[p.name] for p in params}
+            kept = {k: _tensor_placeholder(v) or v for k, v in kept.items()}
             holder[_INIT_ATTR] = _InitArgs(subcls, params, kept)
         return obj
 
@@ -153,34 +128,9 @@ def recorded_init_args(obj: Any) -> _InitArgs | None:
     return stored if isinstance(stored, _InitArgs) and stored.cls is type(obj) else None
 
 
-def object_path(obj: Any) -> str | None:
-    """A dotted path at which ``obj`` (a class or function) can be found again, or ``None``.
-
-    Example:
-        >>> object_path(nn.Linear), object_path(torch.relu)
-        ('torch.nn.modules.linear.Linear', 'torch.relu')
-    """
-    module, name = getattr(obj, "__module__", None), getattr(obj, "__name__", "")
-    paths = [f"{module}.{getattr(obj, '__qualname__', name)}", f"{module}.{name}"] if module else []
-    for path in [*paths, *(f"{m}.{name}" for m in ("torch", "torch.nn.functional", "math"))]:
-        try:
-            if "<" not in path and locate(path) is obj:
-                return path
-        except Exception:
-            continue
-    return None
-
-
-def _type_name(obj: Any) -> str:
-    cls = obj if isinstance(obj, type) else type(obj)
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
 def _saved_hparams(obj: Any) -> dict[str, Any] | None:
     """``save_hyperparameters`` values of a LightningModule / LightningDataModule, if any."""
-    if "_hparams" not in getattr(obj, "__dict__", {}):
-        return None
-    hparams = getattr(obj, "hparams", None)
+    hparams = getattr(obj, "hparams", None) if "_hparams" in getattr(obj, "__dict__", {}) else None
     return dict(hparams) if isinstance(hparams, Mapping) and hparams else None
 
 
@@ -188,13 +138,9 @@ def _saved_hparams(obj: Any) -> dict[str, Any] | None:
 class ConstructionRecord:
     """How an object was built: ``hydra.utils.instantiate(record.config)`` builds an equivalent one.
 
-    Attributes:
-        config: ``{"_target_": ..., **arguments}``, nested for components.
-        source: ``"record_init"``, ``"hydra config at <key>"``, ``"hparams"``, ``"structure"``
-            (module containers, dataclasses, named tuples) or ``"none"`` (a placeholder).
-        notes: arguments defaulted or replaced by placeholders, by path; failed rebuild checks.
-        verified: whether a rebuild on the meta device had the same modules and shapes (``None``:
-            not checked).
+    ``source``: ``"record_init"``, ``"hydra config at <key>"``, ``"hparams"`` or ``"none"`` (a
+    placeholder); ``notes``: arguments defaulted or not recorded, failed rebuild checks;
+    ``verified``: whether a rebuild on the meta device had the same modules and shapes.
     """
 
     config: dict[str, Any]
@@ -205,166 +151,109 @@ class ConstructionRecord:
     def to_yaml(self, title: str = "model") -> str:
         """The config as YAML, with the source, the check and the notes as comments on top."""
         checked = {True: "yes, same modules and parameter shapes", False: "NO (see notes)"}
-        lines = [
-            f"# Construction record of the {title}: hydra.utils.instantiate(yaml.safe_load(<this file>))",
-            "# builds an equivalent object; load the trained weights with load_state_dict.",
-            f"# Source of the arguments: {self.source}.",
-            f"# Rebuild checked: {checked.get(self.verified, 'no')}.",  # type: ignore[arg-type]
-            *(f"# Note: {note}" for note in self.notes),
-        ]
-        return "\n".join(lines) + "\n" + dump_yaml(self.config)
+        return "\n".join(
+            [
+                f"# Construction record of the {title}: hydra.utils.instantiate(yaml.safe_load(<this file>))",
+                "# builds an equivalent object; load the trained weights with load_state_dict.",
+                f"# Source of the arguments: {self.source}.",
+                f"# Rebuild checked: {checked.get(self.verified, 'no')}.",  # type: ignore[arg-type]
+                *(f"# Note: {note}" for note in self.notes),
+                dump_yaml(self.config),
+            ]
+        )
 
 
-class _Recorder:
-    """Turns objects into Hydra-instantiable configs, collecting notes by path."""
-
-    def __init__(self) -> None:
-        self.notes: list[str] = []
-
-    def placeholder(self, path: str, type_name: str, reason: str) -> dict[str, Any]:
-        self.notes.append(f"{path}: not recorded ({type_name}: {reason})")
-        return {"_target_": UNRECORDED_TARGET, "type": type_name, "reason": reason}
-
-    def value(self, value: Any, path: str) -> Any:
-        large = value if isinstance(value, _Placeholder) else _large(value)
-        if large is not None:
-            return self.placeholder(path, large.type, large.reason)
-        if value is None or isinstance(value, (bool, int, float, str)):
-            return value
-        if isinstance(value, np.generic):
-            return value.item()
-        if isinstance(value, torch.Tensor):
-            return {
-                "_target_": "torch.tensor",
-                "data": value.tolist(),
-                "dtype": self.value(value.dtype, path),
-            }
-        if isinstance(value, np.ndarray):
-            return {"_target_": "numpy.array", "object": value.tolist(), "dtype": value.dtype.str}
-        if isinstance(value, (enum.Enum, pathlib.PurePath, torch.device)):
-            cls = pathlib.Path if isinstance(value, pathlib.PurePath) else type(value)
-            arg = value.value if isinstance(value, enum.Enum) else str(value)
-            return {"_target_": object_path(cls), "_args_": [self.value(arg, path)]}
-        if isinstance(value, torch.dtype):
-            return {"_target_": "hydra.utils.get_object", "path": str(value)}
-        if type(value).__module__.startswith("omegaconf"):
-            return self.value(to_plain(value), path)
-        if isinstance(value, Mapping):
-            if "_target_" in value:  # already a config (a Hydra node passed through)
-                return to_plain(value)
-            return {str(k): self.value(v, f"{path}.{k}") for k, v in value.items()}
-        if isinstance(value, (list, tuple, set, frozenset)) and not hasattr(value, "_fields"):
-            items = value if isinstance(value, (list, tuple)) else sorted(value, key=repr)
-            return [self.value(v, f"{path}.{i}") for i, v in enumerate(items)]
-        if isinstance(value, functools.partial):
-            call = self.value(value.func, path)
-            if call.get("_target_") != "hydra.utils.get_object":
-                return call
-            args = [self.value(v, f"{path}.{i}") for i, v in enumerate(value.args)]
-            kwargs = {k: self.value(v, f"{path}.{k}") for k, v in value.keywords.items()}
-            return {
-                "_target_": call["path"],
-                "_partial_": True,
-                **({"_args_": args} if args else {}),
-                **kwargs,
-            }
-        if isinstance(value, type) or inspect.isroutine(value):
-            target = object_path(value)
-            if target is None:
-                lam = getattr(value, "__name__", "") == "<lambda>"
-                why = "a lambda" if lam else "defined inside a function or not importable"
-                return self.placeholder(
-                    path, _type_name(value), f"{why}: it cannot be found by name"
-                )
-            return {"_target_": "hydra.utils.get_object", "path": target}
-        return self.object(value, path)
-
-    def object(self, obj: Any, path: str) -> dict[str, Any]:
-        """``obj`` from an explicit source only; else a placeholder saying how to add one."""
-        cls = type(obj)
-        target = object_path(cls)
-        if target is None:
-            why = "its class is defined inside a function or cannot be imported by name"
-            return self.placeholder(path, _type_name(obj), why)
-        if target.startswith("__main__."):
-            self.notes.append(
-                f"{path}: {cls.__qualname__} is defined in the running script (__main__): "
-                "rebuild it from that script, or move the class into a module"
-            )
-        if cls in (nn.Identity, nn.Sequential, nn.ModuleList, nn.ModuleDict):
-            children = {n: self.value(m, f"{path}.{n}") for n, m in obj.named_children()}
-            if cls is nn.ModuleDict:
-                return {"_target_": target, "modules": children}
-            key = "_args_" if cls in (nn.Sequential, nn.Identity) else "modules"
-            return {"_target_": target, **({key: list(children.values())} if children else {})}
-        recorded = recorded_init_args(obj)
-        if recorded is not None:
-            return self.arguments(target, recorded.params, recorded.arguments, path)
-        if dataclasses.is_dataclass(obj) or hasattr(obj, "_asdict"):  # named tuples
-            fields = obj._asdict() if hasattr(obj, "_asdict") else {
-                f.name: getattr(obj, f.name) for f in dataclasses.fields(obj) if f.init
-            }  # fmt: skip
-            return {
-                "_target_": target,
-                **{k: self.value(v, f"{path}.{k}") for k, v in fields.items()},
-            }
-        saved = _saved_hparams(obj)
-        if saved is None:
-            return self.placeholder(
-                path,
-                _type_name(obj),
-                f"its constructor arguments were not recorded: {HOW_TO_RECORD}",
-            )
-        params = tuple(inspect.signature(cls.__init__).parameters.values())[1:]  # type: ignore[misc]
-        by_name = {p.name: p for p in params}
-        whole = getattr(obj, "_hparams_name", None)  # save_hyperparameters(config): one mapping
-        if whole in by_name and by_name[whole].kind is not inspect.Parameter.VAR_KEYWORD:
-            return self.arguments(target, params, {whole: saved}, path)
-        takes_kwargs = any(p.kind is p.VAR_KEYWORD for p in params)
-        arguments = {k: v for k, v in saved.items() if k in by_name or takes_kwargs}
-        for p in params:
-            if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in arguments:
-                continue
-            if p.default is p.empty:
-                why = f"argument {p.name!r} is not in the saved hyperparameters; {HOW_TO_RECORD}"
-                arguments[p.name] = _Placeholder("?", why)
-            else:
-                self.notes.append(
-                    f"{path}.{p.name}: not in the saved hyperparameters; its default ({p.default!r}) is used"
-                )
-        return self.arguments(target, params, arguments, path)
-
-    def arguments(
-        self,
-        target: str,
-        params: Sequence[inspect.Parameter],
-        arguments: Mapping[str, Any],
-        path: str,
-    ) -> dict[str, Any]:
-        """``{"_target_": target, "_args_": [...], **kwargs}`` from arguments bound to ``params``."""
-        positional: list[Any] = []
-        kwargs: dict[str, Any] = {}
-        kinds = {p.name: p.kind for p in params}
-        for name, value in arguments.items():
-            kind = kinds.get(name)
-            if kind is inspect.Parameter.POSITIONAL_ONLY:
-                positional.append(self.value(value, f"{path}.{name}"))
-            elif kind is inspect.Parameter.VAR_POSITIONAL:
-                positional += [self.value(v, f"{path}.{name}.{i}") for i, v in enumerate(value)]
-            elif kind is inspect.Parameter.VAR_KEYWORD:
-                kwargs.update({str(k): self.value(v, f"{path}.{k}") for k, v in value.items()})
-            else:
-                kwargs[name] = self.value(value, f"{path}.{name}")
-        return {"_target_": target, **({"_args_": positional} if positional else {}), **kwargs}
+def _name(obj: Any) -> str:
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def rebuild_mismatch(
-    config: Mapping[str, Any], original: nn.Module, max_params: int = 50_000_000
-) -> str | None:
-    """``None`` when ``hydra.utils.instantiate(config)`` builds ``original``'s modules and shapes.
+def _path(obj: Any) -> str | None:
+    """A dotted path at which ``obj`` (a class or function) can be found again, or ``None``."""
+    module, name = getattr(obj, "__module__", None), getattr(obj, "__qualname__", "")
+    try:
+        found = functools.reduce(getattr, name.split("."), importlib.import_module(module))
+    except Exception:  # defined inside a function, or not importable
+        return None
+    return f"{module}.{name}" if found is obj else None
 
-    Built on the meta device (no memory, random generators restored), or on the CPU where that
-    fails and ``original`` is small; otherwise a sentence saying what differs.
+
+def _record(value: Any, path: str, notes: list[str]) -> Any:
+    """``value`` as a Hydra config node; objects from an explicit source, else a placeholder."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return [_record(v, f"{path}.{i}", notes) for i, v in enumerate(value)]
+    node = _tensor_placeholder(value)
+    if isinstance(value, Mapping):
+        if value.get("_target_") != UNRECORDED_TARGET:
+            return {str(k): _record(v, f"{path}.{k}", notes) for k, v in value.items()}
+        node = dict(value)  # a placeholder made when the arguments were taken
+    named = isinstance(value, type) or inspect.isroutine(value)
+    target = _path(value if named else type(value))
+    recorded = recorded_init_args(value)
+    if node is None and target is None:
+        node = _placeholder(_name(value), "defined inside a function or not importable by name")
+    elif node is None and named:
+        return {"_target_": "hydra.utils.get_object", "path": target}
+    elif node is None and recorded is not None:
+        return _call(target, recorded.params, recorded.arguments, path, notes)
+    elif node is None and _saved_hparams(value) is not None:
+        return _from_hparams(value, target, path, notes)
+    elif node is None:
+        why = f"its constructor arguments were not recorded: {HOW_TO_RECORD}"
+        node = _placeholder(_name(value), why)
+    notes.append(f"{path}: not recorded ({node['type']}: {node['reason']})")
+    return node
+
+
+def _from_hparams(obj: Any, target: str | None, path: str, notes: list[str]) -> dict[str, Any]:
+    """Arguments from ``save_hyperparameters``; placeholders for those left out without a default."""
+    saved = _saved_hparams(obj) or {}
+    params = tuple(inspect.signature(type(obj).__init__).parameters.values())[1:]
+    by_name = {p.name: p for p in params}
+    whole = getattr(obj, "_hparams_name", None)  # save_hyperparameters(config): one mapping
+    if whole in by_name and by_name[whole].kind is not inspect.Parameter.VAR_KEYWORD:
+        return _call(target, params, {whole: saved}, path, notes)
+    any_kwargs = any(p.kind is p.VAR_KEYWORD for p in params)
+    arguments = {k: v for k, v in saved.items() if k in by_name or any_kwargs}
+    for p in params:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in arguments:
+            continue
+        if p.default is p.empty:
+            why = f"argument {p.name!r} is not in the saved hyperparameters; {HOW_TO_RECORD}"
+            arguments[p.name] = _placeholder("?", why)
+        else:
+            default = f"its default ({p.default!r}) is used"
+            notes.append(f"{path}.{p.name}: not in the saved hyperparameters; {default}")
+    return _call(target, params, arguments, path, notes)
+
+
+def _call(
+    target: str | None,
+    params: tuple[inspect.Parameter, ...],
+    arguments: Mapping[str, Any],
+    path: str,
+    notes: list[str],
+) -> dict[str, Any]:
+    """``{"_target_": target, "_args_": [...], **kwargs}`` from arguments bound to ``params``."""
+    out: dict[str, Any] = {"_target_": target}
+    kinds = {p.name: p.kind for p in params}
+    for name, value in arguments.items():
+        kind = kinds.get(name)
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            out.update({str(k): _record(v, f"{path}.{k}", notes) for k, v in value.items()})
+        elif kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.VAR_POSITIONAL):
+            items = value if kind is inspect.Parameter.VAR_POSITIONAL else [value]
+            out.setdefault("_args_", []).extend(_record(v, f"{path}.{name}", notes) for v in items)
+        else:
+            out[name] = _record(value, f"{path}.{name}", notes)
+    return out
+
+
+def rebuild_mismatch(config: Mapping[str, Any], original: nn.Module) -> str | None:
+    """``None`` when ``hydra.utils.instantiate(config)``, built on the meta device (random state
+    restored), has ``original``'s modules and shapes; else what differs.
 
     Example:
         >>> rebuild_mismatch({"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 3}, nn.Linear(2, 3)) is None
@@ -372,42 +261,37 @@ def rebuild_mismatch(
     """
     from hydra.utils import instantiate
 
-    def build(device: str) -> Any:
-        with fixed_random_state(0), torch.device(device), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the constructors' own advice is noise here
-            return instantiate(dict(config))
-
     try:
-        rebuilt = build("meta")
+        with fixed_random_state(0), torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the constructors' own advice is noise here
+            rebuilt = instantiate(dict(config))
     except Exception as exc:
-        if sum(p.numel() for p in original.parameters()) > max_params:
-            return f"could not be built on the meta device ({type(exc).__name__}: {exc})"
-        try:
-            rebuilt = build("cpu")
-        except Exception as exc2:
-            return (
-                f"building it failed ({type(exc2).__name__}: {(str(exc2).splitlines() or [''])[0]})"
-            )
+        return f"building it failed ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})"
     if type(rebuilt) is not type(original):
-        return f"it builds a {_type_name(rebuilt)}, not a {_type_name(original)}"
+        return f"it builds a {type(rebuilt).__qualname__}, not a {type(original).__qualname__}"
 
-    def signature(model: nn.Module) -> dict[str, Any]:
-        tensors = [*model.named_parameters(), *model.named_buffers()]
-        shapes = {f"shape of {normalise_name(n)!r}": tuple(t.shape) for n, t in tensors}
-        types = {
+    def layout(model: nn.Module) -> dict[str, Any]:
+        modules = {
             f"module {normalise_name(n) or '<root>'!r}": type(m).__qualname__
             for n, m in model.named_modules()
         }
-        return {**types, **shapes}
+        tensors = [*model.named_parameters(), *model.named_buffers()]
+        return {
+            **modules,
+            **{f"shape of {normalise_name(n)!r}": tuple(t.shape) for n, t in tensors},
+        }
 
-    want, got = signature(original), signature(rebuilt)
+    want, got = layout(original), layout(rebuilt)
     problems = [
-        f"{name}: {want.get(name)} vs rebuilt {got.get(name)}"
-        for name in sorted(set(want) | set(got), key=lambda n: (n[0] == "s", n))
-        if want.get(name) != got.get(name)
+        f"{k}: {want.get(k)} vs rebuilt {got.get(k)}"
+        for k in {**want, **got}
+        if want.get(k) != got.get(k)
     ]
-    more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-    return "; ".join(problems[:5]) + more if problems else None
+    return (
+        "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
+        if problems
+        else None
+    )
 
 
 def construction_record(
@@ -421,8 +305,8 @@ def construction_record(
     Candidates, in order: the arguments remembered by :func:`record_init`; ``hydra_node`` (the
     ``_target_`` node at ``hydra_key``); ``save_hyperparameters``. Object arguments get their own
     records from the same sources; what has none becomes a placeholder (``_target_:
-    lightning_inspect.record.unrecorded``) that fails clearly when built. With ``verify`` (and
-    ``obj`` a module) the first candidate that rebuilds the same modules and shapes is taken.
+    lightning_inspect.record.unrecorded``) that fails clearly when built. With ``verify`` (and a
+    module), the first candidate that rebuilds the same modules and shapes is taken.
 
     Example:
         >>> node = {"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 4}
@@ -432,29 +316,23 @@ def construction_record(
         >>> construction_record(nn.Linear(2, 4)).source
         'none'
     """
-    recorder = _Recorder()
-    config = {**recorder.object(obj, hydra_key or "model"), "_convert_": "all"}
-    if recorded_init_args(obj) is not None:
-        source = "record_init"
-    elif config["_target_"] == UNRECORDED_TARGET:
-        source = "none"
-    else:
-        source = "hparams" if _saved_hparams(obj) else "structure"
-    own = (config, source, recorder.notes)
+    notes: list[str] = []
+    config = {**_record(obj, hydra_key or "model", notes), "_convert_": "all"}
+    source = "none" if config["_target_"] == UNRECORDED_TARGET else "hparams"
+    source = "record_init" if recorded_init_args(obj) is not None else source
+    own = (config, source, notes)
     candidates = [own] if source == "record_init" else []
     if hydra_node is not None:
         candidates.append((to_plain(hydra_node), f"hydra config at {hydra_key!r}", []))
-    if source not in ("record_init", "none"):
-        candidates.append(own)
-    if not candidates:
-        return ConstructionRecord(*own)
-    if not verify or not isinstance(obj, nn.Module) or importlib.util.find_spec("hydra") is None:
-        return ConstructionRecord(*candidates[0])
+    candidates += [own] if source == "hparams" else []
+    hydra = importlib.util.find_spec("hydra") is not None
+    if not candidates or not verify or not hydra or not isinstance(obj, nn.Module):
+        return ConstructionRecord(*(candidates or [own])[0])
     failures = []
-    for config, source, notes in candidates:
+    for config, source, found in candidates:
         problem = rebuild_mismatch(config, obj)
         if problem is None:
-            return ConstructionRecord(config, source, list(notes), True)
+            return ConstructionRecord(config, source, list(found), True)
         failures.append(f"rebuild check failed from {source}: {problem}")
-    config, source, notes = candidates[0]
-    return ConstructionRecord(config, source, [*notes, *failures], False)
+    config, source, found = candidates[0]
+    return ConstructionRecord(config, source, [*found, *failures], False)
