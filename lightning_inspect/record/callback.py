@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -58,7 +59,6 @@ _MLFLOW_BATCH = 100
 _MLFLOW_PARAM_CHARS = 6000
 _MLFLOW_TAG_CHARS = 5000
 _TEXT_CHARS = 200_000
-_MIB = 1024 * 1024
 
 
 # --------------------------------------------------------------------------------------------
@@ -279,25 +279,18 @@ class _Fit:
     data_done: bool = False
 
 
-def _expect(owner: str, name: str, value: Any, ok: bool, expected: str) -> Any:
-    if not ok:
-        raise ConfigError(f"{owner}({name}={value!r}): expected {expected}.")
-    return value
-
-
 class RunRecord(Callback):
     """Record everything needed to trust, compare and rebuild a training run, once per fit.
 
-    On global rank 0, to every attached backend: the git state (and the uncommitted diff), the
-    seed, the machine and software (``torch.utils.collect_env``), the resolved config with its
-    overrides and group choices (given, from the running Hydra app, or LightningCLI's), the
-    hyperparameters, a construction record that rebuilds the model (and datamodule) from explicit
-    sources only, a fingerprint of the data, and at the end of fit the outcome, durations and peak
-    memory. Secrets are masked. Faults warn once and never stop training. See docs/run_record.md.
+    On global rank 0, to every attached backend: the git state and diff, the seed, the machine and
+    software (``torch.utils.collect_env``), the resolved config with its overrides and choices,
+    the hyperparameters, a construction record that rebuilds the model and datamodule (explicit
+    sources only), a data fingerprint, and at the end the outcome, durations and peak memory.
+    Secrets are masked; faults warn once and never stop training. See docs/run_record.md.
 
     Args:
         git: record the git state.
-        git_diff: record the uncommitted diff as ``git.diff`` (``git diff HEAD``).
+        git_diff: record the uncommitted diff as ``git.diff``.
         repo_dir: a directory inside the repository; ``None``: the working directory.
         git_timeout: seconds each git command may take.
         env_vars: environment variable names or globs to record (no others are).
@@ -309,8 +302,8 @@ class RunRecord(Callback):
         model_key: dotted key of the model's ``_target_`` node; ``None``: found by its class.
         verify_model: check that the record rebuilds the same modules and shapes (meta device).
         fingerprint_items: items per dataset hashed for the data fingerprint (0: sizes only).
-        capture_output: opt-in: tee ``sys.stdout``/``sys.stderr`` (and console logging handlers)
-            into ``output.log`` from ``setup`` to the end of fit; ``False``: nothing is patched.
+        capture_output: opt in to tee ``sys.stdout``/``sys.stderr`` (and console logging
+            handlers) into ``output.log`` for the fit; ``False``: nothing is patched.
         output_dir: where the files go; ``None``: ``<TensorBoard log_dir>/run_record``, else
             ``<Hydra run dir>/run_record``, else a temporary directory for MLflow, else
             ``<default_root_dir>/run_record``.
@@ -320,12 +313,11 @@ class RunRecord(Callback):
         enabled: ``False`` records nothing.
 
     Logged metrics:
-        MLflow tags ``run_record/{git/*,host,cpu,gpu,torch,...,status}``; params
-        ``run_record/seed``, ``run_record/overrides``, ``run_record/data/<loader>/{size,batches,
-        batch_size,hash}``, ``choices/<group>``, ``config/<path>``; metrics ``run_record/{duration_s,
-        train_duration_s,steps,steps_per_s,peak_rss_mib,...}``; artifacts under
-        ``lightning_inspect/run_record/``. TensorBoard: text ``run_record/{summary,config,overrides,
-        model,git_diff,packages,data,result}``, the same scalars and an HPARAMS entry.
+        Tags ``run_record/{git/*,host,cpu,gpu,torch,...,status}``; params ``run_record/seed``,
+        ``run_record/overrides``, ``run_record/data/<loader>/{size,batches,batch_size,hash}``,
+        ``choices/<group>``, ``config/<path>``; metrics ``run_record/{duration_s,steps,
+        steps_per_s,peak_rss_mib,...}``; files under ``lightning_inspect/run_record/``;
+        TensorBoard text ``run_record/{summary,config,model,git_diff,data,result,...}``, HPARAMS.
 
     Example:
         >>> import lightning as L
@@ -355,36 +347,36 @@ class RunRecord(Callback):
         backends: str | Sequence[str] | None = None,
         enabled: bool = True,
     ) -> None:
-        owner, path = type(self).__name__, (str, os.PathLike)
-        for name in ("git", "git_diff", "packages", "config_params", "model", "verify_model"):
-            setattr(self, name, check_bool(owner, name, locals()[name]))
-        self.capture_output = check_bool(owner, "capture_output", capture_output)
-        self.enabled = check_bool(owner, "enabled", enabled)
-        self.repo_dir = _expect(owner, "repo_dir", repo_dir, repo_dir is None or (
-            isinstance(repo_dir, path) and Path(repo_dir).is_dir()), "None or an existing directory")  # fmt: skip
+        owner, given, path = type(self).__name__, dict(locals()), (str, os.PathLike)
+        for name in (*_FLAGS, "capture_output", "enabled"):
+            setattr(self, name, check_bool(owner, name, given[name]))
         number = isinstance(git_timeout, (int, float)) and not isinstance(git_timeout, bool)
-        ok = number and git_timeout > 0
-        self.git_timeout = float(
-            _expect(owner, "git_timeout", git_timeout, ok, "a number of seconds > 0")
-        )
+        checks = {
+            "repo_dir": (
+                isinstance(repo_dir, path) and Path(repo_dir).is_dir(),
+                "an existing directory",
+            ),
+            "git_timeout": (number and git_timeout > 0, "a number of seconds > 0"),
+            "config": (isinstance(config, Mapping), "a DictConfig or a mapping"),
+            "model_key": (
+                isinstance(model_key, str) and model_key != "",
+                "a dotted key such as 'model'",
+            ),
+            "output_dir": (isinstance(output_dir, path), "a directory path"),
+        }
+        for name, (ok, expected) in checks.items():
+            if not ok and (name == "git_timeout" or given[name] is not None):
+                none = "" if name == "git_timeout" else "None or "
+                raise ConfigError(f"{owner}({name}={given[name]!r}): expected {none}{expected}.")
+        self.repo_dir, self.git_timeout, self.config = repo_dir, float(git_timeout), config
+        self.model_key, self.output_dir = model_key, output_dir
         self.env_vars = as_str_list(owner, "env_vars", env_vars)
-        ok = config is None or isinstance(config, Mapping)
-        self.config = _expect(owner, "config", config, ok, "None, a DictConfig or a mapping")
         self.overrides = None if overrides is None else as_str_list(owner, "overrides", overrides)
-        ok = model_key is None or (isinstance(model_key, str) and bool(model_key))
-        self.model_key = _expect(
-            owner, "model_key", model_key, ok, "None or a dotted key such as 'model'"
-        )
         self.fingerprint_items = check_positive_int(
-            owner, "fingerprint_items", fingerprint_items, minimum=0
+            owner, "fingerprint_items", fingerprint_items, 0
         )
-        ok = output_dir is None or isinstance(output_dir, path)
-        self.output_dir = _expect(owner, "output_dir", output_dir, ok, "None or a directory path")
-        extra, exempt = (
-            tuple(as_str_list(owner, n, v))
-            for n, v in (("mask_keys", mask_keys), ("unmask_keys", unmask_keys))
-        )
-        self.masker = SecretMasker(extra, exempt)
+        masks = (tuple(as_str_list(owner, n, given[n])) for n in ("mask_keys", "unmask_keys"))
+        self.masker = SecretMasker(*masks)
         self.backends = (
             None
             if backends is None
@@ -397,14 +389,12 @@ class RunRecord(Callback):
         self._launch_config: ConfigRecord | None = None  # set in copies pickled for spawned ranks
 
     def __getstate__(self) -> dict[str, Any]:
-        """Pickled for ``strategy="ddp_spawn"``: the ranks run no Hydra app, so the launching
-        app's config travels with the callback."""
+        """Pickled for ``ddp_spawn``: the ranks run no Hydra app; the launching app's config
+        travels with the callback."""
         state = self.__dict__.copy()
         if self.config is None and self._launch_config is None and self.enabled:
             launch = self._collect("configuration", config_record, None, self.overrides)
-            state["_launch_config"] = (
-                launch if launch is not None and launch.source == "hydra" else None
-            )
+            state["_launch_config"] = launch if launch and launch.source == "hydra" else None
         return state
 
     # ---------------------------------------------------------------- Lightning hooks (thin)
@@ -425,9 +415,8 @@ class RunRecord(Callback):
         fit = _Fit(guarded, output_dir, temporary, config, key, EndOfFit.for_fit(trainer))
         self.record = {"status": "running"}
         if self.capture_output:
-            fit.capture = self._collect(
-                "console output", ConsoleCapture(output_dir / "output.log").start
-            )
+            capture = ConsoleCapture(output_dir / "output.log")
+            fit.capture = self._collect("console output", capture.start)
         self._fit = fit
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -476,9 +465,7 @@ class RunRecord(Callback):
     def _model_key(self, config: ConfigRecord, pl_module: pl.LightningModule) -> str | None:
         """The config key holding the model's ``_target_`` node (checked when given)."""
         if not self.model or self.model_key is None:
-            return (
-                find_target(config.config, type(pl_module), prefer="model") if self.model else None
-            )
+            return find_target(config.config, type(pl_module), "model") if self.model else None
         node = node_at(config.config, self.model_key)
         if not isinstance(node, Mapping) or "_target_" not in node:
             where = (
@@ -493,16 +480,13 @@ class RunRecord(Callback):
         return self.model_key
 
     def _output_dir(
-        self, trainer: pl.Trainer, writers: Sequence[Any], config: ConfigRecord
+        self, trainer: pl.Trainer, writers: list[Any], config: ConfigRecord
     ) -> tuple[Path, bool]:
-        names = {w.name for w in writers}
-        tensorboard = (
-            attached_loggers(trainer).get("tensorboard") if "tensorboard" in names else None
-        )
+        tensorboard = attached_loggers(trainer).get("tensorboard")
         path, temporary = Path(trainer.default_root_dir) / "run_record", False
         if self.output_dir is not None:
             path = Path(self.output_dir)
-        elif tensorboard is not None:
+        elif tensorboard is not None and "tensorboard" in {w.name for w in writers}:
             path = Path(tensorboard.log_dir) / "run_record"
         elif config.source == "hydra" and config.output_dir:
             path = Path(config.output_dir) / "run_record"
@@ -510,7 +494,7 @@ class RunRecord(Callback):
             path, temporary = Path(tempfile.mkdtemp(prefix="lightning_inspect_run_record_")), True
         else:
             rank_zero_info(
-                f"RunRecord: no TensorBoard or MLflow logger is attached; the record is written to {path}."
+                f"RunRecord: no TensorBoard or MLflow logger; the record goes to {path}."
             )
         path.mkdir(parents=True, exist_ok=True)
         return path, temporary
@@ -527,40 +511,35 @@ class RunRecord(Callback):
         try:
             return fn(*args)
         except Exception as exc:
-            self._warn(
-                what,
-                f"could not record the {what} ({type(exc).__name__}: {exc}). Training continues.",
-            )
+            why = f"{type(exc).__name__}: {exc}"
+            self._warn(what, f"could not record the {what} ({why}). Training continues.")
             return None
 
     @staticmethod
     def _write(fit: _Fit, name: str, text: str) -> None:
-        (fit.output_dir / name).write_text(text, encoding="utf-8")
         fit.files[name] = fit.output_dir / name
+        fit.files[name].write_text(text, encoding="utf-8")
 
     @staticmethod
     def _emit(fit: _Fit, method: str, *args: Any) -> list[Any]:
         return [writer(method, *args) for writer in fit.writers]
 
     def _params(self, fit: _Fit, values: Mapping[str, Any]) -> None:
-        conflicts = sorted(
-            {k for found in self._emit(fit, "params", values) if found for k in found}
-        )
+        conflicts = sorted({k for found in self._emit(fit, "params", values) for k in found or ()})
         if conflicts:
             self._warn(
                 "params",
                 "these parameters already hold other values in the MLflow run, which keeps the "
-                f"first: {conflicts[:10]}{' ...' if len(conflicts) > 10 else ''}. The values of "
-                "this fit are in record.yaml.",
+                f"first: {conflicts[:10]}. The values of this fit are in record.yaml.",
             )
 
     def _log_start(self, fit: _Fit, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        masker, record = self.masker, self.record
+        masker, record, config = self.masker, self.record, fit.config
         command = masker.command([sys.executable, *sys.argv])
         record.update(command=command, cwd=os.getcwd(), time={"start": _iso(fit.start_wall)})
         record["seed"] = seed_info()
         tags: dict[str, Any] = {"start_time": record["time"]["start"], "status": "running"}
-        params: dict[str, Any] = {f"{PREFIX}/seed": record["seed"]["seed"]}
+        params: dict[str, Any] = {"seed": record["seed"]["seed"]}
         if self.git:
             info = self._collect(
                 "git state", git_info, self.repo_dir, self.git_timeout, self.git_diff
@@ -573,54 +552,49 @@ class RunRecord(Callback):
                 self._warn("git", f"no git commit is recorded: {info.notice}. Training continues.")
             dirty = None if info.dirty is None else str(info.dirty).lower()
             untracked = str(len(info.untracked)) if info.commit else None
-            git = {
-                "commit": info.commit,
-                "branch": info.branch,
-                "dirty": dirty,
-                "untracked": untracked,
-            }
-            tags.update({f"git/{k}": v for k, v in {**git, "notice": info.notice}.items()})
-        host = {**(self._collect("host", host_info) or {}), **_trainer_info(trainer)}
-        record["host"] = host
+            git = {"commit": info.commit, "branch": info.branch, "dirty": dirty}
+            git.update(untracked=untracked, notice=info.notice)
+            tags.update({f"git/{k}": v for k, v in git.items()})
+        record["host"] = host = {
+            **(self._collect("host", host_info) or {}),
+            **_trainer_info(trainer),
+        }
         record["versions"] = versions = self._collect("versions", version_info) or {}
         aliases = {"host": "hostname", "cpu": "cpu_model", "gpu": "gpu_model"}
         for key in ("host", "os", "cpu", "cpu_count", "gpu", "gpu_count", *_TRAINER_KEYS):
             tags[key] = host.get(aliases.get(key, key))
         tags.update({k: versions.get(k) for k in ("python", "torch", "lightning", "cuda", "cudnn")})
         tags["command"] = " ".join(command)
-        if self.packages:
-            lines = self._collect("installed packages", installed_packages)
-            if lines is not None:
-                self._write(fit, "packages.txt", "\n".join(lines) + "\n")
+        lines = self._collect("installed packages", installed_packages) if self.packages else None
+        if lines is not None:
+            self._write(fit, "packages.txt", "\n".join(lines) + "\n")
         if self.env_vars:
             env = self._collect("environment variables", env_var_values, self.env_vars, masker)
             record["env"] = env or {}
             tags.update({f"env/{k}": v for k, v in record["env"].items()})
 
-        config = fit.config
         self._collect("MLflow run name", _record_run_name, config, trainer)
         overrides = [masker.override(o) for o in config.overrides]
         record["config"] = {"source": config.source, "overrides": overrides}
         record["config"].update(choices=config.choices, notes=config.notes)
-        params[f"{PREFIX}/overrides"] = " ".join(overrides) or "(none)"
+        params["overrides"] = " ".join(overrides) or "(none)"
+        params = {f"{PREFIX}/{k}": v for k, v in params.items()}
         params.update({f"choices/{k}": v for k, v in config.choices.items()})
         if config.config is not None:
             masked = masker.mask(config.config)
             self._write(fit, "config.yaml", dump_yaml(masked))
-            if self.config_params:
-                params.update(flatten(masked, "config"))
+            params.update(flatten(masked, "config") if self.config_params else {})
         if config.source != "none":
             self._write(fit, "overrides.yaml", dump_yaml(overrides))
-        hparams = masker.mask(
-            self._collect("hyperparameters", _module_hparams, pl_module, trainer) or {}
-        )
+        hparams = self._collect("hyperparameters", _module_hparams, pl_module, trainer)
+        hparams = masker.mask(hparams or {})
         if hparams:
             self._write(fit, "hparams.yaml", dump_yaml(hparams))
         if self.model:
             self._construction(fit, "model", pl_module, fit.model_key, self.verify_model, tags)
             datamodule = getattr(trainer, "datamodule", None)
             if datamodule is not None:
-                key = find_target(config.config, type(datamodule), prefer="datamodule")
+                key = find_target(config.config, type(datamodule), "datamodule")
                 self._construction(fit, "datamodule", datamodule, key, False, tags)
 
         tags = {f"{PREFIX}/{k}": v for k, v in tags.items()}
@@ -628,58 +602,44 @@ class RunRecord(Callback):
         self._params(fit, params)
         # TensorBoard keeps the first HPARAMS entry of a run: this one, written before Lightning's
         # own, carries the module's hyperparameters too.
-        skip = ("/env/", "/command")
-        table = {
-            **flatten(hparams),
-            **params,
-            **{k: v for k, v in tags.items() if not any(s in k for s in skip)},
-        }
-        self._emit(fit, "hparams", table)
-        step = trainer.global_step
-        self._emit(fit, "text", f"{PREFIX}/summary", _fenced(dump_yaml(record), "yaml"), step)
+        shown = {k: v for k, v in tags.items() if "/env/" not in k and not k.endswith("/command")}
+        self._emit(fit, "hparams", {**flatten(hparams), **params, **shown})
+        self._text(fit, "summary", dump_yaml(record), trainer)
         for key, name in _TEXT_FILES.items():
             if name in fit.files:
-                text = fit.files[name].read_text(encoding="utf-8")
-                lang = "diff" if key == "git_diff" else "text" if key == "packages" else "yaml"
-                self._emit(fit, "text", f"{PREFIX}/{key}", _fenced(text, lang), step)
+                self._text(fit, key, fit.files[name].read_text(encoding="utf-8"), trainer)
         self._write(fit, "record.yaml", dump_yaml(record))
         self._emit(fit, "files", list(fit.files.values()))
         self._emit(fit, "flush")
+
+    def _text(self, fit: _Fit, key: str, text: str, trainer: pl.Trainer) -> None:
+        if len(text) > _TEXT_CHARS:
+            text = f"{text[:_TEXT_CHARS]}\n... [cut at {_TEXT_CHARS} characters; see the file]"
+        lang = {"git_diff": "diff", "packages": "text"}.get(key, "yaml")
+        self._emit(fit, "text", f"{PREFIX}/{key}", f"````{lang}\n{text}\n````", trainer.global_step)
 
     def _construction(
         self, fit: _Fit, what: str, obj: Any, key: str | None, verify: bool, tags: dict[str, Any]
     ) -> None:
         node = node_at(fit.config.config, key) if key else None
-        found = self._collect(
-            f"{what} construction", construction_record, obj, node, key or what, verify
-        )
+        args = (obj, node, key or what, verify)
+        found = self._collect(f"{what} construction", construction_record, *args)
         if found is None:
             return
         found.config = self.masker.mask(found.config)
         self._write(fit, f"{what}.yaml", found.to_yaml(what))
         cls = f"{type(obj).__module__}.{type(obj).__qualname__}"
-        checked = None if found.verified is None else str(found.verified).lower()
         entry = {"class": cls, "source": found.source, "rebuild_checked": found.verified}
-        entry.update(notes=found.notes, file=f"{what}.yaml")
-        if hasattr(obj, "parameters"):
-            entry["parameters"] = sum(p.numel() for p in obj.parameters())
-            entry["trainable_parameters"] = sum(
-                p.numel() for p in obj.parameters() if p.requires_grad
-            )
-        self.record[what] = entry
-        tags.update(
-            {
-                f"{what}/class": cls,
-                f"{what}/source": found.source,
-                f"{what}/rebuild_checked": checked,
-            }
-        )
+        self.record[what] = {**entry, "notes": found.notes, "file": f"{what}.yaml"}
+        if isinstance(obj, torch.nn.Module):
+            self.record[what]["parameters"] = sum(p.numel() for p in obj.parameters())
+            trainable = sum(p.numel() for p in obj.parameters() if p.requires_grad)
+            self.record[what]["trainable_parameters"] = trainable
+        entry["rebuild_checked"] = None if found.verified is None else str(found.verified).lower()
+        tags.update({f"{what}/{k}": v for k, v in entry.items()})
         if found.source == "none":
-            self._warn(
-                f"{what} record",
-                f"the {what} has no explicit construction record, so {what}.yaml holds a "
-                f"placeholder: {HOW_TO_RECORD}.",
-            )
+            why = f"so {what}.yaml holds a placeholder: {HOW_TO_RECORD}"
+            self._warn(f"{what} record", f"the {what} has no explicit construction record, {why}.")
         elif found.verified is False:
             failed = next((n for n in found.notes if n.startswith("rebuild check failed")), "")
             self._warn(
@@ -697,16 +657,9 @@ class RunRecord(Callback):
                     f"data {name}", f"the {name} data fingerprint is incomplete: {entry['note']}."
                 )
         fields = ("size", "batches", "batch_size", "hash")
-        params = {
-            f"{PREFIX}/data/{name}/{field}": entry[field]
-            for name, entry in data.items()
-            for field in fields
-            if entry.get(field) is not None
-        }
-        self._params(fit, params)
-        self._emit(
-            fit, "text", f"{PREFIX}/data", _fenced(dump_yaml(data), "yaml"), trainer.global_step
-        )
+        params = {f"{PREFIX}/data/{n}/{f}": e.get(f) for n, e in data.items() for f in fields}
+        self._params(fit, {k: v for k, v in params.items() if v is not None})
+        self._text(fit, "data", dump_yaml(data), trainer)
         self._write(fit, "record.yaml", dump_yaml(self.record))
         self._emit(fit, "flush")
 
@@ -728,42 +681,38 @@ class RunRecord(Callback):
     def _log_end(
         self, fit: _Fit, trainer: pl.Trainer, status: str, exception: BaseException | None
     ) -> None:
-        now = time.perf_counter()
-        trained = fit.train_start is not None
+        now, record = time.perf_counter(), self.record
         end_step = trainer.global_step if fit.end_step is None else fit.end_step
-        steps = max(end_step - fit.start_step, 0) if trained else 0
-        train_s = ((fit.train_end or now) - fit.train_start) if fit.train_start is not None else 0.0
-        times = self.record.setdefault("time", {"start": _iso(fit.start_wall)})
+        steps = max(end_step - fit.start_step, 0) if fit.train_start is not None else 0
+        train_s = (fit.train_end or now) - fit.train_start if fit.train_start is not None else 0.0
+        times = record.setdefault("time", {"start": _iso(fit.start_wall)})
         times.update(end=_iso(time.time()), duration_s=round(now - fit.start_perf, 3))
         times.update(train_duration_s=round(train_s, 3), steps=steps)
         times["steps_per_s"] = round(steps / train_s, 4) if train_s > 0 and steps else None
-        self.record["memory"] = memory = self._collect("peak memory", peak_memory) or {}
-        self.record["status"] = status
+        record["memory"] = memory = self._collect("peak memory", peak_memory) or {}
+        record["status"] = status
         if exception is not None:
             first = (str(exception).splitlines() or [""])[0]
-            self.record["error"] = self.masker.text(f"{type(exception).__name__}: {first}")
+            record["error"] = self.masker.text(f"{type(exception).__name__}: {first}")
         metrics = {k: times[k] for k in ("duration_s", "train_duration_s", "steps", "steps_per_s")}
         metrics.update({k.replace("_bytes", "_mib"): v and v / 2**20 for k, v in memory.items()})
-        end = {"status": status, "end_time": times["end"], "error": self.record.get("error")}
+        end = {"status": status, "end_time": times["end"], "error": record.get("error")}
         self._emit(fit, "tags", {f"{PREFIX}/{k}": v for k, v in end.items()})
-        self._emit(
-            fit, "metrics", {f"{PREFIX}/{k}": v for k, v in metrics.items()}, trainer.global_step
-        )
-        result = {k: self.record.get(k) for k in ("status", "error", "time", "memory")}
-        self._emit(
-            fit, "text", f"{PREFIX}/result", _fenced(dump_yaml(result), "yaml"), trainer.global_step
-        )
+        metrics = {f"{PREFIX}/{k}": v for k, v in metrics.items()}
+        self._emit(fit, "metrics", metrics, trainer.global_step)
+        result = {k: record.get(k) for k in ("status", "error", "time", "memory")}
+        self._text(fit, "result", dump_yaml(result), trainer)
 
     def _upload_end(self, fit: _Fit) -> None:
         self._write(fit, "record.yaml", dump_yaml(self.record))
-        self._emit(
-            fit, "files", [fit.files[n] for n in ("record.yaml", "output.log") if n in fit.files]
-        )
+        files = [fit.files[n] for n in ("record.yaml", "output.log") if n in fit.files]
+        self._emit(fit, "files", files)
         self._emit(fit, "flush")
         if fit.temporary and not any(w.failed for w in fit.writers):
             shutil.rmtree(fit.output_dir, ignore_errors=True)
 
 
+_FLAGS = ("git", "git_diff", "packages", "config_params", "model", "verify_model")
 _TRAINER_KEYS = ("accelerator", "devices", "strategy", "precision")
 #: TensorBoard text pages of the record's readable files.
 _TEXT_FILES = {
@@ -781,35 +730,30 @@ def _iso(timestamp: float) -> str:
     return utc.astimezone().isoformat(timespec="seconds")
 
 
-def _fenced(text: str, lang: str) -> str:
-    if len(text) > _TEXT_CHARS:
-        text = f"{text[:_TEXT_CHARS]}\n... [cut at {_TEXT_CHARS} characters; the whole file is in the record]"
-    return f"````{lang}\n{text}\n````"
-
-
 def _record_run_name(config: ConfigRecord, trainer: pl.Trainer) -> None:
-    """Put the MLflow run's own name in its logger's config node: read again, a ``${now:...}`` in
-    ``run_name`` would give a later time than the run was created with."""
+    """Put the MLflow run's own name in its logger's config node: read again, a ``${now:...}``
+    in ``run_name`` would give a later time than the run was created with."""
     logger = attached_loggers(trainer).get("mlflow")
-    key = find_target(config.config, type(logger), prefer="logger.mlflow") if logger else None
-    node = node_at(config.config, key) if key is not None else None
-    if not isinstance(node, dict) or "run_name" not in node:
+    key = find_target(config.config, type(logger), "logger.mlflow") if logger else None
+    node = node_at(config.config, key)
+    if key is None or not isinstance(node, dict) or "run_name" not in node:
         return
     name = logger.experiment.get_run(logger.run_id).info.run_name
     if node["run_name"] != name:
-        config.notes.append(
-            f"{key}.run_name: {node['run_name']!r} when read again; recorded as the run's name {name!r}"
-        )
+        was = f"{key}.run_name: {node['run_name']!r} when read again"
+        config.notes.append(f"{was}; recorded as the run's name {name!r}")
         node["run_name"] = name
 
 
 def _module_hparams(pl_module: pl.LightningModule, trainer: pl.Trainer) -> dict[str, Any]:
     """The hyperparameters Lightning logs itself: the module's and the datamodule's."""
-    out: dict[str, Any] = {}
-    for owner in (pl_module, getattr(trainer, "datamodule", None)):
-        if owner is not None and getattr(owner, "hparams", None):
-            out.update(to_plain(dict(owner.hparams)))
-    return out
+    owners = (pl_module, getattr(trainer, "datamodule", None))
+    return {
+        k: v
+        for o in owners
+        if getattr(o, "hparams", None)
+        for k, v in to_plain(dict(o.hparams)).items()
+    }
 
 
 def _trainer_info(trainer: pl.Trainer) -> dict[str, Any]:

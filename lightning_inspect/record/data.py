@@ -18,51 +18,40 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 def _feed(h: Any, value: Any, depth: int = 0) -> None:
     """Feed ``value`` into hash ``h``: type-tagged, length-prefixed, independent of memory layout."""
-
-    def put(tag: str, payload: bytes = b"") -> None:
-        head = tag.encode()
-        h.update(len(head).to_bytes(4, "little") + head + len(payload).to_bytes(8, "little"))
-        h.update(payload)
-
     items: list[Any] = []
-    if depth > 50:
-        put("deep")
-    elif isinstance(value, torch.Tensor):
+    payload = b""
+    if isinstance(value, torch.Tensor):
         t = value.detach()
         t = (t.to_dense() if t.layout != torch.strided else t).cpu().resolve_conj().resolve_neg()
-        put(
+        tag, payload = (
             f"tensor:{t.dtype}:{tuple(t.shape)}",
-            t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes(),
+            t.contiguous().reshape(-1).view(torch.uint8).numpy(),
         )
-    elif isinstance(value, np.ndarray) and value.dtype == object:
-        put(f"ndarray:object:{value.shape}")
-        items = value.reshape(-1).tolist()
-    elif isinstance(value, (np.ndarray, np.generic)):
-        value = np.asarray(value)
-        put(f"ndarray:{value.dtype.str}:{value.shape}", np.ascontiguousarray(value).tobytes())
-    elif value is None or isinstance(value, (bool, int, float, complex)):
-        put(f"{type(value).__name__}:{value!r}")
-    elif isinstance(value, (str, bytes, bytearray, memoryview)):
-        put(
+    elif isinstance(value, (np.ndarray, np.generic)) and np.asarray(value).dtype != object:
+        array = np.ascontiguousarray(value)
+        tag, payload = f"ndarray:{array.dtype.str}:{array.shape}", array.tobytes()
+    elif isinstance(value, (str, bytes, bytearray)):
+        text = isinstance(value, str)
+        tag, payload = (
             type(value).__name__,
-            value.encode("utf-8", "surrogatepass") if isinstance(value, str) else bytes(value),
+            value.encode("utf-8", "surrogatepass") if text else value,
         )
-    elif isinstance(value, Mapping):
-        put(f"map:{len(value)}")
-        items = [x for key in sorted(value, key=repr) for x in (key, value[key])]
-    elif isinstance(value, (list, tuple, set, frozenset)):
-        put(f"seq:{type(value).__name__}:{len(value)}")
-        items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else list(value)
-    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        put(f"dataclass:{type(value).__qualname__}")
-        items = [x for f in dataclasses.fields(value) for x in (f.name, getattr(value, f.name))]
     elif hasattr(value, "tobytes") and hasattr(value, "mode"):  # a PIL image
-        put(f"image:{value.mode}:{getattr(value, 'size', None)}", value.tobytes())
-    else:
-        put(
-            f"object:{type(value).__module__}.{type(value).__qualname__}",
-            _ADDRESS.sub("", repr(value)).encode(),
-        )
+        tag, payload = f"image:{value.mode}:{getattr(value, 'size', None)}", value.tobytes()
+    elif depth < 50 and isinstance(value, (Mapping, list, tuple, set, frozenset, np.ndarray)):
+        if isinstance(value, Mapping):
+            items = [x for key in sorted(value, key=repr) for x in (key, value[key])]
+        else:
+            items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else list(value)
+        tag = f"{type(value).__name__}:{len(items)}:{getattr(value, 'shape', '')}"
+    elif depth < 50 and dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items = [x for f in dataclasses.fields(value) for x in (f.name, getattr(value, f.name))]
+        tag = f"dataclass:{type(value).__qualname__}"
+    else:  # numbers, None, other objects: their text, without memory addresses
+        tag = f"{type(value).__module__}.{type(value).__qualname__}"
+        payload = _ADDRESS.sub("", repr(value)).encode()
+    head, payload = tag.encode(), bytes(payload)
+    h.update(len(head).to_bytes(4, "little") + head + len(payload).to_bytes(8, "little") + payload)
     for item in items:
         _feed(h, item, depth + 1)
 
