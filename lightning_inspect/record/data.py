@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import random
 import re
 from collections.abc import Iterator, Mapping
@@ -103,40 +104,29 @@ def fingerprint_dataset(dataset: Any, items: int = 32) -> dict[str, Any]:
         >>> fp["size"], fp["items_hashed"], len(fp["hash"])
         (10, 4, 64)
     """
-    size = _size(dataset)
-    kind = type(dataset)
-    out: dict[str, Any] = {"dataset": f"{kind.__module__}.{kind.__qualname__}", "size": size}
-    out.update(items_hashed=0, hash=None, deterministic=None)
-    map_style = hasattr(dataset, "__getitem__") and size is not None
-    map_style = map_style and not isinstance(dataset, torch.utils.data.IterableDataset)
+    size, kind = _size(dataset), type(dataset)
+    out = {"dataset": f"{kind.__module__}.{kind.__qualname__}", "size": size, "items_hashed": 0}
+    out.update(hash=None, deterministic=None)
+    iterable = size is None or isinstance(dataset, torch.utils.data.IterableDataset)
     if items <= 0:
         return out
-    h = hashlib.sha256()
+    if iterable and iter(dataset) is dataset:
+        return {**out, "note": "a one-shot iterator: not read (reading it would consume it)"}
     try:
         with fixed_random_state(0):
-            if map_style:
+            if iterable:
+                sample = list(itertools.islice(dataset, items))
+            else:
                 step = (size - 1) / max(items - 1, 1)
                 indices = range(size) if items >= size else {round(i * step) for i in range(items)}
-                for index in sorted(indices):
-                    _feed(h, index)
-                    _feed(h, dataset[index])
-                out["items_hashed"] = min(items, size)
-            elif iter(dataset) is dataset:
-                out["note"] = "a one-shot iterator: not read (reading it would consume it)"
-                return out
-            else:
-                for count, item in enumerate(dataset, start=1):
-                    _feed(h, item)
-                    out["items_hashed"] = count
-                    if count >= items:
-                        break
-        out["hash"] = h.hexdigest()
-        if map_style and size:
-            twice = []
+                sample = [(i, dataset[i]) for i in sorted(indices)]
+        out.update(items_hashed=len(sample), hash=content_hash(sample))
+        if not iterable and size:
+            twice = set()
             for _ in range(2):
                 with fixed_random_state(0):
-                    twice.append(content_hash(dataset[0]))
-            out["deterministic"] = twice[0] == twice[1]
+                    twice.add(content_hash(dataset[0]))
+            out["deterministic"] = len(twice) == 1
     except Exception as exc:  # a dataset that cannot be read here: say why
         out["hash"], out["note"] = None, f"items could not be read ({type(exc).__name__}: {exc})"
     return out

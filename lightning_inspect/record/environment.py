@@ -1,4 +1,4 @@
-"""The machine and software of a run: ``torch.utils.collect_env`` where it covers it, plus seed,
+"""The machine and software of a run (``torch.utils.collect_env`` where it covers it), the seed,
 peak memory and the environment variables asked for."""
 
 from __future__ import annotations
@@ -21,14 +21,22 @@ from torch.utils import collect_env
 
 from lightning_inspect.record.secrets import MASK, SecretMasker
 
-_DISTRIBUTIONS = ("numpy", "hydra-core", "omegaconf", "tensorboard", "mlflow", "lightning-inspect")
+_VERSIONS = (
+    "lightning",
+    "lightning-inspect",
+    "numpy",
+    "hydra-core",
+    "omegaconf",
+    "tensorboard",
+    "mlflow",
+)
 
 
-def _run(command: str | list[str], timeout: float = 10.0) -> tuple[int, str, str]:
+def _run(command: str | list[str]) -> tuple[int, str, str]:
     """``collect_env``'s command runner, with a timeout."""
     try:
         done = subprocess.run(
-            command, shell=isinstance(command, str), capture_output=True, timeout=timeout
+            command, shell=isinstance(command, str), capture_output=True, timeout=10
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return 1, "", str(exc)
@@ -51,93 +59,59 @@ def seed_info() -> dict[str, Any]:
 
 
 def host_info() -> dict[str, Any]:
-    """Host, OS, CPU model and count, GPU models (``nvidia-smi -L``: CUDA is not initialised).
-
-    Example:
-        >>> sorted(host_info())[:3]
-        ['cpu_count', 'cpu_model', 'gpu_count']
-    """
+    """Host, OS, CPU model and count, GPU models (from ``nvidia-smi``: CUDA is not initialised)."""
     cpu = re.search(r"^Model name:\s*(.+)$", collect_env.get_cpu_info(_run) or "", re.M)
-    gpus = [
-        re.sub(r"^GPU \d+: ", "", g) for g in (collect_env.get_gpu_info(_run) or "").splitlines()
-    ]
-    names = collections.Counter(g.strip() for g in gpus if g.strip())
-    mps = getattr(torch.backends, "mps", None)
-    if not names and mps is not None and mps.is_available():
+    gpus = (collect_env.get_gpu_info(_run) or "").splitlines()
+    names = collections.Counter(re.sub(r"^GPU \d+: ", "", g).strip() for g in gpus if g.strip())
+    if not names and torch.backends.mps.is_available():
         names["Apple MPS"] = 1
+    count = torch.cuda.device_count() if torch.cuda.is_available() else sum(names.values())
     return {
         "hostname": socket.gethostname(),
         "os": collect_env.get_os(_run),
-        "platform": collect_env.get_python_platform(),
         "cpu_model": cpu.group(1).strip() if cpu else platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
-        "gpu_count": torch.cuda.device_count()
-        if torch.cuda.is_available()
-        else sum(names.values()),
+        "gpu_count": count,
         "gpu_model": ", ".join(f"{n} x {g}" if n > 1 else g for g, n in names.items()) or None,
         "nvidia_driver": collect_env.get_nvidia_driver_version(_run),
     }
 
 
 def version_info() -> dict[str, str | None]:
-    """Python, PyTorch, Lightning, CUDA (PyTorch's build) and cuDNN versions, and the tracking stack's.
+    """Python, PyTorch, CUDA (PyTorch's build), cuDNN, Lightning and the tracking stack."""
 
-    Example:
-        >>> version_info()["torch"] == torch.__version__
-        True
-    """
-
-    def dist(name: str) -> str | None:
+    def version(name: str) -> str | None:
         try:
             return importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             return None
 
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": dist("lightning") or dist("pytorch-lightning"),
-        "cuda": torch.version.cuda,
-        "cudnn": None if cudnn is None else str(cudnn),
-        **{name: dist(name) for name in _DISTRIBUTIONS},
-    }
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    versions.update(cuda=torch.version.cuda, cudnn=None if cudnn is None else str(cudnn))
+    return {**versions, **{name: version(name) for name in _VERSIONS}}
 
 
 def installed_packages() -> list[str]:
-    """Every installed distribution as ``name==version`` (``pip list`` through ``collect_env``).
-
-    Example:
-        >>> any(line.startswith("torch==") for line in installed_packages())
-        True
-    """
+    """Every installed distribution as ``name==version`` (``pip list`` through ``collect_env``)."""
     with mock.patch.dict(os.environ):  # collect_env sets PIP_DISABLE_PIP_VERSION_CHECK
-        out = collect_env.get_pip_packages(_run, patterns=[""])[1]
-    if out:
-        return out.splitlines()
-    return sorted(f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions())
+        listed = collect_env.get_pip_packages(_run, patterns=[""])[1]
+    found = (f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions())
+    return listed.splitlines() if listed else sorted(found)  # without pip: from the metadata
 
 
 def peak_memory() -> dict[str, int | None]:
-    """Peak RSS of this process and of its finished children, peak CUDA memory allocated (bytes).
-
-    Example:
-        >>> peak_memory()["peak_rss_bytes"] > 0
-        True
-    """
+    """Peak RSS of this process and of its finished children, peak CUDA memory allocated, bytes."""
     import resource
 
     scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    return {
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale,
-        "peak_rss_children_bytes": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale,
-        "cuda_max_allocated_bytes": max(
-            torch.cuda.max_memory_allocated(i) for i in range(torch.cuda.device_count())
-        )
-        if cuda
-        else None,
+    rss = {
+        f"peak_rss{part}_bytes": resource.getrusage(who).ru_maxrss * scale
+        for part, who in (("", resource.RUSAGE_SELF), ("_children", resource.RUSAGE_CHILDREN))
     }
+    devices = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else ()
+    cuda = max((torch.cuda.max_memory_allocated(i) for i in devices), default=None)
+    return {**rss, "cuda_max_allocated_bytes": cuda}
 
 
 def env_var_values(patterns: Iterable[str], masker: SecretMasker | None = None) -> dict[str, str]:

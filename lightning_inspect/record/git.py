@@ -21,37 +21,27 @@ class GitInfo:
     dirty: bool | None = None
     diff: str = ""
     untracked: tuple[str, ...] = ()
-    root: str | None = None
     notice: str | None = None
 
     def summary(self) -> dict[str, Any]:
         """Everything but the diff, as plain values."""
-        out = dataclasses.asdict(self)
-        del out["diff"]
-        return {**out, "untracked": list(self.untracked)}
+        return {k: list(v) if k == "untracked" else v for k, v in vars(self).items() if k != "diff"}
 
 
-class _GitFailed(Exception):
-    """A git command failed; the message is the notice to record."""
-
-
-def _git(args: list[str], cwd: str, timeout: float) -> str:
+def _git(*args: str, cwd: str, timeout: float) -> str:
+    """``git args`` output; a ``RuntimeError`` whose message is the notice to record."""
     env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}
-    command = f"'git {' '.join(args)}'"
     try:
         done = subprocess.run(
-            ["git", *args], cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True,
-            timeout=timeout, check=False,
-        )  # fmt: skip
+            ["git", *args], cwd=cwd, env=env, capture_output=True, timeout=timeout, check=False
+        )
     except FileNotFoundError as exc:
-        raise _GitFailed("git is not installed (no 'git' executable on PATH)") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise _GitFailed(f"{command} did not finish within {timeout:g} s") from exc
-    except OSError as exc:
-        raise _GitFailed(f"git could not be started ({exc})") from exc
+        raise RuntimeError("git is not installed (no 'git' executable on PATH)") from exc
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RuntimeError(f"'git {args[0]}' failed or took over {timeout:g} s ({exc})") from exc
     if done.returncode != 0:
-        message = done.stderr.decode("utf-8", "replace").strip().splitlines()
-        raise _GitFailed(message[0] if message else f"{command} exited with {done.returncode}")
+        lines = done.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise RuntimeError(lines[0] if lines else f"'git {args[0]}' exited with {done.returncode}")
     return done.stdout.decode("utf-8", "replace")
 
 
@@ -60,54 +50,46 @@ def git_info(
 ) -> GitInfo:
     """The git state of the repository holding ``repo_dir`` (default: the working directory).
 
-    Never raises: what could not be read is in :attr:`GitInfo.notice`. ``dirty``: tracked files
-    differ from the commit; the diff is ``git diff HEAD`` (untracked files are only listed).
+    Never raises: what could not be read is in ``notice``. ``dirty``: tracked files differ from
+    the commit; the diff is ``git diff HEAD`` (untracked files are only listed).
 
     Example:
         >>> import tempfile
-        >>> git_info(tempfile.mkdtemp()).commit is None
+        >>> git_info(tempfile.mkdtemp()).notice.endswith("is not inside a git repository")
         True
     """
-    where = str(Path(repo_dir if repo_dir is not None else os.getcwd()).resolve())
-    if not Path(where).is_dir():
-        return GitInfo(notice=f"{where} is not a directory")
+    where = str(Path(repo_dir or os.getcwd()).resolve())
     try:
-        root = _git(["rev-parse", "--show-toplevel"], where, timeout).strip()
-    except _GitFailed as exc:
-        outside = "not a git repository" in str(exc).lower()
+        status = _git("status", "--porcelain=v2", "--branch", "-z", cwd=where, timeout=timeout)
+    except (RuntimeError, OSError) as exc:
+        outside = "not a git repository" in str(exc).lower() or not Path(where).is_dir()
         return GitInfo(notice=f"{where} is not inside a git repository" if outside else str(exc))
-    try:
-        commit = _git(["rev-parse", "--verify", "HEAD"], root, timeout).strip()
-    except _GitFailed:
-        return GitInfo(root=root, notice=f"the repository at {root} has no commits yet")
-    notices: list[str] = []
-    try:
-        branch = _git(["symbolic-ref", "--short", "-q", "HEAD"], root, timeout).strip() or None
-    except _GitFailed:
+    commit = branch = None
+    dirty, untracked, notices = False, [], []
+    entries = iter(status.split("\0"))
+    for entry in entries:
+        if entry.startswith(("# branch.oid ", "# branch.head ")):
+            value = entry.split(" ", 2)[2]
+            commit, branch = (value, branch) if "oid" in entry else (commit, value)
+        elif entry.startswith("? "):
+            untracked.append(entry[2:])
+        elif entry[:2] in ("1 ", "2 ", "u "):
+            dirty = True
+            if entry[0] == "2":  # a rename or copy: its source path follows
+                next(entries, None)
+    if commit in (None, "(initial)"):
+        return GitInfo(notice=f"the repository at {where} has no commits yet")
+    if branch == "(detached)":
         branch = None
         notices.append("detached HEAD (no branch)")
-    dirty: bool | None = None
-    untracked: list[str] = []
-    try:
-        status = _git(["status", "--porcelain=v1", "-z", "--untracked-files=normal"], root, timeout)
-        dirty, skip = False, False
-        for entry in status.split("\0"):
-            if skip or not entry:
-                skip = False
-            elif entry.startswith("??"):
-                untracked.append(entry[3:])
-            else:
-                dirty, skip = True, entry[0] in "RC"  # a rename/copy is followed by its source
-    except _GitFailed as exc:
-        notices.append(f"status unavailable: {exc}")
     patch = ""
     if diff and dirty:
         try:
-            patch = _git(
-                ["diff", "HEAD", "--no-color", "--no-ext-diff", "--no-textconv"], root, timeout
-            )
-        except _GitFailed as exc:
+            args = ("diff", "HEAD", "--no-color", "--no-ext-diff", "--no-textconv")
+            patch = _git(*args, cwd=where, timeout=timeout)
+        except RuntimeError as exc:
             notices.append(f"diff unavailable: {exc}")
         if len(patch) > MAX_DIFF_CHARS:
-            patch = patch[:MAX_DIFF_CHARS] + f"\n# [diff cut at {MAX_DIFF_CHARS} characters]\n"
-    return GitInfo(commit, branch, dirty, patch, tuple(untracked), root, "; ".join(notices) or None)
+            patch = f"{patch[:MAX_DIFF_CHARS]}\n# [diff cut at {MAX_DIFF_CHARS} characters]\n"
+    notice = "; ".join(notices) or None
+    return GitInfo(commit, branch, dirty, patch, tuple(untracked), notice)
