@@ -25,26 +25,12 @@ from lightning_inspect.backends import EndOfFit, attached_loggers, missing_backe
 from lightning_inspect.backends.mlflow_http import bounded_client
 from lightning_inspect.core.keys import MlflowKeys
 from lightning_inspect.errors import ConfigError
-from lightning_inspect.record.config import (
-    ConfigRecord,
-    config_record,
-    dump_yaml,
-    find_target,
-    flatten,
-    node_at,
-    to_plain,
-)
+from lightning_inspect.record import config as conf
+from lightning_inspect.record import environment as env
+from lightning_inspect.record.config import ConfigRecord
 from lightning_inspect.record.console import ConsoleCapture
 from lightning_inspect.record.construction import HOW_TO_RECORD, construction_record
 from lightning_inspect.record.data import fingerprint_loaders
-from lightning_inspect.record.environment import (
-    env_var_values,
-    host_info,
-    installed_packages,
-    peak_memory,
-    seed_info,
-    version_info,
-)
 from lightning_inspect.record.git import GitInfo, git_info
 from lightning_inspect.record.secrets import SecretMasker
 
@@ -393,7 +379,7 @@ class RunRecord(Callback):
         travels with the callback."""
         state = self.__dict__.copy()
         if self.config is None and self._launch_config is None and self.enabled:
-            launch = self._collect("configuration", config_record, None, self.overrides)
+            launch = self._collect("configuration", conf.config_record, None, self.overrides)
             state["_launch_config"] = launch if launch and launch.source == "hydra" else None
         return state
 
@@ -406,7 +392,7 @@ class RunRecord(Callback):
             self._finish(trainer, "interrupted", None)
         writers = self._writers(trainer)
         config = self._launch_config or self._collect(
-            "configuration", config_record, self.config, self.overrides, trainer.callbacks
+            "configuration", conf.config_record, self.config, self.overrides, trainer.callbacks
         )
         config = config or ConfigRecord(notes=["the configuration could not be read"])
         key = self._model_key(config, pl_module)
@@ -465,8 +451,8 @@ class RunRecord(Callback):
     def _model_key(self, config: ConfigRecord, pl_module: pl.LightningModule) -> str | None:
         """The config key holding the model's ``_target_`` node (checked when given)."""
         if not self.model or self.model_key is None:
-            return find_target(config.config, type(pl_module), "model") if self.model else None
-        node = node_at(config.config, self.model_key)
+            return conf.find_target(config.config, type(pl_module), "model") if self.model else None
+        node = conf.node_at(config.config, self.model_key)
         if not isinstance(node, Mapping) or "_target_" not in node:
             where = (
                 f"the recorded config (top-level keys: {sorted(config.config)})"
@@ -537,7 +523,7 @@ class RunRecord(Callback):
         masker, record, config = self.masker, self.record, fit.config
         command = masker.command([sys.executable, *sys.argv])
         record.update(command=command, cwd=os.getcwd(), time={"start": _iso(fit.start_wall)})
-        record["seed"] = seed_info()
+        record["seed"] = env.seed_info()
         tags: dict[str, Any] = {"start_time": record["time"]["start"], "status": "running"}
         params: dict[str, Any] = {"seed": record["seed"]["seed"]}
         if self.git:
@@ -556,21 +542,25 @@ class RunRecord(Callback):
             git.update(untracked=untracked, notice=info.notice)
             tags.update({f"git/{k}": v for k, v in git.items()})
         record["host"] = host = {
-            **(self._collect("host", host_info) or {}),
+            **(self._collect("host", env.host_info) or {}),
             **_trainer_info(trainer),
         }
-        record["versions"] = versions = self._collect("versions", version_info) or {}
+        record["versions"] = versions = self._collect("versions", env.version_info) or {}
         aliases = {"host": "hostname", "cpu": "cpu_model", "gpu": "gpu_model"}
         for key in ("host", "os", "cpu", "cpu_count", "gpu", "gpu_count", *_TRAINER_KEYS):
             tags[key] = host.get(aliases.get(key, key))
         tags.update({k: versions.get(k) for k in ("python", "torch", "lightning", "cuda", "cudnn")})
         tags["command"] = " ".join(command)
-        lines = self._collect("installed packages", installed_packages) if self.packages else None
+        lines = (
+            self._collect("installed packages", env.installed_packages) if self.packages else None
+        )
         if lines is not None:
             self._write(fit, "packages.txt", "\n".join(lines) + "\n")
         if self.env_vars:
-            env = self._collect("environment variables", env_var_values, self.env_vars, masker)
-            record["env"] = env or {}
+            found = self._collect(
+                "environment variables", env.env_var_values, self.env_vars, masker
+            )
+            record["env"] = found or {}
             tags.update({f"env/{k}": v for k, v in record["env"].items()})
 
         self._collect("MLflow run name", _record_run_name, config, trainer)
@@ -582,19 +572,19 @@ class RunRecord(Callback):
         params.update({f"choices/{k}": v for k, v in config.choices.items()})
         if config.config is not None:
             masked = masker.mask(config.config)
-            self._write(fit, "config.yaml", dump_yaml(masked))
-            params.update(flatten(masked, "config") if self.config_params else {})
+            self._write(fit, "config.yaml", conf.dump_yaml(masked))
+            params.update(conf.flatten(masked, "config") if self.config_params else {})
         if config.source != "none":
-            self._write(fit, "overrides.yaml", dump_yaml(overrides))
+            self._write(fit, "overrides.yaml", conf.dump_yaml(overrides))
         hparams = self._collect("hyperparameters", _module_hparams, pl_module, trainer)
         hparams = masker.mask(hparams or {})
         if hparams:
-            self._write(fit, "hparams.yaml", dump_yaml(hparams))
+            self._write(fit, "hparams.yaml", conf.dump_yaml(hparams))
         if self.model:
             self._construction(fit, "model", pl_module, fit.model_key, self.verify_model, tags)
             datamodule = getattr(trainer, "datamodule", None)
             if datamodule is not None:
-                key = find_target(config.config, type(datamodule), "datamodule")
+                key = conf.find_target(config.config, type(datamodule), "datamodule")
                 self._construction(fit, "datamodule", datamodule, key, False, tags)
 
         tags = {f"{PREFIX}/{k}": v for k, v in tags.items()}
@@ -603,12 +593,12 @@ class RunRecord(Callback):
         # TensorBoard keeps the first HPARAMS entry of a run: this one, written before Lightning's
         # own, carries the module's hyperparameters too.
         shown = {k: v for k, v in tags.items() if "/env/" not in k and not k.endswith("/command")}
-        self._emit(fit, "hparams", {**flatten(hparams), **params, **shown})
-        self._text(fit, "summary", dump_yaml(record), trainer)
+        self._emit(fit, "hparams", {**conf.flatten(hparams), **params, **shown})
+        self._text(fit, "summary", conf.dump_yaml(record), trainer)
         for key, name in _TEXT_FILES.items():
             if name in fit.files:
                 self._text(fit, key, fit.files[name].read_text(encoding="utf-8"), trainer)
-        self._write(fit, "record.yaml", dump_yaml(record))
+        self._write(fit, "record.yaml", conf.dump_yaml(record))
         self._emit(fit, "files", list(fit.files.values()))
         self._emit(fit, "flush")
 
@@ -621,7 +611,7 @@ class RunRecord(Callback):
     def _construction(
         self, fit: _Fit, what: str, obj: Any, key: str | None, verify: bool, tags: dict[str, Any]
     ) -> None:
-        node = node_at(fit.config.config, key) if key else None
+        node = conf.node_at(fit.config.config, key) if key else None
         args = (obj, node, key or what, verify)
         found = self._collect(f"{what} construction", construction_record, *args)
         if found is None:
@@ -659,8 +649,8 @@ class RunRecord(Callback):
         fields = ("size", "batches", "batch_size", "hash")
         params = {f"{PREFIX}/data/{n}/{f}": e.get(f) for n, e in data.items() for f in fields}
         self._params(fit, {k: v for k, v in params.items() if v is not None})
-        self._text(fit, "data", dump_yaml(data), trainer)
-        self._write(fit, "record.yaml", dump_yaml(self.record))
+        self._text(fit, "data", conf.dump_yaml(data), trainer)
+        self._write(fit, "record.yaml", conf.dump_yaml(self.record))
         self._emit(fit, "flush")
 
     def _finish(self, trainer: pl.Trainer, status: str, exception: BaseException | None) -> None:
@@ -689,7 +679,7 @@ class RunRecord(Callback):
         times.update(end=_iso(time.time()), duration_s=round(now - fit.start_perf, 3))
         times.update(train_duration_s=round(train_s, 3), steps=steps)
         times["steps_per_s"] = round(steps / train_s, 4) if train_s > 0 and steps else None
-        record["memory"] = memory = self._collect("peak memory", peak_memory) or {}
+        record["memory"] = memory = self._collect("peak memory", env.peak_memory) or {}
         record["status"] = status
         if exception is not None:
             first = (str(exception).splitlines() or [""])[0]
@@ -701,10 +691,10 @@ class RunRecord(Callback):
         metrics = {f"{PREFIX}/{k}": v for k, v in metrics.items()}
         self._emit(fit, "metrics", metrics, trainer.global_step)
         result = {k: record.get(k) for k in ("status", "error", "time", "memory")}
-        self._text(fit, "result", dump_yaml(result), trainer)
+        self._text(fit, "result", conf.dump_yaml(result), trainer)
 
     def _upload_end(self, fit: _Fit) -> None:
-        self._write(fit, "record.yaml", dump_yaml(self.record))
+        self._write(fit, "record.yaml", conf.dump_yaml(self.record))
         files = [fit.files[n] for n in ("record.yaml", "output.log") if n in fit.files]
         self._emit(fit, "files", files)
         self._emit(fit, "flush")
@@ -734,8 +724,8 @@ def _record_run_name(config: ConfigRecord, trainer: pl.Trainer) -> None:
     """Put the MLflow run's own name in its logger's config node: read again, a ``${now:...}``
     in ``run_name`` would give a later time than the run was created with."""
     logger = attached_loggers(trainer).get("mlflow")
-    key = find_target(config.config, type(logger), "logger.mlflow") if logger else None
-    node = node_at(config.config, key)
+    key = conf.find_target(config.config, type(logger), "logger.mlflow") if logger else None
+    node = conf.node_at(config.config, key)
     if key is None or not isinstance(node, dict) or "run_name" not in node:
         return
     name = logger.experiment.get_run(logger.run_id).info.run_name
@@ -752,7 +742,7 @@ def _module_hparams(pl_module: pl.LightningModule, trainer: pl.Trainer) -> dict[
         k: v
         for o in owners
         if getattr(o, "hparams", None)
-        for k, v in to_plain(dict(o.hparams)).items()
+        for k, v in conf.to_plain(dict(o.hparams)).items()
     }
 
 
