@@ -86,7 +86,8 @@ def version_info() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             return None
 
-    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    # cudnn.version() initialises CUDA: read it only where CUDA is in use already
+    cudnn = torch.backends.cudnn.version() if torch.cuda.is_initialized() else None
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     versions.update(cuda=torch.version.cuda, cudnn=None if cudnn is None else str(cudnn))
     return {**versions, **{name: version(name) for name in _VERSIONS}}
