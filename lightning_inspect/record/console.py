@@ -20,6 +20,10 @@ class _Tee:
         self._capture.collect(self, text)
         return written if isinstance(written, int) else len(text)
 
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
     def __getattr__(self, name: str) -> Any:  # flush, isatty, fileno, encoding...
         return getattr(self._original, name)
 

@@ -9,7 +9,7 @@ import importlib
 import importlib.util
 import inspect
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn, TypeVar
 
 import torch
@@ -182,7 +182,11 @@ def _record(value: Any, path: str, notes: list[str]) -> Any:
     """``value`` as a Hydra config node; objects from an explicit source, else a placeholder."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+    if (
+        isinstance(value, Sequence)
+        and not isinstance(value, (str, bytes))
+        and not hasattr(value, "_fields")
+    ):
         return [_record(v, f"{path}.{i}", notes) for i, v in enumerate(value)]
     node = _tensor_placeholder(value)
     if isinstance(value, Mapping):
