@@ -275,27 +275,21 @@ def rebuild_mismatch(config: Mapping[str, Any], original: nn.Module) -> str | No
         return f"it builds a {type(rebuilt).__qualname__}, not a {type(original).__qualname__}"
 
     def layout(model: nn.Module) -> dict[str, Any]:
-        modules = {
-            f"module {normalise_name(n) or '<root>'!r}": type(m).__qualname__
-            for n, m in model.named_modules()
-        }
+        modules = (
+            (normalise_name(n) or "<root>", type(m).__qualname__) for n, m in model.named_modules()
+        )
         tensors = [*model.named_parameters(), *model.named_buffers()]
+        shapes = ((normalise_name(n), tuple(t.shape)) for n, t in tensors)
         return {
-            **modules,
-            **{f"shape of {normalise_name(n)!r}": tuple(t.shape) for n, t in tensors},
+            **{f"module {n!r}": v for n, v in modules},
+            **{f"shape of {n!r}": v for n, v in shapes},
         }
 
     want, got = layout(original), layout(rebuilt)
-    problems = [
-        f"{k}: {want.get(k)} vs rebuilt {got.get(k)}"
-        for k in {**want, **got}
-        if want.get(k) != got.get(k)
-    ]
-    return (
-        "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else "")
-        if problems
-        else None
-    )
+    differ = [k for k in {**want, **got} if want.get(k) != got.get(k)]
+    problems = [f"{k}: {want.get(k)} vs rebuilt {got.get(k)}" for k in differ]
+    more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+    return "; ".join(problems[:5]) + more if problems else None
 
 
 def construction_record(
