@@ -45,11 +45,11 @@ class ConsoleCapture:
 
     def __init__(self, path: Path) -> None:
         self.path, self._lock = path, threading.Lock()
-        self._file = path.open("w", encoding="utf-8", errors="replace")
         self._patched: list[tuple[Any, str, Any, _Tee]] = []  # (owner, attribute, original, tee)
 
     def start(self) -> ConsoleCapture:
         """Replace the streams; on a failure, restore what was replaced and raise."""
+        self._file = self.path.open("w", encoding="utf-8", errors="replace")
         try:
             tees = {}
             for name in ("stdout", "stderr"):
