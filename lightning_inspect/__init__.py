@@ -28,8 +28,7 @@ from lightning_inspect.monitors.weights import WeightMonitor
 from lightning_inspect.overview import OverviewPage
 from lightning_inspect.probes.context import ProbeContext, current_context, enabled, probe, probing
 from lightning_inspect.probes.switch import ProbeSwitch
-from lightning_inspect.record.callback import RunRecord
-from lightning_inspect.record.parts import RecordInit, construction_record, record_init
+from lightning_inspect.record import RecordInit, RunRecord, construction_record, record_init
 from lightning_inspect.shapes.tracer import ShapeTracer
 
 __version__ = "0.1.0"

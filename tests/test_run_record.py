@@ -1,4 +1,4 @@
-"""Tests for lightning_inspect.record.parts and the RunRecord callback (CPU, tiny models)."""
+"""Tests for lightning_inspect.record and the RunRecord callback (CPU, tiny models)."""
 
 from __future__ import annotations
 
@@ -22,21 +22,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_inspect.errors import BackendError, ConfigError
-from lightning_inspect.record.callback import RunRecord
-from lightning_inspect.record.parts import (
-    MASK,
-    UNRECORDED_TARGET,
-    SecretMasker,
-    construction_record,
-    content_hash,
-    env_var_values,
-    fingerprint_dataset,
-    fingerprint_loaders,
-    git_info,
-    record_init,
-    recorded_init_args,
-    seed_info,
-)
+from lightning_inspect.record import RunRecord, construction_record, record_init
+from lightning_inspect.record.construction import UNRECORDED_TARGET, recorded_init_args
+from lightning_inspect.record.data import content_hash, fingerprint_dataset, fingerprint_loaders
+from lightning_inspect.record.environment import env_var_values, seed_info
+from lightning_inspect.record.git import git_info
+from lightning_inspect.record.secrets import MASK, SecretMasker
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORD_YAML = ROOT / "lightning_inspect" / "conf" / "inspect" / "record.yaml"
@@ -440,8 +431,7 @@ def test_construction_record_placeholders_and_copies() -> None:
         record = construction_record(Embed(torch.randn(10, 10)), verify=False)
         placeholder = record.config["weights"]
         assert (
-            placeholder["_target_"] == "lightning_inspect.record.parts.unrecorded"
-            and placeholder["type"] == "torch.Tensor"
+            placeholder["_target_"] == UNRECORDED_TARGET and placeholder["type"] == "torch.Tensor"
         )
         assert "shape (10, 10)" in placeholder["reason"] and any(
             "weights" in n for n in record.notes
@@ -459,10 +449,7 @@ def test_construction_record_placeholders_and_copies() -> None:
         "activation": nn.Tanh,
     }
     assert recorded_init_args(pickle.loads(pickle.dumps(head))).arguments["classes"] == 3
-    assert (
-        construction_record(Local(3), verify=False).config["_target_"]
-        == "lightning_inspect.record.parts.unrecorded"
-    )
+    assert construction_record(Local(3), verify=False).config["_target_"] == UNRECORDED_TARGET
 
 
 def test_bad_arguments_name_the_argument_and_the_allowed_values(tmp_path: Path) -> None:

@@ -1,0 +1,336 @@
+"""Construction records: a Hydra config that rebuilds an object, from explicit sources only:
+:func:`record_init`, the Hydra ``_target_`` node, ``save_hyperparameters``. Nothing is guessed."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import importlib.util
+import inspect
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, NoReturn, TypeVar
+
+import torch
+from torch import nn
+
+from lightning_inspect.core.selection import normalise_name
+from lightning_inspect.errors import ConfigError
+from lightning_inspect.record.config import dump_yaml, to_plain
+from lightning_inspect.record.data import fixed_random_state
+
+T = TypeVar("T")
+#: The ``_target_`` of a placeholder for an argument that could not be recorded.
+UNRECORDED_TARGET = "lightning_inspect.record.unrecorded"
+#: How to give an object an explicit construction record.
+HOW_TO_RECORD = (
+    "decorate its class with lightning_inspect.record_init, build it from a Hydra _target_ config, "
+    "or call save_hyperparameters() in its __init__"
+)
+_INIT_ATTR = "_lightning_inspect_init_args"
+
+
+def unrecorded(type: str = "?", reason: str = "", **_: Any) -> NoReturn:
+    """Target of a placeholder: building it fails, saying which argument to supply and why.
+
+    Example:
+        >>> unrecorded(type="torch.Tensor", reason="a large tensor")
+        Traceback (most recent call last):
+        ...
+        lightning_inspect.errors.ConfigError: a construction record holds a placeholder for a torch.Tensor argument (a large tensor); supply this argument yourself, e.g. instantiate(record, <argument>=value) or by editing the record.
+    """
+    raise ConfigError(
+        f"a construction record holds a placeholder for a {type} argument ({reason}); supply this "
+        "argument yourself, e.g. instantiate(record, <argument>=value) or by editing the record."
+    )
+
+
+def _placeholder(type_name: str, reason: str) -> dict[str, Any]:
+    return {"_target_": UNRECORDED_TARGET, "type": type_name, "reason": reason}
+
+
+def _tensor_placeholder(value: Any) -> dict[str, Any] | None:
+    """Tensors and arrays are described, never recorded (nor kept alive by a record)."""
+    if not isinstance(value, torch.Tensor) and type(value).__name__ != "ndarray":
+        return None
+    what = "a tensor" if isinstance(value, torch.Tensor) else "an array"
+    why = f"{what} of shape {tuple(value.shape)} ({value.dtype}); its values are not recorded"
+    return _placeholder(f"{type(value).__module__}.{type(value).__name__}", why)
+
+
+@dataclasses.dataclass(frozen=True)
+class _InitArgs:
+    cls: type
+    params: tuple[inspect.Parameter, ...]
+    arguments: dict[str, Any]
+
+
+def record_init(cls: type[T]) -> type[T]:
+    """Class decorator: every instance remembers the arguments it was constructed with.
+
+    They are bound to ``__init__``'s signature (defaults filled in) in ``__new__``, so
+    ``__init__``, ``save_hyperparameters``, copies, pickling and subclasses are unchanged.
+
+    Example:
+        >>> @record_init
+        ... class Block(nn.Module):
+        ...     def __init__(self, width: int, act: type[nn.Module] = nn.ReLU) -> None:
+        ...         super().__init__()
+        ...         self.net = nn.Sequential(nn.Linear(width, width), act())
+        >>> recorded_init_args(Block(4)).arguments
+        {'width': 4, 'act': <class 'torch.nn.modules.activation.ReLU'>}
+    """
+    if not isinstance(cls, type):
+        raise ConfigError(f"record_init({cls!r}): expected a class to decorate.")
+    own_new = cls.__dict__.get("__new__")
+    own_new = getattr(own_new, "__func__", own_new)
+
+    def __new__(subcls: type, *args: Any, **kwargs: Any) -> Any:
+        parent_new = own_new or super(cls, subcls).__new__  # type: ignore[misc]
+        plain = parent_new is object.__new__
+        obj = parent_new(subcls) if plain else parent_new(subcls, *args, **kwargs)
+        holder = getattr(obj, "__dict__", None)
+        try:  # copy and pickle call __new__ without the arguments: nothing to bind
+            signature = inspect.signature(subcls.__init__)  # type: ignore[misc]
+            bound = signature.bind(None, *args, **kwargs)
+        except (TypeError, ValueError):
+            return obj
+        if holder is not None and _INIT_ATTR not in holder:
+            bound.apply_defaults()
+            params = tuple(signature.parameters.values())[1:]
+            kept = {p.name: bound.arguments[p.name] for p in params}
+            kept = {k: _tensor_placeholder(v) or v for k, v in kept.items()}
+            holder[_INIT_ATTR] = _InitArgs(subcls, params, kept)
+        return obj
+
+    cls.__new__ = staticmethod(__new__)  # type: ignore[assignment]
+    return cls
+
+
+@record_init
+class RecordInit:
+    """Mixin: like :func:`record_init` for the class and all its subclasses.
+
+    Example:
+        >>> class Head(RecordInit, nn.Module):
+        ...     def __init__(self, features: int, classes: int) -> None:
+        ...         super().__init__()
+        ...         self.fc = nn.Linear(features, classes)
+        >>> recorded_init_args(Head(8, 3)).arguments
+        {'features': 8, 'classes': 3}
+    """
+
+
+def recorded_init_args(obj: Any) -> _InitArgs | None:
+    """What :func:`record_init` remembered for ``obj``, if it was for ``obj``'s own class."""
+    stored = getattr(obj, "__dict__", {}).get(_INIT_ATTR)
+    return stored if isinstance(stored, _InitArgs) and stored.cls is type(obj) else None
+
+
+def _saved_hparams(obj: Any) -> dict[str, Any] | None:
+    """``save_hyperparameters`` values of a LightningModule / LightningDataModule, if any."""
+    hparams = getattr(obj, "hparams", None) if "_hparams" in getattr(obj, "__dict__", {}) else None
+    return dict(hparams) if isinstance(hparams, Mapping) and hparams else None
+
+
+@dataclasses.dataclass
+class ConstructionRecord:
+    """How an object was built: ``hydra.utils.instantiate(record.config)`` builds an equivalent one.
+
+    ``source``: ``"record_init"``, ``"hydra config at <key>"``, ``"hparams"`` or ``"none"`` (a
+    placeholder); ``notes``: arguments defaulted or not recorded, failed rebuild checks;
+    ``verified``: whether a rebuild on the meta device had the same modules and shapes.
+    """
+
+    config: dict[str, Any]
+    source: str
+    notes: list[str] = dataclasses.field(default_factory=list)
+    verified: bool | None = None
+
+    def to_yaml(self, title: str = "model") -> str:
+        """The config as YAML, with the source, the check and the notes as comments on top."""
+        checked = {True: "yes, same modules and parameter shapes", False: "NO (see notes)"}
+        return "\n".join(
+            [
+                f"# Construction record of the {title}: hydra.utils.instantiate(yaml.safe_load(<this file>))",
+                "# builds an equivalent object; load the trained weights with load_state_dict.",
+                f"# Source of the arguments: {self.source}.",
+                f"# Rebuild checked: {checked.get(self.verified, 'no')}.",  # type: ignore[arg-type]
+                *(f"# Note: {note}" for note in self.notes),
+                dump_yaml(self.config),
+            ]
+        )
+
+
+def _name(obj: Any) -> str:
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _path(obj: Any) -> str | None:
+    """A dotted path at which ``obj`` (a class or function) can be found again, or ``None``."""
+    module, name = getattr(obj, "__module__", None), getattr(obj, "__qualname__", "")
+    try:
+        found = functools.reduce(getattr, name.split("."), importlib.import_module(module))
+    except Exception:  # defined inside a function, or not importable
+        return None
+    return f"{module}.{name}" if found is obj else None
+
+
+def _record(value: Any, path: str, notes: list[str]) -> Any:
+    """``value`` as a Hydra config node; objects from an explicit source, else a placeholder."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if (
+        isinstance(value, Sequence)
+        and not isinstance(value, (str, bytes))
+        and not hasattr(value, "_fields")
+    ):
+        return [_record(v, f"{path}.{i}", notes) for i, v in enumerate(value)]
+    node = _tensor_placeholder(value)
+    if isinstance(value, Mapping):
+        if value.get("_target_") != UNRECORDED_TARGET:
+            return {str(k): _record(v, f"{path}.{k}", notes) for k, v in value.items()}
+        node = dict(value)  # a placeholder made when the arguments were taken
+    named = isinstance(value, type) or inspect.isroutine(value)
+    target = _path(value if named else type(value))
+    recorded = recorded_init_args(value)
+    if node is None and target is None:
+        node = _placeholder(_name(value), "defined inside a function or not importable by name")
+    elif node is None and named:
+        return {"_target_": "hydra.utils.get_object", "path": target}
+    elif node is None and recorded is not None:
+        return _call(target, recorded.params, recorded.arguments, path, notes)
+    elif node is None and _saved_hparams(value) is not None:
+        return _from_hparams(value, target, path, notes)
+    elif node is None:
+        why = f"its constructor arguments were not recorded: {HOW_TO_RECORD}"
+        node = _placeholder(_name(value), why)
+    notes.append(f"{path}: not recorded ({node['type']}: {node['reason']})")
+    return node
+
+
+def _from_hparams(obj: Any, target: str | None, path: str, notes: list[str]) -> dict[str, Any]:
+    """Arguments from ``save_hyperparameters``; placeholders for those left out without a default."""
+    saved = _saved_hparams(obj) or {}
+    params = tuple(inspect.signature(type(obj).__init__).parameters.values())[1:]
+    by_name = {p.name: p for p in params}
+    whole = getattr(obj, "_hparams_name", None)  # save_hyperparameters(config): one mapping
+    if whole in by_name and by_name[whole].kind is not inspect.Parameter.VAR_KEYWORD:
+        return _call(target, params, {whole: saved}, path, notes)
+    any_kwargs = any(p.kind is p.VAR_KEYWORD for p in params)
+    arguments = {k: v for k, v in saved.items() if k in by_name or any_kwargs}
+    for p in params:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name in arguments:
+            continue
+        if p.default is p.empty:
+            why = f"argument {p.name!r} is not in the saved hyperparameters; {HOW_TO_RECORD}"
+            arguments[p.name] = _placeholder("?", why)
+        else:
+            default = f"its default ({p.default!r}) is used"
+            notes.append(f"{path}.{p.name}: not in the saved hyperparameters; {default}")
+    return _call(target, params, arguments, path, notes)
+
+
+def _call(
+    target: str | None,
+    params: tuple[inspect.Parameter, ...],
+    arguments: Mapping[str, Any],
+    path: str,
+    notes: list[str],
+) -> dict[str, Any]:
+    """``{"_target_": target, "_args_": [...], **kwargs}`` from arguments bound to ``params``."""
+    out: dict[str, Any] = {"_target_": target}
+    kinds = {p.name: p.kind for p in params}
+    for name, value in arguments.items():
+        kind = kinds.get(name)
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            out.update({str(k): _record(v, f"{path}.{k}", notes) for k, v in value.items()})
+        elif kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.VAR_POSITIONAL):
+            items = value if kind is inspect.Parameter.VAR_POSITIONAL else [value]
+            out.setdefault("_args_", []).extend(_record(v, f"{path}.{name}", notes) for v in items)
+        else:
+            out[name] = _record(value, f"{path}.{name}", notes)
+    return out
+
+
+def rebuild_mismatch(config: Mapping[str, Any], original: nn.Module) -> str | None:
+    """``None`` when ``hydra.utils.instantiate(config)``, built on the meta device (random state
+    restored), has ``original``'s modules and shapes; else what differs.
+
+    Example:
+        >>> rebuild_mismatch({"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 3}, nn.Linear(2, 3)) is None
+        True
+    """
+    from hydra.utils import instantiate
+
+    try:
+        with fixed_random_state(0), torch.device("meta"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the constructors' own advice is noise here
+            rebuilt = instantiate(dict(config))
+    except Exception as exc:
+        return f"building it failed ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]})"
+    if type(rebuilt) is not type(original):
+        return f"it builds a {type(rebuilt).__qualname__}, not a {type(original).__qualname__}"
+
+    def layout(model: nn.Module) -> dict[str, Any]:
+        modules = (
+            (normalise_name(n) or "<root>", type(m).__qualname__) for n, m in model.named_modules()
+        )
+        tensors = [*model.named_parameters(), *model.named_buffers()]
+        shapes = ((normalise_name(n), tuple(t.shape)) for n, t in tensors)
+        return {
+            **{f"module {n!r}": v for n, v in modules},
+            **{f"shape of {n!r}": v for n, v in shapes},
+        }
+
+    want, got = layout(original), layout(rebuilt)
+    differ = [k for k in {**want, **got} if want.get(k) != got.get(k)]
+    problems = [f"{k}: {want.get(k)} vs rebuilt {got.get(k)}" for k in differ]
+    more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+    return "; ".join(problems[:5]) + more if problems else None
+
+
+def construction_record(
+    obj: Any,
+    hydra_node: Mapping[str, Any] | None = None,
+    hydra_key: str = "model",
+    verify: bool = True,
+) -> ConstructionRecord:
+    """A Hydra-instantiable config that builds an object equivalent to ``obj``.
+
+    Candidates, in order: the arguments remembered by :func:`record_init`; ``hydra_node`` (the
+    ``_target_`` node at ``hydra_key``); ``save_hyperparameters``. Object arguments get their own
+    records from the same sources; what has none becomes a placeholder (``_target_:
+    lightning_inspect.record.unrecorded``) that fails clearly when built. With ``verify`` (and a
+    module), the first candidate that rebuilds the same modules and shapes is taken.
+
+    Example:
+        >>> node = {"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 4}
+        >>> record = construction_record(nn.Linear(2, 4), node)
+        >>> record.source, record.verified
+        ("hydra config at 'model'", True)
+        >>> construction_record(nn.Linear(2, 4)).source
+        'none'
+    """
+    notes: list[str] = []
+    config = {**_record(obj, hydra_key or "model", notes), "_convert_": "all"}
+    source = "none" if config["_target_"] == UNRECORDED_TARGET else "hparams"
+    source = "record_init" if recorded_init_args(obj) is not None else source
+    own = (config, source, notes)
+    candidates = [own] if source == "record_init" else []
+    if hydra_node is not None:
+        candidates.append((to_plain(hydra_node), f"hydra config at {hydra_key!r}", []))
+    candidates += [own] if source == "hparams" else []
+    hydra = importlib.util.find_spec("hydra") is not None
+    if not candidates or not verify or not hydra or not isinstance(obj, nn.Module):
+        return ConstructionRecord(*(candidates or [own])[0])
+    failures = []
+    for config, source, found in candidates:
+        problem = rebuild_mismatch(config, obj)
+        if problem is None:
+            return ConstructionRecord(config, source, list(found), True)
+        failures.append(f"rebuild check failed from {source}: {problem}")
+    config, source, found = candidates[0]
+    return ConstructionRecord(config, source, [*found, *failures], False)

@@ -1,0 +1,170 @@
+"""A fingerprint of the training data: sizes and a content hash of items spread over each dataset."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import random
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+def _feed(h: Any, value: Any, depth: int = 0) -> None:
+    """Feed ``value`` into hash ``h``: type-tagged, length-prefixed, independent of memory layout."""
+    items: list[Any] = []
+    payload = b""
+    if isinstance(value, torch.Tensor):
+        t = value.detach()
+        t = (t.to_dense() if t.layout != torch.strided else t).cpu().resolve_conj().resolve_neg()
+        tag, payload = (
+            f"tensor:{t.dtype}:{tuple(t.shape)}",
+            t.contiguous().reshape(-1).view(torch.uint8).numpy(),
+        )
+    elif isinstance(value, (np.ndarray, np.generic)) and np.asarray(value).dtype != object:
+        array = np.ascontiguousarray(value)
+        tag, payload = f"ndarray:{array.dtype.str}:{array.shape}", array.tobytes()
+    elif isinstance(value, (str, bytes, bytearray)):
+        text = isinstance(value, str)
+        tag, payload = (
+            type(value).__name__,
+            value.encode("utf-8", "surrogatepass") if text else value,
+        )
+    elif hasattr(value, "tobytes") and hasattr(value, "mode"):  # a PIL image
+        tag, payload = f"image:{value.mode}:{getattr(value, 'size', None)}", value.tobytes()
+    elif depth < 50 and isinstance(value, (Mapping, list, tuple, set, frozenset, np.ndarray)):
+        if isinstance(value, Mapping):
+            items = [x for key in sorted(value, key=repr) for x in (key, value[key])]
+        else:
+            items = sorted(value, key=repr) if isinstance(value, (set, frozenset)) else list(value)
+        tag = f"{type(value).__name__}:{len(items)}:{getattr(value, 'shape', '')}"
+    elif depth < 50 and dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items = [x for f in dataclasses.fields(value) for x in (f.name, getattr(value, f.name))]
+        tag = f"dataclass:{type(value).__qualname__}"
+    else:  # numbers, None, other objects: their text, without memory addresses
+        tag = f"{type(value).__module__}.{type(value).__qualname__}"
+        payload = _ADDRESS.sub("", repr(value)).encode()
+    head, payload = tag.encode(), bytes(payload)
+    h.update(len(head).to_bytes(4, "little") + head + len(payload).to_bytes(8, "little") + payload)
+    for item in items:
+        _feed(h, item, depth + 1)
+
+
+def content_hash(value: Any) -> str:
+    """A SHA-256 of ``value``'s content, the same whatever the memory layout, device or machine.
+
+    Example:
+        >>> a = torch.arange(6.0).reshape(2, 3)
+        >>> content_hash({"x": a.t().contiguous().t()}) == content_hash({"x": a})
+        True
+    """
+    h = hashlib.sha256()
+    _feed(h, value)
+    return h.hexdigest()
+
+
+@contextmanager
+def fixed_random_state(seed: int = 0) -> Iterator[None]:
+    """Python, NumPy and PyTorch (CPU) seeded with ``seed`` inside; their states restored after."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+def _size(obj: Any) -> int | None:
+    try:
+        return len(obj)
+    except Exception:
+        return None
+
+
+def fingerprint_dataset(dataset: Any, items: int = 32) -> dict[str, Any]:
+    """Size and content hash of ``items`` items spread evenly over ``dataset`` (0: size only).
+
+    An iterable dataset gives its first items. Items are read with every generator seeded to 0
+    (restored after); ``deterministic`` is ``False`` when the first item differs when read twice.
+
+    Example:
+        >>> from torch.utils.data import TensorDataset
+        >>> fp = fingerprint_dataset(TensorDataset(torch.arange(10.0)), items=4)
+        >>> fp["size"], fp["items_hashed"], len(fp["hash"])
+        (10, 4, 64)
+    """
+    size, kind = _size(dataset), type(dataset)
+    out = {"dataset": f"{kind.__module__}.{kind.__qualname__}", "size": size, "items_hashed": 0}
+    out.update(hash=None, deterministic=None)
+    iterable = size is None or isinstance(dataset, torch.utils.data.IterableDataset)
+    if items <= 0:
+        return out
+    if iterable and iter(dataset) is dataset:
+        return {**out, "note": "a one-shot iterator: not read (reading it would consume it)"}
+    try:
+        with fixed_random_state(0):
+            if iterable:
+                sample = list(itertools.islice(dataset, items))
+            else:
+                step = (size - 1) / max(items - 1, 1)
+                indices = range(size) if items >= size else {round(i * step) for i in range(items)}
+                sample = [(i, dataset[i]) for i in sorted(indices)]
+        out.update(items_hashed=len(sample), hash=content_hash(sample))
+        if not iterable and size:
+            twice = set()
+            for _ in range(2):
+                with fixed_random_state(0):
+                    twice.add(content_hash(dataset[0]))
+            out["deterministic"] = len(twice) == 1
+    except Exception as exc:  # a dataset that cannot be read here: say why
+        out["hash"], out["note"] = None, f"items could not be read ({type(exc).__name__}: {exc})"
+    return out
+
+
+def _named_loaders(obj: Any, prefix: str) -> list[tuple[str, Any]]:
+    if hasattr(obj, "iterables") and not isinstance(obj, torch.utils.data.DataLoader):
+        return _named_loaders(obj.iterables, prefix)  # a CombinedLoader
+    if isinstance(obj, (list, tuple)) and len(obj) == 1:
+        return _named_loaders(obj[0], prefix)
+    if isinstance(obj, (Mapping, list, tuple)):
+        pairs = obj.items() if isinstance(obj, Mapping) else enumerate(obj)
+        return [pair for k, v in pairs for pair in _named_loaders(v, f"{prefix}/{k}")]
+    return [] if obj is None else [(prefix, obj)]
+
+
+def fingerprint_loaders(loaders: Mapping[str, Any], items: int = 32) -> dict[str, dict[str, Any]]:
+    """One fingerprint per loader (``{"train": {...}, "val/0": {...}}``) and an ``"all"`` hash.
+
+    ``loaders`` maps a stage to what the Trainer holds (a DataLoader, a list or dict of them, a
+    CombinedLoader). Each entry: batches, batch size and :func:`fingerprint_dataset`.
+
+    Example:
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> fp = fingerprint_loaders({"train": DataLoader(TensorDataset(torch.zeros(8, 2)), batch_size=4)}, items=2)
+        >>> fp["train"]["batches"], fp["train"]["size"]
+        (2, 8)
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for stage, obj in loaders.items():
+        for name, loader in _named_loaders(obj, stage):
+            dataset = getattr(loader, "dataset", None)
+            batch_size = getattr(loader, "batch_size", None)
+            if batch_size is None:
+                batch_size = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+            entry = fingerprint_dataset(loader if dataset is None else dataset, items)
+            out[name] = {"batches": _size(loader), "batch_size": batch_size, **entry}
+    if out:
+        hashes = "\n".join(f"{k}:{v.get('hash')}:{v.get('size')}" for k, v in sorted(out.items()))
+        out["all"] = {"hash": hashlib.sha256(hashes.encode()).hexdigest()}
+    return out

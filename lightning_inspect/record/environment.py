@@ -1,0 +1,131 @@
+"""The machine and software of a run (``torch.utils.collect_env`` where it covers it), the seed,
+peak memory and the environment variables asked for."""
+
+from __future__ import annotations
+
+import collections
+import fnmatch
+import importlib.metadata
+import os
+import platform
+import re
+import socket
+import subprocess
+import sys
+from collections.abc import Iterable
+from typing import Any
+from unittest import mock
+
+import torch
+from torch.utils import collect_env
+
+from lightning_inspect.record.secrets import MASK, SecretMasker
+
+_VERSIONS = (
+    "lightning",
+    "lightning-inspect",
+    "numpy",
+    "hydra-core",
+    "omegaconf",
+    "tensorboard",
+    "mlflow",
+)
+
+
+def _run(command: str | list[str]) -> tuple[int, str, str]:
+    """``collect_env``'s command runner, with a timeout."""
+    try:
+        done = subprocess.run(
+            command, shell=isinstance(command, str), capture_output=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return 1, "", str(exc)
+    out, err = (b.decode("utf-8", "replace").strip() for b in (done.stdout, done.stderr))
+    return done.returncode, out, err
+
+
+def seed_info() -> dict[str, Any]:
+    """The seed given to Lightning's ``seed_everything`` (``PL_GLOBAL_SEED``), or ``None``.
+
+    Example:
+        >>> import lightning as L
+        >>> _ = L.seed_everything(7, verbose=False)
+        >>> seed_info()["seed"]
+        7
+    """
+    raw, workers = os.environ.get("PL_GLOBAL_SEED"), os.environ.get("PL_SEED_WORKERS")
+    seed = int(raw) if raw is not None and raw.lstrip("-").isdigit() else raw
+    return {"seed": seed, "seed_workers": None if workers is None else workers == "1"}
+
+
+def host_info() -> dict[str, Any]:
+    """Host, OS, CPU model and count, GPU models (from ``nvidia-smi``: CUDA is not initialised)."""
+    cpu = re.search(r"^Model name:\s*(.+)$", collect_env.get_cpu_info(_run) or "", re.M)
+    gpus = (collect_env.get_gpu_info(_run) or "").splitlines()
+    names = collections.Counter(re.sub(r"^GPU \d+: ", "", g).strip() for g in gpus if g.strip())
+    if not names and torch.backends.mps.is_available():
+        names["Apple MPS"] = 1
+    count = torch.cuda.device_count() if torch.cuda.is_available() else sum(names.values())
+    return {
+        "hostname": socket.gethostname(),
+        "os": collect_env.get_os(_run),
+        "cpu_model": cpu.group(1).strip() if cpu else platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "gpu_count": count,
+        "gpu_model": ", ".join(f"{n} x {g}" if n > 1 else g for g, n in names.items()) or None,
+        "nvidia_driver": collect_env.get_nvidia_driver_version(_run),
+    }
+
+
+def version_info() -> dict[str, str | None]:
+    """Python, PyTorch, CUDA (PyTorch's build), cuDNN, Lightning and the tracking stack."""
+
+    def version(name: str) -> str | None:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    # cudnn.version() initialises CUDA: read it only where CUDA is in use already
+    cudnn = torch.backends.cudnn.version() if torch.cuda.is_initialized() else None
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    versions.update(cuda=torch.version.cuda, cudnn=None if cudnn is None else str(cudnn))
+    return {**versions, **{name: version(name) for name in _VERSIONS}}
+
+
+def installed_packages() -> list[str]:
+    """Every installed distribution as ``name==version`` (``pip list`` through ``collect_env``)."""
+    with mock.patch.dict(os.environ):  # collect_env sets PIP_DISABLE_PIP_VERSION_CHECK
+        listed = collect_env.get_pip_packages(_run, patterns=[""])[1]
+    found = (f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions())
+    return listed.splitlines() if listed else sorted(found)  # without pip: from the metadata
+
+
+def peak_memory() -> dict[str, int | None]:
+    """Peak RSS of this process and of its finished children, peak CUDA memory allocated, bytes."""
+    import resource
+
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    rss = {
+        f"peak_rss{part}_bytes": resource.getrusage(who).ru_maxrss * scale
+        for part, who in (("", resource.RUSAGE_SELF), ("_children", resource.RUSAGE_CHILDREN))
+    }
+    devices = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else ()
+    cuda = max((torch.cuda.max_memory_allocated(i) for i in devices), default=None)
+    return {**rss, "cuda_max_allocated_bytes": cuda}
+
+
+def env_var_values(patterns: Iterable[str], masker: SecretMasker | None = None) -> dict[str, str]:
+    """The environment variables named by ``patterns`` (names or globs), secrets masked.
+
+    Example:
+        >>> os.environ["RECORD_DEMO_TOKEN"] = "abc"
+        >>> env_var_values(["RECORD_DEMO_*"])
+        {'RECORD_DEMO_TOKEN': '***'}
+    """
+    masker, patterns = masker or SecretMasker(), list(patterns)
+    return {
+        k: MASK if masker.is_secret(k) and v else masker.text(v)
+        for k, v in sorted(os.environ.items())
+        if any(fnmatch.fnmatchcase(k, p) for p in patterns)
+    }
