@@ -30,6 +30,7 @@ from torch import nn
 
 from lightning_inspect._validation import as_str_list, check_bool, check_choice, check_positive_int
 from lightning_inspect.backends import Sink
+from lightning_inspect.backends.pictures import heatmap, publish_image
 from lightning_inspect.core.grad_scaler import (
     grad_scaler,
     gradients_scaled,
@@ -49,7 +50,6 @@ from lightning_inspect.health.nonfinite import (
     parameters_by_module,
     stored_values,
 )
-from lightning_inspect.health.pictures import heatmap, publish_image
 from lightning_inspect.health.rules import (
     Finding,
     HealthReport,
