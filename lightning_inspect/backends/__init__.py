@@ -23,8 +23,8 @@ from lightning_inspect.backends.background import BackgroundSink
 from lightning_inspect.backends.base import GuardedSink, Sink
 from lightning_inspect.backends.deadline import EndOfFit
 from lightning_inspect.backends.generic import GenericSink
-from lightning_inspect.backends.memory import MemorySink
-from lightning_inspect.backends.mlflow import METRIC_MODES, MlflowRun, MlflowRunSink, MlflowSink
+from lightning_inspect.backends.memory import MemorySink  # noqa: F401
+from lightning_inspect.backends.mlflow import METRIC_MODES, MlflowRun, MlflowRunSink, MlflowSink  # noqa: F401
 from lightning_inspect.backends.mlflow_http import bounded_client
 from lightning_inspect.backends.tensorboard import TensorBoardSink
 from lightning_inspect.backends.wandb import WandbSink
@@ -40,35 +40,11 @@ LOGGER_CLASSES = {
 }
 BACKENDS = tuple(LOGGER_CLASSES)
 
-__all__ = [
-    "BACKENDS",
-    "METRIC_MODES",
-    "BackgroundSink",
-    "EndOfFit",
-    "GenericSink",
-    "GuardedSink",
-    "MemorySink",
-    "MlflowRun",
-    "MlflowRunSink",
-    "MlflowSink",
-    "Sink",
-    "TensorBoardSink",
-    "WandbSink",
-    "attached_loggers",
-    "check_backends",
-    "close_sinks",
-    "logger_backend",
-    "logger_sink",
-    "missing_backend_error",
-    "resolve_sinks",
-    "select_loggers",
-]
-
 
 def close_sinks(sinks: Sequence[Any]) -> None:
-    """Close ``sinks``: background workers stop after what they queued, by the fit's deadline."""
-    for sink in sinks:
-        getattr(sink, "close", lambda: None)()
+    """Close ``sinks`` (background workers stop after what they queued, by the fit's deadline)."""
+    for sink in (s for s in sinks if hasattr(s, "close")):
+        sink.close()
 
 
 def check_backends(owner: str, backends: Any) -> tuple[str | Sink, ...] | None:

@@ -1,23 +1,16 @@
 """MLflow through the Trainer's ``MLFlowLogger`` (its ``MlflowClient`` and run).
 
-Thousands of statistics as metric charts make MLflow's UI unusable and cost a database insert
-each, so by default (``metrics="summary"``) its metrics get the headline values only
-(:func:`headline_metrics`); every value goes, one line per key and step, into a CSV table per
-callback, spooled locally and uploaded on flush as ``lightning_inspect/stats/<owner>.csv``
-(``step,key,value``; :func:`~lightning_inspect.backends.read_stats.read_stats` reads it).
-``"all"`` also sends every value as a metric (``log_batch``, 1000 a call). Histograms (MLflow has
-none) are spooled as JSON lines and uploaded on flush, with one picture per key:
-``lightning_inspect/histograms/<owner>.jsonl`` and ``.../<key>.png``. Texts and pictures become
-``lightning_inspect/<key>.md`` / ``.png``. Keys are sanitised (:class:`~lightning_inspect.core.
-keys.MlflowKeys`), file names cut to 255 bytes (:func:`artifact_file`); what was never uploaded
-goes to the fallback file when the sink closes (:meth:`MlflowSink.unsent`).
+Thousands of statistics as metric charts make MLflow's UI unusable, so by default
+(``metrics="summary"``) its metrics get the headline values (:func:`headline_metrics`), and
+every value goes into a CSV table per callback, uploaded on flush as
+``lightning_inspect/stats/<owner>.csv`` (``step,key,value``; read back by ``read_stats``);
+``"all"`` sends every value as a metric too. Histograms (MLflow has none) are spooled and
+uploaded on flush with one picture per key (``lightning_inspect/histograms/<owner>.jsonl``,
+``.../<key>.png``); texts and pictures become ``lightning_inspect/<key>.md`` / ``.png``.
 
-All callbacks of a fit write to a run through one :class:`MlflowRun`: their values of a step are
-gathered on the training thread and, once the Trainer's :class:`~lightning_inspect.core.recorder.
-StepCoordinator` has published the step, handed to one background worker as one call
-(:meth:`MlflowSink.log_step`: one ``log_batch`` for every callback's headline metrics). The worker
-stops when the last callback's sink closes, by the fit's end-of-fit deadline; against a tracking
-server every call has a bounded retry budget (:mod:`~lightning_inspect.backends.mlflow_http`).
+The callbacks of a fit share one :class:`MlflowRun` per run: a step's values of every callback
+go, once the Trainer's ``StepCoordinator`` has published the step, to one background worker as
+one call (one ``log_batch`` of headline metrics), stopped by the fit's end-of-fit deadline.
 """
 
 from __future__ import annotations
@@ -27,6 +20,7 @@ import hashlib
 import io
 import json
 import math
+import posixpath
 import shutil
 import tempfile
 import time
@@ -80,12 +74,10 @@ def artifact_file(key: str, suffix: str) -> str:
 def headline_metrics(
     values: Mapping[str, float], parsed: dict[str, tuple[str, str, str, str]] | None = None
 ) -> dict[str, float]:
-    """The MLflow metrics of one step in ``"summary"`` mode: keys of a whole kind
-    (``param_grads/global_norm``) and keys outside the scheme as they are;
-    ``summary/<kind>/<stat>`` for ``min``, ``max`` (extremes over modules), ``nan_count``,
-    ``inf_count`` (totals) and ``l2_norm`` (the norm of all values); ``summary/<kind>/<stat>/min``
-    and ``.../max`` for the other statistics. NaN values are left out of the summaries;
-    ``parsed`` caches :func:`~lightning_inspect.core.keys.split_key`.
+    """The MLflow metrics of one step in ``"summary"`` mode: whole-kind keys and keys outside the
+    scheme as they are; ``summary/<kind>/<stat>`` for min, max, nan_count, inf_count, l2_norm
+    (exact over modules); ``summary/<kind>/<stat>/min`` and ``/max`` for the others (NaN left
+    out). ``parsed`` caches :func:`~lightning_inspect.core.keys.split_key`.
 
     >>> headline_metrics({"weights/a/max": 1.0, "weights/b/max": 3.0, "param_grads/global_norm": 2.0})
     {'param_grads/global_norm': 2.0, 'summary/weights/max': 3.0}
@@ -166,12 +158,11 @@ class MlflowSink:
         for start in range(0, len(items), size):
             self.client.log_batch(self.run_id, **{kind: items[start : start + size]})
 
-    def _file(self, folder: str, name: str) -> Path:
+    def _folder(self, name: str) -> Path:
         if self._spool is None:
             self._spool = Path(tempfile.mkdtemp(prefix="lightning_inspect_mlflow_"))
-        (self._spool / folder).mkdir(exist_ok=True)
-        self._dirty[path := self._spool / folder / name] = None
-        return path
+        (self._spool / name).mkdir(exist_ok=True)
+        return self._spool / name
 
     def log_step(self, step: int, scalars: Scalars, histograms: Histograms) -> None:
         """Several owners' values of one step: their metrics in one ``log_batch`` (per 1000),
@@ -190,7 +181,8 @@ class MlflowSink:
         for owner, values in scalars.items():
             if owner is None:
                 continue
-            path = self._file("stats", f"{owner}.csv")
+            path = self._folder("stats") / f"{owner}.csv"
+            self._dirty[path] = None
             new = not path.exists()
             for key in values.keys() - self._cells.keys():
                 buffer = io.StringIO()
@@ -201,7 +193,8 @@ class MlflowSink:
                 f.write(("step,key,value\n" if new else "") + "".join(lines))
         for owner, hists in histograms.items():
             if hists:
-                with self._file("histograms", f"{owner}.jsonl").open("a") as f:
+                self._dirty[path := self._folder("histograms") / f"{owner}.jsonl"] = None
+                with path.open("a") as f:
                     for key, h in hists.items():
                         line = {"key": key, "step": step, "lo": h.min, "hi": h.max}
                         f.write(json.dumps({**line, "counts": h.counts.tolist()}) + "\n")
@@ -212,6 +205,12 @@ class MlflowSink:
     def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None:
         self.log_step(step, {}, {self.owner: dict(histograms)})  # type: ignore[dict-item]
 
+    def _upload(self, path: Path, name: str) -> None:
+        """The local file ``path`` as the artifact ``lightning_inspect/<name>`` (same file name)."""
+        self.client.log_artifact(
+            self.run_id, str(path), posixpath.dirname(f"{ARTIFACT_ROOT}/{name}")
+        )
+
     def log_text(self, key: str, text: str, step: int) -> None:
         self.client.log_text(
             self.run_id, text, f"{ARTIFACT_ROOT}/{artifact_file(self.keys(key), '.md')}"
@@ -219,8 +218,12 @@ class MlflowSink:
 
     def log_image(self, key: str, image: np.ndarray, step: int) -> None:
         """``lightning_inspect/<key>.png`` (a later picture of the key replaces it)."""
-        name = f"{ARTIFACT_ROOT}/{artifact_file(self.keys(key), '.png')}"
-        self.client.log_image(self.run_id, image, artifact_file=name)
+        from PIL import Image
+
+        path = self._folder("images") / (name := artifact_file(self.keys(key), ".png"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.asarray(image, dtype=np.uint8)).save(path)
+        self._upload(path, name)
 
     def log_params(self, values: Mapping[str, Any]) -> list[str]:
         """Params (a run keeps a param's first value); returns the keys that held another value."""
@@ -252,15 +255,14 @@ class MlflowSink:
             )
 
     def flush(self) -> None:
-        """Upload the tables and histogram spools (with their pictures) changed since the last
-        upload; a refused upload is tried again by the next flush."""
+        """Upload the tables and histogram spools (with pictures) changed since their last upload;
+        a refused upload is tried again by the next flush."""
         for path in list(self._dirty):
-            folder = f"{ARTIFACT_ROOT}/{path.parent.name}"
-            self.client.log_artifact(self.run_id, str(path), artifact_path=folder)
+            self._upload(path, f"{path.parent.name}/{path.name}")
             if path.suffix == ".jsonl":
-                pictures = path.parent / f"{path.stem}_pictures"
-                render_histogram_pictures(path, pictures, self.keys)
-                self.client.log_artifacts(self.run_id, str(pictures), artifact_path=folder)
+                out = path.parent / path.stem
+                for picture in render_histogram_pictures(path, out, self.keys):
+                    self._upload(picture, f"histograms/{picture.relative_to(out).as_posix()}")
             del self._dirty[path]
 
     def unsent(self) -> list[dict[str, Any]]:
