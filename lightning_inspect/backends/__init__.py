@@ -1,8 +1,6 @@
 """Backends: every Lightning logger attached to the Trainer, behind one protocol (:class:`Sink`).
-
-TensorBoard, MLflow and W&B get scalars, histograms, texts and pictures; any other logger (CSV,
-Comet, Neptune, ...) gets scalars through its ``log_metrics`` (:class:`GenericSink`). The run
-record's params, tags, files and comparison table go to each logger that can show them.
+TensorBoard, MLflow and W&B show everything; any other logger gets scalars through its
+``log_metrics`` and params through ``log_hyperparams`` (:class:`GenericSink`).
 
 Example:
     >>> from lightning.pytorch.loggers import CSVLogger
@@ -32,12 +30,9 @@ from lightning_inspect.errors import BackendError, ConfigError
 
 #: Backend names of Lightning's loggers, and each logger's class; any other logger's name is
 #: its class name, lower-case, without "Logger" (``CometLogger`` -> ``"comet"``).
-LOGGER_CLASSES = {
-    "tensorboard": "TensorBoardLogger",
-    "mlflow": "MLFlowLogger",
-    "wandb": "WandbLogger",
-    "csv": "CSVLogger",
-}
+LOGGER_CLASSES = dict(
+    tensorboard="TensorBoardLogger", mlflow="MLFlowLogger", wandb="WandbLogger", csv="CSVLogger"
+)
 BACKENDS = tuple(LOGGER_CLASSES)
 
 
@@ -55,11 +50,8 @@ def check_backends(owner: str, backends: Any) -> tuple[str | Sink, ...] | None:
         return None
     items = [backends] if isinstance(backends, (str, Sink)) else list(backends)
     for item in items:
-        if (
-            isinstance(item, str)
-            and item not in BACKENDS
-            and (not item or closest(item, BACKENDS, n=1, cutoff=0.8))
-        ):
+        near = isinstance(item, str) and (not item or closest(item, BACKENDS, n=1, cutoff=0.8))
+        if near and item not in BACKENDS:
             raise ConfigError(
                 f"{owner}(backends={backends!r}): unknown backend {item!r}; expected one of "
                 f"{', '.join(map(repr, BACKENDS))} or another attached logger's name (its "

@@ -1,10 +1,7 @@
-"""A slow backend (MLflow over HTTP) on a background thread, so training never waits for it.
-
-The training thread puts calls on a bounded queue; a worker makes them, in order, through a
-:class:`~lightning_inspect.backends.base.GuardedSink`. A call that finds the queue full goes to
-the fallback file instead of blocking. :meth:`BackgroundSink.close` waits for the queue until the
-fit's shared :class:`~lightning_inspect.backends.deadline.EndOfFit`; what is left then goes to the
-fallback file and the worker stops after the call it is in.
+"""A slow backend (MLflow over HTTP) on a worker thread behind a bounded queue, through a
+:class:`~lightning_inspect.backends.base.GuardedSink`; a call that finds the queue full goes to
+the fallback file instead of blocking, and :meth:`BackgroundSink.close` waits only until the
+fit's shared :class:`~lightning_inspect.backends.deadline.EndOfFit`.
 
 Example:
     >>> from lightning_inspect.backends.memory import MemorySink

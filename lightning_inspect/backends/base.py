@@ -30,31 +30,22 @@ CONTROL_CALLS = ("flush", "close")
 
 @runtime_checkable
 class Sink(Protocol):
-    """Where values go; cheap enough to call once per logging step.
-
-    Optional methods (a sink without one is skipped for it): ``log_image(key, image, step)``
-    (H x W x 3 uint8), ``log_params(values)`` (returns the keys that already held another value),
-    ``log_tags(values)``, ``log_files(paths, folder)``, ``log_hparams(values)`` (a comparison
-    table), ``close()`` and ``unsent()`` (what it holds undelivered, as fallback records).
-    """
+    """Where values go, cheap to call once per logging step (keys per :mod:`~lightning_inspect.
+    core.keys`, histograms binned on the device, texts in markdown). Optional methods, skipped
+    where missing: ``log_image(key, image, step)`` (H x W x 3 uint8), ``log_params(values)``
+    (returns the keys that held another value), ``log_tags(values)``, ``log_files(paths,
+    folder)``, ``log_hparams(values, metrics)``, ``close()``, ``unsent()`` (fallback records)."""
 
     name: str
 
-    def log_scalars(self, values: Mapping[str, float], step: int) -> None:
-        """Scalars, keys per :mod:`lightning_inspect.core.keys`."""
-
-    def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None:
-        """Histograms, already binned on the device."""
-
-    def log_text(self, key: str, text: str, step: int) -> None:
-        """A markdown text."""
-
-    def flush(self) -> None:
-        """Write what is buffered."""
+    def log_scalars(self, values: Mapping[str, float], step: int) -> None: ...
+    def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None: ...
+    def log_text(self, key: str, text: str, step: int) -> None: ...
+    def flush(self) -> None: ...
 
 
 def histogram_record(h: Histogram) -> dict[str, Any]:
-    """A histogram as the fallback file and MLflow's histogram artifact keep it."""
+    """A histogram as the fallback file keeps it."""
     return {"lo": h.min, "hi": h.max, "counts": h.counts.tolist()}
 
 
@@ -81,25 +72,18 @@ def fallback_record(method: str, args: tuple[Any, ...]) -> dict[str, Any]:
     if method in ("log_text", "log_image"):
         value = args[1] if method == "log_text" else list(args[1].shape)
         return {"call": method, "step": args[2], "key": args[0], method[4:]: value}
-    if args:  # params, tags, hparams: their values; files: their paths
-        return {
-            "call": method,
-            "values": args[0] if isinstance(args[0], Mapping) else list(args[0]),
-        }
-    return {"call": method}
+    values = args[0] if not args or isinstance(args[0], Mapping) else list(args[0])  # files: paths
+    return {"call": method, "values": values} if args else {"call": method}
 
 
 class GuardedSink:
-    """A sink whose faults warn once and never stop training.
+    """A sink whose faults warn once (``owner`` starts the warning) and never stop training.
 
-    What the backend refused goes, as JSON lines, to a fallback file the warning names, and is
-    kept (the last ``max_retained`` calls) to be sent again, in order, once the backend accepts a
-    call. The file is created at the first refusal, with an unpredictable name and mode 0600
-    (``O_EXCL``, no link followed), in ``fallback_dir`` or a new private directory (0700) under
-    the temp directory; the library never deletes it. Once :attr:`deadline` is set (the end of
-    fit), calls to a ``remote`` backend wait only until it; later calls go to the file.
-    ``owner`` starts the warnings.
-    """
+    What the backend refused goes, as JSON lines, to a fallback file the warning names (created
+    at the first refusal, unpredictable name, mode 0600, in ``fallback_dir`` or a new private
+    directory under the temp directory; never deleted), and is sent again, in order, once the
+    backend accepts a call (the last ``max_retained``). Once :attr:`deadline` is set (the end of
+    fit), a ``remote`` backend's calls wait only until it; later ones go to the file."""
 
     def __init__(
         self,
@@ -189,17 +173,16 @@ class GuardedSink:
         with self._lock:
             try:
                 if self.fallback_path is None:
-                    directory = self._fallback_dir or Path(
+                    folder = self._fallback_dir or Path(
                         tempfile.mkdtemp(prefix="lightning_inspect_")
                     )
-                    directory.mkdir(parents=True, exist_ok=True)
+                    folder.mkdir(parents=True, exist_ok=True)
                     prefix = f"lightning_inspect_unsent_{self.name}_"
-                    fd, path = tempfile.mkstemp(prefix=prefix, suffix=".jsonl", dir=directory)
+                    fd, path = tempfile.mkstemp(prefix=prefix, suffix=".jsonl", dir=folder)
                     os.close(fd)  # mkstemp: O_EXCL, mode 0600
                     self.fallback_path = Path(path)
-                fd = os.open(
-                    self.fallback_path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
-                )
+                flags = os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
+                fd = os.open(self.fallback_path, flags)
                 with os.fdopen(fd, "a", encoding="utf-8") as f:
                     f.write(text)
             except OSError as exc:

@@ -37,8 +37,7 @@ class EndOfFit:
     @classmethod
     def for_fit(cls, trainer: Any) -> EndOfFit:
         """The deadline of ``trainer``'s current fit (a new one once the last fit's has started)."""
-        current = cls._instances.get(trainer)
-        if current is None or current._end is not None:
+        if (current := cls._instances.get(trainer)) is None or current._end is not None:
             current = cls._instances[trainer] = cls()
         return current
 

@@ -29,11 +29,8 @@ class GenericSink:
     def log_scalars(self, values: Mapping[str, float], step: int) -> None:
         self.logger.log_metrics({k: float(v) for k, v in values.items()}, step)
 
-    def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None:
-        """Not shown by this backend: dropped."""
-
-    def log_text(self, key: str, text: str, step: int) -> None:
-        """Not shown by this backend: dropped."""
+    def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None: ...
+    def log_text(self, key: str, text: str, step: int) -> None: ...  # dropped, like histograms
 
     def log_params(self, values: Mapping[str, Any]) -> None:
         self.logger.log_hyperparams(dict(values))

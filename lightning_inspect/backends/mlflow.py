@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
 import math
 import posixpath
@@ -27,7 +26,7 @@ import time
 import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
@@ -129,12 +128,8 @@ def render_histogram_pictures(spool: Path, out_dir: Path, keys: MlflowKeys) -> l
 
 
 class MlflowSink:
-    """Writes to one MLflow run: metrics, the tables of every value, histogram artifacts, texts,
-    pictures, and params, tags and files.
-
-    ``owner`` names the table and histogram files of :meth:`log_scalars` / :meth:`log_histograms`
-    (``None``: values as metrics only); ``metrics``: one of :data:`METRIC_MODES`.
-    """
+    """Writes metrics, tables, histograms, texts, pictures, params, tags and files to a run.
+    ``owner`` names the table and histogram files (``None``: values as metrics only)."""
 
     name = "mlflow"
     remote = True  # once the fit's end-of-fit deadline is set, calls wait only until it
@@ -165,9 +160,8 @@ class MlflowSink:
         return self._spool / name
 
     def log_step(self, step: int, scalars: Scalars, histograms: Histograms) -> None:
-        """Several owners' values of one step: their metrics in one ``log_batch`` (per 1000),
-        then their tables and histogram spools (after the metrics: a call refused and sent again
-        adds its lines once)."""
+        """Several owners' values of one step: their metrics in one ``log_batch`` (per 1000), then
+        their tables and spools (after the metrics: a refused call sent again adds lines once)."""
         from mlflow.entities import Metric
 
         sent: dict[str, float] = {}
@@ -175,19 +169,17 @@ class MlflowSink:
             all_values = self.modes.get(owner) == "all"
             sent.update(values if all_values else headline_metrics(values, self._parsed))
         now = int(time.time() * 1000)
-        self._batch(
-            "metrics", [Metric(self.keys(k), float(v), now, step) for k, v in sent.items()], 1000
-        )
+        metrics = [Metric(self.keys(k), float(v), now, step) for k, v in sent.items()]
+        self._batch("metrics", metrics, 1000)
         for owner, values in scalars.items():
             if owner is None:
                 continue
             path = self._folder("stats") / f"{owner}.csv"
             self._dirty[path] = None
             new = not path.exists()
-            for key in values.keys() - self._cells.keys():
-                buffer = io.StringIO()
-                csv.writer(buffer, lineterminator="\n").writerow((key,))
-                self._cells[key] = buffer.getvalue()[:-1]
+            for key in values.keys() - self._cells.keys():  # quoted as csv does
+                quote = any(c in key for c in ',"\r\n')
+                self._cells[key] = '"' + key.replace('"', '""') + '"' if quote else key
             lines = [f"{step},{self._cells[k]},{float(v)!r}\n" for k, v in values.items()]
             with path.open("a", newline="") as f:  # floats as Python writes them: exact round trip
                 f.write(("step,key,value\n" if new else "") + "".join(lines))
@@ -207,14 +199,12 @@ class MlflowSink:
 
     def _upload(self, path: Path, name: str) -> None:
         """The local file ``path`` as the artifact ``lightning_inspect/<name>`` (same file name)."""
-        self.client.log_artifact(
-            self.run_id, str(path), posixpath.dirname(f"{ARTIFACT_ROOT}/{name}")
-        )
+        folder = posixpath.dirname(f"{ARTIFACT_ROOT}/{name}")
+        self.client.log_artifact(self.run_id, str(path), folder)
 
     def log_text(self, key: str, text: str, step: int) -> None:
-        self.client.log_text(
-            self.run_id, text, f"{ARTIFACT_ROOT}/{artifact_file(self.keys(key), '.md')}"
-        )
+        name = artifact_file(self.keys(key), ".md")
+        self.client.log_text(self.run_id, text, f"{ARTIFACT_ROOT}/{name}")
 
     def log_image(self, key: str, image: np.ndarray, step: int) -> None:
         """``lightning_inspect/<key>.png`` (a later picture of the key replaces it)."""
@@ -243,16 +233,13 @@ class MlflowSink:
     def log_tags(self, values: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        self._batch(
-            "tags", [RunTag(self.keys(k), text_value(v, 5000)) for k, v in values.items()], 100
-        )
+        tags = [RunTag(self.keys(k), text_value(v, 5000)) for k, v in values.items()]
+        self._batch("tags", tags, 100)
 
     def log_files(self, paths: Sequence[Path], folder: str) -> None:
         """Files as artifacts under ``lightning_inspect/<folder>``."""
         for path in paths:
-            self.client.log_artifact(
-                self.run_id, str(path), artifact_path=f"{ARTIFACT_ROOT}/{folder}"
-            )
+            self._upload(Path(path), f"{folder}/{Path(path).name}")
 
     def flush(self) -> None:
         """Upload the tables and histogram spools (with pictures) changed since their last upload;
@@ -272,18 +259,14 @@ class MlflowSink:
         for path in self._dirty:
             by_step: dict[int, dict[str, Any]] = {}
             with path.open(newline="") as f:
-                if path.suffix == ".csv":
+                if tables := path.suffix == ".csv":
                     for row in csv.DictReader(f):
                         by_step.setdefault(int(row["step"]), {})[row["key"]] = float(row["value"])
                 else:
                     for d in map(json.loads, f):
                         by_step.setdefault(d["step"], {})[d.pop("key")] = d
                         del d["step"]
-            field, call = (
-                ("values", "log_scalars")
-                if path.suffix == ".csv"
-                else ("histograms", "log_histograms")
-            )
+            call, field = ("log_scalars", "values") if tables else ("log_histograms", "histograms")
             records += [{"call": call, "step": s, field: by_step[s]} for s in sorted(by_step)]
         return records
 
@@ -297,10 +280,6 @@ class MlflowRun:
     """The training thread's side of one fit's MLflow run: gathers each step's values of every
     callback and feeds the one background writer (an :class:`MlflowSink`)."""
 
-    _instances: ClassVar[weakref.WeakKeyDictionary[Any, dict[str, MlflowRun]]] = (
-        weakref.WeakKeyDictionary()
-    )
-
     def __init__(self, client: Any, run_id: str, deadline: EndOfFit | None = None) -> None:
         self.writer = MlflowSink(bounded_client(client), run_id, owner=None)
         self.background = BackgroundSink(self.writer, deadline=deadline)
@@ -312,7 +291,7 @@ class MlflowRun:
     @classmethod
     def for_fit(cls, trainer: Any, logger: Any) -> MlflowRun:
         """The writer of ``logger``'s run in ``trainer``'s current fit (created on first use)."""
-        runs = cls._instances.setdefault(trainer, {})
+        runs = _RUNS.setdefault(trainer, {})
         run = runs.get(run_id := str(logger.run_id))
         if run is None or run.closed:
             run = runs[run_id] = cls(logger.experiment, run_id, EndOfFit.for_fit(trainer))
@@ -333,9 +312,8 @@ class MlflowRun:
     ) -> None:
         """Gather a callback's scalars (or ``histograms``) of ``step`` until :meth:`send`."""
         if values:
-            self._pending.setdefault(step, ({}, {}))[histograms].setdefault(owner, {}).update(
-                values
-            )
+            owners = self._pending.setdefault(step, ({}, {}))[histograms]
+            owners.setdefault(owner, {}).update(values)
 
     def send(self) -> None:
         """Queue every gathered step, oldest first, one call each (returns at once)."""
@@ -358,6 +336,10 @@ class MlflowRun:
         if self._coordinator is not None and self.send in self._coordinator.flushed:
             self._coordinator.flushed.remove(self.send)
         self.background.close()
+
+
+#: The runs of each Trainer's current fit, by run id.
+_RUNS: weakref.WeakKeyDictionary[Any, dict[str, MlflowRun]] = weakref.WeakKeyDictionary()
 
 
 class MlflowRunSink:

@@ -18,12 +18,10 @@ from typing import Any
 import numpy as np
 
 #: viridis (RGB) at 0, 1/8, ..., 1 and once more for 1 (matplotlib's values), interpolated.
-_VIRIDIS = (
-    np.frombuffer(
-        bytes.fromhex("440154472d7b3b528b2c728e21918c28ae805ec962addc30fde725fde725"), np.uint8
-    ).reshape(-1, 3)
-    * 1.0
+_VIRIDIS = np.array(
+    list(bytes.fromhex("440154472d7b3b528b2c728e21918c28ae805ec962addc30fde725fde725"))
 )
+_VIRIDIS = _VIRIDIS.reshape(-1, 3).astype(np.float64)
 #: Plot area (width, height) of a histogram picture and the margins (left, top, right, bottom).
 PLOT = (480, 200)
 MARGIN = (64, 22, 76, 30)
@@ -39,14 +37,7 @@ def colours(shade: np.ndarray) -> np.ndarray:
     return rgb.astype(np.uint8)
 
 
-def _draw(
-    shade: np.ndarray,
-    title: str,
-    labels: Sequence[tuple[float, str]],
-    steps: Sequence[int],
-    scale: tuple[float, float, str],
-    height: int,
-) -> np.ndarray:
+def _draw(shade: np.ndarray, title: str, labels: Any, steps: Any, scale: Any, height: int) -> Any:
     """``shade[row, column]`` (row 0 on top) with a title, left ``labels`` at fractions of the
     height, step numbers below and a colour bar ``(lo, hi, label)`` on the right."""
     from PIL import Image, ImageDraw

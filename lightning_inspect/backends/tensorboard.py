@@ -1,15 +1,11 @@
 """TensorBoard through the Trainer's ``TensorBoardLogger`` (its ``SummaryWriter``).
 
-All scalars of a step go into one event, and so do all histograms (from counts binned on the
-device, so NaN/Inf/bf16 cannot break the writer), encoded from protobuf's wire format. The
-writer's records are checksummed with ``google-crc32c``'s C code when it is installed (the
-``tensorboard`` extra; TensorBoard's own pure-Python checksum costs ~170 ns a byte on its writer
-thread, holding the GIL): only the logger's writer changes, TensorBoard's functions do not.
-
-Every key stays a scalar of its own; a custom-scalars layout (the "Custom Scalars" tab) gathers
-them into one multi-line chart per kind and statistic (category ``lightning-inspect/<kind>``,
-chart ``<kind>/<stat>``, tag regex ``^<kind>/.+/<stat>$``), shared by the sinks of a writer and
-written again when a chart appears.
+A step's scalars go into one event, and so do its histograms (counts binned on the device, so
+NaN/Inf/bf16 cannot break the writer), encoded from protobuf's wire format. The logger's writer
+checksums its records with ``google-crc32c``'s C code (TensorBoard's own costs ~170 ns a byte in
+Python on the writer thread); TensorBoard's functions are left alone. A custom-scalars layout
+gathers the keys into one chart per kind and statistic (``lightning-inspect/<kind>``,
+``<kind>/<stat>``, ``^<kind>/.+/<stat>$``), shared by the sinks of a writer.
 
 Example:
     >>> import tempfile
@@ -35,7 +31,7 @@ from lightning_inspect.core.stats import Histogram
 
 try:
     import google_crc32c
-except ImportError:  # pragma: no cover - the tensorboard extra installs it
+except ImportError:  # the tensorboard extra installs it
     google_crc32c = None
 
 #: The custom-scalars layout of each writer, ``{category: {chart title: tag regex}}``.
@@ -66,8 +62,7 @@ def masked_crc32c(data: bytes) -> bytes:
 
 
 def fast_records(file_writer: Any) -> Any:
-    """``file_writer`` (a ``SummaryWriter``'s), its ``RecordWriter`` writing records whose
-    checksums come from :func:`masked_crc32c`: the same bytes, this writer only."""
+    """``file_writer``, its records checksummed by :func:`masked_crc32c` (the same bytes)."""
     async_writer = getattr(getattr(file_writer, "event_writer", None), "_async_writer", None)
     records = getattr(async_writer, "_writer", None)
     if google_crc32c is None or not hasattr(records, "_writer") or "write" in vars(records):
@@ -93,9 +88,8 @@ def _varint(n: int) -> bytes:
 
 
 def scalar_summary(values: Mapping[str, float], encoded: dict[str, bytes] | None = None) -> Any:
-    """One ``Summary`` of every scalar, as ``add_scalar`` writes them, built from the wire format
-    (each value: its tag, then a little-endian float32) and parsed once in C: ~0.3 us a key.
-    ``encoded`` caches each tag's bytes across calls.
+    """One ``Summary`` of every scalar, as ``add_scalar`` writes them, from the wire format (tag,
+    then a little-endian float32) parsed once in C: ~0.3 us a key. ``encoded`` caches tags.
 
     >>> from tensorboard.compat.proto.summary_pb2 import Summary
     >>> scalar_summary({"a/b/mean": 0.5}) == Summary(value=[Summary.Value(tag="a/b/mean", simple_value=0.5)])
@@ -121,8 +115,7 @@ def scalar_summary(values: Mapping[str, float], encoded: dict[str, bytes] | None
 def histogram_summary(
     histograms: Mapping[str, Histogram], encoded: dict[str, bytes] | None = None
 ) -> Any:
-    """One ``Summary`` of every histogram, as ``add_histogram_raw`` writes them, encoded like
-    :func:`scalar_summary` from the NumPy arrays (~3 us a histogram)."""
+    """One ``Summary`` of every histogram, as ``add_histogram_raw`` writes them (~3 us each)."""
     from tensorboard.compat.proto.summary_pb2 import Summary
 
     encoded = {} if encoded is None else encoded
@@ -187,8 +180,7 @@ class TensorBoardSink:
         self.writer.add_image(key, image, global_step=step, dataformats="HWC")
 
     def log_hparams(self, values: Mapping[str, Any], metrics: Iterable[str] = ()) -> None:
-        """One HPARAMS entry: ``values`` compared on the scalars ``metrics`` (TensorBoard keeps a
-        run's first entry)."""
+        """An HPARAMS entry: ``values`` compared on the scalars ``metrics`` (a run keeps its first)."""
         from torch.utils.tensorboard.summary import hparams
 
         clean = {

@@ -2,7 +2,7 @@
 carry W&B's ``trainer/global_step`` like Lightning's): scalars with ``log_metrics``; histograms
 as ``wandb.Histogram(np_histogram=(counts, edges))`` from the counts binned on the device (at
 most 512 bins: neighbours merged); texts as a one-cell table; pictures with ``log_image``;
-params as the run's config, tags in its summary, files saved with the run.
+params as the run's config, tags in its summary, files as an artifact.
 """
 
 from __future__ import annotations
@@ -66,10 +66,13 @@ class WandbSink:
         self.logger.experiment.summary.update(dict(values))
 
     def log_files(self, paths: Sequence[Path], folder: str) -> None:
+        """The files as one W&B artifact of type ``folder`` (copied: the originals may go)."""
+        import wandb
+
+        artifact = wandb.Artifact(f"{folder}-{self.logger.experiment.id}", type=folder)
         for path in paths:
-            self.logger.experiment.save(
-                str(path), base_path=str(Path(path).parent.parent), policy="now"
-            )
+            artifact.add_file(str(path), name=f"{folder}/{Path(path).name}")
+        self.logger.experiment.log_artifact(artifact)
 
     def flush(self) -> None:
         """Nothing to do: W&B's own process writes values as they arrive."""
