@@ -72,8 +72,10 @@ def fallback_record(method: str, args: tuple[Any, ...]) -> dict[str, Any]:
     if method in ("log_text", "log_image"):
         value = args[1] if method == "log_text" else list(args[1].shape)
         return {"call": method, "step": args[2], "key": args[0], method[4:]: value}
-    values = args[0] if not args or isinstance(args[0], Mapping) else list(args[0])  # files: paths
-    return {"call": method, "values": values} if args else {"call": method}
+    if not args:
+        return {"call": method}
+    values = args[0] if isinstance(args[0], Mapping) else list(args[0])  # files: their paths
+    return {"call": method, "values": values}
 
 
 class GuardedSink:
