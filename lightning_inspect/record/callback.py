@@ -92,7 +92,8 @@ class _Guarded(GuardedSink):
         self.writer = inner
 
     def __call__(self, method: str, *args: Any) -> Any:
-        if not hasattr(self.inner, _CALLS[method]):
+        name = _CALLS.get(method, "")  # end_of_fit: nothing to do, calls are bounded from the start
+        if not hasattr(self.inner, name):
             return None
         if method in ("tags", "params", "metrics"):  # None: no value
             args = ({k: v for k, v in args[0].items() if v is not None}, *args[1:])
@@ -103,7 +104,7 @@ class _Guarded(GuardedSink):
                 ["hp_metric"] if getattr(self.writer.logger, "_default_hp_metric", False) else []
             )
             args = (args[0], [*default, f"{PREFIX}/steps_per_s", f"{PREFIX}/duration_s"])
-        return self.call(_CALLS[method], *args)
+        return self.call(name, *args)
 
 
 # --------------------------------------------------------------------------------------------
