@@ -108,8 +108,10 @@ def scalar_summary(values: Mapping[str, float], encoded: dict[str, bytes] | None
         heads.append(head)
     with np.errstate(over="ignore"):  # beyond float32's range: +-inf, as protobuf stores it
         floats = np.fromiter(values.values(), dtype="<f4", count=len(heads)).tobytes()
-    parts = [p for i, head in enumerate(heads) for p in (head, floats[4 * i : 4 * i + 4])]
-    return Summary.FromString(b"".join(parts))
+    chunks = [floats[i : i + 4] for i in range(0, len(floats), 4)]
+    return Summary.FromString(
+        b"".join([p for pair in zip(heads, chunks, strict=True) for p in pair])
+    )
 
 
 def histogram_summary(
