@@ -93,8 +93,8 @@ class _Guarded(GuardedSink):
 
     def __call__(self, method: str, *args: Any) -> Any:
         name = _CALLS.get(method, "")  # end_of_fit: nothing to do, calls are bounded from the start
-        if not hasattr(self.inner, name):
-            return None
+        if not hasattr(self.inner, name) or (method == "text" and hasattr(self.inner, "log_files")):
+            return None  # a logger that takes the files needs no text pages of them
         if method in ("tags", "params", "metrics"):  # None: no value
             args = ({k: v for k, v in args[0].items() if v is not None}, *args[1:])
         elif method == "files":
