@@ -86,11 +86,11 @@ class PublishMeter(_Attribution):
 
     def __enter__(self) -> PublishMeter:
         super().__enter__()
-        run = "lightning_inspect.backends.mlflow_run"
+        run = "lightning_inspect.backends.mlflow"
         for attr in ("log_scalars", "log_histograms"):
             self.patch(MLFLOW_ENQUEUE, f"{run}:MlflowRunSink", attr)
         self.patch(MLFLOW_ENQUEUE, f"{run}:MlflowRun", "send")  # the step's one call, queued
-        self.patch(MLFLOW_WORKER, f"{run}:MlflowRunWriter", "log_step", background=True)
+        self.patch(MLFLOW_WORKER, f"{run}:MlflowSink", "log_step", background=True)
         return self
 
 

@@ -55,6 +55,7 @@ import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import lightning.pytorch as pl
 import torch
@@ -69,6 +70,7 @@ from lightning_inspect import (
     GraphMonitor,
     WeightMonitor,
 )
+from lightning_inspect.backends import mlflow as mlflow_backend
 from lightning_inspect.backends.mlflow import MlflowSink
 from lightning_inspect.core.stats import Histogram
 
@@ -378,6 +380,13 @@ def inspected_run(
     counter = CountingSink()
     loggers = _loggers(root, "inspected", server)
 
+    class NoPictures(MlflowSink):
+        """The library's MLflow sink without the histogram pictures (sampled below instead)."""
+
+        def flush(self) -> None:
+            with mock.patch.object(mlflow_backend, "render_histogram_pictures", lambda *a: []):
+                super().flush()
+
     def backends(owner: str) -> list[Any]:
         chosen: list[Any] = ["tensorboard", counter]
         if server is not None:
@@ -385,13 +394,7 @@ def inspected_run(
             chosen.append(
                 "mlflow"
                 if args.pictures == "all"
-                else MlflowSink(
-                    loggers[1].experiment,
-                    loggers[1].run_id,
-                    owner=owner,
-                    render=False,
-                    metrics="all",
-                )
+                else NoPictures(loggers[1].experiment, loggers[1].run_id, owner, "all")
             )
         return chosen
 

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
+from lightning_inspect.backends.pictures import heatmap, publish_image
 from lightning_inspect.errors import ConfigError
-from lightning_inspect.health.pictures import heatmap, publish_image
 from lightning_inspect.health.rules import (
     Finding,
     HealthReport,

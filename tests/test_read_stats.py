@@ -228,7 +228,7 @@ def test_the_table_keeps_odd_keys_and_every_float_exactly(
         "weights/w/min": 5e-324,
         "param_grads/global_norm": 1 / 3,
     }
-    sink = MlflowSink(mlflow_client, mlflow_logger.run_id, owner="Odd", render=False)
+    sink = MlflowSink(mlflow_client, mlflow_logger.run_id, owner="Odd")
     sink.log_scalars(values, step=7)
     sink.log_scalars({"weights/w/max": -2.5}, step=8)
     sink.flush()

@@ -808,6 +808,24 @@ def test_a_failing_run_is_recorded_and_the_console_restored(tmp_path: Path) -> N
     assert MARKER in (tmp_path / "record" / "output.log").read_text()
 
 
+def test_run_record_reaches_any_logger_through_its_sink(tmp_path: Path) -> None:
+    """A CSVLogger: the record's params land in its hparams.yaml, its metrics in metrics.csv."""
+    from lightning.pytorch.loggers import CSVLogger
+
+    logger = CSVLogger(str(tmp_path), name="csv", version=0)
+    callback = RunRecord(git=False, packages=False, model=False, fingerprint_items=4)
+    trainer(tmp_path, logger=logger, callbacks=[callback], limit_val_batches=0).fit(
+        LitClassifier(Encoder(4, 8), Head(8, 3)), DataLoader(data(16), batch_size=8)
+    )
+    hparams = yaml.safe_load((Path(logger.log_dir) / "hparams.yaml").read_text())
+    assert (
+        hparams["run_record/overrides"] == "(none)" and hparams["run_record/data/train/size"] == 16
+    )
+    metrics = (Path(logger.log_dir) / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert "run_record/steps" in metrics and "run_record/duration_s" in metrics
+    assert (tmp_path / "run_record" / "record.yaml").is_file()  # no logger uploads files
+
+
 def test_recorded_run_name_is_the_mlflow_runs_own(tmp_path: Path) -> None:
     """A config read again at setup resolves ``${now:...}`` later than the logger did: the param
     and config.yaml must carry the name the MLflow run was created with."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 import tempfile
 import threading
 import warnings
@@ -17,6 +18,7 @@ import pytest
 import torch
 from conftest import PlainMLP, loader, make_trainer, mlflow_history, read_tb
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_inspect import (
     ActivationMonitor,
@@ -81,7 +83,7 @@ def test_guarded_sink_warns_once_and_saves_what_was_refused(tmp_path: Path) -> N
     assert len(messages) == 1
     assert str(sink.fallback_path) in messages[0] and "ConnectionError" in messages[0]
     assert sink.fallback_path.parent == tmp_path
-    assert inner.calls == 5 and sink.failures == 5  # every call still offered to the backend
+    assert inner.calls == 5 and sink.failed  # every call still offered to the backend
     lines = [json.loads(line) for line in sink.fallback_path.read_text().splitlines()]
     assert [line["call"] for line in lines] == [
         "log_scalars",
@@ -108,7 +110,7 @@ def test_guarded_sink_passes_through() -> None:
         and inner.texts == {"t": [(1, "x")]}
         and inner.flushes == 1
     )
-    assert sink.failures == 0
+    assert not sink.failed
 
 
 def test_failing_backend_during_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -178,27 +180,33 @@ def test_tensorboard_sink_round_trip(tmp_path: Path) -> None:
     assert text.tensor_proto.string_val[0].decode() == "**Net**"
 
 
-def test_fast_tensorboard_checksum_is_tensorboards_own(tmp_path: Path) -> None:
-    """The C checksum swapped into TensorBoard's writer gives its pure-Python values, byte for byte."""
+def test_fast_tensorboard_checksum_is_tensorboards_own_and_local(tmp_path: Path) -> None:
+    """The C checksum of the library's writer gives TensorBoard's pure-Python values, byte for
+    byte, and changes nothing process-wide: TensorBoard's own function stays in place."""
     pytest.importorskip("google_crc32c")
     from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
     from tensorboard.summary.writer import record_writer
     from torch.utils.tensorboard import SummaryWriter
 
-    from lightning_inspect.backends.tensorboard import use_fast_crc
+    from lightning_inspect.backends import tensorboard
 
-    assert use_fast_crc() and use_fast_crc()  # idempotent
-    fast = record_writer.masked_crc32c
-    assert fast is not masked_crc32c
+    before = record_writer.masked_crc32c
     rng = np.random.default_rng(0)
     for size in (0, 1, 3, 8, 255, 4097, 65536):
         data = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
-        assert fast(data) == masked_crc32c(data), size
-    # and a file written with it reads back through TensorBoard's reader, which checks every CRC
-    writer = SummaryWriter(str(tmp_path))
+        assert tensorboard.masked_crc32c(data) == struct.pack("<I", masked_crc32c(data)), size
+    # a file written with it reads back through TensorBoard's reader, which checks every CRC
+    writer, users = SummaryWriter(str(tmp_path / "ours")), SummaryWriter(str(tmp_path / "users"))
     TensorBoardSink(writer).log_scalars({f"k{i}": float(i) for i in range(300)}, step=3)
-    writer.close()
-    assert read_tb(tmp_path).scalars("k299") == [(3, 299.0)]
+    users.add_scalar("mine", 1.0, 0)
+    writer.close(), users.close()
+    assert read_tb(tmp_path / "ours").scalars("k299") == [(3, 299.0)]
+    assert record_writer.masked_crc32c is before is masked_crc32c  # nothing patched
+    assert "write" not in vars(users._get_file_writer().event_writer._async_writer._writer)
+    make_trainer(
+        1, logger=TensorBoardLogger(str(tmp_path / "fit")), callbacks=[ActivationMonitor()]
+    ).fit(PlainMLP(), loader())
+    assert record_writer.masked_crc32c is before
 
 
 # ------------------------------------------------------------------------------------------
@@ -474,7 +482,7 @@ def test_histogram_artifacts_are_uploaded_after_a_failed_flush(
 ) -> None:
     run_id = mlflow_logger.run_id
     sink = GuardedSink(
-        MlflowSink(FlakyArtifacts(mlflow_client), run_id, owner="Flaky", render=False),
+        MlflowSink(FlakyArtifacts(mlflow_client), run_id, owner="Flaky"),
         fallback_dir=tmp_path,
     )
     sink.log_histograms({"activations/fc": make_histogram(torch.arange(6.0))}, step=0)
@@ -489,7 +497,8 @@ def test_histogram_picture_puts_high_values_at_the_top(tmp_path: Path) -> None:
     """The MLflow picture of a key: value grows upwards, step to the right, bright = many values."""
     from PIL import Image
 
-    from lightning_inspect.backends.mlflow import _MARGIN, _PLOT, render_histogram_pictures
+    from lightning_inspect.backends.mlflow import render_histogram_pictures
+    from lightning_inspect.backends.pictures import MARGIN, PLOT
     from lightning_inspect.core.keys import MlflowKeys
 
     spool = tmp_path / "h.jsonl"
@@ -505,8 +514,8 @@ def test_histogram_picture_puts_high_values_at_the_top(tmp_path: Path) -> None:
             )
     [path] = render_histogram_pictures(spool, tmp_path / "pictures", MlflowKeys())
     image = np.asarray(Image.open(path).convert("L"), dtype=float)
-    left, top, right, bottom = _MARGIN
-    width, height = _PLOT
+    left, top, right, bottom = MARGIN
+    width, height = PLOT
     assert image.shape == (top + height + bottom, left + width + right)
     plot = image[top : top + height, left : left + width]
     band = height // 8  # one bin of the eight
@@ -555,7 +564,7 @@ def test_unwritable_fallback_file_warns_once(tmp_path: Path) -> None:
     messages = _runtime_warnings(caught)
     assert len(messages) == 2 and "fallback file could not be written" in messages[0]
     assert "kept in memory only" in messages[1]
-    assert sink.failures == 3 and sink.fallback_path is None
+    assert sink.inner.calls == 3 and sink.failed and sink.fallback_path is None
 
 
 class BlockingSink(MemorySink):
@@ -683,7 +692,7 @@ def test_keys_longer_than_a_file_name_get_short_artifact_names(
     for path in pictures + texts:
         name = path.rsplit("/", 1)[-1]
         assert len(name.encode()) <= 255 and name.startswith("é" * 100)
-    assert sink.failures == 0
+    assert not sink.failed
 
 
 def test_scalar_summary_is_what_protobuf_builds_for_every_kind_of_value() -> None:
@@ -761,7 +770,7 @@ def test_a_refused_step_sent_again_is_in_the_table_once(
     from lightning_inspect import read_stats
 
     run_id = mlflow_logger.run_id
-    inner = MlflowSink(FlakyBatches(mlflow_client), run_id, owner="Flaky", render=False)
+    inner = MlflowSink(FlakyBatches(mlflow_client), run_id, owner="Flaky")
     sink = GuardedSink(inner, fallback_dir=tmp_path)
     with pytest.warns(RuntimeWarning, match="the mlflow backend failed"):
         sink.log_scalars({"weights/w/mean": 1.0, "weights/w/max": 2.0}, step=0)  # refused, kept

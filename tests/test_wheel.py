@@ -112,7 +112,16 @@ def test_wheel_contents(wheel: Path) -> None:
     for option in GROUP_OPTIONS:
         assert f"lightning_inspect/conf/inspect/{option}.yaml" in names, sorted(names)
     assert "lightning_inspect/conf/__init__.py" in names
-    for package in ("core", "backends", "monitors", "health", "shapes", "probes", "record", "hydra"):
+    for package in (
+        "core",
+        "backends",
+        "monitors",
+        "health",
+        "shapes",
+        "probes",
+        "record",
+        "hydra",
+    ):
         assert f"lightning_inspect/{package}/__init__.py" in names, package  # every feature package
     assert "lightning_inspect/py.typed" in names
     assert "hydra_plugins/lightning_inspect_searchpath/lightning_inspect_searchpath.py" in names

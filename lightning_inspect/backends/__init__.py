@@ -1,8 +1,6 @@
-"""Backends: every Lightning logger attached to the Trainer, behind one small protocol.
-
-:func:`resolve_sinks` finds the backends a monitor writes to from the Trainer's own loggers:
-TensorBoard, MLflow and W&B get scalars, histograms, texts and pictures; any other logger (CSV,
-Comet, Neptune, ...) gets scalars through its own ``log_metrics`` (:class:`GenericSink`).
+"""Backends: every Lightning logger attached to the Trainer, behind one protocol (:class:`Sink`).
+TensorBoard, MLflow and W&B show everything; any other logger gets scalars through its
+``log_metrics`` and params through ``log_hyperparams`` (:class:`GenericSink`).
 
 Example:
     >>> from lightning.pytorch.loggers import CSVLogger
@@ -23,74 +21,44 @@ from lightning_inspect.backends.background import BackgroundSink
 from lightning_inspect.backends.base import GuardedSink, Sink
 from lightning_inspect.backends.deadline import EndOfFit
 from lightning_inspect.backends.generic import GenericSink
-from lightning_inspect.backends.memory import MemorySink
-from lightning_inspect.backends.mlflow import METRIC_MODES, MlflowSink
-from lightning_inspect.backends.mlflow_run import MlflowRun, MlflowRunSink
+from lightning_inspect.backends.memory import MemorySink  # noqa: F401
+from lightning_inspect.backends.mlflow import METRIC_MODES, MlflowRun, MlflowRunSink, MlflowSink  # noqa: F401
+from lightning_inspect.backends.mlflow_http import bounded_client
 from lightning_inspect.backends.tensorboard import TensorBoardSink
 from lightning_inspect.backends.wandb import WandbSink
 from lightning_inspect.errors import BackendError, ConfigError
 
 #: Backend names of Lightning's loggers, and each logger's class; any other logger's name is
 #: its class name, lower-case, without "Logger" (``CometLogger`` -> ``"comet"``).
-LOGGER_CLASSES = {
-    "tensorboard": "TensorBoardLogger",
-    "mlflow": "MLFlowLogger",
-    "wandb": "WandbLogger",
-    "csv": "CSVLogger",
-}
+LOGGER_CLASSES = dict(
+    tensorboard="TensorBoardLogger", mlflow="MLFlowLogger", wandb="WandbLogger", csv="CSVLogger"
+)
 BACKENDS = tuple(LOGGER_CLASSES)
-
-__all__ = [
-    "BACKENDS",
-    "METRIC_MODES",
-    "BackgroundSink",
-    "EndOfFit",
-    "GenericSink",
-    "GuardedSink",
-    "MemorySink",
-    "MlflowRun",
-    "MlflowRunSink",
-    "MlflowSink",
-    "Sink",
-    "TensorBoardSink",
-    "WandbSink",
-    "attached_loggers",
-    "check_backends",
-    "close_sinks",
-    "logger_backend",
-    "missing_backend_error",
-    "resolve_sinks",
-]
 
 
 def close_sinks(sinks: Sequence[Any]) -> None:
-    """Close ``sinks``: background workers stop after what they queued, by the fit's deadline."""
-    for sink in sinks:
-        close = getattr(sink, "close", None)  # background workers, local spools
-        if close is not None:
-            close()
+    """Close ``sinks`` (background workers stop after what they queued, by the fit's deadline)."""
+    for sink in (s for s in sinks if hasattr(s, "close")):
+        sink.close()
 
 
 def check_backends(owner: str, backends: Any) -> tuple[str | Sink, ...] | None:
-    """Validate a ``backends`` argument: None, a name, or a list of names and Sink objects.
-
-    A name is one of :data:`BACKENDS` or another logger's name (see :func:`logger_backend`),
-    checked against the Trainer's loggers at fit start; a name that is nearly one of
-    :data:`BACKENDS` (a typo) is refused here.
-    """
+    """Validate a ``backends`` argument: None, a name, or a list of names and Sink objects. A
+    name is one of :data:`BACKENDS` or another logger's (:func:`logger_backend`), checked against
+    the Trainer's loggers at fit start; a near miss of :data:`BACKENDS` (a typo) is refused here."""
     if backends is None:
         return None
     items = [backends] if isinstance(backends, (str, Sink)) else list(backends)
     for item in items:
-        if isinstance(item, str):
-            if item not in BACKENDS and (not item or closest(item, BACKENDS, n=1, cutoff=0.8)):
-                raise ConfigError(
-                    f"{owner}(backends={backends!r}): unknown backend {item!r}; expected one of "
-                    f"{', '.join(map(repr, BACKENDS))} or another attached logger's name (its "
-                    f"class name, lower-case, without 'Logger': 'comet' for CometLogger)."
-                    f"{suggestion(item, BACKENDS)}"
-                )
-        elif not isinstance(item, Sink):
+        near = isinstance(item, str) and (not item or closest(item, BACKENDS, n=1, cutoff=0.8))
+        if near and item not in BACKENDS:
+            raise ConfigError(
+                f"{owner}(backends={backends!r}): unknown backend {item!r}; expected one of "
+                f"{', '.join(map(repr, BACKENDS))} or another attached logger's name (its "
+                f"class name, lower-case, without 'Logger': 'comet' for CometLogger)."
+                f"{suggestion(item, BACKENDS)}"
+            )
+        if not isinstance(item, (str, Sink)):
             raise ConfigError(
                 f"{owner}(backends={backends!r}): expected backend names {list(BACKENDS)} or "
                 f"Sink objects, got {item!r}."
@@ -114,10 +82,8 @@ def attached_loggers(trainer: Any) -> dict[str, Any]:
     """The Trainer's first ``TensorBoardLogger`` and ``MLFlowLogger``, by backend name."""
     found: dict[str, Any] = {}
     for logger in trainer.loggers:
-        name = logger_backend(logger)
-        if name in ("tensorboard", "mlflow"):
-            found.setdefault(name, logger)
-    return found
+        found.setdefault(logger_backend(logger), logger)
+    return {k: v for k, v in found.items() if k in ("tensorboard", "mlflow")}
 
 
 def missing_backend_error(
@@ -136,54 +102,44 @@ def missing_backend_error(
     )
 
 
-def _sink_for(trainer: Any, name: str, logger: Any, owner: str, mlflow_metrics: str) -> Sink:
-    """The guarded sink that writes to ``logger`` (backend ``name``); MLflow's is the fit's
-    shared writer of the logger's run (:class:`MlflowRun`)."""
-    if name == "mlflow":
-        return MlflowRun.for_fit(trainer, logger).sink(owner, mlflow_metrics)
+def select_loggers(trainer: Any, backends: Sequence[str | Sink] | None, owner: str) -> list[Any]:
+    """``(name, logger)`` of every attached logger (``backends=None``) or of those named (a name
+    matches every logger of that name; no match raises
+    :class:`~lightning_inspect.errors.BackendError`); Sink objects in ``backends`` as they are."""
+    attached = [(logger_backend(lg), lg) for lg in trainer.loggers]
+    targets: list[Any] = []
+    for item in attached if backends is None else backends:
+        if isinstance(item, str):
+            named = [(name, lg) for name, lg in attached if name == item]
+            if not named:
+                raise missing_backend_error(owner, backends or (), item, trainer)
+            targets.extend(named)
+        else:
+            targets.append(item)
+    return targets
+
+
+def logger_sink(name: str, logger: Any) -> Sink:
+    """The sink that writes straight to ``logger`` (backend ``name``), on the calling thread."""
     if name == "tensorboard":
-        return GuardedSink(TensorBoardSink(logger.experiment))
+        return TensorBoardSink(logger.experiment)
+    if name == "mlflow":
+        return MlflowSink(bounded_client(logger.experiment), str(logger.run_id), owner=None)
     if name == "wandb":
-        return GuardedSink(WandbSink(logger))
-    return GuardedSink(GenericSink(logger, name))
-
-
-def _announce_scalars_only(owner: str, chosen: Sequence[Sink]) -> None:
-    """One line per logger that takes scalars only, naming where the rest goes."""
-    richer = [s.name for s in chosen if not isinstance(s, GenericSink)]
-    rest = ", ".join(richer) or "no backend (attach a TensorBoard, MLflow or W&B logger for them)"
-    for sink in chosen:
-        if isinstance(sink, GenericSink):
-            rank_zero_info(
-                f"{owner}: {type(sink.logger).__name__} receives scalars only; histograms, texts "
-                f"and pictures go to {rest}."
-            )
-
-
-def _warn_no_logger(owner: str) -> None:
-    warnings.warn(
-        f"{owner}: the Trainer has no logger, so nothing of this callback reaches a logger in "
-        "this fit. Attach one, e.g. Trainer(logger=TensorBoardLogger('logs')) or CSVLogger, "
-        "WandbLogger, MLFlowLogger (in the Lightning+Hydra template: logger=tensorboard, "
-        "logger=csv, ...), or pass Sink objects in backends=[...].",
-        RuntimeWarning,
-        stacklevel=3,
-    )
+        return WandbSink(logger)
+    return GenericSink(logger, name)
 
 
 def resolve_sinks(
     trainer: Any, backends: Sequence[str | Sink] | None, owner: str, mlflow_metrics: str = "summary"
 ) -> list[Sink]:
-    """The guarded sinks a monitor writes to (MLflow's on a background thread).
+    """The guarded sinks a monitor writes to, on global rank 0 (:func:`select_loggers`).
 
-    All callbacks of a fit write to an MLflow run through one writer and one worker thread
-    (:class:`MlflowRun`); background sinks share the fit's :class:`EndOfFit` deadline. ``None``
-    means every logger attached to the Trainer (a Trainer without one warns that nothing will be
-    written); an empty list warns that nothing will be written. A requested backend name with no
-    matching logger raises :class:`~lightning_inspect.errors.BackendError`; a name matches every
-    logger of that name. Sink objects are used as given. Each logger that takes scalars only is
-    named in one info line. ``mlflow_metrics`` is the MLflow sink's ``metrics`` mode
-    (:data:`~lightning_inspect.backends.mlflow.METRIC_MODES`).
+    MLflow's is the fit's shared writer of the logger's run (:class:`MlflowRun`, one background
+    thread; ``mlflow_metrics``: :data:`METRIC_MODES`); an :class:`MlflowSink` given as an object
+    runs on a background thread too. A Trainer without a logger (``backends=None``) and an empty
+    ``backends`` warn that nothing will be written; each logger that takes scalars only is named
+    in one info line.
     """
     if not trainer.is_global_zero:
         return []
@@ -196,25 +152,30 @@ def resolve_sinks(
             stacklevel=3,
         )
     if backends is None and not trainer.loggers:
-        _warn_no_logger(owner)
-    attached = [(logger_backend(lg), lg) for lg in trainer.loggers]
-    targets: list[tuple[str, Any] | Sink] = []  # (name, logger) or a Sink object
-    for item in attached if backends is None else backends:
-        if isinstance(item, str):
-            named = [(name, lg) for name, lg in attached if name == item]
-            if not named:
-                raise missing_backend_error(owner, backends or (), item, trainer)
-            targets.extend(named)
+        warnings.warn(
+            f"{owner}: the Trainer has no logger, so nothing of this callback reaches a logger in "
+            "this fit. Attach one, e.g. Trainer(logger=TensorBoardLogger('logs')) or CSVLogger, "
+            "WandbLogger, MLFlowLogger (in the Lightning+Hydra template: logger=tensorboard, "
+            "logger=csv, ...), or pass Sink objects in backends=[...].",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    chosen: list[Any] = []
+    for target in select_loggers(trainer, backends, owner):
+        if isinstance(target, MlflowSink):
+            chosen.append(BackgroundSink(target, deadline=EndOfFit.for_fit(trainer)))
+        elif not isinstance(target, tuple):
+            chosen.append(GuardedSink(target))
+        elif target[0] == "mlflow":
+            chosen.append(MlflowRun.for_fit(trainer, target[1]).sink(owner, mlflow_metrics))
         else:
-            targets.append(item)
-    deadline = EndOfFit.for_fit(trainer)
-    chosen = [
-        _sink_for(trainer, *t, owner, mlflow_metrics)
-        if isinstance(t, tuple)
-        else BackgroundSink(t, deadline=deadline)
-        if isinstance(t, MlflowSink)
-        else GuardedSink(t)
-        for t in targets
-    ]
-    _announce_scalars_only(owner, [getattr(s, "inner", s) for s in chosen])
+            chosen.append(GuardedSink(logger_sink(*target)))
+    scalars_only = [s.inner for s in chosen if isinstance(getattr(s, "inner", None), GenericSink)]
+    richer = [s.name for s in chosen if not isinstance(getattr(s, "inner", None), GenericSink)]
+    rest = ", ".join(richer) or "no backend (attach a TensorBoard, MLflow or W&B logger for them)"
+    for sink in scalars_only:
+        rank_zero_info(
+            f"{owner}: {type(sink.logger).__name__} receives scalars only; histograms, texts "
+            f"and pictures go to {rest}."
+        )
     return chosen

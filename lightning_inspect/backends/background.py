@@ -1,12 +1,7 @@
-"""Run a slow backend (MLflow over HTTP) on a background thread, so training never waits for it.
-
-The training thread only puts calls on a bounded queue; a worker thread makes them, in order,
-through a :class:`~lightning_inspect.backends.base.GuardedSink` (a failing backend warns once and its
-refused values go to a local fallback file). If the queue is full (the backend is far slower
-than training), a call is written to the fallback file instead of blocking. :meth:`flush` only
-queues the backend's flush. :meth:`close` waits for the queue to drain until the fit's shared
-:class:`~lightning_inspect.backends.deadline.EndOfFit` deadline; what is left then goes to the
-fallback file and the worker stops after the call it is in.
+"""A slow backend (MLflow over HTTP) on a worker thread behind a bounded queue, through a
+:class:`~lightning_inspect.backends.base.GuardedSink`; a call that finds the queue full goes to
+the fallback file instead of blocking, and :meth:`BackgroundSink.close` waits only until the
+fit's shared :class:`~lightning_inspect.backends.deadline.EndOfFit`.
 
 Example:
     >>> from lightning_inspect.backends.memory import MemorySink
@@ -26,8 +21,6 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
 from lightning_inspect.backends.base import CONTROL_CALLS, GuardedSink, Sink
 from lightning_inspect.backends.deadline import EndOfFit
 from lightning_inspect.core.stats import Histogram
@@ -45,37 +38,38 @@ class BackgroundSink:
         self.name = self.guarded.name
         self.deadline = deadline if deadline is not None else EndOfFit()
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
-        self._overflow_warned = False
-        self._abandoned = False  # the deadline passed: calls still queued go to the fallback file
-        self._closed = False
-        self._in_flight: tuple[str, tuple[Any, ...]] | None = None  # the call the worker is making
+        self._overflow_warned = self._abandoned = self._closed = False
+        self._in_flight: tuple[str, tuple[Any, ...]] | None = None
         self._worker = threading.Thread(
             target=self._run, name=f"lightning-inspect-{self.name}", daemon=True
         )
         self._worker.start()
 
     def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            method, args = item
-            if self._abandoned:
-                self._keep(method, args)
+        while (item := self._queue.get()) is not _STOP:
+            if self._abandoned:  # the deadline passed: what is still queued goes to the file
+                self._keep(*item)
                 continue
-            self._in_flight = item
-            getattr(self.guarded, method)(*args)
+            method, args = self._in_flight = item
+            self.guarded.close() if method == "close" else self.guarded.call(method, *args)
             self._in_flight = None
 
     def _keep(self, method: str, args: tuple[Any, ...]) -> bool:
         """Write a call to the fallback file instead of making it; whether it held values."""
-        if method in CONTROL_CALLS:
-            return False
-        self.guarded.save(method, args)
-        return True
+        if method not in CONTROL_CALLS:
+            self.guarded.save(method, args)
+        return method not in CONTROL_CALLS
+
+    def __getattr__(self, method: str) -> Any:
+        """The backend's optional ``log_*`` methods, queued."""
+        if not method.startswith("log_") or not hasattr(self.guarded, method):
+            raise AttributeError(method)
+        return lambda *args: self._put(method, *args)
 
     def _put(self, method: str, *args: Any) -> None:
-        if self._closed:  # a call after the end of fit: nothing sends it any more
+        """Queue a call (mappings copied: the caller may reuse them)."""
+        args = tuple(dict(a) if isinstance(a, Mapping) else a for a in args)
+        if self._closed:  # after the end of fit nothing sends it any more
             self._keep(method, args)
             return
         try:
@@ -85,42 +79,28 @@ class BackgroundSink:
             if not self._overflow_warned:
                 self._overflow_warned = True
                 warnings.warn(
-                    f"lightning-inspect: the {self.name} backend is slower than training; values it could "
-                    f"not take in time are written to {self.guarded.fallback_path}.",
+                    f"lightning-inspect: the {self.name} backend is slower than training; values it "
+                    f"could not take in time are written to {self.guarded.fallback_path}.",
                     RuntimeWarning,
                     stacklevel=3,
                 )
 
     def log_scalars(self, values: Mapping[str, float], step: int) -> None:
-        self._put("log_scalars", dict(values), step)
+        self._put("log_scalars", values, step)
 
     def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None:
-        self._put("log_histograms", dict(histograms), step)
-
-    def log_step(
-        self, step: int, scalars: Mapping[str, Any], histograms: Mapping[str, Any]
-    ) -> None:
-        """Queue several callbacks' values of one step (see :meth:`GuardedSink.log_step`)."""
-        self._put("log_step", step, scalars, histograms)
+        self._put("log_histograms", histograms, step)
 
     def log_text(self, key: str, text: str, step: int) -> None:
         self._put("log_text", key, text, step)
 
-    def log_image(self, key: str, image: np.ndarray, step: int) -> None:
-        self._put("log_image", key, image, step)
-
     def flush(self) -> None:
-        """Queue the backend's flush (after what is queued); returns at once."""
         self._put("flush")
 
     def close(self) -> None:
-        """Send what is queued, flush and close the backend, and stop the worker, by the deadline.
-
-        If the backend has not taken everything by then, the calls still queued, the call in
-        progress (it may still arrive) and what the backend holds undelivered are written to the
-        fallback file (one warning), and the worker ends after the call it is in, without making
-        another.
-        """
+        """Send what is queued, flush and close the backend, and stop the worker, by the deadline;
+        then the calls still queued, the one in progress (it may still arrive) and what the backend
+        holds undelivered go to the fallback file (one warning)."""
         if self._closed:
             return
         self._put("flush")
@@ -132,10 +112,15 @@ class BackgroundSink:
         if not self._worker.is_alive():
             return
         self._abandoned = True
-        in_flight = self._in_flight  # kept too: the process may end before the backend answers
-        saved = (self._keep(*in_flight) if in_flight is not None else False) + self._spill()
-        self.guarded.close()  # keep the backend's undelivered local data; the worker is cut off
-        self._queue.put(_STOP)  # emptied by the spill: does not block
+        saved = self._keep(*self._in_flight) if self._in_flight is not None else False
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            saved += item is not _STOP and self._keep(*item)
+        self.guarded.close()  # the backend's undelivered local data; the worker is cut off
+        self._queue.put(_STOP)  # emptied above: does not block
         where = self.guarded.fallback_path
         kept = f"{saved} queued call(s) and its undelivered data were written to {where}"
         warnings.warn(
@@ -145,14 +130,3 @@ class BackgroundSink:
             RuntimeWarning,
             stacklevel=2,
         )
-
-    def _spill(self) -> int:
-        """Move every call still queued into the fallback file; returns how many held values."""
-        saved = 0
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return saved
-            if item is not _STOP:
-                saved += self._keep(*item)

@@ -1,4 +1,4 @@
-"""The small protocol every backend implements, and a guard that keeps backend faults harmless.
+"""The protocol every backend implements, and the one guard that keeps backend faults harmless.
 
 Example:
     >>> from lightning_inspect.backends.memory import MemorySink
@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -20,8 +21,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-import numpy as np
-
+from lightning_inspect.backends.deadline import EndOfFit
 from lightning_inspect.core.stats import Histogram
 
 #: Calls that carry no values: a refused one is noted in the fallback file, not retained.
@@ -30,116 +30,141 @@ CONTROL_CALLS = ("flush", "close")
 
 @runtime_checkable
 class Sink(Protocol):
-    """Where reduced values go. Implementations must be cheap to call once per logging step.
-
-    A sink may also have ``log_image(key, image, step)`` (height x width x 3 uint8 pictures),
-    sinks without it are skipped for pictures; ``close()`` (release local resources) and
-    ``unsent()`` (records of what it holds locally and has not delivered, kept in the fallback
-    file when the sink is closed).
-    """
+    """Where values go, cheap to call once per logging step (keys per :mod:`~lightning_inspect.
+    core.keys`, histograms binned on the device, texts in markdown). Optional methods, skipped
+    where missing: ``log_image(key, image, step)`` (H x W x 3 uint8), ``log_params(values)``
+    (returns the keys that held another value), ``log_tags(values)``, ``log_files(paths,
+    folder)``, ``log_hparams(values, metrics)``, ``close()``, ``unsent()`` (fallback records)."""
 
     name: str
 
-    def log_scalars(self, values: Mapping[str, float], step: int) -> None:
-        """Log scalars, keys per :mod:`lightning_inspect.core.keys`."""
-
-    def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None:
-        """Log histograms (already binned on the device)."""
-
-    def log_text(self, key: str, text: str, step: int) -> None:
-        """Log a text (markdown) under ``key``."""
-
-    def flush(self) -> None:
-        """Write buffered data; called at the end of fit and on exceptions."""
+    def log_scalars(self, values: Mapping[str, float], step: int) -> None: ...
+    def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None: ...
+    def log_text(self, key: str, text: str, step: int) -> None: ...
+    def flush(self) -> None: ...
 
 
 def histogram_record(h: Histogram) -> dict[str, Any]:
-    """A histogram as the fallback file and MLflow's histogram artifact keep it."""
+    """A histogram as the fallback file keeps it."""
     return {"lo": h.min, "hi": h.max, "counts": h.counts.tolist()}
 
 
+def text_value(value: Any, limit: int) -> str:
+    """``value`` as a param's or tag's text (lists and dicts as JSON), cut to ``limit`` characters."""
+    text = value if isinstance(value, str) else None
+    if text is None:
+        text = json.dumps(value, default=str) if isinstance(value, (list, dict)) else str(value)
+    return text if len(text) <= limit else text[: limit - 20] + " ...[cut]"
+
+
 def fallback_record(method: str, args: tuple[Any, ...]) -> dict[str, Any]:
-    """What the fallback file keeps of one sink call (images: their shape only)."""
+    """What the fallback file keeps of one sink call (pictures: their shape only)."""
+    if method == "log_step":  # several callbacks' values of one step: one record
+        step, scalars, hists = args
+        args = ({k: v for p in scalars.values() for k, v in p.items()}, step)
+        kept = {k: histogram_record(h) for p in hists.values() for k, h in p.items()}
+        return {"call": method, "step": step, "values": args[0], "histograms": kept}
     if method == "log_scalars":
         return {"call": method, "step": args[1], "values": dict(args[0])}
     if method == "log_histograms":
-        histograms = {k: histogram_record(h) for k, h in args[0].items()}
-        return {"call": method, "step": args[1], "histograms": histograms}
-    if method == "log_step":  # the values of several callbacks: one record, keys unique
-        step, scalars, hists = args
-        values = {k: v for part in scalars.values() for k, v in part.items()}
-        kept = {k: histogram_record(h) for part in hists.values() for k, h in part.items()}
-        return {"call": method, "step": step, "values": values, "histograms": kept}
-    if method == "log_text":
-        return {"call": method, "step": args[2], "key": args[0], "text": args[1]}
-    if method == "log_image":
-        return {"call": method, "step": args[2], "key": args[0], "shape": list(args[1].shape)}
-    return {"call": method}
+        kept = {k: histogram_record(h) for k, h in args[0].items()}
+        return {"call": method, "step": args[1], "histograms": kept}
+    if method in ("log_text", "log_image"):
+        value = args[1] if method == "log_text" else list(args[1].shape)
+        return {"call": method, "step": args[2], "key": args[0], method[4:]: value}
+    if not args:
+        return {"call": method}
+    values = args[0] if isinstance(args[0], Mapping) else list(args[0])  # files: their paths
+    return {"call": method, "values": values}
 
 
 class GuardedSink:
-    """Wraps a sink so that a failing backend warns once and never stops training.
+    """A sink whose faults warn once (``owner`` starts the warning) and never stop training.
 
-    What the backend refused is appended, as JSON lines, to a fallback file whose path the
-    warning names, and kept (the last ``max_retained`` calls) to be sent again, in order, as soon
-    as the backend accepts a call again. The file is created at the first refusal, with a name
-    no one can predict and mode 0600 (``O_EXCL``, no symlink followed), in ``fallback_dir`` or
-    else in a new private directory (mode 0700) under the system temp directory. The library never
-    deletes it: it holds values that reached no backend.
-    """
+    What the backend refused goes, as JSON lines, to a fallback file the warning names (created
+    at the first refusal, unpredictable name, mode 0600, in ``fallback_dir`` or a new private
+    directory under the temp directory; never deleted), and is sent again, in order, once the
+    backend accepts a call (the last ``max_retained``). Once :attr:`deadline` is set (the end of
+    fit), a ``remote`` backend's calls wait only until it; later ones go to the file."""
 
     def __init__(
         self,
         inner: Sink,
         fallback_dir: str | os.PathLike[str] | None = None,
         max_retained: int = 10_000,
+        owner: str = "lightning-inspect",
     ) -> None:
         self.inner = inner
         self.name = inner.name
+        self.owner = owner
+        self.failed = False
+        self.deadline: EndOfFit | None = None
+        self.fallback_path: Path | None = None  # the JSON-lines file, once something is refused
         self._fallback_dir = Path(fallback_dir) if fallback_dir else None
-        self._fallback: Path | None = None
-        self._lock = threading.Lock()  # the worker of a BackgroundSink and the closing thread
-        self._warned = False
-        self._lost_warned = False
+        self._lock = threading.Lock()  # a background worker and the closing thread
+        self._lost_warned = self._late = False
         self._retained: deque[tuple[str, tuple[Any, ...]]] = deque(maxlen=max_retained)
-        self.failures = 0
 
-    @property
-    def fallback_path(self) -> Path | None:
-        """The JSON-lines file that receives what the backend refused (``None`` until then)."""
-        return self._fallback
+    def __getattr__(self, method: str) -> Any:
+        """The backend's optional ``log_*`` methods, guarded (missing ones are missing here)."""
+        if not method.startswith("log_") or not hasattr(self.inner, method):
+            raise AttributeError(method)
+        return functools.partial(self.call, method)
 
-    def _call(self, method: str, *args: Any) -> None:
+    def log_scalars(self, values: Mapping[str, float], step: int) -> None:
+        self.call("log_scalars", values, step)
+
+    def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None:
+        self.call("log_histograms", histograms, step)
+
+    def log_text(self, key: str, text: str, step: int) -> None:
+        self.call("log_text", key, text, step)
+
+    def flush(self) -> None:
+        self.call("flush")
+
+    def call(self, method: str, *args: Any) -> Any:
+        """``inner.<method>(*args)``, guarded; its result, or None when it failed."""
+        if self.deadline is None or not getattr(self.inner, "remote", False):
+            return self._call(method, args)
+        if self._late:
+            return self.save(method, args)
+        result: list[Any] = []
+        if not self.deadline.run(lambda: result.append(self._call(method, args))):
+            self._late = True
+            self.save(method, args)
+            budget = self.deadline.budget_s
+            self._warn(f"no answer by the end-of-fit deadline, {budget:g} s for all backends")
+        return result[0] if result else None
+
+    def _call(self, method: str, args: tuple[Any, ...]) -> Any:
         try:
-            getattr(self.inner, method)(*args)
+            result = getattr(self.inner, method)(*args)
         except Exception as exc:  # a backend fault must never reach the training loop
-            self.failures += 1
             self.save(method, args)
             if method not in CONTROL_CALLS:
                 self._retained.append((method, args))
-            if not self._warned:
-                self._warned = True
-                where = self.fallback_path
-                kept = f"written to {where}" if where else "kept in memory only"
-                warnings.warn(
-                    f"lightning-inspect: the {self.name} backend failed ({type(exc).__name__}: {exc}). "
-                    f"Training continues; values it refused are {kept} "
-                    "and sent again once it accepts values again.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-            return
-        self._resend()
-
-    def _resend(self) -> None:
-        """Send the retained calls again, oldest first, until one fails."""
-        while self._retained:
-            method, args = self._retained[0]
+            self._warn(f"{type(exc).__name__}: {exc}")
+            return None
+        while self._retained:  # what was refused, oldest first, until a call fails
             try:
-                getattr(self.inner, method)(*args)
+                getattr(self.inner, self._retained[0][0])(*self._retained[0][1])
             except Exception:
-                return
+                break
             self._retained.popleft()
+        return result
+
+    def _warn(self, why: str) -> None:
+        if not self.failed:
+            self.failed = True
+            where = self.fallback_path
+            kept = f"written to {where}" if where else "kept in memory only"
+            warnings.warn(
+                f"{self.owner}: the {self.name} backend failed ({why}). Training continues; "
+                f"values it refused are {kept} and sent again once it accepts values again.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def save(self, method: str, args: tuple[Any, ...]) -> None:
         """Append one call to the fallback file instead of sending it."""
@@ -149,53 +174,28 @@ class GuardedSink:
         text = "".join(json.dumps(r, default=str) + "\n" for r in records)
         with self._lock:
             try:
-                if self._fallback is None:
-                    self._fallback = self._create_fallback()
+                if self.fallback_path is None:
+                    folder = self._fallback_dir or Path(
+                        tempfile.mkdtemp(prefix="lightning_inspect_")
+                    )
+                    folder.mkdir(parents=True, exist_ok=True)
+                    prefix = f"lightning_inspect_unsent_{self.name}_"
+                    fd, path = tempfile.mkstemp(prefix=prefix, suffix=".jsonl", dir=folder)
+                    os.close(fd)  # mkstemp: O_EXCL, mode 0600
+                    self.fallback_path = Path(path)
                 flags = os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
-                fd = os.open(self._fallback, flags)
+                fd = os.open(self.fallback_path, flags)
                 with os.fdopen(fd, "a", encoding="utf-8") as f:
                     f.write(text)
             except OSError as exc:
                 if not self._lost_warned:
                     self._lost_warned = True
                     warnings.warn(
-                        f"lightning-inspect: the {self.name} fallback file could not be written "
+                        f"{self.owner}: the {self.name} fallback file could not be written "
                         f"({type(exc).__name__}: {exc}); what the backend refuses is lost.",
                         RuntimeWarning,
-                        stacklevel=4,
+                        stacklevel=5,
                     )
-
-    def _create_fallback(self) -> Path:
-        directory = self._fallback_dir
-        if directory is None:
-            directory = Path(tempfile.mkdtemp(prefix="lightning_inspect_"))
-        directory.mkdir(parents=True, exist_ok=True)
-        prefix = f"lightning_inspect_unsent_{self.name}_"
-        fd, path = tempfile.mkstemp(prefix=prefix, suffix=".jsonl", dir=directory)  # O_EXCL, 0600
-        os.close(fd)
-        return Path(path)
-
-    def log_scalars(self, values: Mapping[str, float], step: int) -> None:
-        self._call("log_scalars", values, step)
-
-    def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None:
-        self._call("log_histograms", histograms, step)
-
-    def log_step(
-        self, step: int, scalars: Mapping[str, Any], histograms: Mapping[str, Any]
-    ) -> None:
-        """Several callbacks' values of one step (a sink with ``log_step``, e.g. MLflow's)."""
-        self._call("log_step", step, scalars, histograms)
-
-    def log_text(self, key: str, text: str, step: int) -> None:
-        self._call("log_text", key, text, step)
-
-    def log_image(self, key: str, image: np.ndarray, step: int) -> None:
-        if hasattr(self.inner, "log_image"):
-            self._call("log_image", key, image, step)
-
-    def flush(self) -> None:
-        self._call("flush")
 
     def close(self) -> None:
         """Keep what the backend holds undelivered in the fallback file; release its resources."""
@@ -208,4 +208,4 @@ class GuardedSink:
             if records:
                 self._write(records)
         if hasattr(self.inner, "close"):
-            self._call("close")
+            self.call("close")

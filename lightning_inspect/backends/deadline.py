@@ -1,15 +1,12 @@
 """One time budget for everything the library still sends to its backends when a fit ends.
 
-Every monitor closes its backends at the end of fit, and :class:`~lightning_inspect.RunRecord`
-writes its outcome then. They all share the :class:`EndOfFit` of their Trainer's fit: its clock
-starts with the first wait, and every later wait gets only what is left. So the library adds at
-most :data:`END_OF_FIT_BUDGET_S` to the end of fit however many monitors wait, and whatever a slow
-or dead backend (MLflow in its HTTP retry back-off) does.
+Every monitor closes its backends at the end of fit and :class:`~lightning_inspect.RunRecord`
+writes its outcome then; all share their Trainer's :class:`EndOfFit`: its clock starts with the
+first wait and later waits get only what is left, so the library adds at most
+:data:`END_OF_FIT_BUDGET_S` to the end of fit, whatever a slow or dead backend does.
 
 Example:
     >>> deadline = EndOfFit(budget_s=5.0)
-    >>> deadline.remaining() <= 5.0
-    True
     >>> deadline.run(print, "sent")
     sent
     True
@@ -28,7 +25,7 @@ END_OF_FIT_BUDGET_S = 30.0
 
 
 class EndOfFit:
-    """The deadline of one fit's end, shared by all its backends (see the module docstring)."""
+    """The deadline of one fit's end, shared by all its backends."""
 
     _instances: ClassVar[weakref.WeakKeyDictionary[Any, EndOfFit]] = weakref.WeakKeyDictionary()
 
@@ -40,15 +37,9 @@ class EndOfFit:
     @classmethod
     def for_fit(cls, trainer: Any) -> EndOfFit:
         """The deadline of ``trainer``'s current fit (a new one once the last fit's has started)."""
-        current = cls._instances.get(trainer)
-        if current is None or current.started:
+        if (current := cls._instances.get(trainer)) is None or current._end is not None:
             current = cls._instances[trainer] = cls()
         return current
-
-    @property
-    def started(self) -> bool:
-        """Whether the clock runs (someone waited already)."""
-        return self._end is not None
 
     def remaining(self) -> float:
         """Seconds left before the deadline; the first call starts the clock."""
@@ -58,11 +49,8 @@ class EndOfFit:
             return max(0.0, self._end - time.monotonic())
 
     def run(self, fn: Callable[..., Any], *args: Any) -> bool:
-        """Call ``fn(*args)`` on a helper thread and wait for it until the deadline.
-
-        Returns whether it finished; if not, the call goes on in the background and its result
-        is dropped. Exceptions are the caller's to catch inside ``fn``.
-        """
+        """Call ``fn(*args)`` on a helper thread and wait for it until the deadline; whether it
+        finished (if not, it goes on in the background, its result dropped)."""
         thread = threading.Thread(
             target=fn, args=args, name="lightning-inspect-end-of-fit", daemon=True
         )

@@ -1,9 +1,7 @@
-"""Any Lightning logger (CSV, Comet, Neptune, a user's own): scalars through its ``log_metrics``.
-
-Such a logger has no histogram type the library can rely on, so :class:`GenericSink` sends
-scalars only. It takes histograms and texts (the :class:`~lightning_inspect.backends.base.Sink`
-protocol asks for them) and drops them, and it has no ``log_image``, so pictures skip it; the
-callbacks say so once at fit start.
+"""Any Lightning logger (CSV, Comet, Neptune, a user's own): scalars through its ``log_metrics``,
+params through its ``log_hyperparams``. It has no histogram type the library can rely on:
+histograms and texts are dropped, and without ``log_image`` pictures skip it (the callbacks say
+so once at fit start).
 
 Example:
     >>> import tempfile
@@ -22,7 +20,7 @@ from lightning_inspect.core.stats import Histogram
 
 
 class GenericSink:
-    """Sends each step's scalars to ``logger.log_metrics`` in one call; writes on :meth:`flush`."""
+    """Each step's scalars in one ``logger.log_metrics`` call; written on :meth:`flush`."""
 
     def __init__(self, logger: Any, name: str) -> None:
         self.logger = logger
@@ -31,11 +29,11 @@ class GenericSink:
     def log_scalars(self, values: Mapping[str, float], step: int) -> None:
         self.logger.log_metrics({k: float(v) for k, v in values.items()}, step)
 
-    def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None:
-        """Not shown by this backend: dropped."""
+    def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None: ...
+    def log_text(self, key: str, text: str, step: int) -> None: ...  # dropped, like histograms
 
-    def log_text(self, key: str, text: str, step: int) -> None:
-        """Not shown by this backend: dropped."""
+    def log_params(self, values: Mapping[str, Any]) -> None:
+        self.logger.log_hyperparams(dict(values))
 
     def flush(self) -> None:
         self.logger.save()

@@ -46,9 +46,7 @@ class MemorySink:
         self.flushes += 1
 
     def last(self, key: str) -> float:
-        """The most recent value of scalar ``key``."""
-        return self.scalars[key][-1][1]
+        return self.scalars[key][-1][1]  # the latest value of scalar ``key``
 
     def steps(self, key: str) -> list[int]:
-        """The steps at which scalar ``key`` was logged."""
-        return [step for step, _ in self.scalars[key]]
+        return [step for step, _ in self.scalars[key]]  # the steps scalar ``key`` was logged at

@@ -1,24 +1,17 @@
-"""Read a run's logged statistics back as one tidy pandas DataFrame, from either backend.
+"""A run's logged statistics back as one tidy pandas DataFrame, from TensorBoard or MLflow.
 
-:func:`read_stats` takes a TensorBoard log directory, or an MLflow run id with its tracking URI,
-and returns one row per logged value with the columns ``step``, ``kind``, ``module``,
-``output``, ``stat`` and ``value`` (``module`` holds the parameter's name for the
-``param_grads`` and ``weights`` kinds, and is empty for whole-kind values such as
-``param_grads/global_norm``; ``output`` is the path inside a module's output, often empty).
-``module`` is the name as the model has it (a ``/`` in it, escaped in the metric key, is given
-back); ``output`` is the path as in the key.
-Rows are sorted by step, kind, module, output and stat, so frames of two runs line up.
-
-From MLflow the values come from the table artifacts ``lightning_inspect/stats/<monitor>.csv``
-(every value, as logged, in float64). TensorBoard stores scalars as float32: the same run read
-from TensorBoard gives the MLflow values rounded to float32.
+One row per value, columns ``step``, ``kind``, ``module`` (the model's name, or the parameter's
+for ``param_grads``/``weights``; empty for whole-kind values such as ``param_grads/global_norm``),
+``output`` (the path inside a module's output, often empty), ``stat``, ``value``; sorted so that
+frames of two runs line up. MLflow's values come from the tables
+``lightning_inspect/stats/<monitor>.csv`` (float64); TensorBoard stores float32.
 
 Example::
 
     df = read_stats("tb_logs/my_model/version_0")
     df = read_stats(run_id, tracking_uri="sqlite:///mlflow.db")
-    stds = df[(df.kind == "activations") & (df.stat == "std")]
-    stds.pivot_table(index="module", columns="step", values="value")  # layers x steps
+    df[(df.kind == "activations") & (df.stat == "std")].pivot_table(
+        index="module", columns="step", values="value")  # layers x steps
 """
 
 from __future__ import annotations
@@ -41,53 +34,38 @@ COLUMNS = ("step", "kind", "module", "output", "stat", "value")
 def read_stats(source: str | os.PathLike[str], tracking_uri: str | None = None) -> pd.DataFrame:
     """The statistics of one run as a tidy ``pandas.DataFrame`` (columns :data:`COLUMNS`).
 
-    Args:
-        source: a TensorBoard log directory (the directory of one run's event files, or a
-            directory above it holding exactly one run), or, with ``tracking_uri``, an MLflow
-            run id.
-        tracking_uri: the MLflow tracking URI of the run (``sqlite:///mlflow.db``,
-            ``http://host:5000``); ``None`` reads TensorBoard.
+    ``source``: a TensorBoard log directory (of one run, or above exactly one run), or with
+    ``tracking_uri`` (``sqlite:///mlflow.db``, ``http://host:5000``) an MLflow run id.
     """
-    if tracking_uri is not None:
-        keys, steps, values = _from_mlflow(str(source), tracking_uri)
-    else:
-        keys, steps, values = _from_tensorboard(Path(source))
-    return _tidy(keys, steps, values)
-
-
-def _pandas() -> Any:
-    """The pandas module, or an ImportError that names the extra providing it."""
     try:
-        import pandas
+        import pandas as pd
     except ImportError as exc:
         raise ImportError(
             "read_stats needs pandas: pip install 'lightning-inspect[analysis]'"
         ) from exc
-    return pandas
-
-
-def _tidy(keys: list[str], steps: list[int], values: list[float]) -> pd.DataFrame:
-    import numpy as np
-
-    pd = _pandas()
-
-    parts = {key: split_key(key) for key in dict.fromkeys(keys)}
+    if tracking_uri is not None:
+        table = _from_mlflow(pd, str(source), tracking_uri)
+    else:
+        table = pd.DataFrame(_from_tensorboard(Path(source)), columns=["key", "step", "value"])
+    parts = {key: split_key(key) for key in table["key"].unique()}
+    columns = list(zip(*(parts[k] for k in table["key"]), strict=True)) or [()] * 4
+    kind, module, output, stat = columns
     frame = pd.DataFrame(
-        {
-            "step": np.asarray(steps, dtype=np.int64),
-            "kind": [parts[k][0] for k in keys],
-            "module": [unescape_name(parts[k][1]) for k in keys],
-            "output": [parts[k][2] for k in keys],
-            "stat": [parts[k][3] for k in keys],
-            "value": np.asarray(values, dtype=np.float64),
-        },
+        dict(
+            step=table["step"].astype("int64"),
+            kind=kind,
+            module=[unescape_name(m) for m in module],
+            output=output,
+            stat=stat,
+            value=table["value"].astype("float64"),
+        ),
         columns=list(COLUMNS),
     )
     frame = frame[frame["kind"].isin(KINDS)]
     return frame.sort_values(list(COLUMNS[:5]), kind="stable").reset_index(drop=True)
 
 
-def _from_tensorboard(root: Path) -> tuple[list[str], list[int], list[float]]:
+def _from_tensorboard(root: Path) -> list[tuple[str, int, float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     if not root.is_dir():
@@ -104,46 +82,26 @@ def _from_tensorboard(root: Path) -> tuple[list[str], list[int], list[float]]:
         )
     events = EventAccumulator(run_dirs[0], size_guidance={"scalars": 0})
     events.Reload()
-    keys: list[str] = []
-    steps: list[int] = []
-    values: list[float] = []
-    for tag in events.Tags()["scalars"]:
-        if split_key(tag)[0] not in KINDS:
-            continue
-        for event in events.Scalars(tag):
-            keys.append(tag)
-            steps.append(event.step)
-            values.append(event.value)
-    return keys, steps, values
+    tags = [t for t in events.Tags()["scalars"] if split_key(t)[0] in KINDS]
+    return [(tag, e.step, e.value) for tag in tags for e in events.Scalars(tag)]
 
 
-def _from_mlflow(run_id: str, tracking_uri: str) -> tuple[list[str], list[int], list[float]]:
+def _from_mlflow(pd: Any, run_id: str, tracking_uri: str) -> Any:
     from mlflow.tracking import MlflowClient
 
-    pd = _pandas()
-
     client = MlflowClient(tracking_uri=tracking_uri)
+    where = f"read_stats({run_id!r}, tracking_uri={tracking_uri!r})"
     try:
         client.get_run(run_id)
     except Exception as exc:  # MlflowException, or a store that cannot be reached
-        raise ConfigError(f"read_stats({run_id!r}, tracking_uri={tracking_uri!r}): {exc}") from exc
-    tables = [
-        f.path for f in client.list_artifacts(run_id, STATS_ARTIFACT_DIR) if f.path.endswith(".csv")
-    ]
-    if not tables:
+        raise ConfigError(f"{where}: {exc}") from exc
+    listed = client.list_artifacts(run_id, STATS_ARTIFACT_DIR)
+    if not (tables := [f.path for f in listed if f.path.endswith(".csv")]):
         raise ConfigError(
-            f"read_stats({run_id!r}, tracking_uri={tracking_uri!r}): the run has no "
-            f"{STATS_ARTIFACT_DIR}/*.csv artifact (written at the end of fit by the monitors)."
+            f"{where}: the run has no {STATS_ARTIFACT_DIR}/*.csv artifact (written at the end of "
+            "fit by the monitors)."
         )
     with tempfile.TemporaryDirectory(prefix="lightning_inspect_read_") as tmp:
-        frames = [
-            pd.read_csv(
-                client.download_artifacts(run_id, path, tmp),
-                dtype={"key": str},
-                keep_default_na=False,
-                na_values={"value": ["nan"]},
-            )
-            for path in tables
-        ]
-    table = pd.concat(frames, ignore_index=True)
-    return table["key"].tolist(), table["step"].tolist(), table["value"].tolist()
+        options = dict(dtype={"key": str}, keep_default_na=False, na_values={"value": ["nan"]})
+        paths = [client.download_artifacts(run_id, path, tmp) for path in tables]
+        return pd.concat([pd.read_csv(p, **options) for p in paths], ignore_index=True)

@@ -1,16 +1,14 @@
-"""Weights & Biases through the Trainer's ``WandbLogger``.
-
-Everything goes through the logger's own methods, so values carry W&B's
-``trainer/global_step`` like Lightning's own metrics: scalars with ``log_metrics``, one call per
-step; histograms as ``wandb.Histogram(np_histogram=(counts, edges))`` from the counts binned on
-the device (W&B keeps at most 512 bins: more are merged in neighbouring groups); texts as a
-one-cell table (``log_text``) and pictures with ``log_image``. ``wandb`` is imported only when
-a histogram is logged (the ``wandb`` extra).
+"""Weights & Biases through the Trainer's ``WandbLogger``, with the logger's own methods (values
+carry W&B's ``trainer/global_step`` like Lightning's): scalars with ``log_metrics``; histograms
+as ``wandb.Histogram(np_histogram=(counts, edges))`` from the counts binned on the device (at
+most 512 bins: neighbours merged); texts as a one-cell table; pictures with ``log_image``;
+params as the run's config, tags in its summary, files as an artifact.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,7 +22,6 @@ MAX_WANDB_BINS = 512
 def wandb_bins(h: Histogram, limit: int = MAX_WANDB_BINS) -> tuple[np.ndarray, np.ndarray]:
     """``(counts, edges)`` of ``h`` with at most ``limit`` bins (neighbours summed).
 
-    >>> from lightning_inspect.core.stats import Histogram
     >>> h = Histogram(np.linspace(0, 6, 7), np.arange(6.0), 0.0, 6.0, 15.0, 0.0, 0.0)
     >>> counts, edges = wandb_bins(h, limit=4)
     >>> counts.tolist(), edges.tolist()
@@ -39,7 +36,7 @@ def wandb_bins(h: Histogram, limit: int = MAX_WANDB_BINS) -> tuple[np.ndarray, n
 
 
 class WandbSink:
-    """Writes scalars, histograms, texts and pictures to a ``WandbLogger``'s run."""
+    """Writes to a ``WandbLogger``'s run (``wandb`` imported for histograms only)."""
 
     name = "wandb"
 
@@ -50,18 +47,32 @@ class WandbSink:
         self.logger.log_metrics({k: float(v) for k, v in values.items()}, step)
 
     def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None:
-        if not histograms:
-            return
-        import wandb
+        if histograms:
+            import wandb
 
-        values = {k: wandb.Histogram(np_histogram=wandb_bins(h)) for k, h in histograms.items()}
-        self.logger.log_metrics(values, step)
+            values = {k: wandb.Histogram(np_histogram=wandb_bins(h)) for k, h in histograms.items()}
+            self.logger.log_metrics(values, step)
 
     def log_text(self, key: str, text: str, step: int) -> None:
         self.logger.log_text(key, columns=["text"], data=[[text]], step=step)
 
     def log_image(self, key: str, image: np.ndarray, step: int) -> None:
         self.logger.log_image(key, [image], step=step)
+
+    def log_params(self, values: Mapping[str, Any]) -> None:
+        self.logger.log_hyperparams(dict(values))
+
+    def log_tags(self, values: Mapping[str, Any]) -> None:
+        self.logger.experiment.summary.update(dict(values))
+
+    def log_files(self, paths: Sequence[Path], folder: str) -> None:
+        """The files as one W&B artifact of type ``folder`` (copied: the originals may go)."""
+        import wandb
+
+        artifact = wandb.Artifact(f"{folder}-{self.logger.experiment.id}", type=folder)
+        for path in paths:
+            artifact.add_file(str(path), name=f"{folder}/{Path(path).name}")
+        self.logger.experiment.log_artifact(artifact)
 
     def flush(self) -> None:
         """Nothing to do: W&B's own process writes values as they arrive."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
 import shutil
 import sys
@@ -21,9 +20,14 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_inspect._validation import as_str_list, check_bool, check_choices, check_positive_int
-from lightning_inspect.backends import EndOfFit, attached_loggers, missing_backend_error
-from lightning_inspect.backends.mlflow_http import bounded_client
-from lightning_inspect.core.keys import MlflowKeys
+from lightning_inspect.backends import (
+    EndOfFit,
+    GuardedSink,
+    Sink,
+    attached_loggers,
+    logger_sink,
+    select_loggers,
+)
 from lightning_inspect.errors import ConfigError
 from lightning_inspect.record import config as conf
 from lightning_inspect.record import environment as env
@@ -41,206 +45,50 @@ ARTIFACT_PATH = "lightning_inspect/run_record"
 #: Prefix of every key the record logs (tags, params, metrics, TensorBoard text).
 PREFIX = "run_record"
 _BACKENDS = ("tensorboard", "mlflow")
-_MLFLOW_BATCH = 100
-_MLFLOW_PARAM_CHARS = 6000
-_MLFLOW_TAG_CHARS = 5000
 _TEXT_CHARS = 200_000
 
 
 # --------------------------------------------------------------------------------------------
-# Backends
+# Backends: the record's calls on each attached logger's sink (lightning_inspect.backends)
 # --------------------------------------------------------------------------------------------
+
+#: The record's calls and the Sink methods that make them (a sink without one skips it).
+_CALLS = {"tags": "log_tags", "params": "log_params", "metrics": "log_scalars", "text": "log_text"}
+_CALLS.update(files="log_files", hparams="log_hparams", flush="flush")
 
 
 class _Writer:
-    """What the record needs from a backend; every method may be a no-op."""
+    """One attached logger and its sink."""
 
-    name = "none"
-    #: Whether calls go over the network (at the end of fit: only until the shared deadline).
-    remote = False
-
-    def tags(self, values: Mapping[str, Any]) -> None:
-        """Identity of the run (mutable strings)."""
-
-    def params(self, values: Mapping[str, Any]) -> list[str]:
-        """Values that define the run; returns keys that already held another value."""
-        return []
-
-    def metrics(self, values: Mapping[str, float], step: int) -> None:
-        """Numbers measured at the end."""
-
-    def text(self, key: str, markdown: str, step: int) -> None:
-        """A readable page."""
-
-    def files(self, paths: Sequence[Path]) -> None:
-        """The record's files."""
-
-    def hparams(self, values: Mapping[str, Any]) -> None:
-        """The comparison table (TensorBoard's HPARAMS tab)."""
-
-    def flush(self) -> None:
-        """Write what is buffered."""
-
-    def end_of_fit(self) -> None:
-        """From now on, a call that gets no answer fails within seconds (remote writers)."""
-
-
-def _text(value: Any, limit: int) -> str:
-    text = (
-        value
-        if isinstance(value, str)
-        else json.dumps(value, default=str)
-        if isinstance(value, (list, dict))
-        else str(value)
-    )
-    return text if len(text) <= limit else text[: limit - 20] + " ...[cut]"
-
-
-class _MlflowWriter(_Writer):
-    """Tags, params, metrics and artifacts of the ``MLFlowLogger``'s run."""
-
-    name = "mlflow"
-    remote = True
-
-    def __init__(self, client: Any, run_id: str) -> None:
-        self.client = client
-        self.run_id = run_id
-        self.keys = MlflowKeys()
-
-    def end_of_fit(self) -> None:
-        """Against a tracking server: bounded retries (see ``sinks/mlflow_http.py``)."""
-        self.client = bounded_client(self.client)
-
-    def tags(self, values: Mapping[str, Any]) -> None:
-        from mlflow.entities import RunTag
-
-        tags = [
-            RunTag(self.keys(k), _text(v, _MLFLOW_TAG_CHARS))
-            for k, v in values.items()
-            if v is not None
-        ]
-        for start in range(0, len(tags), _MLFLOW_BATCH):
-            self.client.log_batch(self.run_id, tags=tags[start : start + _MLFLOW_BATCH])
-
-    def params(self, values: Mapping[str, Any]) -> list[str]:
-        from mlflow.entities import Param
-
-        existing = self.client.get_run(self.run_id).data.params
-        new: list[Param] = []
-        conflicts: list[str] = []
-        for key, value in values.items():
-            if value is None:
-                continue
-            name, text = self.keys(key), _text(value, _MLFLOW_PARAM_CHARS)
-            if name in existing:
-                if existing[name] != text:
-                    conflicts.append(key)
-                continue
-            new.append(Param(name, text))
-        for start in range(0, len(new), _MLFLOW_BATCH):
-            self.client.log_batch(self.run_id, params=new[start : start + _MLFLOW_BATCH])
-        return conflicts
-
-    def metrics(self, values: Mapping[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        metrics = [
-            Metric(self.keys(k), float(v), now, step) for k, v in values.items() if v is not None
-        ]
-        if metrics:
-            self.client.log_batch(self.run_id, metrics=metrics)
-
-    def files(self, paths: Sequence[Path]) -> None:
-        for path in paths:
-            self.client.log_artifact(self.run_id, str(path), artifact_path=ARTIFACT_PATH)
+    def __init__(self, logger: Any, sink: Sink) -> None:
+        self.logger, self.sink, self.name = logger, sink, sink.name
 
 
 class _TensorBoardWriter(_Writer):
-    """Text pages, scalars and the HPARAMS entry of the ``TensorBoardLogger``'s writer.
-
-    The record's files are already in the logger's directory (``<log_dir>/run_record``).
-    """
-
-    name = "tensorboard"
-
-    def __init__(self, logger: Any) -> None:
-        self.logger = logger
-        self.writer = logger.experiment
-
-    def metrics(self, values: Mapping[str, float], step: int) -> None:
-        for key, value in values.items():
-            if value is not None:
-                self.writer.add_scalar(key, float(value), global_step=step)
-
-    def text(self, key: str, markdown: str, step: int) -> None:
-        self.writer.add_text(key, markdown, global_step=step)
-
-    def hparams(self, values: Mapping[str, Any]) -> None:
-        from torch.utils.tensorboard.summary import hparams
-
-        metrics = {f"{PREFIX}/steps_per_s": 0.0, f"{PREFIX}/duration_s": 0.0}
-        if getattr(self.logger, "_default_hp_metric", False):
-            metrics = {"hp_metric": 0.0, **metrics}
-        clean = {k: _tb_value(v) for k, v in values.items() if v is not None}
-        experiment, start, end = hparams(clean, metrics)
-        file_writer = self.writer._get_file_writer()
-        for summary in (experiment, start, end):
-            file_writer.add_summary(summary)
-
-    def flush(self) -> None:
-        self.writer.flush()
+    """Its logger's directory keeps the record's files (``<log_dir>/run_record``)."""
 
 
-def _tb_value(value: Any) -> bool | int | float | str:
-    if isinstance(value, (bool, int, float, str)):
-        return value
-    return _text(value, 500)
-
-
-class _Guarded:
-    """Calls a writer, turning its first failure into one warning; training never stops.
-
-    Once ``deadline`` is set (the end of fit), a remote writer's calls wait only until it: a call
-    still unanswered then is left to finish in the background, and later calls are skipped.
-    """
+class _Guarded(GuardedSink):
+    """A writer's sink behind the backends' guard (fallback file next to the record's files)."""
 
     def __init__(self, inner: _Writer, where: Path) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self.where = where
-        self.failed = False
-        self.deadline: EndOfFit | None = None
-        self._late = False
+        super().__init__(inner.sink, fallback_dir=where, owner="RunRecord")
+        self.writer = inner
 
     def __call__(self, method: str, *args: Any) -> Any:
-        if self.deadline is None or not self.inner.remote:
-            return self._call(method, *args)
-        if self._late:
-            return None
-        result: list[Any] = []
-        if not self.deadline.run(lambda: result.append(self._call(method, *args))):
-            self._late = True
-            budget = self.deadline.budget_s
-            self._fail(f"no answer by the end-of-fit deadline, {budget:g} s for all backends")
-        return result[0] if result else None
-
-    def _call(self, method: str, *args: Any) -> Any:
-        try:
-            return getattr(self.inner, method)(*args)
-        except Exception as exc:  # a backend fault must never reach the training loop
-            self._fail(f"{type(exc).__name__}: {exc}")
-            return None
-
-    def _fail(self, why: str) -> None:
-        if not self.failed:
-            warnings.warn(
-                f"RunRecord: the {self.name} backend failed while logging the run record ({why}). "
-                f"Training continues; the record's files are in {self.where}.",
-                RuntimeWarning,
-                stacklevel=4,
+        name = _CALLS.get(method, "")  # end_of_fit: nothing to do, calls are bounded from the start
+        if not hasattr(self.inner, name) or (method == "text" and hasattr(self.inner, "log_files")):
+            return None  # a logger that takes the files needs no text pages of them
+        if method in ("tags", "params", "metrics"):  # None: no value
+            args = ({k: v for k, v in args[0].items() if v is not None}, *args[1:])
+        elif method == "files":
+            args = (args[0], "run_record")
+        elif method == "hparams":  # compared on these scalars in TensorBoard's HPARAMS tab
+            default = (
+                ["hp_metric"] if getattr(self.writer.logger, "_default_hp_metric", False) else []
             )
-        self.failed = True
+            args = (args[0], [*default, f"{PREFIX}/steps_per_s", f"{PREFIX}/duration_s"])
+        return self.call(name, *args)
 
 
 @dataclasses.dataclass
@@ -435,18 +283,11 @@ class RunRecord(Callback):
     # ---------------------------------------------------------------- set-up helpers
 
     def _writers(self, trainer: pl.Trainer) -> list[_Writer]:
-        found: dict[str, _Writer] = {}
-        for name, logger in attached_loggers(trainer).items():
-            if name == "tensorboard":
-                found[name] = _TensorBoardWriter(logger)
-            else:
-                found[name] = _MlflowWriter(logger.experiment, str(logger.run_id))
-        if self.backends is None:
-            return list(found.values())
-        for name in self.backends:
-            if name not in found:
-                raise missing_backend_error("RunRecord", self.backends, name, trainer)
-        return [found[name] for name in self.backends]
+        loggers = select_loggers(trainer, self.backends, "RunRecord")
+        return [
+            (_TensorBoardWriter if name == "tensorboard" else _Writer)(lg, logger_sink(name, lg))
+            for name, lg in loggers
+        ]
 
     def _model_key(self, config: ConfigRecord, pl_module: pl.LightningModule) -> str | None:
         """The config key holding the model's ``_target_`` node (checked when given)."""
@@ -476,7 +317,7 @@ class RunRecord(Callback):
             path = Path(tensorboard.log_dir) / "run_record"
         elif config.source == "hydra" and config.output_dir:
             path = Path(config.output_dir) / "run_record"
-        elif writers:
+        elif writers and all(hasattr(w.sink, "log_files") for w in writers):
             path, temporary = Path(tempfile.mkdtemp(prefix="lightning_inspect_run_record_")), True
         else:
             rank_zero_info(
@@ -659,7 +500,6 @@ class RunRecord(Callback):
             return
         for writer in fit.writers:
             writer.deadline = fit.deadline
-            writer.inner.end_of_fit()
         try:
             self._collect("outcome", self._log_end, fit, trainer, status, exception)
         finally:
