@@ -19,14 +19,13 @@ Example:
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from collections.abc import Iterable, Sequence
 
 from torch import nn
 
-from lightning_inspect._validation import closest
-from lightning_inspect.errors import ConfigError, SelectionError
+from lightning_inspect._validation import closest, compile_pattern
+from lightning_inspect.errors import SelectionError
 
 #: Name components inserted by wrappers; removed wherever they appear.
 WRAPPER_COMPONENTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
@@ -62,17 +61,8 @@ class Pattern:
     """
 
     def __init__(self, text: str, kind: str = "module") -> None:
-        self.text = text
-        self.kind = kind
-        if text.startswith("re:"):
-            try:
-                self._regex = re.compile(text[3:])
-            except re.error as exc:
-                raise ConfigError(
-                    f"{kind} pattern {text!r} is not a valid regular expression: {exc}"
-                ) from exc
-        else:
-            self._regex = re.compile(fnmatch.translate(text))
+        self.text, self.kind = text, kind
+        self._regex = compile_pattern(text, kind)
 
     def matches(self, name: str) -> bool:
         """Whether the whole ``name`` matches."""
@@ -86,12 +76,8 @@ class Pattern:
 
 
 def named_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every submodule (the root excluded) by normalised qualified name, first name wins.
-
-    A module registered under several names (a shared module) appears once, under the name
-    ``named_modules`` gives it first. Wrapper modules whose normalised name equals their child's
-    are dropped in favour of the child.
-    """
+    """Every submodule (the root excluded) by normalised qualified name: a shared module once,
+    under its first name; a wrapper whose normalised name equals its child's gives way to it."""
     out: dict[str, nn.Module] = {}
     wrapped = is_data_parallel(model)
     for raw, module in model.named_modules():
@@ -109,15 +95,6 @@ def owns_parameters(module: nn.Module) -> bool:
 
 def _patterns(texts: Iterable[str], kind: str = "module") -> list[Pattern]:
     return [Pattern(t, kind) for t in texts]
-
-
-def check_patterns(owner: str, name: str, texts: Sequence[str], kind: str = "module") -> None:
-    """Compile every pattern now, so a bad regex fails in the constructor that received it."""
-    for text in texts:
-        try:
-            Pattern(text, kind)
-        except ConfigError as exc:
-            raise ConfigError(f"{owner}({name}={list(texts)!r}): {exc}") from None
 
 
 def select_modules(

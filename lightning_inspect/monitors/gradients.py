@@ -13,7 +13,6 @@ from lightning_inspect.core.grad_scaler import gradients_scaled, loss_scale, sca
 from lightning_inspect.core.hooks import OutputGradHook
 from lightning_inspect.core.keys import escape_name, metric_key
 from lightning_inspect.core.recorder import HostRecord, StepRecord
-from lightning_inspect.core.selection import select_parameters
 from lightning_inspect.core.stats import reduce_tensor, scale_row
 from lightning_inspect.monitors.base import ModuleMonitor
 
@@ -48,8 +47,6 @@ class GradientMonitor(ModuleMonitor):
 
         GradientMonitor(modules="encoder.*", every_n_steps=50, outputs=False)
     """
-
-    kind = "gradients"
 
     def __init__(
         self,
@@ -88,18 +85,14 @@ class GradientMonitor(ModuleMonitor):
         self.outputs = check_bool(self._owner, "outputs", outputs)
         self.parameters = check_bool(self._owner, "parameters", parameters)
         self.global_norm = check_bool(self._owner, "global_norm", global_norm)
-        self.params = self._pattern_arg("params", params, "parameter")
-        self.exclude_params = self._pattern_arg("exclude_params", exclude_params, "parameter")
-        self.selected_parameters: dict[str, torch.nn.Parameter] = {}
+        self._parameter_patterns(params, exclude_params)
         self._all_parameters: dict[str, torch.nn.Parameter] = {}
         self._norm_parts: list[torch.Tensor] = []  # squared global norms of this step's optimizers
         self._scaler_skipped = False
 
     def _after_selection(self, pl_module: pl.LightningModule) -> None:
-        params = select_parameters(
-            self.selected, self.params, self.exclude_params, owner=self._owner
-        )
-        self.selected_parameters = {n: p for n, p in params.items() if p.requires_grad}
+        params = self._select_parameters().items()
+        self.selected_parameters = {n: p for n, p in params if p.requires_grad}
         self._all_parameters = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
 
     def _wants_output_hooks(self) -> bool:
@@ -178,6 +171,4 @@ SKIPPED_KEY = "param_grads/skipped_by_scaler"
 
 def _dense(grad: torch.Tensor) -> torch.Tensor:
     grad = grad.coalesce().values() if grad.is_sparse else grad
-    return (
-        grad.to_local() if hasattr(grad, "to_local") else grad
-    )  # a sharded (DTensor) gradient: this rank's shard
+    return grad.to_local() if hasattr(grad, "to_local") else grad  # DTensor: this rank's shard

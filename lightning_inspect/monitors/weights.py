@@ -10,7 +10,6 @@ import torch
 from lightning_inspect._validation import check_bool
 from lightning_inspect.backends import Sink
 from lightning_inspect.core.keys import escape_name, metric_key
-from lightning_inspect.core.selection import select_parameters
 from lightning_inspect.core.stats import reduce_tensor
 from lightning_inspect.monitors.base import ModuleMonitor
 
@@ -45,8 +44,6 @@ class WeightMonitor(ModuleMonitor):
         WeightMonitor(every_n_steps=200, exclude_params="*.bias")
     """
 
-    kind = "weights"
-
     def __init__(
         self,
         modules: str | Sequence[str] | None = None,
@@ -80,15 +77,11 @@ class WeightMonitor(ModuleMonitor):
             mlflow_metrics,
         )
         self.update_ratio = check_bool(self._owner, "update_ratio", update_ratio)
-        self.params = self._pattern_arg("params", params, "parameter")
-        self.exclude_params = self._pattern_arg("exclude_params", exclude_params, "parameter")
-        self.selected_parameters: dict[str, torch.nn.Parameter] = {}
+        self._parameter_patterns(params, exclude_params)
         self._before: list[torch.Tensor] | None = None
 
     def _after_selection(self, pl_module: pl.LightningModule) -> None:
-        self.selected_parameters = select_parameters(
-            self.selected, self.params, self.exclude_params, owner=self._owner
-        )
+        self.selected_parameters = self._select_parameters()
 
     def _selection_summary(self) -> tuple[str, list[str]]:
         return "parameters", list(self.selected_parameters)
@@ -111,9 +104,7 @@ class WeightMonitor(ModuleMonitor):
             after = [_local(p).detach() for p in self.selected_parameters.values()]
             # float64 norms: no overflow for huge finite weights
             norms = torch._foreach_norm(before, 2, dtype=torch.float64)
-            torch._foreach_sub_(
-                before, after
-            )  # in place: the copy becomes -(update), no third copy
+            torch._foreach_sub_(before, after)  # in place: the copy becomes -(update)
             updates = torch._foreach_norm(before, 2, dtype=torch.float64)
             for name, upd, norm in zip(self.selected_parameters, updates, norms, strict=False):
                 # IEEE division: a zero norm gives inf when the parameter moved, NaN when it did not
