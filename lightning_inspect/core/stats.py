@@ -87,11 +87,9 @@ def _reduce_kernel(v: torch.Tensor, bins: int) -> torch.Tensor | None:
     exact (a value not finite, squares beyond the dtype's range)."""
     if _kernels is None or v.dtype not in (torch.float32, torch.float64):
         return None
-    if v.is_neg():  # a lazy negation (as autograd hands some gradients): copied when small
-        if v.numel() > CHUNK:
-            return None
-        v = v.resolve_neg()
-    v = memory_order(v)  # a transposed matrix is its contiguous base read in order
+    if v.is_neg() and v.numel() > CHUNK:  # a lazy negation (some gradients): copied when small
+        return None
+    v = memory_order(v.resolve_neg())  # a transposed matrix is its contiguous base read in order
     if not v.is_contiguous():
         return None
     row = torch.empty(row_length(bins), dtype=torch.float64)

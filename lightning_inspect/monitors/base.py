@@ -1,17 +1,13 @@
 """ModuleMonitor: what every module monitor shares (arguments, selection, schedule, hook
-lifetime, publishing); a monitor subclass only turns what it sees into rows and scalars.
+lifetime, publishing); a subclass turns what it sees into rows and scalars.
 
-In a fit: ``setup`` resolves the backends and joins the Trainer's
-:class:`~lightning_inspect.core.recorder.StepCoordinator`; ``on_fit_start`` resolves the selection
-(after ``configure_model``; a pattern matching nothing raises before the first step);
-``on_train_batch_start`` attaches the output hooks on logged batches only (a batch is logged when
-one of the optimizer steps it takes is due, see :meth:`~lightning_inspect.core.schedule.Schedule.first_due`);
-``on_before_optimizer_step`` reads parameter gradients and weights (after AMP unscaling and
-accumulation); ``on_train_batch_end`` removes the hooks and hands the step's record to the
-coordinator (one transfer for every monitor); ``on_exception`` / ``teardown`` clean up. Hooks thus
-exist only inside logged training batches, except on compiled models (``torch.compile`` ignores
-hooks added later): there they stay from ``on_fit_start`` to ``teardown`` and return at once
-unless the batch is recorded.
+``setup`` resolves the backends and joins the Trainer's StepCoordinator; ``on_fit_start`` selects
+the modules (a pattern matching nothing raises before the first step); a logged batch (one of
+whose optimizer steps is due, :meth:`~lightning_inspect.core.schedule.Schedule.first_due`) gets
+the output hooks from its start to its end, when the step's record goes to the coordinator (one
+transfer for every monitor); parameters are read in ``on_before_optimizer_step``. On compiled
+models (``torch.compile`` ignores hooks added later) the hooks stay from ``on_fit_start`` to
+``teardown`` and return at once unless the batch is recorded.
 """
 
 from __future__ import annotations
@@ -61,6 +57,12 @@ MAX_BINS = 1024
 _MAX_LISTED = 12
 
 
+def local_values(t: torch.Tensor) -> torch.Tensor:
+    """A sparse tensor's stored values, a sharded (DTensor) one's local shard, else ``t``."""
+    t = t.coalesce().values() if t.is_sparse else t
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def holds_compiled_module(model: torch.nn.Module) -> bool:
     """Whether ``model`` is, or contains, a module compiled with ``torch.compile``."""
     if getattr(model, "_compiler_ctx", None):
@@ -68,7 +70,17 @@ def holds_compiled_module(model: torch.nn.Module) -> bool:
     return any(type(m).__name__ == "OptimizedModule" for m in model.modules())
 
 
-class ModuleMonitor(Callback):
+class _KeepsArguments:
+    """Keeps the constructor's arguments (a nested fit starts from a monitor built alike); after
+    the monitor classes in the MRO, so that signatures are their ``__init__``'s."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        self = super().__new__(cls)
+        self._init_args = (args, kwargs)
+        return self
+
+
+class ModuleMonitor(Callback, _KeepsArguments):
     """Base class of :class:`ActivationMonitor`, :class:`GradientMonitor` and :class:`WeightMonitor`.
 
     Args:
@@ -98,11 +110,6 @@ class ModuleMonitor(Callback):
             Every value is in the run's table artifact ``lightning_inspect/stats/<monitor>.csv``
             either way (see :func:`lightning_inspect.backends.read_stats`).
     """
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> ModuleMonitor:
-        self = super().__new__(cls)
-        self._init_args = (args, kwargs)  # a nested fit starts from a monitor built alike
-        return self
 
     def __init__(
         self,
@@ -361,11 +368,8 @@ class ModuleMonitor(Callback):
                     self._stat_keys[key] = [metric_key(key, stat) for stat in self.stats]
                 names += self._stat_keys[key]
             out = dict(zip(names, table.ravel().tolist(), strict=True))
-        hists = (
-            {k: h for k, r in rows.items() if (h := histogram(r)) is not None}
-            if self.histograms
-            else {}
-        )
+        hists = {k: histogram(r) for k, r in rows.items()} if self.histograms else {}
+        hists = {k: h for k, h in hists.items() if h is not None}
         out.update(scalars)
         if not out:
             return
@@ -380,11 +384,8 @@ class ModuleMonitor(Callback):
     def _check_nonfinite(self, rows: dict[str, Any], step: int) -> None:
         if self.on_nonfinite == "ignore":
             return
-        bad = [
-            (k, r)
-            for k, r in rows.items()
-            if r[Field.NAN] + r[Field.INF] > 0 and not self._expected_nonfinite(k)
-        ]
+        expected = self._expected_nonfinite
+        bad = [(k, r) for k, r in rows.items() if r[Field.NAN] + r[Field.INF] and not expected(k)]
         if not bad:
             return
         key, row = bad[0]
