@@ -103,61 +103,59 @@ def _reduce_any(x: torch.Tensor, bins: int, dtype: torch.dtype) -> torch.Tensor:
 
     Two reads, block by block: counts, sum and range; then, rescaled by the largest magnitude (no
     square overflows or underflows), centred and plain sums of squares, absolute sum, counts.
+    Every block's temporaries are written into buffers made once per call (fresh multi-megabyte
+    ones per block fragment the CPU heap).
     """
-    f64 = torch.float64
-    parts = blocks(x, CHUNK if x.device.type == "cpu" else GENERAL_CHUNK)
-    firsts = []
-    for part in parts:
-        v = as_vector(part, dtype)
-        finite = torch.isfinite(v)
-        firsts.append(
-            torch.stack(
-                [
-                    torch.count_nonzero(finite).to(f64),
-                    torch.count_nonzero(torch.isnan(v)).to(f64),
-                    (v.numel() - torch.count_nonzero(v)).to(f64),
-                    torch.where(finite, v, 0.0).sum(dtype=f64),
-                    torch.where(finite, v, math.inf).amin().to(f64),
-                    torch.where(finite, v, -math.inf).amax().to(f64),
-                ]
-            )
-        )
-    first = torch.stack(firsts)
-    n_finite, n_nan, zeros, total = first[:, :4].sum(0)
-    lo, hi = first[:, 4].amin(), first[:, 5].amax()  # +inf, -inf when nothing is finite
-    scale = torch.maximum(lo.abs(), hi.abs())
-    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
-    scale_v = scale.to(dtype)  # one of the values: exact in their dtype
+    f64, device, inf = torch.float64, x.device, math.inf
+    parts = blocks(x, CHUNK if device.type == "cpu" else GENERAL_CHUNK)
+    size = max(p.numel() for p in parts)
+    read, clean, work = (torch.empty(size, dtype=dtype, device=device) for _ in range(3))
+    finite, mask = (torch.empty(size, dtype=torch.bool, device=device) for _ in range(2))
+    index = torch.empty(size, dtype=torch.int64, device=device)
+    big = torch.finfo(dtype).max
+    firsts = torch.empty(len(parts), 6, dtype=f64, device=device)
+    for i, part in enumerate(parts):
+        v, n = as_vector(part, dtype, read), part.numel()
+        firsts[i] = torch.stack(
+            [
+                torch.count_nonzero(torch.le(torch.abs(v, out=work[:n]), big, out=finite[:n])),
+                torch.count_nonzero(torch.ne(v, v, out=mask[:n])),
+                n - torch.count_nonzero(v),
+                torch.nan_to_num(v, 0.0, 0.0, 0.0, out=work[:n]).sum(dtype=f64),
+                torch.nan_to_num(v, inf, inf, inf, out=work[:n]).amin(),
+                torch.nan_to_num(v, -inf, -inf, -inf, out=work[:n]).amax(),
+            ]
+        ).to(f64)
+    n_finite, n_nan, zeros, total = firsts[:, :4].sum(0)
+    lo, hi = firsts[:, 4].amin(), firsts[:, 5].amax()  # +inf, -inf when nothing is finite
+    scale = torch.maximum(lo.abs(), hi.abs())  # as a power of two: dividing by it is exact
+    usable = torch.isfinite(scale) & (scale > 0)
+    scale = torch.where(usable, torch.exp2(torch.floor(torch.log2(scale))), torch.ones_like(scale))
+    scale_v = scale.to(dtype)
     mean_scaled = (total / n_finite.clamp(min=1) / scale).to(dtype)
     lo_scaled, hi_scaled = (lo / scale).to(dtype), (hi / scale).to(dtype)
-    seconds = []
-    counts = None
-    for part in parts:
-        v = as_vector(part, dtype)
-        finite = torch.isfinite(v)
-        v = torch.where(finite, v, 0.0)  # a new tensor, changed in place below
-        abs_sum = v.abs().sum(dtype=f64)
-        scaled = v.div_(scale_v)
-        centred = torch.where(finite, scaled - mean_scaled, 0.0)
-        seconds.append(
-            torch.stack(
-                [
-                    torch.dot(centred, centred).to(f64),
-                    centred.sum(dtype=f64),
-                    torch.dot(scaled, scaled).to(f64),
-                    abs_sum,
-                ]
-            )
-        )
-        del centred
+    seconds = torch.empty(len(parts), 4, dtype=f64, device=device)
+    counts = torch.zeros(bins + 1, dtype=torch.int64, device=device)
+    for i, part in enumerate(parts):
+        v, n = as_vector(part, dtype, read), part.numel()
+        is_finite = torch.le(torch.abs(v, out=work[:n]), big, out=finite[:n])
+        scaled = torch.nan_to_num(v, 0.0, 0.0, 0.0, out=clean[:n])
+        abs_sum = torch.abs(scaled, out=work[:n]).sum(dtype=f64)
+        scaled.div_(scale_v)
+        centred = torch.sub(scaled, mean_scaled, out=work[:n]).mul_(is_finite)
+        sums = [torch.dot(centred, centred), centred.sum(dtype=f64), torch.dot(scaled, scaled)]
+        seconds[i] = torch.stack([*(s.to(f64) for s in sums), abs_sum])
         if bins > 0:
-            part_counts = _histogram_counts(scaled, finite, lo_scaled, hi_scaled, bins)
-            counts = part_counts if counts is None else counts + part_counts
-    centred_sumsq, residual, scaled_sumsq, abs_sum = torch.stack(seconds).sum(0)
+            position = torch.sub(scaled, lo_scaled, out=work[:n])
+            position.div_((hi_scaled - lo_scaled).clamp(min=torch.finfo(dtype).tiny))
+            position.mul_(bins).floor_().clamp_(0, bins - 1)
+            position.masked_fill_(torch.logical_not(is_finite, out=mask[:n]), bins)
+            _count(index[:n].copy_(position), counts)  # non-finite: the dropped last count
+    centred_sumsq, residual, scaled_sumsq, abs_sum = seconds.sum(0)
     n = x.numel()
     head = torch.stack(
         [
-            torch.full((), float(n), dtype=f64, device=x.device),  # a fill, not a host copy
+            torch.full((), float(n), dtype=f64, device=device),  # a fill, not a host copy
             n_finite,
             total,
             (centred_sumsq - residual**2 / n_finite.clamp(min=1)).clamp(min=0) * scale**2,
@@ -170,23 +168,15 @@ def _reduce_any(x: torch.Tensor, bins: int, dtype: torch.dtype) -> torch.Tensor:
             n - n_finite - n_nan,
         ]
     )
-    return head if counts is None else torch.cat([head, counts.to(f64)])
+    return torch.cat([head, counts[:bins].to(f64)]) if bins > 0 else head
 
 
-def _histogram_counts(
-    v: torch.Tensor, finite: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bins: int
-) -> torch.Tensor:
-    """Counts of the finite values of ``v`` in ``bins`` equal bins over ``[lo, hi]``, on the device."""
-    fraction = (v - lo) / (hi - lo).clamp(min=torch.finfo(v.dtype).tiny)  # in [0, 1]
-    index = fraction.mul_(bins).floor_().clamp_(0, bins - 1)
-    index = torch.where(finite, index, float(bins))  # non-finite -> an overflow bin, dropped
-    if v.device.type == "cpu":
-        return torch.bincount(index.to(torch.int32), minlength=bins + 1)[:bins]
-    # On accelerators bincount reads the largest index back to size its output (a sync):
-    # scatter into a fixed-size buffer instead (deterministic for integer counts).
-    index = index.to(torch.int64)
-    counts = torch.zeros(bins + 1, dtype=torch.int64, device=v.device)
-    return counts.scatter_add_(0, index, torch.ones_like(index))[:bins]
+def _count(index: torch.Tensor, counts: torch.Tensor) -> None:
+    """Add the counts of ``index`` (values in ``[0, len(counts))``) to ``counts``, on the device."""
+    if index.device.type == "cpu":
+        counts += torch.bincount(index, minlength=len(counts))
+    else:  # bincount reads the largest index back to size its output (a sync): scatter instead
+        counts.scatter_add_(0, index, torch.ones_like(index))
 
 
 def memory_order(x: torch.Tensor) -> torch.Tensor:
@@ -219,14 +209,17 @@ def _split(x: torch.Tensor, size: int) -> list[torch.Tensor]:
     return [piece for i in range(x.shape[0]) for piece in _split(x[i], size)]
 
 
-def as_vector(block: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def as_vector(
+    block: torch.Tensor, dtype: torch.dtype, buffer: torch.Tensor | None = None
+) -> torch.Tensor:
     """The values of ``block`` as a contiguous 1-D ``dtype`` tensor: a view where it is one
-    already, else a copy (lazy negative views are copied too)."""
+    already, else a copy (lazy negative views too), into ``buffer`` where given."""
     if block.dtype == dtype and block.is_contiguous() and not block.is_neg():
         return block.reshape(-1)
     if block.dtype not in (torch.float32, torch.float64):
         block = block.float()  # every other dtype's values are read as float32
-    out = torch.empty(block.numel(), dtype=dtype, device=block.device)
+    n = block.numel()
+    out = buffer[:n] if buffer is not None else torch.empty(n, dtype=dtype, device=block.device)
     out.view(block.shape).copy_(block)
     return out
 

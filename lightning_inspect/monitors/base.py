@@ -2,12 +2,11 @@
 lifetime, publishing); a subclass turns what it sees into rows and scalars.
 
 ``setup`` resolves the backends and joins the Trainer's StepCoordinator; ``on_fit_start`` selects
-the modules (a pattern matching nothing raises before the first step); a logged batch (one of
-whose optimizer steps is due, :meth:`~lightning_inspect.core.schedule.Schedule.first_due`) gets
-the output hooks from its start to its end, when the step's record goes to the coordinator (one
-transfer for every monitor); parameters are read in ``on_before_optimizer_step``. On compiled
-models (``torch.compile`` ignores hooks added later) the hooks stay from ``on_fit_start`` to
-``teardown`` and return at once unless the batch is recorded.
+the modules (a pattern matching nothing raises before the first step); a logged batch (one of its
+optimizer steps is due: :meth:`~lightning_inspect.core.schedule.Schedule.first_due`) has the
+output hooks from start to end, then its record goes to the coordinator (one transfer for all
+monitors). On compiled models (``torch.compile`` ignores hooks added later) the hooks stay from
+``on_fit_start`` to ``teardown`` and return at once unless the batch is recorded.
 """
 
 from __future__ import annotations
@@ -65,9 +64,8 @@ def local_values(t: torch.Tensor) -> torch.Tensor:
 
 def holds_compiled_module(model: torch.nn.Module) -> bool:
     """Whether ``model`` is, or contains, a module compiled with ``torch.compile``."""
-    if getattr(model, "_compiler_ctx", None):
-        return True
-    return any(type(m).__name__ == "OptimizedModule" for m in model.modules())
+    compiled = (type(m).__name__ == "OptimizedModule" for m in model.modules())
+    return bool(getattr(model, "_compiler_ctx", None)) or any(compiled)
 
 
 class _KeepsArguments:
@@ -403,9 +401,8 @@ class ModuleMonitor(Callback, _KeepsArguments):
 
     def _announce(self) -> None:
         what, names = self._selection_summary()
-        shown = ", ".join(names[:_MAX_LISTED]) + (
-            f", ... ({len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else ""
-        )
+        more = f", ... ({len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else ""
+        shown = ", ".join(names[:_MAX_LISTED]) + more
         backends = ", ".join(s.name for s in self.sinks) or "no backend"
         rank_zero_info(
             f"{self._owner}: {len(names)} {what} selected, every {self.schedule.every_n_steps} steps "
