@@ -158,8 +158,9 @@ class ModuleMonitor(Callback, _KeepsArguments):
 
     @property
     def state_key(self) -> str:
+        every = self.schedule.every_n_steps
         return self._generate_state_key(
-            modules=self.modules, exclude=self.exclude, every_n_steps=self.schedule.every_n_steps
+            modules=self.modules, exclude=self.exclude, every_n_steps=every
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -185,8 +186,7 @@ class ModuleMonitor(Callback, _KeepsArguments):
         self._coordinator.join(self)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Selected here, not in setup: layers built in configure_model (and by sharding strategies)
-        # exist only now. Still before the sanity check and the first training step.
+        # Here, not in setup: layers built in configure_model exist only now (still before step 0)
         if not self._active:
             return
         self.selected = select_modules(pl_module, self.modules, self.exclude, owner=self._owner)
