@@ -1,7 +1,5 @@
-"""Argument checks shared by the public constructors.
-
-Every check raises :class:`~lightning_inspect.errors.ConfigError` with a message that names the
-argument, repeats the value received and says what is allowed, e.g.::
+"""Argument checks of every public constructor: a ConfigError names the argument, the value
+received and what is allowed (with the closest valid names), e.g.::
 
     >>> check_positive_int("ActivationMonitor", "every_n_steps", 0)
     Traceback (most recent call last):
@@ -12,7 +10,9 @@ argument, repeats the value received and says what is allowed, e.g.::
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import math
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -20,21 +20,15 @@ from lightning_inspect.errors import ConfigError
 
 
 def closest(value: str, candidates: Iterable[str], n: int = 5, cutoff: float = 0.5) -> list[str]:
-    """The ``n`` candidates most similar to ``value`` (difflib ratio >= ``cutoff``), best first.
-
-    Equally similar candidates keep their given order.
-
-    >>> closest("encoder", ["features", "classifier", "classifier.0"], n=2, cutoff=0.0)
-    ['classifier', 'classifier.0']
-    """
+    """The ``n`` candidates most similar to ``value`` (difflib ratio >= ``cutoff``), best first."""
     scored = [(difflib.SequenceMatcher(None, c, value).ratio(), c) for c in candidates]
     ranked = sorted((item for item in scored if item[0] >= cutoff), key=lambda item: -item[0])
-    return [c for _, c in ranked[:n]]
+    return [c for _, c in ranked[:n]]  # sorted() is stable: equals keep their order
 
 
-def suggestion(value: str, candidates: Iterable[str]) -> str:
+def suggestion(value: Any, candidates: Iterable[str]) -> str:
     """A ``" Did you mean ...?"`` sentence, or ``""`` when nothing is close."""
-    near = closest(value, candidates, n=3)
+    near = closest(value, candidates, n=3) if isinstance(value, str) else []
     return f" Did you mean {', '.join(repr(c) for c in near)}?" if near else ""
 
 
@@ -42,12 +36,8 @@ def check_positive_int(
     owner: str, name: str, value: Any, minimum: int = 1, maximum: int | None = None
 ) -> int:
     """``value`` if it is an integer in ``[minimum, maximum]``; otherwise a ConfigError."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or value < minimum
-        or (maximum is not None and value > maximum)
-    ):
+    too_big = maximum is not None and isinstance(value, int) and value > maximum
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or too_big:
         bound = f">= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
         raise ConfigError(f"{owner}({name}={value!r}): expected an integer {bound}.")
     return value
@@ -90,9 +80,9 @@ def check_bool(owner: str, name: str, value: Any) -> bool:
 def check_choice(owner: str, name: str, value: Any, allowed: Sequence[str]) -> str:
     """``value`` if it is one of ``allowed``; otherwise a ConfigError listing them."""
     if not isinstance(value, str) or value not in allowed:
-        hint = suggestion(value, allowed) if isinstance(value, str) else ""
         raise ConfigError(
-            f"{owner}({name}={value!r}): expected one of {', '.join(map(repr, allowed))}.{hint}"
+            f"{owner}({name}={value!r}): expected one of {', '.join(map(repr, allowed))}."
+            + suggestion(value, allowed)
         )
     return value
 
@@ -102,8 +92,6 @@ def check_choices(
 ) -> tuple[str, ...]:
     """A tuple of distinct allowed strings; ``None`` gives ``default``; a string is one choice.
 
-    A bad element is named in a message that repeats the value as given:
-
     >>> try:
     ...     check_choices("M", "stats", ["mean", "median"], ["mean", "std"], ["mean"])
     ... except ConfigError as exc:
@@ -112,38 +100,50 @@ def check_choices(
     """
     if values is None:
         return tuple(default)
-    items = [values] if isinstance(values, str) else values
-    if not isinstance(items, Iterable):
-        raise ConfigError(
-            f"{owner}({name}={values!r}): expected a list of names from {list(allowed)}."
-        )
-    out: list[str] = []
+    iterable = isinstance(values, Iterable)
+    items = [values] if isinstance(values, str) else list(values) if iterable else []
+    if not items:
+        raise ConfigError(f"{owner}({name}={values!r}): expected one or more of {list(allowed)}.")
     for value in items:
         if not isinstance(value, str) or value not in allowed:
-            hint = suggestion(value, allowed) if isinstance(value, str) else ""
             raise ConfigError(
                 f"{owner}({name}={values!r}): {value!r} is not one of "
-                f"{', '.join(map(repr, allowed))}.{hint}"
+                f"{', '.join(map(repr, allowed))}.{suggestion(value, allowed)}"
             )
-        if value not in out:
-            out.append(value)
-    if not out:
-        raise ConfigError(f"{owner}({name}={values!r}): expected at least one of {list(allowed)}.")
-    return tuple(out)
+    return tuple(dict.fromkeys(items))
 
 
 def as_str_list(owner: str, name: str, value: Any) -> list[str]:
     """A pattern argument (None, one string, or a sequence of strings) as a list of strings."""
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
+    if value is None or isinstance(value, str):
+        return [] if value is None else [value]
     if isinstance(value, Iterable):
         items = list(value)
-        bad = [v for v in items if not isinstance(v, str) or not v]
-        if not bad:
+        if all(isinstance(v, str) and v for v in items):
             return items
     raise ConfigError(
         f"{owner}({name}={value!r}): expected a non-empty string or a list of non-empty strings "
         "(shell-style globs such as 'encoder.*', or regular expressions prefixed 're:')."
     )
+
+
+def compile_pattern(text: str, kind: str = "module") -> re.Pattern[str]:
+    """A selection pattern (a glob, or a regex written ``re:<regex>``) as a regex over whole names."""
+    if not text.startswith("re:"):
+        return re.compile(fnmatch.translate(text))
+    try:
+        return re.compile(text[3:])
+    except re.error as exc:
+        message = f"{kind} pattern {text!r} is not a valid regular expression: {exc}"
+        raise ConfigError(message) from None
+
+
+def check_patterns(owner: str, name: str, value: Any, kind: str = "module") -> list[str]:
+    """A pattern argument as a list (see :func:`as_str_list`), every regex compiled now."""
+    patterns = as_str_list(owner, name, value)
+    for text in patterns:
+        try:
+            compile_pattern(text, kind)
+        except ConfigError as exc:
+            raise ConfigError(f"{owner}({name}={patterns!r}): {exc}") from None
+    return patterns

@@ -1,13 +1,4 @@
-"""The library's exceptions.
-
-Every error a user can trigger by configuration derives from :class:`ConfigError` (a
-``ValueError``), so ``except ValueError`` keeps working for code that does not know this library.
-
-Example:
-    >>> from lightning_inspect.errors import ConfigError
-    >>> issubclass(ConfigError, ValueError)
-    True
-"""
+"""The library's exceptions: configuration errors are ``ValueError`` subclasses."""
 
 from __future__ import annotations
 

@@ -97,7 +97,9 @@ def test_reduction_on_the_gpu_matches_the_cpu() -> None:
     for key, value in cpu.items():
         assert gpu[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
     # the GPU's path, run on the CPU, bins every value alike (the CPU's own path bins in float64)
-    assert torch.equal(_reduce_any(x, 32)[-32:], reduce_tensor(x.cuda(), bins=32).cpu()[-32:])
+    assert torch.equal(
+        _reduce_any(x, 32, torch.float32)[-32:], reduce_tensor(x.cuda(), bins=32).cpu()[-32:]
+    )
 
 
 def test_fp16_amp_gradients_are_unscaled() -> None:

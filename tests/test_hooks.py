@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import pickle
 from typing import Any
 
@@ -22,6 +23,7 @@ from lightning_inspect.core.hooks import (
     is_suspended,
     suspended,
 )
+from lightning_inspect.errors import NonFiniteError
 
 
 class Consumer:
@@ -198,3 +200,30 @@ def test_fault_in_consumer_is_contained() -> None:
     out = net(torch.randn(2, 3))
     assert out.shape == (2, 2)
     assert c.faults == ["the output of '0'"]
+
+
+def test_output_hook_with_kwargs_hands_the_whole_call_to_on_forward() -> None:
+    """A consumer with ``_on_forward`` gets module, args, kwargs and output (hooks registered with
+    or without ``with_kwargs``); the library's own errors go through, others are contained."""
+
+    class Whole(Consumer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[tuple[str, int, dict[str, Any], tuple[int, ...]]] = []
+
+        def _on_forward(
+            self, name: str, module: nn.Module, args: Any, kwargs: Any, out: Any
+        ) -> None:
+            if isinstance(args[0], torch.Tensor) and torch.isnan(args[0]).any():
+                raise NonFiniteError("NaN in")
+            self.calls.append((name, len(args), dict(kwargs), tuple(out.shape)))
+
+    c = Whole()
+    lin = nn.Linear(3, 2)
+    lin.register_forward_hook(OutputHook(c, "with"), with_kwargs=True)
+    lin.register_forward_hook(OutputHook(c, "without"))
+    lin(torch.randn(4, 3))
+    assert c.calls == [("with", 1, {}, (4, 2)), ("without", 1, {}, (4, 2))] and c.outputs == []
+    with pytest.raises(NonFiniteError):
+        lin(torch.full((1, 3), math.nan))
+    assert c.faults == []

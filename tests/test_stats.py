@@ -14,10 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from lightning_inspect.core import cpu_reduction, stats
-from lightning_inspect.core.cpu_reduction import CHUNK, SMALL, _scratch
+from lightning_inspect.core import row as row_layout
+from lightning_inspect.core import stats
 from lightning_inspect.core.stats import (
     ALL_STATS,
+    CHUNK,
     DEFAULT_STATS,
     FIELDS,
     N_FIELDS,
@@ -35,27 +36,33 @@ BINS = 16
 F = {name: i for i, name in enumerate(FIELDS)}
 
 
-@pytest.fixture(scope="module", autouse=True, params=["kernels", "torch"])
+#: The C kernels' own thresholds: float32 vectors up to this long are reduced in float64.
+SMALL = 16384
+
+
+@pytest.fixture(scope="module", autouse=True, params=["kernels", "general"])
 def cpu_path(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Every test runs through the C kernels and through the torch/NumPy path that stands in for them.
+    """Every test runs through the C kernels and through the general path that stands in for them.
 
     Module-scoped (set and restored by hand): Hypothesis refuses function-scoped fixtures.
     """
-    built = cpu_reduction._kernels
+    built = stats._kernels
     if request.param == "kernels" and built is None:
         pytest.skip("the C kernels are not built here (no C compiler at install)")
-    if request.param == "torch":
-        cpu_reduction._kernels = None
+    if request.param == "general":
+        stats._kernels = None
     yield request.param
-    cpu_reduction._kernels = built
+    stats._kernels = built
 
 
 def test_the_c_kernels_are_built_where_a_compiler_is() -> None:
-    """The build makes them optional; on a machine with a C compiler a silent failure would cost 2x."""
+    """The build makes them optional; on a machine with a C compiler a silent failure would cost 30x."""
     if not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):
         pytest.skip("no C compiler: the package installs without its kernels")
     kernels = importlib.import_module("lightning_inspect.core._kernels")
     assert callable(kernels.reduce_row)
+    # the kernels write the row layout of core/row.py (else stats.py does not use them: rebuild)
+    assert kernels.FIELDS == row_layout.N_FIELDS == len(row_layout.Field)
 
 
 # ------------------------------------------------------------------------------------------
@@ -262,11 +269,11 @@ def test_complex_is_read_as_real_and_imaginary_parts() -> None:
 
 
 # ------------------------------------------------------------------------------------------
-# The CPU fast paths: NumPy for small tensors, chunks through a reused scratch buffer above
+# The CPU paths: the C kernels, and the general path in blocks of CHUNK values
 # ------------------------------------------------------------------------------------------
 
-# the C kernels' block edges (256 values a float32 block, 512 histogram positions), then the
-# torch/NumPy path's thresholds
+# the C kernels' block edges (256 values a float32 block, 512 histogram positions) and float64
+# threshold, then the general path's blocks
 _PATH_SIZES = [
     1,
     3,
@@ -316,7 +323,6 @@ def test_cpu_paths_match_numpy(n: int, name: str) -> None:
 @pytest.mark.parametrize("bins", [2, 127, 128, 255, 256, 300])
 @pytest.mark.parametrize("name", ["relu", "sparse-grad", "randn"])
 def test_cpu_paths_any_bin_count(bins: int, name: str) -> None:
-    """Byte-wide indices up to 255 bins, byte pairs only while a pair fits an int16, int32 above."""
     check_tensor(_distribution(name, CHUNK + 3), bins=bins)
 
 
@@ -394,25 +400,10 @@ def test_tiny_values_keep_exact_second_moments(n: int, make: str) -> None:
 
 
 def test_reductions_inside_and_outside_inference_mode(cpu_path: str) -> None:
-    """The scratch buffer made inside inference mode must not break reductions outside it."""
-    _scratch.buffers.clear()
-    x = torch.randn(SMALL + 5)
-    with torch.inference_mode():
-        inside = reduce_tensor(x, bins=64)
-    outside = reduce_tensor(x, bins=64)
-    np.testing.assert_array_equal(inside.numpy(), outside.numpy())
-
-
-def test_scratch_buffers_are_bounded_and_reused(cpu_path: str) -> None:
-    """fp16 blocks are converted into one float32 buffer per thread, at most CHUNK values long."""
-    _scratch.buffers.clear()
-    reduce_tensor(torch.randn(3 * CHUNK).half(), bins=64)
-    first = dict(_scratch.buffers)
-    assert ("input", torch.float32) in first
-    reduce_tensor(torch.randn(2 * CHUNK + 5, 3).half().t(), bins=64)  # strided: rows of blocks
-    assert _scratch.buffers.keys() == first.keys()
-    for use, buffer in first.items():
-        assert _scratch.buffers[use] is buffer and buffer.numel() <= CHUNK, use
+    for x in (torch.randn(SMALL + 5), torch.randn(3 * CHUNK).half()):
+        with torch.inference_mode():
+            inside = reduce_tensor(x, bins=64)
+        np.testing.assert_array_equal(inside.numpy(), reduce_tensor(x, bins=64).numpy())
 
 
 def test_tensors_of_up_to_small_values_are_reduced_in_float64() -> None:
@@ -436,7 +427,7 @@ _BLOCK = 4096
 
 @pytest.fixture
 def small_blocks(monkeypatch: pytest.MonkeyPatch) -> int:
-    monkeypatch.setattr(cpu_reduction, "CHUNK", _BLOCK)
+    monkeypatch.setattr(stats, "CHUNK", _BLOCK)
     monkeypatch.setattr(stats, "GENERAL_CHUNK", _BLOCK)
     return _BLOCK
 
@@ -499,7 +490,7 @@ def test_the_general_path_read_in_blocks_matches_numpy(small_blocks: int, name: 
     """The accelerators' path, on the CPU."""
     x = _block_case(name, 64 * small_blocks + 17)
     a = as_reference_array(x)
-    row = _reduce_any(_values(x), 64).numpy()
+    row = _reduce_any(_values(x), 64, torch.float32).numpy()
     assert row[F["count"]] == a.size and row[F["finite"]] == np.isfinite(a).sum()
     assert_stats_close(summarise(row), reference(a), a.size, var_rtol=1e-3)
     assert_histogram_matches(row, a, 64)
@@ -766,7 +757,7 @@ def test_merge_single_row_is_a_copy() -> None:
 
 
 def test_summarise_rows_is_summarise_of_each_row() -> None:
-    from lightning_inspect.core.stats import N_FIELDS, summarise_rows
+    from lightning_inspect.core.stats import summarise_rows
 
     g = torch.Generator().manual_seed(0)
     tensors = [

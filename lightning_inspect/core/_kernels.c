@@ -3,26 +3,16 @@
  * row of lightning_inspect.core.stats.reduce_tensor, in two reads (every statistic, then the
  * histogram) instead of a dozen passes of separate torch calls.
  *
- * Optional: the package builds it where a C compiler is present; where it is not,
- * lightning_inspect/cpu_reduction.py does the same work through torch and NumPy, with the same
- * rules (both paths run the same tests).
+ * Optional: the package builds it where a C compiler is present; where it is not (or for other
+ * dtypes, strides or non-finite values), the general path of stats.py does the work.
  *
  *   reduce_row(address, n, is_double, bins, row_address) -> bool
  *       reads the n values at `address` (torch's data_ptr(); never written, read with the GIL
- *       released) and writes the float64 row [count, finite, sum, m2, sumsq, abs_sum, min, max,
- *       zeros, nan, inf, *counts] (11 + bins values) at `row_address`. Returns False, with the row
- *       unspecified, where this path cannot be exact: a non-finite value, squares outside the
- *       dtype's range, a range too narrow or too wide to invert. The caller then takes the
- *       general path.
- *
- * The pieces of reduce_row, for a tensor read in chunks (the caller combines them):
- *
- *   moments(address, n, is_double, out_address): writes sum, sumsq, abs_sum, min, max, zeros
- *       (6 float64 values); a non-finite value makes abs_sum non-finite.
- *   centred(address, n, is_double, mean, out_address): writes the sum of (x - mean) and of its
- *       squares (2 float64 values; mean rounded to the data's dtype first).
- *   histogram(address, n, is_double, lo, factor, bins, counts_address): adds the bins + 1 int64
- *       counts of the histogram below (the last: values at the maximum).
+ *       released) and writes the float64 row (FIELDS values in the order of
+ *       lightning_inspect/core/row.py, then bins counts) at `row_address`. Returns False, with
+ *       the row unspecified, where this path cannot be exact: a non-finite value, squares outside
+ *       the dtype's range, a range too narrow or too wide to invert. The caller then takes the
+ *       general path. The module's FIELDS constant is checked against row.py at import.
  *
  * Histogram: value x goes to bin floor((x - min) * bins / (max - min)), computed in the data's
  * dtype and clamped to [0, bins], with the values at the maximum in the last bin (as before).
@@ -279,10 +269,10 @@ VECTOR_CLONES static int histogram_any(const void *data, int is_double, int64_t 
 }
 
 /* Below these, the largest square nears the dtype's smallest normal number and sums of squares lose
- * precision; the general path rescales (same thresholds as cpu_reduction._TINY_SQUARE). */
+ * precision; the general path rescales (there the tensor is rescaled). */
 #define TINY_SQUARE_F32 1e-30
 #define TINY_SQUARE_F64 1e-290
-#define FIELDS 11 /* len(lightning_inspect.core.stats.FIELDS) */
+#define FIELDS 11 /* the row's fields (lightning_inspect/core/row.py): checked at import */
 
 /* The whole row (see the header); 0 when the general path must decide, -1 when out of memory. */
 static int reduce_row(const void *data, int is_double, int64_t n, int32_t bins, double *row) {
@@ -353,83 +343,20 @@ static PyObject *py_reduce_row(PyObject *self, PyObject *args) {
     return PyBool_FromLong(status);
 }
 
-static PyObject *py_moments(PyObject *self, PyObject *args) {
-    unsigned long long address, out_address;
-    long long n;
-    int is_double;
-    if (!PyArg_ParseTuple(args, "KLpK", &address, &n, &is_double, &out_address)) return NULL;
-    Moments m;
-    Py_BEGIN_ALLOW_THREADS
-    if (is_double)
-        moments_f64((const double *)(uintptr_t)address, n, &m);
-    else
-        moments_f32((const float *)(uintptr_t)address, n, &m);
-    Py_END_ALLOW_THREADS
-    double *out = (double *)(uintptr_t)out_address;
-    out[0] = m.sum;
-    out[1] = m.sumsq;
-    out[2] = m.abs_sum;
-    out[3] = m.min;
-    out[4] = m.max;
-    out[5] = (double)m.zeros;
-    Py_RETURN_NONE;
-}
-
-static PyObject *py_centred(PyObject *self, PyObject *args) {
-    unsigned long long address, out_address;
-    long long n;
-    int is_double;
-    double mean;
-    if (!PyArg_ParseTuple(args, "KLpdK", &address, &n, &is_double, &mean, &out_address)) return NULL;
-    double *out = (double *)(uintptr_t)out_address;
-    Py_BEGIN_ALLOW_THREADS
-    if (is_double)
-        centred_f64((const double *)(uintptr_t)address, n, mean, out, out + 1);
-    else
-        centred_f32((const float *)(uintptr_t)address, n, (float)mean, out, out + 1);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
-}
-
-static PyObject *py_histogram(PyObject *self, PyObject *args) {
-    unsigned long long address, counts_address;
-    long long n;
-    int is_double, bins, status;
-    double lo, factor;
-    if (!PyArg_ParseTuple(args, "KLpddiK", &address, &n, &is_double, &lo, &factor, &bins, &counts_address))
-        return NULL;
-    if (bins < 1) {
-        PyErr_Format(PyExc_ValueError, "histogram: bins must be at least 1, got %d", bins);
-        return NULL;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    status = histogram_any((const void *)(uintptr_t)address, is_double, n, lo, factor, bins,
-                           (int64_t *)(uintptr_t)counts_address);
-    Py_END_ALLOW_THREADS
-    if (status < 0) return PyErr_NoMemory();
-    Py_RETURN_NONE;
-}
-
 static PyMethodDef methods[] = {
     {"reduce_row", py_reduce_row, METH_VARARGS,
      "reduce_row(address, n, is_double, bins, row_address) -> bool: write the float64 row"},
-    {"moments", py_moments, METH_VARARGS,
-     "moments(address, n, is_double, out_address): write sum, sumsq, abs_sum, min, max, zeros"},
-    {"centred", py_centred, METH_VARARGS,
-     "centred(address, n, is_double, mean, out_address): write the sums of x - mean and its squares"},
-    {"histogram", py_histogram, METH_VARARGS,
-     "histogram(address, n, is_double, lo, factor, bins, counts_address): add bins + 1 counts"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "_kernels",
-    "Two-read CPU reduction kernels of lightning_inspect (see cpu_reduction.py).", -1, methods,
+    "Two-read CPU reduction kernels of lightning_inspect (see core/stats.py).", -1, methods,
 };
 
 PyMODINIT_FUNC PyInit__kernels(void) {
     PyObject *m = PyModule_Create(&module);
-    if (m != NULL && PyModule_AddIntConstant(m, "WIDE_VALUES", WIDE_VALUES) < 0) {
+    if (m != NULL && PyModule_AddIntConstant(m, "FIELDS", FIELDS) < 0) {
         Py_DECREF(m);
         return NULL;
     }

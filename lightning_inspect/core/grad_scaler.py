@@ -1,15 +1,8 @@
 """The Trainer's GradScaler (fp16 mixed precision), read without synchronising the device.
 
-A GradScaler multiplies the loss by its scale before backward, so gradients read during backward
-carry it, and when a scaled gradient overflows it skips the optimizer step and lowers the scale:
-those Inf/NaN gradients are how it finds its scale, not a broken model. Monitors use these
-helpers to divide the scale out and to tell skipped steps apart.
-
-Example::
-
-    found = scaler_found_inf(pl_module, optimizer)  # None without a GradScaler
-    if found is not None:
-        record.add_scalar("param_grads/skipped_by_scaler", found)
+Gradients read during backward carry the loss scale, and the Inf/NaN gradients of a step the
+scaler skips are how it finds its scale, not a broken model: monitors divide the scale out and
+tell skipped steps apart with these helpers (each ``None`` without a GradScaler).
 """
 
 from __future__ import annotations
@@ -23,12 +16,7 @@ import torch
 
 def grad_scaler(pl_module: pl.LightningModule) -> Any:
     """The Trainer's enabled GradScaler (mixed precision), or None."""
-    trainer = pl_module._trainer
-    scaler = (
-        getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
-        if trainer is not None
-        else None
-    )
+    scaler = getattr(getattr(pl_module._trainer, "precision_plugin", None), "scaler", None)
     return scaler if scaler is not None and scaler.is_enabled() else None
 
 
@@ -78,9 +66,8 @@ def scaler_found_inf(
             torch.logical_not(torch.isfinite(norm)) for norm in torch._foreach_norm(grads, math.inf)
         ]
     device = found[0].device
-    return (torch.stack([f.to(device, torch.float32).reshape(()) for f in found]).sum() > 0).to(
-        torch.float32
-    )
+    found_any = torch.stack([f.to(device, torch.float32).reshape(()) for f in found]).sum() > 0
+    return found_any.to(torch.float32)
 
 
 def loss_scale(pl_module: pl.LightningModule) -> torch.Tensor | None:

@@ -1,23 +1,16 @@
-"""Hook objects and their lifetime.
+"""Hook objects and their lifetime: the one output hook and the one tensor-gradient hook.
 
-* :class:`HookSet` owns removable handles: ``remove()`` is idempotent and it is a context manager.
-* :class:`InertWhenCopied` is the base of every hook object this library puts on a module or a
+* :class:`HookSet` owns removable handles: ``remove()`` is idempotent; it is a context manager.
+* :class:`InertWhenCopied` is the base of every hook object the library puts on a module or a
   tensor: a copy of the model (``copy.deepcopy``, ``torch.save``/``pickle``) made while a hook is
-  installed gets a hook that does nothing, so copies never report into a live monitor and never
-  drag the monitor along.
-* :class:`OutputHook` (a forward hook) and :class:`OutputGradHook` (a tensor hook) are the
-  hooks monitors put on modules and on output tensors; their rules:
-  * A module called several times in one step (a shared block, a recurrent cell, several
-    micro-batches under gradient accumulation) reports once per step: the values of all calls are
-    merged (counts and sums add, min/max take the extremes, histograms are re-binned onto the
-    combined range).
-  * Forwards that run inside a backward pass (recomputation under activation checkpointing) are not
-    recorded again.
-  * Gradients of outputs are read with a tensor hook registered on each output tensor by a forward
-    hook, never with ``register_full_backward_hook``: that works with in-place modules
-    (``ReLU(inplace=True)``) and with dict/list outputs.
-* :func:`suspended` switches every hook of this library off for a block (used while the graph is
-  traced, so tracing forwards are not recorded).
+  installed gets a hook that does nothing, so copies never report into a live monitor.
+* :class:`OutputHook` (forward hook) and :class:`OutputGradHook` (tensor hook, registered on an
+  output tensor by a forward hook: works with in-place modules and dict/list outputs, unlike
+  ``register_full_backward_hook``) hand what they see to a *consumer*; a fault in the consumer
+  is reported to it (``_hook_fault``) and never breaks training, except the library's own
+  :class:`~lightning_inspect.errors.InspectError` (e.g. stop at a NaN), which goes through.
+  Forwards inside a backward pass (recomputation under activation checkpointing) are skipped.
+* :func:`suspended` switches every hook of the library off for a block (graph tracing).
 
 Example:
     >>> import torch.nn as nn
@@ -41,6 +34,7 @@ import torch
 from torch import nn
 
 from lightning_inspect.core.outputs import iter_tensors
+from lightning_inspect.errors import InspectError
 
 _SUSPENDED: ContextVar[bool] = ContextVar("lightning_inspect_hooks_suspended", default=False)
 
@@ -80,6 +74,10 @@ def _inert_hook(*args: Any, **kwargs: Any) -> None:
     return None
 
 
+def _inert_hook_factory() -> Any:
+    return _inert_hook
+
+
 class InertWhenCopied:
     """Base class for hook objects: pickling or deep-copying one yields :func:`_inert_hook`."""
 
@@ -93,10 +91,6 @@ class InertWhenCopied:
 
     def __copy__(self) -> Any:
         return _inert_hook
-
-
-def _inert_hook_factory() -> Any:
-    return _inert_hook
 
 
 def is_suspended() -> bool:
@@ -122,55 +116,52 @@ def in_backward_pass() -> bool:
     return _graph_task_id is not None and _graph_task_id() != -1
 
 
-class OutputConsumer(Protocol):
-    _recording: bool
-
-    def _on_output(self, name: str, path: str, tensor: torch.Tensor) -> None: ...
-
-    def _hook_fault(self, where: str, exc: BaseException) -> None: ...
-
-
 class OutputHook(InertWhenCopied):
-    """Forward hook: hands every tensor of a module's output to its monitor."""
+    """Forward hook (registered with or without ``with_kwargs=True``) for one named module.
+
+    While ``consumer._recording``, it calls ``consumer._on_forward(name, module, args, kwargs,
+    output)`` where the consumer has that method, else ``consumer._on_output(name, path, tensor)``
+    for every tensor of the output (see :func:`~lightning_inspect.core.outputs.iter_tensors`).
+    """
 
     __slots__ = ("consumer", "name")
 
-    def __init__(self, consumer: OutputConsumer, name: str) -> None:
+    def __init__(self, consumer: Any, name: str) -> None:
         self.consumer = consumer
         self.name = name
 
-    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
+    def __call__(self, module: nn.Module, args: Any, *rest: Any) -> None:
         # The first test is all a compiled graph sees of this hook when not recording.
-        if not self.consumer._recording:
-            return None
-        _record_output(self, output)
+        if self.consumer._recording:
+            _record_output(self, module, args, rest)
         return None
 
 
 @torch.compiler.disable
-def _record_output(hook: OutputHook, output: Any) -> None:
+def _record_output(hook: OutputHook, module: nn.Module, args: Any, rest: tuple[Any, ...]) -> None:
     """The work of :class:`OutputHook`, always run eagerly (outside any compiled graph)."""
     if is_suspended() or in_backward_pass():
         return
+    consumer, output = hook.consumer, rest[-1]
     try:
-        for path, tensor in iter_tensors(output):
-            hook.consumer._on_output(hook.name, path, tensor)
+        on_forward = getattr(consumer, "_on_forward", None)
+        if on_forward is not None:
+            on_forward(hook.name, module, args, rest[0] if len(rest) == 2 else {}, output)
+        else:
+            for path, tensor in iter_tensors(output):
+                consumer._on_output(hook.name, path, tensor)
+    except InspectError:
+        raise
     except Exception as exc:  # never let inspection break the forward pass
-        hook.consumer._hook_fault(f"the output of {hook.name!r}", exc)
-
-
-class GradientConsumer(Protocol):
-    def _on_output_grad(self, key: str, grad: torch.Tensor) -> None: ...
-
-    def _hook_fault(self, where: str, exc: BaseException) -> None: ...
+        consumer._hook_fault(f"the output of {hook.name!r}", exc)
 
 
 class OutputGradHook(InertWhenCopied):
-    """Tensor hook: hands the gradient of one output tensor to its monitor; returns None."""
+    """Tensor hook: ``consumer._on_output_grad(key, grad)`` (``key``: any object); returns None."""
 
     __slots__ = ("consumer", "key")
 
-    def __init__(self, consumer: GradientConsumer, key: str) -> None:
+    def __init__(self, consumer: Any, key: Any) -> None:
         self.consumer = consumer
         self.key = key
 
@@ -179,6 +170,8 @@ class OutputGradHook(InertWhenCopied):
             return None
         try:
             self.consumer._on_output_grad(self.key, grad)
+        except InspectError:
+            raise
         except Exception as exc:
             self.consumer._hook_fault(f"the gradient of {self.key!r}", exc)
         return None

@@ -1,35 +1,15 @@
-"""The metric-key scheme, the same in TensorBoard and MLflow.
+"""The metric-key scheme, the same in every backend: ``<kind>/<name>[/<output path>]/<stat>``.
 
-A key is ``<kind>/<name>[/<output path>]/<stat>``:
-
-========================  ====================================  ==============================
-kind                      name                                  written by
-========================  ====================================  ==============================
-``activations``           module, e.g. ``encoder.0``            :class:`ActivationMonitor`
-``activation_grads``      module (gradient of its output)       :class:`GradientMonitor`
-``param_grads``           parameter, e.g. ``encoder.0.weight``  :class:`GradientMonitor`
-``weights``               parameter                             :class:`WeightMonitor`
-========================  ====================================  ==============================
-
-A module with several output tensors adds the path of each (``attn/0``, ``head/logits``; see
-:mod:`lightning_inspect.core.outputs`). Histograms use the key without the statistic
-(``activations/encoder.0``). Extra scalars: ``param_grads/global_norm`` and
-``weights/<param>/update_ratio``.
-
-Names are single segments: :func:`escape_name` writes a ``%`` in a module or parameter name (or
-in a dict key of an output path) as ``%25`` and a ``/`` as ``%2F`` (torch allows ``/`` in
-``ModuleDict`` and ``ParameterDict`` keys), so the module ``"head/logits"`` logs under
-``activations/head%2Flogits/...`` and can never merge with the output ``logits`` of a module
-``head`` (``activations/head/logits/...``). :func:`unescape_name` gives the name back. Ordinary
-names (letters, digits, ``_``, ``.``) are unchanged.
-
-MLflow accepts only letters, digits, ``_ - . / `` and space, and 250 characters:
-:class:`MlflowKeys` replaces anything else with ``_`` and, where two different keys would then
-collide (or a key is too long), appends a short hash of the original so no two keys merge.
+Kinds: ``activations`` (module outputs), ``activation_grads`` (their gradients), ``param_grads``
+and ``weights`` (parameters). A module with several output tensors adds each one's path
+(``attn/0``, see :mod:`lightning_inspect.core.outputs`); histograms use the key without the
+statistic; extra scalars: ``param_grads/global_norm``, ``weights/<param>/update_ratio``. Names are
+single segments: :func:`escape_name` writes ``%`` as ``%25`` and ``/`` as ``%2F``, so a module
+``"head/logits"`` never merges with the output ``logits`` of a module ``head``. MLflow accepts
+only letters, digits, ``_ - . /``, space and 250 characters: :class:`MlflowKeys` replaces anything
+else with ``_`` and adds a short hash where two keys would collide.
 
 Example:
-    >>> metric_key("activations", "encoder.0", "mean")
-    'activations/encoder.0/mean'
     >>> metric_key("activations", escape_name("head/logits"), "mean")
     'activations/head%2Flogits/mean'
     >>> unescape_name("head%2Flogits")
@@ -45,9 +25,8 @@ import hashlib
 import re
 
 KINDS = ("activations", "activation_grads", "param_grads", "weights")
-#: Kinds whose values differ between data-parallel ranks (each rank sees its own batch) and are
-#: combined across ranks; the others (parameters and their gradients after the all-reduce) are
-#: the same on every rank and are taken from rank 0.
+#: Kinds whose values differ between data-parallel ranks (combined across ranks); the others
+#: are the same on every rank (parameters, gradients after the all-reduce).
 PER_RANK_KINDS = ("activations", "activation_grads")
 
 

@@ -1,16 +1,10 @@
-"""Collect the reduced values of one logging step on the device; move them to the host at once.
+"""The reduced values of one logging step, kept on the device and moved to the host at once.
 
-Under data-parallel training the rows of activations and their gradients are then combined
-across ranks (:func:`combine_across_ranks`) and rank 0 writes them.
-
-A :class:`StepRecord` gathers, in execution order, *rows* (see :mod:`lightning_inspect.core.stats`)
-and scalars as device tensors. :func:`to_host` concatenates everything into one flat tensor per
-device and copies it in a single transfer (one per device; models on one device: exactly one),
-then merges rows that share a key (a module called several times, several micro-batches).
-
-:class:`StepCoordinator` lets every monitor attached to one Trainer share that transfer: monitors
-hand their finished records to it, and the last monitor of the batch triggers one transfer for
-all of them.
+A :class:`StepRecord` gathers rows (:mod:`lightning_inspect.core.row`) and scalars as device
+tensors; :func:`to_host` copies every record in one transfer per device and merges rows that share
+a key (a module called several times, micro-batches); under data-parallel training
+:func:`combine_across_ranks` merges the per-rank rows. :class:`StepCoordinator` lets every monitor
+of one Trainer share that transfer.
 
 Example:
     >>> import torch
@@ -67,42 +61,31 @@ def to_host(records: Sequence[StepRecord]) -> list[HostRecord]:
     Returns, for each record, ``({key: merged row}, {key: scalar})`` with keys in first-seen order.
     """
     by_device: dict[torch.device, list[torch.Tensor]] = {}
-    sizes: dict[torch.device, int] = {}
-    places: list[list[tuple[str, torch.device | None, int, int]]] = []
-    on_host: list[np.ndarray] = []  # rows the CPU reduction already made float64 vectors
+    places: list[list[tuple[str, Any]]] = []  # per record: (key, host array or (device, index))
     for record in records:
-        place = []
+        place: list[tuple[str, Any]] = []
         for key, tensor in [*record.rows, *record.scalars]:
             if tensor.device.type == "cpu" and tensor.dtype == torch.float64 and tensor.dim() == 1:
-                place.append((key, None, len(on_host), 0))
-                on_host.append(tensor.detach().numpy())
+                place.append((key, tensor.detach().numpy()))  # a CPU row: on the host already
                 continue
             flat = tensor.detach().reshape(-1).to(torch.float64)
-            offset = sizes.get(flat.device, 0)
-            sizes[flat.device] = offset + flat.numel()
-            by_device.setdefault(flat.device, []).append(flat)
-            place.append((key, flat.device, offset, flat.numel()))
+            parts = by_device.setdefault(flat.device, [])
+            place.append((key, (flat.device, len(parts))))
+            parts.append(flat)
         places.append(place)
-    host = {device: torch.cat(chunks).cpu().numpy() for device, chunks in by_device.items()}
-
-    def values(device: torch.device | None, offset: int, size: int) -> np.ndarray:
-        return on_host[offset] if device is None else host[device][offset : offset + size]
-
+    host = {
+        device: np.split(torch.cat(parts).cpu().numpy(), np.cumsum([p.numel() for p in parts]))
+        for device, parts in by_device.items()
+    }
     out: list[HostRecord] = []
-    for record, place in zip(records, places, strict=False):
+    for record, place in zip(records, places, strict=True):
+        values = [(k, v if isinstance(v, np.ndarray) else host[v[0]][v[1]]) for k, v in place]
         n_rows = len(record.rows)
         grouped: dict[str, list[np.ndarray]] = {}
-        for key, device, offset, size in place[:n_rows]:
-            grouped.setdefault(key, []).append(values(device, offset, size))
-        rows = {
-            key: parts[0] if len(parts) == 1 else merge_rows(np.stack(parts))
-            for key, parts in grouped.items()
-        }
-        scalars = {
-            key: float(values(device, offset, size)[0])
-            for key, device, offset, size in place[n_rows:]
-        }
-        out.append((rows, scalars))
+        for key, value in values[:n_rows]:
+            grouped.setdefault(key, []).append(value)
+        rows = {k: v[0] if len(v) == 1 else merge_rows(np.stack(v)) for k, v in grouped.items()}
+        out.append((rows, {key: float(value[0]) for key, value in values[n_rows:]}))
     return out
 
 
@@ -117,11 +100,9 @@ def distributed_world_size() -> int:
 def combine_across_ranks(host: list[HostRecord]) -> list[HostRecord]:
     """Merge the per-rank rows of every record over all ranks (a collective: all ranks call it).
 
-    Rows of :data:`~lightning_inspect.core.keys.PER_RANK_KINDS` (activations and their gradients) are
-    gathered from every rank and merged like the calls of one module; a key that exists on some
-    ranks only (a module unused on a rank) is merged over the ranks that have it. Other rows and
-    the scalars are the same on every rank and stay as they are. One ``all_gather_object`` per
-    logging step carries everything.
+    Rows of :data:`~lightning_inspect.core.keys.PER_RANK_KINDS` are gathered (one
+    ``all_gather_object`` per step) and merged over the ranks that have the key; other rows and
+    the scalars are the same on every rank and stay as they are.
     """
     payload = [{k: v for k, v in rows.items() if is_per_rank(k)} for rows, _ in host]
     gathered: list[list[dict[str, np.ndarray]] | None] = [None] * distributed_world_size()
@@ -144,9 +125,8 @@ Observer = Callable[[int, Mapping[str, float], Mapping[str, Any], Sequence[Any]]
 class StepCoordinator:
     """One per Trainer: monitors share one device-to-host transfer per logging step.
 
-    Monitors :meth:`join` in ``setup`` (in callback order), :meth:`submit` finished records and
-    call :meth:`batch_end` from ``on_train_batch_end``; the last monitor's call moves everything
-    submitted so far in one transfer and hands each record to its monitor's publisher.
+    Monitors :meth:`join` in ``setup``, :meth:`submit` finished records and call :meth:`batch_end`
+    at the end of each batch; the last monitor's call transfers and publishes everything.
     """
 
     _instances: ClassVar[weakref.WeakKeyDictionary[object, StepCoordinator]] = (

@@ -1,12 +1,10 @@
 """Module selection: name patterns over a model -> ``{qualified_name: module}``.
 
-Names are normalised first, so patterns written against the user's own model work under
-``torch.compile`` (``_orig_mod.``), DDP (a leading ``module.``), FSDP (``_fsdp_wrapped_module.``)
-and activation checkpointing (``_checkpoint_wrapped_module.``).
-
-Patterns are shell-style globs matched against the whole normalised name (``*`` also crosses
-dots, so ``encoder.*`` selects everything below ``encoder``), or regular expressions when prefixed
-with ``re:`` (matched with :func:`re.fullmatch`).
+Names are normalised first (wrappers' ``_orig_mod.``, ``_fsdp_wrapped_module.``,
+``_checkpoint_wrapped_module.`` and DDP's leading ``module.`` removed), so patterns written
+against the user's own model work under every wrapper. Patterns are shell-style globs over the
+whole name (``*`` crosses dots: ``encoder.*`` selects everything below ``encoder``), or regular
+expressions prefixed ``re:`` (matched with :func:`re.fullmatch`).
 
 Example:
     >>> import torch.nn as nn
@@ -19,25 +17,21 @@ Example:
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from collections.abc import Iterable, Sequence
 
 from torch import nn
 
-from lightning_inspect._validation import closest
-from lightning_inspect.errors import ConfigError, SelectionError
+from lightning_inspect._validation import closest, compile_pattern
+from lightning_inspect.errors import SelectionError
 
 #: Name components inserted by wrappers; removed wherever they appear.
 WRAPPER_COMPONENTS = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 
 
 def normalise_name(name: str, data_parallel_root: bool = False) -> str:
-    """Strip wrapper components from a qualified module or parameter name.
-
-    ``data_parallel_root``: the name comes from a ``DistributedDataParallel`` / ``DataParallel``
-    wrapper, whose leading ``module.`` is removed too (a user's own submodule called ``module``
-    is kept otherwise).
+    """Strip wrapper components from a qualified name; with ``data_parallel_root`` (the name comes
+    from a DDP / DataParallel wrapper) also the leading ``module.``.
 
     >>> normalise_name("model._orig_mod.encoder._checkpoint_wrapped_module.0")
     'model.encoder.0'
@@ -62,17 +56,8 @@ class Pattern:
     """
 
     def __init__(self, text: str, kind: str = "module") -> None:
-        self.text = text
-        self.kind = kind
-        if text.startswith("re:"):
-            try:
-                self._regex = re.compile(text[3:])
-            except re.error as exc:
-                raise ConfigError(
-                    f"{kind} pattern {text!r} is not a valid regular expression: {exc}"
-                ) from exc
-        else:
-            self._regex = re.compile(fnmatch.translate(text))
+        self.text, self.kind = text, kind
+        self._regex = compile_pattern(text, kind)
 
     def matches(self, name: str) -> bool:
         """Whether the whole ``name`` matches."""
@@ -86,12 +71,8 @@ class Pattern:
 
 
 def named_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every submodule (the root excluded) by normalised qualified name, first name wins.
-
-    A module registered under several names (a shared module) appears once, under the name
-    ``named_modules`` gives it first. Wrapper modules whose normalised name equals their child's
-    are dropped in favour of the child.
-    """
+    """Every submodule (the root excluded) by normalised qualified name: a shared module once,
+    under its first name; a wrapper whose normalised name equals its child's gives way to it."""
     out: dict[str, nn.Module] = {}
     wrapped = is_data_parallel(model)
     for raw, module in model.named_modules():
@@ -111,15 +92,6 @@ def _patterns(texts: Iterable[str], kind: str = "module") -> list[Pattern]:
     return [Pattern(t, kind) for t in texts]
 
 
-def check_patterns(owner: str, name: str, texts: Sequence[str], kind: str = "module") -> None:
-    """Compile every pattern now, so a bad regex fails in the constructor that received it."""
-    for text in texts:
-        try:
-            Pattern(text, kind)
-        except ConfigError as exc:
-            raise ConfigError(f"{owner}({name}={list(texts)!r}): {exc}") from None
-
-
 def select_modules(
     model: nn.Module,
     modules: str | Sequence[str] | None = None,
@@ -129,17 +101,10 @@ def select_modules(
 ) -> dict[str, nn.Module]:
     """Resolve patterns to ``{normalised_name: module}`` in the model's registration order.
 
-    Args:
-        model: the model (a LightningModule or any ``nn.Module``).
-        modules: patterns to include; ``None`` or empty selects every module that owns
-            parameters directly (all leaf layers with weights, plus containers with their own
-            parameters such as ``nn.MultiheadAttention``).
-        exclude: patterns removed from the selection.
-        owner: used in error messages (the callback's name).
-
-    Raises:
-        SelectionError: a pattern in ``modules`` matched nothing; the message lists the closest
-            module names.
+    ``modules``: patterns to include; ``None`` or empty: every module that owns parameters
+    directly (leaf layers with weights, ``nn.MultiheadAttention``...). ``exclude``: patterns
+    removed. ``owner``: the caller's name in messages. A pattern in ``modules`` that matches
+    nothing raises :class:`SelectionError` listing the closest module names.
     """
     modules = [modules] if isinstance(modules, str) else modules
     exclude = [exclude] if isinstance(exclude, str) else exclude
@@ -190,22 +155,17 @@ def select_parameters(
 ) -> dict[str, nn.Parameter]:
     """The parameters of the selected modules (recursively), by normalised qualified name.
 
-    A parameter reachable from several selected modules (nested selections, shared weights)
-    appears once. ``params``: patterns over those parameter names (``"*.weight"``); empty keeps
-    them all. ``exclude_params``: patterns of parameter names removed (``"*.bias"``).
-
-    Raises:
-        SelectionError: a pattern in ``params`` matched no parameter of the selected modules; the
-            message lists the closest parameter names.
+    A parameter reachable from several selected modules appears once. ``params``: patterns over
+    those names (``"*.weight"``; empty: all); one that matches none raises :class:`SelectionError`
+    with the closest names. ``exclude_params``: patterns of names removed (``"*.bias"``).
     """
     out: dict[str, nn.Parameter] = {}
     seen: set[int] = set()
     for prefix, module in modules.items():
         for raw, param in module.named_parameters():
-            if id(param) in seen:
-                continue
-            seen.add(id(param))
-            out[normalise_name(f"{prefix}.{raw}")] = param
+            if id(param) not in seen:
+                seen.add(id(param))
+                out[normalise_name(f"{prefix}.{raw}")] = param
     if params:
         included = _patterns(params, "parameter")
         for pattern in included:
@@ -224,11 +184,8 @@ def _no_match_message(owner: str, pattern: Pattern, candidates: dict[str, object
     # the close names; when none is close, still the most similar ones (difflib's ranking)
     literal = pattern.literal_part
     near = closest(literal, names) or closest(literal, names, cutoff=0.0) if literal else names[:5]
-    hint = (
-        ""
-        if pattern.text.startswith("re:") or "*" in pattern.text
-        else (" Patterns are whole-name globs: use '*' to match a prefix or suffix.")
-    )
+    glob = not pattern.text.startswith("re:") and "*" not in pattern.text
+    hint = " Patterns are whole-name globs: use '*' to match a prefix or suffix." if glob else ""
     where = "the model" if kind == "module" else "the selected modules"
     none = "(the model has no submodules)" if kind == "module" else "(they have no parameters)"
     return (

@@ -1,23 +1,18 @@
-"""Pure reductions: tensor -> one row of sufficient statistics and histogram counts.
+"""Pure reductions: tensor -> one row (:mod:`lightning_inspect.core.row`) -> statistics.
 
-The work is split in two halves so that a logging step costs one device-to-host transfer:
+A logging step costs one device-to-host transfer: on the device, :func:`reduce_tensor` turns a
+tensor into one float64 row without synchronising; on the host, :func:`merge_rows` combines the
+rows of one key (several calls, micro-batches, ranks) and :func:`summarise_rows` /
+:func:`histogram` turn rows into what users see. Statistics are over the finite values (NaN and
+Inf are counted), except ``zero_fraction`` (over all values); ``std`` is the population standard
+deviation, from centred sums so it stays exact when ``|mean| >> std``.
 
-* on the device, :func:`reduce_tensor` turns any tensor into one float64 *row*: eleven sufficient
-  statistics (see :data:`FIELDS`) followed by ``bins`` histogram counts over the tensor's finite
-  values, with the histogram range taken from the same reduction (no ``.item()``, no sync);
-* on the host, after the rows of a whole step were moved at once, :func:`merge_rows` combines the
-  rows of one key (a module called several times, gradient accumulation, several ranks) and
-  :func:`summarise` / :func:`histogram` turn a row into the statistics users see.
-
-Statistics are computed at least in float32 (float64 tensors in float64; on the CPU see
-:mod:`lightning_inspect.core.cpu_reduction`: small tensors entirely in float64) over the finite values
-(NaN and Inf are counted, not used), except ``zero_fraction`` which is over all elements. Tensors
-are read in blocks of a fixed number of values (:mod:`lightning_inspect.core.chunks`), so the memory a
-reduction takes does not grow with the tensor. ``std`` is the population standard deviation
-(``ddof=0``), computed from centred sums so it stays exact when ``|mean| >> std``.
+Two paths, both in bounded memory: the C kernels (``_kernels.c``) for float32/float64 CPU tensors
+contiguous in memory order (read where they lie, in one call); the general path everywhere else
+(any device, dtype and strides; blocks of a fixed number of values converted one at a time; in
+float64 on the CPU, in float32 on accelerators unless the tensor is float64).
 
 Example:
-    >>> import torch
     >>> row = reduce_tensor(torch.tensor([1.0, 2.0, 3.0, float("nan")]), bins=4)
     >>> s = summarise(row.numpy())
     >>> s["mean"], s["max"], s["nan_count"]
@@ -33,58 +28,29 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lightning_inspect.core import cpu_reduction
-from lightning_inspect.core.chunks import as_vector, blocks
-from lightning_inspect.core.cpu_reduction import reduce_cpu
+from lightning_inspect.core.row import FIELDS as FIELDS  # re-exported: the row's layout
+from lightning_inspect.core.row import N_FIELDS, Field, row_length
 
-#: The sufficient statistics at the start of every row, in order.
-FIELDS = ("count", "finite", "sum", "m2", "sumsq", "abs_sum", "min", "max", "zeros", "nan", "inf")
-N_FIELDS = len(FIELDS)
-_F = {name: i for i, name in enumerate(FIELDS)}
-#: Values per block on the general path on accelerators: its temporaries are a few float32
-#: vectors of this length (16 MiB each). On the CPU its blocks are those of the CPU path
-#: (:data:`lightning_inspect.core.cpu_reduction.CHUNK`), small enough for the allocator to reuse.
-GENERAL_CHUNK = 1 << 22
+try:
+    from lightning_inspect.core import _kernels
+except ImportError:  # built without a C compiler: the general path does the work
+    _kernels = None
+if _kernels is not None and getattr(_kernels, "FIELDS", None) != N_FIELDS:
+    _kernels = None  # built for another row layout: rebuild with `python setup.py build_ext -i`
 
-#: Every statistic a monitor can log.
-ALL_STATS = (
-    "mean",
-    "std",
-    "min",
-    "max",
-    "abs_mean",
-    "rms",
-    "l2_norm",
-    "zero_fraction",
-    "nan_count",
-    "inf_count",
-)
-#: What monitors log when ``stats`` is not given.
-DEFAULT_STATS = (
-    "mean",
-    "std",
-    "min",
-    "max",
-    "abs_mean",
-    "l2_norm",
-    "zero_fraction",
-    "nan_count",
-    "inf_count",
-)
+#: Values per block of the general path: on the CPU (2 MiB of float64 per temporary), and on
+#: accelerators (16 MiB of float32 per temporary).
+CHUNK, GENERAL_CHUNK = 1 << 18, 1 << 22
 
-
-def row_length(bins: int) -> int:
-    """Length of a row with ``bins`` histogram counts."""
-    return N_FIELDS + bins
+#: Every statistic a monitor can log, and what monitors log when ``stats`` is not given.
+ALL_STATS = ("mean", "std", "min", "max", "abs_mean", "rms", "l2_norm", "zero_fraction")
+ALL_STATS += ("nan_count", "inf_count")
+DEFAULT_STATS = tuple(s for s in ALL_STATS if s != "rms")
 
 
 def _values(x: torch.Tensor) -> torch.Tensor:
-    """The real values ``x`` holds, as a view wherever possible (never converted or flattened).
-
-    Detached, so nothing after it records autograd history (cheaper than ``no_grad`` per call).
-    Sparse tensors give their stored values (as for sparse gradients), complex ones their real and
-    imaginary parts; a lazy conjugate of a complex tensor is resolved (copied) first.
-    """
+    """The real values of ``x``, detached, as a view where possible: sparse tensors give their
+    stored values, complex ones their real and imaginary parts."""
     x = x.detach()
     if x.layout != torch.strided:
         x = x.coalesce().values() if x.is_sparse else x.values()
@@ -96,108 +62,104 @@ def _values(x: torch.Tensor) -> torch.Tensor:
 def empty_row(bins: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The row of a tensor with no elements."""
     row = torch.zeros(row_length(bins), dtype=torch.float64, device=device)
-    row[_F["min"]] = math.inf
-    row[_F["max"]] = -math.inf
+    row[Field.MIN], row[Field.MAX] = math.inf, -math.inf
     return row
 
 
 def reduce_tensor(x: torch.Tensor, bins: int = 64) -> torch.Tensor:
-    """Reduce ``x`` to one float64 row on its own device, without synchronising an accelerator.
+    """Reduce ``x`` (never modified) to one float64 row on its own device, without a sync.
 
-    Works for any dtype (bf16, fp16, integers, bool are read as float32; complex as its real and
-    imaginary parts), any shape and strides, empty tensors, tensors holding NaN or Inf, and sparse
-    tensors (their stored values). The tensor is read in blocks of a fixed number of values,
-    each converted to float32 (float64 stays float64) on its own, so the temporary memory does
-    not grow with the tensor.
-
-    On the CPU, where reading a value costs no transfer, the reduction branches on the data
-    (:mod:`lightning_inspect.core.cpu_reduction`); everywhere else it is branch-free
-    (blocks of :data:`GENERAL_CHUNK` values on accelerators).
-
-    Args:
-        x: the tensor; it is never modified.
-        bins: number of histogram bins; 0 for no histogram.
-
-    Returns:
-        ``[count, finite, sum, m2, sumsq, abs_sum, min, max, zeros, nan, inf, *counts]`` where
-        ``m2`` is the sum of squared deviations from the mean of the finite values, ``sumsq`` the
-        sum of their squares, and ``counts`` are the numbers of finite values in ``bins``
-        equal-width bins spanning ``[min, max]``.
+    Any dtype (bf16, fp16, integers and bool read as float32; complex as real and imaginary
+    parts), shape and strides, empty, non-finite or sparse (its stored values). ``bins``: number of
+    histogram counts (0: none). Returns ``[*fields, *counts]`` (see :mod:`~lightning_inspect.core.row`).
     """
     v = _values(x)
     if v.numel() == 0:
         return empty_row(bins, v.device)
     if v.device.type == "cpu":
-        row = reduce_cpu(v, bins)  # None where its fast paths cannot be exact
-        if row is not None:
-            return row
-    return _reduce_any(v, bins)
+        row = _reduce_kernel(v, bins)
+        return row if row is not None else _reduce_any(v, bins, torch.float64)
+    return _reduce_any(v, bins, torch.float64 if v.dtype == torch.float64 else torch.float32)
 
 
-def _reduce_any(x: torch.Tensor, bins: int) -> torch.Tensor:
-    """The row of any real tensor, on its device, without a host round trip.
+def _reduce_kernel(v: torch.Tensor, bins: int) -> torch.Tensor | None:
+    """The row from the C kernels in one call, or ``None`` where they do not apply or cannot be
+    exact (a value not finite, squares beyond the dtype's range)."""
+    if _kernels is None or v.dtype not in (torch.float32, torch.float64):
+        return None
+    if v.is_neg() and v.numel() > CHUNK:  # a lazy negation (some gradients): copied when small
+        return None
+    v = memory_order(v.resolve_neg())  # a transposed matrix is its contiguous base read in order
+    if not v.is_contiguous():
+        return None
+    row = torch.empty(row_length(bins), dtype=torch.float64)
+    is_double = v.dtype == torch.float64
+    exact = _kernels.reduce_row(v.data_ptr(), v.numel(), is_double, bins, row.data_ptr())
+    return row if exact else None
 
-    Two reads, block by block: counts, sum and range first; then, rescaled by the largest
-    magnitude (so no square overflows or underflows), centred and plain sums of squares, absolute
-    sum and histogram counts over the combined range.
+
+def _reduce_any(x: torch.Tensor, bins: int, dtype: torch.dtype) -> torch.Tensor:
+    """The row of any real tensor computed in ``dtype``, on its device, without a host round trip.
+
+    Two reads, block by block: counts, sum and range; then, rescaled by the largest magnitude (no
+    square overflows or underflows), centred and plain sums of squares, absolute sum, counts.
+    Every block's temporaries are written into buffers made once per call (fresh multi-megabyte
+    ones per block fragment the CPU heap).
     """
-    f64 = torch.float64
-    dtype = f64 if x.dtype == f64 else torch.float32
-    parts = blocks(x, cpu_reduction.CHUNK if x.device.type == "cpu" else GENERAL_CHUNK)
-    firsts = []
-    for part in parts:
-        v = as_vector(part, dtype)
-        firsts.append(
-            torch.stack(
-                [
-                    torch.count_nonzero(torch.isfinite(v)).to(f64),
-                    torch.count_nonzero(torch.isnan(v)).to(f64),
-                    (v.numel() - torch.count_nonzero(v)).to(f64),
-                    torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0).sum(dtype=f64),
-                    torch.nan_to_num(v, nan=math.inf, neginf=math.inf).amin().to(f64),
-                    torch.nan_to_num(v, nan=-math.inf, posinf=-math.inf).amax().to(f64),
-                ]
-            )
-        )
-    first = torch.stack(firsts)
-    n_finite, n_nan, zeros, total = first[:, :4].sum(0)
-    lo, hi = first[:, 4].amin(), first[:, 5].amax()  # +inf, -inf when nothing is finite
-    scale = torch.maximum(lo.abs(), hi.abs())
-    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
-    scale_v = scale.to(dtype)  # one of the values: exact in their dtype
+    f64, device, inf = torch.float64, x.device, math.inf
+    parts = blocks(x, CHUNK if device.type == "cpu" else GENERAL_CHUNK)
+    size = max(p.numel() for p in parts)
+    read, clean, work = (torch.empty(size, dtype=dtype, device=device) for _ in range(3))
+    finite, mask = (torch.empty(size, dtype=torch.bool, device=device) for _ in range(2))
+    index = torch.empty(size, dtype=torch.int64, device=device)
+    big = torch.finfo(dtype).max
+    firsts = torch.empty(len(parts), 6, dtype=f64, device=device)
+    for i, part in enumerate(parts):
+        v, n = as_vector(part, dtype, read), part.numel()
+        firsts[i] = torch.stack(
+            [
+                torch.count_nonzero(torch.le(torch.abs(v, out=work[:n]), big, out=finite[:n])),
+                torch.count_nonzero(torch.ne(v, v, out=mask[:n])),
+                n - torch.count_nonzero(v),
+                torch.nan_to_num(v, 0.0, 0.0, 0.0, out=work[:n]).sum(dtype=f64),
+                torch.nan_to_num(v, inf, inf, inf, out=work[:n]).amin(),
+                torch.nan_to_num(v, -inf, -inf, -inf, out=work[:n]).amax(),
+            ]
+        ).to(f64)
+    n_finite, n_nan, zeros, total = firsts[:, :4].sum(0)
+    lo, hi = firsts[:, 4].amin(), firsts[:, 5].amax()  # +inf, -inf when nothing is finite
+    scale = torch.maximum(lo.abs(), hi.abs())  # as a power of two: dividing by it is exact
+    usable = torch.isfinite(scale) & (scale > 0)
+    scale = torch.where(usable, torch.exp2(torch.floor(torch.log2(scale))), torch.ones_like(scale))
+    scale_v = scale.to(dtype)
     mean_scaled = (total / n_finite.clamp(min=1) / scale).to(dtype)
     lo_scaled, hi_scaled = (lo / scale).to(dtype), (hi / scale).to(dtype)
-    seconds = []
-    counts = None
-    for part in parts:
-        v = as_vector(part, dtype)
-        finite = torch.isfinite(v)
-        zeros_only = torch.nan_to_num(v, nan=0.0, posinf=0.0, neginf=0.0)
-        scaled = zeros_only / scale_v
-        centred = torch.where(finite, scaled - mean_scaled, 0.0)
-        seconds.append(
-            torch.stack(
-                [
-                    torch.dot(centred, centred).to(f64),
-                    centred.sum(dtype=f64),
-                    torch.dot(scaled, scaled).to(f64),
-                    zeros_only.abs().sum(dtype=f64),
-                ]
-            )
-        )
+    seconds = torch.empty(len(parts), 4, dtype=f64, device=device)
+    counts = torch.zeros(bins + 1, dtype=torch.int64, device=device)
+    for i, part in enumerate(parts):
+        v, n = as_vector(part, dtype, read), part.numel()
+        is_finite = torch.le(torch.abs(v, out=work[:n]), big, out=finite[:n])
+        scaled = torch.nan_to_num(v, 0.0, 0.0, 0.0, out=clean[:n])
+        abs_sum = torch.abs(scaled, out=work[:n]).sum(dtype=f64)
+        scaled.div_(scale_v)
+        centred = torch.sub(scaled, mean_scaled, out=work[:n]).mul_(is_finite)
+        sums = [torch.dot(centred, centred), centred.sum(dtype=f64), torch.dot(scaled, scaled)]
+        seconds[i] = torch.stack([*(s.to(f64) for s in sums), abs_sum])
         if bins > 0:
-            part_counts = _histogram_counts(scaled, finite, lo_scaled, hi_scaled, bins)
-            counts = part_counts if counts is None else counts + part_counts
-    centred_sumsq, residual, scaled_sumsq, abs_sum = torch.stack(seconds).sum(0)
-    scale2 = scale**2
+            position = torch.sub(scaled, lo_scaled, out=work[:n])
+            position.div_((hi_scaled - lo_scaled).clamp(min=torch.finfo(dtype).tiny))
+            position.mul_(bins).floor_().clamp_(0, bins - 1)
+            position.masked_fill_(torch.logical_not(is_finite, out=mask[:n]), bins)
+            _count(index[:n].copy_(position), counts)  # non-finite: the dropped last count
+    centred_sumsq, residual, scaled_sumsq, abs_sum = seconds.sum(0)
     n = x.numel()
     head = torch.stack(
         [
-            torch.full((), float(n), dtype=f64, device=x.device),  # a fill, not a host copy
+            torch.full((), float(n), dtype=f64, device=device),  # a fill, not a host copy
             n_finite,
             total,
-            (centred_sumsq - residual**2 / n_finite.clamp(min=1)).clamp(min=0) * scale2,
-            scaled_sumsq * scale2,
+            (centred_sumsq - residual**2 / n_finite.clamp(min=1)).clamp(min=0) * scale**2,
+            scaled_sumsq * scale**2,
             abs_sum,
             lo,
             hi,
@@ -206,34 +168,68 @@ def _reduce_any(x: torch.Tensor, bins: int) -> torch.Tensor:
             n - n_finite - n_nan,
         ]
     )
-    if counts is None:
-        return head
-    return torch.cat([head, counts.to(f64)])
+    return torch.cat([head, counts[:bins].to(f64)]) if bins > 0 else head
 
 
-def _histogram_counts(
-    v: torch.Tensor, finite: torch.Tensor | None, lo: torch.Tensor, hi: torch.Tensor, bins: int
-) -> torch.Tensor:
-    """Counts of the (finite) values of ``v`` in ``bins`` equal bins over ``[lo, hi]``, on the device.
+def _count(index: torch.Tensor, counts: torch.Tensor) -> None:
+    """Add the counts of ``index`` (values in ``[0, len(counts))``) to ``counts``, on the device."""
+    if index.device.type == "cpu":
+        counts += torch.bincount(index, minlength=len(counts))
+    else:  # bincount reads the largest index back to size its output (a sync): scatter instead
+        counts.scatter_add_(0, index, torch.ones_like(index))
 
-    ``finite`` masks the entries to count (``None``: all of them).
+
+def memory_order(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with its dimensions permuted by decreasing stride (a view; the same values)."""
+    return x.permute(sorted(range(x.dim()), key=lambda d: -x.stride(d)))
+
+
+def blocks(x: torch.Tensor, size: int) -> list[torch.Tensor]:
+    """Views of at most ``size`` values each (whole rows where a row fits) that hold each value of
+    ``x`` once: ``[x]`` if it is small enough, else blocks of ``memory_order(x)``.
+
+    >>> x = torch.arange(12.0).reshape(4, 3).t()  # transposed: read as its 4 x 3 base
+    >>> [as_vector(b, torch.float32).tolist() for b in blocks(x, 8)]
+    [[0.0, 1.0, 2.0, 3.0, 4.0, 5.0], [6.0, 7.0, 8.0, 9.0, 10.0, 11.0]]
     """
-    fraction = (v - lo) / (hi - lo).clamp(min=torch.finfo(v.dtype).tiny)  # in [0, 1]
-    index = fraction.mul_(bins).floor_().clamp_(0, bins - 1)
-    if finite is not None:
-        index = torch.where(finite, index, float(bins))  # non-finite -> an overflow bin, dropped
-    if v.device.type == "cpu":
-        return torch.bincount(index.to(torch.int32), minlength=bins + 1)[:bins]
-    # On accelerators bincount reads the largest index back to size its output (a sync):
-    # scatter into a fixed-size buffer instead (deterministic for integer counts).
-    index = index.to(torch.int64)
-    counts = torch.zeros(bins + 1, dtype=torch.int64, device=v.device)
-    return counts.scatter_add_(0, index, torch.ones_like(index))[:bins]
+    if x.numel() <= size or x.dim() == 0:
+        return [x]
+    return _split(memory_order(x), size)
+
+
+def _split(x: torch.Tensor, size: int) -> list[torch.Tensor]:
+    if x.numel() <= size:
+        return [x]
+    if x.dim() == 1:
+        return [x[start : start + size] for start in range(0, x.numel(), size)]
+    row = x.numel() // x.shape[0]
+    if row <= size:
+        rows = size // row
+        return [x[start : start + rows] for start in range(0, x.shape[0], rows)]
+    return [piece for i in range(x.shape[0]) for piece in _split(x[i], size)]
+
+
+def as_vector(
+    block: torch.Tensor, dtype: torch.dtype, buffer: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The values of ``block`` as a contiguous 1-D ``dtype`` tensor: a view where it is one
+    already, else a copy (lazy negative views too), into ``buffer`` where given."""
+    if block.dtype == dtype and block.is_contiguous() and not block.is_neg():
+        return block.reshape(-1)
+    if block.dtype not in (torch.float32, torch.float64):
+        block = block.float()  # every other dtype's values are read as float32
+    n = block.numel()
+    out = buffer[:n] if buffer is not None else torch.empty(n, dtype=dtype, device=block.device)
+    out.view(block.shape).copy_(block)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
 # Host side: rows (NumPy) -> merged rows -> statistics and histograms.
 # ---------------------------------------------------------------------------------------------
+
+_ADDED = [Field.COUNT, Field.FINITE, Field.SUM, Field.SUMSQ, Field.ABS_SUM]
+_ADDED += [Field.ZEROS, Field.NAN, Field.INF]
 
 
 def merge_rows(rows: np.ndarray) -> np.ndarray:
@@ -244,25 +240,20 @@ def merge_rows(rows: np.ndarray) -> np.ndarray:
     one range; otherwise each count moves at most one source bin width).
     """
     rows = np.asarray(rows, dtype=np.float64)
-    if rows.ndim == 1:
-        return rows.copy()
-    if len(rows) == 1:
-        return rows[0].copy()
+    if rows.ndim == 1 or len(rows) == 1:
+        return rows.reshape(-1).copy()
     out = np.zeros(rows.shape[1], dtype=np.float64)
-    for name in ("count", "finite", "sum", "sumsq", "abs_sum", "zeros", "nan", "inf"):
-        out[_F[name]] = rows[:, _F[name]].sum()
-    n_i = rows[:, _F["finite"]]
-    n = out[_F["finite"]]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_i = np.where(n_i > 0, rows[:, _F["sum"]] / np.maximum(n_i, 1), 0.0)
-        mean = out[_F["sum"]] / n if n > 0 else 0.0
-    out[_F["m2"]] = rows[:, _F["m2"]].sum() + float(np.sum(n_i * (mean_i - mean) ** 2))
+    out[_ADDED] = rows[:, _ADDED].sum(0)
+    n_i, n = rows[:, Field.FINITE], out[Field.FINITE]
+    mean_i = np.where(n_i > 0, rows[:, Field.SUM] / np.maximum(n_i, 1), 0.0)
+    mean = out[Field.SUM] / n if n > 0 else 0.0
+    out[Field.M2] = rows[:, Field.M2].sum() + float(np.sum(n_i * (mean_i - mean) ** 2))
     has = n_i > 0
-    out[_F["min"]] = rows[has, _F["min"]].min() if has.any() else math.inf
-    out[_F["max"]] = rows[has, _F["max"]].max() if has.any() else -math.inf
+    out[Field.MIN] = rows[has, Field.MIN].min() if has.any() else math.inf
+    out[Field.MAX] = rows[has, Field.MAX].max() if has.any() else -math.inf
     bins = rows.shape[1] - N_FIELDS
     if bins > 0 and has.any():
-        out[N_FIELDS:] = _rebin(rows[has], out[_F["min"]], out[_F["max"]], bins)
+        out[N_FIELDS:] = _rebin(rows[has], out[Field.MIN], out[Field.MAX], bins)
     return out
 
 
@@ -270,7 +261,7 @@ def _rebin(rows: np.ndarray, lo: float, hi: float, bins: int) -> np.ndarray:
     counts = np.zeros(bins, dtype=np.float64)
     width = max(hi - lo, np.finfo(np.float32).tiny)
     for row in rows:
-        r_lo, r_hi = row[_F["min"]], row[_F["max"]]
+        r_lo, r_hi = row[Field.MIN], row[Field.MAX]
         centres = r_lo + (np.arange(bins) + 0.5) * (r_hi - r_lo) / bins
         index = np.clip(np.floor((centres - lo) / width * bins), 0, bins - 1).astype(np.int64)
         np.add.at(counts, index, row[N_FIELDS:])
@@ -280,53 +271,41 @@ def _rebin(rows: np.ndarray, lo: float, hi: float, bins: int) -> np.ndarray:
 def scale_row(row: np.ndarray, factor: float) -> np.ndarray:
     """The row of ``x * factor`` (``factor > 0``) from the row of ``x``; histogram counts unchanged."""
     out = np.array(row, dtype=np.float64)
-    for name in ("sum", "abs_sum", "min", "max"):
-        out[_F[name]] *= factor
-    for name in ("m2", "sumsq"):
-        out[_F[name]] *= factor * factor
+    out[[Field.SUM, Field.ABS_SUM, Field.MIN, Field.MAX]] *= factor
+    out[[Field.M2, Field.SUMSQ]] *= factor * factor
     return out
 
 
 def summarise(row: np.ndarray, stats: tuple[str, ...] = ALL_STATS) -> dict[str, float]:
     """The named statistics of one (host) row; NaN where a statistic has no finite value."""
-    return dict(
-        zip(
-            stats, summarise_rows(np.asarray(row)[None, :N_FIELDS], stats)[0].tolist(), strict=False
-        )
-    )
+    values = summarise_rows(np.asarray(row)[None, :N_FIELDS], stats)[0].tolist()
+    return dict(zip(stats, values, strict=True))
 
 
 def summarise_rows(rows: np.ndarray, stats: tuple[str, ...] = ALL_STATS) -> np.ndarray:
-    """:func:`summarise` of many rows at once: ``out[i, j]`` is ``stats[j]`` of ``rows[i]``.
-
-    ``rows`` is 2-D (one row per key, at least the :data:`FIELDS` columns); a logging step of
-    thousands of keys costs one NumPy expression per statistic instead of one per value.
-    """
-    col = {name: rows[:, i].astype(np.float64) for name, i in _F.items()}
-    finite, count = col["finite"], col["count"]
+    """:func:`summarise` of many rows at once (2-D, at least the fields): ``out[i, j]`` is
+    ``stats[j]`` of ``rows[i]``; one NumPy expression per statistic."""
+    col = {f: rows[:, f].astype(np.float64) for f in Field}
+    finite, count = col[Field.FINITE], col[Field.COUNT]
     columns = []
     with np.errstate(divide="ignore", invalid="ignore"):
         for name in stats:
-            if name == "mean":
-                value = col["sum"] / finite
-            elif name == "std":
-                value = np.sqrt(np.maximum(col["m2"], 0.0) / finite)
-            elif name in ("min", "max"):
-                value = col[name]
-            elif name == "abs_mean":
-                value = col["abs_sum"] / finite
-            elif name == "rms":
-                value = np.sqrt(col["sumsq"] / finite)
-            elif name == "l2_norm":
-                columns.append(np.sqrt(col["sumsq"]))
-                continue
+            if name == "l2_norm":
+                columns.append(np.sqrt(col[Field.SUMSQ]))
             elif name == "zero_fraction":
-                columns.append(np.where(count > 0, col["zeros"] / count, np.nan))
-                continue
-            else:  # nan_count, inf_count
-                columns.append(col[name[:3]])
-                continue
-            columns.append(np.where(finite > 0, value, np.nan))
+                columns.append(np.where(count > 0, col[Field.ZEROS] / count, np.nan))
+            elif name in ("nan_count", "inf_count"):
+                columns.append(col[Field.NAN if name == "nan_count" else Field.INF])
+            else:  # over the finite values: NaN without one
+                value = {
+                    "mean": lambda: col[Field.SUM] / finite,
+                    "std": lambda: np.sqrt(np.maximum(col[Field.M2], 0.0) / finite),
+                    "min": lambda: col[Field.MIN],
+                    "max": lambda: col[Field.MAX],
+                    "abs_mean": lambda: col[Field.ABS_SUM] / finite,
+                    "rms": lambda: np.sqrt(col[Field.SUMSQ] / finite),
+                }[name]()
+                columns.append(np.where(finite > 0, value, np.nan))
     return np.stack(columns, axis=1) if columns else np.empty((len(rows), 0))
 
 
@@ -357,15 +336,12 @@ def _unit_edges(bins: int) -> np.ndarray:
 def histogram(row: np.ndarray) -> Histogram | None:
     """The histogram of a host row, or ``None`` when it has no bins or no finite value."""
     bins = len(row) - N_FIELDS
-    finite = float(row[_F["finite"]])
+    finite = float(row[Field.FINITE])
     if bins <= 0 or finite <= 0:
         return None
-    lo, hi = float(row[_F["min"]]), float(row[_F["max"]])
-    total = float(row[_F["sum"]])
+    lo, hi = float(row[Field.MIN]), float(row[Field.MAX])
     unit = _unit_edges(bins)
-    edges = (
-        lo * (1.0 - unit) + hi * unit
-    )  # no hi - lo, which overflows for the widest float64 ranges
+    edges = lo * (1.0 - unit) + hi * unit  # no hi - lo: it overflows for the widest ranges
     edges[-1] = hi  # exactly
     return Histogram(
         edges=edges,
@@ -373,8 +349,8 @@ def histogram(row: np.ndarray) -> Histogram | None:
         min=lo,
         max=hi,
         num=finite,
-        sum=total,
-        sum_squares=float(row[_F["sumsq"]]),
+        sum=float(row[Field.SUM]),
+        sum_squares=float(row[Field.SUMSQ]),
     )
 
 

@@ -26,8 +26,6 @@ class ActivationMonitor(ModuleMonitor):
                             callbacks=[ActivationMonitor(modules=["encoder.*", "head"], every_n_steps=50)])
     """
 
-    kind = "activations"
-
     def _wants_output_hooks(self) -> bool:
         return True
 

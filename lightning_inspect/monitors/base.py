@@ -1,44 +1,19 @@
-"""What every module monitor shares: arguments, selection, schedule, hook lifetime, publishing.
+"""ModuleMonitor: what every module monitor shares (arguments, selection, schedule, hook
+lifetime, publishing); a subclass turns what it sees into rows and scalars.
 
-A monitor's life in a fit:
-
-``setup``
-    resolve the backends and join the Trainer's :class:`~lightning_inspect.core.recorder.StepCoordinator`.
-``on_fit_start``
-    resolve the module selection (after ``configure_model``; a pattern that matches nothing
-    raises here, before the sanity check and the first step).
-``on_train_batch_start``
-    on a logged batch only, attach the output hooks and start recording; other batches pay a few
-    integer operations. A batch is logged when one of the optimizer steps it takes is on the
-    schedule (:meth:`~lightning_inspect.core.schedule.Schedule.first_due`), under that step; a batch
-    is expected to take as many steps as the previous one (at first: one, or one per optimizer
-    under manual optimization).
-``on_before_optimizer_step``
-    read what exists at each optimizer step: parameter gradients (after AMP unscaling and
-    gradient accumulation) of the parameters that optimizer updates, weights.
-``on_train_batch_end``
-    remove the hooks; once the optimizer step happened, hand the step's record to the coordinator,
-    which moves the values of all monitors to the host in one transfer and publishes them.
-``on_exception`` / ``teardown``
-    remove hooks, publish what was collected, flush the backends.
-
-Hooks therefore exist only inside the training batches of logged steps: validation, sanity
-checks and prediction are never recorded, and ``torch.save`` / ``deepcopy`` of the model see no
-hook outside those batches (and an inert one inside, see :mod:`lightning_inspect.core.hooks`).
-
-Compiled models are the exception: ``torch.compile`` ignores hooks added after it compiled a
-module, so when the model holds a compiled module the hooks are attached once, in ``setup``
-(before the first forward compiles anything), and stay until ``teardown``; they return at once
-unless the current batch is recorded. The compiler then keeps two variants of the graph (recording
-or not) and recompiles no further; recording batches run the hooks eagerly (a graph break per hook).
+``setup`` resolves the backends and joins the Trainer's StepCoordinator; ``on_fit_start`` selects
+the modules (a pattern matching nothing raises before the first step); a logged batch (one of its
+optimizer steps is due: :meth:`~lightning_inspect.core.schedule.Schedule.first_due`) has the
+output hooks from start to end, then its record goes to the coordinator (one transfer for all
+monitors). On compiled models (``torch.compile`` ignores hooks added later) the hooks stay from
+``on_fit_start`` to ``teardown`` and return at once unless the batch is recorded.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import lightning.pytorch as pl
@@ -48,10 +23,10 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lightning_inspect._validation import (
-    as_str_list,
     check_bool,
     check_choice,
     check_choices,
+    check_patterns,
     check_positive_int,
 )
 from lightning_inspect.backends import (
@@ -64,35 +39,46 @@ from lightning_inspect.backends import (
 from lightning_inspect.core.hooks import HookSet, OutputHook
 from lightning_inspect.core.keys import metric_key
 from lightning_inspect.core.recorder import HostRecord, StepCoordinator, StepRecord
+from lightning_inspect.core.row import N_FIELDS, Field
 from lightning_inspect.core.schedule import Schedule
-from lightning_inspect.core.selection import check_patterns, empty_selection_message, select_modules
-from lightning_inspect.core.stats import (
-    ALL_STATS,
-    DEFAULT_STATS,
-    FIELDS,
-    N_FIELDS,
-    histogram,
-    summarise_rows,
+from lightning_inspect.core.selection import (
+    empty_selection_message,
+    select_modules,
+    select_parameters,
 )
+from lightning_inspect.core.stats import ALL_STATS, DEFAULT_STATS, histogram, summarise_rows
 from lightning_inspect.errors import InspectError, NonFiniteError
 
 NONFINITE_ACTIONS = ("ignore", "warn", "raise")
 _K = TypeVar("_K")
 #: Most histogram bins: each logged histogram costs 16 bytes a bin in TensorBoard.
 MAX_BINS = 1024
+_MAX_LISTED = 12
+
+
+def local_values(t: torch.Tensor) -> torch.Tensor:
+    """A sparse tensor's stored values, a sharded (DTensor) one's local shard, else ``t``."""
+    t = t.coalesce().values() if t.is_sparse else t
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def holds_compiled_module(model: torch.nn.Module) -> bool:
     """Whether ``model`` is, or contains, a module compiled with ``torch.compile``."""
-    if getattr(model, "_compiler_ctx", None):
-        return True
-    return any(type(m).__name__ == "OptimizedModule" for m in model.modules())
+    compiled = (type(m).__name__ == "OptimizedModule" for m in model.modules())
+    return bool(getattr(model, "_compiler_ctx", None)) or any(compiled)
 
 
-_MAX_LISTED = 12
+class _KeepsArguments:
+    """Keeps the constructor's arguments (a nested fit starts from a monitor built alike); after
+    the monitor classes in the MRO, so that signatures are their ``__init__``'s."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Any:
+        self = super().__new__(cls)
+        self._init_args = (args, kwargs)
+        return self
 
 
-class ModuleMonitor(Callback):
+class ModuleMonitor(Callback, _KeepsArguments):
     """Base class of :class:`ActivationMonitor`, :class:`GradientMonitor` and :class:`WeightMonitor`.
 
     Args:
@@ -123,16 +109,6 @@ class ModuleMonitor(Callback):
             either way (see :func:`lightning_inspect.backends.read_stats`).
     """
 
-    #: The kind of the keys this monitor writes, for messages.
-    kind = "module"
-    #: The constructor's arguments (positional, keyword), kept by :func:`_keeping_arguments`.
-    _init_args: tuple[tuple[Any, ...], dict[str, Any]]
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "__init__" in cls.__dict__:
-            cls.__init__ = _keeping_arguments(cls.__dict__["__init__"])  # type: ignore[method-assign]
-
     def __init__(
         self,
         modules: str | Sequence[str] | None = None,
@@ -148,15 +124,12 @@ class ModuleMonitor(Callback):
         enabled: bool = True,
         mlflow_metrics: str = "summary",
     ) -> None:
-        owner = type(self).__name__
-        self._owner = owner
-        self.modules = self._pattern_arg("modules", modules)
-        self.exclude = self._pattern_arg("exclude", exclude)
+        owner = self._owner = type(self).__name__
+        self.modules = check_patterns(owner, "modules", modules)
+        self.exclude = check_patterns(owner, "exclude", exclude)
         self.schedule = Schedule.checked(owner, every_n_steps, start_step, stop_step)
         self.stats = check_choices(owner, "stats", stats, ALL_STATS, DEFAULT_STATS)
-        self._stat_keys: dict[
-            str, list[str]
-        ] = {}  # row key -> its metric keys, in self.stats order
+        self._stat_keys: dict[str, list[str]] = {}  # row key -> its metric keys (stats order)
         self.histograms = check_bool(owner, "histograms", histograms)
         self.bins = check_positive_int(owner, "bins", bins, 2, MAX_BINS) if self.histograms else 0
         self.backends = check_backends(owner, backends)
@@ -185,8 +158,9 @@ class ModuleMonitor(Callback):
 
     @property
     def state_key(self) -> str:
+        every = self.schedule.every_n_steps
         return self._generate_state_key(
-            modules=self.modules, exclude=self.exclude, every_n_steps=self.schedule.every_n_steps
+            modules=self.modules, exclude=self.exclude, every_n_steps=every
         )
 
     def state_dict(self) -> dict[str, Any]:
@@ -204,9 +178,7 @@ class ModuleMonitor(Callback):
             self.__dict__ = type(self)(*args, **kwargs).__dict__
             self._outer_fit = outer
         self._active = True
-        self.last_logged_step = (
-            None  # a new fit; resuming restores it from the checkpoint after setup
-        )
+        self.last_logged_step = None  # a new fit; resuming restores it after setup
         self.sinks = resolve_sinks(
             trainer, self.backends, owner=self._owner, mlflow_metrics=self.mlflow_metrics
         )
@@ -214,8 +186,7 @@ class ModuleMonitor(Callback):
         self._coordinator.join(self)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # Selected here, not in setup: layers built in configure_model (and by sharding strategies)
-        # exist only now. Still before the sanity check and the first training step.
+        # Here, not in setup: layers built in configure_model exist only now (still before step 0)
         if not self._active:
             return
         self.selected = select_modules(pl_module, self.modules, self.exclude, owner=self._owner)
@@ -319,11 +290,17 @@ class ModuleMonitor(Callback):
 
     # -- shared machinery -------------------------------------------------------------------
 
-    def _pattern_arg(self, name: str, value: object, kind: str = "module") -> list[str]:
-        """A checked pattern argument (``modules``, ``exclude``, ``params``...) as a list."""
-        patterns = as_str_list(self._owner, name, value)
-        check_patterns(self._owner, name, patterns, kind)
-        return patterns
+    def _parameter_patterns(self, params: object, exclude_params: object) -> None:
+        """Check and keep ``params`` and ``exclude_params`` (monitors that read parameters)."""
+        self.params = check_patterns(self._owner, "params", params, "parameter")
+        self.exclude_params = check_patterns(
+            self._owner, "exclude_params", exclude_params, "parameter"
+        )
+        self.selected_parameters: dict[str, torch.nn.Parameter] = {}
+
+    def _select_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """The parameters of the selected modules that ``params`` / ``exclude_params`` keep."""
+        return select_parameters(self.selected, self.params, self.exclude_params, owner=self._owner)
 
     def _stepped(self, params: dict[_K, torch.nn.Parameter]) -> dict[_K, torch.nn.Parameter]:
         """The entries of ``params`` that the optimizer of the current step updates.
@@ -380,68 +357,52 @@ class ModuleMonitor(Callback):
 
     def _publish(self, record: StepRecord, values: HostRecord) -> None:
         rows, scalars = values
-        step = record.step
         out: dict[str, float] = {}
-        hists = {}
-        stat_keys = self._stat_keys
         if rows:  # every statistic of every row at once, in row order, then self.stats order
             table = summarise_rows(np.stack([row[:N_FIELDS] for row in rows.values()]), self.stats)
             names = []
             for key in rows:
-                known = stat_keys.get(key)
-                if known is None:
-                    known = stat_keys[key] = [metric_key(key, stat) for stat in self.stats]
-                names += known
+                if key not in self._stat_keys:
+                    self._stat_keys[key] = [metric_key(key, stat) for stat in self.stats]
+                names += self._stat_keys[key]
             out = dict(zip(names, table.ravel().tolist(), strict=True))
-        if self.histograms:
-            for key, row in rows.items():
-                h = histogram(row)
-                if h is not None:
-                    hists[key] = h
+        hists = {k: histogram(r) for k, r in rows.items()} if self.histograms else {}
+        hists = {k: h for k, h in hists.items() if h is not None}
         out.update(scalars)
         if not out:
             return
         for sink in self.sinks:
-            sink.log_scalars(out, step)
+            sink.log_scalars(out, record.step)
             if hists:
-                sink.log_histograms(hists, step)
+                sink.log_histograms(hists, record.step)
         if self._coordinator is not None:
-            self._coordinator.notify(step, out, hists)
-        self._check_nonfinite(rows, step)
+            self._coordinator.notify(record.step, out, hists)
+        self._check_nonfinite(rows, record.step)
 
     def _check_nonfinite(self, rows: dict[str, Any], step: int) -> None:
         if self.on_nonfinite == "ignore":
             return
-        nan_at, inf_at = FIELDS.index("nan"), FIELDS.index("inf")
-        bad = [
-            (k, r)
-            for k, r in rows.items()
-            if r[nan_at] + r[inf_at] > 0 and not self._expected_nonfinite(k)
-        ]
+        expected = self._expected_nonfinite
+        bad = [(k, r) for k, r in rows.items() if r[Field.NAN] + r[Field.INF] and not expected(k)]
         if not bad:
             return
         key, row = bad[0]
+        later = f"; also in {len(bad) - 1} later key(s): {', '.join(k for k, _ in bad[1:4])}"
         message = (
             f"{self._owner}: non-finite values at step {step}: first in execution order is {key!r} "
-            f"({int(row[nan_at])} NaN, {int(row[inf_at])} Inf of {int(row[0])} values)"
-            + (
-                f"; also in {len(bad) - 1} later key(s): {', '.join(k for k, _ in bad[1:4])}"
-                if len(bad) > 1
-                else ""
-            )
-            + "."
+            f"({int(row[Field.NAN])} NaN, {int(row[Field.INF])} Inf of {int(row[Field.COUNT])} "
+            f"values){later if len(bad) > 1 else ''}."
         )
         if self.on_nonfinite == "raise":
             raise NonFiniteError(message)
-        elif key not in self._warned_nonfinite:
+        if key not in self._warned_nonfinite:
             self._warned_nonfinite.add(key)
             warnings.warn(message, RuntimeWarning, stacklevel=2)
 
     def _announce(self) -> None:
         what, names = self._selection_summary()
-        shown = ", ".join(names[:_MAX_LISTED]) + (
-            f", ... ({len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else ""
-        )
+        more = f", ... ({len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else ""
+        shown = ", ".join(names[:_MAX_LISTED]) + more
         backends = ", ".join(s.name for s in self.sinks) or "no backend"
         rank_zero_info(
             f"{self._owner}: {len(names)} {what} selected, every {self.schedule.every_n_steps} steps "
@@ -473,20 +434,3 @@ class ModuleMonitor(Callback):
                 self._coordinator.flush()
         for sink in self.sinks:
             sink.flush()
-
-
-def _keeping_arguments(init: Callable[..., None]) -> Callable[..., None]:
-    """Wrap a monitor class's ``__init__`` so that the instance keeps the arguments it was built
-    with (those of the most derived class): a nested fit starts from a monitor built alike.
-    ``inspect.signature`` and type hints still see ``init``."""
-
-    @functools.wraps(init)
-    def __init__(self: ModuleMonitor, *args: Any, **kwargs: Any) -> None:
-        if "_init_args" not in self.__dict__:
-            self._init_args = (args, kwargs)
-        init(self, *args, **kwargs)
-
-    return __init__
-
-
-ModuleMonitor.__init__ = _keeping_arguments(ModuleMonitor.__init__)  # type: ignore[method-assign]

@@ -13,9 +13,8 @@ from lightning_inspect.core.grad_scaler import gradients_scaled, loss_scale, sca
 from lightning_inspect.core.hooks import OutputGradHook
 from lightning_inspect.core.keys import escape_name, metric_key
 from lightning_inspect.core.recorder import HostRecord, StepRecord
-from lightning_inspect.core.selection import select_parameters
 from lightning_inspect.core.stats import reduce_tensor, scale_row
-from lightning_inspect.monitors.base import ModuleMonitor
+from lightning_inspect.monitors.base import ModuleMonitor, local_values
 
 
 class GradientMonitor(ModuleMonitor):
@@ -26,11 +25,8 @@ class GradientMonitor(ModuleMonitor):
             (read by tensor hooks during backward; works with in-place modules; the gradient of
             a complex output is read as its real and imaginary parts).
         parameters: log the gradient of each parameter of the selected modules, read in
-            ``on_before_optimizer_step``: after AMP unscaling, once per optimizer step under
-            gradient accumulation. Each gradient is read at the steps of the optimizers whose
-            param groups hold that parameter (with several optimizers, e.g. a GAN's ``opt_d`` and
-            ``opt_g``: the critic's gradients at ``opt_d.step()``, the generator's at
-            ``opt_g.step()``; gradients an optimizer never applies are not read).
+            ``on_before_optimizer_step`` (after AMP unscaling and gradient accumulation) of the
+            optimizers whose param groups hold it (a GAN: the critic's at ``opt_d.step()``).
         global_norm: log the L2 norm (in float64) of the gradients of all the model's parameters
             that the batch's optimizer steps update (not only the selected ones).
         params: which parameters of the selected modules ``parameters`` logs: patterns over
@@ -48,8 +44,6 @@ class GradientMonitor(ModuleMonitor):
 
         GradientMonitor(modules="encoder.*", every_n_steps=50, outputs=False)
     """
-
-    kind = "gradients"
 
     def __init__(
         self,
@@ -71,35 +65,19 @@ class GradientMonitor(ModuleMonitor):
         exclude_params: str | Sequence[str] | None = None,
         mlflow_metrics: str = "summary",
     ) -> None:
-        super().__init__(
-            modules,
-            exclude,
-            every_n_steps,
-            start_step,
-            stop_step,
-            stats,
-            histograms,
-            bins,
-            backends,
-            on_nonfinite,
-            enabled,
-            mlflow_metrics,
-        )
+        base = (modules, exclude, every_n_steps, start_step, stop_step, stats, histograms, bins)
+        super().__init__(*base, backends, on_nonfinite, enabled, mlflow_metrics)
         self.outputs = check_bool(self._owner, "outputs", outputs)
         self.parameters = check_bool(self._owner, "parameters", parameters)
         self.global_norm = check_bool(self._owner, "global_norm", global_norm)
-        self.params = self._pattern_arg("params", params, "parameter")
-        self.exclude_params = self._pattern_arg("exclude_params", exclude_params, "parameter")
-        self.selected_parameters: dict[str, torch.nn.Parameter] = {}
+        self._parameter_patterns(params, exclude_params)
         self._all_parameters: dict[str, torch.nn.Parameter] = {}
         self._norm_parts: list[torch.Tensor] = []  # squared global norms of this step's optimizers
         self._scaler_skipped = False
 
     def _after_selection(self, pl_module: pl.LightningModule) -> None:
-        params = select_parameters(
-            self.selected, self.params, self.exclude_params, owner=self._owner
-        )
-        self.selected_parameters = {n: p for n, p in params.items() if p.requires_grad}
+        params = self._select_parameters().items()
+        self.selected_parameters = {n: p for n, p in params if p.requires_grad}
         self._all_parameters = {n: p for n, p in pl_module.named_parameters() if p.requires_grad}
 
     def _wants_output_hooks(self) -> bool:
@@ -127,10 +105,10 @@ class GradientMonitor(ModuleMonitor):
             for name, param in self._stepped(self.selected_parameters).items():
                 if param.grad is not None:
                     key = metric_key("param_grads", escape_name(name))
-                    self._add_row(key, reduce_tensor(_dense(param.grad), self.bins))
+                    self._add_row(key, reduce_tensor(local_values(param.grad), self.bins))
         if self.global_norm:
             stepped = self._stepped(self._all_parameters).values()
-            grads = [_dense(p.grad) for p in stepped if p.grad is not None]
+            grads = [local_values(p.grad) for p in stepped if p.grad is not None]
             if grads:
                 norms = torch._foreach_norm(grads, 2, dtype=torch.float64)
                 device = norms[0].device
@@ -147,20 +125,16 @@ class GradientMonitor(ModuleMonitor):
     def _publish(self, record: StepRecord, values: HostRecord) -> None:
         rows, scalars = values
         self._scaler_skipped = bool(scalars.get(SKIPPED_KEY))
-        scale = scalars.pop(_LOSS_SCALE_KEY, None)
-        if scale:  # output gradients carried the loss scale of mixed precision: divide it out
-            rows = {
-                k: scale_row(r, 1.0 / scale) if k.startswith("activation_grads/") else r
-                for k, r in rows.items()
-            }
-        param_scale = scalars.pop(_PARAM_SCALE_KEY, None)
-        if param_scale:  # so did the parameter gradients of an optimizer that unscales in step()
-            rows = {
-                k: scale_row(r, 1.0 / param_scale) if k.startswith("param_grads/") else r
-                for k, r in rows.items()
-            }
-            if "param_grads/global_norm" in scalars:
-                scalars["param_grads/global_norm"] /= param_scale
+        # Gradients that carried the loss scale of mixed precision (output gradients; parameter
+        # gradients of an optimizer that unscales in its step()): divide it out.
+        for kind, scale_key in _SCALED:
+            scale = scalars.pop(scale_key, None)
+            if scale:
+                rows = {
+                    k: scale_row(r, 1 / scale) if k.startswith(kind) else r for k, r in rows.items()
+                }
+                if kind == "param_grads/" and "param_grads/global_norm" in scalars:
+                    scalars["param_grads/global_norm"] /= scale
         super()._publish(record, (rows, scalars))
 
     def _expected_nonfinite(self, key: str) -> bool:
@@ -174,10 +148,4 @@ _LOSS_SCALE_KEY = "__loss_scale__"
 _PARAM_SCALE_KEY = "__param_grad_scale__"
 #: 1 when the GradScaler found Inf/NaN gradients and skips the optimizer step, else 0.
 SKIPPED_KEY = "param_grads/skipped_by_scaler"
-
-
-def _dense(grad: torch.Tensor) -> torch.Tensor:
-    grad = grad.coalesce().values() if grad.is_sparse else grad
-    return (
-        grad.to_local() if hasattr(grad, "to_local") else grad
-    )  # a sharded (DTensor) gradient: this rank's shard
+_SCALED = (("activation_grads/", _LOSS_SCALE_KEY), ("param_grads/", _PARAM_SCALE_KEY))

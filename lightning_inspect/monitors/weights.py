@@ -10,21 +10,18 @@ import torch
 from lightning_inspect._validation import check_bool
 from lightning_inspect.backends import Sink
 from lightning_inspect.core.keys import escape_name, metric_key
-from lightning_inspect.core.selection import select_parameters
 from lightning_inspect.core.stats import reduce_tensor
-from lightning_inspect.monitors.base import ModuleMonitor
+from lightning_inspect.monitors.base import ModuleMonitor, local_values
 
 
 class WeightMonitor(ModuleMonitor):
     """Log the parameters of selected modules.
 
     Weights are read in ``on_before_optimizer_step`` of a logged batch (its first optimizer step
-    when it takes several), i.e. the values the step's forward pass used. ``update_ratio`` logs
-    ``||W_after - W_before|| / ||W_before||``, the size of the batch's update relative to the
-    weights (healthy training is often near 1e-3). It needs ``W_before``: one copy of every
-    selected parameter (same dtype and device), held from that optimizer step to the end of the
-    batch, on logged batches only; e.g. 50M float32 parameters cost 200 MB (191 MiB) more at
-    those moments. The update is then computed in that copy, in place.
+    when it takes several): the values its forward used. ``update_ratio`` logs
+    ``||W_after - W_before|| / ||W_before||`` (healthy training: often near 1e-3) from a copy of
+    every selected parameter held from that step to the end of logged batches (50M float32
+    parameters: 200 MB more at those moments); the update is computed in that copy.
 
     Args:
         update_ratio: log ``weights/<parameter>/update_ratio``.
@@ -45,8 +42,6 @@ class WeightMonitor(ModuleMonitor):
         WeightMonitor(every_n_steps=200, exclude_params="*.bias")
     """
 
-    kind = "weights"
-
     def __init__(
         self,
         modules: str | Sequence[str] | None = None,
@@ -65,30 +60,14 @@ class WeightMonitor(ModuleMonitor):
         exclude_params: str | Sequence[str] | None = None,
         mlflow_metrics: str = "summary",
     ) -> None:
-        super().__init__(
-            modules,
-            exclude,
-            every_n_steps,
-            start_step,
-            stop_step,
-            stats,
-            histograms,
-            bins,
-            backends,
-            on_nonfinite,
-            enabled,
-            mlflow_metrics,
-        )
+        base = (modules, exclude, every_n_steps, start_step, stop_step, stats, histograms, bins)
+        super().__init__(*base, backends, on_nonfinite, enabled, mlflow_metrics)
         self.update_ratio = check_bool(self._owner, "update_ratio", update_ratio)
-        self.params = self._pattern_arg("params", params, "parameter")
-        self.exclude_params = self._pattern_arg("exclude_params", exclude_params, "parameter")
-        self.selected_parameters: dict[str, torch.nn.Parameter] = {}
+        self._parameter_patterns(params, exclude_params)
         self._before: list[torch.Tensor] | None = None
 
     def _after_selection(self, pl_module: pl.LightningModule) -> None:
-        self.selected_parameters = select_parameters(
-            self.selected, self.params, self.exclude_params, owner=self._owner
-        )
+        self.selected_parameters = self._select_parameters()
 
     def _selection_summary(self) -> tuple[str, list[str]]:
         return "parameters", list(self.selected_parameters)
@@ -97,7 +76,7 @@ class WeightMonitor(ModuleMonitor):
         if self._before is not None:  # several optimizers: the first call of the step counts
             return
         with torch.no_grad():
-            params = [_local(p) for p in self.selected_parameters.values()]
+            params = [local_values(p) for p in self.selected_parameters.values()]
             for name, param in zip(self.selected_parameters, params, strict=False):
                 key = metric_key("weights", escape_name(name))
                 self._add_row(key, reduce_tensor(param, self.bins))
@@ -108,19 +87,12 @@ class WeightMonitor(ModuleMonitor):
         if not before:
             return
         with torch.no_grad():
-            after = [_local(p).detach() for p in self.selected_parameters.values()]
+            after = [local_values(p).detach() for p in self.selected_parameters.values()]
             # float64 norms: no overflow for huge finite weights
             norms = torch._foreach_norm(before, 2, dtype=torch.float64)
-            torch._foreach_sub_(
-                before, after
-            )  # in place: the copy becomes -(update), no third copy
+            torch._foreach_sub_(before, after)  # in place: the copy becomes -(update)
             updates = torch._foreach_norm(before, 2, dtype=torch.float64)
             for name, upd, norm in zip(self.selected_parameters, updates, norms, strict=False):
                 # IEEE division: a zero norm gives inf when the parameter moved, NaN when it did not
                 ratio = upd / norm.to(upd.device)
                 self._add_scalar(metric_key("weights", escape_name(name), "update_ratio"), ratio)
-
-
-def _local(param: torch.Tensor) -> torch.Tensor:
-    """A sharded (DTensor) parameter's local shard; any other tensor as it is."""
-    return param.to_local() if hasattr(param, "to_local") else param
