@@ -10,14 +10,16 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from lightning_inspect._validation import check_bool, check_choice, check_positive_int
+from lightning_inspect.backends import GenericSink, close_sinks, resolve_sinks
 from lightning_inspect.errors import ConfigError
 from lightning_inspect.probes.context import (
     ON_ERROR,
     RANKS,
-    _check_choice,
-    _check_patterns,
-    _hydra_output_dir,
     _Switch,
+    check_output_dir,
+    check_tags,
+    hydra_output_dir,
 )
 
 __all__ = ["ProbeSwitch"]
@@ -27,32 +29,27 @@ class ProbeSwitch(Callback):
     """Switch probe tags on during fit and give probes the trainer's step, epoch and loggers.
 
     Probes run while ``trainer.global_step % every_n_steps == 0``, from ``setup`` to
-    ``teardown``, outside validation (set ``validation=True`` to run them in every validation
-    batch as well; the sanity check never runs them). Tags already on through
-    ``LIGHTNING_INSPECT`` or an enclosing ``probing()`` block follow the same schedule and get the
-    same context; ``tags=[]`` only provides the context.
+    ``teardown``, outside validation (``validation=True``: in every validation batch too; never
+    in the sanity check). Tags switched on by ``LIGHTNING_INSPECT`` or an enclosing ``probing()``
+    follow the same schedule and get the same context; ``tags=[]`` only provides the context.
 
     Args:
-        tags: tag patterns to switch on (names, globs such as ``"encoder.*"``, ``"*"`` for all);
-            a string is split on commas.
+        tags: tag patterns to switch on (names, globs such as ``"encoder.*"``, ``"*"``); a
+            string is split on commas.
         every_n_steps: run probes on optimizer steps divisible by this (>= 1).
-        ranks: ``"zero"`` (global rank 0 only) or ``"all"`` (every rank; file names carry the
-            rank).
+        ranks: ``"zero"`` (global rank 0 only) or ``"all"`` (file names carry the rank).
         on_error: ``"disable"`` (warn once, switch the failing probe off for the rest of the
             fit) or ``"raise"``.
         output_dir: directory for probe files; default ``<hydra run dir>/probes`` inside a Hydra
             app, else ``<trainer.log_dir>/probes``.
         validation: also run probes in validation batches.
 
-    At the end of fit, rank 0 prints one line per switched-on tag pattern: how many probe calls
-    ran there, per probe, and where their ``ctx`` output went (the TensorBoard log dir and tags,
-    the MLflow run and artifact path, the files directory). A pattern that matches no probe
-    decorated in the process gives a ``RuntimeWarning`` listing the known probe tags instead, and
-    so does a pattern whose probes exist but never ran.
+    At the end of fit, rank 0 prints one line per tag pattern: the probe calls that ran and
+    where their ``ctx`` output went; a pattern that matches no probe, or whose probes never ran,
+    gives a ``RuntimeWarning`` instead (listing the known probe tags).
 
     Logged metrics:
-        None by itself; probes log through their ``ctx`` (``probes/<probe>/<name>`` tags in
-        TensorBoard, ``probes/`` artifacts in MLflow).
+        None by itself; probes log through ``ctx`` to every logger (``probes/<probe>/<name>``).
 
     Example:
         >>> import lightning as L
@@ -68,27 +65,14 @@ class ProbeSwitch(Callback):
         output_dir: str | os.PathLike[str] | None = None,
         validation: bool = False,
     ) -> None:
-        call = (
-            f"ProbeSwitch(tags={tags!r}, every_n_steps={every_n_steps!r}, ranks={ranks!r}, "
-            f"on_error={on_error!r}, output_dir={output_dir!r}, validation={validation!r})"
-        )
-        self.tags = _check_patterns(call, "tags", tags)
-        if type(every_n_steps) is not int or every_n_steps < 1:
-            raise ConfigError(f"{call}: every_n_steps must be an int >= 1; got {every_n_steps!r}.")
-        self.every_n_steps = every_n_steps
-        self.ranks = _check_choice(call, "ranks", ranks, RANKS)
-        self.on_error = _check_choice(call, "on_error", on_error, ON_ERROR)
-        if output_dir is not None and not isinstance(output_dir, (str, os.PathLike)):
-            raise ConfigError(
-                f"{call}: output_dir must be None, a str or a path; got {output_dir!r}."
-            )
-        self.output_dir = output_dir
-        if not isinstance(validation, bool):
-            raise ConfigError(f"{call}: validation must be True or False; got {validation!r}.")
-        self.validation = validation
+        self.tags = check_tags(f"ProbeSwitch(tags={tags!r})", tags or (), patterns=True)
+        self.every_n_steps = check_positive_int("ProbeSwitch", "every_n_steps", every_n_steps)
+        self.ranks = check_choice("ProbeSwitch", "ranks", ranks, RANKS)
+        self.on_error = check_choice("ProbeSwitch", "on_error", on_error, ON_ERROR)
+        self.output_dir = check_output_dir("ProbeSwitch", output_dir)
+        self.validation = check_bool("ProbeSwitch", "validation", validation)
         self._switch: _Switch | None = None
-
-    # -- hooks: thin, all hand off to _open / _gate / _close -------------------------------------
+        self._sinks: list[Any] = []
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
@@ -119,20 +103,12 @@ class ProbeSwitch(Callback):
     ) -> None:
         self._close()
 
-    # -- worker ---------------------------------------------------------------------------------
-
     def _due(self, trainer: Trainer) -> bool:
         return trainer.global_step % self.every_n_steps == 0
 
-    def _output_dir(self, trainer: Trainer) -> Path:
-        """Resolved on every rank in setup: ``trainer.log_dir`` is a collective call under DDP."""
-        if self.output_dir is not None:
-            return Path(self.output_dir)
-        hydra_dir = _hydra_output_dir()
-        if hydra_dir is not None:
-            return hydra_dir
-        log_dir = trainer.log_dir
-        return Path(log_dir if log_dir else trainer.default_root_dir) / "probes"
+    def _gate(self, on: bool) -> None:
+        if self._switch is not None:
+            self._switch.gate(on)
 
     def _open(self, trainer: Trainer) -> None:
         self._close()  # re-entry of fit, or a teardown that never came
@@ -142,26 +118,34 @@ class ProbeSwitch(Callback):
                 f"Trainer(callbacks=[...]) holds {len(switches)} ProbeSwitch callbacks "
                 f"(tags {[list(s.tags) for s in switches]}); use one ProbeSwitch with all the tags."
             )
+        # trainer.log_dir is a collective call under DDP: read on every rank, here.
+        output_dir = self.output_dir or hydra_output_dir()
+        output_dir = output_dir or Path(trainer.log_dir or trainer.default_root_dir) / "probes"
+        self._sinks = resolve_sinks(trainer, None, "ProbeSwitch") if trainer.loggers else []
+        shown = [  # the loggers that show texts, pictures or histograms (rank 0 only)
+            (f"{type(lg).__name__} {getattr(lg, 'run_id', None) or lg.log_dir}", sink)
+            for lg, sink in zip(trainer.loggers, self._sinks, strict=False)
+            if not isinstance(getattr(sink, "inner", sink), GenericSink)
+        ]
         self._switch = _Switch(
             self.tags,
-            output_dir=self._output_dir(trainer),
+            output_dir=output_dir,
             trainer=trainer,
+            sinks=tuple(shown),
             rank=int(trainer.global_rank),
             ranks=self.ranks,
             on_error=self.on_error,
-            gate=self._due(trainer),
         )
+        self._switch.gate_open = self._due(trainer)
         self._switch.open()
-
-    def _gate(self, gate: bool) -> None:
-        if self._switch is not None:
-            self._switch.set_gate(gate)
 
     def _close(self) -> None:
         switch, self._switch = self._switch, None
+        sinks, self._sinks = self._sinks, []
         if switch is None:
             return
         switch.close()
+        close_sinks(sinks)
         lines, problems = switch.report()
         for line in lines:
             rank_zero_info(f"ProbeSwitch: {line}")
@@ -169,6 +153,4 @@ class ProbeSwitch(Callback):
             rank_zero_warn(f"ProbeSwitch: {problem}", category=RuntimeWarning)
 
     def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_switch"] = None  # a live switch belongs to this process's context
-        return state
+        return {**self.__dict__, "_switch": None, "_sinks": []}  # live state stays here
