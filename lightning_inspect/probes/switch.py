@@ -22,8 +22,6 @@ from lightning_inspect.probes.context import (
     hydra_output_dir,
 )
 
-__all__ = ["ProbeSwitch"]
-
 
 class ProbeSwitch(Callback):
     """Switch probe tags on during fit and give probes the trainer's step, epoch and loggers.
@@ -32,21 +30,17 @@ class ProbeSwitch(Callback):
     ``teardown``, outside validation (``validation=True``: in every validation batch too; never
     in the sanity check). Tags switched on by ``LIGHTNING_INSPECT`` or an enclosing ``probing()``
     follow the same schedule and get the same context; ``tags=[]`` only provides the context.
+    At the end of fit, rank 0 prints one line per tag pattern (calls that ran, where their
+    output went), or warns when the pattern matches no probe or none of its probes ran.
 
     Args:
-        tags: tag patterns to switch on (names, globs such as ``"encoder.*"``, ``"*"``); a
-            string is split on commas.
+        tags: tag patterns (names, globs such as ``"encoder.*"``); a string is split on commas.
         every_n_steps: run probes on optimizer steps divisible by this (>= 1).
         ranks: ``"zero"`` (global rank 0 only) or ``"all"`` (file names carry the rank).
-        on_error: ``"disable"`` (warn once, switch the failing probe off for the rest of the
-            fit) or ``"raise"``.
-        output_dir: directory for probe files; default ``<hydra run dir>/probes`` inside a Hydra
-            app, else ``<trainer.log_dir>/probes``.
+        on_error: ``"disable"`` (warn once, switch the probe off for the fit) or ``"raise"``.
+        output_dir: default ``<hydra run dir>/probes`` in a Hydra app, else
+            ``<trainer.log_dir>/probes``.
         validation: also run probes in validation batches.
-
-    At the end of fit, rank 0 prints one line per tag pattern: the probe calls that ran and
-    where their ``ctx`` output went; a pattern that matches no probe, or whose probes never ran,
-    gives a ``RuntimeWarning`` instead (listing the known probe tags).
 
     Logged metrics:
         None by itself; probes log through ``ctx`` to every logger (``probes/<probe>/<name>``).
@@ -78,33 +72,20 @@ class ProbeSwitch(Callback):
         if stage == "fit":
             self._open(trainer)
 
-    def on_train_batch_start(
-        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        self._gate(self._due(trainer))
-
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        self._gate(self._due(trainer))
+    def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
+        self._gate(trainer.global_step % self.every_n_steps == 0)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._gate(self.validation and not trainer.sanity_checking)
 
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._gate(self._due(trainer))
+    on_train_batch_end = on_validation_end = on_train_batch_start
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             self._close()
 
-    def on_exception(
-        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
-    ) -> None:
+    def on_exception(self, *args: Any) -> None:
         self._close()
-
-    def _due(self, trainer: Trainer) -> bool:
-        return trainer.global_step % self.every_n_steps == 0
 
     def _gate(self, on: bool) -> None:
         if self._switch is not None:
@@ -115,8 +96,8 @@ class ProbeSwitch(Callback):
         switches = [cb for cb in trainer.callbacks if isinstance(cb, ProbeSwitch)]
         if len(switches) > 1:
             raise ConfigError(
-                f"Trainer(callbacks=[...]) holds {len(switches)} ProbeSwitch callbacks "
-                f"(tags {[list(s.tags) for s in switches]}); use one ProbeSwitch with all the tags."
+                f"Trainer(callbacks=[...]) holds {len(switches)} ProbeSwitch callbacks (tags "
+                f"{[list(s.tags) for s in switches]}); use one ProbeSwitch with all the tags."
             )
         # trainer.log_dir is a collective call under DDP: read on every rank, here.
         output_dir = self.output_dir or hydra_output_dir()
@@ -136,21 +117,19 @@ class ProbeSwitch(Callback):
             ranks=self.ranks,
             on_error=self.on_error,
         )
-        self._switch.gate_open = self._due(trainer)
+        self._switch.gate_open = trainer.global_step % self.every_n_steps == 0
         self._switch.open()
 
     def _close(self) -> None:
-        switch, self._switch = self._switch, None
-        sinks, self._sinks = self._sinks, []
-        if switch is None:
-            return
-        switch.close()
-        close_sinks(sinks)
-        lines, problems = switch.report()
-        for line in lines:
-            rank_zero_info(f"ProbeSwitch: {line}")
-        for problem in problems:
-            rank_zero_warn(f"ProbeSwitch: {problem}", category=RuntimeWarning)
+        switch, self._switch, sinks, self._sinks = self._switch, None, self._sinks, []
+        if switch is not None:
+            switch.close()
+            close_sinks(sinks)
+            lines, problems = switch.report()
+            for line in lines:
+                rank_zero_info(f"ProbeSwitch: {line}")
+            for problem in problems:
+                rank_zero_warn(f"ProbeSwitch: {problem}", category=RuntimeWarning)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_switch": None, "_sinks": []}  # live state stays here
