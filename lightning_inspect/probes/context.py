@@ -1,18 +1,5 @@
-"""Probes: a user's own inspection code that runs only while one of its tags is switched on.
-
-Switched on by ``ProbeSwitch``, ``LIGHTNING_INSPECT`` or :func:`probing`; the state lives in a
-:class:`contextvars.ContextVar` (threads and asyncio tasks do not see each other's switches).
-
-Example:
-    >>> @probe("attention")
-    ... def show_attention(weights, *, ctx):
-    ...     return f"{ctx.tag} at step {ctx.step}"
-    >>> show_attention([0.5, 0.5]) is None
-    True
-    >>> with probing("attention", output_dir="probes-doctest"):
-    ...     show_attention([0.5, 0.5])
-    'attention at step 0'
-"""
+"""Probes: a user's own inspection code that runs only while one of its tags is switched on (by
+``ProbeSwitch``, ``LIGHTNING_INSPECT`` or :func:`probing`; the state is in a ContextVar)."""
 
 from __future__ import annotations
 
@@ -28,7 +15,7 @@ import traceback
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, TypeVar
@@ -40,6 +27,7 @@ R = TypeVar("R")
 ENV_VAR = "LIGHTNING_INSPECT"  #: comma-separated tag patterns switched on for the process
 RANKS = ("zero", "all")  #: run probes on global rank 0 only, or on every rank
 ON_ERROR = ("disable", "raise")  #: warn once and switch the probe off, or re-raise
+_RANK_VARS = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
 
 
 class ProbeWarning(UserWarning):
@@ -47,7 +35,6 @@ class ProbeWarning(UserWarning):
 
 
 def _safe(text: str) -> str:
-    """``text`` as a file name: anything but letters, digits, ``_ . -`` becomes ``_``."""
     return re.sub(r"[^A-Za-z0-9_.\-]+", "_", text).strip(".") or "probe"
 
 
@@ -98,18 +85,11 @@ def tag_matches(pattern: str, tag: str) -> bool:
 
 def hydra_output_dir() -> Path | None:
     """``<hydra run dir>/probes`` inside a running Hydra app, else None (never imports Hydra)."""
-    module = sys.modules.get("hydra.core.hydra_config")
     try:
-        if module is not None and module.HydraConfig.initialized():
-            return Path(module.HydraConfig.get().runtime.output_dir) / "probes"
-    except Exception:  # a half-initialised Hydra: the other defaults apply
-        pass
-    return None
-
-
-def _environment_rank() -> int:
-    names = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
-    return next((int(v) for v in map(os.environ.get, names) if v and v.isdigit()), 0)
+        hydra = sys.modules["hydra.core.hydra_config"].HydraConfig
+        return Path(hydra.get().runtime.output_dir) / "probes"
+    except Exception:  # no Hydra app running (or a half-initialised one)
+        return None
 
 
 @dataclass(frozen=True, eq=False)
@@ -125,15 +105,11 @@ class _Run:
     ranks: str = "zero"
     on_error: str = "disable"
     step: int | None = None  # None: the trainer's global_step, else 0
-    env_rank: int = field(default_factory=_environment_rank)  # read when the run starts
     lock: threading.Lock = field(default_factory=threading.Lock)
     disabled: set[Any] = field(default_factory=set)
     issued: set[str] = field(default_factory=set)
     calls: dict[Any, int] = field(default_factory=dict)  # probe -> calls that ran
     outputs: dict[str, dict[str, int]] = field(default_factory=dict)  # qualname -> {where: n}
-
-    def matches(self, tag: str) -> bool:
-        return any(tag_matches(p, tag) for p in self.patterns)
 
     def current_rank(self) -> int:
         dist = sys.modules.get("torch.distributed")
@@ -141,10 +117,7 @@ class _Run:
             return self.rank if self.rank is not None else int(self.trainer.global_rank)
         if dist is not None and dist.is_available() and dist.is_initialized():
             return int(dist.get_rank())
-        return self.env_rank
-
-    def directory(self) -> Path:
-        return self.output_dir or hydra_output_dir() or Path("probes")
+        return next((int(v) for v in map(os.environ.get, _RANK_VARS) if v and v.isdigit()), 0)
 
     def wrote(self, qualname: str, where: str, items: int = 1) -> None:
         with self.lock:
@@ -164,41 +137,37 @@ class _Run:
                 k += 1
 
     def context(self, probe: str, qualname: str, tag: str, rank: int) -> ProbeContext:
-        t, step = self.trainer, self.step
+        t, step, out = self.trainer, self.step, self.output_dir or hydra_output_dir()
         step = step if step is not None else int(t.global_step) if t is not None else 0
         epoch = int(t.current_epoch) if t is not None else 0
-        args = dict(step=step, epoch=epoch, rank=rank, output_dir=self.directory(), trainer=t)
-        return ProbeContext(probe=probe, tag=tag, qualname=qualname, _run=self, **args)
+        args = dict(step=step, epoch=epoch, rank=rank, output_dir=out or Path("probes"))
+        return ProbeContext(probe=probe, tag=tag, trainer=t, qualname=qualname, _run=self, **args)
 
 
 class _Switch:
-    """Adds tag patterns to what is on in this context, as a ``with`` block or from
-    :meth:`open` to :meth:`close`; ``gate(False)`` keeps them on but lets no probe run.
-    The ContextVar holds the switch on top; a switch closed out of order is skipped."""
+    """Adds tag patterns to what is on in this context (a ``with`` block, or :meth:`open` to
+    :meth:`close`); ``gate(False)`` keeps them on but lets no probe run. The ContextVar holds
+    the switch on top; one closed out of order is skipped when the one above it closes."""
 
-    active = False
-
-    def __init__(self, patterns: tuple[str, ...], **settings: Any) -> None:
-        self.patterns, self.settings = patterns, settings  # _Run fields; None: inherited
-        self.closed, self.gate_open, self.outer = True, True, None
-        self.run = _Run(frozenset(patterns))
+    def __init__(self, patterns: Iterable[str], **settings: Any) -> None:
+        self.patterns, self.settings = frozenset(patterns), settings  # _Run fields; None: inherited
+        self.run, self.closed, self.gate_open, self.outer = _Run(self.patterns), True, True, None
+        self.active = self.may_run = bool(self.patterns)
 
     def open(self) -> _Switch:
-        self.outer = outer = _STATE.get(None)
-        below = outer or _default
+        self.outer = _STATE.get(None)
+        below = self.outer or _default
         inherited = {k: getattr(below.run, k) for k in ("output_dir", "trainer", "sinks")}
         given = {k: v for k, v in self.settings.items() if v is not None}
-        on = below.run.patterns if below.active else frozenset()
-        run = self.run = _Run(frozenset(self.patterns) | on, **{**inherited, **given})
-        self.may_run = bool(run.patterns) and (run.rank in (None, 0) or run.ranks == "all")
+        on = self.patterns | (below.run.patterns if below.active else frozenset())
+        run = self.run = _Run(on, **{**inherited, **given})
+        self.may_run = bool(on) and (run.rank in (None, 0) or run.ranks == "all")
         self.closed, self.active = False, self.may_run and self.gate_open
         _STATE.set(self)
         return self
 
     def gate(self, on: bool) -> None:
-        """Let probes run (True) or not."""
-        self.gate_open = on
-        self.active = self.may_run and on
+        self.gate_open, self.active = on, self.may_run and on
 
     def close(self) -> None:  # a context copied inside the block keeps the switch on
         if not self.closed and _STATE.get(None) is self:  # else the one above restores past it
@@ -211,53 +180,52 @@ class _Switch:
     def __enter__(self) -> Path:
         if not self.closed:
             raise RuntimeError("probing(...) blocks cannot be re-entered while open")
-        return self.open().run.directory()
+        return self.open().run.output_dir or hydra_output_dir() or Path("probes")
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def report(self) -> tuple[list[str], list[str]]:
-        """Per pattern that was on: a line (calls that ran, where they wrote) or a problem (no
-        registered probe matches it, or none of its probes' calls ran)."""
-        run = self.run
+    def report(self) -> list[tuple[bool, str]]:
+        """Per pattern that was on: ``(True, line)`` with the calls that ran and where they
+        wrote, or ``(False, problem)``: no probe matches it, or none of its probes ran."""
+        run, out = self.run, []
         with run.lock:
             calls, outputs = dict(run.calls), {k: dict(v) for k, v in run.outputs.items()}
         probes = set(_REGISTRY) | set(calls)
         known = sorted({tag for info in probes for tag in info.tags})
-        lines: list[str] = []
-        problems: list[str] = []
         for pattern in sorted(run.patterns):
-            matching = [i for i in probes if any(tag_matches(pattern, t) for t in i.tags)]
-            matching.sort(key=lambda i: i.qualname)
+            found = [i for i in probes if any(tag_matches(pattern, t) for t in i.tags)]
+            found.sort(key=lambda i: i.qualname)
+            ran, names = sum(calls.get(i, 0) for i in found), [i.qualname for i in found]
             written: dict[str, int] = {}
-            for where, n in (x for i in matching for x in outputs.get(i.qualname, {}).items()):
+            for where, n in (x for i in found for x in outputs.get(i.qualname, {}).items()):
                 written[where] = written.get(where, 0) + n
             went = "; ".join(f"{w}: {n} items" if n else w for w, n in written.items())
-            each = ", ".join(f"{i.qualname} {calls.get(i, 0)}" for i in matching)
-            if not matching:
-                problems.append(
-                    f"tag pattern {pattern!r} matches no registered probe, so nothing ran for it. "
-                    f"Known probe tags: {', '.join(known) or 'none (no @probe imported)'}."
-                    + check.suggestion(pattern, known)
+            if not found:
+                hint = f"Known probe tags: {', '.join(known) or 'none'}."
+                problem = f"matches no registered probe, so nothing ran for it. {hint}"
+                out.append(
+                    (False, f"tag pattern {pattern!r} {problem}" + check.suggestion(pattern, known))
                 )
-            elif not any(calls.get(i) for i in matching):
-                problems.append(
-                    f"tag pattern {pattern!r} switches on {each.replace(' 0', '')}, but no call "
-                    "of it ran (none came on a step that was due), so nothing was written for it."
+            elif not ran:
+                problem = "but no call of it ran (none came on a step that was due)"
+                out.append(
+                    (
+                        False,
+                        f"tag pattern {pattern!r} switches on {', '.join(names)}, {problem}, so nothing was written for it.",
+                    )
                 )
             else:
-                ran = sum(calls.get(i, 0) for i in matching)
-                lines.append(
-                    f"tag {pattern!r}: {ran} probe calls ran ({each}); "
-                    f"output: {went or 'nothing written through ctx'}."
+                each = ", ".join(f"{i.qualname} {calls.get(i, 0)}" for i in found)
+                went = went or "nothing written through ctx"
+                out.append(
+                    (True, f"tag {pattern!r}: {ran} probe calls ran ({each}); output: {went}.")
                 )
-        return lines, problems
+        return out
 
 
 def _env_default() -> _Switch:
-    default = _Switch(tuple(p.strip() for p in os.environ.get(ENV_VAR, "").split(",") if p.strip()))
-    default.active = bool(default.patterns)
-    return default
+    return _Switch(p.strip() for p in os.environ.get(ENV_VAR, "").split(",") if p.strip())
 
 
 #: The switch on top in this context; None (or unset): the environment's, re-read by reload_env().
@@ -266,14 +234,14 @@ _default = _env_default()
 
 
 def reload_env() -> tuple[str, ...]:
-    """Re-read ``LIGHTNING_INSPECT`` (read once at import) and return the patterns now on; it is
-    the default of every thread and context without a switch of its own.
+    """Re-read ``LIGHTNING_INSPECT`` (read once at import; the default of every thread and
+    context without a switch of its own) and return the patterns now on.
 
     Example:
-        >>> import os
-        >>> os.environ["LIGHTNING_INSPECT"] = "attention, encoder.*"
-        >>> reload_env()
+        >>> os.environ["LIGHTNING_INSPECT"] = "attention, encoder.*"; reload_env()
         ('attention', 'encoder.*')
+        >>> del os.environ["LIGHTNING_INSPECT"]; reload_env()
+        ()
     """
     global _default
     _default = _env_default()
@@ -282,10 +250,9 @@ def reload_env() -> tuple[str, ...]:
 
 class ProbeContext:
     """What a running probe receives as ``ctx``: ``probe`` (name used in file names),
-    ``qualname``, ``tag`` (the tag that matched), ``step``, ``epoch``, ``rank``, ``trainer``.
-
-    ``output_dir`` is created on first access. The ``log_*`` helpers write at ``step`` to every
-    logger of the trainer (through :mod:`lightning_inspect.backends`), else to files.
+    ``qualname``, ``tag`` (the tag that matched), ``step``, ``epoch``, ``rank``, ``trainer``,
+    ``output_dir`` (created on first access). ``log_*`` write at ``step`` to every logger of the
+    trainer (through :mod:`lightning_inspect.backends`), else to files.
 
     Example:
         >>> import tempfile
@@ -315,15 +282,14 @@ class ProbeContext:
 
     @property
     def output_dir(self) -> Path:
-        """The run's probe directory (created on first access)."""
         self._dir.mkdir(parents=True, exist_ok=True)
         self._run.wrote(self.qualname, f"files in {self._dir}", 0)
         return self._dir
 
     def path(self, suffix_or_name: str = "") -> Path:
         """A new path ``{probe}_{step:08d}_rank{r}[_{name}][_{k}]{suffix}`` in ``output_dir``
-        for a suffix (``".png"``) or a name (``"weights.npy"``); never one handed out in this
-        run or on disk (a counter ``_1``, ``_2``, ... is added)."""
+        for a suffix (``".png"``) or a name (``"weights.npy"``); a counter ``_1``, ``_2``, ...
+        keeps it apart from names handed out in this run or on disk."""
         directory = self.output_dir
         self._run.wrote(self.qualname, f"files in {directory}")
         return directory / self._claim(directory, suffix_or_name, "file")
@@ -370,29 +336,25 @@ class ProbeContext:
         self._log("text", name, text, ".txt", lambda p: p.write_text(text, encoding="utf-8"))
 
     def log_image(self, name: str, image: Any, *, dataformats: str | None = None) -> None:
-        """Log an image (HW, HWC or CHW; float in [0, 1], uint8 or bool) at the current step:
-        HWC when the last axis has 1, 3 or 4 entries, else CHW, unless ``dataformats`` says
-        (file: ``.png``, with Pillow)."""
+        """Log an image (HW, HWC or CHW; float in [0, 1], uint8 or bool; HWC when the last axis
+        has 1, 3 or 4 entries unless ``dataformats`` says) at the current step (file: ``.png``)."""
         array = _rgb_uint8(image, dataformats)
-        self._log("image", name, array, ".png", lambda p: _pillow().fromarray(array).save(p))
+        self._log("image", name, array, ".png", lambda p: _save_png(p, array))
 
     def log_figure(self, name: str, figure: Any, *, close: bool = True) -> None:
         """Log a matplotlib figure as an image; closes it afterwards unless ``close=False``."""
-        import numpy as np
         from matplotlib.backends.backend_agg import FigureCanvasAgg
 
         try:
-            canvas = FigureCanvasAgg(figure)
-            canvas.draw()
-            self.log_image(name, np.asarray(canvas.buffer_rgba()))
+            (canvas := FigureCanvasAgg(figure)).draw()
+            self.log_image(name, canvas.buffer_rgba())
         finally:
             if close and "matplotlib.pyplot" in sys.modules:
                 sys.modules["matplotlib.pyplot"].close(figure)
 
     def log_histogram(self, name: str, values: Any, *, bins: int = 64) -> None:
-        """Log a histogram of ``values`` (a tensor or array) at the current step, binned on
-        their device over the finite values (none finite: nothing is logged). File: ``.json``
-        with edges, counts and the NaN/Inf counts."""
+        """Log a histogram of ``values`` (a tensor or array), binned on their device over the
+        finite values, at the current step (file: ``.json`` with NaN/Inf counts)."""
         import torch
 
         from lightning_inspect.core.stats import histogram, reduce_tensor, summarise
@@ -400,19 +362,17 @@ class ProbeContext:
         check.check_positive_int("ctx.log_histogram", "bins", bins)
         row = reduce_tensor(torch.as_tensor(values), bins).cpu().numpy()
         hist = histogram(row)
-        data: dict[str, Any] = {"num": 0, "edges": [], "counts": []}
-        if hist is not None:
-            data = {k: getattr(hist, k) for k in ("min", "max", "num", "sum", "sum_squares")}
-            data.update(edges=hist.edges.tolist(), counts=hist.counts.tolist())
+        data = {"num": 0, "edges": [], "counts": []} if hist is None else asdict(hist)
+        data = {k: v.tolist() if hasattr(v, "tolist") else v for k, v in data.items()}
         nan, inf = summarise(row, ("nan_count", "inf_count")).values()
         data.update(nan=int(nan), inf=int(inf))
         self._log("histograms", name, hist, ".json", lambda p: p.write_text(json.dumps(data)))
 
 
-def _pillow() -> Any:
+def _save_png(path: Path, array: Any) -> None:
     from PIL import Image
 
-    return Image
+    Image.fromarray(array).save(path)
 
 
 def _rgb_uint8(image: Any, dataformats: str | None) -> Any:
@@ -428,7 +388,7 @@ def _rgb_uint8(image: Any, dataformats: str | None) -> Any:
     if array.ndim == 3 and layout is None:
         layout = "HWC" if array.shape[-1] in (1, 3, 4) else "CHW"
     valid = array.ndim == 3 and layout in ("HWC", "CHW")
-    if not valid or array.shape[layout.index("C")] not in (1, 3, 4):  # type: ignore[union-attr]
+    if not valid or array.shape[str(layout).find("C")] not in (1, 3, 4):
         raise ConfigError(
             f"ctx.log_image(image of shape {np.shape(image)}, dataformats={dataformats!r}): "
             "expected HW, HWC or CHW with 1, 3 or 4 channels; pass dataformats='HWC' or 'CHW'."
@@ -463,8 +423,7 @@ def _run_probe(info: _ProbeInfo, run: _Run, tag: str, args: Any, kwargs: dict[st
     try:
         if info.wants_ctx and "ctx" in kwargs:
             raise TypeError(
-                f"{info.qualname}() got ctx from its caller; ctx is supplied by "
-                "lightning_inspect while the probe is on"
+                f"{info.qualname}() got ctx from its caller; ctx is supplied by lightning_inspect"
             )
         if info.wants_ctx:
             kwargs["ctx"] = run.context(info.name, info.qualname, tag, rank)
@@ -475,11 +434,11 @@ def _run_probe(info: _ProbeInfo, run: _Run, tag: str, args: Any, kwargs: dict[st
         with run.lock:
             first = info not in run.disabled
             run.disabled.add(info)
-        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        where = traceback.extract_tb(exc.__traceback__)[-1]
         if first:
             warnings.warn(
                 f"Probe {info.qualname} (tag {tag!r}) raised {type(exc).__name__}: {exc} at "
-                f"{frame.filename}:{frame.lineno}. It is switched off for the rest of this run; "
+                f"{where.filename}:{where.lineno}. It is switched off for the rest of this run; "
                 "pass on_error='raise' to ProbeSwitch or probing() to stop on probe errors.",
                 ProbeWarning,
                 stacklevel=3,
@@ -490,16 +449,14 @@ def _run_probe(info: _ProbeInfo, run: _Run, tag: str, args: Any, kwargs: dict[st
 def probe(
     *tags: str, name: str | None = None
 ) -> Callable[[Callable[..., R]], Callable[..., R | None]]:
-    """Decorate an inspection function so that it runs only while one of ``tags`` is on.
-
-    The call site stays a plain call and returns None while off. A parameter named ``ctx``
-    receives a :class:`ProbeContext` while on; callers never pass it. ``name`` (default: the
-    function's name) is used in file names.
+    """Decorate an inspection function so that it runs only while one of ``tags`` is on (else
+    the call returns None); a parameter named ``ctx`` receives a :class:`ProbeContext`.
+    ``name`` (default: the function's name) is used in file names.
 
     Example:
         >>> @probe("attention", "encoder.features")
         ... def show_attention(weights, *, ctx):
-        ...     ctx.log_text("shape", str(len(weights)))
+        ...     return f"{ctx.tag} at step {ctx.step}"
         >>> show_attention([0.1, 0.9]) is None  # nothing switched on
         True
     """
@@ -517,10 +474,7 @@ def probe(
             )
         ctx = inspect.signature(func).parameters.get("ctx")
         if ctx is not None and ctx.kind not in (ctx.POSITIONAL_OR_KEYWORD, ctx.KEYWORD_ONLY):
-            raise ConfigError(
-                f"{call}: the probe's ctx parameter is {ctx.kind.description}; declare it as "
-                "keyword-only, e.g. def show(weights, *, ctx): ..."
-            )
+            raise ConfigError(f"{call}: ctx is {ctx.kind.description}; make it keyword-only.")
         qualname = f"{func.__module__}.{func.__qualname__}"
         info = _ProbeInfo(func, checked, name or _safe(func.__name__), qualname, ctx is not None)
         _REGISTRY.add(info)
@@ -532,11 +486,13 @@ def probe(
             switch = _STATE.get(None) or _default
             if not switch.active:
                 return None
-            seen = cache  # one read: the pair stays consistent across threads
-            if seen[0] is not switch.run:  # the tag match, computed once per run
-                match = next((t for t in info.tags if switch.run.matches(t)), None)
-                seen = cache = (switch.run, match)
-            return None if seen[1] is None else _run_probe(info, switch.run, seen[1], args, kwargs)
+            seen, run = cache, switch.run  # one read: the pair stays consistent across threads
+            if seen[0] is not run:  # the tag match, computed once per run
+                match = next(
+                    (t for t in info.tags for p in run.patterns if tag_matches(p, t)), None
+                )
+                seen = cache = (run, match)
+            return None if seen[1] is None else _run_probe(info, run, seen[1], args, kwargs)
 
         return wrapper
 
@@ -554,8 +510,8 @@ def enabled(tag: str) -> bool:
     if not isinstance(tag, str) or not tag:
         raise ConfigError(f"enabled(tag={tag!r}): expected a non-empty tag such as 'attention'.")
     switch = _STATE.get(None) or _default
-    run = switch.run
-    return switch.active and run.matches(tag) and (run.ranks == "all" or run.current_rank() == 0)
+    run, on = switch.run, any(tag_matches(p, tag) for p in switch.run.patterns)
+    return switch.active and on and (run.ranks == "all" or run.current_rank() == 0)
 
 
 def current_context(tag: str, *, name: str | None = None) -> ProbeContext | None:
@@ -567,10 +523,9 @@ def current_context(tag: str, *, name: str | None = None) -> ProbeContext | None
         ...     current_context("attention").tag
         'attention'
     """
-    if not enabled(tag):
-        return None
     run = (_STATE.get(None) or _default).run
-    return run.context(_safe(name or tag), name or tag, tag, run.current_rank())
+    on = enabled(tag)
+    return run.context(_safe(name or tag), name or tag, tag, run.current_rank()) if on else None
 
 
 def probing(
@@ -581,11 +536,9 @@ def probing(
     rank: int | None = None,
     step: int | None = None,
 ) -> _Switch:
-    """Switch tags on inside a ``with`` block (notebooks, tests, scripts).
-
-    Patterns are added to whatever is on. ``output_dir`` defaults to the enclosing switch's
-    directory, else ``<hydra run dir>/probes``, else ``./probes``; ``rank`` overrides the
-    detected global rank, ``step`` the step. ``with`` yields the output directory.
+    """Switch tags on inside a ``with`` block (notebooks, tests, scripts), on top of whatever is
+    on; ``with`` yields the output directory (default: the enclosing switch's, else ``<hydra run
+    dir>/probes``, else ``./probes``). ``rank`` overrides the detected rank, ``step`` the step.
 
     Example:
         >>> @probe("encoder.features")
@@ -596,11 +549,10 @@ def probing(
         'encoder.features'
     """
     call = "probing(" + ", ".join(map(repr, tags)) + ")"
-    patterns = check_tags(call, tags, patterns=True)
-    if not patterns:
+    if not check_tags(call, tags, patterns=True):
         raise ConfigError(f"{call}: give at least one tag pattern, e.g. probing('attention').")
     return _Switch(
-        patterns,
+        check_tags(call, tags, patterns=True),
         output_dir=check_output_dir("probing", output_dir),
         ranks=check.check_choice("probing", "ranks", ranks, RANKS),
         on_error=check.check_choice("probing", "on_error", on_error, ON_ERROR),
