@@ -15,7 +15,7 @@ import traceback
 import warnings
 import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, TypeVar
@@ -92,24 +92,65 @@ def hydra_output_dir() -> Path | None:
         return None
 
 
-@dataclass(frozen=True, eq=False)
-class _Run:
-    """What every probe call shares while one switch is on, and its bookkeeping: probes switched
-    off after an error, names handed out, calls that ran and items written (for the report)."""
+class _Switch:
+    """Adds tag patterns to what is on in this context (a ``with`` block, or :meth:`open` to
+    :meth:`close`) and holds the run: settings (None: inherited from the switch below) and the
+    bookkeeping for the report. ``gate(False)`` keeps the tags on but lets no probe run. The
+    ContextVar holds the switch on top; one closed out of order is skipped when the one above
+    it closes (a context copied inside the block keeps it on)."""
 
-    patterns: frozenset[str] = frozenset()
     output_dir: Path | None = None  # None: <hydra run dir>/probes, else ./probes
     trainer: Any = None
     sinks: tuple[tuple[str, Any], ...] = ()  # (destination, backend sink) of the loggers
     rank: int | None = None  # None: the trainer's, torch.distributed's or the environment's
-    ranks: str = "zero"
-    on_error: str = "disable"
     step: int | None = None  # None: the trainer's global_step, else 0
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    disabled: set[Any] = field(default_factory=set)
-    issued: set[str] = field(default_factory=set)
-    calls: dict[Any, int] = field(default_factory=dict)  # probe -> calls that ran
-    outputs: dict[str, dict[str, int]] = field(default_factory=dict)  # qualname -> {where: n}
+    ranks, on_error, outer = "zero", "disable", None
+
+    def __init__(self, patterns: Iterable[str], **settings: Any) -> None:
+        self.patterns = self.on = frozenset(patterns)
+        self.settings, self.closed, self.gate_open = settings, True, True
+        self.active = self.may_run = bool(self.on)
+        self._fresh()
+
+    def _fresh(self) -> None:
+        self.lock, self.issued, self.disabled = threading.Lock(), set[str](), set[Any]()
+        self.calls: dict[Any, int] = {}  # probe -> calls that ran
+        self.outputs: dict[str, dict[str, int]] = {}  # qualname -> {where: items}
+
+    def open(self) -> _Switch:
+        self._fresh()  # a new run: probes switched off by an error run again
+        self.outer = _STATE.get(None)
+        below = self.outer or _default
+        for key in ("output_dir", "trainer", "sinks"):
+            setattr(self, key, getattr(below, key))
+        self.__dict__.update({k: v for k, v in self.settings.items() if v is not None})
+        self.on = self.patterns | (below.on if below.active else frozenset())
+        self.may_run = bool(self.on) and (self.rank in (None, 0) or self.ranks == "all")
+        self.closed, self.active = False, self.may_run and self.gate_open
+        _STATE.set(self)
+        return self
+
+    def gate(self, on: bool) -> None:
+        self.gate_open, self.active = on, self.may_run and on
+
+    def close(self) -> None:
+        if not self.closed and _STATE.get(None) is self:  # else the one above restores past it
+            bottom = self
+            while bottom.outer is not None and bottom.outer.closed:
+                bottom = bottom.outer
+            _STATE.set(bottom.outer)
+        self.closed = True
+
+    def __enter__(self) -> Path:
+        if not self.closed:
+            raise RuntimeError("probing(...) blocks cannot be re-entered while open")
+        return self.open().directory()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def directory(self) -> Path:
+        return self.output_dir or hydra_output_dir() or Path("probes")
 
     def current_rank(self) -> int:
         dist = sys.modules.get("torch.distributed")
@@ -137,90 +178,40 @@ class _Run:
                 k += 1
 
     def context(self, probe: str, qualname: str, tag: str, rank: int) -> ProbeContext:
-        t, step, out = self.trainer, self.step, self.output_dir or hydra_output_dir()
+        t, step = self.trainer, self.step
         step = step if step is not None else int(t.global_step) if t is not None else 0
         epoch = int(t.current_epoch) if t is not None else 0
-        args = dict(step=step, epoch=epoch, rank=rank, output_dir=out or Path("probes"))
-        return ProbeContext(probe=probe, tag=tag, trainer=t, qualname=qualname, _run=self, **args)
-
-
-class _Switch:
-    """Adds tag patterns to what is on in this context (a ``with`` block, or :meth:`open` to
-    :meth:`close`); ``gate(False)`` keeps them on but lets no probe run. The ContextVar holds
-    the switch on top; one closed out of order is skipped when the one above it closes."""
-
-    def __init__(self, patterns: Iterable[str], **settings: Any) -> None:
-        self.patterns, self.settings = frozenset(patterns), settings  # _Run fields; None: inherited
-        self.run, self.closed, self.gate_open, self.outer = _Run(self.patterns), True, True, None
-        self.active = self.may_run = bool(self.patterns)
-
-    def open(self) -> _Switch:
-        self.outer = _STATE.get(None)
-        below = self.outer or _default
-        inherited = {k: getattr(below.run, k) for k in ("output_dir", "trainer", "sinks")}
-        given = {k: v for k, v in self.settings.items() if v is not None}
-        on = self.patterns | (below.run.patterns if below.active else frozenset())
-        run = self.run = _Run(on, **{**inherited, **given})
-        self.may_run = bool(on) and (run.rank in (None, 0) or run.ranks == "all")
-        self.closed, self.active = False, self.may_run and self.gate_open
-        _STATE.set(self)
-        return self
-
-    def gate(self, on: bool) -> None:
-        self.gate_open, self.active = on, self.may_run and on
-
-    def close(self) -> None:  # a context copied inside the block keeps the switch on
-        if not self.closed and _STATE.get(None) is self:  # else the one above restores past it
-            bottom = self
-            while bottom.outer is not None and bottom.outer.closed:
-                bottom = bottom.outer
-            _STATE.set(bottom.outer)
-        self.closed = True
-
-    def __enter__(self) -> Path:
-        if not self.closed:
-            raise RuntimeError("probing(...) blocks cannot be re-entered while open")
-        return self.open().run.output_dir or hydra_output_dir() or Path("probes")
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+        args = dict(step=step, epoch=epoch, rank=rank, output_dir=self.directory(), trainer=t)
+        return ProbeContext(probe=probe, tag=tag, qualname=qualname, _run=self, **args)
 
     def report(self) -> list[tuple[bool, str]]:
         """Per pattern that was on: ``(True, line)`` with the calls that ran and where they
         wrote, or ``(False, problem)``: no probe matches it, or none of its probes ran."""
-        run, out = self.run, []
-        with run.lock:
-            calls, outputs = dict(run.calls), {k: dict(v) for k, v in run.outputs.items()}
-        probes = set(_REGISTRY) | set(calls)
+        with self.lock:
+            calls, outputs = dict(self.calls), {k: dict(v) for k, v in self.outputs.items()}
+        probes, out = set(_REGISTRY) | set(calls), []
         known = sorted({tag for info in probes for tag in info.tags})
-        for pattern in sorted(run.patterns):
+        for pattern in sorted(self.on):
             found = [i for i in probes if any(tag_matches(pattern, t) for t in i.tags)]
             found.sort(key=lambda i: i.qualname)
-            ran, names = sum(calls.get(i, 0) for i in found), [i.qualname for i in found]
+            ran, names = sum(calls.get(i, 0) for i in found), ", ".join(i.qualname for i in found)
             written: dict[str, int] = {}
             for where, n in (x for i in found for x in outputs.get(i.qualname, {}).items()):
                 written[where] = written.get(where, 0) + n
             went = "; ".join(f"{w}: {n} items" if n else w for w, n in written.items())
+            each = ", ".join(f"{i.qualname} {calls.get(i, 0)}" for i in found)
+            text = f"tag {pattern!r}: {ran} probe calls ran ({each}); output: {went or 'nothing'}."
+            if not ran:
+                text = (
+                    f"tag pattern {pattern!r} switches on {names}, but no call of it ran (none came "
+                    "on a step that was due), so nothing was written for it."
+                )
             if not found:
-                hint = f"Known probe tags: {', '.join(known) or 'none'}."
-                problem = f"matches no registered probe, so nothing ran for it. {hint}"
-                out.append(
-                    (False, f"tag pattern {pattern!r} {problem}" + check.suggestion(pattern, known))
+                text = (
+                    f"tag pattern {pattern!r} matches no registered probe, so nothing ran for it. "
+                    f"Known probe tags: {', '.join(known) or 'none'}.{check.suggestion(pattern, known)}"
                 )
-            elif not ran:
-                problem = "but no call of it ran (none came on a step that was due)"
-                out.append(
-                    (
-                        False,
-                        f"tag pattern {pattern!r} switches on {', '.join(names)}, {problem}, so nothing was written for it.",
-                    )
-                )
-            else:
-                each = ", ".join(f"{i.qualname} {calls.get(i, 0)}" for i in found)
-                went = went or "nothing written through ctx"
-                out.append(
-                    (True, f"tag {pattern!r}: {ran} probe calls ran ({each}); output: {went}.")
-                )
+            out.append((bool(ran), text))
         return out
 
 
@@ -245,7 +236,7 @@ def reload_env() -> tuple[str, ...]:
     """
     global _default
     _default = _env_default()
-    return tuple(sorted(_default.run.patterns))
+    return tuple(sorted(_default.on))
 
 
 class ProbeContext:
@@ -273,11 +264,11 @@ class ProbeContext:
         output_dir: str | os.PathLike[str] = "probes",
         trainer: Any = None,
         qualname: str | None = None,
-        _run: _Run | None = None,
+        _run: _Switch | None = None,
     ) -> None:
         self.probe, self.qualname, self.tag = _safe(probe), qualname or probe, tag
         self.step, self.epoch, self.rank, self.trainer = step, epoch, rank, trainer
-        self._dir, self._run = Path(output_dir), _run or _Run()
+        self._dir, self._run = Path(output_dir), _run or _Switch(())
         self._sinks = self._run.sinks if rank == 0 else ()  # Lightning's loggers: rank 0 only
 
     @property
@@ -413,7 +404,7 @@ class _ProbeInfo:
 _REGISTRY: weakref.WeakSet[_ProbeInfo] = weakref.WeakSet()
 
 
-def _run_probe(info: _ProbeInfo, run: _Run, tag: str, args: Any, kwargs: dict[str, Any]) -> Any:
+def _run_probe(info: _ProbeInfo, run: _Switch, tag: str, args: Any, kwargs: dict[str, Any]) -> Any:
     """The on path: rank rule, disabled check, context injection, error containment."""
     rank = run.current_rank()
     if info in run.disabled or (run.ranks == "zero" and rank != 0):
@@ -478,7 +469,7 @@ def probe(
         qualname = f"{func.__module__}.{func.__qualname__}"
         info = _ProbeInfo(func, checked, name or _safe(func.__name__), qualname, ctx is not None)
         _REGISTRY.add(info)
-        cache: tuple[_Run | None, str | None] = (None, None)
+        cache: tuple[frozenset[str] | None, str | None] = (None, None)
 
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> R | None:
@@ -486,13 +477,13 @@ def probe(
             switch = _STATE.get(None) or _default
             if not switch.active:
                 return None
-            seen, run = cache, switch.run  # one read: the pair stays consistent across threads
-            if seen[0] is not run:  # the tag match, computed once per run
-                match = next(
-                    (t for t in info.tags for p in run.patterns if tag_matches(p, t)), None
+            seen, on = cache, switch.on  # one read: the pair stays consistent across threads
+            if seen[0] is not on:  # the tag match, computed once per set of patterns
+                seen = cache = (
+                    on,
+                    next((t for t in info.tags for p in on if tag_matches(p, t)), None),
                 )
-                seen = cache = (run, match)
-            return None if seen[1] is None else _run_probe(info, run, seen[1], args, kwargs)
+            return None if seen[1] is None else _run_probe(info, switch, seen[1], args, kwargs)
 
         return wrapper
 
@@ -509,9 +500,9 @@ def enabled(tag: str) -> bool:
     """
     if not isinstance(tag, str) or not tag:
         raise ConfigError(f"enabled(tag={tag!r}): expected a non-empty tag such as 'attention'.")
-    switch = _STATE.get(None) or _default
-    run, on = switch.run, any(tag_matches(p, tag) for p in switch.run.patterns)
-    return switch.active and on and (run.ranks == "all" or run.current_rank() == 0)
+    run = _STATE.get(None) or _default
+    on = run.active and any(tag_matches(p, tag) for p in run.on)
+    return on and (run.ranks == "all" or run.current_rank() == 0)
 
 
 def current_context(tag: str, *, name: str | None = None) -> ProbeContext | None:
@@ -523,7 +514,7 @@ def current_context(tag: str, *, name: str | None = None) -> ProbeContext | None
         ...     current_context("attention").tag
         'attention'
     """
-    run = (_STATE.get(None) or _default).run
+    run = _STATE.get(None) or _default
     on = enabled(tag)
     return run.context(_safe(name or tag), name or tag, tag, run.current_rank()) if on else None
 
