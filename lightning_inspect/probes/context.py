@@ -14,6 +14,7 @@ import threading
 import traceback
 import warnings
 import weakref
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from fnmatch import fnmatchcase
@@ -47,24 +48,21 @@ def check_tags(owner: str, values: Any, patterns: bool) -> tuple[str, ...]:
     if not isinstance(values, Iterable):
         got = f"{values!r} ({type(values).__name__})"
         raise ConfigError(f"{owner}: expected a list of {kind}s such as ['attention']; got {got}.")
-    out = []
     for value in values:
         if not isinstance(value, str):
             how = ": write @probe('attention'), with a tag" if callable(value) else ""
             got = f"{value!r} ({type(value).__name__})"
             raise ConfigError(f"{owner}: tags must be strings such as 'attention'{how}; got {got}.")
-        value = value.strip() if patterns else value
-        if not value:
+        if not value.strip():
             more = ", a glob such as 'encoder.*', or '*' for all" if patterns else ""
             raise ConfigError(f"{owner}: tags holds an empty {kind}; use e.g. 'attention'{more}.")
-        if re.search(r"[\s,]" if patterns else r"[\s,*?\[\]]", value):
+        if re.search(r"[\s,]" if patterns else r"[\s,*?\[\]]", value.strip()):
             what = " or a comma" if patterns else ", a comma or a glob (globs go in switches)"
             raise ConfigError(
                 f"{owner}: {kind} {value!r} contains whitespace{what}; give one dotted name "
                 "per entry, e.g. ['attention', 'encoder.features']."
             )
-        out.append(value)
-    return tuple(out)
+    return tuple(v.strip() if patterns else v for v in values)
 
 
 def check_output_dir(owner: str, value: Any) -> Path | None:
@@ -93,11 +91,10 @@ def hydra_output_dir() -> Path | None:
 
 
 class _Switch:
-    """Adds tag patterns to what is on in this context (a ``with`` block, or :meth:`open` to
-    :meth:`close`) and holds the run: settings (None: inherited from the switch below) and the
-    bookkeeping for the report. ``gate(False)`` keeps the tags on but lets no probe run. The
-    ContextVar holds the switch on top; one closed out of order is skipped when the one above
-    it closes (a context copied inside the block keeps it on)."""
+    """Adds tag patterns to what is on in this context, as a ``with`` block or from :meth:`open`
+    to :meth:`close`, and holds the run: settings (None: inherited from the switch below) and
+    the report's bookkeeping. ``gate(False)`` lets no probe run. The ContextVar holds the switch
+    on top; one closed out of order is skipped when the one above it closes."""
 
     output_dir: Path | None = None  # None: <hydra run dir>/probes, else ./probes
     trainer: Any = None
@@ -114,8 +111,8 @@ class _Switch:
 
     def _fresh(self) -> None:
         self.lock, self.issued, self.disabled = threading.Lock(), set[str](), set[Any]()
-        self.calls: dict[Any, int] = {}  # probe -> calls that ran
-        self.outputs: dict[str, dict[str, int]] = {}  # qualname -> {where: items}
+        self.calls: Counter[Any] = Counter()  # probe -> calls that ran
+        self.written: Counter[tuple[str, str]] = Counter()  # (qualname, where) -> items
 
     def open(self) -> _Switch:
         self._fresh()  # a new run: probes switched off by an error run again
@@ -160,22 +157,20 @@ class _Switch:
             return int(dist.get_rank())
         return next((int(v) for v in map(os.environ.get, _RANK_VARS) if v and v.isdigit()), 0)
 
-    def wrote(self, qualname: str, where: str, items: int = 1) -> None:
+    def count(self, counter: Counter[Any], key: Any, items: int = 1) -> None:
         with self.lock:
-            done = self.outputs.setdefault(qualname, {})
-            done[where] = done.get(where, 0) + items
+            counter[key] += items
 
     def claim(self, directory: Path | None, base: str, suffix: str, namespace: str) -> str:
         """A name ``base[_k]suffix`` not handed out before in this run, nor on disk."""
         with self.lock:
-            k = 0
-            while True:
+            for k in range(sys.maxsize):
                 name = f"{base}_{k}{suffix}" if k else f"{base}{suffix}"
                 key = f"{namespace}:{directory}/{name}"
                 if key not in self.issued and not (directory and (directory / name).exists()):
                     self.issued.add(key)
-                    return name
-                k += 1
+                    break
+        return name
 
     def context(self, probe: str, qualname: str, tag: str, rank: int) -> ProbeContext:
         t, step = self.trainer, self.step
@@ -188,23 +183,24 @@ class _Switch:
         """Per pattern that was on: ``(True, line)`` with the calls that ran and where they
         wrote, or ``(False, problem)``: no probe matches it, or none of its probes ran."""
         with self.lock:
-            calls, outputs = dict(self.calls), {k: dict(v) for k, v in self.outputs.items()}
+            calls, written = Counter(self.calls), Counter(self.written)
         probes, out = set(_REGISTRY) | set(calls), []
         known = sorted({tag for info in probes for tag in info.tags})
         for pattern in sorted(self.on):
             found = [i for i in probes if any(tag_matches(pattern, t) for t in i.tags)]
-            found.sort(key=lambda i: i.qualname)
-            ran, names = sum(calls.get(i, 0) for i in found), ", ".join(i.qualname for i in found)
-            written: dict[str, int] = {}
-            for where, n in (x for i in found for x in outputs.get(i.qualname, {}).items()):
-                written[where] = written.get(where, 0) + n
-            went = "; ".join(f"{w}: {n} items" if n else w for w, n in written.items())
-            each = ", ".join(f"{i.qualname} {calls.get(i, 0)}" for i in found)
-            text = f"tag {pattern!r}: {ran} probe calls ran ({each}); output: {went or 'nothing'}."
+            names = sorted(i.qualname for i in found)
+            went: Counter[str] = Counter()
+            for (qualname, where), n in written.items():
+                if qualname in names:
+                    went[where] += n
+            went_to = "; ".join(f"{w}: {n} items" if n else w for w, n in went.items()) or "none"
+            each = ", ".join(sorted(f"{i.qualname} {calls[i]}" for i in found))
+            ran = sum(calls[i] for i in found)
+            text = f"tag {pattern!r}: {ran} probe calls ran ({each}); output: {went_to}."
             if not ran:
                 text = (
-                    f"tag pattern {pattern!r} switches on {names}, but no call of it ran (none came "
-                    "on a step that was due), so nothing was written for it."
+                    f"tag pattern {pattern!r} switches on {', '.join(names)}, but no call of it ran"
+                    " (none came on a step that was due), so nothing was written for it."
                 )
             if not found:
                 text = (
@@ -225,13 +221,11 @@ _default = _env_default()
 
 
 def reload_env() -> tuple[str, ...]:
-    """Re-read ``LIGHTNING_INSPECT`` (read once at import; the default of every thread and
-    context without a switch of its own) and return the patterns now on.
+    """Re-read ``LIGHTNING_INSPECT`` (read at import; the default of every context without a
+    switch of its own) and return the patterns now on.
 
     Example:
-        >>> os.environ["LIGHTNING_INSPECT"] = "attention, encoder.*"; reload_env()
-        ('attention', 'encoder.*')
-        >>> del os.environ["LIGHTNING_INSPECT"]; reload_env()
+        >>> reload_env()  # LIGHTNING_INSPECT unset
         ()
     """
     global _default
@@ -240,17 +234,16 @@ def reload_env() -> tuple[str, ...]:
 
 
 class ProbeContext:
-    """What a running probe receives as ``ctx``: ``probe`` (name used in file names),
-    ``qualname``, ``tag`` (the tag that matched), ``step``, ``epoch``, ``rank``, ``trainer``,
-    ``output_dir`` (created on first access). ``log_*`` write at ``step`` to every logger of the
-    trainer (through :mod:`lightning_inspect.backends`), else to files.
+    """What a running probe receives as ``ctx``: ``probe`` (its name in file names), ``qualname``,
+    ``tag`` (the tag that matched), ``step``, ``epoch``, ``rank``, ``trainer``, ``output_dir``
+    (created on first access). ``log_*`` write at ``step`` to every logger of the trainer (through
+    :mod:`lightning_inspect.backends`), else to files.
 
     Example:
         >>> import tempfile
         >>> ctx = ProbeContext(probe="attn", tag="attn", step=12, output_dir=tempfile.mkdtemp())
         >>> ctx.path(".npy").name, ctx.path(".npy").name, ctx.path("heads.npy").name
         ('attn_00000012_rank0.npy', 'attn_00000012_rank0_1.npy', 'attn_00000012_rank0_heads.npy')
-        >>> ctx.log_text("note", "hello")  # no logger: writes attn_00000012_rank0_note.txt
     """
 
     def __init__(
@@ -274,7 +267,7 @@ class ProbeContext:
     @property
     def output_dir(self) -> Path:
         self._dir.mkdir(parents=True, exist_ok=True)
-        self._run.wrote(self.qualname, f"files in {self._dir}", 0)
+        self._run.count(self._run.written, (self.qualname, f"files in {self._dir}"), 0)
         return self._dir
 
     def path(self, suffix_or_name: str = "") -> Path:
@@ -282,7 +275,7 @@ class ProbeContext:
         for a suffix (``".png"``) or a name (``"weights.npy"``); a counter ``_1``, ``_2``, ...
         keeps it apart from names handed out in this run or on disk."""
         directory = self.output_dir
-        self._run.wrote(self.qualname, f"files in {directory}")
+        self._run.count(self._run.written, (self.qualname, f"files in {directory}"))
         return directory / self._claim(directory, suffix_or_name, "file")
 
     def _claim(self, directory: Path | None, suffix_or_name: str, namespace: str) -> str:
@@ -318,7 +311,7 @@ class ProbeContext:
                 if sink.name == "mlflow":  # an artifact per key: the step goes into its name
                     key = "probes/" + self._claim(None, _safe(name), kind)
                 getattr(sink, f"log_{kind}")(key, value, self.step)
-            self._run.wrote(self.qualname, where)
+            self._run.count(self._run.written, (self.qualname, where))
         if not self._sinks:
             save(self.path(_safe(name) + suffix))
 
@@ -374,12 +367,14 @@ def _rgb_uint8(image: Any, dataformats: str | None) -> Any:
         image = image.detach().cpu()
         image = (image.float() if image.is_floating_point() else image).numpy()
     array = np.asarray(image)
-    layout = "HWC" if array.ndim == 2 else dataformats
-    array = array[:, :, None] if array.ndim == 2 else array
+    array, layout = (array[:, :, None], "HWC") if array.ndim == 2 else (array, dataformats)
     if array.ndim == 3 and layout is None:
         layout = "HWC" if array.shape[-1] in (1, 3, 4) else "CHW"
-    valid = array.ndim == 3 and layout in ("HWC", "CHW")
-    if not valid or array.shape[str(layout).find("C")] not in (1, 3, 4):
+    if (
+        array.ndim != 3
+        or layout not in ("HWC", "CHW")
+        or array.shape[layout.find("C")] not in (1, 3, 4)
+    ):
         raise ConfigError(
             f"ctx.log_image(image of shape {np.shape(image)}, dataformats={dataformats!r}): "
             "expected HW, HWC or CHW with 1, 3 or 4 channels; pass dataformats='HWC' or 'CHW'."
@@ -409,8 +404,7 @@ def _run_probe(info: _ProbeInfo, run: _Switch, tag: str, args: Any, kwargs: dict
     rank = run.current_rank()
     if info in run.disabled or (run.ranks == "zero" and rank != 0):
         return None
-    with run.lock:
-        run.calls[info] = run.calls.get(info, 0) + 1
+    run.count(run.calls, info)
     try:
         if info.wants_ctx and "ctx" in kwargs:
             raise TypeError(
@@ -426,14 +420,13 @@ def _run_probe(info: _ProbeInfo, run: _Switch, tag: str, args: Any, kwargs: dict
             first = info not in run.disabled
             run.disabled.add(info)
         where = traceback.extract_tb(exc.__traceback__)[-1]
+        message = (
+            f"Probe {info.qualname} (tag {tag!r}) raised {type(exc).__name__}: {exc} at "
+            f"{where.filename}:{where.lineno}. It is switched off for the rest of this run; "
+            "pass on_error='raise' to ProbeSwitch or probing() to stop on probe errors."
+        )
         if first:
-            warnings.warn(
-                f"Probe {info.qualname} (tag {tag!r}) raised {type(exc).__name__}: {exc} at "
-                f"{where.filename}:{where.lineno}. It is switched off for the rest of this run; "
-                "pass on_error='raise' to ProbeSwitch or probing() to stop on probe errors.",
-                ProbeWarning,
-                stacklevel=3,
-            )
+            warnings.warn(message, ProbeWarning, stacklevel=3)
         return None
 
 
@@ -445,9 +438,9 @@ def probe(
     ``name`` (default: the function's name) is used in file names.
 
     Example:
-        >>> @probe("attention", "encoder.features")
+        >>> @probe("attention")
         ... def show_attention(weights, *, ctx):
-        ...     return f"{ctx.tag} at step {ctx.step}"
+        ...     return ctx.tag
         >>> show_attention([0.1, 0.9]) is None  # nothing switched on
         True
     """
@@ -459,11 +452,9 @@ def probe(
         raise ConfigError(f"{call}: name must be letters, digits, '_', '.' or '-'; got {name!r}.")
 
     def decorate(func: Callable[..., R]) -> Callable[..., R | None]:
-        if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
-            raise ConfigError(
-                f"{call}: {func.__qualname__!r} is async; probes are plain functions."
-            )
         ctx = inspect.signature(func).parameters.get("ctx")
+        if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
+            raise ConfigError(f"{call}: {func.__qualname__} is async; probes are plain functions.")
         if ctx is not None and ctx.kind not in (ctx.POSITIONAL_OR_KEYWORD, ctx.KEYWORD_ONLY):
             raise ConfigError(f"{call}: ctx is {ctx.kind.description}; make it keyword-only.")
         qualname = f"{func.__module__}.{func.__qualname__}"
@@ -494,9 +485,8 @@ def enabled(tag: str) -> bool:
     """Whether a probe tagged ``tag`` would run here and now (for ``if`` blocks).
 
     Example:
-        >>> with probing("attention", output_dir="probes-doctest"):
-        ...     enabled("attention"), enabled("attention.heads"), enabled("loss")
-        (True, True, False)
+        >>> enabled("attention")
+        False
     """
     if not isinstance(tag, str) or not tag:
         raise ConfigError(f"enabled(tag={tag!r}): expected a non-empty tag such as 'attention'.")
@@ -510,12 +500,10 @@ def current_context(tag: str, *, name: str | None = None) -> ProbeContext | None
     (default: the tag) is used in file names.
 
     Example:
-        >>> with probing("attention", output_dir="probes-doctest"):
-        ...     current_context("attention").tag
-        'attention'
+        >>> current_context("attention") is None
+        True
     """
-    run = _STATE.get(None) or _default
-    on = enabled(tag)
+    run, on = _STATE.get(None) or _default, enabled(tag)
     return run.context(_safe(name or tag), name or tag, tag, run.current_rank()) if on else None
 
 
@@ -532,12 +520,9 @@ def probing(
     dir>/probes``, else ``./probes``). ``rank`` overrides the detected rank, ``step`` the step.
 
     Example:
-        >>> @probe("encoder.features")
-        ... def count(*, ctx):
-        ...     return ctx.tag
-        >>> with probing("encoder", output_dir="probes-doctest") as out:
-        ...     count()
-        'encoder.features'
+        >>> with probing("attention", output_dir="probes-doctest"):
+        ...     enabled("attention"), enabled("attention.heads"), enabled("loss")
+        (True, True, False)
     """
     call = "probing(" + ", ".join(map(repr, tags)) + ")"
     if not check_tags(call, tags, patterns=True):

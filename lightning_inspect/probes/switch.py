@@ -18,27 +18,21 @@ from lightning_inspect.probes import context
 class ProbeSwitch(Callback):
     """Switch probe tags on during fit and give probes the trainer's step, epoch and loggers.
 
-    Probes run while ``trainer.global_step % every_n_steps == 0`` (from ``setup`` to
-    ``teardown``; in validation batches only with ``validation=True``, never in the sanity
-    check). Tags already on (``LIGHTNING_INSPECT``, ``probing()``) follow the same schedule and
-    context. At the end of fit, rank 0 prints per tag pattern the calls that ran and where they
-    wrote, or warns when it matches no probe or none of its probes ran.
-
-    Args:
-        tags: tag patterns (names, globs such as ``"encoder.*"``); a string is split on commas;
-            ``[]`` only provides the context.
-        every_n_steps: run probes on optimizer steps divisible by this (>= 1).
-        ranks: ``"zero"`` (global rank 0 only) or ``"all"`` (file names carry the rank).
-        on_error: ``"disable"`` (warn once, switch the probe off for the fit) or ``"raise"``.
-        output_dir: default ``<hydra run dir>/probes``, else ``<trainer.log_dir>/probes``.
-        validation: also run probes in validation batches.
+    Probes run on optimizer steps divisible by ``every_n_steps`` (>= 1), from ``setup`` to
+    ``teardown``, in validation batches only with ``validation=True`` (never in the sanity
+    check); tags already on (``LIGHTNING_INSPECT``, ``probing()``) follow the same schedule.
+    ``tags``: patterns such as ``"encoder.*"`` (a string is split on commas; ``[]`` only gives
+    the context); ``ranks``: ``"zero"`` or ``"all"``; ``on_error``: ``"disable"`` (warn once,
+    switch the probe off for the fit) or ``"raise"``; ``output_dir``: default ``<hydra run
+    dir>/probes``, else ``<trainer.log_dir>/probes``. At the end of fit, rank 0 prints per
+    pattern the calls that ran and where they wrote, or warns when none ran.
 
     Logged metrics:
         None by itself; probes log through ``ctx`` to every logger (``probes/<probe>/<name>``).
 
     Example:
-        >>> import lightning as L
-        >>> trainer = L.Trainer(callbacks=[ProbeSwitch(tags=["attention"], every_n_steps=50)])
+        >>> ProbeSwitch(tags=["attention"], every_n_steps=50).tags
+        ('attention',)
     """
 
     def __init__(
@@ -113,6 +107,3 @@ class ProbeSwitch(Callback):
                     rank_zero_info(f"ProbeSwitch: {line}")
                 else:
                     rank_zero_warn(f"ProbeSwitch: {line}", category=RuntimeWarning)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_switch": None, "_sinks": []}  # live state stays here
