@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import importlib
 import inspect
 import json
 import os
@@ -40,28 +41,27 @@ def _safe(text: str) -> str:
 
 
 def check_tags(owner: str, values: Any, patterns: bool) -> tuple[str, ...]:
-    """A probe's tags (dotted names) or, with ``patterns``, a switch's tag patterns (globs; a
-    string is split on commas); a ConfigError names ``owner`` and the bad entry."""
+    """A probe's tags or, with ``patterns``, a switch's tag patterns (a string: split on commas)."""
     kind = "tag pattern" if patterns else "tag"
-    if isinstance(values, str):
-        values = values.split(",") if patterns else [values]
+    values = (values.split(",") if patterns else [values]) if isinstance(values, str) else values
     if not isinstance(values, Iterable):
         got = f"{values!r} ({type(values).__name__})"
         raise ConfigError(f"{owner}: expected a list of {kind}s such as ['attention']; got {got}.")
-    for value in values:
-        if not isinstance(value, str):
-            how = ": write @probe('attention'), with a tag" if callable(value) else ""
-            got = f"{value!r} ({type(value).__name__})"
-            raise ConfigError(f"{owner}: tags must be strings such as 'attention'{how}; got {got}.")
-        if not value.strip():
-            more = ", a glob such as 'encoder.*', or '*' for all" if patterns else ""
-            raise ConfigError(f"{owner}: tags holds an empty {kind}; use e.g. 'attention'{more}.")
-        if re.search(r"[\s,]" if patterns else r"[\s,*?\[\]]", value.strip()):
-            what = " or a comma" if patterns else ", a comma or a glob (globs go in switches)"
-            raise ConfigError(
-                f"{owner}: {kind} {value!r} contains whitespace{what}; give one dotted name "
-                "per entry, e.g. ['attention', 'encoder.features']."
-            )
+    for v in values:
+        how = ": write @probe('attention'), with a tag" if callable(v) else ""
+        more = ", a glob such as 'encoder.*', or '*' for all" if patterns else ""
+        what = " or a comma" if patterns else ", a comma or a glob (globs go in switches)"
+        problem = (
+            f"tags must be strings such as 'attention'{how}; got {v!r} ({type(v).__name__})"
+            if not isinstance(v, str)
+            else f"tags holds an empty {kind}; use e.g. 'attention'{more}"
+            if not v.strip()
+            else f"{kind} {v!r} contains whitespace{what}; give one dotted name per entry"
+            if re.search(r"[\s,]" if patterns else r"[\s,*?\[\]]", v.strip())
+            else None
+        )
+        if problem:
+            raise ConfigError(f"{owner}: {problem}.")
     return tuple(v.strip() if patterns else v for v in values)
 
 
@@ -91,21 +91,31 @@ def hydra_output_dir() -> Path | None:
 
 
 class _Switch:
-    """Adds tag patterns to what is on in this context, as a ``with`` block or from :meth:`open`
-    to :meth:`close`, and holds the run: settings (None: inherited from the switch below) and
-    the report's bookkeeping. ``gate(False)`` lets no probe run. The ContextVar holds the switch
-    on top; one closed out of order is skipped when the one above it closes."""
+    """Adds tag patterns to what is on in this context (``with`` block, or open to close) and
+    holds the run: settings (None: inherited from the switch below) and the report's counts."""
 
-    output_dir: Path | None = None  # None: <hydra run dir>/probes, else ./probes
     trainer: Any = None
     sinks: tuple[tuple[str, Any], ...] = ()  # (destination, backend sink) of the loggers
-    rank: int | None = None  # None: the trainer's, torch.distributed's or the environment's
-    step: int | None = None  # None: the trainer's global_step, else 0
-    ranks, on_error, outer = "zero", "disable", None
+    outer: _Switch | None = None
 
-    def __init__(self, patterns: Iterable[str], **settings: Any) -> None:
-        self.patterns = self.on = frozenset(patterns)
-        self.settings, self.closed, self.gate_open = settings, True, True
+    def __init__(
+        self,
+        owner: str,
+        tags: Any,
+        output_dir: str | os.PathLike[str] | None = None,
+        ranks: str = "zero",
+        on_error: str = "disable",
+        rank: int | None = None,  # None: the trainer's, torch.distributed's or the environment's
+        step: int | None = None,  # None: the trainer's global_step, else 0
+    ) -> None:
+        self.tags = check_tags(f"{owner}(tags={tags!r})", tags or (), patterns=True)
+        self.output_dir = check_output_dir(owner, output_dir)  # None: Hydra's, else ./probes
+        self.ranks = check.check_choice(owner, "ranks", ranks, RANKS)
+        self.on_error = check.check_choice(owner, "on_error", on_error, ON_ERROR)
+        self.rank = check.check_optional_int(owner, "rank", rank)
+        self.step = check.check_optional_int(owner, "step", step)
+        self.given = {"output_dir": self.output_dir}
+        self.on, self.closed, self.gate_open = frozenset(self.tags), True, True
         self.active = self.may_run = bool(self.on)
         self._fresh()
 
@@ -114,14 +124,16 @@ class _Switch:
         self.calls: Counter[Any] = Counter()  # probe -> calls that ran
         self.written: Counter[tuple[str, str]] = Counter()  # (qualname, where) -> items
 
-    def open(self) -> _Switch:
-        self._fresh()  # a new run: probes switched off by an error run again
+    def open(self, **run: Any) -> _Switch:
+        """Switch on (a new run: probes switched off by an error run again); ``run`` sets
+        ``output_dir``, ``trainer``, ``sinks``, ``rank`` (None: inherited from the switch below)."""
+        self._fresh()
         self.outer = _STATE.get(None)
         below = self.outer or _default
-        for key in ("output_dir", "trainer", "sinks"):
-            setattr(self, key, getattr(below, key))
-        self.__dict__.update({k: v for k, v in self.settings.items() if v is not None})
-        self.on = self.patterns | (below.on if below.active else frozenset())
+        given = {k: v for k, v in {**self.given, **run}.items() if v is not None}
+        self.__dict__.update({k: getattr(below, k) for k in ("output_dir", "trainer", "sinks")})
+        self.__dict__.update(given)
+        self.on = frozenset(self.tags) | (below.on if below.active else frozenset())
         self.may_run = bool(self.on) and (self.rank in (None, 0) or self.ranks == "all")
         self.closed, self.active = False, self.may_run and self.gate_open
         _STATE.set(self)
@@ -164,13 +176,12 @@ class _Switch:
     def claim(self, directory: Path | None, base: str, suffix: str, namespace: str) -> str:
         """A name ``base[_k]suffix`` not handed out before in this run, nor on disk."""
         with self.lock:
-            for k in range(sys.maxsize):
-                name = f"{base}_{k}{suffix}" if k else f"{base}{suffix}"
+            for name in (f"{base}_{k}{suffix}" if k else base + suffix for k in range(1 << 62)):
                 key = f"{namespace}:{directory}/{name}"
                 if key not in self.issued and not (directory and (directory / name).exists()):
                     self.issued.add(key)
-                    break
-        return name
+                    return name
+        raise AssertionError  # unreachable
 
     def context(self, probe: str, qualname: str, tag: str, rank: int) -> ProbeContext:
         t, step = self.trainer, self.step
@@ -180,8 +191,8 @@ class _Switch:
         return ProbeContext(probe=probe, tag=tag, qualname=qualname, _run=self, **args)
 
     def report(self) -> list[tuple[bool, str]]:
-        """Per pattern that was on: ``(True, line)`` with the calls that ran and where they
-        wrote, or ``(False, problem)``: no probe matches it, or none of its probes ran."""
+        """Per pattern that was on: ``(True, calls that ran and where they wrote)`` or
+        ``(False, problem)``."""
         with self.lock:
             calls, written = Counter(self.calls), Counter(self.written)
         probes, out = set(_REGISTRY) | set(calls), []
@@ -211,15 +222,6 @@ class _Switch:
         return out
 
 
-def _env_default() -> _Switch:
-    return _Switch(p.strip() for p in os.environ.get(ENV_VAR, "").split(",") if p.strip())
-
-
-#: The switch on top in this context; None (or unset): the environment's, re-read by reload_env().
-_STATE: contextvars.ContextVar[_Switch | None] = contextvars.ContextVar("lightning_inspect.probes")
-_default = _env_default()
-
-
 def reload_env() -> tuple[str, ...]:
     """Re-read ``LIGHTNING_INSPECT`` (read at import; the default of every context without a
     switch of its own) and return the patterns now on.
@@ -229,8 +231,16 @@ def reload_env() -> tuple[str, ...]:
         ()
     """
     global _default
-    _default = _env_default()
+    _default = _Switch(ENV_VAR, ())
+    _default.on = frozenset(p.strip() for p in os.environ.get(ENV_VAR, "").split(",") if p.strip())
+    _default.active = bool(_default.on)
     return tuple(sorted(_default.on))
+
+
+#: The switch on top in this context; None (or unset): the environment's, re-read by reload_env().
+_STATE: contextvars.ContextVar[_Switch | None] = contextvars.ContextVar("lightning_inspect.probes")
+_default: _Switch
+reload_env()
 
 
 class ProbeContext:
@@ -261,7 +271,7 @@ class ProbeContext:
     ) -> None:
         self.probe, self.qualname, self.tag = _safe(probe), qualname or probe, tag
         self.step, self.epoch, self.rank, self.trainer = step, epoch, rank, trainer
-        self._dir, self._run = Path(output_dir), _run or _Switch(())
+        self._dir, self._run = Path(output_dir), _run or _Switch("ProbeContext", ())
         self._sinks = self._run.sinks if rank == 0 else ()  # Lightning's loggers: rank 0 only
 
     @property
@@ -272,8 +282,7 @@ class ProbeContext:
 
     def path(self, suffix_or_name: str = "") -> Path:
         """A new path ``{probe}_{step:08d}_rank{r}[_{name}][_{k}]{suffix}`` in ``output_dir``
-        for a suffix (``".png"``) or a name (``"weights.npy"``); a counter ``_1``, ``_2``, ...
-        keeps it apart from names handed out in this run or on disk."""
+        for a suffix (``".png"``) or a name (``"weights.npy"``), never one used before."""
         directory = self.output_dir
         self._run.count(self._run.written, (self.qualname, f"files in {directory}"))
         return directory / self._claim(directory, suffix_or_name, "file")
@@ -320,10 +329,10 @@ class ProbeContext:
         self._log("text", name, text, ".txt", lambda p: p.write_text(text, encoding="utf-8"))
 
     def log_image(self, name: str, image: Any, *, dataformats: str | None = None) -> None:
-        """Log an image (HW, HWC or CHW; float in [0, 1], uint8 or bool; HWC when the last axis
-        has 1, 3 or 4 entries unless ``dataformats`` says) at the current step (file: ``.png``)."""
+        """Log an HW, HWC or CHW image (float in [0, 1], uint8, bool; file: ``.png``)."""
         array = _rgb_uint8(image, dataformats)
-        self._log("image", name, array, ".png", lambda p: _save_png(p, array))
+        pil = importlib.import_module  # Pillow only when a file is written
+        self._log("image", name, array, ".png", lambda p: pil("PIL.Image").fromarray(array).save(p))
 
     def log_figure(self, name: str, figure: Any, *, close: bool = True) -> None:
         """Log a matplotlib figure as an image; closes it afterwards unless ``close=False``."""
@@ -337,8 +346,7 @@ class ProbeContext:
                 sys.modules["matplotlib.pyplot"].close(figure)
 
     def log_histogram(self, name: str, values: Any, *, bins: int = 64) -> None:
-        """Log a histogram of ``values`` (a tensor or array), binned on their device over the
-        finite values, at the current step (file: ``.json`` with NaN/Inf counts)."""
+        """Log a histogram of the finite ``values`` (file: ``.json`` with NaN/Inf counts)."""
         import torch
 
         from lightning_inspect.core.stats import histogram, reduce_tensor, summarise
@@ -353,14 +361,9 @@ class ProbeContext:
         self._log("histograms", name, hist, ".json", lambda p: p.write_text(json.dumps(data)))
 
 
-def _save_png(path: Path, array: Any) -> None:
-    from PIL import Image
-
-    Image.fromarray(array).save(path)
-
-
 def _rgb_uint8(image: Any, dataformats: str | None) -> Any:
-    """An HW, HWC or CHW image (tensor or array) as a height x width x 3 uint8 array."""
+    """An HW, HWC or CHW image (tensor or array) as an HxWx3 uint8 array (HWC when the last axis
+    has 1, 3 or 4 entries, unless ``dataformats`` says)."""
     import numpy as np
 
     if hasattr(image, "detach"):  # a tensor, without importing torch
@@ -524,14 +527,6 @@ def probing(
         ...     enabled("attention"), enabled("attention.heads"), enabled("loss")
         (True, True, False)
     """
-    call = "probing(" + ", ".join(map(repr, tags)) + ")"
-    if not check_tags(call, tags, patterns=True):
-        raise ConfigError(f"{call}: give at least one tag pattern, e.g. probing('attention').")
-    return _Switch(
-        check_tags(call, tags, patterns=True),
-        output_dir=check_output_dir("probing", output_dir),
-        ranks=check.check_choice("probing", "ranks", ranks, RANKS),
-        on_error=check.check_choice("probing", "on_error", on_error, ON_ERROR),
-        rank=check.check_optional_int("probing", "rank", rank),
-        step=check.check_optional_int("probing", "step", step),
-    )
+    if not tags:
+        raise ConfigError("probing(): give at least one tag pattern, e.g. probing('attention').")
+    return _Switch("probing", tags, output_dir, ranks, on_error, rank, step)

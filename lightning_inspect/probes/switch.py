@@ -9,13 +9,13 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_inspect import _validation as check
+from lightning_inspect._validation import check_bool, check_positive_int
 from lightning_inspect.backends import GenericSink, close_sinks, resolve_sinks
 from lightning_inspect.errors import ConfigError
-from lightning_inspect.probes import context
+from lightning_inspect.probes.context import _Switch, hydra_output_dir
 
 
-class ProbeSwitch(Callback):
+class ProbeSwitch(Callback, _Switch):
     """Switch probe tags on during fit and give probes the trainer's step, epoch and loggers.
 
     Probes run on optimizer steps divisible by ``every_n_steps`` (>= 1), from ``setup`` to
@@ -44,13 +44,9 @@ class ProbeSwitch(Callback):
         output_dir: str | os.PathLike[str] | None = None,
         validation: bool = False,
     ) -> None:
-        self.tags = context.check_tags(f"ProbeSwitch(tags={tags!r})", tags or (), patterns=True)
-        self.every_n_steps = check.check_positive_int("ProbeSwitch", "every_n_steps", every_n_steps)
-        self.ranks = check.check_choice("ProbeSwitch", "ranks", ranks, context.RANKS)
-        self.on_error = check.check_choice("ProbeSwitch", "on_error", on_error, context.ON_ERROR)
-        self.output_dir = context.check_output_dir("ProbeSwitch", output_dir)
-        self.validation = check.check_bool("ProbeSwitch", "validation", validation)
-        self._switch: context._Switch | None = None
+        _Switch.__init__(self, "ProbeSwitch", tags, output_dir, ranks, on_error)
+        self.every_n_steps = check_positive_int("ProbeSwitch", "every_n_steps", every_n_steps)
+        self.validation = check_bool("ProbeSwitch", "validation", validation)
         self._sinks: list[Any] = []
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -58,12 +54,10 @@ class ProbeSwitch(Callback):
             self._open(trainer)
 
     def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
-        if self._switch is not None:
-            self._switch.gate(trainer.global_step % self.every_n_steps == 0)
+        self.gate(trainer.global_step % self.every_n_steps == 0)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self._switch is not None:
-            self._switch.gate(self.validation and not trainer.sanity_checking)
+        self.gate(self.validation and not trainer.sanity_checking)
 
     on_train_batch_end = on_validation_end = on_train_batch_start
 
@@ -82,7 +76,7 @@ class ProbeSwitch(Callback):
                 "with all the tags."
             )
         # trainer.log_dir is a collective call under DDP: read on every rank, here.
-        out = self.output_dir or context.hydra_output_dir()
+        out = self.given["output_dir"] or hydra_output_dir()
         out = out or Path(trainer.log_dir or trainer.default_root_dir) / "probes"
         self._sinks = resolve_sinks(trainer, None, "ProbeSwitch") if trainer.loggers else []
         shown = [  # the loggers that show texts, pictures or histograms (rank 0 only)
@@ -90,20 +84,19 @@ class ProbeSwitch(Callback):
             for lg, sink in zip(trainer.loggers, self._sinks, strict=False)
             if not isinstance(getattr(sink, "inner", sink), GenericSink)
         ]
-        settings = dict(ranks=self.ranks, on_error=self.on_error, rank=trainer.global_rank)
-        self._switch = context._Switch(
-            self.tags, output_dir=out, trainer=trainer, sinks=tuple(shown), **settings
-        )
-        self._switch.gate_open = trainer.global_step % self.every_n_steps == 0
-        self._switch.open()
+        self.gate_open = trainer.global_step % self.every_n_steps == 0
+        self.open(output_dir=out, trainer=trainer, sinks=tuple(shown), rank=trainer.global_rank)
 
     def _close(self) -> None:
-        switch, self._switch, sinks, self._sinks = self._switch, None, self._sinks, []
-        if switch is not None:
-            switch.close()
-            close_sinks(sinks)
-            for ok, line in switch.report():
+        if not self.closed:
+            self.close()
+            close_sinks(self._sinks)
+            for ok, line in self.report():
                 if ok:
                     rank_zero_info(f"ProbeSwitch: {line}")
                 else:
                     rank_zero_warn(f"ProbeSwitch: {line}", category=RuntimeWarning)
+
+    def __getstate__(self) -> dict[str, Any]:  # what is live stays in this process
+        live = ("lock", "trainer", "outer", "_sinks", "sinks")
+        return {k: v for k, v in self.__dict__.items() if k not in live}
