@@ -30,6 +30,7 @@ ENV_VAR = "LIGHTNING_INSPECT"  #: comma-separated tag patterns switched on for t
 RANKS = ("zero", "all")  #: run probes on global rank 0 only, or on every rank
 ON_ERROR = ("disable", "raise")  #: warn once and switch the probe off, or re-raise
 _RANK_VARS = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+_LOCK = threading.Lock()  # names handed out, probes switched off
 
 
 class ProbeWarning(UserWarning):
@@ -120,7 +121,7 @@ class _Switch:
         self._fresh()
 
     def _fresh(self) -> None:
-        self.lock, self.issued, self.disabled = threading.Lock(), set[str](), set[Any]()
+        self.issued, self.disabled = set[str](), set[Any]()
         self.calls: Counter[Any] = Counter()  # probe -> calls that ran
         self.written: Counter[tuple[str, str]] = Counter()  # (qualname, where) -> items
 
@@ -169,13 +170,9 @@ class _Switch:
             return int(dist.get_rank())
         return next((int(v) for v in map(os.environ.get, _RANK_VARS) if v and v.isdigit()), 0)
 
-    def count(self, counter: Counter[Any], key: Any, items: int = 1) -> None:
-        with self.lock:
-            counter[key] += items
-
     def claim(self, directory: Path | None, base: str, suffix: str, namespace: str) -> str:
         """A name ``base[_k]suffix`` not handed out before in this run, nor on disk."""
-        with self.lock:
+        with _LOCK:
             for name in (f"{base}_{k}{suffix}" if k else base + suffix for k in range(1 << 62)):
                 key = f"{namespace}:{directory}/{name}"
                 if key not in self.issued and not (directory and (directory / name).exists()):
@@ -193,8 +190,7 @@ class _Switch:
     def report(self) -> list[tuple[bool, str]]:
         """Per pattern that was on: ``(True, calls that ran and where they wrote)`` or
         ``(False, problem)``."""
-        with self.lock:
-            calls, written = Counter(self.calls), Counter(self.written)
+        calls, written = Counter(self.calls), Counter(self.written)
         probes, out = set(_REGISTRY) | set(calls), []
         known = sorted({tag for info in probes for tag in info.tags})
         for pattern in sorted(self.on):
@@ -277,14 +273,14 @@ class ProbeContext:
     @property
     def output_dir(self) -> Path:
         self._dir.mkdir(parents=True, exist_ok=True)
-        self._run.count(self._run.written, (self.qualname, f"files in {self._dir}"), 0)
+        self._run.written[(self.qualname, f"files in {self._dir}")] += 0
         return self._dir
 
     def path(self, suffix_or_name: str = "") -> Path:
         """A new path ``{probe}_{step:08d}_rank{r}[_{name}][_{k}]{suffix}`` in ``output_dir``
         for a suffix (``".png"``) or a name (``"weights.npy"``), never one used before."""
         directory = self.output_dir
-        self._run.count(self._run.written, (self.qualname, f"files in {directory}"))
+        self._run.written[(self.qualname, f"files in {directory}")] += 1
         return directory / self._claim(directory, suffix_or_name, "file")
 
     def _claim(self, directory: Path | None, suffix_or_name: str, namespace: str) -> str:
@@ -320,7 +316,7 @@ class ProbeContext:
                 if sink.name == "mlflow":  # an artifact per key: the step goes into its name
                     key = "probes/" + self._claim(None, _safe(name), kind)
                 getattr(sink, f"log_{kind}")(key, value, self.step)
-            self._run.count(self._run.written, (self.qualname, where))
+            self._run.written[(self.qualname, where)] += 1
         if not self._sinks:
             save(self.path(_safe(name) + suffix))
 
@@ -373,11 +369,8 @@ def _rgb_uint8(image: Any, dataformats: str | None) -> Any:
     array, layout = (array[:, :, None], "HWC") if array.ndim == 2 else (array, dataformats)
     if array.ndim == 3 and layout is None:
         layout = "HWC" if array.shape[-1] in (1, 3, 4) else "CHW"
-    if (
-        array.ndim != 3
-        or layout not in ("HWC", "CHW")
-        or array.shape[layout.find("C")] not in (1, 3, 4)
-    ):
+    ok = array.ndim == 3 and layout in ("HWC", "CHW")
+    if not ok or array.shape[str(layout).find("C")] not in (1, 3, 4):
         raise ConfigError(
             f"ctx.log_image(image of shape {np.shape(image)}, dataformats={dataformats!r}): "
             "expected HW, HWC or CHW with 1, 3 or 4 channels; pass dataformats='HWC' or 'CHW'."
@@ -400,37 +393,6 @@ class _ProbeInfo:
 
 #: Every probe decorated in this process (for the report: which tags exist); weak references.
 _REGISTRY: weakref.WeakSet[_ProbeInfo] = weakref.WeakSet()
-
-
-def _run_probe(info: _ProbeInfo, run: _Switch, tag: str, args: Any, kwargs: dict[str, Any]) -> Any:
-    """The on path: rank rule, disabled check, context injection, error containment."""
-    rank = run.current_rank()
-    if info in run.disabled or (run.ranks == "zero" and rank != 0):
-        return None
-    run.count(run.calls, info)
-    try:
-        if info.wants_ctx and "ctx" in kwargs:
-            raise TypeError(
-                f"{info.qualname}() got ctx from its caller; ctx is supplied by lightning_inspect"
-            )
-        if info.wants_ctx:
-            kwargs["ctx"] = run.context(info.name, info.qualname, tag, rank)
-        return info.func(*args, **kwargs)
-    except Exception as exc:
-        if run.on_error == "raise":
-            raise
-        with run.lock:
-            first = info not in run.disabled
-            run.disabled.add(info)
-        where = traceback.extract_tb(exc.__traceback__)[-1]
-        message = (
-            f"Probe {info.qualname} (tag {tag!r}) raised {type(exc).__name__}: {exc} at "
-            f"{where.filename}:{where.lineno}. It is switched off for the rest of this run; "
-            "pass on_error='raise' to ProbeSwitch or probing() to stop on probe errors."
-        )
-        if first:
-            warnings.warn(message, ProbeWarning, stacklevel=3)
-        return None
 
 
 def probe(
@@ -477,7 +439,37 @@ def probe(
                     on,
                     next((t for t in info.tags for p in on if tag_matches(p, t)), None),
                 )
-            return None if seen[1] is None else _run_probe(info, switch, seen[1], args, kwargs)
+            if seen[1] is None or info in switch.disabled:
+                return None
+            rank = switch.current_rank()
+            if switch.ranks == "zero" and rank != 0:
+                return None
+            switch.calls[info] += 1
+            try:
+                if info.wants_ctx and "ctx" in kwargs:
+                    raise TypeError(
+                        f"{qualname}() got ctx from its caller; ctx is supplied by lightning_inspect"
+                    )
+                if info.wants_ctx:
+                    kwargs["ctx"] = switch.context(info.name, qualname, seen[1], rank)
+                return func(*args, **kwargs)
+            except Exception as exc:
+                if switch.on_error == "raise":
+                    raise
+                with _LOCK:
+                    first = info not in switch.disabled
+                    switch.disabled.add(info)
+                where = traceback.extract_tb(exc.__traceback__)[-1]
+                if first:
+                    warnings.warn(
+                        f"Probe {qualname} (tag {seen[1]!r}) raised {type(exc).__name__}: {exc} at "
+                        f"{where.filename}:{where.lineno}. It is switched off for the rest of this "
+                        "run; pass on_error='raise' to ProbeSwitch or probing() to stop on probe "
+                        "errors.",
+                        ProbeWarning,
+                        stacklevel=2,
+                    )
+                return None
 
         return wrapper
 

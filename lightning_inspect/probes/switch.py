@@ -91,12 +91,9 @@ class ProbeSwitch(Callback, _Switch):
         if not self.closed:
             self.close()
             close_sinks(self._sinks)
+            self.trainer, self.sinks, self._sinks = None, (), []  # nothing live stays behind
             for ok, line in self.report():
                 if ok:
                     rank_zero_info(f"ProbeSwitch: {line}")
                 else:
                     rank_zero_warn(f"ProbeSwitch: {line}", category=RuntimeWarning)
-
-    def __getstate__(self) -> dict[str, Any]:  # what is live stays in this process
-        live = ("lock", "trainer", "outer", "_sinks", "sinks")
-        return {k: v for k, v in self.__dict__.items() if k not in live}
