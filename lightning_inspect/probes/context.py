@@ -66,12 +66,6 @@ def check_tags(owner: str, values: Any, patterns: bool) -> tuple[str, ...]:
     return tuple(v.strip() if patterns else v for v in values)
 
 
-def check_output_dir(owner: str, value: Any) -> Path | None:
-    if value is not None and not isinstance(value, (str, os.PathLike)):
-        raise ConfigError(f"{owner}(output_dir={value!r}): expected None, a str or a path.")
-    return None if value is None else Path(value)
-
-
 def tag_matches(pattern: str, tag: str) -> bool:
     """Whether switch ``pattern`` switches on probe ``tag`` (glob plus hierarchy).
 
@@ -110,7 +104,13 @@ class _Switch:
         step: int | None = None,  # None: the trainer's global_step, else 0
     ) -> None:
         self.tags = check_tags(f"{owner}(tags={tags!r})", tags or (), patterns=True)
-        self.output_dir = check_output_dir(owner, output_dir)  # None: Hydra's, else ./probes
+        if output_dir is not None and not isinstance(output_dir, (str, os.PathLike)):
+            raise ConfigError(
+                f"{owner}(output_dir={output_dir!r}): expected None, a str or a path."
+            )
+        self.output_dir = (
+            None if output_dir is None else Path(output_dir)
+        )  # None: Hydra's, ./probes
         self.ranks = check.check_choice(owner, "ranks", ranks, RANKS)
         self.on_error = check.check_choice(owner, "on_error", on_error, ON_ERROR)
         self.rank = check.check_optional_int(owner, "rank", rank)
@@ -325,8 +325,32 @@ class ProbeContext:
         self._log("text", name, text, ".txt", lambda p: p.write_text(text, encoding="utf-8"))
 
     def log_image(self, name: str, image: Any, *, dataformats: str | None = None) -> None:
-        """Log an HW, HWC or CHW image (float in [0, 1], uint8, bool; file: ``.png``)."""
-        array = _rgb_uint8(image, dataformats)
+        """Log an HW, HWC or CHW image (float in [0, 1], uint8, bool; HWC when the last axis has
+        1, 3 or 4 entries, unless ``dataformats`` says) as HxWx3 uint8 (file: ``.png``)."""
+        import numpy as np
+
+        if hasattr(image, "detach"):  # a tensor, without importing torch
+            image = image.detach().cpu()
+            image = (image.float() if image.is_floating_point() else image).numpy()
+        array = np.asarray(image)
+        array, layout = (array[:, :, None], "HWC") if array.ndim == 2 else (array, dataformats)
+        if array.ndim == 3 and layout is None:
+            layout = "HWC" if array.shape[-1] in (1, 3, 4) else "CHW"
+        ok = array.ndim == 3 and layout in ("HWC", "CHW")
+        if not ok or array.shape[str(layout).find("C")] not in (1, 3, 4):
+            raise ConfigError(
+                f"ctx.log_image(image of shape {np.shape(image)}, dataformats={dataformats!r}): "
+                "expected HW, HWC or CHW with 1, 3 or 4 channels; pass dataformats='HWC' or 'CHW'."
+            )
+        array = array.transpose(1, 2, 0) if layout == "CHW" else array
+        if np.issubdtype(array.dtype, np.floating):
+            array = (
+                np.clip(np.nan_to_num(array.astype(np.float32), posinf=1.0), 0.0, 1.0) * 255 + 0.5
+            )
+        array = np.clip(array * (255 if array.dtype == np.bool_ else 1), 0, 255).astype(np.uint8)
+        array = np.ascontiguousarray(
+            np.repeat(array, 3, 2) if array.shape[2] == 1 else array[..., :3]
+        )
         pil = importlib.import_module  # Pillow only when a file is written
         self._log("image", name, array, ".png", lambda p: pil("PIL.Image").fromarray(array).save(p))
 
@@ -357,34 +381,8 @@ class ProbeContext:
         self._log("histograms", name, hist, ".json", lambda p: p.write_text(json.dumps(data)))
 
 
-def _rgb_uint8(image: Any, dataformats: str | None) -> Any:
-    """An HW, HWC or CHW image (tensor or array) as an HxWx3 uint8 array (HWC when the last axis
-    has 1, 3 or 4 entries, unless ``dataformats`` says)."""
-    import numpy as np
-
-    if hasattr(image, "detach"):  # a tensor, without importing torch
-        image = image.detach().cpu()
-        image = (image.float() if image.is_floating_point() else image).numpy()
-    array = np.asarray(image)
-    array, layout = (array[:, :, None], "HWC") if array.ndim == 2 else (array, dataformats)
-    if array.ndim == 3 and layout is None:
-        layout = "HWC" if array.shape[-1] in (1, 3, 4) else "CHW"
-    ok = array.ndim == 3 and layout in ("HWC", "CHW")
-    if not ok or array.shape[str(layout).find("C")] not in (1, 3, 4):
-        raise ConfigError(
-            f"ctx.log_image(image of shape {np.shape(image)}, dataformats={dataformats!r}): "
-            "expected HW, HWC or CHW with 1, 3 or 4 channels; pass dataformats='HWC' or 'CHW'."
-        )
-    array = array.transpose(1, 2, 0) if layout == "CHW" else array
-    if np.issubdtype(array.dtype, np.floating):
-        array = np.clip(np.nan_to_num(array.astype(np.float32), posinf=1.0), 0.0, 1.0) * 255 + 0.5
-    array = np.clip(array * (255 if array.dtype == np.bool_ else 1), 0, 255).astype(np.uint8)
-    return np.ascontiguousarray(np.repeat(array, 3, 2) if array.shape[2] == 1 else array[..., :3])
-
-
 @dataclass(frozen=True, eq=False)
 class _ProbeInfo:
-    func: Callable[..., Any]
     tags: tuple[str, ...]
     name: str
     qualname: str
@@ -423,7 +421,7 @@ def probe(
         if ctx is not None and ctx.kind not in (ctx.POSITIONAL_OR_KEYWORD, ctx.KEYWORD_ONLY):
             raise ConfigError(f"{call}: ctx is {ctx.kind.description}; make it keyword-only.")
         qualname = f"{func.__module__}.{func.__qualname__}"
-        info = _ProbeInfo(func, checked, name or _safe(func.__name__), qualname, ctx is not None)
+        info = _ProbeInfo(checked, name or _safe(func.__name__), qualname, ctx is not None)
         _REGISTRY.add(info)
         cache: tuple[frozenset[str] | None, str | None] = (None, None)
 
@@ -439,10 +437,8 @@ def probe(
                     on,
                     next((t for t in info.tags for p in on if tag_matches(p, t)), None),
                 )
-            if seen[1] is None or info in switch.disabled:
-                return None
             rank = switch.current_rank()
-            if switch.ranks == "zero" and rank != 0:
+            if seen[1] is None or info in switch.disabled or (switch.ranks == "zero" and rank):
                 return None
             switch.calls[info] += 1
             try:
@@ -459,15 +455,12 @@ def probe(
                 with _LOCK:
                     first = info not in switch.disabled
                     switch.disabled.add(info)
-                where = traceback.extract_tb(exc.__traceback__)[-1]
+                at = traceback.extract_tb(exc.__traceback__)[-1]
+                what = f"{qualname} (tag {seen[1]!r}) raised {type(exc).__name__}: {exc}"
+                off = "It is switched off for the rest of this run; pass on_error='raise' to stop."
                 if first:
                     warnings.warn(
-                        f"Probe {qualname} (tag {seen[1]!r}) raised {type(exc).__name__}: {exc} at "
-                        f"{where.filename}:{where.lineno}. It is switched off for the rest of this "
-                        "run; pass on_error='raise' to ProbeSwitch or probing() to stop on probe "
-                        "errors.",
-                        ProbeWarning,
-                        stacklevel=2,
+                        f"Probe {what} at {at.filename}:{at.lineno}. {off}", ProbeWarning, 2
                     )
                 return None
 
