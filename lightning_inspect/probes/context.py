@@ -49,20 +49,17 @@ def check_tags(owner: str, values: Any, patterns: bool) -> tuple[str, ...]:
         got = f"{values!r} ({type(values).__name__})"
         raise ConfigError(f"{owner}: expected a list of {kind}s such as ['attention']; got {got}.")
     for v in values:
-        how = ": write @probe('attention'), with a tag" if callable(v) else ""
-        more = ", a glob such as 'encoder.*', or '*' for all" if patterns else ""
-        what = " or a comma" if patterns else ", a comma or a glob (globs go in switches)"
-        problem = (
-            f"tags must be strings such as 'attention'{how}; got {v!r} ({type(v).__name__})"
-            if not isinstance(v, str)
-            else f"tags holds an empty {kind}; use e.g. 'attention'{more}"
-            if not v.strip()
-            else f"{kind} {v!r} contains whitespace{what}; give one dotted name per entry"
-            if re.search(r"[\s,]" if patterns else r"[\s,*?\[\]]", v.strip())
-            else None
-        )
-        if problem:
-            raise ConfigError(f"{owner}: {problem}.")
+        if not isinstance(v, str):
+            how = ": write @probe('attention'), with a tag" if callable(v) else ""
+            got = f"{v!r} ({type(v).__name__})"
+            raise ConfigError(f"{owner}: tags must be strings such as 'attention'{how}; got {got}.")
+        if not v.strip() or re.search(r"[\s,]" if patterns else r"[\s,*?\[\]]", v.strip()):
+            what = "or a comma" if patterns else "a comma or a glob (globs go in switches)"
+            raise ConfigError(
+                f"{owner}: tags holds {v!r}, an empty {kind} or one with whitespace, {what}; use "
+                "dotted names such as 'attention'"
+                + (", globs such as 'encoder.*'." if patterns else ".")
+            )
     return tuple(v.strip() if patterns else v for v in values)
 
 
@@ -104,13 +101,9 @@ class _Switch:
         step: int | None = None,  # None: the trainer's global_step, else 0
     ) -> None:
         self.tags = check_tags(f"{owner}(tags={tags!r})", tags or (), patterns=True)
-        if output_dir is not None and not isinstance(output_dir, (str, os.PathLike)):
-            raise ConfigError(
-                f"{owner}(output_dir={output_dir!r}): expected None, a str or a path."
-            )
-        self.output_dir = (
-            None if output_dir is None else Path(output_dir)
-        )  # None: Hydra's, ./probes
+        if not isinstance(output_dir, (str, os.PathLike, type(None))):
+            raise ConfigError(f"{owner}(output_dir={output_dir!r}): expected a path or None.")
+        self.output_dir = Path(output_dir) if output_dir is not None else None  # None: inherited
         self.ranks = check.check_choice(owner, "ranks", ranks, RANKS)
         self.on_error = check.check_choice(owner, "on_error", on_error, ON_ERROR)
         self.rank = check.check_optional_int(owner, "rank", rank)
@@ -126,8 +119,7 @@ class _Switch:
         self.written: Counter[tuple[str, str]] = Counter()  # (qualname, where) -> items
 
     def open(self, **run: Any) -> _Switch:
-        """Switch on (a new run: probes switched off by an error run again); ``run`` sets
-        ``output_dir``, ``trainer``, ``sinks``, ``rank`` (None: inherited from the switch below)."""
+        """Switch on, as a new run; ``run``: ``output_dir``, ``trainer``, ``sinks``, ``rank``."""
         self._fresh()
         self.outer = _STATE.get(None)
         below = self.outer or _default
@@ -241,9 +233,8 @@ reload_env()
 
 class ProbeContext:
     """What a running probe receives as ``ctx``: ``probe`` (its name in file names), ``qualname``,
-    ``tag`` (the tag that matched), ``step``, ``epoch``, ``rank``, ``trainer``, ``output_dir``
-    (created on first access). ``log_*`` write at ``step`` to every logger of the trainer (through
-    :mod:`lightning_inspect.backends`), else to files.
+    ``tag`` (the one that matched), ``step``, ``epoch``, ``rank``, ``trainer``, ``output_dir``
+    (made on first access); ``log_*`` write to every logger of the trainer, else to files.
 
     Example:
         >>> import tempfile

@@ -16,16 +16,10 @@ from lightning_inspect.probes.context import _Switch, hydra_output_dir
 
 
 class ProbeSwitch(Callback, _Switch):
-    """Switch probe tags on during fit and give probes the trainer's step, epoch and loggers.
-
-    Probes run on optimizer steps divisible by ``every_n_steps`` (>= 1), from ``setup`` to
-    ``teardown``, in validation batches only with ``validation=True`` (never in the sanity
-    check); tags already on (``LIGHTNING_INSPECT``, ``probing()``) follow the same schedule.
-    ``tags``: patterns such as ``"encoder.*"`` (a string is split on commas; ``[]`` only gives
-    the context); ``ranks``: ``"zero"`` or ``"all"``; ``on_error``: ``"disable"`` (warn once,
-    switch the probe off for the fit) or ``"raise"``; ``output_dir``: default ``<hydra run
-    dir>/probes``, else ``<trainer.log_dir>/probes``. At the end of fit, rank 0 prints per
-    pattern the calls that ran and where they wrote, or warns when none ran.
+    """Switch probe tags on during fit, on steps divisible by ``every_n_steps`` (and in every
+    validation batch with ``validation=True``), and give probes the trainer's step, epoch and
+    loggers (``tags``, ``ranks``, ``on_error``, ``output_dir``: see :func:`probing` and
+    docs/probes.md). At the end of fit, rank 0 prints per pattern what ran and where it wrote.
 
     Logged metrics:
         None by itself; probes log through ``ctx`` to every logger (``probes/<probe>/<name>``).
