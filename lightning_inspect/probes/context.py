@@ -90,24 +90,17 @@ class _Switch:
     sinks: tuple[tuple[str, Any], ...] = ()  # (destination, backend sink) of the loggers
     outer: _Switch | None = None
 
-    def __init__(
-        self,
-        owner: str,
-        tags: Any,
-        output_dir: str | os.PathLike[str] | None = None,
-        ranks: str = "zero",
-        on_error: str = "disable",
-        rank: int | None = None,  # None: the trainer's, torch.distributed's or the environment's
-        step: int | None = None,  # None: the trainer's global_step, else 0
-    ) -> None:
+    def __init__(self, owner: str, tags: Any, **options: Any) -> None:
+        """``options``: ``output_dir``, ``ranks``, ``on_error``, ``rank``, ``step`` of ``owner``."""
+        output_dir, get = options.get("output_dir"), options.get
         self.tags = check_tags(f"{owner}(tags={tags!r})", tags or (), patterns=True)
         if not isinstance(output_dir, (str, os.PathLike, type(None))):
             raise ConfigError(f"{owner}(output_dir={output_dir!r}): expected a path or None.")
         self.output_dir = Path(output_dir) if output_dir is not None else None  # None: inherited
-        self.ranks = check.check_choice(owner, "ranks", ranks, RANKS)
-        self.on_error = check.check_choice(owner, "on_error", on_error, ON_ERROR)
-        self.rank = check.check_optional_int(owner, "rank", rank)
-        self.step = check.check_optional_int(owner, "step", step)
+        self.ranks = check.check_choice(owner, "ranks", get("ranks", "zero"), RANKS)
+        self.on_error = check.check_choice(owner, "on_error", get("on_error", "disable"), ON_ERROR)
+        self.rank = check.check_optional_int(owner, "rank", get("rank"))  # None: detected
+        self.step = check.check_optional_int(owner, "step", get("step"))  # None: the trainer's
         self.given = {"output_dir": self.output_dir}
         self.on, self.closed, self.gate_open = frozenset(self.tags), True, True
         self.active = self.may_run = bool(self.on)
@@ -424,11 +417,9 @@ def probe(
                 return None
             seen, on = cache, switch.on  # one read: the pair stays consistent across threads
             if seen[0] is not on:  # the tag match, computed once per set of patterns
-                seen = cache = (
-                    on,
-                    next((t for t in info.tags for p in on if tag_matches(p, t)), None),
-                )
-            rank = switch.current_rank()
+                hit = next((t for t in info.tags for p in on if tag_matches(p, t)), None)
+                seen = cache = (on, hit)
+            rank = switch.current_rank() if seen[1] is not None else 0
             if seen[1] is None or info in switch.disabled or (switch.ranks == "zero" and rank):
                 return None
             switch.calls[info] += 1
@@ -505,4 +496,5 @@ def probing(
     """
     if not tags:
         raise ConfigError("probing(): give at least one tag pattern, e.g. probing('attention').")
-    return _Switch("probing", tags, output_dir, ranks, on_error, rank, step)
+    options = dict(output_dir=output_dir, ranks=ranks, on_error=on_error, rank=rank, step=step)
+    return _Switch("probing", tags, **options)

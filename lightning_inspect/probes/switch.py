@@ -38,7 +38,8 @@ class ProbeSwitch(Callback, _Switch):
         output_dir: str | os.PathLike[str] | None = None,
         validation: bool = False,
     ) -> None:
-        _Switch.__init__(self, "ProbeSwitch", tags, output_dir, ranks, on_error)
+        options = dict(output_dir=output_dir, ranks=ranks, on_error=on_error)
+        _Switch.__init__(self, "ProbeSwitch", tags, **options)
         self.every_n_steps = check_positive_int("ProbeSwitch", "every_n_steps", every_n_steps)
         self.validation = check_bool("ProbeSwitch", "validation", validation)
         self._sinks: list[Any] = []
