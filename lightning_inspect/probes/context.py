@@ -17,7 +17,7 @@ import warnings
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,7 +30,7 @@ ENV_VAR = "LIGHTNING_INSPECT"  #: comma-separated tag patterns switched on for t
 RANKS = ("zero", "all")  #: run probes on global rank 0 only, or on every rank
 ON_ERROR = ("disable", "raise")  #: warn once and switch the probe off, or re-raise
 _RANK_VARS = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
-_LOCK = threading.Lock()  # names handed out, probes switched off
+_LOCK = threading.Lock()  # file and artifact names handed out
 
 
 class ProbeWarning(UserWarning):
@@ -41,8 +41,7 @@ def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.\-]+", "_", text).strip(".") or "probe"
 
 
-def check_tags(owner: str, values: Any, patterns: bool) -> tuple[str, ...]:
-    """A probe's tags or, with ``patterns``, a switch's tag patterns (a string: split on commas)."""
+def check_tags(owner: str, values: Any, patterns: bool) -> tuple[str, ...]:  # of probe, switch
     kind = "tag pattern" if patterns else "tag"
     values = (values.split(",") if patterns else [values]) if isinstance(values, str) else values
     if not isinstance(values, Iterable):
@@ -73,8 +72,7 @@ def tag_matches(pattern: str, tag: str) -> bool:
     return fnmatchcase(tag, pattern) or fnmatchcase(tag, pattern + ".*")
 
 
-def hydra_output_dir() -> Path | None:
-    """``<hydra run dir>/probes`` inside a running Hydra app, else None (never imports Hydra)."""
+def hydra_output_dir() -> Path | None:  # <hydra run dir>/probes in a Hydra app; never imports it
     try:
         hydra = sys.modules["hydra.core.hydra_config"].HydraConfig
         return Path(hydra.get().runtime.output_dir) / "probes"
@@ -91,7 +89,6 @@ class _Switch:
     outer: _Switch | None = None
 
     def __init__(self, owner: str, tags: Any, **options: Any) -> None:
-        """``options``: ``output_dir``, ``ranks``, ``on_error``, ``rank``, ``step`` of ``owner``."""
         output_dir, get = options.get("output_dir"), options.get
         self.tags = check_tags(f"{owner}(tags={tags!r})", tags or (), patterns=True)
         if not isinstance(output_dir, (str, os.PathLike, type(None))):
@@ -112,7 +109,6 @@ class _Switch:
         self.written: Counter[tuple[str, str]] = Counter()  # (qualname, where) -> items
 
     def open(self, **run: Any) -> _Switch:
-        """Switch on, as a new run; ``run``: ``output_dir``, ``trainer``, ``sinks``, ``rank``."""
         self._fresh()
         self.outer = _STATE.get(None)
         below = self.outer or _default
@@ -147,16 +143,12 @@ class _Switch:
     def directory(self) -> Path:
         return self.output_dir or hydra_output_dir() or Path("probes")
 
-    def current_rank(self) -> int:
-        dist = sys.modules.get("torch.distributed")
+    def current_rank(self) -> int:  # given, the trainer's, else the launcher's (RANK, ...)
         if self.rank is not None or self.trainer is not None:
             return self.rank if self.rank is not None else int(self.trainer.global_rank)
-        if dist is not None and dist.is_available() and dist.is_initialized():
-            return int(dist.get_rank())
         return next((int(v) for v in map(os.environ.get, _RANK_VARS) if v and v.isdigit()), 0)
 
     def claim(self, directory: Path | None, base: str, suffix: str, namespace: str) -> str:
-        """A name ``base[_k]suffix`` not handed out before in this run, nor on disk."""
         with _LOCK:
             for name in (f"{base}_{k}{suffix}" if k else base + suffix for k in range(1 << 62)):
                 key = f"{namespace}:{directory}/{name}"
@@ -173,8 +165,7 @@ class _Switch:
         return ProbeContext(probe=probe, tag=tag, qualname=qualname, _run=self, **args)
 
     def report(self) -> list[tuple[bool, str]]:
-        """Per pattern that was on: ``(True, calls that ran and where they wrote)`` or
-        ``(False, problem)``."""
+        """Per pattern that was on: (True, what ran and where it wrote) or (False, problem)."""
         calls, written = Counter(self.calls), Counter(self.written)
         probes, out = set(_REGISTRY) | set(calls), []
         known = sorted({tag for info in probes for tag in info.tags})
@@ -185,7 +176,7 @@ class _Switch:
             for (qualname, where), n in written.items():
                 if qualname in names:
                     went[where] += n
-            went_to = "; ".join(f"{w}: {n} items" if n else w for w, n in went.items()) or "none"
+            went_to = "; ".join(f"{w}: {n} items" for w, n in went.items()) or "none"
             each = ", ".join(sorted(f"{i.qualname} {calls[i]}" for i in found))
             ran = sum(calls[i] for i in found)
             text = f"tag {pattern!r}: {ran} probe calls ran ({each}); output: {went_to}."
@@ -204,8 +195,7 @@ class _Switch:
 
 
 def reload_env() -> tuple[str, ...]:
-    """Re-read ``LIGHTNING_INSPECT`` (read at import; the default of every context without a
-    switch of its own) and return the patterns now on.
+    """Re-read ``LIGHTNING_INSPECT`` (read at import) and return the patterns it switches on.
 
     Example:
         >>> reload_env()  # LIGHTNING_INSPECT unset
@@ -257,7 +247,6 @@ class ProbeContext:
     @property
     def output_dir(self) -> Path:
         self._dir.mkdir(parents=True, exist_ok=True)
-        self._run.written[(self.qualname, f"files in {self._dir}")] += 0
         return self._dir
 
     def path(self, suffix_or_name: str = "") -> Path:
@@ -365,12 +354,9 @@ class ProbeContext:
         self._log("histograms", name, hist, ".json", lambda p: p.write_text(json.dumps(data)))
 
 
-@dataclass(frozen=True, eq=False)
-class _ProbeInfo:
-    tags: tuple[str, ...]
-    name: str
-    qualname: str
-    wants_ctx: bool
+class _ProbeInfo:  # one decorated probe; hashed by identity
+    def __init__(self, tags: tuple[str, ...], name: str, qualname: str, wants_ctx: bool) -> None:
+        self.tags, self.name, self.qualname, self.wants_ctx = tags, name, qualname, wants_ctx
 
 
 #: Every probe decorated in this process (for the report: which tags exist); weak references.
@@ -380,9 +366,8 @@ _REGISTRY: weakref.WeakSet[_ProbeInfo] = weakref.WeakSet()
 def probe(
     *tags: str, name: str | None = None
 ) -> Callable[[Callable[..., R]], Callable[..., R | None]]:
-    """Decorate an inspection function so that it runs only while one of ``tags`` is on (else
-    the call returns None); a parameter named ``ctx`` receives a :class:`ProbeContext`.
-    ``name`` (default: the function's name) is used in file names.
+    """Run the decorated function only while one of ``tags`` is on (else return None), passing a
+    :class:`ProbeContext` to a parameter named ``ctx``; ``name`` is used in file names.
 
     Example:
         >>> @probe("attention")
@@ -434,9 +419,8 @@ def probe(
             except Exception as exc:
                 if switch.on_error == "raise":
                     raise
-                with _LOCK:
-                    first = info not in switch.disabled
-                    switch.disabled.add(info)
+                first = info not in switch.disabled
+                switch.disabled.add(info)
                 at = traceback.extract_tb(exc.__traceback__)[-1]
                 what = f"{qualname} (tag {seen[1]!r}) raised {type(exc).__name__}: {exc}"
                 off = "It is switched off for the rest of this run; pass on_error='raise' to stop."
@@ -466,8 +450,7 @@ def enabled(tag: str) -> bool:
 
 
 def current_context(tag: str, *, name: str | None = None) -> ProbeContext | None:
-    """A :class:`ProbeContext` for ``tag`` when it is on here and now, else None; ``name``
-    (default: the tag) is used in file names.
+    """A :class:`ProbeContext` for ``tag`` (named ``name``) when it is on here and now, else None.
 
     Example:
         >>> current_context("attention") is None
