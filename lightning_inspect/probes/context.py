@@ -86,7 +86,6 @@ class _Switch:
 
     trainer: Any = None
     sinks: tuple[tuple[str, Any], ...] = ()  # (destination, backend sink) of the loggers
-    outer: _Switch | None = None
 
     def __init__(self, owner: str, tags: Any, **options: Any) -> None:
         output_dir, get = options.get("output_dir"), options.get
@@ -280,7 +279,6 @@ class ProbeContext:
         return None if run is None else (getattr(run.client, "client", run.client), run.run_id)
 
     def _log(self, kind: str, name: str, value: Any, suffix: str, save: Callable[..., Any]) -> None:
-        """``value`` to every logger's sink at ``step``, else ``save(path)`` to a new file."""
         for where, sink in self._sinks if value is not None else ():
             key = f"probes/{self.probe}/{name}"
             if kind == "histograms":
@@ -317,15 +315,11 @@ class ProbeContext:
             )
         array = array.transpose(1, 2, 0) if layout == "CHW" else array
         if np.issubdtype(array.dtype, np.floating):
-            array = (
-                np.clip(np.nan_to_num(array.astype(np.float32), posinf=1.0), 0.0, 1.0) * 255 + 0.5
-            )
+            array = np.clip(np.nan_to_num(array, posinf=1.0), 0.0, 1.0) * 255 + 0.5
         array = np.clip(array * (255 if array.dtype == np.bool_ else 1), 0, 255).astype(np.uint8)
-        array = np.ascontiguousarray(
-            np.repeat(array, 3, 2) if array.shape[2] == 1 else array[..., :3]
-        )
+        rgb = array[..., [0, 0, 0] if array.shape[2] == 1 else [0, 1, 2]]  # a contiguous copy
         pil = importlib.import_module  # Pillow only when a file is written
-        self._log("image", name, array, ".png", lambda p: pil("PIL.Image").fromarray(array).save(p))
+        self._log("image", name, rgb, ".png", lambda p: pil("PIL.Image").fromarray(rgb).save(p))
 
     def log_figure(self, name: str, figure: Any, *, close: bool = True) -> None:
         """Log a matplotlib figure as an image; closes it afterwards unless ``close=False``."""
@@ -419,15 +413,14 @@ def probe(
             except Exception as exc:
                 if switch.on_error == "raise":
                     raise
-                first = info not in switch.disabled
-                switch.disabled.add(info)
-                at = traceback.extract_tb(exc.__traceback__)[-1]
-                what = f"{qualname} (tag {seen[1]!r}) raised {type(exc).__name__}: {exc}"
-                off = "It is switched off for the rest of this run; pass on_error='raise' to stop."
-                if first:
+                if info not in switch.disabled:
+                    at = traceback.extract_tb(exc.__traceback__)[-1]
+                    what = f"{qualname} (tag {seen[1]!r}) raised {type(exc).__name__}: {exc}"
+                    off = "It is switched off for the rest of this run; on_error='raise' stops."
                     warnings.warn(
                         f"Probe {what} at {at.filename}:{at.lineno}. {off}", ProbeWarning, 2
                     )
+                switch.disabled.add(info)
                 return None
 
         return wrapper

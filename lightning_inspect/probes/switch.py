@@ -16,10 +16,9 @@ from lightning_inspect.probes.context import _Switch, hydra_output_dir
 
 
 class ProbeSwitch(Callback, _Switch):
-    """Switch probe tags on during fit, on steps divisible by ``every_n_steps`` (and in every
-    validation batch with ``validation=True``), and give probes the trainer's step, epoch and
-    loggers (``tags``, ``ranks``, ``on_error``, ``output_dir``: see :func:`probing` and
-    docs/probes.md). At the end of fit, rank 0 prints per pattern what ran and where it wrote.
+    """Switch ``tags`` on during fit on steps divisible by ``every_n_steps`` (and in validation
+    with ``validation=True``), with the trainer's step, epoch and loggers; ``ranks``, ``on_error``
+    and ``output_dir`` as for :func:`probing`. At the end, rank 0 reports what ran, and where.
 
     Logged metrics:
         None by itself; probes log through ``ctx`` to every logger (``probes/<probe>/<name>``).
@@ -42,7 +41,6 @@ class ProbeSwitch(Callback, _Switch):
         _Switch.__init__(self, "ProbeSwitch", tags, **options)
         self.every_n_steps = check_positive_int("ProbeSwitch", "every_n_steps", every_n_steps)
         self.validation = check_bool("ProbeSwitch", "validation", validation)
-        self._sinks: list[Any] = []
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
@@ -66,14 +64,13 @@ class ProbeSwitch(Callback, _Switch):
     def _open(self, trainer: Trainer) -> None:
         self._close()  # re-entry of fit, or a teardown that never came
         if (n := sum(isinstance(cb, ProbeSwitch) for cb in trainer.callbacks)) > 1:
-            raise ConfigError(
-                f"Trainer(callbacks=[...]) holds {n} ProbeSwitch callbacks; use one ProbeSwitch "
-                "with all the tags."
-            )
+            raise ConfigError(f"Trainer(callbacks=...) holds {n} ProbeSwitch callbacks; use one.")
         # trainer.log_dir is a collective call under DDP: read on every rank, here.
         out = self.given["output_dir"] or hydra_output_dir()
         out = out or Path(trainer.log_dir or trainer.default_root_dir) / "probes"
-        self._sinks = resolve_sinks(trainer, None, "ProbeSwitch") if trainer.loggers else []
+        self._sinks: list[Any] = (
+            resolve_sinks(trainer, None, "ProbeSwitch") if trainer.loggers else []
+        )
         shown = [  # the loggers that show texts, pictures or histograms (rank 0 only)
             (f"{type(lg).__name__} {getattr(lg, 'run_id', None) or lg.log_dir}", sink)
             for lg, sink in zip(trainer.loggers, self._sinks, strict=False)
