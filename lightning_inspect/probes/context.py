@@ -22,7 +22,11 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
+import torch
+
 from lightning_inspect import _validation as check
+from lightning_inspect.core.stats import histogram, reduce_tensor, summarise
 from lightning_inspect.errors import ConfigError
 
 R = TypeVar("R")
@@ -54,11 +58,9 @@ def check_tags(owner: str, values: Any, patterns: bool) -> tuple[str, ...]:  # o
             raise ConfigError(f"{owner}: tags must be strings such as 'attention'{how}; got {got}.")
         if not v.strip() or re.search(r"[\s,]" if patterns else r"[\s,*?\[\]]", v.strip()):
             what = "or a comma" if patterns else "a comma or a glob (globs go in switches)"
-            raise ConfigError(
-                f"{owner}: tags holds {v!r}, an empty {kind} or one with whitespace, {what}; use "
-                "dotted names such as 'attention'"
-                + (", globs such as 'encoder.*'." if patterns else ".")
-            )
+            use = "dotted names such as 'attention'" + (" or globs" if patterns else "")
+            bad = f"{v!r}, an empty {kind} or one with whitespace, {what}"
+            raise ConfigError(f"{owner}: tags holds {bad}; use {use}.")
     return tuple(v.strip() if patterns else v for v in values)
 
 
@@ -103,17 +105,16 @@ class _Switch:
         self._fresh()
 
     def _fresh(self) -> None:
-        self.issued, self.disabled = set[str](), set[Any]()
-        self.calls: Counter[Any] = Counter()  # probe -> calls that ran
-        self.written: Counter[tuple[str, str]] = Counter()  # (qualname, where) -> items
+        self.issued, self.disabled = set[str](), set[Any]()  # names handed out, probes off
+        self.calls, self.written = Counter[Any](), Counter[tuple[str, str]]()  # (qualname, where)
 
     def open(self, **run: Any) -> _Switch:
         self._fresh()
         self.outer = _STATE.get(None)
         below = self.outer or _default
-        given = {k: v for k, v in {**self.given, **run}.items() if v is not None}
-        self.__dict__.update({k: getattr(below, k) for k in ("output_dir", "trainer", "sinks")})
-        self.__dict__.update(given)
+        own = {k: v for k, v in {**self.given, **run}.items() if v is not None}
+        inherited = ("output_dir", "trainer", "sinks")
+        self.__dict__.update({k: getattr(below, k) for k in inherited} | own)
         self.on = frozenset(self.tags) | (below.on if below.active else frozenset())
         self.may_run = bool(self.on) and (self.rank in (None, 0) or self.ranks == "all")
         self.closed, self.active = False, self.may_run and self.gate_open
@@ -171,10 +172,7 @@ class _Switch:
         for pattern in sorted(self.on):
             found = [i for i in probes if any(tag_matches(pattern, t) for t in i.tags)]
             names = sorted(i.qualname for i in found)
-            went: Counter[str] = Counter()
-            for (qualname, where), n in written.items():
-                if qualname in names:
-                    went[where] += n
+            went = sum((Counter({w: n}) for (q, w), n in written.items() if q in names), Counter())
             went_to = "; ".join(f"{w}: {n} items" for w, n in went.items()) or "none"
             each = ", ".join(sorted(f"{i.qualname} {calls[i]}" for i in found))
             ran = sum(calls[i] for i in found)
@@ -187,7 +185,8 @@ class _Switch:
             if not found:
                 text = (
                     f"tag pattern {pattern!r} matches no registered probe, so nothing ran for it. "
-                    f"Known probe tags: {', '.join(known) or 'none'}.{check.suggestion(pattern, known)}"
+                    f"Known probe tags: {', '.join(known) or 'none'}."
+                    + check.suggestion(pattern, known)
                 )
             out.append((bool(ran), text))
         return out
@@ -298,9 +297,7 @@ class ProbeContext:
     def log_image(self, name: str, image: Any, *, dataformats: str | None = None) -> None:
         """Log an HW, HWC or CHW image (float in [0, 1], uint8, bool; HWC when the last axis has
         1, 3 or 4 entries, unless ``dataformats`` says) as HxWx3 uint8 (file: ``.png``)."""
-        import numpy as np
-
-        if hasattr(image, "detach"):  # a tensor, without importing torch
+        if isinstance(image, torch.Tensor):
             image = image.detach().cpu()
             image = (image.float() if image.is_floating_point() else image).numpy()
         array = np.asarray(image)
@@ -334,10 +331,6 @@ class ProbeContext:
 
     def log_histogram(self, name: str, values: Any, *, bins: int = 64) -> None:
         """Log a histogram of the finite ``values`` (file: ``.json`` with NaN/Inf counts)."""
-        import torch
-
-        from lightning_inspect.core.stats import histogram, reduce_tensor, summarise
-
         check.check_positive_int("ctx.log_histogram", "bins", bins)
         row = reduce_tensor(torch.as_tensor(values), bins).cpu().numpy()
         hist = histogram(row)
@@ -405,7 +398,7 @@ def probe(
             try:
                 if info.wants_ctx and "ctx" in kwargs:
                     raise TypeError(
-                        f"{qualname}() got ctx from its caller; ctx is supplied by lightning_inspect"
+                        f"{qualname} got ctx from its caller; ctx is supplied by lightning_inspect"
                     )
                 if info.wants_ctx:
                     kwargs["ctx"] = switch.context(info.name, qualname, seen[1], rank)

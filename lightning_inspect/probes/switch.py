@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,7 @@ class ProbeSwitch(Callback, _Switch):
         every_n_steps: int = 1,
         ranks: str = "zero",
         on_error: str = "disable",
-        output_dir: str | os.PathLike[str] | None = None,
+        output_dir: str | Path | None = None,
         validation: bool = False,
     ) -> None:
         options = dict(output_dir=output_dir, ranks=ranks, on_error=on_error)
