@@ -1,1 +1,1 @@
-"""Probes: inspection code switched on by tag (``context``) or for the length of a fit (``switch``)."""
+"""Probes: inspection code switched on by tag (``context``) or during a fit (``switch``)."""
