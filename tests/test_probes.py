@@ -768,6 +768,31 @@ def test_probe_switch_reports_the_calls_and_where_they_wrote(
     assert len(MlflowClient(uri).list_artifacts(mlflow.run_id, "lightning_inspect/probes")) == 6
 
 
+def test_context_handles_come_from_the_backends_and_scalar_loggers_get_files(
+    tmp_path: Path,
+) -> None:
+    from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
+
+    tb = TensorBoardLogger(str(tmp_path / "tb"))
+    mlflow = MLFlowLogger(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    switch = ProbeSwitch(tags=["handles"])
+    switch.setup(make_trainer(tmp_path, [switch], logger=[tb, mlflow]), TinyModel(), "fit")
+    ctx = current_context("handles")
+    assert ctx is not None and ctx.tensorboard is tb.experiment
+    assert ctx.mlflow is not None and ctx.mlflow[1] == mlflow.run_id
+    with pytest.warns(RuntimeWarning, match="'handles' matches no registered probe"):
+        switch.teardown(switch.trainer, TinyModel(), "fit")
+    # A logger that shows scalars only (CSV) gets nothing from probes: their output goes to files.
+    switch = ProbeSwitch(tags=["handles"], output_dir=tmp_path / "out")
+    switch.setup(make_trainer(tmp_path, [switch], logger=CSVLogger(tmp_path)), TinyModel(), "fit")
+    ctx = current_context("handles")
+    assert ctx is not None and ctx.tensorboard is None and ctx.mlflow is None
+    ctx.log_text("note", "hello")
+    with pytest.warns(RuntimeWarning, match="'handles' matches no registered probe"):
+        switch.teardown(switch.trainer, TinyModel(), "fit")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["handles_00000000_rank0_note.txt"]
+
+
 def test_probe_switch_warns_for_a_tag_that_matches_no_probe(
     tmp_path: Path, lightning_info: list[str]
 ) -> None:

@@ -51,17 +51,18 @@ def check_tags(owner: str, values: Any, patterns: bool) -> tuple[str, ...]:  # o
     if not isinstance(values, Iterable):
         got = f"{values!r} ({type(values).__name__})"
         raise ConfigError(f"{owner}: expected a list of {kind}s such as ['attention']; got {got}.")
+    values = [v.strip() if patterns and isinstance(v, str) else v for v in values]
     for v in values:
         if not isinstance(v, str):
             how = ": write @probe('attention'), with a tag" if callable(v) else ""
             got = f"{v!r} ({type(v).__name__})"
             raise ConfigError(f"{owner}: tags must be strings such as 'attention'{how}; got {got}.")
-        if not v.strip() or re.search(r"[\s,]" if patterns else r"[\s,*?\[\]]", v.strip()):
+        if not v or re.search(r"[\s,]" if patterns else r"[\s,*?\[\]]", v):
             what = "or a comma" if patterns else "a comma or a glob (globs go in switches)"
             use = "dotted names such as 'attention'" + (" or globs" if patterns else "")
             bad = f"{v!r}, an empty {kind} or one with whitespace, {what}"
             raise ConfigError(f"{owner}: tags holds {bad}; use {use}.")
-    return tuple(v.strip() if patterns else v for v in values)
+    return tuple(values)
 
 
 def tag_matches(pattern: str, tag: str) -> bool:
@@ -135,13 +136,10 @@ class _Switch:
     def __enter__(self) -> Path:
         if not self.closed:
             raise RuntimeError("probing(...) blocks cannot be re-entered while open")
-        return self.open().directory()
+        return self.open().output_dir or hydra_output_dir() or Path("probes")
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
-
-    def directory(self) -> Path:
-        return self.output_dir or hydra_output_dir() or Path("probes")
 
     def current_rank(self) -> int:  # given, the trainer's, else the launcher's (RANK, ...)
         if self.rank is not None or self.trainer is not None:
@@ -161,7 +159,8 @@ class _Switch:
         t, step = self.trainer, self.step
         step = step if step is not None else int(t.global_step) if t is not None else 0
         epoch = int(t.current_epoch) if t is not None else 0
-        args = dict(step=step, epoch=epoch, rank=rank, output_dir=self.directory(), trainer=t)
+        out = self.output_dir or hydra_output_dir() or Path("probes")
+        args = dict(step=step, epoch=epoch, rank=rank, output_dir=out, trainer=t)
         return ProbeContext(probe=probe, tag=tag, qualname=qualname, _run=self, **args)
 
     def report(self) -> list[tuple[bool, str]]:
