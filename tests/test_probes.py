@@ -729,12 +729,20 @@ def test_probe_switch_sends_to_mlflow(monkeypatch: pytest.MonkeyPatch, tmp_path:
     switch = ProbeSwitch(tags=["model.attention"], every_n_steps=2)
     trainer = make_trainer(tmp_path, [switch], logger=logger, max_steps=3)
     trainer.fit(model)
-    artifacts = sorted(a.path for a in logger.experiment.list_artifacts(logger.run_id, "probes"))
-    assert artifacts == [
-        f"probes/inspect_layer_{step:08d}_rank0_{name}"
+    client, run_id = logger.experiment, logger.run_id
+    artifacts = sorted(a.path for a in client.list_artifacts(run_id, "lightning_inspect/probes"))
+    assert artifacts == [  # texts and pictures: one artifact per step
+        f"lightning_inspect/probes/inspect_layer_{step:08d}_rank0_{name}"
         for step in (0, 2)
-        for name in ("map.png", "out.json", "summary.txt")
+        for name in ("map.png", "summary.md")
     ]
+    # Histograms: MLflow's histogram table (a line per step) and a picture of the key over steps.
+    spool = client.download_artifacts(run_id, "lightning_inspect/histograms", str(tmp_path))
+    lines = [json.loads(x) for x in (Path(spool) / "ProbeSwitch.jsonl").read_text().splitlines()]
+    assert [(x["key"], x["step"]) for x in lines] == [
+        ("probes/inspect_layer/out", s) for s in (0, 2)
+    ]
+    assert (Path(spool) / "probes" / "inspect_layer" / "out.png").is_file()
 
 
 def test_probe_switch_reports_the_calls_and_where_they_wrote(
@@ -752,12 +760,37 @@ def test_probe_switch_reports_the_calls_and_where_they_wrote(
     [line] = [x for x in lightning_info if x.startswith("ProbeSwitch: tag 'model.attention'")]
     # Steps 0, 2 and 4; each call logs a text, an image and a histogram.
     assert "3 probe calls ran (test_probes.inspect_layer 3)" in line
-    assert f"TensorBoard {tb.log_dir} (tags probes/inspect_layer/...): 9 items" in line
-    assert f"MLflow run {mlflow.run_id} (artifacts probes/): 9 items" in line
+    assert f"TensorBoardLogger {tb.log_dir}: 9 items" in line
+    assert f"MLFlowLogger {mlflow.run_id}: 9 items" in line
     events = EventAccumulator(tb.log_dir, size_guidance={"images": 0})
     events.Reload()
     assert [e.step for e in events.Images("probes/inspect_layer/map")] == [0, 2, 4]
-    assert len(MlflowClient(uri).list_artifacts(mlflow.run_id, "probes")) == 9
+    assert len(MlflowClient(uri).list_artifacts(mlflow.run_id, "lightning_inspect/probes")) == 6
+
+
+def test_context_handles_come_from_the_backends_and_scalar_loggers_get_files(
+    tmp_path: Path,
+) -> None:
+    from lightning.pytorch.loggers import CSVLogger, MLFlowLogger
+
+    tb = TensorBoardLogger(str(tmp_path / "tb"))
+    mlflow = MLFlowLogger(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    switch = ProbeSwitch(tags=["handles"])
+    switch.setup(make_trainer(tmp_path, [switch], logger=[tb, mlflow]), TinyModel(), "fit")
+    ctx = current_context("handles")
+    assert ctx is not None and ctx.tensorboard is tb.experiment
+    assert ctx.mlflow is not None and ctx.mlflow[1] == mlflow.run_id
+    with pytest.warns(RuntimeWarning, match="'handles' matches no registered probe"):
+        switch.teardown(switch.trainer, TinyModel(), "fit")
+    # A logger that shows scalars only (CSV) gets nothing from probes: their output goes to files.
+    switch = ProbeSwitch(tags=["handles"], output_dir=tmp_path / "out")
+    switch.setup(make_trainer(tmp_path, [switch], logger=CSVLogger(tmp_path)), TinyModel(), "fit")
+    ctx = current_context("handles")
+    assert ctx is not None and ctx.tensorboard is None and ctx.mlflow is None
+    ctx.log_text("note", "hello")
+    with pytest.warns(RuntimeWarning, match="'handles' matches no registered probe"):
+        switch.teardown(switch.trainer, TinyModel(), "fit")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["handles_00000000_rank0_note.txt"]
 
 
 def test_probe_switch_warns_for_a_tag_that_matches_no_probe(

@@ -1,32 +1,11 @@
-"""Probes: tagged inspection code that runs only while one of its tags is switched on.
-
-A probe is a user's own function decorated with :func:`probe`. Its call site stays a plain
-call. While none of its tags is switched on, the call returns ``None`` at once and the body never
-runs. While one is on, the function runs and, if it declares a parameter named ``ctx``, receives a
-:class:`ProbeContext` (step, epoch, rank, output directory, TensorBoard/MLflow handles) without
-the caller passing it.
-
-Tags are switched on by any of: :class:`~lightning_inspect.probes.switch.ProbeSwitch` (the
-Hydra option ``+inspect=probes``), the environment variable ``LIGHTNING_INSPECT`` (comma-separated
-tag patterns) or the context manager :func:`probing`. The switched-on state lives in a
-:class:`contextvars.ContextVar`, so threads and asyncio tasks do not see each other's switches.
-
-Example:
-    >>> from lightning_inspect.probes.context import probe, probing
-    >>> @probe("attention")
-    ... def show_attention(weights, *, ctx):
-    ...     return f"{ctx.tag} at step {ctx.step}"
-    >>> show_attention([0.5, 0.5]) is None
-    True
-    >>> with probing("attention", output_dir="probes-doctest"):
-    ...     show_attention([0.5, 0.5])
-    'attention at step 0'
-"""
+"""Probes: a user's own inspection code that runs only while one of its tags is switched on (by
+``ProbeSwitch``, ``LIGHTNING_INSPECT`` or :func:`probing`; the state is in a ContextVar)."""
 
 from __future__ import annotations
 
 import contextvars
 import functools
+import importlib
 import inspect
 import json
 import os
@@ -36,545 +15,213 @@ import threading
 import traceback
 import warnings
 import weakref
+from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict
 from fnmatch import fnmatchcase
 from pathlib import Path
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
-from lightning_inspect._validation import suggestion
+import numpy as np
+import torch
+
+from lightning_inspect import _validation as check
+from lightning_inspect.core.stats import histogram, reduce_tensor, summarise
 from lightning_inspect.errors import ConfigError
 
-if TYPE_CHECKING:
-    import numpy as np
-    from lightning.pytorch import Trainer
-    from mlflow import MlflowClient
-    from torch.utils.tensorboard import SummaryWriter
-
-__all__ = [
-    "ENV_VAR",
-    "ON_ERROR",
-    "RANKS",
-    "ProbeContext",
-    "ProbeWarning",
-    "current_context",
-    "enabled",
-    "probe",
-    "probing",
-    "reload_env",
-    "tag_matches",
-]
-
 R = TypeVar("R")
-
-ENV_VAR = "LIGHTNING_INSPECT"
-"""Name of the environment variable holding comma-separated tag patterns to switch on."""
-
-RANKS = ("zero", "all")
-"""Allowed values of ``ranks``: run probes on global rank 0 only, or on every rank."""
-
-ON_ERROR = ("disable", "raise")
-"""Allowed values of ``on_error``: warn once and switch the probe off, or re-raise."""
-
-_RANK_ENV_VARS = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
-_UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]+")
-_TAG_FORBIDDEN = re.compile(r"[\s,*?\[\]]")
-_PATTERN_FORBIDDEN = re.compile(r"[\s,]")
+ENV_VAR = "LIGHTNING_INSPECT"  #: comma-separated tag patterns switched on for the process
+RANKS = ("zero", "all")  #: run probes on global rank 0 only, or on every rank
+ON_ERROR = ("disable", "raise")  #: warn once and switch the probe off, or re-raise
+_RANK_VARS = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+_LOCK = threading.Lock()  # file and artifact names handed out
 
 
 class ProbeWarning(UserWarning):
     """A probe raised and was switched off for the rest of the run."""
 
 
-# --------------------------------------------------------------------------------------------
-# Argument checks
-# --------------------------------------------------------------------------------------------
-
-
-def _check_choice(call: str, argument: str, value: object, allowed: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in allowed:
-        choices = ", ".join(repr(a) for a in allowed)
-        raise ConfigError(f"{call}: {argument} must be one of {choices}; got {value!r}.")
-    return value
-
-
-def _check_patterns(call: str, argument: str, values: object) -> tuple[str, ...]:
-    """Validate switch-side tag patterns; a string is split on commas like the env variable."""
-    if values is None:
-        return ()
-    if isinstance(values, str):
-        values = values.split(",")
-    if not isinstance(values, Iterable):
-        raise ConfigError(
-            f"{call}: {argument} must be a list of tag patterns such as "
-            f"['attention', 'encoder.*']; got {values!r} ({type(values).__name__})."
-        )
-    patterns: list[str] = []
-    for value in values:
-        if not isinstance(value, str):
-            raise ConfigError(
-                f"{call}: every entry of {argument} must be a string tag pattern such as "
-                f"'attention' or 'encoder.*'; got {value!r} ({type(value).__name__})."
-            )
-        value = value.strip()
-        if not value:
-            raise ConfigError(
-                f"{call}: {argument} contains an empty tag pattern; use a name such as "
-                f"'attention', a glob such as 'encoder.*', or '*' for every probe."
-            )
-        if _PATTERN_FORBIDDEN.search(value):
-            raise ConfigError(
-                f"{call}: tag pattern {value!r} in {argument} contains whitespace or a comma; "
-                f"give one pattern per entry, e.g. ['attention', 'encoder.*']."
-            )
-        patterns.append(value)
-    return tuple(patterns)
-
-
-def _check_tag_names(call: str, tags: tuple[object, ...]) -> tuple[str, ...]:
-    """Validate probe-side tags: concrete dotted names, no globs."""
-    if not tags:
-        raise ConfigError(
-            f"{call}: a probe needs at least one tag, e.g. @probe('attention'); got none."
-        )
-    for tag in tags:
-        if callable(tag) and not isinstance(tag, str):
-            raise ConfigError(
-                f"{call}: probe takes tag strings, so write @probe('attention') with "
-                f"parentheses and a tag; got the function {getattr(tag, '__name__', tag)!r}."
-            )
-        if not isinstance(tag, str):
-            raise ConfigError(
-                f"{call}: every tag must be a string such as 'attention' or 'encoder.features'; "
-                f"got {tag!r} ({type(tag).__name__})."
-            )
-        if not tag:
-            raise ConfigError(
-                f"{call}: got an empty tag; use a dotted name such as 'attention' or "
-                f"'encoder.features'."
-            )
-        if _TAG_FORBIDDEN.search(tag):
-            raise ConfigError(
-                f"{call}: tag {tag!r} contains whitespace, a comma or a glob character "
-                f"(* ? [ ]); a probe's tags are plain dotted names such as 'encoder.features' "
-                f"(globs belong in the switches)."
-            )
-    return tuple(str(t) for t in tags)
-
-
-def _check_rank(call: str, rank: object) -> int | None:
-    if rank is None:
-        return None
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-        raise ConfigError(f"{call}: rank must be None or an int >= 0; got {rank!r}.")
-    return rank
-
-
-def _check_step(call: str, step: object) -> int | None:
-    if step is None:
-        return None
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ConfigError(f"{call}: step must be None or an int >= 0; got {step!r}.")
-    return step
-
-
 def _safe(text: str) -> str:
-    """A file-name-safe version of ``text`` (letters, digits, ``_ . -``)."""
-    cleaned = _UNSAFE.sub("_", text).strip(".")
-    return cleaned or "probe"
+    return re.sub(r"[^A-Za-z0-9_.\-]+", "_", text).strip(".") or "probe"
 
 
-# --------------------------------------------------------------------------------------------
-# State: what is switched on, held in a ContextVar
-# --------------------------------------------------------------------------------------------
+def check_tags(owner: str, values: Any, patterns: bool) -> tuple[str, ...]:  # of probe, switch
+    kind = "tag pattern" if patterns else "tag"
+    values = (values.split(",") if patterns else [values]) if isinstance(values, str) else values
+    if not isinstance(values, Iterable):
+        got = f"{values!r} ({type(values).__name__})"
+        raise ConfigError(f"{owner}: expected a list of {kind}s such as ['attention']; got {got}.")
+    values = [v.strip() if patterns and isinstance(v, str) else v for v in values]
+    for v in values:
+        if not isinstance(v, str):
+            how = ": write @probe('attention'), with a tag" if callable(v) else ""
+            got = f"{v!r} ({type(v).__name__})"
+            raise ConfigError(f"{owner}: tags must be strings such as 'attention'{how}; got {got}.")
+        if not v or re.search(r"[\s,]" if patterns else r"[\s,*?\[\]]", v):
+            what = "or a comma" if patterns else "a comma or a glob (globs go in switches)"
+            use = "dotted names such as 'attention'" + (" or globs" if patterns else "")
+            bad = f"{v!r}, an empty {kind} or one with whitespace, {what}"
+            raise ConfigError(f"{owner}: tags holds {bad}; use {use}.")
+    return tuple(values)
 
 
 def tag_matches(pattern: str, tag: str) -> bool:
     """Whether switch ``pattern`` switches on probe ``tag`` (glob plus hierarchy).
 
     Example:
-        >>> tag_matches("model", "model.attention"), tag_matches("model.*", "model.attention")
-        (True, True)
-        >>> tag_matches("*", "any.tag"), tag_matches("model.*", "model")
+        >>> tag_matches("model", "model.attention"), tag_matches("model.*", "model")
         (True, False)
-        >>> tag_matches("mod", "model")
-        False
     """
     return fnmatchcase(tag, pattern) or fnmatchcase(tag, pattern + ".*")
 
 
-class _Switched:
-    """An immutable set of switched-on tag patterns, with a memo of tag -> bool."""
-
-    __slots__ = ("_memo", "patterns")
-
-    def __init__(self, patterns: Iterable[str]) -> None:
-        self.patterns: frozenset[str] = frozenset(patterns)
-        self._memo: dict[str, bool] = {}
-
-    def matches(self, tag: str) -> bool:
-        hit = self._memo.get(tag)
-        if hit is None:
-            hit = any(tag_matches(p, tag) for p in self.patterns)
-            self._memo[tag] = hit
-        return hit
-
-    def first_match(self, tags: tuple[str, ...]) -> str | None:
-        for tag in tags:
-            if self.matches(tag):
-                return tag
-        return None
-
-
-class _Journal:
-    """Per-run bookkeeping: probes switched off after an error, file names handed out, and for
-    the end-of-run report the calls that ran per probe and what each wrote where."""
-
-    __slots__ = ("calls", "disabled", "issued", "lock", "outputs")
-
-    def __init__(self) -> None:
-        self.disabled: set[object] = set()
-        self.issued: set[str] = set()
-        self.lock = threading.Lock()
-        self.calls: dict[object, int] = {}  # _ProbeInfo -> calls that ran
-        self.outputs: dict[str, dict[str, int]] = {}  # qualname -> {destination: items}
-
-    def ran(self, probe: object) -> None:
-        """Count one call of ``probe`` that ran."""
-        with self.lock:
-            self.calls[probe] = self.calls.get(probe, 0) + 1
-
-    def wrote(self, qualname: str, destination: str, items: int = 1) -> None:
-        """Note that ``qualname`` wrote ``items`` things to ``destination``."""
-        with self.lock:
-            where = self.outputs.setdefault(qualname, {})
-            where[destination] = where.get(destination, 0) + items
-
-    def claim(self, directory: Path | None, base: str, suffix: str, namespace: str = "") -> str:
-        """A name ``base[_k]suffix`` not handed out before in this run (nor on disk)."""
-        with self.lock:
-            k = 0
-            while True:
-                name = f"{base}_{k}{suffix}" if k else f"{base}{suffix}"
-                key = f"{namespace}:{directory}/{name}"
-                on_disk = directory is not None and (directory / name).exists()
-                if key not in self.issued and not on_disk:
-                    self.issued.add(key)
-                    return name
-                k += 1
-
-
-def _hydra_output_dir() -> Path | None:
-    """``<hydra run dir>/probes`` inside a running Hydra app, else None (never imports Hydra)."""
-    module = sys.modules.get("hydra.core.hydra_config")
-    if module is None:
-        return None
-    hydra_config = module.HydraConfig
+def hydra_output_dir() -> Path | None:  # <hydra run dir>/probes in a Hydra app; never imports it
     try:
-        if not hydra_config.initialized():
-            return None
-        output_dir = hydra_config.get().runtime.output_dir
-    except Exception:  # a half-initialised Hydra: fall back to the other defaults
+        hydra = sys.modules["hydra.core.hydra_config"].HydraConfig
+        return Path(hydra.get().runtime.output_dir) / "probes"
+    except Exception:  # no Hydra app running (or a half-initialised one)
         return None
-    return Path(output_dir) / "probes" if output_dir else None
-
-
-def _distributed_rank() -> int | None:
-    """The rank from torch.distributed when it is imported and initialised, else None."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is None:
-        return None
-    try:
-        if dist.is_available() and dist.is_initialized():
-            return int(dist.get_rank())
-    except Exception:
-        pass
-    return None
-
-
-def _environment_rank() -> int:
-    """The global rank from the usual launcher variables (RANK, LOCAL_RANK, ...), else 0."""
-    for name in _RANK_ENV_VARS:
-        value = os.environ.get(name)
-        if value is not None:
-            try:
-                return int(value)
-            except ValueError:
-                continue
-    return 0
-
-
-@dataclass(frozen=True, eq=False)
-class _Run:
-    """Settings shared by every probe call while one switch is on."""
-
-    output_dir: Path | None = None  # None: Hydra run dir / probes, else ./probes (at use time)
-    trainer: Trainer | None = None
-    rank: int | None = None  # None: from the trainer, torch.distributed or the environment
-    ranks: str = "zero"
-    on_error: str = "disable"
-    step: int | None = None  # None: the trainer's global_step, else 0
-    journal: _Journal = field(default_factory=_Journal)
-    env_rank: int = field(default_factory=_environment_rank)  # read once, when the run starts
-
-    def current_rank(self) -> int:
-        if self.rank is not None:
-            return self.rank
-        if self.trainer is not None:
-            return int(self.trainer.global_rank)
-        rank = _distributed_rank()
-        return self.env_rank if rank is None else rank
-
-    def rank_allowed(self) -> bool:
-        return self.ranks == "all" or self.current_rank() == 0
-
-    def resolved_output_dir(self) -> Path:
-        if self.output_dir is not None:
-            return self.output_dir
-        return _hydra_output_dir() or Path("probes")
-
-    def context(self, probe: str, qualname: str, tag: str, rank: int) -> ProbeContext:
-        trainer = self.trainer
-        if self.step is not None:
-            step = self.step
-        elif trainer is not None:
-            step = int(trainer.global_step)
-        else:
-            step = 0
-        epoch = int(trainer.current_epoch) if trainer is not None else 0
-        return ProbeContext(
-            probe=probe,
-            tag=tag,
-            step=step,
-            epoch=epoch,
-            rank=rank,
-            output_dir=self.resolved_output_dir(),
-            trainer=trainer,
-            qualname=qualname,
-            _journal=self.journal,
-        )
-
-
-@dataclass(frozen=True, eq=False, slots=True)
-class _State:
-    """The value of the ContextVar: which patterns are on, whether probes may run, the run."""
-
-    switched: _Switched
-    active: bool
-    run: _Run
-    owner: object = None  # the _Switch that set this state (None: the environment default)
-
-
-def _parse_env(value: str) -> tuple[str, ...]:
-    return tuple(p.strip() for p in value.split(",") if p.strip())
-
-
-def _state_from_env() -> _State:
-    patterns = _parse_env(os.environ.get(ENV_VAR, ""))
-    return _State(_Switched(patterns), active=bool(patterns), run=_Run())
-
-
-_STATE: contextvars.ContextVar[_State] = contextvars.ContextVar("lightning_inspect.probes.context")
-
-# The immutable default for contexts that switched nothing on themselves: read from
-# LIGHTNING_INSPECT at import, replaced (not mutated) only by reload_env().
-_default_state: _State = _state_from_env()
-
-
-def reload_env() -> tuple[str, ...]:
-    """Re-read ``LIGHTNING_INSPECT`` and return the tag patterns it now switches on.
-
-    The variable is read once at import. Call this after changing ``os.environ`` in-process;
-    the new value is the default for every thread and context without a switch of its own.
-
-    Example:
-        >>> import os
-        >>> os.environ["LIGHTNING_INSPECT"] = "attention, encoder.*"
-        >>> reload_env()
-        ('attention', 'encoder.*')
-        >>> del os.environ["LIGHTNING_INSPECT"]; reload_env()
-        ()
-    """
-    global _default_state
-    _default_state = _state_from_env()
-    return tuple(sorted(_default_state.switched.patterns))
-
-
-def _current_state() -> _State:
-    return _STATE.get(_default_state)
 
 
 class _Switch:
-    """Switches tag patterns on in the current context until :meth:`close` (used by switches).
+    """Adds tag patterns to what is on in this context (``with`` block, or open to close) and
+    holds the run: settings (None: inherited from the switch below) and the report's counts."""
 
-    The patterns are added to whatever is on when the switch opens. ``set_gate(False)`` keeps the
-    switch but lets no probe run (steps that are not due). Switches closed out of order are
-    skipped when the one above them closes, so nothing stays on after every switch is closed.
-    """
+    trainer: Any = None
+    sinks: tuple[tuple[str, Any], ...] = ()  # (destination, backend sink) of the loggers
 
-    def __init__(
-        self,
-        patterns: tuple[str, ...],
-        *,
-        output_dir: Path | None,
-        trainer: Trainer | None = None,
-        rank: int | None = None,
-        ranks: str = "zero",
-        on_error: str = "disable",
-        step: int | None = None,
-        gate: bool = True,
-    ) -> None:
-        self.patterns = patterns
-        self.output_dir = output_dir
-        self.trainer = trainer
-        self.rank = rank
-        self.ranks = ranks
-        self.on_error = on_error
-        self.step = step
-        self._initial_gate = gate
-        self._gate = gate
-        self._token: contextvars.Token[_State] | None = None
-        self._outer: _State | None = None  # the ContextVar's value before open (None: unset)
-        self._closed = True
-        self._on: _State | None = None
-        self._off: _State | None = None
+    def __init__(self, owner: str, tags: Any, **options: Any) -> None:
+        output_dir, get = options.get("output_dir"), options.get
+        self.tags = check_tags(f"{owner}(tags={tags!r})", tags or (), patterns=True)
+        if not isinstance(output_dir, (str, os.PathLike, type(None))):
+            raise ConfigError(f"{owner}(output_dir={output_dir!r}): expected a path or None.")
+        self.output_dir = Path(output_dir) if output_dir is not None else None  # None: inherited
+        self.ranks = check.check_choice(owner, "ranks", get("ranks", "zero"), RANKS)
+        self.on_error = check.check_choice(owner, "on_error", get("on_error", "disable"), ON_ERROR)
+        self.rank = check.check_optional_int(owner, "rank", get("rank"))  # None: detected
+        self.step = check.check_optional_int(owner, "step", get("step"))  # None: the trainer's
+        self.given = {"output_dir": self.output_dir}
+        self.on, self.closed, self.gate_open = frozenset(self.tags), True, True
+        self.active = self.may_run = bool(self.on)
+        self._fresh()
 
-    @property
-    def is_open(self) -> bool:
-        return not self._closed
+    def _fresh(self) -> None:
+        self.issued, self.disabled = set[str](), set[Any]()  # names handed out, probes off
+        self.calls, self.written = Counter[Any](), Counter[tuple[str, str]]()  # (qualname, where)
 
-    def open(self) -> _State:
-        self._outer = _STATE.get(None)
-        outer = self._outer if self._outer is not None else _default_state
-        inherited = outer.switched.patterns if outer.active else frozenset()
-        outer_run = outer.run
-        run = _Run(
-            output_dir=self.output_dir if self.output_dir is not None else outer_run.output_dir,
-            trainer=self.trainer if self.trainer is not None else outer_run.trainer,
-            rank=self.rank,
-            ranks=self.ranks,
-            on_error=self.on_error,
-            step=self.step,
-        )
-        switched = _Switched(inherited | frozenset(self.patterns))
-        rank_blocks = self.rank is not None and self.ranks == "zero" and self.rank != 0
-        may_run = bool(switched.patterns) and not rank_blocks
-        self._on = _State(switched, active=may_run, run=run, owner=self)
-        self._off = _State(switched, active=False, run=run, owner=self)
-        self._closed = False
-        state = self._on if self._gate else self._off
-        self._token = _STATE.set(state)
-        return state
+    def open(self, **run: Any) -> _Switch:
+        self._fresh()
+        self.outer = _STATE.get(None)
+        below = self.outer or _default
+        own = {k: v for k, v in {**self.given, **run}.items() if v is not None}
+        inherited = ("output_dir", "trainer", "sinks")
+        self.__dict__.update({k: getattr(below, k) for k in inherited} | own)
+        self.on = frozenset(self.tags) | (below.on if below.active else frozenset())
+        self.may_run = bool(self.on) and (self.rank in (None, 0) or self.ranks == "all")
+        self.closed, self.active = False, self.may_run and self.gate_open
+        _STATE.set(self)
+        return self
 
-    def _on_top(self) -> bool:
-        current = _STATE.get(None)
-        return current is not None and current.owner is self
-
-    def set_gate(self, gate: bool) -> None:
-        """Let probes run (True) or not (False); ignored while a nested switch is open above."""
-        if gate == self._gate:
-            return
-        self._gate = gate
-        if not self._closed and self._on_top():
-            assert self._on is not None and self._off is not None
-            _STATE.set(self._on if gate else self._off)
-
-    def report(self) -> tuple[list[str], list[str]]:
-        """For each pattern that was on: a line saying how many probe calls ran and where they
-        wrote, or (second list) a problem: no registered probe matches it, or none of its calls
-        ran."""
-        if self._on is None:
-            return [], []
-        journal = self._on.run.journal
-        with journal.lock:
-            calls, outputs = dict(journal.calls), {k: dict(v) for k, v in journal.outputs.items()}
-        probes: set[_ProbeInfo] = set(_REGISTRY) | {p for p in calls if isinstance(p, _ProbeInfo)}
-        known = sorted({tag for info in probes for tag in info.tags})
-        lines: list[str] = []
-        problems: list[str] = []
-        for pattern in sorted(self._on.switched.patterns):
-            matching = sorted(
-                (i for i in probes if any(tag_matches(pattern, t) for t in i.tags)),
-                key=lambda i: i.qualname,
-            )
-            if not matching:
-                problems.append(_no_probe_message(pattern, known))
-                continue
-            names = ", ".join(i.qualname for i in matching)
-            if not any(calls.get(i, 0) for i in matching):
-                problems.append(
-                    f"tag pattern {pattern!r} switches on {names}, but no call of it ran (none "
-                    "came on a step that was due), so nothing was written for it."
-                )
-                continue
-            written: dict[str, int] = {}
-            for info in matching:
-                for where, items in outputs.get(info.qualname, {}).items():
-                    written[where] = written.get(where, 0) + items
-            went = "; ".join(f"{w}: {n} items" if n else w for w, n in written.items())
-            ran = ", ".join(f"{i.qualname} {calls.get(i, 0)}" for i in matching)
-            lines.append(
-                f"tag {pattern!r}: {sum(calls.get(i, 0) for i in matching)} probe calls ran "
-                f"({ran}); output: {went or 'nothing written through ctx'}."
-            )
-        return lines, problems
+    def gate(self, on: bool) -> None:
+        self.gate_open, self.active = on, self.may_run and on
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        self._gate = self._initial_gate
-        if not self._on_top():
-            return  # a switch opened later is still open: it restores past this one on close
-        bottom = self  # walk down over switches below that were closed out of order
-        while bottom._outer is not None and isinstance(bottom._outer.owner, _Switch):
-            below = bottom._outer.owner
-            if not below._closed:
-                break
-            bottom = below
-        token, target = bottom._token, bottom._outer
-        if token is not None:
-            try:
-                _STATE.reset(token)
-                return
-            except (ValueError, RuntimeError):  # token made in another context, or used
-                pass
-        _STATE.set(target if target is not None else _default_state)
+        if not self.closed and _STATE.get(None) is self:  # else the one above restores past it
+            bottom = self
+            while bottom.outer is not None and bottom.outer.closed:
+                bottom = bottom.outer
+            _STATE.set(bottom.outer)
+        self.closed = True
+
+    def __enter__(self) -> Path:
+        if not self.closed:
+            raise RuntimeError("probing(...) blocks cannot be re-entered while open")
+        return self.open().output_dir or hydra_output_dir() or Path("probes")
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def current_rank(self) -> int:  # given, the trainer's, else the launcher's (RANK, ...)
+        if self.rank is not None or self.trainer is not None:
+            return self.rank if self.rank is not None else int(self.trainer.global_rank)
+        return next((int(v) for v in map(os.environ.get, _RANK_VARS) if v and v.isdigit()), 0)
+
+    def claim(self, directory: Path | None, base: str, suffix: str, namespace: str) -> str:
+        with _LOCK:
+            for name in (f"{base}_{k}{suffix}" if k else base + suffix for k in range(1 << 62)):
+                key = f"{namespace}:{directory}/{name}"
+                if key not in self.issued and not (directory and (directory / name).exists()):
+                    self.issued.add(key)
+                    return name
+        raise AssertionError  # unreachable
+
+    def context(self, probe: str, qualname: str, tag: str, rank: int) -> ProbeContext:
+        t, step = self.trainer, self.step
+        step = step if step is not None else int(t.global_step) if t is not None else 0
+        epoch = int(t.current_epoch) if t is not None else 0
+        out = self.output_dir or hydra_output_dir() or Path("probes")
+        args = dict(step=step, epoch=epoch, rank=rank, output_dir=out, trainer=t)
+        return ProbeContext(probe=probe, tag=tag, qualname=qualname, _run=self, **args)
+
+    def report(self) -> list[tuple[bool, str]]:
+        """Per pattern that was on: (True, what ran and where it wrote) or (False, problem)."""
+        calls, written = Counter(self.calls), Counter(self.written)
+        probes, out = set(_REGISTRY) | set(calls), []
+        known = sorted({tag for info in probes for tag in info.tags})
+        for pattern in sorted(self.on):
+            found = [i for i in probes if any(tag_matches(pattern, t) for t in i.tags)]
+            names = sorted(i.qualname for i in found)
+            went = sum((Counter({w: n}) for (q, w), n in written.items() if q in names), Counter())
+            went_to = "; ".join(f"{w}: {n} items" for w, n in went.items()) or "none"
+            each = ", ".join(sorted(f"{i.qualname} {calls[i]}" for i in found))
+            ran = sum(calls[i] for i in found)
+            text = f"tag {pattern!r}: {ran} probe calls ran ({each}); output: {went_to}."
+            if not ran:
+                text = (
+                    f"tag pattern {pattern!r} switches on {', '.join(names)}, but no call of it ran"
+                    " (none came on a step that was due), so nothing was written for it."
+                )
+            if not found:
+                text = (
+                    f"tag pattern {pattern!r} matches no registered probe, so nothing ran for it. "
+                    f"Known probe tags: {', '.join(known) or 'none'}."
+                    + check.suggestion(pattern, known)
+                )
+            out.append((bool(ran), text))
+        return out
 
 
-def _no_probe_message(pattern: str, known: list[str]) -> str:
-    if not known:
-        return (
-            f"tag pattern {pattern!r} matches no probe: no function decorated with "
-            "@lightning_inspect.probe was imported in this process, so nothing ran for it."
-        )
-    return (
-        f"tag pattern {pattern!r} matches no registered probe, so nothing ran for it. Known probe "
-        f"tags: {', '.join(known)}.{suggestion(pattern, known)}"
-    )
+def reload_env() -> tuple[str, ...]:
+    """Re-read ``LIGHTNING_INSPECT`` (read at import) and return the patterns it switches on.
+
+    Example:
+        >>> reload_env()  # LIGHTNING_INSPECT unset
+        ()
+    """
+    global _default
+    _default = _Switch(ENV_VAR, ())
+    _default.on = frozenset(p.strip() for p in os.environ.get(ENV_VAR, "").split(",") if p.strip())
+    _default.active = bool(_default.on)
+    return tuple(sorted(_default.on))
 
 
-# --------------------------------------------------------------------------------------------
-# The context a probe receives
-# --------------------------------------------------------------------------------------------
+#: The switch on top in this context; None (or unset): the environment's, re-read by reload_env().
+_STATE: contextvars.ContextVar[_Switch | None] = contextvars.ContextVar("lightning_inspect.probes")
+_default: _Switch
+reload_env()
 
 
 class ProbeContext:
-    """What a running probe receives as ``ctx``.
-
-    Attributes: ``probe`` (name used in file names), ``qualname`` (module.function), ``tag``
-    (the probe's tag that matched), ``step`` (the trainer's ``global_step``, else 0), ``epoch``,
-    ``rank`` (global rank), ``trainer`` (or None). ``output_dir`` is created on first access.
+    """What a running probe receives as ``ctx``: ``probe`` (its name in file names), ``qualname``,
+    ``tag`` (the one that matched), ``step``, ``epoch``, ``rank``, ``trainer``, ``output_dir``
+    (made on first access); ``log_*`` write to every logger of the trainer, else to files.
 
     Example:
         >>> import tempfile
         >>> ctx = ProbeContext(probe="attn", tag="attn", step=12, output_dir=tempfile.mkdtemp())
-        >>> ctx.path(".npy").name, ctx.path(".npy").name
-        ('attn_00000012_rank0.npy', 'attn_00000012_rank0_1.npy')
+        >>> ctx.path(".npy").name, ctx.path(".npy").name, ctx.path("heads.npy").name
+        ('attn_00000012_rank0.npy', 'attn_00000012_rank0_1.npy', 'attn_00000012_rank0_heads.npy')
     """
-
-    __slots__ = ("_dir", "_journal", "epoch", "probe", "qualname", "rank", "step", "tag", "trainer")
 
     def __init__(
         self,
@@ -585,446 +232,192 @@ class ProbeContext:
         epoch: int = 0,
         rank: int = 0,
         output_dir: str | os.PathLike[str] = "probes",
-        trainer: Trainer | None = None,
+        trainer: Any = None,
         qualname: str | None = None,
-        _journal: _Journal | None = None,
+        _run: _Switch | None = None,
     ) -> None:
-        self.probe = _safe(probe)
-        self.qualname = qualname or probe
-        self.tag = tag
-        self.step = step
-        self.epoch = epoch
-        self.rank = rank
-        self.trainer = trainer
-        self._dir = output_dir if isinstance(output_dir, Path) else Path(output_dir)
-        self._journal = _journal if _journal is not None else _Journal()
-
-    def __repr__(self) -> str:
-        return (
-            f"ProbeContext(probe={self.probe!r}, tag={self.tag!r}, step={self.step}, "
-            f"epoch={self.epoch}, rank={self.rank}, output_dir={str(self._dir)!r})"
-        )
-
-    # -- files ---------------------------------------------------------------------------------
+        self.probe, self.qualname, self.tag = _safe(probe), qualname or probe, tag
+        self.step, self.epoch, self.rank, self.trainer = step, epoch, rank, trainer
+        self._dir, self._run = Path(output_dir), _run or _Switch("ProbeContext", ())
+        self._sinks = self._run.sinks if rank == 0 else ()  # Lightning's loggers: rank 0 only
 
     @property
     def output_dir(self) -> Path:
-        """The run's probe output directory (created on first access)."""
         self._dir.mkdir(parents=True, exist_ok=True)
-        self._journal.wrote(self.qualname, f"files in {self._dir}", 0)
         return self._dir
 
     def path(self, suffix_or_name: str = "") -> Path:
-        """A new file path ``{probe}_{step:08d}_rank{r}[_{name}][_{k}]{suffix}`` in output_dir.
-
-        Pass a suffix (``".png"``) or a name (``"weights.npy"``). A name already handed out in
-        this run, or already on disk, gets a counter (``_1``, ``_2``...), so files never
-        overwrite each other.
-
-        Example:
-            >>> import tempfile
-            >>> ctx = ProbeContext(probe="attn", tag="a", step=3, output_dir=tempfile.mkdtemp())
-            >>> ctx.path("heads.npy").name
-            'attn_00000003_rank0_heads.npy'
-        """
+        """A new path ``{probe}_{step:08d}_rank{r}[_{name}][_{k}]{suffix}`` in ``output_dir``
+        for a suffix (``".png"``) or a name (``"weights.npy"``), never one used before."""
         directory = self.output_dir
-        path = directory / self._claim(directory, suffix_or_name, "file")
-        self._journal.wrote(self.qualname, f"files in {directory}")
-        return path
+        self._run.written[(self.qualname, f"files in {directory}")] += 1
+        return directory / self._claim(directory, suffix_or_name, "file")
 
     def _claim(self, directory: Path | None, suffix_or_name: str, namespace: str) -> str:
-        if not isinstance(suffix_or_name, str):
+        if not isinstance(suffix_or_name, str) or re.search(r"[/\\]", suffix_or_name):
             raise ConfigError(
-                f"ctx.path(suffix_or_name): expected a string such as '.png' or 'weights.npy'; "
-                f"got {suffix_or_name!r} ({type(suffix_or_name).__name__})."
+                f"ctx.path({suffix_or_name!r}): expected a suffix such as '.png' or a file name "
+                "such as 'weights.npy', without directories."
             )
-        if "/" in suffix_or_name or "\\" in suffix_or_name:
-            raise ConfigError(
-                f"ctx.path(suffix_or_name): expected a file suffix or name without directories; "
-                f"got {suffix_or_name!r}."
-            )
+        name = _safe(suffix_or_name) if suffix_or_name[:1] not in ("", ".") else ""
+        suffix = Path(name).suffix if name else suffix_or_name
         base = f"{self.probe}_{self.step:08d}_rank{self.rank}"
-        if not suffix_or_name or suffix_or_name.startswith("."):
-            suffix = suffix_or_name
-        else:
-            name = Path(_safe(suffix_or_name))
-            suffix = name.suffix
-            base = f"{base}_{name.name[: len(name.name) - len(suffix)] if suffix else name.name}"
-        return self._journal.claim(directory, base, suffix, namespace)
-
-    def _artifact(self, name: str, suffix: str) -> str:
-        return "probes/" + self._claim(None, _safe(name) + suffix, "mlflow")
-
-    def _tb_tag(self, name: str) -> str:
-        return f"probes/{self.probe}/{name}"
-
-    def _wrote(self, tb: SummaryWriter | None, ml: tuple[MlflowClient, str] | None) -> None:
-        """Note one item written to each backend given, for the end-of-run report."""
-        if tb is not None:
-            where = f"TensorBoard {tb.get_logdir()} (tags probes/{self.probe}/...)"
-            self._journal.wrote(self.qualname, where)
-        if ml is not None:
-            self._journal.wrote(self.qualname, f"MLflow run {ml[1]} (artifacts probes/)")
-
-    # -- backends ------------------------------------------------------------------------------
+        base += f"_{name[: len(name) - len(suffix)]}" if name else ""
+        return self._run.claim(directory, base, suffix, namespace)
 
     @property
-    def tensorboard(self) -> SummaryWriter | None:
-        """The SummaryWriter of the trainer's TensorBoardLogger (rank 0 only), else None."""
-        if self.trainer is None or self.rank != 0:
-            return None
-        from lightning.pytorch.loggers import TensorBoardLogger
-
-        for logger in self.trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                return logger.experiment  # type: ignore[no-any-return]
-        return None
+    def tensorboard(self) -> Any:
+        """The trainer's TensorBoard ``SummaryWriter`` (rank 0), else None."""
+        return next((s.inner.writer for _, s in self._sinks if s.name == "tensorboard"), None)
 
     @property
-    def mlflow(self) -> tuple[MlflowClient, str] | None:
-        """``(MlflowClient, run_id)`` of the trainer's MLFlowLogger (rank 0 only), else None."""
-        if self.trainer is None or self.rank != 0:
-            return None
-        from lightning.pytorch.loggers import MLFlowLogger
+    def mlflow(self) -> tuple[Any, str] | None:
+        """``(MlflowClient, run_id)`` of the trainer's MLflow run (rank 0), else None."""
+        run = next((s.run.writer for _, s in self._sinks if s.name == "mlflow"), None)
+        return None if run is None else (getattr(run.client, "client", run.client), run.run_id)
 
-        for logger in self.trainer.loggers:
-            if isinstance(logger, MLFlowLogger):
-                run_id = logger.run_id
-                if run_id is not None:
-                    return logger.experiment, run_id
-        return None
+    def _log(self, kind: str, name: str, value: Any, suffix: str, save: Callable[..., Any]) -> None:
+        for where, sink in self._sinks if value is not None else ():
+            key = f"probes/{self.probe}/{name}"
+            if kind == "histograms":
+                sink.log_histograms({key: value}, self.step)
+            else:
+                if sink.name == "mlflow":  # an artifact per key: the step goes into its name
+                    key = "probes/" + self._claim(None, _safe(name), kind)
+                getattr(sink, f"log_{kind}")(key, value, self.step)
+            self._run.written[(self.qualname, where)] += 1
+        if not self._sinks:
+            save(self.path(_safe(name) + suffix))
 
     def log_text(self, name: str, text: str) -> None:
-        """Log ``text`` at the current step (TensorBoard text, MLflow ``.txt``, else a file).
-
-        Example:
-            >>> import tempfile
-            >>> ctx = ProbeContext(probe="p", tag="t", output_dir=tempfile.mkdtemp())
-            >>> ctx.log_text("note", "hello")  # no logger: writes p_00000000_rank0_note.txt
-        """
-        tb, ml = self.tensorboard, self.mlflow
-        if tb is not None:
-            tb.add_text(self._tb_tag(name), text, global_step=self.step)
-        if ml is not None:
-            client, run_id = ml
-            client.log_text(run_id, text, self._artifact(name, ".txt"))
-        self._wrote(tb, ml)
-        if tb is None and ml is None:
-            self.path(_safe(name) + ".txt").write_text(text, encoding="utf-8")
+        """Log ``text`` at the current step (file: ``.txt``)."""
+        self._log("text", name, text, ".txt", lambda p: p.write_text(text, encoding="utf-8"))
 
     def log_image(self, name: str, image: Any, *, dataformats: str | None = None) -> None:
-        """Log an image (HW, HWC or CHW; float in [0, 1] or uint8) at the current step.
-
-        The layout is HWC when the last axis has 1, 3 or 4 entries, else CHW when the first
-        has; pass ``dataformats="CHW"``/``"HWC"`` to decide explicitly. Files: ``.png``.
-
-        Example:
-            >>> import numpy as np, tempfile
-            >>> ctx = ProbeContext(probe="p", tag="t", output_dir=tempfile.mkdtemp())
-            >>> ctx.log_image("mask", np.zeros((8, 8, 3)))
-        """
-        array = _to_hwc_uint8(image, dataformats)
-        tb, ml = self.tensorboard, self.mlflow
-        if tb is not None:
-            tb.add_image(self._tb_tag(name), array, global_step=self.step, dataformats="HWC")
-        if ml is not None:
-            client, run_id = ml
-            client.log_image(run_id, array, artifact_file=self._artifact(name, ".png"))
-        self._wrote(tb, ml)
-        if tb is None and ml is None:
-            _save_png(self.path(_safe(name) + ".png"), array)
+        """Log an HW, HWC or CHW image (float in [0, 1], uint8, bool; HWC when the last axis has
+        1, 3 or 4 entries, unless ``dataformats`` says) as HxWx3 uint8 (file: ``.png``)."""
+        if isinstance(image, torch.Tensor):
+            image = image.detach().cpu()
+            image = (image.float() if image.is_floating_point() else image).numpy()
+        array = np.asarray(image)
+        array, layout = (array[:, :, None], "HWC") if array.ndim == 2 else (array, dataformats)
+        if array.ndim == 3 and layout is None:
+            layout = "HWC" if array.shape[-1] in (1, 3, 4) else "CHW"
+        ok = array.ndim == 3 and layout in ("HWC", "CHW")
+        if not ok or array.shape[str(layout).find("C")] not in (1, 3, 4):
+            raise ConfigError(
+                f"ctx.log_image(image of shape {np.shape(image)}, dataformats={dataformats!r}): "
+                "expected HW, HWC or CHW with 1, 3 or 4 channels; pass dataformats='HWC' or 'CHW'."
+            )
+        array = array.transpose(1, 2, 0) if layout == "CHW" else array
+        if np.issubdtype(array.dtype, np.floating):
+            array = np.clip(np.nan_to_num(array, posinf=1.0), 0.0, 1.0) * 255 + 0.5
+        array = np.clip(array * (255 if array.dtype == np.bool_ else 1), 0, 255).astype(np.uint8)
+        rgb = array[..., [0, 0, 0] if array.shape[2] == 1 else [0, 1, 2]]  # a contiguous copy
+        pil = importlib.import_module  # Pillow only when a file is written
+        self._log("image", name, rgb, ".png", lambda p: pil("PIL.Image").fromarray(rgb).save(p))
 
     def log_figure(self, name: str, figure: Any, *, close: bool = True) -> None:
-        """Log a matplotlib figure at the current step; closes it afterwards unless ``close=False``.
+        """Log a matplotlib figure as an image; closes it afterwards unless ``close=False``."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-        Example:
-            >>> import matplotlib; matplotlib.use("Agg")
-            >>> import matplotlib.pyplot as plt, tempfile
-            >>> fig, ax = plt.subplots(); _ = ax.plot([0, 1])
-            >>> ProbeContext(probe="p", tag="t", output_dir=tempfile.mkdtemp()).log_figure("f", fig)
-        """
-        tb, ml = self.tensorboard, self.mlflow
         try:
-            if ml is not None:
-                client, run_id = ml
-                client.log_figure(run_id, figure, self._artifact(name, ".png"))
-            if tb is not None:
-                tb.add_figure(self._tb_tag(name), figure, global_step=self.step, close=False)
-            self._wrote(tb, ml)
-            if tb is None and ml is None:
-                figure.savefig(self.path(_safe(name) + ".png"))
+            (canvas := FigureCanvasAgg(figure)).draw()
+            self.log_image(name, canvas.buffer_rgba())
         finally:
             if close and "matplotlib.pyplot" in sys.modules:
                 sys.modules["matplotlib.pyplot"].close(figure)
 
     def log_histogram(self, name: str, values: Any, *, bins: int = 64) -> None:
-        """Log a histogram of ``values`` (any tensor or array) at the current step.
-
-        Binned with ``torch.histc`` on the values' device over the finite values; NaN/Inf are
-        counted apart. TensorBoard gets a histogram (skipped when no value is finite); MLflow
-        and the file fallback get a ``.json`` with edges, counts and the NaN/Inf counts.
-
-        Example:
-            >>> import tempfile, torch
-            >>> ctx = ProbeContext(probe="p", tag="t", output_dir=tempfile.mkdtemp())
-            >>> ctx.log_histogram("w", torch.randn(100))
-        """
-        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
-            raise ConfigError(f"ctx.log_histogram(bins=...): expected an int >= 1; got {bins!r}.")
-        data = _histogram(values, bins)
-        tb, ml = self.tensorboard, self.mlflow
-        if tb is not None and data["num"] > 0:
-            tb.add_histogram_raw(
-                self._tb_tag(name),
-                min=data["min"],
-                max=data["max"],
-                num=data["num"],
-                sum=data["sum"],
-                sum_squares=data["sum_squares"],
-                bucket_limits=data["edges"][1:],
-                bucket_counts=data["counts"],
-                global_step=self.step,
-            )
-        if ml is not None:
-            client, run_id = ml
-            client.log_dict(run_id, data, self._artifact(name, ".json"))
-        self._wrote(tb if data["num"] > 0 else None, ml)
-        if tb is None and ml is None:
-            self.path(_safe(name) + ".json").write_text(json.dumps(data), encoding="utf-8")
+        """Log a histogram of the finite ``values`` (file: ``.json`` with NaN/Inf counts)."""
+        check.check_positive_int("ctx.log_histogram", "bins", bins)
+        row = reduce_tensor(torch.as_tensor(values), bins).cpu().numpy()
+        hist = histogram(row)
+        data = {"num": 0, "edges": [], "counts": []} if hist is None else asdict(hist)
+        data = {k: v.tolist() if hasattr(v, "tolist") else v for k, v in data.items()}
+        nan, inf = summarise(row, ("nan_count", "inf_count")).values()
+        data.update(nan=int(nan), inf=int(inf))
+        self._log("histograms", name, hist, ".json", lambda p: p.write_text(json.dumps(data)))
 
 
-def _to_hwc_uint8(image: Any, dataformats: str | None) -> np.ndarray:
-    import numpy as np
-
-    if hasattr(image, "detach"):  # torch.Tensor without importing torch
-        image = image.detach()
-        image = (image.float() if image.is_floating_point() else image).cpu().numpy()
-    array = np.asarray(image)
-    if array.ndim == 2:
-        array = array[:, :, None]
-    elif array.ndim == 3:
-        layout = dataformats
-        if layout is None:
-            if array.shape[-1] in (1, 3, 4):
-                layout = "HWC"
-            elif array.shape[0] in (1, 3, 4):
-                layout = "CHW"
-        if layout not in ("HWC", "CHW"):
-            raise ConfigError(
-                f"ctx.log_image: cannot tell the channel axis of an image of shape "
-                f"{tuple(array.shape)} (dataformats={dataformats!r}); pass dataformats='HWC' or "
-                f"'CHW' with 1, 3 or 4 channels."
-            )
-        if layout == "CHW":
-            array = array.transpose(1, 2, 0)
-    else:
-        raise ConfigError(
-            f"ctx.log_image: expected an image of shape HW, HWC or CHW; got shape "
-            f"{tuple(array.shape)}."
-        )
-    if array.dtype == np.uint8:
-        return np.ascontiguousarray(array)
-    if array.dtype == np.bool_:
-        return array.astype(np.uint8) * 255
-    if np.issubdtype(array.dtype, np.floating):
-        array = np.nan_to_num(array.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0)
-        return (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    return np.clip(array, 0, 255).astype(np.uint8)
+class _ProbeInfo:  # one decorated probe; hashed by identity
+    def __init__(self, tags: tuple[str, ...], name: str, qualname: str, wants_ctx: bool) -> None:
+        self.tags, self.name, self.qualname, self.wants_ctx = tags, name, qualname, wants_ctx
 
 
-def _save_png(path: Path, array: np.ndarray) -> None:
-    try:
-        from PIL import Image
-    except ImportError:  # no Pillow: keep the pixels anyway
-        import numpy as np
-
-        np.save(path.with_suffix(".npy"), array)
-        return
-    Image.fromarray(array[:, :, 0] if array.shape[-1] == 1 else array).save(path)
-
-
-def _histogram(values: Any, bins: int) -> dict[str, Any]:
-    import torch
-
-    flat = torch.as_tensor(values).detach().flatten()
-    if flat.is_complex():
-        flat = flat.abs()
-    flat = flat.float()
-    finite_mask = torch.isfinite(flat)
-    finite = flat[finite_mask]
-    nan = int(torch.isnan(flat).sum().item())
-    inf = int(flat.numel() - finite.numel() - nan)
-    if finite.numel() == 0:
-        return {
-            "min": None,
-            "max": None,
-            "num": 0,
-            "sum": 0.0,
-            "sum_squares": 0.0,
-            "edges": [],
-            "counts": [],
-            "nan": nan,
-            "inf": inf,
-        }
-    lo, hi = finite.min(), finite.max()
-    low, high = float(lo.item()), float(hi.item())
-    a, b = (low - 0.5, high + 0.5) if low == high else (low, high)
-    counts = torch.histc(finite, bins=bins, min=a, max=b)
-    edges = torch.linspace(a, b, bins + 1)
-    return {
-        "min": low,
-        "max": high,
-        "num": int(finite.numel()),
-        "sum": float(finite.sum().item()),
-        "sum_squares": float((finite * finite).sum().item()),
-        "edges": edges.tolist(),
-        "counts": counts.cpu().tolist(),
-        "nan": nan,
-        "inf": inf,
-    }
-
-
-# --------------------------------------------------------------------------------------------
-# The decorator and the query functions
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, eq=False)
-class _ProbeInfo:
-    func: Callable[..., Any]
-    tags: tuple[str, ...]
-    name: str
-    qualname: str
-    wants_ctx: bool
-
-
-#: Every probe decorated in this process (for the end-of-run report: which tags exist). Weak, so
-#: a probe that is no longer referenced leaves it.
+#: Every probe decorated in this process (for the report: which tags exist); weak references.
 _REGISTRY: weakref.WeakSet[_ProbeInfo] = weakref.WeakSet()
-
-
-def _wants_ctx(call: str, func: Callable[..., Any]) -> bool:
-    try:
-        parameter = inspect.signature(func).parameters.get("ctx")
-    except (TypeError, ValueError):
-        return False
-    if parameter is None:
-        return False
-    if parameter.kind not in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY):
-        raise ConfigError(
-            f"{call}: the probe's ctx parameter is {parameter.kind.description}; declare it as "
-            f"keyword-only, e.g. def show(weights, *, ctx): ..."
-        )
-    return True
-
-
-def _run_probe(
-    info: _ProbeInfo, state: _State, tag: str, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> Any:
-    """The on path: rank policy, disabled check, context injection, error containment."""
-    run = state.run
-    journal = run.journal
-    if info in journal.disabled:
-        return None
-    rank = run.current_rank()
-    if run.ranks == "zero" and rank != 0:
-        return None
-    journal.ran(info)
-    try:
-        if info.wants_ctx:
-            if "ctx" in kwargs:
-                raise TypeError(
-                    f"{info.qualname}() got ctx from its caller; ctx is supplied by "
-                    f"lightning_inspect while the probe is on"
-                )
-            kwargs["ctx"] = run.context(info.name, info.qualname, tag, rank)
-        return info.func(*args, **kwargs)
-    except Exception as exc:
-        if run.on_error == "raise":
-            raise
-        with journal.lock:
-            first = info not in journal.disabled
-            journal.disabled.add(info)
-        if first:
-            frames = traceback.extract_tb(exc.__traceback__)
-            where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
-            warnings.warn(
-                f"Probe {info.qualname} (tag {tag!r}) raised {type(exc).__name__}: {exc}{where}. "
-                f"It is switched off for the rest of this run; pass on_error='raise' to "
-                f"ProbeSwitch or probing() to stop on probe errors instead.",
-                ProbeWarning,
-                stacklevel=3,
-            )
-        return None
 
 
 def probe(
     *tags: str, name: str | None = None
 ) -> Callable[[Callable[..., R]], Callable[..., R | None]]:
-    """Decorate an inspection function so that it runs only while one of ``tags`` is on.
-
-    The call site stays a plain call and returns None while off. A parameter named ``ctx``
-    (keyword-only recommended) receives a :class:`ProbeContext` while on; callers never pass it.
-    ``name`` (default: the function's name) is used in file names.
+    """Run the decorated function only while one of ``tags`` is on (else return None), passing a
+    :class:`ProbeContext` to a parameter named ``ctx``; ``name`` is used in file names.
 
     Example:
-        >>> @probe("attention", "encoder.features")
+        >>> @probe("attention")
         ... def show_attention(weights, *, ctx):
-        ...     ctx.log_text("shape", str(len(weights)))
+        ...     return ctx.tag
         >>> show_attention([0.1, 0.9]) is None  # nothing switched on
         True
     """
-    shown = [repr(t) for t in tags] + ([f"name={name!r}"] if name is not None else [])
-    call = "probe(" + ", ".join(shown) + ")"
-    checked = _check_tag_names(call, tags)
-    if name is not None and (not isinstance(name, str) or not _safe(name) == name):
-        raise ConfigError(
-            f"{call}: name must be a non-empty string of letters, digits, '_', '.' or '-'; "
-            f"got {name!r}."
-        )
+    call = "probe(" + ", ".join([*map(repr, tags), *([f"name={name!r}"] if name else [])]) + ")"
+    checked = check_tags(call, tags, patterns=False)
+    if not checked:
+        raise ConfigError(f"{call}: a probe needs at least one tag, e.g. @probe('attention').")
+    if name is not None and (not isinstance(name, str) or _safe(name) != name):
+        raise ConfigError(f"{call}: name must be letters, digits, '_', '.' or '-'; got {name!r}.")
 
     def decorate(func: Callable[..., R]) -> Callable[..., R | None]:
-        if not callable(func):
-            raise ConfigError(f"{call}: expected a function to decorate; got {func!r}.")
+        ctx = inspect.signature(func).parameters.get("ctx")
         if inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func):
-            raise ConfigError(
-                f"{call}: {getattr(func, '__qualname__', func)!r} is an async function; probes "
-                f"must be plain functions (call them from async code as usual)."
-            )
-        info = _ProbeInfo(
-            func=func,
-            tags=checked,
-            name=name or _safe(getattr(func, "__name__", "probe")),
-            qualname=f"{getattr(func, '__module__', '?')}.{getattr(func, '__qualname__', func)}",
-            wants_ctx=_wants_ctx(call, func),
-        )
+            raise ConfigError(f"{call}: {func.__qualname__} is async; probes are plain functions.")
+        if ctx is not None and ctx.kind not in (ctx.POSITIONAL_OR_KEYWORD, ctx.KEYWORD_ONLY):
+            raise ConfigError(f"{call}: ctx is {ctx.kind.description}; make it keyword-only.")
+        qualname = f"{func.__module__}.{func.__qualname__}"
+        info = _ProbeInfo(checked, name or _safe(func.__name__), qualname, ctx is not None)
         _REGISTRY.add(info)
-        get = _STATE.get
-        cache: tuple[_Switched | None, str | None] = (None, None)
+        cache: tuple[frozenset[str] | None, str | None] = (None, None)
 
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> R | None:
             nonlocal cache
-            state = get(_default_state)
-            if not state.active:
+            switch = _STATE.get(None) or _default
+            if not switch.active:
                 return None
-            seen = cache  # one read: the (key, match) pair stays consistent across threads
-            if seen[0] is not state.switched:
-                seen = cache = (state.switched, state.switched.first_match(info.tags))
-            if seen[1] is None:
+            seen, on = cache, switch.on  # one read: the pair stays consistent across threads
+            if seen[0] is not on:  # the tag match, computed once per set of patterns
+                hit = next((t for t in info.tags for p in on if tag_matches(p, t)), None)
+                seen = cache = (on, hit)
+            rank = switch.current_rank() if seen[1] is not None else 0
+            if seen[1] is None or info in switch.disabled or (switch.ranks == "zero" and rank):
                 return None
-            return _run_probe(info, state, seen[1], args, kwargs)  # type: ignore[no-any-return]
+            switch.calls[info] += 1
+            try:
+                if info.wants_ctx and "ctx" in kwargs:
+                    raise TypeError(
+                        f"{qualname} got ctx from its caller; ctx is supplied by lightning_inspect"
+                    )
+                if info.wants_ctx:
+                    kwargs["ctx"] = switch.context(info.name, qualname, seen[1], rank)
+                return func(*args, **kwargs)
+            except Exception as exc:
+                if switch.on_error == "raise":
+                    raise
+                if info not in switch.disabled:
+                    at = traceback.extract_tb(exc.__traceback__)[-1]
+                    what = f"{qualname} (tag {seen[1]!r}) raised {type(exc).__name__}: {exc}"
+                    off = "It is switched off for the rest of this run; on_error='raise' stops."
+                    warnings.warn(
+                        f"Probe {what} at {at.filename}:{at.lineno}. {off}", ProbeWarning, 2
+                    )
+                switch.disabled.add(info)
+                return None
 
         return wrapper
 
     return decorate
-
-
-def _check_query_tag(call: str, tag: object) -> None:
-    if not isinstance(tag, str) or not tag:
-        raise ConfigError(
-            f"{call}: tag must be a non-empty string such as 'attention'; got {tag!r}."
-        )
 
 
 def enabled(tag: str) -> bool:
@@ -1033,95 +426,43 @@ def enabled(tag: str) -> bool:
     Example:
         >>> enabled("attention")
         False
-        >>> with probing("attention", output_dir="probes-doctest"):
-        ...     enabled("attention"), enabled("attention.heads"), enabled("loss")
-        (True, True, False)
     """
     if not isinstance(tag, str) or not tag:
-        _check_query_tag("enabled(tag)", tag)
-    state = _STATE.get(_default_state)
-    if not state.active or not state.switched.matches(tag):
-        return False
-    return state.run.rank_allowed()
+        raise ConfigError(f"enabled(tag={tag!r}): expected a non-empty tag such as 'attention'.")
+    run = _STATE.get(None) or _default
+    on = run.active and any(tag_matches(p, tag) for p in run.on)
+    return on and (run.ranks == "all" or run.current_rank() == 0)
 
 
 def current_context(tag: str, *, name: str | None = None) -> ProbeContext | None:
-    """A :class:`ProbeContext` for ``tag`` when it is on here and now, else None.
-
-    For inspection code that is not a decorated function. ``name`` (default: the tag) is used
-    in file names.
+    """A :class:`ProbeContext` for ``tag`` (named ``name``) when it is on here and now, else None.
 
     Example:
         >>> current_context("attention") is None
         True
-        >>> with probing("attention", output_dir="probes-doctest"):
-        ...     current_context("attention").tag
-        'attention'
     """
-    _check_query_tag("current_context(tag)", tag)
-    if not enabled(tag):
-        return None
-    run = _current_state().run
-    label = name or tag
-    return run.context(_safe(label), label, tag, run.current_rank())
+    run, on = _STATE.get(None) or _default, enabled(tag)
+    return run.context(_safe(name or tag), name or tag, tag, run.current_rank()) if on else None
 
 
-class probing:  # used like a function: ``with probing("attention"):``
-    """Switch tags on inside a ``with`` block (notebooks, tests, scripts).
-
-    Patterns are added to whatever is already on. ``output_dir`` defaults to the enclosing
-    switch's directory (a ``ProbeSwitch`` run's), else ``<hydra run dir>/probes`` inside a Hydra
-    app, else ``./probes``. ``rank`` overrides the detected global rank, ``step`` the step in
-    file names. ``with`` yields the output directory (not yet created).
+def probing(
+    *tags: str,
+    output_dir: str | os.PathLike[str] | None = None,
+    ranks: str = "zero",
+    on_error: str = "disable",
+    rank: int | None = None,
+    step: int | None = None,
+) -> _Switch:
+    """Switch tags on inside a ``with`` block (notebooks, tests, scripts), on top of whatever is
+    on; ``with`` yields the output directory (default: the enclosing switch's, else ``<hydra run
+    dir>/probes``, else ``./probes``). ``rank`` overrides the detected rank, ``step`` the step.
 
     Example:
-        >>> @probe("encoder.features")
-        ... def count(*, ctx):
-        ...     return ctx.tag
-        >>> with probing("encoder", output_dir="probes-doctest") as out:
-        ...     count()
-        'encoder.features'
+        >>> with probing("attention", output_dir="probes-doctest"):
+        ...     enabled("attention"), enabled("attention.heads"), enabled("loss")
+        (True, True, False)
     """
-
-    def __init__(
-        self,
-        *tags: str,
-        output_dir: str | os.PathLike[str] | None = None,
-        ranks: str = "zero",
-        on_error: str = "disable",
-        rank: int | None = None,
-        step: int | None = None,
-    ) -> None:
-        call = "probing(" + ", ".join(repr(t) for t in tags) + ")"
-        patterns = _check_patterns(call, "tags", list(tags))
-        if not patterns:
-            raise ConfigError(
-                f"{call}: give at least one tag pattern, e.g. probing('attention') or "
-                f"probing('*') for every probe."
-            )
-        if output_dir is not None and not isinstance(output_dir, (str, os.PathLike)):
-            raise ConfigError(
-                f"{call}: output_dir must be None, a str or a path; got {output_dir!r}."
-            )
-        self._switch = _Switch(
-            patterns,
-            output_dir=Path(output_dir) if output_dir is not None else None,
-            rank=_check_rank(call, rank),
-            ranks=_check_choice(call, "ranks", ranks, RANKS),
-            on_error=_check_choice(call, "on_error", on_error, ON_ERROR),
-            step=_check_step(call, step),
-        )
-
-    def __enter__(self) -> Path:
-        if self._switch.is_open:
-            raise RuntimeError("probing(...) blocks cannot be re-entered while open")
-        state = self._switch.open()
-        return state.run.resolved_output_dir()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._switch.close()
+    if not tags:
+        raise ConfigError("probing(): give at least one tag pattern, e.g. probing('attention').")
+    options = dict(output_dir=output_dir, ranks=ranks, on_error=on_error, rank=rank, step=step)
+    return _Switch("probing", tags, **options)
