@@ -23,18 +23,14 @@ ARTIFACT = "lightning_inspect/overview.html"
 
 
 class OverviewPage(Callback):
-    """Write the overview page (layers x steps heatmaps, histograms, findings) to MLflow.
+    """Write the overview page (heatmaps, histograms, findings) to MLflow as one HTML artifact.
 
-    Add it next to the monitors; it needs an ``MLFlowLogger`` (without one it does nothing). In
-    TensorBoard the same page is the "Inspect" tab, with no callback. Refreshes are built and
-    uploaded on a worker thread; the last page, at the end of fit, within the fit's deadline.
+    It needs an ``MLFlowLogger`` (without one it does nothing; TensorBoard's "Inspect" tab needs
+    no callback). Refreshes are uploaded on a worker thread; the last page, at the end of fit,
+    within the fit's deadline.
 
     Args:
         every_n_logs: rewrite the page every this many logged steps (and at the end of fit).
-        enabled: ``False`` attaches the callback but writes nothing.
-
-    Logged artifacts:
-        ``lightning_inspect/overview.html``: one self-contained HTML file (data inlined).
 
     Example::
 
@@ -63,7 +59,6 @@ class OverviewPage(Callback):
         self._logger = attached_loggers(trainer).get("mlflow")
         if self._logger is None:
             return
-        # bounded retries against a tracking server; the fit's one end-of-fit deadline
         self._client = bounded_client(self._logger.experiment)
         self._deadline = EndOfFit.for_fit(trainer)
         self.data = RunData()
@@ -79,7 +74,6 @@ class OverviewPage(Callback):
         histograms: Mapping[str, Any],
         findings: Sequence[Any],
     ) -> None:
-        """Take what a monitor published; rewrite the page every ``every_n_logs`` logged steps."""
         try:
             if self._last_step is not None and step > self._last_step:
                 self._complete_steps += 1  # a later step began: the previous one is complete
@@ -97,10 +91,9 @@ class OverviewPage(Callback):
 
     def wait(self, timeout: float | None = None) -> bool:
         """Whether the page being written in the background was uploaded within ``timeout``."""
-        if self._pending is None:
-            return True
         try:
-            self._pending.result(timeout)
+            if self._pending is not None:
+                self._pending.result(timeout)
         except FutureTimeout:
             return False
         return True
@@ -120,7 +113,6 @@ class OverviewPage(Callback):
             self._warn(f"writing {ARTIFACT}", exc)
 
     def _warn(self, what: str, exc: Exception) -> None:
-        """One warning per fit, for the first fault."""
         if not self._warned:
             self._warned = True
             warnings.warn(
@@ -131,7 +123,7 @@ class OverviewPage(Callback):
             )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # After every callback's on_train_end: the monitors have published their last step.
+        # after every callback's on_train_end: the monitors have published their last step
         if self._coordinator is None:
             return
         self._coordinator.flush()

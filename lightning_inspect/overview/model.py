@@ -1,6 +1,5 @@
-"""The overview's data: per run and view kind, layers x steps of every statistic, histograms
-per layer and step, and health findings; serialised as JSON for the one frontend. Layers keep the
-order in which their keys first arrive (execution or selection order), never sorted.
+"""The overview's data: per view kind, layers x steps of every statistic, histograms per layer
+and step, and health findings, as JSON for the frontend. Layers keep their arrival order.
 
 Example:
     >>> run = RunData()
@@ -21,7 +20,7 @@ import numpy as np
 
 from lightning_inspect.core import keys
 
-#: The views, in the order the page lists them: key prefix -> label.
+#: key prefix -> label, in the page's order
 VIEW_KINDS = {
     "activations": "activations",
     "activation_grads": "activation gradients",
@@ -31,7 +30,6 @@ VIEW_KINDS = {
     "health": "health",
 }
 _DIGITS = 6  # significant digits kept in the page's data
-#: The fields of a finding that the page shows.
 FINDING_FIELDS = ("rule", "severity", "module", "statistic", "value", "step", "hint")
 
 
@@ -55,7 +53,7 @@ def split_key(key: str) -> tuple[str, str, str] | None:
 
 
 def split_histogram_key(key: str) -> tuple[str, str] | None:
-    """``(view kind, layer)`` of a histogram key (a key without the statistic).
+    """``(view kind, layer)`` of a histogram key.
 
     >>> split_histogram_key("activations/attn/0")
     ('activations', 'attn/0')
@@ -65,7 +63,7 @@ def split_histogram_key(key: str) -> tuple[str, str] | None:
 
 
 def _rounded(values: Any) -> list[float | None]:
-    """Values (any shape) to :data:`_DIGITS` significant digits; non-finite ones as ``None``."""
+    """Values (any shape) to :data:`_DIGITS` significant digits; non-finite as ``None``."""
     values = np.asarray(values, dtype=np.float64)
     finite = np.isfinite(values)
     scale = 10.0 ** (
@@ -76,9 +74,9 @@ def _rounded(values: Any) -> list[float | None]:
 
 @dataclass
 class KindData:
-    """One view kind of one run: its layers (in arrival order), statistics and values."""
+    """One view kind of one run (``layers``, ``stats``: ordered sets)."""
 
-    layers: dict[str, None] = field(default_factory=dict)  # an ordered set
+    layers: dict[str, None] = field(default_factory=dict)
     stats: dict[str, None] = field(default_factory=dict)
     values: dict[tuple[str, str], dict[int, float]] = field(default_factory=dict)
     histograms: dict[str, dict[int, tuple[float, float, list[int]]]] = field(default_factory=dict)
@@ -92,7 +90,7 @@ class RunData:
     findings: list[dict[str, Any]] = field(default_factory=list)
 
     def copy(self) -> RunData:
-        """A copy that later additions leave unchanged (containers copied, values shared)."""
+        """A copy that later additions leave unchanged."""
         kinds = {
             name: KindData(
                 dict(k.layers),
@@ -110,7 +108,7 @@ class RunData:
         return data
 
     def add_scalars(self, step: int, values: Mapping[str, float]) -> None:
-        """Add one step's scalars (keys per :mod:`lightning_inspect.core.keys`, others skipped)."""
+        """Add one step's scalars (keys that are not the library's are skipped)."""
         for key, value in values.items():
             if (parts := split_key(key)) is not None:
                 data = self._layer(*parts[:2])
@@ -127,7 +125,7 @@ class RunData:
             series[int(step)] = (float(lo), float(hi), whole)
 
     def note_histograms(self, key: str) -> None:
-        """Note that histograms exist under ``key`` (their values are read per layer later)."""
+        """Note that histograms exist under ``key`` (their values are read later)."""
         if (parts := split_histogram_key(key)) is not None:
             self._layer(*parts).histograms.setdefault(parts[1], {})
 
@@ -170,7 +168,7 @@ class RunData:
         }
 
     def meta(self) -> dict[str, Any]:
-        """The run's kinds (layers, statistics, steps, which layers have histograms), findings."""
+        """The run's kinds (layers, stats, steps, layers with histograms) and findings."""
         kinds = {
             kind: {
                 "label": label,
@@ -185,7 +183,7 @@ class RunData:
         return {"kinds": kinds, "findings": self.findings}
 
     def to_json_dict(self) -> dict[str, Any]:
-        """Everything, for a page with its data inlined: meta, matrices and histograms."""
+        """Meta, matrices and histograms: everything, for a page with its data inlined."""
         out = self.meta()
         for kind, info in out["kinds"].items():
             info["values"] = {stat: self.matrix(kind, stat) for stat in info["stats"]}
@@ -201,8 +199,7 @@ def finding_dicts(findings: Iterable[Any]) -> list[dict[str, Any]]:
 
 
 def safe_json(value: Any) -> str:
-    """JSON that can sit inside an HTML ``<script>`` element: ``<``, ``>``, ``&`` and U+2028/9
-    are escaped, so no string in it (``</script>`` in a module name) can end the element.
+    """JSON that no string in it (``</script>`` in a module name) can end a ``<script>`` with.
 
     >>> safe_json({"m": "</script>"})
     '{"m": "\\\\u003c/script\\\\u003e"}'

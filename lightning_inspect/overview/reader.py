@@ -1,13 +1,12 @@
 """Read the overview's data of a TensorBoard log dir through TensorBoard's data provider.
 
-Scalars come from the ``scalars`` plugin, histograms from the ``histograms`` plugin as
-``[left, right, count]`` buckets, health findings from the JSON text under :data:`FINDINGS_KEY`.
 Data providers do not keep the order in which tags were written (the Rust data server returns
 hash order), so :func:`key_order` reads it from the start of the run's event file.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -18,22 +17,19 @@ import numpy as np
 from lightning_inspect.core.keys import FINDINGS_KEY
 from lightning_inspect.overview.model import RunData, split_histogram_key, split_key
 
-#: At most this many steps per series are read (TensorBoard keeps a sample of longer series).
-MAX_STEPS = 10_000
-#: Events read at most per run for the order (the first logged step's events come first).
-MAX_EVENTS = 5_000
+MAX_STEPS = 10_000  # steps read per series (TensorBoard keeps a sample of longer series)
+MAX_EVENTS = 5_000  # events read per run for the order
 
 
 def key_order(logdir: str, run: str) -> dict[str, int]:
-    """``{tag: rank}`` of the lightning-inspect tags of the first logged step of ``run``, in
-    the order written (the monitors write a step's keys in execution order); ``{}`` when the
-    event files cannot be read (a remote log dir): the provider's order is kept then."""
+    """``{tag: rank}`` of the library's tags of the first logged step of ``run``, in the order
+    written; ``{}`` when the event files cannot be read (a remote log dir)."""
     from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 
     files = sorted(glob.glob(os.path.join(logdir, run, "events.out.tfevents.*")))
     ranks: dict[str, int] = {}
     first_step: int | None = None
-    try:
+    with contextlib.suppress(Exception):  # unreadable: what was read, then the provider's order
         for n, event in enumerate(LegacyEventFileLoader(files[0]).Load() if files else ()):
             if n >= MAX_EVENTS or (first_step is not None and event.step > first_step):
                 break
@@ -41,8 +37,6 @@ def key_order(logdir: str, run: str) -> dict[str, int]:
                 if split_key(value.tag) or split_histogram_key(value.tag):
                     first_step = event.step if first_step is None else first_step
                     ranks.setdefault(value.tag, len(ranks))
-    except Exception:  # an unreadable file: what was read, then the provider's order
-        pass
     return ranks
 
 
@@ -76,7 +70,7 @@ class LogDirReader:
         ).get(run, {})
 
     def runs(self, ctx: Any) -> list[str]:
-        """The runs holding lightning-inspect statistics or histograms, in the provider's order."""
+        """The runs holding the library's statistics or histograms, in the provider's order."""
         found: dict[str, None] = {}
         for plugin, ours in (("scalars", split_key), ("histograms", split_histogram_key)):
             for run, tags in self._list(ctx, plugin).items():
@@ -94,8 +88,7 @@ class LogDirReader:
         )
 
     def run_data(self, ctx: Any, run: str) -> RunData:
-        """Statistics and findings of ``run``, and which layers have histograms (their values
-        are read one layer at a time by :meth:`histograms`)."""
+        """Statistics and findings of ``run``, and which layers have histograms."""
         data = RunData()
         rank = key_order(self.logdir, run) if self.logdir else {}
         # tags not in the first logged step come after those, in the provider's order
@@ -117,8 +110,8 @@ class LogDirReader:
         return data
 
     def findings(self, ctx: Any, run: str) -> list[dict[str, Any]]:
-        """The health findings written to ``run`` (all of them, oldest first)."""
-        # SummaryWriter.add_text writes the tag with "/text_summary" appended
+        """The health findings written to ``run``, oldest first."""
+        # SummaryWriter.add_text appends "/text_summary" to the tag
         ours = (FINDINGS_KEY, f"{FINDINGS_KEY}/text_summary")
         tags = [t for t in self._list(ctx, "text", run).get(run, {}) if t in ours]
         read = self._read(ctx, "text", run, tags) if tags else {}

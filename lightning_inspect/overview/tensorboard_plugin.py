@@ -5,7 +5,6 @@ JSON ``runs``, ``meta?run=``, ``matrix?run=&kind=&stat=``, ``histograms?run=&kin
 from __future__ import annotations
 
 import json
-import threading
 from typing import Any
 
 from tensorboard.backend import http_util
@@ -28,7 +27,6 @@ class InspectPlugin(base_plugin.TBPlugin):
         provider = context.data_provider
         self._reader = LogDirReader(provider, context.logdir or "") if provider else None
         self._cache: dict[str, tuple[Any, RunData]] = {}
-        self._lock = threading.Lock()
 
     def get_plugin_apps(self) -> dict[str, Any]:
         apps: dict[str, Any] = {f"/{name}": self._serve_static for name in ASSETS}
@@ -43,7 +41,7 @@ class InspectPlugin(base_plugin.TBPlugin):
         return bool(self._reader.runs(RequestContext()))
 
     def data_plugin_names(self) -> tuple[str, ...]:
-        return ()  # active only when is_active() finds lightning-inspect keys
+        return ()  # active only when is_active() finds the library's keys
 
     def frontend_metadata(self) -> base_plugin.FrontendMetadata:
         return base_plugin.FrontendMetadata(es_module_path="/index.js", tab_name="Inspect")
@@ -70,14 +68,8 @@ class InspectPlugin(base_plugin.TBPlugin):
         kind, stat = request.args.get("kind", ""), request.args.get("stat", "")
         if kind not in run.kinds or stat not in run.kinds[kind].stats:
             return _error(request, f"no statistic {stat!r} of kind {kind!r} in this run", 404)
-        return _json(
-            request,
-            {
-                "layers": list(run.kinds[kind].layers),
-                "steps": run.steps(kind),
-                "values": run.matrix(kind, stat),
-            },
-        )
+        matrix = {"layers": list(run.kinds[kind].layers), "steps": run.steps(kind)}
+        return _json(request, matrix | {"values": run.matrix(kind, stat)})
 
     @wrappers.Request.application
     def _serve_histograms(self, request: wrappers.Request) -> wrappers.Response:
@@ -94,14 +86,10 @@ class InspectPlugin(base_plugin.TBPlugin):
         if run not in self._reader.runs(ctx):
             return _error(request, f"no lightning-inspect data in run {run!r}", 404)
         version = self._reader.version(ctx, run)
-        with self._lock:
-            cached = self._cache.get(run)
-            if cached is not None and cached[0] == version:
-                return cached[1]
-        data = self._reader.run_data(ctx, run)
-        with self._lock:
-            self._cache[run] = (version, data)
-        return data
+        cached = self._cache.get(run)  # one dict read or write is atomic: no lock
+        if cached is None or cached[0] != version:
+            cached = self._cache[run] = (version, self._reader.run_data(ctx, run))
+        return cached[1]
 
 
 class InspectLoader(base_plugin.TBLoader):

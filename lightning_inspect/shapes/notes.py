@@ -29,7 +29,6 @@ from lightning_inspect.core.outputs import iter_tensors
 
 describe_inputs, describe_tensor = mt.describe_inputs, mt.describe_tensor
 
-#: Prefix of every note this library adds to an exception.
 NOTE_PREFIX = "lightning-inspect:"
 _SPATIAL = {1: "L", 2: "H, W", 3: "D, H, W"}
 
@@ -46,11 +45,8 @@ class ModuleFrame:
 
 
 class ModuleStack:
-    """Modules currently inside their forward, outermost first; ``trace`` sees every call too.
-
-    A module whose forward raised stays on the stack (its forward hook never runs) until
-    :meth:`clear`; a frame left by an exception caught inside a forward goes when its caller returns.
-    """
+    """Modules inside their forward, outermost first (one that raised stays until :meth:`clear`);
+    ``trace`` sees every call too."""
 
     _recording = True
 
@@ -59,7 +55,6 @@ class ModuleStack:
         self.trace: mt.ModelTable | None = None
 
     def attach(self, modules: Mapping[str, nn.Module]) -> mt.hooks.HookSet:
-        """Hook ``modules`` (qualified name -> module); returns the hooks to remove."""
         return mt.hook_modules(self, modules)
 
     def _on_input(self, name: str, module: nn.Module, args: Any, kwargs: Any) -> None:
@@ -78,11 +73,9 @@ class ModuleStack:
         warnings.warn(f"ShapeTracer: could not follow {where}: {exc!r}", RuntimeWarning, 2)
 
     def frames(self) -> list[ModuleFrame]:
-        """The modules inside their forward, outermost first (the failing one last)."""
         return list(self._frames)
 
     def clear(self) -> None:
-        """Forget every frame (a new batch starts)."""
         self._frames.clear()
 
 
@@ -92,9 +85,8 @@ def model_summary(model: nn.Module) -> mt.ModelTable:
 
 
 def locate_in_traceback(exc: BaseException, modules: Mapping[str, nn.Module]) -> list[ModuleFrame]:
-    """The ``modules`` whose ``forward`` frames are in ``exc``'s traceback, outermost first.
-
-    The arguments are the frame's local variables at the time of the error.
+    """The ``modules`` whose ``forward`` frames are in ``exc``'s traceback, outermost first
+    (arguments: the frame's local variables at the time of the error).
 
     >>> net = nn.Sequential(nn.Linear(3, 2))
     >>> try:
