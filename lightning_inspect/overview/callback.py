@@ -16,7 +16,7 @@ from lightning_inspect.backends import attached_loggers
 from lightning_inspect.backends.deadline import EndOfFit
 from lightning_inspect.backends.mlflow_http import bounded_client
 from lightning_inspect.core.recorder import StepCoordinator
-from lightning_inspect.overview.model import RunData, finding_dicts
+from lightning_inspect.overview.model import RunData
 from lightning_inspect.overview.page import render_page
 
 ARTIFACT = "lightning_inspect/overview.html"
@@ -85,7 +85,7 @@ class OverviewPage(Callback):
             self.data.add_scalars(step, scalars)
             for key, h in histograms.items():
                 self.data.add_histogram(key, step, h.edges[0], h.edges[-1], h.counts)
-            self.data.add_findings(finding_dicts(findings))
+            self.data.add_findings(findings)
         except Exception as exc:  # the page must never stop training
             self._warn(f"taking the values of step {step}", exc)
 
@@ -100,27 +100,22 @@ class OverviewPage(Callback):
 
     def write(self, data: RunData | None = None) -> None:
         """Upload the page of ``data`` (default: all so far) now; a failure warns once."""
-        logger = self._logger
+        logger, client = self._logger, self._client  # teardown may clear them meanwhile
         if logger is None:
             return
+        run = logger.run_id
         try:
-            page = render_page(
-                {logger.run_id: self.data if data is None else data},
-                title=f"lightning-inspect {logger.run_id}",
-            )
-            self._client.log_text(logger.run_id, page, ARTIFACT)
+            page = render_page({run: data or self.data}, f"lightning-inspect {run}")
+            client.log_text(run, page, ARTIFACT)
         except Exception as exc:  # the page must never stop training
             self._warn(f"writing {ARTIFACT}", exc)
 
     def _warn(self, what: str, exc: Exception) -> None:
         if not self._warned:
             self._warned = True
-            warnings.warn(
-                f"OverviewPage: {what} failed ({type(exc).__name__}: {exc}); training "
-                "continues and the page is written again at the next refresh.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            why = f"{what} failed ({type(exc).__name__}: {exc}); training continues and the page"
+            msg = f"OverviewPage: {why} is written again at the next refresh."
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # after every callback's on_train_end: the monitors have published their last step

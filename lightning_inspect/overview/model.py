@@ -129,22 +129,23 @@ class RunData:
         if (parts := split_histogram_key(key)) is not None:
             self._layer(*parts).histograms.setdefault(parts[1], {})
 
-    def add_findings(self, findings: Iterable[Mapping[str, Any]]) -> None:
-        """Add health findings (:data:`FINDING_FIELDS`), each (rule, module, step) once."""
+    def add_findings(self, findings: Iterable[Any]) -> None:
+        """Add health findings (mappings or ``Finding`` objects), each (rule, module, step) once."""
         seen = {(f["rule"], f["module"], f["step"]) for f in self.findings}
         for f in findings:
-            entry = {name: f.get(name) for name in FINDING_FIELDS}
+            entry = {
+                n: f.get(n) if isinstance(f, Mapping) else getattr(f, n) for n in FINDING_FIELDS
+            }
             entry["value"] = None if entry["value"] is None else _rounded([entry["value"]])[0]
-            if (entry["rule"], entry["module"], entry["step"]) not in seen:
-                seen.add((entry["rule"], entry["module"], entry["step"]))
+            if (key := (entry["rule"], entry["module"], entry["step"])) not in seen:
+                seen.add(key)
                 self.findings.append(entry)
 
     def steps(self, kind: str) -> list[int]:
         """The steps with a value or a histogram of ``kind``, ascending."""
         data = self.kinds[kind]
-        found = {s for series in data.values.values() for s in series}
-        found.update(s for series in data.histograms.values() for s in series)
-        return sorted(found)
+        series = [*data.values.values(), *data.histograms.values()]
+        return sorted({step for one in series for step in one})
 
     def matrix(self, kind: str, stat: str) -> list[list[float | None]]:
         """Values of ``stat``: one row per layer (arrival order), one column per step."""
@@ -160,12 +161,8 @@ class RunData:
         """One layer's histograms: ``steps``, ``lo``, ``hi`` and ``counts`` (one list per step)."""
         series = self.kinds[kind].histograms.get(layer, {})
         steps = sorted(series)
-        return {
-            "steps": steps,
-            "lo": _rounded([series[s][0] for s in steps]),
-            "hi": _rounded([series[s][1] for s in steps]),
-            "counts": [series[s][2] for s in steps],
-        }
+        lo, hi, counts = zip(*(series[s] for s in steps), strict=True) if steps else ((), (), ())
+        return {"steps": steps, "lo": _rounded(lo), "hi": _rounded(hi), "counts": list(counts)}
 
     def meta(self) -> dict[str, Any]:
         """The run's kinds (layers, stats, steps, layers with histograms) and findings."""
@@ -187,15 +184,8 @@ class RunData:
         out = self.meta()
         for kind, info in out["kinds"].items():
             info["values"] = {stat: self.matrix(kind, stat) for stat in info["stats"]}
-            info["hist"] = {
-                layer: self.layer_histograms(kind, layer) for layer in info["histograms"]
-            }
+            info["hist"] = {h: self.layer_histograms(kind, h) for h in info["histograms"]}
         return out
-
-
-def finding_dicts(findings: Iterable[Any]) -> list[dict[str, Any]]:
-    """:class:`~lightning_inspect.health.rules.Finding` objects as the page's dictionaries."""
-    return [{name: getattr(f, name) for name in FINDING_FIELDS} for f in findings]
 
 
 def safe_json(value: Any) -> str:
