@@ -214,17 +214,13 @@ def _get(cfg: Any, name: Any) -> Any:
     """A value, without resolving an interpolation that fails outside a Hydra run."""
     try:
         return cfg[name]
-    except Exception:
-        node = cfg._get_node(name)
-        return node._value() if node is not None else None
+    except Exception:  # a DictConfig or ListConfig: its item exists
+        return cfg._get_node(name)._value()
 
 
 def _show(value: Any) -> str:
     if isinstance(value, (_omegaconf("DictConfig"), _omegaconf("ListConfig"))):
-        try:
-            return repr(_omegaconf("OmegaConf").to_container(value, resolve=False))
-        except Exception:
-            return str(value)
+        return repr(_omegaconf("OmegaConf").to_container(value, resolve=False))
     return repr(value)
 
 

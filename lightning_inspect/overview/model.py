@@ -36,8 +36,6 @@ FINDING_FIELDS = ("rule", "severity", "module", "statistic", "value", "step", "h
 def split_key(key: str) -> tuple[str, str, str] | None:
     """``(view kind, layer, statistic)`` of a scalar key; ``None`` for keys without a layer.
 
-    >>> split_key("activations/attn/0/mean")
-    ('activations', 'attn/0', 'mean')
     >>> split_key("weights/fc.weight/update_ratio")
     ('update_ratios', 'fc.weight', 'update_ratio')
     >>> split_key("param_grads/global_norm") is None
@@ -159,7 +157,7 @@ class RunData:
 
     def layer_histograms(self, kind: str, layer: str) -> dict[str, Any]:
         """One layer's histograms: ``steps``, ``lo``, ``hi`` and ``counts`` (one list per step)."""
-        series = self.kinds[kind].histograms.get(layer, {})
+        series = self.kinds.get(kind, KindData()).histograms.get(layer, {})
         steps = sorted(series)
         lo, hi, counts = zip(*(series[s] for s in steps), strict=True) if steps else ((), (), ())
         return {"steps": steps, "lo": _rounded(lo), "hi": _rounded(hi), "counts": list(counts)}

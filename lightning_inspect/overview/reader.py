@@ -134,7 +134,4 @@ class LogDirReader:
             buckets = np.asarray(datum.numpy, dtype=np.float64).reshape(-1, 3)
             if len(buckets):
                 data.add_histogram(tag, datum.step, buckets[0, 0], buckets[-1, 1], buckets[:, 2])
-        found = split_histogram_key(tag)
-        if found is None or found[0] not in data.kinds:
-            return {"steps": [], "lo": [], "hi": [], "counts": []}
-        return data.layer_histograms(*found)
+        return data.layer_histograms(*(split_histogram_key(tag) or (kind, layer)))
