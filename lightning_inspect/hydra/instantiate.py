@@ -133,10 +133,7 @@ def _refuse_targets(value: Any, path: str) -> None:
 
 
 def _check_keys(entry: Any, path: str, target: type) -> None:
-    try:
-        params = _pyinspect.signature(target).parameters.values()
-    except (TypeError, ValueError):
-        return
+    params = _pyinspect.signature(target).parameters.values()
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return  # the constructor takes **kwargs: leave the checks to it
     named = {p.name: p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}

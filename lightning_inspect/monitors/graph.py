@@ -21,15 +21,6 @@ from lightning_inspect.core.selection import named_modules
 STRUCTURE_KEY = "model/structure"
 
 
-def structure_table(model: nn.Module) -> str:
-    """The model table of ``model`` as markdown.
-
-    >>> print(structure_table(nn.Sequential(nn.Linear(2, 3))).splitlines()[4])
-    | 0 | Linear | 9 | 9 | 0 |
-    """
-    return ModelTable(model).to_markdown()
-
-
 class GraphMonitor(Callback):
     """Log the model's computational graph and model table once, from the first training batch.
 

@@ -24,16 +24,11 @@ _ERROR_NOTE = "lightning-inspect: the error was raised inside"
 class ShapeTracer(Callback):
     """Make forward-pass errors name their module; optionally trace shapes; summarise the model.
 
-    While hooked (sanity check, the first ``first_n_batches`` training batches, all of validate,
-    test and predict) a stack of modules names the failing one; afterwards it is found from the
-    traceback. The note added to the exception gives the module, its callers, its inputs' and
-    parameters' shapes and dtypes, and a hint for common causes. ``trace=True`` logs the model
-    table with every module's shapes on the first training batch (``model/shape_trace``);
-    ``summary=True`` the model's blocks at the start of fit (``model/summary``).
-
-    Args:
-        first_n_batches: training batches during which the hooks stay (``None``: all of fit).
-        console: also print the summary and the trace.
+    The note added to the exception names the module (found by hooks during the first
+    ``first_n_batches`` training batches, validate, test and predict, then from the traceback),
+    its callers, its inputs' and parameters' shapes, and a hint. ``trace`` logs every module's
+    shapes on the first training batch (``model/shape_trace``); ``summary`` the model's blocks at
+    the start of fit (``model/summary``); ``console`` prints them too.
 
     Example::
 
