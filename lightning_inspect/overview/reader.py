@@ -48,32 +48,27 @@ class LogDirReader:
         self.logdir = logdir
         self.experiment_id = experiment_id
 
-    def _list(self, ctx: Any, plugin: str, run: str | None = None) -> dict[str, dict[str, Any]]:
+    def _ask(self, ctx: Any, verb: str, plugin: str, run: str | None, tags: Any = None) -> Any:
+        """``list`` or ``read`` the ``plugin``'s series of ``run`` (``None``: of every run)."""
         from tensorboard.data.provider import RunTagFilter
 
-        method = self.provider.list_scalars if plugin == "scalars" else self.provider.list_tensors
-        runs = RunTagFilter(runs=[run]) if run is not None else None
-        return method(
-            ctx, experiment_id=self.experiment_id, plugin_name=plugin, run_tag_filter=runs
-        )
-
-    def _read(self, ctx: Any, plugin: str, run: str, tags: list[str]) -> dict[str, Any]:
-        from tensorboard.data.provider import RunTagFilter
-
-        method = self.provider.read_scalars if plugin == "scalars" else self.provider.read_tensors
-        return method(
+        method = getattr(self.provider, f"{verb}_{'scalars' if plugin == 'scalars' else 'tensors'}")
+        kwargs = {"downsample": MAX_STEPS} if verb == "read" else {}
+        where = RunTagFilter([run], tags) if run is not None else None
+        found = method(
             ctx,
             experiment_id=self.experiment_id,
             plugin_name=plugin,
-            downsample=MAX_STEPS,
-            run_tag_filter=RunTagFilter(runs=[run], tags=tags),
-        ).get(run, {})
+            run_tag_filter=where,
+            **kwargs,
+        )
+        return found if run is None else found.get(run, {})
 
     def runs(self, ctx: Any) -> list[str]:
         """The runs holding the library's statistics or histograms, in the provider's order."""
         found: dict[str, None] = {}
         for plugin, ours in (("scalars", split_key), ("histograms", split_histogram_key)):
-            for run, tags in self._list(ctx, plugin).items():
+            for run, tags in self._ask(ctx, "list", plugin, None).items():
                 if any(ours(tag) is not None for tag in tags):
                     found.setdefault(run)
         return list(found)
@@ -83,7 +78,7 @@ class LogDirReader:
         return tuple(
             max(((s.max_step, s.max_wall_time) for s in series.values()), default=None)
             for series in (
-                self._list(ctx, p, run).get(run, {}) for p in ("scalars", "histograms", "text")
+                self._ask(ctx, "list", p, run) for p in ("scalars", "histograms", "text")
             )
         )
 
@@ -93,17 +88,17 @@ class LogDirReader:
         rank = key_order(self.logdir, run) if self.logdir else {}
         # tags not in the first logged step come after those, in the provider's order
         tags = sorted(
-            (t for t in self._list(ctx, "scalars", run).get(run, {}) if split_key(t)),
+            (t for t in self._ask(ctx, "list", "scalars", run) if split_key(t)),
             key=lambda tag: rank.get(tag, len(rank)),
         )
-        read = self._read(ctx, "scalars", run, tags) if tags else {}
+        read = self._ask(ctx, "read", "scalars", run, tags) if tags else {}
         by_step: dict[int, dict[str, float]] = {}
         for tag in tags:
             for datum in read.get(tag, ()):
                 by_step.setdefault(datum.step, {})[tag] = datum.value
         for step in sorted(by_step):
             data.add_scalars(step, by_step[step])
-        hist = self._list(ctx, "histograms", run).get(run, {})
+        hist = self._ask(ctx, "list", "histograms", run)
         for tag in sorted(hist, key=lambda tag: rank.get(tag, len(rank))):
             data.note_histograms(tag)
         data.add_findings(self.findings(ctx, run))
@@ -113,8 +108,8 @@ class LogDirReader:
         """The health findings written to ``run``, oldest first."""
         # SummaryWriter.add_text appends "/text_summary" to the tag
         ours = (FINDINGS_KEY, f"{FINDINGS_KEY}/text_summary")
-        tags = [t for t in self._list(ctx, "text", run).get(run, {}) if t in ours]
-        read = self._read(ctx, "text", run, tags) if tags else {}
+        tags = [t for t in self._ask(ctx, "list", "text", run) if t in ours]
+        read = self._ask(ctx, "read", "text", run, tags) if tags else {}
         found: list[dict[str, Any]] = []
         for datum in (d for tag in tags for d in read.get(tag, ())):
             for text in np.asarray(datum.numpy).reshape(-1):
@@ -130,7 +125,7 @@ class LogDirReader:
         """One layer's histograms over steps (``steps``, ``lo``, ``hi``, ``counts``)."""
         tag = f"{'weights' if kind == 'update_ratios' else kind}/{layer}"
         data = RunData()
-        for datum in self._read(ctx, "histograms", run, [tag]).get(tag, ()):
+        for datum in self._ask(ctx, "read", "histograms", run, [tag]).get(tag, ()):
             buckets = np.asarray(datum.numpy, dtype=np.float64).reshape(-1, 3)
             if len(buckets):
                 data.add_histogram(tag, datum.step, buckets[0, 0], buckets[-1, 1], buckets[:, 2])
