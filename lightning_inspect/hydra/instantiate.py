@@ -2,12 +2,6 @@
 
 Only an entry's own ``_target_`` is instantiated, and only when it is a Lightning ``Callback``
 class; a ``_target_`` nested in an argument is a ConfigError naming its key.
-
-    >>> instantiate_callbacks({"activations": {"_target_": "lightning_inspect.ActivationMonitor",
-    ...                                        "every_n_step": 5}})
-    Traceback (most recent call last):
-    ...
-    lightning_inspect.errors.ConfigError: inspect.activations.every_n_step: unknown key for lightning_inspect.ActivationMonitor (value 5). Did you mean 'every_n_steps'? Valid keys: modules, exclude, every_n_steps, start_step, stop_step, stats, histograms, bins, backends, on_nonfinite, enabled, mlflow_metrics.
 """
 
 from __future__ import annotations

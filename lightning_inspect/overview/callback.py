@@ -67,13 +67,8 @@ class OverviewPage(Callback):
         self._coordinator.observers.append(self.observe)
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="lightning-inspect-overview")
 
-    def observe(
-        self,
-        step: int,
-        scalars: Mapping[str, float],
-        histograms: Mapping[str, Any],
-        findings: Sequence[Any],
-    ) -> None:
+    def observe(self, step: int, scalars: Mapping, histograms: Mapping, findings: Sequence) -> None:
+        """Take one step's values from a monitor (a ``StepCoordinator`` observer)."""
         try:
             if self._last_step is not None and step > self._last_step:
                 self._complete_steps += 1  # a later step began: the previous one is complete

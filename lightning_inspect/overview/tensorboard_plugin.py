@@ -101,6 +101,5 @@ def _json(request: wrappers.Request, value: Any) -> wrappers.Response:
 
 
 def _not_found(request: wrappers.Request, message: str) -> NoReturn:
-    """End the request with a 404 whose JSON body says why."""
     body = json.dumps({"error": message})
     abort(http_util.Respond(request, body, "application/json", code=404))

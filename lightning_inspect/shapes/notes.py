@@ -86,15 +86,7 @@ def model_summary(model: nn.Module) -> mt.ModelTable:
 
 def locate_in_traceback(exc: BaseException, modules: Mapping[str, nn.Module]) -> list[ModuleFrame]:
     """The ``modules`` whose ``forward`` frames are in ``exc``'s traceback, outermost first
-    (arguments: the frame's local variables at the time of the error).
-
-    >>> net = nn.Sequential(nn.Linear(3, 2))
-    >>> try:
-    ...     net(torch.zeros(1, 4))
-    ... except RuntimeError as exc:
-    ...     [f.name for f in locate_in_traceback(exc, dict(net.named_modules()))]
-    ['', '0']
-    """
+    (arguments: the frame's local variables at the time of the error)."""
     by_id, out, tb = {id(m): n for n, m in modules.items()}, [], exc.__traceback__
     while tb is not None:
         frame, code = tb.tb_frame, tb.tb_frame.f_code
@@ -154,9 +146,7 @@ def error_note(frames: Sequence[ModuleFrame], exc: BaseException, context: str =
     return "\n".join(lines)
 
 
-def shape_hint(
-    module: nn.Module, args: Sequence[Any], kwargs: Any, message: str, name: str = ""
-) -> str:
+def shape_hint(module: nn.Module, args: Sequence, kwargs: Any, message: str, name: str = "") -> str:
     """One line on the likely cause of an error raised in ``module``'s forward, or ``""``.
 
     >>> shape_hint(nn.Linear(288, 10), (torch.zeros(4, 8, 6, 6),), {}, "mat1 and mat2", "fc")[:42]
