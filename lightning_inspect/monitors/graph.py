@@ -121,8 +121,7 @@ class GraphMonitor(Callback):
             why = f"it was called with keyword arguments {sorted(kwargs)}; tracing takes positional tensors only"
             return self._warn(where, why)
         if not all(isinstance(a, torch.Tensor) for a in args):
-            kinds = [type(a).__name__ for a in args]
-            why = f"its inputs are {kinds}; tracing takes tensors only (dict or list inputs cannot be traced)"
+            why = f"its inputs are {[type(a).__name__ for a in args]}; tracing takes tensors only (dict or list inputs cannot be traced)"
             return self._warn(where, why)
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         modes = {m: m.training for m in module.modules()}  # tracing runs in eval mode

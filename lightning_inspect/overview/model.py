@@ -36,10 +36,8 @@ FINDING_FIELDS = ("rule", "severity", "module", "statistic", "value", "step", "h
 def split_key(key: str) -> tuple[str, str, str] | None:
     """``(view kind, layer, statistic)`` of a scalar key; ``None`` for keys without a layer.
 
-    >>> split_key("weights/fc.weight/update_ratio")
-    ('update_ratios', 'fc.weight', 'update_ratio')
-    >>> split_key("param_grads/global_norm") is None
-    True
+    >>> split_key("weights/fc.weight/update_ratio"), split_key("param_grads/global_norm")
+    (('update_ratios', 'fc.weight', 'update_ratio'), None)
     """
     kind, name, output, stat = keys.split_key(key)
     if kind not in VIEW_KINDS or not name:
@@ -51,22 +49,16 @@ def split_key(key: str) -> tuple[str, str, str] | None:
 
 
 def split_histogram_key(key: str) -> tuple[str, str] | None:
-    """``(view kind, layer)`` of a histogram key.
-
-    >>> split_histogram_key("activations/attn/0")
-    ('activations', 'attn/0')
-    """
-    kind, name, output, _ = keys.split_key(f"{key}/")
-    return (kind, f"{name}/{output}" if output else name) if kind in VIEW_KINDS and name else None
+    """``(view kind, layer)`` of a histogram key (``activations/attn/0``: a key without statistic)."""
+    return None if (parts := split_key(f"{key}/")) is None else parts[:2]
 
 
 def _rounded(values: Any) -> list[float | None]:
     """Values (any shape) to :data:`_DIGITS` significant digits; non-finite as ``None``."""
     values = np.asarray(values, dtype=np.float64)
     finite = np.isfinite(values)
-    scale = 10.0 ** (
-        _DIGITS - 1 - np.floor(np.log10(np.where(finite & (values != 0), abs(values), 1)))
-    )
+    magnitude = np.floor(np.log10(np.where(finite & (values != 0), abs(values), 1)))
+    scale = 10.0 ** (_DIGITS - 1 - magnitude)
     return np.where(finite, np.round(np.where(finite, values, 0.0) * scale) / scale, None).tolist()
 
 
