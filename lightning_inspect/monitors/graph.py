@@ -24,12 +24,10 @@ STRUCTURE_KEY = "model/structure"
 class GraphMonitor(Callback):
     """Log the model's computational graph and model table once, from the first training batch.
 
-    The graph (TensorBoard only) is traced with the inputs the model received on that batch, in
-    eval mode, without gradients and with the random state restored, so training is unchanged; no
-    ``example_input_array`` is needed. Traced: the LightningModule when ``training_step`` calls
-    ``self(...)``, else the first direct child called (rank 0; under DDP the module, not the
-    wrapper). Where tracing cannot work (keyword or dict inputs) a warning says why. The model
-    table goes to every backend as ``model/structure``.
+    The graph (TensorBoard) is traced, on rank 0 and leaving training unchanged, with the inputs
+    that the LightningModule (or, if ``training_step`` does not call ``self(...)``, its first child
+    called) received; where tracing cannot work a warning says why. The model table goes to every
+    backend as ``model/structure``.
 
     Example::
 

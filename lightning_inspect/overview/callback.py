@@ -25,9 +25,8 @@ ARTIFACT = "lightning_inspect/overview.html"
 class OverviewPage(Callback):
     """Write the overview page (heatmaps, histograms, findings) to MLflow as one HTML artifact.
 
-    It needs an ``MLFlowLogger`` (without one it does nothing; TensorBoard's "Inspect" tab needs
-    no callback). Refreshes are uploaded on a worker thread; the last page, at the end of fit,
-    within the fit's deadline.
+    Without an ``MLFlowLogger`` it does nothing (TensorBoard's "Inspect" tab needs no callback).
+    Refreshes are uploaded on a worker thread; the last one within the end-of-fit deadline.
 
     Args:
         every_n_logs: rewrite the page every this many logged steps (and at the end of fit).

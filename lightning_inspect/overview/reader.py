@@ -1,8 +1,5 @@
-"""Read the overview's data of a TensorBoard log dir through TensorBoard's data provider.
-
-Data providers do not keep the order in which tags were written (the Rust data server returns
-hash order), so :func:`key_order` reads it from the start of the run's event file.
-"""
+"""Read the overview's data through TensorBoard's data provider; the order in which tags were
+written, which providers lose, from the start of the run's event file (:func:`key_order`)."""
 
 from __future__ import annotations
 
