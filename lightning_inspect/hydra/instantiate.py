@@ -96,12 +96,10 @@ def _locate(name: Any, path: str) -> type:
         )
     from hydra.utils import get_object
 
-    import lightning_inspect
-
     try:
         target = get_object(name)
     except Exception as exc:
-        known = [f"lightning_inspect.{n}" for n in lightning_inspect.__all__]
+        known = [f"lightning_inspect.{n}" for n in sys.modules["lightning_inspect"].__all__]
         raise ConfigError(
             f"{path}={name!r}: no such class can be imported.{_did_you_mean(name, known)}"
         ) from exc

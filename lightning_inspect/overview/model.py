@@ -71,6 +71,11 @@ class KindData:
     values: dict[tuple[str, str], dict[int, float]] = field(default_factory=dict)
     histograms: dict[str, dict[int, tuple[float, float, list[int]]]] = field(default_factory=dict)
 
+    def copy(self) -> KindData:
+        values = {key: dict(series) for key, series in self.values.items()}
+        hists = {layer: dict(series) for layer, series in self.histograms.items()}
+        return KindData(dict(self.layers), dict(self.stats), values, hists)
+
 
 @dataclass
 class RunData:
@@ -81,16 +86,7 @@ class RunData:
 
     def copy(self) -> RunData:
         """A copy that later additions leave unchanged."""
-        kinds = {
-            name: KindData(
-                dict(k.layers),
-                dict(k.stats),
-                {key: dict(series) for key, series in k.values.items()},
-                {layer: dict(series) for layer, series in k.histograms.items()},
-            )
-            for name, k in self.kinds.items()
-        }
-        return RunData(kinds, [dict(f) for f in self.findings])
+        return RunData({name: k.copy() for name, k in self.kinds.items()}, list(self.findings))
 
     def _layer(self, kind: str, layer: str) -> KindData:
         data = self.kinds.setdefault(kind, KindData())

@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 from typing import Any, NoReturn
 
+from tensorboard import plugin_util
 from tensorboard.backend import http_util
+from tensorboard.context import RequestContext
 from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
 from werkzeug.exceptions import abort
@@ -34,8 +36,6 @@ class InspectPlugin(base_plugin.TBPlugin):
         return apps | {f"/{name}": getattr(self, f"_serve_{name}") for name in routes}
 
     def is_active(self) -> bool:
-        from tensorboard.context import RequestContext
-
         return bool(self._reader.runs(RequestContext()))
 
     def data_plugin_names(self) -> tuple[str, ...]:
@@ -91,8 +91,6 @@ class InspectLoader(base_plugin.TBLoader):
 
 
 def _ctx(request: wrappers.Request) -> Any:
-    from tensorboard import plugin_util
-
     return plugin_util.context(request.environ)
 
 

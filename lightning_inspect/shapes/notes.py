@@ -114,10 +114,8 @@ def has_note(exc: BaseException, marker: str = NOTE_PREFIX) -> bool:
 
 def describe_parameters(module: nn.Module) -> str:
     """The module's own parameters: ``weight (10, 288) float32, bias (10,) float32``."""
-    own = [
-        f"{n} {describe_tensor(p)}{'' if p.requires_grad else ' (frozen)'}"
-        for n, p in module.named_parameters(recurse=False)
-    ]
+    params = module.named_parameters(recurse=False)
+    own = [f"{n} {describe_tensor(p)}" + " (frozen)" * (not p.requires_grad) for n, p in params]
     total = sum(p.numel() for p in module.parameters())
     return ", ".join(own) or (f"none of its own ({total:,} in its submodules)" if total else "none")
 
