@@ -107,9 +107,8 @@ class OverviewPage(Callback):
     def _warn(self, what: str, exc: Exception) -> None:
         if not self._warned:
             self._warned = True
-            why = f"{what} failed ({type(exc).__name__}: {exc}); training continues and the page"
-            msg = f"OverviewPage: {why} is written again at the next refresh."
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+            msg = f"OverviewPage: {what} failed ({type(exc).__name__}: {exc}); training continues"
+            warnings.warn(f"{msg}; the page is rewritten at the next refresh.", RuntimeWarning, 3)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # after every callback's on_train_end: the monitors have published their last step

@@ -50,15 +50,9 @@ class LogDirReader:
         from tensorboard.data.provider import RunTagFilter
 
         method = getattr(self.provider, f"{verb}_{'scalars' if plugin == 'scalars' else 'tensors'}")
-        kwargs = {"downsample": MAX_STEPS} if verb == "read" else {}
-        where = RunTagFilter([run], tags) if run is not None else None
-        found = method(
-            ctx,
-            experiment_id=self.experiment_id,
-            plugin_name=plugin,
-            run_tag_filter=where,
-            **kwargs,
-        )
+        kw: dict[str, Any] = {"downsample": MAX_STEPS} if verb == "read" else {}
+        kw["run_tag_filter"] = RunTagFilter([run], tags) if run is not None else None
+        found = method(ctx, experiment_id=self.experiment_id, plugin_name=plugin, **kw)
         return found if run is None else found.get(run, {})
 
     def runs(self, ctx: Any) -> list[str]:
