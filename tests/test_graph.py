@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from lightning_inspect import ConfigError, GraphMonitor
 from lightning_inspect.core.model_table import ModelTable, hook_modules
-from lightning_inspect.monitors.graph import STRUCTURE_KEY, structure_table
+from lightning_inspect.monitors.graph import STRUCTURE_KEY
 
 STRUCTURE_TAG = f"{STRUCTURE_KEY}/text_summary"
 
@@ -183,7 +183,7 @@ def test_structure_table_counts_frozen_parameters() -> None:
     with hook_modules(table, {"1": net[1]}):
         net(torch.zeros(4, 2))
     text = table.to_markdown()
-    assert structure_table(net).splitlines()[0] == text.splitlines()[0]
+    assert ModelTable(net).to_markdown().splitlines()[0] == text.splitlines()[0]
     assert (
         text.splitlines()[0] == "**Sequential**: 13 parameters (4 trainable, 9 frozen) in 2 layers"
     )

@@ -21,33 +21,13 @@ from lightning_inspect.core.selection import named_modules
 STRUCTURE_KEY = "model/structure"
 
 
-def structure_table(model: nn.Module) -> str:
-    """The model table of ``model`` as markdown.
-
-    >>> print(structure_table(nn.Sequential(nn.Linear(2, 3))).splitlines()[4])
-    | 0 | Linear | 9 | 9 | 0 |
-    """
-    return ModelTable(model).to_markdown()
-
-
 class GraphMonitor(Callback):
-    """Log the model's computational graph and its model table once, from the first training batch.
+    """Log the model's computational graph and model table once, from the first training batch.
 
-    The graph is traced (``SummaryWriter.add_graph``, in eval mode, without gradients, with the
-    random state saved and restored, so training is unchanged) with the inputs the model really
-    received on its first training batch: no ``example_input_array`` is needed. The traced module
-    is the LightningModule when ``training_step`` calls ``self(...)``, otherwise the first direct
-    child it called; on global rank 0 only, and under DDP the module, not the wrapper. Where
-    tracing cannot work (keyword or dict inputs, data-dependent control flow) a warning says why
-    and training goes on. The model table (every module: type, layers, input and output shapes on
-    the first batch, calls, parameters) goes to TensorBoard's Text tab and to MLflow as
-    ``lightning_inspect/model/structure.md``.
-
-    Args:
-        graph: log the graph (TensorBoard only).
-        structure: log the model table.
-        backends: as for the other monitors.
-        enabled: ``False`` does nothing.
+    The graph (TensorBoard) is traced, on rank 0 and leaving training unchanged, with the inputs
+    that the LightningModule (or, if ``training_step`` does not call ``self(...)``, its first child
+    called) received; where tracing cannot work a warning says why. The model table goes to every
+    backend as ``model/structure``.
 
     Example::
 
@@ -90,8 +70,7 @@ class GraphMonitor(Callback):
             self._step, self._table = trainer.global_step, ModelTable(pl_module)
             self._hooks = hook_modules(self, {"": pl_module, **named_modules(pl_module)})
 
-    # The hooks' consumer: the inputs of the first (outermost) of the model and its children to be
-    # called are traced (pre-hooks fire outermost first); the trace records every module's shapes.
+    # pre-hooks fire outermost first: the first of the model and its children called is traced
     def _on_input(self, name: str, module: nn.Module, args: Any, kwargs: Any) -> None:
         if self._inputs is None and "." not in name:
             self._inputs = (module, name, args, kwargs)
@@ -133,17 +112,14 @@ class GraphMonitor(Callback):
         if not writers:
             return
         if self._inputs is None:
-            why = "the model was not called during the first training batch; no graph is logged."
-            warnings.warn(f"GraphMonitor: {why}", RuntimeWarning, stacklevel=2)
-            return
+            return self._warn("the model", "it was not called during the first training batch")
         module, name, args, kwargs = self._inputs
         where = f"the module {name!r}" if name else "the LightningModule"
         if kwargs:
             why = f"it was called with keyword arguments {sorted(kwargs)}; tracing takes positional tensors only"
             return self._warn(where, why)
         if not all(isinstance(a, torch.Tensor) for a in args):
-            kinds = [type(a).__name__ for a in args]
-            why = f"its inputs are {kinds}; tracing takes tensors only (dict or list inputs cannot be traced)"
+            why = f"its inputs are {[type(a).__name__ for a in args]}; tracing takes tensors only (dict or list inputs cannot be traced)"
             return self._warn(where, why)
         cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
         modes = {m: m.training for m in module.modules()}  # tracing runs in eval mode
@@ -164,9 +140,5 @@ class GraphMonitor(Callback):
 
     @staticmethod
     def _warn(where: str, why: str) -> None:
-        warnings.warn(
-            f"GraphMonitor: could not trace the graph of {where}: {why}. Training continues; the "
-            "model structure is still logged.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        msg = f"GraphMonitor: could not trace the graph of {where}: {why}. Training continues; "
+        warnings.warn(msg + "the model structure is still logged.", RuntimeWarning, stacklevel=3)

@@ -16,25 +16,20 @@ from lightning_inspect.backends import attached_loggers
 from lightning_inspect.backends.deadline import EndOfFit
 from lightning_inspect.backends.mlflow_http import bounded_client
 from lightning_inspect.core.recorder import StepCoordinator
-from lightning_inspect.overview.model import RunData, finding_dicts
+from lightning_inspect.overview.model import RunData
 from lightning_inspect.overview.page import render_page
 
 ARTIFACT = "lightning_inspect/overview.html"
 
 
 class OverviewPage(Callback):
-    """Write the overview page (layers x steps heatmaps, histograms, findings) to MLflow.
+    """Write the overview page (heatmaps, histograms, findings) to MLflow as one HTML artifact.
 
-    Add it next to the monitors; it needs an ``MLFlowLogger`` (without one it does nothing). In
-    TensorBoard the same page is the "Inspect" tab, with no callback. Refreshes are built and
-    uploaded on a worker thread; the last page, at the end of fit, within the fit's deadline.
+    Without an ``MLFlowLogger`` it does nothing (TensorBoard's "Inspect" tab needs no callback).
+    Refreshes are uploaded on a worker thread; the last one within the end-of-fit deadline.
 
     Args:
         every_n_logs: rewrite the page every this many logged steps (and at the end of fit).
-        enabled: ``False`` attaches the callback but writes nothing.
-
-    Logged artifacts:
-        ``lightning_inspect/overview.html``: one self-contained HTML file (data inlined).
 
     Example::
 
@@ -63,7 +58,6 @@ class OverviewPage(Callback):
         self._logger = attached_loggers(trainer).get("mlflow")
         if self._logger is None:
             return
-        # bounded retries against a tracking server; the fit's one end-of-fit deadline
         self._client = bounded_client(self._logger.experiment)
         self._deadline = EndOfFit.for_fit(trainer)
         self.data = RunData()
@@ -72,14 +66,8 @@ class OverviewPage(Callback):
         self._coordinator.observers.append(self.observe)
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="lightning-inspect-overview")
 
-    def observe(
-        self,
-        step: int,
-        scalars: Mapping[str, float],
-        histograms: Mapping[str, Any],
-        findings: Sequence[Any],
-    ) -> None:
-        """Take what a monitor published; rewrite the page every ``every_n_logs`` logged steps."""
+    def observe(self, step: int, scalars: Mapping, histograms: Mapping, findings: Sequence) -> None:
+        """Take one step's values from a monitor (a ``StepCoordinator`` observer)."""
         try:
             if self._last_step is not None and step > self._last_step:
                 self._complete_steps += 1  # a later step began: the previous one is complete
@@ -91,47 +79,39 @@ class OverviewPage(Callback):
             self.data.add_scalars(step, scalars)
             for key, h in histograms.items():
                 self.data.add_histogram(key, step, h.edges[0], h.edges[-1], h.counts)
-            self.data.add_findings(finding_dicts(findings))
+            self.data.add_findings(findings)
         except Exception as exc:  # the page must never stop training
             self._warn(f"taking the values of step {step}", exc)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Whether the page being written in the background was uploaded within ``timeout``."""
-        if self._pending is None:
-            return True
         try:
-            self._pending.result(timeout)
+            if self._pending is not None:
+                self._pending.result(timeout)
         except FutureTimeout:
             return False
         return True
 
     def write(self, data: RunData | None = None) -> None:
         """Upload the page of ``data`` (default: all so far) now; a failure warns once."""
-        logger = self._logger
+        logger, client = self._logger, self._client  # teardown may clear them meanwhile
         if logger is None:
             return
+        run = logger.run_id
         try:
-            page = render_page(
-                {logger.run_id: self.data if data is None else data},
-                title=f"lightning-inspect {logger.run_id}",
-            )
-            self._client.log_text(logger.run_id, page, ARTIFACT)
+            page = render_page({run: data or self.data}, f"lightning-inspect {run}")
+            client.log_text(run, page, ARTIFACT)
         except Exception as exc:  # the page must never stop training
             self._warn(f"writing {ARTIFACT}", exc)
 
     def _warn(self, what: str, exc: Exception) -> None:
-        """One warning per fit, for the first fault."""
         if not self._warned:
             self._warned = True
-            warnings.warn(
-                f"OverviewPage: {what} failed ({type(exc).__name__}: {exc}); training "
-                "continues and the page is written again at the next refresh.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            msg = f"OverviewPage: {what} failed ({type(exc).__name__}: {exc}); training continues"
+            warnings.warn(f"{msg}; the page is rewritten at the next refresh.", RuntimeWarning, 3)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        # After every callback's on_train_end: the monitors have published their last step.
+        # after every callback's on_train_end: the monitors have published their last step
         if self._coordinator is None:
             return
         self._coordinator.flush()

@@ -1,6 +1,5 @@
-"""The overview's data: per run and view kind, layers x steps of every statistic, histograms
-per layer and step, and health findings; serialised as JSON for the one frontend. Layers keep the
-order in which their keys first arrive (execution or selection order), never sorted.
+"""The overview's data: per view kind, layers x steps of every statistic, histograms per layer
+and step, and health findings, as JSON for the frontend. Layers keep their arrival order.
 
 Example:
     >>> run = RunData()
@@ -21,7 +20,7 @@ import numpy as np
 
 from lightning_inspect.core import keys
 
-#: The views, in the order the page lists them: key prefix -> label.
+#: key prefix -> label, in the page's order
 VIEW_KINDS = {
     "activations": "activations",
     "activation_grads": "activation gradients",
@@ -31,19 +30,14 @@ VIEW_KINDS = {
     "health": "health",
 }
 _DIGITS = 6  # significant digits kept in the page's data
-#: The fields of a finding that the page shows.
 FINDING_FIELDS = ("rule", "severity", "module", "statistic", "value", "step", "hint")
 
 
 def split_key(key: str) -> tuple[str, str, str] | None:
     """``(view kind, layer, statistic)`` of a scalar key; ``None`` for keys without a layer.
 
-    >>> split_key("activations/attn/0/mean")
-    ('activations', 'attn/0', 'mean')
-    >>> split_key("weights/fc.weight/update_ratio")
-    ('update_ratios', 'fc.weight', 'update_ratio')
-    >>> split_key("param_grads/global_norm") is None
-    True
+    >>> split_key("weights/fc.weight/update_ratio"), split_key("param_grads/global_norm")
+    (('update_ratios', 'fc.weight', 'update_ratio'), None)
     """
     kind, name, output, stat = keys.split_key(key)
     if kind not in VIEW_KINDS or not name:
@@ -55,33 +49,32 @@ def split_key(key: str) -> tuple[str, str, str] | None:
 
 
 def split_histogram_key(key: str) -> tuple[str, str] | None:
-    """``(view kind, layer)`` of a histogram key (a key without the statistic).
-
-    >>> split_histogram_key("activations/attn/0")
-    ('activations', 'attn/0')
-    """
-    kind, name, output, _ = keys.split_key(f"{key}/")
-    return (kind, f"{name}/{output}" if output else name) if kind in VIEW_KINDS and name else None
+    """``(view kind, layer)`` of a histogram key (``activations/attn/0``: a key without statistic)."""
+    return None if (parts := split_key(f"{key}/")) is None else parts[:2]
 
 
 def _rounded(values: Any) -> list[float | None]:
-    """Values (any shape) to :data:`_DIGITS` significant digits; non-finite ones as ``None``."""
+    """Values (any shape) to :data:`_DIGITS` significant digits; non-finite as ``None``."""
     values = np.asarray(values, dtype=np.float64)
     finite = np.isfinite(values)
-    scale = 10.0 ** (
-        _DIGITS - 1 - np.floor(np.log10(np.where(finite & (values != 0), abs(values), 1)))
-    )
+    magnitude = np.floor(np.log10(np.where(finite & (values != 0), abs(values), 1)))
+    scale = 10.0 ** (_DIGITS - 1 - magnitude)
     return np.where(finite, np.round(np.where(finite, values, 0.0) * scale) / scale, None).tolist()
 
 
 @dataclass
 class KindData:
-    """One view kind of one run: its layers (in arrival order), statistics and values."""
+    """One view kind of one run (``layers``, ``stats``: ordered sets)."""
 
-    layers: dict[str, None] = field(default_factory=dict)  # an ordered set
+    layers: dict[str, None] = field(default_factory=dict)
     stats: dict[str, None] = field(default_factory=dict)
     values: dict[tuple[str, str], dict[int, float]] = field(default_factory=dict)
     histograms: dict[str, dict[int, tuple[float, float, list[int]]]] = field(default_factory=dict)
+
+    def copy(self) -> KindData:
+        values = {key: dict(series) for key, series in self.values.items()}
+        hists = {layer: dict(series) for layer, series in self.histograms.items()}
+        return KindData(dict(self.layers), dict(self.stats), values, hists)
 
 
 @dataclass
@@ -92,17 +85,8 @@ class RunData:
     findings: list[dict[str, Any]] = field(default_factory=list)
 
     def copy(self) -> RunData:
-        """A copy that later additions leave unchanged (containers copied, values shared)."""
-        kinds = {
-            name: KindData(
-                dict(k.layers),
-                dict(k.stats),
-                {key: dict(series) for key, series in k.values.items()},
-                {layer: dict(series) for layer, series in k.histograms.items()},
-            )
-            for name, k in self.kinds.items()
-        }
-        return RunData(kinds, [dict(f) for f in self.findings])
+        """A copy that later additions leave unchanged."""
+        return RunData({name: k.copy() for name, k in self.kinds.items()}, list(self.findings))
 
     def _layer(self, kind: str, layer: str) -> KindData:
         data = self.kinds.setdefault(kind, KindData())
@@ -110,7 +94,7 @@ class RunData:
         return data
 
     def add_scalars(self, step: int, values: Mapping[str, float]) -> None:
-        """Add one step's scalars (keys per :mod:`lightning_inspect.core.keys`, others skipped)."""
+        """Add one step's scalars (keys that are not the library's are skipped)."""
         for key, value in values.items():
             if (parts := split_key(key)) is not None:
                 data = self._layer(*parts[:2])
@@ -127,26 +111,27 @@ class RunData:
             series[int(step)] = (float(lo), float(hi), whole)
 
     def note_histograms(self, key: str) -> None:
-        """Note that histograms exist under ``key`` (their values are read per layer later)."""
+        """Note that histograms exist under ``key`` (their values are read later)."""
         if (parts := split_histogram_key(key)) is not None:
             self._layer(*parts).histograms.setdefault(parts[1], {})
 
-    def add_findings(self, findings: Iterable[Mapping[str, Any]]) -> None:
-        """Add health findings (:data:`FINDING_FIELDS`), each (rule, module, step) once."""
+    def add_findings(self, findings: Iterable[Any]) -> None:
+        """Add health findings (mappings or ``Finding`` objects), each (rule, module, step) once."""
         seen = {(f["rule"], f["module"], f["step"]) for f in self.findings}
         for f in findings:
-            entry = {name: f.get(name) for name in FINDING_FIELDS}
+            entry = {
+                n: f.get(n) if isinstance(f, Mapping) else getattr(f, n) for n in FINDING_FIELDS
+            }
             entry["value"] = None if entry["value"] is None else _rounded([entry["value"]])[0]
-            if (entry["rule"], entry["module"], entry["step"]) not in seen:
-                seen.add((entry["rule"], entry["module"], entry["step"]))
+            if (key := (entry["rule"], entry["module"], entry["step"])) not in seen:
+                seen.add(key)
                 self.findings.append(entry)
 
     def steps(self, kind: str) -> list[int]:
         """The steps with a value or a histogram of ``kind``, ascending."""
         data = self.kinds[kind]
-        found = {s for series in data.values.values() for s in series}
-        found.update(s for series in data.histograms.values() for s in series)
-        return sorted(found)
+        series = [*data.values.values(), *data.histograms.values()]
+        return sorted({step for one in series for step in one})
 
     def matrix(self, kind: str, stat: str) -> list[list[float | None]]:
         """Values of ``stat``: one row per layer (arrival order), one column per step."""
@@ -160,17 +145,13 @@ class RunData:
 
     def layer_histograms(self, kind: str, layer: str) -> dict[str, Any]:
         """One layer's histograms: ``steps``, ``lo``, ``hi`` and ``counts`` (one list per step)."""
-        series = self.kinds[kind].histograms.get(layer, {})
+        series = self.kinds.get(kind, KindData()).histograms.get(layer, {})
         steps = sorted(series)
-        return {
-            "steps": steps,
-            "lo": _rounded([series[s][0] for s in steps]),
-            "hi": _rounded([series[s][1] for s in steps]),
-            "counts": [series[s][2] for s in steps],
-        }
+        lo, hi, counts = zip(*(series[s] for s in steps), strict=True) if steps else ((), (), ())
+        return {"steps": steps, "lo": _rounded(lo), "hi": _rounded(hi), "counts": list(counts)}
 
     def meta(self) -> dict[str, Any]:
-        """The run's kinds (layers, statistics, steps, which layers have histograms), findings."""
+        """The run's kinds (layers, stats, steps, layers with histograms) and findings."""
         kinds = {
             kind: {
                 "label": label,
@@ -185,24 +166,16 @@ class RunData:
         return {"kinds": kinds, "findings": self.findings}
 
     def to_json_dict(self) -> dict[str, Any]:
-        """Everything, for a page with its data inlined: meta, matrices and histograms."""
+        """Meta, matrices and histograms: everything, for a page with its data inlined."""
         out = self.meta()
         for kind, info in out["kinds"].items():
             info["values"] = {stat: self.matrix(kind, stat) for stat in info["stats"]}
-            info["hist"] = {
-                layer: self.layer_histograms(kind, layer) for layer in info["histograms"]
-            }
+            info["hist"] = {h: self.layer_histograms(kind, h) for h in info["histograms"]}
         return out
 
 
-def finding_dicts(findings: Iterable[Any]) -> list[dict[str, Any]]:
-    """:class:`~lightning_inspect.health.rules.Finding` objects as the page's dictionaries."""
-    return [{name: getattr(f, name) for name in FINDING_FIELDS} for f in findings]
-
-
 def safe_json(value: Any) -> str:
-    """JSON that can sit inside an HTML ``<script>`` element: ``<``, ``>``, ``&`` and U+2028/9
-    are escaped, so no string in it (``</script>`` in a module name) can end the element.
+    """JSON that no string in it (``</script>`` in a module name) can end a ``<script>`` with.
 
     >>> safe_json({"m": "</script>"})
     '{"m": "\\\\u003c/script\\\\u003e"}'

@@ -1,13 +1,9 @@
-"""Read the overview's data of a TensorBoard log dir through TensorBoard's data provider.
-
-Scalars come from the ``scalars`` plugin, histograms from the ``histograms`` plugin as
-``[left, right, count]`` buckets, health findings from the JSON text under :data:`FINDINGS_KEY`.
-Data providers do not keep the order in which tags were written (the Rust data server returns
-hash order), so :func:`key_order` reads it from the start of the run's event file.
-"""
+"""Read the overview's data through TensorBoard's data provider; the order in which tags were
+written, which providers lose, from the start of the run's event file (:func:`key_order`)."""
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -18,22 +14,19 @@ import numpy as np
 from lightning_inspect.core.keys import FINDINGS_KEY
 from lightning_inspect.overview.model import RunData, split_histogram_key, split_key
 
-#: At most this many steps per series are read (TensorBoard keeps a sample of longer series).
-MAX_STEPS = 10_000
-#: Events read at most per run for the order (the first logged step's events come first).
-MAX_EVENTS = 5_000
+MAX_STEPS = 10_000  # steps read per series (TensorBoard keeps a sample of longer series)
+MAX_EVENTS = 5_000  # events read per run for the order
 
 
 def key_order(logdir: str, run: str) -> dict[str, int]:
-    """``{tag: rank}`` of the lightning-inspect tags of the first logged step of ``run``, in
-    the order written (the monitors write a step's keys in execution order); ``{}`` when the
-    event files cannot be read (a remote log dir): the provider's order is kept then."""
+    """``{tag: rank}`` of the library's tags of the first logged step of ``run``, in the order
+    written; ``{}`` when the event files cannot be read (a remote log dir)."""
     from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
 
     files = sorted(glob.glob(os.path.join(logdir, run, "events.out.tfevents.*")))
     ranks: dict[str, int] = {}
     first_step: int | None = None
-    try:
+    with contextlib.suppress(Exception):  # unreadable: what was read, then the provider's order
         for n, event in enumerate(LegacyEventFileLoader(files[0]).Load() if files else ()):
             if n >= MAX_EVENTS or (first_step is not None and event.step > first_step):
                 break
@@ -41,8 +34,6 @@ def key_order(logdir: str, run: str) -> dict[str, int]:
                 if split_key(value.tag) or split_histogram_key(value.tag):
                     first_step = event.step if first_step is None else first_step
                     ranks.setdefault(value.tag, len(ranks))
-    except Exception:  # an unreadable file: what was read, then the provider's order
-        pass
     return ranks
 
 
@@ -54,32 +45,21 @@ class LogDirReader:
         self.logdir = logdir
         self.experiment_id = experiment_id
 
-    def _list(self, ctx: Any, plugin: str, run: str | None = None) -> dict[str, dict[str, Any]]:
+    def _ask(self, ctx: Any, verb: str, plugin: str, run: str | None, tags: Any = None) -> Any:
+        """``list`` or ``read`` the ``plugin``'s series of ``run`` (``None``: of every run)."""
         from tensorboard.data.provider import RunTagFilter
 
-        method = self.provider.list_scalars if plugin == "scalars" else self.provider.list_tensors
-        runs = RunTagFilter(runs=[run]) if run is not None else None
-        return method(
-            ctx, experiment_id=self.experiment_id, plugin_name=plugin, run_tag_filter=runs
-        )
-
-    def _read(self, ctx: Any, plugin: str, run: str, tags: list[str]) -> dict[str, Any]:
-        from tensorboard.data.provider import RunTagFilter
-
-        method = self.provider.read_scalars if plugin == "scalars" else self.provider.read_tensors
-        return method(
-            ctx,
-            experiment_id=self.experiment_id,
-            plugin_name=plugin,
-            downsample=MAX_STEPS,
-            run_tag_filter=RunTagFilter(runs=[run], tags=tags),
-        ).get(run, {})
+        method = getattr(self.provider, f"{verb}_{'scalars' if plugin == 'scalars' else 'tensors'}")
+        kw: dict[str, Any] = {"downsample": MAX_STEPS} if verb == "read" else {}
+        kw["run_tag_filter"] = RunTagFilter([run], tags) if run is not None else None
+        found = method(ctx, experiment_id=self.experiment_id, plugin_name=plugin, **kw)
+        return found if run is None else found.get(run, {})
 
     def runs(self, ctx: Any) -> list[str]:
-        """The runs holding lightning-inspect statistics or histograms, in the provider's order."""
+        """The runs holding the library's statistics or histograms, in the provider's order."""
         found: dict[str, None] = {}
         for plugin, ours in (("scalars", split_key), ("histograms", split_histogram_key)):
-            for run, tags in self._list(ctx, plugin).items():
+            for run, tags in self._ask(ctx, "list", plugin, None).items():
                 if any(ours(tag) is not None for tag in tags):
                     found.setdefault(run)
         return list(found)
@@ -89,39 +69,38 @@ class LogDirReader:
         return tuple(
             max(((s.max_step, s.max_wall_time) for s in series.values()), default=None)
             for series in (
-                self._list(ctx, p, run).get(run, {}) for p in ("scalars", "histograms", "text")
+                self._ask(ctx, "list", p, run) for p in ("scalars", "histograms", "text")
             )
         )
 
     def run_data(self, ctx: Any, run: str) -> RunData:
-        """Statistics and findings of ``run``, and which layers have histograms (their values
-        are read one layer at a time by :meth:`histograms`)."""
+        """Statistics and findings of ``run``, and which layers have histograms."""
         data = RunData()
         rank = key_order(self.logdir, run) if self.logdir else {}
         # tags not in the first logged step come after those, in the provider's order
         tags = sorted(
-            (t for t in self._list(ctx, "scalars", run).get(run, {}) if split_key(t)),
+            (t for t in self._ask(ctx, "list", "scalars", run) if split_key(t)),
             key=lambda tag: rank.get(tag, len(rank)),
         )
-        read = self._read(ctx, "scalars", run, tags) if tags else {}
+        read = self._ask(ctx, "read", "scalars", run, tags) if tags else {}
         by_step: dict[int, dict[str, float]] = {}
         for tag in tags:
             for datum in read.get(tag, ()):
                 by_step.setdefault(datum.step, {})[tag] = datum.value
         for step in sorted(by_step):
             data.add_scalars(step, by_step[step])
-        hist = self._list(ctx, "histograms", run).get(run, {})
+        hist = self._ask(ctx, "list", "histograms", run)
         for tag in sorted(hist, key=lambda tag: rank.get(tag, len(rank))):
             data.note_histograms(tag)
         data.add_findings(self.findings(ctx, run))
         return data
 
     def findings(self, ctx: Any, run: str) -> list[dict[str, Any]]:
-        """The health findings written to ``run`` (all of them, oldest first)."""
-        # SummaryWriter.add_text writes the tag with "/text_summary" appended
+        """The health findings written to ``run``, oldest first."""
+        # SummaryWriter.add_text appends "/text_summary" to the tag
         ours = (FINDINGS_KEY, f"{FINDINGS_KEY}/text_summary")
-        tags = [t for t in self._list(ctx, "text", run).get(run, {}) if t in ours]
-        read = self._read(ctx, "text", run, tags) if tags else {}
+        tags = [t for t in self._ask(ctx, "list", "text", run) if t in ours]
+        read = self._ask(ctx, "read", "text", run, tags) if tags else {}
         found: list[dict[str, Any]] = []
         for datum in (d for tag in tags for d in read.get(tag, ())):
             for text in np.asarray(datum.numpy).reshape(-1):
@@ -137,11 +116,8 @@ class LogDirReader:
         """One layer's histograms over steps (``steps``, ``lo``, ``hi``, ``counts``)."""
         tag = f"{'weights' if kind == 'update_ratios' else kind}/{layer}"
         data = RunData()
-        for datum in self._read(ctx, "histograms", run, [tag]).get(tag, ()):
+        for datum in self._ask(ctx, "read", "histograms", run, [tag]).get(tag, ()):
             buckets = np.asarray(datum.numpy, dtype=np.float64).reshape(-1, 3)
             if len(buckets):
                 data.add_histogram(tag, datum.step, buckets[0, 0], buckets[-1, 1], buckets[:, 2])
-        found = split_histogram_key(tag)
-        if found is None or found[0] not in data.kinds:
-            return {"steps": [], "lo": [], "hi": [], "counts": []}
-        return data.layer_histograms(*found)
+        return data.layer_histograms(*(split_histogram_key(tag) or (kind, layer)))

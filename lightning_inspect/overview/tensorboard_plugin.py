@@ -5,12 +5,14 @@ JSON ``runs``, ``meta?run=``, ``matrix?run=&kind=&stat=``, ``histograms?run=&kin
 from __future__ import annotations
 
 import json
-import threading
-from typing import Any
+from typing import Any, NoReturn
 
+from tensorboard import plugin_util
 from tensorboard.backend import http_util
+from tensorboard.context import RequestContext
 from tensorboard.plugins import base_plugin
 from werkzeug import wrappers
+from werkzeug.exceptions import abort
 
 from lightning_inspect.overview.model import RunData
 from lightning_inspect.overview.page import ASSETS, asset
@@ -25,10 +27,8 @@ class InspectPlugin(base_plugin.TBPlugin):
     plugin_name = PLUGIN_NAME
 
     def __init__(self, context: base_plugin.TBContext) -> None:
-        provider = context.data_provider
-        self._reader = LogDirReader(provider, context.logdir or "") if provider else None
+        self._reader = LogDirReader(context.data_provider, context.logdir or "")
         self._cache: dict[str, tuple[Any, RunData]] = {}
-        self._lock = threading.Lock()
 
     def get_plugin_apps(self) -> dict[str, Any]:
         apps: dict[str, Any] = {f"/{name}": self._serve_static for name in ASSETS}
@@ -36,14 +36,10 @@ class InspectPlugin(base_plugin.TBPlugin):
         return apps | {f"/{name}": getattr(self, f"_serve_{name}") for name in routes}
 
     def is_active(self) -> bool:
-        if self._reader is None:
-            return False
-        from tensorboard.context import RequestContext
-
         return bool(self._reader.runs(RequestContext()))
 
     def data_plugin_names(self) -> tuple[str, ...]:
-        return ()  # active only when is_active() finds lightning-inspect keys
+        return ()  # active only when is_active() finds the library's keys
 
     def frontend_metadata(self) -> base_plugin.FrontendMetadata:
         return base_plugin.FrontendMetadata(es_module_path="/index.js", tab_name="Inspect")
@@ -55,53 +51,36 @@ class InspectPlugin(base_plugin.TBPlugin):
 
     @wrappers.Request.application
     def _serve_runs(self, request: wrappers.Request) -> wrappers.Response:
-        return _json(request, self._reader.runs(_ctx(request)) if self._reader else [])
+        return _json(request, self._reader.runs(_ctx(request)))
 
     @wrappers.Request.application
     def _serve_meta(self, request: wrappers.Request) -> wrappers.Response:
-        run = self._run_data(request)
-        return run if isinstance(run, wrappers.Response) else _json(request, run.meta())
+        return _json(request, self._run_data(request).meta())
 
     @wrappers.Request.application
     def _serve_matrix(self, request: wrappers.Request) -> wrappers.Response:
         run = self._run_data(request)
-        if isinstance(run, wrappers.Response):
-            return run
         kind, stat = request.args.get("kind", ""), request.args.get("stat", "")
         if kind not in run.kinds or stat not in run.kinds[kind].stats:
-            return _error(request, f"no statistic {stat!r} of kind {kind!r} in this run", 404)
-        return _json(
-            request,
-            {
-                "layers": list(run.kinds[kind].layers),
-                "steps": run.steps(kind),
-                "values": run.matrix(kind, stat),
-            },
-        )
+            _not_found(request, f"no statistic {stat!r} of kind {kind!r} in this run")
+        matrix = {"layers": list(run.kinds[kind].layers), "steps": run.steps(kind)}
+        return _json(request, matrix | {"values": run.matrix(kind, stat)})
 
     @wrappers.Request.application
     def _serve_histograms(self, request: wrappers.Request) -> wrappers.Response:
-        if self._reader is None:
-            return _error(request, "no data provider", 404)
         args = [request.args.get(name, "") for name in ("run", "kind", "layer")]
         return _json(request, self._reader.histograms(_ctx(request), *args))
 
-    def _run_data(self, request: wrappers.Request) -> RunData | wrappers.Response:
+    def _run_data(self, request: wrappers.Request) -> RunData:
         """The run named by ``?run=``, read once per change of its data."""
-        if self._reader is None:
-            return _error(request, "no data provider", 404)
         ctx, run = _ctx(request), request.args.get("run", "")
         if run not in self._reader.runs(ctx):
-            return _error(request, f"no lightning-inspect data in run {run!r}", 404)
+            _not_found(request, f"no lightning-inspect data in run {run!r}")
         version = self._reader.version(ctx, run)
-        with self._lock:
-            cached = self._cache.get(run)
-            if cached is not None and cached[0] == version:
-                return cached[1]
-        data = self._reader.run_data(ctx, run)
-        with self._lock:
-            self._cache[run] = (version, data)
-        return data
+        cached = self._cache.get(run)  # one dict read or write is atomic: no lock
+        if cached is None or cached[0] != version:
+            cached = self._cache[run] = (version, self._reader.run_data(ctx, run))
+        return cached[1]
 
 
 class InspectLoader(base_plugin.TBLoader):
@@ -112,8 +91,6 @@ class InspectLoader(base_plugin.TBLoader):
 
 
 def _ctx(request: wrappers.Request) -> Any:
-    from tensorboard import plugin_util
-
     return plugin_util.context(request.environ)
 
 
@@ -121,5 +98,6 @@ def _json(request: wrappers.Request, value: Any) -> wrappers.Response:
     return http_util.Respond(request, json.dumps(value, allow_nan=False), "application/json")
 
 
-def _error(request: wrappers.Request, message: str, code: int) -> wrappers.Response:
-    return http_util.Respond(request, json.dumps({"error": message}), "application/json", code=code)
+def _not_found(request: wrappers.Request, message: str) -> NoReturn:
+    body = json.dumps({"error": message})
+    abort(http_util.Respond(request, body, "application/json", code=404))

@@ -29,7 +29,6 @@ from lightning_inspect.core.outputs import iter_tensors
 
 describe_inputs, describe_tensor = mt.describe_inputs, mt.describe_tensor
 
-#: Prefix of every note this library adds to an exception.
 NOTE_PREFIX = "lightning-inspect:"
 _SPATIAL = {1: "L", 2: "H, W", 3: "D, H, W"}
 
@@ -46,11 +45,8 @@ class ModuleFrame:
 
 
 class ModuleStack:
-    """Modules currently inside their forward, outermost first; ``trace`` sees every call too.
-
-    A module whose forward raised stays on the stack (its forward hook never runs) until
-    :meth:`clear`; a frame left by an exception caught inside a forward goes when its caller returns.
-    """
+    """Modules inside their forward, outermost first (one that raised stays until :meth:`clear`);
+    ``trace`` sees every call too."""
 
     _recording = True
 
@@ -59,7 +55,6 @@ class ModuleStack:
         self.trace: mt.ModelTable | None = None
 
     def attach(self, modules: Mapping[str, nn.Module]) -> mt.hooks.HookSet:
-        """Hook ``modules`` (qualified name -> module); returns the hooks to remove."""
         return mt.hook_modules(self, modules)
 
     def _on_input(self, name: str, module: nn.Module, args: Any, kwargs: Any) -> None:
@@ -78,11 +73,9 @@ class ModuleStack:
         warnings.warn(f"ShapeTracer: could not follow {where}: {exc!r}", RuntimeWarning, 2)
 
     def frames(self) -> list[ModuleFrame]:
-        """The modules inside their forward, outermost first (the failing one last)."""
         return list(self._frames)
 
     def clear(self) -> None:
-        """Forget every frame (a new batch starts)."""
         self._frames.clear()
 
 
@@ -92,17 +85,8 @@ def model_summary(model: nn.Module) -> mt.ModelTable:
 
 
 def locate_in_traceback(exc: BaseException, modules: Mapping[str, nn.Module]) -> list[ModuleFrame]:
-    """The ``modules`` whose ``forward`` frames are in ``exc``'s traceback, outermost first.
-
-    The arguments are the frame's local variables at the time of the error.
-
-    >>> net = nn.Sequential(nn.Linear(3, 2))
-    >>> try:
-    ...     net(torch.zeros(1, 4))
-    ... except RuntimeError as exc:
-    ...     [f.name for f in locate_in_traceback(exc, dict(net.named_modules()))]
-    ['', '0']
-    """
+    """The ``modules`` whose ``forward`` frames are in ``exc``'s traceback, outermost first
+    (arguments: the frame's local variables at the time of the error)."""
     by_id, out, tb = {id(m): n for n, m in modules.items()}, [], exc.__traceback__
     while tb is not None:
         frame, code = tb.tb_frame, tb.tb_frame.f_code
@@ -130,10 +114,8 @@ def has_note(exc: BaseException, marker: str = NOTE_PREFIX) -> bool:
 
 def describe_parameters(module: nn.Module) -> str:
     """The module's own parameters: ``weight (10, 288) float32, bias (10,) float32``."""
-    own = [
-        f"{n} {describe_tensor(p)}{'' if p.requires_grad else ' (frozen)'}"
-        for n, p in module.named_parameters(recurse=False)
-    ]
+    params = module.named_parameters(recurse=False)
+    own = [f"{n} {describe_tensor(p)}" + " (frozen)" * (not p.requires_grad) for n, p in params]
     total = sum(p.numel() for p in module.parameters())
     return ", ".join(own) or (f"none of its own ({total:,} in its submodules)" if total else "none")
 
@@ -162,9 +144,7 @@ def error_note(frames: Sequence[ModuleFrame], exc: BaseException, context: str =
     return "\n".join(lines)
 
 
-def shape_hint(
-    module: nn.Module, args: Sequence[Any], kwargs: Any, message: str, name: str = ""
-) -> str:
+def shape_hint(module: nn.Module, args: Sequence, kwargs: Any, message: str, name: str = "") -> str:
     """One line on the likely cause of an error raised in ``module``'s forward, or ``""``.
 
     >>> shape_hint(nn.Linear(288, 10), (torch.zeros(4, 8, 6, 6),), {}, "mat1 and mat2", "fc")[:42]

@@ -14,16 +14,8 @@ from lightning_inspect.core.hooks import HookSet
 from lightning_inspect.core.model_table import ModelTable
 from lightning_inspect.core.selection import named_modules
 from lightning_inspect.errors import InspectError
-from lightning_inspect.shapes.notes import (
-    ModuleStack,
-    attach_note,
-    error_note,
-    has_note,
-    locate_in_traceback,
-    model_summary,
-)
+from lightning_inspect.shapes import notes
 
-#: Keys of the texts logged (TensorBoard text; MLflow ``lightning_inspect/<key>.md``).
 SUMMARY_KEY = "model/summary"
 TRACE_KEY = "model/shape_trace"
 _ERROR_NOTE = "lightning-inspect: the error was raised inside"
@@ -32,34 +24,17 @@ _ERROR_NOTE = "lightning-inspect: the error was raised inside"
 class ShapeTracer(Callback):
     """Make forward-pass errors name their module; optionally trace shapes; summarise the model.
 
-    **Error localisation.** While hooked (the sanity check, the first ``first_n_batches`` training
-    batches, all of ``validate`` / ``test`` / ``predict``), a stack of the modules inside their
-    forward names the failing module; afterwards it is found from the traceback's ``forward``
-    frames, at no cost while nothing fails. The note added to the exception gives the module,
-    its callers, its inputs' and parameters' shapes and dtypes, and a hint for the common causes
-    (a missing flatten, a wrong ``in_features`` / ``in_channels`` / ``num_features``, dtype and
-    device mismatches). Under ``torch.compile`` the note may be missing.
-
-    **Shape trace** (``trace=True``): the model table with every module's input and output
-    shapes on the first training batch, in call order (``model/shape_trace``); if that batch
-    fails, the modules that did not return are marked. **Model summary** (``summary=True``): the
-    model's blocks with layer and parameter counts, at the start of fit (``model/summary``).
-
-    Args:
-        localise_errors: add the note described above.
-        first_n_batches: training batches during which the hooks stay (``None``: all of fit).
-        trace: log the shape trace of the first training batch.
-        summary: log the model summary.
-        backends: as for the other monitors (``None``: every supported logger attached).
-        console: also print the summary and the trace.
-        enabled: ``False`` does nothing.
+    The note added to the exception names the module (found by hooks during the first
+    ``first_n_batches`` training batches, validate, test and predict, then from the traceback),
+    its callers, its inputs' and parameters' shapes, and a hint. ``trace`` logs every module's
+    shapes on the first training batch (``model/shape_trace``); ``summary`` the model's blocks at
+    the start of fit (``model/summary``); ``console`` prints them too.
 
     Example::
 
         trainer = L.Trainer(callbacks=[ShapeTracer(trace=True)])
-        trainer.fit(model)   # RuntimeError: mat1 and mat2 shapes cannot be multiplied (128x6 and 288x10)
-                             # lightning-inspect: the error was raised inside module 'head' (Linear) ...
-                             #   hint: missing flatten: the input is 4-D (4, 8, 6, 6) ...
+        trainer.fit(model)  # RuntimeError: mat1 and mat2 shapes cannot be multiplied ...
+                            # lightning-inspect: the error was raised inside module 'head' (Linear)
     """
 
     def __init__(
@@ -81,8 +56,7 @@ class ShapeTracer(Callback):
         self.console = check_bool(owner, "console", console)
         self.enabled = check_bool(owner, "enabled", enabled)
         self.sinks: list[Sink] = []
-        self.stack = ModuleStack()
-        #: The model table of the first training batch's shapes, once taken.
+        self.stack = notes.ModuleStack()
         self.shape_trace: ModelTable | None = None
         self._modules: dict[str, Any] = {}
         self._hooks = HookSet()
@@ -103,7 +77,7 @@ class ShapeTracer(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.enabled and self.summary and not self._summarised and trainer.is_global_zero:
             self._summarised = True
-            self._log(SUMMARY_KEY, model_summary(pl_module).to_markdown(), trainer.global_step)
+            self._log(SUMMARY_KEY, ModelTable(pl_module, 1).to_markdown(), trainer.global_step)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -159,12 +133,12 @@ class ShapeTracer(Callback):
         self._context = context
 
     def _note(self, exception: BaseException) -> None:
-        # The library's own errors say where they come from; interrupts are not failures.
+        # the library's own errors say where they come from; interrupts are not failures
         if isinstance(exception, InspectError) or not isinstance(exception, Exception):
             return
-        frames = self.stack.frames() or locate_in_traceback(exception, self._modules)
-        if frames and not has_note(exception, _ERROR_NOTE):
-            attach_note(exception, error_note(frames, exception, self._context))
+        frames = self.stack.frames() or notes.locate_in_traceback(exception, self._modules)
+        if frames and not notes.has_note(exception, _ERROR_NOTE):
+            notes.attach_note(exception, notes.error_note(frames, exception, self._context))
 
     def _log_trace(self, trainer: pl.Trainer, failed: bool) -> None:
         trace, self.stack.trace = self.stack.trace, None
@@ -187,6 +161,5 @@ class ShapeTracer(Callback):
                 from rich.console import Console
                 from rich.markdown import Markdown
             except ImportError:  # pragma: no cover - rich is an optional dependency
-                print(text)
-                return
+                return print(text)
             Console(width=None if Console().is_terminal else 160).print(Markdown(text))
