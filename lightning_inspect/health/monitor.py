@@ -20,10 +20,10 @@ from lightning_inspect._validation import as_str_list, check_bool, check_choice,
 from lightning_inspect.backends import Sink
 from lightning_inspect.backends.pictures import heatmap, publish_image
 from lightning_inspect.core import grad_scaler as amp
+from lightning_inspect.core import hooks
 from lightning_inspect.core.keys import FINDINGS_KEY, metric_key, split_key
 from lightning_inspect.core.recorder import HostRecord, StepRecord
 from lightning_inspect.core.selection import normalise_name, select_modules
-from lightning_inspect.errors import InspectError
 from lightning_inspect.monitors.base import ModuleMonitor
 
 #: Key of the end-of-fit report (TensorBoard text; MLflow ``lightning_inspect/health/report.md``).
@@ -203,35 +203,23 @@ class HealthMonitor(ModuleMonitor):
             self.locator.resolve_check(pl_module.device)
             self.locator.gradients_may_overflow = amp.grad_scaler(pl_module) is not None
 
-    def _wants_output_hooks(self) -> bool:
-        return True
+    def _install_hooks(self) -> None:  # with kwargs: the locator describes a call's inputs
+        for name, module in self.selected.items():
+            hook = hooks.OutputHook(self, name)
+            self._hooks.add(module.register_forward_hook(hook, with_kwargs=True))
 
-    def _install_hooks(self) -> None:
-        super()._install_hooks()
-        if self.locator is not None:  # the locator reports and blames with a module's inputs
-            for name, module in self.selected.items():
-                hook = nf.InputHook(self, name)
-                self._hooks.add(module.register_forward_pre_hook(hook, with_kwargs=True))
-
-    def _on_input(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if self.locator is not None:
-            self.locator._on_input(name, args, kwargs)
-
-    def _on_output(self, name: str, path: str, tensor: torch.Tensor) -> None:
+    def _on_forward(
+        self, name: str, module: nn.Module, args: Any, kwargs: Any, output: Any
+    ) -> None:
         self._order.setdefault(name, len(self._order))
         if self.locator is not None:
-            self.locator._on_output(name, path, tensor)
+            self.locator._on_forward(name, module, args, kwargs, output)
         kind = self._kinds.get(name)
-        if kind is not None and path == "" and tensor.numel() > 0:
-            self._accumulate(name, kind, tensor.detach())
+        if kind is not None and isinstance(output, torch.Tensor) and output.numel() > 0:
+            self._accumulate(name, kind, output.detach())
 
     def _depth(self, name: str) -> int:
         return self._order.get(name, len(self._order))
-
-    def _hook_fault(self, where: str, exc: BaseException) -> None:
-        if isinstance(exc, InspectError):
-            raise exc  # the locator's "raise" / "debug" action
-        super()._hook_fault(where, exc)
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
