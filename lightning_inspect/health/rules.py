@@ -1,8 +1,4 @@
-"""Health rules over reduced statistics (no Lightning): thresholds, findings and the report.
-
-:class:`HealthRules` reads, per module and logged step, ``dead_fraction`` (with ``units``),
-``saturated_fraction``, ``grad_norm`` and ``update_ratio``; a missing one is not checked.
-"""
+"""Health rules over reduced statistics (no Lightning): thresholds, findings and the report."""
 
 from __future__ import annotations
 
@@ -10,7 +6,7 @@ import math
 import statistics
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from lightning_inspect._validation import check_number, check_positive_int, suggestion
@@ -29,14 +25,6 @@ RULES = ("nonfinite", "exploding_gradient", "dead_units", "vanishing_gradient", 
 #: Columns of the rendered report.
 COLUMNS = ("severity", "rule", "module", "statistic", "value", "step", "worst (step)", "seen",
            "hint")
-#: Allowed values: an integer's minimum, or a number's interval ``(low, high, bounds)``.
-_LIMITS: dict[str, Any] = {
-    "dead_fraction": (0, 1, "(]"), "dead_window": 1, "saturation_fraction": (0, 1, "(]"),
-    "saturation_margin": (0, 0.5, "()"), "grad_norm_low": (0, math.inf, "[)"),
-    "grad_norm_high": (0, math.inf, "()"), "grad_depth_ratio": (0, 1, "[)"),
-    "grad_spike_factor": (1, math.inf, "()"), "spike_history": 2, "spike_min_history": 1,
-    "update_ratio_low": (0, math.inf, "[)"), "update_ratio_high": (0, math.inf, "()"),
-}
 _ORDERED = (("grad_norm_low", "grad_norm_high"), ("update_ratio_low", "update_ratio_high"),
             ("spike_min_history", "spike_history"))
 #: Each variant of a finding: its rule, its severity and a one-line hint (fields filled in).
@@ -74,6 +62,11 @@ _HINTS = {
 # fmt: on
 
 
+def _limited(default: float, *allowed: Any) -> Any:
+    """A threshold; ``allowed``: an integer's minimum, or a number's ``low, high, bounds``."""
+    return field(default=default, metadata={"allowed": allowed})
+
+
 @dataclass(frozen=True)
 class HealthThresholds:
     """Where the health rules draw the line (docs/diagnostics.md); any field can be overridden.
@@ -83,40 +76,39 @@ class HealthThresholds:
         0.9
     """
 
-    dead_fraction: float = 0.5
-    dead_window: int = 5
-    saturation_fraction: float = 0.5
-    saturation_margin: float = 0.01
-    grad_norm_low: float = 1e-7
-    grad_norm_high: float = 1e3
-    grad_depth_ratio: float = 1e-4
-    grad_spike_factor: float = 10.0
-    spike_history: int = 20
-    spike_min_history: int = 3
-    update_ratio_low: float = 1e-5
-    update_ratio_high: float = 1e-1
+    dead_fraction: float = _limited(0.5, 0, 1, "(]")
+    dead_window: int = _limited(5, 1)
+    saturation_fraction: float = _limited(0.5, 0, 1, "(]")
+    saturation_margin: float = _limited(0.01, 0, 0.5, "()")
+    grad_norm_low: float = _limited(1e-7, 0, math.inf, "[)")
+    grad_norm_high: float = _limited(1e3, 0, math.inf, "()")
+    grad_depth_ratio: float = _limited(1e-4, 0, 1, "[)")
+    grad_spike_factor: float = _limited(10.0, 1, math.inf, "()")
+    spike_history: int = _limited(20, 2)
+    spike_min_history: int = _limited(3, 1)
+    update_ratio_low: float = _limited(1e-5, 0, math.inf, "[)")
+    update_ratio_high: float = _limited(1e-1, 0, math.inf, "()")
 
     @classmethod
     def checked(cls, owner: str, value: HealthThresholds | Mapping | None) -> HealthThresholds:
         """Thresholds from ``None`` (defaults), an instance or a mapping of overrides."""
+        names = [f.name for f in fields(cls)]
         if not isinstance(value, (HealthThresholds, Mapping, type(None))):
             raise ConfigError(
                 f"{owner}(thresholds={value!r}): expected a mapping of threshold names to numbers "
-                f"(names: {', '.join(_LIMITS)})."
+                f"(names: {', '.join(names)})."
             )
         for key, item in value.items() if isinstance(value, Mapping) else ():
-            if key not in _LIMITS:
+            if key not in names:
                 raise ConfigError(
                     f"{owner}(thresholds.{key}={item!r}): unknown threshold {key!r}; expected one "
-                    f"of {', '.join(_LIMITS)}.{suggestion(str(key), _LIMITS)}"
+                    f"of {', '.join(names)}.{suggestion(str(key), names)}"
                 )
         out = cls(**value) if isinstance(value, Mapping) else value or cls()
-        for name, limit in _LIMITS.items():
-            arg = f"thresholds.{name}"
-            if isinstance(limit, int):
-                check_positive_int(owner, arg, getattr(out, name), limit)
-            else:
-                check_number(owner, arg, getattr(out, name), *limit)
+        for f in fields(out):
+            allowed, arg = f.metadata["allowed"], f"thresholds.{f.name}"
+            check = check_positive_int if len(allowed) == 1 else check_number
+            check(owner, arg, getattr(out, f.name), *allowed)
         for low, high in _ORDERED:
             if getattr(out, low) > getattr(out, high):
                 raise ConfigError(
@@ -156,11 +148,7 @@ class Finding:
 
 
 def format_value(value: float) -> str:
-    """A short, readable number.
-
-    >>> format_value(0.25), format_value(3.14159e-9), format_value(12345.0)
-    ('0.25', '3.1e-09', '1.2e+04')
-    """
+    """A short, readable number: ``0.25``, ``3.1e-09``, ``1.2e+04``."""
     if not math.isfinite(value):
         return str(value)
     return f"{value:.4g}" if value == 0 or 1e-3 <= abs(value) < 1e4 else f"{value:.1e}"
@@ -180,12 +168,8 @@ def _finding(
 
 
 def scaler_stalled(skipped_in_a_row: int, scale: float, step: int) -> Finding | None:
-    """The finding for a GradScaler that skips a step at a scale of :data:`SCALER_STALL_SCALE`
-    or less (a healthy fp16 run skips a few steps while its scale comes down).
-
-    >>> scaler_stalled(17, 0.5, 40).rule, scaler_stalled(9, 2.0**15, 8)
-    ('grad_scaler_stalled', None)
-    """
+    """A GradScaler skipping a step at a scale <= :data:`SCALER_STALL_SCALE` (a healthy fp16 run
+    skips a few steps while its scale comes down)."""
     if not scale <= SCALER_STALL_SCALE:
         return None
     args = ("", "loss_scale", scale, step, SCALER_STALL_SCALE)
@@ -195,11 +179,7 @@ def scaler_stalled(skipped_in_a_row: int, scale: float, step: int) -> Finding | 
 def check_dead_units(
     module: str, value: float, units: int | None, step: int, t: HealthThresholds, depth: int = -1
 ) -> Finding | None:
-    """The ``dead_units`` rule for one ReLU-like output.
-
-    >>> check_dead_units("net.1", 1.0, 32, 4, HealthThresholds()).severity
-    'error'
-    """
+    """The ``dead_units`` rule for one ReLU-like output."""
     if not (math.isfinite(value) and value >= t.dead_fraction):
         return None
     count = f"{round(value * units)} of {units} units" if units else f"{value:.0%} of units"
@@ -211,11 +191,7 @@ def check_dead_units(
 def check_saturation(
     module: str, value: float, step: int, t: HealthThresholds, kind: str = "", depth: int = -1
 ) -> Finding | None:
-    """The ``saturation`` rule for one Tanh / Sigmoid / Hardtanh output.
-
-    >>> check_saturation("net.3", 0.2, 0, HealthThresholds()) is None
-    True
-    """
+    """The ``saturation`` rule for one Tanh / Sigmoid / Hardtanh output."""
     if not (math.isfinite(value) and value >= t.saturation_fraction):
         return None
     args = (module, "saturated_fraction", value, step, t.saturation_fraction, depth)
@@ -225,11 +201,7 @@ def check_saturation(
 def check_update_ratio(
     module: str, ratio: float, step: int, t: HealthThresholds, depth: int = -1
 ) -> Finding | None:
-    """The ``update_ratio_high`` / ``update_ratio_low`` / ``nonfinite`` rules for one module.
-
-    >>> check_update_ratio("fc", 0.5, 3, HealthThresholds()).rule
-    'update_ratio_high'
-    """
+    """The ``update_ratio_high`` / ``update_ratio_low`` / ``nonfinite`` rules for one module."""
     if not math.isfinite(ratio):
         variant, limit = "update_nonfinite", math.nan
     elif ratio > t.update_ratio_high:
@@ -242,7 +214,8 @@ def check_update_ratio(
 
 
 class HealthRules:
-    """The rules, with the state they need (each module's gradient-norm history).
+    """The rules, with each module's gradient-norm history; :meth:`observe` reads, per module,
+    ``dead_fraction`` (with ``units``), ``saturated_fraction``, ``grad_norm``, ``update_ratio``.
 
     Example:
         >>> rules = HealthRules(HealthThresholds(spike_min_history=2))
@@ -263,8 +236,8 @@ class HealthRules:
         order: Sequence[str] | None = None,
         kinds: Mapping[str, str] | None = None,
     ) -> list[Finding]:
-        """The findings of one step from ``{module: {statistic: value}}``; ``order``: execution
-        order (each finding's ``depth``); ``kinds``: ``{module: "Tanh"...}``."""
+        """The findings of one step from ``{module: {statistic: value}}`` (a missing statistic is
+        not checked); ``order``: execution order (gives ``depth``); ``kinds``: ``{module: "Tanh"}``."""
         t, kinds = self.thresholds, kinds or {}
         depth_of = {name: i for i, name in enumerate(order or ())}
         names = sorted(stats, key=lambda n: depth_of.get(n, len(depth_of)))  # stable
@@ -313,11 +286,9 @@ class HealthRules:
         return _finding(variant, name, "grad_norm", norm, step, limit, depth, **fields)
 
     def state_dict(self) -> dict[str, list[float]]:
-        """The gradient-norm histories (for checkpoints)."""
         return {name: list(h) for name, h in self._grad_history.items()}
 
     def load_state_dict(self, state: Mapping[str, Iterable[float]]) -> None:
-        """Restore what :meth:`state_dict` returned."""
         self._grad_history = {
             name: deque(map(float, values), maxlen=self.thresholds.spike_history)
             for name, values in state.items()
@@ -368,7 +339,7 @@ class HealthReport:
         return False
 
     def extend(self, findings: Iterable[Finding]) -> list[Finding]:
-        """Add several findings; returns the new ones (first of their rule and module)."""
+        """Add several findings; returns the new ones."""
         return [f for f in findings if self.add(f)]
 
     def entries(self) -> list[ReportEntry]:
@@ -383,7 +354,6 @@ class HealthReport:
         return sorted(self._entries.values(), key=key)
 
     def findings(self) -> list[Finding]:
-        """The first finding of every entry, worst first."""
         return [e.first for e in self.entries()]
 
     def __len__(self) -> int:
@@ -393,14 +363,12 @@ class HealthReport:
         return True
 
     def counts(self) -> dict[str, int]:
-        """Entries per severity."""
         out = dict.fromkeys(SEVERITIES, 0)
         for e in self._entries.values():
             out[e.worst.severity] += 1
         return out
 
     def headline(self) -> str:
-        """One line: how many problems of each severity."""
         if not len(self):
             steps = f" in {self.logged_steps} logged steps" if self.logged_steps else ""
             return f"Health report: no problems found{steps}"
@@ -408,7 +376,7 @@ class HealthReport:
         return f"Health report: {_plural(len(self), 'problem')} ({', '.join(each)})"
 
     def rows(self) -> list[list[str]]:
-        """The table body as strings (the columns of :data:`COLUMNS`), worst first."""
+        """The table body (the columns of :data:`COLUMNS`), worst first."""
         out = []
         for e in self.entries():
             f, w = e.first, e.worst
