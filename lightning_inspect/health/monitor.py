@@ -57,36 +57,26 @@ def activation_kind(module: nn.Module) -> str | None:
 class HealthMonitor(ModuleMonitor):
     """Diagnose training: dead units, saturation, vanishing/exploding gradients, update sizes, NaN.
 
-    Each logged step's statistics go through :class:`~lightning_inspect.HealthRules`: a warning the
-    first time a rule fires in a module, the end-of-fit report, layers x steps pictures; the first
-    module whose forward or backward made a NaN/Inf is named. Metrics: docs/diagnostics.md.
+    Each logged step goes through :class:`~lightning_inspect.HealthRules`: a warning the first time
+    a rule fires in a module, the end-of-fit report and pictures; the first module whose forward or
+    backward made a NaN/Inf is named. Metrics and rules: docs/diagnostics.md.
 
     Args:
-        modules: module patterns; default ``"*"`` (a NaN can come from any module); ``None``: the
-            modules that own parameters.
-        on_nonfinite: at the first NaN/Inf of a step: ``"ignore"``, ``"warn"`` (once per module),
-            ``"raise"`` (:class:`~lightning_inspect.FirstNonFiniteError`; fit stops cleanly) or
-            ``"debug"`` (a debugger at the module when stdin is a terminal, then stops).
-        nonfinite_check: ``"auto"`` (per module on the CPU, once per step elsewhere),
-            ``"module"`` or ``"step"``.
+        modules: module patterns; default ``"*"`` (a NaN can come from any module).
+        on_nonfinite: ``"ignore"``, ``"warn"`` (once per module), ``"raise"``
+            (:class:`~lightning_inspect.FirstNonFiniteError`, fit stops cleanly) or ``"debug"`` (a
+            debugger at the module when stdin is a terminal, then stops).
+        nonfinite_check: ``"module"``, ``"step"`` (one transfer) or ``"auto"`` (``"module"`` on
+            the CPU).
         thresholds: :class:`~lightning_inspect.HealthThresholds` or a mapping of overrides.
         relu_modules: patterns of further modules whose output is post-ReLU (``F.relu``).
-        update_ratio: compute the update-to-weight ratio (one copy of the watched parameters
-            during a logged batch's optimizer step).
+        update_ratio: compute the update-to-weight ratio (copies the weights on logged steps).
         picture_every_n_logs: draw the pictures every this many logged steps (and at the end).
-        report, console: write the end-of-fit report; print it (a rich table).
-        warn_findings: a RuntimeWarning the first time each rule fires in each module (not
-            ``info``).
-        log_metrics: log the ``health/<module>/<statistic>`` values.
-
-    ``exclude``, ``every_n_steps``, ``start_step``, ``stop_step``, ``backends``, ``enabled``: as in
-    the other monitors.
+        console: print the report (a rich table).
 
     Example::
 
-        trainer = L.Trainer(logger=TensorBoardLogger("tb"),
-                            callbacks=[HealthMonitor(every_n_steps=10, on_nonfinite="raise",
-                                                     thresholds={"dead_fraction": 0.8})])
+        HealthMonitor(every_n_steps=10, on_nonfinite="raise", thresholds={"dead_fraction": 0.8})
     """
 
     def __init__(
@@ -209,16 +199,12 @@ class HealthMonitor(ModuleMonitor):
     def _depth(self, name: str) -> int:
         return self._order.get(name, len(self._order))
 
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        super().on_train_batch_start(trainer, *args)
         if self._recording and self.locator is not None:
-            self.locator.start(trainer.global_step, batch_idx)
+            self.locator.start(trainer.global_step, args[-1])  # batch_idx
 
-    def on_before_backward(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
-    ) -> None:
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: Any, loss: torch.Tensor) -> None:
         if self._recording and self.locator is not None:
             self.locator.loss(loss)
 
@@ -237,24 +223,20 @@ class HealthMonitor(ModuleMonitor):
         finally:
             self._found_inf = None
 
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any
-    ) -> None:
+    def on_train_batch_end(self, *args: Any) -> None:
         if self._recording and self.locator is not None and not self.locator.gradients_may_overflow:
             self.locator.check()  # what a micro-batch without optimizer step left pending
-        super().on_train_batch_end(trainer, pl_module, *args)
+        super().on_train_batch_end(*args)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         self._finish(trainer)
 
-    def on_exception(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
-    ) -> None:
+    def on_exception(self, trainer: pl.Trainer, *args: Any) -> None:
         if self._active:
             self._close()  # publish what the interrupted step collected
             self._finish(trainer)  # the report, before the backends are closed
-        super().on_exception(trainer, pl_module, exception)
+        super().on_exception(trainer, *args)
 
     def _shutdown(self) -> None:
         if self._active and self.locator is not None:

@@ -1,8 +1,5 @@
-"""The first module, in execution order, whose forward or backward made a NaN/Inf.
-
-Outputs come through core's ``OutputHook``, boundary gradients through ``OutputGradHook``; a
-forward pre-hook keeps weak references to a call's inputs, for the report and the blame.
-"""
+"""The first module, in execution order, whose forward or backward made a NaN/Inf: a call's
+inputs and outputs come through core's ``OutputHook``, boundary gradients through ``OutputGradHook``."""
 
 from __future__ import annotations
 
@@ -60,7 +57,7 @@ class FirstNonFiniteError(NonFiniteError):
 
 
 def _counts(nan: int, inf: int, numel: int | None = None) -> str:
-    """``"1 NaN, 0 Inf of 4"``, the one way reports count non-finite values."""
+    """``"1 NaN, 0 Inf of 4"``."""
     return f"{nan} NaN, {inf} Inf" + ("" if numel is None else f" of {numel}")
 
 
@@ -89,10 +86,8 @@ class TensorSummary:
 @dataclass(frozen=True)
 class NonFiniteOrigin:
     """Where the first NaN/Inf of a step came from: ``phase`` (``"forward"``, ``"loss"``,
-    ``"backward"``, ``"parameter gradient"``), the culprit ``module`` (``""``: the loss), the
-    ``tensor`` that held ``nan`` and ``inf`` values among ``numel``, the ``inputs`` it received
-    (backward: the gradients reaching its outputs), its non-finite ``parameters``, a ``hint``.
-    """
+    ``"backward"``, ``"parameter gradient"``), ``module`` (``""``: the loss), the ``inputs`` it
+    received (backward: the gradients reaching its outputs), its non-finite ``parameters``."""
 
     step: int
     phase: str
@@ -131,22 +126,6 @@ class NonFiniteOrigin:
         )  # fmt: skip
 
 
-def hint_for(phase: str, inputs_finite: bool, params_finite: bool, first_module: bool) -> str:
-    """The likely causes of a non-finite value, given where it appeared."""
-    if not params_finite:
-        return _HINTS["parameters"]
-    if phase == "forward" and not inputs_finite:
-        return _HINTS["batch" if first_module else "inputs"]
-    return _HINTS[phase]
-
-
-def can_debug() -> bool:
-    """Whether a debugger can take the terminal (``sys.stdin`` is an interactive terminal)."""
-    with contextlib.suppress(AttributeError, ValueError, OSError):
-        return bool(sys.stdin) and sys.stdin.isatty()
-    return False
-
-
 @dataclass
 class _Site:
     """A tensor that crossed a module boundary in the forward pass (its gradient is watched)."""
@@ -175,13 +154,9 @@ class _Event:
 
 
 class NonFiniteLocator:
-    """Find the first module that makes a NaN/Inf, then ``action``: ``"warn"`` (once per
-    module), ``"raise"`` (:class:`FirstNonFiniteError`) or ``"debug"``. Driven by :meth:`start`
-    at each batch, the hooks (:meth:`attach`, or a monitor's), :meth:`loss`, then :meth:`check`.
-
-    Args:
-        check: ``"module"`` (test each tensor at once), ``"step"`` (in :meth:`check`) or ``"auto"``.
-        on_origin: called with every origin found.
+    """Find the first module that makes a NaN/Inf, then ``action``: ``"warn"`` (once per module),
+    ``"raise"`` or ``"debug"``; ``check``: ``"module"`` (each tensor at once), ``"step"`` (in
+    :meth:`check`) or ``"auto"``. Call :meth:`start` per batch, :meth:`loss`, then :meth:`check`.
 
     Example:
         >>> class Log(nn.Module):
@@ -214,9 +189,7 @@ class NonFiniteLocator:
         self.owner, self.on_origin = owner, on_origin
         self.origins: list[NonFiniteOrigin] = []
         self.step, self.batch_idx = 0, -1
-        #: Under a GradScaler (fp16) a non-finite gradient may be an overflow it answers by
-        #: skipping the step: gradient checks wait for :meth:`check`.
-        self.gradients_may_overflow = False
+        self.gradients_may_overflow = False  # a GradScaler's overflow: gradients wait for check()
         self._modules: dict[str, nn.Module] = {}
         self._first_module: str | None = None
         self._hit_step: int | None = None
@@ -261,7 +234,7 @@ class NonFiniteLocator:
 
     @property
     def hit_this_step(self) -> bool:
-        """Whether the origin of this step was already found (later values are its consequences)."""
+        """Whether this step's origin was found (later values are its consequences)."""
         return self._hit_step == self.step
 
     def _on_forward(
@@ -303,9 +276,8 @@ class NonFiniteLocator:
         site = self._site_list[index]
         site.grad_row, site.grad_shape = reduce_tensor(grad, 0), tuple(grad.shape)
         event = _Event("backward", "", str(site.grad_shape), site.grad_row, site=site)
-        self._test(
-            event, self.check_mode == "module" and not self.gradients_may_overflow, gradient=grad
-        )
+        now = self.check_mode == "module" and not self.gradients_may_overflow
+        self._test(event, now, gradient=grad)
 
     def _hook_fault(self, where: str, exc: BaseException) -> None:
         message = f"{self.owner}: checking {where} failed ({type(exc).__name__}: {exc})."
@@ -336,13 +308,8 @@ class NonFiniteLocator:
         parameters: Mapping[str, Sequence[tuple[str, nn.Parameter]]] | None = None,
         gradients_overflowed: bool = False,
     ) -> NonFiniteOrigin | None:
-        """Test what is pending and the parameter gradients in one transfer, after backward and
-        before the optimizer step; act on the origin.
-
-        Args:
-            parameters: ``{module: [(name, parameter), ...]}`` in execution order.
-            gradients_overflowed: a GradScaler skips this step: gradients are its business.
-        """
+        """After backward: test what is pending and ``parameters`` (``{module: [(name, param)]}``
+        in execution order) in one transfer; ``gradients_overflowed``: a GradScaler skips them."""
         events, self._events = self._events, []
         if self.hit_this_step:
             return None
@@ -393,7 +360,12 @@ class NonFiniteLocator:
             if _checkable(p) and not bool(torch.isfinite(p).all())
         )
         finite = all(s.stats["nan_count"] + s.stats["inf_count"] == 0 for s in inputs)
-        hint = hint_for(phase, finite, not params, name == self._first_module)
+        if params:
+            hint = _HINTS["parameters"]
+        elif phase == "forward" and not finite:
+            hint = _HINTS["batch" if name == self._first_module else "inputs"]
+        else:
+            hint = _HINTS[phase]
         if phase == "loss" and self._last_module is not None:
             hint += f" (the last watched module was {self._last_module!r})"
         elif site is not None and not site.consumers:
@@ -425,7 +397,10 @@ class NonFiniteLocator:
         error = FirstNonFiniteError(origin)
         if self.action == "raise":
             raise error
-        if can_debug():
+        interactive = False
+        with contextlib.suppress(AttributeError, ValueError, OSError):  # no or a closed stdin
+            interactive = bool(sys.stdin) and sys.stdin.isatty()
+        if interactive:
             print(
                 f"\nlightning-inspect: {origin.message()}\nDebugger: `origin`, `module`, `inputs`, "
                 "`output`, `gradient` are at hand; `up` walks to the calling forward; `c` "
@@ -447,7 +422,7 @@ class NonFiniteLocator:
 
 
 def stored_values(t: torch.Tensor) -> torch.Tensor:
-    """A sparse tensor's stored values (its other elements are zeros); a dense one as it is."""
+    """A sparse tensor's stored values (the others are zeros); a dense one as it is."""
     if t.layout == torch.strided:
         return t
     return t.coalesce().values() if t.is_sparse else t.values()
