@@ -289,10 +289,8 @@ class HealthRules:
         return {name: list(h) for name, h in self._grad_history.items()}
 
     def load_state_dict(self, state: Mapping[str, Iterable[float]]) -> None:
-        self._grad_history = {
-            name: deque(map(float, values), maxlen=self.thresholds.spike_history)
-            for name, values in state.items()
-        }
+        n = self.thresholds.spike_history
+        self._grad_history = {name: deque(map(float, h), maxlen=n) for name, h in state.items()}
 
 
 @dataclass
@@ -314,9 +312,6 @@ class HealthReport:
         True
         >>> report.add(Finding("saturation", "warning", "net.1", "saturated_fraction", 0.9, 7, "h"))
         False
-        >>> entry = report.entries()[0]
-        >>> entry.count, entry.first.step, entry.worst.value
-        (2, 3, 0.9)
         >>> print(report.to_markdown().splitlines()[0])
         ### Health report: 1 problem (0 errors, 1 warning, 0 notes)
     """
@@ -388,13 +383,9 @@ class HealthReport:
 
     def to_markdown(self) -> str:
         """The report as a markdown table (TensorBoard's Text tab, an MLflow artifact)."""
-        lines = [f"### {self.headline()}"]
-        if len(self):
-            lines += ["", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-            lines += [
-                "| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in self.rows()
-            ]
-        return "\n".join(lines)
+        rows = [COLUMNS, ["---"] * len(COLUMNS), *self.rows()] if len(self) else []
+        cells = ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+        return "\n".join([f"### {self.headline()}", *([""] if rows else []), *cells])
 
     def to_rich_table(self) -> Any:
         """The report as a ``rich.table.Table`` (needs ``rich``), worst first."""
@@ -421,8 +412,6 @@ def _plural(n: int, word: str) -> str:
 def _worse(a: Finding, b: Finding) -> bool:
     if a.severity != b.severity:
         return SEVERITIES.index(a.severity) < SEVERITIES.index(b.severity)
-    if not math.isfinite(b.value):
-        return False
-    if not math.isfinite(a.value):
-        return True
+    if not (math.isfinite(a.value) and math.isfinite(b.value)):
+        return math.isfinite(b.value)  # a non-finite value is the worst
     return a.value < b.value if a.rule in _LOWER_IS_WORSE else a.value > b.value
