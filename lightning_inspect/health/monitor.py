@@ -100,13 +100,12 @@ class HealthMonitor(ModuleMonitor):
         warn_findings: bool = True,
         log_metrics: bool = True,
     ) -> None:
-        o = type(self).__name__
-        action = check_choice(o, "on_nonfinite", on_nonfinite, nf.NONFINITE_ACTIONS)
         super().__init__(
             modules, exclude, every_n_steps, start_step, stop_step, None, False, 2, backends,
             "ignore", enabled,
         )  # fmt: skip
-        self.on_nonfinite = action
+        o = type(self).__name__
+        self.on_nonfinite = check_choice(o, "on_nonfinite", on_nonfinite, nf.NONFINITE_ACTIONS)
         self.nonfinite_check = check_choice(o, "nonfinite_check", nonfinite_check, nf.CHECK_MODES)
         self.thresholds = hr.HealthThresholds.checked(o, thresholds)
         self.relu_modules = as_str_list(o, "relu_modules", relu_modules)

@@ -1,5 +1,5 @@
-"""The first module, in execution order, whose forward or backward made a NaN/Inf: a call's
-inputs and outputs come through core's ``OutputHook``, boundary gradients through ``OutputGradHook``."""
+"""The first module, in execution order, whose forward or backward made a NaN/Inf: a call's inputs
+and outputs come through core's ``OutputHook``, boundary gradients through ``OutputGradHook``."""
 
 from __future__ import annotations
 
@@ -196,11 +196,10 @@ class NonFiniteLocator:
         self._warned: set[str] = set()
         self.release()
 
-    def resolve_check(self, device: torch.device | str) -> str:
+    def resolve_check(self, device: torch.device | str) -> None:
         """Fix ``"auto"`` for the model's device: ``"module"`` on the CPU, ``"step"`` elsewhere."""
         if self.check_mode == "auto":
             self.check_mode = "module" if torch.device(device).type == "cpu" else "step"
-        return self.check_mode
 
     def watch(self, modules: Mapping[str, nn.Module]) -> None:
         """The modules reports may name (qualified name -> module)."""
@@ -323,10 +322,8 @@ class NonFiniteLocator:
         ]
         flags = [e.row[Field.NAN] + e.row[Field.INF] for e in events]
         flags += [torch.logical_not(torch.isfinite(g).all()).double() for _, _, g in grads]
-        if not flags:
-            return None
-        host = torch.stack([f.to(flags[0].device, torch.float64) for f in flags]).cpu()
-        bad = torch.nonzero(host > 0).flatten().tolist()
+        host = torch.stack([f.to(flags[0].device, torch.float64) for f in flags]) if flags else None
+        bad = [] if host is None else torch.nonzero(host.cpu() > 0).flatten().tolist()
         if not bad:
             return None
         if bad[0] < len(events):

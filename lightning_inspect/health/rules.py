@@ -237,7 +237,7 @@ class HealthRules:
         kinds: Mapping[str, str] | None = None,
     ) -> list[Finding]:
         """The findings of one step from ``{module: {statistic: value}}`` (a missing statistic is
-        not checked); ``order``: execution order (gives ``depth``); ``kinds``: ``{module: "Tanh"}``."""
+        not checked); ``order``: execution order (``depth``); ``kinds``: ``{module: "Tanh"}``."""
         t, kinds = self.thresholds, kinds or {}
         depth_of = {name: i for i, name in enumerate(order or ())}
         names = sorted(stats, key=lambda n: depth_of.get(n, len(depth_of)))  # stable
