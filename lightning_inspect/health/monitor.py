@@ -149,11 +149,8 @@ class HealthMonitor(ModuleMonitor):
         super().load_state_dict(state_dict)
         self.rules.load_state_dict(state_dict.get("grad_history", {}))
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._finished, self._shared = False, []
-        super().setup(trainer, pl_module, stage)
-
     def _after_selection(self, pl_module: pl.LightningModule) -> None:
+        self._finished, self._shared = False, []  # a new fit
         extra: dict[str, nn.Module] = {}
         if self.relu_modules:
             owner = f"{self._owner}(relu_modules)"
@@ -185,15 +182,13 @@ class HealthMonitor(ModuleMonitor):
             hook = hooks.OutputHook(self, name)
             self._hooks.add(module.register_forward_hook(hook, with_kwargs=True))
 
-    def _on_forward(
-        self, name: str, module: nn.Module, args: Any, kwargs: Any, output: Any
-    ) -> None:
+    def _on_forward(self, name: str, module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
         self._order.setdefault(name, len(self._order))
         if self.locator is not None:
-            self.locator._on_forward(name, module, args, kwargs, output)
+            self.locator._on_forward(name, module, args, kwargs, out)
         kind = self._kinds.get(name)
-        if kind is not None and isinstance(output, torch.Tensor) and output.numel() > 0:
-            self._accumulate(name, kind, output.detach())
+        if kind is not None and isinstance(out, torch.Tensor) and out.numel() > 0:
+            self._accumulate(name, kind, out.detach())
 
     def _depth(self, name: str) -> int:
         return self._order.get(name, len(self._order))

@@ -236,9 +236,7 @@ class NonFiniteLocator:
         """Whether this step's origin was found (later values are its consequences)."""
         return self._hit_step == self.step
 
-    def _on_forward(
-        self, name: str, module: nn.Module, args: Any, kwargs: Any, output: Any
-    ) -> None:
+    def _on_forward(self, name: str, module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
         """A watched module's call (its forward hook): note its inputs, test its outputs."""
         self._first_module = name if self._first_module is None else self._first_module
         self._last_module = name
@@ -250,7 +248,7 @@ class NonFiniteLocator:
             if tensor.requires_grad:
                 _add_consumer(self._site(tensor).consumers, name, label)
         rows: list[_InputRow] | None = None
-        for path, tensor in iter_tensors(output):
+        for path, tensor in iter_tensors(out):
             if self.hit_this_step or not _checkable(tensor):
                 continue
             if torch.is_grad_enabled() and tensor.requires_grad:
