@@ -156,14 +156,12 @@ def format_value(value: float) -> str:
 
 def _finding(
     variant: str, module: str, statistic: str, value: float, step: int, limit: float = math.nan,
-    depth: int = -1, severity: str = "", **fields: Any,
+    depth: int = -1, severity: str = "", **extra: Any,
 ) -> Finding:  # fmt: skip
     """The finding of one :data:`_HINTS` variant; float fields are shown by :func:`format_value`."""
     rule, default, hint = _HINTS[variant]
-    fields = {"limit": limit, "value": value, **fields}
-    text = hint.format(
-        **{k: format_value(v) if isinstance(v, float) else v for k, v in fields.items()}
-    )
+    shown = {k: format_value(v) if isinstance(v, float) else v for k, v in extra.items()}
+    text = hint.format(limit=format_value(limit), value=format_value(value), **shown)
     return Finding(rule, severity or default, module, statistic, value, step, text, limit, depth)
 
 
