@@ -1,1 +1,1 @@
-"""Training health: rules over the statistics, the first non-finite module, pictures, :class:`HealthMonitor`."""
+"""Training health: rules, the first non-finite module, pictures, :class:`HealthMonitor`."""

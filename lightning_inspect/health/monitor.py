@@ -20,20 +20,21 @@ from lightning_inspect._validation import as_str_list, check_bool, check_choice,
 from lightning_inspect.backends import Sink
 from lightning_inspect.backends.pictures import heatmap, publish_image
 from lightning_inspect.core import grad_scaler as amp
+from lightning_inspect.core import hooks
 from lightning_inspect.core.keys import FINDINGS_KEY, metric_key, split_key
 from lightning_inspect.core.recorder import HostRecord, StepRecord
 from lightning_inspect.core.selection import normalise_name, select_modules
-from lightning_inspect.errors import InspectError
 from lightning_inspect.monitors.base import ModuleMonitor
 
 #: Key of the end-of-fit report (TensorBoard text; MLflow ``lightning_inspect/health/report.md``).
 REPORT_KEY = "health/report"
-#: The pictures drawn: statistic -> (title, log10 scale, colour range).
-PICTURES: dict[str, tuple[str, bool, tuple[float | None, float | None]]] = {
-    "zero_fraction": ("fraction of zero outputs (ReLU-like modules)", False, (0.0, 1.0)),
-    "saturated_fraction": ("fraction of saturated outputs (Tanh/Sigmoid/Hardtanh)", False, (0, 1)),
-    "grad_norm": ("parameter-gradient norm per module (log10)", True, (None, None)),
-    "update_ratio": ("update-to-weight ratio per module (log10)", True, (None, None)),
+_FRACTION = {"vmin": 0.0, "vmax": 1.0}
+#: The pictures drawn: statistic -> (title, options of the heatmap).
+PICTURES: dict[str, tuple[str, dict[str, Any]]] = {
+    "zero_fraction": ("fraction of zero outputs (ReLU-like modules)", _FRACTION),
+    "saturated_fraction": ("fraction of saturated outputs (Tanh/Sigmoid/Hardtanh)", _FRACTION),
+    "grad_norm": ("parameter-gradient norm per module (log10)", {"log10": True}),
+    "update_ratio": ("update-to-weight ratio per module (log10)", {"log10": True}),
 }
 #: 1 when the GradScaler found Inf/NaN gradients and skips the optimizer step (fp16), else 0.
 _SKIPPED_KEY = "health/skipped_by_scaler"
@@ -42,8 +43,8 @@ _GRADS_SCALED_KEY = "__health_grads_scaled__"  # internal: gradients read still 
 
 
 def activation_kind(module: nn.Module) -> str | None:
-    """The health statistic a module's output feeds: ``"relu"`` (dead units), ``"tanh"``,
-    ``"sigmoid"``, ``"hardtanh"`` (saturation) or ``None`` (LeakyReLU, GELU... have no dead units).
+    """What a module's output is checked for: ``"relu"`` (dead units), ``"tanh"``, ``"sigmoid"``,
+    ``"hardtanh"`` (saturation) or ``None`` (LeakyReLU, GELU... have no dead units).
 
     >>> activation_kind(nn.ReLU6()), activation_kind(nn.Tanh()), activation_kind(nn.GELU())
     ('relu', 'tanh', None)
@@ -56,48 +57,27 @@ def activation_kind(module: nn.Module) -> str | None:
 class HealthMonitor(ModuleMonitor):
     """Diagnose training: dead units, saturation, vanishing/exploding gradients, update sizes, NaN.
 
-    On every logged step it reduces on the device what the rules of
-    :mod:`~lightning_inspect.health.rules` need, logs it and turns what crosses a threshold into
-    findings: a warning the first time each rule fires in each module, the end-of-fit report
-    (console, TensorBoard text, MLflow artifact) and layers x steps pictures. The first module
-    whose forward or backward made a NaN/Inf is named (:mod:`~lightning_inspect.health.nonfinite`).
+    Each logged step goes through :class:`~lightning_inspect.HealthRules`: a warning the first time
+    a rule fires in a module, the end-of-fit report and pictures; the first module whose forward or
+    backward made a NaN/Inf is named. Metrics and rules: docs/diagnostics.md.
 
     Args:
-        modules: module patterns; default ``"*"`` (every module: a NaN can come from any);
-            ``None``: the modules that own parameters. ``exclude``: patterns removed.
-        every_n_steps, start_step, stop_step: when to check and log, in optimizer steps.
-        backends: ``"tensorboard"``, ``"mlflow"``, a list, Sink objects; ``None``: every logger.
-        on_nonfinite: at the first NaN/Inf of a step: ``"ignore"``, ``"warn"`` (once per module),
-            ``"raise"`` (:class:`~lightning_inspect.FirstNonFiniteError`; fit stops cleanly) or
-            ``"debug"`` (a debugger at the module when stdin is a terminal, then stops).
-        nonfinite_check: ``"auto"`` (per module on the CPU, once per step elsewhere),
-            ``"module"`` or ``"step"``.
+        modules: module patterns; default ``"*"`` (a NaN can come from any module).
+        on_nonfinite: ``"ignore"``, ``"warn"`` (once per module), ``"raise"``
+            (:class:`~lightning_inspect.FirstNonFiniteError`, fit stops cleanly) or ``"debug"`` (a
+            debugger at the module when stdin is a terminal, then stops).
+        nonfinite_check: ``"module"``, ``"step"`` (one transfer) or ``"auto"`` (``"module"`` on
+            the CPU).
         thresholds: :class:`~lightning_inspect.HealthThresholds` or a mapping of overrides.
         relu_modules: patterns of further modules whose output is post-ReLU (``F.relu``).
-        update_ratio: compute the update-to-weight ratio (one copy of the watched parameters
-            during a logged batch's optimizer step).
-        pictures, picture_every_n_logs: draw the layers x steps pictures every this many logged
-            steps and at the end of fit.
-        report, console: write the end-of-fit report; print it (a rich table).
-        warn_findings: a RuntimeWarning the first time each rule fires in each module (``info``
-            excepted).
-        log_metrics: log the ``health/<module>/<statistic>`` values.
-        enabled: ``False`` attaches the callback but does nothing.
-
-    Logged metrics:
-        ``health/<module>/zero_fraction`` and ``dead_fraction`` (ReLU-like modules),
-        ``saturated_fraction`` (Tanh, Sigmoid, Hardtanh), ``grad_norm`` and ``update_ratio``
-        (modules with parameters), ``health/skipped_by_scaler`` (fp16); images
-        ``health/<statistic>``; text ``health/report``.
+        update_ratio: compute the update-to-weight ratio (copies the weights on logged steps).
+        picture_every_n_logs: draw the pictures every this many logged steps (and at the end).
+        console: print the report (a rich table).
 
     Example::
 
-        trainer = L.Trainer(logger=TensorBoardLogger("tb"),
-                            callbacks=[HealthMonitor(every_n_steps=10, on_nonfinite="raise",
-                                                     thresholds={"dead_fraction": 0.8})])
+        HealthMonitor(every_n_steps=10, on_nonfinite="raise", thresholds={"dead_fraction": 0.8})
     """
-
-    kind = "health"
 
     def __init__(
         self,
@@ -120,25 +100,22 @@ class HealthMonitor(ModuleMonitor):
         warn_findings: bool = True,
         log_metrics: bool = True,
     ) -> None:
-        o = type(self).__name__
-        action = check_choice(o, "on_nonfinite", on_nonfinite, nf.NONFINITE_ACTIONS)
         super().__init__(
             modules, exclude, every_n_steps, start_step, stop_step, None, False, 2, backends,
             "ignore", enabled,
         )  # fmt: skip
-        self.on_nonfinite = action
+        o = type(self).__name__
+        self.on_nonfinite = check_choice(o, "on_nonfinite", on_nonfinite, nf.NONFINITE_ACTIONS)
         self.nonfinite_check = check_choice(o, "nonfinite_check", nonfinite_check, nf.CHECK_MODES)
         self.thresholds = hr.HealthThresholds.checked(o, thresholds)
         self.relu_modules = as_str_list(o, "relu_modules", relu_modules)
-        self.update_ratio = check_bool(o, "update_ratio", update_ratio)
-        self.pictures_enabled = check_bool(o, "pictures", pictures)
-        self.picture_every_n_logs = check_positive_int(
-            o, "picture_every_n_logs", picture_every_n_logs
-        )
-        self.report_enabled = check_bool(o, "report", report)
-        self.console = check_bool(o, "console", console)
-        self.warn_findings = check_bool(o, "warn_findings", warn_findings)
-        self.log_metrics = check_bool(o, "log_metrics", log_metrics)
+        n_logs = picture_every_n_logs
+        self.picture_every_n_logs = check_positive_int(o, "picture_every_n_logs", n_logs)
+        flags = {"update_ratio": update_ratio, "pictures": pictures, "report": report}
+        flags |= {"console": console, "warn_findings": warn_findings, "log_metrics": log_metrics}
+        for arg, value in flags.items():  # the report and pictures themselves have those names
+            attr = f"{arg}_enabled" if arg in ("pictures", "report") else arg
+            setattr(self, attr, check_bool(o, arg, value))
         self.rules = hr.HealthRules(self.thresholds)
         self.report = hr.HealthReport()
         self.pictures: dict[str, np.ndarray] = {}  # the latest picture of each statistic
@@ -146,7 +123,7 @@ class HealthMonitor(ModuleMonitor):
         self.history: dict[str, dict[str, list[tuple[int, float]]]] = {}
         self.locator: nf.NonFiniteLocator | None = None
         self._order: dict[str, int] = {}  # selected modules in execution order (forward completion)
-        self._shared: list[nf.Finding] = []  # this fit's findings written under FINDINGS_KEY
+        self._shared: list[hr.Finding] = []  # this fit's findings written under FINDINGS_KEY
         self._kinds: dict[str, str] = {}
         self._unit_dim: dict[str, int] = {}
         self._param_modules: dict[str, list[tuple[str, nn.Parameter]]] = {}
@@ -172,11 +149,8 @@ class HealthMonitor(ModuleMonitor):
         super().load_state_dict(state_dict)
         self.rules.load_state_dict(state_dict.get("grad_history", {}))
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._finished, self._shared = False, []
-        super().setup(trainer, pl_module, stage)
-
     def _after_selection(self, pl_module: pl.LightningModule) -> None:
+        self._finished, self._shared = False, []  # a new fit
         extra: dict[str, nn.Module] = {}
         if self.relu_modules:
             owner = f"{self._owner}(relu_modules)"
@@ -203,46 +177,28 @@ class HealthMonitor(ModuleMonitor):
             self.locator.resolve_check(pl_module.device)
             self.locator.gradients_may_overflow = amp.grad_scaler(pl_module) is not None
 
-    def _wants_output_hooks(self) -> bool:
-        return True
+    def _install_hooks(self) -> None:  # with kwargs: the locator describes a call's inputs
+        for name, module in self.selected.items():
+            hook = hooks.OutputHook(self, name)
+            self._hooks.add(module.register_forward_hook(hook, with_kwargs=True))
 
-    def _install_hooks(self) -> None:
-        super()._install_hooks()
-        if self.locator is not None:  # the locator reports and blames with a module's inputs
-            for name, module in self.selected.items():
-                hook = nf.InputHook(self, name)
-                self._hooks.add(module.register_forward_pre_hook(hook, with_kwargs=True))
-
-    def _on_input(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if self.locator is not None:
-            self.locator._on_input(name, args, kwargs)
-
-    def _on_output(self, name: str, path: str, tensor: torch.Tensor) -> None:
+    def _on_forward(self, name: str, module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
         self._order.setdefault(name, len(self._order))
         if self.locator is not None:
-            self.locator._on_output(name, path, tensor)
+            self.locator._on_forward(name, module, args, kwargs, out)
         kind = self._kinds.get(name)
-        if kind is not None and path == "" and tensor.numel() > 0:
-            self._accumulate(name, kind, tensor.detach())
+        if kind is not None and isinstance(out, torch.Tensor) and out.numel() > 0:
+            self._accumulate(name, kind, out.detach())
 
     def _depth(self, name: str) -> int:
         return self._order.get(name, len(self._order))
 
-    def _hook_fault(self, where: str, exc: BaseException) -> None:
-        if isinstance(exc, InspectError):
-            raise exc  # the locator's "raise" / "debug" action
-        super()._hook_fault(where, exc)
-
-    def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        super().on_train_batch_start(trainer, *args)
         if self._recording and self.locator is not None:
-            self.locator.start(trainer.global_step, batch_idx)
+            self.locator.start(trainer.global_step, args[-1])  # batch_idx
 
-    def on_before_backward(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
-    ) -> None:
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: Any, loss: torch.Tensor) -> None:
         if self._recording and self.locator is not None:
             self.locator.loss(loss)
 
@@ -261,29 +217,20 @@ class HealthMonitor(ModuleMonitor):
         finally:
             self._found_inf = None
 
-    def on_train_batch_end(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        outputs: Any,
-        batch: Any,
-        batch_idx: int,
-    ) -> None:
+    def on_train_batch_end(self, *args: Any) -> None:
         if self._recording and self.locator is not None and not self.locator.gradients_may_overflow:
             self.locator.check()  # what a micro-batch without optimizer step left pending
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        super().on_train_batch_end(*args)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         self._finish(trainer)
 
-    def on_exception(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
-    ) -> None:
+    def on_exception(self, trainer: pl.Trainer, *args: Any) -> None:
         if self._active:
             self._close()  # publish what the interrupted step collected
             self._finish(trainer)  # the report, before the backends are closed
-        super().on_exception(trainer, pl_module, exception)
+        super().on_exception(trainer, *args)
 
     def _shutdown(self) -> None:
         if self._active and self.locator is not None:
@@ -405,9 +352,9 @@ class HealthMonitor(ModuleMonitor):
         depth = self._order.get(origin.module, -1)
         self._add_findings([origin.to_finding(depth)], origin.step, warn=False)  # it warns itself
 
-    def _add_findings(self, findings: list[nf.Finding], step: int, warn: bool = True) -> None:
-        """The one path of findings: the report, a warning, the observers, and all of this fit's
-        so far as JSON text for TensorBoard's overview tab (which keeps a text's last step)."""
+    def _add_findings(self, findings: list[hr.Finding], step: int, warn: bool = True) -> None:
+        """The one path of findings: the report, a warning, the observers, and this fit's findings
+        so far as JSON for TensorBoard's overview tab (which keeps a text's last step)."""
         new = self.report.extend(findings)
         if not new:
             return
@@ -423,30 +370,23 @@ class HealthMonitor(ModuleMonitor):
             self._coordinator.notify(step, {}, {}, new)
 
     def _draw_pictures(self, step: int) -> None:
-        for stat, (title, log10, (vmin, vmax)) in PICTURES.items():
+        for stat, (title, options) in PICTURES.items():
             series = self.history.get(stat)
             if not series:
                 continue
             modules = sorted(series, key=self._depth)
             steps = sorted({s for points in series.values() for s, _ in points})
-            column = {s: j for j, s in enumerate(steps)}
-            values = np.full((len(modules), len(steps)), np.nan)
-            for i, module in enumerate(modules):
-                for s, v in series[module]:
-                    values[i, column[s]] = v
+            values = np.array([[dict(series[m]).get(s, np.nan) for s in steps] for m in modules])
             try:
-                image = heatmap(
-                    values, modules, steps, title, log10=log10, vmin=vmin, vmax=vmax, colorbar=stat
-                )
+                image = heatmap(values, modules, steps, title, colorbar=stat, **options)
             except Exception as exc:  # drawing must never stop training
                 self._hook_fault(f"drawing the {stat} picture", exc)
                 continue
             self.pictures[stat] = image
-            key = f"health/{stat}"
-            publish_image(self.sinks, key, image, step, self._owner, self._picture_warned)
+            key, warned = f"health/{stat}", self._picture_warned
+            publish_image(self.sinks, key, image, step, self._owner, warned)
 
-    def _finish(self, trainer: pl.Trainer) -> None:
-        """Final pictures and the health report, once per fit."""
+    def _finish(self, trainer: pl.Trainer) -> None:  # once per fit
         if self._finished or not self._active:
             return
         self._finished = True
@@ -465,7 +405,7 @@ class HealthMonitor(ModuleMonitor):
 
 
 def _squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The squared L2 norm of tensors on one device, in float64 (finite for huge values)."""
+    """In float64: finite for huge values."""
     return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)).square().sum()
 
 

@@ -1,9 +1,5 @@
-"""The first module, in execution order, whose forward or backward made a NaN/Inf.
-
-Outputs come through core's ``OutputHook``, boundary gradients through ``OutputGradHook`` (blamed
-on the innermost watched module that took the tensor as input); one forward pre-hook keeps weak
-references to a call's inputs, which the report describes and the blame needs.
-"""
+"""The first module, in execution order, whose forward or backward made a NaN/Inf: a call's inputs
+and outputs come through core's ``OutputHook``, boundary gradients through ``OutputGradHook``."""
 
 from __future__ import annotations
 
@@ -13,7 +9,7 @@ import sys
 import warnings
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -22,14 +18,14 @@ from torch import nn
 from lightning_inspect._validation import check_choice
 from lightning_inspect.core import hooks
 from lightning_inspect.core.outputs import iter_tensors
-from lightning_inspect.core.stats import FIELDS, reduce_tensor, summarise
-from lightning_inspect.errors import InspectError, NonFiniteError
+from lightning_inspect.core.row import Field
+from lightning_inspect.core.stats import reduce_tensor, summarise
+from lightning_inspect.errors import NonFiniteError
 from lightning_inspect.health.rules import Finding, format_value
 
 NONFINITE_ACTIONS = ("ignore", "warn", "raise", "debug")  # at the first non-finite value
 CHECK_MODES = ("auto", "module", "step")  # "auto": "module" on the CPU, "step" elsewhere
 MAX_INPUTS = 4  # inputs of a module described in a report
-_COUNT, _NAN, _INF = (FIELDS.index(name) for name in ("count", "nan", "inf"))
 _INPUT_STATS = ("min", "max", "mean", "std", "nan_count", "inf_count")
 _HINTS = {
     "parameters": "its parameters are already non-finite: an earlier optimizer step wrote NaN/Inf "
@@ -53,15 +49,21 @@ _HINTS = {
 
 
 class FirstNonFiniteError(NonFiniteError):
-    """The first NaN/Inf of a step was found; ``origin`` says where (fit stops cleanly).
-
-    >>> issubclass(FirstNonFiniteError, NonFiniteError)
-    True
-    """
+    """The first NaN/Inf of a step was found; ``origin`` says where (fit stops cleanly)."""
 
     def __init__(self, origin: NonFiniteOrigin) -> None:
         super().__init__(origin.message())
         self.origin = origin
+
+
+def _counts(nan: int, inf: int, numel: int | None = None) -> str:
+    """``"1 NaN, 0 Inf of 4"``."""
+    return f"{nan} NaN, {inf} Inf" + ("" if numel is None else f" of {numel}")
+
+
+def _row_counts(row: torch.Tensor) -> tuple[int, int, int]:
+    row = row.detach().cpu()
+    return int(row[Field.NAN]), int(row[Field.INF]), int(row[Field.COUNT])
 
 
 @dataclass(frozen=True)
@@ -78,16 +80,14 @@ class TensorSummary:
         s = self.stats
         parts = [f"{self.label}: {self.shape} {self.dtype}".rstrip()]
         parts += [f"{k} {format_value(s[k])}" for k in ("min", "max", "mean", "std") if k in s]
-        return ", ".join([*parts, f"{int(s['nan_count'])} NaN, {int(s['inf_count'])} Inf"])
+        return ", ".join([*parts, _counts(int(s["nan_count"]), int(s["inf_count"]))])
 
 
 @dataclass(frozen=True)
 class NonFiniteOrigin:
     """Where the first NaN/Inf of a step came from: ``phase`` (``"forward"``, ``"loss"``,
-    ``"backward"``, ``"parameter gradient"``), the culprit ``module`` (``""``: the loss), the
-    ``tensor`` that held ``nan`` and ``inf`` values among ``numel``, the ``inputs`` it received
-    (backward: the gradients reaching its outputs), its non-finite ``parameters``, a ``hint``.
-    """
+    ``"backward"``, ``"parameter gradient"``), ``module`` (``""``: the loss), the ``inputs`` it
+    received (backward: the gradients reaching its outputs), its non-finite ``parameters``."""
 
     step: int
     phase: str
@@ -110,8 +110,8 @@ class NonFiniteOrigin:
         where = f"{self.phase}, {module}, {self.tensor}" if self.module else self.tensor
         heading = "incoming gradients" if self.phase == "backward" else "inputs"
         lines = [
-            f"first non-finite value at step {self.step}{batch}: {where}: {self.nan} NaN, "
-            f"{self.inf} Inf of {self.numel} values.",
+            f"first non-finite value at step {self.step}{batch}: {where}: "
+            f"{_counts(self.nan, self.inf, self.numel)} values.",
             *(f"  {heading} - {summary.describe()}" for summary in self.inputs),
             *(f"  non-finite parameter - {text}" for text in self.parameters),
         ]
@@ -119,31 +119,11 @@ class NonFiniteOrigin:
 
     def to_finding(self, depth: int = -1) -> Finding:
         """The origin as a report entry (rule ``nonfinite``, an error)."""
-        hint = f"first NaN/Inf of the run here ({self.nan} NaN, {self.inf} Inf of {self.numel}); "
+        hint = f"first NaN/Inf of the run here ({_counts(self.nan, self.inf, self.numel)}); "
         return Finding(
             "nonfinite", "error", self.module or "(loss)", f"{self.phase}: {self.tensor}",
             float(self.nan + self.inf), self.step, hint + self.hint, math.nan, depth,
         )  # fmt: skip
-
-
-def hint_for(phase: str, inputs_finite: bool, params_finite: bool, first_module: bool) -> str:
-    """The likely causes of a non-finite value, given where it appeared.
-
-    >>> hint_for("forward", True, True, False)[:40]
-    'this module turned finite inputs into Na'
-    """
-    if not params_finite:
-        return _HINTS["parameters"]
-    if phase == "forward" and not inputs_finite:
-        return _HINTS["batch" if first_module else "inputs"]
-    return _HINTS[phase]
-
-
-def can_debug() -> bool:
-    """Whether a debugger can take the terminal (``sys.stdin`` is an interactive terminal)."""
-    with contextlib.suppress(AttributeError, ValueError, OSError):
-        return bool(sys.stdin) and sys.stdin.isatty()
-    return False
 
 
 @dataclass
@@ -173,34 +153,10 @@ class _Event:
     site: _Site | None = None
 
 
-class InputHook(hooks.InertWhenCopied):
-    """Forward pre-hook (with kwargs): hands a module's inputs to ``consumer._on_input``."""
-
-    __slots__ = ("consumer", "name")
-
-    def __init__(self, consumer: Any, name: str) -> None:
-        self.consumer, self.name = consumer, name
-
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if self.consumer._recording:  # all a compiled graph sees when not recording
-            _keep_inputs(self, args, kwargs)
-
-
-@torch.compiler.disable
-def _keep_inputs(hook: InputHook, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    if hooks.is_suspended() or hooks.in_backward_pass():
-        return
-    try:
-        hook.consumer._on_input(hook.name, args, kwargs)
-    except Exception as exc:  # never let inspection break the forward pass
-        hook.consumer._hook_fault(f"the inputs of {hook.name!r}", exc)
-
-
 class NonFiniteLocator:
-    """Find the first module that makes a NaN/Inf and ``"warn"`` (once per module), ``"raise"``
-    (:class:`FirstNonFiniteError`) or ``"debug"``; ``check``: ``"module"``, ``"step"``, ``"auto"``;
-    ``on_origin`` is called with every origin found. Driven by :meth:`start` at each batch, the
-    hooks (:meth:`attach`, or a monitor's), :meth:`loss` before backward, :meth:`check` after.
+    """Find the first module that makes a NaN/Inf, then ``action``: ``"warn"`` (once per module),
+    ``"raise"`` or ``"debug"``; ``check``: ``"module"`` (each tensor at once), ``"step"`` (in
+    :meth:`check`) or ``"auto"``. Call :meth:`start` per batch, :meth:`loss`, then :meth:`check`.
 
     Example:
         >>> class Log(nn.Module):
@@ -233,20 +189,17 @@ class NonFiniteLocator:
         self.owner, self.on_origin = owner, on_origin
         self.origins: list[NonFiniteOrigin] = []
         self.step, self.batch_idx = 0, -1
-        #: A GradScaler scales the gradients (fp16): a non-finite gradient may be an overflow it
-        #: answers by skipping the step, so gradient checks wait for :meth:`check`.
-        self.gradients_may_overflow = False
+        self.gradients_may_overflow = False  # a GradScaler's overflow: gradients wait for check()
         self._modules: dict[str, nn.Module] = {}
         self._first_module: str | None = None
         self._hit_step: int | None = None
         self._warned: set[str] = set()
         self.release()
 
-    def resolve_check(self, device: torch.device | str) -> str:
+    def resolve_check(self, device: torch.device | str) -> None:
         """Fix ``"auto"`` for the model's device: ``"module"`` on the CPU, ``"step"`` elsewhere."""
         if self.check_mode == "auto":
             self.check_mode = "module" if torch.device(device).type == "cpu" else "step"
-        return self.check_mode
 
     def watch(self, modules: Mapping[str, nn.Module]) -> None:
         """The modules reports may name (qualified name -> module)."""
@@ -260,8 +213,8 @@ class NonFiniteLocator:
         self.start(self.step, self.batch_idx)
         handles = hooks.HookSet()
         for name, module in modules.items():
-            handles.add(module.register_forward_pre_hook(InputHook(self, name), with_kwargs=True))
-            handles.add(module.register_forward_hook(hooks.OutputHook(self, name)))
+            hook = hooks.OutputHook(self, name)
+            handles.add(module.register_forward_hook(hook, with_kwargs=True))
         return handles
 
     def start(self, step: int, batch_idx: int = -1) -> None:
@@ -276,50 +229,44 @@ class NonFiniteLocator:
         self._sites: dict[int, _Site] = {}
         self._site_list: list[_Site] = []
         self._outputs_of: dict[str, list[_Site]] = {}
-        self._inputs: dict[str, list[tuple[str, weakref.ref[torch.Tensor]]]] = {}
-        self._input_rows: dict[str, list[_InputRow]] = {}
         self._last_module: str | None = None
 
     @property
     def hit_this_step(self) -> bool:
-        """Whether the origin of this step was already found (later values are its consequences)."""
+        """Whether this step's origin was found (later values are its consequences)."""
         return self._hit_step == self.step
 
-    def _on_input(self, name: str, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
-        """A watched module is called with these inputs (from its forward pre-hook)."""
-        if self.hit_this_step:
-            return
-        tensors = [*iter_tensors(list(args)), *(iter_tensors(dict(kwargs)) if kwargs else ())]
-        inputs = [(_label("input", path), t) for path, t in tensors if _checkable(t)]
-        self._inputs[name] = [(label, weakref.ref(t)) for label, t in inputs]
-        self._input_rows.pop(name, None)
-        for label, tensor in inputs if torch.is_grad_enabled() else ():
-            if tensor.requires_grad:
-                self._site(tensor).consumers.append((name, label))
-
-    def _on_output(self, name: str, path: str, tensor: torch.Tensor) -> None:
-        """Test one output tensor of a watched module (from its forward hook)."""
+    def _on_forward(self, name: str, module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
+        """A watched module's call (its forward hook): note its inputs, test its outputs."""
         self._first_module = name if self._first_module is None else self._first_module
         self._last_module = name
-        if self.hit_this_step or not _checkable(tensor):
+        if self.hit_this_step:
             return
-        if torch.is_grad_enabled() and tensor.requires_grad:
-            site = self._site(tensor)
-            if site.producer is None:
-                site.producer, site.path = name, path
-            self._outputs_of.setdefault(name, []).append(site)
-        now = self.check_mode == "module"
-        if now and bool(torch.isfinite(stored_values(tensor)).all()):
-            return
-        inputs = [(lb, t) for lb, ref in self._inputs.get(name, []) if (t := ref()) is not None]
-        rows = self._input_rows.get(name)
-        if rows is None:  # once per call, however many output tensors
-            rows = self._input_rows[name] = _rows(inputs)
-        event = _Event("forward", name, _label("output", path), reduce_tensor(tensor, 0), rows)
-        self._test(event, now, module=self._modules.get(name), inputs=inputs, output=tensor)
+        found = [*iter_tensors(list(args)), *(iter_tensors(dict(kwargs)) if kwargs else ())]
+        inputs = [(_label("input", path), t) for path, t in found if _checkable(t)]
+        for label, tensor in inputs if torch.is_grad_enabled() else ():
+            if tensor.requires_grad:
+                _add_consumer(self._site(tensor).consumers, name, label)
+        rows: list[_InputRow] | None = None
+        for path, tensor in iter_tensors(out):
+            if self.hit_this_step or not _checkable(tensor):
+                continue
+            if torch.is_grad_enabled() and tensor.requires_grad:
+                site = self._site(tensor)
+                if site.producer is None:
+                    site.producer, site.path = name, path
+                self._outputs_of.setdefault(name, []).append(site)
+            now = self.check_mode == "module"
+            if now and bool(torch.isfinite(stored_values(tensor)).all()):
+                continue
+            rows = rows or [  # once per call, however many output tensors
+                (lb, tuple(t.shape), str(t.dtype).removeprefix("torch."), reduce_tensor(t, 0))
+                for lb, t in inputs
+            ]
+            event = _Event("forward", name, _label("output", path), reduce_tensor(tensor, 0), rows)
+            self._test(event, now, module=module, inputs=inputs, output=tensor)
 
     def _on_output_grad(self, key: str, grad: torch.Tensor) -> None:
-        """Test the gradient of a boundary tensor (from its tensor hook)."""
         index = int(key)
         if self.hit_this_step or index >= len(self._site_list) or not _checkable(grad):
             return
@@ -330,8 +277,6 @@ class NonFiniteLocator:
         self._test(event, now, gradient=grad)
 
     def _hook_fault(self, where: str, exc: BaseException) -> None:
-        if isinstance(exc, InspectError):
-            raise exc  # the "raise" and "debug" actions
         message = f"{self.owner}: checking {where} failed ({type(exc).__name__}: {exc})."
         warnings.warn(message, RuntimeWarning, stacklevel=2)
 
@@ -346,7 +291,7 @@ class NonFiniteLocator:
     def _test(self, event: _Event, now: bool, **context: Any) -> None:
         if not now:
             self._events.append(event)  # for check(), in one transfer
-        elif bool(event.row[_NAN] + event.row[_INF] > 0):
+        elif bool(event.row[Field.NAN] + event.row[Field.INF] > 0):
             self._act(self._origin(event), **context)
 
     def loss(self, loss: torch.Tensor) -> None:
@@ -360,38 +305,32 @@ class NonFiniteLocator:
         parameters: Mapping[str, Sequence[tuple[str, nn.Parameter]]] | None = None,
         gradients_overflowed: bool = False,
     ) -> NonFiniteOrigin | None:
-        """Test what is pending and the parameter gradients, in one transfer; act on the origin.
-
-        Call after backward, before the optimizer step. ``parameters``: ``{module: [(name,
-        parameter), ...]}`` in execution order. ``gradients_overflowed``: a GradScaler skips this
-        step, so non-finite gradients are its business (forward and loss are still checked).
-        """
+        """After backward: test what is pending and ``parameters`` (``{module: [(name, param)]}``
+        in execution order) in one transfer; ``gradients_overflowed``: a GradScaler skips them."""
         events, self._events = self._events, []
         if self.hit_this_step:
             return None
         if gradients_overflowed:
             events, parameters = [e for e in events if e.phase != "backward"], None
-        flags = [e.row[_NAN] + e.row[_INF] for e in events]
-        owners: list[tuple[str, str, torch.Tensor]] = []
-        for module, params in (parameters or {}).items():
-            for pname, param in params:
-                if param.grad is not None and _checkable(param.grad):
-                    grad = stored_values(param.grad)
-                    flags.append(torch.logical_not(torch.isfinite(grad).all()).to(torch.float64))
-                    owners.append((module, pname, grad))
-        if not flags:
-            return None
-        host = torch.stack([f.to(flags[0].device, torch.float64) for f in flags]).cpu()
-        bad = torch.nonzero(host > 0).flatten().tolist()
+        grads = [
+            (module, pname, stored_values(p.grad))
+            for module, params in (parameters or {}).items()
+            for pname, p in params
+            if p.grad is not None and _checkable(p.grad)
+        ]
+        flags = [e.row[Field.NAN] + e.row[Field.INF] for e in events]
+        flags += [torch.logical_not(torch.isfinite(g).all()).double() for _, _, g in grads]
+        host = torch.stack([f.to(flags[0].device, torch.float64) for f in flags]) if flags else None
+        bad = [] if host is None else torch.nonzero(host.cpu() > 0).flatten().tolist()
         if not bad:
             return None
         if bad[0] < len(events):
-            origin = self._origin(events[bad[0]])
+            event = events[bad[0]]
         else:  # backward runs in reverse: the last module with a bad parameter gradient made it
-            module, pname, grad = owners[bad[-1] - len(events)]
+            module, pname, grad = grads[bad[-1] - len(events)]
             label = f"{pname}.grad {tuple(grad.shape)}"
             event = _Event("parameter gradient", module, label, reduce_tensor(grad, 0))
-            origin = self._origin(event)
+        origin = self._origin(event)
         self._act(origin)
         return origin
 
@@ -410,9 +349,18 @@ class NonFiniteLocator:
             name = site.producer or "?"
             label = f"gradient arriving at its {_label('output', site.path)} {label}"
         module = self._modules.get(name) if phase != "loss" else None
-        params = _nonfinite_parameters(module)
+        params = tuple(
+            f"{pname}: {_counts(*_row_counts(reduce_tensor(p, 0)))}"
+            for pname, p in (module.named_parameters(recurse=False) if module is not None else ())
+            if _checkable(p) and not bool(torch.isfinite(p).all())
+        )
         finite = all(s.stats["nan_count"] + s.stats["inf_count"] == 0 for s in inputs)
-        hint = hint_for(phase, finite, not params, name == self._first_module)
+        if params:
+            hint = _HINTS["parameters"]
+        elif phase == "forward" and not finite:
+            hint = _HINTS["batch" if name == self._first_module else "inputs"]
+        else:
+            hint = _HINTS[phase]
         if phase == "loss" and self._last_module is not None:
             hint += f" (the last watched module was {self._last_module!r})"
         elif site is not None and not site.consumers:
@@ -420,25 +368,18 @@ class NonFiniteLocator:
         elif phase == "backward" and not finite:
             hint = "the gradient reaching this module's output was already non-finite: " + hint
         if phase == "forward" and getattr(module, "inplace", False):
-            after = " (after the in-place op)"
-            inputs = tuple(
-                TensorSummary(s.label + after, s.shape, s.dtype, s.stats) for s in inputs
-            )
-        row = event.row.detach().cpu()
+            inputs = tuple(replace(s, label=s.label + " (after the in-place op)") for s in inputs)
         kind = "loss" if phase == "loss" else type(module).__name__ if module is not None else "?"
         return NonFiniteOrigin(
-            self.step, phase, name, kind, label, int(row[_NAN]), int(row[_INF]),
-            int(row[_COUNT]), inputs, params, hint, self.batch_idx, self.check_mode,
+            self.step, phase, name, kind, label, *_row_counts(event.row), inputs, params, hint,
+            self.batch_idx, self.check_mode,
         )  # fmt: skip
 
     def _act(
-        self,
-        origin: NonFiniteOrigin,
-        module: nn.Module | None = None,
-        inputs: Any = None,
-        output: Any = None,
+        self, origin: NonFiniteOrigin, module: Any = None, inputs: Any = None, output: Any = None,
         gradient: Any = None,
-    ) -> None:
+    ) -> None:  # fmt: skip
+        """Report ``origin``; ``module``, ``inputs``, ``output``, ``gradient``: for the debugger."""
         self._hit_step, self._events = self.step, []
         self.origins.append(origin)
         if self.on_origin is not None:
@@ -449,7 +390,12 @@ class NonFiniteLocator:
                 warnings.warn(f"{self.owner}: {origin.message()}", RuntimeWarning, stacklevel=4)
             return
         error = FirstNonFiniteError(origin)
-        if self.action == "debug" and can_debug():
+        if self.action == "raise":
+            raise error
+        interactive = False
+        with contextlib.suppress(AttributeError, ValueError, OSError):  # no or a closed stdin
+            interactive = bool(sys.stdin) and sys.stdin.isatty()
+        if interactive:
             print(
                 f"\nlightning-inspect: {origin.message()}\nDebugger: `origin`, `module`, `inputs`, "
                 "`output`, `gradient` are at hand; `up` walks to the calling forward; `c` "
@@ -458,13 +404,11 @@ class NonFiniteLocator:
             )
             breakpoint()  # on_nonfinite="debug" asks for exactly this
             note = "fit stops after the debugging session (on_nonfinite='debug')."
-        elif self.action == "debug":
+        else:
             note = (
                 "on_nonfinite='debug' opens a debugger only when stdin is an interactive "
                 "terminal; it is not, so fit stopped instead."
             )
-        else:
-            raise error
         if hasattr(error, "add_note"):  # Python >= 3.11
             error.add_note(f"lightning-inspect: {note}")
         else:  # pragma: no cover
@@ -473,7 +417,7 @@ class NonFiniteLocator:
 
 
 def stored_values(t: torch.Tensor) -> torch.Tensor:
-    """A sparse tensor's stored values (its other elements are zeros); a dense one as it is."""
+    """A sparse tensor's stored values (the others are zeros); a dense one as it is."""
     if t.layout == torch.strided:
         return t
     return t.coalesce().values() if t.is_sparse else t.values()
@@ -491,6 +435,14 @@ def parameters_by_module(modules: Mapping[str, nn.Module]) -> dict[str, list[tup
     return out
 
 
+def _add_consumer(consumers: list[tuple[str, str]], name: str, label: str) -> None:
+    """Keep ``consumers`` outer first: a forward hook runs after those of the calls inside."""
+    i = len(consumers)
+    while i and (not name or consumers[i - 1][0].startswith(name + ".")):
+        i -= 1
+    consumers.insert(i, (name, label))
+
+
 def _checkable(t: torch.Tensor) -> bool:
     return (t.is_floating_point() or t.is_complex()) and t.numel() > 0
 
@@ -499,21 +451,5 @@ def _label(kind: str, path: str) -> str:
     return f"{kind} {path}" if path else kind
 
 
-def _rows(inputs: Sequence[tuple[str, torch.Tensor]]) -> list[_InputRow]:
-    return [
-        (label, tuple(t.shape), str(t.dtype).removeprefix("torch."), reduce_tensor(t, 0))
-        for label, t in inputs
-    ]
-
-
 def _summary(label: str, shape: tuple[int, ...], dtype: str, row: torch.Tensor) -> TensorSummary:
     return TensorSummary(label, shape, dtype, summarise(row.detach().cpu().numpy(), _INPUT_STATS))
-
-
-def _nonfinite_parameters(module: nn.Module | None) -> tuple[str, ...]:
-    out = []
-    for pname, param in module.named_parameters(recurse=False) if module is not None else ():
-        if _checkable(param) and not bool(torch.isfinite(param).all()):
-            row = reduce_tensor(param, 0).cpu()
-            out.append(f"{pname}: {int(row[_NAN])} NaN, {int(row[_INF])} Inf of {int(row[_COUNT])}")
-    return tuple(out)

@@ -1,17 +1,4 @@
-"""Health rules over reduced statistics: thresholds, findings and the report (no Lightning).
-
-:class:`HealthRules` reads, per module and logging step, ``dead_fraction`` (with ``units``),
-``saturated_fraction``, ``grad_norm`` and ``update_ratio`` (a missing one is not checked);
-:class:`HealthReport` keeps one entry per rule and module and renders them, worst first.
-
-Example:
-    >>> found = HealthRules().observe(10, {"fc1": {"grad_norm": 1e-9}, "fc2": {"grad_norm": 0.5}})
-    >>> [(f.rule, f.module, f.step) for f in found]
-    [('vanishing_gradient', 'fc1', 10)]
-    >>> report = HealthReport()
-    >>> print(report.extend(found) and report.to_markdown().splitlines()[0])
-    ### Health report: 1 problem (0 errors, 1 warning, 0 notes)
-"""
+"""Health rules over reduced statistics (no Lightning): thresholds, findings and the report."""
 
 from __future__ import annotations
 
@@ -19,13 +6,18 @@ import math
 import statistics
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from lightning_inspect._validation import check_number, check_positive_int, suggestion
 from lightning_inspect.errors import ConfigError
 
 SEVERITIES = ("error", "warning", "info")  # worst first
+#: A GradScaler that skips steps at this scale or lower is stalled (NaN/Inf even unscaled).
+SCALER_STALL_SCALE = 1.0
+_LOWER_IS_WORSE = frozenset({"vanishing_gradient", "update_ratio_low"})
+_DEPTH = "use ReLU-family activations, residual connections or normalisation"
+_CLIP = "lower the learning rate or clip gradients"
 # fmt: off
 #: Rules, in the order the report lists them within one severity.
 RULES = ("nonfinite", "exploding_gradient", "dead_units", "vanishing_gradient", "saturation",
@@ -33,50 +25,46 @@ RULES = ("nonfinite", "exploding_gradient", "dead_units", "vanishing_gradient", 
 #: Columns of the rendered report.
 COLUMNS = ("severity", "rule", "module", "statistic", "value", "step", "worst (step)", "seen",
            "hint")
-#: Allowed values: an integer's minimum, or a number's interval ``(low, high, bounds)``.
-_LIMITS: dict[str, Any] = {
-    "dead_fraction": (0, 1, "(]"), "dead_window": 1, "saturation_fraction": (0, 1, "(]"),
-    "saturation_margin": (0, 0.5, "()"), "grad_norm_low": (0, math.inf, "[)"),
-    "grad_norm_high": (0, math.inf, "()"), "grad_depth_ratio": (0, 1, "[)"),
-    "grad_spike_factor": (1, math.inf, "()"), "spike_history": 2, "spike_min_history": 1,
-    "update_ratio_low": (0, math.inf, "[)"), "update_ratio_high": (0, math.inf, "()"),
-}
 _ORDERED = (("grad_norm_low", "grad_norm_high"), ("update_ratio_low", "update_ratio_high"),
             ("spike_min_history", "spike_history"))
-# fmt: on
-#: A GradScaler that skips steps at this scale or lower is stalled (NaN/Inf even unscaled).
-SCALER_STALL_SCALE = 1.0
-_LOWER_IS_WORSE = frozenset({"vanishing_gradient", "update_ratio_low"})
-_FIX_DEPTH = "use ReLU-family activations, residual connections or normalisation"
-#: One-line hints by variant, with the fields the rule fills in.
+#: Each variant of a finding: its rule, its severity and a one-line hint (fields filled in).
 _HINTS = {
-    "dead_units": "{count} never positive over the last {window} logged steps: check the bias "
-    "and initialisation of the layer before it and the input scale, lower the learning rate, "
-    "or use LeakyReLU/GELU",
-    "saturation": "{share} of the {kind}outputs sit at their bounds, where the gradient is ~0: "
-    "normalise its input (LayerNorm/BatchNorm before it), shrink the initial weights or lower "
-    "the learning rate",
-    "update_nonfinite": "the update or the weights hold NaN/Inf: the optimizer wrote non-finite "
-    "values into this layer's parameters",
-    "update_ratio_high": "each step changes this layer's weights by more than {limit} of their "
-    "size (healthy is near 1e-3): the learning rate is likely too high",
-    "update_ratio_low": "this layer's weights change by less than {limit} of their size per "
-    "step: it barely learns (learning rate too low, tiny gradients, or frozen in effect)",
-    "grad_nonfinite": "a parameter gradient of this module holds NaN/Inf (see the first-NaN "
-    "report for where it started); lower the learning rate or clip gradients",
-    "grad_high": "gradient norm above {limit}: lower the learning rate or clip gradients "
-    "(Trainer(gradient_clip_val=1.0))",
-    "grad_spike": "gradient norm jumped to {factor:.0f}x its running median ({median} over "
-    "{seen} logged steps): lower the learning rate or clip gradients",
-    "grad_low": "gradient norm below {limit}: almost no learning signal reaches this layer; "
-    f"{_FIX_DEPTH}, and look for a detach()",
-    "grad_fades": "gradient norm is {share:.1e} of the largest ({top!r}: {top_norm}): the signal "
-    f"fades on its way back; {_FIX_DEPTH}",
-    "grad_scaler_stalled": "the GradScaler skipped the last {seen} logged steps and its scale is "
-    "down to {value}: gradients are NaN/Inf even unscaled, so nothing is learning; look for a "
-    "NaN made in backward (HealthMonitor(on_nonfinite='raise') in a float32 run names the "
-    "module) or lower the learning rate",
+    "dead_units": ("dead_units", "warning", "{count} never positive over the last {window} logged "
+        "steps: check the bias and initialisation of the layer before it and the input scale, "
+        "lower the learning rate, or use LeakyReLU/GELU"),
+    "saturation": ("saturation", "warning", "{share} of the {kind}outputs sit at their bounds, "
+        "where the gradient is ~0: normalise its input (LayerNorm/BatchNorm before it), shrink "
+        "the initial weights or lower the learning rate"),
+    "update_nonfinite": ("nonfinite", "error", "the update or the weights hold NaN/Inf: the "
+        "optimizer wrote non-finite values into this layer's parameters"),
+    "update_ratio_high": ("update_ratio_high", "warning", "each step changes this layer's weights "
+        "by more than {limit} of their size (healthy is near 1e-3): the learning rate is likely "
+        "too high"),
+    "update_ratio_low": ("update_ratio_low", "info", "this layer's weights change by less than "
+        "{limit} of their size per step: it barely learns (learning rate too low, tiny "
+        "gradients, or frozen in effect)"),
+    "grad_nonfinite": ("nonfinite", "error", "a parameter gradient of this module holds NaN/Inf "
+        f"(see the first-NaN report for where it started); {_CLIP}"),
+    "grad_high": ("exploding_gradient", "error", f"gradient norm above {{limit}}: {_CLIP} "
+        "(Trainer(gradient_clip_val=1.0))"),
+    "grad_spike": ("exploding_gradient", "warning", "gradient norm jumped to {factor}x its running "
+        f"median ({{median}} over {{seen}} logged steps): {_CLIP}"),
+    "grad_low": ("vanishing_gradient", "warning", "gradient norm below {limit}: almost no "
+        f"learning signal reaches this layer; {_DEPTH}, and look for a detach()"),
+    "grad_fades": ("vanishing_gradient", "warning", "gradient norm is {share} of the largest "
+        f"({{top!r}}: {{top_norm}}): the signal fades on its way back; {_DEPTH}"),
+    "grad_scaler_stalled": ("grad_scaler_stalled", "error", "the GradScaler skipped the last "
+        "{seen} logged steps and its scale is down to {value}: gradients are NaN/Inf even "
+        "unscaled, so nothing is learning; look for a NaN made in backward "
+        "(HealthMonitor(on_nonfinite='raise') in a float32 run names the module) or lower the "
+        "learning rate"),
 }
+# fmt: on
+
+
+def _limited(default: float, *allowed: Any) -> Any:
+    """A threshold; ``allowed``: an integer's minimum, or a number's ``low, high, bounds``."""
+    return field(default=default, metadata={"allowed": allowed})
 
 
 @dataclass(frozen=True)
@@ -88,41 +76,39 @@ class HealthThresholds:
         0.9
     """
 
-    dead_fraction: float = 0.5
-    dead_window: int = 5
-    saturation_fraction: float = 0.5
-    saturation_margin: float = 0.01
-    grad_norm_low: float = 1e-7
-    grad_norm_high: float = 1e3
-    grad_depth_ratio: float = 1e-4
-    grad_spike_factor: float = 10.0
-    spike_history: int = 20
-    spike_min_history: int = 3
-    update_ratio_low: float = 1e-5
-    update_ratio_high: float = 1e-1
+    dead_fraction: float = _limited(0.5, 0, 1, "(]")
+    dead_window: int = _limited(5, 1)
+    saturation_fraction: float = _limited(0.5, 0, 1, "(]")
+    saturation_margin: float = _limited(0.01, 0, 0.5, "()")
+    grad_norm_low: float = _limited(1e-7, 0, math.inf, "[)")
+    grad_norm_high: float = _limited(1e3, 0, math.inf, "()")
+    grad_depth_ratio: float = _limited(1e-4, 0, 1, "[)")
+    grad_spike_factor: float = _limited(10.0, 1, math.inf, "()")
+    spike_history: int = _limited(20, 2)
+    spike_min_history: int = _limited(3, 1)
+    update_ratio_low: float = _limited(1e-5, 0, math.inf, "[)")
+    update_ratio_high: float = _limited(1e-1, 0, math.inf, "()")
 
     @classmethod
     def checked(cls, owner: str, value: HealthThresholds | Mapping | None) -> HealthThresholds:
-        """Thresholds from ``None`` (defaults), an instance or a mapping of overrides; a
-        :class:`ConfigError` names ``thresholds.<name>``, the value and what is allowed."""
+        """Thresholds from ``None`` (defaults), an instance or a mapping of overrides."""
+        names = [f.name for f in fields(cls)]
         if not isinstance(value, (HealthThresholds, Mapping, type(None))):
             raise ConfigError(
                 f"{owner}(thresholds={value!r}): expected a mapping of threshold names to numbers "
-                f"(names: {', '.join(_LIMITS)})."
+                f"(names: {', '.join(names)})."
             )
         for key, item in value.items() if isinstance(value, Mapping) else ():
-            if key not in _LIMITS:
+            if key not in names:
                 raise ConfigError(
                     f"{owner}(thresholds.{key}={item!r}): unknown threshold {key!r}; expected one "
-                    f"of {', '.join(_LIMITS)}.{suggestion(str(key), _LIMITS)}"
+                    f"of {', '.join(names)}.{suggestion(str(key), names)}"
                 )
         out = cls(**value) if isinstance(value, Mapping) else value or cls()
-        for name, limit in _LIMITS.items():
-            arg = f"thresholds.{name}"
-            if isinstance(limit, int):
-                check_positive_int(owner, arg, getattr(out, name), limit)
-            else:
-                check_number(owner, arg, getattr(out, name), *limit)
+        for f in fields(out):
+            allowed, arg = f.metadata["allowed"], f"thresholds.{f.name}"
+            check = check_positive_int if len(allowed) == 1 else check_number
+            check(owner, arg, getattr(out, f.name), *allowed)
         for low, high in _ORDERED:
             if getattr(out, low) > getattr(out, high):
                 raise ConfigError(
@@ -134,9 +120,8 @@ class HealthThresholds:
 
 @dataclass(frozen=True)
 class Finding:
-    """One problem seen at one step: rule (one of :data:`RULES`), severity, module, the
-    statistic read and its value, the optimizer step, a one-line hint, the threshold crossed
-    (NaN: none) and the module's position in execution order (-1: unknown).
+    """One problem at one optimizer step; ``threshold``: the limit crossed (NaN: none);
+    ``depth``: the module's position in execution order (-1: unknown).
 
     Example:
         >>> f = Finding("dead_units", "error", "net.1", "dead_fraction", 1.0, 5, "all units dead")
@@ -163,97 +148,72 @@ class Finding:
 
 
 def format_value(value: float) -> str:
-    """A short, readable number.
-
-    >>> format_value(0.25), format_value(3.14159e-9), format_value(12345.0)
-    ('0.25', '3.1e-09', '1.2e+04')
-    """
+    """A short, readable number: ``0.25``, ``3.1e-09``, ``1.2e+04``."""
     if not math.isfinite(value):
         return str(value)
     return f"{value:.4g}" if value == 0 or 1e-3 <= abs(value) < 1e4 else f"{value:.1e}"
 
 
 def _finding(
-    rule: str, severity: str, module: str, statistic: str, value: float, step: int,
-    limit: float, depth: int, hint: str = "", **fields: Any,
+    variant: str, module: str, statistic: str, value: float, step: int, limit: float = math.nan,
+    depth: int = -1, severity: str = "", **extra: Any,
 ) -> Finding:  # fmt: skip
-    fields = {k: format_value(v) if k in ("limit", "median", "top_norm", "value") else v
-              for k, v in {"limit": limit, "value": value, **fields}.items()}  # fmt: skip
-    text = _HINTS[hint or rule].format(**fields)
-    return Finding(rule, severity, module, statistic, value, step, text, limit, depth)
+    """The finding of one :data:`_HINTS` variant; float fields are shown by :func:`format_value`."""
+    rule, default, hint = _HINTS[variant]
+    shown = {k: format_value(v) if isinstance(v, float) else v for k, v in extra.items()}
+    text = hint.format(limit=format_value(limit), value=format_value(value), **shown)
+    return Finding(rule, severity or default, module, statistic, value, step, text, limit, depth)
 
 
 def scaler_stalled(skipped_in_a_row: int, scale: float, step: int) -> Finding | None:
-    """The finding for a GradScaler that skips a step at a scale of :data:`SCALER_STALL_SCALE`
-    or less (a healthy fp16 run skips a few steps while its scale comes down, then trains).
-
-    >>> scaler_stalled(17, 0.5, 40).rule, scaler_stalled(9, 2.0**15, 8)
-    ('grad_scaler_stalled', None)
-    """
+    """A GradScaler skipping a step at a scale <= :data:`SCALER_STALL_SCALE` (a healthy fp16 run
+    skips a few steps while its scale comes down)."""
     if not scale <= SCALER_STALL_SCALE:
         return None
-    return _finding(
-        "grad_scaler_stalled", "error", "", "loss_scale", scale, step, SCALER_STALL_SCALE, -1,
-        seen=skipped_in_a_row,
-    )  # fmt: skip
+    args = ("", "loss_scale", scale, step, SCALER_STALL_SCALE)
+    return _finding("grad_scaler_stalled", *args, seen=skipped_in_a_row)
 
 
 def check_dead_units(
     module: str, value: float, units: int | None, step: int, t: HealthThresholds, depth: int = -1
 ) -> Finding | None:
-    """The ``dead_units`` rule for one ReLU-like output.
-
-    >>> check_dead_units("net.1", 1.0, 32, 4, HealthThresholds()).severity
-    'error'
-    """
+    """The ``dead_units`` rule for one ReLU-like output."""
     if not (math.isfinite(value) and value >= t.dead_fraction):
         return None
     count = f"{round(value * units)} of {units} units" if units else f"{value:.0%} of units"
     severity = "error" if value >= 1.0 else "warning"
-    return _finding(
-        "dead_units", severity, module, "dead_fraction", value, step, t.dead_fraction, depth,
-        count=count, window=t.dead_window,
-    )  # fmt: skip
+    args = (module, "dead_fraction", value, step, t.dead_fraction, depth, severity)
+    return _finding("dead_units", *args, count=count, window=t.dead_window)
 
 
 def check_saturation(
     module: str, value: float, step: int, t: HealthThresholds, kind: str = "", depth: int = -1
 ) -> Finding | None:
-    """The ``saturation`` rule for one Tanh / Sigmoid / Hardtanh output.
-
-    >>> check_saturation("net.3", 0.2, 0, HealthThresholds()) is None
-    True
-    """
+    """The ``saturation`` rule for one Tanh / Sigmoid / Hardtanh output."""
     if not (math.isfinite(value) and value >= t.saturation_fraction):
         return None
-    return _finding(
-        "saturation", "warning", module, "saturated_fraction", value, step,
-        t.saturation_fraction, depth, share=f"{value:.0%}", kind=kind + " " if kind else "",
-    )  # fmt: skip
+    args = (module, "saturated_fraction", value, step, t.saturation_fraction, depth)
+    return _finding("saturation", *args, share=f"{value:.0%}", kind=kind + " " if kind else "")
 
 
 def check_update_ratio(
     module: str, ratio: float, step: int, t: HealthThresholds, depth: int = -1
 ) -> Finding | None:
-    """The ``update_ratio_high`` / ``update_ratio_low`` / ``nonfinite`` rules for one module.
-
-    >>> check_update_ratio("fc", 0.5, 3, HealthThresholds()).rule
-    'update_ratio_high'
-    """
+    """The ``update_ratio_high`` / ``update_ratio_low`` / ``nonfinite`` rules for one module."""
     if not math.isfinite(ratio):
-        found = ("nonfinite", "error", math.nan, "update_nonfinite")
+        variant, limit = "update_nonfinite", math.nan
     elif ratio > t.update_ratio_high:
-        found = ("update_ratio_high", "warning", t.update_ratio_high, "")
+        variant, limit = "update_ratio_high", t.update_ratio_high
     elif ratio < t.update_ratio_low:
-        found = ("update_ratio_low", "info", t.update_ratio_low, "")
+        variant, limit = "update_ratio_low", t.update_ratio_low
     else:
         return None
-    rule, severity, limit, hint = found
-    return _finding(rule, severity, module, "update_ratio", ratio, step, limit, depth, hint)
+    return _finding(variant, module, "update_ratio", ratio, step, limit, depth)
 
 
 class HealthRules:
-    """The rules, with the state they need (each module's gradient-norm history).
+    """The rules, with each module's gradient-norm history; :meth:`observe` reads, per module,
+    ``dead_fraction`` (with ``units``), ``saturated_fraction``, ``grad_norm``, ``update_ratio``.
 
     Example:
         >>> rules = HealthRules(HealthThresholds(spike_min_history=2))
@@ -274,8 +234,8 @@ class HealthRules:
         order: Sequence[str] | None = None,
         kinds: Mapping[str, str] | None = None,
     ) -> list[Finding]:
-        """The findings of one step from ``{module: {statistic: value}}``, in ``order`` of execution
-        (which gives each finding's ``depth``); ``kinds``: ``{module: "Tanh"...}``."""
+        """The findings of one step from ``{module: {statistic: value}}`` (a missing statistic is
+        not checked); ``order``: execution order (``depth``); ``kinds``: ``{module: "Tanh"}``."""
         t, kinds = self.thresholds, kinds or {}
         depth_of = {name: i for i, name in enumerate(order or ())}
         names = sorted(stats, key=lambda n: depth_of.get(n, len(depth_of)))  # stable
@@ -302,39 +262,33 @@ class HealthRules:
     ) -> Finding | None:
         t = self.thresholds
         history = self._grad_history.setdefault(name, deque(maxlen=t.spike_history))
-        median = statistics.median(history) if len(history) >= t.spike_min_history else math.nan
-        seen, fields = len(history), {}
-        if not math.isfinite(norm):
-            found = ("nonfinite", "error", math.nan, "grad_nonfinite")
-        elif norm > t.grad_norm_high:
-            found = ("exploding_gradient", "error", t.grad_norm_high, "grad_high")
-        elif median > 0 and norm > t.grad_spike_factor * median:
-            found = ("exploding_gradient", "warning", t.grad_spike_factor * median, "grad_spike")
-            fields = {"factor": norm / median, "median": median, "seen": seen}
-        elif norm < t.grad_norm_low:
-            found = ("vanishing_gradient", "warning", t.grad_norm_low, "grad_low")
-        elif top is not None and top != name and norm < t.grad_depth_ratio * norms[top]:
-            found = ("vanishing_gradient", "warning", t.grad_depth_ratio * norms[top], "grad_fades")
-            fields = {"share": norm / norms[top], "top": top, "top_norm": norms[top]}
-        else:
-            found = None
+        seen = len(history)
+        median = statistics.median(history) if seen >= t.spike_min_history else math.nan
         if math.isfinite(norm):
             history.append(norm)
-        if found is None:
+        fields: dict[str, Any] = {}
+        if not math.isfinite(norm):
+            variant, limit = "grad_nonfinite", math.nan
+        elif norm > t.grad_norm_high:
+            variant, limit = "grad_high", t.grad_norm_high
+        elif median > 0 and norm > t.grad_spike_factor * median:
+            variant, limit = "grad_spike", t.grad_spike_factor * median
+            fields = {"factor": f"{norm / median:.0f}", "median": median, "seen": seen}
+        elif norm < t.grad_norm_low:
+            variant, limit = "grad_low", t.grad_norm_low
+        elif top not in (None, name) and norm < t.grad_depth_ratio * norms[top]:
+            variant, limit = "grad_fades", t.grad_depth_ratio * norms[top]
+            fields = {"share": f"{norm / norms[top]:.1e}", "top": top, "top_norm": norms[top]}
+        else:
             return None
-        rule, severity, limit, hint = found
-        return _finding(rule, severity, name, "grad_norm", norm, step, limit, depth, hint, **fields)
+        return _finding(variant, name, "grad_norm", norm, step, limit, depth, **fields)
 
     def state_dict(self) -> dict[str, list[float]]:
-        """The gradient-norm histories (for checkpoints)."""
         return {name: list(h) for name, h in self._grad_history.items()}
 
     def load_state_dict(self, state: Mapping[str, Iterable[float]]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        self._grad_history = {
-            name: deque(map(float, values), maxlen=self.thresholds.spike_history)
-            for name, values in state.items()
-        }
+        n = self.thresholds.spike_history
+        self._grad_history = {name: deque(map(float, h), maxlen=n) for name, h in state.items()}
 
 
 @dataclass
@@ -356,9 +310,8 @@ class HealthReport:
         True
         >>> report.add(Finding("saturation", "warning", "net.1", "saturated_fraction", 0.9, 7, "h"))
         False
-        >>> entry = report.entries()[0]
-        >>> entry.count, entry.first.step, entry.worst.value
-        (2, 3, 0.9)
+        >>> print(report.to_markdown().splitlines()[0])
+        ### Health report: 1 problem (0 errors, 1 warning, 0 notes)
     """
 
     def __init__(self) -> None:
@@ -379,7 +332,7 @@ class HealthReport:
         return False
 
     def extend(self, findings: Iterable[Finding]) -> list[Finding]:
-        """Add several findings; returns the new ones (first of their rule and module)."""
+        """Add several findings; returns the new ones."""
         return [f for f in findings if self.add(f)]
 
     def entries(self) -> list[ReportEntry]:
@@ -394,7 +347,6 @@ class HealthReport:
         return sorted(self._entries.values(), key=key)
 
     def findings(self) -> list[Finding]:
-        """The first finding of every entry, worst first."""
         return [e.first for e in self.entries()]
 
     def __len__(self) -> int:
@@ -404,24 +356,20 @@ class HealthReport:
         return True
 
     def counts(self) -> dict[str, int]:
-        """Entries per severity."""
         out = dict.fromkeys(SEVERITIES, 0)
         for e in self._entries.values():
             out[e.worst.severity] += 1
         return out
 
     def headline(self) -> str:
-        """One line: how many problems of each severity."""
         if not len(self):
             steps = f" in {self.logged_steps} logged steps" if self.logged_steps else ""
             return f"Health report: no problems found{steps}"
-        c = self.counts()
-        words = ("error", "warning", "note")
-        each = [_plural(c[s], w) for s, w in zip(SEVERITIES, words, strict=True)]
+        each = [_plural(n, "note" if s == "info" else s) for s, n in self.counts().items()]
         return f"Health report: {_plural(len(self), 'problem')} ({', '.join(each)})"
 
     def rows(self) -> list[list[str]]:
-        """The table body as strings (the columns of :data:`COLUMNS`), worst first."""
+        """The table body (the columns of :data:`COLUMNS`), worst first."""
         out = []
         for e in self.entries():
             f, w = e.first, e.worst
@@ -433,13 +381,9 @@ class HealthReport:
 
     def to_markdown(self) -> str:
         """The report as a markdown table (TensorBoard's Text tab, an MLflow artifact)."""
-        lines = [f"### {self.headline()}"]
-        if len(self):
-            lines += ["", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-            lines += [
-                "| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in self.rows()
-            ]
-        return "\n".join(lines)
+        rows = [COLUMNS, ["---"] * len(COLUMNS), *self.rows()] if len(self) else []
+        cells = ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+        return "\n".join([f"### {self.headline()}", *([""] if rows else []), *cells])
 
     def to_rich_table(self) -> Any:
         """The report as a ``rich.table.Table`` (needs ``rich``), worst first."""
@@ -466,8 +410,6 @@ def _plural(n: int, word: str) -> str:
 def _worse(a: Finding, b: Finding) -> bool:
     if a.severity != b.severity:
         return SEVERITIES.index(a.severity) < SEVERITIES.index(b.severity)
-    if not math.isfinite(b.value):
-        return False
-    if not math.isfinite(a.value):
-        return True
+    if not (math.isfinite(a.value) and math.isfinite(b.value)):
+        return math.isfinite(b.value)  # a non-finite value is the worst
     return a.value < b.value if a.rule in _LOWER_IS_WORSE else a.value > b.value
