@@ -21,15 +21,7 @@ from torch.utils import collect_env
 
 from lightning_inspect.record.secrets import MASK, SecretMasker
 
-_VERSIONS = (
-    "lightning",
-    "lightning-inspect",
-    "numpy",
-    "hydra-core",
-    "omegaconf",
-    "tensorboard",
-    "mlflow",
-)
+_VERSIONS = ("lightning", "lightning-inspect", "numpy", "hydra-core", "omegaconf", "tensorboard")
 
 
 def _run(command: str | list[str]) -> tuple[int, str, str]:
@@ -59,19 +51,18 @@ def seed_info() -> dict[str, Any]:
 
 
 def host_info() -> dict[str, Any]:
-    """Host, OS, CPU model and count, GPU models (from ``nvidia-smi``: CUDA is not initialised)."""
+    """Host, OS, CPU and GPU models and counts (GPUs from ``nvidia-smi``: CUDA stays untouched)."""
     cpu = re.search(r"^Model name:\s*(.+)$", collect_env.get_cpu_info(_run) or "", re.M)
     gpus = (collect_env.get_gpu_info(_run) or "").splitlines()
     names = collections.Counter(re.sub(r"^GPU \d+: ", "", g).strip() for g in gpus if g.strip())
     if not names and torch.backends.mps.is_available():
         names["Apple MPS"] = 1
-    count = torch.cuda.device_count() if torch.cuda.is_available() else sum(names.values())
     return {
         "hostname": socket.gethostname(),
         "os": collect_env.get_os(_run),
         "cpu_model": cpu.group(1).strip() if cpu else platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
-        "gpu_count": count,
+        "gpu_count": torch.cuda.device_count() if torch.cuda.is_available() else names.total(),
         "gpu_model": ", ".join(f"{n} x {g}" if n > 1 else g for g, n in names.items()) or None,
         "nvidia_driver": collect_env.get_nvidia_driver_version(_run),
     }
@@ -90,7 +81,7 @@ def version_info() -> dict[str, str | None]:
     cudnn = torch.backends.cudnn.version() if torch.cuda.is_initialized() else None
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     versions.update(cuda=torch.version.cuda, cudnn=None if cudnn is None else str(cudnn))
-    return {**versions, **{name: version(name) for name in _VERSIONS}}
+    return {**versions, **{name: version(name) for name in (*_VERSIONS, "mlflow")}}
 
 
 def installed_packages() -> list[str]:

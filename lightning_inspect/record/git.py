@@ -6,7 +6,6 @@ import dataclasses
 import os
 import subprocess
 from pathlib import Path
-from typing import Any
 
 #: Diffs longer than this many characters are cut (with a note at the end).
 MAX_DIFF_CHARS = 20_000_000
@@ -23,17 +22,13 @@ class GitInfo:
     untracked: tuple[str, ...] = ()
     notice: str | None = None
 
-    def summary(self) -> dict[str, Any]:
-        """Everything but the diff, as plain values."""
-        return {k: list(v) if k == "untracked" else v for k, v in vars(self).items() if k != "diff"}
-
 
 def _git(*args: str, cwd: str, timeout: float) -> str:
     """``git args`` output; a ``RuntimeError`` whose message is the notice to record."""
     env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}
     try:
         done = subprocess.run(
-            ["git", *args], cwd=cwd, env=env, capture_output=True, timeout=timeout, check=False
+            ["git", *args], cwd=cwd, env=env, capture_output=True, timeout=timeout
         )
     except FileNotFoundError as exc:
         raise RuntimeError("git is not installed (no 'git' executable on PATH)") from exc
@@ -50,8 +45,7 @@ def git_info(
 ) -> GitInfo:
     """The git state of the repository holding ``repo_dir`` (default: the working directory).
 
-    Never raises: what could not be read is in ``notice``. ``dirty``: tracked files differ from
-    the commit; the diff is ``git diff HEAD`` (untracked files are only listed).
+    Never raises: what could not be read is in ``notice``. The diff is ``git diff HEAD``.
 
     Example:
         >>> import tempfile
@@ -61,16 +55,17 @@ def git_info(
     where = str(Path(repo_dir or os.getcwd()).resolve())
     try:
         status = _git("status", "--porcelain=v2", "--branch", "-z", cwd=where, timeout=timeout)
-    except (RuntimeError, OSError) as exc:
+    except RuntimeError as exc:
         outside = "not a git repository" in str(exc).lower() or not Path(where).is_dir()
         return GitInfo(notice=f"{where} is not inside a git repository" if outside else str(exc))
     commit = branch = None
     dirty, untracked, notices = False, [], []
     entries = iter(status.split("\0"))
     for entry in entries:
-        if entry.startswith(("# branch.oid ", "# branch.head ")):
-            value = entry.split(" ", 2)[2]
-            commit, branch = (value, branch) if "oid" in entry else (commit, value)
+        if entry.startswith("# branch.oid "):
+            commit = entry.split(" ", 2)[2]
+        elif entry.startswith("# branch.head "):
+            branch = entry.split(" ", 2)[2]
         elif entry.startswith("? "):
             untracked.append(entry[2:])
         elif entry[:2] in ("1 ", "2 ", "u "):
@@ -91,5 +86,4 @@ def git_info(
             notices.append(f"diff unavailable: {exc}")
         if len(patch) > MAX_DIFF_CHARS:
             patch = f"{patch[:MAX_DIFF_CHARS]}\n# [diff cut at {MAX_DIFF_CHARS} characters]\n"
-    notice = "; ".join(notices) or None
-    return GitInfo(commit, branch, dirty, patch, tuple(untracked), notice)
+    return GitInfo(commit, branch, dirty, patch, tuple(untracked), "; ".join(notices) or None)
