@@ -1,5 +1,5 @@
-"""Construction records: a Hydra config that rebuilds an object, from explicit sources only:
-:func:`record_init`, the Hydra ``_target_`` node, ``save_hyperparameters``. Nothing is guessed."""
+"""Construction records: a Hydra config that rebuilds an object, from explicit sources only
+(:func:`record_init`, the Hydra ``_target_`` node, ``save_hyperparameters``); nothing is guessed."""
 
 from __future__ import annotations
 
@@ -46,8 +46,11 @@ def unrecorded(type: str = "?", reason: str = "", **_: Any) -> NoReturn:
     )
 
 
-def _placeholder(type_name: str, reason: str) -> dict[str, Any]:
-    return {"_target_": UNRECORDED_TARGET, "type": type_name, "reason": reason}
+def _placeholder(value: Any, reason: str) -> dict[str, Any]:
+    """A placeholder node for ``value`` (a type name, or an object named by its class)."""
+    cls = value if isinstance(value, type) else type(value)
+    kind = value if isinstance(value, str) else f"{cls.__module__}.{cls.__qualname__}"
+    return {"_target_": UNRECORDED_TARGET, "type": kind, "reason": reason}
 
 
 def _tensor_placeholder(value: Any) -> dict[str, Any] | None:
@@ -136,10 +139,9 @@ def _saved_hparams(obj: Any) -> dict[str, Any] | None:
 
 @dataclasses.dataclass
 class ConstructionRecord:
-    """How an object was built: ``hydra.utils.instantiate(record.config)`` builds an equivalent one.
+    """``hydra.utils.instantiate(record.config)`` builds an object equivalent to the recorded one.
 
-    ``source``: ``"record_init"``, ``"hydra config at <key>"``, ``"hparams"`` or ``"none"`` (a
-    placeholder); ``notes``: arguments defaulted or not recorded, failed rebuild checks;
+    ``source``: ``"record_init"``, ``"hydra config at <key>"``, ``"hparams"`` or ``"none"``;
     ``verified``: whether a rebuild on the meta device had the same modules and shapes.
     """
 
@@ -151,9 +153,10 @@ class ConstructionRecord:
     def to_yaml(self, title: str = "model") -> str:
         """The config as YAML, with the source, the check and the notes as comments on top."""
         checked = {True: "yes, same modules and parameter shapes", False: "NO (see notes)"}
+        head = f"# Construction record of the {title}: hydra.utils.instantiate(yaml.safe_load("
         return "\n".join(
             [
-                f"# Construction record of the {title}: hydra.utils.instantiate(yaml.safe_load(<this file>))",
+                f"{head}<this file>))",
                 "# builds an equivalent object; load the trained weights with load_state_dict.",
                 f"# Source of the arguments: {self.source}.",
                 f"# Rebuild checked: {checked.get(self.verified, 'no')}.",  # type: ignore[arg-type]
@@ -161,11 +164,6 @@ class ConstructionRecord:
                 dump_yaml(self.config),
             ]
         )
-
-
-def _name(obj: Any) -> str:
-    cls = obj if isinstance(obj, type) else type(obj)
-    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 def _path(obj: Any) -> str | None:
@@ -184,7 +182,7 @@ def _record(value: Any, path: str, notes: list[str]) -> Any:
         return value
     if (
         isinstance(value, Sequence)
-        and not isinstance(value, (str, bytes))
+        and not isinstance(value, bytes)
         and not hasattr(value, "_fields")
     ):
         return [_record(v, f"{path}.{i}", notes) for i, v in enumerate(value)]
@@ -197,7 +195,7 @@ def _record(value: Any, path: str, notes: list[str]) -> Any:
     target = _path(value if named else type(value))
     recorded = recorded_init_args(value)
     if node is None and target is None:
-        node = _placeholder(_name(value), "defined inside a function or not importable by name")
+        node = _placeholder(value, "defined inside a function or not importable by name")
     elif node is None and named:
         return {"_target_": "hydra.utils.get_object", "path": target}
     elif node is None and recorded is not None:
@@ -206,7 +204,7 @@ def _record(value: Any, path: str, notes: list[str]) -> Any:
         return _from_hparams(value, target, path, notes)
     elif node is None:
         why = f"its constructor arguments were not recorded: {HOW_TO_RECORD}"
-        node = _placeholder(_name(value), why)
+        node = _placeholder(value, why)
     notes.append(f"{path}: not recorded ({node['type']}: {node['reason']})")
     return node
 
@@ -235,7 +233,7 @@ def _from_hparams(obj: Any, target: str | None, path: str, notes: list[str]) -> 
 
 def _call(
     target: str | None,
-    params: tuple[inspect.Parameter, ...],
+    params: Sequence[inspect.Parameter],
     arguments: Mapping[str, Any],
     path: str,
     notes: list[str],
@@ -256,11 +254,12 @@ def _call(
 
 
 def rebuild_mismatch(config: Mapping[str, Any], original: nn.Module) -> str | None:
-    """``None`` when ``hydra.utils.instantiate(config)``, built on the meta device (random state
-    restored), has ``original``'s modules and shapes; else what differs.
+    """What differs between ``original`` and ``instantiate(config)`` built on the meta device
+    (modules and shapes; random state restored), or ``None``.
 
     Example:
-        >>> rebuild_mismatch({"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 3}, nn.Linear(2, 3)) is None
+        >>> node = {"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 3}
+        >>> rebuild_mismatch(node, nn.Linear(2, 3)) is None
         True
     """
     from hydra.utils import instantiate
@@ -275,19 +274,19 @@ def rebuild_mismatch(config: Mapping[str, Any], original: nn.Module) -> str | No
         return f"it builds a {type(rebuilt).__qualname__}, not a {type(original).__qualname__}"
 
     def layout(model: nn.Module) -> dict[str, Any]:
-        modules = (
-            (normalise_name(n) or "<root>", type(m).__qualname__) for n, m in model.named_modules()
-        )
         tensors = [*model.named_parameters(), *model.named_buffers()]
-        shapes = ((normalise_name(n), tuple(t.shape)) for n, t in tensors)
-        return {
-            **{f"module {n!r}": v for n, v in modules},
-            **{f"shape of {n!r}": v for n, v in shapes},
+        out = {
+            f"module {normalise_name(n) or '<root>'!r}": type(m).__qualname__
+            for n, m in model.named_modules()
         }
+        return {**out, **{f"shape of {normalise_name(n)!r}": tuple(t.shape) for n, t in tensors}}
 
     want, got = layout(original), layout(rebuilt)
-    differ = [k for k in {**want, **got} if want.get(k) != got.get(k)]
-    problems = [f"{k}: {want.get(k)} vs rebuilt {got.get(k)}" for k in differ]
+    problems = [
+        f"{k}: {want.get(k)} vs rebuilt {got.get(k)}"
+        for k in {**want, **got}
+        if want.get(k) != got.get(k)
+    ]
     more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
     return "; ".join(problems[:5]) + more if problems else None
 
@@ -300,11 +299,10 @@ def construction_record(
 ) -> ConstructionRecord:
     """A Hydra-instantiable config that builds an object equivalent to ``obj``.
 
-    Candidates, in order: the arguments remembered by :func:`record_init`; ``hydra_node`` (the
-    ``_target_`` node at ``hydra_key``); ``save_hyperparameters``. Object arguments get their own
-    records from the same sources; what has none becomes a placeholder (``_target_:
-    lightning_inspect.record.unrecorded``) that fails clearly when built. With ``verify`` (and a
-    module), the first candidate that rebuilds the same modules and shapes is taken.
+    Candidates, in order: the arguments remembered by :func:`record_init`, ``hydra_node`` (the
+    ``_target_`` node at ``hydra_key``), ``save_hyperparameters``; with ``verify`` (and a module),
+    the first that rebuilds the same modules and shapes. Arguments without an explicit source
+    become placeholders (:func:`unrecorded`).
 
     Example:
         >>> node = {"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 4}
