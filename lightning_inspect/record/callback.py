@@ -19,25 +19,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from lightning_inspect._validation import (
-    as_str_list,
-    check_bool,
-    check_choices,
-    check_number,
-    check_positive_int,
-)
-from lightning_inspect.backends import (
-    EndOfFit,
-    GuardedSink,
-    Sink,
-    attached_loggers,
-    logger_sink,
-    select_loggers,
-)
+from lightning_inspect import _validation as check
+from lightning_inspect import backends as bk
 from lightning_inspect.errors import ConfigError
 from lightning_inspect.record import config as conf
 from lightning_inspect.record import environment as env
-from lightning_inspect.record.config import ConfigRecord
 from lightning_inspect.record.console import ConsoleCapture
 from lightning_inspect.record.construction import HOW_TO_RECORD, construction_record
 from lightning_inspect.record.data import fingerprint_loaders
@@ -50,16 +36,8 @@ __all__ = ["RunRecord"]
 PREFIX = "run_record"
 _BACKENDS = ("tensorboard", "mlflow")
 _FLAGS = ("git", "git_diff", "packages", "config_params", "model", "verify_model")
-_TRAINER_KEYS = ("accelerator", "devices", "strategy", "precision")
 #: Files also shown as text pages (``run_record/config``, ``run_record/git_diff``, ...).
-_PAGES = (
-    "config.yaml",
-    "overrides.yaml",
-    "model.yaml",
-    "datamodule.yaml",
-    "git.diff",
-    "packages.txt",
-)
+_PAGES = ("config.yaml", "overrides.yaml", "model.yaml", "datamodule.yaml", "git.diff")
 _TEXT_CHARS = 200_000
 
 
@@ -67,12 +45,12 @@ _TEXT_CHARS = 200_000
 class _Fit:
     """State of one fit; ``sinks``: (logger, its guarded sink)."""
 
-    sinks: list[tuple[Any, GuardedSink]]
+    sinks: list[tuple[Any, bk.GuardedSink]]
     output_dir: Path
     temporary: bool
-    config: ConfigRecord
+    config: conf.ConfigRecord
     model_key: str | None
-    deadline: EndOfFit
+    deadline: bk.EndOfFit
     start_wall: float = dataclasses.field(default_factory=time.time)
     start_perf: float = dataclasses.field(default_factory=time.perf_counter)
     train_start: float | None = None
@@ -100,7 +78,7 @@ class RunRecord(Callback):
         verify_model: check that the record rebuilds the same modules and shapes (meta device).
         capture_output: tee the console into ``output.log`` for the fit (else nothing is patched).
         output_dir: ``None``: ``<TensorBoard log_dir>/run_record``, else ``<Hydra run dir>/
-            run_record``, else a temporary directory for MLflow, else ``<default_root_dir>/run_record``.
+            run_record``, else a temporary directory for MLflow, else ``<default_root_dir>/...``.
 
     Logged metrics:
         Tags ``run_record/{git/*,host,cpu,gpu,torch,...,status}``; params ``run_record/seed``,
@@ -139,40 +117,36 @@ class RunRecord(Callback):
     ) -> None:
         owner, given, path = type(self).__name__, dict(locals()), (str, os.PathLike)
         for name in (*_FLAGS, "capture_output", "enabled"):
-            setattr(self, name, check_bool(owner, name, given[name]))
-        expected = {
-            "repo_dir": (
-                isinstance(repo_dir, path) and Path(repo_dir).is_dir(),
-                "an existing directory",
-            ),
-            "config": (isinstance(config, Mapping), "a DictConfig or a mapping"),
-            "model_key": (
-                isinstance(model_key, str) and model_key != "",
-                "a dotted key such as 'model'",
-            ),
-            "output_dir": (isinstance(output_dir, path), "a directory path"),
-        }
-        for name, (ok, allowed) in expected.items():
+            setattr(self, name, check.check_bool(owner, name, given[name]))
+        is_dir = isinstance(repo_dir, path) and Path(repo_dir).is_dir()
+        for name, ok, allowed in [
+            ("repo_dir", is_dir, "an existing directory"),
+            ("config", isinstance(config, Mapping), "a DictConfig or a mapping"),
+            ("model_key", isinstance(model_key, str) and model_key, "a dotted key such as 'model'"),
+            ("output_dir", isinstance(output_dir, path), "a directory path"),
+        ]:
             if given[name] is not None and not ok:
                 raise ConfigError(f"{owner}({name}={given[name]!r}): expected None or {allowed}.")
-        self.git_timeout = check_number(owner, "git_timeout", git_timeout, 0, float("inf"), "(]")
         self.repo_dir, self.config, self.model_key = repo_dir, config, model_key
-        self.output_dir = output_dir
-        self.env_vars = as_str_list(owner, "env_vars", env_vars)
-        self.overrides = None if overrides is None else as_str_list(owner, "overrides", overrides)
-        self.fingerprint_items = check_positive_int(
-            owner, "fingerprint_items", fingerprint_items, 0
+        self.output_dir, self.backends = output_dir, backends
+        self.git_timeout = check.check_number(
+            owner, "git_timeout", git_timeout, 0, float("inf"), "(]"
         )
-        masks = (tuple(as_str_list(owner, n, given[n])) for n in ("mask_keys", "unmask_keys"))
+        self.env_vars = check.as_str_list(owner, "env_vars", env_vars)
+        self.overrides = (
+            None if overrides is None else check.as_str_list(owner, "overrides", overrides)
+        )
+        items = check.check_positive_int(owner, "fingerprint_items", fingerprint_items, 0)
+        self.fingerprint_items = items
+        masks = (tuple(check.as_str_list(owner, n, given[n])) for n in ("mask_keys", "unmask_keys"))
         self.masker = SecretMasker(*masks)
         if backends is not None:
-            backends = check_choices(owner, "backends", backends, _BACKENDS, _BACKENDS)
-        self.backends = backends
+            self.backends = check.check_choices(owner, "backends", backends, _BACKENDS, _BACKENDS)
         #: The last fit's record (plain values), also written as ``record.yaml``.
         self.record: dict[str, Any] = {}
         self._fit: _Fit | None = None
         self._warned: set[str] = set()
-        self._launch_config: ConfigRecord | None = None  # set in copies pickled for spawned ranks
+        self._launch_config: conf.ConfigRecord | None = None  # in copies pickled for spawned ranks
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled for ``ddp_spawn``: the launching Hydra app's config travels to the ranks."""
@@ -187,18 +161,16 @@ class RunRecord(Callback):
             return
         if self._fit is not None:
             self._finish(trainer, "interrupted", None)
-        loggers = [
-            (lg, logger_sink(n, lg))
-            for n, lg in select_loggers(trainer, self.backends, "RunRecord")
-        ]
+        chosen = bk.select_loggers(trainer, self.backends, "RunRecord")
+        loggers = [(logger, bk.logger_sink(name, logger)) for name, logger in chosen]
         config = self._launch_config or self._collect(
             "configuration", conf.config_record, self.config, self.overrides, trainer.callbacks
         )
-        config = config or ConfigRecord(notes=["the configuration could not be read"])
+        config = config or conf.ConfigRecord(notes=["the configuration could not be read"])
         key = self._model_key(config, pl_module)
         output_dir, temporary = self._output_dir(trainer, [s for _, s in loggers], config)
-        sinks = [(lg, GuardedSink(s, output_dir, owner="RunRecord")) for lg, s in loggers]
-        fit = _Fit(sinks, output_dir, temporary, config, key, EndOfFit.for_fit(trainer))
+        sinks = [(lg, bk.GuardedSink(s, output_dir, owner="RunRecord")) for lg, s in loggers]
+        fit = _Fit(sinks, output_dir, temporary, config, key, bk.EndOfFit.for_fit(trainer))
         self.record = {"status": "running"}
         if self.capture_output:
             capture = ConsoleCapture(output_dir / "output.log")
@@ -228,7 +200,7 @@ class RunRecord(Callback):
         if stage == "fit":
             self._finish(trainer, "finished", None)
 
-    def _model_key(self, config: ConfigRecord, pl_module: pl.LightningModule) -> str | None:
+    def _model_key(self, config: conf.ConfigRecord, pl_module: pl.LightningModule) -> str | None:
         """The config key holding the model's ``_target_`` node (checked when given)."""
         if not self.model or self.model_key is None:
             return conf.find_target(config.config, type(pl_module), "model") if self.model else None
@@ -246,9 +218,9 @@ class RunRecord(Callback):
         return self.model_key
 
     def _output_dir(
-        self, trainer: pl.Trainer, sinks: list[Sink], config: ConfigRecord
+        self, trainer: pl.Trainer, sinks: list[Any], config: conf.ConfigRecord
     ) -> tuple[Path, bool]:
-        tensorboard = attached_loggers(trainer).get("tensorboard")
+        tensorboard = bk.attached_loggers(trainer).get("tensorboard")
         path, temporary = Path(trainer.default_root_dir) / PREFIX, False
         if self.output_dir is not None:
             path = Path(self.output_dir)
@@ -303,6 +275,13 @@ class RunRecord(Callback):
             if not hasattr(sink.inner, "log_files"):
                 sink.call("log_text", f"{PREFIX}/{page}", f"````{lang}\n{text}\n````", step)
 
+    def _save(self, fit: _Fit, upload: list[Path] | None = None) -> None:
+        """Write ``record.yaml``; send it with ``upload`` to the loggers that keep files."""
+        self._write(fit, "record.yaml", self.record)
+        if upload is not None:
+            self._emit(fit, "log_files", [*upload, fit.files["record.yaml"]], PREFIX)
+        self._emit(fit, "flush")
+
     def _params(self, fit: _Fit, values: Mapping[str, Any]) -> None:
         conflicts = sorted(
             {k for found in self._emit(fit, "log_params", values) for k in found or ()}
@@ -315,27 +294,22 @@ class RunRecord(Callback):
             )
 
     def _log_start(self, fit: _Fit, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        masker, record = self.masker, self.record
+        masker, record, start = self.masker, self.record, _iso(fit.start_wall)
         command = masker.command([sys.executable, *sys.argv])
-        start = _iso(fit.start_wall)
         record.update(command=command, cwd=os.getcwd(), time={"start": start}, seed=env.seed_info())
-        tags: dict[str, Any] = {"start_time": start, "status": "running"}
+        tags = {"start_time": start, "status": "running", "command": " ".join(command)}
         if self.git:
             tags.update(self._log_git(fit))
         record["host"] = host = self._collect("host", env.host_info) or {}
         host.update(accelerator=type(trainer.accelerator).__name__, devices=trainer.num_devices)
         host.update(nodes=trainer.num_nodes, world_size=trainer.world_size)
         host.update(strategy=type(trainer.strategy).__name__, precision=str(trainer.precision))
-        record["versions"] = versions = self._collect("versions", env.version_info) or {}
-        aliases = {"host": "hostname", "cpu": "cpu_model", "gpu": "gpu_model"}
-        for key in ("host", "os", "cpu", "cpu_count", "gpu", "gpu_count", *_TRAINER_KEYS):
-            tags[key] = host.get(aliases.get(key, key))
-        tags.update({k: versions.get(k) for k in ("python", "torch", "lightning", "cuda", "cudnn")})
-        tags["command"] = " ".join(command)
-        if (
-            self.packages
-            and (lines := self._collect("installed packages", env.installed_packages)) is not None
-        ):
+        record["versions"] = self._collect("versions", env.version_info) or {}
+        tags.update({**host, **record["versions"]})
+        lines = (
+            self._collect("installed packages", env.installed_packages) if self.packages else None
+        )
+        if lines is not None:
             self._write(fit, "packages.txt", "\n".join(lines) + "\n")
         if self.env_vars:
             found = self._collect(
@@ -349,11 +323,13 @@ class RunRecord(Callback):
         if hparams:
             self._write(fit, "hparams.yaml", hparams)
         if self.model:
-            self._construction(fit, "model", pl_module, fit.model_key, self.verify_model, tags)
+            tags.update(
+                self._construction(fit, "model", pl_module, fit.model_key, self.verify_model)
+            )
             datamodule = getattr(trainer, "datamodule", None)
             if datamodule is not None:
                 key = conf.find_target(fit.config.config, type(datamodule), "datamodule")
-                self._construction(fit, "datamodule", datamodule, key, False, tags)
+                tags.update(self._construction(fit, "datamodule", datamodule, key, False))
 
         tags = {f"{PREFIX}/{k}": v for k, v in tags.items()}
         self._emit(fit, "log_tags", tags)
@@ -367,30 +343,25 @@ class RunRecord(Callback):
                 metrics = [*default, f"{PREFIX}/steps_per_s", f"{PREFIX}/duration_s"]
                 sink.call("log_hparams", {**conf.flatten(hparams), **params, **shown}, metrics)
         self._text(fit, "summary", conf.dump_yaml(record), trainer.global_step)
-        for name in (n for n in _PAGES if n in fit.files):
+        for name in (n for n in (*_PAGES, "packages.txt") if n in fit.files):
             page = name.replace(".diff", "_diff").split(".")[0]
             self._text(fit, page, fit.files[name].read_text(encoding="utf-8"), trainer.global_step)
-        self._write(fit, "record.yaml", record)
-        self._emit(fit, "log_files", list(fit.files.values()), PREFIX)
-        self._emit(fit, "flush")
+        self._save(fit, list(fit.files.values()))
 
     def _log_git(self, fit: _Fit) -> dict[str, Any]:
         info = self._collect("git state", git_info, self.repo_dir, self.git_timeout, self.git_diff)
         info = info or GitInfo(notice="the git state could not be read")
-        self.record["git"] = {**vars(info), "untracked": list(info.untracked)}
-        del self.record["git"]["diff"]
+        self.record["git"] = {k: v for k, v in vars(info).items() if k != "diff"}
         if info.diff:
             self._write(fit, "git.diff", info.diff)
         if info.commit is None:
             self._warn("git", f"no git commit is recorded: {info.notice}. Training continues.")
-        dirty = None if info.dirty is None else str(info.dirty).lower()
-        untracked = str(len(info.untracked)) if info.commit else None
-        tags = {"commit": info.commit, "branch": info.branch, "dirty": dirty}
-        tags.update(untracked=untracked, notice=info.notice)
+        tags = {"commit": info.commit, "branch": info.branch, "dirty": _flag(info.dirty)}
+        tags.update(untracked=info.commit and str(len(info.untracked)), notice=info.notice)
         return {f"git/{k}": v for k, v in tags.items()}
 
     def _log_config(self, fit: _Fit, trainer: pl.Trainer) -> dict[str, Any]:
-        """The config's files; its params."""
+        """Write the config's files; its params."""
         config = fit.config
         self._collect("MLflow run name", _record_run_name, config, trainer)
         overrides = [self.masker.override(o) for o in config.overrides]
@@ -408,25 +379,24 @@ class RunRecord(Callback):
         return params
 
     def _construction(
-        self, fit: _Fit, what: str, obj: Any, key: str | None, verify: bool, tags: dict[str, Any]
-    ) -> None:
+        self, fit: _Fit, what: str, obj: Any, key: str | None, verify: bool
+    ) -> dict[str, Any]:
+        """Write ``<what>.yaml``; its tags."""
         node = conf.node_at(fit.config.config, key) if key else None
-        found = self._collect(
-            f"{what} construction", construction_record, obj, node, key or what, verify
-        )
+        args = (obj, node, key or what, verify)
+        found = self._collect(f"{what} construction", construction_record, *args)
         if found is None:
-            return
+            return {}
         found.config = self.masker.mask(found.config)
         self._write(fit, f"{what}.yaml", found.to_yaml(what))
         cls = f"{type(obj).__module__}.{type(obj).__qualname__}"
         entry = {"class": cls, "source": found.source, "rebuild_checked": found.verified}
         self.record[what] = {**entry, "notes": found.notes, "file": f"{what}.yaml"}
         if isinstance(obj, torch.nn.Module):
-            self.record[what]["parameters"] = sum(p.numel() for p in obj.parameters())
-            trainable = sum(p.numel() for p in obj.parameters() if p.requires_grad)
+            params = list(obj.parameters())
+            self.record[what]["parameters"] = sum(p.numel() for p in params)
+            trainable = sum(p.numel() for p in params if p.requires_grad)
             self.record[what]["trainable_parameters"] = trainable
-        entry["rebuild_checked"] = None if found.verified is None else str(found.verified).lower()
-        tags.update({f"{what}/{k}": v for k, v in entry.items()})
         if found.source == "none":
             why = f"so {what}.yaml holds a placeholder: {HOW_TO_RECORD}"
             self._warn(f"{what} record", f"the {what} has no explicit construction record, {why}.")
@@ -437,6 +407,8 @@ class RunRecord(Callback):
                 f"the {what}'s construction record does not rebuild the same {what} ({failed}). "
                 f"It is still written to {what}.yaml; for an exact record, {HOW_TO_RECORD}.",
             )
+        entry["rebuild_checked"] = _flag(found.verified)
+        return {f"{what}/{k}": v for k, v in entry.items()}
 
     def _log_data(self, fit: _Fit, trainer: pl.Trainer) -> None:
         loaders = {"train": trainer.train_dataloader, "val": trainer.val_dataloaders}
@@ -450,8 +422,7 @@ class RunRecord(Callback):
             fit, {f"{PREFIX}/data/{n}/{f}": e.get(f) for n, e in data.items() for f in fields}
         )
         self._text(fit, "data", conf.dump_yaml(data), trainer.global_step)
-        self._write(fit, "record.yaml", self.record)
-        self._emit(fit, "flush")
+        self._save(fit)
 
     def _finish(self, trainer: pl.Trainer, status: str, exception: BaseException | None) -> None:
         fit, self._fit = self._fit, None
@@ -464,8 +435,10 @@ class RunRecord(Callback):
         finally:
             if fit.capture is not None:
                 self._collect("console output", fit.capture.stop)
-                fit.files["output.log"] = fit.capture.path
-            self._collect("record files", self._upload_end, fit)
+            log = [fit.capture.path] if fit.capture is not None else []
+            self._collect("record files", self._save, fit, log)
+            if fit.temporary and not any(sink.failed for _, sink in fit.sinks):
+                shutil.rmtree(fit.output_dir, ignore_errors=True)
 
     def _log_end(
         self, fit: _Fit, trainer: pl.Trainer, status: str, exception: BaseException | None
@@ -492,13 +465,9 @@ class RunRecord(Callback):
         result = {k: record.get(k) for k in ("status", "error", "time", "memory")}
         self._text(fit, "result", conf.dump_yaml(result), trainer.global_step)
 
-    def _upload_end(self, fit: _Fit) -> None:
-        self._write(fit, "record.yaml", self.record)
-        files = [fit.files[n] for n in ("record.yaml", "output.log") if n in fit.files]
-        self._emit(fit, "log_files", files, PREFIX)
-        self._emit(fit, "flush")
-        if fit.temporary and not any(sink.failed for _, sink in fit.sinks):
-            shutil.rmtree(fit.output_dir, ignore_errors=True)
+
+def _flag(value: bool | None) -> str | None:
+    return None if value is None else str(value).lower()
 
 
 def _iso(timestamp: float) -> str:
@@ -506,10 +475,10 @@ def _iso(timestamp: float) -> str:
     return utc.astimezone().isoformat(timespec="seconds")
 
 
-def _record_run_name(config: ConfigRecord, trainer: pl.Trainer) -> None:
+def _record_run_name(config: conf.ConfigRecord, trainer: pl.Trainer) -> None:
     """Put the MLflow run's own name in its logger's config node: read again, a ``${now:...}``
     in ``run_name`` would give a later time than the run was created with."""
-    logger = attached_loggers(trainer).get("mlflow")
+    logger = bk.attached_loggers(trainer).get("mlflow")
     key = conf.find_target(config.config, type(logger), "logger.mlflow") if logger else None
     node = conf.node_at(config.config, key)
     if key is None or not isinstance(node, dict) or "run_name" not in node:

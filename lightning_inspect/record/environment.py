@@ -58,12 +58,12 @@ def host_info() -> dict[str, Any]:
     if not names and torch.backends.mps.is_available():
         names["Apple MPS"] = 1
     return {
-        "hostname": socket.gethostname(),
+        "host": socket.gethostname(),
         "os": collect_env.get_os(_run),
-        "cpu_model": cpu.group(1).strip() if cpu else platform.processor() or platform.machine(),
+        "cpu": cpu.group(1).strip() if cpu else platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "gpu_count": torch.cuda.device_count() if torch.cuda.is_available() else names.total(),
-        "gpu_model": ", ".join(f"{n} x {g}" if n > 1 else g for g, n in names.items()) or None,
+        "gpu": ", ".join(f"{n} x {g}" if n > 1 else g for g, n in names.items()) or None,
         "nvidia_driver": collect_env.get_nvidia_driver_version(_run),
     }
 
