@@ -1,5 +1,4 @@
-"""Construction records: a Hydra config that rebuilds an object, from explicit sources only
-(:func:`record_init`, the Hydra ``_target_`` node, ``save_hyperparameters``); nothing is guessed."""
+"""Construction records: a Hydra config that rebuilds an object, from explicit sources only."""
 
 from __future__ import annotations
 
@@ -32,14 +31,7 @@ _INIT_ATTR = "_lightning_inspect_init_args"
 
 
 def unrecorded(type: str = "?", reason: str = "", **_: Any) -> NoReturn:
-    """Target of a placeholder: building it fails, saying which argument to supply and why.
-
-    Example:
-        >>> unrecorded(type="torch.Tensor", reason="a large tensor")
-        Traceback (most recent call last):
-        ...
-        lightning_inspect.errors.ConfigError: a construction record holds a placeholder for a torch.Tensor argument (a large tensor); supply this argument yourself, e.g. instantiate(record, <argument>=value) or by editing the record.
-    """
+    """Target of a placeholder: building it fails, saying which argument to supply and why."""
     raise ConfigError(
         f"a construction record holds a placeholder for a {type} argument ({reason}); supply this "
         "argument yourself, e.g. instantiate(record, <argument>=value) or by editing the record."
@@ -47,14 +39,13 @@ def unrecorded(type: str = "?", reason: str = "", **_: Any) -> NoReturn:
 
 
 def _placeholder(value: Any, reason: str) -> dict[str, Any]:
-    """A placeholder node for ``value`` (a type name, or an object named by its class)."""
     cls = value if isinstance(value, type) else type(value)
     kind = value if isinstance(value, str) else f"{cls.__module__}.{cls.__qualname__}"
     return {"_target_": UNRECORDED_TARGET, "type": kind, "reason": reason}
 
 
 def _tensor_placeholder(value: Any) -> dict[str, Any] | None:
-    """Tensors and arrays are described, never recorded (nor kept alive by a record)."""
+    """Tensors and arrays are described, never kept."""
     if not isinstance(value, torch.Tensor) and type(value).__name__ != "ndarray":
         return None
     what = "a tensor" if isinstance(value, torch.Tensor) else "an array"
@@ -70,10 +61,7 @@ class _InitArgs:
 
 
 def record_init(cls: type[T]) -> type[T]:
-    """Class decorator: every instance remembers the arguments it was constructed with.
-
-    They are bound to ``__init__``'s signature (defaults filled in) in ``__new__``, so
-    ``__init__``, ``save_hyperparameters``, copies, pickling and subclasses are unchanged.
+    """Class decorator: every instance remembers its ``__init__`` arguments (taken in ``__new__``).
 
     Example:
         >>> @record_init
@@ -126,24 +114,19 @@ class RecordInit:
 
 
 def recorded_init_args(obj: Any) -> _InitArgs | None:
-    """What :func:`record_init` remembered for ``obj``, if it was for ``obj``'s own class."""
+    """What :func:`record_init` remembered for ``obj`` (for its own class only)."""
     stored = getattr(obj, "__dict__", {}).get(_INIT_ATTR)
     return stored if isinstance(stored, _InitArgs) and stored.cls is type(obj) else None
 
 
 def _saved_hparams(obj: Any) -> dict[str, Any] | None:
-    """``save_hyperparameters`` values of a LightningModule / LightningDataModule, if any."""
     hparams = getattr(obj, "hparams", None) if "_hparams" in getattr(obj, "__dict__", {}) else None
     return dict(hparams) if isinstance(hparams, Mapping) and hparams else None
 
 
 @dataclasses.dataclass
 class ConstructionRecord:
-    """``hydra.utils.instantiate(record.config)`` builds an object equivalent to the recorded one.
-
-    ``source``: ``"record_init"``, ``"hydra config at <key>"``, ``"hparams"`` or ``"none"``;
-    ``verified``: whether a rebuild on the meta device had the same modules and shapes.
-    """
+    """``instantiate(record.config)`` builds an equivalent object; ``verified``: rebuild checked."""
 
     config: dict[str, Any]
     source: str
@@ -151,7 +134,6 @@ class ConstructionRecord:
     verified: bool | None = None
 
     def to_yaml(self, title: str = "model") -> str:
-        """The config as YAML, with the source, the check and the notes as comments on top."""
         checked = {True: "yes, same modules and parameter shapes", False: "NO (see notes)"}
         head = f"# Construction record of the {title}: hydra.utils.instantiate(yaml.safe_load("
         return "\n".join(
@@ -167,7 +149,7 @@ class ConstructionRecord:
 
 
 def _path(obj: Any) -> str | None:
-    """A dotted path at which ``obj`` (a class or function) can be found again, or ``None``."""
+    """The dotted path at which ``obj`` (a class or function) is found again, or ``None``."""
     module, name = getattr(obj, "__module__", None), getattr(obj, "__qualname__", "")
     try:
         found = functools.reduce(getattr, name.split("."), importlib.import_module(module))
@@ -254,14 +236,7 @@ def _call(
 
 
 def rebuild_mismatch(config: Mapping[str, Any], original: nn.Module) -> str | None:
-    """What differs between ``original`` and ``instantiate(config)`` built on the meta device
-    (modules and shapes; random state restored), or ``None``.
-
-    Example:
-        >>> node = {"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 3}
-        >>> rebuild_mismatch(node, nn.Linear(2, 3)) is None
-        True
-    """
+    """How ``instantiate(config)``, built on the meta device, differs from ``original``, or None."""
     from hydra.utils import instantiate
 
     try:
@@ -299,10 +274,8 @@ def construction_record(
 ) -> ConstructionRecord:
     """A Hydra-instantiable config that builds an object equivalent to ``obj``.
 
-    Candidates, in order: the arguments remembered by :func:`record_init`, ``hydra_node`` (the
-    ``_target_`` node at ``hydra_key``), ``save_hyperparameters``; with ``verify`` (and a module),
-    the first that rebuilds the same modules and shapes. Arguments without an explicit source
-    become placeholders (:func:`unrecorded`).
+    Sources: :func:`record_init`, ``hydra_node`` (at ``hydra_key``), ``save_hyperparameters``;
+    with ``verify``, the first that rebuilds the same modules and shapes is taken.
 
     Example:
         >>> node = {"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 4}
