@@ -25,7 +25,7 @@ from lightning_inspect.errors import BackendError, ConfigError
 from lightning_inspect.record import RunRecord, construction_record, record_init
 from lightning_inspect.record.construction import UNRECORDED_TARGET, recorded_init_args
 from lightning_inspect.record.data import content_hash, fingerprint_dataset, fingerprint_loaders
-from lightning_inspect.record.environment import env_var_values, seed_info
+from lightning_inspect.record.environment import environment
 from lightning_inspect.record.git import git_info
 from lightning_inspect.record.secrets import MASK, SecretMasker
 
@@ -307,7 +307,7 @@ def test_secret_masking() -> None:
     ]
     os.environ["RR_UNIT_TOKEN"], os.environ["RR_UNIT_NAME"] = "t0k", "job"
     try:
-        assert env_var_values(["RR_UNIT_*"]) == {"RR_UNIT_NAME": "job", "RR_UNIT_TOKEN": MASK}
+        assert environment(["RR_UNIT_*"])["env"] == {"RR_UNIT_NAME": "job", "RR_UNIT_TOKEN": MASK}
     finally:
         del os.environ["RR_UNIT_TOKEN"], os.environ["RR_UNIT_NAME"]
 
@@ -349,7 +349,7 @@ def test_data_fingerprint_is_deterministic_and_leaves_random_streams_alone() -> 
 
 def test_seed_from_seed_everything() -> None:
     L.seed_everything(123, verbose=False)
-    assert seed_info()["seed"] == 123
+    assert environment()["seed"]["seed"] == 123
 
 
 def test_construction_record_from_record_init_rebuilds_the_model() -> None:

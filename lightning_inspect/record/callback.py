@@ -296,15 +296,17 @@ class RunRecord(Callback):
     def _log_start(self, fit: _Fit, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         masker, record, start = self.masker, self.record, _iso(fit.start_wall)
         command = masker.command([sys.executable, *sys.argv])
-        record.update(command=command, cwd=os.getcwd(), time={"start": start}, seed=env.seed_info())
+        found = self._collect("environment", env.environment, self.env_vars, masker) or {}
+        record.update(command=command, cwd=os.getcwd(), time={"start": start})
+        record["seed"] = found.get("seed", {})
         tags = {"start_time": start, "status": "running", "command": " ".join(command)}
         if self.git:
             tags.update(self._log_git(fit))
-        record["host"] = host = self._collect("host", env.host_info) or {}
+        record["host"] = host = found.get("host", {})
         host.update(accelerator=type(trainer.accelerator).__name__, devices=trainer.num_devices)
         host.update(nodes=trainer.num_nodes, world_size=trainer.world_size)
         host.update(strategy=type(trainer.strategy).__name__, precision=str(trainer.precision))
-        record["versions"] = self._collect("versions", env.version_info) or {}
+        record["versions"] = found.get("versions", {})
         tags.update({**host, **record["versions"]})
         lines = (
             self._collect("installed packages", env.installed_packages) if self.packages else None
@@ -312,10 +314,7 @@ class RunRecord(Callback):
         if lines is not None:
             self._write(fit, "packages.txt", "\n".join(lines) + "\n")
         if self.env_vars:
-            found = self._collect(
-                "environment variables", env.env_var_values, self.env_vars, masker
-            )
-            record["env"] = found or {}
+            record["env"] = found.get("env", {})
             tags.update({f"env/{k}": v for k, v in record["env"].items()})
         params = self._log_config(fit, trainer)
         hparams = self._collect("hyperparameters", _module_hparams, pl_module, trainer)
@@ -367,7 +366,7 @@ class RunRecord(Callback):
         overrides = [self.masker.override(o) for o in config.overrides]
         self.record["config"] = {"source": config.source, "overrides": overrides}
         self.record["config"].update(choices=config.choices, notes=config.notes)
-        params = {f"{PREFIX}/seed": self.record["seed"]["seed"]}
+        params = {f"{PREFIX}/seed": self.record["seed"].get("seed")}
         params[f"{PREFIX}/overrides"] = " ".join(overrides) or "(none)"
         params.update({f"choices/{k}": v for k, v in config.choices.items()})
         if config.config is not None:

@@ -1,5 +1,4 @@
-"""The machine and software of a run (``torch.utils.collect_env`` where it covers it), the seed,
-peak memory and the environment variables asked for."""
+"""The seed, machine and software of a run (``torch.utils.collect_env`` where it covers it)."""
 
 from __future__ import annotations
 
@@ -36,28 +35,30 @@ def _run(command: str | list[str]) -> tuple[int, str, str]:
     return done.returncode, out, err
 
 
-def seed_info() -> dict[str, Any]:
-    """The seed given to Lightning's ``seed_everything`` (``PL_GLOBAL_SEED``), or ``None``.
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment(env_vars: Iterable[str] = (), masker: SecretMasker | None = None) -> dict[str, Any]:
+    """The seed given to ``seed_everything``, the host, the versions, and the environment variables
+    named by ``env_vars`` (names or globs; secrets masked). CUDA is not initialised for this.
 
     Example:
-        >>> import lightning as L
-        >>> _ = L.seed_everything(7, verbose=False)
-        >>> seed_info()["seed"]
-        7
+        >>> os.environ["RECORD_DEMO_TOKEN"] = "abc"
+        >>> environment(["RECORD_DEMO_*"])["env"]
+        {'RECORD_DEMO_TOKEN': '***'}
     """
-    raw, workers = os.environ.get("PL_GLOBAL_SEED"), os.environ.get("PL_SEED_WORKERS")
-    seed = int(raw) if raw is not None and raw.lstrip("-").isdigit() else raw
-    return {"seed": seed, "seed_workers": None if workers is None else workers == "1"}
-
-
-def host_info() -> dict[str, Any]:
-    """Host, OS, CPU and GPU models and counts (GPUs from ``nvidia-smi``: CUDA stays untouched)."""
+    seed, workers = os.environ.get("PL_GLOBAL_SEED"), os.environ.get("PL_SEED_WORKERS")
+    seed = int(seed) if seed is not None and seed.lstrip("-").isdigit() else seed
     cpu = re.search(r"^Model name:\s*(.+)$", collect_env.get_cpu_info(_run) or "", re.M)
     gpus = (collect_env.get_gpu_info(_run) or "").splitlines()
     names = collections.Counter(re.sub(r"^GPU \d+: ", "", g).strip() for g in gpus if g.strip())
     if not names and torch.backends.mps.is_available():
         names["Apple MPS"] = 1
-    return {
+    host = {
         "host": socket.gethostname(),
         "os": collect_env.get_os(_run),
         "cpu": cpu.group(1).strip() if cpu else platform.processor() or platform.machine(),
@@ -66,22 +67,19 @@ def host_info() -> dict[str, Any]:
         "gpu": ", ".join(f"{n} x {g}" if n > 1 else g for g, n in names.items()) or None,
         "nvidia_driver": collect_env.get_nvidia_driver_version(_run),
     }
-
-
-def version_info() -> dict[str, str | None]:
-    """Python, PyTorch, CUDA (PyTorch's build), cuDNN, Lightning and the tracking stack."""
-
-    def version(name: str) -> str | None:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return None
-
     # cudnn.version() initialises CUDA: read it only where CUDA is in use already
     cudnn = torch.backends.cudnn.version() if torch.cuda.is_initialized() else None
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     versions.update(cuda=torch.version.cuda, cudnn=None if cudnn is None else str(cudnn))
-    return {**versions, **{name: version(name) for name in (*_VERSIONS, "mlflow")}}
+    versions.update({name: _version(name) for name in (*_VERSIONS, "mlflow")})
+    masker, patterns = masker or SecretMasker(), list(env_vars)
+    env = {
+        k: MASK if masker.is_secret(k) and v else masker.text(v)
+        for k, v in sorted(os.environ.items())
+        if any(fnmatch.fnmatchcase(k, p) for p in patterns)
+    }
+    seed_info = {"seed": seed, "seed_workers": None if workers is None else workers == "1"}
+    return {"seed": seed_info, "host": host, "versions": versions, "env": env}
 
 
 def installed_packages() -> list[str]:
@@ -104,19 +102,3 @@ def peak_memory() -> dict[str, int | None]:
     devices = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else ()
     cuda = max((torch.cuda.max_memory_allocated(i) for i in devices), default=None)
     return {**rss, "cuda_max_allocated_bytes": cuda}
-
-
-def env_var_values(patterns: Iterable[str], masker: SecretMasker | None = None) -> dict[str, str]:
-    """The environment variables named by ``patterns`` (names or globs), secrets masked.
-
-    Example:
-        >>> os.environ["RECORD_DEMO_TOKEN"] = "abc"
-        >>> env_var_values(["RECORD_DEMO_*"])
-        {'RECORD_DEMO_TOKEN': '***'}
-    """
-    masker, patterns = masker or SecretMasker(), list(patterns)
-    return {
-        k: MASK if masker.is_secret(k) and v else masker.text(v)
-        for k, v in sorted(os.environ.items())
-        if any(fnmatch.fnmatchcase(k, p) for p in patterns)
-    }
