@@ -25,8 +25,7 @@ from lightning_inspect.errors import BackendError, ConfigError
 from lightning_inspect.record import RunRecord, construction_record, record_init
 from lightning_inspect.record.construction import UNRECORDED_TARGET, recorded_init_args
 from lightning_inspect.record.data import content_hash, fingerprint_dataset, fingerprint_loaders
-from lightning_inspect.record.environment import environment
-from lightning_inspect.record.git import git_info
+from lightning_inspect.record.environment import environment, git_info
 from lightning_inspect.record.secrets import MASK, SecretMasker
 
 ROOT = Path(__file__).resolve().parents[1]

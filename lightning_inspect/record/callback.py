@@ -27,7 +27,6 @@ from lightning_inspect.record import environment as env
 from lightning_inspect.record.console import ConsoleCapture
 from lightning_inspect.record.construction import HOW_TO_RECORD, construction_record
 from lightning_inspect.record.data import fingerprint_loaders
-from lightning_inspect.record.git import GitInfo, git_info
 from lightning_inspect.record.secrets import SecretMasker
 
 __all__ = ["RunRecord"]
@@ -348,8 +347,10 @@ class RunRecord(Callback):
         self._save(fit, list(fit.files.values()))
 
     def _log_git(self, fit: _Fit) -> dict[str, Any]:
-        info = self._collect("git state", git_info, self.repo_dir, self.git_timeout, self.git_diff)
-        info = info or GitInfo(notice="the git state could not be read")
+        info = self._collect(
+            "git state", env.git_info, self.repo_dir, self.git_timeout, self.git_diff
+        )
+        info = info or env.GitInfo(notice="the git state could not be read")
         self.record["git"] = {k: v for k, v in vars(info).items() if k != "diff"}
         if info.diff:
             self._write(fit, "git.diff", info.diff)

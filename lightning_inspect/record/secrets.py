@@ -82,13 +82,7 @@ class SecretMasker:
         return _KNOWN_TOKENS.sub(MASK, _URL_CREDENTIALS.sub(rf"\g<1>{MASK}@", text))
 
     def override(self, override: str) -> str:
-        """A Hydra override with its secrets masked at any depth (parsed by Hydra's parser).
-
-        One that does not parse has its whole value masked when its key or text names a secret:
-
-        >>> SecretMasker().override("+db={password:[hunter2,x]")
-        '+db=***'
-        """
+        """A Hydra override, parsed by Hydra's parser, with its secrets masked at any depth."""
         try:
             from hydra.core.override_parser.overrides_parser import OverridesParser
 
