@@ -63,28 +63,15 @@ class _Fit:
 class RunRecord(Callback):
     """Record everything needed to trust, compare and rebuild a training run, once per fit.
 
-    From global rank 0 to every attached logger: the git state and diff, the seed, the machine
-    and software, the resolved config with its overrides and choices, the hyperparameters, a
-    construction record that rebuilds the model (explicit sources only), a data fingerprint and
-    the outcome. Secrets are masked; faults warn once and never stop training. Every argument is
-    in docs/run_record.md; the less obvious ones:
-
-    Args:
-        env_vars: environment variable names or globs to record (no others are).
-        config: the run's config (DictConfig or mapping); ``None``: from Hydra, else LightningCLI.
-        overrides: the command-line overrides; ``None``: from Hydra (or ``config``'s hydra node).
-        model_key: dotted key of the model's ``_target_`` node; ``None``: found by its class.
-        verify_model: check that the record rebuilds the same modules and shapes (meta device).
-        capture_output: tee the console into ``output.log`` for the fit (else nothing is patched).
-        output_dir: ``None``: ``<TensorBoard log_dir>/run_record``, else ``<Hydra run dir>/
-            run_record``, else a temporary directory for MLflow, else ``<default_root_dir>/...``.
+    The git state and diff, seed, machine and software, resolved config, hyperparameters, a
+    construction record of the model, a data fingerprint and the outcome go from global rank 0 to
+    every attached logger; secrets are masked; faults warn once and never stop training. The
+    arguments and everything recorded: docs/run_record.md.
 
     Logged metrics:
-        Tags ``run_record/{git/*,host,cpu,gpu,torch,...,status}``; params ``run_record/seed``,
-        ``run_record/overrides``, ``run_record/data/<loader>/{size,batches,batch_size,hash}``,
-        ``choices/<group>``, ``config/<path>``; metrics ``run_record/{duration_s,steps,
-        steps_per_s,peak_rss_mib,...}``; files under ``lightning_inspect/run_record/``;
-        TensorBoard text ``run_record/{summary,config,model,git_diff,data,result,...}``, HPARAMS.
+        Tags ``run_record/{git/*,host,cpu,gpu,torch,...,status}``; params ``run_record/{seed,
+        overrides,data/<loader>/*}``, ``choices/<group>``, ``config/<path>``; metrics
+        ``run_record/{duration_s,steps,steps_per_s,peak_rss_mib,...}``; text pages and files.
 
     Example:
         >>> import lightning as L
@@ -230,9 +217,7 @@ class RunRecord(Callback):
         elif sinks and all(hasattr(s, "log_files") for s in sinks):
             path, temporary = Path(tempfile.mkdtemp(prefix="lightning_inspect_run_record_")), True
         else:
-            rank_zero_info(
-                f"RunRecord: no TensorBoard or MLflow logger; the record goes to {path}."
-            )
+            rank_zero_info(f"RunRecord: no TensorBoard or MLflow logger; files go to {path}.")
         path.mkdir(parents=True, exist_ok=True)
         return path, temporary
 
@@ -295,7 +280,8 @@ class RunRecord(Callback):
     def _log_start(self, fit: _Fit, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         masker, record, start = self.masker, self.record, _iso(fit.start_wall)
         command = masker.command([sys.executable, *sys.argv])
-        found = self._collect("environment", env.environment, self.env_vars, masker) or {}
+        args = (self.env_vars, masker, self.packages)
+        found = self._collect("environment", env.environment, *args) or {}
         record.update(command=command, cwd=os.getcwd(), time={"start": start})
         record["seed"] = found.get("seed", {})
         tags = {"start_time": start, "status": "running", "command": " ".join(command)}
@@ -307,11 +293,8 @@ class RunRecord(Callback):
         host.update(strategy=type(trainer.strategy).__name__, precision=str(trainer.precision))
         record["versions"] = found.get("versions", {})
         tags.update({**host, **record["versions"]})
-        lines = (
-            self._collect("installed packages", env.installed_packages) if self.packages else None
-        )
-        if lines is not None:
-            self._write(fit, "packages.txt", "\n".join(lines) + "\n")
+        if found.get("packages") is not None:
+            self._write(fit, "packages.txt", "\n".join(found["packages"]) + "\n")
         if self.env_vars:
             record["env"] = found.get("env", {})
             tags.update({f"env/{k}": v for k, v in record["env"].items()})

@@ -44,9 +44,12 @@ def _version(name: str) -> str | None:
         return None
 
 
-def environment(env_vars: Iterable[str] = (), masker: SecretMasker | None = None) -> dict[str, Any]:
-    """The seed given to ``seed_everything``, the host, the versions, and the environment variables
-    named by ``env_vars`` (names or globs; secrets masked). CUDA is not initialised for this.
+def environment(
+    env_vars: Iterable[str] = (), masker: SecretMasker | None = None, packages: bool = False
+) -> dict[str, Any]:
+    """The seed given to ``seed_everything``, the host, the versions, the environment variables
+    named by ``env_vars`` (names or globs; secrets masked) and, with ``packages``, every installed
+    package as ``name==version`` (``pip list``, else the metadata). CUDA is not initialised.
 
     Example:
         >>> os.environ["RECORD_DEMO_TOKEN"] = "abc"
@@ -81,15 +84,13 @@ def environment(env_vars: Iterable[str] = (), masker: SecretMasker | None = None
         if any(fnmatch.fnmatchcase(k, p) for p in patterns)
     }
     seed_info = {"seed": seed, "seed_workers": None if workers is None else workers == "1"}
-    return {"seed": seed_info, "host": host, "versions": versions, "env": env}
-
-
-def installed_packages() -> list[str]:
-    """Every installed distribution as ``name==version`` (``pip list`` through ``collect_env``)."""
-    with mock.patch.dict(os.environ):  # collect_env sets PIP_DISABLE_PIP_VERSION_CHECK
-        listed = collect_env.get_pip_packages(_run, patterns=[""])[1]
-    found = (f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions())
-    return listed.splitlines() if listed else sorted(found)  # without pip: from the metadata
+    out = {"seed": seed_info, "host": host, "versions": versions, "env": env, "packages": None}
+    if packages:
+        with mock.patch.dict(os.environ):  # collect_env sets PIP_DISABLE_PIP_VERSION_CHECK
+            listed = collect_env.get_pip_packages(_run, patterns=[""])[1]
+        found = (f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions())
+        out["packages"] = listed.splitlines() if listed else sorted(found)
+    return out
 
 
 def peak_memory() -> dict[str, int | None]:
