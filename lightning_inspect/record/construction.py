@@ -162,11 +162,8 @@ def _record(value: Any, path: str, notes: list[str]) -> Any:
     """``value`` as a Hydra config node; objects from an explicit source, else a placeholder."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    if (
-        isinstance(value, Sequence)
-        and not isinstance(value, bytes)
-        and not hasattr(value, "_fields")
-    ):
+    listed = isinstance(value, Sequence) and not hasattr(value, "_fields")  # a namedtuple: no
+    if listed and not isinstance(value, bytes):
         return [_record(v, f"{path}.{i}", notes) for i, v in enumerate(value)]
     node = _tensor_placeholder(value)
     if isinstance(value, Mapping):

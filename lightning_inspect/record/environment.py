@@ -158,20 +158,11 @@ def git_info(
     except RuntimeError as exc:
         outside = "not a git repository" in str(exc).lower() or not Path(where).is_dir()
         return GitInfo(notice=f"{where} is not inside a git repository" if outside else str(exc))
-    commit = branch = None
-    dirty, untracked, notices = False, [], []
-    entries = iter(status.split("\0"))
-    for entry in entries:
-        if entry.startswith("# branch.oid "):
-            commit = entry.split(" ", 2)[2]
-        elif entry.startswith("# branch.head "):
-            branch = entry.split(" ", 2)[2]
-        elif entry.startswith("? "):
-            untracked.append(entry[2:])
-        elif entry[:2] in ("1 ", "2 ", "u "):
-            dirty = True
-            if entry[0] == "2":  # a rename or copy: its source path follows
-                next(entries, None)
+    entries, notices = status.split("\0"), []
+    heads = dict(e.split(" ", 2)[1:] for e in entries if e.startswith("# branch."))
+    commit, branch = heads.get("branch.oid"), heads.get("branch.head")
+    untracked = tuple(e[2:] for e in entries if e.startswith("? "))
+    dirty = any(e[:2] in ("1 ", "2 ", "u ") for e in entries)  # changed, renamed, unmerged
     if commit in (None, "(initial)"):
         return GitInfo(notice=f"the repository at {where} has no commits yet")
     if branch == "(detached)":
@@ -186,4 +177,4 @@ def git_info(
             notices.append(f"diff unavailable: {exc}")
         if len(patch) > MAX_DIFF_CHARS:
             patch = f"{patch[:MAX_DIFF_CHARS]}\n# [diff cut at {MAX_DIFF_CHARS} characters]\n"
-    return GitInfo(commit, branch, dirty, patch, tuple(untracked), "; ".join(notices) or None)
+    return GitInfo(commit, branch, dirty, patch, untracked, "; ".join(notices) or None)
