@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_inspect.errors import BackendError, ConfigError
 from lightning_inspect.record import RunRecord, construction_record, record_init
+from lightning_inspect.record.config import config_record, flatten
 from lightning_inspect.record.construction import UNRECORDED_TARGET, recorded_init_args
 from lightning_inspect.record.data import content_hash, fingerprint_dataset, fingerprint_loaders
 from lightning_inspect.record.environment import environment, git_info
@@ -344,6 +345,14 @@ def test_data_fingerprint_is_deterministic_and_leaves_random_streams_alone() -> 
     ) == (16, 4, 4)
     assert loaders["val"]["size"] == 8 and len(loaders["all"]["hash"]) == 64
     assert fingerprint_dataset(base, 0)["hash"] is None  # sizes only
+    assert fingerprint_dataset(base, 4)["items_hashed"] == 4
+
+
+def test_config_helpers() -> None:
+    flat = flatten({"model": {"hidden": 8, "sizes": [1, 2]}}, "config")
+    assert flat == {"config/model/hidden": 8, "config/model/sizes": "[1, 2]"}  # lists as JSON
+    given = config_record({"model": {"hidden": 8}}, overrides=["model.hidden=8"])
+    assert given.overrides == ["model.hidden=8"] and given.source == "argument"
 
 
 def test_seed_from_seed_everything() -> None:

@@ -67,10 +67,6 @@ def config_record(
 ) -> ConfigRecord:
     """The run's config: ``config`` (its ``hydra`` node gives overrides and choices), else the
     running Hydra app's (``.hydra/config.yaml``, resolved), else LightningCLI's.
-
-    Example:
-        >>> config_record({"model": {"hidden": 8}}, overrides=["model.hidden=8"]).overrides
-        ['model.hidden=8']
     """
     record = ConfigRecord()
     hydra_config = sys.modules.get("hydra.core.hydra_config")
@@ -149,12 +145,7 @@ def find_target(config: Any, cls: type, prefer: str) -> str | None:
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested mappings as ``{"a/b": leaf}``; lists stay whole (as JSON text).
-
-    Example:
-        >>> flatten({"model": {"hidden": 8, "sizes": [1, 2]}}, "config")
-        {'config/model/hidden': 8, 'config/model/sizes': '[1, 2]'}
-    """
+    """Nested mappings as ``{"a/b": leaf}``; lists stay whole (as JSON text)."""
     if not isinstance(value, Mapping):
         return {
             prefix: json.dumps(value, default=str) if isinstance(value, list | tuple) else value

@@ -32,14 +32,6 @@ class ConsoleCapture:
     """Tees ``sys.stdout``/``sys.stderr`` and the logging handlers writing to them into ``path``.
 
     A line redrawn with carriage returns (a progress bar) is kept as its last state.
-
-    Example:
-        >>> import tempfile
-        >>> capture = ConsoleCapture(Path(tempfile.mkdtemp()) / "output.log").start()
-        >>> print("hello")
-        hello
-        >>> capture.stop(); capture.path.read_text()
-        'hello\\n'
     """
 
     def __init__(self, path: Path) -> None:

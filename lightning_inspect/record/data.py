@@ -85,12 +85,6 @@ def fingerprint_dataset(dataset: Any, items: int = 32) -> dict[str, Any]:
 
     Items are read with every generator seeded to 0; ``deterministic``: the first item, read
     twice, is the same.
-
-    Example:
-        >>> from torch.utils.data import TensorDataset
-        >>> fp = fingerprint_dataset(TensorDataset(torch.arange(10.0)), items=4)
-        >>> fp["size"], fp["items_hashed"], len(fp["hash"])
-        (10, 4, 64)
     """
     size, kind = _size(dataset), type(dataset)
     out = {"dataset": f"{kind.__module__}.{kind.__qualname__}", "size": size, "items_hashed": 0}
@@ -136,13 +130,6 @@ def _named_loaders(obj: Any, prefix: str) -> list[tuple[str, Any]]:
 def fingerprint_loaders(loaders: Mapping[str, Any], items: int = 32) -> dict[str, dict[str, Any]]:
     """One fingerprint per loader (``{"train": {...}, "val/0": {...}}``) and an ``"all"`` hash;
     ``loaders``: stage -> what the Trainer holds (loaders, lists or dicts of them).
-
-    Example:
-        >>> from torch.utils.data import DataLoader, TensorDataset
-        >>> loader = DataLoader(TensorDataset(torch.zeros(8, 2)), batch_size=4)
-        >>> fp = fingerprint_loaders({"train": loader}, items=2)
-        >>> fp["train"]["batches"], fp["train"]["size"]
-        (2, 8)
     """
     out: dict[str, dict[str, Any]] = {}
     for stage, obj in loaders.items():

@@ -30,13 +30,6 @@ class SecretMasker:
     Args:
         extra: more key globs to mask (case-insensitive, over the key or its dotted path).
         exempt: key globs never masked, e.g. ``["pad_token"]``.
-
-    Example:
-        >>> masker = SecretMasker(exempt=("pad_token",))
-        >>> masker.mask({"api_key": "abc", "pad_token": "<pad>", "key_dim": 64})
-        {'api_key': '***', 'pad_token': '<pad>', 'key_dim': 64}
-        >>> masker.override("+db={user: a, conn: {password: [hunter2, x]}}")
-        '+db={user:a,conn:{password:***}}'
     """
 
     extra: tuple[str, ...] = ()
