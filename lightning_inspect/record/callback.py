@@ -191,17 +191,15 @@ class RunRecord(Callback):
         if not self.model or self.model_key is None:
             return conf.find_target(config.config, type(pl_module), "model") if self.model else None
         node = conf.node_at(config.config, self.model_key)
-        if not isinstance(node, Mapping) or "_target_" not in node:
-            where = (
-                f"the recorded config (top-level keys: {sorted(config.config)})"
-                if config.config is not None
-                else "a config, but none was found (pass config= or run inside a Hydra app)"
-            )
-            raise ConfigError(
-                f"RunRecord(model_key={self.model_key!r}): expected the dotted key of a node with "
-                f"a _target_ in {where}."
-            )
-        return self.model_key
+        if isinstance(node, Mapping) and "_target_" in node:
+            return self.model_key
+        where = "a config, but none was found (pass config= or run inside a Hydra app)"
+        if config.config is not None:
+            where = f"the recorded config (top-level keys: {sorted(config.config)})"
+        raise ConfigError(
+            f"RunRecord(model_key={self.model_key!r}): expected the dotted key of a node with "
+            f"a _target_ in {where}."
+        )
 
     def _output_dir(
         self, trainer: pl.Trainer, sinks: list[Any], config: conf.ConfigRecord
@@ -267,10 +265,8 @@ class RunRecord(Callback):
         self._emit(fit, "flush")
 
     def _params(self, fit: _Fit, values: Mapping[str, Any]) -> None:
-        conflicts = sorted(
-            {k for found in self._emit(fit, "log_params", values) for k in found or ()}
-        )
-        if conflicts:
+        found = self._emit(fit, "log_params", values)  # MLflow: the keys that held other values
+        if conflicts := sorted({k for keys in found for k in keys or ()}):
             self._warn(
                 "params",
                 "these parameters already hold other values in the MLflow run, which keeps the "
