@@ -135,17 +135,14 @@ class ConstructionRecord:
 
     def to_yaml(self, title: str = "model") -> str:
         checked = {True: "yes, same modules and parameter shapes", False: "NO (see notes)"}
-        head = f"# Construction record of the {title}: hydra.utils.instantiate(yaml.safe_load("
-        return "\n".join(
-            [
-                f"{head}<this file>))",
-                "# builds an equivalent object; load the trained weights with load_state_dict.",
-                f"# Source of the arguments: {self.source}.",
-                f"# Rebuild checked: {checked.get(self.verified, 'no')}.",  # type: ignore[arg-type]
-                *(f"# Note: {note}" for note in self.notes),
-                dump_yaml(self.config),
-            ]
-        )
+        head = [
+            f"Construction record of the {title}: hydra.utils.instantiate(<this file, loaded>)",
+            "builds an equivalent object; load the trained weights with load_state_dict.",
+            f"Source of the arguments: {self.source}.",
+            f"Rebuild checked: {checked.get(self.verified, 'no')}.",  # type: ignore[arg-type]
+            *(f"Note: {note}" for note in self.notes),
+        ]
+        return "".join(f"# {line}\n" for line in head) + dump_yaml(self.config)
 
 
 def _path(obj: Any) -> str | None:
