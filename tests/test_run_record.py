@@ -23,10 +23,10 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_inspect.errors import BackendError, ConfigError
 from lightning_inspect.record import RunRecord, construction_record, record_init
+from lightning_inspect.record.config import config_record, flatten
 from lightning_inspect.record.construction import UNRECORDED_TARGET, recorded_init_args
 from lightning_inspect.record.data import content_hash, fingerprint_dataset, fingerprint_loaders
-from lightning_inspect.record.environment import env_var_values, seed_info
-from lightning_inspect.record.git import git_info
+from lightning_inspect.record.environment import environment, git_info
 from lightning_inspect.record.secrets import MASK, SecretMasker
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -307,7 +307,7 @@ def test_secret_masking() -> None:
     ]
     os.environ["RR_UNIT_TOKEN"], os.environ["RR_UNIT_NAME"] = "t0k", "job"
     try:
-        assert env_var_values(["RR_UNIT_*"]) == {"RR_UNIT_NAME": "job", "RR_UNIT_TOKEN": MASK}
+        assert environment(["RR_UNIT_*"])["env"] == {"RR_UNIT_NAME": "job", "RR_UNIT_TOKEN": MASK}
     finally:
         del os.environ["RR_UNIT_TOKEN"], os.environ["RR_UNIT_NAME"]
 
@@ -345,11 +345,19 @@ def test_data_fingerprint_is_deterministic_and_leaves_random_streams_alone() -> 
     ) == (16, 4, 4)
     assert loaders["val"]["size"] == 8 and len(loaders["all"]["hash"]) == 64
     assert fingerprint_dataset(base, 0)["hash"] is None  # sizes only
+    assert fingerprint_dataset(base, 4)["items_hashed"] == 4
+
+
+def test_config_helpers() -> None:
+    flat = flatten({"model": {"hidden": 8, "sizes": [1, 2]}}, "config")
+    assert flat == {"config/model/hidden": 8, "config/model/sizes": "[1, 2]"}  # lists as JSON
+    given = config_record({"model": {"hidden": 8}}, overrides=["model.hidden=8"])
+    assert given.overrides == ["model.hidden=8"] and given.source == "argument"
 
 
 def test_seed_from_seed_everything() -> None:
     L.seed_everything(123, verbose=False)
-    assert seed_info()["seed"] == 123
+    assert environment()["seed"]["seed"] == 123
 
 
 def test_construction_record_from_record_init_rebuilds_the_model() -> None:

@@ -29,18 +29,9 @@ class _Tee:
 
 
 class ConsoleCapture:
-    """Tees ``sys.stdout``/``sys.stderr``, and console logging handlers writing to them, into ``path``.
+    """Tees ``sys.stdout``/``sys.stderr`` and the logging handlers writing to them into ``path``.
 
-    Progress bars redrawn with carriage returns are kept as their last state per line.
-    :meth:`stop` restores what was replaced (unless other code replaced it since).
-
-    Example:
-        >>> import tempfile
-        >>> capture = ConsoleCapture(Path(tempfile.mkdtemp()) / "output.log").start()
-        >>> print("hello")
-        hello
-        >>> capture.stop(); capture.path.read_text()
-        'hello\\n'
+    A line redrawn with carriage returns (a progress bar) is kept as its last state.
     """
 
     def __init__(self, path: Path) -> None:
@@ -73,23 +64,19 @@ class ConsoleCapture:
                 return
             *lines, rest = (tee.pending + text).replace("\r\n", "\n").split("\n")
             self._file.writelines(line.rsplit("\r", 1)[-1] + "\n" for line in lines)
-            cut = rest.rfind("\r", 0, len(rest) - 1)
-            tee.pending = rest[cut + 1 :]
+            tee.pending = rest[rest.rfind("\r", 0, len(rest) - 1) + 1 :]
             if lines:
                 self._file.flush()
 
     def stop(self) -> None:
-        """Restore the streams and handlers still pointing at the tees, and close the file."""
+        """Restore the streams and handlers still pointing at the tees (not others' since)."""
         for owner, name, original, tee in reversed(self._patched):
-            if getattr(owner, name) is tee:
-                if isinstance(owner, logging.StreamHandler):
-                    owner.setStream(original)
-                else:
-                    setattr(owner, name, original)
+            if getattr(owner, name) is tee and isinstance(owner, logging.StreamHandler):
+                owner.setStream(original)
+            elif getattr(owner, name) is tee:
+                setattr(owner, name, original)
         with self._lock:
-            for _, _, _, tee in self._patched:
-                if tee.pending:
-                    self._file.write(tee.pending.rsplit("\r", 1)[-1] + "\n")
-                    tee.pending = ""
+            tees = {id(tee): tee for *_, tee in self._patched}.values()  # a tee is patched in twice
+            self._file.writelines(t.pending.rsplit("\r", 1)[-1] + "\n" for t in tees if t.pending)
             self._file.close()
         self._patched.clear()

@@ -1,5 +1,4 @@
-"""Construction records: a Hydra config that rebuilds an object, from explicit sources only:
-:func:`record_init`, the Hydra ``_target_`` node, ``save_hyperparameters``. Nothing is guessed."""
+"""Construction records: a Hydra config that rebuilds an object, from explicit sources only."""
 
 from __future__ import annotations
 
@@ -32,26 +31,21 @@ _INIT_ATTR = "_lightning_inspect_init_args"
 
 
 def unrecorded(type: str = "?", reason: str = "", **_: Any) -> NoReturn:
-    """Target of a placeholder: building it fails, saying which argument to supply and why.
-
-    Example:
-        >>> unrecorded(type="torch.Tensor", reason="a large tensor")
-        Traceback (most recent call last):
-        ...
-        lightning_inspect.errors.ConfigError: a construction record holds a placeholder for a torch.Tensor argument (a large tensor); supply this argument yourself, e.g. instantiate(record, <argument>=value) or by editing the record.
-    """
+    """Target of a placeholder: building it fails, saying which argument to supply and why."""
     raise ConfigError(
         f"a construction record holds a placeholder for a {type} argument ({reason}); supply this "
         "argument yourself, e.g. instantiate(record, <argument>=value) or by editing the record."
     )
 
 
-def _placeholder(type_name: str, reason: str) -> dict[str, Any]:
-    return {"_target_": UNRECORDED_TARGET, "type": type_name, "reason": reason}
+def _placeholder(value: Any, reason: str) -> dict[str, Any]:
+    cls = value if isinstance(value, type) else type(value)
+    kind = value if isinstance(value, str) else f"{cls.__module__}.{cls.__qualname__}"
+    return {"_target_": UNRECORDED_TARGET, "type": kind, "reason": reason}
 
 
 def _tensor_placeholder(value: Any) -> dict[str, Any] | None:
-    """Tensors and arrays are described, never recorded (nor kept alive by a record)."""
+    """Tensors and arrays are described, never kept."""
     if not isinstance(value, torch.Tensor) and type(value).__name__ != "ndarray":
         return None
     what = "a tensor" if isinstance(value, torch.Tensor) else "an array"
@@ -67,10 +61,7 @@ class _InitArgs:
 
 
 def record_init(cls: type[T]) -> type[T]:
-    """Class decorator: every instance remembers the arguments it was constructed with.
-
-    They are bound to ``__init__``'s signature (defaults filled in) in ``__new__``, so
-    ``__init__``, ``save_hyperparameters``, copies, pickling and subclasses are unchanged.
+    """Class decorator: every instance remembers its ``__init__`` arguments (taken in ``__new__``).
 
     Example:
         >>> @record_init
@@ -123,25 +114,19 @@ class RecordInit:
 
 
 def recorded_init_args(obj: Any) -> _InitArgs | None:
-    """What :func:`record_init` remembered for ``obj``, if it was for ``obj``'s own class."""
+    """What :func:`record_init` remembered for ``obj`` (for its own class only)."""
     stored = getattr(obj, "__dict__", {}).get(_INIT_ATTR)
     return stored if isinstance(stored, _InitArgs) and stored.cls is type(obj) else None
 
 
 def _saved_hparams(obj: Any) -> dict[str, Any] | None:
-    """``save_hyperparameters`` values of a LightningModule / LightningDataModule, if any."""
     hparams = getattr(obj, "hparams", None) if "_hparams" in getattr(obj, "__dict__", {}) else None
     return dict(hparams) if isinstance(hparams, Mapping) and hparams else None
 
 
 @dataclasses.dataclass
 class ConstructionRecord:
-    """How an object was built: ``hydra.utils.instantiate(record.config)`` builds an equivalent one.
-
-    ``source``: ``"record_init"``, ``"hydra config at <key>"``, ``"hparams"`` or ``"none"`` (a
-    placeholder); ``notes``: arguments defaulted or not recorded, failed rebuild checks;
-    ``verified``: whether a rebuild on the meta device had the same modules and shapes.
-    """
+    """``instantiate(record.config)`` builds an equivalent object; ``verified``: rebuild checked."""
 
     config: dict[str, Any]
     source: str
@@ -149,27 +134,19 @@ class ConstructionRecord:
     verified: bool | None = None
 
     def to_yaml(self, title: str = "model") -> str:
-        """The config as YAML, with the source, the check and the notes as comments on top."""
         checked = {True: "yes, same modules and parameter shapes", False: "NO (see notes)"}
-        return "\n".join(
-            [
-                f"# Construction record of the {title}: hydra.utils.instantiate(yaml.safe_load(<this file>))",
-                "# builds an equivalent object; load the trained weights with load_state_dict.",
-                f"# Source of the arguments: {self.source}.",
-                f"# Rebuild checked: {checked.get(self.verified, 'no')}.",  # type: ignore[arg-type]
-                *(f"# Note: {note}" for note in self.notes),
-                dump_yaml(self.config),
-            ]
-        )
-
-
-def _name(obj: Any) -> str:
-    cls = obj if isinstance(obj, type) else type(obj)
-    return f"{cls.__module__}.{cls.__qualname__}"
+        head = [
+            f"Construction record of the {title}: hydra.utils.instantiate(<this file, loaded>)",
+            "builds an equivalent object; load the trained weights with load_state_dict.",
+            f"Source of the arguments: {self.source}.",
+            f"Rebuild checked: {checked.get(self.verified, 'no')}.",  # type: ignore[arg-type]
+            *(f"Note: {note}" for note in self.notes),
+        ]
+        return "".join(f"# {line}\n" for line in head) + dump_yaml(self.config)
 
 
 def _path(obj: Any) -> str | None:
-    """A dotted path at which ``obj`` (a class or function) can be found again, or ``None``."""
+    """The dotted path at which ``obj`` (a class or function) is found again, or ``None``."""
     module, name = getattr(obj, "__module__", None), getattr(obj, "__qualname__", "")
     try:
         found = functools.reduce(getattr, name.split("."), importlib.import_module(module))
@@ -182,11 +159,8 @@ def _record(value: Any, path: str, notes: list[str]) -> Any:
     """``value`` as a Hydra config node; objects from an explicit source, else a placeholder."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    if (
-        isinstance(value, Sequence)
-        and not isinstance(value, (str, bytes))
-        and not hasattr(value, "_fields")
-    ):
+    listed = isinstance(value, Sequence) and not hasattr(value, "_fields")  # a namedtuple: no
+    if listed and not isinstance(value, bytes):
         return [_record(v, f"{path}.{i}", notes) for i, v in enumerate(value)]
     node = _tensor_placeholder(value)
     if isinstance(value, Mapping):
@@ -197,7 +171,7 @@ def _record(value: Any, path: str, notes: list[str]) -> Any:
     target = _path(value if named else type(value))
     recorded = recorded_init_args(value)
     if node is None and target is None:
-        node = _placeholder(_name(value), "defined inside a function or not importable by name")
+        node = _placeholder(value, "defined inside a function or not importable by name")
     elif node is None and named:
         return {"_target_": "hydra.utils.get_object", "path": target}
     elif node is None and recorded is not None:
@@ -206,7 +180,7 @@ def _record(value: Any, path: str, notes: list[str]) -> Any:
         return _from_hparams(value, target, path, notes)
     elif node is None:
         why = f"its constructor arguments were not recorded: {HOW_TO_RECORD}"
-        node = _placeholder(_name(value), why)
+        node = _placeholder(value, why)
     notes.append(f"{path}: not recorded ({node['type']}: {node['reason']})")
     return node
 
@@ -235,7 +209,7 @@ def _from_hparams(obj: Any, target: str | None, path: str, notes: list[str]) -> 
 
 def _call(
     target: str | None,
-    params: tuple[inspect.Parameter, ...],
+    params: Sequence[inspect.Parameter],
     arguments: Mapping[str, Any],
     path: str,
     notes: list[str],
@@ -256,13 +230,7 @@ def _call(
 
 
 def rebuild_mismatch(config: Mapping[str, Any], original: nn.Module) -> str | None:
-    """``None`` when ``hydra.utils.instantiate(config)``, built on the meta device (random state
-    restored), has ``original``'s modules and shapes; else what differs.
-
-    Example:
-        >>> rebuild_mismatch({"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 3}, nn.Linear(2, 3)) is None
-        True
-    """
+    """How ``instantiate(config)``, built on the meta device, differs from ``original``, or None."""
     from hydra.utils import instantiate
 
     try:
@@ -275,19 +243,19 @@ def rebuild_mismatch(config: Mapping[str, Any], original: nn.Module) -> str | No
         return f"it builds a {type(rebuilt).__qualname__}, not a {type(original).__qualname__}"
 
     def layout(model: nn.Module) -> dict[str, Any]:
-        modules = (
-            (normalise_name(n) or "<root>", type(m).__qualname__) for n, m in model.named_modules()
-        )
         tensors = [*model.named_parameters(), *model.named_buffers()]
-        shapes = ((normalise_name(n), tuple(t.shape)) for n, t in tensors)
-        return {
-            **{f"module {n!r}": v for n, v in modules},
-            **{f"shape of {n!r}": v for n, v in shapes},
+        out = {
+            f"module {normalise_name(n) or '<root>'!r}": type(m).__qualname__
+            for n, m in model.named_modules()
         }
+        return {**out, **{f"shape of {normalise_name(n)!r}": tuple(t.shape) for n, t in tensors}}
 
     want, got = layout(original), layout(rebuilt)
-    differ = [k for k in {**want, **got} if want.get(k) != got.get(k)]
-    problems = [f"{k}: {want.get(k)} vs rebuilt {got.get(k)}" for k in differ]
+    problems = [
+        f"{k}: {want.get(k)} vs rebuilt {got.get(k)}"
+        for k in {**want, **got}
+        if want.get(k) != got.get(k)
+    ]
     more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
     return "; ".join(problems[:5]) + more if problems else None
 
@@ -300,11 +268,8 @@ def construction_record(
 ) -> ConstructionRecord:
     """A Hydra-instantiable config that builds an object equivalent to ``obj``.
 
-    Candidates, in order: the arguments remembered by :func:`record_init`; ``hydra_node`` (the
-    ``_target_`` node at ``hydra_key``); ``save_hyperparameters``. Object arguments get their own
-    records from the same sources; what has none becomes a placeholder (``_target_:
-    lightning_inspect.record.unrecorded``) that fails clearly when built. With ``verify`` (and a
-    module), the first candidate that rebuilds the same modules and shapes is taken.
+    Sources: :func:`record_init`, ``hydra_node`` (at ``hydra_key``), ``save_hyperparameters``;
+    with ``verify``, the first that rebuilds the same modules and shapes is taken.
 
     Example:
         >>> node = {"_target_": "torch.nn.Linear", "in_features": 2, "out_features": 4}

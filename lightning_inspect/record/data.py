@@ -8,7 +8,7 @@ import itertools
 import random
 import re
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import numpy as np
@@ -18,25 +18,20 @@ _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
 def _feed(h: Any, value: Any, depth: int = 0) -> None:
-    """Feed ``value`` into hash ``h``: type-tagged, length-prefixed, independent of memory layout."""
+    """Type-tagged and length-prefixed, so that different values never feed the same bytes."""
     items: list[Any] = []
-    payload = b""
+    payload: Any = b""
     if isinstance(value, torch.Tensor):
         t = value.detach()
         t = (t.to_dense() if t.layout != torch.strided else t).cpu().resolve_conj().resolve_neg()
-        tag, payload = (
-            f"tensor:{t.dtype}:{tuple(t.shape)}",
-            t.contiguous().reshape(-1).view(torch.uint8).numpy(),
-        )
+        tag = f"tensor:{t.dtype}:{tuple(t.shape)}"
+        payload = t.contiguous().reshape(-1).view(torch.uint8).numpy()
     elif isinstance(value, (np.ndarray, np.generic)) and np.asarray(value).dtype != object:
         array = np.ascontiguousarray(value)
         tag, payload = f"ndarray:{array.dtype.str}:{array.shape}", array.tobytes()
     elif isinstance(value, (str, bytes, bytearray)):
-        text = isinstance(value, str)
-        tag, payload = (
-            type(value).__name__,
-            value.encode("utf-8", "surrogatepass") if text else value,
-        )
+        tag = type(value).__name__
+        payload = value.encode("utf-8", "surrogatepass") if isinstance(value, str) else value
     elif hasattr(value, "tobytes") and hasattr(value, "mode"):  # a PIL image
         tag, payload = f"image:{value.mode}:{getattr(value, 'size', None)}", value.tobytes()
     elif depth < 50 and isinstance(value, (Mapping, list, tuple, set, frozenset, np.ndarray)):
@@ -58,13 +53,7 @@ def _feed(h: Any, value: Any, depth: int = 0) -> None:
 
 
 def content_hash(value: Any) -> str:
-    """A SHA-256 of ``value``'s content, the same whatever the memory layout, device or machine.
-
-    Example:
-        >>> a = torch.arange(6.0).reshape(2, 3)
-        >>> content_hash({"x": a.t().contiguous().t()}) == content_hash({"x": a})
-        True
-    """
+    """A SHA-256 of ``value``'s content, the same whatever the memory layout, device or machine."""
     h = hashlib.sha256()
     _feed(h, value)
     return h.hexdigest()
@@ -86,23 +75,16 @@ def fixed_random_state(seed: int = 0) -> Iterator[None]:
 
 
 def _size(obj: Any) -> int | None:
-    try:
+    with suppress(Exception):
         return len(obj)
-    except Exception:
-        return None
+    return None
 
 
 def fingerprint_dataset(dataset: Any, items: int = 32) -> dict[str, Any]:
     """Size and content hash of ``items`` items spread evenly over ``dataset`` (0: size only).
 
-    An iterable dataset gives its first items. Items are read with every generator seeded to 0
-    (restored after); ``deterministic`` is ``False`` when the first item differs when read twice.
-
-    Example:
-        >>> from torch.utils.data import TensorDataset
-        >>> fp = fingerprint_dataset(TensorDataset(torch.arange(10.0)), items=4)
-        >>> fp["size"], fp["items_hashed"], len(fp["hash"])
-        (10, 4, 64)
+    Items are read with every generator seeded to 0; ``deterministic``: the first item, read
+    twice, is the same.
     """
     size, kind = _size(dataset), type(dataset)
     out = {"dataset": f"{kind.__module__}.{kind.__qualname__}", "size": size, "items_hashed": 0}
@@ -112,21 +94,23 @@ def fingerprint_dataset(dataset: Any, items: int = 32) -> dict[str, Any]:
         return out
     if iterable and iter(dataset) is dataset:
         return {**out, "note": "a one-shot iterator: not read (reading it would consume it)"}
-    try:
+
+    def read(indices: Any) -> Any:
         with fixed_random_state(0):
-            if iterable:
+            return [(i, dataset[i]) for i in indices]
+
+    try:
+        if iterable:
+            with fixed_random_state(0):
                 sample = list(itertools.islice(dataset, items))
-            else:
-                step = (size - 1) / max(items - 1, 1)
-                indices = range(size) if items >= size else {round(i * step) for i in range(items)}
-                sample = [(i, dataset[i]) for i in sorted(indices)]
+        else:
+            step = (size - 1) / max(items - 1, 1)
+            sample = read(
+                range(size) if items >= size else sorted({round(i * step) for i in range(items)})
+            )
         out.update(items_hashed=len(sample), hash=content_hash(sample))
         if not iterable and size:
-            twice = set()
-            for _ in range(2):
-                with fixed_random_state(0):
-                    twice.add(content_hash(dataset[0]))
-            out["deterministic"] = len(twice) == 1
+            out["deterministic"] = content_hash(read([0])) == content_hash(read([0]))
     except Exception as exc:  # a dataset that cannot be read here: say why
         out["hash"], out["note"] = None, f"items could not be read ({type(exc).__name__}: {exc})"
     return out
@@ -144,16 +128,8 @@ def _named_loaders(obj: Any, prefix: str) -> list[tuple[str, Any]]:
 
 
 def fingerprint_loaders(loaders: Mapping[str, Any], items: int = 32) -> dict[str, dict[str, Any]]:
-    """One fingerprint per loader (``{"train": {...}, "val/0": {...}}``) and an ``"all"`` hash.
-
-    ``loaders`` maps a stage to what the Trainer holds (a DataLoader, a list or dict of them, a
-    CombinedLoader). Each entry: batches, batch size and :func:`fingerprint_dataset`.
-
-    Example:
-        >>> from torch.utils.data import DataLoader, TensorDataset
-        >>> fp = fingerprint_loaders({"train": DataLoader(TensorDataset(torch.zeros(8, 2)), batch_size=4)}, items=2)
-        >>> fp["train"]["batches"], fp["train"]["size"]
-        (2, 8)
+    """One fingerprint per loader (``{"train": {...}, "val/0": {...}}``) and an ``"all"`` hash;
+    ``loaders``: stage -> what the Trainer holds (loaders, lists or dicts of them).
     """
     out: dict[str, dict[str, Any]] = {}
     for stage, obj in loaders.items():

@@ -1,4 +1,4 @@
-"""Masking of secrets in everything the run record writes: keys, URLs, tokens, Hydra overrides."""
+"""Masking of secrets in everything the run record writes (rules: docs/run_record.md, Secrets)."""
 
 from __future__ import annotations
 
@@ -25,49 +25,33 @@ _KNOWN_TOKENS = re.compile(
 
 @dataclasses.dataclass(frozen=True)
 class SecretMasker:
-    """Replaces values that look like secrets with ``"***"`` (see docs/run_record.md, Secrets).
-
-    A key is a secret when its last word (split at ``_ - . /`` and camelCase) is token, password,
-    passwd, secret, key, apikey, credential(s), auth, passphrase or authorization; when any word is
-    one of these but token, key, authorization; or when it ends with one glued on (``mytoken``).
-    In strings, URL passwords and well-known token formats are masked.
+    """Replaces values under secret-looking keys, URL passwords and known tokens with ``"***"``.
 
     Args:
         extra: more key globs to mask (case-insensitive, over the key or its dotted path).
         exempt: key globs never masked, e.g. ``["pad_token"]``.
-
-    Example:
-        >>> masker = SecretMasker(exempt=("pad_token",))
-        >>> masker.mask({"api_key": "abc", "pad_token": "<pad>", "key_dim": 64})
-        {'api_key': '***', 'pad_token': '<pad>', 'key_dim': 64}
-        >>> masker.override("+db={user: a, conn: {password: [hunter2, x]}}")
-        '+db={user:a,conn:{password:***}}'
     """
 
     extra: tuple[str, ...] = ()
     exempt: tuple[str, ...] = ()
 
     def is_secret(self, key: Any, path: str = "") -> bool:
-        """Whether ``key`` (at dotted ``path``, optional) looks like a secret."""
-        names = [str(key).lower(), path.lower()] if path else [str(key).lower()]
+        """Whether ``key`` (at dotted ``path``) looks like a secret."""
+        names = (str(key).lower(), (path or str(key)).lower())
 
         def hit(patterns: tuple[str, ...]) -> bool:
             return any(fnmatch.fnmatchcase(n, p.lower()) for p in patterns for n in names)
 
-        if hit(self.exempt):
-            return False
         words = [w.lower() for w in _WORD.findall(str(key))]
-        return hit(self.extra) or (
-            bool(words)
-            and (
-                words[-1] in _LAST_WORDS
-                or not _ANY_WORDS.isdisjoint(words)
-                or "".join(words).endswith(_GLUED)
-            )
+        return not hit(self.exempt) and (
+            hit(self.extra)
+            or not _LAST_WORDS.isdisjoint(words[-1:])
+            or not _ANY_WORDS.isdisjoint(words)
+            or "".join(words).endswith(_GLUED)
         )
 
     def mask(self, value: Any, path: str = "") -> Any:
-        """A copy of ``value`` (mappings, sequences, strings, parsed override values), masked."""
+        """A masked copy of ``value`` (mappings, sequences, strings, parsed override values)."""
         if isinstance(value, Mapping):
             out = {}
             for key, item in value.items():
@@ -91,14 +75,7 @@ class SecretMasker:
         return _KNOWN_TOKENS.sub(MASK, _URL_CREDENTIALS.sub(rf"\g<1>{MASK}@", text))
 
     def override(self, override: str) -> str:
-        """A Hydra override, parsed by Hydra's parser, with its secrets masked at any depth.
-
-        A changed value is written back from the parsed value; one that does not parse has its
-        whole value masked when its key or text names a secret.
-
-        >>> SecretMasker().override("+db={password:[hunter2,x]")
-        '+db=***'
-        """
+        """A Hydra override, parsed by Hydra's parser, with its secrets masked at any depth."""
         try:
             from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -121,14 +98,13 @@ class SecretMasker:
     def command(self, argv: Sequence[str]) -> list[str]:
         """A command line with ``key=value`` secrets and values after ``--secret`` flags masked."""
         out: list[str] = []
-        for i, token in enumerate(argv):
-            before = argv[i - 1] if i else ""
+        for before, token in zip(["", *argv], argv, strict=False):
             flag = before.lstrip("-").replace("-", "_")
             value = before.startswith("-") and "=" not in before and not token.startswith("-")
             if value and flag and self.is_secret(flag):
                 out.append(MASK)
-                continue
-            out.append(self.override(token) if "=" in token else self.text(token))
+            else:
+                out.append(self.override(token) if "=" in token else self.text(token))
         return out
 
 
