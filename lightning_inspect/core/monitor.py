@@ -270,10 +270,9 @@ class ModuleMonitor(Callback, _KeepsArguments):
     # -- shared machinery -------------------------------------------------------------------
 
     def _parameter_patterns(self, params: object, exclude_params: object) -> None:
-        self.params = check_patterns(self._owner, "params", params, "parameter")
-        self.exclude_params = check_patterns(
-            self._owner, "exclude_params", exclude_params, "parameter"
-        )
+        owner = self._owner
+        self.params = check_patterns(owner, "params", params, "parameter")
+        self.exclude_params = check_patterns(owner, "exclude_params", exclude_params, "parameter")
         self.selected_parameters: dict[str, torch.nn.Parameter] = {}
 
     def _select_parameters(self) -> dict[str, torch.nn.Parameter]:
@@ -306,12 +305,9 @@ class ModuleMonitor(Callback, _KeepsArguments):
         """An exception inside one of our hooks: warn once, keep training."""
         if not self._hook_fault_warned:
             self._hook_fault_warned = True
-            warnings.warn(
-                f"{self._owner}: inspecting {where} failed ({type(exc).__name__}: {exc}); "
-                "training is not affected and inspection goes on for the other values.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            message = f"{self._owner}: inspecting {where} failed ({type(exc).__name__}: {exc}); "
+            message += "training is not affected and inspection goes on for the other values."
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
 
     def _guarded(self, fn: Any, *args: Any) -> None:
         try:

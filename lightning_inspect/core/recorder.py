@@ -123,10 +123,7 @@ class StepCoordinator:
 
     @classmethod
     def for_trainer(cls, trainer: object) -> StepCoordinator:
-        coordinator = cls._instances.get(trainer)
-        if coordinator is None:
-            coordinator = cls._instances[trainer] = cls()
-        return coordinator
+        return cls._instances.setdefault(trainer, cls())
 
     def join(self, member: object) -> None:
         if id(member) not in self._members:
