@@ -172,19 +172,14 @@ def blocks(x: torch.Tensor, size: int) -> list[torch.Tensor]:
     """
     if x.numel() <= size or x.dim() == 0:
         return [x]
-    return _split(memory_order(x), size)
-
-
-def _split(x: torch.Tensor, size: int) -> list[torch.Tensor]:
-    if x.numel() <= size:
-        return [x]
+    x = memory_order(x)  # an identity on the sub-blocks below: already in memory order
     if x.dim() == 1:
         return [x[start : start + size] for start in range(0, x.numel(), size)]
     row = x.numel() // x.shape[0]
     if row <= size:
         rows = size // row
         return [x[start : start + rows] for start in range(0, x.shape[0], rows)]
-    return [piece for i in range(x.shape[0]) for piece in _split(x[i], size)]
+    return [piece for i in range(x.shape[0]) for piece in blocks(x[i], size)]
 
 
 def as_vector(
