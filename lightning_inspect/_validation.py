@@ -121,14 +121,15 @@ def as_str_list(owner: str, name: str, value: Any) -> list[str]:
     )
 
 
-def compile_pattern(text: str, kind: str = "module") -> re.Pattern[str]:
-    """A glob, or a regex written ``re:<regex>``, as a regex over whole names."""
+def compile_pattern(text: str, kind: str = "module", where: str = "") -> re.Pattern[str]:
+    """A glob, or a regex written ``re:<regex>``, as a regex over whole names (``where``: the
+    error message's prefix)."""
     if not text.startswith("re:"):
         return re.compile(fnmatch.translate(text))
     try:
         return re.compile(text[3:])
     except re.error as exc:
-        message = f"{kind} pattern {text!r} is not a valid regular expression: {exc}"
+        message = f"{where}{kind} pattern {text!r} is not a valid regular expression: {exc}"
         raise ConfigError(message) from None
 
 
@@ -136,8 +137,5 @@ def check_patterns(owner: str, name: str, value: Any, kind: str = "module") -> l
     """:func:`as_str_list`, every regex checked now."""
     patterns = as_str_list(owner, name, value)
     for text in patterns:
-        try:
-            compile_pattern(text, kind)
-        except ConfigError as exc:
-            raise ConfigError(f"{owner}({name}={patterns!r}): {exc}") from None
+        compile_pattern(text, kind, f"{owner}({name}={patterns!r}): ")
     return patterns
