@@ -7,6 +7,7 @@ Example:
 
 from lightning_inspect.backends import MemorySink, Sink
 from lightning_inspect.backends.read_stats import read_stats
+from lightning_inspect.core.monitor import ModuleMonitor
 from lightning_inspect.core.selection import normalise_name, select_modules
 from lightning_inspect.core.stats import ALL_STATS, DEFAULT_STATS, tensor_stats
 from lightning_inspect.errors import (
@@ -21,7 +22,6 @@ from lightning_inspect.health.nonfinite import FirstNonFiniteError, NonFiniteOri
 from lightning_inspect.health.rules import Finding, HealthReport, HealthRules, HealthThresholds
 from lightning_inspect.hydra.instantiate import instantiate_callbacks, validate_callback_config
 from lightning_inspect.monitors.activations import ActivationMonitor
-from lightning_inspect.monitors.base import ModuleMonitor
 from lightning_inspect.monitors.gradients import GradientMonitor
 from lightning_inspect.monitors.graph import GraphMonitor
 from lightning_inspect.monitors.weights import WeightMonitor

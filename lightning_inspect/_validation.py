@@ -1,5 +1,5 @@
-"""Argument checks of every public constructor: a ConfigError names the argument, the value
-received and what is allowed (with the closest valid names), e.g.::
+"""Argument checks of every public constructor: a ConfigError names the argument, the value and
+what is allowed (with the closest valid names)::
 
     >>> check_positive_int("ActivationMonitor", "every_n_steps", 0)
     Traceback (most recent call last):
@@ -35,7 +35,7 @@ def suggestion(value: Any, candidates: Iterable[str]) -> str:
 def check_positive_int(
     owner: str, name: str, value: Any, minimum: int = 1, maximum: int | None = None
 ) -> int:
-    """``value`` if it is an integer in ``[minimum, maximum]``; otherwise a ConfigError."""
+    """``value`` if it is an integer in ``[minimum, maximum]``."""
     too_big = maximum is not None and isinstance(value, int) and value > maximum
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum or too_big:
         bound = f">= {minimum}" + (f" and <= {maximum}" if maximum is not None else "")
@@ -44,14 +44,13 @@ def check_positive_int(
 
 
 def check_optional_int(owner: str, name: str, value: Any, minimum: int = 0) -> int | None:
-    """Like :func:`check_positive_int` but ``None`` passes through."""
     return None if value is None else check_positive_int(owner, name, value, minimum)
 
 
 def check_number(
     owner: str, name: str, value: Any, low: float, high: float, bounds: str = "[]"
 ) -> float:
-    """``value`` if it is a finite number in the interval ``bounds`` (``"(]"``: open at ``low``).
+    """``value`` if it is a finite number in ``bounds`` (``"(]"``: open at ``low``).
 
     >>> check_number("M", "p", 0, 0, 1, "(]")
     Traceback (most recent call last):
@@ -59,11 +58,8 @@ def check_number(
     lightning_inspect.errors.ConfigError: M(p=0): expected a number in (0, 1].
     """
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not (
-        ok
-        and (value > low if bounds[0] == "(" else value >= low)
-        and (value < high if bounds[1] == ")" else value <= high)
-    ):
+    above = ok and (value > low if bounds[0] == "(" else value >= low)
+    if not (above and (value < high if bounds[1] == ")" else value <= high)):
         raise ConfigError(
             f"{owner}({name}={value!r}): expected a number in {bounds[0]}{low:g}, {high:g}{bounds[1]}."
         )
@@ -71,14 +67,12 @@ def check_number(
 
 
 def check_bool(owner: str, name: str, value: Any) -> bool:
-    """``value`` if it is a bool; otherwise a ConfigError."""
     if not isinstance(value, bool):
         raise ConfigError(f"{owner}({name}={value!r}): expected true or false.")
     return value
 
 
 def check_choice(owner: str, name: str, value: Any, allowed: Sequence[str]) -> str:
-    """``value`` if it is one of ``allowed``; otherwise a ConfigError listing them."""
     if not isinstance(value, str) or value not in allowed:
         raise ConfigError(
             f"{owner}({name}={value!r}): expected one of {', '.join(map(repr, allowed))}."
@@ -114,7 +108,7 @@ def check_choices(
 
 
 def as_str_list(owner: str, name: str, value: Any) -> list[str]:
-    """A pattern argument (None, one string, or a sequence of strings) as a list of strings."""
+    """A pattern argument (None, a string or strings) as a list."""
     if value is None or isinstance(value, str):
         return [] if value is None else [value]
     if isinstance(value, Iterable):
@@ -127,23 +121,21 @@ def as_str_list(owner: str, name: str, value: Any) -> list[str]:
     )
 
 
-def compile_pattern(text: str, kind: str = "module") -> re.Pattern[str]:
-    """A selection pattern (a glob, or a regex written ``re:<regex>``) as a regex over whole names."""
+def compile_pattern(text: str, kind: str = "module", where: str = "") -> re.Pattern[str]:
+    """A glob, or a regex written ``re:<regex>``, as a regex over whole names (``where``: the
+    error message's prefix)."""
     if not text.startswith("re:"):
         return re.compile(fnmatch.translate(text))
     try:
         return re.compile(text[3:])
     except re.error as exc:
-        message = f"{kind} pattern {text!r} is not a valid regular expression: {exc}"
+        message = f"{where}{kind} pattern {text!r} is not a valid regular expression: {exc}"
         raise ConfigError(message) from None
 
 
 def check_patterns(owner: str, name: str, value: Any, kind: str = "module") -> list[str]:
-    """A pattern argument as a list (see :func:`as_str_list`), every regex compiled now."""
+    """:func:`as_str_list`, every regex checked now."""
     patterns = as_str_list(owner, name, value)
     for text in patterns:
-        try:
-            compile_pattern(text, kind)
-        except ConfigError as exc:
-            raise ConfigError(f"{owner}({name}={patterns!r}): {exc}") from None
+        compile_pattern(text, kind, f"{owner}({name}={patterns!r}): ")
     return patterns

@@ -1,8 +1,6 @@
-"""The Trainer's GradScaler (fp16 mixed precision), read without synchronising the device.
-
-Gradients read during backward carry the loss scale, and the Inf/NaN gradients of a step the
-scaler skips are how it finds its scale, not a broken model: monitors divide the scale out and
-tell skipped steps apart with these helpers (each ``None`` without a GradScaler).
+"""The Trainer's GradScaler (fp16 mixed precision), read without a device sync: gradients read
+in backward carry the loss scale, and the Inf/NaN gradients of a step the scaler skips are how it
+finds its scale, not a broken model. Each helper gives ``None`` without a GradScaler.
 """
 
 from __future__ import annotations
@@ -23,11 +21,8 @@ def grad_scaler(pl_module: pl.LightningModule) -> Any:
 def gradients_scaled(
     pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer | None
 ) -> bool:
-    """Whether the parameter gradients still carry the loss scale in ``on_before_optimizer_step``.
-
-    Lightning unscales them before that hook, except for optimizers that unscale inside their own
-    ``step()`` (``Adam(fused=True)`` and the like): those see scaled gradients.
-    """
+    """Whether parameter gradients still carry the loss scale in ``on_before_optimizer_step``
+    (an optimizer that unscales in its own ``step()``, e.g. ``Adam(fused=True)``)."""
     scaler = grad_scaler(pl_module)
     if scaler is None or optimizer is None:
         return False
@@ -40,12 +35,8 @@ def gradients_scaled(
 def scaler_found_inf(
     pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer | None
 ) -> torch.Tensor | None:
-    """1.0 (device tensor) when the GradScaler skips this step for Inf/NaN gradients; None without one.
-
-    Read from the scaler once it unscaled the gradients; for an optimizer that unscales in its own
-    ``step()``, found the way it will: some gradient holds a NaN or Inf (the largest magnitude of
-    every gradient, one fused call, no sync).
-    """
+    """1.0 (a device tensor) when the GradScaler skips this step for Inf/NaN gradients, else 0.0;
+    for an optimizer that unscales in ``step()``, found as it will (one fused norm, no sync)."""
     scaler = grad_scaler(pl_module)
     if scaler is None or optimizer is None:
         return None
@@ -71,7 +62,7 @@ def scaler_found_inf(
 
 
 def loss_scale(pl_module: pl.LightningModule) -> torch.Tensor | None:
-    """The loss scale of the step's backward (a device tensor), or None without a GradScaler."""
+    """The loss scale of the step's backward (a device tensor)."""
     scaler = grad_scaler(pl_module)
     if scaler is None:
         return None

@@ -1,16 +1,7 @@
-"""Hook objects and their lifetime: the one output hook and the one tensor-gradient hook.
-
-* :class:`HookSet` owns removable handles: ``remove()`` is idempotent; it is a context manager.
-* :class:`InertWhenCopied` is the base of every hook object the library puts on a module or a
-  tensor: a copy of the model (``copy.deepcopy``, ``torch.save``/``pickle``) made while a hook is
-  installed gets a hook that does nothing, so copies never report into a live monitor.
-* :class:`OutputHook` (forward hook) and :class:`OutputGradHook` (tensor hook, registered on an
-  output tensor by a forward hook: works with in-place modules and dict/list outputs, unlike
-  ``register_full_backward_hook``) hand what they see to a *consumer*; a fault in the consumer
-  is reported to it (``_hook_fault``) and never breaks training, except the library's own
-  :class:`~lightning_inspect.errors.InspectError` (e.g. stop at a NaN), which goes through.
-  Forwards inside a backward pass (recomputation under activation checkpointing) are skipped.
-* :func:`suspended` switches every hook of the library off for a block (graph tracing).
+"""The one output hook and the one tensor-gradient hook, and their lifetime. Hook objects are
+:class:`InertWhenCopied` (a deep copy or pickle of a hooked model never reports into a live
+monitor); a fault in a consumer is reported to it (``_hook_fault``) and never breaks training,
+except the library's own :class:`~lightning_inspect.errors.InspectError`.
 
 Example:
     >>> import torch.nn as nn
@@ -50,7 +41,6 @@ class HookSet:
         self._handles: list[_Removable] = []
 
     def add(self, handle: _Removable) -> None:
-        """Take ownership of ``handle``."""
         self._handles.append(handle)
 
     def remove(self) -> None:
@@ -70,8 +60,7 @@ class HookSet:
 
 
 def _inert_hook(*args: Any, **kwargs: Any) -> None:
-    """What a copied hook becomes: a module-level function that does nothing."""
-    return None
+    """What a copied hook becomes."""
 
 
 def _inert_hook_factory() -> Any:
@@ -79,7 +68,7 @@ def _inert_hook_factory() -> Any:
 
 
 class InertWhenCopied:
-    """Base class for hook objects: pickling or deep-copying one yields :func:`_inert_hook`."""
+    """Base class for hook objects: a pickled or (deep-)copied one is :func:`_inert_hook`."""
 
     __slots__ = ()
 
@@ -94,13 +83,12 @@ class InertWhenCopied:
 
 
 def is_suspended() -> bool:
-    """Whether hooks are switched off in the current context."""
     return _SUSPENDED.get()
 
 
 @contextlib.contextmanager
 def suspended() -> Iterator[None]:
-    """Switch every hook of this library off inside the block."""
+    """Switch every hook of this library off inside the block (graph tracing)."""
     token = _SUSPENDED.set(True)
     try:
         yield
@@ -112,16 +100,14 @@ _graph_task_id = getattr(torch._C, "_current_graph_task_id", None)
 
 
 def in_backward_pass() -> bool:
-    """Whether the current thread is running an autograd backward pass."""
+    """Whether this thread runs a backward pass (e.g. recomputing checkpointed activations)."""
     return _graph_task_id is not None and _graph_task_id() != -1
 
 
 class OutputHook(InertWhenCopied):
-    """Forward hook (registered with or without ``with_kwargs=True``) for one named module.
-
-    While ``consumer._recording``, it calls ``consumer._on_forward(name, module, args, kwargs,
-    output)`` where the consumer has that method, else ``consumer._on_output(name, path, tensor)``
-    for every tensor of the output (see :func:`~lightning_inspect.core.outputs.iter_tensors`).
+    """Forward hook (with or without ``with_kwargs=True``) of one named module: while
+    ``consumer._recording``, ``consumer._on_forward(name, module, args, kwargs, output)`` if the
+    consumer has it, else ``consumer._on_output(name, path, tensor)`` per output tensor.
     """
 
     __slots__ = ("consumer", "name")
@@ -139,7 +125,7 @@ class OutputHook(InertWhenCopied):
 
 @torch.compiler.disable
 def _record_output(hook: OutputHook, module: nn.Module, args: Any, rest: tuple[Any, ...]) -> None:
-    """The work of :class:`OutputHook`, always run eagerly (outside any compiled graph)."""
+    """The work of :class:`OutputHook`, always eager (outside any compiled graph)."""
     if is_suspended() or in_backward_pass():
         return
     consumer, output = hook.consumer, rest[-1]
@@ -157,7 +143,8 @@ def _record_output(hook: OutputHook, module: nn.Module, args: Any, rest: tuple[A
 
 
 class OutputGradHook(InertWhenCopied):
-    """Tensor hook: ``consumer._on_output_grad(key, grad)`` (``key``: any object); returns None."""
+    """Tensor hook (registered on an output, so in-place modules work too):
+    ``consumer._on_output_grad(key, grad)``."""
 
     __slots__ = ("consumer", "key")
 

@@ -1,10 +1,6 @@
-"""Walk a module's output, whatever its shape, and yield the tensors inside with their paths.
-
-Handles tensors, tuples, lists, dicts, dataclasses and NamedTuples, nested to any depth; ``None``
-and non-tensor leaves are skipped. Paths join with ``/``: index ``i`` of a sequence is ``"i"``, a
-dict key or dataclass / NamedTuple field is its name, escaped by
-:func:`lightning_inspect.core.keys.escape_name` (a dict key ``"a/b"`` is the segment ``a%2Fb``), so two
-different outputs never share a path.
+"""Walk a module's output (tensors, tuples, lists, dicts, dataclasses, NamedTuples, nested) and
+yield its tensors with their paths: ``/``-joined indices, keys and fields, each escaped by
+:func:`~lightning_inspect.core.keys.escape_name` so two outputs never share a path.
 
 Example:
     >>> import torch

@@ -1,10 +1,6 @@
-"""The reduced values of one logging step, kept on the device and moved to the host at once.
-
-A :class:`StepRecord` gathers rows (:mod:`lightning_inspect.core.row`) and scalars as device
-tensors; :func:`to_host` copies every record in one transfer per device and merges rows that share
-a key (a module called several times, micro-batches); under data-parallel training
-:func:`combine_across_ranks` merges the per-rank rows. :class:`StepCoordinator` lets every monitor
-of one Trainer share that transfer.
+"""A logging step's reduced values: kept on the device, moved to the host in one transfer per
+device for every monitor of a Trainer (:class:`StepCoordinator`), rows of one key merged, and
+per-rank rows combined across data-parallel ranks.
 
 Example:
     >>> import torch
@@ -41,11 +37,9 @@ class StepRecord:
     scalars: list[tuple[str, torch.Tensor]] = field(default_factory=list)
 
     def add_row(self, key: str, row: torch.Tensor) -> None:
-        """Add a statistics row under ``key`` (rows with the same key are merged on the host)."""
         self.rows.append((key, row))
 
     def add_scalar(self, key: str, value: torch.Tensor) -> None:
-        """Add a 0-d tensor logged as it is."""
         self.scalars.append((key, value))
 
     def __bool__(self) -> bool:
@@ -56,10 +50,7 @@ HostRecord = tuple[dict[str, np.ndarray], dict[str, float]]
 
 
 def to_host(records: Sequence[StepRecord]) -> list[HostRecord]:
-    """Move several records to the host in one transfer per device; merge rows by key.
-
-    Returns, for each record, ``({key: merged row}, {key: scalar})`` with keys in first-seen order.
-    """
+    """Per record, ``({key: merged row}, {key: scalar})`` (first-seen order); one transfer per device."""
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     places: list[list[tuple[str, Any]]] = []  # per record: (key, host array or (device, index))
     for record in records:
@@ -90,20 +81,13 @@ def to_host(records: Sequence[StepRecord]) -> list[HostRecord]:
 
 
 def distributed_world_size() -> int:
-    """The number of processes in the default process group (1 when not distributed)."""
     dist = torch.distributed
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def combine_across_ranks(host: list[HostRecord]) -> list[HostRecord]:
-    """Merge the per-rank rows of every record over all ranks (a collective: all ranks call it).
-
-    Rows of :data:`~lightning_inspect.core.keys.PER_RANK_KINDS` are gathered (one
-    ``all_gather_object`` per step) and merged over the ranks that have the key; other rows and
-    the scalars are the same on every rank and stay as they are.
-    """
+    """Merge the rows of :data:`~lightning_inspect.core.keys.PER_RANK_KINDS` over the ranks
+    that have them (a collective: one ``all_gather_object``); the rest is the same on all ranks."""
     payload = [{k: v for k, v in rows.items() if is_per_rank(k)} for rows, _ in host]
     gathered: list[list[dict[str, np.ndarray]] | None] = [None] * distributed_world_size()
     torch.distributed.all_gather_object(gathered, payload)
@@ -123,11 +107,8 @@ Observer = Callable[[int, Mapping[str, float], Mapping[str, Any], Sequence[Any]]
 
 
 class StepCoordinator:
-    """One per Trainer: monitors share one device-to-host transfer per logging step.
-
-    Monitors :meth:`join` in ``setup``, :meth:`submit` finished records and call :meth:`batch_end`
-    at the end of each batch; the last monitor's call transfers and publishes everything.
-    """
+    """One per Trainer: its monitors share one device-to-host transfer per logging step (the
+    last member's :meth:`batch_end` transfers and publishes every submitted record)."""
 
     _instances: ClassVar[weakref.WeakKeyDictionary[object, StepCoordinator]] = (
         weakref.WeakKeyDictionary()
@@ -142,30 +123,22 @@ class StepCoordinator:
 
     @classmethod
     def for_trainer(cls, trainer: object) -> StepCoordinator:
-        """The coordinator of ``trainer`` (created on first use, dropped with the Trainer)."""
-        coordinator = cls._instances.get(trainer)
-        if coordinator is None:
-            coordinator = cls._instances[trainer] = cls()
-        return coordinator
+        return cls._instances.setdefault(trainer, cls())
 
     def join(self, member: object) -> None:
-        """Register a monitor (idempotent)."""
         if id(member) not in self._members:
             self._members.append(id(member))
 
     def leave(self, member: object) -> None:
-        """Unregister a monitor; pending records are flushed first."""
         self.flush()
         if id(member) in self._members:
             self._members.remove(id(member))
 
     def submit(self, record: StepRecord, publish: Publisher) -> None:
-        """Queue a finished record (even an empty one: under DDP every rank must take part in the
-        step's collective); ``publish`` receives it with its host values."""
+        """Queue a record, even empty (under DDP every rank takes part in the collective)."""
         self._pending.append((record, publish))
 
     def batch_end(self, member: object) -> None:
-        """Called by each monitor at the end of a batch; the last one flushes."""
         if not self._members or id(member) == self._members[-1]:
             self.flush()
 
@@ -176,12 +149,10 @@ class StepCoordinator:
         histograms: Mapping[str, Any],
         findings: Sequence[Any] = (),
     ) -> None:
-        """Hand what a monitor published to the observers (e.g. the overview page)."""
         for observer in self.observers:
             observer(step, scalars, histograms, findings)
 
     def flush(self) -> None:
-        """Transfer and publish everything queued."""
         pending, self._pending = self._pending, []
         if not pending:
             return

@@ -1,10 +1,7 @@
-"""The statistics row: its layout is defined here and nowhere else.
-
-A row is one float64 vector: the sufficient statistics named by :class:`Field`, in that order,
-then ``bins`` histogram counts of the finite values over ``[min, max]``. ``m2`` is the sum of
-squared deviations from the mean of the finite values; every sum is over the finite values;
-``count`` counts all values, NaN and Inf included. The C kernels (``_kernels.c``) write the same
-layout: they report their field count, checked against :data:`N_FIELDS` where they are loaded.
+"""The statistics row's layout, defined here only: one float64 vector of the :class:`Field`
+sufficient statistics (sums over the finite values; ``m2``: squared deviations from their mean;
+``count``: all values), then ``bins`` histogram counts over ``[min, max]``. The C kernels write
+the same layout; their field count is checked against :data:`N_FIELDS` where they are loaded.
 
 Example:
     >>> int(Field.NAN), FIELDS[Field.NAN], N_FIELDS, row_length(bins=4)
@@ -38,5 +35,4 @@ N_FIELDS = len(FIELDS)
 
 
 def row_length(bins: int) -> int:
-    """Length of a row with ``bins`` histogram counts."""
     return N_FIELDS + bins

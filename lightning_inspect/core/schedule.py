@@ -1,13 +1,7 @@
-"""When to log: a pure function of ``trainer.global_step`` (optimizer steps).
-
-Counting optimizer steps, not forward calls, keeps the schedule right under gradient
-accumulation, validation interleaving and resumption: a resumed run restores ``global_step`` and
-so continues on the same schedule.
-
-A training batch may take several optimizer steps (manual optimization: a GAN's ``opt_d`` and
-``opt_g`` each advance ``global_step`` by one). Such a batch covers the steps
-``[global_step at its start, global_step at its end)``, and it is logged when one of them is on
-the schedule (:meth:`Schedule.first_due`), under that step.
+"""When to log: a pure function of ``trainer.global_step`` (optimizer steps, so right under
+gradient accumulation, validation and resumption). A batch taking several optimizer steps
+(manual optimization) covers ``[step at its start, step at its end)`` and is logged under the
+first due step among them.
 
 Example:
     >>> s = Schedule(every_n_steps=10, start_step=5, stop_step=40)
@@ -58,6 +52,4 @@ class Schedule:
 
     def should_log(self, step: int) -> bool:
         """Whether optimizer step ``step`` (0-based) is logged."""
-        if step < self.start_step or (self.stop_step is not None and step >= self.stop_step):
-            return False
-        return (step - self.start_step) % self.every_n_steps == 0
+        return self.first_due(step, step + 1) == step

@@ -1,10 +1,6 @@
-"""Module selection: name patterns over a model -> ``{qualified_name: module}``.
-
-Names are normalised first (wrappers' ``_orig_mod.``, ``_fsdp_wrapped_module.``,
-``_checkpoint_wrapped_module.`` and DDP's leading ``module.`` removed), so patterns written
-against the user's own model work under every wrapper. Patterns are shell-style globs over the
-whole name (``*`` crosses dots: ``encoder.*`` selects everything below ``encoder``), or regular
-expressions prefixed ``re:`` (matched with :func:`re.fullmatch`).
+"""Module selection: name patterns over a model -> ``{qualified_name: module}``. Names lose the
+wrappers' components (``_orig_mod``, FSDP, checkpointing, DDP's leading ``module``); patterns are
+whole-name globs (``*`` crosses dots) or regexes prefixed ``re:``.
 
 Example:
     >>> import torch.nn as nn
@@ -44,52 +40,16 @@ def normalise_name(name: str, data_parallel_root: bool = False) -> str:
     return ".".join(parts)
 
 
-def is_data_parallel(model: nn.Module) -> bool:
-    """Whether ``model`` is a ``DistributedDataParallel`` or ``DataParallel`` wrapper."""
-    return isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel))
-
-
-class Pattern:
-    """One compiled selection pattern: a glob, or a regex when written ``re:<regex>``.
-
-    ``kind`` (``"module"`` or ``"parameter"``) names what the pattern matches, in messages.
-    """
-
-    def __init__(self, text: str, kind: str = "module") -> None:
-        self.text, self.kind = text, kind
-        self._regex = compile_pattern(text, kind)
-
-    def matches(self, name: str) -> bool:
-        """Whether the whole ``name`` matches."""
-        return self._regex.fullmatch(name) is not None
-
-    @property
-    def literal_part(self) -> str:
-        """The pattern without glob/regex syntax, used to suggest close names."""
-        body = self.text[3:] if self.text.startswith("re:") else self.text
-        return re.sub(r"[*?\[\]^$()+{}|\\]", "", body).strip(".")
-
-
 def named_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Every submodule (the root excluded) by normalised qualified name: a shared module once,
-    under its first name; a wrapper whose normalised name equals its child's gives way to it."""
-    out: dict[str, nn.Module] = {}
-    wrapped = is_data_parallel(model)
-    for raw, module in model.named_modules():
-        name = normalise_name(raw, wrapped)
-        if not name:
-            continue
-        out[name] = module  # a wrapper comes before its child: the child overwrites it
-    return out
+    """Every submodule but the root by normalised name: a shared module under its first name; a
+    wrapper whose normalised name is its child's gives way to the child."""
+    wrapped = isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel))
+    names = ((normalise_name(raw, wrapped), module) for raw, module in model.named_modules())
+    return {name: module for name, module in names if name}  # a child overwrites its wrapper
 
 
-def owns_parameters(module: nn.Module) -> bool:
-    """Whether ``module`` holds parameters directly (not only through its children)."""
-    return any(True for _ in module.parameters(recurse=False))
-
-
-def _patterns(texts: Iterable[str], kind: str = "module") -> list[Pattern]:
-    return [Pattern(t, kind) for t in texts]
+def _compile(texts: Iterable[str], kind: str = "module") -> list[tuple[str, re.Pattern[str]]]:
+    return [(text, compile_pattern(text, kind)) for text in texts]
 
 
 def select_modules(
@@ -99,31 +59,24 @@ def select_modules(
     *,
     owner: str = "select_modules",
 ) -> dict[str, nn.Module]:
-    """Resolve patterns to ``{normalised_name: module}`` in the model's registration order.
-
-    ``modules``: patterns to include; ``None`` or empty: every module that owns parameters
-    directly (leaf layers with weights, ``nn.MultiheadAttention``...). ``exclude``: patterns
-    removed. ``owner``: the caller's name in messages. A pattern in ``modules`` that matches
-    nothing raises :class:`SelectionError` listing the closest module names.
-    """
+    """``{normalised_name: module}`` in registration order; ``modules=None``: modules that own
+    parameters directly. A pattern matching nothing raises :class:`SelectionError` with the
+    closest names; ``owner`` names the caller in messages."""
     modules = [modules] if isinstance(modules, str) else modules
     exclude = [exclude] if isinstance(exclude, str) else exclude
     candidates = named_modules(model)
     if modules:
-        chosen: dict[str, nn.Module] = {}
-        for pattern in _patterns(modules):
-            hits = [n for n in candidates if pattern.matches(n)]
+        chosen: set[str] = set()
+        for text, pattern in _compile(modules):
+            hits = [n for n in candidates if pattern.fullmatch(n)]
             if not hits:
-                raise SelectionError(_no_match_message(owner, pattern, candidates))
-            for name in hits:
-                chosen[name] = candidates[name]
+                raise SelectionError(_no_match_message(owner, text, "module", candidates))
+            chosen.update(hits)
         selected = {n: m for n, m in candidates.items() if n in chosen}
     else:
-        selected = {n: m for n, m in candidates.items() if owns_parameters(m)}
-    if exclude:
-        excluded = _patterns(exclude)
-        selected = {n: m for n, m in selected.items() if not any(p.matches(n) for p in excluded)}
-    return selected
+        selected = {n: m for n, m in candidates.items() if list(m.parameters(recurse=False))}
+    excluded = _compile(exclude or ())
+    return {n: m for n, m in selected.items() if not any(p.fullmatch(n) for _, p in excluded)}
 
 
 def empty_selection_message(
@@ -153,12 +106,9 @@ def select_parameters(
     *,
     owner: str = "select_parameters",
 ) -> dict[str, nn.Parameter]:
-    """The parameters of the selected modules (recursively), by normalised qualified name.
-
-    A parameter reachable from several selected modules appears once. ``params``: patterns over
-    those names (``"*.weight"``; empty: all); one that matches none raises :class:`SelectionError`
-    with the closest names. ``exclude_params``: patterns of names removed (``"*.bias"``).
-    """
+    """The parameters of the selected modules (recursively, each once) by normalised name, kept by
+    ``params`` (empty: all; one matching none raises :class:`SelectionError`), minus
+    ``exclude_params``."""
     out: dict[str, nn.Parameter] = {}
     seen: set[int] = set()
     for prefix, module in modules.items():
@@ -167,28 +117,26 @@ def select_parameters(
                 seen.add(id(param))
                 out[normalise_name(f"{prefix}.{raw}")] = param
     if params:
-        included = _patterns(params, "parameter")
-        for pattern in included:
-            if not any(pattern.matches(n) for n in out):
-                raise SelectionError(_no_match_message(owner, pattern, out))
-        out = {n: p for n, p in out.items() if any(q.matches(n) for q in included)}
-    if exclude_params:
-        excluded = _patterns(exclude_params, "parameter")
-        out = {n: p for n, p in out.items() if not any(q.matches(n) for q in excluded)}
-    return out
+        included = _compile(params, "parameter")
+        for text, pattern in included:
+            if not any(pattern.fullmatch(n) for n in out):
+                raise SelectionError(_no_match_message(owner, text, "parameter", out))
+        out = {n: p for n, p in out.items() if any(q.fullmatch(n) for _, q in included)}
+    excluded = _compile(exclude_params, "parameter")
+    return {n: p for n, p in out.items() if not any(q.fullmatch(n) for _, q in excluded)}
 
 
-def _no_match_message(owner: str, pattern: Pattern, candidates: dict[str, object]) -> str:
-    kind = pattern.kind
+def _no_match_message(owner: str, text: str, kind: str, candidates: dict[str, object]) -> str:
     names = list(candidates)
+    body = text[3:] if text.startswith("re:") else text
+    literal = re.sub(r"[*?\[\]^$()+{}|\\]", "", body).strip(".")
     # the close names; when none is close, still the most similar ones (difflib's ranking)
-    literal = pattern.literal_part
     near = closest(literal, names) or closest(literal, names, cutoff=0.0) if literal else names[:5]
-    glob = not pattern.text.startswith("re:") and "*" not in pattern.text
+    glob = not text.startswith("re:") and "*" not in text
     hint = " Patterns are whole-name globs: use '*' to match a prefix or suffix." if glob else ""
     where = "the model" if kind == "module" else "the selected modules"
     none = "(the model has no submodules)" if kind == "module" else "(they have no parameters)"
     return (
-        f"{owner}: {kind} pattern {pattern.text!r} matches no {kind} of {where} "
+        f"{owner}: {kind} pattern {text!r} matches no {kind} of {where} "
         f"({len(names)} {kind}s). Closest {kind} names: {', '.join(near) or none}.{hint}"
     )

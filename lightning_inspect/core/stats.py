@@ -1,16 +1,8 @@
-"""Pure reductions: tensor -> one row (:mod:`lightning_inspect.core.row`) -> statistics.
-
-A logging step costs one device-to-host transfer: on the device, :func:`reduce_tensor` turns a
-tensor into one float64 row without synchronising; on the host, :func:`merge_rows` combines the
-rows of one key (several calls, micro-batches, ranks) and :func:`summarise_rows` /
-:func:`histogram` turn rows into what users see. Statistics are over the finite values (NaN and
-Inf are counted), except ``zero_fraction`` (over all values); ``std`` is the population standard
-deviation, from centred sums so it stays exact when ``|mean| >> std``.
-
-Two paths, both in bounded memory: the C kernels (``_kernels.c``) for float32/float64 CPU tensors
-contiguous in memory order (read where they lie, in one call); the general path everywhere else
-(any device, dtype and strides; blocks of a fixed number of values converted one at a time; in
-float64 on the CPU, in float32 on accelerators unless the tensor is float64).
+"""Pure reductions: tensor -> one float64 row (:mod:`~lightning_inspect.core.row`) on its device,
+without a sync; rows -> merged rows, statistics and histograms on the host. Statistics are over
+the finite values (NaN and Inf counted) except ``zero_fraction``; ``std`` is the population one,
+from centred sums. Two paths, in bounded memory: the C kernels (contiguous float32/float64 CPU
+tensors) and a general one in blocks (float64 on the CPU, float32 on accelerators).
 
 Example:
     >>> row = reduce_tensor(torch.tensor([1.0, 2.0, 3.0, float("nan")]), bins=4)
@@ -38,8 +30,7 @@ except ImportError:  # built without a C compiler: the general path does the wor
 if _kernels is not None and getattr(_kernels, "FIELDS", None) != N_FIELDS:
     _kernels = None  # built for another row layout: rebuild with `python setup.py build_ext -i`
 
-#: Values per block of the general path: on the CPU (2 MiB of float64 per temporary), and on
-#: accelerators (16 MiB of float32 per temporary).
+#: Values per block of the general path: CPU (2 MiB of float64), accelerators (16 MiB of float32).
 CHUNK, GENERAL_CHUNK = 1 << 18, 1 << 22
 
 #: Every statistic a monitor can log, and what monitors log when ``stats`` is not given.
@@ -49,8 +40,7 @@ DEFAULT_STATS = tuple(s for s in ALL_STATS if s != "rms")
 
 
 def _values(x: torch.Tensor) -> torch.Tensor:
-    """The real values of ``x``, detached, as a view where possible: sparse tensors give their
-    stored values, complex ones their real and imaginary parts."""
+    """The real values of ``x``, detached (sparse: stored values; complex: real and imaginary)."""
     x = x.detach()
     if x.layout != torch.strided:
         x = x.coalesce().values() if x.is_sparse else x.values()
@@ -59,23 +49,16 @@ def _values(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def empty_row(bins: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The row of a tensor with no elements."""
-    row = torch.zeros(row_length(bins), dtype=torch.float64, device=device)
-    row[Field.MIN], row[Field.MAX] = math.inf, -math.inf
-    return row
-
-
 def reduce_tensor(x: torch.Tensor, bins: int = 64) -> torch.Tensor:
-    """Reduce ``x`` (never modified) to one float64 row on its own device, without a sync.
+    """Reduce ``x`` (never modified; any dtype, layout, strides) to one float64 row on its device.
 
-    Any dtype (bf16, fp16, integers and bool read as float32; complex as real and imaginary
-    parts), shape and strides, empty, non-finite or sparse (its stored values). ``bins``: number of
-    histogram counts (0: none). Returns ``[*fields, *counts]`` (see :mod:`~lightning_inspect.core.row`).
+    ``bins``: histogram counts (0: none); other dtypes than float32/64 are read as float32.
     """
     v = _values(x)
     if v.numel() == 0:
-        return empty_row(bins, v.device)
+        row = torch.zeros(row_length(bins), dtype=torch.float64, device=v.device)
+        row[Field.MIN], row[Field.MAX] = math.inf, -math.inf
+        return row
     if v.device.type == "cpu":
         row = _reduce_kernel(v, bins)
         return row if row is not None else _reduce_any(v, bins, torch.float64)
@@ -83,8 +66,7 @@ def reduce_tensor(x: torch.Tensor, bins: int = 64) -> torch.Tensor:
 
 
 def _reduce_kernel(v: torch.Tensor, bins: int) -> torch.Tensor | None:
-    """The row from the C kernels in one call, or ``None`` where they do not apply or cannot be
-    exact (a value not finite, squares beyond the dtype's range)."""
+    """The row from the C kernels, or ``None`` where they do not apply or cannot be exact."""
     if _kernels is None or v.dtype not in (torch.float32, torch.float64):
         return None
     if v.is_neg() and v.numel() > CHUNK:  # a lazy negation (some gradients): copied when small
@@ -99,12 +81,9 @@ def _reduce_kernel(v: torch.Tensor, bins: int) -> torch.Tensor | None:
 
 
 def _reduce_any(x: torch.Tensor, bins: int, dtype: torch.dtype) -> torch.Tensor:
-    """The row of any real tensor computed in ``dtype``, on its device, without a host round trip.
-
-    Two reads, block by block: counts, sum and range; then, rescaled by the largest magnitude (no
-    square overflows or underflows), centred and plain sums of squares, absolute sum, counts.
-    Every block's temporaries are written into buffers made once per call (fresh multi-megabyte
-    ones per block fragment the CPU heap).
+    """The row of any real tensor computed in ``dtype`` on its device, in two reads by block:
+    counts, sum, range; then, scaled by the largest magnitude (no square overflows), sums of
+    squares, absolute sum, counts. Buffers are made once per call (per block: heap fragments).
     """
     f64, device, inf = torch.float64, x.device, math.inf
     parts = blocks(x, CHUNK if device.type == "cpu" else GENERAL_CHUNK)
@@ -172,7 +151,7 @@ def _reduce_any(x: torch.Tensor, bins: int, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _count(index: torch.Tensor, counts: torch.Tensor) -> None:
-    """Add the counts of ``index`` (values in ``[0, len(counts))``) to ``counts``, on the device."""
+    """Add the counts of ``index`` (values in ``[0, len(counts))``) to ``counts``."""
     if index.device.type == "cpu":
         counts += torch.bincount(index, minlength=len(counts))
     else:  # bincount reads the largest index back to size its output (a sync): scatter instead
@@ -185,8 +164,7 @@ def memory_order(x: torch.Tensor) -> torch.Tensor:
 
 
 def blocks(x: torch.Tensor, size: int) -> list[torch.Tensor]:
-    """Views of at most ``size`` values each (whole rows where a row fits) that hold each value of
-    ``x`` once: ``[x]`` if it is small enough, else blocks of ``memory_order(x)``.
+    """Views of at most ``size`` values (whole rows where one fits) holding each value once.
 
     >>> x = torch.arange(12.0).reshape(4, 3).t()  # transposed: read as its 4 x 3 base
     >>> [as_vector(b, torch.float32).tolist() for b in blocks(x, 8)]
@@ -194,26 +172,20 @@ def blocks(x: torch.Tensor, size: int) -> list[torch.Tensor]:
     """
     if x.numel() <= size or x.dim() == 0:
         return [x]
-    return _split(memory_order(x), size)
-
-
-def _split(x: torch.Tensor, size: int) -> list[torch.Tensor]:
-    if x.numel() <= size:
-        return [x]
+    x = memory_order(x)  # an identity on the sub-blocks below: already in memory order
     if x.dim() == 1:
         return [x[start : start + size] for start in range(0, x.numel(), size)]
     row = x.numel() // x.shape[0]
     if row <= size:
         rows = size // row
         return [x[start : start + rows] for start in range(0, x.shape[0], rows)]
-    return [piece for i in range(x.shape[0]) for piece in _split(x[i], size)]
+    return [piece for i in range(x.shape[0]) for piece in blocks(x[i], size)]
 
 
 def as_vector(
     block: torch.Tensor, dtype: torch.dtype, buffer: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """The values of ``block`` as a contiguous 1-D ``dtype`` tensor: a view where it is one
-    already, else a copy (lazy negative views too), into ``buffer`` where given."""
+    """``block`` as a contiguous 1-D ``dtype`` tensor: a view, else a copy into ``buffer``."""
     if block.dtype == dtype and block.is_contiguous() and not block.is_neg():
         return block.reshape(-1)
     if block.dtype not in (torch.float32, torch.float64):
@@ -224,20 +196,13 @@ def as_vector(
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Host side: rows (NumPy) -> merged rows -> statistics and histograms.
-# ---------------------------------------------------------------------------------------------
-
 _ADDED = [Field.COUNT, Field.FINITE, Field.SUM, Field.SUMSQ, Field.ABS_SUM]
 _ADDED += [Field.ZEROS, Field.NAN, Field.INF]
 
 
 def merge_rows(rows: np.ndarray) -> np.ndarray:
-    """Combine rows of the same quantity (several calls, micro-batches or ranks) into one row.
-
-    Counts and sums add, ``m2`` combines with Chan's parallel formula, min/max take the extremes,
-    and histograms are re-binned onto the combined range by bin centre (exact when all rows share
-    one range; otherwise each count moves at most one source bin width).
+    """Combine rows of one quantity (calls, micro-batches, ranks): sums add, ``m2`` by Chan's
+    formula; histograms re-binned by bin centre onto the combined range (exact if all share it).
     """
     rows = np.asarray(rows, dtype=np.float64)
     if rows.ndim == 1 or len(rows) == 1:
@@ -269,7 +234,7 @@ def _rebin(rows: np.ndarray, lo: float, hi: float, bins: int) -> np.ndarray:
 
 
 def scale_row(row: np.ndarray, factor: float) -> np.ndarray:
-    """The row of ``x * factor`` (``factor > 0``) from the row of ``x``; histogram counts unchanged."""
+    """The row of ``x * factor`` (``factor > 0``) from the row of ``x``."""
     out = np.array(row, dtype=np.float64)
     out[[Field.SUM, Field.ABS_SUM, Field.MIN, Field.MAX]] *= factor
     out[[Field.M2, Field.SUMSQ]] *= factor * factor
@@ -283,38 +248,28 @@ def summarise(row: np.ndarray, stats: tuple[str, ...] = ALL_STATS) -> dict[str, 
 
 
 def summarise_rows(rows: np.ndarray, stats: tuple[str, ...] = ALL_STATS) -> np.ndarray:
-    """:func:`summarise` of many rows at once (2-D, at least the fields): ``out[i, j]`` is
-    ``stats[j]`` of ``rows[i]``; one NumPy expression per statistic."""
+    """``out[i, j]``: ``stats[j]`` of ``rows[i]`` (2-D, at least the fields)."""
     col = {f: rows[:, f].astype(np.float64) for f in Field}
     finite, count = col[Field.FINITE], col[Field.COUNT]
-    columns = []
     with np.errstate(divide="ignore", invalid="ignore"):
-        for name in stats:
-            if name == "l2_norm":
-                columns.append(np.sqrt(col[Field.SUMSQ]))
-            elif name == "zero_fraction":
-                columns.append(np.where(count > 0, col[Field.ZEROS] / count, np.nan))
-            elif name in ("nan_count", "inf_count"):
-                columns.append(col[Field.NAN if name == "nan_count" else Field.INF])
-            else:  # over the finite values: NaN without one
-                value = {
-                    "mean": lambda: col[Field.SUM] / finite,
-                    "std": lambda: np.sqrt(np.maximum(col[Field.M2], 0.0) / finite),
-                    "min": lambda: col[Field.MIN],
-                    "max": lambda: col[Field.MAX],
-                    "abs_mean": lambda: col[Field.ABS_SUM] / finite,
-                    "rms": lambda: np.sqrt(col[Field.SUMSQ] / finite),
-                }[name]()
-                columns.append(np.where(finite > 0, value, np.nan))
-    return np.stack(columns, axis=1) if columns else np.empty((len(rows), 0))
+        over_finite = {  # NaN without a finite value
+            "mean": col[Field.SUM] / finite,
+            "std": np.sqrt(np.maximum(col[Field.M2], 0.0) / finite),
+            "min": col[Field.MIN],
+            "max": col[Field.MAX],
+            "abs_mean": col[Field.ABS_SUM] / finite,
+            "rms": np.sqrt(col[Field.SUMSQ] / finite),
+        }
+        value = {k: np.where(finite > 0, v, np.nan) for k, v in over_finite.items()}
+        value["l2_norm"] = np.sqrt(col[Field.SUMSQ])
+        value["zero_fraction"] = np.where(count > 0, col[Field.ZEROS] / count, np.nan)
+    value["nan_count"], value["inf_count"] = col[Field.NAN], col[Field.INF]
+    return np.stack([value[s] for s in stats], axis=1) if stats else np.empty((len(rows), 0))
 
 
 @dataclass(frozen=True)
 class Histogram:
-    """Histogram of the finite values of one tensor: ``counts[i]`` values in ``[edges[i], edges[i+1])``.
-
-    The last bin is closed. ``sum`` and ``sum_squares`` are over the finite values.
-    """
+    """The finite values' histogram: ``counts[i]`` in ``[edges[i], edges[i+1])``, the last closed."""
 
     edges: np.ndarray
     counts: np.ndarray
@@ -327,7 +282,6 @@ class Histogram:
 
 @functools.lru_cache(maxsize=8)
 def _unit_edges(bins: int) -> np.ndarray:
-    """``bins + 1`` equal steps from 0 to 1 (exactly 1 at the end); read-only, shared."""
     unit = np.linspace(0.0, 1.0, bins + 1)
     unit.flags.writeable = False
     return unit
@@ -343,19 +297,12 @@ def histogram(row: np.ndarray) -> Histogram | None:
     unit = _unit_edges(bins)
     edges = lo * (1.0 - unit) + hi * unit  # no hi - lo: it overflows for the widest ranges
     edges[-1] = hi  # exactly
-    return Histogram(
-        edges=edges,
-        counts=np.asarray(row[N_FIELDS:], dtype=np.float64),
-        min=lo,
-        max=hi,
-        num=finite,
-        sum=float(row[Field.SUM]),
-        sum_squares=float(row[Field.SUMSQ]),
-    )
+    counts = np.asarray(row[N_FIELDS:], dtype=np.float64)
+    return Histogram(edges, counts, lo, hi, finite, float(row[Field.SUM]), float(row[Field.SUMSQ]))
 
 
 def tensor_stats(x: torch.Tensor, stats: tuple[str, ...] = ALL_STATS) -> dict[str, float]:
-    """Convenience for one tensor: reduce, move to the host, summarise (synchronises).
+    """Statistics of one tensor (synchronises).
 
     >>> tensor_stats(torch.tensor([0.0, 3.0, 4.0]), ("l2_norm", "zero_fraction"))
     {'l2_norm': 5.0, 'zero_fraction': 0.3333333333333333}

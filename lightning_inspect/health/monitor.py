@@ -22,9 +22,9 @@ from lightning_inspect.backends.pictures import heatmap, publish_image
 from lightning_inspect.core import grad_scaler as amp
 from lightning_inspect.core import hooks
 from lightning_inspect.core.keys import FINDINGS_KEY, metric_key, split_key
+from lightning_inspect.core.monitor import ModuleMonitor
 from lightning_inspect.core.recorder import HostRecord, StepRecord
 from lightning_inspect.core.selection import normalise_name, select_modules
-from lightning_inspect.monitors.base import ModuleMonitor
 
 #: Key of the end-of-fit report (TensorBoard text; MLflow ``lightning_inspect/health/report.md``).
 REPORT_KEY = "health/report"

@@ -5,16 +5,15 @@ from __future__ import annotations
 import torch
 
 from lightning_inspect.core.keys import escape_name, metric_key
+from lightning_inspect.core.monitor import ModuleMonitor
 from lightning_inspect.core.stats import reduce_tensor
-from lightning_inspect.monitors.base import ModuleMonitor
 
 
 class ActivationMonitor(ModuleMonitor):
     """Log statistics and histograms of the outputs of selected modules.
 
-    Takes every argument of :class:`~lightning_inspect.monitors.base.ModuleMonitor`. Outputs
-    of any structure are walked (tuples, dicts, dataclasses...); each tensor is reduced on its
-    device while the forward runs and is not kept.
+    Takes every argument of :class:`~lightning_inspect.core.monitor.ModuleMonitor`; outputs of
+    any structure are walked, each tensor reduced on its device during the forward, not kept.
 
     Logged metrics:
         ``activations/<module>[/<output path>]/<stat>`` for each statistic in ``stats``, and the

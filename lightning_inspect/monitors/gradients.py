@@ -12,29 +12,24 @@ from lightning_inspect.backends import Sink
 from lightning_inspect.core.grad_scaler import gradients_scaled, loss_scale, scaler_found_inf
 from lightning_inspect.core.hooks import OutputGradHook
 from lightning_inspect.core.keys import escape_name, metric_key
+from lightning_inspect.core.monitor import ModuleMonitor, local_values
 from lightning_inspect.core.recorder import HostRecord, StepRecord
 from lightning_inspect.core.stats import reduce_tensor, scale_row
-from lightning_inspect.monitors.base import ModuleMonitor, local_values
 
 
 class GradientMonitor(ModuleMonitor):
     """Log gradient statistics and histograms for selected modules.
 
     Args:
-        outputs: log the gradient with respect to each selected module's output tensors
-            (read by tensor hooks during backward; works with in-place modules; the gradient of
-            a complex output is read as its real and imaginary parts).
-        parameters: log the gradient of each parameter of the selected modules, read in
-            ``on_before_optimizer_step`` (after AMP unscaling and gradient accumulation) of the
-            optimizers whose param groups hold it (a GAN: the critic's at ``opt_d.step()``).
-        global_norm: log the L2 norm (in float64) of the gradients of all the model's parameters
-            that the batch's optimizer steps update (not only the selected ones).
-        params: which parameters of the selected modules ``parameters`` logs: patterns over
-            their qualified names (``"*.weight"``); ``None``: all. A pattern that matches none
-            stops fit at its start with the closest parameter names.
-        exclude_params: parameter-name patterns removed from ``parameters`` (``"*.bias"``).
-            ``modules`` and ``exclude`` match module names only.
-        **kwargs: every argument of :class:`~lightning_inspect.monitors.base.ModuleMonitor`.
+        outputs: log the gradients of each selected module's output tensors (tensor hooks).
+        parameters: log each parameter's gradient in ``on_before_optimizer_step`` (after AMP
+            unscaling and accumulation) of the optimizers that hold it.
+        global_norm: log the float64 L2 norm of the gradients of every model parameter that the
+            batch's optimizer steps update (not only the selected ones).
+        params: parameter name patterns kept by ``parameters`` (``"*.weight"``; ``None``: all);
+            one that matches none stops fit at its start with the closest names.
+        exclude_params: parameter name patterns removed (``"*.bias"``).
+        **kwargs: every argument of :class:`~lightning_inspect.core.monitor.ModuleMonitor`.
 
     Logged metrics:
         ``activation_grads/<module>[/<output path>]/<stat>``, ``param_grads/<parameter>/<stat>``,
@@ -142,10 +137,8 @@ class GradientMonitor(ModuleMonitor):
         return self._scaler_skipped and not key.startswith("activations/")
 
 
-#: Internal scalar carrying the GradScaler's scale to the host with the step's values.
-_LOSS_SCALE_KEY = "__loss_scale__"
-#: Internal: the loss scale, when the parameter gradients were read still scaled.
-_PARAM_SCALE_KEY = "__param_grad_scale__"
+#: Internal scalars: the loss scale of output gradients, and of parameter gradients read scaled.
+_LOSS_SCALE_KEY, _PARAM_SCALE_KEY = "__loss_scale__", "__param_grad_scale__"
 #: 1 when the GradScaler found Inf/NaN gradients and skips the optimizer step, else 0.
 SKIPPED_KEY = "param_grads/skipped_by_scaler"
 _SCALED = (("activation_grads/", _LOSS_SCALE_KEY), ("param_grads/", _PARAM_SCALE_KEY))

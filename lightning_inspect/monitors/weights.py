@@ -10,32 +10,25 @@ import torch
 from lightning_inspect._validation import check_bool
 from lightning_inspect.backends import Sink
 from lightning_inspect.core.keys import escape_name, metric_key
+from lightning_inspect.core.monitor import ModuleMonitor, local_values
 from lightning_inspect.core.stats import reduce_tensor
-from lightning_inspect.monitors.base import ModuleMonitor, local_values
 
 
 class WeightMonitor(ModuleMonitor):
-    """Log the parameters of selected modules.
-
-    Weights are read in ``on_before_optimizer_step`` of a logged batch (its first optimizer step
-    when it takes several): the values its forward used. ``update_ratio`` logs
-    ``||W_after - W_before|| / ||W_before||`` (healthy training: often near 1e-3) from a copy of
-    every selected parameter held from that step to the end of logged batches (50M float32
-    parameters: 200 MB more at those moments); the update is computed in that copy.
+    """Log the parameters of selected modules, read before a logged batch's first optimizer step.
 
     Args:
-        update_ratio: log ``weights/<parameter>/update_ratio``.
-        params: patterns over the qualified names of the selected modules' parameters
-            (``"*.weight"``, ``"re:.*attn.*"``); ``None``: all of them. A pattern that matches
-            none of them stops fit at its start with the closest parameter names.
-        exclude_params: parameter-name patterns removed (``"*.bias"``). ``modules`` and
-            ``exclude`` match module names only.
-        **kwargs: every argument of :class:`~lightning_inspect.monitors.base.ModuleMonitor`.
+        update_ratio: log ``||W_after - W_before|| / ||W_before||`` (float64 norms; healthy:
+            often near 1e-3) from a copy of the selected parameters held during logged batches;
+            a zero-norm parameter gives ``inf`` if the step moved it, else ``NaN``.
+        params: parameter name patterns kept (``"*.weight"``; ``None``: all); one that matches
+            none stops fit at its start with the closest names.
+        exclude_params: parameter name patterns removed (``"*.bias"``).
+        **kwargs: every argument of :class:`~lightning_inspect.core.monitor.ModuleMonitor`.
 
     Logged metrics:
         ``weights/<parameter>/<stat>``, ``weights/<parameter>/update_ratio`` and the histogram
-        ``weights/<parameter>``. The ratio's norms are float64; a parameter whose norm is 0 (a
-        zero-initialised bias) has ratio ``inf`` if the step moved it and ``NaN`` if it did not.
+        ``weights/<parameter>``.
 
     Example::
 

@@ -1,12 +1,7 @@
 """ModuleMonitor: what every module monitor shares (arguments, selection, schedule, hook
-lifetime, publishing); a subclass turns what it sees into rows and scalars.
-
-``setup`` resolves the backends and joins the Trainer's StepCoordinator; ``on_fit_start`` selects
-the modules (a pattern matching nothing raises before the first step); a logged batch (one of its
-optimizer steps is due: :meth:`~lightning_inspect.core.schedule.Schedule.first_due`) has the
-output hooks from start to end, then its record goes to the coordinator (one transfer for all
-monitors). On compiled models (``torch.compile`` ignores hooks added later) the hooks stay from
-``on_fit_start`` to ``teardown`` and return at once unless the batch is recorded.
+lifetime, publishing); a subclass turns what it sees into rows and scalars. Output hooks live
+only inside logged batches, except on compiled models (``torch.compile`` ignores hooks added
+later): there they stay from ``on_fit_start`` to ``teardown`` and return at once when idle.
 """
 
 from __future__ import annotations
@@ -62,12 +57,6 @@ def local_values(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def holds_compiled_module(model: torch.nn.Module) -> bool:
-    """Whether ``model`` is, or contains, a module compiled with ``torch.compile``."""
-    compiled = (type(m).__name__ == "OptimizedModule" for m in model.modules())
-    return bool(getattr(model, "_compiler_ctx", None)) or any(compiled)
-
-
 class _KeepsArguments:
     """Keeps the constructor's arguments (a nested fit starts from a monitor built alike); after
     the monitor classes in the MRO, so that signatures are their ``__init__``'s."""
@@ -82,31 +71,23 @@ class ModuleMonitor(Callback, _KeepsArguments):
     """Base class of :class:`ActivationMonitor`, :class:`GradientMonitor` and :class:`WeightMonitor`.
 
     Args:
-        modules: pattern or list of patterns over qualified module names: shell-style globs
-            (``"encoder.*"``, ``"*.attn"``) or regexes prefixed ``"re:"``. ``None``: every module
-            that owns parameters. Names are normalised (``_orig_mod.``, a leading ``module.``,
-            ``_fsdp_wrapped_module.``, ``_checkpoint_wrapped_module.`` removed).
-        exclude: module name patterns removed from the selection (parameter names: see
-            ``params`` and ``exclude_params`` of GradientMonitor and WeightMonitor).
-        every_n_steps: log every this many optimizer steps (``trainer.global_step``; under
-            manual optimization each ``optimizer.step()`` is one). A batch that takes several
-            steps is logged, once, when one of them is on the schedule.
+        modules: module name patterns: shell-style globs (``"encoder.*"``) or regexes prefixed
+            ``"re:"``, over names without wrappers' prefixes; ``None``: modules owning parameters.
+        exclude: module name patterns removed from the selection.
+        every_n_steps: log every this many optimizer steps (``trainer.global_step``); a batch
+            taking several steps is logged once, when one of them is due.
         start_step: first optimizer step logged.
         stop_step: no logging from this optimizer step on (``None``: never stop).
-        stats: statistics to log, from :data:`lightning_inspect.core.stats.ALL_STATS`;
-            ``None``: :data:`~lightning_inspect.core.stats.DEFAULT_STATS`.
+        stats: statistics to log, from :data:`~lightning_inspect.core.stats.ALL_STATS`
+            (``None``: :data:`~lightning_inspect.core.stats.DEFAULT_STATS`).
         histograms: also log histograms.
         bins: histogram bins, 2 to :data:`MAX_BINS` (1024).
-        backends: ``"tensorboard"``, ``"mlflow"``, a list of them (or Sink objects); ``None``:
-            every supported logger attached to the Trainer.
-        on_nonfinite: when a NaN/Inf is seen: ``"ignore"``, ``"warn"`` (once per key, naming the
-            first module in execution order) or ``"raise"`` (:class:`NonFiniteError`, which stops
-            fit cleanly).
+        backends: backend names or Sink objects; ``None``: every supported attached logger.
+        on_nonfinite: ``"ignore"``, ``"warn"`` (once per key, naming the first module in
+            execution order) or ``"raise"`` (:class:`NonFiniteError`, which stops fit cleanly).
         enabled: ``False`` attaches the callback but inspects nothing (costs nothing).
-        mlflow_metrics: what MLflow receives as metrics: ``"summary"`` (the global norm and, per
-            kind and statistic, a summary over modules) or ``"all"`` (every value as a metric).
-            Every value is in the run's table artifact ``lightning_inspect/stats/<monitor>.csv``
-            either way (see :func:`lightning_inspect.backends.read_stats`).
+        mlflow_metrics: MLflow metrics: ``"summary"`` (global norm, a summary over modules per
+            kind and statistic) or ``"all"``; every value is in the run's table artifact either way.
     """
 
     def __init__(
@@ -158,10 +139,8 @@ class ModuleMonitor(Callback, _KeepsArguments):
 
     @property
     def state_key(self) -> str:
-        every = self.schedule.every_n_steps
-        return self._generate_state_key(
-            modules=self.modules, exclude=self.exclude, every_n_steps=every
-        )
+        every = {"every_n_steps": self.schedule.every_n_steps}
+        return self._generate_state_key(modules=self.modules, exclude=self.exclude, **every)
 
     def state_dict(self) -> dict[str, Any]:
         return {"last_logged_step": self.last_logged_step}
@@ -197,7 +176,8 @@ class ModuleMonitor(Callback, _KeepsArguments):
         manual = not pl_module.automatic_optimization
         self._steps_per_batch = max(1, len(trainer.optimizers)) if manual else 1
         self._after_selection(pl_module)
-        self._persistent_hooks = holds_compiled_module(pl_module)
+        compiled = (type(m).__name__ == "OptimizedModule" for m in pl_module.modules())
+        self._persistent_hooks = bool(getattr(pl_module, "_compiler_ctx", None)) or any(compiled)
         if self._persistent_hooks:
             self._install_hooks()
         self._announce()
@@ -269,14 +249,13 @@ class ModuleMonitor(Callback, _KeepsArguments):
         """Derive what the subclass needs from ``self.selected`` (e.g. parameters)."""
 
     def _wants_output_hooks(self) -> bool:
-        """Whether the monitor reads module outputs (forward hooks on the selected modules)."""
         return False
 
     def _on_output(self, name: str, path: str, tensor: torch.Tensor) -> None:
-        """Receive one output tensor of a selected module (``path`` inside its output)."""
+        """One output tensor of a selected module (``path`` inside its output)."""
 
     def _before_optimizer_step(self, pl_module: pl.LightningModule) -> None:
-        """Record what is read once per optimizer step, before it is taken."""
+        """Record what is read before each optimizer step."""
 
     def _after_optimizer_step(self, pl_module: pl.LightningModule) -> None:
         """Record what needs the updated weights."""
@@ -285,29 +264,23 @@ class ModuleMonitor(Callback, _KeepsArguments):
         return "modules", list(self.selected)
 
     def _expected_nonfinite(self, key: str) -> bool:
-        """Whether non-finite values under ``key`` are expected this step (not worth a warning)."""
+        """Whether non-finite values under ``key`` are expected this step (no warning)."""
         return False
 
     # -- shared machinery -------------------------------------------------------------------
 
     def _parameter_patterns(self, params: object, exclude_params: object) -> None:
-        """Check and keep ``params`` and ``exclude_params`` (monitors that read parameters)."""
-        self.params = check_patterns(self._owner, "params", params, "parameter")
-        self.exclude_params = check_patterns(
-            self._owner, "exclude_params", exclude_params, "parameter"
-        )
+        owner = self._owner
+        self.params = check_patterns(owner, "params", params, "parameter")
+        self.exclude_params = check_patterns(owner, "exclude_params", exclude_params, "parameter")
         self.selected_parameters: dict[str, torch.nn.Parameter] = {}
 
     def _select_parameters(self) -> dict[str, torch.nn.Parameter]:
-        """The parameters of the selected modules that ``params`` / ``exclude_params`` keep."""
         return select_parameters(self.selected, self.params, self.exclude_params, owner=self._owner)
 
     def _stepped(self, params: dict[_K, torch.nn.Parameter]) -> dict[_K, torch.nn.Parameter]:
-        """The entries of ``params`` that the optimizer of the current step updates.
-
-        All of them when its param groups hold none of the model's parameters (an optimizer
-        that steps copies of them, e.g. a wrapper with master weights).
-        """
+        """The entries of ``params`` the current optimizer updates (all of them when it holds
+        none of the model's parameters: it steps copies, e.g. master weights)."""
         if self._optimizer is None:
             return params
         ids = {id(p) for group in self._optimizer.param_groups for p in group["params"]}
@@ -329,15 +302,12 @@ class ModuleMonitor(Callback, _KeepsArguments):
             self._record.add_scalar(key, value)
 
     def _hook_fault(self, where: str, exc: BaseException) -> None:
-        """Contain an exception raised inside one of our hooks: warn once, keep training."""
+        """An exception inside one of our hooks: warn once, keep training."""
         if not self._hook_fault_warned:
             self._hook_fault_warned = True
-            warnings.warn(
-                f"{self._owner}: inspecting {where} failed ({type(exc).__name__}: {exc}); "
-                "training is not affected and inspection goes on for the other values.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            message = f"{self._owner}: inspecting {where} failed ({type(exc).__name__}: {exc}); "
+            message += "training is not affected and inspection goes on for the other values."
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
 
     def _guarded(self, fn: Any, *args: Any) -> None:
         try:
@@ -410,7 +380,7 @@ class ModuleMonitor(Callback, _KeepsArguments):
         )
 
     def _shutdown(self) -> None:
-        """End of fit (normal or not): publish, flush, stop the backends' workers, forget the Trainer."""
+        """End of fit (normal or not): publish, flush, close the backends, forget the Trainer."""
         if not self._active:
             return
         self._close()
