@@ -18,6 +18,8 @@ ALLOWED = {
         for feature in ("monitors", "health", "shapes", "probes", "record", "overview", "hydra")
     },
 }
+#: ModuleMonitor, the base of every module-hooking callback, is where core's rows meet the sinks.
+EXCEPTIONS = {"core/monitor.py": {"backends"}}
 #: The issue's limit on the package's Python, blank lines, comments and docstrings included.
 MAX_LINES = 8_000
 
@@ -44,8 +46,9 @@ def test_features_depend_on_core_and_backends_only(part: str) -> None:
     assert files, part
     for path in files:
         reached = _library_imports(path) - {part}
-        assert reached <= ALLOWED[part], (
-            f"{path.relative_to(PACKAGE)} imports {sorted(reached - ALLOWED[part])}"
+        allowed = ALLOWED[part] | EXCEPTIONS.get(f"{part}/{path.name}", set())
+        assert reached <= allowed, (
+            f"{path.relative_to(PACKAGE)} imports {sorted(reached - allowed)}"
         )
 
 
