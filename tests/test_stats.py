@@ -234,9 +234,21 @@ def test_reduce_matches_numpy_other_float_dtypes(arr: np.ndarray, dtype: torch.d
 )
 def test_non_contiguous_views(arr: np.ndarray) -> None:
     base = torch.from_numpy(arr.copy())
+    sums = [
+        row_layout.Field.SUM,
+        row_layout.Field.M2,
+        row_layout.Field.SUMSQ,
+        row_layout.Field.ABS_SUM,
+    ]
+    exact = np.ones(row_layout.row_length(BINS), dtype=bool)
+    exact[sums] = False
     for view in (base.t(), base[:, ::2], base.flip(0).t()):
         row = check_tensor(view)
-        np.testing.assert_array_equal(row, reduce_tensor(view.contiguous(), bins=BINS).numpy())
+        copy = reduce_tensor(view.contiguous(), bins=BINS).numpy()
+        # A strided view may take the general path and its copy the C kernels: both sum in
+        # float64, in different orders, so the sums agree to float64 rounding and the rest exactly.
+        np.testing.assert_array_equal(row[exact], copy[exact])
+        np.testing.assert_allclose(row[sums], copy[sums], rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize(
