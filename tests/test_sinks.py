@@ -291,7 +291,7 @@ def test_background_sink_over_failing_backend(tmp_path: Path) -> None:
         sink.flush()
         sink.close()
     assert len(_runtime_warnings(caught)) == 1
-    lines = [json.loads(line) for line in sink.guarded.fallback_path.read_text().splitlines()]
+    lines = [json.loads(line) for line in sink.inner.fallback_path.read_text().splitlines()]
     assert [line.get("step") for line in lines if line["call"] == "log_scalars"] == [0, 1]
 
 
@@ -607,7 +607,7 @@ def test_stuck_backends_share_one_end_of_fit_deadline(tmp_path: Path) -> None:
     messages = _runtime_warnings(caught)
     assert len(messages) == 3 and all("end-of-fit deadline" in m for m in messages)
     for sink in sinks:  # step 0 was in flight (it may still arrive), steps 1-4 queued: all on disk
-        lines = [json.loads(line) for line in sink.guarded.fallback_path.read_text().splitlines()]
+        lines = [json.loads(line) for line in sink.inner.fallback_path.read_text().splitlines()]
         assert [line["step"] for line in lines] == [0, 1, 2, 3, 4]
     for inner in inners:
         inner.release.set()

@@ -1,4 +1,5 @@
-"""The protocol every backend implements, and the one guard that keeps backend faults harmless.
+"""The protocol every backend implements, the guard that keeps backend faults harmless, and the
+worker thread that keeps a slow backend off the training loop.
 
 Example:
     >>> from lightning_inspect.backends.memory import MemorySink
@@ -10,9 +11,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import queue
 import tempfile
 import threading
 import warnings
@@ -26,15 +29,15 @@ from lightning_inspect.core.stats import Histogram
 
 #: Calls that carry no values: a refused one is noted in the fallback file, not retained.
 CONTROL_CALLS = ("flush", "close")
+_STOP = object()
 
 
 @runtime_checkable
 class Sink(Protocol):
-    """Where values go, cheap to call once per logging step (keys per :mod:`~lightning_inspect.
-    core.keys`, histograms binned on the device, texts in markdown). Optional methods, skipped
-    where missing: ``log_image(key, image, step)`` (H x W x 3 uint8), ``log_params(values)``
-    (returns the keys that held another value), ``log_tags(values)``, ``log_files(paths,
-    folder)``, ``log_hparams(values, metrics)``, ``close()``, ``unsent()`` (fallback records)."""
+    """Where values go, once per logging step. Optional methods, skipped where missing:
+    ``log_image(key, image, step)`` (H x W x 3 uint8), ``log_params(values)`` (returns the keys
+    that held another value), ``log_tags(values)``, ``log_files(paths, folder)``,
+    ``log_hparams(values, metrics)``, ``close()``, ``unsent()`` (records for the fallback file)."""
 
     name: str
 
@@ -44,31 +47,30 @@ class Sink(Protocol):
     def flush(self) -> None: ...
 
 
-def histogram_record(h: Histogram) -> dict[str, Any]:
-    """A histogram as the fallback file keeps it."""
-    return {"lo": h.min, "hi": h.max, "counts": h.counts.tolist()}
-
-
 def text_value(value: Any, limit: int) -> str:
     """``value`` as a param's or tag's text (lists and dicts as JSON), cut to ``limit`` characters."""
-    text = value if isinstance(value, str) else None
-    if text is None:
+    if not isinstance(text := value, str):
         text = json.dumps(value, default=str) if isinstance(value, (list, dict)) else str(value)
     return text if len(text) <= limit else text[: limit - 20] + " ...[cut]"
 
 
 def fallback_record(method: str, args: tuple[Any, ...]) -> dict[str, Any]:
     """What the fallback file keeps of one sink call (pictures: their shape only)."""
+
+    def kept(hists: Mapping[str, Histogram]) -> dict[str, Any]:
+        return {
+            k: {"lo": h.min, "hi": h.max, "counts": h.counts.tolist()} for k, h in hists.items()
+        }
+
     if method == "log_step":  # several callbacks' values of one step: one record
         step, scalars, hists = args
-        args = ({k: v for p in scalars.values() for k, v in p.items()}, step)
-        kept = {k: histogram_record(h) for p in hists.values() for k, h in p.items()}
-        return {"call": method, "step": step, "values": args[0], "histograms": kept}
+        values = {k: v for p in scalars.values() for k, v in p.items()}
+        merged = {k: h for p in hists.values() for k, h in p.items()}
+        return {"call": method, "step": step, "values": values, "histograms": kept(merged)}
     if method == "log_scalars":
         return {"call": method, "step": args[1], "values": dict(args[0])}
     if method == "log_histograms":
-        kept = {k: histogram_record(h) for k, h in args[0].items()}
-        return {"call": method, "step": args[1], "histograms": kept}
+        return {"call": method, "step": args[1], "histograms": kept(args[0])}
     if method in ("log_text", "log_image"):
         value = args[1] if method == "log_text" else list(args[1].shape)
         return {"call": method, "step": args[2], "key": args[0], method[4:]: value}
@@ -78,7 +80,32 @@ def fallback_record(method: str, args: tuple[Any, ...]) -> dict[str, Any]:
     return {"call": method, "values": values}
 
 
-class GuardedSink:
+class _Forwarding:
+    """The Sink methods, and the inner sink's optional ``log_*`` ones, made by :meth:`call`."""
+
+    inner: Any
+
+    def call(self, method: str, *args: Any) -> Any: ...
+
+    def __getattr__(self, method: str) -> Any:
+        if not method.startswith("log_") or not hasattr(self.inner, method):
+            raise AttributeError(method)
+        return functools.partial(self.call, method)
+
+    def log_scalars(self, values: Mapping[str, float], step: int) -> None:
+        self.call("log_scalars", values, step)
+
+    def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None:
+        self.call("log_histograms", histograms, step)
+
+    def log_text(self, key: str, text: str, step: int) -> None:
+        self.call("log_text", key, text, step)
+
+    def flush(self) -> None:
+        self.call("flush")
+
+
+class GuardedSink(_Forwarding):
     """A sink whose faults warn once (``owner`` starts the warning) and never stop training.
 
     What the backend refused goes, as JSON lines, to a fallback file the warning names (created
@@ -97,31 +124,12 @@ class GuardedSink:
         self.inner = inner
         self.name = inner.name
         self.owner = owner
-        self.failed = False
+        self.failed = self._lost_warned = self._late = False
         self.deadline: EndOfFit | None = None
-        self.fallback_path: Path | None = None  # the JSON-lines file, once something is refused
+        self.fallback_path: Path | None = None
         self._fallback_dir = Path(fallback_dir) if fallback_dir else None
         self._lock = threading.Lock()  # a background worker and the closing thread
-        self._lost_warned = self._late = False
         self._retained: deque[tuple[str, tuple[Any, ...]]] = deque(maxlen=max_retained)
-
-    def __getattr__(self, method: str) -> Any:
-        """The backend's optional ``log_*`` methods, guarded (missing ones are missing here)."""
-        if not method.startswith("log_") or not hasattr(self.inner, method):
-            raise AttributeError(method)
-        return functools.partial(self.call, method)
-
-    def log_scalars(self, values: Mapping[str, float], step: int) -> None:
-        self.call("log_scalars", values, step)
-
-    def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None:
-        self.call("log_histograms", histograms, step)
-
-    def log_text(self, key: str, text: str, step: int) -> None:
-        self.call("log_text", key, text, step)
-
-    def flush(self) -> None:
-        self.call("flush")
 
     def call(self, method: str, *args: Any) -> Any:
         """``inner.<method>(*args)``, guarded; its result, or None when it failed."""
@@ -180,11 +188,11 @@ class GuardedSink:
                     )
                     folder.mkdir(parents=True, exist_ok=True)
                     prefix = f"lightning_inspect_unsent_{self.name}_"
-                    fd, path = tempfile.mkstemp(prefix=prefix, suffix=".jsonl", dir=folder)
-                    os.close(fd)  # mkstemp: O_EXCL, mode 0600
+                    fd, path = tempfile.mkstemp(prefix=prefix, suffix=".jsonl", dir=folder)  # 0600
                     self.fallback_path = Path(path)
-                flags = os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
-                fd = os.open(self.fallback_path, flags)
+                else:
+                    flags = os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
+                    fd = os.open(self.fallback_path, flags)
                 with os.fdopen(fd, "a", encoding="utf-8") as f:
                     f.write(text)
             except OSError as exc:
@@ -199,8 +207,7 @@ class GuardedSink:
 
     def close(self) -> None:
         """Keep what the backend holds undelivered in the fallback file; release its resources."""
-        unsent = getattr(self.inner, "unsent", None)
-        if unsent is not None:
+        if (unsent := getattr(self.inner, "unsent", None)) is not None:
             try:
                 records = unsent()
             except Exception as exc:  # the local copy is unreadable: say so, keep closing
@@ -209,3 +216,98 @@ class GuardedSink:
                 self._write(records)
         if hasattr(self.inner, "close"):
             self.call("close")
+
+
+class BackgroundSink(_Forwarding):
+    """A slow backend (MLflow over HTTP), guarded, on a daemon worker behind a bounded queue: a
+    call that finds the queue full goes to the fallback file instead of blocking, and
+    :meth:`close` waits only until the fit's :class:`~lightning_inspect.backends.deadline.EndOfFit`.
+
+    Example:
+        >>> from lightning_inspect.backends.memory import MemorySink
+        >>> sink = BackgroundSink(MemorySink())
+        >>> sink.log_scalars({"weights/fc.weight/mean": 0.5}, step=1)
+        >>> sink.close()
+        >>> sink.inner.inner.scalars
+        {'weights/fc.weight/mean': [(1, 0.5)]}
+    """
+
+    def __init__(
+        self, inner: Sink, max_queue: int = 10_000, deadline: EndOfFit | None = None
+    ) -> None:
+        self.inner = inner if isinstance(inner, GuardedSink) else GuardedSink(inner)
+        self.name = self.inner.name
+        self.deadline = deadline or EndOfFit()
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
+        self._overflow_warned = self._abandoned = self._closed = False
+        self._in_flight: tuple[str, tuple[Any, ...]] | None = None
+        self._worker = threading.Thread(
+            target=self._run, name=f"lightning-inspect-{self.name}", daemon=True
+        )
+        self._worker.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not _STOP:
+            if self._abandoned:  # the deadline passed: what is still queued goes to the file
+                self._keep(*item)
+                continue
+            method, args = self._in_flight = item
+            self.inner.close() if method == "close" else self.inner.call(method, *args)
+            self._in_flight = None
+
+    def _keep(self, method: str, args: tuple[Any, ...]) -> bool:
+        """Write a call to the fallback file instead of making it; whether it held values."""
+        if method not in CONTROL_CALLS:
+            self.inner.save(method, args)
+        return method not in CONTROL_CALLS
+
+    def call(self, method: str, *args: Any) -> None:
+        """Queue a call (mappings copied: the caller may reuse them)."""
+        args = tuple(dict(a) if isinstance(a, Mapping) else a for a in args)
+        if self._closed:  # after the end of fit nothing sends it any more
+            self._keep(method, args)
+            return
+        try:
+            self._queue.put_nowait((method, args))
+        except queue.Full:
+            self._keep(method, args)
+            if not self._overflow_warned:
+                self._overflow_warned = True
+                warnings.warn(
+                    f"lightning-inspect: the {self.name} backend is slower than training; values "
+                    f"it could not take in time are written to {self.inner.fallback_path}.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+
+    def close(self) -> None:
+        """Send what is queued, flush and close the backend, and stop the worker, by the deadline;
+        then the calls still queued, the one in progress (it may still arrive) and what the backend
+        holds undelivered go to the fallback file (one warning)."""
+        if self._closed:
+            return
+        self.call("flush")
+        self.call("close")
+        self._closed = True
+        with contextlib.suppress(queue.Full):
+            self._queue.put(_STOP, timeout=self.deadline.remaining())
+        self._worker.join(self.deadline.remaining())
+        if not self._worker.is_alive():
+            return
+        self._abandoned = True
+        items = [self._in_flight] if self._in_flight is not None else []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                items.append(self._queue.get_nowait())
+        saved = sum(self._keep(*item) for item in items if item is not _STOP)
+        self.inner.close()  # the backend's undelivered local data; the worker is cut off
+        self._queue.put(_STOP)  # emptied above: does not block
+        where = self.inner.fallback_path
+        kept = f"{saved} queued call(s) and its undelivered data were written to {where}"
+        warnings.warn(
+            f"lightning-inspect: the {self.name} backend did not take the queued values by the "
+            f"end-of-fit deadline ({self.deadline.budget_s:g} s for all backends); "
+            f"{kept if where else 'nothing was left'}.",
+            RuntimeWarning,
+            stacklevel=2,
+        )

@@ -1,9 +1,6 @@
-"""One time budget for everything the library still sends to its backends when a fit ends.
-
-Every monitor closes its backends at the end of fit and :class:`~lightning_inspect.RunRecord`
-writes its outcome then; all share their Trainer's :class:`EndOfFit`: its clock starts with the
-first wait and later waits get only what is left, so the library adds at most
-:data:`END_OF_FIT_BUDGET_S` to the end of fit, whatever a slow or dead backend does.
+"""One time budget for everything the library still sends to its backends when a fit ends:
+its clock starts with the first wait and later waits get what is left, so a slow or dead backend
+adds at most :data:`END_OF_FIT_BUDGET_S` to the end of fit.
 
 Example:
     >>> deadline = EndOfFit(budget_s=5.0)
@@ -49,11 +46,9 @@ class EndOfFit:
             return max(0.0, self._end - time.monotonic())
 
     def run(self, fn: Callable[..., Any], *args: Any) -> bool:
-        """Call ``fn(*args)`` on a helper thread and wait for it until the deadline; whether it
-        finished (if not, it goes on in the background, its result dropped)."""
-        thread = threading.Thread(
-            target=fn, args=args, name="lightning-inspect-end-of-fit", daemon=True
-        )
+        """Call ``fn(*args)`` on a helper thread until the deadline; whether it finished."""
+        thread = threading.Thread(target=fn, args=args, name="lightning-inspect-end-of-fit")
+        thread.daemon = True
         thread.start()
         thread.join(self.remaining())
         return not thread.is_alive()

@@ -1,7 +1,5 @@
-"""Any Lightning logger (CSV, Comet, Neptune, a user's own): scalars through its ``log_metrics``,
-params through its ``log_hyperparams``. It has no histogram type the library can rely on:
-histograms and texts are dropped, and without ``log_image`` pictures skip it (the callbacks say
-so once at fit start).
+"""Any other Lightning logger (CSV, Comet, a user's own): scalars through ``log_metrics``,
+params through ``log_hyperparams``; histograms and texts are dropped (said once at fit start).
 
 Example:
     >>> import tempfile
@@ -20,7 +18,7 @@ from lightning_inspect.core.stats import Histogram
 
 
 class GenericSink:
-    """Each step's scalars in one ``logger.log_metrics`` call; written on :meth:`flush`."""
+    """Each step's scalars in one ``logger.log_metrics`` call."""
 
     def __init__(self, logger: Any, name: str) -> None:
         self.logger = logger
@@ -30,7 +28,7 @@ class GenericSink:
         self.logger.log_metrics({k: float(v) for k, v in values.items()}, step)
 
     def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None: ...
-    def log_text(self, key: str, text: str, step: int) -> None: ...  # dropped, like histograms
+    def log_text(self, key: str, text: str, step: int) -> None: ...
 
     def log_params(self, values: Mapping[str, Any]) -> None:
         self.logger.log_hyperparams(dict(values))

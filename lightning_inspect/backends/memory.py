@@ -46,7 +46,7 @@ class MemorySink:
         self.flushes += 1
 
     def last(self, key: str) -> float:
-        return self.scalars[key][-1][1]  # the latest value of scalar ``key``
+        return self.scalars[key][-1][1]
 
     def steps(self, key: str) -> list[int]:
-        return [step for step, _ in self.scalars[key]]  # the steps scalar ``key`` was logged at
+        return [step for step, _ in self.scalars[key]]

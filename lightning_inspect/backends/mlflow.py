@@ -1,16 +1,7 @@
-"""MLflow through the Trainer's ``MLFlowLogger`` (its ``MlflowClient`` and run).
-
-Thousands of statistics as metric charts make MLflow's UI unusable, so by default
-(``metrics="summary"``) its metrics get the headline values (:func:`headline_metrics`), and
-every value goes into a CSV table per callback, uploaded on flush as
-``lightning_inspect/stats/<owner>.csv`` (``step,key,value``; read back by ``read_stats``);
-``"all"`` sends every value as a metric too. Histograms (MLflow has none) are spooled and
-uploaded on flush with one picture per key (``lightning_inspect/histograms/<owner>.jsonl``,
-``.../<key>.png``); texts and pictures become ``lightning_inspect/<key>.md`` / ``.png``.
-
-The callbacks of a fit share one :class:`MlflowRun` per run: a step's values of every callback
-go, once the Trainer's ``StepCoordinator`` has published the step, to one background worker as
-one call (one ``log_batch`` of headline metrics), stopped by the fit's end-of-fit deadline.
+"""MLflow through the Trainer's ``MLFlowLogger``: by default (``metrics="summary"``) the headline
+values as metrics (:func:`headline_metrics`) and every value in a table per callback,
+``lightning_inspect/stats/<owner>.csv``; histograms, texts and pictures as artifacts. The
+callbacks of a fit share one background writer per run (:class:`MlflowRun`).
 """
 
 from __future__ import annotations
@@ -30,8 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_inspect.backends.background import BackgroundSink
-from lightning_inspect.backends.base import text_value
+from lightning_inspect.backends.base import BackgroundSink, text_value
 from lightning_inspect.backends.deadline import EndOfFit
 from lightning_inspect.backends.mlflow_http import bounded_client
 from lightning_inspect.backends.pictures import histogram_picture
@@ -40,7 +30,6 @@ from lightning_inspect.core.recorder import StepCoordinator
 from lightning_inspect.core.stats import Histogram
 
 ARTIFACT_ROOT = "lightning_inspect"
-#: Where the tables of every value go, under the run's artifacts.
 STATS_ARTIFACT_DIR = f"{ARTIFACT_ROOT}/stats"
 #: What MLflow receives as metrics: headline values only, or every value too.
 METRIC_MODES = ("summary", "all")
@@ -52,16 +41,15 @@ Histograms = dict[str, dict[str, Histogram]]
 
 
 def artifact_file(key: str, suffix: str) -> str:
-    """``key + suffix`` as a relative path whose every part fits in a file name (255 bytes); a
+    """``key + suffix`` as a relative path whose every part fits in a file name (255 bytes): a
     part too long is cut and ends with 8 hex digits of its SHA-1.
 
     >>> len(artifact_file("activations/" + "é" * 200, ".png").split("/")[-1].encode())
     255
     """
     *folders, name = key.split("/")
-    parts = [(f, "") for f in folders] + [(name, suffix)]
     out = []
-    for part, end in parts:
+    for part, end in [(f, "") for f in folders] + [(name, suffix)]:
         if len((part + end).encode()) > 255:
             digest = hashlib.sha1(part.encode()).hexdigest()[:8]
             room = 255 - len(end.encode()) - len(digest) - 1
@@ -73,10 +61,10 @@ def artifact_file(key: str, suffix: str) -> str:
 def headline_metrics(
     values: Mapping[str, float], parsed: dict[str, tuple[str, str, str, str]] | None = None
 ) -> dict[str, float]:
-    """The MLflow metrics of one step in ``"summary"`` mode: whole-kind keys and keys outside the
-    scheme as they are; ``summary/<kind>/<stat>`` for min, max, nan_count, inf_count, l2_norm
-    (exact over modules); ``summary/<kind>/<stat>/min`` and ``/max`` for the others (NaN left
-    out). ``parsed`` caches :func:`~lightning_inspect.core.keys.split_key`.
+    """The metrics of one step in ``"summary"`` mode: keys outside the scheme and whole-kind keys
+    as they are; ``summary/<kind>/<stat>`` for the statistics exact over modules (min, max,
+    nan_count, inf_count, l2_norm), ``.../min`` and ``.../max`` for the others (NaN left out).
+    ``parsed`` caches :func:`~lightning_inspect.core.keys.split_key`.
 
     >>> headline_metrics({"weights/a/max": 1.0, "weights/b/max": 3.0, "param_grads/global_norm": 2.0})
     {'param_grads/global_norm': 2.0, 'summary/weights/max': 3.0}
@@ -108,14 +96,13 @@ def load_histogram_spool(path: Path) -> dict[str, list[tuple[int, float, float, 
     series: dict[str, list[tuple[int, float, float, np.ndarray]]] = {}
     with Path(path).open() as f:
         for d in map(json.loads, f):
-            series.setdefault(d["key"], []).append(
-                (d["step"], d["lo"], d["hi"], np.asarray(d["counts"]))
-            )
+            point = (d["step"], d["lo"], d["hi"], np.asarray(d["counts"]))
+            series.setdefault(d["key"], []).append(point)
     return series
 
 
 def render_histogram_pictures(spool: Path, out_dir: Path, keys: MlflowKeys) -> list[Path]:
-    """One PNG per key of a histogram spool (:func:`~lightning_inspect.backends.pictures.histogram_picture`)."""
+    """One PNG per key of a histogram spool, under ``out_dir``."""
     from PIL import Image
 
     written = []
@@ -142,10 +129,9 @@ class MlflowSink:
         self.client = client
         self.run_id = run_id
         self.owner = owner
-        self.modes: dict[str | None, str] = {owner: metrics}  # per owner
+        self.modes: dict[str | None, str] = {owner: metrics}
         self.keys = MlflowKeys()
         self._parsed: dict[str, tuple[str, str, str, str]] = {}
-        self._cells: dict[str, str] = {}  # key -> its CSV cell
         self._spool: Path | None = None
         self._dirty: dict[Path, None] = {}  # spooled files not uploaded since they changed
 
@@ -153,11 +139,12 @@ class MlflowSink:
         for start in range(0, len(items), size):
             self.client.log_batch(self.run_id, **{kind: items[start : start + size]})
 
-    def _folder(self, name: str) -> Path:
+    def _file(self, folder: str, name: str) -> Path:
+        """A file of the local spool, marked for the next upload."""
         if self._spool is None:
             self._spool = Path(tempfile.mkdtemp(prefix="lightning_inspect_mlflow_"))
-        (self._spool / name).mkdir(exist_ok=True)
-        return self._spool / name
+        (path := self._spool / folder / name).parent.mkdir(parents=True, exist_ok=True)
+        return path
 
     def log_step(self, step: int, scalars: Scalars, histograms: Histograms) -> None:
         """Several owners' values of one step: their metrics in one ``log_batch`` (per 1000), then
@@ -166,26 +153,23 @@ class MlflowSink:
 
         sent: dict[str, float] = {}
         for owner, values in scalars.items():
-            all_values = self.modes.get(owner) == "all"
-            sent.update(values if all_values else headline_metrics(values, self._parsed))
+            every = self.modes.get(owner) == "all"
+            sent.update(values if every else headline_metrics(values, self._parsed))
         now = int(time.time() * 1000)
-        metrics = [Metric(self.keys(k), float(v), now, step) for k, v in sent.items()]
-        self._batch("metrics", metrics, 1000)
+        self._batch(
+            "metrics", [Metric(self.keys(k), float(v), now, step) for k, v in sent.items()], 1000
+        )
         for owner, values in scalars.items():
-            if owner is None:
-                continue
-            path = self._folder("stats") / f"{owner}.csv"
-            self._dirty[path] = None
-            new = not path.exists()
-            for key in values.keys() - self._cells.keys():  # quoted as csv does
-                quote = any(c in key for c in ',"\r\n')
-                self._cells[key] = '"' + key.replace('"', '""') + '"' if quote else key
-            lines = [f"{step},{self._cells[k]},{float(v)!r}\n" for k, v in values.items()]
-            with path.open("a", newline="") as f:  # floats as Python writes them: exact round trip
-                f.write(("step,key,value\n" if new else "") + "".join(lines))
+            if owner is not None:
+                self._dirty[path := self._file("stats", f"{owner}.csv")] = None
+                new = not path.exists()
+                with path.open("a", newline="") as f:  # floats as repr writes them: exact
+                    writer = csv.writer(f)
+                    writer.writerows([("step", "key", "value")] if new else [])
+                    writer.writerows((step, k, float(v)) for k, v in values.items())
         for owner, hists in histograms.items():
             if hists:
-                self._dirty[path := self._folder("histograms") / f"{owner}.jsonl"] = None
+                self._dirty[path := self._file("histograms", f"{owner}.jsonl")] = None
                 with path.open("a") as f:
                     for key, h in hists.items():
                         line = {"key": key, "step": step, "lo": h.min, "hi": h.max}
@@ -199,8 +183,9 @@ class MlflowSink:
 
     def _upload(self, path: Path, name: str) -> None:
         """The local file ``path`` as the artifact ``lightning_inspect/<name>`` (same file name)."""
-        folder = posixpath.dirname(f"{ARTIFACT_ROOT}/{name}")
-        self.client.log_artifact(self.run_id, str(path), folder)
+        self.client.log_artifact(
+            self.run_id, str(path), posixpath.dirname(f"{ARTIFACT_ROOT}/{name}")
+        )
 
     def log_text(self, key: str, text: str, step: int) -> None:
         name = artifact_file(self.keys(key), ".md")
@@ -210,8 +195,7 @@ class MlflowSink:
         """``lightning_inspect/<key>.png`` (a later picture of the key replaces it)."""
         from PIL import Image
 
-        path = self._folder("images") / (name := artifact_file(self.keys(key), ".png"))
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = self._file("images", name := artifact_file(self.keys(key), ".png"))
         Image.fromarray(np.asarray(image, dtype=np.uint8)).save(path)
         self._upload(path, name)
 
@@ -238,8 +222,8 @@ class MlflowSink:
 
     def log_files(self, paths: Sequence[Path], folder: str) -> None:
         """Files as artifacts under ``lightning_inspect/<folder>``."""
-        for path in paths:
-            self._upload(Path(path), f"{folder}/{Path(path).name}")
+        for path in map(Path, paths):
+            self._upload(path, f"{folder}/{path.name}")
 
     def flush(self) -> None:
         """Upload the tables and histogram spools (with pictures) changed since their last upload;
@@ -264,8 +248,7 @@ class MlflowSink:
                         by_step.setdefault(int(row["step"]), {})[row["key"]] = float(row["value"])
                 else:
                     for d in map(json.loads, f):
-                        by_step.setdefault(d["step"], {})[d.pop("key")] = d
-                        del d["step"]
+                        by_step.setdefault(d.pop("step"), {})[d.pop("key")] = d
             call, field = ("log_scalars", "values") if tables else ("log_histograms", "histograms")
             records += [{"call": call, "step": s, field: by_step[s]} for s in sorted(by_step)]
         return records
@@ -277,8 +260,9 @@ class MlflowSink:
 
 
 class MlflowRun:
-    """The training thread's side of one fit's MLflow run: gathers each step's values of every
-    callback and feeds the one background writer (an :class:`MlflowSink`)."""
+    """One fit's MLflow run: gathers each step's values of every callback and, once the
+    Trainer's ``StepCoordinator`` has published the step, hands them to the one background
+    writer (an :class:`MlflowSink`) as one call, stopped by the fit's end-of-fit deadline."""
 
     def __init__(self, client: Any, run_id: str, deadline: EndOfFit | None = None) -> None:
         self.writer = MlflowSink(bounded_client(client), run_id, owner=None)
@@ -322,7 +306,6 @@ class MlflowRun:
             self.background.log_step(step, *pending[step])
 
     def flush(self) -> None:
-        """Queue what is gathered and the upload of the tables and histograms."""
         self.send()
         self.background.flush()
 

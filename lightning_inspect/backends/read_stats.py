@@ -1,18 +1,4 @@
-"""A run's logged statistics back as one tidy pandas DataFrame, from TensorBoard or MLflow.
-
-One row per value, columns ``step``, ``kind``, ``module`` (the model's name, or the parameter's
-for ``param_grads``/``weights``; empty for whole-kind values such as ``param_grads/global_norm``),
-``output`` (the path inside a module's output, often empty), ``stat``, ``value``; sorted so that
-frames of two runs line up. MLflow's values come from the tables
-``lightning_inspect/stats/<monitor>.csv`` (float64); TensorBoard stores float32.
-
-Example::
-
-    df = read_stats("tb_logs/my_model/version_0")
-    df = read_stats(run_id, tracking_uri="sqlite:///mlflow.db")
-    df[(df.kind == "activations") & (df.stat == "std")].pivot_table(
-        index="module", columns="step", values="value")  # layers x steps
-"""
+"""A run's logged statistics back as one tidy pandas DataFrame, from TensorBoard or MLflow."""
 
 from __future__ import annotations
 
@@ -32,10 +18,16 @@ COLUMNS = ("step", "kind", "module", "output", "stat", "value")
 
 
 def read_stats(source: str | os.PathLike[str], tracking_uri: str | None = None) -> pd.DataFrame:
-    """The statistics of one run as a tidy ``pandas.DataFrame`` (columns :data:`COLUMNS`).
+    """The statistics of one run, a row per value (:data:`COLUMNS`), sorted by all but value.
 
     ``source``: a TensorBoard log directory (of one run, or above exactly one run), or with
     ``tracking_uri`` (``sqlite:///mlflow.db``, ``http://host:5000``) an MLflow run id.
+
+    Example::
+
+        df = read_stats("tb_logs/my_model/version_0")
+        df[(df.kind == "activations") & (df.stat == "std")].pivot_table(
+            index="module", columns="step", values="value")  # layers x steps
     """
     try:
         import pandas as pd
@@ -48,8 +40,9 @@ def read_stats(source: str | os.PathLike[str], tracking_uri: str | None = None) 
     else:
         table = pd.DataFrame(_from_tensorboard(Path(source)), columns=["key", "step", "value"])
     parts = {key: split_key(key) for key in table["key"].unique()}
-    columns = list(zip(*(parts[k] for k in table["key"]), strict=True)) or [()] * 4
-    kind, module, output, stat = columns
+    kind, module, output, stat = (
+        list(zip(*(parts[k] for k in table["key"]), strict=True)) or [()] * 4
+    )
     frame = pd.DataFrame(
         dict(
             step=table["step"].astype("int64"),

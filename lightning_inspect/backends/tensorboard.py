@@ -1,11 +1,7 @@
-"""TensorBoard through the Trainer's ``TensorBoardLogger`` (its ``SummaryWriter``).
-
-A step's scalars go into one event, and so do its histograms (counts binned on the device, so
-NaN/Inf/bf16 cannot break the writer), encoded from protobuf's wire format. The logger's writer
-checksums its records with ``google-crc32c``'s C code (TensorBoard's own costs ~170 ns a byte in
-Python on the writer thread); TensorBoard's functions are left alone. A custom-scalars layout
-gathers the keys into one chart per kind and statistic (``lightning-inspect/<kind>``,
-``<kind>/<stat>``, ``^<kind>/.+/<stat>$``), shared by the sinks of a writer.
+"""TensorBoard through the Trainer's ``TensorBoardLogger``: a step's scalars in one event, its
+histograms (binned on the device) in another, both encoded from protobuf's wire format; records
+checksummed with ``google-crc32c``'s C code in the library's writer only; a custom-scalars
+layout of one chart per kind and statistic, shared by the sinks of a writer.
 
 Example:
     >>> import tempfile
@@ -34,13 +30,13 @@ try:
 except ImportError:  # the tensorboard extra installs it
     google_crc32c = None
 
-#: The custom-scalars layout of each writer, ``{category: {chart title: tag regex}}``.
+#: The custom-scalars layout of each writer: ``{category: {chart title: tag regex}}``.
 _LAYOUTS: weakref.WeakKeyDictionary[Any, dict[str, dict[str, str]]] = weakref.WeakKeyDictionary()
 _HISTOGRAM_HEAD = struct.Struct("<BdBdBdBdBd")
 
 
 def layout_charts(keys: Iterable[str]) -> dict[str, dict[str, str]]:
-    """The custom-scalars charts of ``keys``: ``{category: {title: tag regex}}``.
+    """The custom-scalars charts of ``keys``.
 
     >>> layout_charts(["weights/fc.weight/mean", "param_grads/global_norm"])
     {'lightning-inspect/weights': {'weights/mean': '^weights/.+/mean$'}, \
@@ -87,9 +83,14 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    return bytes([number << 3 | 2]) + _varint(len(payload)) + payload
+
+
 def scalar_summary(values: Mapping[str, float], encoded: dict[str, bytes] | None = None) -> Any:
-    """One ``Summary`` of every scalar, as ``add_scalar`` writes them, from the wire format (tag,
-    then a little-endian float32) parsed once in C: ~0.3 us a key. ``encoded`` caches tags.
+    """One ``Summary`` of every scalar, as ``add_scalar`` writes them, parsed once in C from the
+    wire format (~0.3 us a key). ``encoded`` caches each key's bytes before its value.
 
     >>> from tensorboard.compat.proto.summary_pb2 import Summary
     >>> scalar_summary({"a/b/mean": 0.5}) == Summary(value=[Summary.Value(tag="a/b/mean", simple_value=0.5)])
@@ -100,10 +101,8 @@ def scalar_summary(values: Mapping[str, float], encoded: dict[str, bytes] | None
     encoded = {} if encoded is None else encoded
     heads = []
     for key in values:
-        head = encoded.get(key)
-        if head is None:  # Summary.value (1) holding tag (1) and simple_value (2)
-            tag = key.encode()
-            value = b"\x0a" + _varint(len(tag)) + tag + b"\x15"
+        if (head := encoded.get(key)) is None:  # Summary.value (1): tag (1), simple_value (2)
+            value = _field(1, key.encode()) + b"\x15"
             head = encoded[key] = b"\x0a" + _varint(len(value) + 4) + value
         heads.append(head)
     with np.errstate(over="ignore"):  # beyond float32's range: +-inf, as protobuf stores it
@@ -123,20 +122,14 @@ def histogram_summary(
     encoded = {} if encoded is None else encoded
     parts = []
     for key, h in histograms.items():
-        head = encoded.get(key)
-        if head is None:
-            tag = key.encode()
-            head = encoded[key] = b"\x0a" + _varint(len(tag)) + tag  # Summary.Value.tag (1)
+        if (tag := encoded.get(key)) is None:
+            tag = encoded[key] = _field(1, key.encode())
+        # HistogramProto: (tag, double) of min, max, num, sum, sum_squares; limits, counts packed
+        numbers = (9, h.min, 17, h.max, 25, float(h.num), 33, h.sum, 41, h.sum_squares)
         limits = np.ascontiguousarray(h.edges[1:], dtype="<f8").tobytes()
         counts = np.ascontiguousarray(h.counts, dtype="<f8").tobytes()
-        # HistogramProto: doubles min, max, num, sum, sum_squares (1-5); packed limits, counts (6, 7)
-        numbers = (h.min, h.max, float(h.num), h.sum, h.sum_squares)
-        fields = [x for pair in zip(b"\x09\x11\x19\x21\x29", numbers, strict=True) for x in pair]
-        histo = b"".join(
-            (_HISTOGRAM_HEAD.pack(*fields), b"\x32", _varint(len(limits)), limits)
-        ) + b"".join((b"\x3a", _varint(len(counts)), counts))
-        value = b"".join((head, b"\x2a", _varint(len(histo)), histo))  # Value.histo (5)
-        parts += (b"\x0a", _varint(len(value)), value)
+        histo = _HISTOGRAM_HEAD.pack(*numbers) + _field(6, limits) + _field(7, counts)
+        parts.append(_field(1, tag + _field(5, histo)))  # Summary.value (1), Value.histo (5)
     return Summary.FromString(b"".join(parts))
 
 
@@ -148,32 +141,30 @@ class TensorBoardSink:
     def __init__(self, writer: Any) -> None:
         self.writer = writer
         self._seen: set[str] = set()  # keys already placed in the layout
-        self._encoded: dict[str, bytes] = {}  # key -> its encoded Summary.Value up to the value
+        self._scalars: dict[str, bytes] = {}  # encoded keys (scalar_summary)
+        self._histograms: dict[str, bytes] = {}
 
     def _add(self, summary: Any, step: int | None = None) -> None:
         fast_records(self.writer._get_file_writer()).add_summary(summary, global_step=step)
 
     def log_scalars(self, values: Mapping[str, float], step: int) -> None:
-        if not self._seen.issuperset(values):
-            self._extend_layout([k for k in values if k not in self._seen])
-        self._add(scalar_summary(values, self._encoded), step)
-
-    def _extend_layout(self, new_keys: list[str]) -> None:
-        """Add the charts of ``new_keys`` to the writer's layout; write it if it grew."""
-        self._seen.update(new_keys)
-        layout = _LAYOUTS.setdefault(self.writer, {})
-        grew = False
-        for category, charts in layout_charts(new_keys).items():
-            known = layout.setdefault(category, {})
-            grew |= not charts.keys() <= known.keys()
-            known.update(charts)
-        if grew:
-            self.writer.add_custom_scalars(
-                {c: {t: ["Multiline", [r]] for t, r in ch.items()} for c, ch in layout.items()}
-            )
+        if not self._seen.issuperset(values):  # the new keys' charts join the writer's layout
+            new = [k for k in values if k not in self._seen]
+            self._seen.update(new)
+            layout = _LAYOUTS.setdefault(self.writer, {})
+            grew = False
+            for category, charts in layout_charts(new).items():
+                known = layout.setdefault(category, {})
+                grew |= not charts.keys() <= known.keys()
+                known.update(charts)
+            if grew:
+                self.writer.add_custom_scalars(
+                    {c: {t: ["Multiline", [r]] for t, r in ch.items()} for c, ch in layout.items()}
+                )
+        self._add(scalar_summary(values, self._scalars), step)
 
     def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None:
-        self._add(histogram_summary(histograms, self._encoded), step)
+        self._add(histogram_summary(histograms, self._histograms), step)
 
     def log_text(self, key: str, text: str, step: int) -> None:
         self.writer.add_text(key, text, global_step=step)

@@ -1,9 +1,6 @@
-"""Weights & Biases through the Trainer's ``WandbLogger``, with the logger's own methods (values
-carry W&B's ``trainer/global_step`` like Lightning's): scalars with ``log_metrics``; histograms
-as ``wandb.Histogram(np_histogram=(counts, edges))`` from the counts binned on the device (at
-most 512 bins: neighbours merged); texts as a one-cell table; pictures with ``log_image``;
-params as the run's config, tags in its summary, files as an artifact.
-"""
+"""Weights & Biases through the Trainer's ``WandbLogger``'s own methods: histograms from the
+counts binned on the device (at most 512 bins), texts as a one-cell table, params as the run's
+config, tags in its summary, files as an artifact."""
 
 from __future__ import annotations
 
@@ -15,8 +12,7 @@ import numpy as np
 
 from lightning_inspect.core.stats import Histogram
 
-#: The most bins a ``wandb.Histogram`` accepts.
-MAX_WANDB_BINS = 512
+MAX_WANDB_BINS = 512  # the most bins a wandb.Histogram accepts
 
 
 def wandb_bins(h: Histogram, limit: int = MAX_WANDB_BINS) -> tuple[np.ndarray, np.ndarray]:
@@ -36,7 +32,7 @@ def wandb_bins(h: Histogram, limit: int = MAX_WANDB_BINS) -> tuple[np.ndarray, n
 
 
 class WandbSink:
-    """Writes to a ``WandbLogger``'s run (``wandb`` imported for histograms only)."""
+    """Writes to a ``WandbLogger``'s run."""
 
     name = "wandb"
 
@@ -74,5 +70,4 @@ class WandbSink:
             artifact.add_file(str(path), name=f"{folder}/{Path(path).name}")
         self.logger.experiment.log_artifact(artifact)
 
-    def flush(self) -> None:
-        """Nothing to do: W&B's own process writes values as they arrive."""
+    def flush(self) -> None: ...  # W&B's own process writes values as they arrive
