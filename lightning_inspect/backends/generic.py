@@ -1,13 +1,5 @@
 """Any other Lightning logger (CSV, Comet, a user's own): scalars through ``log_metrics``,
-params through ``log_hyperparams``; histograms and texts are dropped (said once at fit start).
-
-Example:
-    >>> import tempfile
-    >>> from lightning.pytorch.loggers import CSVLogger
-    >>> sink = GenericSink(CSVLogger(tempfile.mkdtemp()), name="csv")
-    >>> sink.log_scalars({"activations/fc/mean": 0.5}, step=0)
-    >>> sink.flush()
-"""
+params through ``log_hyperparams``; histograms and texts are dropped (said once at fit start)."""
 
 from __future__ import annotations
 
@@ -18,7 +10,14 @@ from lightning_inspect.core.stats import Histogram
 
 
 class GenericSink:
-    """Each step's scalars in one ``logger.log_metrics`` call."""
+    """Each step's scalars in one ``logger.log_metrics`` call.
+
+    Example:
+        >>> import tempfile
+        >>> from lightning.pytorch.loggers import CSVLogger
+        >>> sink = GenericSink(CSVLogger(tempfile.mkdtemp()), name="csv")
+        >>> sink.log_scalars({"activations/fc/mean": 0.5}, step=0)
+    """
 
     def __init__(self, logger: Any, name: str) -> None:
         self.logger = logger

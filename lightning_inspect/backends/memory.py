@@ -1,11 +1,4 @@
-"""An in-memory sink, for tests and for reading values back in notebooks.
-
-Example:
-    >>> sink = MemorySink()
-    >>> sink.log_scalars({"weights/fc.weight/mean": 0.1}, step=0)
-    >>> sink.last("weights/fc.weight/mean")
-    0.1
-"""
+"""An in-memory sink, for tests and for reading values back in notebooks."""
 
 from __future__ import annotations
 
@@ -17,7 +10,14 @@ from lightning_inspect.core.stats import Histogram
 
 
 class MemorySink:
-    """Keeps everything it is given: ``scalars[key] == [(step, value), ...]``."""
+    """Keeps everything it is given: ``scalars[key] == [(step, value), ...]``.
+
+    Example:
+        >>> sink = MemorySink()
+        >>> sink.log_scalars({"weights/fc.weight/mean": 0.1}, step=0)
+        >>> sink.last("weights/fc.weight/mean"), sink.steps("weights/fc.weight/mean")
+        (0.1, [0])
+    """
 
     name = "memory"
 

@@ -140,7 +140,7 @@ class MlflowSink:
             self.client.log_batch(self.run_id, **{kind: items[start : start + size]})
 
     def _file(self, folder: str, name: str) -> Path:
-        """A file of the local spool, marked for the next upload."""
+        """``folder/name`` in the local spool."""
         if self._spool is None:
             self._spool = Path(tempfile.mkdtemp(prefix="lightning_inspect_mlflow_"))
         (path := self._spool / folder / name).parent.mkdir(parents=True, exist_ok=True)
@@ -156,9 +156,8 @@ class MlflowSink:
             every = self.modes.get(owner) == "all"
             sent.update(values if every else headline_metrics(values, self._parsed))
         now = int(time.time() * 1000)
-        self._batch(
-            "metrics", [Metric(self.keys(k), float(v), now, step) for k, v in sent.items()], 1000
-        )
+        metrics = [Metric(self.keys(k), float(v), now, step) for k, v in sent.items()]
+        self._batch("metrics", metrics, 1000)
         for owner, values in scalars.items():
             if owner is not None:
                 self._dirty[path := self._file("stats", f"{owner}.csv")] = None
@@ -183,9 +182,8 @@ class MlflowSink:
 
     def _upload(self, path: Path, name: str) -> None:
         """The local file ``path`` as the artifact ``lightning_inspect/<name>`` (same file name)."""
-        self.client.log_artifact(
-            self.run_id, str(path), posixpath.dirname(f"{ARTIFACT_ROOT}/{name}")
-        )
+        folder = posixpath.dirname(f"{ARTIFACT_ROOT}/{name}")
+        self.client.log_artifact(self.run_id, str(path), folder)
 
     def log_text(self, key: str, text: str, step: int) -> None:
         name = artifact_file(self.keys(key), ".md")

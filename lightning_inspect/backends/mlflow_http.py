@@ -1,12 +1,6 @@
-"""The library's own MLflow calls to a tracking server, each with a bounded retry budget.
-
-MLflow retries a failing request for about four minutes with its defaults, and its
-``MLFLOW_HTTP_REQUEST_*`` variables would change that for the whole process. :func:`bounded_client`
-gives the library's writers a client whose calls pass :data:`HTTP_BUDGET` to MLflow's
-``http_request``: a call to a dead server fails within :data:`LONGEST_CALL_S` and the library's
-guard keeps what it carried. Only ``http(s)://`` tracking URIs are affected; other stores, and
-artifact stores other than the server's own, go through the ``MlflowClient`` unchanged.
-"""
+"""The library's own calls to an MLflow tracking server, each with a bounded retry budget
+(:data:`HTTP_BUDGET`; MLflow's default retries last minutes, and its environment variables would
+change them for the whole process). Other stores go through the ``MlflowClient`` unchanged."""
 
 from __future__ import annotations
 
@@ -19,13 +13,8 @@ from pathlib import Path
 from typing import Any
 
 #: Retries, back-off factor (s) and per-request timeout (s) of every library call to the server.
-HTTP_BUDGET: dict[str, Any] = {
-    "max_retries": 1,
-    "backoff_factor": 0.5,
-    "backoff_jitter": 0.0,
-    "timeout": 5,
-    "respect_retry_after_header": False,
-}
+HTTP_BUDGET: dict[str, Any] = {"max_retries": 1, "backoff_factor": 0.5, "backoff_jitter": 0.0}
+HTTP_BUDGET.update(timeout=5, respect_retry_after_header=False)
 #: The longest one call can take against a server that never answers: every try times out.
 LONGEST_CALL_S = (HTTP_BUDGET["max_retries"] + 1) * HTTP_BUDGET["timeout"] + 1.0
 
@@ -52,26 +41,15 @@ class BoundedClient:
 
         endpoint, method = self.store._METHOD_TO_INFO[api]
         data = {"params" if method == "GET" else "json": json.loads(message_to_json(body))}
-        response = http_request(
-            self.store.get_host_creds(), endpoint, method, **HTTP_BUDGET, **data
-        )
-        answer = api.Response()
-        parse_dict(verify_rest_response(response, endpoint).json(), answer)
+        creds = self.store.get_host_creds()
+        response = http_request(creds, endpoint, method, **HTTP_BUDGET, **data)
+        parse_dict(verify_rest_response(response, endpoint).json(), answer := api.Response())
         return answer
 
-    def log_batch(
-        self,
-        run_id: str,
-        metrics: Sequence[Any] = (),
-        params: Sequence[Any] = (),
-        tags: Sequence[Any] = (),
-    ) -> None:
+    def log_batch(self, run_id: str, **entities: Sequence[Any]) -> None:
         from mlflow.protos.service_pb2 import LogBatch
 
-        protos = {
-            k: [e.to_proto() for e in v]
-            for k, v in (("metrics", metrics), ("params", params), ("tags", tags))
-        }
+        protos = {k: [e.to_proto() for e in v] for k, v in entities.items()}
         self._call(LogBatch, LogBatch(run_id=run_id, **protos))
 
     def get_run(self, run_id: str) -> Any:
@@ -90,23 +68,17 @@ class BoundedClient:
 
         if (repo := self._repos.get(run_id)) is None:
             uri = self.get_run(run_id).info.artifact_uri
-            repo = self._repos[run_id] = get_artifact_repository(
-                uri, tracking_uri=self.client.tracking_uri
-            )
+            tracking_uri = self.client.tracking_uri
+            repo = self._repos[run_id] = get_artifact_repository(uri, tracking_uri=tracking_uri)
         if not isinstance(repo, HttpArtifactRepository):
             return self.client.log_artifact(run_id, local_path, artifact_path)
         name = os.path.basename(local_path)
-        endpoint = posixpath.join("/", *([artifact_path] if artifact_path else []), name)
+        endpoint = posixpath.join("/", artifact_path or "", name)
+        creds = get_default_host_creds(repo.artifact_uri)
+        headers = {"Content-Type": _guess_mime_type(name)}
         with open(local_path, "rb") as f:
-            response = http_request(
-                get_default_host_creds(repo.artifact_uri),
-                endpoint,
-                "PUT",
-                data=f,
-                extra_headers={"Content-Type": _guess_mime_type(name)},
-                **HTTP_BUDGET,
-            )
-        augmented_raise_for_status(response)
+            put = http_request(creds, endpoint, "PUT", data=f, extra_headers=headers, **HTTP_BUDGET)
+        augmented_raise_for_status(put)
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         with tempfile.TemporaryDirectory(prefix="lightning_inspect_text_") as tmp:

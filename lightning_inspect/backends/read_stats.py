@@ -40,20 +40,10 @@ def read_stats(source: str | os.PathLike[str], tracking_uri: str | None = None) 
     else:
         table = pd.DataFrame(_from_tensorboard(Path(source)), columns=["key", "step", "value"])
     parts = {key: split_key(key) for key in table["key"].unique()}
-    kind, module, output, stat = (
-        list(zip(*(parts[k] for k in table["key"]), strict=True)) or [()] * 4
-    )
-    frame = pd.DataFrame(
-        dict(
-            step=table["step"].astype("int64"),
-            kind=kind,
-            module=[unescape_name(m) for m in module],
-            output=output,
-            stat=stat,
-            value=table["value"].astype("float64"),
-        ),
-        columns=list(COLUMNS),
-    )
+    frame = pd.DataFrame([parts[k] for k in table["key"]], columns=list(COLUMNS[1:5]))
+    frame["module"] = frame["module"].map(unescape_name)
+    frame.insert(0, "step", table["step"].astype("int64").to_numpy())
+    frame["value"] = table["value"].astype("float64").to_numpy()
     frame = frame[frame["kind"].isin(KINDS)]
     return frame.sort_values(list(COLUMNS[:5]), kind="stable").reset_index(drop=True)
 
