@@ -261,9 +261,7 @@ def test_tensorboard_bytes_per_logged_step_scale_with_keys_and_bins_not_tensor_s
 SLOW_BACKEND_SCRIPT = """
 import sys, time
 from pathlib import Path
-from lightning_inspect.backends.base import BackgroundSink
-from lightning_inspect.backends.base import GuardedSink
-from lightning_inspect.backends.deadline import EndOfFit
+from lightning_inspect.backends.base import BackgroundSink, EndOfFit, GuardedSink
 
 out = Path(sys.argv[1])
 

@@ -15,8 +15,7 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_inspect._validation import closest, suggestion
-from lightning_inspect.backends.base import BackgroundSink, GuardedSink, Sink
-from lightning_inspect.backends.deadline import EndOfFit
+from lightning_inspect.backends.base import BackgroundSink, EndOfFit, GuardedSink, Sink
 from lightning_inspect.backends.generic import GenericSink
 from lightning_inspect.backends.memory import MemorySink  # noqa: F401
 from lightning_inspect.backends.mlflow import METRIC_MODES, MlflowRun, MlflowRunSink, MlflowSink  # noqa: F401

@@ -1,5 +1,5 @@
-"""The protocol every backend implements, the guard that keeps backend faults harmless, and the
-worker thread that keeps a slow backend off the training loop.
+"""The protocol every backend implements, the guard that keeps backend faults harmless, the
+worker thread that keeps a slow backend off the training loop, and the end-of-fit deadline.
 
 Example:
     >>> from lightning_inspect.backends.memory import MemorySink
@@ -18,18 +18,21 @@ import os
 import queue
 import tempfile
 import threading
+import time
 import warnings
+import weakref
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
-from lightning_inspect.backends.deadline import EndOfFit
 from lightning_inspect.core.stats import Histogram
 
 #: Calls that carry no values: a refused one is noted in the fallback file, not retained.
 CONTROL_CALLS = ("flush", "close")
 _STOP = object()
+#: Seconds the library may spend, in all, sending what is left when a fit ends.
+END_OF_FIT_BUDGET_S = 30.0
 
 
 @runtime_checkable
@@ -45,6 +48,47 @@ class Sink(Protocol):
     def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None: ...
     def log_text(self, key: str, text: str, step: int) -> None: ...
     def flush(self) -> None: ...
+
+
+class EndOfFit:
+    """The deadline of one fit's end, shared by all its backends: its clock starts with the first
+    wait and later waits get what is left, so a slow or dead backend adds at most
+    :data:`END_OF_FIT_BUDGET_S` to the end of fit.
+
+    Example:
+        >>> EndOfFit(budget_s=5.0).run(print, "sent")
+        sent
+        True
+    """
+
+    _instances: ClassVar[weakref.WeakKeyDictionary[Any, EndOfFit]] = weakref.WeakKeyDictionary()
+
+    def __init__(self, budget_s: float = END_OF_FIT_BUDGET_S) -> None:
+        self.budget_s = budget_s
+        self._end: float | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def for_fit(cls, trainer: Any) -> EndOfFit:
+        """The deadline of ``trainer``'s current fit (a new one once the last fit's has started)."""
+        if (current := cls._instances.get(trainer)) is None or current._end is not None:
+            current = cls._instances[trainer] = cls()
+        return current
+
+    def remaining(self) -> float:
+        """Seconds left before the deadline; the first call starts the clock."""
+        with self._lock:
+            if self._end is None:
+                self._end = time.monotonic() + self.budget_s
+            return max(0.0, self._end - time.monotonic())
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> bool:
+        """Call ``fn(*args)`` on a helper thread until the deadline; whether it finished."""
+        thread = threading.Thread(target=fn, args=args, name="lightning-inspect-end-of-fit")
+        thread.daemon = True
+        thread.start()
+        thread.join(self.remaining())
+        return not thread.is_alive()
 
 
 def text_value(value: Any, limit: int) -> str:
@@ -127,7 +171,7 @@ class GuardedSink(_Forwarding):
         self.failed = self._lost_warned = self._late = False
         self.deadline: EndOfFit | None = None
         self.fallback_path: Path | None = None
-        self._fallback_dir = Path(fallback_dir) if fallback_dir else None
+        self._fallback_dir = fallback_dir
         self._lock = threading.Lock()  # a background worker and the closing thread
         self._retained: deque[tuple[str, tuple[Any, ...]]] = deque(maxlen=max_retained)
 
@@ -183,10 +227,8 @@ class GuardedSink(_Forwarding):
         with self._lock:
             try:
                 if self.fallback_path is None:
-                    folder = self._fallback_dir or Path(
-                        tempfile.mkdtemp(prefix="lightning_inspect_")
-                    )
-                    folder.mkdir(parents=True, exist_ok=True)
+                    folder = self._fallback_dir or tempfile.mkdtemp(prefix="lightning_inspect_")
+                    Path(folder).mkdir(parents=True, exist_ok=True)
                     prefix = f"lightning_inspect_unsent_{self.name}_"
                     fd, path = tempfile.mkstemp(prefix=prefix, suffix=".jsonl", dir=folder)  # 0600
                     self.fallback_path = Path(path)
@@ -221,7 +263,7 @@ class GuardedSink(_Forwarding):
 class BackgroundSink(_Forwarding):
     """A slow backend (MLflow over HTTP), guarded, on a daemon worker behind a bounded queue: a
     call that finds the queue full goes to the fallback file instead of blocking, and
-    :meth:`close` waits only until the fit's :class:`~lightning_inspect.backends.deadline.EndOfFit`.
+    :meth:`close` waits only until the fit's :class:`EndOfFit`.
 
     Example:
         >>> from lightning_inspect.backends.memory import MemorySink

@@ -21,8 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_inspect.backends.base import BackgroundSink, text_value
-from lightning_inspect.backends.deadline import EndOfFit
+from lightning_inspect.backends.base import BackgroundSink, EndOfFit, text_value
 from lightning_inspect.backends.mlflow_http import bounded_client
 from lightning_inspect.backends.pictures import histogram_picture
 from lightning_inspect.core.keys import KINDS, MlflowKeys, split_key
@@ -124,8 +123,6 @@ class MlflowSink:
     def __init__(
         self, client: Any, run_id: str, owner: str | None = "inspect", metrics: str = "summary"
     ) -> None:
-        if metrics not in METRIC_MODES:
-            raise ValueError(f"MlflowSink(metrics={metrics!r}): expected one of {METRIC_MODES}.")
         self.client = client
         self.run_id = run_id
         self.owner = owner
@@ -262,12 +259,13 @@ class MlflowRun:
     Trainer's ``StepCoordinator`` has published the step, hands them to the one background
     writer (an :class:`MlflowSink`) as one call, stopped by the fit's end-of-fit deadline."""
 
-    def __init__(self, client: Any, run_id: str, deadline: EndOfFit | None = None) -> None:
+    def __init__(self, client: Any, run_id: str, trainer: Any) -> None:
         self.writer = MlflowSink(bounded_client(client), run_id, owner=None)
-        self.background = BackgroundSink(self.writer, deadline=deadline)
+        self.background = BackgroundSink(self.writer, deadline=EndOfFit.for_fit(trainer))
+        self.coordinator = StepCoordinator.for_trainer(trainer)
+        self.coordinator.flushed.append(self.send)
         self._pending: dict[int, tuple[Scalars, Histograms]] = {}
         self._open = 0
-        self._coordinator: StepCoordinator | None = None
         self.closed = False
 
     @classmethod
@@ -276,9 +274,7 @@ class MlflowRun:
         runs = _RUNS.setdefault(trainer, {})
         run = runs.get(run_id := str(logger.run_id))
         if run is None or run.closed:
-            run = runs[run_id] = cls(logger.experiment, run_id, EndOfFit.for_fit(trainer))
-            run._coordinator = StepCoordinator.for_trainer(trainer)
-            run._coordinator.flushed.append(run.send)
+            run = runs[run_id] = cls(logger.experiment, run_id, trainer)
         return run
 
     def sink(self, owner: str, metrics: str = "summary") -> MlflowRunSink:
@@ -314,8 +310,8 @@ class MlflowRun:
             return
         self.closed = True
         self.send()
-        if self._coordinator is not None and self.send in self._coordinator.flushed:
-            self._coordinator.flushed.remove(self.send)
+        if self.send in self.coordinator.flushed:
+            self.coordinator.flushed.remove(self.send)
         self.background.close()
 
 
