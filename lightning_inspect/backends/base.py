@@ -1,13 +1,6 @@
-"""The protocol every backend implements, the guard that keeps backend faults harmless, the
-worker thread that keeps a slow backend off the training loop, and the end-of-fit deadline.
-
-Example:
-    >>> from lightning_inspect.backends.memory import MemorySink
-    >>> sink = GuardedSink(MemorySink())
-    >>> sink.log_scalars({"activations/fc/mean": 0.5}, step=3)
-    >>> sink.inner.scalars
-    {'activations/fc/mean': [(3, 0.5)]}
-"""
+"""The protocol every backend implements and an in-memory one; the guard that keeps backend
+faults harmless, the worker thread that keeps a slow backend off the training loop, and the
+end-of-fit deadline."""
 
 from __future__ import annotations
 
@@ -25,6 +18,8 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
 
 from lightning_inspect.core.stats import Histogram
 
@@ -48,6 +43,49 @@ class Sink(Protocol):
     def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None: ...
     def log_text(self, key: str, text: str, step: int) -> None: ...
     def flush(self) -> None: ...
+
+
+class MemorySink:
+    """Keeps everything it is given (tests, notebooks): ``scalars[key] == [(step, value), ...]``.
+
+    Example:
+        >>> sink = MemorySink()
+        >>> sink.log_scalars({"weights/fc.weight/mean": 0.1}, step=0)
+        >>> sink.last("weights/fc.weight/mean"), sink.steps("weights/fc.weight/mean")
+        (0.1, [0])
+    """
+
+    name = "memory"
+
+    def __init__(self) -> None:
+        self.scalars: dict[str, list[tuple[int, float]]] = {}
+        self.histograms: dict[str, list[tuple[int, Histogram]]] = {}
+        self.texts: dict[str, list[tuple[int, str]]] = {}
+        self.images: dict[str, list[tuple[int, np.ndarray]]] = {}
+        self.flushes = 0
+
+    def log_scalars(self, values: Mapping[str, float], step: int) -> None:
+        for key, value in values.items():
+            self.scalars.setdefault(key, []).append((step, float(value)))
+
+    def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None:
+        for key, hist in histograms.items():
+            self.histograms.setdefault(key, []).append((step, hist))
+
+    def log_text(self, key: str, text: str, step: int) -> None:
+        self.texts.setdefault(key, []).append((step, text))
+
+    def log_image(self, key: str, image: np.ndarray, step: int) -> None:
+        self.images.setdefault(key, []).append((step, image))
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+    def last(self, key: str) -> float:
+        return self.scalars[key][-1][1]
+
+    def steps(self, key: str) -> list[int]:
+        return [step for step, _ in self.scalars[key]]
 
 
 class EndOfFit:
@@ -156,7 +194,14 @@ class GuardedSink(_Forwarding):
     at the first refusal, unpredictable name, mode 0600, in ``fallback_dir`` or a new private
     directory under the temp directory; never deleted), and is sent again, in order, once the
     backend accepts a call (the last ``max_retained``). Once :attr:`deadline` is set (the end of
-    fit), a ``remote`` backend's calls wait only until it; later ones go to the file."""
+    fit), a ``remote`` backend's calls wait only until it; later ones go to the file.
+
+    Example:
+        >>> sink = GuardedSink(MemorySink())
+        >>> sink.log_scalars({"activations/fc/mean": 0.5}, step=3)
+        >>> sink.inner.scalars
+        {'activations/fc/mean': [(3, 0.5)]}
+    """
 
     def __init__(
         self,
@@ -263,16 +308,7 @@ class GuardedSink(_Forwarding):
 class BackgroundSink(_Forwarding):
     """A slow backend (MLflow over HTTP), guarded, on a daemon worker behind a bounded queue: a
     call that finds the queue full goes to the fallback file instead of blocking, and
-    :meth:`close` waits only until the fit's :class:`EndOfFit`.
-
-    Example:
-        >>> from lightning_inspect.backends.memory import MemorySink
-        >>> sink = BackgroundSink(MemorySink())
-        >>> sink.log_scalars({"weights/fc.weight/mean": 0.5}, step=1)
-        >>> sink.close()
-        >>> sink.inner.inner.scalars
-        {'weights/fc.weight/mean': [(1, 0.5)]}
-    """
+    :meth:`close` waits only until the fit's :class:`EndOfFit`."""
 
     def __init__(
         self, inner: Sink, max_queue: int = 10_000, deadline: EndOfFit | None = None

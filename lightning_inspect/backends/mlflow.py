@@ -17,7 +17,7 @@ import time
 import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -259,6 +259,10 @@ class MlflowRun:
     Trainer's ``StepCoordinator`` has published the step, hands them to the one background
     writer (an :class:`MlflowSink`) as one call, stopped by the fit's end-of-fit deadline."""
 
+    _runs: ClassVar[weakref.WeakKeyDictionary[Any, dict[str, MlflowRun]]] = (
+        weakref.WeakKeyDictionary()
+    )
+
     def __init__(self, client: Any, run_id: str, trainer: Any) -> None:
         self.writer = MlflowSink(bounded_client(client), run_id, owner=None)
         self.background = BackgroundSink(self.writer, deadline=EndOfFit.for_fit(trainer))
@@ -271,7 +275,7 @@ class MlflowRun:
     @classmethod
     def for_fit(cls, trainer: Any, logger: Any) -> MlflowRun:
         """The writer of ``logger``'s run in ``trainer``'s current fit (created on first use)."""
-        runs = _RUNS.setdefault(trainer, {})
+        runs = cls._runs.setdefault(trainer, {})
         run = runs.get(run_id := str(logger.run_id))
         if run is None or run.closed:
             run = runs[run_id] = cls(logger.experiment, run_id, trainer)
@@ -299,10 +303,6 @@ class MlflowRun:
         for step in sorted(pending):
             self.background.log_step(step, *pending[step])
 
-    def flush(self) -> None:
-        self.send()
-        self.background.flush()
-
     def release(self) -> None:
         """One sink closed; the last one sends what is left and stops the worker by the deadline."""
         self._open -= 1
@@ -313,10 +313,6 @@ class MlflowRun:
         if self.send in self.coordinator.flushed:
             self.coordinator.flushed.remove(self.send)
         self.background.close()
-
-
-#: The runs of each Trainer's current fit, by run id.
-_RUNS: weakref.WeakKeyDictionary[Any, dict[str, MlflowRun]] = weakref.WeakKeyDictionary()
 
 
 class MlflowRunSink:
@@ -342,7 +338,8 @@ class MlflowRunSink:
         self.run.background.log_image(key, image, step)
 
     def flush(self) -> None:
-        self.run.flush()
+        self.run.send()
+        self.run.background.flush()
 
     def close(self) -> None:
         if not self._closed:
