@@ -149,22 +149,20 @@ def resolve_sinks(
     if not trainer.is_global_zero:
         return []
     if backends is not None and not backends:
-        warnings.warn(
-            f"{owner}(backends=[]): no backend is selected, so this callback writes nothing to "
-            "the Trainer's loggers in this fit. Leave backends=None (the default) to write to "
-            "every logger attached, or pass enabled=False to switch it off.",
-            RuntimeWarning,
-            stacklevel=3,
+        why = (
+            "(backends=[]): no backend is selected, so this callback writes nothing to the "
+            "Trainer's loggers in this fit. Leave backends=None (the default) to write to every "
+            "logger attached, or pass enabled=False to switch it off."
         )
+        warnings.warn(owner + why, RuntimeWarning, stacklevel=3)
     if backends is None and not trainer.loggers:
-        warnings.warn(
-            f"{owner}: the Trainer has no logger, so nothing of this callback reaches a logger in "
-            "this fit. Attach one, e.g. Trainer(logger=TensorBoardLogger('logs')) or CSVLogger, "
+        why = (
+            ": the Trainer has no logger, so nothing of this callback reaches a logger in this "
+            "fit. Attach one, e.g. Trainer(logger=TensorBoardLogger('logs')) or CSVLogger, "
             "WandbLogger, MLFlowLogger (in the Lightning+Hydra template: logger=tensorboard, "
-            "logger=csv, ...), or pass Sink objects in backends=[...].",
-            RuntimeWarning,
-            stacklevel=3,
+            "logger=csv, ...), or pass Sink objects in backends=[...]."
         )
+        warnings.warn(owner + why, RuntimeWarning, stacklevel=3)
     chosen: list[Any] = []
     for target in select_loggers(trainer, backends, owner):
         if isinstance(target, MlflowSink):
@@ -175,10 +173,10 @@ def resolve_sinks(
             chosen.append(MlflowRun.for_fit(trainer, target[1]).sink(owner, mlflow_metrics))
         else:
             chosen.append(GuardedSink(logger_sink(*target)))
-    scalars_only = [s.inner for s in chosen if isinstance(getattr(s, "inner", None), GenericSink)]
-    richer = [s.name for s in chosen if not isinstance(getattr(s, "inner", None), GenericSink)]
-    rest = ", ".join(richer) or "no backend (attach a TensorBoard, MLflow or W&B logger for them)"
-    for sink in scalars_only:
+    generic = [s.inner for s in chosen if isinstance(getattr(s, "inner", None), GenericSink)]
+    rest = ", ".join(s.name for s in chosen if getattr(s, "inner", None) not in generic)
+    rest = rest or "no backend (attach a TensorBoard, MLflow or W&B logger for them)"
+    for sink in generic:
         rank_zero_info(
             f"{owner}: {type(sink.logger).__name__} receives scalars only; histograms, texts "
             f"and pictures go to {rest}."

@@ -1,6 +1,5 @@
 """The protocol every backend implements and an in-memory one; the guard that keeps backend
-faults harmless, the worker thread that keeps a slow backend off the training loop, and the
-end-of-fit deadline."""
+faults harmless, its worker thread for slow backends, and the end-of-fit deadline."""
 
 from __future__ import annotations
 
@@ -89,9 +88,8 @@ class MemorySink:
 
 
 class EndOfFit:
-    """The deadline of one fit's end, shared by all its backends: its clock starts with the first
-    wait and later waits get what is left, so a slow or dead backend adds at most
-    :data:`END_OF_FIT_BUDGET_S` to the end of fit.
+    """The deadline of one fit's end, shared by all its backends: the clock starts with the first
+    wait, later waits get what is left (at most :data:`END_OF_FIT_BUDGET_S` in all).
 
     Example:
         >>> EndOfFit(budget_s=5.0).run(print, "sent")
@@ -162,32 +160,7 @@ def fallback_record(method: str, args: tuple[Any, ...]) -> dict[str, Any]:
     return {"call": method, "values": values}
 
 
-class _Forwarding:
-    """The Sink methods, and the inner sink's optional ``log_*`` ones, made by :meth:`call`."""
-
-    inner: Any
-
-    def call(self, method: str, *args: Any) -> Any: ...
-
-    def __getattr__(self, method: str) -> Any:
-        if not method.startswith("log_") or not hasattr(self.inner, method):
-            raise AttributeError(method)
-        return functools.partial(self.call, method)
-
-    def log_scalars(self, values: Mapping[str, float], step: int) -> None:
-        self.call("log_scalars", values, step)
-
-    def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None:
-        self.call("log_histograms", histograms, step)
-
-    def log_text(self, key: str, text: str, step: int) -> None:
-        self.call("log_text", key, text, step)
-
-    def flush(self) -> None:
-        self.call("flush")
-
-
-class GuardedSink(_Forwarding):
+class GuardedSink:
     """A sink whose faults warn once (``owner`` starts the warning) and never stop training.
 
     What the backend refused goes, as JSON lines, to a fallback file the warning names (created
@@ -219,6 +192,24 @@ class GuardedSink(_Forwarding):
         self._fallback_dir = fallback_dir
         self._lock = threading.Lock()  # a background worker and the closing thread
         self._retained: deque[tuple[str, tuple[Any, ...]]] = deque(maxlen=max_retained)
+
+    def __getattr__(self, method: str) -> Any:
+        """The backend's optional ``log_*`` methods, guarded (missing ones are missing here)."""
+        if not method.startswith("log_") or not hasattr(self.inner, method):
+            raise AttributeError(method)
+        return functools.partial(self.call, method)
+
+    def log_scalars(self, values: Mapping[str, float], step: int) -> None:
+        self.call("log_scalars", values, step)
+
+    def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None:
+        self.call("log_histograms", histograms, step)
+
+    def log_text(self, key: str, text: str, step: int) -> None:
+        self.call("log_text", key, text, step)
+
+    def flush(self) -> None:
+        self.call("flush")
 
     def call(self, method: str, *args: Any) -> Any:
         """``inner.<method>(*args)``, guarded; its result, or None when it failed."""
@@ -302,20 +293,23 @@ class GuardedSink(_Forwarding):
             if records:
                 self._write(records)
         if hasattr(self.inner, "close"):
-            self.call("close")
+            GuardedSink.call(self, "close")  # on this thread, also in a BackgroundSink
 
 
-class BackgroundSink(_Forwarding):
-    """A slow backend (MLflow over HTTP), guarded, on a daemon worker behind a bounded queue: a
-    call that finds the queue full goes to the fallback file instead of blocking, and
-    :meth:`close` waits only until the fit's :class:`EndOfFit`."""
+class BackgroundSink(GuardedSink):
+    """A guarded slow backend (MLflow over HTTP) on a daemon worker behind a bounded queue: a call
+    that finds the queue full goes to the fallback file instead of blocking, and :meth:`close`
+    waits only until ``deadline``, the fit's :class:`EndOfFit`."""
 
     def __init__(
-        self, inner: Sink, max_queue: int = 10_000, deadline: EndOfFit | None = None
+        self,
+        inner: Sink,
+        max_queue: int = 10_000,
+        deadline: EndOfFit | None = None,
+        **guard: Any,
     ) -> None:
-        self.inner = inner if isinstance(inner, GuardedSink) else GuardedSink(inner)
-        self.name = self.inner.name
-        self.deadline = deadline or EndOfFit()
+        super().__init__(inner, **guard)
+        self.end_of_fit = deadline or EndOfFit()
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
         self._overflow_warned = self._abandoned = self._closed = False
         self._in_flight: tuple[str, tuple[Any, ...]] | None = None
@@ -330,13 +324,13 @@ class BackgroundSink(_Forwarding):
                 self._keep(*item)
                 continue
             method, args = self._in_flight = item
-            self.inner.close() if method == "close" else self.inner.call(method, *args)
+            super().close() if method == "close" else super().call(method, *args)
             self._in_flight = None
 
     def _keep(self, method: str, args: tuple[Any, ...]) -> bool:
         """Write a call to the fallback file instead of making it; whether it held values."""
         if method not in CONTROL_CALLS:
-            self.inner.save(method, args)
+            self.save(method, args)
         return method not in CONTROL_CALLS
 
     def call(self, method: str, *args: Any) -> None:
@@ -353,7 +347,7 @@ class BackgroundSink(_Forwarding):
                 self._overflow_warned = True
                 warnings.warn(
                     f"lightning-inspect: the {self.name} backend is slower than training; values "
-                    f"it could not take in time are written to {self.inner.fallback_path}.",
+                    f"it could not take in time are written to {self.fallback_path}.",
                     RuntimeWarning,
                     stacklevel=3,
                 )
@@ -368,8 +362,8 @@ class BackgroundSink(_Forwarding):
         self.call("close")
         self._closed = True
         with contextlib.suppress(queue.Full):
-            self._queue.put(_STOP, timeout=self.deadline.remaining())
-        self._worker.join(self.deadline.remaining())
+            self._queue.put(_STOP, timeout=self.end_of_fit.remaining())
+        self._worker.join(self.end_of_fit.remaining())
         if not self._worker.is_alive():
             return
         self._abandoned = True
@@ -378,14 +372,15 @@ class BackgroundSink(_Forwarding):
             while True:
                 items.append(self._queue.get_nowait())
         saved = sum(self._keep(*item) for item in items if item is not _STOP)
-        self.inner.close()  # the backend's undelivered local data; the worker is cut off
+        super().close()  # the backend's undelivered local data; the worker is cut off
         self._queue.put(_STOP)  # emptied above: does not block
-        where = self.inner.fallback_path
-        kept = f"{saved} queued call(s) and its undelivered data were written to {where}"
+        kept = (
+            f"{saved} queued call(s) and its undelivered data were written to {self.fallback_path}"
+        )
         warnings.warn(
             f"lightning-inspect: the {self.name} backend did not take the queued values by the "
-            f"end-of-fit deadline ({self.deadline.budget_s:g} s for all backends); "
-            f"{kept if where else 'nothing was left'}.",
+            f"end-of-fit deadline ({self.end_of_fit.budget_s:g} s for all backends); "
+            f"{kept if self.fallback_path else 'nothing was left'}.",
             RuntimeWarning,
             stacklevel=2,
         )

@@ -1,15 +1,7 @@
 """TensorBoard through the Trainer's ``TensorBoardLogger``: a step's scalars in one event, its
-histograms (binned on the device) in another, both encoded from protobuf's wire format; records
-checksummed with ``google-crc32c``'s C code in the library's writer only; a custom-scalars
-layout of one chart per kind and statistic, shared by the sinks of a writer.
-
-Example:
-    >>> import tempfile
-    >>> from torch.utils.tensorboard import SummaryWriter
-    >>> sink = TensorBoardSink(SummaryWriter(tempfile.mkdtemp()))
-    >>> sink.log_scalars({"activations/fc/mean": 0.5}, step=0)
-    >>> sink.flush()
-"""
+histograms in another, both encoded from protobuf's wire format; records checksummed with
+``google-crc32c``'s C code in the library's writer only; a custom-scalars layout of one chart per
+kind and statistic, shared by the sinks of a writer."""
 
 from __future__ import annotations
 
@@ -134,7 +126,13 @@ def histogram_summary(
 
 
 class TensorBoardSink:
-    """Writes scalars, histograms, texts, pictures and an HPARAMS entry to a ``SummaryWriter``."""
+    """Writes scalars, histograms, texts, pictures and an HPARAMS entry to a ``SummaryWriter``.
+
+    Example:
+        >>> import tempfile
+        >>> from torch.utils.tensorboard import SummaryWriter
+        >>> TensorBoardSink(SummaryWriter(tempfile.mkdtemp())).log_scalars({"a/b/mean": 0.5}, 0)
+    """
 
     name = "tensorboard"
 

@@ -12,11 +12,9 @@ import numpy as np
 
 from lightning_inspect.core.stats import Histogram
 
-MAX_WANDB_BINS = 512  # the most bins a wandb.Histogram accepts
 
-
-def wandb_bins(h: Histogram, limit: int = MAX_WANDB_BINS) -> tuple[np.ndarray, np.ndarray]:
-    """``(counts, edges)`` of ``h`` with at most ``limit`` bins (neighbours summed).
+def wandb_bins(h: Histogram, limit: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """``(counts, edges)`` of ``h`` with at most ``limit`` bins (a wandb.Histogram's most).
 
     >>> h = Histogram(np.linspace(0, 6, 7), np.arange(6.0), 0.0, 6.0, 15.0, 0.0, 0.0)
     >>> counts, edges = wandb_bins(h, limit=4)
@@ -24,10 +22,7 @@ def wandb_bins(h: Histogram, limit: int = MAX_WANDB_BINS) -> tuple[np.ndarray, n
     ([1.0, 5.0, 9.0], [0.0, 2.0, 4.0, 6.0])
     """
     counts, edges = np.asarray(h.counts), np.asarray(h.edges)
-    group = -(-len(counts) // limit)  # ceiling division
-    if group == 1:
-        return counts, edges
-    starts = np.arange(0, len(counts), group)
+    starts = np.arange(0, len(counts), -(-len(counts) // limit))  # neighbours summed
     return np.add.reduceat(counts, starts), np.append(edges[starts], edges[-1])
 
 
