@@ -1,10 +1,4 @@
-"""Backends: every Lightning logger attached to the Trainer, behind one protocol (:class:`Sink`).
-
-Example:
-    >>> from lightning.pytorch.loggers import CSVLogger
-    >>> logger_backend(CSVLogger("logs"))
-    'csv'
-"""
+"""Backends: every Lightning logger attached to the Trainer, behind one protocol (:class:`Sink`)."""
 
 from __future__ import annotations
 
@@ -39,14 +33,7 @@ BACKENDS = tuple(LOGGERS)
 
 class GenericSink:
     """Any other Lightning logger (CSV, Comet, a user's own): scalars through ``log_metrics``,
-    params through ``log_hyperparams``; histograms and texts are dropped (said once at fit start).
-
-    Example:
-        >>> import tempfile
-        >>> from lightning.pytorch.loggers import CSVLogger
-        >>> sink = GenericSink(CSVLogger(tempfile.mkdtemp()), name="csv")
-        >>> sink.log_scalars({"activations/fc/mean": 0.5}, step=0)
-    """
+    params through ``log_hyperparams``; histograms and texts are dropped (said once at fit start)."""
 
     def __init__(self, logger: Any, name: str) -> None:
         self.logger = logger
@@ -95,7 +82,12 @@ def check_backends(owner: str, backends: Any) -> tuple[str | Sink, ...] | None:
 
 
 def logger_backend(logger: Any) -> str:
-    """The backend name of a Lightning logger (:data:`LOGGERS`)."""
+    """The backend name of a Lightning logger (:data:`LOGGERS`).
+
+    >>> from lightning.pytorch.loggers import CSVLogger
+    >>> logger_backend(CSVLogger("logs"))
+    'csv'
+    """
     from lightning.pytorch import loggers
 
     for name, (cls, _) in LOGGERS.items():

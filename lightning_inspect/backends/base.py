@@ -89,13 +89,7 @@ class MemorySink:
 
 class EndOfFit:
     """The deadline of one fit's end, shared by all its backends: the clock starts with the first
-    wait, later waits get what is left (at most :data:`END_OF_FIT_BUDGET_S` in all).
-
-    Example:
-        >>> EndOfFit(budget_s=5.0).run(print, "sent")
-        sent
-        True
-    """
+    wait, later waits get what is left (at most :data:`END_OF_FIT_BUDGET_S` in all)."""
 
     _instances: ClassVar[weakref.WeakKeyDictionary[Any, EndOfFit]] = weakref.WeakKeyDictionary()
 

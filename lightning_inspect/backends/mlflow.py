@@ -1,12 +1,10 @@
-"""MLflow through the Trainer's ``MLFlowLogger``: by default (``metrics="summary"``) the headline
-values as metrics (:func:`headline_metrics`) and every value in a table per callback,
-``lightning_inspect/stats/<owner>.csv``; histograms, texts and pictures as artifacts. The
-callbacks of a fit share one background writer per run (:class:`MlflowRun`).
-"""
+"""MLflow through the Trainer's ``MLFlowLogger``: headline metrics, every value in a table per
+callback, histograms, texts and pictures as artifacts; one background writer per run."""
 
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -37,15 +35,12 @@ _EXACT = {"min": min, "max": max, "nan_count": math.fsum, "inf_count": math.fsum
 #: One step of several callbacks: ``{owner: {key: value}}`` and ``{owner: {key: histogram}}``.
 Scalars = dict[str, dict[str, float]]
 Histograms = dict[str, dict[str, Histogram]]
+_split_key = functools.lru_cache(maxsize=1 << 16)(split_key)
 
 
 def artifact_file(key: str, suffix: str) -> str:
     """``key + suffix`` as a relative path whose every part fits in a file name (255 bytes): a
-    part too long is cut and ends with 8 hex digits of its SHA-1.
-
-    >>> len(artifact_file("activations/" + "é" * 200, ".png").split("/")[-1].encode())
-    255
-    """
+    part too long is cut and ends with 8 hex digits of its SHA-1."""
     *folders, name = key.split("/")
     out = []
     for part, end in [(f, "") for f in folders] + [(name, suffix)]:
@@ -57,24 +52,16 @@ def artifact_file(key: str, suffix: str) -> str:
     return "/".join(out)
 
 
-def headline_metrics(
-    values: Mapping[str, float], parsed: dict[str, tuple[str, str, str, str]] | None = None
-) -> dict[str, float]:
-    """The metrics of one step in ``"summary"`` mode: keys outside the scheme and whole-kind keys
-    as they are; ``summary/<kind>/<stat>`` for the statistics exact over modules (min, max,
-    nan_count, inf_count, l2_norm), ``.../min`` and ``.../max`` for the others (NaN left out).
-    ``parsed`` caches :func:`~lightning_inspect.core.keys.split_key`.
+def headline_metrics(values: Mapping[str, float]) -> dict[str, float]:
+    """The metrics of one step in ``"summary"`` mode (README, "MLflow gets headline metrics").
 
     >>> headline_metrics({"weights/a/max": 1.0, "weights/b/max": 3.0, "param_grads/global_norm": 2.0})
     {'param_grads/global_norm': 2.0, 'summary/weights/max': 3.0}
     """
-    parsed = {} if parsed is None else parsed
     out: dict[str, float] = {}
     groups: dict[tuple[str, str], list[float]] = {}
     for key, value in values.items():
-        if (parts := parsed.get(key)) is None:
-            parts = parsed[key] = split_key(key)
-        kind, name, _, stat = parts
+        kind, name, _, stat = _split_key(key)
         if kind not in KINDS or not name:
             out[key] = value
         elif not math.isnan(value):
@@ -128,7 +115,6 @@ class MlflowSink:
         self.owner = owner
         self.modes: dict[str | None, str] = {owner: metrics}
         self.keys = MlflowKeys()
-        self._parsed: dict[str, tuple[str, str, str, str]] = {}
         self._spool: Path | None = None
         self._dirty: dict[Path, None] = {}  # spooled files not uploaded since they changed
 
@@ -144,14 +130,14 @@ class MlflowSink:
         return path
 
     def log_step(self, step: int, scalars: Scalars, histograms: Histograms) -> None:
-        """Several owners' values of one step: their metrics in one ``log_batch`` (per 1000), then
-        their tables and spools (after the metrics: a refused call sent again adds lines once)."""
+        """Several owners' values of one step: metrics in one ``log_batch``, then tables and spools
+        (after the metrics: a refused call sent again adds lines once)."""
         from mlflow.entities import Metric
 
         sent: dict[str, float] = {}
         for owner, values in scalars.items():
             every = self.modes.get(owner) == "all"
-            sent.update(values if every else headline_metrics(values, self._parsed))
+            sent.update(values if every else headline_metrics(values))
         now = int(time.time() * 1000)
         metrics = [Metric(self.keys(k), float(v), now, step) for k, v in sent.items()]
         self._batch("metrics", metrics, 1000)
@@ -178,7 +164,6 @@ class MlflowSink:
         self.log_step(step, {}, {self.owner: dict(histograms)})  # type: ignore[dict-item]
 
     def _upload(self, path: Path, name: str) -> None:
-        """The local file ``path`` as the artifact ``lightning_inspect/<name>`` (same file name)."""
         folder = posixpath.dirname(f"{ARTIFACT_ROOT}/{name}")
         self.client.log_artifact(self.run_id, str(path), folder)
 
@@ -221,8 +206,7 @@ class MlflowSink:
             self._upload(path, f"{folder}/{path.name}")
 
     def flush(self) -> None:
-        """Upload the tables and histogram spools (with pictures) changed since their last upload;
-        a refused upload is tried again by the next flush."""
+        """Upload the tables and histogram spools (with pictures) changed since their last upload."""
         for path in list(self._dirty):
             self._upload(path, f"{path.parent.name}/{path.name}")
             if path.suffix == ".jsonl":
@@ -232,8 +216,7 @@ class MlflowSink:
             del self._dirty[path]
 
     def unsent(self) -> list[dict[str, Any]]:
-        """What the uploads did not deliver, as fallback records per step: the tables' values
-        (their headline metrics may have arrived) and the spooled histograms."""
+        """What the uploads did not deliver (tables, spooled histograms) as fallback records."""
         records: list[dict[str, Any]] = []
         for path in self._dirty:
             by_step: dict[int, dict[str, Any]] = {}
@@ -255,9 +238,8 @@ class MlflowSink:
 
 
 class MlflowRun:
-    """One fit's MLflow run: gathers each step's values of every callback and, once the
-    Trainer's ``StepCoordinator`` has published the step, hands them to the one background
-    writer (an :class:`MlflowSink`) as one call, stopped by the fit's end-of-fit deadline."""
+    """One fit's MLflow run: each step's values of every callback, once the Trainer's
+    ``StepCoordinator`` has published the step, go to its background writer as one call."""
 
     _runs: ClassVar[weakref.WeakKeyDictionary[Any, dict[str, MlflowRun]]] = (
         weakref.WeakKeyDictionary()
@@ -282,8 +264,7 @@ class MlflowRun:
         return run
 
     def sink(self, owner: str, metrics: str = "summary") -> MlflowRunSink:
-        """A callback's sink (every value a metric if any callback of ``owner`` asks for "all");
-        the worker stops once every sink handed out is closed."""
+        """A callback's sink; the worker stops once every sink handed out is closed."""
         modes = self.writer.modes
         modes[owner] = "all" if "all" in (metrics, modes.get(owner)) else "summary"
         self._open += 1
@@ -292,19 +273,17 @@ class MlflowRun:
     def add(
         self, owner: str, step: int, values: Mapping[str, Any], histograms: bool = False
     ) -> None:
-        """Gather a callback's scalars (or ``histograms``) of ``step`` until :meth:`send`."""
         if values:
             owners = self._pending.setdefault(step, ({}, {}))[histograms]
             owners.setdefault(owner, {}).update(values)
 
     def send(self) -> None:
-        """Queue every gathered step, oldest first, one call each (returns at once)."""
+        """Queue every gathered step, oldest first."""
         pending, self._pending = self._pending, {}
         for step in sorted(pending):
             self.background.log_step(step, *pending[step])
 
     def release(self) -> None:
-        """One sink closed; the last one sends what is left and stops the worker by the deadline."""
         self._open -= 1
         if self._open > 0 or self.closed:
             return

@@ -22,18 +22,13 @@ try:
 except ImportError:  # the tensorboard extra installs it
     google_crc32c = None
 
-#: The custom-scalars layout of each writer: ``{category: {chart title: tag regex}}``.
+#: The custom-scalars layout of each writer (:func:`layout_charts`).
 _LAYOUTS: weakref.WeakKeyDictionary[Any, dict[str, dict[str, str]]] = weakref.WeakKeyDictionary()
 _HISTOGRAM_HEAD = struct.Struct("<BdBdBdBdBd")
 
 
 def layout_charts(keys: Iterable[str]) -> dict[str, dict[str, str]]:
-    """The custom-scalars charts of ``keys``.
-
-    >>> layout_charts(["weights/fc.weight/mean", "param_grads/global_norm"])
-    {'lightning-inspect/weights': {'weights/mean': '^weights/.+/mean$'}, \
-'lightning-inspect/param_grads': {'param_grads/global_norm': '^param_grads/global_norm$'}}
-    """
+    """The custom-scalars charts of ``keys``: ``{category: {chart title: tag regex}}``."""
     charts: dict[str, dict[str, str]] = {}
     for key in keys:
         kind, name, _, stat = split_key(key)
@@ -82,12 +77,7 @@ def _field(number: int, payload: bytes) -> bytes:
 
 def scalar_summary(values: Mapping[str, float], encoded: dict[str, bytes] | None = None) -> Any:
     """One ``Summary`` of every scalar, as ``add_scalar`` writes them, parsed once in C from the
-    wire format (~0.3 us a key). ``encoded`` caches each key's bytes before its value.
-
-    >>> from tensorboard.compat.proto.summary_pb2 import Summary
-    >>> scalar_summary({"a/b/mean": 0.5}) == Summary(value=[Summary.Value(tag="a/b/mean", simple_value=0.5)])
-    True
-    """
+    wire format (~0.3 us a key). ``encoded`` caches each key's bytes before its value."""
     from tensorboard.compat.proto.summary_pb2 import Summary
 
     encoded = {} if encoded is None else encoded
@@ -139,7 +129,7 @@ class TensorBoardSink:
     def __init__(self, writer: Any) -> None:
         self.writer = writer
         self._seen: set[str] = set()  # keys already placed in the layout
-        self._scalars: dict[str, bytes] = {}  # encoded keys (scalar_summary)
+        self._scalars: dict[str, bytes] = {}  # encoded keys
         self._histograms: dict[str, bytes] = {}
 
     def _add(self, summary: Any, step: int | None = None) -> None:
@@ -171,7 +161,7 @@ class TensorBoardSink:
         self.writer.add_image(key, image, global_step=step, dataformats="HWC")
 
     def log_hparams(self, values: Mapping[str, Any], metrics: Iterable[str] = ()) -> None:
-        """An HPARAMS entry: ``values`` compared on the scalars ``metrics`` (a run keeps its first)."""
+        """An HPARAMS entry: ``values`` compared on the scalars ``metrics``."""
         from torch.utils.tensorboard.summary import hparams
 
         clean = {
