@@ -808,7 +808,7 @@ def test_the_librarys_mlflow_calls_have_their_own_retry_budget(
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from lightning_inspect.backends.mlflow_http import HTTP_BUDGET, BoundedClient, bounded_client
+    from lightning_inspect.backends.mlflow import HTTP_BUDGET, BoundedClient, bounded_client
 
     # The user's own settings for MLflow's calls: kept for theirs, not used for the library's.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")

@@ -11,7 +11,6 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning_inspect._validation import closest, suggestion
 from lightning_inspect.backends.base import BackgroundSink, EndOfFit, GuardedSink, MemorySink, Sink  # noqa: F401
 from lightning_inspect.backends.mlflow import METRIC_MODES, MlflowRun, MlflowRunSink, MlflowSink  # noqa: F401
-from lightning_inspect.backends.mlflow_http import bounded_client
 from lightning_inspect.backends.tensorboard import TensorBoardSink
 from lightning_inspect.backends.wandb import WandbSink
 from lightning_inspect.core.stats import Histogram
@@ -21,10 +20,7 @@ from lightning_inspect.errors import BackendError, ConfigError
 #: other logger's name is its class name, lower-case, without "Logger" (``CometLogger``: "comet").
 LOGGERS: dict[str, tuple[str, Any]] = {
     "tensorboard": ("TensorBoardLogger", lambda lg: TensorBoardSink(lg.experiment)),
-    "mlflow": (
-        "MLFlowLogger",
-        lambda lg: MlflowSink(bounded_client(lg.experiment), str(lg.run_id), owner=None),
-    ),
+    "mlflow": ("MLFlowLogger", lambda lg: MlflowSink(lg.experiment, str(lg.run_id), owner=None)),
     "wandb": ("WandbLogger", WandbSink),
     "csv": ("CSVLogger", None),
 }
@@ -99,10 +95,8 @@ def logger_backend(logger: Any) -> str:
 
 def attached_loggers(trainer: Any) -> dict[str, Any]:
     """The Trainer's first ``TensorBoardLogger`` and ``MLFlowLogger``, by backend name."""
-    found: dict[str, Any] = {}
-    for logger in trainer.loggers:
-        found.setdefault(logger_backend(logger), logger)
-    return {k: v for k, v in found.items() if k in ("tensorboard", "mlflow")}
+    found = {logger_backend(lg): lg for lg in reversed(trainer.loggers)}  # the first one wins
+    return {k: found[k] for k in ("tensorboard", "mlflow") if k in found}
 
 
 def select_loggers(trainer: Any, backends: Sequence[str | Sink] | None, owner: str) -> list[Any]:

@@ -155,13 +155,10 @@ def fallback_record(method: str, args: tuple[Any, ...]) -> dict[str, Any]:
 
 
 class GuardedSink:
-    """A sink whose faults warn once (``owner`` starts the warning) and never stop training.
-
-    What the backend refused goes, as JSON lines, to a fallback file the warning names (created
-    at the first refusal, unpredictable name, mode 0600, in ``fallback_dir`` or a new private
-    directory under the temp directory; never deleted), and is sent again, in order, once the
-    backend accepts a call (the last ``max_retained``). Once :attr:`deadline` is set (the end of
-    fit), a ``remote`` backend's calls wait only until it; later ones go to the file.
+    """A sink whose faults warn once (``owner`` starts the warning) and never stop training: what
+    the backend refused goes to a private fallback file (JSON lines, mode 0600, in ``fallback_dir``
+    or a new temp directory) and is sent again, in order, once the backend accepts a call. Once
+    :attr:`deadline` is set, a ``remote`` backend's calls wait only until it.
 
     Example:
         >>> sink = GuardedSink(MemorySink())
@@ -295,21 +292,16 @@ class BackgroundSink(GuardedSink):
     that finds the queue full goes to the fallback file instead of blocking, and :meth:`close`
     waits only until ``deadline``, the fit's :class:`EndOfFit`."""
 
-    def __init__(
-        self,
-        inner: Sink,
-        max_queue: int = 10_000,
-        deadline: EndOfFit | None = None,
-        **guard: Any,
-    ) -> None:
+    max_queue = 10_000
+
+    def __init__(self, inner: Sink, deadline: EndOfFit | None = None, **guard: Any) -> None:
         super().__init__(inner, **guard)
         self.end_of_fit = deadline or EndOfFit()
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queue)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=self.max_queue)
         self._overflow_warned = self._abandoned = self._closed = False
         self._in_flight: tuple[str, tuple[Any, ...]] | None = None
-        self._worker = threading.Thread(
-            target=self._run, name=f"lightning-inspect-{self.name}", daemon=True
-        )
+        self._worker = threading.Thread(target=self._run, name=f"lightning-inspect-{self.name}")
+        self._worker.daemon = True
         self._worker.start()
 
     def _run(self) -> None:

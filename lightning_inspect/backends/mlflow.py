@@ -1,5 +1,7 @@
 """MLflow through the Trainer's ``MLFlowLogger``: headline metrics, every value in a table per
-callback, histograms, texts and pictures as artifacts; one background writer per run."""
+callback, histograms, texts and pictures as artifacts; one background writer per run; calls to a
+tracking server with a bounded retry budget (:data:`HTTP_BUDGET`; MLflow's default retries last
+minutes, and its environment variables would change them for the whole process)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 import posixpath
 import shutil
 import tempfile
@@ -20,7 +23,6 @@ from typing import Any, ClassVar
 import numpy as np
 
 from lightning_inspect.backends.base import BackgroundSink, EndOfFit, text_value
-from lightning_inspect.backends.mlflow_http import bounded_client
 from lightning_inspect.backends.pictures import histogram_picture
 from lightning_inspect.core.keys import KINDS, MlflowKeys, split_key
 from lightning_inspect.core.recorder import StepCoordinator
@@ -36,6 +38,81 @@ _EXACT = {"min": min, "max": max, "nan_count": math.fsum, "inf_count": math.fsum
 Scalars = dict[str, dict[str, float]]
 Histograms = dict[str, dict[str, Histogram]]
 _split_key = functools.lru_cache(maxsize=1 << 16)(split_key)
+
+
+#: Retries, back-off factor (s) and per-request timeout (s) of every library call to the server.
+HTTP_BUDGET: dict[str, Any] = {"max_retries": 1, "backoff_factor": 0.5, "backoff_jitter": 0.0}
+HTTP_BUDGET.update(timeout=5, respect_retry_after_header=False)
+#: The longest one call can take against a server that never answers: every try times out.
+LONGEST_CALL_S = (HTTP_BUDGET["max_retries"] + 1) * HTTP_BUDGET["timeout"] + 1.0
+
+
+def bounded_client(client: Any) -> Any:
+    """``client`` itself, or a :class:`BoundedClient` over it when it talks to a tracking server."""
+    from mlflow.store.tracking.rest_store import RestStore
+
+    store = getattr(getattr(client, "_tracking_client", None), "store", None)
+    return BoundedClient(client, store) if isinstance(store, RestStore) else client
+
+
+class BoundedClient:
+    """The ``MlflowClient`` calls the library makes, over HTTP with :data:`HTTP_BUDGET`."""
+
+    def __init__(self, client: Any, store: Any) -> None:
+        self.client = client
+        self.store = store
+        self._repos: dict[str, Any] = {}  # run id -> its artifact repository
+
+    def _call(self, api: Any, body: Any) -> Any:
+        from mlflow.utils.proto_json_utils import message_to_json, parse_dict
+        from mlflow.utils.rest_utils import http_request, verify_rest_response
+
+        endpoint, method = self.store._METHOD_TO_INFO[api]
+        data = {"params" if method == "GET" else "json": json.loads(message_to_json(body))}
+        creds = self.store.get_host_creds()
+        response = http_request(creds, endpoint, method, **HTTP_BUDGET, **data)
+        parse_dict(verify_rest_response(response, endpoint).json(), answer := api.Response())
+        return answer
+
+    def log_batch(self, run_id: str, **entities: Sequence[Any]) -> None:
+        from mlflow.protos.service_pb2 import LogBatch
+
+        protos = {k: [e.to_proto() for e in v] for k, v in entities.items()}
+        self._call(LogBatch, LogBatch(run_id=run_id, **protos))
+
+    def get_run(self, run_id: str) -> Any:
+        from mlflow.entities import Run
+        from mlflow.protos.service_pb2 import GetRun
+
+        return Run.from_proto(self._call(GetRun, GetRun(run_id=run_id, run_uuid=run_id)).run)
+
+    def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
+        """To the server's own artifact store: one bounded PUT."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+        from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
+        from mlflow.utils.credentials import get_default_host_creds
+        from mlflow.utils.mime_type_utils import _guess_mime_type
+        from mlflow.utils.rest_utils import augmented_raise_for_status, http_request
+
+        if (repo := self._repos.get(run_id)) is None:
+            uri = self.get_run(run_id).info.artifact_uri
+            tracking_uri = self.client.tracking_uri
+            repo = self._repos[run_id] = get_artifact_repository(uri, tracking_uri=tracking_uri)
+        if not isinstance(repo, HttpArtifactRepository):
+            return self.client.log_artifact(run_id, local_path, artifact_path)
+        name = os.path.basename(local_path)
+        endpoint = posixpath.join("/", artifact_path or "", name)
+        creds = get_default_host_creds(repo.artifact_uri)
+        headers = {"Content-Type": _guess_mime_type(name)}
+        with open(local_path, "rb") as f:
+            put = http_request(creds, endpoint, "PUT", data=f, extra_headers=headers, **HTTP_BUDGET)
+        augmented_raise_for_status(put)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        with tempfile.TemporaryDirectory(prefix="lightning_inspect_text_") as tmp:
+            path = Path(tmp) / posixpath.basename(artifact_file)
+            path.write_text(text, encoding="utf-8")
+            self.log_artifact(run_id, str(path), posixpath.dirname(artifact_file) or None)
 
 
 def artifact_file(key: str, suffix: str) -> str:
@@ -101,8 +178,9 @@ def render_histogram_pictures(spool: Path, out_dir: Path, keys: MlflowKeys) -> l
 
 
 class MlflowSink:
-    """Writes metrics, tables, histograms, texts, pictures, params, tags and files to a run.
-    ``owner`` names the table and histogram files (``None``: values as metrics only)."""
+    """Writes metrics, tables, histograms, texts, pictures, params, tags and files to a run
+    (through :func:`bounded_client`). ``owner`` names the table and histogram files (``None``:
+    values as metrics only)."""
 
     name = "mlflow"
     remote = True  # once the fit's end-of-fit deadline is set, calls wait only until it
@@ -110,7 +188,7 @@ class MlflowSink:
     def __init__(
         self, client: Any, run_id: str, owner: str | None = "inspect", metrics: str = "summary"
     ) -> None:
-        self.client = client
+        self.client = bounded_client(client)
         self.run_id = run_id
         self.owner = owner
         self.modes: dict[str | None, str] = {owner: metrics}
@@ -246,12 +324,12 @@ class MlflowRun:
     )
 
     def __init__(self, client: Any, run_id: str, trainer: Any) -> None:
-        self.writer = MlflowSink(bounded_client(client), run_id, owner=None)
+        self.writer = MlflowSink(client, run_id, owner=None)
         self.background = BackgroundSink(self.writer, deadline=EndOfFit.for_fit(trainer))
         self.coordinator = StepCoordinator.for_trainer(trainer)
         self.coordinator.flushed.append(self.send)
         self._pending: dict[int, tuple[Scalars, Histograms]] = {}
-        self._open = 0
+        self._open: set[MlflowRunSink] = set()
         self.closed = False
 
     @classmethod
@@ -267,8 +345,8 @@ class MlflowRun:
         """A callback's sink; the worker stops once every sink handed out is closed."""
         modes = self.writer.modes
         modes[owner] = "all" if "all" in (metrics, modes.get(owner)) else "summary"
-        self._open += 1
-        return MlflowRunSink(self, owner)
+        self._open.add(sink := MlflowRunSink(self, owner))
+        return sink
 
     def add(
         self, owner: str, step: int, values: Mapping[str, Any], histograms: bool = False
@@ -283,9 +361,9 @@ class MlflowRun:
         for step in sorted(pending):
             self.background.log_step(step, *pending[step])
 
-    def release(self) -> None:
-        self._open -= 1
-        if self._open > 0 or self.closed:
+    def release(self, sink: MlflowRunSink) -> None:
+        self._open.discard(sink)
+        if self._open or self.closed:
             return
         self.closed = True
         self.send()
@@ -302,7 +380,6 @@ class MlflowRunSink:
     def __init__(self, run: MlflowRun, owner: str) -> None:
         self.run = run
         self.owner = owner
-        self._closed = False
 
     def log_scalars(self, values: Mapping[str, float], step: int) -> None:
         self.run.add(self.owner, step, values)
@@ -321,6 +398,4 @@ class MlflowRunSink:
         self.run.background.flush()
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self.run.release()
+        self.run.release(self)
