@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_inspect._validation import closest, suggestion
-from lightning_inspect.backends.base import BackgroundSink, EndOfFit, GuardedSink, MemorySink, Sink  # noqa: F401
+from lightning_inspect.backends.base import BackgroundSink, EndOfFit, GenericSink, GuardedSink, Sink
+from lightning_inspect.backends.base import MemorySink as MemorySink
 from lightning_inspect.backends.mlflow import METRIC_MODES, MlflowRun, MlflowRunSink, MlflowSink  # noqa: F401
 from lightning_inspect.backends.tensorboard import TensorBoardSink
 from lightning_inspect.backends.wandb import WandbSink
-from lightning_inspect.core.stats import Histogram
 from lightning_inspect.errors import BackendError, ConfigError
 
 #: Lightning's logger class of each known backend name, and the sink that writes to it; any
@@ -25,27 +25,6 @@ LOGGERS: dict[str, tuple[str, Any]] = {
     "csv": ("CSVLogger", None),
 }
 BACKENDS = tuple(LOGGERS)
-
-
-class GenericSink:
-    """Any other Lightning logger (CSV, Comet, a user's own): scalars through ``log_metrics``,
-    params through ``log_hyperparams``; histograms and texts are dropped (said once at fit start)."""
-
-    def __init__(self, logger: Any, name: str) -> None:
-        self.logger = logger
-        self.name = name
-
-    def log_scalars(self, values: Mapping[str, float], step: int) -> None:
-        self.logger.log_metrics({k: float(v) for k, v in values.items()}, step)
-
-    def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None: ...
-    def log_text(self, key: str, text: str, step: int) -> None: ...
-
-    def log_params(self, values: Mapping[str, Any]) -> None:
-        self.logger.log_hyperparams(dict(values))
-
-    def flush(self) -> None:
-        self.logger.save()
 
 
 def close_sinks(sinks: Sequence[Any]) -> None:
@@ -159,7 +138,7 @@ def resolve_sinks(
             chosen.append(MlflowRun.for_fit(trainer, target[1]).sink(owner, mlflow_metrics))
         else:
             chosen.append(GuardedSink(logger_sink(*target)))
-    generic = [s.inner for s in chosen if isinstance(getattr(s, "inner", None), GenericSink)]
+    generic = [s.inner for s in chosen if type(getattr(s, "inner", None)) is GenericSink]
     rest = ", ".join(s.name for s in chosen if getattr(s, "inner", None) not in generic)
     rest = rest or "no backend (attach a TensorBoard, MLflow or W&B logger for them)"
     for sink in generic:

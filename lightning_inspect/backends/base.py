@@ -1,4 +1,4 @@
-"""The protocol every backend implements and an in-memory one; the guard that keeps backend
+"""The protocol every backend implements, an in-memory and a generic one; the guard that keeps backend
 faults harmless, its worker thread for slow backends, and the end-of-fit deadline."""
 
 from __future__ import annotations
@@ -85,6 +85,27 @@ class MemorySink:
 
     def steps(self, key: str) -> list[int]:
         return [step for step, _ in self.scalars[key]]
+
+
+class GenericSink:
+    """Any other Lightning logger (CSV, Comet, a user's own): scalars through ``log_metrics``,
+    params through ``log_hyperparams``; histograms and texts are dropped (said once at fit start)."""
+
+    def __init__(self, logger: Any, name: str) -> None:
+        self.logger = logger
+        self.name = name
+
+    def log_scalars(self, values: Mapping[str, float], step: int) -> None:
+        self.logger.log_metrics({k: float(v) for k, v in values.items()}, step)
+
+    def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None: ...
+    def log_text(self, key: str, text: str, step: int) -> None: ...
+
+    def log_params(self, values: Mapping[str, Any]) -> None:
+        self.logger.log_hyperparams(dict(values))
+
+    def flush(self) -> None:
+        self.logger.save()
 
 
 class EndOfFit:

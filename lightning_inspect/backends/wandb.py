@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from lightning_inspect.backends.base import GenericSink
 from lightning_inspect.core.stats import Histogram
 
 
@@ -20,16 +21,11 @@ def wandb_bins(h: Histogram, limit: int = 512) -> tuple[np.ndarray, np.ndarray]:
     return np.add.reduceat(counts, starts), np.append(edges[starts], edges[-1])
 
 
-class WandbSink:
+class WandbSink(GenericSink):
     """Writes to a ``WandbLogger``'s run."""
 
-    name = "wandb"
-
     def __init__(self, logger: Any) -> None:
-        self.logger = logger
-
-    def log_scalars(self, values: Mapping[str, float], step: int) -> None:
-        self.logger.log_metrics({k: float(v) for k, v in values.items()}, step)
+        super().__init__(logger, "wandb")
 
     def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None:
         if histograms:
@@ -44,9 +40,6 @@ class WandbSink:
     def log_image(self, key: str, image: np.ndarray, step: int) -> None:
         self.logger.log_image(key, [image], step=step)
 
-    def log_params(self, values: Mapping[str, Any]) -> None:
-        self.logger.log_hyperparams(dict(values))
-
     def log_tags(self, values: Mapping[str, Any]) -> None:
         self.logger.experiment.summary.update(dict(values))
 
@@ -58,5 +51,3 @@ class WandbSink:
         for path in paths:
             artifact.add_file(str(path), name=f"{folder}/{Path(path).name}")
         self.logger.experiment.log_artifact(artifact)
-
-    def flush(self) -> None: ...  # W&B's own process writes values as they arrive
