@@ -114,20 +114,16 @@ def resolve_sinks(
     if not trainer.is_global_zero:
         return []
     if backends is not None and not backends:
-        why = (
-            "(backends=[]): no backend is selected, so this callback writes nothing to the "
-            "Trainer's loggers in this fit. Leave backends=None (the default) to write to every "
-            "logger attached, or pass enabled=False to switch it off."
-        )
-        warnings.warn(owner + why, RuntimeWarning, stacklevel=3)
+        message = f"{owner}(backends=[]): no backend is selected, so this callback writes nothing "
+        message += "to the Trainer's loggers in this fit. Leave backends=None (the default) to "
+        message += "write to every logger attached, or pass enabled=False to switch it off."
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
     if backends is None and not trainer.loggers:
-        why = (
-            ": the Trainer has no logger, so nothing of this callback reaches a logger in this "
-            "fit. Attach one, e.g. Trainer(logger=TensorBoardLogger('logs')) or CSVLogger, "
-            "WandbLogger, MLFlowLogger (in the Lightning+Hydra template: logger=tensorboard, "
-            "logger=csv, ...), or pass Sink objects in backends=[...]."
-        )
-        warnings.warn(owner + why, RuntimeWarning, stacklevel=3)
+        message = f"{owner}: the Trainer has no logger, so nothing of this callback reaches a "
+        message += "logger in this fit. Attach one, e.g. Trainer(logger=TensorBoardLogger('logs')) "
+        message += "or CSVLogger, WandbLogger, MLFlowLogger (in the Lightning+Hydra template: "
+        message += "logger=tensorboard, logger=csv, ...), or pass Sink objects in backends=[...]."
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
     chosen: list[Any] = []
     for target in select_loggers(trainer, backends, owner):
         if isinstance(target, MlflowSink):

@@ -257,14 +257,12 @@ class GuardedSink:
     def _warn(self, why: str) -> None:
         if not self.failed:
             self.failed = True
-            where = self.fallback_path
-            kept = f"written to {where}" if where else "kept in memory only"
-            warnings.warn(
-                f"{self.owner}: the {self.name} backend failed ({why}). Training continues; "
-                f"values it refused are {kept} and sent again once it accepts values again.",
-                RuntimeWarning,
-                stacklevel=4,
+            kept = (
+                f"written to {self.fallback_path}" if self.fallback_path else "kept in memory only"
             )
+            message = f"{self.owner}: the {self.name} backend failed ({why}). Training continues; "
+            message += f"values it refused are {kept} and sent again once it accepts values again."
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
 
     def save(self, method: str, args: tuple[Any, ...]) -> None:
         """Append one call to the fallback file instead of sending it."""
@@ -288,12 +286,9 @@ class GuardedSink:
             except OSError as exc:
                 if not self._lost_warned:
                     self._lost_warned = True
-                    warnings.warn(
-                        f"{self.owner}: the {self.name} fallback file could not be written "
-                        f"({type(exc).__name__}: {exc}); what the backend refuses is lost.",
-                        RuntimeWarning,
-                        stacklevel=5,
-                    )
+                    message = f"{self.owner}: the {self.name} fallback file could not be written "
+                    message += f"({type(exc).__name__}: {exc}); what the backend refuses is lost."
+                    warnings.warn(message, RuntimeWarning, stacklevel=5)
 
     def close(self) -> None:
         """Keep what the backend holds undelivered in the fallback file; release its resources."""
@@ -352,12 +347,9 @@ class BackgroundSink(GuardedSink):
             self._keep(method, args)
             if not self._overflow_warned:
                 self._overflow_warned = True
-                warnings.warn(
-                    f"lightning-inspect: the {self.name} backend is slower than training; values "
-                    f"it could not take in time are written to {self.fallback_path}.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+                message = f"lightning-inspect: the {self.name} backend is slower than training; "
+                message += f"values it could not take in time are written to {self.fallback_path}."
+                warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def close(self) -> None:
         """Send what is queued, flush and close the backend, and stop the worker, by the deadline;
@@ -381,13 +373,8 @@ class BackgroundSink(GuardedSink):
         saved = sum(self._keep(*item) for item in items if item is not _STOP)
         super().close()  # the backend's undelivered local data; the worker is cut off
         self._queue.put(_STOP)  # emptied above: does not block
-        kept = (
-            f"{saved} queued call(s) and its undelivered data were written to {self.fallback_path}"
-        )
-        warnings.warn(
-            f"lightning-inspect: the {self.name} backend did not take the queued values by the "
-            f"end-of-fit deadline ({self.end_of_fit.budget_s:g} s for all backends); "
-            f"{kept if self.fallback_path else 'nothing was left'}.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        message = f"lightning-inspect: the {self.name} backend did not take the queued values by "
+        message += f"the end-of-fit deadline ({self.end_of_fit.budget_s:g} s for all backends); "
+        written = f"{saved} queued call(s) and its undelivered data were written to "
+        message += f"{written}{self.fallback_path}." if self.fallback_path else "nothing was left."
+        warnings.warn(message, RuntimeWarning, stacklevel=2)

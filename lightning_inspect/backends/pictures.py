@@ -132,10 +132,7 @@ def publish_image(
         except Exception as exc:  # a picture must never stop training
             if sink.name not in warned:
                 warned.add(sink.name)
-                warnings.warn(
-                    f"{owner}: could not log the picture {key!r} to {sink.name} "
-                    f"({type(exc).__name__}: {exc}); training continues.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+                message = f"{owner}: could not log the picture {key!r} to {sink.name} "
+                message += f"({type(exc).__name__}: {exc}); training continues."
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
     return written
