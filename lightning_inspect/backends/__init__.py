@@ -42,17 +42,13 @@ def check_backends(owner: str, backends: Any) -> tuple[str | Sink, ...] | None:
     for item in items:
         near = isinstance(item, str) and (not item or closest(item, BACKENDS, n=1, cutoff=0.8))
         if near and item not in BACKENDS:
-            raise ConfigError(
-                f"{owner}(backends={backends!r}): unknown backend {item!r}; expected one of "
-                f"{', '.join(map(repr, BACKENDS))} or another attached logger's name (its "
-                f"class name, lower-case, without 'Logger': 'comet' for CometLogger)."
-                f"{suggestion(item, BACKENDS)}"
-            )
+            message = f"{owner}(backends={backends!r}): unknown backend {item!r}; expected one of "
+            message += f"{', '.join(map(repr, BACKENDS))} or another attached logger's name (its "
+            message += "class name, lower-case, without 'Logger': 'comet' for CometLogger)."
+            raise ConfigError(message + suggestion(item, BACKENDS))
         if not isinstance(item, (str, Sink)):
-            raise ConfigError(
-                f"{owner}(backends={backends!r}): expected backend names {list(BACKENDS)} or "
-                f"Sink objects, got {item!r}."
-            )
+            message = f"{owner}(backends={backends!r}): expected backend names {list(BACKENDS)} "
+            raise ConfigError(message + f"or Sink objects, got {item!r}.")
     return tuple(dict.fromkeys(items))  # a backend named twice is written once
 
 
@@ -92,11 +88,11 @@ def select_loggers(trainer: Any, backends: Sequence[str | Sink] | None, owner: s
         else:
             has = ", ".join(f"{type(lg).__name__} ({n!r})" for n, lg in attached)
             wanted = LOGGERS[item][0] if item in LOGGERS else f"logger named {item!r}"
-            raise BackendError(
-                f"{owner}(backends={list(backends or ())!r}): backend {item!r} needs a {wanted} "
-                f"in Trainer(logger=...), but the Trainer has: {has or 'no logger'}."
-                f"{suggestion(item, [n for n, _ in attached])}"
+            message = f"{owner}(backends={list(backends or ())!r}): backend {item!r} needs a "
+            message += (
+                f"{wanted} in Trainer(logger=...), but the Trainer has: {has or 'no logger'}."
             )
+            raise BackendError(message + suggestion(item, [n for n, _ in attached]))
     return targets
 
 

@@ -188,12 +188,10 @@ class GuardedSink:
         {'activations/fc/mean': [(3, 0.5)]}
     """
 
+    max_retained = 10_000  # refused calls kept to be sent again
+
     def __init__(
-        self,
-        inner: Sink,
-        fallback_dir: str | os.PathLike[str] | None = None,
-        max_retained: int = 10_000,
-        owner: str = "lightning-inspect",
+        self, inner: Sink, fallback_dir: str | Path | None = None, owner: str = "lightning-inspect"
     ) -> None:
         self.inner = inner
         self.name = inner.name
@@ -203,7 +201,7 @@ class GuardedSink:
         self.fallback_path: Path | None = None
         self._fallback_dir = fallback_dir
         self._lock = threading.Lock()  # a background worker and the closing thread
-        self._retained: deque[tuple[str, tuple[Any, ...]]] = deque(maxlen=max_retained)
+        self._retained: deque[tuple[str, tuple[Any, ...]]] = deque(maxlen=self.max_retained)
 
     def __getattr__(self, method: str) -> Any:
         """The backend's optional ``log_*`` methods, guarded (missing ones are missing here)."""

@@ -32,9 +32,8 @@ def read_stats(source: str | os.PathLike[str], tracking_uri: str | None = None) 
     try:
         import pandas as pd
     except ImportError as exc:
-        raise ImportError(
-            "read_stats needs pandas: pip install 'lightning-inspect[analysis]'"
-        ) from exc
+        hint = "pip install 'lightning-inspect[analysis]'"
+        raise ImportError(f"read_stats needs pandas: {hint}") from exc
     if tracking_uri is not None:
         table = _from_mlflow(pd, str(source), tracking_uri)
     else:
@@ -52,17 +51,14 @@ def _from_tensorboard(root: Path) -> list[tuple[str, int, float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     if not root.is_dir():
-        raise ConfigError(
-            f"read_stats({str(root)!r}): no such TensorBoard log directory; for an MLflow run pass "
-            "its run id with tracking_uri=..."
-        )
+        message = f"read_stats({str(root)!r}): no such TensorBoard log directory; for an MLflow "
+        raise ConfigError(message + "run pass its run id with tracking_uri=...")
     run_dirs = sorted({str(p.parent) for p in root.rglob("events.out.tfevents.*")})
     if len(run_dirs) != 1:
-        found = ", ".join(map(repr, run_dirs[:5])) + (" ..." if len(run_dirs) > 5 else "")
-        raise ConfigError(
-            f"read_stats({str(root)!r}): expected the event files of one run, found "
-            f"{len(run_dirs)} run directories{': ' + found if run_dirs else ''}; pass one of them."
-        )
+        found = ": " + ", ".join(map(repr, run_dirs[:5])) if run_dirs else ""
+        found += " ..." if len(run_dirs) > 5 else ""
+        message = f"read_stats({str(root)!r}): expected the event files of one run, found "
+        raise ConfigError(f"{message}{len(run_dirs)} run directories{found}; pass one of them.")
     events = EventAccumulator(run_dirs[0], size_guidance={"scalars": 0})
     events.Reload()
     tags = [t for t in events.Tags()["scalars"] if split_key(t)[0] in KINDS]
@@ -80,10 +76,8 @@ def _from_mlflow(pd: Any, run_id: str, tracking_uri: str) -> Any:
         raise ConfigError(f"{where}: {exc}") from exc
     listed = client.list_artifacts(run_id, STATS_ARTIFACT_DIR)
     if not (tables := [f.path for f in listed if f.path.endswith(".csv")]):
-        raise ConfigError(
-            f"{where}: the run has no {STATS_ARTIFACT_DIR}/*.csv artifact (written at the end of "
-            "fit by the monitors)."
-        )
+        message = f"{where}: the run has no {STATS_ARTIFACT_DIR}/*.csv artifact (written at the "
+        raise ConfigError(message + "end of fit by the monitors).")
     with tempfile.TemporaryDirectory(prefix="lightning_inspect_read_") as tmp:
         options = dict(dtype={"key": str}, keep_default_na=False, na_values={"value": ["nan"]})
         paths = [client.download_artifacts(run_id, path, tmp) for path in tables]

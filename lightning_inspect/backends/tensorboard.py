@@ -22,20 +22,9 @@ try:
 except ImportError:  # the tensorboard extra installs it
     google_crc32c = None
 
-#: The custom-scalars layout of each writer (:func:`layout_charts`).
+#: The custom-scalars layout of each writer: ``{category: {chart title: tag regex}}``.
 _LAYOUTS: weakref.WeakKeyDictionary[Any, dict[str, dict[str, str]]] = weakref.WeakKeyDictionary()
 _HISTOGRAM_HEAD = struct.Struct("<BdBdBdBdBd")
-
-
-def layout_charts(keys: Iterable[str]) -> dict[str, dict[str, str]]:
-    """The custom-scalars charts of ``keys``: ``{category: {chart title: tag regex}}``."""
-    charts: dict[str, dict[str, str]] = {}
-    for key in keys:
-        kind, name, _, stat = split_key(key)
-        if kind in KINDS:
-            pattern = f"^{re.escape(kind)}/.+/{re.escape(stat)}$" if name else f"^{re.escape(key)}$"
-            charts.setdefault(f"lightning-inspect/{kind}", {})[f"{kind}/{stat}"] = pattern
-    return charts
 
 
 def masked_crc32c(data: bytes) -> bytes:
@@ -137,15 +126,16 @@ class TensorBoardSink:
 
     def log_scalars(self, values: Mapping[str, float], step: int) -> None:
         if not self._seen.issuperset(values):  # the new keys' charts join the writer's layout
-            new = [k for k in values if k not in self._seen]
-            self._seen.update(new)
             layout = _LAYOUTS.setdefault(self.writer, {})
-            grew = False
-            for category, charts in layout_charts(new).items():
-                known = layout.setdefault(category, {})
-                grew |= not charts.keys() <= known.keys()
-                known.update(charts)
-            if grew:
+            charts = sum(map(len, layout.values()))
+            for key in [k for k in values if k not in self._seen]:
+                self._seen.add(key)
+                kind, name, _, stat = split_key(key)
+                if kind in KINDS:  # one chart per kind and statistic, or one whole-kind key
+                    tags = f"{re.escape(kind)}/.+/{re.escape(stat)}" if name else re.escape(key)
+                    category = layout.setdefault(f"lightning-inspect/{kind}", {})
+                    category[f"{kind}/{stat}"] = f"^{tags}$"
+            if sum(map(len, layout.values())) > charts:
                 self.writer.add_custom_scalars(
                     {c: {t: ["Multiline", [r]] for t, r in ch.items()} for c, ch in layout.items()}
                 )
