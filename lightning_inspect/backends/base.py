@@ -225,10 +225,8 @@ class GuardedSink:
         """``inner.<method>(*args)``, guarded; its result, or None when it failed."""
         if self.deadline is None or not getattr(self.inner, "remote", False):
             return self._call(method, args)
-        if self._late:
-            return self.save(method, args)
-        result: list[Any] = []
-        if not self.deadline.run(lambda: result.append(self._call(method, args))):
+        result: list[Any] = []  # after the deadline: the file, without waiting again
+        if self._late or not self.deadline.run(lambda: result.append(self._call(method, args))):
             self._late = True
             self.save(method, args)
             budget = self.deadline.budget_s

@@ -18,7 +18,7 @@ import time
 import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +38,7 @@ _EXACT = {"min": min, "max": max, "nan_count": math.fsum, "inf_count": math.fsum
 Scalars = dict[str, dict[str, float]]
 Histograms = dict[str, dict[str, Histogram]]
 _split_key = functools.lru_cache(maxsize=1 << 16)(split_key)
-
+_RUNS: weakref.WeakKeyDictionary[Any, dict[str, MlflowRun]] = weakref.WeakKeyDictionary()
 
 #: Retries, back-off factor (s) and per-request timeout (s) of every library call to the server.
 HTTP_BUDGET: dict[str, Any] = {"max_retries": 1, "backoff_factor": 0.5, "backoff_jitter": 0.0}
@@ -319,10 +319,6 @@ class MlflowRun:
     """One fit's MLflow run: each step's values of every callback, once the Trainer's
     ``StepCoordinator`` has published the step, go to its background writer as one call."""
 
-    _runs: ClassVar[weakref.WeakKeyDictionary[Any, dict[str, MlflowRun]]] = (
-        weakref.WeakKeyDictionary()
-    )
-
     def __init__(self, client: Any, run_id: str, trainer: Any) -> None:
         self.writer = MlflowSink(client, run_id, owner=None)
         self.background = BackgroundSink(self.writer, deadline=EndOfFit.for_fit(trainer))
@@ -335,7 +331,7 @@ class MlflowRun:
     @classmethod
     def for_fit(cls, trainer: Any, logger: Any) -> MlflowRun:
         """The writer of ``logger``'s run in ``trainer``'s current fit (created on first use)."""
-        runs = cls._runs.setdefault(trainer, {})
+        runs = _RUNS.setdefault(trainer, {})
         run = runs.get(run_id := str(logger.run_id))
         if run is None or run.closed:
             run = runs[run_id] = cls(logger.experiment, run_id, trainer)
@@ -348,11 +344,9 @@ class MlflowRun:
         self._open.add(sink := MlflowRunSink(self, owner))
         return sink
 
-    def add(
-        self, owner: str, step: int, values: Mapping[str, Any], histograms: bool = False
-    ) -> None:
+    def add(self, owner: str, step: int, values: Mapping[str, Any], hists: bool = False) -> None:
         if values:
-            owners = self._pending.setdefault(step, ({}, {}))[histograms]
+            owners = self._pending.setdefault(step, ({}, {}))[hists]
             owners.setdefault(owner, {}).update(values)
 
     def send(self) -> None:
@@ -385,7 +379,7 @@ class MlflowRunSink:
         self.run.add(self.owner, step, values)
 
     def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None:
-        self.run.add(self.owner, step, histograms, histograms=True)
+        self.run.add(self.owner, step, histograms, hists=True)
 
     def log_text(self, key: str, text: str, step: int) -> None:
         self.run.background.log_text(key, text, step)

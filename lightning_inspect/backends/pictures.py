@@ -112,8 +112,7 @@ def histogram_picture(
         centres = p_lo + (np.arange(bins) + 0.5) * (p_hi - p_lo) / bins
         index = np.clip(((centres - lo) / max(hi - lo, 1e-30) * bins).astype(int), 0, bins - 1)
         np.add.at(grid[:, j], index, counts)
-    shade = np.log1p(grid)[::-1]
-    shade = shade / shade.max() if shade.max() > 0 else shade
+    shade = np.log1p(grid)[::-1] / max(np.log1p(grid.max()), 1e-30)
     labels = [(0.0, f"{hi:.3g}"), (0.5, "value"), (1.0, f"{lo:.3g}")]
     scale = (0.0, float(grid.max()), "count, log scale")
     return _draw(shade, key, labels, [p[0] for p in points], scale, PLOT[1])
