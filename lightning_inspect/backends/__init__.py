@@ -6,6 +6,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from lightning.pytorch import loggers
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_inspect._validation import closest, suggestion
@@ -59,8 +60,6 @@ def logger_backend(logger: Any) -> str:
     >>> logger_backend(CSVLogger("logs"))
     'csv'
     """
-    from lightning.pytorch import loggers
-
     for name, (cls, _) in LOGGERS.items():
         if isinstance(logger, getattr(loggers, cls)):
             return name
@@ -75,9 +74,8 @@ def attached_loggers(trainer: Any) -> dict[str, Any]:
 
 
 def select_loggers(trainer: Any, backends: Sequence[str | Sink] | None, owner: str) -> list[Any]:
-    """``(name, logger)`` of every attached logger (``backends=None``) or of those named (a name
-    without a logger raises :class:`~lightning_inspect.errors.BackendError`); Sink objects as
-    they are."""
+    """``(name, logger)`` of every attached logger (``backends=None``) or of those named; Sink
+    objects as they are."""
     attached = [(logger_backend(lg), lg) for lg in trainer.loggers]
     targets: list[Any] = []
     for item in attached if backends is None else backends:
@@ -89,10 +87,8 @@ def select_loggers(trainer: Any, backends: Sequence[str | Sink] | None, owner: s
             has = ", ".join(f"{type(lg).__name__} ({n!r})" for n, lg in attached)
             wanted = LOGGERS[item][0] if item in LOGGERS else f"logger named {item!r}"
             message = f"{owner}(backends={list(backends or ())!r}): backend {item!r} needs a "
-            message += (
-                f"{wanted} in Trainer(logger=...), but the Trainer has: {has or 'no logger'}."
-            )
-            raise BackendError(message + suggestion(item, [n for n, _ in attached]))
+            message += f"{wanted} in Trainer(logger=...), but the Trainer has: {has or 'no logger'}"
+            raise BackendError(f"{message}.{suggestion(item, [n for n, _ in attached])}")
     return targets
 
 
@@ -134,8 +130,6 @@ def resolve_sinks(
     rest = ", ".join(s.name for s in chosen if getattr(s, "inner", None) not in generic)
     rest = rest or "no backend (attach a TensorBoard, MLflow or W&B logger for them)"
     for sink in generic:
-        rank_zero_info(
-            f"{owner}: {type(sink.logger).__name__} receives scalars only; histograms, texts "
-            f"and pictures go to {rest}."
-        )
+        message = f"{owner}: {type(sink.logger).__name__} receives scalars only; histograms, "
+        rank_zero_info(message + f"texts and pictures go to {rest}.")
     return chosen
