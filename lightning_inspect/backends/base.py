@@ -152,10 +152,8 @@ def text_value(value: Any, limit: int) -> str:
 def fallback_record(method: str, args: tuple[Any, ...]) -> dict[str, Any]:
     """What the fallback file keeps of one sink call (pictures: their shape only)."""
 
-    def kept(hists: Mapping[str, Histogram]) -> dict[str, Any]:
-        return {
-            k: {"lo": h.min, "hi": h.max, "counts": h.counts.tolist()} for k, h in hists.items()
-        }
+    def kept(hs: Mapping[str, Histogram]) -> dict[str, Any]:
+        return {k: {"lo": h.min, "hi": h.max, "counts": h.counts.tolist()} for k, h in hs.items()}
 
     if method == "log_step":  # several callbacks' values of one step: one record
         step, scalars, hists = args
@@ -204,7 +202,6 @@ class GuardedSink:
         self._retained: deque[tuple[str, tuple[Any, ...]]] = deque(maxlen=self.max_retained)
 
     def __getattr__(self, method: str) -> Any:
-        """The backend's optional ``log_*`` methods, guarded (missing ones are missing here)."""
         if not method.startswith("log_") or not hasattr(self.inner, method):
             raise AttributeError(method)
         return functools.partial(self.call, method)
@@ -253,9 +250,8 @@ class GuardedSink:
     def _warn(self, why: str) -> None:
         if not self.failed:
             self.failed = True
-            kept = (
-                f"written to {self.fallback_path}" if self.fallback_path else "kept in memory only"
-            )
+            where = self.fallback_path
+            kept = f"written to {where}" if where else "kept in memory only"
             message = f"{self.owner}: the {self.name} backend failed ({why}). Training continues; "
             message += f"values it refused are {kept} and sent again once it accepts values again."
             warnings.warn(message, RuntimeWarning, stacklevel=4)
@@ -348,9 +344,8 @@ class BackgroundSink(GuardedSink):
                 warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def close(self) -> None:
-        """Send what is queued, flush and close the backend, and stop the worker, by the deadline;
-        then the calls still queued, the one in progress (it may still arrive) and what the backend
-        holds undelivered go to the fallback file (one warning)."""
+        """Send what is queued, flush, close and stop the worker by the deadline; then what is left
+        (queued, in progress, undelivered) goes to the fallback file (one warning)."""
         if self._closed:
             return
         self.call("flush")

@@ -1,7 +1,6 @@
 """MLflow through the Trainer's ``MLFlowLogger``: headline metrics, every value in a table per
 callback, histograms, texts and pictures as artifacts; one background writer per run; calls to a
-tracking server with a bounded retry budget (:data:`HTTP_BUDGET`; MLflow's default retries last
-minutes, and its environment variables would change them for the whole process)."""
+tracking server with a bounded retry budget (:data:`HTTP_BUDGET`)."""
 
 from __future__ import annotations
 
@@ -40,7 +39,8 @@ Histograms = dict[str, dict[str, Histogram]]
 _split_key = functools.lru_cache(maxsize=1 << 16)(split_key)
 _RUNS: weakref.WeakKeyDictionary[Any, dict[str, MlflowRun]] = weakref.WeakKeyDictionary()
 
-#: Retries, back-off factor (s) and per-request timeout (s) of every library call to the server.
+#: Retries, back-off factor and timeout (s) of the library's calls to a tracking server: MLflow's
+#: defaults retry for minutes, and its environment variables would change every client's.
 HTTP_BUDGET: dict[str, Any] = {"max_retries": 1, "backoff_factor": 0.5, "backoff_jitter": 0.0}
 HTTP_BUDGET.update(timeout=5, respect_retry_after_header=False)
 #: The longest one call can take against a server that never answers: every try times out.
@@ -201,7 +201,6 @@ class MlflowSink:
             self.client.log_batch(self.run_id, **{kind: items[start : start + size]})
 
     def _file(self, folder: str, name: str) -> Path:
-        """``folder/name`` in the local spool."""
         if self._spool is None:
             self._spool = Path(tempfile.mkdtemp(prefix="lightning_inspect_mlflow_"))
         (path := self._spool / folder / name).parent.mkdir(parents=True, exist_ok=True)
@@ -279,7 +278,6 @@ class MlflowSink:
         self._batch("tags", tags, 100)
 
     def log_files(self, paths: Sequence[Path], folder: str) -> None:
-        """Files as artifacts under ``lightning_inspect/<folder>``."""
         for path in map(Path, paths):
             self._upload(path, f"{folder}/{path.name}")
 

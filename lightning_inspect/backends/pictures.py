@@ -34,8 +34,7 @@ def colours(shade: np.ndarray) -> np.ndarray:
 
 
 def _draw(shade: np.ndarray, title: str, labels: Any, steps: Any, scale: Any, height: int) -> Any:
-    """``shade[row, column]`` with a title, ``labels`` (fraction of the height, text) on the left,
-    steps below and a colour bar ``scale`` (lo, hi, label) on the right."""
+    """``shade`` with a title, ``labels`` (height fraction, text), steps and a colour bar ``scale``."""
     from PIL import Image, ImageDraw
 
     width, (_, top, right, bottom) = PLOT[0], MARGIN
@@ -102,8 +101,7 @@ def heatmap(
 def histogram_picture(
     key: str, points: Sequence[tuple[int, float, float, np.ndarray]]
 ) -> np.ndarray:
-    """The histograms ``(step, lo, hi, counts)`` of ``key``: value (y) by step (x), colour
-    ``log(1 + count)``, on the range common to every step."""
+    """The histograms ``(step, lo, hi, counts)`` of ``key``: value by step, colour log(1 + count)."""
     points = sorted(points, key=lambda p: p[0])
     lo, hi = min(p[1] for p in points), max(p[2] for p in points)
     bins = len(points[0][3])

@@ -25,9 +25,8 @@ def read_stats(source: str | os.PathLike[str], tracking_uri: str | None = None) 
 
     Example::
 
-        df = read_stats("tb_logs/my_model/version_0")
-        df[(df.kind == "activations") & (df.stat == "std")].pivot_table(
-            index="module", columns="step", values="value")  # layers x steps
+        df = read_stats("tb_logs/my_model/version_0")  # one statistic, layers x steps:
+        df[df.stat == "std"].pivot_table(index="module", columns="step", values="value")
     """
     try:
         import pandas as pd

@@ -5,6 +5,7 @@ kind and statistic, shared by the sinks of a writer."""
 
 from __future__ import annotations
 
+import itertools
 import re
 import struct
 import weakref
@@ -55,8 +56,7 @@ def _varint(n: int) -> bytes:
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
         n >>= 7
-    out.append(n)
-    return bytes(out)
+    return bytes([*out, n])
 
 
 def _field(number: int, payload: bytes) -> bytes:
@@ -64,12 +64,12 @@ def _field(number: int, payload: bytes) -> bytes:
     return bytes([number << 3 | 2]) + _varint(len(payload)) + payload
 
 
-def scalar_summary(values: Mapping[str, float], encoded: dict[str, bytes] | None = None) -> Any:
+def scalar_summary(values: Mapping[str, float], cache: dict[str, bytes] | None = None) -> Any:
     """One ``Summary`` of every scalar, as ``add_scalar`` writes them, parsed once in C from the
-    wire format (~0.3 us a key). ``encoded`` caches each key's bytes before its value."""
+    wire format (~0.3 us a key). ``cache`` keeps each key's bytes before its value."""
     from tensorboard.compat.proto.summary_pb2 import Summary
 
-    encoded = {} if encoded is None else encoded
+    encoded = {} if cache is None else cache
     heads = []
     for key in values:
         if (head := encoded.get(key)) is None:  # Summary.value (1): tag (1), simple_value (2)
@@ -78,21 +78,17 @@ def scalar_summary(values: Mapping[str, float], encoded: dict[str, bytes] | None
         heads.append(head)
     with np.errstate(over="ignore"):  # beyond float32's range: +-inf, as protobuf stores it
         floats = np.fromiter(values.values(), dtype="<f4", count=len(heads)).tobytes()
-    chunks = [floats[i : i + 4] for i in range(0, len(floats), 4)]
-    return Summary.FromString(
-        b"".join([p for pair in zip(heads, chunks, strict=True) for p in pair])
-    )
+    pairs = zip(heads, [floats[i : i + 4] for i in range(0, len(floats), 4)], strict=True)
+    return Summary.FromString(b"".join(itertools.chain.from_iterable(pairs)))
 
 
-def histogram_summary(
-    histograms: Mapping[str, Histogram], encoded: dict[str, bytes] | None = None
-) -> Any:
+def histogram_summary(hists: Mapping[str, Histogram], cache: dict[str, bytes] | None = None) -> Any:
     """One ``Summary`` of every histogram, as ``add_histogram_raw`` writes them (~3 us each)."""
     from tensorboard.compat.proto.summary_pb2 import Summary
 
-    encoded = {} if encoded is None else encoded
+    encoded = {} if cache is None else cache
     parts = []
-    for key, h in histograms.items():
+    for key, h in hists.items():
         if (tag := encoded.get(key)) is None:
             tag = encoded[key] = _field(1, key.encode())
         # HistogramProto: (tag, double) of min, max, num, sum, sum_squares; limits, counts packed

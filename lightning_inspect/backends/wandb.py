@@ -1,6 +1,5 @@
-"""Weights & Biases through the Trainer's ``WandbLogger``'s own methods: histograms from the
-counts binned on the device (at most 512 bins), texts as a one-cell table, params as the run's
-config, tags in its summary, files as an artifact."""
+"""Weights & Biases through the ``WandbLogger``'s own methods: histograms from the device's counts,
+texts as a one-cell table, params as the run's config, tags in its summary, files as an artifact."""
 
 from __future__ import annotations
 
