@@ -300,12 +300,10 @@ class BackgroundSink(GuardedSink):
     that finds the queue full goes to the fallback file instead of blocking, and :meth:`close`
     waits only until ``deadline``, the fit's :class:`EndOfFit`."""
 
-    max_queue = 10_000
-
     def __init__(self, inner: Sink, deadline: EndOfFit | None = None, **guard: Any) -> None:
         super().__init__(inner, **guard)
         self.end_of_fit = deadline or EndOfFit()
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=self.max_queue)
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=10_000)  # beyond: the fallback file
         self._overflow_warned = self._abandoned = self._closed = False
         self._in_flight: tuple[str, tuple[Any, ...]] | None = None
         self._worker = threading.Thread(target=self._run, name=f"lightning-inspect-{self.name}")

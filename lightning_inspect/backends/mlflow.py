@@ -33,8 +33,7 @@ STATS_ARTIFACT_DIR = f"{ARTIFACT_ROOT}/stats"
 METRIC_MODES = ("summary", "all")
 #: Statistics whose summary over modules is exact: the extremes and the counts.
 _EXACT = {"min": min, "max": max, "nan_count": math.fsum, "inf_count": math.fsum}
-#: One step of several callbacks: ``{owner: {key: value}}`` and ``{owner: {key: histogram}}``.
-Scalars = dict[str, dict[str, float]]
+Scalars = dict[str, dict[str, float]]  # one step of several callbacks: {owner: {key: value}}
 Histograms = dict[str, dict[str, Histogram]]
 _split_key = functools.lru_cache(maxsize=1 << 16)(split_key)
 _RUNS: weakref.WeakKeyDictionary[Any, dict[str, MlflowRun]] = weakref.WeakKeyDictionary()
