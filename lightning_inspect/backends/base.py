@@ -1,5 +1,5 @@
-"""The protocol every backend implements, an in-memory and a generic one; the guard that keeps backend
-faults harmless, its worker thread for slow backends, and the end-of-fit deadline."""
+"""The protocol every backend implements, an in-memory and a generic one; the guard that keeps
+backend faults harmless, its worker thread for slow backends, and the end-of-fit deadline."""
 
 from __future__ import annotations
 
