@@ -203,8 +203,8 @@ def test_a_dead_server_delays_the_end_of_fit_by_one_shared_deadline(tmp_path: Pa
     import threading
 
     from lightning_inspect import GradientMonitor, RunRecord, WeightMonitor
-    from lightning_inspect.backends.deadline import END_OF_FIT_BUDGET_S
-    from lightning_inspect.backends.mlflow_http import LONGEST_CALL_S
+    from lightning_inspect.backends.base import END_OF_FIT_BUDGET_S
+    from lightning_inspect.backends.mlflow import LONGEST_CALL_S
 
     server = MlflowServer(tmp_path)
     server.start()

@@ -27,7 +27,7 @@ from lightning_inspect import (
 )
 from lightning_inspect.backends import GenericSink, check_backends, logger_backend, resolve_sinks
 from lightning_inspect.backends.wandb import WandbSink, wandb_bins
-from lightning_inspect.core.stats import histogram, reduce_tensor
+from lightning_inspect.core.stats import Histogram, histogram, reduce_tensor
 
 B, HIDDEN = 8, 5  # conftest.loader's batch size, PlainMLP's hidden width
 
@@ -270,6 +270,8 @@ def test_wandb_bins_merge_neighbours_beyond_wandbs_limit() -> None:
     assert counts.sum() == 5000
     small_counts, small_edges = wandb_bins(histogram(reduce_tensor(x, bins=64).numpy()))
     assert len(small_counts) == 64 and len(small_edges) == 65
+    uneven = Histogram(np.linspace(0, 6, 7), np.arange(6.0), 0.0, 6.0, 15.0, 0.0, 0.0)
+    assert [a.tolist() for a in wandb_bins(uneven, limit=4)] == [[1.0, 5.0, 9.0], [0, 2, 4, 6]]
 
 
 def _history_key(item: Any) -> str | tuple[str, ...]:

@@ -167,7 +167,7 @@ class EndOfFitClock(Callback):
 def test_the_final_page_waits_only_until_the_end_of_fit_deadline(
     tmp_path: Path, mlflow_logger: MLFlowLogger, monkeypatch: Any
 ) -> None:
-    from lightning_inspect.backends.deadline import EndOfFit
+    from lightning_inspect.backends.base import EndOfFit
     from lightning_inspect.overview import callback
 
     stuck = StuckUploads()

@@ -261,9 +261,7 @@ def test_tensorboard_bytes_per_logged_step_scale_with_keys_and_bins_not_tensor_s
 SLOW_BACKEND_SCRIPT = """
 import sys, time
 from pathlib import Path
-from lightning_inspect.backends.background import BackgroundSink
-from lightning_inspect.backends.base import GuardedSink
-from lightning_inspect.backends.deadline import EndOfFit
+from lightning_inspect.backends.base import BackgroundSink, EndOfFit
 
 out = Path(sys.argv[1])
 
@@ -277,7 +275,7 @@ class Slow:
     def log_text(self, key, text, step): pass
     def flush(self): pass
 
-sink = BackgroundSink(GuardedSink(Slow(), fallback_dir=out), deadline=EndOfFit(0.3))
+sink = BackgroundSink(Slow(), fallback_dir=out, deadline=EndOfFit(0.3))
 for step in range(10):
     sink.log_scalars({"x": 1.0}, step)
 sink.flush()   # what the monitors call at the end of fit ...

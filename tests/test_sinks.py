@@ -283,7 +283,7 @@ def test_background_sink_keeps_order_and_close_waits() -> None:
 
 
 def test_background_sink_over_failing_backend(tmp_path: Path) -> None:
-    sink = BackgroundSink(GuardedSink(FailingSink(), fallback_dir=tmp_path))
+    sink = BackgroundSink(FailingSink(), fallback_dir=tmp_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sink.log_scalars({"k": 1.0}, 0)
@@ -291,7 +291,7 @@ def test_background_sink_over_failing_backend(tmp_path: Path) -> None:
         sink.flush()
         sink.close()
     assert len(_runtime_warnings(caught)) == 1
-    lines = [json.loads(line) for line in sink.guarded.fallback_path.read_text().splitlines()]
+    lines = [json.loads(line) for line in sink.fallback_path.read_text().splitlines()]
     assert [line.get("step") for line in lines if line["call"] == "log_scalars"] == [0, 1]
 
 
@@ -590,10 +590,7 @@ def test_stuck_backends_share_one_end_of_fit_deadline(tmp_path: Path) -> None:
 
     deadline = EndOfFit(budget_s=1.0)
     inners = [BlockingSink() for _ in range(3)]
-    sinks = [
-        BackgroundSink(GuardedSink(inner, fallback_dir=tmp_path), deadline=deadline)
-        for inner in inners
-    ]
+    sinks = [BackgroundSink(inner, fallback_dir=tmp_path, deadline=deadline) for inner in inners]
     for sink in sinks:
         for step in range(5):
             sink.log_scalars({"k": float(step)}, step)
@@ -607,7 +604,7 @@ def test_stuck_backends_share_one_end_of_fit_deadline(tmp_path: Path) -> None:
     messages = _runtime_warnings(caught)
     assert len(messages) == 3 and all("end-of-fit deadline" in m for m in messages)
     for sink in sinks:  # step 0 was in flight (it may still arrive), steps 1-4 queued: all on disk
-        lines = [json.loads(line) for line in sink.guarded.fallback_path.read_text().splitlines()]
+        lines = [json.loads(line) for line in sink.fallback_path.read_text().splitlines()]
         assert [line["step"] for line in lines] == [0, 1, 2, 3, 4]
     for inner in inners:
         inner.release.set()
@@ -811,7 +808,7 @@ def test_the_librarys_mlflow_calls_have_their_own_retry_budget(
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from lightning_inspect.backends.mlflow_http import HTTP_BUDGET, BoundedClient, bounded_client
+    from lightning_inspect.backends.mlflow import HTTP_BUDGET, BoundedClient, bounded_client
 
     # The user's own settings for MLflow's calls: kept for theirs, not used for the library's.
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")

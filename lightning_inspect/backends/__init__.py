@@ -1,12 +1,4 @@
-"""Backends: every Lightning logger attached to the Trainer, behind one protocol (:class:`Sink`).
-TensorBoard, MLflow and W&B show everything; any other logger gets scalars through its
-``log_metrics`` and params through ``log_hyperparams`` (:class:`GenericSink`).
-
-Example:
-    >>> from lightning.pytorch.loggers import CSVLogger
-    >>> logger_backend(CSVLogger("logs"))
-    'csv'
-"""
+"""Backends: every Lightning logger attached to the Trainer, behind one protocol (:class:`Sink`)."""
 
 from __future__ import annotations
 
@@ -14,26 +6,26 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from lightning.pytorch import loggers
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_inspect._validation import closest, suggestion
-from lightning_inspect.backends.background import BackgroundSink
-from lightning_inspect.backends.base import GuardedSink, Sink
-from lightning_inspect.backends.deadline import EndOfFit
-from lightning_inspect.backends.generic import GenericSink
-from lightning_inspect.backends.memory import MemorySink  # noqa: F401
+from lightning_inspect.backends.base import BackgroundSink, EndOfFit, GenericSink, GuardedSink, Sink
+from lightning_inspect.backends.base import MemorySink as MemorySink
 from lightning_inspect.backends.mlflow import METRIC_MODES, MlflowRun, MlflowRunSink, MlflowSink  # noqa: F401
-from lightning_inspect.backends.mlflow_http import bounded_client
 from lightning_inspect.backends.tensorboard import TensorBoardSink
 from lightning_inspect.backends.wandb import WandbSink
 from lightning_inspect.errors import BackendError, ConfigError
 
-#: Backend names of Lightning's loggers, and each logger's class; any other logger's name is
-#: its class name, lower-case, without "Logger" (``CometLogger`` -> ``"comet"``).
-LOGGER_CLASSES = dict(
-    tensorboard="TensorBoardLogger", mlflow="MLFlowLogger", wandb="WandbLogger", csv="CSVLogger"
-)
-BACKENDS = tuple(LOGGER_CLASSES)
+#: Lightning's logger class of each known backend name, and the sink that writes to it; any
+#: other logger's name is its class name, lower-case, without "Logger" (``CometLogger``: "comet").
+LOGGERS: dict[str, tuple[str, Any]] = {
+    "tensorboard": ("TensorBoardLogger", lambda lg: TensorBoardSink(lg.experiment)),
+    "mlflow": ("MLFlowLogger", lambda lg: MlflowSink(lg.experiment, str(lg.run_id), owner=None)),
+    "wandb": ("WandbLogger", WandbSink),
+    "csv": ("CSVLogger", None),
+}
+BACKENDS = tuple(LOGGERS)
 
 
 def close_sinks(sinks: Sequence[Any]) -> None:
@@ -43,35 +35,32 @@ def close_sinks(sinks: Sequence[Any]) -> None:
 
 
 def check_backends(owner: str, backends: Any) -> tuple[str | Sink, ...] | None:
-    """Validate a ``backends`` argument: None, a name, or a list of names and Sink objects. A
-    name is one of :data:`BACKENDS` or another logger's (:func:`logger_backend`), checked against
-    the Trainer's loggers at fit start; a near miss of :data:`BACKENDS` (a typo) is refused here."""
+    """Validate a ``backends`` argument: None, a name, or a list of names and Sink objects (a
+    name close to one of :data:`BACKENDS` is a typo; others are checked at fit start)."""
     if backends is None:
         return None
     items = [backends] if isinstance(backends, (str, Sink)) else list(backends)
     for item in items:
         near = isinstance(item, str) and (not item or closest(item, BACKENDS, n=1, cutoff=0.8))
         if near and item not in BACKENDS:
-            raise ConfigError(
-                f"{owner}(backends={backends!r}): unknown backend {item!r}; expected one of "
-                f"{', '.join(map(repr, BACKENDS))} or another attached logger's name (its "
-                f"class name, lower-case, without 'Logger': 'comet' for CometLogger)."
-                f"{suggestion(item, BACKENDS)}"
-            )
+            message = f"{owner}(backends={backends!r}): unknown backend {item!r}; expected one of "
+            message += f"{', '.join(map(repr, BACKENDS))} or another attached logger's name (its "
+            message += "class name, lower-case, without 'Logger': 'comet' for CometLogger)."
+            raise ConfigError(message + suggestion(item, BACKENDS))
         if not isinstance(item, (str, Sink)):
-            raise ConfigError(
-                f"{owner}(backends={backends!r}): expected backend names {list(BACKENDS)} or "
-                f"Sink objects, got {item!r}."
-            )
+            message = f"{owner}(backends={backends!r}): expected backend names {list(BACKENDS)} "
+            raise ConfigError(message + f"or Sink objects, got {item!r}.")
     return tuple(dict.fromkeys(items))  # a backend named twice is written once
 
 
 def logger_backend(logger: Any) -> str:
-    """The backend name of a Lightning logger: one of :data:`BACKENDS`, or its class name,
-    lower-case, without "Logger" (``CometLogger`` -> ``"comet"``)."""
-    from lightning.pytorch import loggers
+    """The backend name of a Lightning logger (:data:`LOGGERS`).
 
-    for name, cls in LOGGER_CLASSES.items():
+    >>> from lightning.pytorch.loggers import CSVLogger
+    >>> logger_backend(CSVLogger("logs"))
+    'csv'
+    """
+    for name, (cls, _) in LOGGERS.items():
         if isinstance(logger, getattr(loggers, cls)):
             return name
     lowered = type(logger).__name__.lower()
@@ -80,86 +69,53 @@ def logger_backend(logger: Any) -> str:
 
 def attached_loggers(trainer: Any) -> dict[str, Any]:
     """The Trainer's first ``TensorBoardLogger`` and ``MLFlowLogger``, by backend name."""
-    found: dict[str, Any] = {}
-    for logger in trainer.loggers:
-        found.setdefault(logger_backend(logger), logger)
-    return {k: v for k, v in found.items() if k in ("tensorboard", "mlflow")}
-
-
-def missing_backend_error(
-    owner: str, backends: Sequence[Any], name: str, trainer: Any
-) -> BackendError:
-    """The error for a requested backend whose logger is not attached to the Trainer."""
-    names = [logger_backend(lg) for lg in trainer.loggers]
-    attached = [
-        f"{type(lg).__name__} ({n!r})" for lg, n in zip(trainer.loggers, names, strict=True)
-    ]
-    wanted = LOGGER_CLASSES.get(name, f"logger named {name!r}")
-    return BackendError(
-        f"{owner}(backends={list(backends)!r}): backend {name!r} needs a {wanted} in "
-        f"Trainer(logger=...), but the Trainer has: {', '.join(attached) or 'no logger'}."
-        f"{suggestion(name, names)}"
-    )
+    found = {logger_backend(lg): lg for lg in reversed(trainer.loggers)}  # the first one wins
+    return {k: found[k] for k in ("tensorboard", "mlflow") if k in found}
 
 
 def select_loggers(trainer: Any, backends: Sequence[str | Sink] | None, owner: str) -> list[Any]:
-    """``(name, logger)`` of every attached logger (``backends=None``) or of those named (a name
-    matches every logger of that name; no match raises
-    :class:`~lightning_inspect.errors.BackendError`); Sink objects in ``backends`` as they are."""
+    """``(name, logger)`` of every attached logger (``backends=None``) or of those named; Sink
+    objects as they are."""
     attached = [(logger_backend(lg), lg) for lg in trainer.loggers]
     targets: list[Any] = []
     for item in attached if backends is None else backends:
-        if isinstance(item, str):
-            named = [(name, lg) for name, lg in attached if name == item]
-            if not named:
-                raise missing_backend_error(owner, backends or (), item, trainer)
+        if not isinstance(item, str):
+            targets.append(item)
+        elif named := [(name, lg) for name, lg in attached if name == item]:
             targets.extend(named)
         else:
-            targets.append(item)
+            has = ", ".join(f"{type(lg).__name__} ({n!r})" for n, lg in attached)
+            wanted = LOGGERS[item][0] if item in LOGGERS else f"logger named {item!r}"
+            message = f"{owner}(backends={list(backends or ())!r}): backend {item!r} needs a "
+            message += f"{wanted} in Trainer(logger=...), but the Trainer has: {has or 'no logger'}"
+            raise BackendError(f"{message}.{suggestion(item, [n for n, _ in attached])}")
     return targets
 
 
 def logger_sink(name: str, logger: Any) -> Sink:
     """The sink that writes straight to ``logger`` (backend ``name``), on the calling thread."""
-    if name == "tensorboard":
-        return TensorBoardSink(logger.experiment)
-    if name == "mlflow":
-        return MlflowSink(bounded_client(logger.experiment), str(logger.run_id), owner=None)
-    if name == "wandb":
-        return WandbSink(logger)
-    return GenericSink(logger, name)
+    make = LOGGERS.get(name, ("", None))[1]
+    return make(logger) if make else GenericSink(logger, name)
 
 
 def resolve_sinks(
     trainer: Any, backends: Sequence[str | Sink] | None, owner: str, mlflow_metrics: str = "summary"
 ) -> list[Sink]:
-    """The guarded sinks a monitor writes to, on global rank 0 (:func:`select_loggers`).
-
-    MLflow's is the fit's shared writer of the logger's run (:class:`MlflowRun`, one background
-    thread; ``mlflow_metrics``: :data:`METRIC_MODES`); an :class:`MlflowSink` given as an object
-    runs on a background thread too. A Trainer without a logger (``backends=None``) and an empty
-    ``backends`` warn that nothing will be written; each logger that takes scalars only is named
-    in one info line.
-    """
+    """The guarded sinks a monitor writes to, on global rank 0 (:func:`select_loggers`); MLflow's
+    is the fit's shared background writer of the run (``mlflow_metrics``: :data:`METRIC_MODES`)."""
     if not trainer.is_global_zero:
         return []
     if backends is not None and not backends:
-        warnings.warn(
-            f"{owner}(backends=[]): no backend is selected, so this callback writes nothing to "
-            "the Trainer's loggers in this fit. Leave backends=None (the default) to write to "
-            "every logger attached, or pass enabled=False to switch it off.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        message = f"{owner}(backends=[]): no backend is selected, so this callback writes nothing "
+        message += "to the Trainer's loggers in this fit. Leave backends=None (the default) to "
+        message += "write to every logger attached, or pass enabled=False to switch it off."
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
     if backends is None and not trainer.loggers:
-        warnings.warn(
-            f"{owner}: the Trainer has no logger, so nothing of this callback reaches a logger in "
-            "this fit. Attach one, e.g. Trainer(logger=TensorBoardLogger('logs')) or CSVLogger, "
-            "WandbLogger, MLFlowLogger (in the Lightning+Hydra template: logger=tensorboard, "
-            "logger=csv, ...), or pass Sink objects in backends=[...].",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        message = f"{owner}: the Trainer has no logger, so nothing of this callback reaches a "
+        message += "logger in this fit. Attach one, e.g. Trainer(logger=TensorBoardLogger('logs')) "
+        message += "or CSVLogger, WandbLogger, MLFlowLogger (in the Lightning+Hydra template: "
+        message += "logger=tensorboard, logger=csv, ...), or pass Sink objects in backends=[...]."
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
     chosen: list[Any] = []
     for target in select_loggers(trainer, backends, owner):
         if isinstance(target, MlflowSink):
@@ -170,12 +126,10 @@ def resolve_sinks(
             chosen.append(MlflowRun.for_fit(trainer, target[1]).sink(owner, mlflow_metrics))
         else:
             chosen.append(GuardedSink(logger_sink(*target)))
-    scalars_only = [s.inner for s in chosen if isinstance(getattr(s, "inner", None), GenericSink)]
-    richer = [s.name for s in chosen if not isinstance(getattr(s, "inner", None), GenericSink)]
-    rest = ", ".join(richer) or "no backend (attach a TensorBoard, MLflow or W&B logger for them)"
-    for sink in scalars_only:
-        rank_zero_info(
-            f"{owner}: {type(sink.logger).__name__} receives scalars only; histograms, texts "
-            f"and pictures go to {rest}."
-        )
+    generic = [s.inner for s in chosen if type(getattr(s, "inner", None)) is GenericSink]
+    rest = ", ".join(s.name for s in chosen if getattr(s, "inner", None) not in generic)
+    rest = rest or "no backend (attach a TensorBoard, MLflow or W&B logger for them)"
+    for sink in generic:
+        message = f"{owner}: {type(sink.logger).__name__} receives scalars only; histograms, "
+        rank_zero_info(message + f"texts and pictures go to {rest}.")
     return chosen

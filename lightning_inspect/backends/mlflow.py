@@ -1,24 +1,15 @@
-"""MLflow through the Trainer's ``MLFlowLogger`` (its ``MlflowClient`` and run).
-
-Thousands of statistics as metric charts make MLflow's UI unusable, so by default
-(``metrics="summary"``) its metrics get the headline values (:func:`headline_metrics`), and
-every value goes into a CSV table per callback, uploaded on flush as
-``lightning_inspect/stats/<owner>.csv`` (``step,key,value``; read back by ``read_stats``);
-``"all"`` sends every value as a metric too. Histograms (MLflow has none) are spooled and
-uploaded on flush with one picture per key (``lightning_inspect/histograms/<owner>.jsonl``,
-``.../<key>.png``); texts and pictures become ``lightning_inspect/<key>.md`` / ``.png``.
-
-The callbacks of a fit share one :class:`MlflowRun` per run: a step's values of every callback
-go, once the Trainer's ``StepCoordinator`` has published the step, to one background worker as
-one call (one ``log_batch`` of headline metrics), stopped by the fit's end-of-fit deadline.
-"""
+"""MLflow through the Trainer's ``MLFlowLogger``: headline metrics, every value in a table per
+callback, histograms, texts and pictures as artifacts; one background writer per run; calls to a
+tracking server with a bounded retry budget (:data:`HTTP_BUDGET`)."""
 
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import json
 import math
+import os
 import posixpath
 import shutil
 import tempfile
@@ -30,38 +21,105 @@ from typing import Any
 
 import numpy as np
 
-from lightning_inspect.backends.background import BackgroundSink
-from lightning_inspect.backends.base import text_value
-from lightning_inspect.backends.deadline import EndOfFit
-from lightning_inspect.backends.mlflow_http import bounded_client
+from lightning_inspect.backends.base import BackgroundSink, EndOfFit, text_value
 from lightning_inspect.backends.pictures import histogram_picture
 from lightning_inspect.core.keys import KINDS, MlflowKeys, split_key
 from lightning_inspect.core.recorder import StepCoordinator
 from lightning_inspect.core.stats import Histogram
 
 ARTIFACT_ROOT = "lightning_inspect"
-#: Where the tables of every value go, under the run's artifacts.
 STATS_ARTIFACT_DIR = f"{ARTIFACT_ROOT}/stats"
 #: What MLflow receives as metrics: headline values only, or every value too.
 METRIC_MODES = ("summary", "all")
 #: Statistics whose summary over modules is exact: the extremes and the counts.
 _EXACT = {"min": min, "max": max, "nan_count": math.fsum, "inf_count": math.fsum}
-#: One step of several callbacks: ``{owner: {key: value}}`` and ``{owner: {key: histogram}}``.
-Scalars = dict[str, dict[str, float]]
+Scalars = dict[str, dict[str, float]]  # one step of several callbacks: {owner: {key: value}}
 Histograms = dict[str, dict[str, Histogram]]
+_split_key = functools.lru_cache(maxsize=1 << 16)(split_key)
+_RUNS: weakref.WeakKeyDictionary[Any, dict[str, MlflowRun]] = weakref.WeakKeyDictionary()
+
+#: Retries, back-off factor and timeout (s) of the library's calls to a tracking server: MLflow's
+#: defaults retry for minutes, and its environment variables would change every client's.
+HTTP_BUDGET: dict[str, Any] = {"max_retries": 1, "backoff_factor": 0.5, "backoff_jitter": 0.0}
+HTTP_BUDGET.update(timeout=5, respect_retry_after_header=False)
+#: The longest one call can take against a server that never answers: every try times out.
+LONGEST_CALL_S = (HTTP_BUDGET["max_retries"] + 1) * HTTP_BUDGET["timeout"] + 1.0
+
+
+def bounded_client(client: Any) -> Any:
+    """``client`` itself, or a :class:`BoundedClient` over it when it talks to a tracking server."""
+    from mlflow.store.tracking.rest_store import RestStore
+
+    store = getattr(getattr(client, "_tracking_client", None), "store", None)
+    return BoundedClient(client, store) if isinstance(store, RestStore) else client
+
+
+class BoundedClient:
+    """The ``MlflowClient`` calls the library makes, over HTTP with :data:`HTTP_BUDGET`."""
+
+    def __init__(self, client: Any, store: Any) -> None:
+        self.client = client
+        self.store = store
+        self._repos: dict[str, Any] = {}  # run id -> its artifact repository
+
+    def _call(self, api: Any, body: Any) -> Any:
+        from mlflow.utils.proto_json_utils import message_to_json, parse_dict
+        from mlflow.utils.rest_utils import http_request, verify_rest_response
+
+        endpoint, method = self.store._METHOD_TO_INFO[api]
+        data = {"params" if method == "GET" else "json": json.loads(message_to_json(body))}
+        creds = self.store.get_host_creds()
+        response = http_request(creds, endpoint, method, **HTTP_BUDGET, **data)
+        parse_dict(verify_rest_response(response, endpoint).json(), answer := api.Response())
+        return answer
+
+    def log_batch(self, run_id: str, **entities: Sequence[Any]) -> None:
+        from mlflow.protos.service_pb2 import LogBatch
+
+        protos = {k: [e.to_proto() for e in v] for k, v in entities.items()}
+        self._call(LogBatch, LogBatch(run_id=run_id, **protos))
+
+    def get_run(self, run_id: str) -> Any:
+        from mlflow.entities import Run
+        from mlflow.protos.service_pb2 import GetRun
+
+        return Run.from_proto(self._call(GetRun, GetRun(run_id=run_id, run_uuid=run_id)).run)
+
+    def log_artifact(self, run_id: str, local_path: str, artifact_path: str | None = None) -> None:
+        """To the server's own artifact store: one bounded PUT."""
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+        from mlflow.store.artifact.http_artifact_repo import HttpArtifactRepository
+        from mlflow.utils.credentials import get_default_host_creds
+        from mlflow.utils.mime_type_utils import _guess_mime_type
+        from mlflow.utils.rest_utils import augmented_raise_for_status, http_request
+
+        if (repo := self._repos.get(run_id)) is None:
+            uri = self.get_run(run_id).info.artifact_uri
+            tracking_uri = self.client.tracking_uri
+            repo = self._repos[run_id] = get_artifact_repository(uri, tracking_uri=tracking_uri)
+        if not isinstance(repo, HttpArtifactRepository):
+            return self.client.log_artifact(run_id, local_path, artifact_path)
+        name = os.path.basename(local_path)
+        endpoint = posixpath.join("/", artifact_path or "", name)
+        creds = get_default_host_creds(repo.artifact_uri)
+        headers = {"Content-Type": _guess_mime_type(name)}
+        with open(local_path, "rb") as f:
+            put = http_request(creds, endpoint, "PUT", data=f, extra_headers=headers, **HTTP_BUDGET)
+        augmented_raise_for_status(put)
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        with tempfile.TemporaryDirectory(prefix="lightning_inspect_text_") as tmp:
+            path = Path(tmp) / posixpath.basename(artifact_file)
+            path.write_text(text, encoding="utf-8")
+            self.log_artifact(run_id, str(path), posixpath.dirname(artifact_file) or None)
 
 
 def artifact_file(key: str, suffix: str) -> str:
-    """``key + suffix`` as a relative path whose every part fits in a file name (255 bytes); a
-    part too long is cut and ends with 8 hex digits of its SHA-1.
-
-    >>> len(artifact_file("activations/" + "é" * 200, ".png").split("/")[-1].encode())
-    255
-    """
+    """``key + suffix`` as a relative path whose every part fits in a file name (255 bytes): a
+    part too long is cut and ends with 8 hex digits of its SHA-1."""
     *folders, name = key.split("/")
-    parts = [(f, "") for f in folders] + [(name, suffix)]
     out = []
-    for part, end in parts:
+    for part, end in [(f, "") for f in folders] + [(name, suffix)]:
         if len((part + end).encode()) > 255:
             digest = hashlib.sha1(part.encode()).hexdigest()[:8]
             room = 255 - len(end.encode()) - len(digest) - 1
@@ -70,24 +128,16 @@ def artifact_file(key: str, suffix: str) -> str:
     return "/".join(out)
 
 
-def headline_metrics(
-    values: Mapping[str, float], parsed: dict[str, tuple[str, str, str, str]] | None = None
-) -> dict[str, float]:
-    """The MLflow metrics of one step in ``"summary"`` mode: whole-kind keys and keys outside the
-    scheme as they are; ``summary/<kind>/<stat>`` for min, max, nan_count, inf_count, l2_norm
-    (exact over modules); ``summary/<kind>/<stat>/min`` and ``/max`` for the others (NaN left
-    out). ``parsed`` caches :func:`~lightning_inspect.core.keys.split_key`.
+def headline_metrics(values: Mapping[str, float]) -> dict[str, float]:
+    """The metrics of one step in ``"summary"`` mode (README, "MLflow gets headline metrics").
 
     >>> headline_metrics({"weights/a/max": 1.0, "weights/b/max": 3.0, "param_grads/global_norm": 2.0})
     {'param_grads/global_norm': 2.0, 'summary/weights/max': 3.0}
     """
-    parsed = {} if parsed is None else parsed
     out: dict[str, float] = {}
     groups: dict[tuple[str, str], list[float]] = {}
     for key, value in values.items():
-        if (parts := parsed.get(key)) is None:
-            parts = parsed[key] = split_key(key)
-        kind, name, _, stat = parts
+        kind, name, _, stat = _split_key(key)
         if kind not in KINDS or not name:
             out[key] = value
         elif not math.isnan(value):
@@ -108,14 +158,13 @@ def load_histogram_spool(path: Path) -> dict[str, list[tuple[int, float, float, 
     series: dict[str, list[tuple[int, float, float, np.ndarray]]] = {}
     with Path(path).open() as f:
         for d in map(json.loads, f):
-            series.setdefault(d["key"], []).append(
-                (d["step"], d["lo"], d["hi"], np.asarray(d["counts"]))
-            )
+            point = (d["step"], d["lo"], d["hi"], np.asarray(d["counts"]))
+            series.setdefault(d["key"], []).append(point)
     return series
 
 
 def render_histogram_pictures(spool: Path, out_dir: Path, keys: MlflowKeys) -> list[Path]:
-    """One PNG per key of a histogram spool (:func:`~lightning_inspect.backends.pictures.histogram_picture`)."""
+    """One PNG per key of a histogram spool, under ``out_dir``."""
     from PIL import Image
 
     written = []
@@ -128,8 +177,9 @@ def render_histogram_pictures(spool: Path, out_dir: Path, keys: MlflowKeys) -> l
 
 
 class MlflowSink:
-    """Writes metrics, tables, histograms, texts, pictures, params, tags and files to a run.
-    ``owner`` names the table and histogram files (``None``: values as metrics only)."""
+    """Writes metrics, tables, histograms, texts, pictures, params, tags and files to a run
+    (through :func:`bounded_client`). ``owner`` names the table and histogram files (``None``:
+    values as metrics only)."""
 
     name = "mlflow"
     remote = True  # once the fit's end-of-fit deadline is set, calls wait only until it
@@ -137,15 +187,11 @@ class MlflowSink:
     def __init__(
         self, client: Any, run_id: str, owner: str | None = "inspect", metrics: str = "summary"
     ) -> None:
-        if metrics not in METRIC_MODES:
-            raise ValueError(f"MlflowSink(metrics={metrics!r}): expected one of {METRIC_MODES}.")
-        self.client = client
+        self.client = bounded_client(client)
         self.run_id = run_id
         self.owner = owner
-        self.modes: dict[str | None, str] = {owner: metrics}  # per owner
+        self.modes: dict[str | None, str] = {owner: metrics}
         self.keys = MlflowKeys()
-        self._parsed: dict[str, tuple[str, str, str, str]] = {}
-        self._cells: dict[str, str] = {}  # key -> its CSV cell
         self._spool: Path | None = None
         self._dirty: dict[Path, None] = {}  # spooled files not uploaded since they changed
 
@@ -153,39 +199,35 @@ class MlflowSink:
         for start in range(0, len(items), size):
             self.client.log_batch(self.run_id, **{kind: items[start : start + size]})
 
-    def _folder(self, name: str) -> Path:
+    def _file(self, folder: str, name: str) -> Path:
         if self._spool is None:
             self._spool = Path(tempfile.mkdtemp(prefix="lightning_inspect_mlflow_"))
-        (self._spool / name).mkdir(exist_ok=True)
-        return self._spool / name
+        (path := self._spool / folder / name).parent.mkdir(parents=True, exist_ok=True)
+        return path
 
     def log_step(self, step: int, scalars: Scalars, histograms: Histograms) -> None:
-        """Several owners' values of one step: their metrics in one ``log_batch`` (per 1000), then
-        their tables and spools (after the metrics: a refused call sent again adds lines once)."""
+        """Several owners' values of one step: metrics in one ``log_batch``, then tables and spools
+        (after the metrics: a refused call sent again adds lines once)."""
         from mlflow.entities import Metric
 
         sent: dict[str, float] = {}
         for owner, values in scalars.items():
-            all_values = self.modes.get(owner) == "all"
-            sent.update(values if all_values else headline_metrics(values, self._parsed))
+            every = self.modes.get(owner) == "all"
+            sent.update(values if every else headline_metrics(values))
         now = int(time.time() * 1000)
         metrics = [Metric(self.keys(k), float(v), now, step) for k, v in sent.items()]
         self._batch("metrics", metrics, 1000)
         for owner, values in scalars.items():
-            if owner is None:
-                continue
-            path = self._folder("stats") / f"{owner}.csv"
-            self._dirty[path] = None
-            new = not path.exists()
-            for key in values.keys() - self._cells.keys():  # quoted as csv does
-                quote = any(c in key for c in ',"\r\n')
-                self._cells[key] = '"' + key.replace('"', '""') + '"' if quote else key
-            lines = [f"{step},{self._cells[k]},{float(v)!r}\n" for k, v in values.items()]
-            with path.open("a", newline="") as f:  # floats as Python writes them: exact round trip
-                f.write(("step,key,value\n" if new else "") + "".join(lines))
+            if owner is not None:
+                self._dirty[path := self._file("stats", f"{owner}.csv")] = None
+                new = not path.exists()
+                with path.open("a", newline="") as f:  # floats as repr writes them: exact
+                    writer = csv.writer(f)
+                    writer.writerows([("step", "key", "value")] if new else [])
+                    writer.writerows((step, k, float(v)) for k, v in values.items())
         for owner, hists in histograms.items():
             if hists:
-                self._dirty[path := self._folder("histograms") / f"{owner}.jsonl"] = None
+                self._dirty[path := self._file("histograms", f"{owner}.jsonl")] = None
                 with path.open("a") as f:
                     for key, h in hists.items():
                         line = {"key": key, "step": step, "lo": h.min, "hi": h.max}
@@ -198,7 +240,6 @@ class MlflowSink:
         self.log_step(step, {}, {self.owner: dict(histograms)})  # type: ignore[dict-item]
 
     def _upload(self, path: Path, name: str) -> None:
-        """The local file ``path`` as the artifact ``lightning_inspect/<name>`` (same file name)."""
         folder = posixpath.dirname(f"{ARTIFACT_ROOT}/{name}")
         self.client.log_artifact(self.run_id, str(path), folder)
 
@@ -210,8 +251,7 @@ class MlflowSink:
         """``lightning_inspect/<key>.png`` (a later picture of the key replaces it)."""
         from PIL import Image
 
-        path = self._folder("images") / (name := artifact_file(self.keys(key), ".png"))
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = self._file("images", name := artifact_file(self.keys(key), ".png"))
         Image.fromarray(np.asarray(image, dtype=np.uint8)).save(path)
         self._upload(path, name)
 
@@ -237,13 +277,11 @@ class MlflowSink:
         self._batch("tags", tags, 100)
 
     def log_files(self, paths: Sequence[Path], folder: str) -> None:
-        """Files as artifacts under ``lightning_inspect/<folder>``."""
-        for path in paths:
-            self._upload(Path(path), f"{folder}/{Path(path).name}")
+        for path in map(Path, paths):
+            self._upload(path, f"{folder}/{path.name}")
 
     def flush(self) -> None:
-        """Upload the tables and histogram spools (with pictures) changed since their last upload;
-        a refused upload is tried again by the next flush."""
+        """Upload the tables and histogram spools (with pictures) changed since their last upload."""
         for path in list(self._dirty):
             self._upload(path, f"{path.parent.name}/{path.name}")
             if path.suffix == ".jsonl":
@@ -253,8 +291,7 @@ class MlflowSink:
             del self._dirty[path]
 
     def unsent(self) -> list[dict[str, Any]]:
-        """What the uploads did not deliver, as fallback records per step: the tables' values
-        (their headline metrics may have arrived) and the spooled histograms."""
+        """What the uploads did not deliver (tables, spooled histograms) as fallback records."""
         records: list[dict[str, Any]] = []
         for path in self._dirty:
             by_step: dict[int, dict[str, Any]] = {}
@@ -264,8 +301,7 @@ class MlflowSink:
                         by_step.setdefault(int(row["step"]), {})[row["key"]] = float(row["value"])
                 else:
                     for d in map(json.loads, f):
-                        by_step.setdefault(d["step"], {})[d.pop("key")] = d
-                        del d["step"]
+                        by_step.setdefault(d.pop("step"), {})[d.pop("key")] = d
             call, field = ("log_scalars", "values") if tables else ("log_histograms", "histograms")
             records += [{"call": call, "step": s, field: by_step[s]} for s in sorted(by_step)]
         return records
@@ -277,15 +313,16 @@ class MlflowSink:
 
 
 class MlflowRun:
-    """The training thread's side of one fit's MLflow run: gathers each step's values of every
-    callback and feeds the one background writer (an :class:`MlflowSink`)."""
+    """One fit's MLflow run: each step's values of every callback, once the Trainer's
+    ``StepCoordinator`` has published the step, go to its background writer as one call."""
 
-    def __init__(self, client: Any, run_id: str, deadline: EndOfFit | None = None) -> None:
-        self.writer = MlflowSink(bounded_client(client), run_id, owner=None)
-        self.background = BackgroundSink(self.writer, deadline=deadline)
+    def __init__(self, client: Any, run_id: str, trainer: Any) -> None:
+        self.writer = MlflowSink(client, run_id, owner=None)
+        self.background = BackgroundSink(self.writer, deadline=EndOfFit.for_fit(trainer))
+        self.coordinator = StepCoordinator.for_trainer(trainer)
+        self.coordinator.flushed.append(self.send)
         self._pending: dict[int, tuple[Scalars, Histograms]] = {}
-        self._open = 0
-        self._coordinator: StepCoordinator | None = None
+        self._open: set[MlflowRunSink] = set()
         self.closed = False
 
     @classmethod
@@ -294,52 +331,36 @@ class MlflowRun:
         runs = _RUNS.setdefault(trainer, {})
         run = runs.get(run_id := str(logger.run_id))
         if run is None or run.closed:
-            run = runs[run_id] = cls(logger.experiment, run_id, EndOfFit.for_fit(trainer))
-            run._coordinator = StepCoordinator.for_trainer(trainer)
-            run._coordinator.flushed.append(run.send)
+            run = runs[run_id] = cls(logger.experiment, run_id, trainer)
         return run
 
     def sink(self, owner: str, metrics: str = "summary") -> MlflowRunSink:
-        """A callback's sink (every value a metric if any callback of ``owner`` asks for "all");
-        the worker stops once every sink handed out is closed."""
+        """A callback's sink; the worker stops once every sink handed out is closed."""
         modes = self.writer.modes
         modes[owner] = "all" if "all" in (metrics, modes.get(owner)) else "summary"
-        self._open += 1
-        return MlflowRunSink(self, owner)
+        self._open.add(sink := MlflowRunSink(self, owner))
+        return sink
 
-    def add(
-        self, owner: str, step: int, values: Mapping[str, Any], histograms: bool = False
-    ) -> None:
-        """Gather a callback's scalars (or ``histograms``) of ``step`` until :meth:`send`."""
+    def add(self, owner: str, step: int, values: Mapping[str, Any], hists: bool = False) -> None:
         if values:
-            owners = self._pending.setdefault(step, ({}, {}))[histograms]
+            owners = self._pending.setdefault(step, ({}, {}))[hists]
             owners.setdefault(owner, {}).update(values)
 
     def send(self) -> None:
-        """Queue every gathered step, oldest first, one call each (returns at once)."""
+        """Queue every gathered step, oldest first."""
         pending, self._pending = self._pending, {}
         for step in sorted(pending):
             self.background.log_step(step, *pending[step])
 
-    def flush(self) -> None:
-        """Queue what is gathered and the upload of the tables and histograms."""
-        self.send()
-        self.background.flush()
-
-    def release(self) -> None:
-        """One sink closed; the last one sends what is left and stops the worker by the deadline."""
-        self._open -= 1
-        if self._open > 0 or self.closed:
+    def release(self, sink: MlflowRunSink) -> None:
+        self._open.discard(sink)
+        if self._open or self.closed:
             return
         self.closed = True
         self.send()
-        if self._coordinator is not None and self.send in self._coordinator.flushed:
-            self._coordinator.flushed.remove(self.send)
+        if self.send in self.coordinator.flushed:
+            self.coordinator.flushed.remove(self.send)
         self.background.close()
-
-
-#: The runs of each Trainer's current fit, by run id.
-_RUNS: weakref.WeakKeyDictionary[Any, dict[str, MlflowRun]] = weakref.WeakKeyDictionary()
 
 
 class MlflowRunSink:
@@ -350,13 +371,12 @@ class MlflowRunSink:
     def __init__(self, run: MlflowRun, owner: str) -> None:
         self.run = run
         self.owner = owner
-        self._closed = False
 
     def log_scalars(self, values: Mapping[str, float], step: int) -> None:
         self.run.add(self.owner, step, values)
 
     def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None:
-        self.run.add(self.owner, step, histograms, histograms=True)
+        self.run.add(self.owner, step, histograms, hists=True)
 
     def log_text(self, key: str, text: str, step: int) -> None:
         self.run.background.log_text(key, text, step)
@@ -365,9 +385,8 @@ class MlflowRunSink:
         self.run.background.log_image(key, image, step)
 
     def flush(self) -> None:
-        self.run.flush()
+        self.run.send()
+        self.run.background.flush()
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self.run.release()
+        self.run.release(self)

@@ -1,6 +1,5 @@
-"""The library's one picture renderer (Pillow, a few ms a picture): layers x steps heatmaps,
-histograms over steps, and :func:`publish_image`, which sends a picture to every sink that shows
-pictures (TensorBoard's Images tab, MLflow's ``lightning_inspect/<key>.png``, W&B).
+"""The library's one picture renderer (Pillow): layers x steps heatmaps and histograms over
+steps; :func:`publish_image` sends a picture to every sink that shows pictures.
 
 Example:
     >>> image = heatmap(np.array([[0.1, 0.5], [0.9, 1.0]]), ["net.1", "net.3"], [0, 10], "zero fraction")
@@ -18,13 +17,10 @@ from typing import Any
 import numpy as np
 
 #: viridis (RGB) at 0, 1/8, ..., 1 and once more for 1 (matplotlib's values), interpolated.
-_VIRIDIS = np.array(
-    list(bytes.fromhex("440154472d7b3b528b2c728e21918c28ae805ec962addc30fde725fde725"))
-)
-_VIRIDIS = _VIRIDIS.reshape(-1, 3).astype(np.float64)
-#: Plot area (width, height) of a histogram picture and the margins (left, top, right, bottom).
-PLOT = (480, 200)
-MARGIN = (64, 22, 76, 30)
+_VIRIDIS_HEX = "440154472d7b3b528b2c728e21918c28ae805ec962addc30fde725fde725"
+_VIRIDIS = np.array(list(bytes.fromhex(_VIRIDIS_HEX)), dtype=np.float64).reshape(-1, 3)
+PLOT = (480, 200)  # plot area (width, height) of a histogram picture
+MARGIN = (64, 22, 76, 30)  # left, top, right, bottom
 _MAX_LABELLED_ROWS = 60
 
 
@@ -38,8 +34,7 @@ def colours(shade: np.ndarray) -> np.ndarray:
 
 
 def _draw(shade: np.ndarray, title: str, labels: Any, steps: Any, scale: Any, height: int) -> Any:
-    """``shade[row, column]`` (row 0 on top) with a title, left ``labels`` at fractions of the
-    height, step numbers below and a colour bar ``(lo, hi, label)`` on the right."""
+    """``shade`` with a title, ``labels`` (height fraction, text), steps and a colour bar ``scale``."""
     from PIL import Image, ImageDraw
 
     width, (_, top, right, bottom) = PLOT[0], MARGIN
@@ -56,14 +51,10 @@ def _draw(shade: np.ndarray, title: str, labels: Any, steps: Any, scale: Any, he
         y = top + min(max(fraction * height - 6, 0), height - 12)
         draw.text((left - 4 - draw.textlength(text), y), text, fill="black")
     n = len(steps)
-    for j in sorted({round(x) for x in np.linspace(0, n - 1, num=min(n, 8))}) if n else []:
-        text = str(steps[j])
-        x = left + (j + 0.5) * width / n - draw.textlength(text) / 2
-        draw.text(
-            (min(max(x, left), left + width - draw.textlength(text)), top + height + 3),
-            text,
-            fill="black",
-        )
+    for j in {round(x) for x in np.linspace(0, n - 1, num=min(n, 8))}:
+        text, size = str(steps[j]), draw.textlength(str(steps[j]))
+        x = min(max(left + (j + 0.5) * width / n - size / 2, left), left + width - size)
+        draw.text((x, top + height + 3), text, fill="black")
     draw.text((left + width // 2 - 12, top + height + 16), "step", fill="gray")
     lo, hi, label = scale
     draw.text((left + width + 24, top), f"{hi:.3g}", fill="black")
@@ -83,9 +74,9 @@ def heatmap(
     vmax: float | None = None,
     colorbar: str = "",
 ) -> np.ndarray:
-    """``values[row, column]`` (one row per module in execution order, one column per logged
-    step, NaN: no value) as an ``(H, W, 3)`` uint8 picture; ``log10`` colours by ``log10(value)``
-    (values <= 0 as the lowest colour); ``vmin``/``vmax``: the colour range (default: the data's)."""
+    """``values[row, column]`` (a row per module, a column per step, NaN: no value) as an
+    ``(H, W, 3)`` uint8 picture; ``log10``: colour by ``log10(value)`` (values <= 0 lowest);
+    ``vmin``/``vmax``: the colour range (default: the data's)."""
     data = np.asarray(values, dtype=np.float64).reshape(len(rows), len(steps))
     if log10:
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -97,12 +88,10 @@ def heatmap(
     lo = vmin if vmin is not None else (float(finite.min()) if finite.size else 0.0)
     hi = vmax if vmax is not None else (float(finite.max()) if finite.size else 1.0)
     shade = np.where(np.isnan(data), np.nan, (data - lo) / (hi - lo or 1.0))
-    if len(rows) <= _MAX_LABELLED_ROWS:
-        labels = [
-            ((i + 0.5) / len(rows), n if len(n) <= 40 else "…" + n[-39:])
-            for i, n in enumerate(rows)
-        ]
-    else:
+    labels = [
+        ((i + 0.5) / len(rows), n if len(n) <= 40 else "…" + n[-39:]) for i, n in enumerate(rows)
+    ]
+    if len(rows) > _MAX_LABELLED_ROWS:
         labels, title = [], f"{title} ({len(rows)} modules, in execution order)"
     height = int(np.clip(12 * len(rows), 120, 12 * _MAX_LABELLED_ROWS))
     scale = (lo, hi, f"log10 {colorbar}" if log10 else colorbar)
@@ -112,8 +101,7 @@ def heatmap(
 def histogram_picture(
     key: str, points: Sequence[tuple[int, float, float, np.ndarray]]
 ) -> np.ndarray:
-    """The histograms ``(step, lo, hi, counts)`` of ``key``: value (y, highest at the top) by step
-    (x), colour ``log(1 + count)``, on the range common to every step."""
+    """The histograms ``(step, lo, hi, counts)`` of ``key``: value by step, colour log(1 + count)."""
     points = sorted(points, key=lambda p: p[0])
     lo, hi = min(p[1] for p in points), max(p[2] for p in points)
     bins = len(points[0][3])
@@ -122,32 +110,26 @@ def histogram_picture(
         centres = p_lo + (np.arange(bins) + 0.5) * (p_hi - p_lo) / bins
         index = np.clip(((centres - lo) / max(hi - lo, 1e-30) * bins).astype(int), 0, bins - 1)
         np.add.at(grid[:, j], index, counts)
-    shade = np.log1p(grid)[::-1]
-    shade = shade / shade.max() if shade.max() > 0 else shade
+    shade = np.log1p(grid)[::-1] / max(np.log1p(grid.max()), 1e-30)
     labels = [(0.0, f"{hi:.3g}"), (0.5, "value"), (1.0, f"{lo:.3g}")]
-    steps = [p[0] for p in points]
-    return _draw(shade, key, labels, steps, (0.0, float(grid.max()), "count, log scale"), PLOT[1])
+    scale = (0.0, float(grid.max()), "count, log scale")
+    return _draw(shade, key, labels, [p[0] for p in points], scale, PLOT[1])
 
 
 def publish_image(
     sinks: Sequence[Any], key: str, image: np.ndarray, step: int, owner: str, warned: set[str]
 ) -> list[str]:
-    """Send ``image`` to every sink with ``log_image``; returns the names of those written. A
-    failing sink warns once (its name joins ``warned``) and never stops training."""
+    """Send ``image`` to every sink with ``log_image``; the names of those written. A failing
+    sink warns once (its name joins ``warned``)."""
     written = []
-    for sink in sinks:
-        if not hasattr(sink, "log_image"):
-            continue
+    for sink in (s for s in sinks if hasattr(s, "log_image")):
         try:
             sink.log_image(key, image, step)
             written.append(sink.name)
         except Exception as exc:  # a picture must never stop training
             if sink.name not in warned:
                 warned.add(sink.name)
-                warnings.warn(
-                    f"{owner}: could not log the picture {key!r} to {sink.name} "
-                    f"({type(exc).__name__}: {exc}); training continues.",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+                message = f"{owner}: could not log the picture {key!r} to {sink.name} "
+                message += f"({type(exc).__name__}: {exc}); training continues."
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
     return written

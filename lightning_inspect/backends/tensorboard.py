@@ -1,22 +1,11 @@
-"""TensorBoard through the Trainer's ``TensorBoardLogger`` (its ``SummaryWriter``).
-
-A step's scalars go into one event, and so do its histograms (counts binned on the device, so
-NaN/Inf/bf16 cannot break the writer), encoded from protobuf's wire format. The logger's writer
-checksums its records with ``google-crc32c``'s C code (TensorBoard's own costs ~170 ns a byte in
-Python on the writer thread); TensorBoard's functions are left alone. A custom-scalars layout
-gathers the keys into one chart per kind and statistic (``lightning-inspect/<kind>``,
-``<kind>/<stat>``, ``^<kind>/.+/<stat>$``), shared by the sinks of a writer.
-
-Example:
-    >>> import tempfile
-    >>> from torch.utils.tensorboard import SummaryWriter
-    >>> sink = TensorBoardSink(SummaryWriter(tempfile.mkdtemp()))
-    >>> sink.log_scalars({"activations/fc/mean": 0.5}, step=0)
-    >>> sink.flush()
-"""
+"""TensorBoard through the Trainer's ``TensorBoardLogger``: a step's scalars in one event, its
+histograms in another, both encoded from protobuf's wire format; records checksummed with
+``google-crc32c``'s C code in the library's writer only; a custom-scalars layout of one chart per
+kind and statistic, shared by the sinks of a writer."""
 
 from __future__ import annotations
 
+import itertools
 import re
 import struct
 import weakref
@@ -34,25 +23,9 @@ try:
 except ImportError:  # the tensorboard extra installs it
     google_crc32c = None
 
-#: The custom-scalars layout of each writer, ``{category: {chart title: tag regex}}``.
+#: The custom-scalars layout of each writer: ``{category: {chart title: tag regex}}``.
 _LAYOUTS: weakref.WeakKeyDictionary[Any, dict[str, dict[str, str]]] = weakref.WeakKeyDictionary()
 _HISTOGRAM_HEAD = struct.Struct("<BdBdBdBdBd")
-
-
-def layout_charts(keys: Iterable[str]) -> dict[str, dict[str, str]]:
-    """The custom-scalars charts of ``keys``: ``{category: {title: tag regex}}``.
-
-    >>> layout_charts(["weights/fc.weight/mean", "param_grads/global_norm"])
-    {'lightning-inspect/weights': {'weights/mean': '^weights/.+/mean$'}, \
-'lightning-inspect/param_grads': {'param_grads/global_norm': '^param_grads/global_norm$'}}
-    """
-    charts: dict[str, dict[str, str]] = {}
-    for key in keys:
-        kind, name, _, stat = split_key(key)
-        if kind in KINDS:
-            pattern = f"^{re.escape(kind)}/.+/{re.escape(stat)}$" if name else f"^{re.escape(key)}$"
-            charts.setdefault(f"lightning-inspect/{kind}", {})[f"{kind}/{stat}"] = pattern
-    return charts
 
 
 def masked_crc32c(data: bytes) -> bytes:
@@ -83,97 +56,89 @@ def _varint(n: int) -> bytes:
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
         n >>= 7
-    out.append(n)
-    return bytes(out)
+    return bytes([*out, n])
 
 
-def scalar_summary(values: Mapping[str, float], encoded: dict[str, bytes] | None = None) -> Any:
-    """One ``Summary`` of every scalar, as ``add_scalar`` writes them, from the wire format (tag,
-    then a little-endian float32) parsed once in C: ~0.3 us a key. ``encoded`` caches tags.
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    return bytes([number << 3 | 2]) + _varint(len(payload)) + payload
 
-    >>> from tensorboard.compat.proto.summary_pb2 import Summary
-    >>> scalar_summary({"a/b/mean": 0.5}) == Summary(value=[Summary.Value(tag="a/b/mean", simple_value=0.5)])
-    True
-    """
+
+def scalar_summary(values: Mapping[str, float], cache: dict[str, bytes] | None = None) -> Any:
+    """One ``Summary`` of every scalar, as ``add_scalar`` writes them, parsed once in C from the
+    wire format (~0.3 us a key). ``cache`` keeps each key's bytes before its value."""
     from tensorboard.compat.proto.summary_pb2 import Summary
 
-    encoded = {} if encoded is None else encoded
+    encoded = {} if cache is None else cache
     heads = []
     for key in values:
-        head = encoded.get(key)
-        if head is None:  # Summary.value (1) holding tag (1) and simple_value (2)
-            tag = key.encode()
-            value = b"\x0a" + _varint(len(tag)) + tag + b"\x15"
+        if (head := encoded.get(key)) is None:  # Summary.value (1): tag (1), simple_value (2)
+            value = _field(1, key.encode()) + b"\x15"
             head = encoded[key] = b"\x0a" + _varint(len(value) + 4) + value
         heads.append(head)
     with np.errstate(over="ignore"):  # beyond float32's range: +-inf, as protobuf stores it
         floats = np.fromiter(values.values(), dtype="<f4", count=len(heads)).tobytes()
-    chunks = [floats[i : i + 4] for i in range(0, len(floats), 4)]
-    return Summary.FromString(
-        b"".join([p for pair in zip(heads, chunks, strict=True) for p in pair])
-    )
+    pairs = zip(heads, [floats[i : i + 4] for i in range(0, len(floats), 4)], strict=True)
+    return Summary.FromString(b"".join(itertools.chain.from_iterable(pairs)))
 
 
-def histogram_summary(
-    histograms: Mapping[str, Histogram], encoded: dict[str, bytes] | None = None
-) -> Any:
+def histogram_summary(hists: Mapping[str, Histogram], cache: dict[str, bytes] | None = None) -> Any:
     """One ``Summary`` of every histogram, as ``add_histogram_raw`` writes them (~3 us each)."""
     from tensorboard.compat.proto.summary_pb2 import Summary
 
-    encoded = {} if encoded is None else encoded
+    encoded = {} if cache is None else cache
     parts = []
-    for key, h in histograms.items():
-        head = encoded.get(key)
-        if head is None:
-            tag = key.encode()
-            head = encoded[key] = b"\x0a" + _varint(len(tag)) + tag  # Summary.Value.tag (1)
+    for key, h in hists.items():
+        if (tag := encoded.get(key)) is None:
+            tag = encoded[key] = _field(1, key.encode())
+        # HistogramProto: (tag, double) of min, max, num, sum, sum_squares; limits, counts packed
+        numbers = (9, h.min, 17, h.max, 25, float(h.num), 33, h.sum, 41, h.sum_squares)
         limits = np.ascontiguousarray(h.edges[1:], dtype="<f8").tobytes()
         counts = np.ascontiguousarray(h.counts, dtype="<f8").tobytes()
-        # HistogramProto: doubles min, max, num, sum, sum_squares (1-5); packed limits, counts (6, 7)
-        numbers = (h.min, h.max, float(h.num), h.sum, h.sum_squares)
-        fields = [x for pair in zip(b"\x09\x11\x19\x21\x29", numbers, strict=True) for x in pair]
-        histo = b"".join(
-            (_HISTOGRAM_HEAD.pack(*fields), b"\x32", _varint(len(limits)), limits)
-        ) + b"".join((b"\x3a", _varint(len(counts)), counts))
-        value = b"".join((head, b"\x2a", _varint(len(histo)), histo))  # Value.histo (5)
-        parts += (b"\x0a", _varint(len(value)), value)
+        histo = _HISTOGRAM_HEAD.pack(*numbers) + _field(6, limits) + _field(7, counts)
+        parts.append(_field(1, tag + _field(5, histo)))  # Summary.value (1), Value.histo (5)
     return Summary.FromString(b"".join(parts))
 
 
 class TensorBoardSink:
-    """Writes scalars, histograms, texts, pictures and an HPARAMS entry to a ``SummaryWriter``."""
+    """Writes scalars, histograms, texts, pictures and an HPARAMS entry to a ``SummaryWriter``.
+
+    Example:
+        >>> import tempfile
+        >>> from torch.utils.tensorboard import SummaryWriter
+        >>> TensorBoardSink(SummaryWriter(tempfile.mkdtemp())).log_scalars({"a/b/mean": 0.5}, 0)
+    """
 
     name = "tensorboard"
 
     def __init__(self, writer: Any) -> None:
         self.writer = writer
         self._seen: set[str] = set()  # keys already placed in the layout
-        self._encoded: dict[str, bytes] = {}  # key -> its encoded Summary.Value up to the value
+        self._scalars: dict[str, bytes] = {}  # encoded keys
+        self._histograms: dict[str, bytes] = {}
 
     def _add(self, summary: Any, step: int | None = None) -> None:
         fast_records(self.writer._get_file_writer()).add_summary(summary, global_step=step)
 
     def log_scalars(self, values: Mapping[str, float], step: int) -> None:
-        if not self._seen.issuperset(values):
-            self._extend_layout([k for k in values if k not in self._seen])
-        self._add(scalar_summary(values, self._encoded), step)
-
-    def _extend_layout(self, new_keys: list[str]) -> None:
-        """Add the charts of ``new_keys`` to the writer's layout; write it if it grew."""
-        self._seen.update(new_keys)
-        layout = _LAYOUTS.setdefault(self.writer, {})
-        grew = False
-        for category, charts in layout_charts(new_keys).items():
-            known = layout.setdefault(category, {})
-            grew |= not charts.keys() <= known.keys()
-            known.update(charts)
-        if grew:
-            self.writer.add_custom_scalars(
-                {c: {t: ["Multiline", [r]] for t, r in ch.items()} for c, ch in layout.items()}
-            )
+        if not self._seen.issuperset(values):  # the new keys' charts join the writer's layout
+            layout = _LAYOUTS.setdefault(self.writer, {})
+            charts = sum(map(len, layout.values()))
+            for key in [k for k in values if k not in self._seen]:
+                self._seen.add(key)
+                kind, name, _, stat = split_key(key)
+                if kind in KINDS:  # one chart per kind and statistic, or one whole-kind key
+                    tags = f"{re.escape(kind)}/.+/{re.escape(stat)}" if name else re.escape(key)
+                    category = layout.setdefault(f"lightning-inspect/{kind}", {})
+                    category[f"{kind}/{stat}"] = f"^{tags}$"
+            if sum(map(len, layout.values())) > charts:
+                self.writer.add_custom_scalars(
+                    {c: {t: ["Multiline", [r]] for t, r in ch.items()} for c, ch in layout.items()}
+                )
+        self._add(scalar_summary(values, self._scalars), step)
 
     def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None:
-        self._add(histogram_summary(histograms, self._encoded), step)
+        self._add(histogram_summary(histograms, self._histograms), step)
 
     def log_text(self, key: str, text: str, step: int) -> None:
         self.writer.add_text(key, text, global_step=step)
@@ -182,7 +147,7 @@ class TensorBoardSink:
         self.writer.add_image(key, image, global_step=step, dataformats="HWC")
 
     def log_hparams(self, values: Mapping[str, Any], metrics: Iterable[str] = ()) -> None:
-        """An HPARAMS entry: ``values`` compared on the scalars ``metrics`` (a run keeps its first)."""
+        """An HPARAMS entry: ``values`` compared on the scalars ``metrics``."""
         from torch.utils.tensorboard.summary import hparams
 
         clean = {

@@ -1,9 +1,5 @@
-"""Weights & Biases through the Trainer's ``WandbLogger``, with the logger's own methods (values
-carry W&B's ``trainer/global_step`` like Lightning's): scalars with ``log_metrics``; histograms
-as ``wandb.Histogram(np_histogram=(counts, edges))`` from the counts binned on the device (at
-most 512 bins: neighbours merged); texts as a one-cell table; pictures with ``log_image``;
-params as the run's config, tags in its summary, files as an artifact.
-"""
+"""Weights & Biases through the ``WandbLogger``'s own methods: histograms from the device's counts,
+texts as a one-cell table, params as the run's config, tags in its summary, files as an artifact."""
 
 from __future__ import annotations
 
@@ -13,38 +9,22 @@ from typing import Any
 
 import numpy as np
 
+from lightning_inspect.backends.base import GenericSink
 from lightning_inspect.core.stats import Histogram
 
-#: The most bins a ``wandb.Histogram`` accepts.
-MAX_WANDB_BINS = 512
 
-
-def wandb_bins(h: Histogram, limit: int = MAX_WANDB_BINS) -> tuple[np.ndarray, np.ndarray]:
-    """``(counts, edges)`` of ``h`` with at most ``limit`` bins (neighbours summed).
-
-    >>> h = Histogram(np.linspace(0, 6, 7), np.arange(6.0), 0.0, 6.0, 15.0, 0.0, 0.0)
-    >>> counts, edges = wandb_bins(h, limit=4)
-    >>> counts.tolist(), edges.tolist()
-    ([1.0, 5.0, 9.0], [0.0, 2.0, 4.0, 6.0])
-    """
+def wandb_bins(h: Histogram, limit: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """``(counts, edges)`` of ``h`` with at most ``limit`` bins (a wandb.Histogram's most)."""
     counts, edges = np.asarray(h.counts), np.asarray(h.edges)
-    group = -(-len(counts) // limit)  # ceiling division
-    if group == 1:
-        return counts, edges
-    starts = np.arange(0, len(counts), group)
+    starts = np.arange(0, len(counts), -(-len(counts) // limit))  # neighbours summed
     return np.add.reduceat(counts, starts), np.append(edges[starts], edges[-1])
 
 
-class WandbSink:
-    """Writes to a ``WandbLogger``'s run (``wandb`` imported for histograms only)."""
-
-    name = "wandb"
+class WandbSink(GenericSink):
+    """Writes to a ``WandbLogger``'s run."""
 
     def __init__(self, logger: Any) -> None:
-        self.logger = logger
-
-    def log_scalars(self, values: Mapping[str, float], step: int) -> None:
-        self.logger.log_metrics({k: float(v) for k, v in values.items()}, step)
+        super().__init__(logger, "wandb")
 
     def log_histograms(self, histograms: Mapping[str, Histogram], step: int) -> None:
         if histograms:
@@ -59,9 +39,6 @@ class WandbSink:
     def log_image(self, key: str, image: np.ndarray, step: int) -> None:
         self.logger.log_image(key, [image], step=step)
 
-    def log_params(self, values: Mapping[str, Any]) -> None:
-        self.logger.log_hyperparams(dict(values))
-
     def log_tags(self, values: Mapping[str, Any]) -> None:
         self.logger.experiment.summary.update(dict(values))
 
@@ -73,6 +50,3 @@ class WandbSink:
         for path in paths:
             artifact.add_file(str(path), name=f"{folder}/{Path(path).name}")
         self.logger.experiment.log_artifact(artifact)
-
-    def flush(self) -> None:
-        """Nothing to do: W&B's own process writes values as they arrive."""

@@ -13,8 +13,8 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_inspect._validation import check_bool, check_positive_int
 from lightning_inspect.backends import attached_loggers
-from lightning_inspect.backends.deadline import EndOfFit
-from lightning_inspect.backends.mlflow_http import bounded_client
+from lightning_inspect.backends.base import EndOfFit
+from lightning_inspect.backends.mlflow import bounded_client
 from lightning_inspect.core.recorder import StepCoordinator
 from lightning_inspect.overview.model import RunData
 from lightning_inspect.overview.page import render_page
