@@ -18,12 +18,8 @@ from importlib import resources
 
 from lightning_inspect.overview.model import RunData, safe_json
 
-#: The files of ``overview/static`` and their content types.
-ASSETS = {
-    "index.js": "application/javascript",
-    "overview.js": "application/javascript",
-    "overview.css": "text/css",
-}
+_JS = "application/javascript"
+ASSETS = {"index.js": _JS, "overview.js": _JS, "overview.css": "text/css"}  #: overview/static
 
 
 def asset(name: str) -> bytes:

@@ -1,6 +1,5 @@
-"""The "Inspect" tab of TensorBoard (entry point ``tensorboard_plugins``), shown whenever a run
-holds lightning-inspect data. Routes under ``/data/plugin/inspect/``: the static files and the
-JSON ``runs``, ``meta?run=``, ``matrix?run=&kind=&stat=``, ``histograms?run=&kind=&layer=``."""
+"""TensorBoard's "Inspect" tab (entry point ``tensorboard_plugins``), routes under
+``/data/plugin/inspect/``: the static files, ``runs``, ``meta``, ``matrix``, ``histograms``."""
 
 from __future__ import annotations
 

@@ -67,9 +67,7 @@ class ProbeSwitch(Callback, _Switch):
         # trainer.log_dir is a collective call under DDP: read on every rank, here.
         out = self.given["output_dir"] or hydra_output_dir()
         out = out or Path(trainer.log_dir or trainer.default_root_dir) / "probes"
-        self._sinks: list[Any] = (
-            resolve_sinks(trainer, None, "ProbeSwitch") if trainer.loggers else []
-        )
+        self._sinks: list[Any] = trainer.loggers and resolve_sinks(trainer, None, "ProbeSwitch")
         shown = [  # the loggers that show texts, pictures or histograms (rank 0 only)
             (f"{type(lg).__name__} {getattr(lg, 'run_id', None) or lg.log_dir}", sink)
             for lg, sink in zip(trainer.loggers, self._sinks, strict=False)
