@@ -28,8 +28,6 @@ def instantiate_callbacks(cfg: Any, key: str | None = None) -> list[Callback]:
     A ConfigError starts with the key path (``inspect.activations.bins``).
 
     Example:
-        >>> instantiate_callbacks(None)
-        []
         >>> cbs = instantiate_callbacks({"graph": {"_target_": "lightning_inspect.GraphMonitor"}})
         >>> [type(cb).__name__ for cb in cbs]
         ['GraphMonitor']
@@ -129,8 +127,7 @@ def _check_keys(entry: Any, path: str, target: type) -> None:
             )
     if "_args_" in entry or entry.get("_partial_", False):
         return
-    missing = [n for n, p in named.items() if p.default is p.empty and n not in given]
-    if missing:
+    if missing := [n for n, p in named.items() if p.default is p.empty and n not in given]:
         raise ConfigError(
             f"{path}: missing required key(s) {', '.join(missing)} of {entry['_target_']}."
         )

@@ -103,8 +103,7 @@ class GraphMonitor(Callback):
 
     def _log_graph(self) -> None:
         sinks = [getattr(s, "inner", s) for s in self.sinks]
-        writers = [s.writer for s in sinks if isinstance(s, TensorBoardSink)]
-        if not writers:
+        if not (writers := [s.writer for s in sinks if isinstance(s, TensorBoardSink)]):
             return
         if self._inputs is None:
             return self._warn("the model", "it was not called during the first training batch")

@@ -113,7 +113,5 @@ class OverviewPage(Callback):
             deadline.run(self.write)  # the final page, within what is left of the deadline
         else:
             self._warn("the final page (the end-of-fit deadline passed)", TimeoutError())
-        if self._worker is not None:
-            self._worker.shutdown(wait=False, cancel_futures=True)
-            self._worker = None
-        self._logger = self._client = self._deadline = None
+        self._worker.shutdown(wait=False, cancel_futures=True)  # made with the coordinator
+        self._logger = self._client = self._deadline = self._worker = None

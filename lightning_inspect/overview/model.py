@@ -1,5 +1,4 @@
-"""The overview's data: per view kind, layers x steps of every statistic, histograms per layer
-and step, and health findings, as JSON for the frontend. Layers keep their arrival order.
+"""The overview's data per view kind (layers x steps per statistic, histograms), and findings.
 
 Example:
     >>> run = RunData()

@@ -93,8 +93,7 @@ class LogDirReader:
 
     def findings(self, ctx: Any, run: str) -> list[dict[str, Any]]:
         """The health findings written to ``run``, oldest first."""
-        # SummaryWriter.add_text appends "/text_summary" to the tag
-        ours = (FINDINGS_KEY, f"{FINDINGS_KEY}/text_summary")
+        ours = (FINDINGS_KEY, f"{FINDINGS_KEY}/text_summary")  # as SummaryWriter.add_text names it
         tags = [t for t in self._ask(ctx, "list", "text", run) if t in ours]
         read = self._ask(ctx, "read", "text", run, tags) if tags else {}
         found: list[dict[str, Any]] = []

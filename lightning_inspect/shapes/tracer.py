@@ -54,10 +54,9 @@ class ShapeTracer(Callback):
         self.console = check_bool(owner, "console", console)
         self.enabled = check_bool(owner, "enabled", enabled)
         self.sinks: list[Sink] = []
-        self.stack = notes.ModuleStack()
+        self.stack, self._hooks = notes.ModuleStack(), HookSet()
         self.shape_trace: ModelTable | None = None
         self._modules: dict[str, Any] = {}
-        self._hooks = HookSet()
         self._context, self._train_batches, self._summarised = "", 0, False
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
