@@ -1,8 +1,5 @@
 """Build the callbacks of the Hydra ``inspect`` group, checking every key before anything is built.
-
-Only an entry's own ``_target_`` is instantiated, and only when it is a Lightning ``Callback``
-class; a ``_target_`` nested in an argument is a ConfigError naming its key.
-"""
+Only an entry's own ``_target_`` (a Lightning ``Callback`` class) is instantiated."""
 
 from __future__ import annotations
 
@@ -26,28 +23,19 @@ HYDRA_KEYS = ("_target_", "_args_", "_partial_", "_convert_", "_recursive_")
 def instantiate_callbacks(cfg: Any, key: str | None = None) -> list[Callback]:
     """The callbacks described by ``cfg`` (usually ``cfg.get("inspect")``), in order.
 
-    Args:
-        cfg: ``None`` (``[]``), a mapping ``name -> {_target_: ..., <arguments>}`` or a list of
-            entries; a ``None`` entry or ``_target_`` is skipped (``inspect.gradients=null``).
-        key: the key path in messages; default: the node's own path (``inspect``).
-
-    Raises:
-        ConfigError: starting with the key path (``inspect.activations.bins``).
+    ``cfg``: ``None``, a mapping ``name -> {_target_: ..., <arguments>}`` or a list of entries (a
+    ``None`` entry or ``_target_`` is skipped); ``key``: the path in messages (default: the node's).
+    A ConfigError starts with the key path (``inspect.activations.bins``).
 
     Example:
-        >>> instantiate_callbacks(None)
-        []
         >>> cbs = instantiate_callbacks({"graph": {"_target_": "lightning_inspect.GraphMonitor"}})
         >>> [type(cb).__name__ for cb in cbs]
         ['GraphMonitor']
     """
     if cfg is None:
         return []
-    if key is None:
-        try:  # the node's own path in its Hydra config
-            key = str(cfg._get_full_key(None) or "inspect")
-        except Exception:  # a plain dict or list
-            key = "inspect"
+    if key is None:  # the node's own path in its Hydra config; a plain dict or list has none
+        key = str(getattr(cfg, "_get_full_key", lambda _: None)(None) or "inspect")
     if (entries := _children(cfg, key)) is None:
         raise ConfigError(
             f"{key}={_show(cfg)}: expected a mapping name -> {{_target_: ..., arguments}} (the "
@@ -88,8 +76,9 @@ def validate_callback_config(entry: Any, path: str) -> type | None:
     return target
 
 
-def _locate(name: Any, path: str) -> type:
-    """The class ``name`` names, imported, never called; a ConfigError unless a Callback."""
+def _locate(
+    name: Any, path: str
+) -> type:  # imported, never called; a ConfigError unless a Callback
     if not isinstance(name, str) or not name:
         raise ConfigError(
             f"{path}={name!r}: expected a dotted class path such as lightning_inspect.ActivationMonitor."
@@ -112,8 +101,7 @@ def _locate(name: Any, path: str) -> type:
     return target
 
 
-def _refuse_targets(value: Any, path: str) -> None:
-    """A ConfigError naming the first ``_target_`` in ``value``: it could call any function."""
+def _refuse_targets(value: Any, path: str) -> None:  # a nested _target_ could call any function
     if _is_mapping(value) and "_target_" in value:
         raise ConfigError(
             f"{path}={_show(value)}: a nested _target_ is not allowed. Only the entry's "
@@ -139,8 +127,7 @@ def _check_keys(entry: Any, path: str, target: type) -> None:
             )
     if "_args_" in entry or entry.get("_partial_", False):
         return
-    missing = [n for n, p in named.items() if p.default is p.empty and n not in given]
-    if missing:
+    if missing := [n for n, p in named.items() if p.default is p.empty and n not in given]:
         raise ConfigError(
             f"{path}: missing required key(s) {', '.join(missing)} of {entry['_target_']}."
         )
@@ -173,16 +160,14 @@ def _instantiate(entry: Any, path: str, target: type) -> Callback:
     return callback
 
 
-def _shipped_entries() -> list[str]:
-    """The entry names of the shipped options (``activations``, ...)."""
+def _shipped_entries() -> list[str]:  # activations, gradients, ...
     from omegaconf import OmegaConf
 
     options = sorted((Path(__file__).parents[1] / "conf" / "inspect").glob("*.yaml"))
     return [str(k) for path in options for k in OmegaConf.load(path) if k != "defaults"]
 
 
-def _omegaconf(name: str) -> Any:
-    """An omegaconf type, or ``()`` while omegaconf is not imported (then no value is one)."""
+def _omegaconf(name: str) -> Any:  # () while omegaconf is not imported: then no value is one
     return getattr(sys.modules.get("omegaconf"), name, ())
 
 
@@ -190,8 +175,7 @@ def _is_mapping(value: Any) -> bool:
     return isinstance(value, (Mapping, _omegaconf("DictConfig")))
 
 
-def _children(value: Any, path: str) -> list[tuple[str, Any]] | None:
-    """``(key path, item)`` of a mapping or a list; ``None`` for any other value."""
+def _children(value: Any, path: str) -> list[tuple[str, Any]] | None:  # None: not a collection
     if _is_mapping(value):
         return [(f"{path}.{name}", _get(value, name)) for name in value]
     if isinstance(value, (list, tuple, _omegaconf("ListConfig"))):
@@ -199,8 +183,7 @@ def _children(value: Any, path: str) -> list[tuple[str, Any]] | None:
     return None
 
 
-def _get(cfg: Any, name: Any) -> Any:
-    """A value, without resolving an interpolation that fails outside a Hydra run."""
+def _get(cfg: Any, name: Any) -> Any:  # unresolved if its interpolation fails outside a Hydra run
     try:
         return cfg[name]
     except Exception:  # a DictConfig or ListConfig: its item exists

@@ -22,12 +22,9 @@ STRUCTURE_KEY = "model/structure"
 
 
 class GraphMonitor(Callback):
-    """Log the model's computational graph and model table once, from the first training batch.
-
-    The graph (TensorBoard) is traced, on rank 0 and leaving training unchanged, with the inputs
-    that the LightningModule (or, if ``training_step`` does not call ``self(...)``, its first child
-    called) received; where tracing cannot work a warning says why. The model table goes to every
-    backend as ``model/structure``.
+    """Log the model's graph (TensorBoard; traced on rank 0 with the inputs of the LightningModule
+    or, if ``training_step`` does not call ``self(...)``, of its first child called; else a warning
+    says why) and its model table (every backend, ``model/structure``) from the first training batch.
 
     Example::
 
@@ -49,11 +46,9 @@ class GraphMonitor(Callback):
         self.backends = check_backends(owner, backends)
         self.enabled = check_bool(owner, "enabled", enabled)
         self.sinks: list[Sink] = []
-        self.done = False
-        self._hooks = HookSet()
+        self.done, self._step, self._hooks = False, 0, HookSet()
         self._inputs: tuple[nn.Module, str, tuple[Any, ...], dict[str, Any]] | None = None
         self._table = ModelTable(nn.Module())  # replaced on the first training batch
-        self._step = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {"done": self.done}
@@ -108,8 +103,7 @@ class GraphMonitor(Callback):
 
     def _log_graph(self) -> None:
         sinks = [getattr(s, "inner", s) for s in self.sinks]
-        writers = [s.writer for s in sinks if isinstance(s, TensorBoardSink)]
-        if not writers:
+        if not (writers := [s.writer for s in sinks if isinstance(s, TensorBoardSink)]):
             return
         if self._inputs is None:
             return self._warn("the model", "it was not called during the first training batch")

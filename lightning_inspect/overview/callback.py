@@ -6,7 +6,6 @@ import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -23,13 +22,9 @@ ARTIFACT = "lightning_inspect/overview.html"
 
 
 class OverviewPage(Callback):
-    """Write the overview page (heatmaps, histograms, findings) to MLflow as one HTML artifact.
-
-    Without an ``MLFlowLogger`` it does nothing (TensorBoard's "Inspect" tab needs no callback).
-    Refreshes are uploaded on a worker thread; the last one within the end-of-fit deadline.
-
-    Args:
-        every_n_logs: rewrite the page every this many logged steps (and at the end of fit).
+    """Write the overview page (heatmaps, histograms, findings) to MLflow as one HTML artifact,
+    every ``every_n_logs`` logged steps and at the end of fit (on a worker thread; the last within
+    the end-of-fit deadline). Without an ``MLFlowLogger`` it does nothing.
 
     Example::
 
@@ -41,16 +36,13 @@ class OverviewPage(Callback):
         owner = type(self).__name__
         self.every_n_logs = check_positive_int(owner, "every_n_logs", every_n_logs)
         self.enabled = check_bool(owner, "enabled", enabled)
-        self.data = RunData()
-        self._logger: Any = None
-        self._client: Any = None
+        self.data, self._logger, self._client = RunData(), None, None
         self._deadline: EndOfFit | None = None
         self._coordinator: StepCoordinator | None = None
-        self._last_step: int | None = None
-        self._complete_steps = 0
-        self._warned = False
         self._worker: ThreadPoolExecutor | None = None
         self._pending: Future[None] | None = None
+        self._last_step: int | None = None
+        self._complete_steps, self._warned = 0, False
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or not self.enabled or not trainer.is_global_zero:
@@ -59,8 +51,7 @@ class OverviewPage(Callback):
         if self._logger is None:
             return
         self._client = bounded_client(self._logger.experiment)
-        self._deadline = EndOfFit.for_fit(trainer)
-        self.data = RunData()
+        self._deadline, self.data = EndOfFit.for_fit(trainer), RunData()
         self._last_step, self._complete_steps, self._warned = None, 0, False
         self._coordinator = StepCoordinator.for_trainer(trainer)
         self._coordinator.observers.append(self.observe)
@@ -122,7 +113,5 @@ class OverviewPage(Callback):
             deadline.run(self.write)  # the final page, within what is left of the deadline
         else:
             self._warn("the final page (the end-of-fit deadline passed)", TimeoutError())
-        if self._worker is not None:
-            self._worker.shutdown(wait=False, cancel_futures=True)
-            self._worker = None
-        self._logger = self._client = self._deadline = None
+        self._worker.shutdown(wait=False, cancel_futures=True)  # made with the coordinator
+        self._logger = self._client = self._deadline = self._worker = None

@@ -1,5 +1,4 @@
-"""The overview's data: per view kind, layers x steps of every statistic, histograms per layer
-and step, and health findings, as JSON for the frontend. Layers keep their arrival order.
+"""The overview's data per view kind (layers x steps per statistic, histograms), and findings.
 
 Example:
     >>> run = RunData()
@@ -30,7 +29,7 @@ VIEW_KINDS = {
     "health": "health",
 }
 _DIGITS = 6  # significant digits kept in the page's data
-FINDING_FIELDS = ("rule", "severity", "module", "statistic", "value", "step", "hint")
+_FIELDS = ("rule", "severity", "module", "statistic", "value", "step", "hint")
 
 
 def split_key(key: str) -> tuple[str, str, str] | None:
@@ -72,8 +71,7 @@ class KindData:
     histograms: dict[str, dict[int, tuple[float, float, list[int]]]] = field(default_factory=dict)
 
     def copy(self) -> KindData:
-        values = {key: dict(series) for key, series in self.values.items()}
-        hists = {layer: dict(series) for layer, series in self.histograms.items()}
+        values, hists = ({k: dict(v) for k, v in d.items()} for d in (self.values, self.histograms))
         return KindData(dict(self.layers), dict(self.stats), values, hists)
 
 
@@ -119,9 +117,7 @@ class RunData:
         """Add health findings (mappings or ``Finding`` objects), each (rule, module, step) once."""
         seen = {(f["rule"], f["module"], f["step"]) for f in self.findings}
         for f in findings:
-            entry = {
-                n: f.get(n) if isinstance(f, Mapping) else getattr(f, n) for n in FINDING_FIELDS
-            }
+            entry = {n: f.get(n) if isinstance(f, Mapping) else getattr(f, n) for n in _FIELDS}
             entry["value"] = None if entry["value"] is None else _rounded([entry["value"]])[0]
             if (key := (entry["rule"], entry["module"], entry["step"])) not in seen:
                 seen.add(key)

@@ -1,12 +1,8 @@
-"""The page's static files (served by the TensorBoard plugin) and the self-contained HTML file
-with them and the runs' data inlined, for MLflow.
+"""The page's static files (for the TensorBoard plugin) and the page with them inlined (MLflow).
 
 Example:
-    >>> from lightning_inspect.overview.model import RunData
-    >>> run = RunData()
-    >>> run.add_scalars(0, {"activations/fc/mean": 0.5})
-    >>> html = render_page({"run": run}, title="demo")
-    >>> html.startswith("<!DOCTYPE html>") and '"activations"' in html
+    >>> html = render_page({"run": RunData()}, title="demo")
+    >>> html.startswith("<!DOCTYPE html>") and "<title>demo</title>" in html
     True
 """
 
@@ -18,12 +14,8 @@ from importlib import resources
 
 from lightning_inspect.overview.model import RunData, safe_json
 
-#: The files of ``overview/static`` and their content types.
-ASSETS = {
-    "index.js": "application/javascript",
-    "overview.js": "application/javascript",
-    "overview.css": "text/css",
-}
+_JS = "application/javascript"
+ASSETS = {"index.js": _JS, "overview.js": _JS, "overview.css": "text/css"}  #: overview/static
 
 
 def asset(name: str) -> bytes:

@@ -41,9 +41,7 @@ class LogDirReader:
     """The overview's view of one TensorBoard data provider (one experiment)."""
 
     def __init__(self, provider: Any, logdir: str = "", experiment_id: str = "") -> None:
-        self.provider = provider
-        self.logdir = logdir
-        self.experiment_id = experiment_id
+        self.provider, self.logdir, self.experiment_id = provider, logdir, experiment_id
 
     def _ask(self, ctx: Any, verb: str, plugin: str, run: str | None, tags: Any = None) -> Any:
         """``list`` or ``read`` the ``plugin``'s series of ``run`` (``None``: of every run)."""
@@ -66,21 +64,20 @@ class LogDirReader:
 
     def version(self, ctx: Any, run: str) -> tuple[Any, ...]:
         """Changes whenever new data of ``run`` is loaded (to cache what is read)."""
+        found = [self._ask(ctx, "list", p, run) for p in ("scalars", "histograms", "text")]
         return tuple(
-            max(((s.max_step, s.max_wall_time) for s in series.values()), default=None)
-            for series in (
-                self._ask(ctx, "list", p, run) for p in ("scalars", "histograms", "text")
-            )
+            max(((s.max_step, s.max_wall_time) for s in f.values()), default=None) for f in found
         )
 
     def run_data(self, ctx: Any, run: str) -> RunData:
         """Statistics and findings of ``run``, and which layers have histograms."""
-        data = RunData()
-        rank = key_order(self.logdir, run) if self.logdir else {}
-        # tags not in the first logged step come after those, in the provider's order
+        data, rank = RunData(), key_order(self.logdir, run) if self.logdir else {}
+
+        def order(tag: str) -> int:  # tags not in the first logged step: after those
+            return rank.get(tag, len(rank))
+
         tags = sorted(
-            (t for t in self._ask(ctx, "list", "scalars", run) if split_key(t)),
-            key=lambda tag: rank.get(tag, len(rank)),
+            (t for t in self._ask(ctx, "list", "scalars", run) if split_key(t)), key=order
         )
         read = self._ask(ctx, "read", "scalars", run, tags) if tags else {}
         by_step: dict[int, dict[str, float]] = {}
@@ -89,27 +86,23 @@ class LogDirReader:
                 by_step.setdefault(datum.step, {})[tag] = datum.value
         for step in sorted(by_step):
             data.add_scalars(step, by_step[step])
-        hist = self._ask(ctx, "list", "histograms", run)
-        for tag in sorted(hist, key=lambda tag: rank.get(tag, len(rank))):
+        for tag in sorted(self._ask(ctx, "list", "histograms", run), key=order):
             data.note_histograms(tag)
         data.add_findings(self.findings(ctx, run))
         return data
 
     def findings(self, ctx: Any, run: str) -> list[dict[str, Any]]:
         """The health findings written to ``run``, oldest first."""
-        # SummaryWriter.add_text appends "/text_summary" to the tag
-        ours = (FINDINGS_KEY, f"{FINDINGS_KEY}/text_summary")
+        ours = (FINDINGS_KEY, f"{FINDINGS_KEY}/text_summary")  # as SummaryWriter.add_text names it
         tags = [t for t in self._ask(ctx, "list", "text", run) if t in ours]
         read = self._ask(ctx, "read", "text", run, tags) if tags else {}
         found: list[dict[str, Any]] = []
         for datum in (d for tag in tags for d in read.get(tag, ())):
             for text in np.asarray(datum.numpy).reshape(-1):
-                try:
+                with contextlib.suppress(ValueError):  # not ours: skip it
                     found.extend(
                         json.loads(text.decode() if isinstance(text, bytes) else str(text))
                     )
-                except ValueError:
-                    continue  # not ours: skip it
         return found
 
     def histograms(self, ctx: Any, run: str, kind: str, layer: str) -> dict[str, Any]:

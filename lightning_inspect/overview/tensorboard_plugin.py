@@ -1,6 +1,5 @@
-"""The "Inspect" tab of TensorBoard (entry point ``tensorboard_plugins``), shown whenever a run
-holds lightning-inspect data. Routes under ``/data/plugin/inspect/``: the static files and the
-JSON ``runs``, ``meta?run=``, ``matrix?run=&kind=&stat=``, ``histograms?run=&kind=&layer=``."""
+"""TensorBoard's "Inspect" tab (entry point ``tensorboard_plugins``), routes under
+``/data/plugin/inspect/``: the static files, ``runs``, ``meta``, ``matrix``, ``histograms``."""
 
 from __future__ import annotations
 
@@ -51,7 +50,7 @@ class InspectPlugin(base_plugin.TBPlugin):
 
     @wrappers.Request.application
     def _serve_runs(self, request: wrappers.Request) -> wrappers.Response:
-        return _json(request, self._reader.runs(_ctx(request)))
+        return _json(request, self._reader.runs(plugin_util.context(request.environ)))
 
     @wrappers.Request.application
     def _serve_meta(self, request: wrappers.Request) -> wrappers.Response:
@@ -69,11 +68,11 @@ class InspectPlugin(base_plugin.TBPlugin):
     @wrappers.Request.application
     def _serve_histograms(self, request: wrappers.Request) -> wrappers.Response:
         args = [request.args.get(name, "") for name in ("run", "kind", "layer")]
-        return _json(request, self._reader.histograms(_ctx(request), *args))
+        return _json(request, self._reader.histograms(plugin_util.context(request.environ), *args))
 
     def _run_data(self, request: wrappers.Request) -> RunData:
         """The run named by ``?run=``, read once per change of its data."""
-        ctx, run = _ctx(request), request.args.get("run", "")
+        ctx, run = plugin_util.context(request.environ), request.args.get("run", "")
         if run not in self._reader.runs(ctx):
             _not_found(request, f"no lightning-inspect data in run {run!r}")
         version = self._reader.version(ctx, run)
@@ -88,10 +87,6 @@ class InspectLoader(base_plugin.TBLoader):
 
     def load(self, context: base_plugin.TBContext) -> InspectPlugin:
         return InspectPlugin(context)
-
-
-def _ctx(request: wrappers.Request) -> Any:
-    return plugin_util.context(request.environ)
 
 
 def _json(request: wrappers.Request, value: Any) -> wrappers.Response:

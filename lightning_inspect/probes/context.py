@@ -176,17 +176,11 @@ class _Switch:
             each = ", ".join(sorted(f"{i.qualname} {calls[i]}" for i in found))
             ran = sum(calls[i] for i in found)
             text = f"tag {pattern!r}: {ran} probe calls ran ({each}); output: {went_to}."
-            if not ran:
-                text = (
-                    f"tag pattern {pattern!r} switches on {', '.join(names)}, but no call of it ran"
-                    " (none came on a step that was due), so nothing was written for it."
-                )
             if not found:
-                text = (
-                    f"tag pattern {pattern!r} matches no registered probe, so nothing ran for it. "
-                    f"Known probe tags: {', '.join(known) or 'none'}."
-                    + check.suggestion(pattern, known)
-                )
+                text = f"tag pattern {pattern!r} matches no registered probe, so nothing ran for it. Known probe tags: {', '.join(known) or 'none'}."
+                text += check.suggestion(pattern, known)
+            elif not ran:
+                text = f"tag pattern {pattern!r} switches on {', '.join(names)}, but no call of it ran (none came on a step that was due), so nothing was written for it."
             out.append((bool(ran), text))
         return out
 
@@ -408,10 +402,8 @@ def probe(
                 if info not in switch.disabled:
                     at = traceback.extract_tb(exc.__traceback__)[-1]
                     what = f"{qualname} (tag {seen[1]!r}) raised {type(exc).__name__}: {exc}"
-                    off = "It is switched off for the rest of this run; on_error='raise' stops."
-                    warnings.warn(
-                        f"Probe {what} at {at.filename}:{at.lineno}. {off}", ProbeWarning, 2
-                    )
+                    msg = f"Probe {what} at {at.filename}:{at.lineno}. It is switched off for the rest of this run; on_error='raise' stops."
+                    warnings.warn(msg, ProbeWarning, 2)
                 switch.disabled.add(info)
                 return None
 

@@ -42,8 +42,22 @@ class ProbeSwitch(Callback, _Switch):
         self.validation = check_bool("ProbeSwitch", "validation", validation)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit":
-            self._open(trainer)
+        if stage != "fit":
+            return
+        self._close()  # re-entry of fit, or a teardown that never came
+        if (n := sum(isinstance(cb, ProbeSwitch) for cb in trainer.callbacks)) > 1:
+            raise ConfigError(f"Trainer(callbacks=...) holds {n} ProbeSwitch callbacks; use one.")
+        # trainer.log_dir is a collective call under DDP: read on every rank, here.
+        out = self.given["output_dir"] or hydra_output_dir()
+        out = out or Path(trainer.log_dir or trainer.default_root_dir) / "probes"
+        self._sinks: list[Any] = trainer.loggers and resolve_sinks(trainer, None, "ProbeSwitch")
+        shown = [  # the loggers that show texts, pictures or histograms (rank 0 only)
+            (f"{type(lg).__name__} {getattr(lg, 'run_id', None) or lg.log_dir}", sink)
+            for lg, sink in zip(trainer.loggers, self._sinks, strict=False)
+            if not isinstance(getattr(sink, "inner", sink), GenericSink)
+        ]
+        self.gate_open = trainer.global_step % self.every_n_steps == 0
+        self.open(output_dir=out, trainer=trainer, sinks=tuple(shown), rank=trainer.global_rank)
 
     def on_train_batch_start(self, trainer: Trainer, *args: Any) -> None:
         self.gate(trainer.global_step % self.every_n_steps == 0)
@@ -59,24 +73,6 @@ class ProbeSwitch(Callback, _Switch):
 
     def on_exception(self, *args: Any) -> None:
         self._close()
-
-    def _open(self, trainer: Trainer) -> None:
-        self._close()  # re-entry of fit, or a teardown that never came
-        if (n := sum(isinstance(cb, ProbeSwitch) for cb in trainer.callbacks)) > 1:
-            raise ConfigError(f"Trainer(callbacks=...) holds {n} ProbeSwitch callbacks; use one.")
-        # trainer.log_dir is a collective call under DDP: read on every rank, here.
-        out = self.given["output_dir"] or hydra_output_dir()
-        out = out or Path(trainer.log_dir or trainer.default_root_dir) / "probes"
-        self._sinks: list[Any] = (
-            resolve_sinks(trainer, None, "ProbeSwitch") if trainer.loggers else []
-        )
-        shown = [  # the loggers that show texts, pictures or histograms (rank 0 only)
-            (f"{type(lg).__name__} {getattr(lg, 'run_id', None) or lg.log_dir}", sink)
-            for lg, sink in zip(trainer.loggers, self._sinks, strict=False)
-            if not isinstance(getattr(sink, "inner", sink), GenericSink)
-        ]
-        self.gate_open = trainer.global_step % self.every_n_steps == 0
-        self.open(output_dir=out, trainer=trainer, sinks=tuple(shown), rank=trainer.global_rank)
 
     def _close(self) -> None:
         if not self.closed:

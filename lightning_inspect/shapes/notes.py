@@ -27,8 +27,6 @@ from torch import nn
 from lightning_inspect.core import model_table as mt
 from lightning_inspect.core.outputs import iter_tensors
 
-describe_inputs, describe_tensor = mt.describe_inputs, mt.describe_tensor
-
 NOTE_PREFIX = "lightning-inspect:"
 _SPATIAL = {1: "L", 2: "H, W", 3: "D, H, W"}
 
@@ -45,7 +43,7 @@ class ModuleFrame:
 
 
 class ModuleStack:
-    """Modules inside their forward, outermost first (one that raised stays until :meth:`clear`);
+    """Modules inside their forward, outermost first (one that raised stays until cleared);
     ``trace`` sees every call too."""
 
     _recording = True
@@ -112,14 +110,6 @@ def has_note(exc: BaseException, marker: str = NOTE_PREFIX) -> bool:
     return any(str(n).startswith(marker) for n in getattr(exc, "__notes__", ()))
 
 
-def describe_parameters(module: nn.Module) -> str:
-    """The module's own parameters: ``weight (10, 288) float32, bias (10,) float32``."""
-    params = module.named_parameters(recurse=False)
-    own = [f"{n} {describe_tensor(p)}" + " (frozen)" * (not p.requires_grad) for n, p in params]
-    total = sum(p.numel() for p in module.parameters())
-    return ", ".join(own) or (f"none of its own ({total:,} in its submodules)" if total else "none")
-
-
 def error_note(frames: Sequence[ModuleFrame], exc: BaseException, context: str = "") -> str:
     """The note for an exception raised inside ``frames[-1]``'s forward (``frames``: outermost
     first, from :class:`ModuleStack` or :func:`locate_in_traceback`); ``context``: when."""
@@ -133,10 +123,13 @@ def error_note(frames: Sequence[ModuleFrame], exc: BaseException, context: str =
     if len(frames) > 1:
         line += ", called from " + " <- ".join(names[-2::-1][:4]) + " <- ..." * (len(frames) > 5)
     hint = shape_hint(inner.module, inner.args, inner.kwargs, str(exc), inner.name)
+    params = inner.module.named_parameters(recurse=False)  # e.g. weight (10, 288) float32
+    own = [f"{n} {mt.describe_tensor(p)}" + " (frozen)" * (not p.requires_grad) for n, p in params]
+    total = sum(p.numel() for p in inner.module.parameters())
+    own = own or [f"none of its own ({total:,} in its submodules)" if total else "none"]
     lines = [line + f", during {context}" * bool(context) + "."]
-    lines.append(f"  inputs:     {describe_inputs(inner.args, inner.kwargs)}")
-    lines.append(f"  parameters: {describe_parameters(inner.module)}")
-    lines += [f"  hint: {hint}"] * bool(hint)
+    lines.append(f"  inputs:     {mt.describe_inputs(inner.args, inner.kwargs)}")
+    lines += [f"  parameters: {', '.join(own)}"] + [f"  hint: {hint}"] * bool(hint)
     if inner.from_traceback:
         lines.append(
             "  (found from the traceback: the inputs are the forward's arguments at the time of the error)"

@@ -22,13 +22,11 @@ _ERROR_NOTE = "lightning-inspect: the error was raised inside"
 
 
 class ShapeTracer(Callback):
-    """Make forward-pass errors name their module; optionally trace shapes; summarise the model.
-
-    The note added to the exception names the module (found by hooks during the first
-    ``first_n_batches`` training batches, validate, test and predict, then from the traceback),
-    its callers, its inputs' and parameters' shapes, and a hint. ``trace`` logs every module's
-    shapes on the first training batch (``model/shape_trace``); ``summary`` the model's blocks at
-    the start of fit (``model/summary``); ``console`` prints them too.
+    """Add a note naming the failing module (by hooks in the first ``first_n_batches`` training
+    batches, validate, test and predict, then from the traceback), its callers, inputs, parameters
+    and a hint to forward-pass errors; ``trace``: log every module's shapes on the first training
+    batch (``model/shape_trace``); ``summary``: the model's blocks at fit start (``model/summary``);
+    ``console``: print them too.
 
     Example::
 
@@ -56,13 +54,10 @@ class ShapeTracer(Callback):
         self.console = check_bool(owner, "console", console)
         self.enabled = check_bool(owner, "enabled", enabled)
         self.sinks: list[Sink] = []
-        self.stack = notes.ModuleStack()
+        self.stack, self._hooks = notes.ModuleStack(), HookSet()
         self.shape_trace: ModelTable | None = None
         self._modules: dict[str, Any] = {}
-        self._hooks = HookSet()
-        self._context = ""
-        self._train_batches = 0
-        self._summarised = False
+        self._context, self._train_batches, self._summarised = "", 0, False
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if not self.enabled:
