@@ -38,19 +38,19 @@ def unrecorded(type: str = "?", reason: str = "", **_: Any) -> NoReturn:
     )
 
 
-def _placeholder(value: Any, reason: str) -> dict[str, Any]:
+def _placeholder(value: Any, reason: str | None = None) -> dict[str, Any] | None:
+    """A placeholder for ``value``; without ``reason``, only for a tensor or an array (described,
+    never kept), else ``None``."""
     cls = value if isinstance(value, type) else type(value)
+    if reason is None and not isinstance(value, torch.Tensor) and cls.__name__ != "ndarray":
+        return None
+    if reason is None:
+        what = "a tensor" if isinstance(value, torch.Tensor) else "an array"
+        reason = (
+            f"{what} of shape {tuple(value.shape)} ({value.dtype}); its values are not recorded"
+        )
     kind = value if isinstance(value, str) else f"{cls.__module__}.{cls.__qualname__}"
     return {"_target_": UNRECORDED_TARGET, "type": kind, "reason": reason}
-
-
-def _tensor_placeholder(value: Any) -> dict[str, Any] | None:
-    """Tensors and arrays are described, never kept."""
-    if not isinstance(value, torch.Tensor) and type(value).__name__ != "ndarray":
-        return None
-    what = "a tensor" if isinstance(value, torch.Tensor) else "an array"
-    why = f"{what} of shape {tuple(value.shape)} ({value.dtype}); its values are not recorded"
-    return _placeholder(f"{type(value).__module__}.{type(value).__name__}", why)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +91,7 @@ def record_init(cls: type[T]) -> type[T]:
             bound.apply_defaults()
             params = tuple(signature.parameters.values())[1:]
             kept = {p.name: bound.arguments[p.name] for p in params}
-            kept = {k: _tensor_placeholder(v) or v for k, v in kept.items()}
+            kept = {k: _placeholder(v) or v for k, v in kept.items()}
             holder[_INIT_ATTR] = _InitArgs(subcls, params, kept)
         return obj
 
@@ -162,7 +162,7 @@ def _record(value: Any, path: str, notes: list[str]) -> Any:
     listed = isinstance(value, Sequence) and not hasattr(value, "_fields")  # a namedtuple: no
     if listed and not isinstance(value, bytes):
         return [_record(v, f"{path}.{i}", notes) for i, v in enumerate(value)]
-    node = _tensor_placeholder(value)
+    node = _placeholder(value)
     if isinstance(value, Mapping):
         if value.get("_target_") != UNRECORDED_TARGET:
             return {str(k): _record(v, f"{path}.{k}", notes) for k, v in value.items()}

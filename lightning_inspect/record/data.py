@@ -104,10 +104,9 @@ def fingerprint_dataset(dataset: Any, items: int = 32) -> dict[str, Any]:
             with fixed_random_state(0):
                 sample = list(itertools.islice(dataset, items))
         else:
-            step = (size - 1) / max(items - 1, 1)
-            sample = read(
-                range(size) if items >= size else sorted({round(i * step) for i in range(items)})
-            )
+            count = min(items, size)
+            step = (size - 1) / max(count - 1, 1)
+            sample = read(sorted({round(i * step) for i in range(count)}))
         out.update(items_hashed=len(sample), hash=content_hash(sample))
         if not iterable and size:
             out["deterministic"] = content_hash(read([0])) == content_hash(read([0]))
