@@ -294,14 +294,10 @@ class RunRecord(Callback):
         hparams = masker.mask(hparams or {})
         if hparams:
             self._write(fit, "hparams.yaml", hparams)
-        if self.model:
-            tags.update(
-                self._construction(fit, "model", pl_module, fit.model_key, self.verify_model)
-            )
-            datamodule = getattr(trainer, "datamodule", None)
-            if datamodule is not None:
-                key = conf.find_target(fit.config.config, type(datamodule), "datamodule")
-                tags.update(self._construction(fit, "datamodule", datamodule, key, False))
+        owners = {"model": pl_module, "datamodule": getattr(trainer, "datamodule", None)}
+        for what, obj in owners.items() if self.model else ():
+            if obj is not None:
+                tags.update(self._construction(fit, what, obj))
 
         tags = {f"{PREFIX}/{k}": v for k, v in tags.items()}
         self._emit(fit, "log_tags", tags)
@@ -351,12 +347,13 @@ class RunRecord(Callback):
             self._write(fit, "overrides.yaml", overrides)
         return params
 
-    def _construction(
-        self, fit: _Fit, what: str, obj: Any, key: str | None, verify: bool
-    ) -> dict[str, Any]:
-        """Write ``<what>.yaml``; its tags."""
-        node = conf.node_at(fit.config.config, key) if key else None
-        args = (obj, node, key or what, verify)
+    def _construction(self, fit: _Fit, what: str, obj: Any) -> dict[str, Any]:
+        """Write ``<what>.yaml`` (the model's or the datamodule's); its tags."""
+        key, config = fit.model_key, fit.config.config
+        if what != "model":
+            key = conf.find_target(config, type(obj), what)
+        node = conf.node_at(config, key) if key else None
+        args = (obj, node, key or what, self.verify_model and what == "model")
         found = self._collect(f"{what} construction", construction_record, *args)
         if found is None:
             return {}
