@@ -382,14 +382,11 @@ class RunRecord(Callback):
     def _log_data(self, fit: _Fit, trainer: pl.Trainer) -> None:
         loaders = {"train": trainer.train_dataloader, "val": trainer.val_dataloaders}
         self.record["data"] = data = fingerprint_loaders(loaders, self.fingerprint_items)
-        for name, entry in data.items():
-            if entry.get("note"):
-                why = f"the {name} data fingerprint is incomplete: {entry['note']}."
-                self._warn(f"data {name}", why)
+        for name, note in ((n, e["note"]) for n, e in data.items() if e.get("note")):
+            self._warn(f"data {name}", f"the {name} data fingerprint is incomplete: {note}.")
         fields = ("size", "batches", "batch_size", "hash")
-        self._params(
-            fit, {f"{PREFIX}/data/{n}/{f}": e.get(f) for n, e in data.items() for f in fields}
-        )
+        params = {f"{PREFIX}/data/{n}/{f}": e.get(f) for n, e in data.items() for f in fields}
+        self._params(fit, params)
         self._text(fit, "data", data, trainer.global_step)
         self._save(fit)
 

@@ -9,7 +9,7 @@ import importlib.util
 import inspect
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NamedTuple, NoReturn, TypeVar
 
 import torch
 from torch import nn
@@ -53,8 +53,7 @@ def _placeholder(value: Any, reason: str | None = None) -> dict[str, Any] | None
     return {"_target_": UNRECORDED_TARGET, "type": kind, "reason": reason}
 
 
-@dataclasses.dataclass(frozen=True)
-class _InitArgs:
+class _InitArgs(NamedTuple):
     cls: type
     params: tuple[inspect.Parameter, ...]
     arguments: dict[str, Any]
