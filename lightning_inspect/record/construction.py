@@ -116,11 +116,6 @@ def recorded_init_args(obj: Any) -> _InitArgs | None:
     return stored if isinstance(stored, _InitArgs) and stored.cls is type(obj) else None
 
 
-def _saved_hparams(obj: Any) -> dict[str, Any] | None:
-    hparams = getattr(obj, "hparams", None) if "_hparams" in getattr(obj, "__dict__", {}) else None
-    return dict(hparams) if isinstance(hparams, Mapping) and hparams else None
-
-
 @dataclasses.dataclass
 class ConstructionRecord:
     """``instantiate(record.config)`` builds an equivalent object; ``verified``: rebuild checked."""
@@ -166,15 +161,12 @@ def _record(value: Any, path: str, notes: list[str]) -> Any:
         node = dict(value)  # a placeholder made when the arguments were taken
     named = isinstance(value, type) or inspect.isroutine(value)
     target = _path(value if named else type(value))
-    recorded = recorded_init_args(value)
     if node is None and target is None:
         node = _placeholder(value, "defined inside a function or not importable by name")
     elif node is None and named:
         return {"_target_": "hydra.utils.get_object", "path": target}
-    elif node is None and recorded is not None:
-        return _call(target, recorded.params, recorded.arguments, path, notes)
-    elif node is None and _saved_hparams(value) is not None:
-        return _from_hparams(value, target, path, notes)
+    elif node is None and (init := recorded_init_args(value) or _from_hparams(value, path, notes)):
+        return _call(target, init, path, notes)
     elif node is None:
         why = f"its constructor arguments were not recorded: {HOW_TO_RECORD}"
         node = _placeholder(value, why)
@@ -182,14 +174,17 @@ def _record(value: Any, path: str, notes: list[str]) -> Any:
     return node
 
 
-def _from_hparams(obj: Any, target: str | None, path: str, notes: list[str]) -> dict[str, Any]:
+def _from_hparams(obj: Any, path: str, notes: list[str]) -> _InitArgs | None:
     """Arguments from ``save_hyperparameters``; placeholders for those left out without a default."""
-    saved = _saved_hparams(obj) or {}
+    saved = getattr(obj, "hparams", None) if "_hparams" in getattr(obj, "__dict__", {}) else None
+    if not isinstance(saved, Mapping) or not saved:
+        return None
+    saved = dict(saved)
     params = tuple(inspect.signature(type(obj).__init__).parameters.values())[1:]
     by_name = {p.name: p for p in params}
     whole = getattr(obj, "_hparams_name", None)  # save_hyperparameters(config): one mapping
     if whole in by_name and by_name[whole].kind is not inspect.Parameter.VAR_KEYWORD:
-        return _call(target, params, {whole: saved}, path, notes)
+        return _InitArgs(type(obj), params, {whole: saved})
     any_kwargs = any(p.kind is p.VAR_KEYWORD for p in params)
     arguments = {k: v for k, v in saved.items() if k in by_name or any_kwargs}
     for p in params:
@@ -201,20 +196,14 @@ def _from_hparams(obj: Any, target: str | None, path: str, notes: list[str]) -> 
         else:
             default = f"its default ({p.default!r}) is used"
             notes.append(f"{path}.{p.name}: not in the saved hyperparameters; {default}")
-    return _call(target, params, arguments, path, notes)
+    return _InitArgs(type(obj), params, arguments)
 
 
-def _call(
-    target: str | None,
-    params: Sequence[inspect.Parameter],
-    arguments: Mapping[str, Any],
-    path: str,
-    notes: list[str],
-) -> dict[str, Any]:
-    """``{"_target_": target, "_args_": [...], **kwargs}`` from arguments bound to ``params``."""
+def _call(target: str | None, init: _InitArgs, path: str, notes: list[str]) -> dict[str, Any]:
+    """``{"_target_": target, "_args_": [...], **kwargs}`` from ``init``'s bound arguments."""
     out: dict[str, Any] = {"_target_": target}
-    kinds = {p.name: p.kind for p in params}
-    for name, value in arguments.items():
+    kinds = {p.name: p.kind for p in init.params}
+    for name, value in init.arguments.items():
         kind = kinds.get(name)
         if kind is inspect.Parameter.VAR_KEYWORD:
             out.update({str(k): _record(v, f"{path}.{k}", notes) for k, v in value.items()})
