@@ -143,9 +143,8 @@ class RunRecord(Callback):
             self._finish(trainer, "interrupted", None)
         chosen = bk.select_loggers(trainer, self.backends, "RunRecord")
         loggers = [(logger, bk.logger_sink(name, logger)) for name, logger in chosen]
-        config = self._launch_config or self._collect(
-            "configuration", conf.config_record, self.config, self.overrides, trainer.callbacks
-        )
+        args = (self.config, self.overrides, trainer.callbacks)
+        config = self._launch_config or self._collect("configuration", conf.config_record, *args)
         config = config or conf.ConfigRecord(notes=["the configuration could not be read"])
         key = self._model_key(config, pl_module)
         output_dir, temporary = self._output_dir(trainer, [s for _, s in loggers], config)
@@ -437,8 +436,7 @@ def _flag(value: bool | None) -> str | None:
 
 
 def _iso(timestamp: float) -> str:
-    utc = datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc)
-    return utc.astimezone().isoformat(timespec="seconds")
+    return datetime.datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="seconds")
 
 
 def _record_run_name(config: conf.ConfigRecord, trainer: pl.Trainer) -> None:
