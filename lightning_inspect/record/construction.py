@@ -89,8 +89,7 @@ def record_init(cls: type[T]) -> type[T]:
         if holder is not None and _INIT_ATTR not in holder:
             bound.apply_defaults()
             params = tuple(signature.parameters.values())[1:]
-            kept = {p.name: bound.arguments[p.name] for p in params}
-            kept = {k: _placeholder(v) or v for k, v in kept.items()}
+            kept = {k: _placeholder(v) or v for k, v in list(bound.arguments.items())[1:]}
             holder[_INIT_ATTR] = _InitArgs(subcls, params, kept)
         return obj
 
