@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import os
 import shutil
 import sys
@@ -61,17 +62,12 @@ class _Fit:
 
 
 class RunRecord(Callback):
-    """Record everything needed to trust, compare and rebuild a training run, once per fit.
+    """Record the git state and diff, seed, machine, software, resolved config, hyperparameters,
+    the model's construction record, a data fingerprint and the outcome, once per fit.
 
-    The git state and diff, seed, machine and software, resolved config, hyperparameters, a
-    construction record of the model, a data fingerprint and the outcome go from global rank 0 to
-    every attached logger; secrets are masked; faults warn once and never stop training. The
-    arguments and everything recorded: docs/run_record.md.
-
-    Logged metrics:
-        Tags ``run_record/{git/*,host,cpu,gpu,torch,...,status}``; params ``run_record/{seed,
-        overrides,data/<loader>/*}``, ``choices/<group>``, ``config/<path>``; metrics
-        ``run_record/{duration_s,steps,steps_per_s,peak_rss_mib,...}``; text pages and files.
+    Sent from global rank 0 to every attached logger; secrets are masked; faults warn once and
+    never stop training. The arguments, and the tags, params, metrics, pages and files logged
+    under ``run_record/``: docs/run_record.md.
 
     Example:
         >>> import lightning as L
@@ -115,13 +111,11 @@ class RunRecord(Callback):
                 raise ConfigError(f"{owner}({name}={given[name]!r}): expected None or {allowed}.")
         self.repo_dir, self.config, self.model_key = repo_dir, config, model_key
         self.output_dir, self.backends = output_dir, backends
-        self.git_timeout = check.check_number(
-            owner, "git_timeout", git_timeout, 0, float("inf"), "(]"
-        )
+        self.git_timeout = check.check_number(owner, "git_timeout", git_timeout, 0, math.inf, "(]")
         self.env_vars = check.as_str_list(owner, "env_vars", env_vars)
-        self.overrides = (
-            None if overrides is None else check.as_str_list(owner, "overrides", overrides)
-        )
+        if overrides is not None:
+            overrides = check.as_str_list(owner, "overrides", overrides)
+        self.overrides = overrides
         items = check.check_positive_int(owner, "fingerprint_items", fingerprint_items, 0)
         self.fingerprint_items = items
         masks = (tuple(check.as_str_list(owner, n, given[n])) for n in ("mask_keys", "unmask_keys"))
@@ -149,9 +143,8 @@ class RunRecord(Callback):
             self._finish(trainer, "interrupted", None)
         chosen = bk.select_loggers(trainer, self.backends, "RunRecord")
         loggers = [(logger, bk.logger_sink(name, logger)) for name, logger in chosen]
-        config = self._launch_config or self._collect(
-            "configuration", conf.config_record, self.config, self.overrides, trainer.callbacks
-        )
+        args = (self.config, self.overrides, trainer.callbacks)
+        config = self._launch_config or self._collect("configuration", conf.config_record, *args)
         config = config or conf.ConfigRecord(notes=["the configuration could not be read"])
         key = self._model_key(config, pl_module)
         output_dir, temporary = self._output_dir(trainer, [s for _, s in loggers], config)
@@ -248,8 +241,9 @@ class RunRecord(Callback):
         return [sink.call(method, *args) for _, sink in fit.sinks if hasattr(sink.inner, method)]
 
     @staticmethod
-    def _text(fit: _Fit, page: str, text: str, step: int) -> None:
-        """A text page; loggers that keep the record's files get none."""
+    def _text(fit: _Fit, page: str, value: Any, step: int) -> None:
+        """A text page (``value`` as it is or as YAML); loggers that keep the files get none."""
+        text = value if isinstance(value, str) else conf.dump_yaml(value)
         if len(text) > _TEXT_CHARS:
             text = f"{text[:_TEXT_CHARS]}\n... [cut at {_TEXT_CHARS} characters; see the file]"
         lang = {"git_diff": "diff", "packages": "text"}.get(page, "yaml")
@@ -299,14 +293,10 @@ class RunRecord(Callback):
         hparams = masker.mask(hparams or {})
         if hparams:
             self._write(fit, "hparams.yaml", hparams)
-        if self.model:
-            tags.update(
-                self._construction(fit, "model", pl_module, fit.model_key, self.verify_model)
-            )
-            datamodule = getattr(trainer, "datamodule", None)
-            if datamodule is not None:
-                key = conf.find_target(fit.config.config, type(datamodule), "datamodule")
-                tags.update(self._construction(fit, "datamodule", datamodule, key, False))
+        owners = {"model": pl_module, "datamodule": getattr(trainer, "datamodule", None)}
+        for what, obj in owners.items() if self.model else ():
+            if obj is not None:
+                tags.update(self._construction(fit, what, obj))
 
         tags = {f"{PREFIX}/{k}": v for k, v in tags.items()}
         self._emit(fit, "log_tags", tags)
@@ -319,16 +309,15 @@ class RunRecord(Callback):
                 default = ["hp_metric"] if getattr(logger, "_default_hp_metric", False) else []
                 metrics = [*default, f"{PREFIX}/steps_per_s", f"{PREFIX}/duration_s"]
                 sink.call("log_hparams", {**conf.flatten(hparams), **params, **shown}, metrics)
-        self._text(fit, "summary", conf.dump_yaml(record), trainer.global_step)
+        self._text(fit, "summary", record, trainer.global_step)
         for name in (n for n in (*_PAGES, "packages.txt") if n in fit.files):
             page = name.replace(".diff", "_diff").split(".")[0]
             self._text(fit, page, fit.files[name].read_text(encoding="utf-8"), trainer.global_step)
         self._save(fit, list(fit.files.values()))
 
     def _log_git(self, fit: _Fit) -> dict[str, Any]:
-        info = self._collect(
-            "git state", env.git_info, self.repo_dir, self.git_timeout, self.git_diff
-        )
+        args = (self.repo_dir, self.git_timeout, self.git_diff)
+        info = self._collect("git state", env.git_info, *args)
         info = info or env.GitInfo(notice="the git state could not be read")
         self.record["git"] = {k: v for k, v in vars(info).items() if k != "diff"}
         if info.diff:
@@ -357,12 +346,13 @@ class RunRecord(Callback):
             self._write(fit, "overrides.yaml", overrides)
         return params
 
-    def _construction(
-        self, fit: _Fit, what: str, obj: Any, key: str | None, verify: bool
-    ) -> dict[str, Any]:
-        """Write ``<what>.yaml``; its tags."""
-        node = conf.node_at(fit.config.config, key) if key else None
-        args = (obj, node, key or what, verify)
+    def _construction(self, fit: _Fit, what: str, obj: Any) -> dict[str, Any]:
+        """Write ``<what>.yaml`` (the model's or the datamodule's); its tags."""
+        key, config = fit.model_key, fit.config.config
+        if what != "model":
+            key = conf.find_target(config, type(obj), what)
+        node = conf.node_at(config, key) if key else None
+        args = (obj, node, key or what, self.verify_model and what == "model")
         found = self._collect(f"{what} construction", construction_record, *args)
         if found is None:
             return {}
@@ -372,10 +362,9 @@ class RunRecord(Callback):
         entry = {"class": cls, "source": found.source, "rebuild_checked": found.verified}
         self.record[what] = {**entry, "notes": found.notes, "file": f"{what}.yaml"}
         if isinstance(obj, torch.nn.Module):
-            params = list(obj.parameters())
-            self.record[what]["parameters"] = sum(p.numel() for p in params)
-            trainable = sum(p.numel() for p in params if p.requires_grad)
-            self.record[what]["trainable_parameters"] = trainable
+            total = sum(p.numel() for p in obj.parameters())
+            trainable = sum(p.numel() for p in obj.parameters() if p.requires_grad)
+            self.record[what].update(parameters=total, trainable_parameters=trainable)
         if found.source == "none":
             why = f"so {what}.yaml holds a placeholder: {HOW_TO_RECORD}"
             self._warn(f"{what} record", f"the {what} has no explicit construction record, {why}.")
@@ -392,15 +381,12 @@ class RunRecord(Callback):
     def _log_data(self, fit: _Fit, trainer: pl.Trainer) -> None:
         loaders = {"train": trainer.train_dataloader, "val": trainer.val_dataloaders}
         self.record["data"] = data = fingerprint_loaders(loaders, self.fingerprint_items)
-        for name, entry in data.items():
-            if entry.get("note"):
-                why = f"the {name} data fingerprint is incomplete: {entry['note']}."
-                self._warn(f"data {name}", why)
+        for name, note in ((n, e["note"]) for n, e in data.items() if e.get("note")):
+            self._warn(f"data {name}", f"the {name} data fingerprint is incomplete: {note}.")
         fields = ("size", "batches", "batch_size", "hash")
-        self._params(
-            fit, {f"{PREFIX}/data/{n}/{f}": e.get(f) for n, e in data.items() for f in fields}
-        )
-        self._text(fit, "data", conf.dump_yaml(data), trainer.global_step)
+        params = {f"{PREFIX}/data/{n}/{f}": e.get(f) for n, e in data.items() for f in fields}
+        self._params(fit, params)
+        self._text(fit, "data", data, trainer.global_step)
         self._save(fit)
 
     def _finish(self, trainer: pl.Trainer, status: str, exception: BaseException | None) -> None:
@@ -442,7 +428,7 @@ class RunRecord(Callback):
         metrics = {f"{PREFIX}/{k}": v for k, v in metrics.items()}
         self._emit(fit, "log_scalars", metrics, trainer.global_step)
         result = {k: record.get(k) for k in ("status", "error", "time", "memory")}
-        self._text(fit, "result", conf.dump_yaml(result), trainer.global_step)
+        self._text(fit, "result", result, trainer.global_step)
 
 
 def _flag(value: bool | None) -> str | None:
@@ -450,8 +436,7 @@ def _flag(value: bool | None) -> str | None:
 
 
 def _iso(timestamp: float) -> str:
-    utc = datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc)
-    return utc.astimezone().isoformat(timespec="seconds")
+    return datetime.datetime.fromtimestamp(timestamp).astimezone().isoformat(timespec="seconds")
 
 
 def _record_run_name(config: conf.ConfigRecord, trainer: pl.Trainer) -> None:
@@ -471,10 +456,7 @@ def _record_run_name(config: conf.ConfigRecord, trainer: pl.Trainer) -> None:
 
 def _module_hparams(pl_module: pl.LightningModule, trainer: pl.Trainer) -> dict[str, Any]:
     """The hyperparameters Lightning logs itself: the module's and the datamodule's."""
-    owners = (pl_module, getattr(trainer, "datamodule", None))
-    return {
-        k: v
-        for o in owners
-        if getattr(o, "hparams", None)
-        for k, v in conf.to_plain(dict(o.hparams)).items()
-    }
+    hparams: dict[str, Any] = {}
+    for owner in (pl_module, getattr(trainer, "datamodule", None)):
+        hparams.update(conf.to_plain(dict(getattr(owner, "hparams", None) or {})))
+    return hparams

@@ -25,9 +25,11 @@ class ConfigRecord:
     notes: list[str] = dataclasses.field(default_factory=list)
 
 
-def to_plain(config: Any, notes: list[str] | None = None, skip: Iterable[str] = ()) -> Any:
+def to_plain(
+    config: Any, notes: list[str] | None = None, skip: Iterable[str] = (), leaf: Any = None
+) -> Any:
     """A config as plain dicts and lists, resolved; what does not resolve is kept as written and
-    named in ``notes``. Top-level ``skip`` keys are left out.
+    named in ``notes``. Top-level ``skip`` keys are left out; ``leaf`` converts the other values.
 
     Example:
         >>> from omegaconf import OmegaConf
@@ -57,7 +59,7 @@ def to_plain(config: Any, notes: list[str] | None = None, skip: Iterable[str] = 
             return {str(k): child(node, k, f"{dotted}{k}") for k in node if path or k not in skip}
         if isinstance(node, Sequence) and not isinstance(node, (str, bytes)):
             return [child(node, i, f"{dotted}{i}") for i in range(len(node))]
-        return node
+        return node if leaf is None else leaf(node)
 
     return walk(config, "")
 
@@ -125,22 +127,17 @@ def node_at(config: Any, dotted: str | None) -> Any:
 
 def find_target(config: Any, cls: type, prefer: str) -> str | None:
     """The key of the node whose ``_target_`` is ``cls``: ``prefer``, else the shallowest."""
-    found: list[str] = []
+    found, stack = [], [("", config)]
+    while stack:
+        path, node = stack.pop()
+        with contextlib.suppress(Exception):  # not a node with a _target_, or no Hydra
+            from hydra.utils import get_object
 
-    def walk(node: Any, path: str) -> None:
-        if isinstance(node, Mapping):
-            with contextlib.suppress(Exception):
-                from hydra.utils import get_object
-
-                if get_object(node["_target_"]) is cls:
-                    found.append(path)
-            items: Iterable[Any] = node.items()
-        else:
-            items = enumerate(node) if isinstance(node, list) else ()
-        for key, value in items:
-            walk(value, f"{path}.{key}" if path else str(key))
-
-    walk(config, "")
+            if isinstance(node, Mapping) and get_object(node["_target_"]) is cls:
+                found.append(path)
+        if isinstance(node, Mapping | list):
+            items = node.items() if isinstance(node, Mapping) else enumerate(node)
+            stack += [(f"{path}.{k}" if path else str(k), v) for k, v in items]
     return prefer if prefer in found else min(found, key=lambda p: (p.count("."), p), default=None)
 
 
@@ -160,13 +157,11 @@ def dump_yaml(value: Any) -> str:
     """``value`` as block YAML, in plain YAML types (other objects as their text)."""
     import yaml
 
-    def plain(v: Any) -> Any:
-        if isinstance(v, Mapping):
-            return {str(k): plain(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple, set, frozenset)):
-            return [plain(x) for x in v]
+    def leaf(v: Any) -> Any:
+        if isinstance(v, (set, frozenset)):
+            return [to_plain(x, leaf=leaf) for x in v]
         v = v.item() if isinstance(v, np.generic) else v
         kind = next((t for t in (bool, int, float, str) if isinstance(v, t)), None)
         return kind(v) if kind else None if v is None else str(v)
 
-    return yaml.safe_dump(plain(value), sort_keys=False, allow_unicode=True)
+    return yaml.safe_dump(to_plain(value, leaf=leaf), sort_keys=False, allow_unicode=True)

@@ -9,7 +9,7 @@ import importlib.util
 import inspect
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NamedTuple, NoReturn, TypeVar
 
 import torch
 from torch import nn
@@ -38,23 +38,22 @@ def unrecorded(type: str = "?", reason: str = "", **_: Any) -> NoReturn:
     )
 
 
-def _placeholder(value: Any, reason: str) -> dict[str, Any]:
+def _placeholder(value: Any, reason: str | None = None) -> dict[str, Any] | None:
+    """A placeholder for ``value``; without ``reason``, only for a tensor or an array (described,
+    never kept), else ``None``."""
     cls = value if isinstance(value, type) else type(value)
+    if reason is None and not isinstance(value, torch.Tensor) and cls.__name__ != "ndarray":
+        return None
+    if reason is None:
+        what = "a tensor" if isinstance(value, torch.Tensor) else "an array"
+        reason = (
+            f"{what} of shape {tuple(value.shape)} ({value.dtype}); its values are not recorded"
+        )
     kind = value if isinstance(value, str) else f"{cls.__module__}.{cls.__qualname__}"
     return {"_target_": UNRECORDED_TARGET, "type": kind, "reason": reason}
 
 
-def _tensor_placeholder(value: Any) -> dict[str, Any] | None:
-    """Tensors and arrays are described, never kept."""
-    if not isinstance(value, torch.Tensor) and type(value).__name__ != "ndarray":
-        return None
-    what = "a tensor" if isinstance(value, torch.Tensor) else "an array"
-    why = f"{what} of shape {tuple(value.shape)} ({value.dtype}); its values are not recorded"
-    return _placeholder(f"{type(value).__module__}.{type(value).__name__}", why)
-
-
-@dataclasses.dataclass(frozen=True)
-class _InitArgs:
+class _InitArgs(NamedTuple):
     cls: type
     params: tuple[inspect.Parameter, ...]
     arguments: dict[str, Any]
@@ -90,8 +89,7 @@ def record_init(cls: type[T]) -> type[T]:
         if holder is not None and _INIT_ATTR not in holder:
             bound.apply_defaults()
             params = tuple(signature.parameters.values())[1:]
-            kept = {p.name: bound.arguments[p.name] for p in params}
-            kept = {k: _tensor_placeholder(v) or v for k, v in kept.items()}
+            kept = {k: _placeholder(v) or v for k, v in list(bound.arguments.items())[1:]}
             holder[_INIT_ATTR] = _InitArgs(subcls, params, kept)
         return obj
 
@@ -104,12 +102,10 @@ class RecordInit:
     """Mixin: like :func:`record_init` for the class and all its subclasses.
 
     Example:
-        >>> class Head(RecordInit, nn.Module):
-        ...     def __init__(self, features: int, classes: int) -> None:
-        ...         super().__init__()
-        ...         self.fc = nn.Linear(features, classes)
+        >>> class Head(RecordInit, nn.Linear):
+        ...     pass
         >>> recorded_init_args(Head(8, 3)).arguments
-        {'features': 8, 'classes': 3}
+        {'in_features': 8, 'out_features': 3, 'bias': True, 'device': None, 'dtype': None}
     """
 
 
@@ -117,11 +113,6 @@ def recorded_init_args(obj: Any) -> _InitArgs | None:
     """What :func:`record_init` remembered for ``obj`` (for its own class only)."""
     stored = getattr(obj, "__dict__", {}).get(_INIT_ATTR)
     return stored if isinstance(stored, _InitArgs) and stored.cls is type(obj) else None
-
-
-def _saved_hparams(obj: Any) -> dict[str, Any] | None:
-    hparams = getattr(obj, "hparams", None) if "_hparams" in getattr(obj, "__dict__", {}) else None
-    return dict(hparams) if isinstance(hparams, Mapping) and hparams else None
 
 
 @dataclasses.dataclass
@@ -162,22 +153,19 @@ def _record(value: Any, path: str, notes: list[str]) -> Any:
     listed = isinstance(value, Sequence) and not hasattr(value, "_fields")  # a namedtuple: no
     if listed and not isinstance(value, bytes):
         return [_record(v, f"{path}.{i}", notes) for i, v in enumerate(value)]
-    node = _tensor_placeholder(value)
+    node = _placeholder(value)
     if isinstance(value, Mapping):
         if value.get("_target_") != UNRECORDED_TARGET:
             return {str(k): _record(v, f"{path}.{k}", notes) for k, v in value.items()}
         node = dict(value)  # a placeholder made when the arguments were taken
     named = isinstance(value, type) or inspect.isroutine(value)
     target = _path(value if named else type(value))
-    recorded = recorded_init_args(value)
     if node is None and target is None:
         node = _placeholder(value, "defined inside a function or not importable by name")
     elif node is None and named:
         return {"_target_": "hydra.utils.get_object", "path": target}
-    elif node is None and recorded is not None:
-        return _call(target, recorded.params, recorded.arguments, path, notes)
-    elif node is None and _saved_hparams(value) is not None:
-        return _from_hparams(value, target, path, notes)
+    elif node is None and (init := recorded_init_args(value) or _from_hparams(value, path, notes)):
+        return _call(target, init, path, notes)
     elif node is None:
         why = f"its constructor arguments were not recorded: {HOW_TO_RECORD}"
         node = _placeholder(value, why)
@@ -185,14 +173,17 @@ def _record(value: Any, path: str, notes: list[str]) -> Any:
     return node
 
 
-def _from_hparams(obj: Any, target: str | None, path: str, notes: list[str]) -> dict[str, Any]:
+def _from_hparams(obj: Any, path: str, notes: list[str]) -> _InitArgs | None:
     """Arguments from ``save_hyperparameters``; placeholders for those left out without a default."""
-    saved = _saved_hparams(obj) or {}
+    saved = getattr(obj, "hparams", None) if "_hparams" in getattr(obj, "__dict__", {}) else None
+    if not isinstance(saved, Mapping) or not saved:
+        return None
+    saved = dict(saved)
     params = tuple(inspect.signature(type(obj).__init__).parameters.values())[1:]
     by_name = {p.name: p for p in params}
     whole = getattr(obj, "_hparams_name", None)  # save_hyperparameters(config): one mapping
     if whole in by_name and by_name[whole].kind is not inspect.Parameter.VAR_KEYWORD:
-        return _call(target, params, {whole: saved}, path, notes)
+        return _InitArgs(type(obj), params, {whole: saved})
     any_kwargs = any(p.kind is p.VAR_KEYWORD for p in params)
     arguments = {k: v for k, v in saved.items() if k in by_name or any_kwargs}
     for p in params:
@@ -204,20 +195,14 @@ def _from_hparams(obj: Any, target: str | None, path: str, notes: list[str]) -> 
         else:
             default = f"its default ({p.default!r}) is used"
             notes.append(f"{path}.{p.name}: not in the saved hyperparameters; {default}")
-    return _call(target, params, arguments, path, notes)
+    return _InitArgs(type(obj), params, arguments)
 
 
-def _call(
-    target: str | None,
-    params: Sequence[inspect.Parameter],
-    arguments: Mapping[str, Any],
-    path: str,
-    notes: list[str],
-) -> dict[str, Any]:
-    """``{"_target_": target, "_args_": [...], **kwargs}`` from arguments bound to ``params``."""
+def _call(target: str | None, init: _InitArgs, path: str, notes: list[str]) -> dict[str, Any]:
+    """``{"_target_": target, "_args_": [...], **kwargs}`` from ``init``'s bound arguments."""
     out: dict[str, Any] = {"_target_": target}
-    kinds = {p.name: p.kind for p in params}
-    for name, value in arguments.items():
+    kinds = {p.name: p.kind for p in init.params}
+    for name, value in init.arguments.items():
         kind = kinds.get(name)
         if kind is inspect.Parameter.VAR_KEYWORD:
             out.update({str(k): _record(v, f"{path}.{k}", notes) for k, v in value.items()})

@@ -97,17 +97,14 @@ def fingerprint_dataset(dataset: Any, items: int = 32) -> dict[str, Any]:
 
     def read(indices: Any) -> Any:
         with fixed_random_state(0):
+            if iterable:
+                return list(itertools.islice(dataset, items))
             return [(i, dataset[i]) for i in indices]
 
     try:
-        if iterable:
-            with fixed_random_state(0):
-                sample = list(itertools.islice(dataset, items))
-        else:
-            step = (size - 1) / max(items - 1, 1)
-            sample = read(
-                range(size) if items >= size else sorted({round(i * step) for i in range(items)})
-            )
+        count = 0 if iterable else min(items, size)
+        step = (size - 1) / max(count - 1, 1) if count else 0
+        sample = read(sorted({round(i * step) for i in range(count)}))
         out.update(items_hashed=len(sample), hash=content_hash(sample))
         if not iterable and size:
             out["deterministic"] = content_hash(read([0])) == content_hash(read([0]))

@@ -101,10 +101,8 @@ class SecretMasker:
         for before, token in zip(["", *argv], argv, strict=False):
             flag = before.lstrip("-").replace("-", "_")
             value = before.startswith("-") and "=" not in before and not token.startswith("-")
-            if value and flag and self.is_secret(flag):
-                out.append(MASK)
-            else:
-                out.append(self.override(token) if "=" in token else self.text(token))
+            plain = self.override(token) if "=" in token else self.text(token)
+            out.append(MASK if value and flag and self.is_secret(flag) else plain)
         return out
 
 
