@@ -6,6 +6,7 @@ import dataclasses
 import json
 from collections import deque
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -40,6 +41,18 @@ PICTURES: dict[str, tuple[str, dict[str, Any]]] = {
 _SKIPPED_KEY = "health/skipped_by_scaler"
 _SCALE_KEY = "__health_loss_scale__"  # internal: the GradScaler's scale
 _GRADS_SCALED_KEY = "__health_grads_scaled__"  # internal: gradients read still scaled
+
+
+@dataclass
+class _Unit:
+    """An activation whose output is checked for dead units or saturation."""
+
+    kind: str
+    window: deque[torch.Tensor]  # units alive over the last dead_window logged steps
+    dim: int = -1  # the units' dimension of a 3-D output
+    count: Any = 0  # zero or saturated outputs this batch, of numel
+    numel: int = 0
+    alive: torch.Tensor | None = None  # units positive this batch
 
 
 def activation_kind(module: nn.Module) -> str | None:
@@ -124,12 +137,8 @@ class HealthMonitor(ModuleMonitor):
         self.locator: nf.NonFiniteLocator | None = None
         self._order: dict[str, int] = {}  # selected modules in execution order (forward completion)
         self._shared: list[hr.Finding] = []  # this fit's findings written under FINDINGS_KEY
-        self._kinds: dict[str, str] = {}
-        self._unit_dim: dict[str, int] = {}
+        self._units: dict[str, _Unit] = {}
         self._param_modules: dict[str, list[tuple[str, nn.Parameter]]] = {}
-        self._counts: dict[str, tuple[torch.Tensor, int]] = {}  # (count, numel) this batch
-        self._alive: dict[str, torch.Tensor] = {}  # units positive this batch
-        self._windows: dict[str, deque[torch.Tensor]] = {}  # ... over dead_window logged steps
         self._before: dict[str, list[torch.Tensor]] | None = None  # weights before the update
         self._grad_squares: dict[str, list[torch.Tensor]] = {}  # per optimizer step of the batch
         self._found_inf: torch.Tensor | None = None  # during on_before_optimizer_step only
@@ -158,14 +167,17 @@ class HealthMonitor(ModuleMonitor):
             for name, module in extra.items():
                 self.selected.setdefault(name, module)
         kinds = {n: "relu" if n in extra else activation_kind(m) for n, m in self.selected.items()}
-        self._kinds = {n: k for n, k in kinds.items() if k}
+        old, window = self._units, self.thresholds.dead_window
+        self._units = {
+            n: old.get(n) or _Unit(k, deque(maxlen=window)) for n, k in kinds.items() if k
+        }
         # Units index the last dimension, or dimension 1 of a 4-D+ output and of a 3-D one
         # after a convolution or a batch norm: (N, C, L).
         previous: nn.Module | None = None
         for raw, module in pl_module.named_modules():
-            if normalise_name(raw) in self._kinds:
+            if (unit := self._units.get(normalise_name(raw))) is not None:
                 conv = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)
-                self._unit_dim[normalise_name(raw)] = 1 if isinstance(previous, conv) else -1
+                unit.dim = 1 if isinstance(previous, conv) else -1
             if any(True for _ in module.parameters(recurse=False)):
                 previous = module
         self._param_modules = nf.parameters_by_module(self.selected)
@@ -173,8 +185,7 @@ class HealthMonitor(ModuleMonitor):
         if self.on_nonfinite != "ignore":
             check, owner = self.nonfinite_check, self._owner
             self.locator = nf.NonFiniteLocator(self.on_nonfinite, check, owner, self._on_origin)
-            self.locator.watch(self.selected)
-            self.locator.resolve_check(pl_module.device)
+            self.locator.watch(self.selected, pl_module.device)
             self.locator.gradients_may_overflow = amp.grad_scaler(pl_module) is not None
 
     def _install_hooks(self) -> None:  # with kwargs: the locator describes a call's inputs
@@ -186,9 +197,9 @@ class HealthMonitor(ModuleMonitor):
         self._order.setdefault(name, len(self._order))
         if self.locator is not None:
             self.locator._on_forward(name, module, args, kwargs, out)
-        kind = self._kinds.get(name)
-        if kind is not None and isinstance(out, torch.Tensor) and out.numel() > 0:
-            self._accumulate(name, kind, out.detach())
+        unit = self._units.get(name)
+        if unit is not None and isinstance(out, torch.Tensor) and out.numel() > 0:
+            self._accumulate(name, unit, out.detach())
 
     def _depth(self, name: str) -> int:
         return self._order.get(name, len(self._order))
@@ -237,26 +248,24 @@ class HealthMonitor(ModuleMonitor):
             self.locator.release()  # no tensor (nor weak reference) outlives the fit
         super()._shutdown()  # last: after a nested fit it brings back the enclosing fit's state
 
-    def _accumulate(self, name: str, kind: str, y: torch.Tensor) -> None:
+    def _accumulate(self, name: str, unit: _Unit, y: torch.Tensor) -> None:
         if y.is_complex() or y.ndim == 0 or y.layout != torch.strided:
             return  # no units or bounds: complex, 0-d and sparse outputs are checked for NaN only
-        if kind == "relu":
-            dim = self._unit_dim.get(name, -1) if y.ndim == 3 else (1 if y.ndim >= 4 else -1)
+        if unit.kind == "relu":
+            dim = unit.dim if y.ndim == 3 else (1 if y.ndim >= 4 else -1)
             alive = (y > 0).movedim(dim, -1).reshape(-1, y.shape[dim]).any(0)
-            previous = self._alive.get(name)
-            same = previous is not None and previous.shape == alive.shape
-            self._alive[name] = previous | alive if same else alive
+            same = unit.alive is not None and unit.alive.shape == alive.shape
+            unit.alive = unit.alive | alive if same else alive
             count = torch.count_nonzero(y == 0)
-        elif kind == "hardtanh":
+        elif unit.kind == "hardtanh":
             module = self.selected[name]
             low, high = getattr(module, "min_val", -1.0), getattr(module, "max_val", 1.0)
             count = torch.count_nonzero((y <= low) | (y >= high))
         else:
             m = self.thresholds.saturation_margin
-            bad = y.abs() > 1 - m if kind == "tanh" else (y < m) | (y > 1 - m)
+            bad = y.abs() > 1 - m if unit.kind == "tanh" else (y < m) | (y > 1 - m)
             count = torch.count_nonzero(bad)
-        total, numel = self._counts.get(name, (0, 0))
-        self._counts[name] = (count + total, numel + y.numel())
+        unit.count, unit.numel = count + unit.count, unit.numel + y.numel()
 
     def _before_optimizer_step(self, pl_module: pl.LightningModule) -> None:
         first = self._before is None  # several optimizers: the first step of the batch
@@ -298,19 +307,20 @@ class HealthMonitor(ModuleMonitor):
                     # A module whose weights are all zero has no ratio: NaN is dropped on the host.
                     ratio = torch.where(w2 > 0, (u2 / w2).sqrt(), torch.nan)
                     self._add_scalar(metric_key("health", module, "update_ratio"), ratio)
-            for name, (count, numel) in self._counts.items():
-                stat = "zero_fraction" if self._kinds[name] == "relu" else "saturated_fraction"
-                share = count.to(torch.float64) / max(numel, 1)
-                self._add_scalar(metric_key("health", name, stat), share)
-            for name, alive in self._alive.items():
-                window = self._windows.setdefault(name, deque(maxlen=self.thresholds.dead_window))
-                if window and window[-1].shape != alive.shape:
-                    window.clear()
-                window.append(alive)
-                if len(window) == window.maxlen:
-                    dead = 1.0 - torch.stack(list(window)).any(0).to(torch.float64).mean()
-                    self._add_scalar(metric_key("health", name, "dead_fraction"), dead)
-        self._counts, self._alive = {}, {}
+            for name, unit in self._units.items():
+                if unit.numel:
+                    stat = "zero_fraction" if unit.kind == "relu" else "saturated_fraction"
+                    share = unit.count.to(torch.float64) / unit.numel
+                    self._add_scalar(metric_key("health", name, stat), share)
+                window, alive = unit.window, unit.alive
+                if alive is not None:
+                    if window and window[-1].shape != alive.shape:
+                        window.clear()
+                    window.append(alive)
+                    if len(window) == window.maxlen:
+                        dead = 1.0 - torch.stack(list(window)).any(0).to(torch.float64).mean()
+                        self._add_scalar(metric_key("health", name, "dead_fraction"), dead)
+                unit.count, unit.numel, unit.alive = 0, 0, None
 
     def _publish(self, record: StepRecord, values: HostRecord) -> None:
         rows, scalars = values
@@ -328,9 +338,9 @@ class HealthMonitor(ModuleMonitor):
             _, module, _, stat = split_key(key)
             stats.setdefault(module, {})[stat] = value
             self.history.setdefault(stat, {}).setdefault(module, []).append((record.step, value))
-            if stat == "dead_fraction" and module in self._windows:
-                stats[module]["units"] = float(self._windows[module][-1].numel())
-        kinds = {n: k.capitalize() for n, k in self._kinds.items()}  # Tanh, Sigmoid, Hardtanh
+            if stat == "dead_fraction" and module in self._units:
+                stats[module]["units"] = float(self._units[module].window[-1].numel())
+        kinds = {n: u.kind.capitalize() for n, u in self._units.items()}  # Tanh, Sigmoid, Hardtanh
         findings = self.rules.observe(record.step, stats, self.order, kinds)
         if self.locator is not None and any(o.step == record.step for o in self.locator.origins):
             # The origin of this step's NaN/Inf is in the report: the rest follows from it.

@@ -1,5 +1,4 @@
-"""The first module, in execution order, whose forward or backward made a NaN/Inf: a call's inputs
-and outputs come through core's ``OutputHook``, boundary gradients through ``OutputGradHook``."""
+"""The first module, in execution order, whose forward or backward made a NaN/Inf."""
 
 from __future__ import annotations
 
@@ -57,7 +56,6 @@ class FirstNonFiniteError(NonFiniteError):
 
 
 def _counts(nan: int, inf: int, numel: int | None = None) -> str:
-    """``"1 NaN, 0 Inf of 4"``."""
     return f"{nan} NaN, {inf} Inf" + ("" if numel is None else f" of {numel}")
 
 
@@ -85,9 +83,8 @@ class TensorSummary:
 
 @dataclass(frozen=True)
 class NonFiniteOrigin:
-    """Where the first NaN/Inf of a step came from: ``phase`` (``"forward"``, ``"loss"``,
-    ``"backward"``, ``"parameter gradient"``), ``module`` (``""``: the loss), the ``inputs`` it
-    received (backward: the gradients reaching its outputs), its non-finite ``parameters``."""
+    """Where the first NaN/Inf of a step came from (``module`` ``""``: the loss); ``inputs``:
+    what it received (backward: the gradients reaching its outputs)."""
 
     step: int
     phase: str
@@ -104,7 +101,6 @@ class NonFiniteOrigin:
     check: str = "module"
 
     def message(self) -> str:
-        """A multi-line report."""
         batch = f", batch {self.batch_idx}" if self.batch_idx >= 0 else ""
         module = f"module {self.module!r} ({self.module_type})"
         where = f"{self.phase}, {module}, {self.tensor}" if self.module else self.tensor
@@ -154,9 +150,8 @@ class _Event:
 
 
 class NonFiniteLocator:
-    """Find the first module that makes a NaN/Inf, then ``action``: ``"warn"`` (once per module),
-    ``"raise"`` or ``"debug"``; ``check``: ``"module"`` (each tensor at once), ``"step"`` (in
-    :meth:`check`) or ``"auto"``. Call :meth:`start` per batch, :meth:`loss`, then :meth:`check`.
+    """Find the first module that makes a NaN/Inf, then ``action`` (``"warn"``, ``"raise"``,
+    ``"debug"``). Call :meth:`start` per batch, :meth:`loss`, then :meth:`check`.
 
     Example:
         >>> class Log(nn.Module):
@@ -196,20 +191,16 @@ class NonFiniteLocator:
         self._warned: set[str] = set()
         self.release()
 
-    def resolve_check(self, device: torch.device | str) -> None:
-        """Fix ``"auto"`` for the model's device: ``"module"`` on the CPU, ``"step"`` elsewhere."""
+    def watch(self, modules: Mapping[str, nn.Module], device: torch.device | str) -> None:
+        """The modules reports may name; ``"auto"`` checks per module on the CPU, else per step."""
+        self._modules = dict(modules)
         if self.check_mode == "auto":
             self.check_mode = "module" if torch.device(device).type == "cpu" else "step"
 
-    def watch(self, modules: Mapping[str, nn.Module]) -> None:
-        """The modules reports may name (qualified name -> module)."""
-        self._modules = dict(modules)
-
     def attach(self, modules: Mapping[str, nn.Module]) -> hooks.HookSet:
         """Watch ``modules`` with hooks of this locator's own; returns them (a context manager)."""
-        self.watch(modules)
         first = next((p for m in modules.values() for p in m.parameters()), None)
-        self.resolve_check(first.device if first is not None else "cpu")
+        self.watch(modules, first.device if first is not None else "cpu")
         self.start(self.step, self.batch_idx)
         handles = hooks.HookSet()
         for name, module in modules.items():
@@ -232,12 +223,10 @@ class NonFiniteLocator:
         self._last_module: str | None = None
 
     @property
-    def hit_this_step(self) -> bool:
-        """Whether this step's origin was found (later values are its consequences)."""
+    def hit_this_step(self) -> bool:  # later values are the origin's consequences
         return self._hit_step == self.step
 
     def _on_forward(self, name: str, module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
-        """A watched module's call (its forward hook): note its inputs, test its outputs."""
         self._first_module = name if self._first_module is None else self._first_module
         self._last_module = name
         if self.hit_this_step:
@@ -259,9 +248,8 @@ class NonFiniteLocator:
             now = self.check_mode == "module"
             if now and bool(torch.isfinite(stored_values(tensor)).all()):
                 continue
-            rows = rows or [  # once per call, however many output tensors
-                (lb, tuple(t.shape), str(t.dtype).removeprefix("torch."), reduce_tensor(t, 0))
-                for lb, t in inputs
+            rows = rows or [
+                (lb, tuple(t.shape), str(t.dtype), reduce_tensor(t, 0)) for lb, t in inputs
             ]
             event = _Event("forward", name, _label("output", path), reduce_tensor(tensor, 0), rows)
             self._test(event, now, module=module, inputs=inputs, output=tensor)
@@ -395,20 +383,14 @@ class NonFiniteLocator:
         interactive = False
         with contextlib.suppress(AttributeError, ValueError, OSError):  # no or a closed stdin
             interactive = bool(sys.stdin) and sys.stdin.isatty()
+        note = "on_nonfinite='debug' opens a debugger only when stdin is an interactive terminal; "
+        note += "it is not, so fit stopped instead."
         if interactive:
-            print(
-                f"\nlightning-inspect: {origin.message()}\nDebugger: `origin`, `module`, `inputs`, "
-                "`output`, `gradient` are at hand; `up` walks to the calling forward; `c` "
-                "continues (fit then stops).",
-                file=sys.stderr,
-            )
+            tools = "`origin`, `module`, `inputs`, `output`, `gradient` are at hand"
+            print(f"\nlightning-inspect: {origin.message()}\nDebugger: {tools}; `up` walks to the "
+                  "calling forward; `c` continues (fit then stops).", file=sys.stderr)  # fmt: skip
             breakpoint()  # on_nonfinite="debug" asks for exactly this
             note = "fit stops after the debugging session (on_nonfinite='debug')."
-        else:
-            note = (
-                "on_nonfinite='debug' opens a debugger only when stdin is an interactive "
-                "terminal; it is not, so fit stopped instead."
-            )
         if hasattr(error, "add_note"):  # Python >= 3.11
             error.add_note(f"lightning-inspect: {note}")
         else:  # pragma: no cover
@@ -436,7 +418,7 @@ def parameters_by_module(modules: Mapping[str, nn.Module]) -> dict[str, list[tup
 
 
 def _add_consumer(consumers: list[tuple[str, str]], name: str, label: str) -> None:
-    """Keep ``consumers`` outer first: a forward hook runs after those of the calls inside."""
+    """Outer first: a forward hook runs after those of the calls inside."""
     i = len(consumers)
     while i and (not name or consumers[i - 1][0].startswith(name + ".")):
         i -= 1
@@ -452,4 +434,5 @@ def _label(kind: str, path: str) -> str:
 
 
 def _summary(label: str, shape: tuple[int, ...], dtype: str, row: torch.Tensor) -> TensorSummary:
+    dtype = dtype.removeprefix("torch.")
     return TensorSummary(label, shape, dtype, summarise(row.detach().cpu().numpy(), _INPUT_STATS))
