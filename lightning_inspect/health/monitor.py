@@ -407,7 +407,7 @@ class HealthMonitor(ModuleMonitor):
                 for sink in self.sinks:
                     sink.log_text(REPORT_KEY, self.report.to_markdown(), trainer.global_step)
                 if self.console and trainer.is_global_zero:
-                    print_report(self.report)
+                    print_markdown(self.report.to_markdown())
         except Exception as exc:  # reporting must never hide the real outcome of fit
             self._hook_fault("the health report", exc)
         for sink in self.sinks:
@@ -419,14 +419,11 @@ def _squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)).square().sum()
 
 
-def print_report(report: hr.HealthReport) -> None:
-    """Print the report: a rich table (160 columns off a terminal), or markdown without rich."""
+def print_markdown(text: str) -> None:
+    """Print markdown rendered by rich (160 columns off a terminal), or as it is without rich."""
     try:
         from rich.console import Console
+        from rich.markdown import Markdown
     except ImportError:  # pragma: no cover - rich is an optional dependency
-        print(report.to_markdown())
-        return
-    console = Console()
-    if not console.is_terminal:  # logs and CI: do not squeeze the table into 80 columns
-        console = Console(width=160)
-    console.print(report.to_rich_table() if len(report) else report.headline())
+        return print(text)
+    Console(width=None if Console().is_terminal else 160).print(Markdown(text))

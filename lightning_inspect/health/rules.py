@@ -380,27 +380,11 @@ class HealthReport:
         return out
 
     def to_markdown(self) -> str:
-        """The report as a markdown table (TensorBoard's Text tab, an MLflow artifact)."""
+        """The report as a markdown table (TensorBoard's Text tab, an MLflow artifact, the console
+        through rich)."""
         rows = [COLUMNS, ["---"] * len(COLUMNS), *self.rows()] if len(self) else []
         cells = ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
         return "\n".join([f"### {self.headline()}", *([""] if rows else []), *cells])
-
-    def to_rich_table(self) -> Any:
-        """The report as a ``rich.table.Table`` (needs ``rich``), worst first."""
-        from rich.table import Table
-
-        table = Table(title=self.headline(), title_justify="left", show_lines=True)
-        table.add_column("severity", no_wrap=True)
-        table.add_column("rule", no_wrap=True)
-        table.add_column("module", min_width=8, overflow="fold")
-        table.add_column("value at step", min_width=14, overflow="fold")
-        table.add_column("seen", justify="right", no_wrap=True)
-        table.add_column("hint", ratio=1, overflow="fold")
-        styles = {"error": "bold red", "warning": "yellow", "info": "cyan"}
-        for severity, rule, module, statistic, value, step, worst, seen, hint in self.rows():
-            at = f"{statistic} = {value} at {step}" + (f"; worst {worst}" if worst else "")
-            table.add_row(severity, rule, module, at, seen, hint, style=styles.get(severity))
-        return table
 
 
 def _plural(n: int, word: str) -> str:
