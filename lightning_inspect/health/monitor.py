@@ -44,9 +44,7 @@ _GRADS_SCALED_KEY = "__health_grads_scaled__"  # internal: gradients read still 
 
 
 @dataclass
-class _Unit:
-    """An activation whose output is checked for dead units or saturation."""
-
+class _Unit:  # an activation whose output is checked for dead units or saturation
     kind: str
     window: deque[torch.Tensor]  # units alive over the last dead_window logged steps
     dim: int = -1  # the units' dimension of a 3-D output
@@ -55,37 +53,23 @@ class _Unit:
     alive: torch.Tensor | None = None  # units positive this batch
 
 
-def activation_kind(module: nn.Module) -> str | None:
-    """What a module's output is checked for: ``"relu"`` (dead units), ``"tanh"``, ``"sigmoid"``,
-    ``"hardtanh"`` (saturation) or ``None`` (LeakyReLU, GELU... have no dead units).
-
-    >>> activation_kind(nn.ReLU6()), activation_kind(nn.Tanh()), activation_kind(nn.GELU())
-    ('relu', 'tanh', None)
-    """
-    kinds = {nn.ReLU: "relu", nn.ReLU6: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
-    kinds[nn.Hardtanh] = "hardtanh"  # after ReLU6, its subclass
-    return next((kind for cls, kind in kinds.items() if isinstance(module, cls)), None)
+#: What an output is checked for: dead units ("relu") or saturation; LeakyReLU, GELU... neither.
+_KINDS = {nn.ReLU: "relu", nn.ReLU6: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
+_KINDS[nn.Hardtanh] = "hardtanh"  # after ReLU6, its subclass
 
 
 class HealthMonitor(ModuleMonitor):
-    """Diagnose training: dead units, saturation, vanishing/exploding gradients, update sizes, NaN.
-
-    Each logged step goes through :class:`~lightning_inspect.HealthRules`: a warning the first time
-    a rule fires in a module, the end-of-fit report and pictures; the first module whose forward or
-    backward made a NaN/Inf is named. Metrics and rules: docs/diagnostics.md.
+    """Diagnose training: dead units, saturation, vanishing/exploding gradients, update sizes, NaN
+    (:class:`~lightning_inspect.HealthRules`; a warning per rule and module, a report, pictures).
 
     Args:
-        modules: module patterns; default ``"*"`` (a NaN can come from any module).
-        on_nonfinite: ``"ignore"``, ``"warn"`` (once per module), ``"raise"``
-            (:class:`~lightning_inspect.FirstNonFiniteError`, fit stops cleanly) or ``"debug"`` (a
-            debugger at the module when stdin is a terminal, then stops).
-        nonfinite_check: ``"module"``, ``"step"`` (one transfer) or ``"auto"`` (``"module"`` on
-            the CPU).
+        on_nonfinite: ``"ignore"``, ``"warn"`` (once per module), ``"raise"`` or ``"debug"`` (a
+            debugger at the module when stdin is a terminal); the last two stop fit.
+        nonfinite_check: ``"module"``, ``"step"`` (one transfer) or ``"auto"`` (CPU: ``"module"``).
         thresholds: :class:`~lightning_inspect.HealthThresholds` or a mapping of overrides.
         relu_modules: patterns of further modules whose output is post-ReLU (``F.relu``).
         update_ratio: compute the update-to-weight ratio (copies the weights on logged steps).
         picture_every_n_logs: draw the pictures every this many logged steps (and at the end).
-        console: print the report (a rich table).
 
     Example::
 
@@ -96,23 +80,15 @@ class HealthMonitor(ModuleMonitor):
         self,
         modules: str | Sequence[str] | None = "*",
         exclude: str | Sequence[str] | None = None,
-        every_n_steps: int = 50,
-        start_step: int = 0,
-        stop_step: int | None = None,
+        every_n_steps: int = 50, start_step: int = 0, stop_step: int | None = None,
         backends: str | Sequence[str | Sink] | None = None,
-        on_nonfinite: str = "warn",
-        enabled: bool = True,
-        nonfinite_check: str = "auto",
+        on_nonfinite: str = "warn", enabled: bool = True, nonfinite_check: str = "auto",
         thresholds: hr.HealthThresholds | Mapping[str, Any] | None = None,
         relu_modules: str | Sequence[str] | None = None,
-        update_ratio: bool = True,
-        pictures: bool = True,
-        picture_every_n_logs: int = 10,
-        report: bool = True,
-        console: bool = True,
-        warn_findings: bool = True,
+        update_ratio: bool = True, pictures: bool = True, picture_every_n_logs: int = 10,
+        report: bool = True, console: bool = True, warn_findings: bool = True,
         log_metrics: bool = True,
-    ) -> None:
+    ) -> None:  # fmt: skip
         super().__init__(
             modules, exclude, every_n_steps, start_step, stop_step, None, False, 2, backends,
             "ignore", enabled,
@@ -142,7 +118,7 @@ class HealthMonitor(ModuleMonitor):
         self._before: dict[str, list[torch.Tensor]] | None = None  # weights before the update
         self._grad_squares: dict[str, list[torch.Tensor]] = {}  # per optimizer step of the batch
         self._found_inf: torch.Tensor | None = None  # during on_before_optimizer_step only
-        self._logs = self._skipped_in_a_row = 0
+        self._skipped_in_a_row = 0
         self._stall_reported = self._finished = False
         self._picture_warned: set[str] = set()
 
@@ -166,11 +142,12 @@ class HealthMonitor(ModuleMonitor):
             extra = select_modules(pl_module, self.relu_modules, owner=owner)
             for name, module in extra.items():
                 self.selected.setdefault(name, module)
-        kinds = {n: "relu" if n in extra else activation_kind(m) for n, m in self.selected.items()}
-        old, window = self._units, self.thresholds.dead_window
-        self._units = {
-            n: old.get(n) or _Unit(k, deque(maxlen=window)) for n, k in kinds.items() if k
-        }
+        old, n, self._units = self._units, self.thresholds.dead_window, {}
+        for name, module in self.selected.items():
+            kind = next((k for cls, k in _KINDS.items() if isinstance(module, cls)), None)
+            kind = "relu" if name in extra else kind
+            if kind:
+                self._units[name] = old.get(name) or _Unit(kind, deque(maxlen=n))
         # Units index the last dimension, or dimension 1 of a 4-D+ output and of a 3-D one
         # after a convolution or a batch norm: (N, C, L).
         previous: nn.Module | None = None
@@ -221,8 +198,7 @@ class HealthMonitor(ModuleMonitor):
         try:
             if self._recording and self.locator is not None:
                 overflowed = self._found_inf is not None and bool(self._found_inf.item())
-                names = sorted(self._param_modules, key=self._depth)
-                params = {n: self._param_modules[n] for n in names}
+                params = dict(sorted(self._param_modules.items(), key=lambda i: self._depth(i[0])))
                 self.locator.check(params, overflowed)  # may stop fit before the weights change
             super().on_before_optimizer_step(trainer, pl_module, optimizer)
         finally:
@@ -354,8 +330,7 @@ class HealthMonitor(ModuleMonitor):
                 findings.append(stalled)
         self.report.logged_steps += 1
         self._add_findings(findings, record.step)
-        self._logs += 1
-        if self.pictures_enabled and self._logs % self.picture_every_n_logs == 0:
+        if self.pictures_enabled and self.report.logged_steps % self.picture_every_n_logs == 0:
             self._draw_pictures(record.step)
 
     def _on_origin(self, origin: nf.NonFiniteOrigin) -> None:
@@ -363,13 +338,13 @@ class HealthMonitor(ModuleMonitor):
         self._add_findings([origin.to_finding(depth)], origin.step, warn=False)  # it warns itself
 
     def _add_findings(self, findings: list[hr.Finding], step: int, warn: bool = True) -> None:
-        """The one path of findings: the report, a warning, the observers, and this fit's findings
-        so far as JSON for TensorBoard's overview tab (which keeps a text's last step)."""
+        """The report, a warning, the observers, and this fit's findings as JSON for TensorBoard's
+        overview tab (which keeps a text's last step)."""
         new = self.report.extend(findings)
         if not new:
             return
-        for finding in new:
-            if warn and self.warn_findings and finding.severity != "info":
+        for finding in new if warn and self.warn_findings else ():
+            if finding.severity != "info":
                 rank_zero_warn(f"{self._owner}: {finding.summary()}", category=RuntimeWarning)
         self._shared.extend(new)
         text = json.dumps([dataclasses.asdict(f) for f in self._shared])

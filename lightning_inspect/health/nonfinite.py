@@ -171,12 +171,9 @@ class NonFiniteLocator:
     _recording = True  # as a hook consumer of its own (attach), it always records
 
     def __init__(
-        self,
-        action: str = "warn",
-        check: str = "auto",
-        owner: str = "HealthMonitor",
+        self, action: str = "warn", check: str = "auto", owner: str = "HealthMonitor",
         on_origin: Callable[[NonFiniteOrigin], None] | None = None,
-    ) -> None:
+    ) -> None:  # fmt: skip
         self.action = check_choice(owner, "on_nonfinite", action, NONFINITE_ACTIONS[1:])
         self.check_mode = check_choice(owner, "nonfinite_check", check, CHECK_MODES)
         if self.action == "debug":

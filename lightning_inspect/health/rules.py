@@ -166,8 +166,8 @@ def _finding(
 
 
 def scaler_stalled(skipped_in_a_row: int, scale: float, step: int) -> Finding | None:
-    """A GradScaler skipping a step at a scale <= :data:`SCALER_STALL_SCALE` (a healthy fp16 run
-    skips a few steps while its scale comes down)."""
+    """A GradScaler skipping a step at a scale <= :data:`SCALER_STALL_SCALE` (a healthy one skips
+    a few steps while its scale comes down)."""
     if not scale <= SCALER_STALL_SCALE:
         return None
     args = ("", "loss_scale", scale, step, SCALER_STALL_SCALE)
@@ -228,12 +228,9 @@ class HealthRules:
         self._grad_history: dict[str, deque[float]] = {}
 
     def observe(
-        self,
-        step: int,
-        stats: Mapping[str, Mapping[str, float]],
-        order: Sequence[str] | None = None,
-        kinds: Mapping[str, str] | None = None,
-    ) -> list[Finding]:
+        self, step: int, stats: Mapping[str, Mapping[str, float]],
+        order: Sequence[str] | None = None, kinds: Mapping[str, str] | None = None,
+    ) -> list[Finding]:  # fmt: skip
         """The findings of one step from ``{module: {statistic: value}}`` (a missing statistic is
         not checked); ``order``: execution order (``depth``); ``kinds``: ``{module: "Tanh"}``."""
         t, kinds = self.thresholds, kinds or {}
@@ -368,21 +365,16 @@ class HealthReport:
         each = [_plural(n, "note" if s == "info" else s) for s, n in self.counts().items()]
         return f"Health report: {_plural(len(self), 'problem')} ({', '.join(each)})"
 
-    def rows(self) -> list[list[str]]:
-        """The table body (the columns of :data:`COLUMNS`), worst first."""
-        out = []
+    def to_markdown(self) -> str:
+        """The report as a markdown table, worst first (TensorBoard's Text tab, an MLflow artifact,
+        the console through rich)."""
+        rows = [list(COLUMNS), ["---"] * len(COLUMNS)] if len(self) else []
         for e in self.entries():
             f, w = e.first, e.worst
             worst = "" if w is f else f"{format_value(w.value)} (step {w.step})"
             value = format_value(f.value)
-            out.append([w.severity, f.rule, f.module, f.statistic, value, str(f.step), worst])
-            out[-1] += [str(e.count), w.hint]
-        return out
-
-    def to_markdown(self) -> str:
-        """The report as a markdown table (TensorBoard's Text tab, an MLflow artifact, the console
-        through rich)."""
-        rows = [COLUMNS, ["---"] * len(COLUMNS), *self.rows()] if len(self) else []
+            rows.append([w.severity, f.rule, f.module, f.statistic, value, str(f.step), worst])
+            rows[-1] += [str(e.count), w.hint]
         cells = ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
         return "\n".join([f"### {self.headline()}", *([""] if rows else []), *cells])
 
