@@ -323,11 +323,10 @@ class HealthMonitor(ModuleMonitor):
             findings = [f for f in findings if f.rule != "nonfinite"]
         self._skipped_in_a_row = self._skipped_in_a_row + 1 if skipped else 0
         self._stall_reported = self._stall_reported and skipped
-        if skipped and scale is not None and not self._stall_reported:
-            stalled = hr.scaler_stalled(self._skipped_in_a_row, scale, record.step)
-            if stalled is not None:
-                self._stall_reported = True
-                findings.append(stalled)
+        stall = skipped and scale is not None and not self._stall_reported
+        if stall and (found := hr.scaler_stalled(self._skipped_in_a_row, scale, record.step)):
+            self._stall_reported = True
+            findings.append(found)
         self.report.logged_steps += 1
         self._add_findings(findings, record.step)
         if self.pictures_enabled and self.report.logged_steps % self.picture_every_n_logs == 0:
@@ -338,8 +337,7 @@ class HealthMonitor(ModuleMonitor):
         self._add_findings([origin.to_finding(depth)], origin.step, warn=False)  # it warns itself
 
     def _add_findings(self, findings: list[hr.Finding], step: int, warn: bool = True) -> None:
-        """The report, a warning, the observers, and this fit's findings as JSON for TensorBoard's
-        overview tab (which keeps a text's last step)."""
+        """The report, a warning, the observers, TensorBoard's overview tab (this fit's findings)."""
         new = self.report.extend(findings)
         if not new:
             return
@@ -389,8 +387,7 @@ class HealthMonitor(ModuleMonitor):
             sink.flush()
 
 
-def _squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """In float64: finite for huge values."""
+def _squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor:  # float64: finite for huge values
     return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)).square().sum()
 
 

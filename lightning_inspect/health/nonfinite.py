@@ -123,9 +123,7 @@ class NonFiniteOrigin:
 
 
 @dataclass
-class _Site:
-    """A tensor that crossed a module boundary in the forward pass (its gradient is watched)."""
-
+class _Site:  # a tensor that crossed a module boundary in the forward pass (its gradient is watched)
     ref: weakref.ref[torch.Tensor]
     producer: str | None = None
     path: str = ""
@@ -138,9 +136,7 @@ _InputRow = tuple[str, tuple[int, ...], str, torch.Tensor]  # label, shape, dtyp
 
 
 @dataclass
-class _Event:
-    """One tensor to test: an output, the loss, a boundary or a parameter gradient."""
-
+class _Event:  # one tensor to test: an output, the loss, a boundary or a parameter gradient
     phase: str
     module: str
     tensor: str
@@ -286,10 +282,9 @@ class NonFiniteLocator:
             self._test(event, self.check_mode == "module", output=loss)
 
     def check(
-        self,
-        parameters: Mapping[str, Sequence[tuple[str, nn.Parameter]]] | None = None,
+        self, parameters: Mapping[str, Sequence[tuple[str, nn.Parameter]]] | None = None,
         gradients_overflowed: bool = False,
-    ) -> NonFiniteOrigin | None:
+    ) -> NonFiniteOrigin | None:  # fmt: skip
         """After backward: test what is pending and ``parameters`` (``{module: [(name, param)]}``
         in execution order) in one transfer; ``gradients_overflowed``: a GradScaler skips them."""
         events, self._events = self._events, []
@@ -315,9 +310,7 @@ class NonFiniteLocator:
             module, pname, grad = grads[bad[-1] - len(events)]
             label = f"{pname}.grad {tuple(grad.shape)}"
             event = _Event("parameter gradient", module, label, reduce_tensor(grad, 0))
-        origin = self._origin(event)
-        self._act(origin)
-        return origin
+        return self._act(self._origin(event))
 
     def _origin(self, event: _Event) -> NonFiniteOrigin:
         phase, name, label, site = event.phase, event.module, event.tensor, event.site
@@ -363,8 +356,8 @@ class NonFiniteLocator:
     def _act(
         self, origin: NonFiniteOrigin, module: Any = None, inputs: Any = None, output: Any = None,
         gradient: Any = None,
-    ) -> None:  # fmt: skip
-        """Report ``origin``; ``module``, ``inputs``, ``output``, ``gradient``: for the debugger."""
+    ) -> NonFiniteOrigin:  # fmt: skip
+        """Report ``origin`` (warn: return it); ``module``... ``gradient``: for the debugger."""
         self._hit_step, self._events = self.step, []
         self.origins.append(origin)
         if self.on_origin is not None:
@@ -373,7 +366,7 @@ class NonFiniteLocator:
             if origin.module not in self._warned:
                 self._warned.add(origin.module)
                 warnings.warn(f"{self.owner}: {origin.message()}", RuntimeWarning, stacklevel=4)
-            return
+            return origin
         error = FirstNonFiniteError(origin)
         if self.action == "raise":
             raise error

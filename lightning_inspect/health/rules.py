@@ -166,8 +166,7 @@ def _finding(
 
 
 def scaler_stalled(skipped_in_a_row: int, scale: float, step: int) -> Finding | None:
-    """A GradScaler skipping a step at a scale <= :data:`SCALER_STALL_SCALE` (a healthy one skips
-    a few steps while its scale comes down)."""
+    """A GradScaler skipping steps at a scale <= 1 (a healthy one skips a few on its way down)."""
     if not scale <= SCALER_STALL_SCALE:
         return None
     args = ("", "loss_scale", scale, step, SCALER_STALL_SCALE)
@@ -289,9 +288,7 @@ class HealthRules:
 
 
 @dataclass
-class ReportEntry:
-    """All findings of one rule in one module: the first, the worst, how many, the last step."""
-
+class ReportEntry:  # all findings of one rule in one module: the first, the worst, how many...
     first: Finding
     worst: Finding
     count: int = 1
@@ -353,10 +350,8 @@ class HealthReport:
         return True
 
     def counts(self) -> dict[str, int]:
-        out = dict.fromkeys(SEVERITIES, 0)
-        for e in self._entries.values():
-            out[e.worst.severity] += 1
-        return out
+        severities = [e.worst.severity for e in self._entries.values()]
+        return {s: severities.count(s) for s in SEVERITIES}
 
     def headline(self) -> str:
         if not len(self):
