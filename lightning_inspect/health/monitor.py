@@ -6,7 +6,6 @@ import dataclasses
 import json
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -43,7 +42,7 @@ _SCALE_KEY = "__health_loss_scale__"  # internal: the GradScaler's scale
 _GRADS_SCALED_KEY = "__health_grads_scaled__"  # internal: gradients read still scaled
 
 
-@dataclass
+@dataclasses.dataclass
 class _Unit:  # an activation whose output is checked for dead units or saturation
     kind: str
     window: deque[torch.Tensor]  # units alive over the last dead_window logged steps
@@ -346,9 +345,8 @@ class HealthMonitor(ModuleMonitor):
                 rank_zero_warn(f"{self._owner}: {finding.summary()}", category=RuntimeWarning)
         self._shared.extend(new)
         text = json.dumps([dataclasses.asdict(f) for f in self._shared])
-        for sink in self.sinks:
-            if sink.name == "tensorboard":
-                sink.log_text(FINDINGS_KEY, text, step)
+        for sink in (s for s in self.sinks if s.name == "tensorboard"):
+            sink.log_text(FINDINGS_KEY, text, step)
         if self._coordinator is not None:
             self._coordinator.notify(step, {}, {}, new)
 
@@ -366,8 +364,8 @@ class HealthMonitor(ModuleMonitor):
                 self._hook_fault(f"drawing the {stat} picture", exc)
                 continue
             self.pictures[stat] = image
-            key, warned = f"health/{stat}", self._picture_warned
-            publish_image(self.sinks, key, image, step, self._owner, warned)
+            warned = self._picture_warned
+            publish_image(self.sinks, f"health/{stat}", image, step, self._owner, warned)
 
     def _finish(self, trainer: pl.Trainer) -> None:  # once per fit
         if self._finished or not self._active:

@@ -83,8 +83,8 @@ class TensorSummary:
 
 @dataclass(frozen=True)
 class NonFiniteOrigin:
-    """Where the first NaN/Inf of a step came from (``module`` ``""``: the loss); ``inputs``:
-    what it received (backward: the gradients reaching its outputs)."""
+    """Where the first NaN/Inf of a step came from (``module`` ``""``: the loss); in backward,
+    ``inputs`` are the gradients reaching the module's outputs."""
 
     step: int
     phase: str
@@ -150,18 +150,15 @@ class NonFiniteLocator:
     ``"debug"``). Call :meth:`start` per batch, :meth:`loss`, then :meth:`check`.
 
     Example:
-        >>> class Log(nn.Module):
-        ...     def forward(self, x):
-        ...         return torch.log(x)
-        >>> net = nn.Sequential(nn.Linear(2, 2), Log(), nn.Linear(2, 1))
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 1))
         >>> locator = NonFiniteLocator(action="raise")
         >>> with locator.attach(dict(net.named_children())), torch.no_grad():
-        ...     _ = net[0].weight.fill_(-1.0)
+        ...     _ = net[0].weight.fill_(3e38)
         ...     try:
         ...         net(torch.ones(1, 2))
         ...     except FirstNonFiniteError as err:
-        ...         print(err.origin.module, err.origin.phase, err.origin.nan)
-        1 forward 2
+        ...         print(err.origin.module, err.origin.phase, err.origin.inf)
+        0 forward 2
     """
 
     _recording = True  # as a hook consumer of its own (attach), it always records

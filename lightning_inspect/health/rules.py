@@ -211,8 +211,7 @@ def check_update_ratio(
 
 
 class HealthRules:
-    """The rules, with each module's gradient-norm history; :meth:`observe` reads, per module,
-    ``dead_fraction`` (with ``units``), ``saturated_fraction``, ``grad_norm``, ``update_ratio``.
+    """The rules, with each module's gradient-norm history (for spikes).
 
     Example:
         >>> rules = HealthRules(HealthThresholds(spike_min_history=2))
@@ -230,8 +229,9 @@ class HealthRules:
         self, step: int, stats: Mapping[str, Mapping[str, float]],
         order: Sequence[str] | None = None, kinds: Mapping[str, str] | None = None,
     ) -> list[Finding]:  # fmt: skip
-        """The findings of one step from ``{module: {statistic: value}}`` (a missing statistic is
-        not checked); ``order``: execution order (``depth``); ``kinds``: ``{module: "Tanh"}``."""
+        """The findings of one step from ``{module: {statistic: value}}`` (``dead_fraction`` with
+        ``units``, ``saturated_fraction``, ``grad_norm``, ``update_ratio``; a missing one is not
+        checked); ``order``: execution order (``depth``); ``kinds``: ``{module: "Tanh"}``."""
         t, kinds = self.thresholds, kinds or {}
         depth_of = {name: i for i, name in enumerate(order or ())}
         names = sorted(stats, key=lambda n: depth_of.get(n, len(depth_of)))  # stable
@@ -300,10 +300,9 @@ class HealthReport:
 
     Example:
         >>> report = HealthReport()
-        >>> report.add(Finding("saturation", "warning", "net.1", "saturated_fraction", 0.6, 3, "h"))
-        True
-        >>> report.add(Finding("saturation", "warning", "net.1", "saturated_fraction", 0.9, 7, "h"))
-        False
+        >>> f = Finding("saturation", "warning", "net.1", "saturated_fraction", 0.6, 3, "h")
+        >>> report.add(f), report.add(f), len(report)
+        (True, False, 1)
         >>> print(report.to_markdown().splitlines()[0])
         ### Health report: 1 problem (0 errors, 1 warning, 0 notes)
     """
@@ -361,8 +360,7 @@ class HealthReport:
         return f"Health report: {_plural(len(self), 'problem')} ({', '.join(each)})"
 
     def to_markdown(self) -> str:
-        """The report as a markdown table, worst first (TensorBoard's Text tab, an MLflow artifact,
-        the console through rich)."""
+        """The report as a markdown table, worst first (TensorBoard, MLflow, the console)."""
         rows = [list(COLUMNS), ["---"] * len(COLUMNS)] if len(self) else []
         for e in self.entries():
             f, w = e.first, e.worst
