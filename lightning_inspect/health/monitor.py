@@ -76,17 +76,14 @@ class HealthMonitor(ModuleMonitor):
     """
 
     def __init__(
-        self,
-        modules: str | Sequence[str] | None = "*",
-        exclude: str | Sequence[str] | None = None,
+        self, modules: str | Sequence[str] | None = "*", exclude: str | Sequence[str] | None = None,
         every_n_steps: int = 50, start_step: int = 0, stop_step: int | None = None,
-        backends: str | Sequence[str | Sink] | None = None,
-        on_nonfinite: str = "warn", enabled: bool = True, nonfinite_check: str = "auto",
+        backends: str | Sequence[str | Sink] | None = None, on_nonfinite: str = "warn",
+        enabled: bool = True, nonfinite_check: str = "auto",
         thresholds: hr.HealthThresholds | Mapping[str, Any] | None = None,
-        relu_modules: str | Sequence[str] | None = None,
-        update_ratio: bool = True, pictures: bool = True, picture_every_n_logs: int = 10,
-        report: bool = True, console: bool = True, warn_findings: bool = True,
-        log_metrics: bool = True,
+        relu_modules: str | Sequence[str] | None = None, update_ratio: bool = True,
+        pictures: bool = True, picture_every_n_logs: int = 10, report: bool = True,
+        console: bool = True, warn_findings: bool = True, log_metrics: bool = True,
     ) -> None:  # fmt: skip
         super().__init__(
             modules, exclude, every_n_steps, start_step, stop_step, None, False, 2, backends,
@@ -115,7 +112,7 @@ class HealthMonitor(ModuleMonitor):
         self._units: dict[str, _Unit] = {}
         self._param_modules: dict[str, list[tuple[str, nn.Parameter]]] = {}
         self._before: dict[str, list[torch.Tensor]] | None = None  # weights before the update
-        self._grad_squares: dict[str, list[torch.Tensor]] = {}  # per optimizer step of the batch
+        self._grad_squares: dict[str, torch.Tensor] = {}  # over the optimizer steps of the batch
         self._found_inf: torch.Tensor | None = None  # during on_before_optimizer_step only
         self._skipped_in_a_row = 0
         self._stall_reported = self._finished = False
@@ -258,16 +255,16 @@ class HealthMonitor(ModuleMonitor):
                 grads.setdefault(module, []).append(nf.stored_values(param.grad))
         with torch.no_grad():
             for module, tensors in grads.items():
-                self._grad_squares.setdefault(module, []).append(_squared_norm(tensors))
+                square = _squared_norm(tensors) + self._grad_squares.get(module, 0.0)
+                self._grad_squares[module] = square
             if first:  # the weights before every optimizer step of the batch
                 modules = self._param_modules.items() if self.update_ratio else ()
                 self._before = {m: [p.detach().clone() for _, p in ps] for m, ps in modules}
 
     def _finish_step(self) -> None:
         squares, self._grad_squares = self._grad_squares, {}
-        for module, parts in squares.items():  # over every optimizer step of the batch
-            total = torch.stack([p.to(parts[0].device) for p in parts]).sum().sqrt()
-            self._add_scalar(metric_key("health", module, "grad_norm"), total)
+        for module, square in squares.items():
+            self._add_scalar(metric_key("health", module, "grad_norm"), square.sqrt())
         self._before = None  # an interrupted step's copies
         super()._finish_step()
 

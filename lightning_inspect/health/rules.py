@@ -54,10 +54,9 @@ _HINTS = {
     "grad_fades": ("vanishing_gradient", "warning", "gradient norm is {share} of the largest "
         f"({{top!r}}: {{top_norm}}): the signal fades on its way back; {_DEPTH}"),
     "grad_scaler_stalled": ("grad_scaler_stalled", "error", "the GradScaler skipped the last "
-        "{seen} logged steps and its scale is down to {value}: gradients are NaN/Inf even "
-        "unscaled, so nothing is learning; look for a NaN made in backward "
-        "(HealthMonitor(on_nonfinite='raise') in a float32 run names the module) or lower the "
-        "learning rate"),
+        "{seen} logged steps and its scale is down to {value}: gradients are NaN/Inf even unscaled,"
+        " so nothing is learning; look for a NaN made in backward (HealthMonitor(on_nonfinite="
+        "'raise') in a float32 run names the module) or lower the learning rate"),
 }
 # fmt: on
 
