@@ -20,7 +20,7 @@ from lightning_inspect._validation import as_str_list, check_bool, check_choice,
 from lightning_inspect.backends import Sink
 from lightning_inspect.backends.pictures import heatmap, publish_image
 from lightning_inspect.core import grad_scaler as amp
-from lightning_inspect.core import hooks
+from lightning_inspect.core.hooks import OutputHook
 from lightning_inspect.core.keys import FINDINGS_KEY, metric_key, split_key
 from lightning_inspect.core.recorder import HostRecord, StepRecord
 from lightning_inspect.core.selection import normalise_name, select_modules
@@ -163,8 +163,7 @@ class HealthMonitor(ModuleMonitor):
 
     def _install_hooks(self) -> None:  # with kwargs: the locator describes a call's inputs
         for name, module in self.selected.items():
-            hook = hooks.OutputHook(self, name)
-            self._hooks.add(module.register_forward_hook(hook, with_kwargs=True))
+            self._hooks.add(module.register_forward_hook(OutputHook(self, name), with_kwargs=True))
 
     def _on_forward(self, name: str, module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
         self._order.setdefault(name, len(self._order))

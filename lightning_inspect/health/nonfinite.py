@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from lightning_inspect._validation import check_choice
-from lightning_inspect.core import hooks
+from lightning_inspect.core.hooks import HookSet, OutputGradHook, OutputHook
 from lightning_inspect.core.outputs import iter_tensors
 from lightning_inspect.core.row import Field
 from lightning_inspect.core.stats import reduce_tensor, summarise
@@ -187,15 +187,14 @@ class NonFiniteLocator:
         if self.check_mode == "auto":
             self.check_mode = "module" if torch.device(device).type == "cpu" else "step"
 
-    def attach(self, modules: Mapping[str, nn.Module]) -> hooks.HookSet:
+    def attach(self, modules: Mapping[str, nn.Module]) -> HookSet:
         """Watch ``modules`` with hooks of this locator's own; returns them (a context manager)."""
         first = next((p for m in modules.values() for p in m.parameters()), None)
         self.watch(modules, first.device if first is not None else "cpu")
         self.start(self.step, self.batch_idx)
-        handles = hooks.HookSet()
+        handles = HookSet()
         for name, module in modules.items():
-            hook = hooks.OutputHook(self, name)
-            handles.add(module.register_forward_hook(hook, with_kwargs=True))
+            handles.add(module.register_forward_hook(OutputHook(self, name), with_kwargs=True))
         return handles
 
     def start(self, step: int, batch_idx: int = -1) -> None:
@@ -262,7 +261,7 @@ class NonFiniteLocator:
         site = self._sites.get(id(tensor))
         if site is None or site.ref() is not tensor:
             site = self._sites[id(tensor)] = _Site(weakref.ref(tensor))
-            tensor.register_hook(hooks.OutputGradHook(self, str(len(self._site_list))))
+            tensor.register_hook(OutputGradHook(self, str(len(self._site_list))))
             self._site_list.append(site)
         return site
 

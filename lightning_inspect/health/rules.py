@@ -119,8 +119,7 @@ class HealthThresholds:
 
 @dataclass(frozen=True)
 class Finding:
-    """One problem at one optimizer step; ``threshold``: the limit crossed (NaN: none);
-    ``depth``: the module's position in execution order (-1: unknown).
+    """One problem at one step; ``threshold``: the limit crossed; ``depth``: execution order.
 
     Example:
         >>> f = Finding("dead_units", "error", "net.1", "dead_fraction", 1.0, 5, "all units dead")
