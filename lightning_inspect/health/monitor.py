@@ -318,10 +318,11 @@ class HealthMonitor(ModuleMonitor):
             findings = [f for f in findings if f.rule != "nonfinite"]
         self._skipped_in_a_row = self._skipped_in_a_row + 1 if skipped else 0
         self._stall_reported = self._stall_reported and skipped
-        stall = skipped and scale is not None and not self._stall_reported
-        if stall and (found := hr.scaler_stalled(self._skipped_in_a_row, scale, record.step)):
+        stalled = skipped and scale is not None and scale <= hr.SCALER_STALL_SCALE
+        if stalled and not self._stall_reported:  # healthy: a few skips while the scale comes down
             self._stall_reported = True
-            findings.append(found)
+            args = ("", "loss_scale", scale, record.step, hr.SCALER_STALL_SCALE)
+            findings.append(hr._finding("grad_scaler_stalled", *args, seen=self._skipped_in_a_row))
         self.report.logged_steps += 1
         self._add_findings(findings, record.step)
         if self.pictures_enabled and self.report.logged_steps % self.picture_every_n_logs == 0:

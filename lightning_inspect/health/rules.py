@@ -163,14 +163,6 @@ def _finding(
     return Finding(rule, severity or default, module, statistic, value, step, text, limit, depth)
 
 
-def scaler_stalled(skipped_in_a_row: int, scale: float, step: int) -> Finding | None:
-    """A GradScaler skipping steps at a scale <= 1 (a healthy one skips a few on its way down)."""
-    if not scale <= SCALER_STALL_SCALE:
-        return None
-    args = ("", "loss_scale", scale, step, SCALER_STALL_SCALE)
-    return _finding("grad_scaler_stalled", *args, seen=skipped_in_a_row)
-
-
 def check_dead_units(
     module: str, value: float, units: int | None, step: int, t: HealthThresholds, depth: int = -1
 ) -> Finding | None:
