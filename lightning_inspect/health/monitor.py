@@ -132,12 +132,9 @@ class HealthMonitor(ModuleMonitor):
 
     def _after_selection(self, pl_module: pl.LightningModule) -> None:
         self._finished, self._shared = False, []  # a new fit
-        extra: dict[str, nn.Module] = {}
-        if self.relu_modules:
-            owner = f"{self._owner}(relu_modules)"
-            extra = select_modules(pl_module, self.relu_modules, owner=owner)
-            for name, module in extra.items():
-                self.selected.setdefault(name, module)
+        owner, relu = f"{self._owner}(relu_modules)", self.relu_modules
+        extra = select_modules(pl_module, relu, owner=owner) if relu else {}
+        self.selected |= {n: m for n, m in extra.items() if n not in self.selected}
         old, n, self._units = self._units, self.thresholds.dead_window, {}
         for name, module in self.selected.items():
             kind = next((k for cls, k in _KINDS.items() if isinstance(module, cls)), None)
@@ -230,8 +227,7 @@ class HealthMonitor(ModuleMonitor):
             count = torch.count_nonzero(y == 0)
         elif unit.kind == "hardtanh":
             module = self.selected[name]
-            low, high = getattr(module, "min_val", -1.0), getattr(module, "max_val", 1.0)
-            count = torch.count_nonzero((y <= low) | (y >= high))
+            count = torch.count_nonzero((y <= module.min_val) | (y >= module.max_val))
         else:
             m = self.thresholds.saturation_margin
             bad = y.abs() > 1 - m if unit.kind == "tanh" else (y < m) | (y > 1 - m)

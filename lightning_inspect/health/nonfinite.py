@@ -168,9 +168,8 @@ class NonFiniteLocator:
         on_origin: Callable[[NonFiniteOrigin], None] | None = None,
     ) -> None:  # fmt: skip
         self.action = check_choice(owner, "on_nonfinite", action, NONFINITE_ACTIONS[1:])
-        self.check_mode = check_choice(owner, "nonfinite_check", check, CHECK_MODES)
-        if self.action == "debug":
-            self.check_mode = "module"  # the debugger must open at the module
+        check = check_choice(owner, "nonfinite_check", check, CHECK_MODES)
+        self.check_mode = "module" if self.action == "debug" else check  # debug: at the module
         self.owner, self.on_origin = owner, on_origin
         self.origins: list[NonFiniteOrigin] = []
         self.step, self.batch_idx = 0, -1
