@@ -65,14 +65,14 @@ class HealthMonitor(ModuleMonitor):
         on_nonfinite: ``"ignore"``, ``"warn"`` (once per module), ``"raise"`` or ``"debug"`` (a
             debugger at the module when stdin is a terminal); the last two stop fit.
         nonfinite_check: ``"module"``, ``"step"`` (one transfer) or ``"auto"`` (CPU: ``"module"``).
-        thresholds: :class:`~lightning_inspect.HealthThresholds` or a mapping of overrides.
         relu_modules: patterns of further modules whose output is post-ReLU (``F.relu``).
         update_ratio: compute the update-to-weight ratio (copies the weights on logged steps).
         picture_every_n_logs: draw the pictures every this many logged steps (and at the end).
 
-    Example::
-
-        HealthMonitor(every_n_steps=10, on_nonfinite="raise", thresholds={"dead_fraction": 0.8})
+    Example:
+        >>> monitor = HealthMonitor(on_nonfinite="raise", thresholds={"dead_fraction": 0.8})
+        >>> monitor.thresholds.dead_fraction, monitor.thresholds.dead_window
+        (0.8, 5)
     """
 
     def __init__(
@@ -333,9 +333,8 @@ class HealthMonitor(ModuleMonitor):
         new = self.report.extend(findings)
         if not new:
             return
-        for finding in new if warn and self.warn_findings else ():
-            if finding.severity != "info":
-                rank_zero_warn(f"{self._owner}: {finding.summary()}", category=RuntimeWarning)
+        for finding in (f for f in new if warn and self.warn_findings and f.severity != "info"):
+            rank_zero_warn(f"{self._owner}: {finding.summary()}", category=RuntimeWarning)
         self._shared.extend(new)
         text = json.dumps([dataclasses.asdict(f) for f in self._shared])
         for sink in (s for s in self.sinks if s.name == "tensorboard"):

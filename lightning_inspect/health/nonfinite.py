@@ -59,9 +59,8 @@ def _counts(nan: int, inf: int, numel: int | None = None) -> str:
     return f"{nan} NaN, {inf} Inf" + ("" if numel is None else f" of {numel}")
 
 
-def _row_counts(row: torch.Tensor) -> tuple[int, int, int]:
-    row = row.detach().cpu()
-    return int(row[Field.NAN]), int(row[Field.INF]), int(row[Field.COUNT])
+def _row_counts(row: torch.Tensor) -> tuple[int, ...]:  # nan, inf, numel
+    return tuple(row.detach().cpu()[[Field.NAN, Field.INF, Field.COUNT]].long().tolist())
 
 
 @dataclass(frozen=True)
