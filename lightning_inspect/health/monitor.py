@@ -266,14 +266,13 @@ class HealthMonitor(ModuleMonitor):
     def _after_optimizer_step(self, pl_module: pl.LightningModule) -> None:
         before, self._before = self._before or {}, None
         with torch.no_grad():
-            for module, olds in before.items():
-                if olds:
-                    w2 = _squared_norm(olds)
-                    torch._foreach_sub_(olds, [p.detach() for _, p in self._param_modules[module]])
-                    u2 = _squared_norm(olds)  # the copies became -(update): no third copy
-                    # A module whose weights are all zero has no ratio: NaN is dropped on the host.
-                    ratio = torch.where(w2 > 0, (u2 / w2).sqrt(), torch.nan)
-                    self._add_scalar(metric_key("health", module, "update_ratio"), ratio)
+            for module, olds in before.items():  # each module owns at least one parameter
+                w2 = _squared_norm(olds)
+                torch._foreach_sub_(olds, [p.detach() for _, p in self._param_modules[module]])
+                u2 = _squared_norm(olds)  # the copies became -(update): no third copy
+                # A module whose weights are all zero has no ratio: NaN is dropped on the host.
+                ratio = torch.where(w2 > 0, (u2 / w2).sqrt(), torch.nan)
+                self._add_scalar(metric_key("health", module, "update_ratio"), ratio)
             for name, unit in self._units.items():
                 if unit.numel:
                     stat = "zero_fraction" if unit.kind == "relu" else "saturated_fraction"

@@ -131,16 +131,13 @@ class _Site:  # a tensor that crossed a module boundary in the forward pass (its
     grad_shape: tuple[int, ...] = ()
 
 
-_InputRow = tuple[str, tuple[int, ...], str, torch.Tensor]  # label, shape, dtype, row
-
-
 @dataclass
 class _Event:  # one tensor to test: an output, the loss, a boundary or a parameter gradient
     phase: str
     module: str
     tensor: str
     row: torch.Tensor
-    inputs: list[_InputRow] = field(default_factory=list)
+    inputs: list[tuple[str, tuple[int, ...], str, torch.Tensor]] = field(default_factory=list)
     site: _Site | None = None
 
 
@@ -223,7 +220,7 @@ class NonFiniteLocator:
         for label, tensor in inputs if torch.is_grad_enabled() else ():
             if tensor.requires_grad:
                 _add_consumer(self._site(tensor).consumers, name, label)
-        rows: list[_InputRow] | None = None
+        rows: list[tuple[str, tuple[int, ...], str, torch.Tensor]] | None = None
         for path, tensor in iter_tensors(out):
             if self.hit_this_step or not _checkable(tensor):
                 continue
