@@ -113,7 +113,7 @@ class HealthMonitor(ModuleMonitor):
         self._param_modules: dict[str, list[tuple[str, nn.Parameter]]] = {}
         self._before: dict[str, list[torch.Tensor]] | None = None  # weights before the update
         self._grad_squares: dict[str, torch.Tensor] = {}  # over the optimizer steps of the batch
-        self._found_inf: torch.Tensor | None = None  # during on_before_optimizer_step only
+        self._found_inf: torch.Tensor | None = None  # fp16 skip, read once for locator and rules
         self._skipped_in_a_row = 0
         self._stall_reported = self._finished = False
         self._picture_warned: set[str] = set()
@@ -185,7 +185,6 @@ class HealthMonitor(ModuleMonitor):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        # fp16: whether the GradScaler skips this step, found once for the locator and the rules
         self._found_inf = amp.scaler_found_inf(pl_module, optimizer) if self._recording else None
         try:
             if self._recording and self.locator is not None:
