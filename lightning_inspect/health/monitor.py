@@ -20,7 +20,7 @@ from lightning_inspect._validation import as_str_list, check_bool, check_choice,
 from lightning_inspect.backends import Sink
 from lightning_inspect.backends.pictures import heatmap, publish_image
 from lightning_inspect.core import grad_scaler as amp
-from lightning_inspect.core import hooks
+from lightning_inspect.core.hooks import OutputHook
 from lightning_inspect.core.keys import FINDINGS_KEY, metric_key, split_key
 from lightning_inspect.core.monitor import ModuleMonitor
 from lightning_inspect.core.recorder import HostRecord, StepRecord
@@ -42,64 +42,49 @@ _SCALE_KEY = "__health_loss_scale__"  # internal: the GradScaler's scale
 _GRADS_SCALED_KEY = "__health_grads_scaled__"  # internal: gradients read still scaled
 
 
-def activation_kind(module: nn.Module) -> str | None:
-    """What a module's output is checked for: ``"relu"`` (dead units), ``"tanh"``, ``"sigmoid"``,
-    ``"hardtanh"`` (saturation) or ``None`` (LeakyReLU, GELU... have no dead units).
+@dataclasses.dataclass
+class _Unit:  # an activation whose output is checked for dead units or saturation
+    kind: str
+    window: deque[torch.Tensor]  # units alive over the last dead_window logged steps
+    dim: int = -1  # the units' dimension of a 3-D output
+    count: Any = 0  # zero or saturated outputs this batch, of numel
+    numel: int = 0
+    alive: torch.Tensor | None = None  # units positive this batch
 
-    >>> activation_kind(nn.ReLU6()), activation_kind(nn.Tanh()), activation_kind(nn.GELU())
-    ('relu', 'tanh', None)
-    """
-    kinds = {nn.ReLU: "relu", nn.ReLU6: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
-    kinds[nn.Hardtanh] = "hardtanh"  # after ReLU6, its subclass
-    return next((kind for cls, kind in kinds.items() if isinstance(module, cls)), None)
+
+#: What an output is checked for: dead units ("relu") or saturation; LeakyReLU, GELU... neither.
+_KINDS = {nn.ReLU: "relu", nn.ReLU6: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
+_KINDS[nn.Hardtanh] = "hardtanh"  # after ReLU6, its subclass
 
 
 class HealthMonitor(ModuleMonitor):
-    """Diagnose training: dead units, saturation, vanishing/exploding gradients, update sizes, NaN.
-
-    Each logged step goes through :class:`~lightning_inspect.HealthRules`: a warning the first time
-    a rule fires in a module, the end-of-fit report and pictures; the first module whose forward or
-    backward made a NaN/Inf is named. Metrics and rules: docs/diagnostics.md.
+    """Diagnose training: dead units, saturation, vanishing/exploding gradients, update sizes, NaN
+    (:class:`~lightning_inspect.HealthRules`; a warning per rule and module, a report, pictures).
 
     Args:
-        modules: module patterns; default ``"*"`` (a NaN can come from any module).
-        on_nonfinite: ``"ignore"``, ``"warn"`` (once per module), ``"raise"``
-            (:class:`~lightning_inspect.FirstNonFiniteError`, fit stops cleanly) or ``"debug"`` (a
-            debugger at the module when stdin is a terminal, then stops).
-        nonfinite_check: ``"module"``, ``"step"`` (one transfer) or ``"auto"`` (``"module"`` on
-            the CPU).
-        thresholds: :class:`~lightning_inspect.HealthThresholds` or a mapping of overrides.
+        on_nonfinite: ``"ignore"``, ``"warn"`` (once per module), ``"raise"`` or ``"debug"`` (a
+            debugger at the module when stdin is a terminal); the last two stop fit.
+        nonfinite_check: ``"module"``, ``"step"`` (one transfer) or ``"auto"`` (CPU: ``"module"``).
         relu_modules: patterns of further modules whose output is post-ReLU (``F.relu``).
         update_ratio: compute the update-to-weight ratio (copies the weights on logged steps).
         picture_every_n_logs: draw the pictures every this many logged steps (and at the end).
-        console: print the report (a rich table).
 
-    Example::
-
-        HealthMonitor(every_n_steps=10, on_nonfinite="raise", thresholds={"dead_fraction": 0.8})
+    Example:
+        >>> monitor = HealthMonitor(on_nonfinite="raise", thresholds={"dead_fraction": 0.8})
+        >>> monitor.thresholds.dead_fraction, monitor.thresholds.dead_window
+        (0.8, 5)
     """
 
     def __init__(
-        self,
-        modules: str | Sequence[str] | None = "*",
-        exclude: str | Sequence[str] | None = None,
-        every_n_steps: int = 50,
-        start_step: int = 0,
-        stop_step: int | None = None,
-        backends: str | Sequence[str | Sink] | None = None,
-        on_nonfinite: str = "warn",
-        enabled: bool = True,
-        nonfinite_check: str = "auto",
+        self, modules: str | Sequence[str] | None = "*", exclude: str | Sequence[str] | None = None,
+        every_n_steps: int = 50, start_step: int = 0, stop_step: int | None = None,
+        backends: str | Sequence[str | Sink] | None = None, on_nonfinite: str = "warn",
+        enabled: bool = True, nonfinite_check: str = "auto",
         thresholds: hr.HealthThresholds | Mapping[str, Any] | None = None,
-        relu_modules: str | Sequence[str] | None = None,
-        update_ratio: bool = True,
-        pictures: bool = True,
-        picture_every_n_logs: int = 10,
-        report: bool = True,
-        console: bool = True,
-        warn_findings: bool = True,
-        log_metrics: bool = True,
-    ) -> None:
+        relu_modules: str | Sequence[str] | None = None, update_ratio: bool = True,
+        pictures: bool = True, picture_every_n_logs: int = 10, report: bool = True,
+        console: bool = True, warn_findings: bool = True, log_metrics: bool = True,
+    ) -> None:  # fmt: skip
         super().__init__(
             modules, exclude, every_n_steps, start_step, stop_step, None, False, 2, backends,
             "ignore", enabled,
@@ -124,16 +109,12 @@ class HealthMonitor(ModuleMonitor):
         self.locator: nf.NonFiniteLocator | None = None
         self._order: dict[str, int] = {}  # selected modules in execution order (forward completion)
         self._shared: list[hr.Finding] = []  # this fit's findings written under FINDINGS_KEY
-        self._kinds: dict[str, str] = {}
-        self._unit_dim: dict[str, int] = {}
+        self._units: dict[str, _Unit] = {}
         self._param_modules: dict[str, list[tuple[str, nn.Parameter]]] = {}
-        self._counts: dict[str, tuple[torch.Tensor, int]] = {}  # (count, numel) this batch
-        self._alive: dict[str, torch.Tensor] = {}  # units positive this batch
-        self._windows: dict[str, deque[torch.Tensor]] = {}  # ... over dead_window logged steps
         self._before: dict[str, list[torch.Tensor]] | None = None  # weights before the update
-        self._grad_squares: dict[str, list[torch.Tensor]] = {}  # per optimizer step of the batch
-        self._found_inf: torch.Tensor | None = None  # during on_before_optimizer_step only
-        self._logs = self._skipped_in_a_row = 0
+        self._grad_squares: dict[str, torch.Tensor] = {}  # over the optimizer steps of the batch
+        self._found_inf: torch.Tensor | None = None  # fp16 skip, read once for locator and rules
+        self._skipped_in_a_row = 0
         self._stall_reported = self._finished = False
         self._picture_warned: set[str] = set()
 
@@ -151,21 +132,22 @@ class HealthMonitor(ModuleMonitor):
 
     def _after_selection(self, pl_module: pl.LightningModule) -> None:
         self._finished, self._shared = False, []  # a new fit
-        extra: dict[str, nn.Module] = {}
-        if self.relu_modules:
-            owner = f"{self._owner}(relu_modules)"
-            extra = select_modules(pl_module, self.relu_modules, owner=owner)
-            for name, module in extra.items():
-                self.selected.setdefault(name, module)
-        kinds = {n: "relu" if n in extra else activation_kind(m) for n, m in self.selected.items()}
-        self._kinds = {n: k for n, k in kinds.items() if k}
+        owner, relu = f"{self._owner}(relu_modules)", self.relu_modules
+        extra = select_modules(pl_module, relu, owner=owner) if relu else {}
+        self.selected |= {n: m for n, m in extra.items() if n not in self.selected}
+        old, n, self._units = self._units, self.thresholds.dead_window, {}
+        for name, module in self.selected.items():
+            kind = next((k for cls, k in _KINDS.items() if isinstance(module, cls)), None)
+            kind = "relu" if name in extra else kind
+            if kind:
+                self._units[name] = old.get(name) or _Unit(kind, deque(maxlen=n))
         # Units index the last dimension, or dimension 1 of a 4-D+ output and of a 3-D one
         # after a convolution or a batch norm: (N, C, L).
         previous: nn.Module | None = None
         for raw, module in pl_module.named_modules():
-            if normalise_name(raw) in self._kinds:
+            if (unit := self._units.get(normalise_name(raw))) is not None:
                 conv = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)
-                self._unit_dim[normalise_name(raw)] = 1 if isinstance(previous, conv) else -1
+                unit.dim = 1 if isinstance(previous, conv) else -1
             if any(True for _ in module.parameters(recurse=False)):
                 previous = module
         self._param_modules = nf.parameters_by_module(self.selected)
@@ -173,22 +155,20 @@ class HealthMonitor(ModuleMonitor):
         if self.on_nonfinite != "ignore":
             check, owner = self.nonfinite_check, self._owner
             self.locator = nf.NonFiniteLocator(self.on_nonfinite, check, owner, self._on_origin)
-            self.locator.watch(self.selected)
-            self.locator.resolve_check(pl_module.device)
+            self.locator.watch(self.selected, pl_module.device)
             self.locator.gradients_may_overflow = amp.grad_scaler(pl_module) is not None
 
     def _install_hooks(self) -> None:  # with kwargs: the locator describes a call's inputs
         for name, module in self.selected.items():
-            hook = hooks.OutputHook(self, name)
-            self._hooks.add(module.register_forward_hook(hook, with_kwargs=True))
+            self._hooks.add(module.register_forward_hook(OutputHook(self, name), with_kwargs=True))
 
     def _on_forward(self, name: str, module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
         self._order.setdefault(name, len(self._order))
         if self.locator is not None:
             self.locator._on_forward(name, module, args, kwargs, out)
-        kind = self._kinds.get(name)
-        if kind is not None and isinstance(out, torch.Tensor) and out.numel() > 0:
-            self._accumulate(name, kind, out.detach())
+        unit = self._units.get(name)
+        if unit is not None and isinstance(out, torch.Tensor) and out.numel() > 0:
+            self._accumulate(name, unit, out.detach())
 
     def _depth(self, name: str) -> int:
         return self._order.get(name, len(self._order))
@@ -205,13 +185,11 @@ class HealthMonitor(ModuleMonitor):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        # fp16: whether the GradScaler skips this step, found once for the locator and the rules
         self._found_inf = amp.scaler_found_inf(pl_module, optimizer) if self._recording else None
         try:
             if self._recording and self.locator is not None:
                 overflowed = self._found_inf is not None and bool(self._found_inf.item())
-                names = sorted(self._param_modules, key=self._depth)
-                params = {n: self._param_modules[n] for n in names}
+                params = dict(sorted(self._param_modules.items(), key=lambda i: self._depth(i[0])))
                 self.locator.check(params, overflowed)  # may stop fit before the weights change
             super().on_before_optimizer_step(trainer, pl_module, optimizer)
         finally:
@@ -237,26 +215,23 @@ class HealthMonitor(ModuleMonitor):
             self.locator.release()  # no tensor (nor weak reference) outlives the fit
         super()._shutdown()  # last: after a nested fit it brings back the enclosing fit's state
 
-    def _accumulate(self, name: str, kind: str, y: torch.Tensor) -> None:
+    def _accumulate(self, name: str, unit: _Unit, y: torch.Tensor) -> None:
         if y.is_complex() or y.ndim == 0 or y.layout != torch.strided:
             return  # no units or bounds: complex, 0-d and sparse outputs are checked for NaN only
-        if kind == "relu":
-            dim = self._unit_dim.get(name, -1) if y.ndim == 3 else (1 if y.ndim >= 4 else -1)
+        if unit.kind == "relu":
+            dim = unit.dim if y.ndim == 3 else (1 if y.ndim >= 4 else -1)
             alive = (y > 0).movedim(dim, -1).reshape(-1, y.shape[dim]).any(0)
-            previous = self._alive.get(name)
-            same = previous is not None and previous.shape == alive.shape
-            self._alive[name] = previous | alive if same else alive
+            same = unit.alive is not None and unit.alive.shape == alive.shape
+            unit.alive = unit.alive | alive if same else alive
             count = torch.count_nonzero(y == 0)
-        elif kind == "hardtanh":
+        elif unit.kind == "hardtanh":
             module = self.selected[name]
-            low, high = getattr(module, "min_val", -1.0), getattr(module, "max_val", 1.0)
-            count = torch.count_nonzero((y <= low) | (y >= high))
+            count = torch.count_nonzero((y <= module.min_val) | (y >= module.max_val))
         else:
             m = self.thresholds.saturation_margin
-            bad = y.abs() > 1 - m if kind == "tanh" else (y < m) | (y > 1 - m)
+            bad = y.abs() > 1 - m if unit.kind == "tanh" else (y < m) | (y > 1 - m)
             count = torch.count_nonzero(bad)
-        total, numel = self._counts.get(name, (0, 0))
-        self._counts[name] = (count + total, numel + y.numel())
+        unit.count, unit.numel = count + unit.count, unit.numel + y.numel()
 
     def _before_optimizer_step(self, pl_module: pl.LightningModule) -> None:
         first = self._before is None  # several optimizers: the first step of the batch
@@ -274,43 +249,43 @@ class HealthMonitor(ModuleMonitor):
                 grads.setdefault(module, []).append(nf.stored_values(param.grad))
         with torch.no_grad():
             for module, tensors in grads.items():
-                self._grad_squares.setdefault(module, []).append(_squared_norm(tensors))
+                square = _squared_norm(tensors) + self._grad_squares.get(module, 0.0)
+                self._grad_squares[module] = square
             if first:  # the weights before every optimizer step of the batch
                 modules = self._param_modules.items() if self.update_ratio else ()
                 self._before = {m: [p.detach().clone() for _, p in ps] for m, ps in modules}
 
     def _finish_step(self) -> None:
         squares, self._grad_squares = self._grad_squares, {}
-        for module, parts in squares.items():  # over every optimizer step of the batch
-            total = torch.stack([p.to(parts[0].device) for p in parts]).sum().sqrt()
-            self._add_scalar(metric_key("health", module, "grad_norm"), total)
+        for module, square in squares.items():
+            self._add_scalar(metric_key("health", module, "grad_norm"), square.sqrt())
         self._before = None  # an interrupted step's copies
         super()._finish_step()
 
     def _after_optimizer_step(self, pl_module: pl.LightningModule) -> None:
         before, self._before = self._before or {}, None
         with torch.no_grad():
-            for module, olds in before.items():
-                if olds:
-                    w2 = _squared_norm(olds)
-                    torch._foreach_sub_(olds, [p.detach() for _, p in self._param_modules[module]])
-                    u2 = _squared_norm(olds)  # the copies became -(update): no third copy
-                    # A module whose weights are all zero has no ratio: NaN is dropped on the host.
-                    ratio = torch.where(w2 > 0, (u2 / w2).sqrt(), torch.nan)
-                    self._add_scalar(metric_key("health", module, "update_ratio"), ratio)
-            for name, (count, numel) in self._counts.items():
-                stat = "zero_fraction" if self._kinds[name] == "relu" else "saturated_fraction"
-                share = count.to(torch.float64) / max(numel, 1)
-                self._add_scalar(metric_key("health", name, stat), share)
-            for name, alive in self._alive.items():
-                window = self._windows.setdefault(name, deque(maxlen=self.thresholds.dead_window))
-                if window and window[-1].shape != alive.shape:
-                    window.clear()
-                window.append(alive)
-                if len(window) == window.maxlen:
-                    dead = 1.0 - torch.stack(list(window)).any(0).to(torch.float64).mean()
-                    self._add_scalar(metric_key("health", name, "dead_fraction"), dead)
-        self._counts, self._alive = {}, {}
+            for module, olds in before.items():  # each module owns at least one parameter
+                w2 = _squared_norm(olds)
+                torch._foreach_sub_(olds, [p.detach() for _, p in self._param_modules[module]])
+                u2 = _squared_norm(olds)  # the copies became -(update): no third copy
+                # A module whose weights are all zero has no ratio: NaN is dropped on the host.
+                ratio = torch.where(w2 > 0, (u2 / w2).sqrt(), torch.nan)
+                self._add_scalar(metric_key("health", module, "update_ratio"), ratio)
+            for name, unit in self._units.items():
+                if unit.numel:
+                    stat = "zero_fraction" if unit.kind == "relu" else "saturated_fraction"
+                    share = unit.count.to(torch.float64) / unit.numel
+                    self._add_scalar(metric_key("health", name, stat), share)
+                window, alive = unit.window, unit.alive
+                if alive is not None:
+                    if window and window[-1].shape != alive.shape:
+                        window.clear()
+                    window.append(alive)
+                    if len(window) == window.maxlen:
+                        dead = 1.0 - torch.stack(list(window)).any(0).to(torch.float64).mean()
+                        self._add_scalar(metric_key("health", name, "dead_fraction"), dead)
+                unit.count, unit.numel, unit.alive = 0, 0, None
 
     def _publish(self, record: StepRecord, values: HostRecord) -> None:
         rows, scalars = values
@@ -328,24 +303,23 @@ class HealthMonitor(ModuleMonitor):
             _, module, _, stat = split_key(key)
             stats.setdefault(module, {})[stat] = value
             self.history.setdefault(stat, {}).setdefault(module, []).append((record.step, value))
-            if stat == "dead_fraction" and module in self._windows:
-                stats[module]["units"] = float(self._windows[module][-1].numel())
-        kinds = {n: k.capitalize() for n, k in self._kinds.items()}  # Tanh, Sigmoid, Hardtanh
+            if stat == "dead_fraction" and module in self._units:
+                stats[module]["units"] = float(self._units[module].window[-1].numel())
+        kinds = {n: u.kind.capitalize() for n, u in self._units.items()}  # Tanh, Sigmoid, Hardtanh
         findings = self.rules.observe(record.step, stats, self.order, kinds)
         if self.locator is not None and any(o.step == record.step for o in self.locator.origins):
             # The origin of this step's NaN/Inf is in the report: the rest follows from it.
             findings = [f for f in findings if f.rule != "nonfinite"]
         self._skipped_in_a_row = self._skipped_in_a_row + 1 if skipped else 0
         self._stall_reported = self._stall_reported and skipped
-        if skipped and scale is not None and not self._stall_reported:
-            stalled = hr.scaler_stalled(self._skipped_in_a_row, scale, record.step)
-            if stalled is not None:
-                self._stall_reported = True
-                findings.append(stalled)
+        stalled = skipped and scale is not None and scale <= hr.SCALER_STALL_SCALE
+        if stalled and not self._stall_reported:  # healthy: a few skips while the scale comes down
+            self._stall_reported = True
+            args = ("", "loss_scale", scale, record.step, hr.SCALER_STALL_SCALE)
+            findings.append(hr._finding("grad_scaler_stalled", *args, seen=self._skipped_in_a_row))
         self.report.logged_steps += 1
         self._add_findings(findings, record.step)
-        self._logs += 1
-        if self.pictures_enabled and self._logs % self.picture_every_n_logs == 0:
+        if self.pictures_enabled and self.report.logged_steps % self.picture_every_n_logs == 0:
             self._draw_pictures(record.step)
 
     def _on_origin(self, origin: nf.NonFiniteOrigin) -> None:
@@ -353,19 +327,16 @@ class HealthMonitor(ModuleMonitor):
         self._add_findings([origin.to_finding(depth)], origin.step, warn=False)  # it warns itself
 
     def _add_findings(self, findings: list[hr.Finding], step: int, warn: bool = True) -> None:
-        """The one path of findings: the report, a warning, the observers, and this fit's findings
-        so far as JSON for TensorBoard's overview tab (which keeps a text's last step)."""
+        """The report, a warning, the observers, TensorBoard's overview tab (this fit's findings)."""
         new = self.report.extend(findings)
         if not new:
             return
-        for finding in new:
-            if warn and self.warn_findings and finding.severity != "info":
-                rank_zero_warn(f"{self._owner}: {finding.summary()}", category=RuntimeWarning)
+        for finding in (f for f in new if warn and self.warn_findings and f.severity != "info"):
+            rank_zero_warn(f"{self._owner}: {finding.summary()}", category=RuntimeWarning)
         self._shared.extend(new)
         text = json.dumps([dataclasses.asdict(f) for f in self._shared])
-        for sink in self.sinks:
-            if sink.name == "tensorboard":
-                sink.log_text(FINDINGS_KEY, text, step)
+        for sink in (s for s in self.sinks if s.name == "tensorboard"):
+            sink.log_text(FINDINGS_KEY, text, step)
         if self._coordinator is not None:
             self._coordinator.notify(step, {}, {}, new)
 
@@ -383,8 +354,8 @@ class HealthMonitor(ModuleMonitor):
                 self._hook_fault(f"drawing the {stat} picture", exc)
                 continue
             self.pictures[stat] = image
-            key, warned = f"health/{stat}", self._picture_warned
-            publish_image(self.sinks, key, image, step, self._owner, warned)
+            warned = self._picture_warned
+            publish_image(self.sinks, f"health/{stat}", image, step, self._owner, warned)
 
     def _finish(self, trainer: pl.Trainer) -> None:  # once per fit
         if self._finished or not self._active:
@@ -397,26 +368,22 @@ class HealthMonitor(ModuleMonitor):
                 for sink in self.sinks:
                     sink.log_text(REPORT_KEY, self.report.to_markdown(), trainer.global_step)
                 if self.console and trainer.is_global_zero:
-                    print_report(self.report)
+                    print_markdown(self.report.to_markdown())
         except Exception as exc:  # reporting must never hide the real outcome of fit
             self._hook_fault("the health report", exc)
         for sink in self.sinks:
             sink.flush()
 
 
-def _squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """In float64: finite for huge values."""
+def _squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor:  # float64: finite for huge values
     return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)).square().sum()
 
 
-def print_report(report: hr.HealthReport) -> None:
-    """Print the report: a rich table (160 columns off a terminal), or markdown without rich."""
+def print_markdown(text: str) -> None:
+    """Print markdown rendered by rich (160 columns off a terminal), or as it is without rich."""
     try:
         from rich.console import Console
+        from rich.markdown import Markdown
     except ImportError:  # pragma: no cover - rich is an optional dependency
-        print(report.to_markdown())
-        return
-    console = Console()
-    if not console.is_terminal:  # logs and CI: do not squeeze the table into 80 columns
-        console = Console(width=160)
-    console.print(report.to_rich_table() if len(report) else report.headline())
+        return print(text)
+    Console(width=None if Console().is_terminal else 160).print(Markdown(text))

@@ -1,5 +1,4 @@
-"""The first module, in execution order, whose forward or backward made a NaN/Inf: a call's inputs
-and outputs come through core's ``OutputHook``, boundary gradients through ``OutputGradHook``."""
+"""The first module, in execution order, whose forward or backward made a NaN/Inf."""
 
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ import torch
 from torch import nn
 
 from lightning_inspect._validation import check_choice
-from lightning_inspect.core import hooks
+from lightning_inspect.core.hooks import HookSet, OutputGradHook, OutputHook
 from lightning_inspect.core.outputs import iter_tensors
 from lightning_inspect.core.row import Field
 from lightning_inspect.core.stats import reduce_tensor, summarise
@@ -57,13 +56,11 @@ class FirstNonFiniteError(NonFiniteError):
 
 
 def _counts(nan: int, inf: int, numel: int | None = None) -> str:
-    """``"1 NaN, 0 Inf of 4"``."""
     return f"{nan} NaN, {inf} Inf" + ("" if numel is None else f" of {numel}")
 
 
-def _row_counts(row: torch.Tensor) -> tuple[int, int, int]:
-    row = row.detach().cpu()
-    return int(row[Field.NAN]), int(row[Field.INF]), int(row[Field.COUNT])
+def _row_counts(row: torch.Tensor) -> tuple[int, ...]:  # nan, inf, numel
+    return tuple(row.detach().cpu()[[Field.NAN, Field.INF, Field.COUNT]].long().tolist())
 
 
 @dataclass(frozen=True)
@@ -85,9 +82,8 @@ class TensorSummary:
 
 @dataclass(frozen=True)
 class NonFiniteOrigin:
-    """Where the first NaN/Inf of a step came from: ``phase`` (``"forward"``, ``"loss"``,
-    ``"backward"``, ``"parameter gradient"``), ``module`` (``""``: the loss), the ``inputs`` it
-    received (backward: the gradients reaching its outputs), its non-finite ``parameters``."""
+    """Where the first NaN/Inf of a step came from (``module`` ``""``: the loss); in backward,
+    ``inputs`` are the gradients reaching the module's outputs."""
 
     step: int
     phase: str
@@ -104,7 +100,6 @@ class NonFiniteOrigin:
     check: str = "module"
 
     def message(self) -> str:
-        """A multi-line report."""
         batch = f", batch {self.batch_idx}" if self.batch_idx >= 0 else ""
         module = f"module {self.module!r} ({self.module_type})"
         where = f"{self.phase}, {module}, {self.tensor}" if self.module else self.tensor
@@ -127,9 +122,7 @@ class NonFiniteOrigin:
 
 
 @dataclass
-class _Site:
-    """A tensor that crossed a module boundary in the forward pass (its gradient is watched)."""
-
+class _Site:  # a tensor that crossed a module boundary in the forward pass (its gradient is watched)
     ref: weakref.ref[torch.Tensor]
     producer: str | None = None
     path: str = ""
@@ -138,54 +131,41 @@ class _Site:
     grad_shape: tuple[int, ...] = ()
 
 
-_InputRow = tuple[str, tuple[int, ...], str, torch.Tensor]  # label, shape, dtype, row
-
-
 @dataclass
-class _Event:
-    """One tensor to test: an output, the loss, a boundary or a parameter gradient."""
-
+class _Event:  # one tensor to test: an output, the loss, a boundary or a parameter gradient
     phase: str
     module: str
     tensor: str
     row: torch.Tensor
-    inputs: list[_InputRow] = field(default_factory=list)
+    inputs: list[tuple[str, tuple[int, ...], str, torch.Tensor]] = field(default_factory=list)
     site: _Site | None = None
 
 
 class NonFiniteLocator:
-    """Find the first module that makes a NaN/Inf, then ``action``: ``"warn"`` (once per module),
-    ``"raise"`` or ``"debug"``; ``check``: ``"module"`` (each tensor at once), ``"step"`` (in
-    :meth:`check`) or ``"auto"``. Call :meth:`start` per batch, :meth:`loss`, then :meth:`check`.
+    """Find the first module that makes a NaN/Inf, then ``action`` (``"warn"``, ``"raise"``,
+    ``"debug"``). Call :meth:`start` per batch, :meth:`loss`, then :meth:`check`.
 
     Example:
-        >>> class Log(nn.Module):
-        ...     def forward(self, x):
-        ...         return torch.log(x)
-        >>> net = nn.Sequential(nn.Linear(2, 2), Log(), nn.Linear(2, 1))
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.Tanh(), nn.Linear(2, 1))
         >>> locator = NonFiniteLocator(action="raise")
         >>> with locator.attach(dict(net.named_children())), torch.no_grad():
-        ...     _ = net[0].weight.fill_(-1.0)
+        ...     _ = net[0].weight.fill_(3e38)
         ...     try:
         ...         net(torch.ones(1, 2))
         ...     except FirstNonFiniteError as err:
-        ...         print(err.origin.module, err.origin.phase, err.origin.nan)
-        1 forward 2
+        ...         print(err.origin.module, err.origin.phase, err.origin.inf)
+        0 forward 2
     """
 
     _recording = True  # as a hook consumer of its own (attach), it always records
 
     def __init__(
-        self,
-        action: str = "warn",
-        check: str = "auto",
-        owner: str = "HealthMonitor",
+        self, action: str = "warn", check: str = "auto", owner: str = "HealthMonitor",
         on_origin: Callable[[NonFiniteOrigin], None] | None = None,
-    ) -> None:
+    ) -> None:  # fmt: skip
         self.action = check_choice(owner, "on_nonfinite", action, NONFINITE_ACTIONS[1:])
-        self.check_mode = check_choice(owner, "nonfinite_check", check, CHECK_MODES)
-        if self.action == "debug":
-            self.check_mode = "module"  # the debugger must open at the module
+        check = check_choice(owner, "nonfinite_check", check, CHECK_MODES)
+        self.check_mode = "module" if self.action == "debug" else check  # debug: at the module
         self.owner, self.on_origin = owner, on_origin
         self.origins: list[NonFiniteOrigin] = []
         self.step, self.batch_idx = 0, -1
@@ -196,25 +176,20 @@ class NonFiniteLocator:
         self._warned: set[str] = set()
         self.release()
 
-    def resolve_check(self, device: torch.device | str) -> None:
-        """Fix ``"auto"`` for the model's device: ``"module"`` on the CPU, ``"step"`` elsewhere."""
+    def watch(self, modules: Mapping[str, nn.Module], device: torch.device | str) -> None:
+        """The modules reports may name; ``"auto"`` checks per module on the CPU, else per step."""
+        self._modules = dict(modules)
         if self.check_mode == "auto":
             self.check_mode = "module" if torch.device(device).type == "cpu" else "step"
 
-    def watch(self, modules: Mapping[str, nn.Module]) -> None:
-        """The modules reports may name (qualified name -> module)."""
-        self._modules = dict(modules)
-
-    def attach(self, modules: Mapping[str, nn.Module]) -> hooks.HookSet:
+    def attach(self, modules: Mapping[str, nn.Module]) -> HookSet:
         """Watch ``modules`` with hooks of this locator's own; returns them (a context manager)."""
-        self.watch(modules)
         first = next((p for m in modules.values() for p in m.parameters()), None)
-        self.resolve_check(first.device if first is not None else "cpu")
+        self.watch(modules, first.device if first is not None else "cpu")
         self.start(self.step, self.batch_idx)
-        handles = hooks.HookSet()
+        handles = HookSet()
         for name, module in modules.items():
-            hook = hooks.OutputHook(self, name)
-            handles.add(module.register_forward_hook(hook, with_kwargs=True))
+            handles.add(module.register_forward_hook(OutputHook(self, name), with_kwargs=True))
         return handles
 
     def start(self, step: int, batch_idx: int = -1) -> None:
@@ -232,12 +207,10 @@ class NonFiniteLocator:
         self._last_module: str | None = None
 
     @property
-    def hit_this_step(self) -> bool:
-        """Whether this step's origin was found (later values are its consequences)."""
+    def hit_this_step(self) -> bool:  # later values are the origin's consequences
         return self._hit_step == self.step
 
     def _on_forward(self, name: str, module: nn.Module, args: Any, kwargs: Any, out: Any) -> None:
-        """A watched module's call (its forward hook): note its inputs, test its outputs."""
         self._first_module = name if self._first_module is None else self._first_module
         self._last_module = name
         if self.hit_this_step:
@@ -247,7 +220,7 @@ class NonFiniteLocator:
         for label, tensor in inputs if torch.is_grad_enabled() else ():
             if tensor.requires_grad:
                 _add_consumer(self._site(tensor).consumers, name, label)
-        rows: list[_InputRow] | None = None
+        rows: list[tuple[str, tuple[int, ...], str, torch.Tensor]] | None = None
         for path, tensor in iter_tensors(out):
             if self.hit_this_step or not _checkable(tensor):
                 continue
@@ -259,9 +232,8 @@ class NonFiniteLocator:
             now = self.check_mode == "module"
             if now and bool(torch.isfinite(stored_values(tensor)).all()):
                 continue
-            rows = rows or [  # once per call, however many output tensors
-                (lb, tuple(t.shape), str(t.dtype).removeprefix("torch."), reduce_tensor(t, 0))
-                for lb, t in inputs
+            rows = rows or [
+                (lb, tuple(t.shape), str(t.dtype), reduce_tensor(t, 0)) for lb, t in inputs
             ]
             event = _Event("forward", name, _label("output", path), reduce_tensor(tensor, 0), rows)
             self._test(event, now, module=module, inputs=inputs, output=tensor)
@@ -284,7 +256,7 @@ class NonFiniteLocator:
         site = self._sites.get(id(tensor))
         if site is None or site.ref() is not tensor:
             site = self._sites[id(tensor)] = _Site(weakref.ref(tensor))
-            tensor.register_hook(hooks.OutputGradHook(self, str(len(self._site_list))))
+            tensor.register_hook(OutputGradHook(self, str(len(self._site_list))))
             self._site_list.append(site)
         return site
 
@@ -301,10 +273,9 @@ class NonFiniteLocator:
             self._test(event, self.check_mode == "module", output=loss)
 
     def check(
-        self,
-        parameters: Mapping[str, Sequence[tuple[str, nn.Parameter]]] | None = None,
+        self, parameters: Mapping[str, Sequence[tuple[str, nn.Parameter]]] | None = None,
         gradients_overflowed: bool = False,
-    ) -> NonFiniteOrigin | None:
+    ) -> NonFiniteOrigin | None:  # fmt: skip
         """After backward: test what is pending and ``parameters`` (``{module: [(name, param)]}``
         in execution order) in one transfer; ``gradients_overflowed``: a GradScaler skips them."""
         events, self._events = self._events, []
@@ -330,9 +301,7 @@ class NonFiniteLocator:
             module, pname, grad = grads[bad[-1] - len(events)]
             label = f"{pname}.grad {tuple(grad.shape)}"
             event = _Event("parameter gradient", module, label, reduce_tensor(grad, 0))
-        origin = self._origin(event)
-        self._act(origin)
-        return origin
+        return self._act(self._origin(event))
 
     def _origin(self, event: _Event) -> NonFiniteOrigin:
         phase, name, label, site = event.phase, event.module, event.tensor, event.site
@@ -378,8 +347,8 @@ class NonFiniteLocator:
     def _act(
         self, origin: NonFiniteOrigin, module: Any = None, inputs: Any = None, output: Any = None,
         gradient: Any = None,
-    ) -> None:  # fmt: skip
-        """Report ``origin``; ``module``, ``inputs``, ``output``, ``gradient``: for the debugger."""
+    ) -> NonFiniteOrigin:  # fmt: skip
+        """Report ``origin`` (warn: return it); ``module``... ``gradient``: for the debugger."""
         self._hit_step, self._events = self.step, []
         self.origins.append(origin)
         if self.on_origin is not None:
@@ -388,27 +357,21 @@ class NonFiniteLocator:
             if origin.module not in self._warned:
                 self._warned.add(origin.module)
                 warnings.warn(f"{self.owner}: {origin.message()}", RuntimeWarning, stacklevel=4)
-            return
+            return origin
         error = FirstNonFiniteError(origin)
         if self.action == "raise":
             raise error
         interactive = False
         with contextlib.suppress(AttributeError, ValueError, OSError):  # no or a closed stdin
             interactive = bool(sys.stdin) and sys.stdin.isatty()
+        note = "on_nonfinite='debug' opens a debugger only when stdin is an interactive terminal; "
+        note += "it is not, so fit stopped instead."
         if interactive:
-            print(
-                f"\nlightning-inspect: {origin.message()}\nDebugger: `origin`, `module`, `inputs`, "
-                "`output`, `gradient` are at hand; `up` walks to the calling forward; `c` "
-                "continues (fit then stops).",
-                file=sys.stderr,
-            )
+            tools = "`origin`, `module`, `inputs`, `output`, `gradient` are at hand"
+            print(f"\nlightning-inspect: {origin.message()}\nDebugger: {tools}; `up` walks to the "
+                  "calling forward; `c` continues (fit then stops).", file=sys.stderr)  # fmt: skip
             breakpoint()  # on_nonfinite="debug" asks for exactly this
             note = "fit stops after the debugging session (on_nonfinite='debug')."
-        else:
-            note = (
-                "on_nonfinite='debug' opens a debugger only when stdin is an interactive "
-                "terminal; it is not, so fit stopped instead."
-            )
         if hasattr(error, "add_note"):  # Python >= 3.11
             error.add_note(f"lightning-inspect: {note}")
         else:  # pragma: no cover
@@ -436,7 +399,7 @@ def parameters_by_module(modules: Mapping[str, nn.Module]) -> dict[str, list[tup
 
 
 def _add_consumer(consumers: list[tuple[str, str]], name: str, label: str) -> None:
-    """Keep ``consumers`` outer first: a forward hook runs after those of the calls inside."""
+    """Outer first: a forward hook runs after those of the calls inside."""
     i = len(consumers)
     while i and (not name or consumers[i - 1][0].startswith(name + ".")):
         i -= 1
@@ -452,4 +415,5 @@ def _label(kind: str, path: str) -> str:
 
 
 def _summary(label: str, shape: tuple[int, ...], dtype: str, row: torch.Tensor) -> TensorSummary:
+    dtype = dtype.removeprefix("torch.")
     return TensorSummary(label, shape, dtype, summarise(row.detach().cpu().numpy(), _INPUT_STATS))

@@ -54,16 +54,14 @@ _HINTS = {
     "grad_fades": ("vanishing_gradient", "warning", "gradient norm is {share} of the largest "
         f"({{top!r}}: {{top_norm}}): the signal fades on its way back; {_DEPTH}"),
     "grad_scaler_stalled": ("grad_scaler_stalled", "error", "the GradScaler skipped the last "
-        "{seen} logged steps and its scale is down to {value}: gradients are NaN/Inf even "
-        "unscaled, so nothing is learning; look for a NaN made in backward "
-        "(HealthMonitor(on_nonfinite='raise') in a float32 run names the module) or lower the "
-        "learning rate"),
+        "{seen} logged steps and its scale is down to {value}: gradients are NaN/Inf even unscaled,"
+        " so nothing is learning; look for a NaN made in backward (HealthMonitor(on_nonfinite="
+        "'raise') in a float32 run names the module) or lower the learning rate"),
 }
 # fmt: on
 
 
-def _limited(default: float, *allowed: Any) -> Any:
-    """A threshold; ``allowed``: an integer's minimum, or a number's ``low, high, bounds``."""
+def _limited(default: float, *allowed: Any) -> Any:  # allowed: int minimum, or low, high, bounds
     return field(default=default, metadata={"allowed": allowed})
 
 
@@ -120,8 +118,7 @@ class HealthThresholds:
 
 @dataclass(frozen=True)
 class Finding:
-    """One problem at one optimizer step; ``threshold``: the limit crossed (NaN: none);
-    ``depth``: the module's position in execution order (-1: unknown).
+    """One problem at one step; ``threshold``: the limit crossed; ``depth``: execution order.
 
     Example:
         >>> f = Finding("dead_units", "error", "net.1", "dead_fraction", 1.0, 5, "all units dead")
@@ -141,10 +138,9 @@ class Finding:
 
     def summary(self) -> str:
         """The finding in one line."""
-        return (
-            f"{self.severity}: {self.rule} in {self.module!r} at step {self.step}: "
-            f"{self.statistic} = {format_value(self.value)} ({self.hint})"
-        )
+        value = format_value(self.value)
+        where = f"{self.rule} in {self.module!r} at step {self.step}"
+        return f"{self.severity}: {where}: {self.statistic} = {value} ({self.hint})"
 
 
 def format_value(value: float) -> str:
@@ -163,15 +159,6 @@ def _finding(
     shown = {k: format_value(v) if isinstance(v, float) else v for k, v in extra.items()}
     text = hint.format(limit=format_value(limit), value=format_value(value), **shown)
     return Finding(rule, severity or default, module, statistic, value, step, text, limit, depth)
-
-
-def scaler_stalled(skipped_in_a_row: int, scale: float, step: int) -> Finding | None:
-    """A GradScaler skipping a step at a scale <= :data:`SCALER_STALL_SCALE` (a healthy fp16 run
-    skips a few steps while its scale comes down)."""
-    if not scale <= SCALER_STALL_SCALE:
-        return None
-    args = ("", "loss_scale", scale, step, SCALER_STALL_SCALE)
-    return _finding("grad_scaler_stalled", *args, seen=skipped_in_a_row)
 
 
 def check_dead_units(
@@ -212,15 +199,12 @@ def check_update_ratio(
 
 
 class HealthRules:
-    """The rules, with each module's gradient-norm history; :meth:`observe` reads, per module,
-    ``dead_fraction`` (with ``units``), ``saturated_fraction``, ``grad_norm``, ``update_ratio``.
+    """The rules, with each module's gradient-norm history (for spikes).
 
     Example:
         >>> rules = HealthRules(HealthThresholds(spike_min_history=2))
-        >>> for step in range(3):
-        ...     _ = rules.observe(step, {"fc": {"grad_norm": 1.0}})
-        >>> [f.rule for f in rules.observe(3, {"fc": {"grad_norm": 50.0}})]
-        ['exploding_gradient']
+        >>> [len(rules.observe(step, {"fc": {"grad_norm": v}})) for step, v in enumerate([1, 1, 50])]
+        [0, 0, 1]
     """
 
     def __init__(self, thresholds: HealthThresholds | None = None) -> None:
@@ -228,14 +212,12 @@ class HealthRules:
         self._grad_history: dict[str, deque[float]] = {}
 
     def observe(
-        self,
-        step: int,
-        stats: Mapping[str, Mapping[str, float]],
-        order: Sequence[str] | None = None,
-        kinds: Mapping[str, str] | None = None,
-    ) -> list[Finding]:
-        """The findings of one step from ``{module: {statistic: value}}`` (a missing statistic is
-        not checked); ``order``: execution order (``depth``); ``kinds``: ``{module: "Tanh"}``."""
+        self, step: int, stats: Mapping[str, Mapping[str, float]],
+        order: Sequence[str] | None = None, kinds: Mapping[str, str] | None = None,
+    ) -> list[Finding]:  # fmt: skip
+        """The findings of one step from ``{module: {statistic: value}}`` (``dead_fraction`` with
+        ``units``, ``saturated_fraction``, ``grad_norm``, ``update_ratio``; a missing one is not
+        checked); ``order``: execution order (``depth``); ``kinds``: ``{module: "Tanh"}``."""
         t, kinds = self.thresholds, kinds or {}
         depth_of = {name: i for i, name in enumerate(order or ())}
         names = sorted(stats, key=lambda n: depth_of.get(n, len(depth_of)))  # stable
@@ -292,9 +274,7 @@ class HealthRules:
 
 
 @dataclass
-class ReportEntry:
-    """All findings of one rule in one module: the first, the worst, how many, the last step."""
-
+class ReportEntry:  # all findings of one rule in one module: the first, the worst, how many...
     first: Finding
     worst: Finding
     count: int = 1
@@ -306,10 +286,9 @@ class HealthReport:
 
     Example:
         >>> report = HealthReport()
-        >>> report.add(Finding("saturation", "warning", "net.1", "saturated_fraction", 0.6, 3, "h"))
-        True
-        >>> report.add(Finding("saturation", "warning", "net.1", "saturated_fraction", 0.9, 7, "h"))
-        False
+        >>> f = Finding("saturation", "warning", "net.1", "saturated_fraction", 0.6, 3, "h")
+        >>> report.add(f), report.add(f), len(report)
+        (True, False, 1)
         >>> print(report.to_markdown().splitlines()[0])
         ### Health report: 1 problem (0 errors, 1 warning, 0 notes)
     """
@@ -356,10 +335,8 @@ class HealthReport:
         return True
 
     def counts(self) -> dict[str, int]:
-        out = dict.fromkeys(SEVERITIES, 0)
-        for e in self._entries.values():
-            out[e.worst.severity] += 1
-        return out
+        severities = [e.worst.severity for e in self._entries.values()]
+        return {s: severities.count(s) for s in SEVERITIES}
 
     def headline(self) -> str:
         if not len(self):
@@ -368,39 +345,17 @@ class HealthReport:
         each = [_plural(n, "note" if s == "info" else s) for s, n in self.counts().items()]
         return f"Health report: {_plural(len(self), 'problem')} ({', '.join(each)})"
 
-    def rows(self) -> list[list[str]]:
-        """The table body (the columns of :data:`COLUMNS`), worst first."""
-        out = []
+    def to_markdown(self) -> str:
+        """The report as a markdown table, worst first (TensorBoard, MLflow, the console)."""
+        rows = [list(COLUMNS), ["---"] * len(COLUMNS)] if len(self) else []
         for e in self.entries():
             f, w = e.first, e.worst
             worst = "" if w is f else f"{format_value(w.value)} (step {w.step})"
             value = format_value(f.value)
-            out.append([w.severity, f.rule, f.module, f.statistic, value, str(f.step), worst])
-            out[-1] += [str(e.count), w.hint]
-        return out
-
-    def to_markdown(self) -> str:
-        """The report as a markdown table (TensorBoard's Text tab, an MLflow artifact)."""
-        rows = [COLUMNS, ["---"] * len(COLUMNS), *self.rows()] if len(self) else []
+            rows.append([w.severity, f.rule, f.module, f.statistic, value, str(f.step), worst])
+            rows[-1] += [str(e.count), w.hint]
         cells = ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
         return "\n".join([f"### {self.headline()}", *([""] if rows else []), *cells])
-
-    def to_rich_table(self) -> Any:
-        """The report as a ``rich.table.Table`` (needs ``rich``), worst first."""
-        from rich.table import Table
-
-        table = Table(title=self.headline(), title_justify="left", show_lines=True)
-        table.add_column("severity", no_wrap=True)
-        table.add_column("rule", no_wrap=True)
-        table.add_column("module", min_width=8, overflow="fold")
-        table.add_column("value at step", min_width=14, overflow="fold")
-        table.add_column("seen", justify="right", no_wrap=True)
-        table.add_column("hint", ratio=1, overflow="fold")
-        styles = {"error": "bold red", "warning": "yellow", "info": "cyan"}
-        for severity, rule, module, statistic, value, step, worst, seen, hint in self.rows():
-            at = f"{statistic} = {value} at {step}" + (f"; worst {worst}" if worst else "")
-            table.add_row(severity, rule, module, at, seen, hint, style=styles.get(severity))
-        return table
 
 
 def _plural(n: int, word: str) -> str:
