@@ -176,3 +176,13 @@ class ModelTable(_Counted):
         title = f"**{self.model_type}**{self.note}: {self.parameters:,} parameters ({self.trainable:,} trainable, {frozen:,} frozen) in {self.layers} layers"
         head, *body = ("| " + " | ".join(c[i] for i in keep) + " |" for c in [_HEAD, *cells])
         return "\n".join([title, "", head, rule, *body])
+
+
+def print_markdown(text: str) -> None:
+    """Print markdown rendered by rich (160 columns off a terminal), or as it is without rich."""
+    try:
+        from rich.console import Console
+        from rich.markdown import Markdown
+    except ImportError:  # pragma: no cover - rich is an optional dependency
+        return print(text)
+    Console(width=None if Console().is_terminal else 160).print(Markdown(text))

@@ -22,6 +22,7 @@ from lightning_inspect.backends.pictures import heatmap, publish_image
 from lightning_inspect.core import grad_scaler as amp
 from lightning_inspect.core.hooks import OutputHook
 from lightning_inspect.core.keys import FINDINGS_KEY, metric_key, split_key
+from lightning_inspect.core.model_table import print_markdown
 from lightning_inspect.core.monitor import ModuleMonitor
 from lightning_inspect.core.recorder import HostRecord, StepRecord
 from lightning_inspect.core.selection import normalise_name, select_modules
@@ -377,13 +378,3 @@ class HealthMonitor(ModuleMonitor):
 
 def _squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor:  # float64: finite for huge values
     return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)).square().sum()
-
-
-def print_markdown(text: str) -> None:
-    """Print markdown rendered by rich (160 columns off a terminal), or as it is without rich."""
-    try:
-        from rich.console import Console
-        from rich.markdown import Markdown
-    except ImportError:  # pragma: no cover - rich is an optional dependency
-        return print(text)
-    Console(width=None if Console().is_terminal else 160).print(Markdown(text))

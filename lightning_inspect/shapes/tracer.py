@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning_inspect._validation import check_bool, check_optional_int
 from lightning_inspect.backends import Sink, check_backends, close_sinks, resolve_sinks
 from lightning_inspect.core.hooks import HookSet
-from lightning_inspect.core.model_table import ModelTable
+from lightning_inspect.core.model_table import ModelTable, print_markdown
 from lightning_inspect.core.selection import named_modules
 from lightning_inspect.errors import InspectError
 from lightning_inspect.shapes import notes
@@ -152,9 +152,4 @@ class ShapeTracer(Callback):
             sink.log_text(key, text, step)
             sink.flush()
         if self.console:
-            try:
-                from rich.console import Console
-                from rich.markdown import Markdown
-            except ImportError:  # pragma: no cover - rich is an optional dependency
-                return print(text)
-            Console(width=None if Console().is_terminal else 160).print(Markdown(text))
+            print_markdown(text)
