@@ -933,52 +933,37 @@ class _Attribution:
             self.background.add(label)
 
     def __enter__(self) -> _Attribution:  # typing.Self needs Python 3.11
-        cb = "lightning_inspect"
+        mon, core = "lightning_inspect.monitors", "lightning_inspect.core"
         for mod in ("activations", "gradients", "weights"):
-            self.patch("reduce_tensor (stats.py)", f"{cb}.{mod}", "reduce_tensor")
-        self.patch(
-            "TensorBoard writes: scalars",
-            "lightning_inspect.backends.tensorboard:TensorBoardSink",
-            "log_scalars",
-            count_keys=True,
-        )
-        self.patch(
-            "TensorBoard writes: histograms",
-            "lightning_inspect.backends.tensorboard:TensorBoardSink",
-            "log_histograms",
-            count_keys=True,
-        )
-        self.patch(
-            "publish: summarise rows, keys, non-finite check",
-            f"{cb}.base:ModuleMonitor",
-            "_publish",
-        )
-        self.patch(
-            "to_host: one transfer, merge rows", "lightning_inspect.core.recorder", "to_host"
-        )
+            self.patch("reduce_tensor (stats.py)", f"{mon}.{mod}", "reduce_tensor")
+        tb = "lightning_inspect.backends.tensorboard:TensorBoardSink"
+        self.patch("TensorBoard writes: scalars", tb, "log_scalars", count_keys=True)
+        self.patch("TensorBoard writes: histograms", tb, "log_histograms", count_keys=True)
+        base = f"{core}.monitor:ModuleMonitor"
+        self.patch("publish: summarise rows, keys, non-finite check", base, "_publish")
+        self.patch("to_host: one transfer, merge rows", f"{core}.recorder", "to_host")
         self.patch(
             "WeightMonitor before step (+ clone for update ratio)",
-            f"{cb}.weights:WeightMonitor",
+            f"{mon}.weights:WeightMonitor",
             "_before_optimizer_step",
         )
         self.patch(
             "WeightMonitor update ratio after step",
-            f"{cb}.weights:WeightMonitor",
+            f"{mon}.weights:WeightMonitor",
             "_after_optimizer_step",
         )
         self.patch(
             "GradientMonitor parameter loop + global norm",
-            f"{cb}.gradients:GradientMonitor",
+            f"{mon}.gradients:GradientMonitor",
             "_before_optimizer_step",
         )
-        self.patch(
-            "forward hooks (walk outputs, tensor hooks)",
-            f"{cb}._module_hooks:OutputHook",
-            "__call__",
-        )
-        self.patch("output-gradient hooks", f"{cb}._module_hooks:OutputGradHook", "__call__")
+        hooks = f"{core}.hooks"
+        self.patch("forward hooks (walk outputs, tensor hooks)", f"{hooks}:OutputHook", "__call__")
+        self.patch("output-gradient hooks", f"{hooks}:OutputGradHook", "__call__")
         for hook in ("on_train_batch_start", "on_before_optimizer_step", "on_train_batch_end"):
-            self.patch("callback glue (the rest of the hooks)", f"{cb}.base:ModuleMonitor", hook)
+            self.patch("callback glue (the rest of the hooks)", base, hook)
+        if self.missing:  # a renamed module or method would silently shrink the in-lib figures
+            raise RuntimeError(f"in-lib attribution: not found: {self.missing}")
         return self
 
     def total(self) -> float:

@@ -91,6 +91,8 @@ class PublishMeter(_Attribution):
             self.patch(MLFLOW_ENQUEUE, f"{run}:MlflowRunSink", attr)
         self.patch(MLFLOW_ENQUEUE, f"{run}:MlflowRun", "send")  # the step's one call, queued
         self.patch(MLFLOW_WORKER, f"{run}:MlflowSink", "log_step", background=True)
+        if self.missing:
+            raise RuntimeError(f"publishing attribution: not found: {self.missing}")
         return self
 
 
