@@ -128,6 +128,12 @@ def artifact_file(key: str, suffix: str) -> str:
     return "/".join(out)
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _csv_cell(key: str) -> str:
+    """``key`` as a CSV cell (quoted where it holds a comma, a quote or a line break)."""
+    return f'"{key.replace(chr(34), chr(34) * 2)}"' if any(c in key for c in ',"\r\n') else key
+
+
 def headline_metrics(values: Mapping[str, float]) -> dict[str, float]:
     """The metrics of one step in ``"summary"`` mode (README, "MLflow gets headline metrics").
 
@@ -220,11 +226,10 @@ class MlflowSink:
         for owner, values in scalars.items():
             if owner is not None:
                 self._dirty[path := self._file("stats", f"{owner}.csv")] = None
-                new = not path.exists()
+                head = "" if path.exists() else "step,key,value\n"
+                lines = [f"{step},{_csv_cell(k)},{float(v)!r}\n" for k, v in values.items()]
                 with path.open("a", newline="") as f:  # floats as repr writes them: exact
-                    writer = csv.writer(f)
-                    writer.writerows([("step", "key", "value")] if new else [])
-                    writer.writerows((step, k, float(v)) for k, v in values.items())
+                    f.write(head + "".join(lines))
         for owner, hists in histograms.items():
             if hists:
                 self._dirty[path := self._file("histograms", f"{owner}.jsonl")] = None
