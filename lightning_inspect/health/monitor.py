@@ -87,8 +87,8 @@ class HealthMonitor(ModuleMonitor):
         console: bool = True, warn_findings: bool = True, log_metrics: bool = True,
     ) -> None:  # fmt: skip
         super().__init__(
-            modules, exclude, every_n_steps, start_step, stop_step, None, False, 2, backends,
-            "ignore", enabled,
+            modules, exclude, every_n_steps, start_step, stop_step, stats=None, histograms=False,
+            bins=2, backends=backends, on_nonfinite="ignore", enabled=enabled,
         )  # fmt: skip
         o = type(self).__name__
         self.on_nonfinite = check_choice(o, "on_nonfinite", on_nonfinite, nf.NONFINITE_ACTIONS)
