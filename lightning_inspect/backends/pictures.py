@@ -20,7 +20,7 @@ import numpy as np
 _VIRIDIS_HEX = "440154472d7b3b528b2c728e21918c28ae805ec962addc30fde725fde725"
 _VIRIDIS = np.array(list(bytes.fromhex(_VIRIDIS_HEX)), dtype=np.float64).reshape(-1, 3)
 PLOT = (480, 200)  # plot area (width, height) of a histogram picture
-MARGIN = (64, 22, 76, 30)  # left, top, right, bottom
+MARGIN = (64, 22, 82, 30)  # left, top, right (at least: the colour bar label fits), bottom
 _MAX_LABELLED_ROWS = 60
 
 
@@ -40,6 +40,7 @@ def _draw(shade: np.ndarray, title: str, labels: Any, steps: Any, scale: Any, he
     width, (_, top, right, bottom) = PLOT[0], MARGIN
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     left = int(max(MARGIN[0], 8 + max((measure.textlength(t) for _, t in labels), default=0)))
+    right = int(max(right, 12 + measure.textlength(scale[2])))  # the colour bar's label fits
     canvas = Image.new("RGB", (left + width + right, top + height + bottom), "white")
     plot = Image.fromarray(colours(shade)).resize((width, height), Image.Resampling.NEAREST)
     canvas.paste(plot, (left, top))
