@@ -687,6 +687,28 @@ def test_monitor_reused_for_a_second_fit_logs_its_first_step(tmp_path: Path) -> 
         assert tb.steps("activations/net.0/mean") == [0], version
 
 
+class StopsBeforeTheStep(Callback):
+    """Raises in the first optimizer step, after the monitors took their weight copies."""
+
+    def on_before_optimizer_step(self, *args: Any) -> None:
+        raise RuntimeError("stopped before the optimizer step")
+
+
+def test_an_interrupted_step_releases_the_weight_copies_and_the_next_fit_logs(
+    tmp_path: Path,
+) -> None:
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    monitor = WeightMonitor(every_n_steps=5)
+    trainer = make_trainer(3, logger=False, callbacks=[monitor, StopsBeforeTheStep()])
+    with pytest.raises(RuntimeError, match="before the optimizer step"):
+        trainer.fit(PlainMLP(), loader())
+    assert monitor._before is None  # no copy of the weights outlives the fit
+    logger = TensorBoardLogger(save_dir=str(tmp_path), name="", version="again")
+    make_trainer(3, logger=logger, callbacks=[monitor]).fit(PlainMLP(), loader())
+    assert read_tb(logger.log_dir).steps("weights/net.0.weight/mean") == [0]
+
+
 def test_disabled_monitor_does_nothing(tb_logger) -> None:
     model = PlainMLP()
     monitors = [

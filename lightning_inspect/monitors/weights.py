@@ -75,6 +75,10 @@ class WeightMonitor(ModuleMonitor):
                 self._add_row(key, reduce_tensor(param, self.bins))
             self._before = [p.detach().clone() for p in params] if self.update_ratio else []
 
+    def _finish_step(self) -> None:
+        self._before = None  # an interrupted step's copies (normally released just below)
+        super()._finish_step()
+
     def _after_optimizer_step(self, pl_module: pl.LightningModule) -> None:
         before, self._before = self._before, None
         if not before:
