@@ -348,7 +348,8 @@ class HealthMonitor(ModuleMonitor):
                 continue
             modules = sorted(series, key=self._depth)
             steps = sorted({s for points in series.values() for s, _ in points})
-            values = np.array([[dict(series[m]).get(s, np.nan) for s in steps] for m in modules])
+            points = [dict(series[m]) for m in modules]  # once per module, not once per step
+            values = np.array([[p.get(s, np.nan) for s in steps] for p in points])
             try:
                 image = heatmap(values, modules, steps, title, colorbar=stat, **options)
             except Exception as exc:  # drawing must never stop training

@@ -129,10 +129,13 @@ class RunData:
         series = [*data.values.values(), *data.histograms.values()]
         return sorted({step for one in series for step in one})
 
-    def matrix(self, kind: str, stat: str) -> list[list[float | None]]:
-        """Values of ``stat``: one row per layer (arrival order), one column per step."""
+    def matrix(
+        self, kind: str, stat: str, steps: list[int] | None = None
+    ) -> list[list[float | None]]:
+        """Values of ``stat``: one row per layer (arrival order), one column per step
+        (``steps``: ``self.steps(kind)``, passed in where the caller has it already)."""
         data = self.kinds[kind]
-        column = {step: j for j, step in enumerate(self.steps(kind))}
+        column = {step: j for j, step in enumerate(self.steps(kind) if steps is None else steps)}
         grid = np.full((len(data.layers), len(column)), np.nan)
         for i, layer in enumerate(data.layers):
             for step, value in data.values.get((layer, stat), {}).items():
@@ -165,7 +168,7 @@ class RunData:
         """Meta, matrices and histograms: everything, for a page with its data inlined."""
         out = self.meta()
         for kind, info in out["kinds"].items():
-            info["values"] = {stat: self.matrix(kind, stat) for stat in info["stats"]}
+            info["values"] = {s: self.matrix(kind, s, info["steps"]) for s in info["stats"]}
             info["hist"] = {h: self.layer_histograms(kind, h) for h in info["histograms"]}
         return out
 

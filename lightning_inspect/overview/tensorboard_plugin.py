@@ -62,8 +62,9 @@ class InspectPlugin(base_plugin.TBPlugin):
         kind, stat = request.args.get("kind", ""), request.args.get("stat", "")
         if kind not in run.kinds or stat not in run.kinds[kind].stats:
             _not_found(request, f"no statistic {stat!r} of kind {kind!r} in this run")
-        matrix = {"layers": list(run.kinds[kind].layers), "steps": run.steps(kind)}
-        return _json(request, matrix | {"values": run.matrix(kind, stat)})
+        steps = run.steps(kind)
+        matrix = {"layers": list(run.kinds[kind].layers), "steps": steps}
+        return _json(request, matrix | {"values": run.matrix(kind, stat, steps)})
 
     @wrappers.Request.application
     def _serve_histograms(self, request: wrappers.Request) -> wrappers.Response:

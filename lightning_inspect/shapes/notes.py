@@ -28,6 +28,8 @@ from lightning_inspect.core import model_table as mt
 from lightning_inspect.core.outputs import iter_tensors
 
 NOTE_PREFIX = "lightning-inspect:"
+#: How the note that names the failing module begins (``has_note`` looks for it).
+ERROR_NOTE = f"{NOTE_PREFIX} the error was raised inside"
 _SPATIAL = {1: "L", 2: "H, W", 3: "D, H, W"}
 
 
@@ -119,7 +121,7 @@ def error_note(frames: Sequence[ModuleFrame], exc: BaseException, context: str =
         for f, k in zip(frames, kinds, strict=True)
     ]
     where = f"module {names[-1]}" if inner.name else f"the model's own forward ({kinds[-1]})"
-    line = f"{NOTE_PREFIX} the error was raised inside {where}"
+    line = f"{ERROR_NOTE} {where}"
     if len(frames) > 1:
         line += ", called from " + " <- ".join(names[-2::-1][:4]) + " <- ..." * (len(frames) > 5)
     hint = shape_hint(inner.module, inner.args, inner.kwargs, str(exc), inner.name)

@@ -18,7 +18,6 @@ from lightning_inspect.shapes import notes
 
 SUMMARY_KEY = "model/summary"
 TRACE_KEY = "model/shape_trace"
-_ERROR_NOTE = "lightning-inspect: the error was raised inside"
 
 
 class ShapeTracer(Callback):
@@ -72,7 +71,9 @@ class ShapeTracer(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.enabled and self.summary and not self._summarised and trainer.is_global_zero:
             self._summarised = True
-            self._log(SUMMARY_KEY, ModelTable(pl_module, 1).to_markdown(), trainer.global_step)
+            self._log(
+                SUMMARY_KEY, notes.model_summary(pl_module).to_markdown(), trainer.global_step
+            )
 
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
@@ -132,7 +133,7 @@ class ShapeTracer(Callback):
         if isinstance(exception, InspectError) or not isinstance(exception, Exception):
             return
         frames = self.stack.frames() or notes.locate_in_traceback(exception, self._modules)
-        if frames and not notes.has_note(exception, _ERROR_NOTE):
+        if frames and not notes.has_note(exception, notes.ERROR_NOTE):
             notes.attach_note(exception, notes.error_note(frames, exception, self._context))
 
     def _log_trace(self, trainer: pl.Trainer, failed: bool) -> None:
