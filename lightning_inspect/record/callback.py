@@ -59,6 +59,7 @@ class _Fit:
     end_step: int | None = None
     capture: ConsoleCapture | None = None
     files: dict[str, Path] = dataclasses.field(default_factory=dict)
+    texts: dict[str, str] = dataclasses.field(default_factory=dict)  # as written, cut for a page
 
 
 class RunRecord(Callback):
@@ -232,6 +233,7 @@ class RunRecord(Callback):
         fit.files[name] = fit.output_dir / name
         text = value if isinstance(value, str) else conf.dump_yaml(value)
         fit.files[name].write_text(text, encoding="utf-8")
+        fit.texts[name] = text[: _TEXT_CHARS + 1]  # a page shows this much (_text cuts the rest)
 
     @staticmethod
     def _emit(fit: _Fit, method: str, *args: Any) -> list[Any]:
@@ -312,7 +314,7 @@ class RunRecord(Callback):
         self._text(fit, "summary", record, trainer.global_step)
         for name in (n for n in (*_PAGES, "packages.txt") if n in fit.files):
             page = name.replace(".diff", "_diff").split(".")[0]
-            self._text(fit, page, fit.files[name].read_text(encoding="utf-8"), trainer.global_step)
+            self._text(fit, page, fit.texts[name], trainer.global_step)
         self._save(fit, list(fit.files.values()))
 
     def _log_git(self, fit: _Fit) -> dict[str, Any]:
