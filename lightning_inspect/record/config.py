@@ -127,12 +127,14 @@ def node_at(config: Any, dotted: str | None) -> Any:
 
 def find_target(config: Any, cls: type, prefer: str) -> str | None:
     """The key of the node whose ``_target_`` is ``cls``: ``prefer``, else the shallowest."""
+    try:
+        from hydra.utils import get_object
+    except ImportError:  # no Hydra: no node names a target
+        return None
     found, stack = [], [("", config)]
     while stack:
         path, node = stack.pop()
-        with contextlib.suppress(Exception):  # not a node with a _target_, or no Hydra
-            from hydra.utils import get_object
-
+        with contextlib.suppress(Exception):  # not a node with a _target_ that resolves
             if isinstance(node, Mapping) and get_object(node["_target_"]) is cls:
                 found.append(path)
         if isinstance(node, Mapping | list):
