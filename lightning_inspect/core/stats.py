@@ -116,8 +116,10 @@ def _reduce_any(x: torch.Tensor, bins: int, dtype: torch.dtype) -> torch.Tensor:
     seconds = torch.empty(len(parts), 4, dtype=f64, device=device)
     counts = torch.zeros(bins + 1, dtype=torch.int64, device=device)
     for i, part in enumerate(parts):
-        v, n = as_vector(part, dtype, read), part.numel()
-        is_finite = torch.le(torch.abs(v, out=work[:n]), big, out=finite[:n])
+        if len(parts) > 1:  # one block: its vector and finite mask from the first read still hold
+            v, n = as_vector(part, dtype, read), part.numel()
+            torch.le(torch.abs(v, out=work[:n]), big, out=finite[:n])
+        is_finite = finite[:n]
         scaled = torch.nan_to_num(v, 0.0, 0.0, 0.0, out=clean[:n])
         abs_sum = torch.abs(scaled, out=work[:n]).sum(dtype=f64)
         scaled.div_(scale_v)
