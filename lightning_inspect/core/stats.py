@@ -303,6 +303,17 @@ def histogram(row: np.ndarray) -> Histogram | None:
     return Histogram(edges, counts, lo, hi, finite, float(row[Field.SUM]), float(row[Field.SUMSQ]))
 
 
+def squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """The squared L2 norm of all ``tensors`` together, in float64 (finite for huge values), on
+    the first one's device; no sync.
+
+    >>> float(squared_norm([torch.tensor([3.0]), torch.tensor([4.0])]))
+    25.0
+    """
+    norms = torch._foreach_norm(tensors, 2, dtype=torch.float64)
+    return torch.stack([n.to(norms[0].device) for n in norms]).square().sum()
+
+
 def tensor_stats(x: torch.Tensor, stats: tuple[str, ...] = ALL_STATS) -> dict[str, float]:
     """Statistics of one tensor (synchronises).
 

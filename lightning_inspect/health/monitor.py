@@ -26,6 +26,7 @@ from lightning_inspect.core.model_table import print_markdown
 from lightning_inspect.core.monitor import ModuleMonitor
 from lightning_inspect.core.recorder import HostRecord, StepRecord
 from lightning_inspect.core.selection import normalise_name, select_modules
+from lightning_inspect.core.stats import squared_norm
 
 #: Key of the end-of-fit report (TensorBoard text; MLflow ``lightning_inspect/health/report.md``).
 REPORT_KEY = "health/report"
@@ -250,7 +251,7 @@ class HealthMonitor(ModuleMonitor):
                 grads.setdefault(module, []).append(nf.stored_values(param.grad))
         with torch.no_grad():
             for module, tensors in grads.items():
-                square = _squared_norm(tensors) + self._grad_squares.get(module, 0.0)
+                square = squared_norm(tensors) + self._grad_squares.get(module, 0.0)
                 self._grad_squares[module] = square
             if first:  # the weights before every optimizer step of the batch
                 modules = self._param_modules.items() if self.update_ratio else ()
@@ -267,9 +268,9 @@ class HealthMonitor(ModuleMonitor):
         before, self._before = self._before or {}, None
         with torch.no_grad():
             for module, olds in before.items():  # each module owns at least one parameter
-                w2 = _squared_norm(olds)
+                w2 = squared_norm(olds)
                 torch._foreach_sub_(olds, [p.detach() for _, p in self._param_modules[module]])
-                u2 = _squared_norm(olds)  # the copies became -(update): no third copy
+                u2 = squared_norm(olds)  # the copies became -(update): no third copy
                 # A module whose weights are all zero has no ratio: NaN is dropped on the host.
                 ratio = torch.where(w2 > 0, (u2 / w2).sqrt(), torch.nan)
                 self._add_scalar(metric_key("health", module, "update_ratio"), ratio)
@@ -375,7 +376,3 @@ class HealthMonitor(ModuleMonitor):
             self._hook_fault("the health report", exc)
         for sink in self.sinks:
             sink.flush()
-
-
-def _squared_norm(tensors: list[torch.Tensor]) -> torch.Tensor:  # float64: finite for huge values
-    return torch.stack(torch._foreach_norm(tensors, 2, dtype=torch.float64)).square().sum()

@@ -14,7 +14,7 @@ from lightning_inspect.core.hooks import OutputGradHook
 from lightning_inspect.core.keys import escape_name, metric_key
 from lightning_inspect.core.monitor import ModuleMonitor, local_values
 from lightning_inspect.core.recorder import HostRecord, StepRecord
-from lightning_inspect.core.stats import reduce_tensor, scale_row
+from lightning_inspect.core.stats import reduce_tensor, scale_row, squared_norm
 
 
 class GradientMonitor(ModuleMonitor):
@@ -105,9 +105,7 @@ class GradientMonitor(ModuleMonitor):
             stepped = self._stepped(self._all_parameters).values()
             grads = [local_values(p.grad) for p in stepped if p.grad is not None]
             if grads:
-                norms = torch._foreach_norm(grads, 2, dtype=torch.float64)
-                device = norms[0].device
-                self._norm_parts.append(torch.stack([n.to(device) for n in norms]).square().sum())
+                self._norm_parts.append(squared_norm(grads))
 
     def _finish_step(self) -> None:
         parts, self._norm_parts = self._norm_parts, []
